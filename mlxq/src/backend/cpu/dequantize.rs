@@ -1,0 +1,55 @@
+//! CPU affine dequantize: groups in parallel, each value through
+//! [`dequantize_value`](crate::quant::affine::dequantize_value).
+
+use super::{cast, cast_mut, MatrixRef};
+use crate::dtype::Float;
+use crate::error::Result;
+use crate::quant::affine::dequantize_value;
+use crate::quant::pack::{dispatch_bits, unpack8};
+use crate::quant::Flavour;
+use rayon::prelude::*;
+
+/// Arguments: the weight (all batch matrices as one tall matrix) and the output bytes.
+pub(crate) struct DequantizeArgs<'a> {
+    pub w: MatrixRef<'a>,
+    pub flavour: Flavour,
+    pub out: &'a mut [u8],
+}
+
+pub(crate) type DequantizeFn = fn(DequantizeArgs<'_>) -> Result<()>;
+
+const OP: &str = "dequantize";
+
+/// Scales and biases are converted to the output dtype `O` first (exact when they already are
+/// `O`, as MLX's default), then combined as the flavour rounds.
+fn dequantize_generic<S: Float, O: Float, const BITS: usize>(a: DequantizeArgs<'_>) -> Result<()> {
+    let scales: &[S] = cast(OP, "scales", a.w.scales)?;
+    let biases: &[S] = cast(OP, "biases", a.w.biases)?;
+    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
+    let g = a.w.group_size;
+    let flavour = a.flavour;
+    out.par_chunks_mut(g)
+        .zip(a.w.packed.par_chunks(g / 8 * BITS))
+        .zip(scales.par_iter().zip(biases.par_iter()))
+        .with_min_len(64)
+        .for_each(|((og, pg), (&s, &b))| {
+            let (s, b) = (O::from_f32(s.to_f32()), O::from_f32(b.to_f32()));
+            for (o8, p) in og.chunks_exact_mut(8).zip(pg.chunks_exact(BITS)) {
+                for (o, q) in o8.iter_mut().zip(unpack8::<BITS>(p)) {
+                    *o = dequantize_value(q, s, b, flavour);
+                }
+            }
+        });
+    Ok(())
+}
+
+fn select<S: Float>(out: crate::DType, bits: u32) -> Option<DequantizeFn> {
+    crate::with_float_type!(out, O => {
+        Some(dispatch_bits!(bits, B => dequantize_generic::<S, O, B> as DequantizeFn, _ => return None))
+    }, _ => None)
+}
+
+/// The generic dequantize kernel for scales of `scales` dtype, output `out` dtype and `bits`.
+pub(crate) fn generic(scales: crate::DType, out: crate::DType, bits: u32) -> Option<DequantizeFn> {
+    crate::with_float_type!(scales, S => select::<S>(out, bits), _ => None)
+}

@@ -1,0 +1,160 @@
+//! The CPU backend: kernels specialised per (bits, dtypes) through monomorphisation, chosen
+//! once per [`KernelKey`](crate::registry::KernelKey) and cached in the device's registry.
+//!
+//! Kernel variants are data: each has a name and a `supports` test, and the dispatcher takes
+//! the first in its list that fits (a caller can force one by name, which is how tests run
+//! every path). The `generic` variants are portable scalar Rust, written so the compiler can
+//! vectorise them, and are the twins of the f64 oracle in [`crate::reference`].
+
+pub(crate) mod dequantize;
+pub(crate) mod qmm;
+pub(crate) mod quantize;
+
+use crate::error::Result;
+use std::sync::Arc;
+
+/// A CPU kernel as cached by the registry: its name and its entry point.
+#[derive(Clone)]
+pub struct CpuKernel {
+    /// Name reported by benchmarks and the encoder, derived from the kernel key.
+    pub name: Arc<str>,
+    pub(crate) func: KernelFn,
+}
+
+impl std::fmt::Debug for CpuKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// Type-erased entry points; each is a monomorphised generic function.
+#[derive(Clone, Copy)]
+pub(crate) enum KernelFn {
+    Quantize(quantize::QuantizeFn),
+    Dequantize(dequantize::DequantizeFn),
+    Qmm(qmm::QmmFn),
+}
+
+/// One matrix of a quantized weight, as raw bytes: `rows × cols`, quantized along `cols`.
+#[derive(Clone, Copy)]
+pub(crate) struct MatrixRef<'a> {
+    pub packed: &'a [u8],
+    pub scales: &'a [u8],
+    pub biases: &'a [u8],
+    pub rows: usize,
+    pub cols: usize,
+    pub group_size: usize,
+    pub bits: u32,
+}
+
+impl MatrixRef<'_> {
+    /// Bytes of one packed row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols / 8 * self.bits as usize
+    }
+    /// Groups per row.
+    pub fn groups(&self) -> usize {
+        self.cols / self.group_size
+    }
+}
+
+/// Views raw bytes as `T`, failing with a clear error if misaligned or of the wrong length.
+pub(crate) fn cast<'a, T: bytemuck::Pod>(
+    op: &'static str,
+    param: &'static str,
+    b: &'a [u8],
+) -> Result<&'a [T]> {
+    bytemuck::try_cast_slice(b).map_err(|_| crate::Error::Misaligned {
+        op,
+        param,
+        dtype: crate::DType::U8,
+        align: std::mem::align_of::<T>(),
+        offset: b.as_ptr() as u64 % std::mem::align_of::<T>() as u64,
+    })
+}
+
+/// Mutable twin of [`cast`].
+pub(crate) fn cast_mut<'a, T: bytemuck::Pod>(
+    op: &'static str,
+    param: &'static str,
+    b: &'a mut [u8],
+) -> Result<&'a mut [T]> {
+    let addr = b.as_ptr() as u64;
+    bytemuck::try_cast_slice_mut(b).map_err(|_| crate::Error::Misaligned {
+        op,
+        param,
+        dtype: crate::DType::U8,
+        align: std::mem::align_of::<T>(),
+        offset: addr % std::mem::align_of::<T>() as u64,
+    })
+}
+
+/// A pointer for writing disjoint elements of one output slice from several threads.
+pub(crate) struct DisjointOut<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: the pointer is only written through `write`, whose contract requires that no two
+// threads write the same index and that the slice outlives every writer (it is borrowed
+// mutably for the whole parallel loop that uses it).
+unsafe impl<T: Send> Send for DisjointOut<T> {}
+// SAFETY: as above; shared references only allow `write` under its contract.
+unsafe impl<T: Send> Sync for DisjointOut<T> {}
+
+impl<T> DisjointOut<T> {
+    pub fn new(out: &mut [T]) -> Self {
+        DisjointOut {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        }
+    }
+
+    /// Writes `v` at `i`; out-of-range indices are ignored (and caught by debug assertions).
+    ///
+    /// # Safety
+    /// No other thread may read or write index `i` while the parallel loop runs, and the slice
+    /// given to [`DisjointOut::new`] must still be mutably borrowed by the caller.
+    #[inline(always)]
+    pub unsafe fn write(&self, i: usize, v: T) {
+        debug_assert!(i < self.len);
+        if i < self.len {
+            // SAFETY: in bounds (checked above); exclusive per the function's contract.
+            unsafe { self.ptr.add(i).write(v) };
+        }
+    }
+}
+
+/// The kernel for `key` from the device's registry, specialised on first use.
+pub(crate) fn kernel(device: &crate::Device, key: crate::registry::KernelKey) -> Result<CpuKernel> {
+    device.registry().get_or_build(key, build)
+}
+
+fn build(k: &crate::registry::KernelKey) -> Result<CpuKernel> {
+    use crate::registry::OpKind;
+    let func = if k.mode != crate::QuantMode::Affine || k.variant != "generic" {
+        None
+    } else {
+        match k.op {
+            OpKind::Quantize => quantize::generic(k.input, k.bits).map(KernelFn::Quantize),
+            OpKind::Dequantize => {
+                dequantize::generic(k.scales, k.output, k.bits).map(KernelFn::Dequantize)
+            }
+            OpKind::QuantizedMatmul => {
+                qmm::generic(k.scales, k.output, k.bits, k.flag).map(KernelFn::Qmm)
+            }
+        }
+    };
+    let func = func.ok_or_else(|| crate::Error::Unsupported {
+        op: "KernelRegistry",
+        what: format!("a CPU kernel for {k}"),
+        detail: format!(
+            " (mode {}, bits {}, input {}, scales {}, output {})",
+            k.mode, k.bits, k.input, k.scales, k.output
+        ),
+    })?;
+    Ok(CpuKernel {
+        name: format!("cpu_{k}").into(),
+        func,
+    })
+}

@@ -1,0 +1,63 @@
+//! CPU affine quantize: rows in parallel, each group through
+//! [`quantize_group`](crate::quant::affine::quantize_group), the definition itself.
+
+use super::{cast, cast_mut};
+use crate::dtype::Float;
+use crate::error::Result;
+use crate::quant::affine::quantize_group;
+use crate::quant::pack::{dispatch_bits, pack8};
+use crate::quant::Flavour;
+use rayon::prelude::*;
+
+/// Arguments of a quantize kernel: `w` is `rows × cols` elements of the key's input dtype;
+/// outputs are the packed bytes and scales/biases of the same dtype.
+pub(crate) struct QuantizeArgs<'a> {
+    pub w: &'a [u8],
+    pub group_size: usize,
+    pub flavour: Flavour,
+    pub packed: &'a mut [u8],
+    pub scales: &'a mut [u8],
+    pub biases: &'a mut [u8],
+}
+
+pub(crate) type QuantizeFn = fn(QuantizeArgs<'_>) -> Result<()>;
+
+const OP: &str = "quantize";
+
+fn quantize_generic<T: Float, const BITS: usize>(a: QuantizeArgs<'_>) -> Result<()> {
+    let w: &[T] = cast(OP, "w", a.w)?;
+    let scales: &mut [T] = cast_mut(OP, "scales", a.scales)?;
+    let biases: &mut [T] = cast_mut(OP, "biases", a.biases)?;
+    let g = a.group_size;
+    let group_bytes = g / 8 * BITS;
+    let flavour = a.flavour;
+    // One task per group: groups are independent, so results do not depend on threading.
+    w.par_chunks(g)
+        .zip(a.packed.par_chunks_mut(group_bytes))
+        .zip(scales.par_iter_mut().zip(biases.par_iter_mut()))
+        .with_min_len(64)
+        .for_each(|((wg, pg), (s, b))| {
+            let mut vals = [0f32; 128];
+            let mut codes = [0u8; 128];
+            for (v, &x) in vals.iter_mut().zip(wg) {
+                *v = x.to_f32();
+            }
+            let (scale, bias) = quantize_group(&vals[..g], BITS as u32, flavour, &mut codes[..g]);
+            *s = T::from_f32(scale);
+            *b = T::from_f32(bias);
+            for (c, out) in codes[..g].chunks_exact(8).zip(pg.chunks_exact_mut(BITS)) {
+                let c: &[u8; 8] = c.try_into().unwrap_or(&[0; 8]);
+                pack8::<BITS>(c, out);
+            }
+        });
+    Ok(())
+}
+
+fn select<T: Float>(bits: u32) -> Option<QuantizeFn> {
+    Some(dispatch_bits!(bits, B => quantize_generic::<T, B> as QuantizeFn, _ => return None))
+}
+
+/// The generic quantize kernel for input dtype `dtype` and `bits`.
+pub(crate) fn generic(dtype: crate::DType, bits: u32) -> Option<QuantizeFn> {
+    crate::with_float_type!(dtype, T => select::<T>(bits), _ => None)
+}

@@ -1,0 +1,3 @@
+//! Backends. The CPU backend always exists; CUDA comes behind the `cuda` feature.
+
+pub mod cpu;

@@ -1,0 +1,103 @@
+//! Devices: where buffers live and work runs.
+//!
+//! A [`Device`] is cheap to clone and owns the [`KernelRegistry`] of its backend, so kernels
+//! are specialised once per device and reused by every encoder made from it.
+
+use crate::backend::cpu::CpuKernel;
+use crate::encoder::CommandEncoder;
+use crate::error::{Error, Result};
+use crate::registry::KernelRegistry;
+use std::fmt;
+use std::sync::Arc;
+
+/// Where a buffer's memory lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Location {
+    /// Host memory.
+    Cpu,
+    /// Memory of CUDA device `n`.
+    Cuda(usize),
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Cpu => f.write_str("cpu"),
+            Location::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+struct Inner {
+    location: Location,
+    registry: KernelRegistry<CpuKernel>,
+}
+
+/// A compute device and its kernel cache.
+#[derive(Clone)]
+pub struct Device {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Device({})", self.inner.location)
+    }
+}
+
+impl Device {
+    /// The host CPU (all cores, SIMD chosen at run time).
+    pub fn cpu() -> Device {
+        Device {
+            inner: Arc::new(Inner {
+                location: Location::Cpu,
+                registry: KernelRegistry::new(),
+            }),
+        }
+    }
+
+    /// CUDA device `ordinal`. This build has no CUDA backend yet, so this always returns
+    /// [`Error::BackendUnavailable`] naming the reason.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        Err(Error::BackendUnavailable {
+            device: Location::Cuda(ordinal).to_string(),
+            reason: if cfg!(feature = "cuda") {
+                "the CUDA backend is not implemented in this version".into()
+            } else {
+                "mlxq was built without the `cuda` feature".into()
+            },
+        })
+    }
+
+    /// Parses `cpu`, `cuda` or `cuda:N`.
+    pub fn parse(name: &str) -> Result<Device> {
+        match name {
+            "cpu" => Ok(Device::cpu()),
+            "cuda" => Device::cuda(0),
+            s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Device::cuda(n),
+                _ => Err(Error::invalid(
+                    "Device::parse",
+                    "device",
+                    "cpu, cuda or cuda:N",
+                    s,
+                )),
+            },
+        }
+    }
+
+    /// Where this device's buffers live.
+    pub fn location(&self) -> Location {
+        self.inner.location
+    }
+
+    /// The kernel cache of this device.
+    pub fn registry(&self) -> &KernelRegistry<CpuKernel> {
+        &self.inner.registry
+    }
+
+    /// A new command encoder that records work on this device.
+    pub fn encoder(&self) -> CommandEncoder {
+        CommandEncoder::new(self.clone())
+    }
+}

@@ -1,0 +1,84 @@
+//! `dequantize`: [`QuantizedWeight`] → floats, rounding as either MLX flavour does.
+
+use crate::backend::cpu::{self, dequantize::DequantizeArgs, KernelFn, MatrixRef};
+use crate::error::{Error, Result};
+use crate::quant::Flavour;
+use crate::registry::{KernelKey, OpKind};
+use crate::{Buffer, CommandEncoder, DType, QuantizedWeight};
+
+const OP: &str = "dequantize";
+
+/// Options of [`dequantize`] (and [`embedding`](super::embedding)).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DequantizeOptions {
+    /// Output dtype; `None` means the scales' dtype, as MLX.
+    pub dtype: Option<DType>,
+    /// Which MLX rounding to reproduce (default: GPU, one rounding of an f32 FMA).
+    pub flavour: Flavour,
+}
+
+pub(crate) fn dequantize_kernel(
+    enc: &CommandEncoder,
+    w: &QuantizedWeight,
+    opts: DequantizeOptions,
+) -> Result<(
+    crate::backend::cpu::CpuKernel,
+    crate::backend::cpu::dequantize::DequantizeFn,
+    DType,
+)> {
+    let out = opts.dtype.unwrap_or(w.scales_dtype());
+    if !out.is_float() {
+        return Err(Error::dtype(
+            OP,
+            "dtype",
+            "float32, float16 or bfloat16",
+            out,
+        ));
+    }
+    let spec = w.spec();
+    let key = KernelKey {
+        op: OpKind::Dequantize,
+        mode: spec.mode(),
+        bits: spec.bits(),
+        group_size: spec.group_size(),
+        input: DType::U32,
+        scales: w.scales_dtype(),
+        output: out,
+        flag: opts.flavour == Flavour::Gpu,
+        variant: "generic",
+    };
+    let kernel = cpu::kernel(enc.device(), key)?;
+    let KernelFn::Dequantize(f) = kernel.func else {
+        return Err(Error::unsupported(OP, format!("kernel {}", kernel.name)));
+    };
+    Ok((kernel, f, out))
+}
+
+/// Dequantizes the whole of `w` into a new buffer of `w.shape()`.
+pub fn dequantize(
+    enc: &mut CommandEncoder,
+    w: &QuantizedWeight,
+    opts: DequantizeOptions,
+) -> Result<Buffer> {
+    enc.check_location(OP, "w", w.packed())?;
+    let (kernel, f, out_dtype) = dequantize_kernel(enc, w, opts)?;
+    let mut out = Buffer::zeros(out_dtype, w.shape())?;
+    let spec = w.spec();
+    // The batch matrices are contiguous, so the whole stack is one tall matrix.
+    let all = MatrixRef {
+        packed: w.packed().bytes(),
+        scales: w.scales().bytes(),
+        biases: w.biases().map_or(&[][..], Buffer::bytes),
+        rows: w.batch_size() * w.rows(),
+        cols: w.cols(),
+        group_size: spec.group_size() as usize,
+        bits: spec.bits(),
+    };
+    f(DequantizeArgs {
+        w: all,
+        flavour: opts.flavour,
+        out: out.bytes_mut()?,
+    })?;
+    enc.record(&kernel.name);
+    Ok(out)
+}

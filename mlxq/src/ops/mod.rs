@@ -1,0 +1,162 @@
+//! The operations, one per file. Each validates what its own arguments add to an already
+//! validated [`QuantizedWeight`](crate::QuantizedWeight), picks a kernel from the device's
+//! registry and records it on the encoder.
+
+mod dequantize;
+mod embedding;
+mod gather_qmm;
+mod matmul;
+mod quantize;
+
+pub use dequantize::{dequantize, DequantizeOptions};
+pub use embedding::embedding;
+pub use gather_qmm::gather_qmm;
+pub use matmul::{quantized_matmul, quantized_matmul_into};
+pub use quantize::quantize;
+
+use crate::backend::cpu::{CpuKernel, MatrixRef};
+use crate::error::{Error, Result};
+use crate::{Buffer, DType, QuantizedWeight};
+use std::borrow::Cow;
+
+/// Checks that `b` has a float dtype.
+pub(crate) fn require_float(op: &'static str, param: &'static str, b: &Buffer) -> Result<()> {
+    if b.dtype().is_float() {
+        Ok(())
+    } else {
+        Err(Error::dtype(
+            op,
+            param,
+            "float32, float16 or bfloat16",
+            b.dtype(),
+        ))
+    }
+}
+
+/// Rejects any zero dimension, naming it.
+pub(crate) fn require_nonzero(
+    op: &'static str,
+    param: &'static str,
+    shape: &[usize],
+) -> Result<()> {
+    if shape.iter().any(|&d| d == 0) {
+        return Err(Error::shape(op, param, "no zero dimension", shape));
+    }
+    Ok(())
+}
+
+/// The elements of a float buffer as f32: borrowed when already f32 and aligned.
+pub(crate) fn widen<'a>(
+    op: &'static str,
+    param: &'static str,
+    b: &'a Buffer,
+) -> Result<Cow<'a, [f32]>> {
+    require_float(op, param, b)?;
+    if let Ok(s) = b.as_slice::<f32>() {
+        return Ok(Cow::Borrowed(s));
+    }
+    Ok(Cow::Owned(b.to_f32_vec()?))
+}
+
+/// Raw bytes of matrix `index` of `w`'s flattened batch (no checks: `w` is validated and the
+/// caller bounds `index`).
+pub(crate) fn matrix(w: &QuantizedWeight, index: usize) -> MatrixRef<'_> {
+    let (rows, cols) = (w.rows(), w.cols());
+    let spec = w.spec();
+    let pbytes = rows * (cols / 8 * spec.bits() as usize);
+    let sbytes = rows * w.groups_per_row() * w.scales_dtype().size();
+    fn at(b: &[u8], index: usize, n: usize) -> &[u8] {
+        &b[index * n..(index + 1) * n]
+    }
+    MatrixRef {
+        packed: at(w.packed().bytes(), index, pbytes),
+        scales: at(w.scales().bytes(), index, sbytes),
+        biases: w.biases().map_or(&[][..], |b| at(b.bytes(), index, sbytes)),
+        rows,
+        cols,
+        group_size: spec.group_size() as usize,
+        bits: spec.bits(),
+    }
+}
+
+/// Numpy broadcasting of two shapes, or an error naming `param`.
+pub(crate) fn broadcast_shapes(
+    op: &'static str,
+    param: &'static str,
+    a: &[usize],
+    b: &[usize],
+) -> Result<Vec<usize>> {
+    let n = a.len().max(b.len());
+    let mut out = vec![0; n];
+    for i in 0..n {
+        let da = if i + a.len() >= n {
+            a[i + a.len() - n]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= n {
+            b[i + b.len() - n]
+        } else {
+            1
+        };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => {
+                return Err(Error::shape(
+                    op,
+                    param,
+                    format!("a shape that broadcasts with {a:?}"),
+                    b,
+                ))
+            }
+        };
+    }
+    Ok(out)
+}
+
+/// Flat index into a tensor of `shape` for the multi-index of flat position `i` in the
+/// broadcast shape `full` (dims of size 1 in `shape` repeat).
+pub(crate) fn broadcast_index(full: &[usize], shape: &[usize], mut i: usize) -> usize {
+    let mut idx = 0;
+    let mut stride = 1;
+    for d in (0..full.len()).rev() {
+        let coord = i % full[d];
+        i /= full[d];
+        let sd = d as isize - (full.len() - shape.len()) as isize;
+        if sd >= 0 {
+            let len = shape[sd as usize];
+            if len != 1 {
+                idx += coord * stride;
+            }
+            stride *= len;
+        }
+    }
+    idx
+}
+
+/// Runs a matmul kernel on `m` rows of f32 `x` against one matrix, into `out` bytes.
+pub(crate) fn run_qmm(
+    kernel: &CpuKernel,
+    x: &[f32],
+    m: usize,
+    w: MatrixRef<'_>,
+    out: &mut [u8],
+) -> Result<()> {
+    match kernel.func {
+        crate::backend::cpu::KernelFn::Qmm(f) => {
+            f(crate::backend::cpu::qmm::QmmArgs { x, m, w, out })
+        }
+        _ => Err(Error::unsupported(
+            "quantized_matmul",
+            format!("kernel {} for a matmul", kernel.name),
+        )),
+    }
+}
+
+/// The output dtype of an affine matmul: MLX's `promote(x, scales)`.
+pub(crate) fn matmul_out_dtype(op: &'static str, x: DType, w: &QuantizedWeight) -> Result<DType> {
+    x.promote(w.scales_dtype())
+        .ok_or_else(|| Error::dtype(op, "x", "float32, float16 or bfloat16", x))
+}
