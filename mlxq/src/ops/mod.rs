@@ -155,8 +155,15 @@ pub(crate) fn run_qmm(
     }
 }
 
-/// The output dtype of an affine matmul: MLX's `promote(x, scales)`.
+/// The output dtype of a matmul: MLX's `promote(x, scales)` for affine, x's dtype for the FP
+/// modes (whose scales are uint8).
 pub(crate) fn matmul_out_dtype(op: &'static str, x: DType, w: &QuantizedWeight) -> Result<DType> {
-    x.promote(w.scales_dtype())
-        .ok_or_else(|| Error::dtype(op, "x", "float32, float16 or bfloat16", x))
+    if !x.is_float() {
+        return Err(Error::dtype(op, "x", "float32, float16 or bfloat16", x));
+    }
+    Ok(if w.spec().has_biases() {
+        x.promote(w.scales_dtype()).unwrap_or(x)
+    } else {
+        x
+    })
 }
