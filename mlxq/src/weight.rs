@@ -111,7 +111,7 @@ impl QuantizedWeight {
                 pshape,
             ));
         }
-        if pshape.iter().any(|&d| d == 0) {
+        if pshape.contains(&0) {
             return Err(Error::shape(OP, "packed", "no zero dimension", pshape));
         }
         let mut shape = pshape.to_vec();

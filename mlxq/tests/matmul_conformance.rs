@@ -422,7 +422,7 @@ fn reference_system_known_answers() {
         );
         // bf16 scales (0.1 → 0.10009765625) move the answers by at most 0.4%.
         assert!(
-            max_rel_err(&got, &want) < 4e-3,
+            max_rel_err(&got, want) < 4e-3,
             "bits {}: {got:?} vs known {want:?}",
             c.bits
         );

@@ -39,7 +39,7 @@ pub(crate) fn require_nonzero(
     param: &'static str,
     shape: &[usize],
 ) -> Result<()> {
-    if shape.iter().any(|&d| d == 0) {
+    if shape.contains(&0) {
         return Err(Error::shape(op, param, "no zero dimension", shape));
     }
     Ok(())
