@@ -1,0 +1,241 @@
+//! Shared helpers for integration tests: loading the MLX fixtures under `tests/fixtures/`.
+//!
+//! A fixture directory (`mlx-0.32.4-cpu`, `mlx-0.32.4-cuda`) holds, per configuration
+//! `TAG = DTYPE_affine_bBITS_gGROUP`, three safetensors files: `TAG.in` (the float inputs
+//! `caseI_KIND.weight`), `TAG.expected` (MLX's `mx.quantize` output: `.weight` packed uint32,
+//! `.scales`, `.biases`) and `TAG.dequant` (MLX's `mx.dequantize` of that output, named like the
+//! input). See `tools/README.md`.
+
+#![allow(dead_code)] // Each test binary uses its own subset of these helpers.
+
+use mlxq::{Buffer, DType, Flavour, QuantSpec, QuantizedWeight};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The MLX version every fixture directory was made with.
+pub const MLX_VERSION: &str = "0.32.4";
+
+/// `mlxq/tests/fixtures`.
+pub fn fixtures_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+}
+
+/// The fixture directory made by MLX's implementation of `flavour`: its CPU backend for
+/// [`Flavour::Cpu`], its CUDA kernels for [`Flavour::Gpu`].
+pub fn flavour_dir(flavour: Flavour) -> PathBuf {
+    let backend = match flavour {
+        Flavour::Cpu => "cpu",
+        Flavour::Gpu => "cuda",
+    };
+    fixtures_root().join(format!("mlx-{MLX_VERSION}-{backend}"))
+}
+
+/// One fixture configuration, parsed from its tag.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `DTYPE_affine_bBITS_gGROUP`.
+    pub tag: String,
+    /// The input dtype (and that of scales, biases and the dequantized output).
+    pub dtype: DType,
+    /// Affine bits and group size.
+    pub spec: QuantSpec,
+    /// Which MLX made it.
+    pub flavour: Flavour,
+    /// The directory holding its files.
+    pub dir: PathBuf,
+}
+
+impl Config {
+    /// Parses `DTYPE_affine_bBITS_gGROUP`; `None` for other modes or malformed tags.
+    pub fn parse(tag: &str, flavour: Flavour, dir: &Path) -> Option<Config> {
+        let mut parts = tag.split('_');
+        let dtype = DType::parse(parts.next()?)?;
+        if parts.next()? != "affine" {
+            return None;
+        }
+        let bits = parts.next()?.strip_prefix('b')?.parse().ok()?;
+        let group = parts.next()?.strip_prefix('g')?.parse().ok()?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Config {
+            tag: tag.to_string(),
+            dtype,
+            spec: QuantSpec::affine(bits, group).ok()?,
+            flavour,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Tensors of `TAG.SUFFIX.safetensors` (`in`, `expected` or `dequant`).
+    pub fn load(&self, suffix: &str) -> BTreeMap<String, Buffer> {
+        load_safetensors(&self.dir.join(format!("{}.{suffix}.safetensors", self.tag)))
+    }
+
+    /// Every case of this configuration, sorted by name.
+    pub fn cases(&self) -> Vec<Case> {
+        let inputs = self.load("in");
+        let mut expected = self.load("expected");
+        let mut dequant = self.load("dequant");
+        let take = |map: &mut BTreeMap<String, Buffer>, key: &str| {
+            map.remove(key)
+                .unwrap_or_else(|| panic!("{}: no tensor {key}", self.tag))
+        };
+        let cases: Vec<Case> = inputs
+            .into_iter()
+            .map(|(key, input)| {
+                let name = key
+                    .strip_suffix(".weight")
+                    .unwrap_or_else(|| panic!("{}: unexpected input {key}", self.tag))
+                    .to_string();
+                Case {
+                    packed: take(&mut expected, &key),
+                    scales: take(&mut expected, &format!("{name}.scales")),
+                    biases: take(&mut expected, &format!("{name}.biases")),
+                    dequant: take(&mut dequant, &key),
+                    input,
+                    name,
+                }
+            })
+            .collect();
+        assert!(
+            expected.is_empty() && dequant.is_empty(),
+            "{}: tensors without an input: {:?} {:?}",
+            self.tag,
+            expected.keys().collect::<Vec<_>>(),
+            dequant.keys().collect::<Vec<_>>()
+        );
+        cases
+    }
+}
+
+/// One case of a configuration: an input tensor and what MLX made of it.
+#[derive(Clone, Debug)]
+pub struct Case {
+    /// `caseI_KIND`.
+    pub name: String,
+    /// The float input, `[..., rows, cols]`.
+    pub input: Buffer,
+    /// MLX's packed codes, uint32 `[..., rows, cols·bits/32]`.
+    pub packed: Buffer,
+    /// MLX's scales, `[..., rows, cols/group]`, input dtype.
+    pub scales: Buffer,
+    /// MLX's biases, like the scales.
+    pub biases: Buffer,
+    /// MLX's dequantization of (packed, scales, biases), the input's shape and dtype.
+    pub dequant: Buffer,
+}
+
+impl Case {
+    /// MLX's quantized tensors as a validated weight.
+    pub fn weight(&self, spec: QuantSpec) -> QuantizedWeight {
+        QuantizedWeight::new(
+            self.packed.clone(),
+            self.scales.clone(),
+            Some(self.biases.clone()),
+            spec,
+        )
+        .unwrap_or_else(|e| panic!("{}: MLX's tensors rejected: {e}", self.name))
+    }
+}
+
+/// The affine configurations in `flavour`'s fixture directory, sorted by tag. Panics if there
+/// are none, so a missing directory fails loudly rather than testing nothing.
+pub fn configs(flavour: Flavour) -> Vec<Config> {
+    let dir = flavour_dir(flavour);
+    let entries = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("fixture directory {}: {e}", dir.display()));
+    let mut out: Vec<Config> = entries
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let tag = name.strip_suffix(".in.safetensors")?;
+            Config::parse(tag, flavour, &dir)
+        })
+        .collect();
+    out.sort_by(|a, b| a.tag.cmp(&b.tag));
+    assert!(!out.is_empty(), "no fixtures in {}", dir.display());
+    out
+}
+
+/// The configuration `tag` of `flavour`'s fixtures.
+pub fn config(flavour: Flavour, tag: &str) -> Config {
+    let dir = flavour_dir(flavour);
+    let c = Config::parse(tag, flavour, &dir).unwrap_or_else(|| panic!("bad fixture tag {tag}"));
+    assert!(
+        dir.join(format!("{tag}.in.safetensors")).exists(),
+        "no fixture {tag} in {}",
+        dir.display()
+    );
+    c
+}
+
+/// Every tensor of a safetensors file, as host buffers (copies), by name.
+pub fn load_safetensors(path: &Path) -> BTreeMap<String, Buffer> {
+    use safetensors::{Dtype, SafeTensors};
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes)
+        .unwrap_or_else(|e| panic!("{}: not safetensors: {e}", path.display()));
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let dtype = match view.dtype() {
+                Dtype::F32 => DType::F32,
+                Dtype::F16 => DType::F16,
+                Dtype::BF16 => DType::BF16,
+                Dtype::U32 => DType::U32,
+                Dtype::I32 => DType::I32,
+                Dtype::U8 => DType::U8,
+                d => panic!("{}: {name} has unsupported dtype {d:?}", path.display()),
+            };
+            let b = Buffer::from_bytes(view.data(), dtype, view.shape())
+                .unwrap_or_else(|e| panic!("{}: {name}: {e}", path.display()));
+            (name, b)
+        })
+        .collect()
+}
+
+/// Element `i` of a float or integer buffer, printed with its raw bits: `0.5 (0x3f000000)`.
+pub fn show(b: &Buffer, i: usize) -> String {
+    let size = b.dtype().size();
+    let raw = &b.bytes()[i * size..(i + 1) * size];
+    let mut word = [0u8; 4];
+    word[..size].copy_from_slice(raw);
+    let bits = u32::from_le_bytes(word);
+    match b.dtype() {
+        DType::F32 | DType::F16 | DType::BF16 => {
+            let v = b
+                .view(i * size, b.dtype(), &[1])
+                .and_then(|v| v.to_f32_vec())
+                .map_or(f32::NAN, |v| v[0]);
+            format!("{v:e} (0x{bits:0w$x})", w = size * 2)
+        }
+        _ => format!("0x{bits:0w$x}", w = size * 2),
+    }
+}
+
+/// Index of the first element at which two buffers' bytes differ (`None` if equal), after
+/// checking that dtype and shape agree.
+pub fn first_difference(want: &Buffer, got: &Buffer) -> Option<usize> {
+    assert_eq!(
+        (want.dtype(), want.shape()),
+        (got.dtype(), got.shape()),
+        "dtype and shape"
+    );
+    let size = want.dtype().size();
+    want.bytes()
+        .chunks_exact(size)
+        .zip(got.bytes().chunks_exact(size))
+        .position(|(a, b)| a != b)
+}
+
+/// How many elements differ (bytewise) between two buffers of one dtype and shape.
+pub fn count_differences(want: &Buffer, got: &Buffer) -> usize {
+    let size = want.dtype().size();
+    want.bytes()
+        .chunks_exact(size)
+        .zip(got.bytes().chunks_exact(size))
+        .filter(|(a, b)| a != b)
+        .count()
+}

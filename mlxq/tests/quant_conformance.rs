@@ -1,0 +1,519 @@
+//! quantize, dequantize and embedding against real MLX 0.32.4, bit for bit, in both flavours.
+//!
+//! Fixtures (`tests/fixtures/`, see `tools/README.md`): `mlx-0.32.4-cpu/` made by MLX's CPU
+//! backend (`tools/gen_fixtures.py`), `mlx-0.32.4-cuda/` by its CUDA kernels (the GPU flavour;
+//! no 1-bit there, as MLX's CUDA build lacks it: the GPU 1-bit rule is checked on hand-computed
+//! cases instead). Each fixture test walks every configuration and case, collects every
+//! mismatch, and fails once with a report of all of them.
+
+mod common;
+
+use common::{Case, Config};
+use mlxq::quant::pack::read_code;
+use mlxq::{ops, Buffer, CommandEncoder, DType, Device, Flavour, QuantSpec, QuantizedWeight};
+use ops::DequantizeOptions;
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn enc() -> CommandEncoder {
+    Device::cpu().encoder()
+}
+
+/// Fails with every collected mismatch (the first few in full) if there are any.
+fn assert_none(what: &str, checked: usize, failures: Vec<String>) {
+    assert!(checked > 0, "{what}: nothing was checked");
+    const SHOWN: usize = 12;
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {checked} cases differ from MLX{}:\n{}",
+        failures.len(),
+        if failures.len() > SHOWN {
+            format!(" (first {SHOWN} shown)")
+        } else {
+            String::new()
+        },
+        failures[..failures.len().min(SHOWN)].join("\n")
+    );
+}
+
+/// The input values of group `group` (a flat group index), for mismatch reports.
+fn group_inputs(input: &[f32], g: usize, group: usize) -> String {
+    format!("{:?}", &input[group * g..(group + 1) * g])
+}
+
+/// `ops::quantize` of one MLX case with the fixture's flavour; a report of each tensor
+/// (scales, biases, packed) that is not byte-identical to MLX's, or `None`.
+fn check_quantize(cfg: &Config, case: &Case) -> Option<String> {
+    let ctx = format!("{} {} ({:?})", cfg.tag, case.name, case.input.shape());
+    let qw = match ops::quantize(&mut enc(), &case.input, cfg.spec, cfg.flavour) {
+        Ok(qw) => qw,
+        Err(e) => return Some(format!("{ctx}: quantize failed: {e}")),
+    };
+    let input = case.input.to_f32_vec().expect("float input");
+    let (bits, g) = (cfg.spec.bits(), cfg.spec.group_size() as usize);
+    let mut report = Vec::new();
+    let got_biases = qw.biases().expect("affine has biases");
+    for (what, want, got) in [
+        ("scales", &case.scales, qw.scales()),
+        ("biases", &case.biases, got_biases),
+    ] {
+        if let Some(i) = common::first_difference(want, got) {
+            report.push(format!(
+                "  {what}: {} differ; first at group {i}: want {} got {}; group input {}",
+                common::count_differences(want, got),
+                common::show(want, i),
+                common::show(got, i),
+                group_inputs(&input, g, i)
+            ));
+        }
+    }
+    if let Some(j) = common::first_difference(&case.packed, qw.packed()) {
+        // Rows hold whole words, so the tensor is one bit stream: element e at bits [e·b, (e+1)·b).
+        let (want, got) = (case.packed.bytes(), qw.packed().bytes());
+        let e = (0..input.len())
+            .find(|&e| read_code(bits, want, e) != read_code(bits, got, e))
+            .unwrap_or(0);
+        report.push(format!(
+            "  packed: {} words differ; first word {j}: want {} got {}; first code at element {e} \
+             (group {}): want {:?} got {:?}, input {:e}; MLX scale {} bias {}; group input {}",
+            common::count_differences(&case.packed, qw.packed()),
+            common::show(&case.packed, j),
+            common::show(qw.packed(), j),
+            e / g,
+            read_code(bits, want, e),
+            read_code(bits, got, e),
+            input[e],
+            common::show(&case.scales, e / g),
+            common::show(&case.biases, e / g),
+            group_inputs(&input, g, e / g)
+        ));
+    }
+    (!report.is_empty()).then(|| format!("{ctx}:\n{}", report.join("\n")))
+}
+
+/// `ops::dequantize` of MLX's quantized tensors with the fixture's flavour against MLX's own
+/// dequantization.
+fn check_dequantize(cfg: &Config, case: &Case) -> Option<String> {
+    let ctx = format!("{} {} ({:?})", cfg.tag, case.name, case.input.shape());
+    let opts = DequantizeOptions {
+        dtype: None,
+        flavour: cfg.flavour,
+    };
+    let got = match ops::dequantize(&mut enc(), &case.weight(cfg.spec), opts) {
+        Ok(b) => b,
+        Err(e) => return Some(format!("{ctx}: dequantize failed: {e}")),
+    };
+    if (got.dtype(), got.shape()) != (case.dequant.dtype(), case.dequant.shape()) {
+        return Some(format!(
+            "{ctx}: got {} {:?}, want {} {:?}",
+            got.dtype(),
+            got.shape(),
+            case.dequant.dtype(),
+            case.dequant.shape()
+        ));
+    }
+    let i = common::first_difference(&case.dequant, &got)?;
+    let g = cfg.spec.group_size() as usize;
+    Some(format!(
+        "{ctx}: {} elements differ; first at {i}: want {} got {}; code {:?} scale {} bias {}",
+        common::count_differences(&case.dequant, &got),
+        common::show(&case.dequant, i),
+        common::show(&got, i),
+        read_code(cfg.spec.bits(), case.packed.bytes(), i),
+        common::show(&case.scales, i / g),
+        common::show(&case.biases, i / g),
+    ))
+}
+
+/// Runs `check` on every case of every configuration of `flavour`'s fixtures.
+fn check_fixtures(flavour: Flavour, what: &str, check: fn(&Config, &Case) -> Option<String>) {
+    let (mut checked, mut failures) = (0, Vec::new());
+    for cfg in common::configs(flavour) {
+        for case in cfg.cases() {
+            checked += 1;
+            failures.extend(check(&cfg, &case));
+        }
+    }
+    assert_none(&format!("{what} ({flavour} flavour)"), checked, failures);
+}
+
+#[test]
+fn quantize_matches_mlx_cpu() {
+    check_fixtures(Flavour::Cpu, "quantize", check_quantize);
+}
+
+#[test]
+fn quantize_matches_mlx_cuda() {
+    check_fixtures(Flavour::Gpu, "quantize", check_quantize);
+}
+
+#[test]
+fn dequantize_matches_mlx_cpu() {
+    check_fixtures(Flavour::Cpu, "dequantize", check_dequantize);
+}
+
+#[test]
+fn dequantize_matches_mlx_cuda() {
+    check_fixtures(Flavour::Gpu, "dequantize", check_dequantize);
+}
+
+/// The fixture loops above cannot pass vacuously: every configuration is there, with all its
+/// case kinds, the 3-D one included.
+#[test]
+fn fixtures_cover_every_configuration() {
+    const KINDS: [&str; 11] = [
+        "constant",
+        "experts3d",
+        "halves",
+        "integers",
+        "negative",
+        "normal",
+        "outliers",
+        "positive",
+        "tiny",
+        "uniform_wide",
+        "zeros",
+    ];
+    for (flavour, bits) in [
+        (Flavour::Cpu, &[1, 2, 3, 4, 5, 6, 8][..]),
+        (Flavour::Gpu, &[2, 3, 4, 5, 6, 8][..]),
+    ] {
+        let tags: Vec<String> = common::configs(flavour)
+            .into_iter()
+            .map(|c| c.tag)
+            .collect();
+        let mut want = Vec::new();
+        for dtype in ["bfloat16", "float16", "float32"] {
+            for b in bits {
+                for g in [128, 32, 64] {
+                    want.push(format!("{dtype}_affine_b{b}_g{g}"));
+                }
+            }
+        }
+        assert_eq!(tags, want, "{flavour} fixture configurations");
+        let cfg = common::config(flavour, "bfloat16_affine_b4_g64");
+        let cases = cfg.cases();
+        let kinds: Vec<&str> = cases
+            .iter()
+            .map(|c| c.name.split_once('_').map_or("", |(_, k)| k))
+            .collect();
+        let mut sorted = kinds.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, KINDS, "{flavour} case kinds");
+        let e3 = cases
+            .iter()
+            .find(|c| c.name.ends_with("experts3d"))
+            .unwrap();
+        assert_eq!(e3.input.ndim(), 3);
+        assert_eq!(e3.input.dtype(), DType::BF16);
+    }
+}
+
+/// One row per hand-computed 1-bit case, repeating a 4-element pattern: with every group a
+/// whole number of patterns, each group has the same min, max and codes at every group size.
+const PATTERNS: [[f32; 4]; 4] = [
+    [-4.0, -2.0, -1.0, -3.0], // all negative
+    [0.0, 2.0, 1.0, 0.5],     // a tie: (1 − 0) / 2 = 0.5
+    [1.75; 4],                // constant
+    [0.0; 4],                 // zeros
+];
+
+fn pattern_rows(rows: &[[f32; 4]], cols: usize) -> Vec<f32> {
+    rows.iter()
+        .flat_map(|p| (0..cols).map(move |i| p[i % 4]))
+        .collect()
+}
+
+/// What a 1-bit row must give at every group size: (every packed word, every scale, every
+/// bias, the dequantized pattern).
+type Expected1Bit = (u32, f32, f32, [f32; 4]);
+
+/// Quantizes `rows` (128 columns of `dtype`) to 1 bit at every group size and checks every
+/// word, scale, bias and dequantized value against `want` (one entry per row).
+fn check_1bit(rows: &[[f32; 4]], dtype: DType, flavour: Flavour, want: &[Expected1Bit]) {
+    let cols = 128;
+    let w = Buffer::from_f32(&pattern_rows(rows, cols), dtype, &[rows.len(), cols]).unwrap();
+    for g in [32, 64, 128] {
+        let mut enc = enc();
+        let qw = ops::quantize(&mut enc, &w, QuantSpec::affine(1, g).unwrap(), flavour).unwrap();
+        let opts = DequantizeOptions {
+            dtype: None,
+            flavour,
+        };
+        let deq = ops::dequantize(&mut enc, &qw, opts)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
+        let words = qw.packed().to_vec::<u32>().unwrap();
+        let scales = qw.scales().to_f32_vec().unwrap();
+        let biases = qw.biases().unwrap().to_f32_vec().unwrap();
+        let (groups, row_words) = (cols / g as usize, cols / 32);
+        for (r, &(word, scale, bias, dequant)) in want.iter().enumerate() {
+            let ctx = format!("{flavour} 1-bit g{g} {dtype} row {r} {:?}", rows[r]);
+            let words = &words[r * row_words..(r + 1) * row_words];
+            assert!(
+                words.iter().all(|&x| x == word),
+                "{ctx}: words {words:08x?}, want 0x{word:08x}"
+            );
+            let (s, b) = (
+                &scales[r * groups..(r + 1) * groups],
+                &biases[r * groups..(r + 1) * groups],
+            );
+            assert!(
+                s.iter().all(|&x| x == scale) && b.iter().all(|&x| x == bias),
+                "{ctx}: scales {s:?} biases {b:?}, want {scale} {bias}"
+            );
+            assert_eq!(
+                deq[r * cols..(r + 1) * cols],
+                pattern_rows(&[dequant], cols),
+                "{ctx}: dequantized"
+            );
+        }
+    }
+}
+
+/// MLX's GPU 1-bit rule (its Metal kernel; CUDA lacks 1-bit): max taken as at least 0,
+/// `scale = max(max − min, 1e-7)`, `bias = min`, ties away from zero; dequantize `fma(q, s, b)`.
+#[test]
+fn gpu_1bit_hand_computed() {
+    let want = [
+        // max(0, −1) = 0: scale 4, bias −4; codes round([0, .5, .75, .25]) = [0, 1, 1, 0].
+        (0x6666_6666, 4.0, -4.0, [-4.0, 0.0, 0.0, -4.0]),
+        // scale 2, bias 0; codes round([0, 1, .5, .25]): the tie goes away from zero, to 1.
+        (0x6666_6666, 2.0, 0.0, [0.0, 2.0, 2.0, 0.0]),
+        (0, 1e-7, 1.75, [1.75; 4]),
+        (0, 1e-7, 0.0, [0.0; 4]),
+    ];
+    check_1bit(&PATTERNS, DType::F32, Flavour::Gpu, &want);
+}
+
+/// The same rows in the CPU flavour (true max, ties to even), as `mx.quantize` on CPU gives:
+/// the all-negative row gets scale 3, the tie goes to 0.
+#[test]
+fn cpu_1bit_hand_computed() {
+    let want = [
+        (0x6666_6666, 3.0, -4.0, [-4.0, -1.0, -1.0, -4.0]),
+        (0x2222_2222, 2.0, 0.0, [0.0, 2.0, 0.0, 0.0]),
+        (0, 1e-7, 1.75, [1.75; 4]),
+        (0, 1e-7, 0.0, [0.0; 4]),
+    ];
+    check_1bit(&PATTERNS, DType::F32, Flavour::Cpu, &want);
+}
+
+/// Codes are chosen with the unrounded f32 scale: in bf16, max − min = 1 + 2⁻⁸ is stored as
+/// 1.0, yet −0.5 → (−0.5 + 1) / 1.0039 = 0.498 → code 0 (with the stored 1.0 it would be a
+/// tie, and the GPU flavour would pick 1). Same in both flavours (the max is positive).
+#[test]
+fn one_bit_codes_use_the_unrounded_scale() {
+    let row = [[-1.0, 2f32.powi(-8), -0.5, -0.5]];
+    let want = [(0x2222_2222, 1.0, -1.0, [-1.0, 0.0, -1.0, -1.0])];
+    for flavour in [Flavour::Gpu, Flavour::Cpu] {
+        check_1bit(&row, DType::BF16, flavour, &want);
+    }
+}
+
+/// A random quantized `[vocab, dim]` table of `dtype`.
+fn random_table(
+    rng: &mut StdRng,
+    spec: QuantSpec,
+    dtype: DType,
+    flavour: Flavour,
+) -> QuantizedWeight {
+    let (vocab, dim) = (37, 256);
+    let v: Vec<f32> = (0..vocab * dim).map(|_| rng.gen_range(-2.0..2.0)).collect();
+    let w = Buffer::from_f32(&v, dtype, &[vocab, dim]).unwrap();
+    ops::quantize(&mut enc(), &w, spec, flavour).unwrap()
+}
+
+/// `embedding(ids)` is byte-identical to the rows `ids` of `dequantize`, shape `ids + [dim]`.
+fn check_embedding(rng: &mut StdRng, table: &QuantizedWeight, opts: DequantizeOptions, ctx: &str) {
+    let mut enc = enc();
+    let full = ops::dequantize(&mut enc, table, opts).unwrap();
+    let (vocab, dim) = (table.rows(), table.cols());
+    let row_bytes = dim * full.dtype().size();
+    let u: Vec<u32> = (0..15).map(|_| rng.gen_range(0..vocab as u32)).collect();
+    let mut i: Vec<i32> = (0..7).map(|_| rng.gen_range(0..vocab as i32)).collect();
+    i[0] = vocab as i32 - 1; // the last row, and a repeat of the first
+    i[1] = i[2];
+    let ids = [
+        (
+            Buffer::from_slice(&u, &[3, 5]).unwrap(),
+            u.iter().map(|&x| x as usize).collect::<Vec<_>>(),
+        ),
+        (
+            Buffer::from_slice(&i, &[7]).unwrap(),
+            i.iter().map(|&x| x as usize).collect(),
+        ),
+    ];
+    for (ids, rows) in ids {
+        let out = ops::embedding(&mut enc, table, &ids, opts).unwrap();
+        let shape: Vec<usize> = ids.shape().iter().copied().chain([dim]).collect();
+        assert_eq!(
+            out.shape(),
+            &shape[..],
+            "{ctx}: shape for ids {:?}",
+            ids.dtype()
+        );
+        assert_eq!(out.dtype(), full.dtype(), "{ctx}: dtype");
+        for (k, &r) in rows.iter().enumerate() {
+            assert!(
+                out.bytes()[k * row_bytes..(k + 1) * row_bytes]
+                    == full.bytes()[r * row_bytes..(r + 1) * row_bytes],
+                "{ctx}: ids {} position {k} (row {r}) differs from dequantize",
+                ids.dtype()
+            );
+        }
+    }
+}
+
+#[test]
+fn embedding_is_dequantize_of_the_rows() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let configs = [
+        (DType::BF16, 4, 64),
+        (DType::F16, 3, 32),
+        (DType::F32, 8, 128),
+        (DType::BF16, 1, 32),
+        (DType::F16, 6, 128),
+    ];
+    for flavour in [Flavour::Cpu, Flavour::Gpu] {
+        for (dtype, bits, g) in configs {
+            let spec = QuantSpec::affine(bits, g).unwrap();
+            let table = random_table(&mut rng, spec, dtype, flavour);
+            for out in [None, Some(DType::F32)] {
+                let opts = DequantizeOptions {
+                    dtype: out,
+                    flavour,
+                };
+                let ctx = format!("{flavour} {dtype} {spec} -> {out:?}");
+                check_embedding(&mut rng, &table, opts, &ctx);
+            }
+        }
+        // MLX's own table too (8 rows of a fixture case).
+        let cfg = common::config(flavour, "bfloat16_affine_b5_g32");
+        let case = cfg
+            .cases()
+            .into_iter()
+            .find(|c| c.name.ends_with("_normal"))
+            .unwrap();
+        let opts = DequantizeOptions {
+            dtype: None,
+            flavour,
+        };
+        check_embedding(
+            &mut rng,
+            &case.weight(cfg.spec),
+            opts,
+            &format!("{} {}", cfg.tag, case.name),
+        );
+    }
+}
+
+/// (unit roundoff, half the smallest subnormal) of a float dtype: rounding `x` to it errs by
+/// at most `u·|x| + tiny`. (f32's and bf16's subnormals are far below these tests' values.)
+fn rounding(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F32 => (2f64.powi(-24), 0.0),
+        DType::F16 => (2f64.powi(-11), 2f64.powi(-25)),
+        _ => (2f64.powi(-8), 0.0),
+    }
+}
+
+/// The error bound of MLX's affine quantization, per element, with `s`, `b` the stored scale
+/// and bias and `n = 2^bits − 1`. The grid is `b + s·{0..n}`; MLX anchors it so that 0 is a
+/// grid point, so it can stop short of the group's far extreme, by at most one step. Hence:
+/// `d = dist(w, grid span) ≤ |s|` and `|ŵ − w| ≤ |s|/2 + d`, plus slack for rounding the scale
+/// to the dtype after the codes were chosen (≤ n steps of it), for rounding ŵ, and for f32
+/// arithmetic. (`|ŵ − w| ≤ |s|/2` alone is false: see `grid_may_stop_short_of_the_max`.)
+fn check_error_bound(w: &Buffer, qw: &QuantizedWeight, deq: &Buffer) -> Result<(), String> {
+    let spec = qw.spec();
+    let (bits, g) = (spec.bits(), spec.group_size() as usize);
+    let n = f64::from(spec.max_code());
+    let (u, tiny) = rounding(w.dtype());
+    let wv = w.to_f32_vec().unwrap();
+    let dv = deq.to_f32_vec().unwrap();
+    let sv = qw.scales().to_f32_vec().unwrap();
+    let bv = qw.biases().unwrap().to_f32_vec().unwrap();
+    for (i, (&x, &xh)) in wv.iter().zip(&dv).enumerate() {
+        let (x, xh) = (f64::from(x), f64::from(xh));
+        let (s, b) = (f64::from(sv[i / g]), f64::from(bv[i / g]));
+        let q = f64::from(read_code(bits, qw.packed().bytes(), i).unwrap());
+        let (lo, hi) = (b.min(b + n * s), b.max(b + n * s));
+        let d = (lo - x).max(x - hi).max(0.0);
+        let ds = u * s.abs() + tiny;
+        let slack = (2.0 * n + 1.0) * ds
+            + u * ((q * s).abs() + xh.abs())
+            + 2.0 * tiny
+            + 2f64.powi(-20) * (x.abs() + n * s.abs());
+        let err = (xh - x).abs();
+        if d > s.abs() + slack || err > s.abs() / 2.0 + d + slack {
+            return Err(format!(
+                "element {i}: w {x:e} ŵ {xh:e} err {err:e}; code {q} scale {s:e} bias {b:e}; \
+                 outside the grid by {d:e}; slack {slack:e}; group {:?}",
+                &wv[i / g * g..(i / g + 1) * g]
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `[−1, 0.9, 0, …]` at 2 bits (MLX CPU: scale 0.5, bias −1): the grid −1, −0.5, 0, 0.5 keeps
+/// 0 exact and stops short of 0.9, which dequantizes to 0.5: an error of 0.4 > scale/2.
+#[test]
+fn grid_may_stop_short_of_the_max() {
+    let mut v = vec![0f32; 32];
+    (v[0], v[1]) = (-1.0, 0.9);
+    let w = Buffer::from_f32(&v, DType::F32, &[1, 32]).unwrap();
+    let mut enc = enc();
+    for flavour in [Flavour::Cpu, Flavour::Gpu] {
+        let qw = ops::quantize(&mut enc, &w, QuantSpec::affine(2, 32).unwrap(), flavour).unwrap();
+        let opts = DequantizeOptions {
+            dtype: None,
+            flavour,
+        };
+        let deq = ops::dequantize(&mut enc, &qw, opts).unwrap();
+        assert_eq!(qw.scales().to_f32_vec().unwrap(), [0.5], "{flavour}");
+        assert_eq!(
+            qw.biases().unwrap().to_f32_vec().unwrap(),
+            [-1.0],
+            "{flavour}"
+        );
+        assert_eq!(
+            deq.to_f32_vec().unwrap()[..3],
+            [-1.0, 0.5, 0.0],
+            "{flavour}"
+        );
+        check_error_bound(&w, &qw, &deq).unwrap();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn quantize_dequantize_error_is_bounded(
+        bits in prop::sample::select(vec![1u32, 2, 3, 4, 5, 6, 8]),
+        g in prop::sample::select(vec![32u32, 64, 128]),
+        dtype in prop::sample::select(vec![DType::F32, DType::F16, DType::BF16]),
+        flavour in prop::sample::select(vec![Flavour::Cpu, Flavour::Gpu]),
+        magnitude in prop::sample::select(vec![1e-6f32, 1e-2, 1.0, 300.0]),
+        offset in prop::sample::select(vec![-2.0f32, 0.0, 0.5, 2.0]),
+        rows in 1usize..4,
+        groups in 1usize..4,
+        seed in any::<u64>(),
+    ) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let cols = groups * g as usize;
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| (offset + rng.gen_range(-1.0f32..1.0)) * magnitude)
+            .collect();
+        let w = Buffer::from_f32(&v, dtype, &[rows, cols]).unwrap();
+        let mut enc = enc();
+        let qw = ops::quantize(&mut enc, &w, QuantSpec::affine(bits, g).unwrap(), flavour).unwrap();
+        let deq = ops::dequantize(&mut enc, &qw, DequantizeOptions { dtype: None, flavour }).unwrap();
+        prop_assert_eq!(deq.dtype(), dtype);
+        let checked = check_error_bound(&w, &qw, &deq);
+        prop_assert!(checked.is_ok(), "{} {} {} bits g{}: {}", flavour, dtype, bits, g, checked.unwrap_err());
+    }
+}
