@@ -30,6 +30,7 @@ impl fmt::Display for Location {
 
 struct Inner {
     location: Location,
+    preferred_variant: Option<&'static str>,
     registry: KernelRegistry<CpuKernel>,
 }
 
@@ -51,9 +52,42 @@ impl Device {
         Device {
             inner: Arc::new(Inner {
                 location: Location::Cpu,
+                preferred_variant: None,
                 registry: KernelRegistry::new(),
             }),
         }
+    }
+
+    /// The CPU, preferring kernel `variant` (one of [`backend::cpu::VARIANTS`]) wherever it
+    /// applies and falling back to `generic` elsewhere: how tests run every path and
+    /// benchmarks compare them. The encoder's [`kernels_run`](CommandEncoder::kernels_run)
+    /// says which ran.
+    ///
+    /// [`backend::cpu::VARIANTS`]: crate::backend::cpu::VARIANTS
+    pub fn cpu_with_variant(variant: &str) -> Result<Device> {
+        let v = crate::backend::cpu::VARIANTS
+            .iter()
+            .find(|v| **v == variant)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "Device::cpu_with_variant",
+                    "variant",
+                    format!("one of {:?}", crate::backend::cpu::VARIANTS),
+                    variant,
+                )
+            })?;
+        Ok(Device {
+            inner: Arc::new(Inner {
+                location: Location::Cpu,
+                preferred_variant: Some(v),
+                registry: KernelRegistry::new(),
+            }),
+        })
+    }
+
+    /// The kernel variant this device prefers, if one was forced.
+    pub fn preferred_variant(&self) -> Option<&'static str> {
+        self.inner.preferred_variant
     }
 
     /// CUDA device `ordinal`. This build has no CUDA backend yet, so this always returns

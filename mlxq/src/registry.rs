@@ -23,6 +23,9 @@ pub enum OpKind {
     QuantizedMatmul,
 }
 
+/// The `variant` of a key before the backend's dispatcher has chosen one.
+pub const AUTO: &str = "auto";
+
 /// Everything a kernel is specialised on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelKey {

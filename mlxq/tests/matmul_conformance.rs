@@ -63,7 +63,14 @@ fn got_f64(y: &Buffer) -> Vec<f64> {
 
 #[test]
 fn matmul_sweep_bits_groups_dtypes_transposes_and_odd_shapes() {
-    let device = Device::cpu();
+    for variant in mlxq::backend::cpu::VARIANTS {
+        sweep(variant);
+    }
+}
+
+/// The sweep with `variant` preferred; checks that it ran wherever it applies.
+fn sweep(variant: &'static str) {
+    let device = Device::cpu_with_variant(variant).unwrap();
     let mut enc = device.encoder();
     let mut rng = StdRng::seed_from_u64(11);
     let mut cases = 0;
@@ -92,10 +99,31 @@ fn matmul_sweep_bits_groups_dtypes_transposes_and_odd_shapes() {
                                 .unwrap();
                             let want = matmul_f64(&x_f64(&x), m, &wd, rows, cols, transpose);
                             let err = max_rel_err(&got_f64(&y), &want);
+                            let ran = enc.last_kernel().unwrap().to_owned();
+                            let key = mlxq::registry::KernelKey {
+                                op: mlxq::registry::OpKind::QuantizedMatmul,
+                                mode: mlxq::QuantMode::Affine,
+                                bits,
+                                group_size: g,
+                                input: xdt,
+                                scales: sdt,
+                                output: out_dt,
+                                flag: transpose,
+                                variant,
+                            };
+                            let expect = if mlxq::backend::cpu::supports(variant, &key) {
+                                variant
+                            } else {
+                                "generic"
+                            };
+                            assert!(
+                                ran.ends_with(expect),
+                                "{ran} ran, expected the {expect} variant"
+                            );
                             cases += 1;
                             if err > tolerance(out_dt) {
                                 failures.push(format!(
-                                    "bits {bits} g {g} scales {sdt} x {xdt} transpose {transpose} m {m}: err {err:e}"
+                                    "{ran}: bits {bits} g {g} scales {sdt} x {xdt} transpose {transpose} m {m}: err {err:e}"
                                 ));
                             }
                         }

@@ -45,7 +45,7 @@ pub(crate) fn dequantize_kernel(
         scales: w.scales_dtype(),
         output: out,
         flag: opts.flavour == Flavour::Gpu,
-        variant: "generic",
+        variant: crate::registry::AUTO,
     };
     let kernel = cpu::kernel(enc.device(), key)?;
     let KernelFn::Dequantize(f) = kernel.func else {

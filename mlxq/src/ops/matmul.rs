@@ -115,7 +115,7 @@ pub(crate) fn qmm_kernel(
         scales: w.scales_dtype(),
         output: out,
         flag: transpose,
-        variant: "generic",
+        variant: crate::registry::AUTO,
     };
     cpu::kernel(enc.device(), key)
 }

@@ -47,7 +47,7 @@ pub fn quantize(
         scales: w.dtype(),
         output: crate::DType::U32,
         flag: flavour == Flavour::Gpu,
-        variant: "generic",
+        variant: crate::registry::AUTO,
     };
     let kernel = cpu::kernel(enc.device(), key)?;
     let KernelFn::Quantize(f) = kernel.func else {

@@ -9,8 +9,11 @@
 pub(crate) mod dequantize;
 pub(crate) mod qmm;
 pub(crate) mod quantize;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86;
 
 use crate::error::Result;
+use crate::registry::{KernelKey, OpKind};
 use std::sync::Arc;
 
 /// A CPU kernel as cached by the registry: its name and its entry point.
@@ -125,34 +128,63 @@ impl<T> DisjointOut<T> {
     }
 }
 
-/// The kernel for `key` from the device's registry, specialised on first use.
-pub(crate) fn kernel(device: &crate::Device, key: crate::registry::KernelKey) -> Result<CpuKernel> {
+/// The CPU kernel variants, best first. The dispatcher takes the first that supports a key.
+pub const VARIANTS: &[&str] = &["avx512", "generic"];
+
+/// Whether `variant` can run `key` on this machine.
+pub fn supports(variant: &str, key: &KernelKey) -> bool {
+    let affine = key.mode == crate::QuantMode::Affine;
+    match variant {
+        "generic" => affine,
+        #[cfg(target_arch = "x86_64")]
+        "avx512" => affine && key.op == OpKind::QuantizedMatmul && key.flag && x86::available(),
+        _ => false,
+    }
+}
+
+/// The kernel for `key` (its `variant` is filled in here) from the device's registry,
+/// specialised on first use. A device made with [`Device::cpu_with_variant`] prefers that
+/// variant and falls back to `generic` where it does not apply.
+///
+/// [`Device::cpu_with_variant`]: crate::Device::cpu_with_variant
+pub(crate) fn kernel(device: &crate::Device, mut key: KernelKey) -> Result<CpuKernel> {
+    let preferred = device.preferred_variant();
+    key.variant = VARIANTS
+        .iter()
+        .copied()
+        .filter(|v| preferred.is_none_or(|p| *v == p || *v == "generic"))
+        .find(|v| supports(v, &key))
+        .ok_or_else(|| unsupported(&key))?;
     device.registry().get_or_build(key, build)
 }
 
-fn build(k: &crate::registry::KernelKey) -> Result<CpuKernel> {
-    use crate::registry::OpKind;
-    let func = if k.mode != crate::QuantMode::Affine || k.variant != "generic" {
-        None
-    } else {
-        match k.op {
-            OpKind::Quantize => quantize::generic(k.input, k.bits).map(KernelFn::Quantize),
-            OpKind::Dequantize => {
-                dequantize::generic(k.scales, k.output, k.bits).map(KernelFn::Dequantize)
-            }
-            OpKind::QuantizedMatmul => {
-                qmm::generic(k.scales, k.output, k.bits, k.flag).map(KernelFn::Qmm)
-            }
-        }
-    };
-    let func = func.ok_or_else(|| crate::Error::Unsupported {
+fn unsupported(k: &KernelKey) -> crate::Error {
+    crate::Error::Unsupported {
         op: "KernelRegistry",
         what: format!("a CPU kernel for {k}"),
         detail: format!(
             " (mode {}, bits {}, input {}, scales {}, output {})",
             k.mode, k.bits, k.input, k.scales, k.output
         ),
-    })?;
+    }
+}
+
+fn build(k: &KernelKey) -> Result<CpuKernel> {
+    let func = match (k.variant, k.op) {
+        ("generic", OpKind::Quantize) => quantize::generic(k.input, k.bits).map(KernelFn::Quantize),
+        ("generic", OpKind::Dequantize) => {
+            dequantize::generic(k.scales, k.output, k.bits).map(KernelFn::Dequantize)
+        }
+        ("generic", OpKind::QuantizedMatmul) => {
+            qmm::generic(k.scales, k.output, k.bits, k.flag).map(KernelFn::Qmm)
+        }
+        #[cfg(target_arch = "x86_64")]
+        ("avx512", OpKind::QuantizedMatmul) => {
+            qmm::avx512(k.scales, k.output, k.bits).map(KernelFn::Qmm)
+        }
+        _ => None,
+    };
+    let func = func.ok_or_else(|| unsupported(k))?;
     Ok(CpuKernel {
         name: format!("cpu_{k}").into(),
         func,

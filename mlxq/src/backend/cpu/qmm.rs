@@ -174,3 +174,12 @@ pub(crate) fn generic(
 ) -> Option<QmmFn> {
     crate::with_float_type!(scales, S => select::<S>(out, bits, transpose), _ => None)
 }
+
+/// The AVX-512 decode kernel (transpose only) for scales `scales`, output `out` and `bits`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx512(scales: crate::DType, out: crate::DType, bits: u32) -> Option<QmmFn> {
+    use super::x86::qmv_t;
+    crate::with_float_type!(scales, S => crate::with_float_type!(out, O => {
+        Some(dispatch_bits!(bits, B => qmv_t::<S, O, B> as QmmFn, _ => return None))
+    }, _ => None), _ => None)
+}

@@ -1,0 +1,247 @@
+//! AVX-512 kernels (x86-64 with AVX-512 F/BW/VL/VBMI, chosen at run time).
+//!
+//! **Decode (`qmv_t`)**: `y = x·Wᵀ` for a block of up to [`ROWS`] rows of x at a time. Each
+//! 32-code chunk of a weight row is decoded once into two f32 vectors and used by every row
+//! of the block; the scale is applied once per group (`acc += s·Σ x·q`) and the bias through
+//! the precomputed Σx (`+ b·Σx`), so the inner loop is one FMA per 16 weights per row.
+//!
+//! Decoding 32 codes, by width:
+//! - 8-bit: two `vpmovzxbd` of 16 bytes; codes arrive in element order.
+//! - 4-bit: one `vpmovzxbd` of 16 bytes, then `& 0xF` (even elements) and `>> 4` (odd
+//!   elements). Instead of shuffling codes back into order, x is permuted once per call
+//!   into the same even/odd order: the permutation is free for the weights, which dominate.
+//! - every other width: the 32 codes are 4 chunks of `BITS` bytes; `vpermb` moves chunk `c`
+//!   into qword `c`, and `vpmultishiftqb` pulls code `j` of each chunk from bit `j·BITS` into
+//!   byte `j`, masked to `BITS` bits: element order, any width, three instructions.
+//!
+//! Results equal the generic kernel's up to f32 summation order.
+
+use super::qmm::QmmArgs;
+use super::{cast, cast_mut, DisjointOut};
+use crate::dtype::Float;
+use crate::error::Result;
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+/// Rows of x sharing one decoded chunk.
+pub(crate) const ROWS: usize = 8;
+
+/// Whether this CPU can run the kernels of this module.
+pub(crate) fn available() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vbmi")
+}
+
+thread_local! {
+    /// Per-thread scratch for the permuted x and its group sums, reused across calls.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Position, within its 32-element chunk, that element `i` of x moves to for `BITS`.
+#[inline(always)]
+fn permuted(bits: usize, i: usize) -> usize {
+    if bits == 4 {
+        // Even elements first (low nibbles), then odd (high nibbles).
+        (i % 2) * 16 + i / 2
+    } else {
+        i
+    }
+}
+
+/// Decodes 32 codes starting at `p` into two f32 vectors (order: see module docs).
+/// `spread` and `ctl` are [`spread_index`] and [`shift_control`] for `BITS`.
+///
+/// # Safety
+/// `p` must point to `4·BITS` readable bytes; the CPU must support [`available`]'s features.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn decode32<const BITS: usize>(
+    p: *const u8,
+    spread: __m512i,
+    ctl: __m512i,
+) -> (__m512, __m512) {
+    // SAFETY: the caller guarantees 4·BITS readable bytes at `p` and the CPU features.
+    unsafe {
+        match BITS {
+            8 => {
+                let a = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+                let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+                (_mm512_cvtepi32_ps(a), _mm512_cvtepi32_ps(b))
+            }
+            4 => {
+                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+                let lo = _mm512_and_si512(v, _mm512_set1_epi32(0xF));
+                let hi = _mm512_srli_epi32::<4>(v);
+                (_mm512_cvtepi32_ps(lo), _mm512_cvtepi32_ps(hi))
+            }
+            _ => {
+                // Load exactly 4·BITS bytes (masked: never reads past the chunk).
+                let mask: __mmask64 = (1u64 << (4 * BITS)) - 1;
+                let raw = _mm512_maskz_loadu_epi8(mask, p as *const i8);
+                let spread = _mm512_permutexvar_epi8(spread, raw);
+                let fields = _mm512_multishift_epi64_epi8(ctl, spread);
+                let codes = _mm512_and_si512(fields, _mm512_set1_epi8(((1u32 << BITS) - 1) as i8));
+                let lo = _mm512_castsi512_si128(codes);
+                let hi = _mm512_extracti32x4_epi32::<1>(codes);
+                (
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)),
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)),
+                )
+            }
+        }
+    }
+}
+
+/// `vpermb` indices: byte `t` of qword `c` takes source byte `c·BITS + t`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn spread_index<const BITS: usize>() -> __m512i {
+    let idx: [u8; 64] = std::array::from_fn(|i| ((i / 8) * BITS + i % 8).min(63) as u8);
+    // SAFETY: reads exactly the 64 bytes of `idx`.
+    unsafe { _mm512_loadu_si512(idx.as_ptr() as *const __m512i) }
+}
+
+/// `vpmultishiftqb` control: byte `j` of each qword starts at bit `j·BITS`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn shift_control<const BITS: usize>() -> __m512i {
+    let ctl: [u8; 64] = std::array::from_fn(|i| ((i % 8) * BITS) as u8);
+    // SAFETY: reads exactly the 64 bytes of `ctl`.
+    unsafe { _mm512_loadu_si512(ctl.as_ptr() as *const __m512i) }
+}
+
+/// The decode kernel, `transpose = true`.
+pub(crate) fn qmv_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+    const OP: &str = "quantized_matmul";
+    let w = a.w;
+    let scales: &[S] = cast(OP, "scales", w.scales)?;
+    let biases: &[S] = cast(OP, "biases", w.biases)?;
+    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
+    let (m, n, k, g) = (a.m, w.rows, w.cols, w.group_size);
+    let groups = w.groups();
+    let row_bytes = w.row_bytes();
+    let writer = DisjointOut::new(out);
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let (xp, xsum) = &mut *s;
+        xp.clear();
+        xp.resize(m * k, 0.0);
+        for (src, dst) in a.x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
+            for (i, &v) in src.iter().enumerate() {
+                dst[permuted(BITS, i)] = v;
+            }
+        }
+        xsum.clear();
+        xsum.extend(a.x.chunks_exact(g).map(|c| c.iter().sum::<f32>()));
+        let (xp, xsum) = (&xp[..], &xsum[..]);
+        let tasks = (rayon::current_num_threads() * 8).max(1);
+        let per_task = n.div_ceil(tasks).max(8);
+        (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
+            let cols = t * per_task..((t + 1) * per_task).min(n);
+            for r0 in (0..m).step_by(ROWS) {
+                let rows = ROWS.min(m - r0);
+                for col in cols.clone() {
+                    let packed = &w.packed[col * row_bytes..(col + 1) * row_bytes];
+                    let mut acc = [0f32; ROWS];
+                    // SAFETY: features checked by `available` before this kernel is chosen;
+                    // all slices are bounds-checked by construction (see `column`).
+                    let args = Column {
+                        packed,
+                        scales: &scales[col * groups..(col + 1) * groups],
+                        biases: &biases[col * groups..(col + 1) * groups],
+                        xp: &xp[r0 * k..(r0 + rows) * k],
+                        xsum: &xsum[r0 * groups..(r0 + rows) * groups],
+                        k,
+                        g,
+                    };
+                    // The row count is a constant inside `column`, so its loops unroll and
+                    // the accumulators stay in registers.
+                    unsafe {
+                        match rows {
+                            1 => column::<S, BITS, 1>(&args, &mut acc),
+                            2 => column::<S, BITS, 2>(&args, &mut acc),
+                            3 => column::<S, BITS, 3>(&args, &mut acc),
+                            4 => column::<S, BITS, 4>(&args, &mut acc),
+                            5 => column::<S, BITS, 5>(&args, &mut acc),
+                            6 => column::<S, BITS, 6>(&args, &mut acc),
+                            7 => column::<S, BITS, 7>(&args, &mut acc),
+                            _ => column::<S, BITS, 8>(&args, &mut acc),
+                        }
+                    };
+                    for (r, &v) in acc.iter().enumerate().take(rows) {
+                        // SAFETY: task `t` alone owns columns `cols` of every row.
+                        unsafe { writer.write((r0 + r) * n + col, O::from_f32(v)) };
+                    }
+                }
+            }
+        });
+    });
+    Ok(())
+}
+
+/// One output column's inputs: its packed row, scales and biases, and `R` rows of permuted
+/// x (`R·k` values) with their group sums (`R·k/g`).
+struct Column<'a, S> {
+    packed: &'a [u8],
+    scales: &'a [S],
+    biases: &'a [S],
+    xp: &'a [f32],
+    xsum: &'a [f32],
+    k: usize,
+    g: usize,
+}
+
+/// One output column for `R` rows of x. Writes nothing if the slices are shorter than
+/// [`Column`] promises (they never are; the check keeps the raw loads in bounds).
+///
+/// # Safety
+/// The CPU must support [`available`]'s features.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn column<S: Float, const BITS: usize, const R: usize>(
+    a: &Column<'_, S>,
+    acc: &mut [f32; ROWS],
+) {
+    let (k, g) = (a.k, a.g);
+    let groups = k / g;
+    let chunk_bytes = 4 * BITS;
+    if a.packed.len() < k / 32 * chunk_bytes
+        || a.xp.len() < R * k
+        || a.xsum.len() < R * groups
+        || a.scales.len() < groups
+        || a.biases.len() < groups
+    {
+        return;
+    }
+    let (spread, ctl) = (spread_index::<BITS>(), shift_control::<BITS>());
+    let mut vacc = [_mm512_setzero_ps(); R];
+    let mut bacc = [0f32; R];
+    let (pp, xp) = (a.packed.as_ptr(), a.xp.as_ptr());
+    for j in 0..groups {
+        let s = _mm512_set1_ps(a.scales[j].to_f32());
+        let b = a.biases[j].to_f32();
+        let mut dots = [_mm512_setzero_ps(); R];
+        for c in 0..g / 32 {
+            let e = j * g + c * 32;
+            // SAFETY: chunk e/32 < k/32, each `chunk_bytes` long, lies within `packed`, and
+            // r·k + e + 32 ≤ R·k ≤ xp.len() (both checked above).
+            unsafe {
+                let (lo, hi) = decode32::<BITS>(pp.add(e / 32 * chunk_bytes), spread, ctl);
+                for (r, d) in dots.iter_mut().enumerate() {
+                    let px = xp.add(r * k + e);
+                    *d = _mm512_fmadd_ps(lo, _mm512_loadu_ps(px), *d);
+                    *d = _mm512_fmadd_ps(hi, _mm512_loadu_ps(px.add(16)), *d);
+                }
+            }
+        }
+        for r in 0..R {
+            vacc[r] = _mm512_fmadd_ps(dots[r], s, vacc[r]);
+            bacc[r] += b * a.xsum[r * groups + j];
+        }
+    }
+    for r in 0..R {
+        acc[r] = _mm512_reduce_add_ps(vacc[r]) + bacc[r];
+    }
+}
