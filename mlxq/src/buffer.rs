@@ -266,7 +266,7 @@ impl Buffer {
         }
         let align = std::mem::align_of::<T>();
         let addr = self.storage.bytes().as_ptr() as usize + self.offset;
-        if addr % align != 0 {
+        if !addr.is_multiple_of(align) {
             return Err(Error::Misaligned {
                 op,
                 param: "buffer",

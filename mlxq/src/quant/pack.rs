@@ -100,7 +100,7 @@ pub(crate) use dispatch_bits;
 /// Decodes `codes.len()` codes (a multiple of 8) from `bytes` (`codes.len()·bits/8` bytes).
 /// Returns `false`, touching nothing, if the lengths disagree or `bits` is not one of 1..=6, 8.
 pub fn unpack_row(bits: u32, bytes: &[u8], codes: &mut [u8]) -> bool {
-    if codes.len() % 8 != 0 || bytes.len() != codes.len() / 8 * bits as usize {
+    if !codes.len().is_multiple_of(8) || bytes.len() != codes.len() / 8 * bits as usize {
         return false;
     }
     dispatch_bits!(bits, B => unpack_row_impl::<B>(bytes, codes), _ => return false);
@@ -110,7 +110,7 @@ pub fn unpack_row(bits: u32, bytes: &[u8], codes: &mut [u8]) -> bool {
 /// Encodes `codes` (a multiple of 8, each `< 2^bits`) into `bytes` (`codes.len()·bits/8`).
 /// Returns `false`, touching nothing, if the lengths disagree or `bits` is not one of 1..=6, 8.
 pub fn pack_row(bits: u32, codes: &[u8], bytes: &mut [u8]) -> bool {
-    if codes.len() % 8 != 0 || bytes.len() != codes.len() / 8 * bits as usize {
+    if !codes.len().is_multiple_of(8) || bytes.len() != codes.len() / 8 * bits as usize {
         return false;
     }
     dispatch_bits!(bits, B => pack_row_impl::<B>(codes, bytes), _ => return false);

@@ -191,7 +191,7 @@ impl QuantSpec {
     /// Number of uint32 words a row of `cols` elements packs into, or `None` if `cols` is
     /// not a whole number of groups.
     pub fn packed_words(&self, cols: usize) -> Option<usize> {
-        if cols % self.group_size as usize != 0 {
+        if !cols.is_multiple_of(self.group_size as usize) {
             return None;
         }
         // cols is a multiple of 32 (every group size is), so cols·bits/32 is whole.
