@@ -1,0 +1,374 @@
+//! The cases: each builds random data, times one op over rotating weight copies, checks the
+//! last result against the oracle and reports a [`Record`].
+//!
+//! Weights are quantized once per (shape, bits, layout) and shared by every M, so the slow
+//! parts (random data, quantization, copies, the reference's weight columns) are paid once.
+
+use super::data::{self, copies_for, replicate, spread};
+use super::report::{Record, Reporter};
+use super::{check, dedup, Setup};
+use mlxq::{ops, Buffer, DType, QuantSpec, QuantizedWeight};
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use std::collections::{hash_map::Entry, HashMap};
+
+/// The MoE layer of `--op gather`.
+#[derive(Clone, Copy, Debug)]
+pub struct Moe {
+    pub experts: usize,
+    pub n: usize,
+    pub k: usize,
+    pub top_k: usize,
+}
+
+/// Normwise relative tolerance for results with x of `dtype`.
+fn tolerance(dtype: DType) -> f64 {
+    if dtype == DType::F32 {
+        1e-5
+    } else {
+        1e-2
+    }
+}
+
+/// A seed for one piece of data, mixed from the base seed and what identifies it.
+fn seed(base: u64, parts: &[usize]) -> u64 {
+    parts.iter().fold(base ^ 0x243F_6A88_85A3_08D3, |h, &p| {
+        (h ^ p as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29)
+    })
+}
+
+/// Numbers progress lines on stderr.
+struct Progress {
+    op: &'static str,
+    done: usize,
+    total: usize,
+}
+
+impl Progress {
+    fn new(op: &'static str, total: usize) -> Progress {
+        Progress { op, done: 0, total }
+    }
+    fn note(&self, what: &str) {
+        eprintln!("[{}] {what}", self.op);
+    }
+    fn start(&mut self, what: &str) {
+        self.done += 1;
+        eprintln!("[{} {}/{}] {what}", self.op, self.done, self.total);
+    }
+}
+
+/// A quantized random weight of `shape` and its copies, with a progress note.
+fn prepare(
+    s: &Setup,
+    p: &Progress,
+    shape: &[usize],
+    spec: QuantSpec,
+    seed: u64,
+) -> anyhow::Result<(QuantizedWeight, Vec<QuantizedWeight>)> {
+    let wf = data::random(s.dtype, shape, seed)?;
+    let mut enc = s.device.encoder();
+    let qw = ops::quantize(&mut enc, &wf, spec, s.flavour)?;
+    enc.commit_and_wait()?;
+    let count = copies_for(qw.nbytes(), s.rotate_bytes, s.max_copies);
+    p.note(&format!(
+        "weights {shape:?} {}-bit: {:.1} MB, {count} copies ({:.0} MB) to rotate",
+        spec.bits(),
+        qw.nbytes() as f64 / 1e6,
+        (count * qw.nbytes()) as f64 / 1e6
+    ));
+    let copies = replicate(&qw, count)?;
+    Ok((qw, copies))
+}
+
+/// `x` as f64.
+fn f64s(b: &Buffer) -> anyhow::Result<Vec<f64>> {
+    Ok(b.to_f32_vec()?.into_iter().map(f64::from).collect())
+}
+
+/// Times `quantized_matmul` for every shape × bits × layout.
+pub fn matmul(
+    s: &Setup,
+    shapes: &[[usize; 3]],
+    specs: &[QuantSpec],
+    transposes: &[bool],
+    out: &mut Reporter,
+) -> anyhow::Result<()> {
+    let transposes = dedup(transposes.iter().copied());
+    let weights = dedup(shapes.iter().map(|&[_, n, k]| (n, k)));
+    let total = dedup(shapes.iter().copied()).len() * specs.len() * transposes.len();
+    let mut p = Progress::new("matmul", total);
+    for &(n, k) in &weights {
+        let ms = dedup(
+            shapes
+                .iter()
+                .filter(|s| (s[1], s[2]) == (n, k))
+                .map(|s| s[0]),
+        );
+        for &spec in specs {
+            for &t in &transposes {
+                let shape = if t { [n, k] } else { [k, n] };
+                let bits = spec.bits() as usize;
+                let (qw, copies) = prepare(s, &p, &shape, spec, seed(s.seed, &[1, n, k, bits]))?;
+                let cols = spread(n, s.check_cols);
+                let wcols = check::weight_columns(&qw, t, &cols)?;
+                for &m in &ms {
+                    p.start(&format!("matmul {m}×{n}×{k} {bits}-bit {}", s.dtype));
+                    let x = data::random(s.dtype, &[m, k], seed(s.seed, &[2, m, k]))?;
+                    let out_dtype = s.dtype.promote(qw.scales_dtype()).unwrap_or(s.dtype);
+                    let mut y = Buffer::zeros(out_dtype, &[m, n])?;
+                    let mut enc = s.device.encoder();
+                    let timing = s.timing.run(|i| {
+                        let w = &copies[i % copies.len()];
+                        ops::quantized_matmul_into(&mut enc, &x, w, t, &mut y)?;
+                        enc.commit_and_wait()?;
+                        Ok(())
+                    })?;
+                    let rows = spread(m, s.check_rows);
+                    let (got, want) = check::sample_matmul(
+                        &f64s(&x)?,
+                        k,
+                        &rows,
+                        &wcols,
+                        &cols,
+                        &y.to_f32_vec()?,
+                        n,
+                    );
+                    let err = check::error(&got, &want);
+                    out.push(Record {
+                        op: "matmul",
+                        device: s.device.location().to_string(),
+                        m: Some(m),
+                        n,
+                        k,
+                        bits: spec.bits(),
+                        group_size: spec.group_size(),
+                        dtype: s.dtype,
+                        transpose: t,
+                        moe: None,
+                        seconds: timing.median.max(1e-12),
+                        weight_bytes: qw.nbytes(),
+                        flops: Some(2.0 * (m * n * k) as f64),
+                        roofline_gbps: s.roofline_gbps,
+                        max_rel_err: err,
+                        tolerance: tolerance(s.dtype),
+                        pass: err <= tolerance(s.dtype),
+                        kernel: enc.last_kernel().unwrap_or("?").to_owned(),
+                        copies: copies.len().min(timing.calls),
+                        iters: timing.iters,
+                        checked: [rows.len(), m, cols.len(), n],
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Times `gather_qmm` on a MoE layer for every token count × bits × layout.
+///
+/// Each token picks `top_k` distinct random experts. Call `i` uses weight copy
+/// `i mod copies` and shifts every expert index by `top_k · ⌊i / copies⌋` (mod experts), so at
+/// one token successive calls sweep all experts of all copies before touching one twice.
+pub fn gather(
+    s: &Setup,
+    moe: Moe,
+    tokens: &[usize],
+    specs: &[QuantSpec],
+    transposes: &[bool],
+    out: &mut Reporter,
+) -> anyhow::Result<()> {
+    let transposes = dedup(transposes.iter().copied());
+    let Moe {
+        experts,
+        n,
+        k,
+        top_k,
+    } = moe;
+    let mut p = Progress::new("gather", tokens.len() * specs.len() * transposes.len());
+    for &spec in specs {
+        for &t in &transposes {
+            let shape = if t { [experts, n, k] } else { [experts, k, n] };
+            let bits = spec.bits() as usize;
+            let (qw, copies) =
+                prepare(s, &p, &shape, spec, seed(s.seed, &[3, experts, n, k, bits]))?;
+            let per_expert = qw.nbytes() / experts;
+            let cols = spread(n, s.check_cols);
+            let mut wcols: HashMap<usize, Vec<f64>> = HashMap::new();
+            for &tok in tokens {
+                p.start(&format!(
+                    "gather {tok} tokens × top-{top_k} of {experts} experts {n}×{k} {bits}-bit {}",
+                    s.dtype
+                ));
+                let x = data::random(s.dtype, &[tok, 1, k], seed(s.seed, &[4, tok, k]))?;
+                let lhs: Vec<u32> = (0..tok * top_k).map(|i| (i / top_k) as u32).collect();
+                let lhs = Buffer::from_slice(&lhs, &[tok, top_k])?;
+                let mut rng = StdRng::seed_from_u64(seed(s.seed, &[5, tok, experts, top_k]));
+                let base: Vec<usize> = (0..tok)
+                    .flat_map(|_| sample(&mut rng, experts, top_k).into_vec())
+                    .collect();
+                let shifts = experts / gcd(experts, top_k);
+                let routes = (0..shifts)
+                    .map(|j| {
+                        let r: Vec<u32> = base
+                            .iter()
+                            .map(|&e| ((e + j * top_k) % experts) as u32)
+                            .collect();
+                        Buffer::from_slice(&r, &[tok, top_k])
+                    })
+                    .collect::<mlxq::Result<Vec<_>>>()?;
+                let route = |i: usize| (i / copies.len()) % shifts;
+                let distinct = dedup(base.iter().copied()).len();
+                let mut enc = s.device.encoder();
+                let mut y = None;
+                let timing = s.timing.run(|i| {
+                    let w = &copies[i % copies.len()];
+                    y = Some(ops::gather_qmm(
+                        &mut enc,
+                        &x,
+                        w,
+                        Some(&lhs),
+                        Some(&routes[route(i)]),
+                        t,
+                        false,
+                    )?);
+                    enc.commit_and_wait()?;
+                    Ok(())
+                })?;
+                let Some(y) = y else {
+                    anyhow::bail!("gather_qmm was never called")
+                };
+                // Check sampled (token, slot) rows of the last call against its experts.
+                let got_all = y.to_f32_vec()?;
+                let last_route = routes[route(timing.calls - 1)].to_vec::<u32>()?;
+                let xf = f64s(&x)?;
+                let pairs = spread(tok * top_k, s.check_rows);
+                let (mut got, mut want) = (Vec::new(), Vec::new());
+                for &pair in &pairs {
+                    let e = last_route[pair] as usize;
+                    if let Entry::Vacant(slot) = wcols.entry(e) {
+                        slot.insert(check::weight_columns(&qw.expert(e)?, t, &cols)?);
+                    }
+                    let tk = pair / top_k;
+                    let (g, w) = check::sample_matmul(
+                        &xf[tk * k..(tk + 1) * k],
+                        k,
+                        &[0],
+                        &wcols[&e],
+                        &cols,
+                        &got_all[pair * n..(pair + 1) * n],
+                        n,
+                    );
+                    got.extend(g);
+                    want.extend(w);
+                }
+                let err = check::error(&got, &want);
+                out.push(Record {
+                    op: "gather",
+                    device: s.device.location().to_string(),
+                    m: Some(tok),
+                    n,
+                    k,
+                    bits: spec.bits(),
+                    group_size: spec.group_size(),
+                    dtype: s.dtype,
+                    transpose: t,
+                    moe: Some((experts, top_k)),
+                    seconds: timing.median.max(1e-12),
+                    weight_bytes: distinct * per_expert,
+                    flops: Some(2.0 * (tok * top_k * n * k) as f64),
+                    roofline_gbps: s.roofline_gbps,
+                    max_rel_err: err,
+                    tolerance: tolerance(s.dtype),
+                    pass: err <= tolerance(s.dtype),
+                    kernel: enc.last_kernel().unwrap_or("?").to_owned(),
+                    copies: copies.len().min(timing.calls),
+                    iters: timing.iters,
+                    checked: [pairs.len(), tok * top_k, cols.len(), n],
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a.max(1)
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Times `quantize` of N×K float weights for every distinct N×K × bits.
+pub fn quantize(
+    s: &Setup,
+    shapes: &[[usize; 3]],
+    specs: &[QuantSpec],
+    out: &mut Reporter,
+) -> anyhow::Result<()> {
+    let weights = dedup(shapes.iter().map(|&[_, n, k]| (n, k)));
+    let mut p = Progress::new("quantize", weights.len() * specs.len());
+    for &(n, k) in &weights {
+        let wf = data::random(s.dtype, &[n, k], seed(s.seed, &[6, n, k]))?;
+        let count = copies_for(wf.nbytes(), s.rotate_bytes, s.max_copies);
+        let mut inputs = vec![wf];
+        for _ in 1..count {
+            inputs.push(data::copy(&inputs[0])?);
+        }
+        for &spec in specs {
+            p.start(&format!(
+                "quantize {n}×{k} {} to {}-bit ({count} input copies)",
+                s.dtype,
+                spec.bits()
+            ));
+            let mut enc = s.device.encoder();
+            let mut last = None;
+            let timing = s.timing.run(|i| {
+                last = Some(ops::quantize(
+                    &mut enc,
+                    &inputs[i % count],
+                    spec,
+                    s.flavour,
+                )?);
+                enc.commit_and_wait()?;
+                Ok(())
+            })?;
+            let Some(qw) = last else {
+                anyhow::bail!("quantize was never called")
+            };
+            let rows = spread(n, s.check_rows);
+            let input = &inputs[(timing.calls - 1) % count];
+            let (err, mismatches) = check::quantize(input, &qw, s.flavour, &rows)?;
+            if mismatches > 0 {
+                eprintln!("quantize {n}×{k} {}-bit: {mismatches} codes, scales or biases differ from MLX's definition", spec.bits());
+            }
+            out.push(Record {
+                op: "quantize",
+                device: s.device.location().to_string(),
+                m: None,
+                n,
+                k,
+                bits: spec.bits(),
+                group_size: spec.group_size(),
+                dtype: s.dtype,
+                transpose: true,
+                moe: None,
+                seconds: timing.median.max(1e-12),
+                weight_bytes: input.nbytes() + qw.nbytes(),
+                flops: None,
+                roofline_gbps: s.roofline_gbps,
+                max_rel_err: err,
+                tolerance: 0.0,
+                pass: mismatches == 0 && err == 0.0,
+                kernel: enc.last_kernel().unwrap_or("?").to_owned(),
+                copies: count.min(timing.calls),
+                iters: timing.iters,
+                checked: [rows.len(), n, k, k],
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! Timing: adaptive iteration counts with a median, and the machine's memory read bandwidth.
+
+use rayon::prelude::*;
+use std::hint::black_box;
+use std::time::Instant;
+
+/// Hard limit on timed calls of one case (a very fast op under a long `--min-time`).
+const MAX_ITERS: usize = 100_000;
+
+/// How many calls to time.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    /// Untimed calls first.
+    pub warmup: usize,
+    /// A fixed count of timed calls, or `None` to adapt to `min_time`.
+    pub iters: Option<usize>,
+    /// Seconds of timed calls to gather when adapting.
+    pub min_time: f64,
+}
+
+/// The outcome of timing one case.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Median seconds per call.
+    pub median: f64,
+    /// Timed calls.
+    pub iters: usize,
+    /// All calls, warm-up included (call `i` of the case got index `i`).
+    pub calls: usize,
+}
+
+impl Plan {
+    /// Calls `f(i)` for `i = 0, 1, ...`: `warmup` untimed calls, then timed ones until the plan
+    /// is met. Adaptive plans stop once `min_time` has passed and either 3 calls were timed or
+    /// 3 × `min_time` has passed (so a single slow call is not repeated needlessly).
+    pub fn run(&self, mut f: impl FnMut(usize) -> anyhow::Result<()>) -> anyhow::Result<Timing> {
+        let mut call = 0;
+        for _ in 0..self.warmup {
+            f(call)?;
+            call += 1;
+        }
+        let mut samples = Vec::new();
+        let start = Instant::now();
+        loop {
+            let t = Instant::now();
+            f(call)?;
+            samples.push(t.elapsed().as_secs_f64());
+            call += 1;
+            let n = samples.len();
+            let done = match self.iters {
+                Some(iters) => n >= iters,
+                None => {
+                    let spent = start.elapsed().as_secs_f64();
+                    n >= MAX_ITERS
+                        || (spent >= self.min_time && (n >= 3 || spent >= 3.0 * self.min_time))
+                }
+            };
+            if done {
+                break;
+            }
+        }
+        Ok(Timing {
+            median: median(&mut samples),
+            iters: samples.len(),
+            calls: call,
+        })
+    }
+}
+
+/// The median (mean of the middle two for an even count); `samples` is sorted in place.
+pub fn median(samples: &mut [f64]) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    let n = samples.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => samples[n / 2],
+        _ => 0.5 * (samples[n / 2 - 1] + samples[n / 2]),
+    }
+}
+
+/// Memory read bandwidth in GB/s (10⁹ bytes/s): all threads stream a `bytes`-sized buffer,
+/// summing its u64 words in eight independent lanes (vectorised wide loads); best of `runs`.
+pub fn memory_bandwidth(bytes: usize, runs: usize) -> f64 {
+    const CHUNK: usize = 1 << 15; // words per task: 256 KiB
+    let words = bytes / 8;
+    let mut buf = vec![0u64; words];
+    // Write every page first: untouched pages of a fresh allocation all map the one zero
+    // page, and reading that would measure the cache, not memory.
+    buf.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
+        for (j, v) in c.iter_mut().enumerate() {
+            *v = (i * CHUNK + j) as u64;
+        }
+    });
+    let mut best = f64::INFINITY;
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        let sum = buf
+            .par_chunks(CHUNK)
+            .map(|c| {
+                let mut acc = [0u64; 8];
+                for w in c.chunks_exact(8) {
+                    for (a, &v) in acc.iter_mut().zip(w) {
+                        *a = a.wrapping_add(v);
+                    }
+                }
+                acc.iter().fold(0u64, |s, &a| s.wrapping_add(a))
+            })
+            .reduce(|| 0, u64::wrapping_add);
+        black_box(sum);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (words * 8) as f64 / best / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn fixed_plans_run_exactly_their_calls() {
+        let plan = Plan {
+            warmup: 2,
+            iters: Some(3),
+            min_time: 100.0,
+        };
+        let mut seen = Vec::new();
+        let t = plan
+            .run(|i| {
+                seen.push(i);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((t.iters, t.calls), (3, 5));
+        assert_eq!(seen, [0, 1, 2, 3, 4]);
+    }
+}
