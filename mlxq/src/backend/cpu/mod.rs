@@ -128,18 +128,42 @@ impl<T> DisjointOut<T> {
     }
 }
 
-/// The CPU kernel variants, best first. The dispatcher takes the first that supports a key.
+/// One kernel variant: a name, which keys it can run on this machine, and how to build it.
+/// Each kernel file defines its own; [`TABLE`] lists them best first.
+pub(crate) struct Variant {
+    pub name: &'static str,
+    pub supports: fn(&KernelKey) -> bool,
+    pub build: fn(&KernelKey) -> Option<KernelFn>,
+}
+
+/// Every variant, best first. The dispatcher takes the first that supports a key.
+const TABLE: &[Variant] = &[
+    #[cfg(target_arch = "x86_64")]
+    x86::QMV_T,
+    GENERIC,
+];
+
+/// Names of the CPU kernel variants (see [`Device::cpu_with_variant`](crate::Device::cpu_with_variant)).
 pub const VARIANTS: &[&str] = &["avx512", "generic"];
+
+/// The portable variant: every op, every affine key.
+const GENERIC: Variant = Variant {
+    name: "generic",
+    supports: |k| k.mode == crate::QuantMode::Affine,
+    build: |k| match k.op {
+        OpKind::Quantize => quantize::generic(k.input, k.bits).map(KernelFn::Quantize),
+        OpKind::Dequantize => {
+            dequantize::generic(k.scales, k.output, k.bits).map(KernelFn::Dequantize)
+        }
+        OpKind::QuantizedMatmul => {
+            qmm::generic(k.scales, k.output, k.bits, k.flag).map(KernelFn::Qmm)
+        }
+    },
+};
 
 /// Whether `variant` can run `key` on this machine.
 pub fn supports(variant: &str, key: &KernelKey) -> bool {
-    let affine = key.mode == crate::QuantMode::Affine;
-    match variant {
-        "generic" => affine,
-        #[cfg(target_arch = "x86_64")]
-        "avx512" => affine && key.op == OpKind::QuantizedMatmul && key.flag && x86::available(),
-        _ => false,
-    }
+    TABLE.iter().any(|v| v.name == variant && (v.supports)(key))
 }
 
 /// The kernel for `key` (its `variant` is filled in here) from the device's registry,
@@ -149,12 +173,12 @@ pub fn supports(variant: &str, key: &KernelKey) -> bool {
 /// [`Device::cpu_with_variant`]: crate::Device::cpu_with_variant
 pub(crate) fn kernel(device: &crate::Device, mut key: KernelKey) -> Result<CpuKernel> {
     let preferred = device.preferred_variant();
-    key.variant = VARIANTS
+    key.variant = TABLE
         .iter()
-        .copied()
-        .filter(|v| preferred.is_none_or(|p| *v == p || *v == "generic"))
-        .find(|v| supports(v, &key))
-        .ok_or_else(|| unsupported(&key))?;
+        .filter(|v| preferred.is_none_or(|p| v.name == p || v.name == "generic"))
+        .find(|v| (v.supports)(&key))
+        .ok_or_else(|| unsupported(&key))?
+        .name;
     device.registry().get_or_build(key, build)
 }
 
@@ -170,21 +194,11 @@ fn unsupported(k: &KernelKey) -> crate::Error {
 }
 
 fn build(k: &KernelKey) -> Result<CpuKernel> {
-    let func = match (k.variant, k.op) {
-        ("generic", OpKind::Quantize) => quantize::generic(k.input, k.bits).map(KernelFn::Quantize),
-        ("generic", OpKind::Dequantize) => {
-            dequantize::generic(k.scales, k.output, k.bits).map(KernelFn::Dequantize)
-        }
-        ("generic", OpKind::QuantizedMatmul) => {
-            qmm::generic(k.scales, k.output, k.bits, k.flag).map(KernelFn::Qmm)
-        }
-        #[cfg(target_arch = "x86_64")]
-        ("avx512", OpKind::QuantizedMatmul) => {
-            qmm::avx512(k.scales, k.output, k.bits).map(KernelFn::Qmm)
-        }
-        _ => None,
-    };
-    let func = func.ok_or_else(|| unsupported(k))?;
+    let func = TABLE
+        .iter()
+        .find(|v| v.name == k.variant && (v.supports)(k))
+        .and_then(|v| (v.build)(k))
+        .ok_or_else(|| unsupported(k))?;
     Ok(CpuKernel {
         name: format!("cpu_{k}").into(),
         func,

@@ -24,6 +24,18 @@ use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
+/// The decode variant: `quantized_matmul` with transpose, every affine width.
+pub(crate) const QMV_T: super::Variant = super::Variant {
+    name: "avx512",
+    supports: |k| {
+        k.mode == crate::QuantMode::Affine
+            && k.op == crate::registry::OpKind::QuantizedMatmul
+            && k.flag
+            && available()
+    },
+    build: |k| super::qmm::avx512(k.scales, k.output, k.bits).map(super::KernelFn::Qmm),
+};
+
 /// Rows of x sharing one decoded chunk.
 pub(crate) const ROWS: usize = 8;
 
