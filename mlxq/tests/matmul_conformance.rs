@@ -490,3 +490,39 @@ fn bf16_long_rows_accumulate_in_f32() {
     let err = max_rel_err(&got_f64(&y), &want);
     assert!(err < 4e-3, "{err:e}");
 }
+
+/// Long rows with many rows of x: kernels that block K (so x stays in cache) must stitch the
+/// blocks together; checked for every variant, with a tail block (K = 2688).
+#[test]
+fn long_rows_many_rows_every_variant() {
+    let mut rng = StdRng::seed_from_u64(123);
+    for variant in mlxq::backend::cpu::VARIANTS {
+        let device = Device::cpu_with_variant(variant).unwrap();
+        let mut enc = device.encoder();
+        for (bits, g) in [(4, 64), (3, 128), (8, 32), (6, 64)] {
+            let spec = QuantSpec::affine(bits, g).unwrap();
+            let (n, k, m) = (21, 2688, 33); // 2688 = 21 × 128: blocks of 1024 leave a tail
+            let w = random_weight(&mut enc, &mut rng, &[n, k], spec, DType::BF16);
+            let x = Buffer::from_f32(&randn(&mut rng, m * k), DType::BF16, &[m, k]).unwrap();
+            let mut y = poisoned(DType::BF16, &[m, n]);
+            ops::quantized_matmul_into(&mut enc, &x, &w, true, &mut y).unwrap();
+            let want = matmul_f64(&x_f64(&x), m, &dequantize_f64(&w).unwrap(), n, k, true);
+            let err = max_rel_err(&got_f64(&y), &want);
+            assert!(
+                err < 1e-2,
+                "{variant} bits {bits} g {g}: {err:e} ({})",
+                enc.last_kernel().unwrap()
+            );
+            // f32 output (f32 scales): the tight tolerance.
+            let w32 = random_weight(&mut enc, &mut rng, &[n, k], spec, DType::F32);
+            let y = ops::quantized_matmul(&mut enc, &x, &w32, true).unwrap();
+            let want = matmul_f64(&x_f64(&x), m, &dequantize_f64(&w32).unwrap(), n, k, true);
+            let err = max_rel_err(&got_f64(&y), &want);
+            assert!(
+                err < 1e-5,
+                "{variant} bits {bits} g {g} f32 out: {err:e} ({})",
+                enc.last_kernel().unwrap()
+            );
+        }
+    }
+}
