@@ -101,6 +101,10 @@ pub struct Tuning {
     /// Rounding flavour of the quantizer (gpu: MLX's Metal/CUDA kernels; cpu: `mx.quantize` on CPU).
     #[arg(long, default_value = "gpu", value_parser = parse_flavour)]
     pub flavour: Flavour,
+    /// Prefer this CPU kernel variant where it applies (others fall back to `generic`); the
+    /// kernel column says which ran. Default: the best the CPU supports.
+    #[arg(long, value_parser = mlxq::backend::cpu::VARIANTS.to_vec())]
+    pub variant: Option<String>,
     /// Timed calls per case; fixes the count instead of adapting it to `--min-time`.
     #[arg(long)]
     pub iters: Option<usize>,
@@ -188,8 +192,13 @@ pub(crate) struct Setup {
 
 /// Runs the benchmark.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let device =
-        Device::parse(&args.device).with_context(|| format!("--device {}", args.device))?;
+    let device = match &args.tune.variant {
+        Some(v) if args.device == "cpu" => {
+            Device::cpu_with_variant(v).with_context(|| format!("--variant {v}"))?
+        }
+        Some(_) => anyhow::bail!("--variant applies to --device cpu only"),
+        None => Device::parse(&args.device).with_context(|| format!("--device {}", args.device))?,
+    };
     let shapes: Vec<[usize; 3]> = if args.shapes.is_empty() {
         DEFAULT_SHAPES.to_vec()
     } else {

@@ -31,6 +31,7 @@ pub mod device;
 pub mod dtype;
 pub mod encoder;
 pub mod error;
+pub mod io;
 pub mod ops;
 pub mod quant;
 pub mod reference;

@@ -50,8 +50,9 @@ pub(crate) fn available() -> bool {
 
 /// Rows of x sharing one decoded chunk.
 const ROWS: usize = 8;
-/// Codes of K per block when M is large: 8 rows × 1024 × 2 bytes = 16 KiB of x stay in L1.
-const K_BLOCK: usize = 1024;
+/// Bytes of x one row block may touch per K block: 16 KiB stay in L1 beside the weights
+/// streaming through (8 rows × 1024 bf16 values).
+const X_BLOCK_BYTES: usize = 16 << 10;
 
 thread_local! {
     /// Per-thread scratch: x as permuted bf16 and its group sums; reused across calls.
@@ -161,12 +162,8 @@ fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
     let groups = w.groups();
     let row_bytes = w.row_bytes();
     let writer = DisjointOut::new(out);
-    // Whole rows of K for small M (x is small); blocks of K otherwise.
-    let kb = if m <= ROWS {
-        k
-    } else {
-        K_BLOCK.max(g).min(k) / g * g
-    };
+    // Blocks of K, whole groups, such that the rows of x a column visits stay in L1.
+    let kb = (X_BLOCK_BYTES / (2 * m.min(ROWS))).max(g).min(k) / g * g;
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         let (xp, xsum) = &mut *s;
