@@ -120,8 +120,7 @@ pub struct InspectArgs {
     pub group_size: u32,
 }
 
-/// The error's chain as one message, skipping a cause whose text the message already ends
-/// with (`mlxq::Error::Io` prints its source and also reports it as the source).
+/// The error's chain as one line, skipping a cause whose text the message already ends with.
 fn one_line(e: anyhow::Error) -> anyhow::Error {
     let mut msg = String::new();
     for cause in e.chain() {
@@ -248,7 +247,7 @@ fn run_dequantize(a: &DequantizeArgs) -> anyhow::Result<()> {
         match (modules.contains(prefix), suffix) {
             (true, "weight") => {
                 let qw = input.quantized_weight(prefix, a.group_size)?;
-                let w = dequantize_one(&mut enc, &qw, opts).with_context(|| name.to_string())?;
+                let w = ops::dequantize(&mut enc, &qw, opts).with_context(|| name.to_string())?;
                 out.insert(name, w)?;
             }
             (true, "scales" | "biases") => {}
@@ -266,28 +265,6 @@ fn run_dequantize(a: &DequantizeArgs) -> anyhow::Result<()> {
         a.output.display()
     );
     Ok(())
-}
-
-/// Dequantizes one module. MLX's CPU computes `mx.dequantize(..., dtype=D)` in the scales'
-/// dtype and converts the result to `D` (checked against mlx 0.32.4); the CPU flavour does the
-/// same here. The GPU flavour computes in f32 and rounds once to `D`, as the op does.
-fn dequantize_one(
-    enc: &mut mlxq::CommandEncoder,
-    qw: &mlxq::QuantizedWeight,
-    opts: DequantizeOptions,
-) -> anyhow::Result<Buffer> {
-    match opts.dtype {
-        Some(d) if opts.flavour == Flavour::Cpu && d != qw.scales_dtype() => {
-            let native = DequantizeOptions {
-                dtype: None,
-                ..opts
-            };
-            let w = ops::dequantize(enc, qw, native)?;
-            // Widening is exact and narrowing rounds to nearest even, as MLX's astype.
-            Ok(Buffer::from_f32(&w.to_f32_vec()?, d, w.shape())?)
-        }
-        _ => Ok(ops::dequantize(enc, qw, opts)?),
-    }
 }
 
 /// Why module `p` does not read with group size `g` (error `e`), and which group sizes would.

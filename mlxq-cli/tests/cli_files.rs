@@ -2,7 +2,7 @@
 //!
 //! `tests/fixtures/` comes from `tools/gen_cli_fixture.py` (mlx 0.32.4, CPU): the CPU flavour must
 //! match MLX byte for byte, whole files included. MLX's CUDA fixtures in
-//! `/work/shared/fixtures/mlx-0.32.4-cuda/` check the GPU flavour where they exist.
+//! `mlxq/tests/fixtures/mlx-0.32.4-cuda/` check the GPU flavour.
 
 use mlxq::io::{self, Tensors};
 use std::path::{Path, PathBuf};
@@ -282,15 +282,14 @@ fn bad_input_fails_with_one_clear_line() {
     assert_eq!(left, ["truncated.safetensors"]);
 }
 
-/// MLX's CUDA fixtures, or `None` (with a note) where this machine lacks them.
+/// MLX's CUDA fixtures (the affine set committed with the library's tests).
 fn cuda_fixtures() -> Option<PathBuf> {
-    let dir = PathBuf::from("/work/shared/fixtures/mlx-0.32.4-cuda");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("skipped: {} not found", dir.display());
-        None
-    }
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../mlxq/tests/fixtures/mlx-0.32.4-cuda"
+    ));
+    assert!(dir.is_dir(), "{} is missing", dir.display());
+    Some(dir)
 }
 
 const CUDA_TAGS: [(&str, u32, u32); 4] = [

@@ -140,13 +140,13 @@ pub enum Error {
         actual: String,
     },
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: String,
-        /// The operating system's error.
-        #[source]
-        source: std::io::Error,
+        /// The operating system's error (part of the message, so deliberately not a
+        /// `source()`, which would print it twice in an error chain).
+        cause: std::io::Error,
     },
     /// A safetensors file is malformed or a tensor in it is inconsistent.
     #[error("{path}: {message}")]

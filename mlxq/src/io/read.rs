@@ -59,10 +59,10 @@ pub fn load(path: impl AsRef<Path>) -> Result<Tensors> {
     })
 }
 
-pub(super) fn io_error(path: &Path, source: std::io::Error) -> Error {
+pub(super) fn io_error(path: &Path, cause: std::io::Error) -> Error {
     Error::Io {
         path: path.display().to_string(),
-        source,
+        cause,
     }
 }
 

@@ -20,8 +20,9 @@ pub(crate) type DequantizeFn = fn(DequantizeArgs<'_>) -> Result<()>;
 
 const OP: &str = "dequantize";
 
-/// Scales and biases are converted to the output dtype `O` first (exact when they already are
-/// `O`, as MLX's default), then combined as the flavour rounds.
+/// Values are computed as the flavour rounds in the scales' dtype `S` (CPU: `S(S(q·s) + b)`;
+/// GPU: one f32 FMA), then converted to the output dtype `O` — what MLX's CPU does when
+/// `dtype` differs from the scales' (its GPU rounds the f32 FMA straight to `O`, the same).
 fn dequantize_generic<S: Float, O: Float, const BITS: usize>(a: DequantizeArgs<'_>) -> Result<()> {
     let scales: &[S] = cast(OP, "scales", a.w.scales)?;
     let biases: &[S] = cast(OP, "biases", a.w.biases)?;
@@ -33,10 +34,12 @@ fn dequantize_generic<S: Float, O: Float, const BITS: usize>(a: DequantizeArgs<'
         .zip(scales.par_iter().zip(biases.par_iter()))
         .with_min_len(64)
         .for_each(|((og, pg), (&s, &b))| {
-            let (s, b) = (O::from_f32(s.to_f32()), O::from_f32(b.to_f32()));
             for (o8, p) in og.chunks_exact_mut(8).zip(pg.chunks_exact(BITS)) {
                 for (o, q) in o8.iter_mut().zip(unpack8::<BITS>(p)) {
-                    *o = dequantize_value(q, s, b, flavour);
+                    *o = match flavour {
+                        Flavour::Cpu => O::from_f32(dequantize_value(q, s, b, flavour).to_f32()),
+                        Flavour::Gpu => O::from_f32(f32::from(q).mul_add(s.to_f32(), b.to_f32())),
+                    };
                 }
             }
         });
