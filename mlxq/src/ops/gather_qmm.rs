@@ -12,6 +12,7 @@ use super::{
 use crate::dtype::Float;
 use crate::error::{checked_product, Error, Result};
 use crate::{Buffer, CommandEncoder, DType, QuantizedWeight};
+use rayon::prelude::*;
 
 const OP: &str = "gather_qmm";
 
@@ -114,30 +115,40 @@ pub fn gather_qmm(
     let kernel = qmm_kernel(enc, x.dtype(), w, DType::F32, transpose)?;
     let xf = widen(OP, "x", x)?;
     let xm = m * in_dim;
-    let mut xs_buf: Vec<f32> = Vec::new();
-    let mut ys_buf: Vec<f32> = Vec::new();
+    let row_out = m * out_dim;
+    // Experts run concurrently (each kernel is itself parallel over its columns), so a
+    // decode step's k small matmuls share the cores instead of queueing one after another.
+    let used: Vec<usize> = (0..w_count)
+        .filter(|&e| starts[e + 1] > starts[e])
+        .collect();
+    let results: Vec<Result<Vec<f32>>> = used
+        .par_iter()
+        .map(|&e| {
+            let members = &order[starts[e]..starts[e + 1]];
+            let mut xs = Vec::with_capacity(members.len() * xm);
+            for &i in members {
+                let xi = lhs[broadcast_index(&index_shape, &lhs_shape, i)];
+                xs.extend_from_slice(&xf[xi * xm..(xi + 1) * xm]);
+            }
+            let mut ys = vec![0f32; members.len() * row_out];
+            run_qmm(
+                &kernel,
+                &xs,
+                members.len() * m,
+                matrix(w, e),
+                bytemuck::cast_slice_mut(&mut ys),
+            )?;
+            Ok(ys)
+        })
+        .collect();
     let out_bytes = out.bytes_mut()?;
-    let row_bytes = m * out_dim * out_dtype.size();
-    for e in 0..w_count {
-        let members = &order[starts[e]..starts[e + 1]];
-        if members.is_empty() {
-            continue;
-        }
-        xs_buf.clear();
-        for &i in members {
-            let xi = lhs[broadcast_index(&index_shape, &lhs_shape, i)];
-            xs_buf.extend_from_slice(&xf[xi * xm..(xi + 1) * xm]);
-        }
-        ys_buf.clear();
-        ys_buf.resize(members.len() * m * out_dim, 0.0);
-        run_qmm(
-            &kernel,
-            &xs_buf,
-            members.len() * m,
-            matrix(w, e),
-            bytemuck::cast_slice_mut(&mut ys_buf),
-        )?;
-        for (&i, y) in members.iter().zip(ys_buf.chunks_exact(m * out_dim)) {
+    let row_bytes = row_out * out_dtype.size();
+    for (&e, ys) in used.iter().zip(results) {
+        let ys = ys?;
+        for (&i, y) in order[starts[e]..starts[e + 1]]
+            .iter()
+            .zip(ys.chunks_exact(row_out))
+        {
             store(
                 out_dtype,
                 y,

@@ -136,9 +136,11 @@ pub(crate) fn qmv_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
     let groups = w.groups();
     let row_bytes = w.row_bytes();
     let writer = DisjointOut::new(out);
-    SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        let (xp, xsum) = &mut *s;
+    // Taken out of the thread-local rather than borrowed across the parallel loop: a nested
+    // call on this thread (gather_qmm runs experts concurrently) finds it empty and allocates
+    // its own, instead of finding it borrowed.
+    let (mut xp, mut xsum) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    {
         xp.clear();
         xp.resize(m * k, 0.0);
         for (src, dst) in a.x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
@@ -190,7 +192,8 @@ pub(crate) fn qmv_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
                 }
             }
         });
-    });
+    }
+    SCRATCH.with(|s| *s.borrow_mut() = (xp, xsum));
     Ok(())
 }
 

@@ -164,9 +164,11 @@ fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
     let writer = DisjointOut::new(out);
     // Blocks of K, whole groups, such that the rows of x a column visits stay in L1.
     let kb = (X_BLOCK_BYTES / (2 * m.min(ROWS))).max(g).min(k) / g * g;
-    SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        let (xp, xsum) = &mut *s;
+    // Taken out of the thread-local rather than borrowed across the parallel loop: a nested
+    // call on this thread (gather_qmm runs experts concurrently) finds it empty and allocates
+    // its own, instead of finding it borrowed.
+    let (mut xp, mut xsum) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    {
         xp.clear();
         xp.resize(m * k, bf16::ZERO);
         for (src, dst) in a.x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
@@ -234,7 +236,8 @@ fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
                 }
             });
         });
-    });
+    }
+    SCRATCH.with(|s| *s.borrow_mut() = (xp, xsum));
     Ok(())
 }
 
