@@ -13,6 +13,8 @@ pub(crate) mod quantize;
 pub(crate) mod x86;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_bf16;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_qvm;
 
 use crate::error::Result;
 use crate::registry::{KernelKey, OpKind};
@@ -144,6 +146,8 @@ const TABLE: &[Variant] = &[
     x86_bf16::QMM_T_BF16,
     #[cfg(target_arch = "x86_64")]
     x86::QMV_T,
+    #[cfg(target_arch = "x86_64")]
+    x86_qvm::QMV_N,
     GENERIC,
 ];
 

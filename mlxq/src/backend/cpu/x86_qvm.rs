@@ -1,0 +1,592 @@
+//! AVX-512 kernel for `y = x·W` (`transpose = false`): W `[K, N]` quantized along N, so row
+//! `k` of W holds `N/g` groups, each with a scale `s[k,j]` and bias `b[k,j]`, and
+//! `y[r,n] = Σ_k x[r,k]·(s[k,n/g]·q[k,n] + b[k,n/g])`.
+//!
+//! Unlike the transposed layout, a group here spans columns, not the reduction axis, so the
+//! scale cannot be pulled out of the sum: every row of W is dequantized (`s·q + b` in f32)
+//! and then multiplied by one element of x per row of x. Each 32-column chunk of a row is
+//! dequantized once, into two f32 vectors, and used by up to [`ROWS`] rows of x with one FMA
+//! per 16 weights per row (x broadcast from memory), so rows 2..8 of x cost little more
+//! memory traffic than row 1.
+//!
+//! Dequantizing 32 codes, by width (none leaves the chunk's `4·BITS` bytes):
+//! - 1, 2, 4-bit: the chunk (4, 8 or 16 bytes) is broadcast to every 32-bit lane group and
+//!   `vpsrlvd` moves a different code to the bottom of each lane; `vpermps` then looks the low
+//!   4 bits up in a 16-entry table of `s·i + b` (built with one FMA per chunk, repeated every
+//!   `2^BITS` entries so the neighbouring codes' bits above need no mask). 1-bit lanes come in
+//!   column order; 2- and 4-bit lanes in a fixed permutation of the chunk's columns.
+//! - 3, 5, 6-bit: `vpermb` gathers the two bytes holding code `i` into lane `i`, `vpsrlvd`
+//!   aligns it; 3-bit looks it up like the above, 5-bit in a 32-entry table (`vpermt2ps`),
+//!   6-bit is masked, converted and scaled (`s·q + b` as one FMA).
+//! - 8-bit: `vpmovzxbd`, convert, one FMA.
+//!
+//! Lane permutations are free: a chunk never straddles a group (`g ≥ 32`), so accumulators
+//! stay permuted until the output is written, which undoes the permutation once per element.
+//!
+//! Work: tasks own disjoint, group-aligned column ranges (several per thread, so cores finish
+//! together). A task walks its range in column blocks of at most [`BLOCK_COLS`], and each
+//! block in blocks of [`K_BLOCK`] rows of W: the block's scales and biases are widened to f32
+//! once (for all rows of x), then each register tile (rows of x × chunks, as many chunks as
+//! the 32 vector registers allow) streams down those rows of W, prefetching ahead, and adds
+//! its sums into the block's f32 accumulators (summing per k-block keeps error growth low).
+//!
+//! Accumulation is f32 throughout; results equal the generic kernel's up to summation order
+//! and the single rounding of `s·q + b`.
+
+use super::qmm::QmmArgs;
+use super::{cast, cast_mut, DisjointOut, KernelFn, Variant};
+use crate::dtype::{Element, Float};
+use crate::error::{Error, Result};
+use crate::DType;
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+/// The variant: `quantized_matmul` without transpose, every affine width.
+pub(crate) const QMV_N: Variant = Variant {
+    name: "avx512",
+    supports: |k| {
+        k.mode == crate::QuantMode::Affine
+            && k.op == crate::registry::OpKind::QuantizedMatmul
+            && !k.flag
+            && super::x86::available()
+    },
+    build: |k| {
+        use crate::quant::pack::dispatch_bits;
+        crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
+            Some(dispatch_bits!(k.bits, B => KernelFn::Qmm(qmv_n::<S, O, B>), _ => return None))
+        }, _ => None), _ => None)
+    },
+};
+
+/// Most rows of x in one register tile.
+const ROWS: usize = 8;
+/// Most columns in one column block: 16 chunks, so a row's chunk scales fit one vector.
+const BLOCK_COLS: usize = 512;
+/// Rows of W per block: the block's f32 scales and biases (`K_BLOCK × 32` floats) and the
+/// rows of W a tile revisits stay in L1.
+const K_BLOCK: usize = 64;
+/// How many rows of W ahead a tile prefetches.
+const PREFETCH_ROWS: usize = 16;
+/// Floats of accumulators one task may keep per column block (512 KiB: L2-resident).
+const ACC_FLOATS: usize = 1 << 17;
+
+const OP: &str = "quantized_matmul";
+
+thread_local! {
+    /// The calling thread's scratch: x transposed per block of rows.
+    static XT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A task's scratch: its column block's accumulators and one k-block's f32 scales/biases.
+    static TILE: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` on a thread-local scratch vector, or on a fresh one if this thread is already
+/// using it (a re-entrant call through rayon's work stealing).
+fn with_scratch<T: Default, R>(
+    key: &'static std::thread::LocalKey<RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut T::default()),
+    })
+}
+
+/// Column (within its 32-column chunk) of lane `lane` (0..16 of the first vector, 16..32 of
+/// the second) as [`dequant32`] produces it for `bits`.
+#[inline(always)]
+fn lane_column(bits: usize, lane: usize) -> usize {
+    let (h, i) = (lane / 16, lane % 16);
+    match bits {
+        4 => 2 * (4 * (i % 4) + i / 4) + h,
+        2 => 16 * (i % 2) + 8 * h + i / 2,
+        _ => lane,
+    }
+}
+
+/// Constant vectors for [`dequant32`], built once per tile.
+#[derive(Clone, Copy)]
+struct Consts {
+    /// Per-lane shift counts of the first and second vector.
+    shift0: __m512i,
+    shift1: __m512i,
+    /// `vpermb` indices (3, 5, 6-bit): lane `i` gathers the bytes holding code `i` (`+16`).
+    gather0: __m512i,
+    gather1: __m512i,
+    /// Codes the lookup tables are built for: entry `i` holds `i mod 2^BITS` (lanes 16..32
+    /// for 5-bit in `iota_hi`).
+    iota_lo: __m512,
+    iota_hi: __m512,
+}
+
+impl Consts {
+    /// The constants for `BITS`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn new<const BITS: usize>() -> Consts {
+        let shifts = |h: usize| -> [u32; 16] {
+            std::array::from_fn(|i| match BITS {
+                1 => (16 * h + i) as u32,
+                2 => (16 * h + 2 * (i / 2)) as u32,
+                4 => (8 * (i / 4) + 4 * h) as u32,
+                _ => ((BITS * (16 * h + i)) % 8) as u32,
+            })
+        };
+        let gather = |h: usize| -> [u8; 64] {
+            std::array::from_fn(|b| {
+                let code = 16 * h + b / 4;
+                ((BITS * code / 8 + b % 4).min(63)) as u8
+            })
+        };
+        let iota = |h: usize| -> [f32; 16] {
+            std::array::from_fn(|i| ((16 * h + i) % (1 << BITS.min(5))) as f32)
+        };
+        let (s0, s1, g0, g1, i0, i1) =
+            (shifts(0), shifts(1), gather(0), gather(1), iota(0), iota(1));
+        // SAFETY: each load reads exactly the 64 bytes of its array.
+        unsafe {
+            Consts {
+                shift0: _mm512_loadu_si512(s0.as_ptr() as *const __m512i),
+                shift1: _mm512_loadu_si512(s1.as_ptr() as *const __m512i),
+                gather0: _mm512_loadu_si512(g0.as_ptr() as *const __m512i),
+                gather1: _mm512_loadu_si512(g1.as_ptr() as *const __m512i),
+                iota_lo: _mm512_loadu_ps(i0.as_ptr()),
+                iota_hi: _mm512_loadu_ps(i1.as_ptr()),
+            }
+        }
+    }
+}
+
+/// Dequantizes the 32 codes at `p` with scale `s` and bias `b` (both broadcast) into two f32
+/// vectors, lanes in [`lane_column`] order.
+///
+/// # Safety
+/// `p` must point to `4·BITS` readable bytes; the CPU must support
+/// [`available`](super::x86::available)'s features.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn dequant32<const BITS: usize>(
+    p: *const u8,
+    s: __m512,
+    b: __m512,
+    c: &Consts,
+) -> (__m512, __m512) {
+    // SAFETY: every load below reads within the `4·BITS` bytes at `p` (the caller's
+    // guarantee); the CPU features are the caller's guarantee too.
+    unsafe {
+        match BITS {
+            1 | 2 | 4 => {
+                let raw = match BITS {
+                    1 => _mm512_set1_epi32((p as *const i32).read_unaligned()),
+                    2 => _mm512_set1_epi64((p as *const i64).read_unaligned()),
+                    _ => _mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i)),
+                };
+                let lut = _mm512_fmadd_ps(c.iota_lo, s, b);
+                (
+                    _mm512_permutexvar_ps(_mm512_srlv_epi32(raw, c.shift0), lut),
+                    _mm512_permutexvar_ps(_mm512_srlv_epi32(raw, c.shift1), lut),
+                )
+            }
+            8 => {
+                let lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+                let hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+                (
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), s, b),
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), s, b),
+                )
+            }
+            _ => {
+                let mask: __mmask64 = (1u64 << (4 * BITS)) - 1;
+                let raw = _mm512_maskz_loadu_epi8(mask, p as *const i8);
+                let v0 = _mm512_srlv_epi32(_mm512_permutexvar_epi8(c.gather0, raw), c.shift0);
+                let v1 = _mm512_srlv_epi32(_mm512_permutexvar_epi8(c.gather1, raw), c.shift1);
+                match BITS {
+                    3 => {
+                        let lut = _mm512_fmadd_ps(c.iota_lo, s, b);
+                        (
+                            _mm512_permutexvar_ps(v0, lut),
+                            _mm512_permutexvar_ps(v1, lut),
+                        )
+                    }
+                    5 => {
+                        let lo = _mm512_fmadd_ps(c.iota_lo, s, b);
+                        let hi = _mm512_fmadd_ps(c.iota_hi, s, b);
+                        (
+                            _mm512_permutex2var_ps(lo, v0, hi),
+                            _mm512_permutex2var_ps(lo, v1, hi),
+                        )
+                    }
+                    _ => {
+                        let m = _mm512_set1_epi32((1 << BITS) - 1);
+                        let q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v0, m));
+                        let q1 = _mm512_cvtepi32_ps(_mm512_and_si512(v1, m));
+                        (_mm512_fmadd_ps(q0, s, b), _mm512_fmadd_ps(q1, s, b))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One register tile's inputs: `rows` rows of W starting at the tile's first chunk, their
+/// per-chunk scales and biases, the tile's rows of x, and where its sums go.
+#[derive(Clone, Copy)]
+struct Tile {
+    /// Packed W at the first row of the k-block and the tile's first chunk.
+    w: *const u8,
+    /// Bytes per row of W.
+    row_bytes: usize,
+    /// Rows of W in the k-block.
+    rows: usize,
+    /// Bytes from a row to the row [`PREFETCH_ROWS`] ahead (0: no prefetch).
+    prefetch: usize,
+    /// f32 scales (`[kk·32 + c]`) and biases (`[kk·32 + 16 + c]`) of the tile's chunks `c`.
+    sb: *const f32,
+    /// x transposed: `[kk·R + r]`.
+    xt: *const f32,
+    /// Accumulators: `[r·acc_stride + 32·c + lane]`.
+    acc: *mut f32,
+    acc_stride: usize,
+}
+
+/// `R` rows of x times `CH` chunks of W over one k-block, added into the accumulators.
+///
+/// # Safety
+/// Every pointer of `t` must be valid for the extent its field describes: `w` for
+/// `rows` rows of `row_bytes` bytes, of which the tile reads `CH·4·BITS` from the start;
+/// `sb` for `32·rows` floats; `xt` for `R·rows` floats; `acc` for `R` rows of `32·CH` floats
+/// at `acc_stride`, used by no other thread. The CPU must support the features of
+/// [`available`](super::x86::available).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn tile<const BITS: usize, const R: usize, const CH: usize>(t: &Tile, c: &Consts) {
+    let seg = CH * 4 * BITS;
+    let mut a = [[[_mm512_setzero_ps(); 2]; CH]; R];
+    for kk in 0..t.rows {
+        // SAFETY: row kk < rows of the block: within the extents the caller guarantees. The
+        // prefetch address may lie past W; prefetches never fault, and `wrapping_add` keeps
+        // computing it defined.
+        unsafe {
+            let p = t.w.add(kk * t.row_bytes);
+            if t.prefetch != 0 {
+                let pf = p.wrapping_add(t.prefetch);
+                let mut off = 0;
+                while off < seg {
+                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(off) as *const i8);
+                    off += 64;
+                }
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(seg - 1) as *const i8);
+            }
+            let sb = t.sb.add(kk * 32);
+            let x = t.xt.add(kk * R);
+            for ci in 0..CH {
+                let s = _mm512_set1_ps(*sb.add(ci));
+                let b = _mm512_set1_ps(*sb.add(16 + ci));
+                let (w0, w1) = dequant32::<BITS>(p.add(ci * 4 * BITS), s, b, c);
+                for (r, ar) in a.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(*x.add(r));
+                    let acc = &mut ar[ci];
+                    acc[0] = _mm512_fmadd_ps(w0, xv, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(w1, xv, acc[1]);
+                }
+            }
+        }
+    }
+    for (r, ar) in a.iter().enumerate() {
+        for (ci, acc) in ar.iter().enumerate() {
+            // SAFETY: row r < R, columns 32·ci..32·ci + 32 < 32·CH: inside the caller's extent.
+            unsafe {
+                let d = t.acc.add(r * t.acc_stride + 32 * ci);
+                _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), acc[0]));
+                let d = d.add(16);
+                _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), acc[1]));
+            }
+        }
+    }
+}
+
+/// All chunks of a column block for `R` rows of x: tiles of `CH` chunks, then single ones.
+///
+/// # Safety
+/// As for [`tile`], with `t` describing chunk 0 and `chunks` chunks in all (`sb` rows hold
+/// them all; `acc` rows are `32·chunks` floats wide).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn block<const BITS: usize, const R: usize, const CH: usize>(
+    t: &Tile,
+    chunks: usize,
+    c: &Consts,
+) {
+    let mut ci = 0;
+    while ci < chunks {
+        let at = Tile {
+            w: t.w.wrapping_add(ci * 4 * BITS),
+            sb: t.sb.wrapping_add(ci),
+            acc: t.acc.wrapping_add(32 * ci),
+            ..*t
+        };
+        // SAFETY: chunks ci..ci + CH (or ci alone) lie inside the block the caller described.
+        unsafe {
+            if ci + CH <= chunks {
+                tile::<BITS, R, CH>(&at, c);
+                ci += CH;
+            } else {
+                tile::<BITS, R, 1>(&at, c);
+                ci += 1;
+            }
+        }
+    }
+}
+
+/// Runs [`block`] with the row count `r` (1..=[`ROWS`]) as a constant and as many chunks per
+/// tile as the registers hold.
+///
+/// # Safety
+/// As for [`block`], with `R = r`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn block_rows<const BITS: usize>(r: usize, t: &Tile, chunks: usize, c: &Consts) {
+    // SAFETY: forwarded from the caller; R matches the rows `t` describes.
+    unsafe {
+        match r {
+            1 => block::<BITS, 1, 8>(t, chunks, c),
+            2 => block::<BITS, 2, 4>(t, chunks, c),
+            3 => block::<BITS, 3, 2>(t, chunks, c),
+            4 => block::<BITS, 4, 2>(t, chunks, c),
+            5 => block::<BITS, 5, 1>(t, chunks, c),
+            6 => block::<BITS, 6, 1>(t, chunks, c),
+            7 => block::<BITS, 7, 1>(t, chunks, c),
+            _ => block::<BITS, 8, 1>(t, chunks, c),
+        }
+    }
+}
+
+/// Widens up to 16 consecutive scales (or biases) at `p` to f32 (`n` of them; other lanes 0).
+///
+/// # Safety
+/// `p` must point to `n ≤ 16` readable elements; the CPU must support AVX-512 F/BW/VL.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn widen16<S: Element>(p: *const S, n: usize) -> __m512 {
+    let mask: __mmask16 = ((1u32 << n.min(16)) - 1) as u16;
+    // SAFETY: masked loads touch only the `n` elements the caller guarantees.
+    unsafe {
+        match S::DTYPE {
+            DType::F32 => _mm512_maskz_loadu_ps(mask, p as *const f32),
+            DType::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16)),
+            _ => {
+                // bf16: the upper half of an f32.
+                let h = _mm256_maskz_loadu_epi16(mask, p as *const i16);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+        }
+    }
+}
+
+/// Fills `sb` (`rows × 32` floats) with the f32 scales and biases of `chunks` chunks for rows
+/// `k0..k0 + rows` of W, starting at group `j0`.
+///
+/// # Safety
+/// `scales` and `biases` must hold `(k0 + rows)·groups` elements, `j0 + chunks·32/g ≤ groups`,
+/// `chunks ≤ 16`, `sb.len() ≥ 32·rows`; the CPU must support AVX-512 F/BW/VL.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn widen_block<S: Element>(
+    scales: &[S],
+    biases: &[S],
+    groups: usize,
+    g: usize,
+    j0: usize,
+    chunks: usize,
+    k0: usize,
+    sb: &mut [f32],
+) {
+    let ng = chunks * 32 / g;
+    // Chunk c takes group c·32/g.
+    let idx: [i32; 16] = std::array::from_fn(|c| (c * 32 / g) as i32);
+    // SAFETY: reads the 64 bytes of `idx`.
+    let idx = unsafe { _mm512_loadu_si512(idx.as_ptr() as *const __m512i) };
+    for (kk, row) in sb.chunks_exact_mut(32).enumerate() {
+        let off = (k0 + kk) * groups + j0;
+        if off + ng > scales.len() || off + ng > biases.len() {
+            return;
+        }
+        // SAFETY: `ng` elements from `off` are in bounds (checked above); `row` is 32 floats.
+        unsafe {
+            let s = widen16::<S>(scales.as_ptr().add(off), ng);
+            let b = widen16::<S>(biases.as_ptr().add(off), ng);
+            _mm512_storeu_ps(row.as_mut_ptr(), _mm512_permutexvar_ps(idx, s));
+            _mm512_storeu_ps(row.as_mut_ptr().add(16), _mm512_permutexvar_ps(idx, b));
+        }
+    }
+}
+
+/// The kernel, `transpose = false`.
+pub(crate) fn qmv_n<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+    let w = a.w;
+    let scales: &[S] = cast(OP, "scales", w.scales)?;
+    let biases: &[S] = cast(OP, "biases", w.biases)?;
+    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
+    let (m, kdim, n, g) = (a.m, w.rows, w.cols, w.group_size);
+    if !super::x86::available() {
+        return Err(Error::unsupported(OP, "AVX-512 on this CPU"));
+    }
+    if !matches!(g, 32 | 64 | 128) || n % g != 0 || w.bits as usize != BITS {
+        return Err(Error::invalid(
+            OP,
+            "w",
+            format!("{BITS}-bit, group 32, 64 or 128 dividing {n} columns"),
+            format!("{}-bit, group {g}", w.bits),
+        ));
+    }
+    let groups = n / g;
+    let row_bytes = w.row_bytes();
+    let need = |what: &'static str, len: usize, want: usize| {
+        if len < want {
+            Err(Error::BufferTooSmall {
+                op: OP,
+                param: what,
+                needed: want as u64,
+                offset: 0,
+                available: len as u64,
+            })
+        } else {
+            Ok(())
+        }
+    };
+    need("w", w.packed.len(), kdim * row_bytes)?;
+    need("scales", scales.len(), kdim * groups)?;
+    need("biases", biases.len(), kdim * groups)?;
+    need("x", a.x.len(), m * kdim)?;
+    need("out", out.len(), m * n)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let writer = DisjointOut::new(out);
+    // Columns per block: a multiple of g, at most BLOCK_COLS, accumulators L2-sized.
+    let block_cols = (ACC_FLOATS / m / g * g).clamp(g, BLOCK_COLS);
+    with_scratch(&XT, |xt| {
+        // x transposed per block of ROWS rows: block at r0 holds [kk·R + r] from r0·K.
+        xt.clear();
+        xt.resize(m * kdim, 0.0);
+        for r0 in (0..m).step_by(ROWS) {
+            let rows = ROWS.min(m - r0);
+            let dst = &mut xt[r0 * kdim..(r0 + rows) * kdim];
+            for r in 0..rows {
+                let src = &a.x[(r0 + r) * kdim..(r0 + r + 1) * kdim];
+                for (kk, &v) in src.iter().enumerate() {
+                    dst[kk * rows + r] = v;
+                }
+            }
+        }
+        let xt = &xt[..];
+        let tasks = (rayon::current_num_threads() * 4).clamp(1, groups);
+        (0..tasks).into_par_iter().for_each(|t| {
+            let (j0, j1) = (t * groups / tasks, (t + 1) * groups / tasks);
+            with_scratch(&TILE, |(acc, sb)| {
+                sb.clear();
+                sb.resize(K_BLOCK * 32, 0.0);
+                let mut c0 = j0 * g;
+                while c0 < j1 * g {
+                    let cols = block_cols.min(j1 * g - c0);
+                    acc.clear();
+                    acc.resize(m * cols, 0.0);
+                    let cx = Columns {
+                        w: w.packed,
+                        row_bytes,
+                        kdim,
+                        c0,
+                        cols,
+                        g,
+                        groups,
+                        xt,
+                        m,
+                    };
+                    // SAFETY: features checked above; `cx` was sized against the slices.
+                    unsafe { columns::<S, BITS>(&cx, scales, biases, sb, acc) };
+                    for r in 0..m {
+                        for (i, &v) in acc[r * cols..(r + 1) * cols].iter().enumerate() {
+                            let col = c0 + i / 32 * 32 + lane_column(BITS, i % 32);
+                            // SAFETY: task `t` alone owns columns j0·g..j1·g of every row.
+                            unsafe { writer.write(r * n + col, O::from_f32(v)) };
+                        }
+                    }
+                    c0 += cols;
+                }
+            });
+        });
+    });
+    Ok(())
+}
+
+/// One column block of one task.
+struct Columns<'a> {
+    w: &'a [u8],
+    row_bytes: usize,
+    kdim: usize,
+    /// First column and column count (multiples of g, `cols ≤ BLOCK_COLS`).
+    c0: usize,
+    cols: usize,
+    g: usize,
+    groups: usize,
+    xt: &'a [f32],
+    m: usize,
+}
+
+/// Accumulates `acc[r·cols + lane]` (permuted per chunk) for every row of x over all of K.
+///
+/// # Safety
+/// The CPU must support the features of [`available`](super::x86::available).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn columns<S: Element, const BITS: usize>(
+    cx: &Columns<'_>,
+    scales: &[S],
+    biases: &[S],
+    sb: &mut [f32],
+    acc: &mut [f32],
+) {
+    let (kdim, cols, m) = (cx.kdim, cx.cols, cx.m);
+    let chunks = cols / 32;
+    if chunks > 16
+        || cx.w.len() < kdim * cx.row_bytes
+        || (cx.c0 + cols) / 8 * BITS > cx.row_bytes
+        || cx.xt.len() < m * kdim
+        || acc.len() < m * cols
+        || sb.len() < K_BLOCK * 32
+    {
+        return;
+    }
+    let consts = Consts::new::<BITS>();
+    let prefetch = PREFETCH_ROWS * cx.row_bytes;
+    for k0 in (0..kdim).step_by(K_BLOCK) {
+        let rows = K_BLOCK.min(kdim - k0);
+        // SAFETY: scales and biases hold kdim·groups elements; the group range lies in a row.
+        unsafe {
+            widen_block(
+                scales,
+                biases,
+                cx.groups,
+                cx.g,
+                cx.c0 / cx.g,
+                chunks,
+                k0,
+                &mut sb[..rows * 32],
+            )
+        };
+        for r0 in (0..m).step_by(ROWS) {
+            let r = ROWS.min(m - r0);
+            let t = Tile {
+                // Row k0, the block's first chunk: c0/32 chunks of 4·BITS bytes in.
+                w: cx.w[k0 * cx.row_bytes + cx.c0 / 8 * BITS..].as_ptr(),
+                row_bytes: cx.row_bytes,
+                rows,
+                prefetch,
+                sb: sb.as_ptr(),
+                xt: cx.xt[r0 * kdim + k0 * r..].as_ptr(),
+                acc: acc[r0 * cols..].as_mut_ptr(),
+                acc_stride: cols,
+            };
+            // SAFETY: rows k0..k0 + rows of W, the block's chunks of each (checked against
+            // row_bytes above), sb's `rows` rows, x rows r0..r0 + r from k0 and accumulator
+            // rows r0..r0 + r are all in bounds and this task's alone.
+            unsafe { block_rows::<BITS>(r, &t, chunks, &consts) };
+        }
+    }
+}
