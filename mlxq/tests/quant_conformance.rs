@@ -3,13 +3,19 @@
 //! Fixtures (`tests/fixtures/`, see `tools/README.md`): `mlx-0.32.4-cpu/` made by MLX's CPU
 //! backend (`tools/gen_fixtures.py`), `mlx-0.32.4-cuda/` by its CUDA kernels (the GPU flavour;
 //! no 1-bit there, as MLX's CUDA build lacks it: the GPU 1-bit rule is checked on hand-computed
-//! cases instead). Each fixture test walks every configuration and case, collects every
-//! mismatch, and fails once with a report of all of them.
+//! cases instead). Each fixture test walks every CPU kernel variant
+//! ([`mlxq::backend::cpu::VARIANTS`]), configuration and case, collects every mismatch, and
+//! fails once with a report of all of them; it also checks that each variant's own kernel ran
+//! wherever this machine supports it. `avx512_matches_generic_bit_for_bit` compares the
+//! variants with each other on random and adversarial groups (ties, constants, huge, tiny,
+//! non-finite), for every width, group size, dtype and flavour.
 
 mod common;
 
 use common::{Case, Config};
+use mlxq::backend::cpu::{self as cpu_backend, VARIANTS};
 use mlxq::quant::pack::read_code;
+use mlxq::registry::{KernelKey, OpKind};
 use mlxq::{ops, Buffer, CommandEncoder, DType, Device, Flavour, QuantSpec, QuantizedWeight};
 use ops::DequantizeOptions;
 use proptest::prelude::*;
@@ -18,6 +24,44 @@ use rand::{Rng, SeedableRng};
 
 fn enc() -> CommandEncoder {
     Device::cpu().encoder()
+}
+
+/// An encoder on a CPU device that prefers kernel `variant`.
+fn variant_enc(variant: &str) -> CommandEncoder {
+    Device::cpu_with_variant(variant)
+        .expect("a listed variant")
+        .encoder()
+}
+
+/// The kernel key `ops::quantize` (or `ops::dequantize`, with `output`) builds.
+fn key(op: OpKind, spec: QuantSpec, dtype: DType, output: DType, flavour: Flavour) -> KernelKey {
+    KernelKey {
+        op,
+        mode: spec.mode(),
+        bits: spec.bits(),
+        group_size: spec.group_size(),
+        input: if op == OpKind::Quantize {
+            dtype
+        } else {
+            DType::U32
+        },
+        scales: dtype,
+        output,
+        flag: flavour == Flavour::Gpu,
+        variant: mlxq::registry::AUTO,
+    }
+}
+
+/// `None` if `enc` last ran `variant`'s kernel (or, where this machine's `variant` does not
+/// support `key`, the generic one); else what ran instead.
+fn wrong_kernel(enc: &CommandEncoder, variant: &str, key: &KernelKey) -> Option<String> {
+    let want = if cpu_backend::supports(variant, key) {
+        variant
+    } else {
+        "generic"
+    };
+    let ran = enc.last_kernel().unwrap_or("nothing");
+    (!ran.ends_with(&format!("_{want}"))).then(|| format!("ran {ran}, want the {want} kernel"))
 }
 
 /// Fails with every collected mismatch (the first few in full) if there are any.
@@ -42,14 +86,31 @@ fn group_inputs(input: &[f32], g: usize, group: usize) -> String {
     format!("{:?}", &input[group * g..(group + 1) * g])
 }
 
-/// `ops::quantize` of one MLX case with the fixture's flavour; a report of each tensor
-/// (scales, biases, packed) that is not byte-identical to MLX's, or `None`.
-fn check_quantize(cfg: &Config, case: &Case) -> Option<String> {
-    let ctx = format!("{} {} ({:?})", cfg.tag, case.name, case.input.shape());
-    let qw = match ops::quantize(&mut enc(), &case.input, cfg.spec, cfg.flavour) {
+/// `ops::quantize` of one MLX case with the fixture's flavour on kernel `variant`; a report
+/// of each tensor (scales, biases, packed) that is not byte-identical to MLX's, or of the
+/// wrong kernel running, or `None`.
+fn check_quantize(variant: &str, cfg: &Config, case: &Case) -> Option<String> {
+    let ctx = format!(
+        "{variant}: {} {} ({:?})",
+        cfg.tag,
+        case.name,
+        case.input.shape()
+    );
+    let mut enc = variant_enc(variant);
+    let qw = match ops::quantize(&mut enc, &case.input, cfg.spec, cfg.flavour) {
         Ok(qw) => qw,
         Err(e) => return Some(format!("{ctx}: quantize failed: {e}")),
     };
+    let k = key(
+        OpKind::Quantize,
+        cfg.spec,
+        case.input.dtype(),
+        DType::U32,
+        cfg.flavour,
+    );
+    if let Some(e) = wrong_kernel(&enc, variant, &k) {
+        return Some(format!("{ctx}: {e}"));
+    }
     let input = case.input.to_f32_vec().expect("float input");
     let (bits, g) = (cfg.spec.bits(), cfg.spec.group_size() as usize);
     let mut report = Vec::new();
@@ -92,18 +153,29 @@ fn check_quantize(cfg: &Config, case: &Case) -> Option<String> {
     (!report.is_empty()).then(|| format!("{ctx}:\n{}", report.join("\n")))
 }
 
-/// `ops::dequantize` of MLX's quantized tensors with the fixture's flavour against MLX's own
-/// dequantization.
-fn check_dequantize(cfg: &Config, case: &Case) -> Option<String> {
-    let ctx = format!("{} {} ({:?})", cfg.tag, case.name, case.input.shape());
+/// `ops::dequantize` of MLX's quantized tensors with the fixture's flavour on kernel
+/// `variant` against MLX's own dequantization.
+fn check_dequantize(variant: &str, cfg: &Config, case: &Case) -> Option<String> {
+    let ctx = format!(
+        "{variant}: {} {} ({:?})",
+        cfg.tag,
+        case.name,
+        case.input.shape()
+    );
     let opts = DequantizeOptions {
         dtype: None,
         flavour: cfg.flavour,
     };
-    let got = match ops::dequantize(&mut enc(), &case.weight(cfg.spec), opts) {
+    let mut enc = variant_enc(variant);
+    let got = match ops::dequantize(&mut enc, &case.weight(cfg.spec), opts) {
         Ok(b) => b,
         Err(e) => return Some(format!("{ctx}: dequantize failed: {e}")),
     };
+    let dtype = case.scales.dtype();
+    let k = key(OpKind::Dequantize, cfg.spec, dtype, dtype, cfg.flavour);
+    if let Some(e) = wrong_kernel(&enc, variant, &k) {
+        return Some(format!("{ctx}: {e}"));
+    }
     if (got.dtype(), got.shape()) != (case.dequant.dtype(), case.dequant.shape()) {
         return Some(format!(
             "{ctx}: got {} {:?}, want {} {:?}",
@@ -126,13 +198,16 @@ fn check_dequantize(cfg: &Config, case: &Case) -> Option<String> {
     ))
 }
 
-/// Runs `check` on every case of every configuration of `flavour`'s fixtures.
-fn check_fixtures(flavour: Flavour, what: &str, check: fn(&Config, &Case) -> Option<String>) {
+/// Runs `check` with every kernel variant on every case of every configuration of
+/// `flavour`'s fixtures.
+fn check_fixtures(flavour: Flavour, what: &str, check: fn(&str, &Config, &Case) -> Option<String>) {
     let (mut checked, mut failures) = (0, Vec::new());
     for cfg in common::configs(flavour) {
         for case in cfg.cases() {
-            checked += 1;
-            failures.extend(check(&cfg, &case));
+            for variant in VARIANTS {
+                checked += 1;
+                failures.extend(check(variant, &cfg, &case));
+            }
         }
     }
     assert_none(&format!("{what} ({flavour} flavour)"), checked, failures);
@@ -516,4 +591,304 @@ proptest! {
         let checked = check_error_bound(&w, &qw, &deq);
         prop_assert!(checked.is_ok(), "{} {} {} bits g{}: {}", flavour, dtype, bits, g, checked.unwrap_err());
     }
+}
+
+/// Kinds of groups [`adversarial_group`] makes.
+const GROUP_KINDS: usize = 14;
+
+/// Fills `out` (one group) with values of `kind`, chosen to stress `bits`-wide codes: exact
+/// ties of `(w − b)/s` (multiples of `s/2` on a grid whose step is the scale), values one ulp
+/// off such ties, coarse grids (bf16-like), constants, signed zeros, one-signed groups, huge
+/// and tiny magnitudes, outliers, and non-finite values.
+fn adversarial_group(rng: &mut StdRng, kind: usize, bits: u32, out: &mut [f32]) {
+    let n = (1u32 << bits) - 1;
+    let normal = |rng: &mut StdRng| (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>();
+    let magnitude = 10f32.powi(rng.gen_range(-3..=3));
+    // A grid of step `c` from 0 to n·c: s = c exactly, and odd multiples of c/2 are ties.
+    let c = 2f32.powi(rng.gen_range(-8..=8));
+    let shift = c * rng.gen_range(-(n as i32)..=n as i32) as f32;
+    let ties = |rng: &mut StdRng, out: &mut [f32]| {
+        for v in out.iter_mut() {
+            *v = c * rng.gen_range(0..=2 * n) as f32 / 2.0 + shift;
+        }
+        out[0] = shift;
+        out[1] = c * n as f32 + shift;
+    };
+    match kind {
+        0 => out.iter_mut().for_each(|v| *v = normal(rng) * magnitude),
+        1 => ties(rng, out),
+        2 => {
+            // Ties, then every value nudged one ulp (or not).
+            ties(rng, out);
+            for v in out.iter_mut().skip(2) {
+                *v = match rng.gen_range(0..3) {
+                    0 => f32::from_bits(v.to_bits().wrapping_add(1)),
+                    1 => f32::from_bits(v.to_bits().wrapping_sub(1)),
+                    _ => *v,
+                };
+            }
+        }
+        3 => {
+            let e = 2f32.powi(rng.gen_range(-12..=4));
+            out.iter_mut()
+                .for_each(|v| *v = rng.gen_range(-64i32..=64) as f32 * e);
+        }
+        4 => out.fill(normal(rng) * magnitude),
+        5 => out
+            .iter_mut()
+            .for_each(|v| *v = if rng.gen_bool(0.5) { -0.0 } else { 0.0 }),
+        6 => out
+            .iter_mut()
+            .for_each(|v| *v = -(normal(rng).abs() + 0.25) * magnitude),
+        7 => out
+            .iter_mut()
+            .for_each(|v| *v = (normal(rng).abs() + 0.25) * magnitude),
+        8 => {
+            let big = [1e30f32, 1e37, 3e38][rng.gen_range(0..3)];
+            out.iter_mut().for_each(|v| *v = normal(rng) * big / 4.0);
+        }
+        9 => {
+            let tiny = [1e-6f32, 1e-30, 1e-38, 1e-42][rng.gen_range(0..4)];
+            out.iter_mut().for_each(|v| *v = normal(rng) * tiny);
+        }
+        10 => {
+            out.iter_mut().for_each(|v| *v = normal(rng) * 1e-3);
+            let i = rng.gen_range(0..out.len());
+            out[i] = normal(rng) * 1e3;
+        }
+        11 => {
+            out.iter_mut().for_each(|v| *v = normal(rng));
+            let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+            for _ in 0..rng.gen_range(1..4) {
+                let i = rng.gen_range(0..out.len());
+                out[i] = special[rng.gen_range(0..3)];
+            }
+            if rng.gen_bool(0.2) {
+                out.fill(f32::NAN);
+            }
+        }
+        12 => {
+            let (lo, hi) = (normal(rng) * magnitude, normal(rng) * magnitude);
+            out.iter_mut()
+                .for_each(|v| *v = if rng.gen_bool(0.5) { lo } else { hi });
+        }
+        _ => {
+            // NaN elements in an otherwise ordinary group (the group's scale stays finite).
+            out.iter_mut().for_each(|v| *v = normal(rng) * magnitude);
+            for _ in 0..rng.gen_range(1..4) {
+                let i = rng.gen_range(0..out.len());
+                out[i] = f32::NAN;
+            }
+        }
+    }
+}
+
+/// `groups` adversarial groups of `g` values: pairs of batches of 16 groups, one batch all of
+/// one kind and one of random kinds, then a partial batch.
+fn adversarial_values(rng: &mut StdRng, groups: usize, g: usize, bits: u32) -> Vec<f32> {
+    let mut v = vec![0f32; groups * g];
+    for (i, group) in v.chunks_exact_mut(g).enumerate() {
+        let batch = i / 16;
+        let kind = if batch % 2 == 0 {
+            batch / 2 % GROUP_KINDS
+        } else {
+            rng.gen_range(0..GROUP_KINDS)
+        };
+        adversarial_group(rng, kind, bits, group);
+    }
+    v
+}
+
+/// The first group whose bytes differ between two buffers of `per_group` bytes per group.
+fn first_group_differing(a: &Buffer, b: &Buffer, per_group: usize) -> Option<usize> {
+    let (a, b) = (a.bytes(), b.bytes());
+    if a.len() != b.len() {
+        return Some(0);
+    }
+    (0..a.len() / per_group)
+        .find(|&i| a[i * per_group..(i + 1) * per_group] != b[i * per_group..(i + 1) * per_group])
+}
+
+/// The avx512 kernels give the generic kernels' bytes exactly: quantize (packed, scales,
+/// biases) for every width, group size, input dtype and flavour on adversarial groups, and
+/// dequantize of the result to every output dtype. Also checks that the avx512 kernel ran
+/// wherever this machine supports it (else this compares generic with itself and says so).
+#[test]
+fn avx512_matches_generic_bit_for_bit() {
+    let mut rng = StdRng::seed_from_u64(0x5eed_a512);
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    let mut ran_avx512 = 0;
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for bits in [1u32, 2, 3, 4, 5, 6, 8] {
+            for g in [32usize, 64, 128] {
+                let spec = QuantSpec::affine(bits, g as u32).unwrap();
+                // g = 32 spans several parallel tasks (1024 groups each) too.
+                let groups = if g == 32 { 3 * 695 } else { 3 * 151 };
+                let v = adversarial_values(&mut rng, groups, g, bits);
+                let w = Buffer::from_f32(&v, dtype, &[groups / 3, 3 * g]).unwrap();
+                for flavour in [Flavour::Cpu, Flavour::Gpu] {
+                    let ctx = format!("{dtype} {spec} {flavour}");
+                    checked += 1;
+                    let mut fast = variant_enc("avx512");
+                    let got = ops::quantize(&mut fast, &w, spec, flavour).unwrap();
+                    let k = key(OpKind::Quantize, spec, dtype, DType::U32, flavour);
+                    if let Some(e) = wrong_kernel(&fast, "avx512", &k) {
+                        failures.push(format!("{ctx}: quantize {e}"));
+                    }
+                    ran_avx512 +=
+                        usize::from(fast.last_kernel().is_some_and(|n| n.ends_with("_avx512")));
+                    let want =
+                        ops::quantize(&mut variant_enc("generic"), &w, spec, flavour).unwrap();
+                    let scale_bytes = dtype.size();
+                    for (what, a, b, per_group) in [
+                        ("packed", want.packed(), got.packed(), g / 8 * bits as usize),
+                        ("scales", want.scales(), got.scales(), scale_bytes),
+                        (
+                            "biases",
+                            want.biases().unwrap(),
+                            got.biases().unwrap(),
+                            scale_bytes,
+                        ),
+                    ] {
+                        if let Some(i) = first_group_differing(a, b, per_group) {
+                            failures.push(format!(
+                                "{ctx}: quantize {what} differ first at group {i}: want {:?} \
+                                 got {:?}, scale {} / {}, bias {} / {}; group {:?}",
+                                &a.bytes()[i * per_group..(i + 1) * per_group],
+                                &b.bytes()[i * per_group..(i + 1) * per_group],
+                                common::show(want.scales(), i),
+                                common::show(got.scales(), i),
+                                common::show(want.biases().unwrap(), i),
+                                common::show(got.biases().unwrap(), i),
+                                &w.to_f32_vec().unwrap()[i * g..(i + 1) * g],
+                            ));
+                        }
+                    }
+                    for out in [None, Some(DType::F32), Some(DType::F16), Some(DType::BF16)] {
+                        checked += 1;
+                        let opts = DequantizeOptions {
+                            dtype: out,
+                            flavour,
+                        };
+                        let mut fast = variant_enc("avx512");
+                        let got = ops::dequantize(&mut fast, &want, opts).unwrap();
+                        let k = key(
+                            OpKind::Dequantize,
+                            spec,
+                            dtype,
+                            out.unwrap_or(dtype),
+                            flavour,
+                        );
+                        if let Some(e) = wrong_kernel(&fast, "avx512", &k) {
+                            failures.push(format!("{ctx} -> {out:?}: dequantize {e}"));
+                        }
+                        let expect =
+                            ops::dequantize(&mut variant_enc("generic"), &want, opts).unwrap();
+                        if let Some(i) = common::first_difference(&expect, &got) {
+                            failures.push(format!(
+                                "{ctx} -> {out:?}: dequantize differs first at {i}: want {} got {}",
+                                common::show(&expect, i),
+                                common::show(&got, i),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if ran_avx512 == 0 {
+        eprintln!("avx512 kernels not supported here: compared generic with itself");
+    }
+    assert_none("avx512 vs generic", checked, failures);
+}
+
+/// The first element where `got` differs from `want`, counting any NaN equal to any NaN.
+///
+/// Which NaN an operation on a NaN operand returns is left open by IEEE 754 and by Rust
+/// (LLVM may swap the operands of `a + b`): the generic kernel's own NaN bits are a choice of
+/// the compiler, not a contract.
+fn first_difference_nan_eq(want: &Buffer, got: &Buffer) -> Option<usize> {
+    let (w, g) = (want.to_f32_vec().unwrap(), got.to_f32_vec().unwrap());
+    assert_eq!(w.len(), g.len());
+    (0..w.len()).find(|&i| w[i].to_bits() != g[i].to_bits() && !(w[i].is_nan() && g[i].is_nan()))
+}
+
+/// Dequantize with adversarial scales and biases (signed zeros, subnormals, huge, ±∞, NaN)
+/// and random codes: the avx512 kernel gives the generic kernel's bytes for every output
+/// dtype, width, group size and flavour, except that a NaN may be another NaN (see
+/// [`first_difference_nan_eq`]).
+#[test]
+fn avx512_dequantize_matches_generic_on_special_scales() {
+    let mut rng = StdRng::seed_from_u64(0xdec0de);
+    let specials = [
+        0.0f32,
+        -0.0,
+        1e-40,
+        -3e-39,
+        6e-8,
+        1e-5,
+        65504.0,
+        3e38,
+        -3e38,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ];
+    let pick = |rng: &mut StdRng| {
+        if rng.gen_bool(0.3) {
+            specials[rng.gen_range(0..specials.len())]
+        } else {
+            rng.gen_range(-2.0f32..2.0) * 10f32.powi(rng.gen_range(-4..=4))
+        }
+    };
+    let (mut checked, mut failures) = (0, Vec::new());
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for bits in [1u32, 2, 3, 4, 5, 6, 8] {
+            for g in [32usize, 64, 128] {
+                let spec = QuantSpec::affine(bits, g as u32).unwrap();
+                let (rows, cols) = (37, 2 * g);
+                let groups = rows * cols / g;
+                let words: Vec<u32> = (0..rows * cols * bits as usize / 32)
+                    .map(|_| rng.gen())
+                    .collect();
+                let s: Vec<f32> = (0..groups).map(|_| pick(&mut rng)).collect();
+                let b: Vec<f32> = (0..groups).map(|_| pick(&mut rng)).collect();
+                let qw = QuantizedWeight::new(
+                    Buffer::from_slice(&words, &[rows, cols * bits as usize / 32]).unwrap(),
+                    Buffer::from_f32(&s, dtype, &[rows, cols / g]).unwrap(),
+                    Some(Buffer::from_f32(&b, dtype, &[rows, cols / g]).unwrap()),
+                    spec,
+                )
+                .unwrap();
+                for flavour in [Flavour::Cpu, Flavour::Gpu] {
+                    for out in [DType::F32, DType::F16, DType::BF16] {
+                        checked += 1;
+                        let ctx = format!("{dtype} {spec} {flavour} -> {out}");
+                        let opts = DequantizeOptions {
+                            dtype: Some(out),
+                            flavour,
+                        };
+                        let mut fast = variant_enc("avx512");
+                        let got = ops::dequantize(&mut fast, &qw, opts).unwrap();
+                        let k = key(OpKind::Dequantize, spec, dtype, out, flavour);
+                        if let Some(e) = wrong_kernel(&fast, "avx512", &k) {
+                            failures.push(format!("{ctx}: {e}"));
+                        }
+                        let want = ops::dequantize(&mut variant_enc("generic"), &qw, opts).unwrap();
+                        if let Some(i) = first_difference_nan_eq(&want, &got) {
+                            failures.push(format!(
+                                "{ctx}: first difference at {i}: want {} got {}; scale {} bias {}",
+                                common::show(&want, i),
+                                common::show(&got, i),
+                                s[i / g],
+                                b[i / g],
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_none("avx512 vs generic dequantize", checked, failures);
 }

@@ -28,9 +28,18 @@ pub fn quantize_group(w: &[f32], bits: u32, flavour: Flavour, codes: &mut [u8]) 
         Flavour::Cpu => f32::NEG_INFINITY,
         Flavour::Gpu => 0.0,
     };
-    let (mn, mx) = w.iter().fold((f32::INFINITY, init_max), |(lo, hi), &v| {
-        (lo.min(v), hi.max(v))
-    });
+    // Strict comparisons, as MLX's CPU loop (`std::min`, `std::max`): NaN is skipped, and of
+    // equal values the first stays, so the sign of a zero min (1-bit's bias) is defined, which
+    // `f32::min` leaves to the compiler.
+    let (mut mn, mut mx) = (f32::INFINITY, init_max);
+    for &v in w {
+        if v < mn {
+            mn = v;
+        }
+        if v > mx {
+            mx = v;
+        }
+    }
     let (scale, bias) = if bits == 1 {
         ((mx - mn).max(EPS), mn)
     } else {

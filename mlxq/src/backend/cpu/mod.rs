@@ -14,6 +14,8 @@ pub(crate) mod x86;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_bf16;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_quant;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_qvm;
 
 use crate::error::Result;
@@ -146,6 +148,8 @@ const TABLE: &[Variant] = &[
     x86_bf16::QMM_T_BF16,
     #[cfg(target_arch = "x86_64")]
     x86::QMV_T,
+    #[cfg(target_arch = "x86_64")]
+    x86_quant::QUANT,
     #[cfg(target_arch = "x86_64")]
     x86_qvm::QMV_N,
     GENERIC,
