@@ -594,19 +594,30 @@ proptest! {
 }
 
 /// Kinds of groups [`adversarial_group`] makes.
-const GROUP_KINDS: usize = 14;
+const GROUP_KINDS: usize = 15;
 
 /// Fills `out` (one group) with values of `kind`, chosen to stress `bits`-wide codes: exact
 /// ties of `(w − b)/s` (multiples of `s/2` on a grid whose step is the scale), values one ulp
-/// off such ties, coarse grids (bf16-like), constants, signed zeros, one-signed groups, huge
-/// and tiny magnitudes, outliers, and non-finite values.
+/// off such ties, rounded grids (ties missed by rounding errors), grids far from 0 (large
+/// `|b/s|`), coarse grids (bf16-like), constants, signed zeros, one-signed groups, huge and
+/// tiny magnitudes, outliers, and non-finite values.
 fn adversarial_group(rng: &mut StdRng, kind: usize, bits: u32, out: &mut [f32]) {
     let n = (1u32 << bits) - 1;
     let normal = |rng: &mut StdRng| (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>();
     let magnitude = 10f32.powi(rng.gen_range(-3..=3));
     // A grid of step `c` from 0 to n·c: s = c exactly, and odd multiples of c/2 are ties.
-    let c = 2f32.powi(rng.gen_range(-8..=8));
-    let shift = c * rng.gen_range(-(n as i32)..=n as i32) as f32;
+    // Kind 13 takes a step that is not a power of 2: the grid then rounds, and
+    // (w − b)/s lands within a few ulps of the half-integers instead of on them.
+    let c = 2f32.powi(rng.gen_range(-8..=8))
+        * if kind == 13 {
+            rng.gen_range(1.0f32..2.0)
+        } else {
+            1.0
+        };
+    // Mostly near 0; sometimes far from it, so that |b/s| (a term of the fast path's error)
+    // is large too.
+    let far = [1, 1, 1, 37, 1000][rng.gen_range(0..5)] * n as i32;
+    let shift = c * rng.gen_range(-far..=far) as f32;
     let ties = |rng: &mut StdRng, out: &mut [f32]| {
         for v in out.iter_mut() {
             *v = c * rng.gen_range(0..=2 * n) as f32 / 2.0 + shift;
@@ -667,6 +678,7 @@ fn adversarial_group(rng: &mut StdRng, kind: usize, bits: u32, out: &mut [f32]) 
                 out.fill(f32::NAN);
             }
         }
+        13 => ties(rng, out),
         12 => {
             let (lo, hi) = (normal(rng) * magnitude, normal(rng) * magnitude);
             out.iter_mut()

@@ -9,14 +9,15 @@
 //! 2. Reduce the 16 min (max) vectors to one vector of 16 group minima (maxima) by a
 //!    transposing tree of shuffles, then compute scale and bias for the 16 groups with the
 //!    scalar definition's operations lane by lane ([`quantize_group`] is the spec).
-//! 3. Codes. MLX divides, `q = round((w − b) / s)`, and `vdivps` would be the bottleneck. The
-//!    fast pass multiplies by `r = RN(1/s)` instead: `q̃ = RN(RN(w − b)·r)` differs from the
-//!    true `d = RN(RN(w − b)/s)` by at most `3.01·2⁻²⁴·|q̃| + 2⁻¹⁴⁹`, and `clamp(round(·), 0, n)`
-//!    only changes value at half-integers, so wherever `q̃` is farther than that from every
-//!    half-integer, rounding `q̃` (any tie rule) gives exactly MLX's code. Each 64 codes
-//!    keep `max |q̃ − rint(q̃)|` (`vreduceps`, `vrangeps`); if it reaches
-//!    `0.5 − 2⁻²²·M − 2⁻²⁴` (`M` bounds `|q̃|` over the batch), those 64 are redone with true
-//!    divisions and the flavour's tie rule. Random f32 weights need that for about 1% of
+//! 3. Codes. MLX divides, `q = round(RN(w − b) / s)`, and `vdivps` would be the bottleneck.
+//!    The fast pass uses one FMA instead: `q̃ = RN(w·r + c)` with `r = RN(1/s)` and
+//!    `c = RN(−b·r)`. With `Q = (w − b)/s`, `B = b/s` and `u = 2⁻²⁴`, `q̃` and MLX's
+//!    `d = RN(RN(w − b)/s)` differ by at most `4.01u·|Q| + 1.01u·|B| + 2⁻¹⁴⁹`, and
+//!    `clamp(round(·), 0, n)` only changes value at half-integers, so wherever `q̃` is farther
+//!    than that from every half-integer, rounding `q̃` (any tie rule) gives exactly MLX's code.
+//!    Each 64 codes keep `max |q̃ − rint(q̃)|` (`vreduceps`, `vrangeps`); if it reaches
+//!    `0.5 − 2⁻²¹·M − 2⁻²⁴` (`M` bounds `|Q| + |B|` over the batch), those 64 are redone with
+//!    true divisions and the flavour's tie rule. Random f32 weights need that for about 1% of
 //!    blocks; bf16 weights, whose values sit on a coarse grid, produce exact ties (`k + ½`)
 //!    far more often (about 6% of blocks of random bf16 values).
 //! 4. Pack 64 codes at a time: two saturating packs (`vpackusdw`, `vpackuswb`) clamp below at
@@ -76,8 +77,6 @@ pub(crate) fn available() -> bool {
 const BATCH: usize = 16;
 /// Groups per parallel task (a multiple of [`BATCH`]).
 const TASK_GROUPS: usize = 64 * BATCH;
-/// How many batches ahead the codes pass prefetches the input.
-const PREFETCH_BATCHES: usize = 2;
 /// Largest group size, in vectors of 16.
 const MAX_VPG: usize = 8;
 
@@ -184,6 +183,10 @@ struct Groups<'a, T> {
 /// Quantizes every group of `t` (groups of `16·VPG` elements), 16 at a time. Does nothing if
 /// the slice lengths disagree (they never do; the check keeps the raw accesses in bounds).
 ///
+/// Software-pipelined: batch `i + 1` is widened and gets its scales (a chain of dependent
+/// divisions and shuffles) before batch `i`'s codes are computed, so that the out-of-order
+/// core overlaps that chain, and the loads, with the codes of the batch before.
+///
 /// # Safety
 /// The CPU must support [`available`]'s features.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
@@ -197,62 +200,103 @@ unsafe fn quantize_groups<T: Float, const BITS: usize, const VPG: usize>(
     if t.w.len() != groups * g || t.packed.len() != groups * gb || t.biases.len() != groups {
         return;
     }
-    let mut buf = [_mm512_setzero_ps(); BATCH * MAX_VPG];
-    for b0 in (0..groups).step_by(BATCH) {
-        let count = (groups - b0).min(BATCH);
-        let batch = Groups {
-            w: &t.w[b0 * g..(b0 + count) * g],
-            packed: &mut t.packed[b0 * gb..(b0 + count) * gb],
-            scales: &mut t.scales[b0..b0 + count],
-            biases: &mut t.biases[b0..b0 + count],
+    let mut bufs = [[_mm512_setzero_ps(); BATCH * MAX_VPG]; 2];
+    let mut pending: Option<Prepared> = None;
+    let batches = groups.div_ceil(BATCH);
+    for i in 0..=batches {
+        let (a, b) = bufs.split_at_mut(1);
+        let (cur, prev) = if i % 2 == 0 {
+            (&mut a[0], &b[0])
+        } else {
+            (&mut b[0], &a[0])
         };
-        // Two batches ahead (possibly past the end: prefetches do not fault).
-        let ahead =
-            t.w.as_ptr()
-                .wrapping_add((b0 + PREFETCH_BATCHES * BATCH) * g) as *const u8;
-        // SAFETY: the CPU features are this function's contract; `batch` holds `count ≤ 16`
-        // whole groups of `16·VPG` elements, and `buf` room for 16 groups of up to 128.
-        unsafe { quantize_batch::<T, BITS, VPG>(batch, flavour, &mut buf, ahead) };
+        let next = (i < batches).then(|| {
+            let (b0, count) = (i * BATCH, (groups - i * BATCH).min(BATCH));
+            // SAFETY: the CPU features are this function's contract; the slices hold `count`
+            // whole groups.
+            unsafe {
+                prepare_batch::<T, BITS, VPG>(
+                    &t.w[b0 * g..(b0 + count) * g],
+                    flavour,
+                    cur,
+                    &mut t.scales[b0..b0 + count],
+                    &mut t.biases[b0..b0 + count],
+                )
+            }
+        });
+        if let Some(p) = pending.take() {
+            let (b0, count) = ((i - 1) * BATCH, p.count);
+            // Prefetch the batch after the one just prepared (past the end: no fault).
+            let ahead = t.w.as_ptr().wrapping_add((b0 + 2 * BATCH) * g) as *const u8;
+            let batch = Groups {
+                w: &t.w[b0 * g..(b0 + count) * g],
+                packed: &mut t.packed[b0 * gb..(b0 + count) * gb],
+                scales: &mut t.scales[b0..b0 + count],
+                biases: &mut t.biases[b0..b0 + count],
+            };
+            // SAFETY: as above; `prev` holds this batch's widened values.
+            unsafe { finish_batch::<T, BITS, VPG>(&p, batch, flavour, prev, ahead) };
+        }
+        pending = next;
     }
 }
 
-/// Scale, bias and the fast pass's reciprocal of the 16 groups of a batch, lane `j` for group `j`.
+/// A batch after [`prepare_batch`]: what [`finish_batch`] needs.
+struct Prepared {
+    /// Groups in the batch (≤ 16).
+    count: usize,
+    /// Scale, bias and the fast pass's constants, lane `j` for group `j`.
+    p: Params,
+    /// The near-tie threshold (module docs).
+    thr: f32,
+    /// Every code by division: the fast pass's bound is too loose for this batch.
+    exact: bool,
+    /// Groups for [`quantize_group`] itself.
+    fix: __mmask16,
+}
+
+/// Scale, bias and the fast pass's constants of the 16 groups of a batch, lane `j` for group
+/// `j`.
 struct Params {
     s: [f32; BATCH],
     b: [f32; BATCH],
     r: [f32; BATCH],
+    /// `RN(−b·r)`: the fast pass computes `RN(w·r + c)` in one FMA.
+    c: [f32; BATCH],
 }
 
-/// Quantizes one batch of `count = b.scales.len() ≤ 16` groups of `16·VPG` elements.
+/// Pass 1 of a batch of `count = scales.len() ≤ 16` groups of `16·VPG` elements `w`: widens
+/// them into `buf`, computes and stores the scales and biases (rounded to `T`).
 ///
 /// # Safety
-/// The CPU must support [`available`]'s features; `b` must hold `count ≤ 16` whole groups
-/// (`w`: `count·16·VPG` elements, `packed`: `count·2·VPG·BITS` bytes, `biases`: `count`).
+/// The CPU must support [`available`]'s features; `w` must hold `count·16·VPG` elements and
+/// `biases` `count`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
-unsafe fn quantize_batch<T: Float, const BITS: usize, const VPG: usize>(
-    b: Groups<'_, T>,
+unsafe fn prepare_batch<T: Float, const BITS: usize, const VPG: usize>(
+    w: &[T],
     flavour: Flavour,
     buf: &mut [__m512; BATCH * MAX_VPG],
-    ahead: *const u8,
-) {
-    let count = b.scales.len();
+    scales: &mut [T],
+    biases: &mut [T],
+) -> Prepared {
+    let count = scales.len();
     let init_max = match flavour {
         Flavour::Cpu => f32::NEG_INFINITY,
         Flavour::Gpu => 0.0,
     };
-    // Pass 1: widen into `buf`, per-group min and max vectors. Absent groups stay at 0.
+    // Widen into `buf`, per-group min and max vectors. Absent groups stay at 0.
     let mut lo = [_mm512_setzero_ps(); BATCH];
     let mut hi = [_mm512_setzero_ps(); BATCH];
-    let w = b.w.as_ptr();
+    let w = w.as_ptr();
     for j in 0..count {
         let (mut l, mut h) = (_mm512_set1_ps(f32::INFINITY), _mm512_set1_ps(init_max));
-        for v in 0..VPG {
-            // SAFETY: element (j·VPG + v)·16 + 15 < count·16·VPG = w.len() (contract).
-            let x = unsafe { load16::<T>(w.add((j * VPG + v) * 16)) };
-            buf[j * VPG + v] = x;
+        for v in (0..VPG).step_by(2) {
+            // SAFETY: element (j·VPG + v + 1)·16 + 15 < count·16·VPG = w.len() (contract).
+            let (x, y) = unsafe { load32::<T>(w.add((j * VPG + v) * 16)) };
+            (buf[j * VPG + v], buf[j * VPG + v + 1]) = (x, y);
             // `x` first: where it is NaN, the instructions return the accumulator.
-            l = _mm512_min_ps(x, l);
-            h = _mm512_max_ps(x, h);
+            l = _mm512_min_ps(y, _mm512_min_ps(x, l));
+            h = _mm512_max_ps(y, _mm512_max_ps(x, h));
         }
         lo[j] = l;
         hi[j] = h;
@@ -261,50 +305,73 @@ unsafe fn quantize_batch<T: Float, const BITS: usize, const VPG: usize>(
     let mx = reduce16::<true>(&hi);
     let (s, bias) = group_params::<BITS>(mn, mx, flavour);
     let valid: __mmask16 = ((1u32 << count) - 1) as __mmask16;
-    // Lanes the vector passes cannot do exactly: redone by the scalar definition below.
+    // Lanes the vector passes cannot do exactly: redone by the scalar definition.
     let mut bad = _mm512_fpclass_ps_mask::<0x99>(s) | _mm512_fpclass_ps_mask::<0x99>(bias);
     if BITS == 1 {
         bad |= _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(mn, _mm512_setzero_ps());
     }
     let good = valid & !bad;
     let r = _mm512_div_ps(_mm512_set1_ps(1.0), s);
-    // M ≥ |q̃| for every element: RN is monotone, so |RN(w − b)| peaks at the min or the max.
+    let c = neg(_mm512_mul_ps(bias, r));
+    // M ≥ |(w − b)/s|·(1 − 3u) + |b/s|·(1 − 2u) for every element: |w − b| peaks at the min
+    // or the max, and RN is monotone.
     let reach = _mm512_max_ps(abs(_mm512_sub_ps(mx, bias)), abs(_mm512_sub_ps(mn, bias)));
-    let m_lanes = _mm512_mul_ps(reach, abs(r));
+    let m_lanes = _mm512_add_ps(_mm512_mul_ps(reach, abs(r)), abs(c));
     let m = _mm512_mask_reduce_max_ps(good, m_lanes);
-    // A scale ≥ 2¹⁰⁰ has a subnormal-prone reciprocal; a bound ≥ 2²⁰ leaves no margin.
+    // A scale ≥ 2¹⁰⁰ has a subnormal-prone reciprocal; a bound ≥ 2¹⁹ leaves no margin.
     let huge_scale = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(good, abs(s), _mm512_set1_ps(1e30));
-    let exact = huge_scale != 0 || m.is_nan() || m >= (1u32 << 20) as f32;
+    let exact = huge_scale != 0 || m.is_nan() || m >= (1u32 << 19) as f32;
     let mut p = Params {
         s: [0.0; BATCH],
         b: [0.0; BATCH],
         r: [0.0; BATCH],
+        c: [0.0; BATCH],
     };
-    // SAFETY: each array holds exactly 16 f32.
+    // SAFETY: each array holds exactly 16 f32; `scales` and `biases` hold `count` elements
+    // and the stores are masked to them.
     unsafe {
         _mm512_storeu_ps(p.s.as_mut_ptr(), s);
         _mm512_storeu_ps(p.b.as_mut_ptr(), bias);
         _mm512_storeu_ps(p.r.as_mut_ptr(), r);
+        _mm512_storeu_ps(p.c.as_mut_ptr(), c);
+        store16::<T>(scales.as_mut_ptr(), valid, s);
+        store16::<T>(biases.as_mut_ptr(), valid, bias);
     }
-    // Threshold of the near-tie test (module docs): 0.5 − 2⁻²²·M − 2⁻²⁴, rounded, is still
-    // below 0.5 − 3.02·2⁻²⁴·M − 2⁻¹⁴⁹.
-    let thr = 0.5 - (m * (1.0 / (1u64 << 22) as f32) + 1.0 / (1u64 << 24) as f32);
-    let packed = b.packed.as_mut_ptr();
+    Prepared {
+        count,
+        p,
+        // Threshold of the near-tie test (module docs): 0.5 − 2⁻²¹·M − 2⁻²⁴, rounded, is
+        // still below 0.5 − 4.01·2⁻²⁴·|Q|max − 1.01·2⁻²⁴·|B|max − 2⁻¹⁴⁹.
+        thr: 0.5 - (m * (1.0 / (1u64 << 21) as f32) + 1.0 / (1u64 << 24) as f32),
+        exact,
+        fix: good ^ valid,
+    }
+}
+
+/// Pass 2 of a prepared batch: its codes, packed, then the groups [`quantize_group`] must
+/// redo. Prefetches the input at `ahead` meanwhile.
+///
+/// # Safety
+/// The CPU must support [`available`]'s features; `b` must hold the batch's `p.count` groups
+/// (`packed`: `count·2·VPG·BITS` bytes) and `buf` their widened values.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
+unsafe fn finish_batch<T: Float, const BITS: usize, const VPG: usize>(
+    p: &Prepared,
+    mut b: Groups<'_, T>,
+    flavour: Flavour,
+    buf: &[__m512; BATCH * MAX_VPG],
+    ahead: *const u8,
+) {
+    let (count, packed) = (p.count, b.packed.as_mut_ptr());
     // SAFETY: contract of this function (output sizes) and `count ≤ 16`.
     unsafe {
-        if exact {
-            codes_pass::<T, BITS, VPG, true>(buf, &p, count, thr, flavour, packed, ahead);
+        if p.exact {
+            codes_pass::<T, BITS, VPG, true>(buf, &p.p, count, p.thr, flavour, packed, ahead);
         } else {
-            codes_pass::<T, BITS, VPG, false>(buf, &p, count, thr, flavour, packed, ahead);
+            codes_pass::<T, BITS, VPG, false>(buf, &p.p, count, p.thr, flavour, packed, ahead);
         }
     }
-    // SAFETY: `scales` and `biases` hold `count` elements; the stores are masked to them.
-    unsafe {
-        store16::<T>(b.scales.as_mut_ptr(), valid, s);
-        store16::<T>(b.biases.as_mut_ptr(), valid, bias);
-    }
-    let mut b = b;
-    let mut fix = good ^ valid;
+    let mut fix = p.fix;
     while fix != 0 {
         let j = fix.trailing_zeros() as usize;
         fix &= fix - 1;
@@ -322,9 +389,17 @@ fn scalar_group<T: Float, const BITS: usize, const VPG: usize>(
     let g = 16 * VPG;
     let gb = g / 8 * BITS;
     let mut vals = [0f32; 16 * MAX_VPG];
-    for (v, chunk) in x.iter().zip(vals.chunks_exact_mut(16)) {
+    for (pair, chunk) in x.chunks_exact(2).zip(vals.chunks_exact_mut(32)) {
         // SAFETY: `__m512` and `[f32; 16]` have the same size, and every bit pattern is valid.
-        chunk.copy_from_slice(&unsafe { std::mem::transmute::<__m512, [f32; 16]>(*v) });
+        let [a, b] =
+            [pair[0], pair[1]].map(|v| unsafe { std::mem::transmute::<__m512, [f32; 16]>(v) });
+        for i in 0..16 {
+            if even_odd::<T>() {
+                (chunk[2 * i], chunk[2 * i + 1]) = (a[i], b[i]);
+            } else {
+                (chunk[i], chunk[16 + i]) = (a[i], b[i]);
+            }
+        }
     }
     let mut codes = [0u8; 16 * MAX_VPG];
     let (s, bias) = quantize_group(&vals[..g], BITS as u32, flavour, &mut codes[..g]);
@@ -388,7 +463,7 @@ unsafe fn codes_pass<T: Float, const BITS: usize, const VPG: usize, const EXACT:
     // Each 64 codes read 64·size_of::<T>() input bytes: prefetch as many lines of the input
     // `ahead`, so that a batch's lines are requested while an earlier one computes.
     let lines = std::mem::size_of::<T>();
-    let lut = pack_luts::<BITS>();
+    let lut = pack_luts::<BITS>(even_odd::<T>());
     let thr = _mm512_set1_ps(thr);
     let vectors = count * VPG;
     let mut out = packed;
@@ -397,31 +472,31 @@ unsafe fn codes_pass<T: Float, const BITS: usize, const VPG: usize, const EXACT:
         for l in 0..lines {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add((v0 / 4 * lines + l) * 64) as *const i8);
         }
-        let mut a = [_mm512_setzero_ps(); 4];
         let mut ks = [_mm512_setzero_si512(); 4];
         let mut worst = _mm512_setzero_ps();
-        for t in 0..live {
+        for (t, k) in ks.iter_mut().enumerate().take(live) {
             let (v, j) = (v0 + t, (v0 + t) / VPG);
-            a[t] = _mm512_sub_ps(buf[v], _mm512_set1_ps(p.b[j]));
             if !EXACT {
-                let q = _mm512_mul_ps(a[t], _mm512_set1_ps(p.r[j]));
+                let (r, c) = (_mm512_set1_ps(p.r[j]), _mm512_set1_ps(p.c[j]));
+                let q = _mm512_fmadd_ps(buf[v], r, c);
                 // Signed distance to the nearest integer; keep the largest magnitude.
                 let frac = _mm512_reduce_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
                 worst = _mm512_range_ps::<0b1011>(worst, frac);
-                ks[t] = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                *k = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
                     q,
                 );
             }
         }
         if EXACT || _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(worst, thr) != 0 {
-            for t in 0..live {
-                let s = _mm512_set1_ps(p.s[(v0 + t) / VPG]);
-                ks[t] = round_to_int(_mm512_div_ps(a[t], s), flavour);
+            for (t, k) in ks.iter_mut().enumerate().take(live) {
+                let (v, j) = (v0 + t, (v0 + t) / VPG);
+                let a = _mm512_sub_ps(buf[v], _mm512_set1_ps(p.b[j]));
+                *k = round_to_int(_mm512_div_ps(a, _mm512_set1_ps(p.s[j])), flavour);
             }
         }
         // SAFETY: `live·16` codes → `live·2·BITS` bytes, within the `count` groups' bytes
         // (contract): vectors are consecutive, and so are their bytes.
-        unsafe { pack64::<BITS>(&ks, &lut, out, live * 2 * BITS) };
+        unsafe { pack64::<BITS>(&ks, &lut, even_odd::<T>(), out, live * 2 * BITS) };
         out = out.wrapping_add(8 * BITS);
     }
 }
@@ -526,26 +601,30 @@ fn reduce16<const MAX: bool>(p: &[__m512; 16]) -> __m512 {
     _mm512_permutexvar_ps(idx, f)
 }
 
-/// Index vectors of [`pack64`] for `BITS`: the final `vpermb`, and for odd widths the
-/// `vpermd` that puts dwords in block order.
+/// Index vectors of [`pack64`] for `BITS` and code order: the final `vpermb`, and the
+/// `vpermd` (odd widths, element order) or `vpermb` (even/odd order) before the merges.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn pack_luts<const BITS: usize>() -> (__m512i, __m512i) {
-    let bytes = pack_index(BITS);
-    let dwords: [u32; 16] = std::array::from_fn(|b| (4 * (b % 4) + b / 4) as u32);
+fn pack_luts<const BITS: usize>(even_odd: bool) -> (__m512i, __m512i) {
+    let (last, first) = if even_odd {
+        (pack_index_even_odd(BITS), unshuffle_even_odd())
+    } else {
+        let dwords: [u32; 16] = std::array::from_fn(|b| (4 * (b % 4) + b / 4) as u32);
+        (pack_index(BITS), bytemuck::cast(dwords))
+    };
     // SAFETY: each load reads exactly the 64 bytes of its array.
     unsafe {
         (
-            _mm512_loadu_si512(bytes.as_ptr() as *const __m512i),
-            _mm512_loadu_si512(dwords.as_ptr() as *const __m512i),
+            _mm512_loadu_si512(last.as_ptr() as *const __m512i),
+            _mm512_loadu_si512(first.as_ptr() as *const __m512i),
         )
     }
 }
 
 /// The `vpermb` index gathering packed output bytes from what [`pack64`] has before its last
-/// step. After the two packs, byte `16L + 4v + i` holds element `16v + 4L + i` (`L` a 128-bit
-/// lane, `v` the source vector); after `vpmaddwd`, dword `4L + v` holds the 4-element block
-/// `4v + L`.
+/// step, for codes in element order. After the two packs, byte `16L + 4v + i` holds element
+/// `16v + 4L + i` (`L` a 128-bit lane, `v` the source vector); after `vpmaddwd`, dword
+/// `4L + v` holds the 4-element block `4v + L`.
 const fn pack_index(bits: usize) -> [u8; 64] {
     let mut idx = [0u8; 64];
     let mut o = 0;
@@ -555,6 +634,11 @@ const fn pack_index(bits: usize) -> [u8; 64] {
             (16 * l + 4 * v + i) as u8
         } else if o >= 8 * bits {
             0
+        } else if bits == 4 {
+            // After `vpmaddubsw`, word 8L + 2v + i/2 holds elements 16v + 4L + i, + 1 (i even):
+            // output byte o = 8v + 2L + i/2 is its low byte.
+            let (v, l, h) = (o / 8, (o % 8) / 2, o % 2);
+            (2 * (8 * l + 2 * v + h)) as u8
         } else if bits.is_multiple_of(2) {
             // Block β's 4·bits bits are the low bits/2 bytes of dword 4(β mod 4) + β/4.
             let half = bits / 2;
@@ -569,8 +653,51 @@ const fn pack_index(bits: usize) -> [u8; 64] {
     idx
 }
 
-/// Packs 64 codes (`k[v]` lane `i` = code `16v + i`, as i32) and stores the first `nbytes`
-/// (≤ `8·BITS`) bytes of the bit stream at `out`. Codes are clamped to `0..=2^BITS − 1`.
+/// For codes in even/odd order (vectors: even elements 0–30, odd 1–31, even 32–62, odd
+/// 33–63): the byte of the packed bytes that holds element `e`, at `e`. After the two packs,
+/// byte `16L + 4v + i` holds lane `4L + i` of vector `v`.
+const fn unshuffle_even_odd() -> [u8; 64] {
+    let mut idx = [0u8; 64];
+    let mut e = 0;
+    while e < 64 {
+        let (chunk, w) = (e / 32, e % 32);
+        let (v, lane) = (2 * chunk + w % 2, w / 2);
+        idx[e] = (16 * (lane / 4) + 4 * v + lane % 4) as u8;
+        e += 1;
+    }
+    idx
+}
+
+/// The final `vpermb` index for codes in even/odd order. 8-bit: [`unshuffle_even_odd`] is
+/// the output. 4-bit: qword `γ = 2L + h` of the packed bytes holds elements `32h + 8L + 2i`
+/// (low dword) and `+ 1` (high dword); the merge leaves output byte `i` of those 8 elements
+/// in byte `i` of the qword. Other widths are unshuffled first, then as [`pack_index`] with
+/// dword `β` holding block `β`.
+const fn pack_index_even_odd(bits: usize) -> [u8; 64] {
+    if bits == 8 {
+        return unshuffle_even_odd();
+    }
+    let mut idx = [0u8; 64];
+    let mut o = 0;
+    while o < 8 * bits {
+        idx[o] = if bits == 4 {
+            let e = 2 * o;
+            let (h, w) = (e / 32, e % 32);
+            (8 * (2 * (w / 8) + h) + (w % 8) / 2) as u8
+        } else if bits.is_multiple_of(2) {
+            let half = bits / 2;
+            (4 * (o / half) + o % half) as u8
+        } else {
+            (8 * (o / bits) + o % bits) as u8
+        };
+        o += 1;
+    }
+    idx
+}
+
+/// Packs 64 codes (`k[v]` lane `i` = code `16v + i` as i32, or with `even_odd` the order
+/// [`load32`] gives) and stores the first `nbytes` (≤ `8·BITS`) bytes of the bit stream at
+/// `out`. Codes are clamped to `0..=2^BITS − 1`.
 ///
 /// # Safety
 /// The CPU must support [`available`]'s features; `out` must be valid for `nbytes` bytes.
@@ -579,6 +706,7 @@ const fn pack_index(bits: usize) -> [u8; 64] {
 unsafe fn pack64<const BITS: usize>(
     k: &[__m512i; 4],
     lut: &(__m512i, __m512i),
+    even_odd: bool,
     out: *mut u8,
     nbytes: usize,
 ) {
@@ -592,24 +720,40 @@ unsafe fn pack64<const BITS: usize>(
     } else {
         let n = ((1u32 << BITS) - 1) as i8;
         let bytes = _mm512_min_epu8(bytes, _mm512_set1_epi8(n));
-        // Pairs → words (c0 + c1·2^b), pairs of words → dwords: 4 codes in 4·b bits.
-        let words = _mm512_maddubs_epi16(
-            bytes,
-            _mm512_set1_epi16((1u32 | (1u32 << (BITS + 8))) as i16),
-        );
-        let dwords = _mm512_madd_epi16(
-            words,
-            _mm512_set1_epi32((1u64 | (1u64 << (2 * BITS + 16))) as i32),
-        );
-        if BITS.is_multiple_of(2) {
-            _mm512_permutexvar_epi8(lut.0, dwords)
+        let pair = _mm512_set1_epi16((1u32 | (1u32 << (BITS + 8))) as i16);
+        if even_odd && BITS == 4 {
+            // Each qword: 4 even codes, then the 4 odd ones; odd << 4 into the low dword.
+            let merged = _mm512_or_si512(bytes, _mm512_srli_epi64::<28>(bytes));
+            _mm512_permutexvar_epi8(lut.0, merged)
+        } else if BITS == 4 {
+            // Pairs → words whose low byte is the output byte.
+            _mm512_permutexvar_epi8(lut.0, _mm512_maddubs_epi16(bytes, pair))
         } else {
-            // Odd widths: dwords in block order, then each qword's pair merged to 8·b bits.
-            let d = _mm512_permutexvar_epi32(lut.1, dwords);
-            let hi = _mm512_srlv_epi64(d, _mm512_set1_epi64(32 - 4 * BITS as i64));
-            let low_mask = _mm512_set1_epi64((1i64 << (4 * BITS)) - 1);
-            let q = _mm512_ternarylogic_epi64::<0xE4>(d, hi, low_mask);
-            _mm512_permutexvar_epi8(lut.0, q)
+            let bytes = if even_odd {
+                _mm512_permutexvar_epi8(lut.1, bytes)
+            } else {
+                bytes
+            };
+            // Pairs → words (c0 + c1·2^b), pairs of words → dwords: 4 codes in 4·b bits.
+            let words = _mm512_maddubs_epi16(bytes, pair);
+            let dwords = _mm512_madd_epi16(
+                words,
+                _mm512_set1_epi32((1u64 | (1u64 << (2 * BITS + 16))) as i32),
+            );
+            if BITS.is_multiple_of(2) {
+                _mm512_permutexvar_epi8(lut.0, dwords)
+            } else {
+                // Odd widths: dwords in block order, then each qword's pair merged to 8·b bits.
+                let d = if even_odd {
+                    dwords
+                } else {
+                    _mm512_permutexvar_epi32(lut.1, dwords)
+                };
+                let hi = _mm512_srlv_epi64(d, _mm512_set1_epi64(32 - 4 * BITS as i64));
+                let low_mask = _mm512_set1_epi64((1i64 << (4 * BITS)) - 1);
+                let q = _mm512_ternarylogic_epi64::<0xE4>(d, hi, low_mask);
+                _mm512_permutexvar_epi8(lut.0, q)
+            }
         }
     };
     let mask: __mmask64 = if nbytes >= 64 {
@@ -621,21 +765,39 @@ unsafe fn pack64<const BITS: usize>(
     unsafe { _mm512_mask_storeu_epi8(out as *mut i8, mask, stream) };
 }
 
-/// Loads 16 elements of `T` at `p`, widened exactly to f32.
+/// Whether [`load32`] returns `T`'s 32 elements as even elements, then odd ones (bf16: one
+/// load, a shift and a mask) rather than in order.
+fn even_odd<T: Float>() -> bool {
+    T::DTYPE == DType::BF16
+}
+
+/// Loads 32 elements of `T` at `p`, widened exactly to f32: elements 0–15 and 16–31, or with
+/// [`even_odd`] the even elements and the odd ones.
 ///
 /// # Safety
-/// `p` must be valid for reading 16 elements; the CPU must support [`available`]'s features.
+/// `p` must be valid for reading 32 elements; the CPU must support [`available`]'s features.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
-unsafe fn load16<T: Float>(p: *const T) -> __m512 {
-    // SAFETY: 16 elements readable at `p` (contract); the casts match T's dtype.
+unsafe fn load32<T: Float>(p: *const T) -> (__m512, __m512) {
+    // SAFETY: 32 elements readable at `p` (contract); the casts match T's dtype.
     unsafe {
         match T::DTYPE {
-            DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
-            DType::BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-                _mm256_loadu_si256(p as *const __m256i),
-            ))),
-            _ => _mm512_loadu_ps(p as *const f32),
+            DType::F16 => (
+                _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+                _mm512_cvtph_ps(_mm256_loadu_si256((p as *const __m256i).add(1))),
+            ),
+            DType::BF16 => {
+                // bf16 is the top half of an f32: the even element is the low word.
+                let x = _mm512_loadu_si512(p as *const __m512i);
+                (
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(x)),
+                    _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(!0xFFFF))),
+                )
+            }
+            _ => (
+                _mm512_loadu_ps(p as *const f32),
+                _mm512_loadu_ps((p as *const f32).add(16)),
+            ),
         }
     }
 }
@@ -877,8 +1039,8 @@ fn shift_control<const BITS: usize>() -> __m512i {
 mod tests {
     use super::*;
 
-    /// The packing index tables against the generic bit-stream writer, every width: 64
-    /// codes through [`pack64`] equal [`pack8`] of the same codes.
+    /// The packing index tables against the generic bit-stream writer, every width and both
+    /// code orders: 64 codes through [`pack64`] equal [`pack8`] of the same codes.
     #[test]
     fn pack64_matches_pack8() {
         if !available() {
@@ -893,27 +1055,40 @@ mod tests {
                 7 => n + 9,
                 _ => (i as i32 * 37 + 5) % (n + 1),
             });
-            let want: Vec<u8> = {
-                let codes: Vec<u8> = vals.iter().map(|&v| v.clamp(0, n) as u8).collect();
-                let mut out = vec![0u8; 8 * bits];
-                assert!(crate::quant::pack::pack_row(bits as u32, &codes, &mut out));
-                out
-            };
-            let mut got = vec![0xAAu8; 8 * bits + 8];
-            // SAFETY: features checked; `got` has 8·bits (+8 spare) bytes.
-            unsafe {
-                let k: [__m512i; 4] = std::array::from_fn(|v| {
-                    _mm512_loadu_si512(vals[16 * v..].as_ptr() as *const __m512i)
+            let codes: Vec<u8> = vals.iter().map(|&v| v.clamp(0, n) as u8).collect();
+            let mut want = vec![0u8; 8 * bits];
+            assert!(crate::quant::pack::pack_row(bits as u32, &codes, &mut want));
+            for even_odd in [false, true] {
+                // Vector v, lane i: element 16v + i, or (even/odd) 32(v/2) + 2i + v % 2.
+                let order: [i32; 64] = std::array::from_fn(|j| {
+                    let (v, i) = (j / 16, j % 16);
+                    if even_odd {
+                        vals[32 * (v / 2) + 2 * i + v % 2]
+                    } else {
+                        vals[j]
+                    }
                 });
-                dispatch_bits!(bits as u32, B => {
-                    pack64::<B>(&k, &pack_luts::<B>(), got.as_mut_ptr(), 8 * B)
-                }, _ => unreachable!());
+                let mut got = vec![0xAAu8; 8 * bits + 8];
+                // SAFETY: features checked; `got` has 8·bits (+8 spare) bytes.
+                unsafe {
+                    let k: [__m512i; 4] = std::array::from_fn(|v| {
+                        _mm512_loadu_si512(order[16 * v..].as_ptr() as *const __m512i)
+                    });
+                    dispatch_bits!(bits as u32, B => {
+                        let lut = pack_luts::<B>(even_odd);
+                        pack64::<B>(&k, &lut, even_odd, got.as_mut_ptr(), 8 * B)
+                    }, _ => unreachable!());
+                }
+                assert_eq!(
+                    &got[..8 * bits],
+                    &want[..],
+                    "bits {bits}, even/odd {even_odd}"
+                );
+                assert!(
+                    got[8 * bits..].iter().all(|&b| b == 0xAA),
+                    "bits {bits}: wrote past the end"
+                );
             }
-            assert_eq!(&got[..8 * bits], &want[..], "bits {bits}");
-            assert!(
-                got[8 * bits..].iter().all(|&b| b == 0xAA),
-                "bits {bits}: wrote past the end"
-            );
         }
     }
 
@@ -978,5 +1153,108 @@ mod tests {
                 "max {j}"
             );
         }
+    }
+
+    /// Times the quantize kernels alone (outputs allocated once, so no page faults or
+    /// zeroing inside the timing), 4-bit group 64 on a 4096×14336 weight in f32 and bf16,
+    /// rotating copies (≥ 600 MB), best of `MLXQ_PROBE_ITERS` (7); a plain parallel read
+    /// of the same copies gives the bandwidth. `MLXQ_PROBE_ROWS` and `MLXQ_PROBE_COPIES`
+    /// (copies of the bf16 weight) change the shape and the rotation. Ignored: run with `cargo test --release -p mlxq
+    /// --lib kernel_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing probe, not a test"]
+    fn kernel_speed() {
+        use std::time::Instant;
+        if !available() {
+            eprintln!("skipped: no AVX-512");
+            return;
+        }
+        let env = |var: &str, default: usize| {
+            std::env::var(var)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(default)
+        };
+        let iters = env("MLXQ_PROBE_ITERS", 7);
+        let (rows, cols, g) = (env("MLXQ_PROBE_ROWS", 4096), 14336usize, 64usize);
+        let copies = env(
+            "MLXQ_PROBE_COPIES",
+            (600usize << 20).div_ceil(rows * cols * 2),
+        );
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let h = |k: u32| (i as u32).wrapping_mul(2654435761).wrapping_add(k * 40503) >> 8;
+                (0..4)
+                    .map(|k| h(k) as f32 / (1u32 << 24) as f32 - 0.5)
+                    .sum::<f32>()
+                    * 0.035
+            })
+            .collect();
+        fn run<T: Float>(
+            v: &[f32],
+            rows: usize,
+            cols: usize,
+            g: usize,
+            iters: usize,
+            copies: usize,
+        ) {
+            let copies = (copies * 2).div_ceil(size_of::<T>());
+            let inputs: Vec<Vec<T>> = (0..copies)
+                .map(|_| v.iter().map(|&x| T::from_f32(x)).collect())
+                .collect();
+            let groups = rows * cols / g;
+            let mut packed = vec![0u8; rows * cols / 2];
+            let mut scales = vec![0u8; groups * size_of::<T>()];
+            let mut biases = vec![0u8; groups * size_of::<T>()];
+            let mut read = f64::INFINITY;
+            for i in 0..iters {
+                let bytes: &[u8] = bytemuck::cast_slice(&inputs[i % inputs.len()]);
+                let t = Instant::now();
+                let sum = bytes
+                    .par_chunks(1 << 18)
+                    .map(|c| {
+                        c.chunks_exact(8).fold(0u64, |s, w| {
+                            s ^ u64::from_le_bytes(w.try_into().unwrap_or([0; 8]))
+                        })
+                    })
+                    .reduce(|| 0, |a, b| a ^ b);
+                std::hint::black_box(sum);
+                read = read.min(t.elapsed().as_secs_f64());
+            }
+            let bytes = (rows * cols * size_of::<T>()) as f64;
+            println!("{:>8}: read {:6.2} GB/s", T::DTYPE, bytes / read / 1e9);
+            for flavour in [Flavour::Gpu, Flavour::Cpu] {
+                for (name, f) in [
+                    ("avx512", quantize_kernel(T::DTYPE, 4)),
+                    ("generic", super::super::quantize::generic(T::DTYPE, 4)),
+                ] {
+                    let Some(f) = f else { continue };
+                    let n = if name == "generic" { 1 } else { iters };
+                    let mut best = f64::INFINITY;
+                    for i in 0..n {
+                        let t = Instant::now();
+                        f(QuantizeArgs {
+                            w: bytemuck::cast_slice(&inputs[i % inputs.len()]),
+                            group_size: g,
+                            flavour,
+                            packed: &mut packed,
+                            scales: &mut scales,
+                            biases: &mut biases,
+                        })
+                        .unwrap();
+                        best = best.min(t.elapsed().as_secs_f64());
+                    }
+                    println!(
+                        "{:>8} {flavour} {name:<8} kernel best {:8.2} ms {:6.2} GB/s of input = {:5.1}% of read",
+                        T::DTYPE,
+                        best * 1e3,
+                        bytes / best / 1e9,
+                        100.0 * read / best
+                    );
+                }
+            }
+        }
+        run::<f32>(&v, rows, cols, g, iters, copies);
+        run::<half::bf16>(&v, rows, cols, g, iters, copies);
     }
 }
