@@ -168,6 +168,8 @@ fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
     // call on this thread (gather_qmm runs experts concurrently) finds it empty and allocates
     // its own, instead of finding it borrowed.
     let (mut xp, mut xsum) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    // SAFETY: this variant is only chosen where `available` holds.
+    let tables = unsafe { tables::<BITS>() };
     {
         xp.clear();
         xp.resize(m * k, bf16::ZERO);
@@ -206,6 +208,7 @@ fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
                                 k,
                                 k0,
                                 g,
+                                tables: &tables,
                             };
                             let mut part = [0f32; ROWS];
                             // SAFETY: features checked by `available` before this variant is
@@ -253,6 +256,8 @@ struct Column<'a, S> {
     k: usize,
     k0: usize,
     g: usize,
+    /// Decode constants, built once per call.
+    tables: &'a Tables,
 }
 
 /// `acc[r] = Σ over this K slice of x[row0 + r]·ŵ`, for `R` rows.
@@ -276,7 +281,7 @@ unsafe fn column<S: Float, const BITS: usize, const R: usize>(
     {
         return;
     }
-    let t = tables::<BITS>();
+    let t = a.tables;
     let mut vacc = [_mm512_setzero_ps(); R];
     let mut bacc = [0f32; R];
     let (pp, xp) = (a.packed.as_ptr(), a.xp.as_ptr());
@@ -287,7 +292,7 @@ unsafe fn column<S: Float, const BITS: usize, const R: usize>(
             // SAFETY: chunk e/32 of this slice lies within `packed` (len/8·BITS bytes), and
             // x row (row0 + r) at k0 + e + 32 ≤ k lies within `xp` (both checked above).
             unsafe {
-                let codes = decode32::<BITS>(pp.add(e / 32 * 4 * BITS), &t);
+                let codes = decode32::<BITS>(pp.add(e / 32 * 4 * BITS), t);
                 let codes: __m512bh = std::mem::transmute(codes);
                 for (r, d) in dots.iter_mut().enumerate() {
                     let px = xp.add((a.row0 + r) * k + a.k0 + e) as *const __m512i;
