@@ -396,6 +396,42 @@ unsafe fn column<S: Float, const BITS: usize, const CH: usize, const R: usize>(
     let (step, xsum) = (a.prep.step.as_ptr(), a.prep.xsum.as_ptr());
     // s·2^(e−8) per row for the current block of 16 groups.
     let mut sf = [[0f32; 16]; R];
+    // One group for R rows: the dots of its chunks with hi, shifted, with lo, scaled into
+    // `$vacc`. A macro rather than a function: the accumulators must stay in registers.
+    // Safety (at each use): the group's chunks lie within `packed` and its split x within
+    // `split` (checked above).
+    let ck0 = a.k0 / CH;
+    macro_rules! group {
+        ($chunk0:expr, $jj:expr, $vacc:ident) => {{
+            let chunk0 = $chunk0;
+            let pp = a.packed.as_ptr();
+            let c0 = decode::<BITS, CH>(pp.add(chunk0 * CH / 8 * BITS), a.tables);
+            let c1 = if per_group == 2 {
+                decode::<BITS, CH>(pp.add((chunk0 + 1) * CH / 8 * BITS), a.tables)
+            } else {
+                _mm512_setzero_si512()
+            };
+            for r in 0..R {
+                let row = a.row0 + r;
+                let px =
+                    a.prep
+                        .split
+                        .as_ptr()
+                        .add((row * ctotal + ck0 + chunk0) * 128) as *const __m512i;
+                let mut d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, _mm512_loadu_si512(px));
+                if per_group == 2 {
+                    d = _mm512_dpbusd_epi32(d, c1, _mm512_loadu_si512(px.add(2)));
+                }
+                d = _mm512_slli_epi32::<8>(d);
+                d = _mm512_dpbusd_epi32(d, c0, _mm512_loadu_si512(px.add(1)));
+                if per_group == 2 {
+                    d = _mm512_dpbusd_epi32(d, c1, _mm512_loadu_si512(px.add(3)));
+                }
+                let f = _mm512_set1_ps(sf[r][$jj]);
+                $vacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), f, $vacc[r]);
+            }
+        }};
+    }
     for j0 in (0..groups).step_by(16) {
         let block = 16.min(groups - j0);
         // SAFETY: groups j0..j0 + block of this slice are in `scales`/`biases`, and of rows
@@ -429,10 +465,9 @@ unsafe fn column<S: Float, const BITS: usize, const CH: usize, const R: usize>(
         while jj < block {
             // SAFETY: as for `group` (chunks of this slice, rows checked above).
             unsafe {
-                group::<BITS, CH, R>(a, (j0 + jj) * per_group, per_group, &sf, jj, &mut vacc);
+                group!((j0 + jj) * per_group, jj, vacc);
                 if jj + 1 < block {
-                    let c = (j0 + jj + 1) * per_group;
-                    group::<BITS, CH, R>(a, c, per_group, &sf, jj + 1, &mut vacc2);
+                    group!((j0 + jj + 1) * per_group, jj + 1, vacc2);
                 }
             }
             jj += 2;
@@ -441,56 +476,6 @@ unsafe fn column<S: Float, const BITS: usize, const CH: usize, const R: usize>(
     for r in 0..R {
         acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(vacc[r], vacc2[r]), bacc[r]))
             + btail[r];
-    }
-}
-
-/// Adds group `sf`-scaled dots of the group starting at chunk `chunk0` (of this slice) for
-/// `R` rows into `vacc`.
-///
-/// # Safety
-/// Chunks `chunk0..chunk0 + per_group` lie within `a.packed`, and the split x of rows
-/// `row0..row0 + R` within `a.prep.split` (as `column` checks); the CPU supports
-/// [`available`]'s features.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
-unsafe fn group<const BITS: usize, const CH: usize, const R: usize>(
-    a: &Column<'_, impl Float>,
-    chunk0: usize,
-    per_group: usize,
-    sf: &[[f32; 16]; R],
-    jj: usize,
-    vacc: &mut [__m512; R],
-) {
-    let ctotal = a.k / CH;
-    let ck0 = a.k0 / CH;
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        let pp = a.packed.as_ptr();
-        let c0 = decode::<BITS, CH>(pp.add(chunk0 * CH / 8 * BITS), a.tables);
-        let c1 = if per_group == 2 {
-            decode::<BITS, CH>(pp.add((chunk0 + 1) * CH / 8 * BITS), a.tables)
-        } else {
-            _mm512_setzero_si512()
-        };
-        for r in 0..R {
-            let row = a.row0 + r;
-            let px = a
-                .prep
-                .split
-                .as_ptr()
-                .add((row * ctotal + ck0 + chunk0) * 128) as *const __m512i;
-            let mut d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, _mm512_loadu_si512(px));
-            if per_group == 2 {
-                d = _mm512_dpbusd_epi32(d, c1, _mm512_loadu_si512(px.add(2)));
-            }
-            d = _mm512_slli_epi32::<8>(d);
-            d = _mm512_dpbusd_epi32(d, c0, _mm512_loadu_si512(px.add(1)));
-            if per_group == 2 {
-                d = _mm512_dpbusd_epi32(d, c1, _mm512_loadu_si512(px.add(3)));
-            }
-            let f = _mm512_set1_ps(sf[r][jj]);
-            vacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), f, vacc[r]);
-        }
     }
 }
 
