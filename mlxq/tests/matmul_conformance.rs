@@ -64,12 +64,20 @@ fn got_f64(y: &Buffer) -> Vec<f64> {
 #[test]
 fn matmul_sweep_bits_groups_dtypes_transposes_and_odd_shapes() {
     for variant in mlxq::backend::cpu::VARIANTS {
-        sweep(variant);
+        // The blocked GEMM takes over from 8 rows: rows around its 8-row tiles and past
+        // whole tiles; fewer rows run the decode kernels under its name.
+        let ms: &[usize] = if *variant == "avx512gemm" {
+            &[1, 8, 9, 33, 128, 130]
+        } else {
+            &[1, 2, 7, 16, 33]
+        };
+        sweep(variant, ms);
     }
 }
 
-/// The sweep with `variant` preferred; checks that it ran wherever it applies.
-fn sweep(variant: &'static str) {
+/// The sweep with `variant` preferred over rows of x `ms`; checks that it ran wherever it
+/// applies.
+fn sweep(variant: &'static str, ms: &[usize]) {
     let device = Device::cpu_with_variant(variant).unwrap();
     let mut enc = device.encoder();
     let mut rng = StdRng::seed_from_u64(11);
@@ -88,7 +96,7 @@ fn sweep(variant: &'static str) {
                     let wd = dequantize_f64(&w).unwrap();
                     let in_dim = if transpose { cols } else { rows };
                     for &xdt in &FLOATS {
-                        for m in [1usize, 2, 7, 16, 33] {
+                        for &m in ms {
                             let x =
                                 Buffer::from_f32(&randn(&mut rng, m * in_dim), xdt, &[m, in_dim])
                                     .unwrap();
@@ -139,7 +147,7 @@ fn sweep(variant: &'static str) {
         failures.len(),
         failures.join("\n")
     );
-    assert_eq!(cases, 7 * 3 * 3 * 2 * 3 * 5);
+    assert_eq!(cases, 7 * 3 * 3 * 2 * 3 * ms.len());
 }
 
 #[test]
@@ -294,6 +302,55 @@ fn gather_qmm_matches_reference_and_a_loop_of_matmuls() {
                 assert!(
                     max_rel_err(got_i, &single) <= tolerance(xdt),
                     "pair {i} vs single matmul"
+                );
+            }
+        }
+    }
+}
+
+/// Prefill through MoE: many tokens per expert, so each expert's rows (8 to ~40) run the
+/// blocked GEMM; every variant, against the oracle, into NaN-free outputs.
+#[test]
+fn gather_qmm_many_tokens_per_expert_every_variant() {
+    let mut rng = StdRng::seed_from_u64(77);
+    for variant in mlxq::backend::cpu::VARIANTS {
+        let device = Device::cpu_with_variant(variant).unwrap();
+        let mut enc = device.encoder();
+        for (bits, g, xdt) in [
+            (4, 64, DType::BF16),
+            (8, 32, DType::F32),
+            (3, 128, DType::F16),
+        ] {
+            let spec = QuantSpec::affine(bits, g).unwrap();
+            let (experts, rows, cols, tokens, k) = (4, 29, 3 * g as usize, 64, 2);
+            let w = random_weight(&mut enc, &mut rng, &[experts, rows, cols], spec, xdt);
+            let x =
+                Buffer::from_f32(&randn(&mut rng, tokens * cols), xdt, &[tokens, 1, cols]).unwrap();
+            let lhs: Vec<u32> = (0..tokens * k).map(|i| (i / k) as u32).collect();
+            let rhs: Vec<u32> = (0..tokens * k)
+                .map(|_| rng.gen_range(0..experts as u32))
+                .collect();
+            let lb = Buffer::from_slice(&lhs, &[tokens, k]).unwrap();
+            let rb = Buffer::from_slice(&rhs, &[tokens, k]).unwrap();
+            let y = ops::gather_qmm(&mut enc, &x, &w, Some(&lb), Some(&rb), true, false).unwrap();
+            let ran = enc.last_kernel().unwrap().to_owned();
+            assert!(
+                ran.ends_with(variant) || ran.ends_with("generic"),
+                "{ran} ran, preferring {variant}"
+            );
+            if *variant == "avx512gemm" {
+                assert!(ran.ends_with("avx512gemm"), "{ran} ran");
+            }
+            let got = got_f64(&y);
+            let xs = x_f64(&x);
+            for i in 0..tokens * k {
+                let (t, e) = (lhs[i] as usize, rhs[i] as usize);
+                let wd = dequantize_f64(&w.expert(e).unwrap()).unwrap();
+                let want = matmul_f64(&xs[t * cols..(t + 1) * cols], 1, &wd, rows, cols, true);
+                let err = max_rel_err(&got[i * rows..(i + 1) * rows], &want);
+                assert!(
+                    err < tolerance(xdt),
+                    "{variant} bits {bits} pair {i}: {err:e}"
                 );
             }
         }

@@ -14,6 +14,8 @@ pub(crate) mod x86;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_bf16;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_gemm;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_quant;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_qvm;
@@ -147,6 +149,8 @@ pub(crate) struct Variant {
 /// Every variant, best first. The dispatcher takes the first that supports a key.
 const TABLE: &[Variant] = &[
     #[cfg(target_arch = "x86_64")]
+    x86_gemm::QMM_T_GEMM,
+    #[cfg(target_arch = "x86_64")]
     x86_vnni::QMM_T_VNNI,
     #[cfg(target_arch = "x86_64")]
     x86_bf16::QMM_T_BF16,
@@ -160,7 +164,7 @@ const TABLE: &[Variant] = &[
 ];
 
 /// Names of the CPU kernel variants (see [`Device::cpu_with_variant`](crate::Device::cpu_with_variant)).
-pub const VARIANTS: &[&str] = &["avx512vnni", "avx512bf16", "avx512", "generic"];
+pub const VARIANTS: &[&str] = &["avx512gemm", "avx512vnni", "avx512bf16", "avx512", "generic"];
 
 /// The portable variant: every op, every affine key.
 const GENERIC: Variant = Variant {

@@ -152,7 +152,7 @@ unsafe fn decode32<const BITS: usize>(p: *const u8, t: &Tables) -> __m512i {
 }
 
 /// The kernel.
-fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+pub(crate) fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
     const OP: &str = "quantized_matmul";
     let w = a.w;
     let scales: &[S] = cast(OP, "scales", w.scales)?;

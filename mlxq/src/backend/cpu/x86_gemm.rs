@@ -1,0 +1,435 @@
+//! AVX-512 blocked GEMM for `y = x·Wᵀ` with many rows of x (prefill, MoE experts with many
+//! tokens): each tile of W is decoded once into f32 and reused by every row of x.
+//!
+//! **Why f32 FMA, not `vdpbf16ps`.** On this machine's cores (Sapphire Rapids family) a
+//! 512-bit `vfmadd231ps` issues twice per cycle (32 multiply-adds) while `vdpbf16ps` issues
+//! about once every two cycles (16 multiply-adds): f32 FMA is the faster exact instruction
+//! (`tools/cpu_peak.c`, docs/perf.md). It is also exact for every x dtype.
+//!
+//! **Arithmetic.** With codes `q`, scales `s` and biases `b` per group `j`,
+//! `y[r,n] = Σ_k x[r,k]·(s[n,j]·q[n,k]) + Σ_j b[n,j]·Σx[r,j]`. The panel holds `s·q` in f32,
+//! which is exact for bf16 and f16 scales (8- or 11-bit significand times a code of ≤ 8 bits)
+//! and rounded once for f32 scales; the bias term rides along as extra rows of the panel
+//! (`b[n,j]`) against extra columns of packed x (`Σx[r,j]`, summed in f32 from x itself), so
+//! the whole product is one f32 GEMM over `K + K/g` terms with FMA accumulation — the same
+//! error class as the decode kernels' `s·Σ(x·q) + b·Σx`.
+//!
+//! **Blocking.** Work is split over column tiles of [`NC`] = 48 outputs (tasks finish
+//! together: 4096 columns make 86 tiles). Per tile and block of [`KC`] = 128 values of K, 48
+//! columns × 128 codes are decoded once — one code per byte (4-bit nibbles split in place,
+//! other widths by `vpermb` + `vpmultishiftqb`), a 16×16 dword transpose of 16 columns, then
+//! `(dword >> 8·i) & 0xff`, `vcvtdq2ps` and a multiply by the column's scale — into a
+//! `[K-step][48 columns]` panel (25 KiB, L1). The micro-kernel then runs every [`R`]-row
+//! slice of x over it: per K-step three panel vectors, eight broadcasts of x, 24 FMAs into
+//! 24 register accumulators (8 rows × 48 columns). x is packed once per call, in the panel's
+//! K order (4-bit chunks hold even then odd elements), with each block's group sums appended.
+//!
+//! Fewer than [`MIN_M`] rows take the decode kernels (`avx512bf16` for bf16 x where the CPU
+//! has it, `avx512` otherwise), which stream W once with no panel to build.
+
+use super::qmm::QmmArgs;
+use super::{cast, cast_mut, DisjointOut, KernelFn, Variant};
+use crate::dtype::Float;
+use crate::error::Result;
+use crate::quant::pack::dispatch_bits;
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+/// The variant: `quantized_matmul`, transpose, every affine width, any x dtype.
+pub(crate) const QMM_T_GEMM: Variant = Variant {
+    name: "avx512gemm",
+    supports: |k| {
+        k.mode == crate::QuantMode::Affine
+            && k.op == crate::registry::OpKind::QuantizedMatmul
+            && k.flag
+            && super::x86::available()
+    },
+    build: |k| {
+        let bf16_small = k.input == crate::DType::BF16 && super::x86_bf16::available();
+        crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
+            Some(KernelFn::Qmm(dispatch_bits!(k.bits, B => if bf16_small {
+                qmm_t::<S, O, B, true> as super::qmm::QmmFn
+            } else {
+                qmm_t::<S, O, B, false> as super::qmm::QmmFn
+            }, _ => return None)))
+        }, _ => None), _ => None)
+    },
+};
+
+/// Rows of x from which the GEMM beats the decode kernels.
+pub(crate) const MIN_M: usize = 8;
+/// Rows of x per micro-kernel tile.
+const R: usize = 8;
+/// 16-column vectors per micro-kernel tile.
+const CB: usize = 3;
+/// Columns per panel (and per task).
+const NC: usize = 16 * CB;
+/// Values of K per panel: a multiple of every group size and of the 64-code decode chunk.
+const KC: usize = 128;
+/// Codes decoded per column at a time.
+const CHUNK: usize = 64;
+
+thread_local! {
+    /// Per-thread scratch, made once and reused: the decoded panel, the f32 output tile,
+    /// and one block's scales as f32 (`[group][column]`).
+    static TILE: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Packed x, taken out for the length of a call (a nested call allocates its own).
+    static XPACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Panel K-steps for a block of `len` values of K with groups of `g`: codes padded to whole
+/// chunks, then one row per group for the biases.
+fn steps(len: usize, g: usize) -> usize {
+    len.div_ceil(CHUNK) * CHUNK + len / g
+}
+
+/// Position `p` of a decoded chunk holds element `perm(p)` of that chunk.
+#[inline(always)]
+fn perm(bits: usize, p: usize) -> usize {
+    if bits == 4 {
+        // Each 32-code half: 16 low nibbles (even elements), then 16 high nibbles (odd).
+        let (half, i) = (p / 32, p % 32);
+        32 * half + if i < 16 { 2 * i } else { 2 * (i - 16) + 1 }
+    } else {
+        p
+    }
+}
+
+/// The kernel.
+fn qmm_t<S: Float, O: Float, const BITS: usize, const BF16_SMALL: bool>(
+    a: QmmArgs<'_>,
+) -> Result<()> {
+    const OP: &str = "quantized_matmul";
+    if a.m < MIN_M {
+        return if BF16_SMALL {
+            super::x86_bf16::qmm_t::<S, O, BITS>(a)
+        } else {
+            super::x86::qmv_t::<S, O, BITS>(a)
+        };
+    }
+    let w = a.w;
+    let scales: &[S] = cast(OP, "scales", w.scales)?;
+    let biases: &[S] = cast(OP, "biases", w.biases)?;
+    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
+    let (m, n, k, g) = (a.m, w.rows, w.cols, w.group_size);
+    let groups = w.groups();
+    let row_bytes = w.row_bytes();
+    if a.x.len() < m * k
+        || out.len() < m * n
+        || w.packed.len() < n * row_bytes
+        || scales.len() < n * groups
+        || biases.len() < n * groups
+        || !g.is_multiple_of(32)
+        || !KC.is_multiple_of(g)
+    {
+        return Err(crate::Error::unsupported(
+            OP,
+            format!("avx512gemm on inconsistent sizes (m {m}, n {n}, k {k}, group {g})"),
+        ));
+    }
+    let blocks = k.div_ceil(KC);
+    let stride = steps(KC.min(k), g);
+    let mut xp = XPACK.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    xp.clear();
+    xp.resize(blocks * m * stride, 0.0);
+    // Row `r` of block `b` at (b·m + r)·stride: codes' K order, zero padding, group sums.
+    xp.par_chunks_mut(stride).enumerate().for_each(|(i, dst)| {
+        let (b, r) = (i / m, i % m);
+        let k0 = b * KC;
+        let len = KC.min(k - k0);
+        let src = &a.x[r * k + k0..r * k + k0 + len];
+        let pad = len.div_ceil(CHUNK) * CHUNK;
+        for (p, d) in dst[..pad].iter_mut().enumerate() {
+            let e = (p / CHUNK) * CHUNK + perm(BITS, p % CHUNK);
+            *d = if e < len { src[e] } else { 0.0 };
+        }
+        for (d, grp) in dst[pad..].iter_mut().zip(src.chunks_exact(g)) {
+            *d = grp.iter().sum();
+        }
+    });
+    let writer = DisjointOut::new(out);
+    let xp_ref = &xp[..];
+    (0..n.div_ceil(NC)).into_par_iter().for_each(|t| {
+        TILE.with(|tile| {
+            let mut tile = tile.borrow_mut();
+            let (panel, acc, sv) = &mut *tile;
+            panel.resize(stride * NC, 0.0);
+            acc.resize(m * NC, 0.0);
+            sv.resize(KC / 32 * NC, 0.0);
+            let c0 = t * NC;
+            let cols = NC.min(n - c0);
+            for b in 0..blocks {
+                let k0 = b * KC;
+                let len = KC.min(k - k0);
+                let kp = steps(len, g);
+                let (g0, gb) = (k0 / g, len / g);
+                // This block's scales as f32, [group][column]; biases straight into the
+                // panel's bias rows. Columns past N are zero.
+                let pad = len.div_ceil(CHUNK) * CHUNK;
+                for j in 0..gb {
+                    for c in 0..NC {
+                        let (s, bias) = if c < cols {
+                            let at = (c0 + c) * groups + g0 + j;
+                            (scales[at].to_f32(), biases[at].to_f32())
+                        } else {
+                            (0.0, 0.0)
+                        };
+                        sv[j * NC + c] = s;
+                        panel[(pad + j) * NC + c] = bias;
+                    }
+                }
+                let src = Panel {
+                    packed: w.packed,
+                    row_bytes,
+                    col0: c0,
+                    cols,
+                    byte0: k0 / 8 * BITS,
+                    len,
+                    g,
+                };
+                // SAFETY: features checked by `supports`; `decode_panel` checks its slices.
+                unsafe { decode_panel::<BITS>(&src, sv, panel) };
+                let cbs = cols.div_ceil(16);
+                for r0 in (0..m).step_by(R) {
+                    let rows = R.min(m - r0);
+                    let x = &xp_ref[(b * m + r0) * stride..];
+                    let c = &mut acc[r0 * NC..(r0 + rows) * NC];
+                    // SAFETY: features checked by `supports`; `micro` checks its slices.
+                    unsafe { micro_dispatch(rows, cbs, kp, x, stride, panel, c, b == 0) };
+                }
+            }
+            for r in 0..m {
+                for cc in 0..cols {
+                    // SAFETY: task `t` alone owns columns c0..c0 + cols of every row.
+                    unsafe { writer.write(r * n + c0 + cc, O::from_f32(acc[r * NC + cc])) };
+                }
+            }
+        })
+    });
+    XPACK.with(|s| *s.borrow_mut() = xp);
+    Ok(())
+}
+
+/// Where one panel's codes come from: columns `col0..col0 + cols` of W, K values starting at
+/// byte `byte0` of each row, `len` of them.
+struct Panel<'a> {
+    packed: &'a [u8],
+    row_bytes: usize,
+    col0: usize,
+    cols: usize,
+    byte0: usize,
+    len: usize,
+    g: usize,
+}
+
+/// 64 codes (or the first 32, the rest zero, when `half`) of one row at `p`, one per byte,
+/// in [`perm`] order.
+///
+/// # Safety
+/// `p` points to `CHUNK·BITS/8` readable bytes (half as many when `half`); the CPU has
+/// AVX-512 F/BW/VL/VBMI.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn decode64<const BITS: usize>(p: *const u8, half: bool) -> __m512i {
+    let bytes = if half { 4 * BITS } else { 8 * BITS };
+    let mask: __mmask64 = if bytes == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bytes) - 1
+    };
+    // SAFETY: the masked load reads only the `bytes` the caller guarantees.
+    let raw = unsafe { _mm512_maskz_loadu_epi8(mask, p as *const i8) };
+    match BITS {
+        8 => raw,
+        4 => {
+            // 128-bit lanes [b0, b0, b1, b1] (b0, b1: 16 bytes each); lanes 1 and 3 take the
+            // high nibbles.
+            let lanes = _mm512_shuffle_i64x2::<0b01_01_00_00>(raw, raw);
+            let shifted = _mm512_mask_srli_epi16::<4>(lanes, 0xff00_ff00, lanes);
+            // (Lanes 1 and 3 are words 8..16 and 24..32 of the 32 the mask covers.)
+            _mm512_and_si512(shifted, _mm512_set1_epi8(0x0f))
+        }
+        _ => {
+            let spread: [u8; 64] = std::array::from_fn(|i| ((i / 8) * BITS + i % 8).min(63) as u8);
+            let ctl: [u8; 64] = std::array::from_fn(|i| ((i % 8) * BITS) as u8);
+            // SAFETY: each load reads exactly its 64-byte array.
+            let (spread, ctl) = unsafe {
+                (
+                    _mm512_loadu_si512(spread.as_ptr() as *const __m512i),
+                    _mm512_loadu_si512(ctl.as_ptr() as *const __m512i),
+                )
+            };
+            let fields = _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(spread, raw));
+            _mm512_and_si512(fields, _mm512_set1_epi8(((1u32 << BITS) - 1) as i8))
+        }
+    }
+}
+
+/// Transposes a 16×16 matrix of dwords in place (`r[i]` lane `j` ↔ `r[j]` lane `i`).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: &mut [__m512i; 16]) {
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for q in 0..4 {
+        let b = 4 * q;
+        r[b] = _mm512_unpacklo_epi64(t[b], t[b + 2]);
+        r[b + 1] = _mm512_unpackhi_epi64(t[b], t[b + 2]);
+        r[b + 2] = _mm512_unpacklo_epi64(t[b + 1], t[b + 3]);
+        r[b + 3] = _mm512_unpackhi_epi64(t[b + 1], t[b + 3]);
+    }
+    // r[4a + e] now holds, in 128-bit lane L, element 4L + e of rows 4a..4a+4.
+    for e in 0..4 {
+        t[e] = _mm512_shuffle_i32x4::<0x88>(r[e], r[4 + e]);
+        t[4 + e] = _mm512_shuffle_i32x4::<0xdd>(r[e], r[4 + e]);
+        t[8 + e] = _mm512_shuffle_i32x4::<0x88>(r[8 + e], r[12 + e]);
+        t[12 + e] = _mm512_shuffle_i32x4::<0xdd>(r[8 + e], r[12 + e]);
+    }
+    for e in 0..4 {
+        r[e] = _mm512_shuffle_i32x4::<0x88>(t[e], t[8 + e]);
+        r[4 + e] = _mm512_shuffle_i32x4::<0x88>(t[4 + e], t[12 + e]);
+        r[8 + e] = _mm512_shuffle_i32x4::<0xdd>(t[e], t[8 + e]);
+        r[12 + e] = _mm512_shuffle_i32x4::<0xdd>(t[4 + e], t[12 + e]);
+    }
+}
+
+/// Decodes the codes of `src` into `panel` rows `0..pad` (`[K-step][NC]`, scaled by `sv`,
+/// `[group][NC]`); rows past `len` and columns past `cols` become zero.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL/VBMI. (Slices are checked here.)
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn decode_panel<const BITS: usize>(src: &Panel<'_>, sv: &[f32], panel: &mut [f32]) {
+    let pad = src.len.div_ceil(CHUNK) * CHUNK;
+    let last_col = src.col0 + src.cols;
+    if !src.len.is_multiple_of(32)
+        || src.packed.len() < last_col * src.row_bytes
+        || src.byte0 + src.len / 8 * BITS > src.row_bytes
+        || sv.len() < src.len / src.g * NC
+        || panel.len() < pad * NC
+    {
+        return;
+    }
+    let ff = _mm512_set1_epi32(0xff);
+    for cb in 0..src.cols.div_ceil(16) {
+        for ch in 0..pad / CHUNK {
+            let half = src.len - ch * CHUNK == 32;
+            let mut rows = [_mm512_setzero_si512(); 16];
+            for (c, row) in rows.iter_mut().enumerate() {
+                let col = src.col0 + cb * 16 + c;
+                if col < last_col {
+                    let at = col * src.row_bytes + src.byte0 + ch * CHUNK / 8 * BITS;
+                    // SAFETY: the chunk's bytes lie within column `col`'s row of the block
+                    // (`byte0 + len/8·BITS ≤ row_bytes`, `col < packed.len()/row_bytes`).
+                    *row = unsafe { decode64::<BITS>(src.packed.as_ptr().add(at), half) };
+                }
+            }
+            transpose16(&mut rows);
+            // rows[q] lane c = positions 4q..4q+4 of column c, one byte each.
+            for (q, &d) in rows.iter().enumerate() {
+                let p0 = ch * CHUNK + 4 * q;
+                let (j, live) = ((p0 / 32 * 32) / src.g, p0 < src.len);
+                let s = if live {
+                    // SAFETY: j < len/g groups, each NC wide (checked above).
+                    unsafe { _mm512_loadu_ps(sv.as_ptr().add(j * NC + cb * 16)) }
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let v = [
+                    _mm512_and_si512(d, ff),
+                    _mm512_and_si512(_mm512_srli_epi32::<8>(d), ff),
+                    _mm512_and_si512(_mm512_srli_epi32::<16>(d), ff),
+                    _mm512_srli_epi32::<24>(d),
+                ];
+                for (i, v) in v.into_iter().enumerate() {
+                    let f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), s);
+                    // SAFETY: row p0 + i < pad, NC wide (checked above).
+                    unsafe { _mm512_storeu_ps(panel.as_mut_ptr().add((p0 + i) * NC + cb * 16), f) };
+                }
+            }
+        }
+    }
+}
+
+/// Runs [`micro`] for `rows` (1..=R) rows and `cbs` (1..=CB) column vectors.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_dispatch(
+    rows: usize,
+    cbs: usize,
+    kp: usize,
+    x: &[f32],
+    xs: usize,
+    panel: &[f32],
+    c: &mut [f32],
+    first: bool,
+) {
+    macro_rules! go {
+        ($($r:literal)*) => {
+            match (rows, cbs) {
+                $( ($r, 1) => unsafe { micro::<$r, 1>(kp, x, xs, panel, c, first) },
+                   ($r, 2) => unsafe { micro::<$r, 2>(kp, x, xs, panel, c, first) },
+                   ($r, _) => unsafe { micro::<$r, 3>(kp, x, xs, panel, c, first) }, )*
+                _ => {}
+            }
+        };
+    }
+    go!(1 2 3 4 5 6 7 8);
+}
+
+/// `c[RR][NC] (+)= x[RR][..kp] · panel[kp][NC]` for the first `C` column vectors; `c` starts
+/// from zero when `first`. Does nothing if a slice is shorter than that needs.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[target_feature(enable = "avx512f")]
+unsafe fn micro<const RR: usize, const C: usize>(
+    kp: usize,
+    x: &[f32],
+    xs: usize,
+    panel: &[f32],
+    c: &mut [f32],
+    first: bool,
+) {
+    if kp == 0 || x.len() < (RR - 1) * xs + kp || panel.len() < kp * NC || c.len() < RR * NC {
+        return;
+    }
+    let (xp, pp, cp) = (x.as_ptr(), panel.as_ptr(), c.as_mut_ptr());
+    let mut acc = [[_mm512_setzero_ps(); C]; RR];
+    if !first {
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (v, a) in row.iter_mut().enumerate() {
+                // SAFETY: r < RR rows of NC, v·16 + 16 ≤ NC (checked above).
+                *a = unsafe { _mm512_loadu_ps(cp.add(r * NC + v * 16)) };
+            }
+        }
+    }
+    for s in 0..kp {
+        // SAFETY: step s < kp of the panel (kp·NC checked) and of every row of x.
+        unsafe {
+            let mut wv = [_mm512_setzero_ps(); C];
+            for (v, wv) in wv.iter_mut().enumerate() {
+                *wv = _mm512_loadu_ps(pp.add(s * NC + v * 16));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*xp.add(r * xs + s));
+                for (a, &wv) in row.iter_mut().zip(&wv) {
+                    *a = _mm512_fmadd_ps(xv, wv, *a);
+                }
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (v, &a) in row.iter().enumerate() {
+            // SAFETY: as for the loads.
+            unsafe { _mm512_storeu_ps(cp.add(r * NC + v * 16), a) };
+        }
+    }
+}
