@@ -61,9 +61,16 @@ fn got_f64(y: &Buffer) -> Vec<f64> {
     v
 }
 
+/// The variants held to the conformance tolerances (all but the opt-in approximate ones).
+fn exact_variants() -> impl Iterator<Item = &'static &'static str> {
+    mlxq::backend::cpu::VARIANTS
+        .iter()
+        .filter(|v| !mlxq::backend::cpu::APPROXIMATE.contains(v))
+}
+
 #[test]
 fn matmul_sweep_bits_groups_dtypes_transposes_and_odd_shapes() {
-    for variant in mlxq::backend::cpu::VARIANTS {
+    for variant in exact_variants() {
         // The blocked GEMM takes over from 8 rows: rows around its 8-row tiles and past
         // whole tiles; fewer rows run the decode kernels under its name.
         let ms: &[usize] = if *variant == "avx512gemm" {
@@ -313,7 +320,7 @@ fn gather_qmm_matches_reference_and_a_loop_of_matmuls() {
 #[test]
 fn gather_qmm_many_tokens_per_expert_every_variant() {
     let mut rng = StdRng::seed_from_u64(77);
-    for variant in mlxq::backend::cpu::VARIANTS {
+    for variant in exact_variants() {
         let device = Device::cpu_with_variant(variant).unwrap();
         let mut enc = device.encoder();
         for (bits, g, xdt) in [
@@ -553,7 +560,7 @@ fn bf16_long_rows_accumulate_in_f32() {
 #[test]
 fn long_rows_many_rows_every_variant() {
     let mut rng = StdRng::seed_from_u64(123);
-    for variant in mlxq::backend::cpu::VARIANTS {
+    for variant in exact_variants() {
         let device = Device::cpu_with_variant(variant).unwrap();
         let mut enc = device.encoder();
         for (bits, g) in [(4, 64), (3, 128), (8, 32), (6, 64)] {
@@ -581,5 +588,139 @@ fn long_rows_many_rows_every_variant() {
                 enc.last_kernel().unwrap()
             );
         }
+    }
+}
+
+/// The int8-activation mode (`avx512gemm-i8`, opt-in): every width, group and dtype, M from 1
+/// to 130, odd N, a K-block tail, against the f64 oracle within the bound its documentation
+/// states: per output, `Σ_blocks max|x_blk|/254 · Σ_{k∈blk} |w_k − b_group|` (half an int8
+/// step of each 32-value block of x against the weights without their bias), plus the output
+/// dtype's rounding and f32 accumulation.
+#[test]
+fn int8_mode_within_its_stated_bound() {
+    let device = Device::cpu_with_variant("avx512gemm-i8").unwrap();
+    if !mlxq::backend::cpu::supports(
+        "avx512gemm-i8",
+        &mlxq::registry::KernelKey {
+            op: mlxq::registry::OpKind::QuantizedMatmul,
+            mode: mlxq::QuantMode::Affine,
+            bits: 4,
+            group_size: 64,
+            input: DType::BF16,
+            scales: DType::BF16,
+            output: DType::BF16,
+            flag: true,
+            variant: "avx512gemm-i8",
+        },
+    ) {
+        eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+        return;
+    }
+    let mut enc = device.encoder();
+    let mut rng = StdRng::seed_from_u64(808);
+    let mut worst = 0f64;
+    let mut inexact = 0;
+    for bits in BITS {
+        for g in GROUPS {
+            let spec = QuantSpec::affine(bits, g).unwrap();
+            for (i, &dt) in FLOATS.iter().enumerate() {
+                let (n, k) = (
+                    [13usize, 37, 5][i],
+                    if bits == 4 { 2688 } else { 3 * g as usize },
+                );
+                let w = random_weight(&mut enc, &mut rng, &[n, k], spec, dt);
+                let wd = dequantize_f64(&w).unwrap();
+                let b: Vec<f64> = w
+                    .biases()
+                    .unwrap()
+                    .to_f32_vec()
+                    .unwrap()
+                    .into_iter()
+                    .map(f64::from)
+                    .collect();
+                let groups = k / g as usize;
+                for m in [1usize, 8, 9, 33, 130] {
+                    let x = Buffer::from_f32(&randn(&mut rng, m * k), dt, &[m, k]).unwrap();
+                    let mut y = poisoned(dt, &[m, n]);
+                    ops::quantized_matmul_into(&mut enc, &x, &w, true, &mut y).unwrap();
+                    let ran = enc.last_kernel().unwrap().to_owned();
+                    assert!(ran.ends_with("avx512gemm-i8"), "{ran} ran");
+                    let xs = x_f64(&x);
+                    let want = matmul_f64(&xs, m, &wd, n, k, true);
+                    let got = got_f64(&y);
+                    let norm = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+                    let u_out = match dt {
+                        DType::BF16 => 2f64.powi(-8),
+                        DType::F16 => 2f64.powi(-11),
+                        _ => 0.0,
+                    };
+                    for r in 0..m {
+                        for c in 0..n {
+                            let mut bound = 0.0;
+                            for blk in 0..k / 32 {
+                                let xb = &xs[r * k + blk * 32..r * k + blk * 32 + 32];
+                                let amax = xb.iter().fold(0f64, |a, v| a.max(v.abs()));
+                                let j = blk * 32 / g as usize;
+                                let wsum: f64 = (blk * 32..blk * 32 + 32)
+                                    .map(|kk| (wd[c * k + kk] - b[c * groups + j]).abs())
+                                    .sum();
+                                bound += amax / 254.0 * wsum;
+                            }
+                            let (gv, wv) = (got[r * n + c], want[r * n + c]);
+                            let err = (gv - wv).abs();
+                            let allowed = bound * 1.001 + wv.abs() * u_out + 1e-5 * norm;
+                            assert!(
+                                err <= allowed,
+                                "bits {bits} g {g} {dt} m {m} [{r},{c}]: |{gv} - {wv}| = {err:e} > {allowed:e}"
+                            );
+                            if bound > 0.0 {
+                                worst = worst.max((err - wv.abs() * u_out).max(0.0) / bound);
+                            }
+                        }
+                    }
+                    if max_rel_err(&got, &want) > 1e-5 {
+                        inexact += 1;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("int8 mode: worst error / stated bound = {worst:.3}");
+    // It is the approximate path: some results are off by more than the f32 tolerance.
+    assert!(inexact > 0);
+}
+
+/// The int8 mode is exact up to f32 rounding when every block of x is already on its int8
+/// grid (integers with a ±127 in each block of 32), and never runs unless named.
+#[test]
+fn int8_mode_exact_on_its_grid_and_opt_in_only() {
+    let mut rng = StdRng::seed_from_u64(809);
+    let spec = QuantSpec::affine(8, 32).unwrap();
+    let default = Device::cpu();
+    let mut enc = default.encoder();
+    let (m, n, k) = (33, 21, 384);
+    let w = random_weight(&mut enc, &mut rng, &[n, k], spec, DType::F32);
+    let xv: Vec<f32> = (0..m * k)
+        .map(|i| {
+            if i % 32 == 5 {
+                127.0
+            } else {
+                rng.gen_range(-127i32..=127) as f32
+            }
+        })
+        .collect();
+    let x = Buffer::from_f32(&xv, DType::F32, &[m, k]).unwrap();
+    let want = matmul_f64(&x_f64(&x), m, &dequantize_f64(&w).unwrap(), n, k, true);
+    let y = ops::quantized_matmul(&mut enc, &x, &w, true).unwrap();
+    assert!(!enc.last_kernel().unwrap().ends_with("-i8"));
+    assert!(max_rel_err(&got_f64(&y), &want) < 1e-5);
+    let Ok(i8dev) = Device::cpu_with_variant("avx512gemm-i8") else {
+        panic!("avx512gemm-i8 is a known variant")
+    };
+    let mut enc = i8dev.encoder();
+    let y = ops::quantized_matmul(&mut enc, &x, &w, true).unwrap();
+    if enc.last_kernel().unwrap().ends_with("avx512gemm-i8") {
+        let err = max_rel_err(&got_f64(&y), &want);
+        assert!(err < 1e-5, "{err:e}");
     }
 }

@@ -164,7 +164,30 @@ const TABLE: &[Variant] = &[
 ];
 
 /// Names of the CPU kernel variants (see [`Device::cpu_with_variant`](crate::Device::cpu_with_variant)).
-pub const VARIANTS: &[&str] = &["avx512gemm", "avx512vnni", "avx512bf16", "avx512", "generic"];
+pub const VARIANTS: &[&str] = &[
+    "avx512gemm",
+    "avx512vnni",
+    "avx512bf16",
+    "avx512",
+    "generic",
+    "avx512gemm-i8",
+];
+
+/// The variants of [`VARIANTS`] whose results may differ from the f32 path by more than the
+/// conformance tolerance: never chosen unless forced by name, each documented with its error
+/// bound (`avx512gemm-i8`: x quantized to int8 per block of 32).
+pub const APPROXIMATE: &[&str] = &["avx512gemm-i8"];
+
+/// Opt-in variants ([`APPROXIMATE`]): considered only when a device prefers one by name.
+const OPT_IN: &[Variant] = &[
+    #[cfg(target_arch = "x86_64")]
+    x86_gemm::QMM_T_GEMM_I8,
+];
+
+/// Every variant a key may run on: the opt-in ones first, so a device that names one gets it.
+fn all_variants() -> impl Iterator<Item = &'static Variant> {
+    OPT_IN.iter().chain(TABLE)
+}
 
 /// The portable variant: every op, every affine key.
 const GENERIC: Variant = Variant {
@@ -183,7 +206,7 @@ const GENERIC: Variant = Variant {
 
 /// Whether `variant` can run `key` on this machine.
 pub fn supports(variant: &str, key: &KernelKey) -> bool {
-    TABLE.iter().any(|v| v.name == variant && (v.supports)(key))
+    all_variants().any(|v| v.name == variant && (v.supports)(key))
 }
 
 /// The kernel for `key` (its `variant` is filled in here) from the device's registry,
@@ -193,9 +216,11 @@ pub fn supports(variant: &str, key: &KernelKey) -> bool {
 /// [`Device::cpu_with_variant`]: crate::Device::cpu_with_variant
 pub(crate) fn kernel(device: &crate::Device, mut key: KernelKey) -> Result<CpuKernel> {
     let preferred = device.preferred_variant();
-    key.variant = TABLE
-        .iter()
-        .filter(|v| preferred.is_none_or(|p| v.name == p || v.name == "generic"))
+    key.variant = all_variants()
+        .filter(|v| match preferred {
+            Some(p) => v.name == p || v.name == "generic",
+            None => !APPROXIMATE.contains(&v.name),
+        })
         .find(|v| (v.supports)(&key))
         .ok_or_else(|| unsupported(&key))?
         .name;
@@ -214,8 +239,7 @@ fn unsupported(k: &KernelKey) -> crate::Error {
 }
 
 fn build(k: &KernelKey) -> Result<CpuKernel> {
-    let func = TABLE
-        .iter()
+    let func = all_variants()
         .find(|v| v.name == k.variant && (v.supports)(k))
         .and_then(|v| (v.build)(k))
         .ok_or_else(|| unsupported(k))?;

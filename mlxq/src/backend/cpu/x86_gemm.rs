@@ -433,3 +433,342 @@ unsafe fn micro<const RR: usize, const C: usize>(
         }
     }
 }
+
+/// The opt-in int8-activation variant (never chosen unless forced by name): x is quantized
+/// to int8 per block of 32 values, so its results differ from the f32 path by up to the
+/// bound in [`qmm_t_i8`]'s documentation, beyond the conformance tolerance.
+pub(crate) const QMM_T_GEMM_I8: Variant = Variant {
+    name: "avx512gemm-i8",
+    supports: |k| {
+        k.mode == crate::QuantMode::Affine
+            && k.op == crate::registry::OpKind::QuantizedMatmul
+            && k.flag
+            && super::x86::available()
+            && is_x86_feature_detected!("avx512vnni")
+    },
+    build: |k| {
+        crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
+            Some(KernelFn::Qmm(dispatch_bits!(k.bits, B =>
+                qmm_t_i8::<S, O, B> as super::qmm::QmmFn, _ => return None)))
+        }, _ => None), _ => None)
+    },
+};
+
+/// The int8 variant's per-thread tile scratch (see `TILE_I8`).
+type TileI8 = (Vec<[u8; 64]>, Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// Rows of x per int8 micro-kernel tile (12 i32 and 12 f32 accumulators).
+const RI: usize = 4;
+/// Values of x sharing one int8 scale.
+const XBLOCK: usize = 32;
+
+thread_local! {
+    /// Per-thread scratch of the int8 variant: the u8 panel (`[K/4][CB][64 bytes]`), the f32
+    /// output tile, one block's scales and biases as f32 (`[group][NC]` each).
+    static TILE_I8: RefCell<TileI8> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
+    /// Quantized x (int8), its block scales and its group sums, taken out per call.
+    static XPACK_I8: RefCell<(Vec<i8>, Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// The int8-activation GEMM (every M; an explicit mode, see [`QMM_T_GEMM_I8`]).
+///
+/// Each block of 32 values of a row of x becomes `d·x̂` with `d = max|x|/127` and
+/// `x̂ = round(x/d) ∈ [-127, 127]`; the codes (u8, ≤ 255) meet x̂ in `vpdpbusd`, which sums
+/// four u8×s8 products into i32 lanes without saturating (|sum| ≤ 32·255·127 < 2^21 per
+/// block, so 8-bit codes are safe, unlike `vpmaddubsw`'s i16). Per block the i32 sum is
+/// converted and scaled by `s·d`; the bias term uses the exact f32 `Σx` of each group, so
+/// only `s·q` meets rounded x. Error against the exact product, per output:
+///
+/// `|y − y_exact| ≤ Σ_blocks (max|x_blk| / 254) · Σ_{k∈blk} |s·q_k|`  (plus f32 rounding),
+///
+/// i.e. at most half an int8 step of each block times the weights' magnitude without bias.
+fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+    const OP: &str = "quantized_matmul";
+    let w = a.w;
+    let scales: &[S] = cast(OP, "scales", w.scales)?;
+    let biases: &[S] = cast(OP, "biases", w.biases)?;
+    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
+    let (m, n, k, g) = (a.m, w.rows, w.cols, w.group_size);
+    let groups = w.groups();
+    let row_bytes = w.row_bytes();
+    if a.x.len() < m * k
+        || out.len() < m * n
+        || w.packed.len() < n * row_bytes
+        || scales.len() < n * groups
+        || biases.len() < n * groups
+        || !g.is_multiple_of(XBLOCK)
+        || !KC.is_multiple_of(g)
+    {
+        return Err(crate::Error::unsupported(
+            OP,
+            format!("avx512gemm-i8 on inconsistent sizes (m {m}, n {n}, k {k}, group {g})"),
+        ));
+    }
+    let blocks = k.div_ceil(KC);
+    let (mut xq, mut xd, mut xs) = XPACK_I8.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    xq.clear();
+    xq.resize(blocks * m * KC, 0);
+    xd.clear();
+    xd.resize(blocks * m * (KC / XBLOCK), 0.0);
+    xs.clear();
+    xs.resize(blocks * m * (KC / XBLOCK), 0.0);
+    // Row `r` of block `b` at (b·m + r)·KC bytes (K order of the panel), its block scales
+    // and group sums at (b·m + r)·KC/32.
+    xq.par_chunks_mut(KC)
+        .zip(xd.par_chunks_mut(KC / XBLOCK))
+        .zip(xs.par_chunks_mut(KC / XBLOCK))
+        .enumerate()
+        .for_each(|(i, ((q, d), s))| {
+            let (b, r) = (i / m, i % m);
+            let k0 = b * KC;
+            let len = KC.min(k - k0);
+            let src = &a.x[r * k + k0..r * k + k0 + len];
+            for (blk, (q, d)) in q.chunks_exact_mut(XBLOCK).zip(d.iter_mut()).enumerate() {
+                let Some(v) = src.get(blk * XBLOCK..(blk + 1) * XBLOCK) else {
+                    break;
+                };
+                let amax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let (step, inv) = if amax > 0.0 {
+                    (amax / 127.0, 127.0 / amax)
+                } else {
+                    (0.0, 0.0)
+                };
+                *d = step;
+                for (p, q) in q.iter_mut().enumerate() {
+                    *q = (v[perm(BITS, p)] * inv).round().clamp(-127.0, 127.0) as i8;
+                }
+            }
+            for (s, grp) in s.iter_mut().zip(src.chunks_exact(g)) {
+                *s = grp.iter().sum();
+            }
+        });
+    let writer = DisjointOut::new(out);
+    let (xq_ref, xd_ref, xs_ref) = (&xq[..], &xd[..], &xs[..]);
+    (0..n.div_ceil(NC)).into_par_iter().for_each(|t| {
+        TILE_I8.with(|tile| {
+            let mut tile = tile.borrow_mut();
+            let (panel, acc, sv, bv) = &mut *tile;
+            panel.resize(KC / 4 * CB, [0; 64]);
+            acc.resize(m * NC, 0.0);
+            sv.resize(KC / XBLOCK * NC, 0.0);
+            bv.resize(KC / XBLOCK * NC, 0.0);
+            let c0 = t * NC;
+            let cols = NC.min(n - c0);
+            for b in 0..blocks {
+                let k0 = b * KC;
+                let len = KC.min(k - k0);
+                let (g0, gb) = (k0 / g, len / g);
+                for j in 0..gb {
+                    for c in 0..NC {
+                        let (s, bias) = if c < cols {
+                            let at = (c0 + c) * groups + g0 + j;
+                            (scales[at].to_f32(), biases[at].to_f32())
+                        } else {
+                            (0.0, 0.0)
+                        };
+                        sv[j * NC + c] = s;
+                        bv[j * NC + c] = bias;
+                    }
+                }
+                let src = Panel {
+                    packed: w.packed,
+                    row_bytes,
+                    col0: c0,
+                    cols,
+                    byte0: k0 / 8 * BITS,
+                    len,
+                    g,
+                };
+                // SAFETY: features checked by `supports`; `decode_panel_u8` checks its slices.
+                unsafe { decode_panel_u8::<BITS>(&src, panel) };
+                let cbs = cols.div_ceil(16);
+                for r0 in (0..m).step_by(RI) {
+                    let rows = RI.min(m - r0);
+                    let at = b * m + r0;
+                    let x = XTile {
+                        q: &xq_ref[at * KC..],
+                        d: &xd_ref[at * (KC / XBLOCK)..],
+                        sums: &xs_ref[at * (KC / XBLOCK)..],
+                        len,
+                        g,
+                    };
+                    let c = &mut acc[r0 * NC..(r0 + rows) * NC];
+                    // SAFETY: features checked by `supports`; `micro_i8` checks its slices.
+                    unsafe { micro_i8_dispatch(rows, cbs, &x, panel, sv, bv, c, b == 0) };
+                }
+            }
+            for r in 0..m {
+                for cc in 0..cols {
+                    // SAFETY: task `t` alone owns columns c0..c0 + cols of every row.
+                    unsafe { writer.write(r * n + c0 + cc, O::from_f32(acc[r * NC + cc])) };
+                }
+            }
+        })
+    });
+    XPACK_I8.with(|s| *s.borrow_mut() = (xq, xd, xs));
+    Ok(())
+}
+
+/// Decodes the codes of `src` into `panel` as u8 (`[K/4][CB]` vectors of 16 columns × 4
+/// codes, `vpdpbusd`'s layout); columns past `cols` are zero.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL/VBMI. (Slices are checked here.)
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn decode_panel_u8<const BITS: usize>(src: &Panel<'_>, panel: &mut [[u8; 64]]) {
+    let pad = src.len.div_ceil(CHUNK) * CHUNK;
+    let last_col = src.col0 + src.cols;
+    if !src.len.is_multiple_of(32)
+        || src.packed.len() < last_col * src.row_bytes
+        || src.byte0 + src.len / 8 * BITS > src.row_bytes
+        || panel.len() < pad / 4 * CB
+    {
+        return;
+    }
+    for cb in 0..src.cols.div_ceil(16) {
+        for ch in 0..pad / CHUNK {
+            let half = src.len - ch * CHUNK == 32;
+            let mut rows = [_mm512_setzero_si512(); 16];
+            for (c, row) in rows.iter_mut().enumerate() {
+                let col = src.col0 + cb * 16 + c;
+                if col < last_col {
+                    let at = col * src.row_bytes + src.byte0 + ch * CHUNK / 8 * BITS;
+                    // SAFETY: as in `decode_panel`.
+                    *row = unsafe { decode64::<BITS>(src.packed.as_ptr().add(at), half) };
+                }
+            }
+            transpose16(&mut rows);
+            for (q, &d) in rows.iter().enumerate() {
+                let dst = &mut panel[(ch * CHUNK / 4 + q) * CB + cb];
+                // SAFETY: `dst` is 64 writable bytes.
+                unsafe { _mm512_storeu_si512(dst.as_mut_ptr() as *mut __m512i, d) };
+            }
+        }
+    }
+}
+
+/// Rows of quantized x for one K block: int8 values (row stride `KC`), block scales and
+/// group sums (row stride `KC/32`), `len` values of K, groups of `g`.
+struct XTile<'a> {
+    q: &'a [i8],
+    d: &'a [f32],
+    sums: &'a [f32],
+    len: usize,
+    g: usize,
+}
+
+/// Runs [`micro_i8`] for `rows` (1..=RI) rows and `cbs` (1..=CB) column vectors.
+///
+/// # Safety
+/// The CPU has AVX-512 F and VNNI.
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_i8_dispatch(
+    rows: usize,
+    cbs: usize,
+    x: &XTile<'_>,
+    panel: &[[u8; 64]],
+    sv: &[f32],
+    bv: &[f32],
+    c: &mut [f32],
+    first: bool,
+) {
+    macro_rules! go {
+        ($($r:literal)*) => {
+            match (rows, cbs) {
+                $( ($r, 1) => unsafe { micro_i8::<$r, 1>(x, panel, sv, bv, c, first) },
+                   ($r, 2) => unsafe { micro_i8::<$r, 2>(x, panel, sv, bv, c, first) },
+                   ($r, _) => unsafe { micro_i8::<$r, 3>(x, panel, sv, bv, c, first) }, )*
+                _ => {}
+            }
+        };
+    }
+    go!(1 2 3 4);
+}
+
+/// `c[RR][NC] (+)= Σ_blocks s·d·Σ(q·x̂) + Σ_groups b·Σx` over one K block, for the first `C`
+/// column vectors. Does nothing if a slice is shorter than that needs.
+///
+/// # Safety
+/// The CPU has AVX-512 F and VNNI.
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // indexes `acc`, `dot` and the x scales together
+unsafe fn micro_i8<const RR: usize, const C: usize>(
+    x: &XTile<'_>,
+    panel: &[[u8; 64]],
+    sv: &[f32],
+    bv: &[f32],
+    c: &mut [f32],
+    first: bool,
+) {
+    let (nblk, ngrp, ds) = (x.len / XBLOCK, x.len / x.g, KC / XBLOCK);
+    if x.q.len() < (RR - 1) * KC + x.len
+        || x.d.len() < (RR - 1) * ds + nblk
+        || x.sums.len() < (RR - 1) * ds + ngrp
+        || panel.len() < x.len / 4 * CB
+        || sv.len() < ngrp * NC
+        || bv.len() < ngrp * NC
+        || c.len() < RR * NC
+    {
+        return;
+    }
+    let (xp, cp) = (x.q.as_ptr(), c.as_mut_ptr());
+    let mut acc = [[_mm512_setzero_ps(); C]; RR];
+    if !first {
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (v, a) in row.iter_mut().enumerate() {
+                // SAFETY: r < RR rows of NC, v·16 + 16 ≤ NC (checked above).
+                *a = unsafe { _mm512_loadu_ps(cp.add(r * NC + v * 16)) };
+            }
+        }
+    }
+    let per_group = x.g / XBLOCK;
+    for blk in 0..nblk {
+        let mut dot = [[_mm512_setzero_si512(); C]; RR];
+        for q in 0..XBLOCK / 4 {
+            let s = blk * XBLOCK / 4 + q;
+            // SAFETY: each entry is 64 readable bytes.
+            let w: [__m512i; C] = std::array::from_fn(|v| unsafe {
+                _mm512_loadu_si512(panel[s * CB + v].as_ptr() as *const __m512i)
+            });
+            for (r, row) in dot.iter_mut().enumerate() {
+                // SAFETY: byte 4s + 4 ≤ len of row r < RR (checked above).
+                let xb = unsafe { (xp.add(r * KC + 4 * s) as *const i32).read_unaligned() };
+                let xb = _mm512_set1_epi32(xb);
+                for (d, &w) in row.iter_mut().zip(&w) {
+                    *d = _mm512_dpbusd_epi32(*d, w, xb);
+                }
+            }
+        }
+        let j = blk / per_group;
+        for v in 0..C {
+            // SAFETY: j < ngrp groups of NC (checked above).
+            let s = unsafe { _mm512_loadu_ps(sv.as_ptr().add(j * NC + v * 16)) };
+            for r in 0..RR {
+                let d = _mm512_set1_ps(x.d[r * ds + blk]);
+                acc[r][v] = _mm512_fmadd_ps(
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r][v]), s),
+                    d,
+                    acc[r][v],
+                );
+            }
+        }
+        if (blk + 1) % per_group == 0 {
+            for v in 0..C {
+                // SAFETY: as above.
+                let b = unsafe { _mm512_loadu_ps(bv.as_ptr().add(j * NC + v * 16)) };
+                for r in 0..RR {
+                    let sum = _mm512_set1_ps(x.sums[r * ds + j]);
+                    acc[r][v] = _mm512_fmadd_ps(b, sum, acc[r][v]);
+                }
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (v, &a) in row.iter().enumerate() {
+            // SAFETY: as for the loads.
+            unsafe { _mm512_storeu_ps(cp.add(r * NC + v * 16), a) };
+        }
+    }
+}
