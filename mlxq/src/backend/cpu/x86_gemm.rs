@@ -24,8 +24,8 @@
 //! 24 register accumulators (8 rows × 48 columns). x is packed once per call, in the panel's
 //! K order (4-bit chunks hold even then odd elements), with each block's group sums appended.
 //!
-//! Fewer than [`MIN_M`] rows take the decode kernels (`avx512bf16` for bf16 x where the CPU
-//! has it, `avx512` otherwise), which stream W once with no panel to build.
+//! Fewer than [`MIN_M`] rows take the decode kernels (`avx512vnni` where it applies,
+//! `avx512bf16` for other bf16 x, `avx512` otherwise), which stream W once with no panel.
 
 use super::qmm::QmmArgs;
 use super::{cast, cast_mut, DisjointOut, KernelFn, Variant};
@@ -46,16 +46,28 @@ pub(crate) const QMM_T_GEMM: Variant = Variant {
             && super::x86::available()
     },
     build: |k| {
-        let bf16_small = k.input == crate::DType::BF16 && super::x86_bf16::available();
+        // The decode kernel that takes fewer than MIN_M rows: the best the key allows.
+        let small = if (super::x86_vnni::QMM_T_VNNI.supports)(k) {
+            SMALL_VNNI
+        } else if k.input == crate::DType::BF16 && super::x86_bf16::available() {
+            SMALL_BF16
+        } else {
+            SMALL_F32
+        };
         crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
-            Some(KernelFn::Qmm(dispatch_bits!(k.bits, B => if bf16_small {
-                qmm_t::<S, O, B, true> as super::qmm::QmmFn
-            } else {
-                qmm_t::<S, O, B, false> as super::qmm::QmmFn
+            Some(KernelFn::Qmm(dispatch_bits!(k.bits, B => match small {
+                SMALL_VNNI => qmm_t::<S, O, B, SMALL_VNNI> as super::qmm::QmmFn,
+                SMALL_BF16 => qmm_t::<S, O, B, SMALL_BF16> as super::qmm::QmmFn,
+                _ => qmm_t::<S, O, B, SMALL_F32> as super::qmm::QmmFn,
             }, _ => return None)))
         }, _ => None), _ => None)
     },
 };
+
+/// Which decode kernel runs fewer than [`MIN_M`] rows: `avx512vnni`, `avx512bf16`, `avx512`.
+const SMALL_VNNI: u8 = 0;
+const SMALL_BF16: u8 = 1;
+const SMALL_F32: u8 = 2;
 
 /// Rows of x from which the GEMM beats the decode kernels.
 pub(crate) const MIN_M: usize = 8;
@@ -104,15 +116,13 @@ fn perm(bits: usize, p: usize) -> usize {
 }
 
 /// The kernel.
-fn qmm_t<S: Float, O: Float, const BITS: usize, const BF16_SMALL: bool>(
-    a: QmmArgs<'_>,
-) -> Result<()> {
+fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>) -> Result<()> {
     const OP: &str = "quantized_matmul";
     if a.m < MIN_M {
-        return if BF16_SMALL {
-            super::x86_bf16::qmm_t::<S, O, BITS>(a)
-        } else {
-            super::x86::qmv_t::<S, O, BITS>(a)
+        return match SMALL {
+            SMALL_VNNI => super::x86_vnni::qmm_t::<S, O, BITS>(a),
+            SMALL_BF16 => super::x86_bf16::qmm_t::<S, O, BITS>(a),
+            _ => super::x86::qmv_t::<S, O, BITS>(a),
         };
     }
     let w = a.w;

@@ -244,7 +244,7 @@ unsafe fn decode<const BITS: usize, const CH: usize>(p: *const u8, t: &Tables) -
 }
 
 /// The kernel.
-fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+pub(crate) fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
     if a.w.group_size >= 64 {
         qmm_t_ch::<S, O, BITS, 64>(a)
     } else {
