@@ -24,9 +24,8 @@
 //! 24 register accumulators (8 rows × 48 columns). x is packed once per call, in the panel's
 //! K order (4-bit chunks hold even then odd elements), with each block's group sums appended.
 //!
-//! Fewer than [`MIN_M`] rows take the decode kernels (`avx512vnni` for bf16/f16 x and output,
-//! `avx512bf16` for other bf16 x where the CPU has it, `avx512` otherwise), which stream W
-//! once with no panel to build.
+//! Fewer than [`MIN_M`] rows take the decode kernels (`avx512vnni` where it applies,
+//! `avx512bf16` for other bf16 x, `avx512` otherwise), which stream W once with no panel.
 
 use super::qmm::QmmArgs;
 use super::{cast, cast_mut, DisjointOut, KernelFn, Variant};
@@ -47,6 +46,7 @@ pub(crate) const QMM_T_GEMM: Variant = Variant {
             && super::x86::available()
     },
     build: |k| {
+        // The decode kernel that takes fewer than MIN_M rows: the best the key allows.
         let small = if (super::x86_vnni::QMM_T_VNNI.supports)(k) {
             SMALL_VNNI
         } else if k.input == crate::DType::BF16 && super::x86_bf16::available() {
@@ -64,14 +64,16 @@ pub(crate) const QMM_T_GEMM: Variant = Variant {
     },
 };
 
-/// Decode kernels for fewer than [`MIN_M`] rows: `avx512vnni` (bf16/f16 x and output),
-/// `avx512bf16` (bf16 x), `avx512` (the rest).
-const SMALL_VNNI: u8 = 2;
+/// Which decode kernel runs fewer than [`MIN_M`] rows: `avx512vnni`, `avx512bf16`, `avx512`.
+const SMALL_VNNI: u8 = 0;
 const SMALL_BF16: u8 = 1;
-const SMALL_F32: u8 = 0;
+const SMALL_F32: u8 = 2;
 
 /// Rows of x from which the GEMM beats the decode kernels.
 pub(crate) const MIN_M: usize = 8;
+/// The same for keys `avx512vnni` takes: its integer dots beat the panel up to about 12 rows
+/// (CPU time, one thread, 1024×2048 4-bit: M=8 0.75 ms against 0.99; M=16 1.49 against 1.02).
+pub(crate) const MIN_M_VNNI: usize = 12;
 /// Rows of x per micro-kernel tile.
 const R: usize = 8;
 /// 16-column vectors per micro-kernel tile.
@@ -83,10 +85,16 @@ const KC: usize = 128;
 /// Codes decoded per column at a time.
 const CHUNK: usize = 64;
 
+/// 64 bytes on a cache line: panels and output tiles are made of these so that no vector
+/// load of the micro-kernels splits a line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+struct Line([u8; 64]);
+
 thread_local! {
     /// Per-thread scratch, made once and reused: the decoded panel, the f32 output tile,
     /// and one block's scales as f32 (`[group][column]`).
-    static TILE: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+    static TILE: RefCell<(Vec<Line>, Vec<Line>, Vec<f32>)> =
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
     /// Packed x, taken out for the length of a call (a nested call allocates its own).
     static XPACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -113,7 +121,7 @@ fn perm(bits: usize, p: usize) -> usize {
 /// The kernel.
 fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>) -> Result<()> {
     const OP: &str = "quantized_matmul";
-    if a.m < MIN_M {
+    if a.m < MIN_M || (SMALL == SMALL_VNNI && a.m < MIN_M_VNNI) {
         return match SMALL {
             SMALL_VNNI => super::x86_vnni::qmm_t::<S, O, BITS>(a),
             SMALL_BF16 => super::x86_bf16::qmm_t::<S, O, BITS>(a),
@@ -166,8 +174,10 @@ fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>)
         TILE.with(|tile| {
             let mut tile = tile.borrow_mut();
             let (panel, acc, sv) = &mut *tile;
-            panel.resize(stride * NC, 0.0);
-            acc.resize(m * NC, 0.0);
+            panel.resize(stride * CB, Line([0; 64]));
+            acc.resize(m * CB, Line([0; 64]));
+            let panel: &mut [f32] = bytemuck::cast_slice_mut(&mut panel[..]);
+            let acc: &mut [f32] = bytemuck::cast_slice_mut(&mut acc[..]);
             sv.resize(KC / 32 * NC, 0.0);
             let c0 = t * NC;
             let cols = NC.min(n - c0);
@@ -466,7 +476,7 @@ pub(crate) const QMM_T_GEMM_I8: Variant = Variant {
 };
 
 /// The int8 variant's per-thread tile scratch (see `TILE_I8`).
-type TileI8 = (Vec<[u8; 64]>, Vec<f32>, Vec<f32>, Vec<f32>);
+type TileI8 = (Vec<Line>, Vec<Line>, Vec<f32>, Vec<f32>);
 
 /// Rows of x per int8 micro-kernel tile (12 i32 and 12 f32 accumulators).
 const RI: usize = 4;
@@ -561,8 +571,9 @@ fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()>
         TILE_I8.with(|tile| {
             let mut tile = tile.borrow_mut();
             let (panel, acc, sv, bv) = &mut *tile;
-            panel.resize(KC / 4 * CB, [0; 64]);
-            acc.resize(m * NC, 0.0);
+            panel.resize(KC / 4 * CB, Line([0; 64]));
+            acc.resize(m * CB, Line([0; 64]));
+            let acc: &mut [f32] = bytemuck::cast_slice_mut(&mut acc[..]);
             sv.resize(KC / XBLOCK * NC, 0.0);
             bv.resize(KC / XBLOCK * NC, 0.0);
             let c0 = t * NC;
@@ -628,7 +639,7 @@ fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()>
 /// # Safety
 /// The CPU has AVX-512 F/BW/VL/VBMI. (Slices are checked here.)
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-unsafe fn decode_panel_u8<const BITS: usize>(src: &Panel<'_>, panel: &mut [[u8; 64]]) {
+unsafe fn decode_panel_u8<const BITS: usize>(src: &Panel<'_>, panel: &mut [Line]) {
     let pad = src.len.div_ceil(CHUNK) * CHUNK;
     let last_col = src.col0 + src.cols;
     if !src.len.is_multiple_of(32)
@@ -654,7 +665,7 @@ unsafe fn decode_panel_u8<const BITS: usize>(src: &Panel<'_>, panel: &mut [[u8; 
             for (q, &d) in rows.iter().enumerate() {
                 let dst = &mut panel[(ch * CHUNK / 4 + q) * CB + cb];
                 // SAFETY: `dst` is 64 writable bytes.
-                unsafe { _mm512_storeu_si512(dst.as_mut_ptr() as *mut __m512i, d) };
+                unsafe { _mm512_storeu_si512(dst.0.as_mut_ptr() as *mut __m512i, d) };
             }
         }
     }
@@ -679,7 +690,7 @@ unsafe fn micro_i8_dispatch(
     rows: usize,
     cbs: usize,
     x: &XTile<'_>,
-    panel: &[[u8; 64]],
+    panel: &[Line],
     sv: &[f32],
     bv: &[f32],
     c: &mut [f32],
@@ -704,10 +715,9 @@ unsafe fn micro_i8_dispatch(
 /// # Safety
 /// The CPU has AVX-512 F and VNNI.
 #[target_feature(enable = "avx512f,avx512vnni")]
-#[allow(clippy::needless_range_loop)] // indexes `acc`, `dot` and the x scales together
 unsafe fn micro_i8<const RR: usize, const C: usize>(
     x: &XTile<'_>,
-    panel: &[[u8; 64]],
+    panel: &[Line],
     sv: &[f32],
     bv: &[f32],
     c: &mut [f32],
@@ -735,43 +745,56 @@ unsafe fn micro_i8<const RR: usize, const C: usize>(
         }
     }
     let per_group = x.g / XBLOCK;
+    let (pp, dp, sp) = (
+        panel.as_ptr() as *const __m512i,
+        x.d.as_ptr(),
+        x.sums.as_ptr(),
+    );
+    let (svp, bvp) = (sv.as_ptr(), bv.as_ptr());
     for blk in 0..nblk {
         let mut dot = [[_mm512_setzero_si512(); C]; RR];
         for q in 0..XBLOCK / 4 {
             let s = blk * XBLOCK / 4 + q;
-            // SAFETY: each entry is 64 readable bytes.
-            let w: [__m512i; C] = std::array::from_fn(|v| unsafe {
-                _mm512_loadu_si512(panel[s * CB + v].as_ptr() as *const __m512i)
-            });
-            for (r, row) in dot.iter_mut().enumerate() {
-                // SAFETY: byte 4s + 4 ≤ len of row r < RR (checked above).
-                let xb = unsafe { (xp.add(r * KC + 4 * s) as *const i32).read_unaligned() };
-                let xb = _mm512_set1_epi32(xb);
-                for (d, &w) in row.iter_mut().zip(&w) {
-                    *d = _mm512_dpbusd_epi32(*d, w, xb);
+            // SAFETY: panel entry s·CB + v < len/4·CB and x byte 4s + 4 ≤ len of row r < RR
+            // (checked above).
+            unsafe {
+                let mut w = [_mm512_setzero_si512(); C];
+                for (v, w) in w.iter_mut().enumerate() {
+                    *w = _mm512_loadu_si512(pp.add(s * CB + v));
+                }
+                for (r, row) in dot.iter_mut().enumerate() {
+                    let xb = (xp.add(r * KC + 4 * s) as *const i32).read_unaligned();
+                    let xb = _mm512_set1_epi32(xb);
+                    for (d, &w) in row.iter_mut().zip(&w) {
+                        *d = _mm512_dpbusd_epi32(*d, w, xb);
+                    }
                 }
             }
         }
         let j = blk / per_group;
-        for v in 0..C {
-            // SAFETY: j < ngrp groups of NC (checked above).
-            let s = unsafe { _mm512_loadu_ps(sv.as_ptr().add(j * NC + v * 16)) };
-            for r in 0..RR {
-                let d = _mm512_set1_ps(x.d[r * ds + blk]);
-                acc[r][v] = _mm512_fmadd_ps(
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r][v]), s),
-                    d,
-                    acc[r][v],
-                );
+        // SAFETY: group j < ngrp of NC scales/biases; x scale blk < nblk and group sum
+        // j < ngrp of each row r < RR (checked above).
+        unsafe {
+            let mut sv = [_mm512_setzero_ps(); C];
+            for (v, s) in sv.iter_mut().enumerate() {
+                *s = _mm512_loadu_ps(svp.add(j * NC + v * 16));
             }
-        }
-        if (blk + 1) % per_group == 0 {
-            for v in 0..C {
-                // SAFETY: as above.
-                let b = unsafe { _mm512_loadu_ps(bv.as_ptr().add(j * NC + v * 16)) };
-                for r in 0..RR {
-                    let sum = _mm512_set1_ps(x.sums[r * ds + j]);
-                    acc[r][v] = _mm512_fmadd_ps(b, sum, acc[r][v]);
+            for (r, (arow, drow)) in acc.iter_mut().zip(&dot).enumerate() {
+                let d = _mm512_set1_ps(*dp.add(r * ds + blk));
+                for ((a, &dd), &s) in arow.iter_mut().zip(drow).zip(&sv) {
+                    *a = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dd), s), d, *a);
+                }
+            }
+            if (blk + 1) % per_group == 0 {
+                let mut bv = [_mm512_setzero_ps(); C];
+                for (v, b) in bv.iter_mut().enumerate() {
+                    *b = _mm512_loadu_ps(bvp.add(j * NC + v * 16));
+                }
+                for (r, arow) in acc.iter_mut().enumerate() {
+                    let sum = _mm512_set1_ps(*sp.add(r * ds + j));
+                    for (a, &b) in arow.iter_mut().zip(&bv) {
+                        *a = _mm512_fmadd_ps(b, sum, *a);
+                    }
                 }
             }
         }
