@@ -34,11 +34,13 @@ struct Timed {
     graph_us: f64,
 }
 
-/// Times `calls` (one op launch each) as a batch on the stream and as a replayed graph.
+/// Times `calls` (one op launch each) as a batch on the stream and, with `graph`, as a
+/// replayed graph (ops that allocate their output cannot be captured: `graph_us` is NaN).
 fn time_calls(
     device: &Device,
     iters: usize,
     calls: usize,
+    graph: bool,
     mut run: impl FnMut(&mut mlxq::CommandEncoder, usize) -> mlxq::Result<()>,
 ) -> anyhow::Result<Timed> {
     let mut enc = device.encoder();
@@ -56,6 +58,12 @@ fn time_calls(
         stream.push(timer.stop_ms()? * 1e3 / calls as f64);
     }
     enc.commit_and_wait()?;
+    if !graph {
+        return Ok(Timed {
+            stream_us: median(stream),
+            graph_us: f64::NAN,
+        });
+    }
     let graph = enc.capture(|e| (0..calls).try_for_each(|i| run(e, i)))?;
     graph.replay()?;
     enc.commit_and_wait()?;
@@ -136,7 +144,7 @@ pub fn run(
                             let x = xh.to_device(device)?;
                             let mut out = ops::quantized_matmul(&mut enc, &x, &ws[0], transpose)?;
                             enc.commit_and_wait()?;
-                            let t = time_calls(device, iters, copies, |e, i| {
+                            let t = time_calls(device, iters, copies, true, |e, i| {
                                 ops::quantized_matmul_into(e, &x, &ws[i], transpose, &mut out)
                             })?;
                             // Check the output of the last call (copy copies-1, identical weights).
@@ -203,19 +211,18 @@ pub fn run(
                             d.len()
                         };
                         let rhs = Buffer::from_slice(&idx, &[t, top])?.to_device(device)?;
-                        let tm = time_calls(device, iters, copies, |en, i| {
+                        let tm = time_calls(device, iters, copies, false, |en, i| {
                             ops::gather_qmm(en, &x, &ws[i], None, Some(&rhs), true, false).map(drop)
                         })
                         .context("gather")?;
                         let bytes = (ws[0].nbytes() / e * distinct) as f64;
                         let best = tm.stream_us.min(tm.graph_us);
                         println!(
-                            "{{\"kind\":\"gather\",\"tokens\":{t},\"experts\":{e},\"top_k\":{top},\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"dtype\":\"{dtype}\",\"distinct_experts\":{distinct},\"weight_bytes\":{bytes},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"ratio\":{:.3}}}",
+                            "{{\"kind\":\"gather\",\"tokens\":{t},\"experts\":{e},\"top_k\":{top},\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"dtype\":\"{dtype}\",\"distinct_experts\":{distinct},\"weight_bytes\":{bytes},\"floor_us\":{:.2},\"stream_us\":{:.2},\"ratio\":{:.3}}}",
                             spec.bits(),
                             spec.group_size(),
                             bytes / (bw * 1e3),
                             tm.stream_us,
-                            tm.graph_us,
                             bytes / (best * 1e3) / bw,
                         );
                     }
