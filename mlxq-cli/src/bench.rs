@@ -27,6 +27,8 @@
 
 mod cases;
 mod check;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod data;
 mod plot;
 mod report;
@@ -211,6 +213,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .collect::<mlxq::Result<Vec<_>>>()
         .context("--bits / --group-size")?;
     validate(args, &shapes)?;
+    #[cfg(feature = "cuda")]
+    if device.location() != mlxq::Location::Cpu {
+        return cuda::run(args, &device, &shapes, &specs);
+    }
     let tokens: Vec<usize> = if args.tune.tokens.is_empty() {
         dedup(shapes.iter().map(|s| s[0]))
     } else {

@@ -5,6 +5,9 @@
 //! of a file (safetensors weights are used where they lie, without a copy). Views share storage
 //! through an `Arc`, so slicing one expert out of an `[E, N, K]` stack costs nothing.
 //!
+//! With the `cuda` feature the storage can also be device memory (a plain device allocation);
+//! such a buffer has no host bytes: [`Buffer::to_host`] and [`Buffer::to_device`] copy.
+//!
 //! Invariant, checked by every constructor: `offset + numel·dtype.size() ≤ storage length`,
 //! computed without overflow. Typed access re-checks dtype and alignment and never panics.
 
@@ -19,13 +22,28 @@ enum Storage {
     Host { words: Vec<u64>, len: usize },
     /// A read-only memory map (e.g. of a safetensors file).
     Mapped(Arc<memmap2::Mmap>),
+    /// Device memory of a CUDA device.
+    #[cfg(feature = "cuda")]
+    Cuda(crate::backend::cuda::DeviceMem),
 }
 
 impl Storage {
+    /// Host bytes; empty for device memory.
     fn bytes(&self) -> &[u8] {
         match self {
             Storage::Host { words, len } => &bytemuck::cast_slice(words)[..*len],
             Storage::Mapped(m) => &m[..],
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => &[],
+        }
+    }
+
+    /// Length in bytes, wherever the memory is.
+    fn len(&self) -> usize {
+        match self {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(m) => m.len(),
+            s => s.bytes().len(),
         }
     }
 }
@@ -130,7 +148,7 @@ impl Buffer {
 
     fn check_fits(&self, op: &'static str) -> Result<()> {
         let needed = byte_size(op, self.dtype, &self.shape)?;
-        let total = self.storage.bytes().len();
+        let total = self.storage.len();
         let available = total.saturating_sub(self.offset);
         if self.offset > total || needed > available {
             return Err(Error::BufferTooSmall {
@@ -233,14 +251,148 @@ impl Buffer {
         Arc::ptr_eq(&self.storage, &other.storage)
     }
 
-    /// The raw little-endian bytes of this view.
+    /// The raw little-endian bytes of this view; empty for a buffer in device memory (copy it
+    /// with [`Buffer::to_host`] first).
     pub fn bytes(&self) -> &[u8] {
-        // In range by the constructor invariant.
-        &self.storage.bytes()[self.offset..self.offset + self.nbytes()]
+        // In range by the constructor invariant (device storage has no host bytes).
+        self.storage
+            .bytes()
+            .get(self.offset..self.offset + self.nbytes())
+            .unwrap_or(&[])
+    }
+
+    /// Fails with [`Error::DeviceMismatch`] unless this buffer is in host memory.
+    fn require_host(&self, op: &'static str) -> Result<()> {
+        if self.location != Location::Cpu {
+            return Err(Error::DeviceMismatch {
+                op,
+                param: "buffer",
+                expected: "cpu (copy it with Buffer::to_host)".into(),
+                actual: self.location.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A copy of this buffer on `device` (the same buffer if it is already there). Copies
+    /// between host and a CUDA device run on the device's stream, after all work recorded on
+    /// it, and return when done.
+    pub fn to_device(&self, device: &crate::Device) -> Result<Buffer> {
+        if device.location() == self.location {
+            return Ok(self.clone());
+        }
+        let host = self.to_host()?;
+        match device.location() {
+            Location::Cpu => Ok(host),
+            #[cfg(feature = "cuda")]
+            Location::Cuda(_) => {
+                let mem = device.cuda_state()?.alloc(self.nbytes())?;
+                mem.upload(0, host.bytes())?;
+                Ok(Buffer {
+                    storage: Arc::new(Storage::Cuda(mem)),
+                    dtype: self.dtype,
+                    shape: self.shape.clone(),
+                    offset: 0,
+                    location: device.location(),
+                })
+            }
+            #[cfg(not(feature = "cuda"))]
+            Location::Cuda(_) => Err(Error::BackendUnavailable {
+                device: device.location().to_string(),
+                reason: "mlxq was built without the `cuda` feature".into(),
+            }),
+        }
+    }
+
+    /// Overwrites this buffer's elements (on the host or a device) with those of `src`, a
+    /// buffer of the same dtype and shape anywhere: how a decode loop feeds new inputs to a
+    /// captured graph. Device copies run in stream order and return when done.
+    pub fn copy_from(&mut self, src: &Buffer) -> Result<()> {
+        if (src.dtype, src.shape()) != (self.dtype, self.shape()) {
+            return Err(Error::shape(
+                "Buffer::copy_from",
+                "src",
+                format!("{} {:?}", self.dtype, self.shape),
+                src.shape(),
+            ));
+        }
+        let host = src.to_host()?;
+        match &*self.storage {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(mem) => mem.upload(self.offset, host.bytes()),
+            _ => {
+                self.bytes_mut()?.copy_from_slice(host.bytes());
+                Ok(())
+            }
+        }
+    }
+
+    /// A host copy of this buffer (the same buffer if it is already on the host).
+    pub fn to_host(&self) -> Result<Buffer> {
+        match &*self.storage {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(mem) => {
+                let mut b = Buffer::zeros(self.dtype, &self.shape)?;
+                mem.download(self.offset, b.bytes_mut()?)?;
+                Ok(b)
+            }
+            _ => Ok(self.clone()),
+        }
+    }
+
+    /// A new buffer on `device` whose contents are unspecified (zero on the host): op outputs.
+    pub(crate) fn uninit_on(
+        device: &crate::Device,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<Buffer> {
+        match device.location() {
+            #[cfg(feature = "cuda")]
+            Location::Cuda(_) => {
+                let len = byte_size("Buffer::uninit_on", dtype, shape)?;
+                let mem = device.cuda_state()?.alloc(len)?;
+                Ok(Buffer {
+                    storage: Arc::new(Storage::Cuda(mem)),
+                    dtype,
+                    shape: shape.to_vec(),
+                    offset: 0,
+                    location: device.location(),
+                })
+            }
+            _ => Buffer::zeros(dtype, shape),
+        }
+    }
+
+    /// A byte buffer over a whole device allocation of CUDA device `ordinal`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn from_device_mem(
+        mem: crate::backend::cuda::DeviceMem,
+        ordinal: usize,
+        shape: &[usize],
+    ) -> Result<Buffer> {
+        let b = Buffer {
+            storage: Arc::new(Storage::Cuda(mem)),
+            dtype: DType::U8,
+            shape: shape.to_vec(),
+            offset: 0,
+            location: Location::Cuda(ordinal),
+        };
+        b.check_fits("Buffer::from_device_mem")?;
+        Ok(b)
+    }
+
+    /// The device address of this view's first byte (`None` for host buffers).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device_ptr(&self) -> Option<u64> {
+        match &*self.storage {
+            Storage::Cuda(mem) => Some(mem.ptr() + self.offset as u64),
+            _ => None,
+        }
     }
 
     /// Mutable raw bytes; fails unless this buffer solely owns host storage.
     pub fn bytes_mut(&mut self) -> Result<&mut [u8]> {
+        self.require_host("Buffer::bytes_mut")?;
         let (start, len) = (self.offset, self.nbytes());
         let storage = Arc::get_mut(&mut self.storage).ok_or(Error::ReadOnly {
             op: "Buffer::bytes_mut",
@@ -257,10 +409,17 @@ impl Buffer {
                 param: "buffer",
                 reason: "it is a memory-mapped file",
             }),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => Err(Error::ReadOnly {
+                op: "Buffer::bytes_mut",
+                param: "buffer",
+                reason: "it is in device memory",
+            }),
         }
     }
 
     fn check_type<T: Element>(&self, op: &'static str) -> Result<()> {
+        self.require_host(op)?;
         if T::DTYPE != self.dtype {
             return Err(Error::dtype(op, "buffer", T::DTYPE.name(), self.dtype));
         }
@@ -306,6 +465,7 @@ impl Buffer {
 
     /// A copy of the elements.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        self.require_host("Buffer::to_vec")?;
         if T::DTYPE != self.dtype {
             return Err(Error::dtype(
                 "Buffer::to_vec",

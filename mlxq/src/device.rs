@@ -32,6 +32,8 @@ struct Inner {
     location: Location,
     preferred_variant: Option<&'static str>,
     registry: KernelRegistry<CpuKernel>,
+    #[cfg(feature = "cuda")]
+    cuda: Option<Arc<crate::backend::cuda::CudaDevice>>,
 }
 
 /// A compute device and its kernel cache.
@@ -54,6 +56,8 @@ impl Device {
                 location: Location::Cpu,
                 preferred_variant: None,
                 registry: KernelRegistry::new(),
+                #[cfg(feature = "cuda")]
+                cuda: None,
             }),
         }
     }
@@ -81,6 +85,8 @@ impl Device {
                 location: Location::Cpu,
                 preferred_variant: Some(v),
                 registry: KernelRegistry::new(),
+                #[cfg(feature = "cuda")]
+                cuda: None,
             }),
         })
     }
@@ -90,17 +96,40 @@ impl Device {
         self.inner.preferred_variant
     }
 
-    /// CUDA device `ordinal`. This build has no CUDA backend yet, so this always returns
-    /// [`Error::BackendUnavailable`] naming the reason.
+    /// CUDA device `ordinal`: its primary context and one stream, on which every encoder of
+    /// this device records (kernels are compiled by NVRTC on first use). Returns
+    /// [`Error::BackendUnavailable`] naming the reason when mlxq was built without the `cuda`
+    /// feature, when no NVIDIA driver is installed, or when there is no such device.
     pub fn cuda(ordinal: usize) -> Result<Device> {
+        #[cfg(feature = "cuda")]
+        {
+            let cuda = crate::backend::cuda::CudaDevice::open(ordinal)?;
+            Ok(Device {
+                inner: Arc::new(Inner {
+                    location: Location::Cuda(ordinal),
+                    preferred_variant: None,
+                    registry: KernelRegistry::new(),
+                    cuda: Some(cuda),
+                }),
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
         Err(Error::BackendUnavailable {
             device: Location::Cuda(ordinal).to_string(),
-            reason: if cfg!(feature = "cuda") {
-                "the CUDA backend is not implemented in this version".into()
-            } else {
-                "mlxq was built without the `cuda` feature".into()
-            },
+            reason: "mlxq was built without the `cuda` feature".into(),
         })
+    }
+
+    /// The CUDA state of this device, or [`Error::BackendUnavailable`] for the CPU.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_state(&self) -> Result<&Arc<crate::backend::cuda::CudaDevice>> {
+        self.inner
+            .cuda
+            .as_ref()
+            .ok_or_else(|| Error::BackendUnavailable {
+                device: self.inner.location.to_string(),
+                reason: "not a CUDA device".into(),
+            })
     }
 
     /// Parses `cpu`, `cuda` or `cuda:N`.

@@ -139,6 +139,24 @@ pub enum Error {
         /// The buffer's device.
         actual: String,
     },
+    /// A CUDA driver call failed (or a kernel faulted) while running `op`.
+    #[error("{op}: CUDA error: {cause}")]
+    Cuda {
+        /// The operation (or runtime step) that made the call.
+        op: &'static str,
+        /// The driver's error name and description.
+        cause: String,
+    },
+    /// NVRTC could not compile a kernel; `log` is NVRTC's program log.
+    #[error("kernel {kernel}: NVRTC compile failed: {cause}\n{log}")]
+    KernelCompile {
+        /// The kernel key's name.
+        kernel: String,
+        /// NVRTC's error code.
+        cause: String,
+        /// NVRTC's compile log.
+        log: String,
+    },
     /// A file could not be read or written.
     #[error("{path}: {cause}")]
     Io {

@@ -61,6 +61,10 @@ pub fn dequantize(
     opts: DequantizeOptions,
 ) -> Result<Buffer> {
     enc.check_location(OP, "w", w.packed())?;
+    #[cfg(feature = "cuda")]
+    if enc.device().cuda_state().is_ok() {
+        return crate::backend::cuda::launch::dequantize(enc, w, opts);
+    }
     let (kernel, f, out_dtype) = dequantize_kernel(enc, w, opts)?;
     let mut out = Buffer::zeros(out_dtype, w.shape())?;
     let spec = w.spec();

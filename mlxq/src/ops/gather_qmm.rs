@@ -64,6 +64,32 @@ pub fn gather_qmm(
     let m = xs[xs.len() - 2];
     let x_count = checked_product(OP, "x batch", x_batch.iter().copied())?;
     let w_count = w.batch_size();
+    #[cfg(feature = "cuda")]
+    if enc.device().cuda_state().is_ok() {
+        // Indices stay on the device: the kernel resolves them (an out-of-range one is
+        // reported by the next `commit_and_wait`).
+        let lhs_shape = lhs_indices.map_or(x_batch, Buffer::shape);
+        let rhs_shape = rhs_indices.map_or(w.batch_shape(), Buffer::shape);
+        let index_shape = broadcast_shapes(OP, "rhs_indices", lhs_shape, rhs_shape)?;
+        let mut out_shape = index_shape.clone();
+        out_shape.extend([m, out_dim]);
+        let out = Buffer::uninit_on(enc.device(), out_dtype, &out_shape)?;
+        if out.numel() == 0 {
+            return Ok(out);
+        }
+        let job = crate::backend::cuda::launch::MatmulJob {
+            batch: &index_shape,
+            lhs_shape,
+            rhs_shape,
+            lhs: lhs_indices,
+            rhs: rhs_indices,
+            x_count,
+            m,
+            transpose,
+        };
+        crate::backend::cuda::launch::qmm(enc, OP, x, w, &out, &job)?;
+        return Ok(out);
+    }
 
     let (lhs, lhs_shape) = match lhs_indices {
         Some(b) => {

@@ -132,7 +132,7 @@ pub fn quantized_matmul(
     transpose: bool,
 ) -> Result<Buffer> {
     let p = plan(OP, x, w, transpose)?;
-    let mut out = Buffer::zeros(p.out_dtype, &p.out_shape)?;
+    let mut out = Buffer::uninit_on(enc.device(), p.out_dtype, &p.out_shape)?;
     execute(enc, x, w, transpose, &p, &mut out)?;
     Ok(out)
 }
@@ -172,6 +172,20 @@ fn execute(
     enc.check_location(OP, "x", x)?;
     enc.check_location(OP, "w", w.packed())?;
     enc.check_location(OP, "out", out)?;
+    #[cfg(feature = "cuda")]
+    if enc.device().cuda_state().is_ok() {
+        let job = crate::backend::cuda::launch::MatmulJob {
+            batch: &p.batch,
+            lhs_shape: &p.x_batch,
+            rhs_shape: w.batch_shape(),
+            lhs: None,
+            rhs: None,
+            x_count: p.x_batch.iter().product(),
+            m: p.m,
+            transpose,
+        };
+        return crate::backend::cuda::launch::qmm(enc, OP, x, w, out, &job);
+    }
     let kernel = qmm_kernel(enc, x.dtype(), w, p.out_dtype, transpose)?;
     let xf = widen(OP, "x", x)?;
     let out_bytes = out.bytes_mut()?;

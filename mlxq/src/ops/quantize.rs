@@ -35,6 +35,11 @@ pub fn quantize(
     })?;
     let lead = &w.shape()[..w.ndim() - 1];
     let with_last = |d: usize| lead.iter().copied().chain([d]).collect::<Vec<_>>();
+    #[cfg(feature = "cuda")]
+    if enc.device().cuda_state().is_ok() {
+        let (pshape, sshape) = (with_last(words), with_last(cols / g));
+        return crate::backend::cuda::launch::quantize(enc, w, spec, flavour, &pshape, &sshape);
+    }
     let mut packed = Buffer::zeros(crate::DType::U32, &with_last(words))?;
     let mut scales = Buffer::zeros(w.dtype(), &with_last(cols / g))?;
     let mut biases = Buffer::zeros(w.dtype(), &with_last(cols / g))?;

@@ -15,8 +15,11 @@ use std::path::{Path, PathBuf};
 /// The MLX version every fixture directory was made with.
 pub const MLX_VERSION: &str = "0.32.4";
 
-/// `mlxq/tests/fixtures`.
+/// `mlxq/tests/fixtures`, or `$MLXQ_FIXTURES` where set (test binaries run on another machine).
 pub fn fixtures_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MLXQ_FIXTURES") {
+        return PathBuf::from(dir);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join("fixtures")

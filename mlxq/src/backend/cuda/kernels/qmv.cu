@@ -1,0 +1,319 @@
+// Quantized matmul for few rows of x (decode), and its gathered (MoE) form.
+// Compiled per key with -DBITS, -DGROUP, -DXT (x dtype), -DST (scales/biases), -DOT (output).
+// Each entry point exists for row tiles MT = 1, 2, 4, 8, 16 (the host picks the smallest
+// MT >= M); every weight byte is read once for all rows of the tile, accumulation is f32.
+
+// Which x matrix and which W matrix the batch entry `i` (blockIdx.y) uses: i is a flat index
+// into the broadcast shape `dims`; lst/rst are its strides into the lhs/rhs index tensors (0
+// where broadcast). With no index tensor the strided position is the matrix itself.
+#define MAX_DIMS 4
+struct Batch {
+    u64 dims[MAX_DIMS];
+    u64 lst[MAX_DIMS];
+    u64 rst[MAX_DIMS];
+    const u32* lhs;  // may be null
+    const u32* rhs;  // may be null
+    u32* fault;      // [position + 1, index, bound] of the first out-of-range index
+    u32 ndim;
+    u32 x_count;     // bound of lhs values
+    u32 w_count;     // bound of rhs values
+    u32 pad;
+};
+
+// Resolves batch entry i to (x matrix, w matrix); false (and records the fault) when an index
+// is out of range, in which case the entry's output is written as NaN.
+__device__ __forceinline__ bool resolve(const Batch& bt, u64 i, u64& xi, u64& wi) {
+    u64 rem = i, lp = 0, rp = 0;
+    for (int d = (int)bt.ndim - 1; d >= 0; d--) {
+        const u64 coord = rem % bt.dims[d];
+        rem /= bt.dims[d];
+        lp += coord * bt.lst[d];
+        rp += coord * bt.rst[d];
+    }
+    xi = bt.lhs ? bt.lhs[lp] : lp;
+    wi = bt.rhs ? bt.rhs[rp] : rp;
+    if (xi >= bt.x_count || wi >= bt.w_count) {
+        if (bt.fault && atomicCAS(bt.fault, 0u, (u32)(i + 1)) == 0u) {
+            const bool lhs_bad = xi >= bt.x_count;
+            bt.fault[1] = (u32)(lhs_bad ? xi : wi);
+            bt.fault[2] = lhs_bad ? bt.x_count : bt.w_count;
+            bt.fault[3] = lhs_bad ? 0u : 1u;
+        }
+        return false;
+    }
+    return true;
+}
+
+// The BITS words of one 32-code chunk, in 16-byte loads where the width allows.
+__device__ __forceinline__ void load_chunk(const u32* __restrict__ p, u32* w) {
+#if BITS % 4 == 0
+#pragma unroll
+    for (int i = 0; i < BITS / 4; i++) {
+        uint4 v = __ldg((const uint4*)p + i);
+        w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+    }
+#elif BITS % 2 == 0
+#pragma unroll
+    for (int i = 0; i < BITS / 2; i++) {
+        uint2 v = __ldg((const uint2*)p + i);
+        w[2 * i] = v.x; w[2 * i + 1] = v.y;
+    }
+#else
+#pragma unroll
+    for (int i = 0; i < BITS; i++) w[i] = __ldg(p + i);
+#endif
+}
+
+#define ROWS 2   // rows of W per warp
+#define WARPS 4  // warps per block
+#define UNROLL 2 // chunks per lane and row loaded before any is used
+
+// y[m, n] = sum_k x[m, k] * (s * q[n, k] + b): W [N, K] quantized along K (transpose = true).
+// Lanes split K in 32-code chunks (16 bytes of 4-bit codes), a warp owns ROWS rows of W.
+template <int MT>
+__device__ __forceinline__ void qmv_t_impl(const XT* __restrict__ x, const u32* __restrict__ w,
+                                           const ST* __restrict__ scales,
+                                           const ST* __restrict__ biases, OT* __restrict__ out,
+                                           u32 M, u64 N, u64 K, u64 x_stride, u64 w_stride,
+                                           u64 s_stride, u64 out_stride, const Batch& bt) {
+    const u32 lane = threadIdx.x & 31;
+    const u64 n0 = ((u64)blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS;
+    if (n0 >= N) return;
+    const u64 C = K / 32;  // chunks per row
+    const u64 G = K / GROUP;
+    u64 entries = 1;
+    for (u32 d = 0; d < bt.ndim; d++) entries *= bt.dims[d];
+    for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
+        u64 xi, wi;
+        const bool ok = resolve(bt, e, xi, wi);
+        OT* o = out + e * out_stride;
+        if (!ok) {
+            if (lane < M)
+                for (int r = 0; r < ROWS; r++)
+                    if (n0 + r < N) o[(u64)lane * N + n0 + r] = from_f32<OT>(__int_as_float(0x7fc00000));
+            continue;
+        }
+        const XT* xb = x + xi * x_stride;
+        const u32* wb = w + wi * w_stride;
+        const ST* sb = scales + wi * s_stride;
+        const ST* bb = biases + wi * s_stride;
+        float acc[ROWS][MT];
+#pragma unroll
+        for (int r = 0; r < ROWS; r++)
+#pragma unroll
+            for (int m = 0; m < MT; m++) acc[r][m] = 0.0f;
+
+        for (u64 c0 = lane; c0 < C; c0 += 32 * UNROLL) {
+            u32 wv[UNROLL][ROWS][BITS];
+            float sv[UNROLL][ROWS], bv[UNROLL][ROWS];
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                const u64 c = c0 + 32 * u;
+#pragma unroll
+                for (int r = 0; r < ROWS; r++) {
+                    const u64 n = n0 + r;
+                    if (c < C && n < N) {
+                        load_chunk(wb + (n * C + c) * BITS, wv[u][r]);
+                        const u64 g = n * G + c * 32 / GROUP;
+                        sv[u][r] = to_f32(sb[g]);
+                        bv[u][r] = to_f32(bb[g]);
+                    } else {
+#pragma unroll
+                        for (int j = 0; j < BITS; j++) wv[u][r][j] = 0;
+                        sv[u][r] = 0.0f;
+                        bv[u][r] = 0.0f;
+                    }
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                const u64 c = c0 + 32 * u;
+                if (c >= C) break;
+                // Per chunk: d = x·q and xs = Σx for every row of x, then s·d + b·xs. Codes
+                // are decoded one 16-byte slice of x at a time and reused for all rows of x.
+                constexpr int per = 16 / sizeof(XT);
+                float d[ROWS][MT], xs[MT];
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    xs[m] = 0.0f;
+#pragma unroll
+                    for (int r = 0; r < ROWS; r++) d[r][m] = 0.0f;
+                }
+#pragma unroll
+                for (int v = 0; v < 32 / per; v++) {
+                    float q[ROWS][per];
+#pragma unroll
+                    for (int r = 0; r < ROWS; r++)
+#pragma unroll
+                        for (int j = 0; j < per; j++) q[r][j] = small_to_f32(code_of<BITS>(wv[u][r], v * per + j));
+#pragma unroll
+                    for (int m = 0; m < MT; m++) {
+                        if (m < (int)M) {
+                            float xv[per];
+                            widen16(__ldg((const uint4*)(xb + (u64)m * K + c * 32) + v), xv, (XT*)0);
+#pragma unroll
+                            for (int j = 0; j < per; j++) xs[m] += xv[j];
+#pragma unroll
+                            for (int r = 0; r < ROWS; r++)
+#pragma unroll
+                                for (int j = 0; j < per; j++) d[r][m] = fmaf(xv[j], q[r][j], d[r][m]);
+                        }
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < ROWS; r++)
+#pragma unroll
+                    for (int m = 0; m < MT; m++)
+                        acc[r][m] = fmaf(sv[u][r], d[r][m], fmaf(bv[u][r], xs[m], acc[r][m]));
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < ROWS; r++)
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                float v = acc[r][m];
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+                if (lane == (u32)m && m < (int)M && n0 + r < N) o[(u64)m * N + n0 + r] = from_f32<OT>(v);
+            }
+    }
+}
+
+// MINB: blocks per multiprocessor the register budget must allow (bytes in flight need warps).
+#define QMV_T(MT, MINB)                                                                         \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) qmv_t_##MT(                  \
+        const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,     \
+        const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u64 N, u64 K, u64 x_stride, \
+        u64 w_stride, u64 s_stride, u64 out_stride, Batch bt) {                                 \
+        qmv_t_impl<MT>(x, w, scales, biases, out, M, N, K, x_stride, w_stride, s_stride,        \
+                       out_stride, bt);                                                         \
+    }
+QMV_T(1, 8)
+QMV_T(2, 8)
+QMV_T(4, 6)
+QMV_T(8, 3)
+QMV_T(16, 3)
+
+// y[m, n] = sum_k x[m, k] * (s * q[k, n] + b): W [K, N] quantized along N (transpose = false).
+// A thread owns 8 columns (one BITS-byte chunk) and a warp 256; the block's 8 warps split the
+// k rows of its segment (blockIdx.z) and add up in shared memory. With several segments each
+// writes f32 partial sums [segment][m][n] that qmv_n_reduce adds; with one, it writes out.
+#define NWARPS 8
+template <int MT>
+__device__ __forceinline__ void qmv_n_impl(const XT* __restrict__ x, const u8* __restrict__ w,
+                                           const ST* __restrict__ scales,
+                                           const ST* __restrict__ biases, OT* __restrict__ out,
+                                           float* __restrict__ partial, u32 M, u64 N, u64 K,
+                                           u64 k_per_segment, u64 x_stride, u64 w_stride,
+                                           u64 s_stride, u64 out_stride, const Batch& bt) {
+    __shared__ float red[NWARPS][256];
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u64 col = ((u64)blockIdx.x * 32 + lane) * 8;
+    const bool col_ok = col < N;
+    const u64 G = N / GROUP;
+    const u64 kb = (u64)blockIdx.z * k_per_segment;
+    const u64 ke = min(K, kb + k_per_segment);
+    u64 entries = 1;
+    for (u32 d = 0; d < bt.ndim; d++) entries *= bt.dims[d];
+    for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
+        u64 xi, wi;
+        const bool ok = resolve(bt, e, xi, wi);
+        const XT* xb = x + xi * x_stride;
+        const u8* wb = w + wi * w_stride;
+        const ST* sb = scales + wi * s_stride;
+        const ST* bb = biases + wi * s_stride;
+        float acc[MT][8];
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[m][j] = 0.0f;
+        if (ok && col_ok) {
+            for (u64 k = kb + warp; k < ke; k += NWARPS) {
+                const u8* p = wb + (k * N + col) / 8 * BITS;
+                u64 bits;
+#if BITS == 4
+                bits = __ldg((const u32*)p);
+#elif BITS == 8
+                { uint2 v = __ldg((const uint2*)p); bits = (u64)v.x | ((u64)v.y << 32); }
+#elif BITS == 2
+                bits = __ldg((const u16*)p);
+#else
+                bits = 0;
+#pragma unroll
+                for (int b = 0; b < BITS; b++) bits |= (u64)__ldg(p + b) << (8 * b);
+#endif
+                const u64 g = k * G + col / GROUP;
+                const float s = to_f32(sb[g]), b = to_f32(bb[g]);
+                float wv[8];
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    wv[j] = fmaf(small_to_f32((u32)(bits >> (j * BITS)) & ((1u << BITS) - 1u)), s, b);
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    if (m < (int)M) {
+                        const float xv = to_f32(xb[(u64)m * K + k]);
+#pragma unroll
+                        for (int j = 0; j < 8; j++) acc[m][j] = fmaf(xv, wv[j], acc[m][j]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            if (m >= (int)M) break;
+            __syncthreads();
+#pragma unroll
+            for (int j = 0; j < 8; j++) red[warp][lane * 8 + j] = acc[m][j];
+            __syncthreads();
+            // 256 threads, 256 columns: thread t adds column t over the warps.
+            const u64 c = (u64)blockIdx.x * 256 + threadIdx.x;
+            if (c < N) {
+                float v = 0.0f;
+#pragma unroll
+                for (int ww = 0; ww < NWARPS; ww++) v += red[ww][threadIdx.x];
+                if (!ok) v = __int_as_float(0x7fc00000);
+                if (gridDim.z == 1)
+                    out[e * out_stride + (u64)m * N + c] = from_f32<OT>(v);
+                else
+                    partial[(((u64)blockIdx.z * entries + e) * M + m) * N + c] = v;
+            }
+        }
+    }
+}
+
+#define QMV_N(MT)                                                                               \
+    extern "C" __global__ void __launch_bounds__(NWARPS * 32) qmv_n_##MT(                       \
+        const XT* __restrict__ x, const u8* __restrict__ w, const ST* __restrict__ scales,      \
+        const ST* __restrict__ biases, OT* __restrict__ out, float* __restrict__ partial, u32 M, \
+        u64 N, u64 K, u64 k_per_segment, u64 x_stride, u64 w_stride, u64 s_stride,              \
+        u64 out_stride, Batch bt) {                                                             \
+        qmv_n_impl<MT>(x, w, scales, biases, out, partial, M, N, K, k_per_segment, x_stride,    \
+                       w_stride, s_stride, out_stride, bt);                                     \
+    }
+QMV_N(1)
+QMV_N(2)
+QMV_N(4)
+QMV_N(8)
+QMV_N(16)
+
+// out[e][m][n] = sum over segments of partial[segment][e][m][n], for `rows` = entries * M rows.
+extern "C" __global__ void qmv_n_reduce(const float* __restrict__ partial, OT* __restrict__ out,
+                                        u64 rows, u64 N, u32 segments, u64 out_stride, u32 M) {
+    const u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= rows * N) return;
+    float v = 0.0f;
+    for (u32 s = 0; s < segments; s++) v += partial[(u64)s * rows * N + t];
+    const u64 row = t / N, c = t % N;
+    const u64 e = row / M, m = row % M;
+    out[e * out_stride + m * N + c] = from_f32<OT>(v);
+}
+
+// Reads `words` 16-byte words and writes one sum per block: the read-bandwidth probe.
+extern "C" __global__ void read_probe(const uint4* __restrict__ p, u64 words, u32* __restrict__ sink) {
+    u32 s = 0;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < words; i += (u64)gridDim.x * blockDim.x) {
+        uint4 v = __ldg(p + i);
+        s ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (s == 0x9e3779b9u) sink[blockIdx.x] = s;  // practically never; keeps the loads alive
+}

@@ -1,0 +1,116 @@
+// Affine quantize and dequantize, MLX bit for bit in either flavour.
+// Compiled per key with -DBITS, -DGROUP, -DGPU_FLAVOUR (0/1), -DWT (input/scales dtype) for
+// quantize and -DST (scales), -DOT (output) for dequantize; --fmad=false so no product and sum
+// are fused unless written as fmaf.
+// One thread per 8-element chunk (BITS bytes of the packed stream). A group is GROUP/8 <= 16
+// consecutive threads of one warp, which reduce its min and max with shuffles.
+
+#define CPG (GROUP / 8)
+
+__device__ __forceinline__ float round_flavour(float v) {
+#if GPU_FLAVOUR
+    return roundf(v);  // half away from zero
+#else
+    return rintf(v);   // half to even
+#endif
+}
+
+#ifdef WT
+extern "C" __global__ void quantize(const WT* __restrict__ w, u8* __restrict__ packed,
+                                    WT* __restrict__ scales, WT* __restrict__ biases,
+                                    u64 chunks) {
+    const u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool active = c < chunks;
+    const u32 lane = threadIdx.x & 31;
+    float v[8];
+    float mn = __int_as_float(0x7f800000);
+#if GPU_FLAVOUR
+    float mx = 0.0f;
+#else
+    float mx = __int_as_float(0xff800000);
+#endif
+    if (active) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            v[j] = to_f32(w[c * 8 + j]);
+            if (v[j] < mn) mn = v[j];
+            if (v[j] > mx) mx = v[j];
+        }
+    }
+    // Combine with the partner chunk; of equal values the earlier one stays, as in a loop.
+#pragma unroll
+    for (int off = 1; off < CPG; off <<= 1) {
+        float omn = __shfl_xor_sync(0xffffffffu, mn, off);
+        float omx = __shfl_xor_sync(0xffffffffu, mx, off);
+        if (lane & off) {  // the partner is earlier
+            mn = (mn < omn) ? mn : omn;
+            mx = (mx > omx) ? mx : omx;
+        } else {
+            mn = (omn < mn) ? omn : mn;
+            mx = (omx > mx) ? omx : mx;
+        }
+    }
+    if (!active) return;
+    const float n = (float)((1u << BITS) - 1u);
+    const float eps = 1e-7f;
+    float scale, bias;
+    if (BITS == 1) {
+        scale = fmaxf(mx - mn, eps);
+        bias = mn;
+    } else {
+        float s = fmaxf((mx - mn) / n, eps);
+        float edge;
+        if (fabsf(mn) > fabsf(mx)) {
+            edge = mn;
+        } else {
+            edge = mx;
+            s = -s;
+        }
+        float q0 = round_flavour(edge / s);
+        if (q0 != 0.0f) {
+            scale = edge / q0;
+            bias = edge;
+        } else {
+            scale = s;
+            bias = 0.0f;
+        }
+    }
+    u64 bits = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        float q = round_flavour((v[j] - bias) / scale);
+        q = fminf(fmaxf(q, 0.0f), n);  // NaN -> 0, as Rust's clamp then `as u8`
+        bits |= (u64)(u32)q << (j * BITS);
+    }
+#pragma unroll
+    for (int b = 0; b < BITS; b++) packed[c * BITS + b] = (u8)(bits >> (8 * b));
+    if (c % CPG == 0) {
+        scales[c / CPG] = from_f32<WT>(scale);
+        biases[c / CPG] = from_f32<WT>(bias);
+    }
+}
+#endif
+
+#ifdef ST
+extern "C" __global__ void dequantize(const u8* __restrict__ packed, const ST* __restrict__ scales,
+                                      const ST* __restrict__ biases, OT* __restrict__ out,
+                                      u64 chunks) {
+    const u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= chunks) return;
+    u64 bits = 0;
+#pragma unroll
+    for (int b = 0; b < BITS; b++) bits |= (u64)packed[c * BITS + b] << (8 * b);
+    const ST s = scales[c / CPG], b = biases[c / CPG];
+    const float sf = to_f32(s), bf = to_f32(b);
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const float q = (float)(u32)((bits >> (j * BITS)) & ((1u << BITS) - 1u));
+#if GPU_FLAVOUR
+        out[c * 8 + j] = from_f32<OT>(fmaf(q, sf, bf));
+#else
+        const float prod = to_f32(from_f32<ST>(q * sf));
+        out[c * 8 + j] = from_f32<OT>(to_f32(from_f32<ST>(prod + bf)));
+#endif
+    }
+}
+#endif

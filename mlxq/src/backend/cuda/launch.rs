@@ -1,0 +1,531 @@
+//! Launching the CUDA kernels for the ops (validation happened in `ops::*`), and the timing
+//! helpers the benchmarks use.
+//!
+//! Nothing here synchronises with the host or allocates per call except the outputs of the
+//! allocating ops: `quantized_matmul_into` enqueues one launch (a second for split-K
+//! transpose = false) on the device's stream.
+
+use super::{driver, CudaDevice};
+use crate::error::{checked_product, Error, Result};
+use crate::ops::DequantizeOptions;
+use crate::quant::{Flavour, QuantSpec};
+use crate::registry::{KernelKey, OpKind, AUTO};
+use crate::{Buffer, CommandEncoder, DType, Device, QuantizedWeight};
+use cudarc::driver::{CudaEvent, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+/// Batch dims a kernel resolves itself (more is rejected as unsupported).
+const MAX_DIMS: usize = 4;
+
+/// Mirror of `struct Batch` in `qmv.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Batch {
+    dims: [u64; MAX_DIMS],
+    lst: [u64; MAX_DIMS],
+    rst: [u64; MAX_DIMS],
+    lhs: u64,
+    rhs: u64,
+    fault: u64,
+    ndim: u32,
+    x_count: u32,
+    w_count: u32,
+    pad: u32,
+}
+
+// SAFETY: plain `repr(C)` data laid out as the CUDA struct (checked by the size test below).
+unsafe impl DeviceRepr for Batch {}
+
+fn cuda(enc: &CommandEncoder) -> Result<Arc<CudaDevice>> {
+    enc.device().cuda_state().map(Arc::clone)
+}
+
+fn ptr(op: &'static str, param: &'static str, b: &Buffer) -> Result<u64> {
+    b.device_ptr().ok_or_else(|| Error::DeviceMismatch {
+        op,
+        param,
+        expected: "a CUDA buffer".into(),
+        actual: b.location().to_string(),
+    })
+}
+
+fn aligned(op: &'static str, param: &'static str, b: &Buffer, p: u64, align: u64) -> Result<u64> {
+    if !p.is_multiple_of(align) {
+        return Err(Error::Misaligned {
+            op,
+            param,
+            dtype: b.dtype(),
+            align: align as usize,
+            offset: b.byte_offset() as u64,
+        });
+    }
+    Ok(p)
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32, op: &'static str) -> Result<LaunchConfig> {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return Err(Error::invalid(
+            op,
+            "grid",
+            "a non-empty launch",
+            format!("{grid:?}"),
+        ));
+    }
+    Ok(LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn grid_x(op: &'static str, n: u64) -> Result<u32> {
+    u32::try_from(n.max(1))
+        .ok()
+        .filter(|&g| g < (1 << 31))
+        .ok_or(Error::SizeOverflow { op, what: "grid" })
+}
+
+/// Quantizes `w` (validated by `ops::quantize`) on its CUDA device.
+pub(crate) fn quantize(
+    enc: &mut CommandEncoder,
+    w: &Buffer,
+    spec: QuantSpec,
+    flavour: Flavour,
+    packed_shape: &[usize],
+    scales_shape: &[usize],
+) -> Result<QuantizedWeight> {
+    const OP: &str = "quantize";
+    let dev = cuda(enc)?;
+    let key = KernelKey {
+        op: OpKind::Quantize,
+        mode: spec.mode(),
+        bits: spec.bits(),
+        group_size: spec.group_size(),
+        input: w.dtype(),
+        scales: w.dtype(),
+        output: DType::U32,
+        flag: flavour == Flavour::Gpu,
+        variant: AUTO,
+    };
+    let k = dev.kernel(key)?;
+    let device = enc.device().clone();
+    let packed = Buffer::uninit_on(&device, DType::U32, packed_shape)?;
+    let scales = Buffer::uninit_on(&device, w.dtype(), scales_shape)?;
+    let biases = Buffer::uninit_on(&device, w.dtype(), scales_shape)?;
+    let chunks = (w.numel() / 8) as u64;
+    let (pw, pp, ps, pb) = (
+        ptr(OP, "w", w)?,
+        ptr(OP, "packed", &packed)?,
+        ptr(OP, "scales", &scales)?,
+        ptr(OP, "biases", &biases)?,
+    );
+    let stream = dev.stream();
+    // SAFETY: the pointers address buffers of the sizes the kernel indexes (chunks·8 inputs,
+    // chunks·bits bytes, chunks·8/group scales and biases), kept alive by `retain` below.
+    unsafe {
+        stream
+            .launch_builder(k.func(0)?)
+            .arg(&pw)
+            .arg(&pp)
+            .arg(&ps)
+            .arg(&pb)
+            .arg(&chunks)
+            .launch(cfg((grid_x(OP, chunks.div_ceil(256))?, 1, 1), 256, OP)?)
+    }
+    .map_err(driver(OP))?;
+    for b in [w, &packed, &scales, &biases] {
+        enc.retain(b);
+    }
+    enc.record(&k.name);
+    QuantizedWeight::new(packed, scales, Some(biases), spec)
+}
+
+/// Dequantizes all of `w` into a new buffer on its CUDA device.
+pub(crate) fn dequantize(
+    enc: &mut CommandEncoder,
+    w: &QuantizedWeight,
+    opts: DequantizeOptions,
+) -> Result<Buffer> {
+    const OP: &str = "dequantize";
+    let dev = cuda(enc)?;
+    let out_dtype = opts.dtype.unwrap_or(w.scales_dtype());
+    if !out_dtype.is_float() {
+        return Err(Error::dtype(
+            OP,
+            "dtype",
+            "float32, float16 or bfloat16",
+            out_dtype,
+        ));
+    }
+    let spec = w.spec();
+    let biases = w
+        .biases()
+        .ok_or_else(|| Error::unsupported(OP, format!("mode {} on CUDA", spec.mode())))?;
+    let key = KernelKey {
+        op: OpKind::Dequantize,
+        mode: spec.mode(),
+        bits: spec.bits(),
+        group_size: spec.group_size(),
+        input: DType::U32,
+        scales: w.scales_dtype(),
+        output: out_dtype,
+        flag: opts.flavour == Flavour::Gpu,
+        variant: AUTO,
+    };
+    let k = dev.kernel(key)?;
+    enc.check_location(OP, "scales", w.scales())?;
+    enc.check_location(OP, "biases", biases)?;
+    let out = Buffer::uninit_on(enc.device(), out_dtype, w.shape())?;
+    let chunks = (out.numel() / 8) as u64;
+    let (pp, ps, pb, po) = (
+        ptr(OP, "packed", w.packed())?,
+        ptr(OP, "scales", w.scales())?,
+        ptr(OP, "biases", biases)?,
+        ptr(OP, "out", &out)?,
+    );
+    // SAFETY: as in `quantize`: every index is below the sizes `w` was validated with.
+    unsafe {
+        dev.stream()
+            .launch_builder(k.func(0)?)
+            .arg(&pp)
+            .arg(&ps)
+            .arg(&pb)
+            .arg(&po)
+            .arg(&chunks)
+            .launch(cfg((grid_x(OP, chunks.div_ceil(256))?, 1, 1), 256, OP)?)
+    }
+    .map_err(driver(OP))?;
+    for b in [w.packed(), w.scales(), biases, &out] {
+        enc.retain(b);
+    }
+    enc.record(&k.name);
+    Ok(out)
+}
+
+/// Row-major strides of `shape` placed into the broadcast shape `full` (0 where broadcast).
+fn broadcast_strides(full: &[usize], shape: &[usize]) -> [u64; MAX_DIMS] {
+    let mut st = [0u64; MAX_DIMS];
+    let mut stride = 1u64;
+    for d in (0..full.len()).rev() {
+        let sd = d as isize - (full.len() - shape.len()) as isize;
+        if sd >= 0 {
+            let len = shape[sd as usize];
+            if len != 1 {
+                st[d] = stride;
+            }
+            stride *= len as u64;
+        }
+    }
+    st
+}
+
+/// What a matmul launch needs besides x, w and out.
+pub(crate) struct MatmulJob<'a> {
+    /// The broadcast batch shape (empty: one matrix).
+    pub batch: &'a [usize],
+    /// Shape of the lhs index tensor (x's batch dims when there is none).
+    pub lhs_shape: &'a [usize],
+    /// Shape of the rhs index tensor (w's batch dims when there is none).
+    pub rhs_shape: &'a [usize],
+    /// Index tensors on the device (gather_qmm), or none (quantized_matmul).
+    pub lhs: Option<&'a Buffer>,
+    /// See `lhs`.
+    pub rhs: Option<&'a Buffer>,
+    /// Number of x matrices (bound of lhs values).
+    pub x_count: usize,
+    /// Rows of each x matrix (all rows when `batch` is empty).
+    pub m: usize,
+    /// Whether W is `[N, K]`.
+    pub transpose: bool,
+}
+
+/// `out = x · W(ᵀ)` over the job's batch on the CUDA device.
+pub(crate) fn qmm(
+    enc: &mut CommandEncoder,
+    op: &'static str,
+    x: &Buffer,
+    w: &QuantizedWeight,
+    out: &Buffer,
+    job: &MatmulJob<'_>,
+) -> Result<()> {
+    let dev = cuda(enc)?;
+    let spec = w.spec();
+    let biases = w
+        .biases()
+        .ok_or_else(|| Error::unsupported(op, format!("mode {} on CUDA", spec.mode())))?;
+    let key = KernelKey {
+        op: OpKind::QuantizedMatmul,
+        mode: spec.mode(),
+        bits: spec.bits(),
+        group_size: spec.group_size(),
+        input: x.dtype(),
+        scales: w.scales_dtype(),
+        output: out.dtype(),
+        flag: job.transpose,
+        variant: AUTO,
+    };
+    let k = dev.kernel(key)?;
+    for (param, b) in [("scales", w.scales()), ("biases", biases)] {
+        enc.check_location(op, param, b)?;
+    }
+    if job.batch.len() > MAX_DIMS {
+        return Err(Error::unsupported(
+            op,
+            format!(
+                "{} batch dimensions on CUDA (at most {MAX_DIMS})",
+                job.batch.len()
+            ),
+        ));
+    }
+    let (rows, cols) = (w.rows() as u64, w.cols() as u64);
+    let (kdim, ndim) = if job.transpose {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    };
+    let mut bt = Batch {
+        fault: dev.fault_ptr(),
+        x_count: u32::try_from(job.x_count).map_err(|_| Error::SizeOverflow {
+            op,
+            what: "x batch",
+        })?,
+        w_count: u32::try_from(w.batch_size()).map_err(|_| Error::SizeOverflow {
+            op,
+            what: "w batch",
+        })?,
+        ..Batch::default()
+    };
+    if job.batch.is_empty() {
+        bt.ndim = 1;
+        bt.dims[0] = 1;
+    } else {
+        bt.ndim = job.batch.len() as u32;
+        for (d, &v) in job.batch.iter().enumerate() {
+            bt.dims[d] = v as u64;
+        }
+        bt.lst = broadcast_strides(job.batch, job.lhs_shape);
+        bt.rst = broadcast_strides(job.batch, job.rhs_shape);
+    }
+    for (slot, param, b) in [
+        (&mut bt.lhs, "lhs_indices", job.lhs),
+        (&mut bt.rhs, "rhs_indices", job.rhs),
+    ] {
+        if let Some(b) = b {
+            enc.check_location(op, param, b)?;
+            if !matches!(b.dtype(), DType::U32 | DType::I32) {
+                return Err(Error::dtype(op, param, "uint32 or int32", b.dtype()));
+            }
+            *slot = aligned(op, param, b, ptr(op, param, b)?, 4)?;
+        }
+    }
+    let entries = checked_product(op, "batch", job.batch.iter().copied())? as u64;
+    let gy = entries.clamp(1, 65535) as u32;
+    let xsize = x.dtype().size() as u64;
+    let osize = out.dtype().size() as u64;
+    let m = job.m as u64;
+    let px = aligned(op, "x", x, ptr(op, "x", x)?, 16)?;
+    let pw = aligned(op, "w", w.packed(), ptr(op, "w", w.packed())?, 16)?;
+    let (ps, pb, po) = (
+        ptr(op, "scales", w.scales())?,
+        ptr(op, "biases", biases)?,
+        ptr(op, "out", out)?,
+    );
+    let x_stride = m * kdim;
+    let out_stride = m * ndim;
+    let s_stride = rows * (cols / spec.group_size() as u64);
+    let words_per_matrix = rows * cols * spec.bits() as u64 / 32;
+    let stream = Arc::clone(dev.stream());
+    for m0 in (0..m).step_by(16) {
+        let mt = (m - m0).min(16) as u32;
+        let tile = mt.next_power_of_two().trailing_zeros() as usize; // 0..=4
+        let xt = px + m0 * kdim * xsize;
+        let ot = po + m0 * ndim * osize;
+        if job.transpose {
+            let f = k.func(tile)?;
+            let w_stride = words_per_matrix;
+            let gx = grid_x(op, ndim.div_ceil(8))?;
+            // SAFETY: the kernel reads x rows m0..m0+mt of each x matrix (x_count of them,
+            // checked bounds on lhs values), W rows < N of matrix wi < w_count, and writes
+            // rows m0..m0+mt of each of `entries` output matrices: all inside the buffers,
+            // which `retain` keeps alive.
+            unsafe {
+                stream
+                    .launch_builder(f)
+                    .arg(&xt)
+                    .arg(&pw)
+                    .arg(&ps)
+                    .arg(&pb)
+                    .arg(&ot)
+                    .arg(&mt)
+                    .arg(&ndim)
+                    .arg(&kdim)
+                    .arg(&x_stride)
+                    .arg(&w_stride)
+                    .arg(&s_stride)
+                    .arg(&out_stride)
+                    .arg(&bt)
+                    .launch(cfg((gx, gy, 1), 128, op)?)
+            }
+            .map_err(driver(op))?;
+        } else {
+            let f = k.func(5 + tile)?;
+            let w_stride = words_per_matrix * 4; // bytes
+            let gx = grid_x(op, ndim.div_ceil(256))?;
+            let blocks = u64::from(gx) * u64::from(gy);
+            let want = (2 * u64::from(dev.multiprocessors())).div_ceil(blocks);
+            let segments = want.clamp(1, kdim.div_ceil(64).max(1)).min(64);
+            let k_per_segment = kdim.div_ceil(segments);
+            let segments = kdim.div_ceil(k_per_segment) as u32;
+            let mut partial = 0u64;
+            let mut scratch = None;
+            if segments > 1 {
+                let len = (u64::from(segments) * entries * u64::from(mt) * ndim * 4) as usize;
+                let s = dev.scratch(len)?;
+                partial = ptr(op, "scratch", &s)?;
+                scratch = Some(s);
+            }
+            // SAFETY: as above; partial sums go to scratch of segments·entries·mt·N floats.
+            unsafe {
+                stream
+                    .launch_builder(f)
+                    .arg(&xt)
+                    .arg(&pw)
+                    .arg(&ps)
+                    .arg(&pb)
+                    .arg(&ot)
+                    .arg(&partial)
+                    .arg(&mt)
+                    .arg(&ndim)
+                    .arg(&kdim)
+                    .arg(&k_per_segment)
+                    .arg(&x_stride)
+                    .arg(&w_stride)
+                    .arg(&s_stride)
+                    .arg(&out_stride)
+                    .arg(&bt)
+                    .launch(cfg((gx, gy, segments), 256, op)?)
+            }
+            .map_err(driver(op))?;
+            if let Some(s) = scratch {
+                let rows_total = entries * u64::from(mt);
+                let total = rows_total * ndim;
+                let f = k.func(10)?;
+                // SAFETY: reads the partial sums just written, writes each output once.
+                unsafe {
+                    stream
+                        .launch_builder(f)
+                        .arg(&partial)
+                        .arg(&ot)
+                        .arg(&rows_total)
+                        .arg(&ndim)
+                        .arg(&segments)
+                        .arg(&out_stride)
+                        .arg(&mt)
+                        .launch(cfg((grid_x(op, total.div_ceil(256))?, 1, 1), 256, op)?)
+                }
+                .map_err(driver(op))?;
+                enc.retain(&s);
+            }
+        }
+    }
+    for b in [x, w.packed(), w.scales(), biases, out] {
+        enc.retain(b);
+    }
+    for b in [job.lhs, job.rhs].into_iter().flatten() {
+        enc.retain(b);
+    }
+    enc.record(&k.name);
+    Ok(())
+}
+
+/// Times work on a CUDA device's stream with a pair of events.
+pub struct EventTimer {
+    start: CudaEvent,
+    end: CudaEvent,
+    dev: Arc<CudaDevice>,
+}
+
+impl EventTimer {
+    /// A timer for `device` (a CUDA device).
+    pub fn new(device: &Device) -> Result<EventTimer> {
+        let dev = Arc::clone(device.cuda_state()?);
+        let ev = || {
+            dev.ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(driver("EventTimer"))
+        };
+        Ok(EventTimer {
+            start: ev()?,
+            end: ev()?,
+            dev,
+        })
+    }
+    /// Records the start event on the stream.
+    pub fn start(&self) -> Result<()> {
+        self.start
+            .record(&self.dev.stream)
+            .map_err(driver("EventTimer"))
+    }
+    /// Records the end event, waits for it, and returns the milliseconds since `start`.
+    pub fn stop_ms(&self) -> Result<f64> {
+        self.end
+            .record(&self.dev.stream)
+            .map_err(driver("EventTimer"))?;
+        self.end.synchronize().map_err(driver("EventTimer"))?;
+        self.start
+            .elapsed_ms(&self.end)
+            .map(f64::from)
+            .map_err(driver("EventTimer"))
+    }
+}
+
+/// Measures the device's read bandwidth (bytes/s) by reading `bytes` of device memory with
+/// 16-byte loads, `reps` times; returns the median.
+pub fn read_bandwidth_probe(device: &Device, bytes: usize, reps: usize) -> Result<f64> {
+    const OP: &str = "read_bandwidth_probe";
+    let dev = Arc::clone(device.cuda_state()?);
+    let f = dev.probe()?;
+    let buf = Buffer::uninit_on(device, DType::U8, &[bytes.max(16)])?;
+    let sink = Buffer::uninit_on(device, DType::U32, &[dev.sms as usize * 8])?;
+    let p = ptr(OP, "buffer", &buf)?;
+    let ps = ptr(OP, "sink", &sink)?;
+    // Fill with a pattern so the reads see real data.
+    // SAFETY: the whole allocation.
+    unsafe {
+        cudarc::driver::result::memset_d8_async(p, 0x5a, buf.nbytes(), dev.stream.cu_stream())
+    }
+    .map_err(driver(OP))?;
+    let words = (buf.nbytes() / 16) as u64;
+    let timer = EventTimer::new(device)?;
+    let mut times = Vec::new();
+    for i in 0..reps + 2 {
+        timer.start()?;
+        // SAFETY: reads `words` 16-byte words of `buf`, writes at most one word per block of
+        // `sink` (sms·8 blocks).
+        unsafe {
+            dev.stream
+                .launch_builder(&f)
+                .arg(&p)
+                .arg(&words)
+                .arg(&ps)
+                .launch(cfg((dev.sms * 8, 1, 1), 512, OP)?)
+        }
+        .map_err(driver(OP))?;
+        let ms = timer.stop_ms()?;
+        if i >= 2 {
+            times.push(ms);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let ms = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+    Ok(buf.nbytes() as f64 / (ms * 1e-3))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn batch_matches_the_cuda_layout() {
+        // 12 u64 + 3 pointers + 4 u32 = 136 bytes, 8-aligned, as `struct Batch` in qmv.cu.
+        assert_eq!(std::mem::size_of::<super::Batch>(), 136);
+    }
+}

@@ -1,0 +1,580 @@
+//! The CUDA backend: the driver and NVRTC are loaded at run time (cudarc's dynamic loading),
+//! so this module builds everywhere and [`Device::cuda`](crate::Device::cuda) says plainly when
+//! a machine has no driver or no GPU.
+//!
+//! One [`CudaDevice`] per [`Device`](crate::Device): the primary context, one stream (every
+//! encoder of the device records on it, so host copies and kernels stay in order), the kernel
+//! registry, and a few words of device memory where kernels report an out-of-range index.
+//! Memory is plain device allocations ([`DeviceMem`], `cuMemAlloc`), never managed memory.
+//!
+//! Kernels live in `kernels/*.cu`, embedded with `include_str!`, and are compiled by NVRTC for
+//! the device's own architecture on first use of a [`KernelKey`] (the key's fields become
+//! `-D` defines), cached in memory by the registry and on disk by [`nvrtc`].
+
+pub(crate) mod launch;
+mod nvrtc;
+
+use crate::error::{Error, Result};
+use crate::quant::QuantMode;
+use crate::registry::{KernelKey, KernelRegistry, OpKind};
+use crate::DType;
+use cudarc::driver::{result as cu, sys, CudaContext, CudaFunction, CudaStream, DriverError};
+use std::sync::{Arc, Mutex};
+
+pub use launch::{read_bandwidth_probe, EventTimer};
+
+/// Maps a driver error to [`Error::Cuda`] naming `op`.
+pub(crate) fn driver(op: &'static str) -> impl Fn(DriverError) -> Error {
+    move |e| Error::Cuda {
+        op,
+        cause: format!("{e:?}"),
+    }
+}
+
+/// A plain device allocation, freed on drop.
+pub struct DeviceMem {
+    ptr: u64,
+    len: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+}
+
+impl std::fmt::Debug for DeviceMem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceMem({:#x}, {} bytes)", self.ptr, self.len)
+    }
+}
+
+impl DeviceMem {
+    /// Device address of the first byte.
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    /// Length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    fn check(&self, op: &'static str, offset: usize, len: usize) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(Error::BufferTooSmall {
+                op,
+                param: "buffer",
+                needed: len as u64,
+                offset: offset as u64,
+                available: self.len.saturating_sub(offset) as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies `src` to `offset..`, in stream order, and waits for it.
+    pub(crate) fn upload(&self, offset: usize, src: &[u8]) -> Result<()> {
+        self.check("Buffer::to_device", offset, src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("Buffer::to_device"))?;
+        // SAFETY: the destination range lies in this allocation (checked above); the stream
+        // is synchronised before `src` can be released.
+        unsafe { cu::memcpy_htod_async(self.ptr + offset as u64, src, self.stream.cu_stream()) }
+            .map_err(driver("Buffer::to_device"))?;
+        self.stream
+            .synchronize()
+            .map_err(driver("Buffer::to_device"))
+    }
+
+    /// Copies `offset..offset + dst.len()` into `dst` after all work queued on the stream.
+    pub(crate) fn download(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+        self.check("Buffer::to_host", offset, dst.len())?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("Buffer::to_host"))?;
+        // SAFETY: the source range lies in this allocation; we wait before `dst` is used.
+        unsafe { cu::memcpy_dtoh_async(dst, self.ptr + offset as u64, self.stream.cu_stream()) }
+            .map_err(driver("Buffer::to_host"))?;
+        self.stream.synchronize().map_err(driver("Buffer::to_host"))
+    }
+}
+
+impl Drop for DeviceMem {
+    fn drop(&mut self) {
+        if self.len > 0 && self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by `cuMemAlloc` and freed once. Work that may still use it is
+            // kept alive by the encoder that recorded it (see `CommandEncoder::retain`).
+            let _ = unsafe { cu::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// A kernel compiled for one [`KernelKey`]: its name and entry points (row-tile variants).
+#[derive(Clone)]
+pub struct CudaKernel {
+    /// `cuda_{key}`.
+    pub name: Arc<str>,
+    funcs: Arc<[CudaFunction]>,
+}
+
+impl std::fmt::Debug for CudaKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl CudaKernel {
+    pub(crate) fn func(&self, i: usize) -> Result<&CudaFunction> {
+        self.funcs.get(i).ok_or_else(|| {
+            Error::unsupported("CudaKernel", format!("entry {i} of kernel {}", self.name))
+        })
+    }
+}
+
+/// One CUDA kernel source and how a key specialises it: variants are data, as on the CPU.
+struct Variant {
+    name: &'static str,
+    supports: fn(&KernelKey) -> bool,
+    source: &'static str,
+    entries: &'static [&'static str],
+    /// Allow fusing a product and a sum (off where rounding must match MLX bit for bit).
+    fmad: bool,
+    defines: fn(&KernelKey) -> Vec<String>,
+}
+
+const COMMON: &str = include_str!("kernels/common.cuh");
+const QUANT: &str = include_str!("kernels/quant.cu");
+const QMV: &str = include_str!("kernels/qmv.cu");
+
+fn ctype(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "float",
+        DType::F16 => "f16_t",
+        DType::BF16 => "bf16_t",
+        _ => "void",
+    }
+}
+
+fn affine(k: &KernelKey) -> bool {
+    k.mode == QuantMode::Affine && k.scales.is_float() && k.output.is_float()
+}
+
+fn base_defines(k: &KernelKey) -> Vec<String> {
+    vec![
+        format!("-DBITS={}", k.bits),
+        format!("-DGROUP={}", k.group_size),
+    ]
+}
+
+/// Every CUDA kernel variant; the dispatcher takes the first that supports a key.
+const TABLE: &[Variant] = &[
+    Variant {
+        name: "quantize",
+        supports: |k| k.op == OpKind::Quantize && k.mode == QuantMode::Affine && k.input.is_float(),
+        source: QUANT,
+        entries: &["quantize"],
+        fmad: false,
+        defines: |k| {
+            let mut d = base_defines(k);
+            d.push(format!("-DGPU_FLAVOUR={}", u8::from(k.flag)));
+            d.push(format!("-DWT={}", ctype(k.input)));
+            d
+        },
+    },
+    Variant {
+        name: "dequantize",
+        supports: |k| k.op == OpKind::Dequantize && affine(k),
+        source: QUANT,
+        entries: &["dequantize"],
+        fmad: false,
+        defines: |k| {
+            let mut d = base_defines(k);
+            d.push(format!("-DGPU_FLAVOUR={}", u8::from(k.flag)));
+            d.push(format!("-DST={}", ctype(k.scales)));
+            d.push(format!("-DOT={}", ctype(k.output)));
+            d
+        },
+    },
+    Variant {
+        name: "qmv",
+        supports: |k| k.op == OpKind::QuantizedMatmul && affine(k) && k.input.is_float(),
+        source: QMV,
+        entries: &[
+            "qmv_t_1",
+            "qmv_t_2",
+            "qmv_t_4",
+            "qmv_t_8",
+            "qmv_t_16",
+            "qmv_n_1",
+            "qmv_n_2",
+            "qmv_n_4",
+            "qmv_n_8",
+            "qmv_n_16",
+            "qmv_n_reduce",
+        ],
+        fmad: true,
+        defines: |k| {
+            let mut d = base_defines(k);
+            d.push(format!("-DXT={}", ctype(k.input)));
+            d.push(format!("-DST={}", ctype(k.scales)));
+            d.push(format!("-DOT={}", ctype(k.output)));
+            d
+        },
+    },
+];
+
+/// The CUDA state of one device.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    registry: KernelRegistry<CudaKernel>,
+    /// Compute capability as `major * 10 + minor` (90 on Hopper).
+    arch: u32,
+    driver_version: i32,
+    name: String,
+    sms: u32,
+    l2_bytes: usize,
+    /// `[position + 1, index, bound, which]` of the first out-of-range index a kernel saw.
+    fault: DeviceMem,
+    /// Scratch for split-K partial sums, grown on demand.
+    scratch: Mutex<Option<crate::Buffer>>,
+    /// A tiny utility module (the bandwidth probe), compiled on first use.
+    probe: Mutex<Option<CudaFunction>>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaDevice({}, sm_{})", self.name, self.arch)
+    }
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`, or says why it cannot.
+    pub(crate) fn open(ordinal: usize) -> Result<Arc<CudaDevice>> {
+        let unavailable = |reason: String| Error::BackendUnavailable {
+            device: format!("cuda:{ordinal}"),
+            reason,
+        };
+        // SAFETY: probing for the library has no preconditions.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(unavailable(
+                "the CUDA driver library (libcuda.so) was not found: no NVIDIA driver here".into(),
+            ));
+        }
+        cu::init().map_err(|e| unavailable(format!("cuInit failed: {e:?}")))?;
+        let count = cu::device::get_count().map_err(|e| unavailable(format!("{e:?}")))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(unavailable(format!(
+                "this machine has {count} CUDA device(s)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| unavailable(format!("{e:?}")))?;
+        // Everything is ordered on one stream; cudarc's per-slice events are not needed.
+        // SAFETY: no cudarc slices are used by this backend.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(driver("Device::cuda"))?;
+        let attr = |a| ctx.attribute(a).map_err(driver("Device::cuda"));
+        use sys::CUdevice_attribute as A;
+        let major = attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let l2 = attr(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?;
+        let mut driver_version = 0;
+        // SAFETY: a valid out-pointer.
+        unsafe { sys::cuDriverGetVersion(&mut driver_version) }
+            .result()
+            .map_err(driver("Device::cuda"))?;
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let fault = raw_alloc(&ctx, &stream, 16)?;
+        // SAFETY: 16 bytes of the allocation just made.
+        unsafe { cu::memset_d8_async(fault.ptr, 0, 16, stream.cu_stream()) }
+            .map_err(driver("Device::cuda"))?;
+        stream.synchronize().map_err(driver("Device::cuda"))?;
+        Ok(Arc::new(CudaDevice {
+            ctx,
+            stream,
+            registry: KernelRegistry::new(),
+            arch: (major * 10 + minor) as u32,
+            driver_version,
+            name,
+            sms: sms as u32,
+            l2_bytes: l2 as usize,
+            fault,
+            scratch: Mutex::new(None),
+            probe: Mutex::new(None),
+        }))
+    }
+
+    /// The device's name, e.g. `NVIDIA H200`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Compute capability as `major * 10 + minor`.
+    pub fn arch(&self) -> u32 {
+        self.arch
+    }
+    /// Number of multiprocessors.
+    pub fn multiprocessors(&self) -> u32 {
+        self.sms
+    }
+    /// L2 cache size in bytes.
+    pub fn l2_bytes(&self) -> usize {
+        self.l2_bytes
+    }
+    /// The driver's CUDA version (e.g. 13000).
+    pub fn driver_version(&self) -> i32 {
+        self.driver_version
+    }
+    /// The kernel cache of this device.
+    pub fn registry(&self) -> &KernelRegistry<CudaKernel> {
+        &self.registry
+    }
+
+    /// A new uninitialised allocation of `len` bytes.
+    pub(crate) fn alloc(&self, len: usize) -> Result<DeviceMem> {
+        raw_alloc(&self.ctx, &self.stream, len)
+    }
+
+    /// Waits for all work queued on the device's stream.
+    pub(crate) fn synchronize(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("commit_and_wait"))?;
+        self.stream.synchronize().map_err(driver("commit_and_wait"))
+    }
+
+    /// Reads (and clears) the fault words: an out-of-range index seen by a kernel.
+    pub(crate) fn take_fault(&self) -> Result<()> {
+        let mut words = [0u8; 16];
+        self.fault.download(0, &mut words)?;
+        let w: [u32; 4] = bytemuck::cast(words);
+        if w[0] == 0 {
+            return Ok(());
+        }
+        self.fault.upload(0, &[0u8; 16])?;
+        Err(Error::IndexOutOfRange {
+            op: "gather_qmm",
+            param: if w[3] == 0 {
+                "lhs_indices"
+            } else {
+                "rhs_indices"
+            },
+            position: (w[0] - 1) as usize,
+            index: i64::from(w[1]),
+            bound: w[2] as usize,
+        })
+    }
+
+    pub(crate) fn fault_ptr(&self) -> u64 {
+        self.fault.ptr
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Scratch memory of at least `len` bytes, grown on demand (work that uses it retains
+    /// the buffer, so a replaced one lives until that work is done).
+    pub(crate) fn scratch(&self, len: usize) -> Result<crate::Buffer> {
+        let mut s = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = s.as_ref().filter(|b| b.nbytes() >= len) {
+            return Ok(b.clone());
+        }
+        let len = len.max(1 << 20);
+        let b = crate::Buffer::from_device_mem(self.alloc(len)?, self.ctx.ordinal(), &[len])?;
+        *s = Some(b.clone());
+        Ok(b)
+    }
+
+    /// The kernel for `key` (its variant is filled in here), compiled on first use.
+    pub(crate) fn kernel(&self, mut key: KernelKey) -> Result<CudaKernel> {
+        let v = TABLE
+            .iter()
+            .find(|v| (v.supports)(&key))
+            .ok_or_else(|| Error::Unsupported {
+                op: "KernelRegistry",
+                what: format!("a CUDA kernel for {key}"),
+                detail: format!(
+                    " (mode {}, bits {}, input {}, scales {}, output {})",
+                    key.mode, key.bits, key.input, key.scales, key.output
+                ),
+            })?;
+        key.variant = v.name;
+        self.registry.get_or_build(key, |k| self.build(v, k))
+    }
+
+    fn build(&self, v: &Variant, key: &KernelKey) -> Result<CudaKernel> {
+        let name = format!("cuda_{key}");
+        let mut opts = vec!["-std=c++17".to_string()];
+        if !v.fmad {
+            opts.push("--fmad=false".into());
+        }
+        opts.extend((v.defines)(key));
+        let funcs = self.load(&name, v.source, &opts, v.entries)?;
+        Ok(CudaKernel {
+            name: name.into(),
+            funcs: funcs.into(),
+        })
+    }
+
+    fn load(
+        &self,
+        name: &str,
+        source: &str,
+        opts: &[String],
+        entries: &[&str],
+    ) -> Result<Vec<CudaFunction>> {
+        let src = format!("{COMMON}\n{source}");
+        let cubin = nvrtc::compile(name, &src, opts, self.arch, self.driver_version)?;
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(driver("load kernel module"))?;
+        entries
+            .iter()
+            .map(|e| {
+                module
+                    .load_function(e)
+                    .map_err(driver("load kernel function"))
+            })
+            .collect()
+    }
+
+    /// Compiles `source` (after the common header) with NVRTC for this device, through the
+    /// disk cache, and loads `entries` from it: a check that kernels build, and that a broken
+    /// one reports NVRTC's log.
+    pub fn compile_source(&self, name: &str, source: &str, entries: &[&str]) -> Result<()> {
+        self.load(name, source, &["-std=c++17".to_string()], entries)
+            .map(drop)
+    }
+
+    /// The bandwidth probe kernel (reads 16-byte words).
+    pub(crate) fn probe(&self) -> Result<CudaFunction> {
+        let mut p = self.probe.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = p.as_ref() {
+            return Ok(f.clone());
+        }
+        let opts = [
+            "-std=c++17".to_string(),
+            "-DBITS=4".into(),
+            "-DGROUP=64".into(),
+            "-DXT=float".into(),
+            "-DST=float".into(),
+            "-DOT=float".into(),
+        ];
+        let f = self.load("cuda_read_probe", QMV, &opts, &["read_probe"])?;
+        let f = f
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::unsupported("probe", "no entry"))?;
+        *p = Some(f.clone());
+        Ok(f)
+    }
+
+    pub(crate) fn begin_capture(&self) -> Result<()> {
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver("CommandEncoder::capture"))
+    }
+
+    pub(crate) fn end_capture(&self, keep: Vec<crate::Buffer>) -> Result<Graph> {
+        let g = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(driver("CommandEncoder::capture"))?
+            .ok_or_else(|| Error::Cuda {
+                op: "CommandEncoder::capture",
+                cause: "nothing was captured".into(),
+            })?;
+        Ok(Graph {
+            graph: g,
+            _keep: keep,
+        })
+    }
+}
+
+/// Compiles (without a GPU: NVRTC alone) every CUDA kernel variant for `sm_{arch}` on a
+/// spread of keys that together touch every width, group size and dtype; returns how many
+/// modules were built. A check that the kernel sources are valid wherever NVRTC exists.
+pub fn compile_all_kernels(arch: u32) -> Result<usize> {
+    let mut built = 0;
+    for v in TABLE {
+        for (i, &bits) in [1u32, 2, 3, 4, 5, 6, 8].iter().enumerate() {
+            let dt = [DType::F32, DType::F16, DType::BF16][i % 3];
+            let key = KernelKey {
+                op: match v.name {
+                    "quantize" => OpKind::Quantize,
+                    "dequantize" => OpKind::Dequantize,
+                    _ => OpKind::QuantizedMatmul,
+                },
+                mode: QuantMode::Affine,
+                bits,
+                group_size: [32, 64, 128][i % 3],
+                input: dt,
+                scales: dt,
+                output: [DType::BF16, DType::F32, DType::F16][i % 3],
+                flag: i % 2 == 0,
+                variant: v.name,
+            };
+            if !(v.supports)(&key) {
+                continue;
+            }
+            let mut opts = vec!["-std=c++17".to_string()];
+            if !v.fmad {
+                opts.push("--fmad=false".into());
+            }
+            opts.extend((v.defines)(&key));
+            nvrtc::compile(
+                &format!("cuda_{key}"),
+                &format!("{COMMON}\n{}", v.source),
+                &opts,
+                arch,
+                0,
+            )?;
+            built += 1;
+        }
+    }
+    Ok(built)
+}
+
+fn raw_alloc(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>, len: usize) -> Result<DeviceMem> {
+    let ptr = if len == 0 {
+        0
+    } else {
+        ctx.bind_to_thread().map_err(driver("alloc"))?;
+        // SAFETY: a plain allocation; freed by `DeviceMem::drop`.
+        unsafe { cu::malloc_sync(len) }.map_err(|e| Error::Cuda {
+            op: "alloc",
+            cause: format!("cuMemAlloc of {len} bytes: {e:?}"),
+        })?
+    };
+    Ok(DeviceMem {
+        ptr,
+        len,
+        ctx: Arc::clone(ctx),
+        stream: Arc::clone(stream),
+    })
+}
+
+/// A captured sequence of ops (see [`CommandEncoder::capture`](crate::CommandEncoder::capture)).
+/// It keeps the buffers its kernels use alive.
+pub struct Graph {
+    graph: cudarc::driver::CudaGraph,
+    _keep: Vec<crate::Buffer>,
+}
+
+impl std::fmt::Debug for Graph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Graph")
+    }
+}
+
+impl Graph {
+    /// Enqueues one replay on the device's stream (wait with the encoder's `commit_and_wait`).
+    pub fn replay(&self) -> Result<()> {
+        self.graph.launch().map_err(driver("Graph::replay"))
+    }
+}

@@ -1,0 +1,622 @@
+//! The CUDA backend against MLX's fixtures, the CPU backend and the f64 oracle.
+//!
+//! Run with `cargo test -p mlxq --features cuda --test cuda_conformance`. Where mlxq is built
+//! without the `cuda` feature, or the machine has no NVIDIA driver or GPU, every test prints
+//! why it is skipped and passes; any other failure to open the device fails.
+//!
+//! - quantize and dequantize: bit for bit against MLX 0.32.4 (its CUDA kernels for the GPU
+//!   flavour, its CPU for the CPU flavour), and against the CPU backend on random data for
+//!   every width (1-bit too), group size, dtype, flavour and output dtype.
+//! - quantized_matmul (both transposes, M from 1 to 37, odd N), batched W, gather_qmm with
+//!   indices on the device: against the f64 reference, outputs poisoned with NaN first
+//!   (tolerance: 1e-5 normwise for f32 outputs, 1e-2 for f16/bf16).
+//! - graph capture and replay with new inputs; errors (bad device, host buffers, out-of-range
+//!   device indices, NVRTC compile errors with the log).
+
+mod common;
+
+use mlxq::reference::{dequantize_f64, matmul_f64, max_rel_err};
+use mlxq::{
+    ops, Buffer, CommandEncoder, DType, Device, Error, Flavour, QuantSpec, QuantizedWeight,
+};
+use ops::DequantizeOptions;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const BITS: [u32; 7] = [1, 2, 3, 4, 5, 6, 8];
+const GROUPS: [u32; 3] = [32, 64, 128];
+const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+const FLAVOURS: [Flavour; 2] = [Flavour::Gpu, Flavour::Cpu];
+
+/// CUDA device 0, or `None` after printing why the tests cannot run here.
+fn gpu() -> Option<Device> {
+    match Device::cuda(0) {
+        Ok(d) => Some(d),
+        Err(e @ Error::BackendUnavailable { .. }) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+        Err(e) => panic!("opening cuda:0 failed: {e}"),
+    }
+}
+
+fn randn(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>())
+        .collect()
+}
+
+fn up(b: &Buffer, d: &Device) -> Buffer {
+    b.to_device(d).unwrap()
+}
+
+fn down(b: &Buffer) -> Buffer {
+    b.to_host().unwrap()
+}
+
+fn weight_to(w: &QuantizedWeight, d: &Device) -> QuantizedWeight {
+    QuantizedWeight::new(
+        up(w.packed(), d),
+        up(w.scales(), d),
+        w.biases().map(|b| up(b, d)),
+        w.spec(),
+    )
+    .unwrap()
+}
+
+fn weight_down(w: &QuantizedWeight) -> QuantizedWeight {
+    QuantizedWeight::new(
+        down(w.packed()),
+        down(w.scales()),
+        w.biases().map(down),
+        w.spec(),
+    )
+    .unwrap()
+}
+
+fn assert_none(what: &str, checked: usize, failures: Vec<String>) {
+    assert!(checked > 0, "{what}: nothing was checked");
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {checked} cases failed:\n{}",
+        failures.len(),
+        failures[..failures.len().min(12)].join("\n")
+    );
+}
+
+fn same_bytes(what: &str, want: &Buffer, got: &Buffer) -> Option<String> {
+    if (want.dtype(), want.shape()) != (got.dtype(), got.shape()) {
+        return Some(format!(
+            "{what}: got {} {:?}, want {} {:?}",
+            got.dtype(),
+            got.shape(),
+            want.dtype(),
+            want.shape()
+        ));
+    }
+    let i = common::first_difference(want, got)?;
+    Some(format!(
+        "{what}: {} elements differ; first at {i}: want {} got {}",
+        common::count_differences(want, got),
+        common::show(want, i),
+        common::show(got, i)
+    ))
+}
+
+#[test]
+fn quantize_and_dequantize_match_mlx_fixtures_bit_for_bit() {
+    let Some(dev) = gpu() else { return };
+    let mut enc = dev.encoder();
+    let (mut checked, mut failures) = (0, Vec::new());
+    for flavour in FLAVOURS {
+        for cfg in common::configs(flavour) {
+            for case in cfg.cases() {
+                let ctx = format!("{:?} {} {}", flavour, cfg.tag, case.name);
+                checked += 1;
+                let qw = ops::quantize(&mut enc, &up(&case.input, &dev), cfg.spec, flavour)
+                    .and_then(|q| enc.commit_and_wait().map(|()| q));
+                match qw {
+                    Err(e) => failures.push(format!("{ctx}: quantize: {e}")),
+                    Ok(qw) => {
+                        let qw = weight_down(&qw);
+                        for (what, want, got) in [
+                            ("packed", &case.packed, qw.packed()),
+                            ("scales", &case.scales, qw.scales()),
+                            ("biases", &case.biases, qw.biases().unwrap()),
+                        ] {
+                            if let Some(f) = same_bytes(what, want, got) {
+                                failures.push(format!("{ctx}: quantize {f}"));
+                            }
+                        }
+                    }
+                }
+                let opts = DequantizeOptions {
+                    dtype: None,
+                    flavour,
+                };
+                match ops::dequantize(&mut enc, &weight_to(&case.weight(cfg.spec), &dev), opts) {
+                    Err(e) => failures.push(format!("{ctx}: dequantize: {e}")),
+                    Ok(d) => {
+                        if let Some(f) = same_bytes("dequantize", &case.dequant, &down(&d)) {
+                            failures.push(format!("{ctx}: {f}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_none("MLX fixtures on CUDA", checked, failures);
+}
+
+#[test]
+fn quantize_and_dequantize_match_the_cpu_backend_everywhere() {
+    let Some(dev) = gpu() else { return };
+    let cpu = Device::cpu();
+    let (mut genc, mut cenc) = (dev.encoder(), cpu.encoder());
+    let mut rng = StdRng::seed_from_u64(5);
+    let (mut checked, mut failures) = (0, Vec::new());
+    for bits in BITS {
+        for g in GROUPS {
+            let spec = QuantSpec::affine(bits, g).unwrap();
+            for dtype in FLOATS {
+                // An odd 3-D stack; rows with ties (multiples of 1/4), constants and tiny values.
+                let shape = [3, 7, g as usize * 3];
+                let n: usize = shape.iter().product();
+                let mut v = randn(&mut rng, n);
+                for (i, x) in v.iter_mut().enumerate() {
+                    match (i / g as usize) % 5 {
+                        1 => *x = (*x * 4.0).round() / 4.0,
+                        2 => *x = 0.75,
+                        3 => *x *= 1e-6,
+                        _ => {}
+                    }
+                }
+                let w = Buffer::from_f32(&v, dtype, &shape).unwrap();
+                for flavour in FLAVOURS {
+                    checked += 1;
+                    let ctx = format!("b{bits} g{g} {dtype} {flavour:?}");
+                    let want = ops::quantize(&mut cenc, &w, spec, flavour).unwrap();
+                    let got = ops::quantize(&mut genc, &up(&w, &dev), spec, flavour)
+                        .map(|q| weight_down(&q));
+                    let got = match got {
+                        Ok(g) => g,
+                        Err(e) => {
+                            failures.push(format!("{ctx}: quantize: {e}"));
+                            continue;
+                        }
+                    };
+                    for (what, a, b) in [
+                        ("packed", want.packed(), got.packed()),
+                        ("scales", want.scales(), got.scales()),
+                        ("biases", want.biases().unwrap(), got.biases().unwrap()),
+                    ] {
+                        if let Some(f) = same_bytes(what, a, b) {
+                            failures.push(format!("{ctx}: quantize {f}"));
+                        }
+                    }
+                    let wd = weight_to(&want, &dev);
+                    for out in FLOATS {
+                        let opts = DequantizeOptions {
+                            dtype: Some(out),
+                            flavour,
+                        };
+                        let a = ops::dequantize(&mut cenc, &want, opts).unwrap();
+                        match ops::dequantize(&mut genc, &wd, opts) {
+                            Ok(b) => {
+                                if let Some(f) = same_bytes("dequantize", &a, &down(&b)) {
+                                    failures.push(format!("{ctx} -> {out}: {f}"));
+                                }
+                            }
+                            Err(e) => failures.push(format!("{ctx} -> {out}: dequantize: {e}")),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    genc.commit_and_wait().unwrap();
+    assert_none("CUDA vs CPU quantize/dequantize", checked, failures);
+}
+
+fn tolerance(out: DType) -> f64 {
+    if out == DType::F32 {
+        1e-5
+    } else {
+        1e-2
+    }
+}
+
+fn poisoned_on(dev: &Device, dtype: DType, shape: &[usize]) -> Buffer {
+    let n: usize = shape.iter().product();
+    up(
+        &Buffer::from_f32(&vec![f32::NAN; n], dtype, shape).unwrap(),
+        dev,
+    )
+}
+
+/// Error of `got` (a device buffer) against `want`, or a report of NaN (unwritten) elements.
+fn error_of(got: &Buffer, want: &[f64]) -> Result<f64, String> {
+    let v: Vec<f64> = down(got)
+        .to_f32_vec()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(format!("element {i} of {} not written (NaN)", v.len()));
+    }
+    Ok(max_rel_err(&v, want))
+}
+
+/// One quantized_matmul on CUDA against the f64 oracle; `None` when within tolerance.
+#[allow(clippy::too_many_arguments)]
+fn check_matmul(
+    dev: &Device,
+    enc: &mut CommandEncoder,
+    rng: &mut StdRng,
+    spec: QuantSpec,
+    xdt: DType,
+    sdt: DType,
+    m: usize,
+    rows: usize,
+    cols: usize,
+    transpose: bool,
+) -> Option<String> {
+    let ctx = format!(
+        "b{} g{} x {xdt} scales {sdt} M={m} W {rows}x{cols} transpose={transpose}",
+        spec.bits(),
+        spec.group_size()
+    );
+    let mut cenc = Device::cpu().encoder();
+    let w = Buffer::from_f32(&randn(rng, rows * cols), sdt, &[rows, cols]).unwrap();
+    let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
+    let k = if transpose { cols } else { rows };
+    let n = if transpose { rows } else { cols };
+    let x = Buffer::from_f32(&randn(rng, m * k), xdt, &[m, k]).unwrap();
+    let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+    let want = matmul_f64(&xf, m, &dequantize_f64(&qw).unwrap(), rows, cols, transpose);
+    let out_dtype = if xdt == DType::F32 || sdt == DType::F32 {
+        DType::F32
+    } else {
+        xdt
+    };
+    let mut out = poisoned_on(dev, out_dtype, &[m, n]);
+    let r =
+        ops::quantized_matmul_into(enc, &up(&x, dev), &weight_to(&qw, dev), transpose, &mut out)
+            .and_then(|()| enc.commit_and_wait());
+    if let Err(e) = r {
+        return Some(format!("{ctx}: {e}"));
+    }
+    match error_of(&out, &want) {
+        Err(e) => Some(format!("{ctx}: {e}")),
+        Ok(err) if err > tolerance(out_dtype) => Some(format!("{ctx}: error {err:.3e}")),
+        Ok(_) => None,
+    }
+}
+
+#[test]
+fn quantized_matmul_matches_the_f64_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut enc = dev.encoder();
+    let mut rng = StdRng::seed_from_u64(17);
+    let (mut checked, mut failures) = (0, Vec::new());
+    for bits in BITS {
+        for g in GROUPS {
+            let spec = QuantSpec::affine(bits, g).unwrap();
+            let g = g as usize;
+            // bf16 everywhere; f32 and f16 (and mixed x/scales) on a subset of widths.
+            let mut dts = vec![(DType::BF16, DType::BF16)];
+            if g == 64 && matches!(bits, 2 | 3 | 4 | 8) {
+                dts.extend([
+                    (DType::F32, DType::F32),
+                    (DType::F16, DType::F16),
+                    (DType::BF16, DType::F32),
+                ]);
+            }
+            for (xdt, sdt) in dts {
+                for m in [1, 2, 5, 16, 37] {
+                    for transpose in [true, false] {
+                        // Odd sizes: W rows not a multiple of the 8 rows a block owns, K not a
+                        // multiple of the 1024 codes a warp covers per step.
+                        let (rows, cols) = if transpose { (75, g * 5) } else { (77, g * 3) };
+                        checked += 1;
+                        if let Some(f) = check_matmul(
+                            &dev, &mut enc, &mut rng, spec, xdt, sdt, m, rows, cols, transpose,
+                        ) {
+                            failures.push(f);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_none("quantized_matmul on CUDA", checked, failures);
+}
+
+#[test]
+fn long_rows_and_many_rows() {
+    let Some(dev) = gpu() else { return };
+    let mut enc = dev.encoder();
+    let mut rng = StdRng::seed_from_u64(23);
+    let mut failures = Vec::new();
+    let cases = [
+        (4, 64, 1, 1000, 4096, true),
+        (4, 64, 3, 4096, 960, true),
+        (8, 128, 16, 256, 8192, true),
+        (4, 64, 1, 4096, 512, false),
+        (4, 64, 8, 8192, 256, false),
+        (6, 32, 4, 300, 2048, true),
+    ];
+    for (bits, g, m, rows, cols, t) in cases {
+        let spec = QuantSpec::affine(bits, g).unwrap();
+        if let Some(f) = check_matmul(
+            &dev,
+            &mut enc,
+            &mut rng,
+            spec,
+            DType::BF16,
+            DType::BF16,
+            m,
+            rows,
+            cols,
+            t,
+        ) {
+            failures.push(f);
+        }
+    }
+    assert_none("long rows on CUDA", cases.len(), failures);
+}
+
+#[test]
+fn batched_weights_broadcast_with_x() {
+    let Some(dev) = gpu() else { return };
+    let mut enc = dev.encoder();
+    let mut cenc = Device::cpu().encoder();
+    let mut rng = StdRng::seed_from_u64(29);
+    let spec = QuantSpec::affine(4, 64).unwrap();
+    let (e, n, k, m) = (3, 40, 256, 2);
+    for transpose in [true, false] {
+        let (rows, cols) = if transpose { (n, k) } else { (k, 128) };
+        let w = Buffer::from_f32(
+            &randn(&mut rng, e * rows * cols),
+            DType::F32,
+            &[e, rows, cols],
+        )
+        .unwrap();
+        let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
+        let kk = if transpose { cols } else { rows };
+        // x [2, 1, M, K] against W [3, N, K]: output [2, 3, M, N].
+        let x = Buffer::from_f32(&randn(&mut rng, 2 * m * kk), DType::F32, &[2, 1, m, kk]).unwrap();
+        let want_host = ops::quantized_matmul(&mut cenc, &x, &qw, transpose).unwrap();
+        let got = ops::quantized_matmul(&mut enc, &up(&x, &dev), &weight_to(&qw, &dev), transpose)
+            .unwrap();
+        enc.commit_and_wait().unwrap();
+        let got = down(&got);
+        assert_eq!(got.shape(), want_host.shape());
+        // The CPU backend is itself checked against the f64 oracle; here each matrix again.
+        let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+        let wd = dequantize_f64(&qw).unwrap();
+        let nn = if transpose { rows } else { cols };
+        let mut want = Vec::new();
+        for b in 0..2 {
+            for ei in 0..e {
+                let wm = &wd[ei * rows * cols..(ei + 1) * rows * cols];
+                want.extend(matmul_f64(
+                    &xf[b * m * kk..(b + 1) * m * kk],
+                    m,
+                    wm,
+                    rows,
+                    cols,
+                    transpose,
+                ));
+            }
+        }
+        let g: Vec<f64> = got
+            .to_f32_vec()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        assert_eq!(g.len(), 2 * e * m * nn);
+        let err = max_rel_err(&g, &want);
+        assert!(err <= 1e-5, "transpose={transpose}: error {err:e}");
+    }
+}
+
+#[test]
+fn gather_qmm_with_device_indices() {
+    let Some(dev) = gpu() else { return };
+    let mut enc = dev.encoder();
+    let mut cenc = Device::cpu().encoder();
+    let mut rng = StdRng::seed_from_u64(31);
+    let (experts, n, k) = (6, 72, 320);
+    for (bits, dtype) in [(4, DType::BF16), (3, DType::F32), (8, DType::F16)] {
+        let spec = QuantSpec::affine(bits, 64).unwrap();
+        for transpose in [true, false] {
+            let (rows, cols) = if transpose { (n, k) } else { (k, 128) };
+            let w = Buffer::from_f32(
+                &randn(&mut rng, experts * rows * cols),
+                dtype,
+                &[experts, rows, cols],
+            )
+            .unwrap();
+            let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
+            let (kk, nn) = if transpose {
+                (cols, rows)
+            } else {
+                (rows, cols)
+            };
+            for (tokens, top, m) in [(1, 4, 1), (5, 3, 1), (4, 2, 3)] {
+                let x = Buffer::from_f32(
+                    &randn(&mut rng, tokens * m * kk),
+                    dtype,
+                    &[tokens, 1, m, kk],
+                )
+                .unwrap();
+                let idx: Vec<u32> = (0..tokens * top)
+                    .map(|_| rng.gen_range(0..experts as u32))
+                    .collect();
+                let rhs = Buffer::from_slice(&idx, &[tokens, top]).unwrap();
+                let got = ops::gather_qmm(
+                    &mut enc,
+                    &up(&x, &dev),
+                    &weight_to(&qw, &dev),
+                    None,
+                    Some(&up(&rhs, &dev)),
+                    transpose,
+                    false,
+                )
+                .unwrap();
+                enc.commit_and_wait().unwrap();
+                let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+                let wd = dequantize_f64(&qw).unwrap();
+                let mut want = Vec::new();
+                for t in 0..tokens {
+                    for j in 0..top {
+                        let e = idx[t * top + j] as usize;
+                        want.extend(matmul_f64(
+                            &xf[t * m * kk..(t + 1) * m * kk],
+                            m,
+                            &wd[e * rows * cols..(e + 1) * rows * cols],
+                            rows,
+                            cols,
+                            transpose,
+                        ));
+                    }
+                }
+                assert_eq!(got.shape(), &[tokens, top, m, nn]);
+                let err = error_of(&got, &want).unwrap();
+                assert!(
+                    err <= tolerance(got.dtype()),
+                    "b{bits} {dtype} transpose={transpose} T={tokens}: error {err:e}"
+                );
+            }
+            // An out-of-range expert is reported by the next commit, naming its position.
+            let x = Buffer::from_f32(&randn(&mut rng, 2 * kk), dtype, &[2, 1, 1, kk]).unwrap();
+            let rhs = Buffer::from_slice(&[1u32, 0, 2, experts as u32 + 3], &[2, 2]).unwrap();
+            ops::gather_qmm(
+                &mut enc,
+                &up(&x, &dev),
+                &weight_to(&qw, &dev),
+                None,
+                Some(&up(&rhs, &dev)),
+                transpose,
+                false,
+            )
+            .unwrap();
+            match enc.commit_and_wait() {
+                Err(Error::IndexOutOfRange {
+                    position,
+                    index,
+                    bound,
+                    ..
+                }) => {
+                    assert_eq!((position, index, bound), (3, experts as i64 + 3, experts));
+                }
+                r => panic!("expected IndexOutOfRange, got {r:?}"),
+            }
+            enc.commit_and_wait()
+                .expect("the fault is cleared once reported");
+        }
+    }
+}
+
+#[test]
+#[cfg(feature = "cuda")]
+fn graph_capture_replays_with_new_inputs() {
+    let Some(dev) = gpu() else { return };
+    let mut enc = dev.encoder();
+    let mut cenc = Device::cpu().encoder();
+    let mut rng = StdRng::seed_from_u64(37);
+    let spec = QuantSpec::affine(4, 64).unwrap();
+    let (n, k) = (512, 1024);
+    let w = Buffer::from_f32(&randn(&mut rng, n * k), DType::BF16, &[n, k]).unwrap();
+    let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
+    let wd = dequantize_f64(&qw).unwrap();
+    let qg = weight_to(&qw, &dev);
+    let new_x = |rng: &mut StdRng| Buffer::from_f32(&randn(rng, k), DType::BF16, &[1, k]).unwrap();
+    let x0 = new_x(&mut rng);
+    let mut x = up(&x0, &dev);
+    let mut y = poisoned_on(&dev, DType::BF16, &[1, n]);
+    let mut y2 = poisoned_on(&dev, DType::BF16, &[1, n]);
+    let graph = {
+        let (xr, yr, y2r) = (&x, &mut y, &mut y2);
+        enc.capture(|e| {
+            ops::quantized_matmul_into(e, xr, &qg, true, yr)?;
+            ops::quantized_matmul_into(e, xr, &qg, true, y2r)
+        })
+        .unwrap()
+    };
+    for step in 0..3 {
+        let xh = new_x(&mut rng);
+        x.copy_from(&xh).unwrap();
+        graph.replay().unwrap();
+        enc.commit_and_wait().unwrap();
+        let xf: Vec<f64> = xh
+            .to_f32_vec()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let want = matmul_f64(&xf, 1, &wd, n, k, true);
+        for out in [&y, &y2] {
+            let err = error_of(out, &want).unwrap();
+            assert!(err <= 1e-2, "replay {step}: error {err:e}");
+        }
+    }
+}
+
+#[test]
+#[cfg(feature = "cuda")]
+fn errors_are_clear() {
+    let Some(dev) = gpu() else { return };
+    assert!(matches!(
+        Device::cuda(999),
+        Err(Error::BackendUnavailable { .. })
+    ));
+    let host = Buffer::from_f32(&[1.0; 64], DType::F32, &[1, 64]).unwrap();
+    let mut enc = dev.encoder();
+    let spec = QuantSpec::affine(4, 64).unwrap();
+    assert!(matches!(
+        ops::quantize(&mut enc, &host, spec, Flavour::Gpu),
+        Err(Error::DeviceMismatch { .. })
+    ));
+    let on_gpu = up(&host, &dev);
+    assert!(matches!(
+        on_gpu.to_vec::<f32>(),
+        Err(Error::DeviceMismatch { .. })
+    ));
+    assert!(on_gpu.bytes().is_empty());
+    assert_eq!(down(&on_gpu).to_vec::<f32>().unwrap(), vec![1.0; 64]);
+    let broken = "extern \"C\" __global__ void broken() { this is not C++; }";
+    match dev
+        .cuda_state()
+        .unwrap()
+        .compile_source("broken", broken, &["broken"])
+    {
+        Err(Error::KernelCompile { log, .. }) => assert!(log.contains("error"), "log: {log}"),
+        r => panic!("expected a compile error with NVRTC's log, got {r:?}"),
+    }
+}
+
+/// Needs NVRTC only (no GPU): every kernel source compiles for Hopper.
+#[test]
+#[cfg(feature = "cuda")]
+fn every_kernel_compiles_for_sm90() {
+    match mlxq::backend::cuda::compile_all_kernels(90) {
+        Ok(n) => assert!(n >= 21, "built {n} modules"),
+        Err(Error::Cuda { cause, .. }) if cause.contains("libnvrtc was not found") => {
+            eprintln!("skipped: {cause}")
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+#[cfg(not(feature = "cuda"))]
+fn without_the_feature_cuda_is_unavailable() {
+    assert!(matches!(
+        Device::cuda(0),
+        Err(Error::BackendUnavailable { .. })
+    ));
+}
