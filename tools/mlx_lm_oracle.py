@@ -14,8 +14,9 @@ Needs mlx[cpu]==0.32.4 and mlx-lm==0.32.2 (see .ci/run). Subcommands:
   generate DIR [--tokens N] [--prompt TEXT]
       Greedy generation with mlx_lm; prints the token ids as one JSON line.
   matmul DIR OUT.safetensors [--seed N]
-      For every quantized module of DIR (as mlx_lm loads it): a random x and MLX's
-      quantized_matmul (gather_qmm for expert stacks) of it, saved as
+      For every quantized module of DIR (as mlx_lm loads it): a random float32 x (so MLX
+      accumulates and returns float32) and MLX's quantized_matmul (gather_qmm with x
+      [3, 1, 1, K] and indices [3, 2] for expert stacks, as SwitchGLU calls it), saved as
       `<module>.x`, `<module>.y` (and `<module>.indices`) for mlxq to compare against.
 """
 
@@ -156,10 +157,6 @@ def cmd_make(a):
     cfg["torch_dtype"] = a.dtype
     rng = np.random.default_rng(a.seed)
     dtype = getattr(mx, a.dtype)
-    names = None
-    if a.size == "big":
-        # Written layer by layer so the generator itself stays small.
-        tensors = None
     tensors = hf_tensors(cfg, a.arch, rng)
     names = sorted(tensors)
     shards = [names[i :: a.shards] for i in range(a.shards)] if a.shards > 1 else [names]
@@ -231,14 +228,14 @@ def cmd_matmul(a):
     for name, m in model.named_modules():
         if isinstance(m, QuantizedSwitchLinear):
             E, K = m.num_experts, m.input_dims
-            x = mx.random.normal((3, 1, K)).astype(m.scales.dtype)
+            x = mx.random.normal((3, 1, 1, K))
             idx = mx.random.randint(0, E, (3, 2)).astype(mx.uint32)
             y = mx.gather_qmm(x, m["weight"], m["scales"], m.get("biases"), rhs_indices=idx,
                               transpose=True, group_size=m.group_size, bits=m.bits, mode=m.mode)
             out[f"{name}.indices"] = idx
         elif isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             K = m.scales.shape[-1] * m.group_size
-            x = mx.random.normal((5, K)).astype(m.scales.dtype)
+            x = mx.random.normal((5, K))
             y = mx.quantized_matmul(x, m["weight"], m["scales"], m.get("biases"), transpose=True,
                                     group_size=m.group_size, bits=m.bits, mode=m.mode)
         else:

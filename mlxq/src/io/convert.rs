@@ -178,6 +178,33 @@ fn family(model_type: &str) -> Option<(Family, Option<bool>)> {
     })
 }
 
+/// The architecture family of a `config.json` and whether its embeddings are tied.
+fn family_of(config: &Value, dir: &Path) -> Result<(Family, bool)> {
+    let config_path = dir.join("config.json");
+    let model_type = config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let Some((family, tie_default)) = family(model_type) else {
+        return Err(Error::unsupported(
+            OP,
+            format!(
+                "model_type {model_type:?} (supported: llama, mistral, qwen2, qwen3, mixtral, qwen3_moe)"
+            ),
+        ));
+    };
+    let tie = match config.get("tie_word_embeddings").and_then(Value::as_bool) {
+        Some(t) => t,
+        None => tie_default.ok_or_else(|| {
+            format_error(
+                &config_path,
+                format!("tie_word_embeddings is required for {model_type}"),
+            )
+        })?,
+    };
+    Ok((family, tie))
+}
+
 /// Where an output tensor's data comes from.
 #[derive(Clone, Debug)]
 enum Source {
@@ -355,34 +382,7 @@ impl SourceModel {
 
     /// The architecture family and whether embeddings are tied.
     fn family(&self) -> Result<(Family, bool)> {
-        let config_path = self.dir.join("config.json");
-        let model_type = self
-            .config
-            .get("model_type")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        let Some((family, tie_default)) = family(model_type) else {
-            return Err(Error::unsupported(
-                OP,
-                format!(
-                    "model_type {model_type:?} (supported: llama, mistral, qwen2, qwen3, mixtral, qwen3_moe)"
-                ),
-            ));
-        };
-        let tie = match self
-            .config
-            .get("tie_word_embeddings")
-            .and_then(Value::as_bool)
-        {
-            Some(t) => t,
-            None => tie_default.ok_or_else(|| {
-                format_error(
-                    &config_path,
-                    format!("tie_word_embeddings is required for {model_type}"),
-                )
-            })?,
-        };
-        Ok((family, tie))
+        family_of(&self.config, &self.dir)
     }
 
     fn config_u64(&self, key: &str) -> Option<u64> {
@@ -618,6 +618,8 @@ pub fn convert(
             ),
         ));
     }
+    // Fail fast on an architecture whose renames are not reproduced.
+    family_of(&read_config(src)?, src)?;
     let source = SourceModel::open(src)?;
     let config_path = src.join("config.json");
     if source.config.get("quantization").is_some() {
