@@ -100,15 +100,20 @@ def config_for(arch: str, size: str):
 
 
 def hf_tensors(cfg, arch, rng):
-    """Float64 numpy tensors named as Hugging Face names them."""
+    """Makers of float32 numpy tensors, named as Hugging Face names them (made on demand, so a
+    big model is generated one shard at a time)."""
     import numpy as np
 
     H, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim", H // nh)
 
+    class Lazy:
+        def __init__(self, f):
+            self.f = f
+
     def lin(n, k):
-        return rng.standard_normal((n, k), dtype=np.float32) * (1.0 / np.sqrt(k))
+        return Lazy(lambda: rng.standard_normal((n, k), dtype=np.float32) * (1.0 / np.sqrt(k)))
 
     t = {"model.embed_tokens.weight": lin(V, H), "model.norm.weight": 1 + 0.1 * rng.standard_normal(H, dtype=np.float32)}
     if not cfg["tie_word_embeddings"]:
@@ -167,7 +172,12 @@ def cmd_make(a):
             if len(shards) > 1
             else "model.safetensors"
         )
-        d = {n: mx.array(tensors[n]).astype(dtype) for n in members}
+        d = {}
+        for n in members:
+            v = tensors[n]
+            v = v.f() if hasattr(v, "f") else v
+            d[n] = mx.array(v).astype(dtype)
+            del v
         mx.save_safetensors(str(out / fname), d, metadata={"format": "pt"})
         for n in members:
             weight_map[n] = fname

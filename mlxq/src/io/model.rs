@@ -364,11 +364,13 @@ impl ModelDir {
     fn check_modules(&mut self) -> Result<()> {
         let config_path = self.path.join("config.json");
         let mut specs = BTreeMap::new();
-        let with_scales: Vec<String> = self
+        // Sorted, so that the first error reported does not depend on hashing.
+        let mut with_scales: Vec<String> = self
             .location
             .keys()
             .filter_map(|n| n.strip_suffix(".scales").map(str::to_string))
             .collect();
+        with_scales.sort_unstable();
         for p in with_scales {
             let scales_name = format!("{p}.scales");
             let file = self.file_of(&scales_name).to_path_buf();
@@ -434,7 +436,9 @@ impl ModelDir {
                 }
             }
         }
-        for (name, &i) in &self.location {
+        let mut names: Vec<(&String, &usize)> = self.location.iter().collect();
+        names.sort_unstable();
+        for (name, &i) in names {
             if let Some(p) = name.strip_suffix(".weight") {
                 let b = self.shards[i].1.get(name);
                 if b.is_some_and(|b| b.dtype() == DType::U32) && !specs.contains_key(p) {
