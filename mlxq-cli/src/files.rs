@@ -84,14 +84,19 @@ pub struct QuantizeArgs {
 
 /// Arguments of `mlxq dequantize`.
 ///
+/// A model directory (config.json + safetensors) is dequantized into a float model directory,
+/// as `mlx_lm.convert -d`: bits and group sizes come from config.json (`--group-size` is not
+/// used), the quantization block is removed from the config, other files are copied.
+///
 /// Every quantized module (a uint32 `P.weight` with `P.scales` and `P.biases`) becomes a float
 /// `P.weight`; its scales and biases are dropped; every other tensor and the metadata are copied.
 /// Bits are inferred from the shapes, which needs the group size the file was made with.
 #[derive(clap::Args)]
 pub struct DequantizeArgs {
-    /// Input safetensors file (MLX-quantized).
+    /// Input safetensors file or model directory (MLX-quantized).
     pub input: PathBuf,
-    /// Output safetensors file (replaced atomically when complete).
+    /// Output safetensors file (replaced atomically when complete), or output directory (must
+    /// not exist; appears when complete).
     pub output: PathBuf,
     /// Output dtype; default: each module's scales dtype (as mx.dequantize). With the cpu
     /// flavour values are computed in the scales dtype and then converted, as MLX's CPU does.
@@ -113,7 +118,9 @@ pub struct DequantizeArgs {
 /// group size and stored bits per weight (scales and biases included), then totals.
 #[derive(clap::Args)]
 pub struct InspectArgs {
-    /// Safetensors file to describe.
+    /// Safetensors file or model directory (config.json + safetensors) to describe. For a
+    /// directory: its shards, the quantization block, every module (mode, bits, group, dtype,
+    /// shape, bytes, bits per weight) and totals by spec.
     pub file: PathBuf,
     /// Group size the file was quantized with, to infer bits from shapes (see dequantize).
     #[arg(long, default_value_t = 64)]
@@ -121,7 +128,7 @@ pub struct InspectArgs {
 }
 
 /// The error's chain as one line, skipping a cause whose text the message already ends with.
-fn one_line(e: anyhow::Error) -> anyhow::Error {
+pub(crate) fn one_line(e: anyhow::Error) -> anyhow::Error {
     let mut msg = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
@@ -154,7 +161,7 @@ fn quantizable(b: &Buffer, g: usize) -> bool {
 }
 
 /// Human-readable bytes (decimal units).
-fn size(bytes: usize) -> String {
+pub(crate) fn size(bytes: usize) -> String {
     let mut v = bytes as f64;
     let mut unit = "B";
     for u in ["kB", "MB", "GB", "TB"] {
@@ -231,6 +238,14 @@ pub fn dequantize(a: &DequantizeArgs) -> anyhow::Result<()> {
 }
 
 fn run_dequantize(a: &DequantizeArgs) -> anyhow::Result<()> {
+    if a.input.is_dir() {
+        return crate::model::dequantize(
+            &a.input,
+            &a.output,
+            a.dtype.map(DType::from),
+            a.flavour.into(),
+        );
+    }
     let input = open(&a.input)?;
     let modules: HashSet<&str> = input.quantized_modules().into_iter().collect();
     let opts = DequantizeOptions {
@@ -306,6 +321,9 @@ pub fn inspect(a: &InspectArgs) -> anyhow::Result<()> {
 }
 
 fn run_inspect(a: &InspectArgs) -> anyhow::Result<()> {
+    if a.file.is_dir() {
+        return crate::model::inspect(&a.file);
+    }
     let t = open(&a.file)?;
     let mut names: Vec<&str> = t.names().collect();
     names.sort_unstable();

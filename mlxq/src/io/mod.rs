@@ -4,6 +4,8 @@
 //!   into owned, aligned memory instead. Both keep the file's metadata and tensor order.
 //! - [`save`] writes exactly the bytes `mx.save_safetensors` writes for the same dict (see
 //!   [`save`] for the layout), through a temporary file renamed into place.
+//! - [`ModelDir`] opens an MLX (or Hugging Face) model directory: `config.json` and its
+//!   quantization block, single or sharded safetensors, module by module.
 //! - [`Tensors::quantized_weight`] assembles a [`QuantizedWeight`](crate::QuantizedWeight) from
 //!   MLX's `P.weight` / `P.scales` / `P.biases`, inferring the bits from the shapes.
 //!
@@ -11,15 +13,25 @@
 //! and errors onto mlxq's. Writing is done here because the crate's writer pads the header and
 //! orders tensors differently from MLX.
 
+mod convert;
+mod model;
 mod order;
 mod quantized;
 mod read;
 mod write;
 
+pub use convert::{
+    convert, dequantize_dir, ConvertOptions, ConvertSummary, DequantizeDirOptions, Progress,
+    Recipe, SanitizedModel, MAX_SHARD_BYTES,
+};
+pub use model::{
+    read_config, shard_files, ModelDir, ModuleQuant, ModuleWeight, QuantConfig, WeightMap,
+    INDEX_FILE,
+};
 pub use order::unordered_map_order;
 pub use quantized::{aligned, infer_spec};
 pub use read::{load, load_mmap};
-pub use write::save;
+pub use write::{save, SafetensorsWriter, TensorInfo};
 
 use crate::buffer::Buffer;
 use crate::error::{Error, Result};

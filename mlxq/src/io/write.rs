@@ -3,9 +3,11 @@
 use super::order::unordered_map_order;
 use super::read::io_error;
 use super::{Tensors, METADATA_KEY};
+use crate::buffer::Buffer;
 use crate::device::Location;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -36,7 +38,6 @@ pub fn save(path: impl AsRef<Path>, tensors: &Tensors) -> Result<()> {
         what: "tensor count",
     })?;
     let mut entries = Vec::with_capacity(order.len());
-    let mut offset = 0usize;
     for &i in &order {
         let (name, buffer) = &tensors.entries[i];
         if buffer.location() != Location::Cpu {
@@ -48,50 +49,167 @@ pub fn save(path: impl AsRef<Path>, tensors: &Tensors) -> Result<()> {
                 ),
             ));
         }
-        let end = offset
-            .checked_add(buffer.nbytes())
-            .ok_or(Error::SizeOverflow {
+        entries.push(TensorInfo::of(name, buffer));
+    }
+    let mut w = SafetensorsWriter::create(path, entries, &tensors.metadata)?;
+    for &i in &order {
+        w.write(&tensors.entries[i].1)?;
+    }
+    w.finish()
+}
+
+/// Name, dtype and shape of a tensor to be written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// The tensor's name.
+    pub name: String,
+    /// Its element type.
+    pub dtype: DType,
+    /// Its shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorInfo {
+    /// The name, dtype and shape of `buffer`.
+    pub fn of(name: &str, buffer: &Buffer) -> TensorInfo {
+        TensorInfo {
+            name: name.to_string(),
+            dtype: buffer.dtype(),
+            shape: buffer.shape().to_vec(),
+        }
+    }
+
+    /// Bytes of the tensor's data.
+    pub fn nbytes(&self) -> Result<usize> {
+        crate::buffer::byte_size("io::TensorInfo", self.dtype, &self.shape)
+    }
+}
+
+/// A safetensors file written one tensor at a time, so that only the tensor being written need
+/// be in memory: the header (MLX's layout, see [`save`]) is written first from the tensors'
+/// names, dtypes and shapes, then their data in the order given to [`create`](Self::create).
+///
+/// The file is a temporary file beside `path` until [`finish`](Self::finish) renames it into
+/// place; dropped unfinished (an error, a panic), it is removed.
+pub struct SafetensorsWriter {
+    path: PathBuf,
+    tmp: TempFile,
+    out: BufWriter<File>,
+    entries: Vec<TensorInfo>,
+    next: usize,
+}
+
+impl SafetensorsWriter {
+    /// Starts `path` for `entries`, whose data will come in this order, with string `metadata`
+    /// (`null` in the header when empty). Names must be unique and not `__metadata__`.
+    pub fn create(
+        path: impl AsRef<Path>,
+        entries: Vec<TensorInfo>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<SafetensorsWriter> {
+        let path = path.as_ref();
+        let mut fields = Vec::with_capacity(entries.len() + 1);
+        let mut offset = 0usize;
+        let mut seen = std::collections::HashSet::with_capacity(entries.len());
+        for e in &entries {
+            if e.name == METADATA_KEY || !seen.insert(e.name.as_str()) {
+                return Err(Error::Format {
+                    path: path.display().to_string(),
+                    message: format!("tensor name {:?} is reserved or used twice", e.name),
+                });
+            }
+            let end = offset.checked_add(e.nbytes()?).ok_or(Error::SizeOverflow {
                 op: "io::save",
                 what: "data offsets",
             })?;
-        entries.push((
-            name.as_str(),
-            tensor_json(buffer.dtype(), buffer.shape(), offset, end),
-        ));
-        offset = end;
-    }
-    let metadata = if tensors.metadata.is_empty() {
-        "null".to_string()
-    } else {
-        let fields: Vec<String> = tensors
-            .metadata
-            .iter()
-            .map(|(k, v)| format!("{}:{}", json_string(k), json_string(v)))
-            .collect();
-        format!("{{{}}}", fields.join(","))
-    };
-    entries.push((METADATA_KEY, metadata));
-    entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    let fields: Vec<String> = entries
-        .iter()
-        .map(|(k, v)| format!("{}:{v}", json_string(k)))
-        .collect();
-    let header = format!("{{{}}}", fields.join(","));
-
-    let tmp = TempFile::create(path)?;
-    let result = (|| -> std::io::Result<()> {
-        let mut w = BufWriter::with_capacity(1 << 20, &tmp.file);
-        w.write_all(&(header.len() as u64).to_le_bytes())?;
-        w.write_all(header.as_bytes())?;
-        for &i in &order {
-            w.write_all(tensors.entries[i].1.bytes())?;
+            fields.push((e.name.as_str(), tensor_json(e.dtype, &e.shape, offset, end)));
+            offset = end;
         }
-        w.flush()?;
-        drop(w);
-        tmp.file.sync_all()
-    })();
-    result.map_err(|e| io_error(path, e))?;
-    tmp.persist(path)
+        let metadata = if metadata.is_empty() {
+            "null".to_string()
+        } else {
+            let fields: Vec<String> = metadata
+                .iter()
+                .map(|(k, v)| format!("{}:{}", json_string(k), json_string(v)))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        };
+        fields.push((METADATA_KEY, metadata));
+        fields.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        let fields: Vec<String> = fields
+            .iter()
+            .map(|(k, v)| format!("{}:{v}", json_string(k)))
+            .collect();
+        let header = format!("{{{}}}", fields.join(","));
+
+        let tmp = TempFile::create(path)?;
+        let file = tmp.file.try_clone().map_err(|e| io_error(path, e))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        (|| -> std::io::Result<()> {
+            out.write_all(&(header.len() as u64).to_le_bytes())?;
+            out.write_all(header.as_bytes())
+        })()
+        .map_err(|e| io_error(path, e))?;
+        Ok(SafetensorsWriter {
+            path: path.to_path_buf(),
+            tmp,
+            out,
+            entries,
+            next: 0,
+        })
+    }
+
+    /// The tensor [`write`](Self::write) expects next, or `None` when all are written.
+    pub fn expected(&self) -> Option<&TensorInfo> {
+        self.entries.get(self.next)
+    }
+
+    /// Appends the data of the next tensor, which must have its dtype and shape.
+    pub fn write(&mut self, buffer: &Buffer) -> Result<()> {
+        let op = "SafetensorsWriter::write";
+        let Some(e) = self.entries.get(self.next) else {
+            return Err(Error::invalid(op, "buffer", "no more tensors", "one more"));
+        };
+        if buffer.location() != Location::Cpu {
+            return Err(Error::unsupported(
+                op,
+                format!("tensor {} is on {}", e.name, buffer.location()),
+            ));
+        }
+        if buffer.dtype() != e.dtype {
+            return Err(Error::dtype(op, "buffer", e.dtype.name(), buffer.dtype()));
+        }
+        if buffer.shape() != e.shape.as_slice() {
+            return Err(Error::shape(
+                op,
+                "buffer",
+                format!("{:?} for {}", e.shape, e.name),
+                buffer.shape(),
+            ));
+        }
+        self.out
+            .write_all(buffer.bytes())
+            .map_err(|err| io_error(&self.path, err))?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Flushes the file to disk and renames it to its path; fails if a tensor is missing.
+    pub fn finish(mut self) -> Result<()> {
+        if let Some(e) = self.entries.get(self.next) {
+            return Err(Error::Format {
+                path: self.path.display().to_string(),
+                message: format!("tensor {} was never written", e.name),
+            });
+        }
+        self.out.flush().map_err(|e| io_error(&self.path, e))?;
+        self.tmp
+            .file
+            .sync_all()
+            .map_err(|e| io_error(&self.path, e))?;
+        let path = self.path.clone();
+        self.tmp.persist(&path)
+    }
 }
 
 /// One tensor's header entry, keys in nlohmann's (sorted) order.
@@ -150,7 +268,7 @@ impl TempFile {
         })
     }
 
-    fn persist(mut self, dest: &Path) -> Result<()> {
+    fn persist(&mut self, dest: &Path) -> Result<()> {
         std::fs::rename(&self.path, dest).map_err(|e| io_error(dest, e))?;
         self.keep = true;
         Ok(())
