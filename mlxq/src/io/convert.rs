@@ -407,8 +407,8 @@ fn cast(b: Buffer, dtype: DType) -> Result<Buffer> {
                         *o = D::from_f32(Float::to_f32(*s));
                     }
                 });
-        }, _ => unreachable!("dtype is float"))
-    }, _ => unreachable!("b is float"));
+        }, _ => return Err(Error::dtype("convert", "dtype", "float32, float16 or bfloat16", dtype)))
+    }, _ => return Err(Error::dtype("convert", "tensor", "a float dtype", b.dtype())));
     Ok(out)
 }
 
