@@ -17,10 +17,10 @@
 //! Results equal the generic kernel's up to f32 summation order.
 
 use super::qmm::QmmArgs;
-use super::{cast, cast_mut, DisjointOut};
+use super::x86_columns::{run, Columns, Walk, MAX_ROWS, PREFETCH_AHEAD};
+use super::{cast, cast_mut};
 use crate::dtype::Float;
 use crate::error::Result;
-use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
@@ -38,6 +38,8 @@ pub(crate) const QMV_T: super::Variant = super::Variant {
 
 /// Rows of x sharing one decoded chunk.
 pub(crate) const ROWS: usize = 8;
+/// Bytes of x one row block may touch per K block (L1-resident beside the weights).
+const X_BLOCK_BYTES: usize = 32 << 10;
 
 /// Whether this CPU can run the kernels of this module.
 pub(crate) fn available() -> bool {
@@ -133,72 +135,92 @@ pub(crate) fn qmv_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
     let biases: &[S] = cast(OP, "biases", w.biases)?;
     let out: &mut [O] = cast_mut(OP, "out", a.out)?;
     let (m, n, k, g) = (a.m, w.rows, w.cols, w.group_size);
-    let groups = w.groups();
-    let row_bytes = w.row_bytes();
-    let writer = DisjointOut::new(out);
+    let walk = Walk::new(m, n, k, g, ROWS, 4, X_BLOCK_BYTES);
     // Taken out of the thread-local rather than borrowed across the parallel loop: a nested
     // call on this thread (gather_qmm runs experts concurrently) finds it empty and allocates
     // its own, instead of finding it borrowed.
     let (mut xp, mut xsum) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    {
-        xp.clear();
-        xp.resize(m * k, 0.0);
-        for (src, dst) in a.x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
-            for (i, &v) in src.iter().enumerate() {
-                dst[permuted(BITS, i)] = v;
-            }
+    xp.clear();
+    xp.resize(m * k, 0.0);
+    for (src, dst) in a.x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
+        for (i, &v) in src.iter().enumerate() {
+            dst[permuted(BITS, i)] = v;
         }
-        xsum.clear();
-        xsum.extend(a.x.chunks_exact(g).map(|c| c.iter().sum::<f32>()));
-        let (xp, xsum) = (&xp[..], &xsum[..]);
-        let tasks = (rayon::current_num_threads() * 8).max(1);
-        let per_task = n.div_ceil(tasks).max(8);
-        (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
-            let cols = t * per_task..((t + 1) * per_task).min(n);
-            for r0 in (0..m).step_by(ROWS) {
-                let rows = ROWS.min(m - r0);
-                for col in cols.clone() {
-                    let packed = &w.packed[col * row_bytes..(col + 1) * row_bytes];
-                    let mut acc = [0f32; ROWS];
-                    // SAFETY: features checked by `available` before this kernel is chosen;
-                    // all slices are bounds-checked by construction (see `column`).
-                    let args = Column {
-                        packed,
-                        scales: &scales[col * groups..(col + 1) * groups],
-                        biases: &biases[col * groups..(col + 1) * groups],
-                        xp: &xp[r0 * k..(r0 + rows) * k],
-                        xsum: &xsum[r0 * groups..(r0 + rows) * groups],
-                        k,
-                        g,
-                    };
-                    // The row count is a constant inside `column`, so its loops unroll and
-                    // the accumulators stay in registers.
-                    unsafe {
-                        match rows {
-                            1 => column::<S, BITS, 1>(&args, &mut acc),
-                            2 => column::<S, BITS, 2>(&args, &mut acc),
-                            3 => column::<S, BITS, 3>(&args, &mut acc),
-                            4 => column::<S, BITS, 4>(&args, &mut acc),
-                            5 => column::<S, BITS, 5>(&args, &mut acc),
-                            6 => column::<S, BITS, 6>(&args, &mut acc),
-                            7 => column::<S, BITS, 7>(&args, &mut acc),
-                            _ => column::<S, BITS, 8>(&args, &mut acc),
-                        }
-                    };
-                    for (r, &v) in acc.iter().enumerate().take(rows) {
-                        // SAFETY: task `t` alone owns columns `cols` of every row.
-                        unsafe { writer.write((r0 + r) * n + col, O::from_f32(v)) };
-                    }
-                }
-            }
-        });
     }
+    xsum.clear();
+    xsum.extend(a.x.chunks_exact(g).map(|c| c.iter().sum::<f32>()));
+    let kernel = Kernel::<S, BITS> {
+        packed: w.packed,
+        scales,
+        biases,
+        xp: &xp,
+        xsum: &xsum,
+        row_bytes: w.row_bytes(),
+        groups: walk.groups,
+        k,
+        g,
+    };
+    // SAFETY: this kernel is only chosen where `available` holds.
+    unsafe { run(&kernel, walk, out) };
     SCRATCH.with(|s| *s.borrow_mut() = (xp, xsum));
     Ok(())
 }
 
-/// One output column's inputs: its packed row, scales and biases, and `R` rows of permuted
-/// x (`R·k` values) with their group sums (`R·k/g`).
+/// Everything one call's columns read: W, and x permuted (`m·k`) with its group sums
+/// (`m·groups`).
+struct Kernel<'a, S, const BITS: usize> {
+    packed: &'a [u8],
+    scales: &'a [S],
+    biases: &'a [S],
+    xp: &'a [f32],
+    xsum: &'a [f32],
+    row_bytes: usize,
+    groups: usize,
+    k: usize,
+    g: usize,
+}
+
+impl<S: Float, const BITS: usize> Columns for Kernel<'_, S, BITS> {
+    const ROWS: usize = ROWS;
+
+    unsafe fn column<const R: usize>(
+        &self,
+        col: usize,
+        g0: usize,
+        g1: usize,
+        row0: usize,
+        acc: &mut [f32; MAX_ROWS],
+    ) {
+        let (gs, g, groups) = (col * self.groups, self.g, self.groups);
+        let p0 = col * self.row_bytes;
+        let (Some(packed), Some(scales), Some(biases), Some(xp), Some(xsum)) = (
+            self.packed
+                .get(p0 + g0 * g / 8 * BITS..p0 + g1 * g / 8 * BITS),
+            self.scales.get(gs + g0..gs + g1),
+            self.biases.get(gs + g0..gs + g1),
+            self.xp.get(row0 * self.k + g0 * g..),
+            self.xsum.get(row0 * groups + g0..),
+        ) else {
+            return;
+        };
+        let args = Column {
+            packed,
+            scales,
+            biases,
+            xp,
+            xsum,
+            k: self.k,
+            groups,
+            g,
+        };
+        // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
+        unsafe { column::<S, BITS, R>(&args, acc) }
+    }
+}
+
+/// One output column's slice of K for `R` rows of x: its packed codes, scales and biases
+/// (`scales.len()` groups), and from the slice's first element on, the rows of permuted x
+/// (`k` apart) and of their group sums (`groups` apart).
 struct Column<'a, S> {
     packed: &'a [u8],
     scales: &'a [S],
@@ -206,26 +228,27 @@ struct Column<'a, S> {
     xp: &'a [f32],
     xsum: &'a [f32],
     k: usize,
+    groups: usize,
     g: usize,
 }
 
-/// One output column for `R` rows of x. Writes nothing if the slices are shorter than
-/// [`Column`] promises (they never are; the check keeps the raw loads in bounds).
+/// One output column's slice of K for `R` rows of x. Writes nothing if the slices are
+/// shorter than [`Column`] promises (they never are; the check keeps the raw loads in bounds).
 ///
 /// # Safety
 /// The CPU must support [`available`]'s features.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
 unsafe fn column<S: Float, const BITS: usize, const R: usize>(
     a: &Column<'_, S>,
-    acc: &mut [f32; ROWS],
+    acc: &mut [f32; MAX_ROWS],
 ) {
     let (k, g) = (a.k, a.g);
-    let groups = k / g;
+    let groups = a.scales.len();
+    let len = groups * g;
     let chunk_bytes = 4 * BITS;
-    if a.packed.len() < k / 32 * chunk_bytes
-        || a.xp.len() < R * k
-        || a.xsum.len() < R * groups
-        || a.scales.len() < groups
+    if a.packed.len() < len / 32 * chunk_bytes
+        || a.xp.len() < (R - 1) * k + len
+        || a.xsum.len() < (R - 1) * a.groups + groups
         || a.biases.len() < groups
     {
         return;
@@ -235,13 +258,15 @@ unsafe fn column<S: Float, const BITS: usize, const R: usize>(
     let mut bacc = [0f32; R];
     let (pp, xp) = (a.packed.as_ptr(), a.xp.as_ptr());
     for j in 0..groups {
+        // W streams through in column order: fetch ahead of it (never faults).
+        _mm_prefetch::<_MM_HINT_T0>(pp.wrapping_add(j * g / 8 * BITS + PREFETCH_AHEAD) as *const i8);
         let s = _mm512_set1_ps(a.scales[j].to_f32());
         let b = a.biases[j].to_f32();
         let mut dots = [_mm512_setzero_ps(); R];
         for c in 0..g / 32 {
             let e = j * g + c * 32;
-            // SAFETY: chunk e/32 < k/32, each `chunk_bytes` long, lies within `packed`, and
-            // r·k + e + 32 ≤ R·k ≤ xp.len() (both checked above).
+            // SAFETY: chunk e/32 < len/32, each `chunk_bytes` long, lies within `packed`, and
+            // r·k + e + 32 ≤ (R − 1)·k + len ≤ xp.len() (both checked above).
             unsafe {
                 let (lo, hi) = decode32::<BITS>(pp.add(e / 32 * chunk_bytes), spread, ctl);
                 for (r, d) in dots.iter_mut().enumerate() {
@@ -253,7 +278,7 @@ unsafe fn column<S: Float, const BITS: usize, const R: usize>(
         }
         for r in 0..R {
             vacc[r] = _mm512_fmadd_ps(dots[r], s, vacc[r]);
-            bacc[r] += b * a.xsum[r * groups + j];
+            bacc[r] += b * a.xsum[r * a.groups + j];
         }
     }
     for r in 0..R {

@@ -17,11 +17,11 @@
 //! into blocks of K so the rows of x a column visits stay in L1.
 
 use super::qmm::QmmArgs;
-use super::{cast, cast_mut, DisjointOut, Variant};
+use super::x86_columns::{run, Columns, Walk, MAX_ROWS, PREFETCH_AHEAD};
+use super::{cast, cast_mut, Variant};
 use crate::dtype::Float;
 use crate::error::Result;
 use half::bf16;
-use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
@@ -57,8 +57,6 @@ const X_BLOCK_BYTES: usize = 16 << 10;
 thread_local! {
     /// Per-thread scratch: x as permuted bf16 and its group sums; reused across calls.
     static SCRATCH: RefCell<(Vec<bf16>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-    /// Per-task f32 accumulators for K-blocked runs.
-    static ACC: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Position within its 32-element chunk that element `i` moves to for `BITS` (4-bit lanes
@@ -159,89 +157,91 @@ pub(crate) fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
     let biases: &[S] = cast(OP, "biases", w.biases)?;
     let out: &mut [O] = cast_mut(OP, "out", a.out)?;
     let (m, n, k, g) = (a.m, w.rows, w.cols, w.group_size);
-    let groups = w.groups();
-    let row_bytes = w.row_bytes();
-    let writer = DisjointOut::new(out);
-    // Blocks of K, whole groups, such that the rows of x a column visits stay in L1.
-    let kb = (X_BLOCK_BYTES / (2 * m.min(ROWS))).max(g).min(k) / g * g;
+    // Blocks of K such that the rows of x a column visits stay in L1.
+    let walk = Walk::new(m, n, k, g, ROWS, 2, X_BLOCK_BYTES);
     // Taken out of the thread-local rather than borrowed across the parallel loop: a nested
     // call on this thread (gather_qmm runs experts concurrently) finds it empty and allocates
     // its own, instead of finding it borrowed.
     let (mut xp, mut xsum) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    // SAFETY: this variant is only chosen where `available` holds.
-    let tables = unsafe { tables::<BITS>() };
-    {
-        xp.clear();
-        xp.resize(m * k, bf16::ZERO);
-        for (src, dst) in a.x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
-            for (i, &v) in src.iter().enumerate() {
-                // Exact: x came from bf16.
-                dst[permuted(BITS, i)] = bf16::from_f32(v);
-            }
+    xp.clear();
+    xp.resize(m * k, bf16::ZERO);
+    for (src, dst) in a.x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
+        for (i, &v) in src.iter().enumerate() {
+            // Exact: x came from bf16.
+            dst[permuted(BITS, i)] = bf16::from_f32(v);
         }
-        xsum.clear();
-        xsum.extend(a.x.chunks_exact(g).map(|c| c.iter().sum::<f32>()));
-        let (xp, xsum) = (&xp[..], &xsum[..]);
-        let tasks = (rayon::current_num_threads() * 8).max(1);
-        let per_task = n.div_ceil(tasks).max(8);
-        (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
-            let cols = t * per_task..((t + 1) * per_task).min(n);
-            let width = cols.len();
-            ACC.with(|acc| {
-                let mut acc = acc.borrow_mut();
-                acc.clear();
-                acc.resize(m * width, 0.0);
-                for k0 in (0..k).step_by(kb) {
-                    let k1 = (k0 + kb).min(k);
-                    let (g0, g1) = (k0 / g, k1 / g);
-                    for r0 in (0..m).step_by(ROWS) {
-                        let rows = ROWS.min(m - r0);
-                        for (ci, col) in cols.clone().enumerate() {
-                            let args = Column {
-                                packed: &w.packed[col * row_bytes + k0 / 8 * BITS
-                                    ..col * row_bytes + k1 / 8 * BITS],
-                                scales: &scales[col * groups + g0..col * groups + g1],
-                                biases: &biases[col * groups + g0..col * groups + g1],
-                                xp,
-                                xsum,
-                                row0: r0,
-                                k,
-                                k0,
-                                g,
-                                tables: &tables,
-                            };
-                            let mut part = [0f32; ROWS];
-                            // SAFETY: features checked by `available` before this variant is
-                            // chosen; `column` checks every slice length it relies on.
-                            unsafe {
-                                match rows {
-                                    1 => column::<S, BITS, 1>(&args, &mut part),
-                                    2 => column::<S, BITS, 2>(&args, &mut part),
-                                    3 => column::<S, BITS, 3>(&args, &mut part),
-                                    4 => column::<S, BITS, 4>(&args, &mut part),
-                                    5 => column::<S, BITS, 5>(&args, &mut part),
-                                    6 => column::<S, BITS, 6>(&args, &mut part),
-                                    7 => column::<S, BITS, 7>(&args, &mut part),
-                                    _ => column::<S, BITS, 8>(&args, &mut part),
-                                }
-                            };
-                            for (r, &v) in part.iter().enumerate().take(rows) {
-                                acc[(r0 + r) * width + ci] += v;
-                            }
-                        }
-                    }
-                }
-                for r in 0..m {
-                    for (ci, col) in cols.clone().enumerate() {
-                        // SAFETY: task `t` alone owns columns `cols` of every row.
-                        unsafe { writer.write(r * n + col, O::from_f32(acc[r * width + ci])) };
-                    }
-                }
-            });
-        });
     }
+    xsum.clear();
+    xsum.extend(a.x.chunks_exact(g).map(|c| c.iter().sum::<f32>()));
+    let kernel = Kernel::<S, BITS> {
+        packed: w.packed,
+        scales,
+        biases,
+        xp: &xp,
+        xsum: &xsum,
+        row_bytes: w.row_bytes(),
+        groups: walk.groups,
+        k,
+        g,
+        // SAFETY: this variant is only chosen where `available` holds.
+        tables: unsafe { tables::<BITS>() },
+    };
+    // SAFETY: as for `tables`.
+    unsafe { run(&kernel, walk, out) };
     SCRATCH.with(|s| *s.borrow_mut() = (xp, xsum));
     Ok(())
+}
+
+/// Everything one call's columns read.
+struct Kernel<'a, S, const BITS: usize> {
+    packed: &'a [u8],
+    scales: &'a [S],
+    biases: &'a [S],
+    xp: &'a [bf16],
+    xsum: &'a [f32],
+    row_bytes: usize,
+    groups: usize,
+    k: usize,
+    g: usize,
+    tables: Tables,
+}
+
+impl<S: Float, const BITS: usize> Columns for Kernel<'_, S, BITS> {
+    const ROWS: usize = ROWS;
+
+    unsafe fn column<const R: usize>(
+        &self,
+        col: usize,
+        g0: usize,
+        g1: usize,
+        row0: usize,
+        acc: &mut [f32; MAX_ROWS],
+    ) {
+        let (gs, g) = (col * self.groups, self.g);
+        let p0 = col * self.row_bytes;
+        let (Some(packed), Some(scales), Some(biases)) = (
+            self.packed
+                .get(p0 + g0 * g / 8 * BITS..p0 + g1 * g / 8 * BITS),
+            self.scales.get(gs + g0..gs + g1),
+            self.biases.get(gs + g0..gs + g1),
+        ) else {
+            return;
+        };
+        let args = Column {
+            packed,
+            scales,
+            biases,
+            xp: self.xp,
+            xsum: self.xsum,
+            row0,
+            k: self.k,
+            k0: g0 * g,
+            g,
+            tables: &self.tables,
+        };
+        // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
+        unsafe { column::<S, BITS, R>(&args, acc) }
+    }
 }
 
 /// One column's slice of K (`k0..k0 + scales.len()·g`) for rows `row0..row0 + R` of x.
@@ -267,7 +267,7 @@ struct Column<'a, S> {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
 unsafe fn column<S: Float, const BITS: usize, const R: usize>(
     a: &Column<'_, S>,
-    acc: &mut [f32; ROWS],
+    acc: &mut [f32; MAX_ROWS],
 ) {
     let (k, g) = (a.k, a.g);
     let groups = a.scales.len();
@@ -286,6 +286,8 @@ unsafe fn column<S: Float, const BITS: usize, const R: usize>(
     let mut bacc = [0f32; R];
     let (pp, xp) = (a.packed.as_ptr(), a.xp.as_ptr());
     for j in 0..groups {
+        // W streams through in column order: fetch ahead of it (never faults).
+        _mm_prefetch::<_MM_HINT_T0>(pp.wrapping_add(j * g / 8 * BITS + PREFETCH_AHEAD) as *const i8);
         let mut dots = [_mm512_setzero_ps(); R];
         for c in 0..g / 32 {
             let e = j * g + c * 32;

@@ -1,0 +1,150 @@
+//! The task driver the AVX-512 decode kernels (`avx512`, `avx512bf16`, `avx512vnni`) share.
+//!
+//! Each kernel supplies one thing, through [`Columns`]: the dot products of one weight row
+//! (one output column), over a range of its groups, with a block of up to [`MAX_ROWS`] rows
+//! of x, the row count a compile-time constant so the kernel's accumulators stay in
+//! registers. The driver does the rest, the same way for all of them:
+//! - tasks over contiguous output columns, eight per thread, so cores finish together and
+//!   each task streams one contiguous stretch of W (which the kernels prefetch ahead of);
+//! - blocks of K (whole groups) small enough that the rows of x a column visits stay in L1,
+//!   with per-task f32 accumulators kept in a thread-local buffer (no allocation per call
+//!   once warm);
+//! - blocks of rows, each weight chunk decoded once per block;
+//! - the converted output, each element written once by the task owning its column.
+
+use super::DisjointOut;
+use crate::dtype::Float;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Most rows of x one [`Columns::column`] call covers.
+pub(crate) const MAX_ROWS: usize = 8;
+
+/// Bytes of W a kernel prefetches ahead of its loads: a core's hardware prefetcher alone
+/// keeps too few misses in flight to reach its share of the memory bandwidth while the
+/// kernel computes (measured in docs/perf.md: M = 1 4-bit from 4.9 to 8.7 GB/s on one core).
+pub(crate) const PREFETCH_AHEAD: usize = 4096;
+
+thread_local! {
+    /// Per-task f32 accumulators, reused across calls.
+    static ACC: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A decode kernel's body.
+pub(crate) trait Columns: Sync {
+    /// Rows of x one call covers at most (≤ [`MAX_ROWS`]).
+    const ROWS: usize;
+
+    /// Sets `acc[r]`, for `r < R`, to the dot product of row `row0 + r` of x with groups
+    /// `g0..g1` of weight row `col`. A kernel checks every slice it reads and leaves `acc`
+    /// untouched if the arguments are out of range (the driver never passes such).
+    ///
+    /// # Safety
+    /// The CPU supports the kernel's target features.
+    unsafe fn column<const R: usize>(
+        &self,
+        col: usize,
+        g0: usize,
+        g1: usize,
+        row0: usize,
+        acc: &mut [f32; MAX_ROWS],
+    );
+}
+
+/// The sizes the driver walks: `m` rows of x, `n` output columns of `groups` groups each,
+/// K blocks of `block_groups` groups.
+#[derive(Clone, Copy)]
+pub(crate) struct Walk {
+    pub m: usize,
+    pub n: usize,
+    pub groups: usize,
+    pub block_groups: usize,
+}
+
+impl Walk {
+    /// The walk whose K blocks keep `x_block_bytes` of x (at `x_bytes` bytes per element of
+    /// a row, rows of a block together) in L1: `k` elements in groups of `g`.
+    pub fn new(
+        m: usize,
+        n: usize,
+        k: usize,
+        g: usize,
+        rows: usize,
+        x_bytes: usize,
+        x_block_bytes: usize,
+    ) -> Walk {
+        let per_elem = (x_bytes * m.min(rows)).max(1);
+        let block = (x_block_bytes / per_elem).max(g).min(k) / g;
+        Walk {
+            m,
+            n,
+            groups: k / g,
+            block_groups: block.max(1),
+        }
+    }
+}
+
+/// Runs `kernel` over every output element of `out` (`m × n`, row-major).
+///
+/// # Safety
+/// The CPU supports the kernel's target features; `out` holds `m·n` elements (a shorter
+/// `out` is never written past: [`DisjointOut`] checks).
+pub(crate) unsafe fn run<C: Columns, O: Float>(kernel: &C, walk: Walk, out: &mut [O]) {
+    let Walk {
+        m,
+        n,
+        groups,
+        block_groups,
+    } = walk;
+    let writer = DisjointOut::new(out);
+    let tasks = (rayon::current_num_threads() * 8).max(1);
+    let per_task = n.div_ceil(tasks).max(8);
+    (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
+        let cols = t * per_task..((t + 1) * per_task).min(n);
+        let width = cols.len();
+        ACC.with(|acc| {
+            // A nested call on this thread (never made from inside a column) would find the
+            // buffer borrowed: give it its own.
+            let mut own = Vec::new();
+            let mut borrowed = acc.try_borrow_mut();
+            let acc = match borrowed.as_mut() {
+                Ok(a) => &mut **a,
+                Err(_) => &mut own,
+            };
+            acc.clear();
+            acc.resize(m * width, 0.0);
+            for g0 in (0..groups).step_by(block_groups) {
+                let g1 = (g0 + block_groups).min(groups);
+                for r0 in (0..m).step_by(C::ROWS) {
+                    let rows = C::ROWS.min(m - r0);
+                    for (ci, col) in cols.clone().enumerate() {
+                        let mut part = [0f32; MAX_ROWS];
+                        // SAFETY: the caller guarantees the CPU features; the kernel checks
+                        // its slices.
+                        unsafe {
+                            match rows {
+                                1 => kernel.column::<1>(col, g0, g1, r0, &mut part),
+                                2 => kernel.column::<2>(col, g0, g1, r0, &mut part),
+                                3 => kernel.column::<3>(col, g0, g1, r0, &mut part),
+                                4 => kernel.column::<4>(col, g0, g1, r0, &mut part),
+                                5 => kernel.column::<5>(col, g0, g1, r0, &mut part),
+                                6 => kernel.column::<6>(col, g0, g1, r0, &mut part),
+                                7 => kernel.column::<7>(col, g0, g1, r0, &mut part),
+                                _ => kernel.column::<8>(col, g0, g1, r0, &mut part),
+                            }
+                        }
+                        for (r, &v) in part.iter().enumerate().take(rows) {
+                            acc[(r0 + r) * width + ci] += v;
+                        }
+                    }
+                }
+            }
+            for r in 0..m {
+                for (ci, col) in cols.clone().enumerate() {
+                    // SAFETY: task `t` alone owns columns `cols` of every row.
+                    unsafe { writer.write(r * n + col, O::from_f32(acc[r * width + ci])) };
+                }
+            }
+        });
+    });
+}
