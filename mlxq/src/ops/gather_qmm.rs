@@ -9,9 +9,8 @@ use super::matmul::qmm_kernel;
 use super::{
     broadcast_index, broadcast_shapes, matmul_out_dtype, matrix, require_nonzero, run_qmm, widen,
 };
-use crate::dtype::Float;
 use crate::error::{checked_product, Error, Result};
-use crate::{Buffer, CommandEncoder, DType, QuantizedWeight};
+use crate::{Buffer, CommandEncoder, QuantizedWeight};
 use rayon::prelude::*;
 
 const OP: &str = "gather_qmm";
@@ -138,10 +137,12 @@ pub fn gather_qmm(
         fill[e] += 1;
     }
 
-    let kernel = qmm_kernel(enc, x.dtype(), w, DType::F32, transpose)?;
+    // The kernel writes the output dtype directly (a bf16 output takes the integer-dot
+    // kernel, an f32 one would not), into per-expert rows that are then copied into place.
+    let kernel = qmm_kernel(enc, x.dtype(), w, out_dtype, transpose)?;
     let xf = widen(OP, "x", x)?;
     let xm = m * in_dim;
-    let row_out = m * out_dim;
+    let row_bytes = m * out_dim * out_dtype.size();
     // Experts run concurrently (each kernel is itself parallel over its columns), so a
     // decode step's k small matmuls share the cores instead of queueing one after another.
     let used: Vec<usize> = (0..w_count)
@@ -156,42 +157,30 @@ pub fn gather_qmm(
                 let xi = lhs[broadcast_index(&index_shape, &lhs_shape, i)];
                 xs.extend_from_slice(&xf[xi * xm..(xi + 1) * xm]);
             }
-            let mut ys = vec![0f32; members.len() * row_out];
+            // f32 storage keeps the bytes aligned for any output dtype.
+            let bytes = members.len() * row_bytes;
+            let mut ys = vec![0f32; bytes.div_ceil(4)];
             run_qmm(
                 &kernel,
                 &xs,
                 members.len() * m,
                 matrix(w, e),
-                bytemuck::cast_slice_mut(&mut ys),
+                &mut bytemuck::cast_slice_mut(&mut ys)[..bytes],
             )?;
             Ok(ys)
         })
         .collect();
     let out_bytes = out.bytes_mut()?;
-    let row_bytes = row_out * out_dtype.size();
     for (&e, ys) in used.iter().zip(results) {
         let ys = ys?;
+        let ys: &[u8] = bytemuck::cast_slice(&ys);
         for (&i, y) in order[starts[e]..starts[e + 1]]
             .iter()
-            .zip(ys.chunks_exact(row_out))
+            .zip(ys.chunks_exact(row_bytes))
         {
-            store(
-                out_dtype,
-                y,
-                &mut out_bytes[i * row_bytes..(i + 1) * row_bytes],
-            )?;
+            out_bytes[i * row_bytes..(i + 1) * row_bytes].copy_from_slice(y);
         }
     }
     enc.record(&kernel.name);
     Ok(out)
-}
-
-/// Narrows f32 values into raw bytes of `dtype`.
-fn store(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<()> {
-    crate::with_float_type!(dtype, T => {
-        for (d, &v) in dst.chunks_exact_mut(dtype.size()).zip(src) {
-            d.copy_from_slice(bytemuck::bytes_of(&T::from_f32(v)));
-        }
-        Ok(())
-    }, _ => Err(Error::dtype(OP, "out", "a float dtype", dtype)))
 }

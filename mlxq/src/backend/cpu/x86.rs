@@ -17,7 +17,7 @@
 //! Results equal the generic kernel's up to f32 summation order.
 
 use super::qmm::QmmArgs;
-use super::x86_columns::{run, Columns, Walk, MAX_ROWS, PREFETCH_AHEAD};
+use super::x86_columns::{run, Columns, Walk, MAX_COLS, MAX_ROWS, PREFETCH_AHEAD};
 use super::{cast, cast_mut};
 use crate::dtype::Float;
 use crate::error::Result;
@@ -182,14 +182,16 @@ struct Kernel<'a, S, const BITS: usize> {
 
 impl<S: Float, const BITS: usize> Columns for Kernel<'_, S, BITS> {
     const ROWS: usize = ROWS;
+    const COLS: usize = 1;
 
-    unsafe fn column<const R: usize>(
+    unsafe fn columns<const R: usize>(
         &self,
         col: usize,
+        _count: usize,
         g0: usize,
         g1: usize,
         row0: usize,
-        acc: &mut [f32; MAX_ROWS],
+        acc: &mut [[f32; MAX_ROWS]; MAX_COLS],
     ) {
         let (gs, g, groups) = (col * self.groups, self.g, self.groups);
         let p0 = col * self.row_bytes;
@@ -214,7 +216,7 @@ impl<S: Float, const BITS: usize> Columns for Kernel<'_, S, BITS> {
             g,
         };
         // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
-        unsafe { column::<S, BITS, R>(&args, acc) }
+        unsafe { column::<S, BITS, R>(&args, &mut acc[0]) }
     }
 }
 

@@ -17,7 +17,7 @@
 //! into blocks of K so the rows of x a column visits stay in L1.
 
 use super::qmm::QmmArgs;
-use super::x86_columns::{run, Columns, Walk, MAX_ROWS, PREFETCH_AHEAD};
+use super::x86_columns::{run, Columns, Walk, MAX_COLS, MAX_ROWS, PREFETCH_AHEAD};
 use super::{cast, cast_mut, Variant};
 use crate::dtype::Float;
 use crate::error::Result;
@@ -208,14 +208,16 @@ struct Kernel<'a, S, const BITS: usize> {
 
 impl<S: Float, const BITS: usize> Columns for Kernel<'_, S, BITS> {
     const ROWS: usize = ROWS;
+    const COLS: usize = 1;
 
-    unsafe fn column<const R: usize>(
+    unsafe fn columns<const R: usize>(
         &self,
         col: usize,
+        _count: usize,
         g0: usize,
         g1: usize,
         row0: usize,
-        acc: &mut [f32; MAX_ROWS],
+        acc: &mut [[f32; MAX_ROWS]; MAX_COLS],
     ) {
         let (gs, g) = (col * self.groups, self.g);
         let p0 = col * self.row_bytes;
@@ -240,7 +242,7 @@ impl<S: Float, const BITS: usize> Columns for Kernel<'_, S, BITS> {
             tables: &self.tables,
         };
         // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
-        unsafe { column::<S, BITS, R>(&args, acc) }
+        unsafe { column::<S, BITS, R>(&args, &mut acc[0]) }
     }
 }
 

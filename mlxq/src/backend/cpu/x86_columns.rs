@@ -17,8 +17,10 @@ use crate::dtype::Float;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// Most rows of x one [`Columns::column`] call covers.
+/// Most rows of x one [`Columns::columns`] call covers.
 pub(crate) const MAX_ROWS: usize = 8;
+/// Most output columns one [`Columns::columns`] call covers.
+pub(crate) const MAX_COLS: usize = 2;
 
 /// Bytes of W a kernel prefetches ahead of its loads: a core's hardware prefetcher alone
 /// keeps too few misses in flight to reach its share of the memory bandwidth while the
@@ -34,20 +36,24 @@ thread_local! {
 pub(crate) trait Columns: Sync {
     /// Rows of x one call covers at most (≤ [`MAX_ROWS`]).
     const ROWS: usize;
+    /// Output columns one call covers at most (≤ [`MAX_COLS`]).
+    const COLS: usize;
 
-    /// Sets `acc[r]`, for `r < R`, to the dot product of row `row0 + r` of x with groups
-    /// `g0..g1` of weight row `col`. A kernel checks every slice it reads and leaves `acc`
-    /// untouched if the arguments are out of range (the driver never passes such).
+    /// Sets `acc[c][r]`, for `c < count` and `r < R`, to the dot product of row `row0 + r`
+    /// of x with groups `g0..g1` of weight row `col + c`. A kernel checks every slice it
+    /// reads and leaves `acc` untouched if the arguments are out of range (the driver never
+    /// passes such).
     ///
     /// # Safety
     /// The CPU supports the kernel's target features.
-    unsafe fn column<const R: usize>(
+    unsafe fn columns<const R: usize>(
         &self,
         col: usize,
+        count: usize,
         g0: usize,
         g1: usize,
         row0: usize,
-        acc: &mut [f32; MAX_ROWS],
+        acc: &mut [[f32; MAX_ROWS]; MAX_COLS],
     );
 }
 
@@ -117,24 +123,28 @@ pub(crate) unsafe fn run<C: Columns, O: Float>(kernel: &C, walk: Walk, out: &mut
                 let g1 = (g0 + block_groups).min(groups);
                 for r0 in (0..m).step_by(C::ROWS) {
                     let rows = C::ROWS.min(m - r0);
-                    for (ci, col) in cols.clone().enumerate() {
-                        let mut part = [0f32; MAX_ROWS];
+                    for c0 in cols.clone().step_by(C::COLS) {
+                        let count = C::COLS.min(cols.end - c0);
+                        let mut part = [[0f32; MAX_ROWS]; MAX_COLS];
                         // SAFETY: the caller guarantees the CPU features; the kernel checks
                         // its slices.
                         unsafe {
                             match rows {
-                                1 => kernel.column::<1>(col, g0, g1, r0, &mut part),
-                                2 => kernel.column::<2>(col, g0, g1, r0, &mut part),
-                                3 => kernel.column::<3>(col, g0, g1, r0, &mut part),
-                                4 => kernel.column::<4>(col, g0, g1, r0, &mut part),
-                                5 => kernel.column::<5>(col, g0, g1, r0, &mut part),
-                                6 => kernel.column::<6>(col, g0, g1, r0, &mut part),
-                                7 => kernel.column::<7>(col, g0, g1, r0, &mut part),
-                                _ => kernel.column::<8>(col, g0, g1, r0, &mut part),
+                                1 => kernel.columns::<1>(c0, count, g0, g1, r0, &mut part),
+                                2 => kernel.columns::<2>(c0, count, g0, g1, r0, &mut part),
+                                3 => kernel.columns::<3>(c0, count, g0, g1, r0, &mut part),
+                                4 => kernel.columns::<4>(c0, count, g0, g1, r0, &mut part),
+                                5 => kernel.columns::<5>(c0, count, g0, g1, r0, &mut part),
+                                6 => kernel.columns::<6>(c0, count, g0, g1, r0, &mut part),
+                                7 => kernel.columns::<7>(c0, count, g0, g1, r0, &mut part),
+                                _ => kernel.columns::<8>(c0, count, g0, g1, r0, &mut part),
                             }
                         }
-                        for (r, &v) in part.iter().enumerate().take(rows) {
-                            acc[(r0 + r) * width + ci] += v;
+                        let ci = c0 - cols.start;
+                        for (c, part) in part.iter().enumerate().take(count) {
+                            for (r, &v) in part.iter().enumerate().take(rows) {
+                                acc[(r0 + r) * width + ci + c] += v;
+                            }
                         }
                     }
                 }
