@@ -17,7 +17,7 @@
 //! Results equal the generic kernel's up to f32 summation order.
 
 use super::qmm::QmmArgs;
-use super::x86_columns::{run, Columns, Walk, MAX_COLS, MAX_ROWS, PREFETCH_AHEAD};
+use super::x86_columns::{prefetch_w, run, Columns, Walk, MAX_COLS, MAX_ROWS};
 use super::{cast, cast_mut};
 use crate::dtype::Float;
 use crate::error::Result;
@@ -214,6 +214,7 @@ impl<S: Float, const BITS: usize> Columns for Kernel<'_, S, BITS> {
             k: self.k,
             groups,
             g,
+            row_bytes: self.row_bytes,
         };
         // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
         unsafe { column::<S, BITS, R>(&args, &mut acc[0]) }
@@ -232,6 +233,8 @@ struct Column<'a, S> {
     k: usize,
     groups: usize,
     g: usize,
+    /// Bytes from one weight row to the next.
+    row_bytes: usize,
 }
 
 /// One output column's slice of K for `R` rows of x. Writes nothing if the slices are
@@ -260,8 +263,8 @@ unsafe fn column<S: Float, const BITS: usize, const R: usize>(
     let mut bacc = [0f32; R];
     let (pp, xp) = (a.packed.as_ptr(), a.xp.as_ptr());
     for j in 0..groups {
-        // W streams through in column order: fetch ahead of it (never faults).
-        _mm_prefetch::<_MM_HINT_T0>(pp.wrapping_add(j * g / 8 * BITS + PREFETCH_AHEAD) as *const i8);
+        // The next slice of the stream is the next row of W.
+        prefetch_w(pp, j * g / 8 * BITS, len / 8 * BITS, a.row_bytes, 1);
         let s = _mm512_set1_ps(a.scales[j].to_f32());
         let b = a.biases[j].to_f32();
         let mut dots = [_mm512_setzero_ps(); R];

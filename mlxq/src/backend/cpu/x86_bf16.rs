@@ -17,7 +17,7 @@
 //! into blocks of K so the rows of x a column visits stay in L1.
 
 use super::qmm::QmmArgs;
-use super::x86_columns::{run, Columns, Walk, MAX_COLS, MAX_ROWS, PREFETCH_AHEAD};
+use super::x86_columns::{prefetch_w, run, Columns, Walk, MAX_COLS, MAX_ROWS};
 use super::{cast, cast_mut, Variant};
 use crate::dtype::Float;
 use crate::error::Result;
@@ -240,6 +240,7 @@ impl<S: Float, const BITS: usize> Columns for Kernel<'_, S, BITS> {
             k0: g0 * g,
             g,
             tables: &self.tables,
+            row_bytes: self.row_bytes,
         };
         // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
         unsafe { column::<S, BITS, R>(&args, &mut acc[0]) }
@@ -260,6 +261,8 @@ struct Column<'a, S> {
     g: usize,
     /// Decode constants, built once per call.
     tables: &'a Tables,
+    /// Bytes from one weight row to the next.
+    row_bytes: usize,
 }
 
 /// `acc[r] = Σ over this K slice of x[row0 + r]·ŵ`, for `R` rows.
@@ -288,8 +291,8 @@ unsafe fn column<S: Float, const BITS: usize, const R: usize>(
     let mut bacc = [0f32; R];
     let (pp, xp) = (a.packed.as_ptr(), a.xp.as_ptr());
     for j in 0..groups {
-        // W streams through in column order: fetch ahead of it (never faults).
-        _mm_prefetch::<_MM_HINT_T0>(pp.wrapping_add(j * g / 8 * BITS + PREFETCH_AHEAD) as *const i8);
+        // The next slice of the stream is the next row of W.
+        prefetch_w(pp, j * g / 8 * BITS, len / 8 * BITS, a.row_bytes, 1);
         let mut dots = [_mm512_setzero_ps(); R];
         for c in 0..g / 32 {
             let e = j * g + c * 32;

@@ -27,6 +27,25 @@ pub(crate) const MAX_COLS: usize = 2;
 /// kernel computes (measured in docs/perf.md: M = 1 4-bit from 4.9 to 8.7 GB/s on one core).
 pub(crate) const PREFETCH_AHEAD: usize = 4096;
 
+/// Prefetches the byte `PREFETCH_AHEAD / share` further along the stream of W a task reads,
+/// when its kernel is at byte `off` of a column's slice of `len` bytes at `p` and the next
+/// slice this kernel reads starts `stride` bytes after `p` (`share` columns read side by
+/// side share the distance). Prefetches never fault; `wrapping_add` keeps the address
+/// computation defined wherever it points.
+#[inline(always)]
+pub(crate) fn prefetch_w(p: *const u8, off: usize, len: usize, stride: usize, share: usize) {
+    let t = off + PREFETCH_AHEAD / share;
+    let a = if t < len {
+        p.wrapping_add(t)
+    } else {
+        p.wrapping_add(stride + t - len)
+    };
+    // SAFETY: a prefetch is a hint: it reads nothing the program sees and never faults.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(a as *const i8)
+    };
+}
+
 thread_local! {
     /// Per-task f32 accumulators, reused across calls.
     static ACC: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };

@@ -27,7 +27,7 @@
 //! Groups of 32 use 32-code chunks in 64-lane registers whose upper x lanes are zero.
 
 use super::qmm::QmmArgs;
-use super::x86_columns::{run, Columns, Walk, MAX_COLS, MAX_ROWS, PREFETCH_AHEAD};
+use super::x86_columns::{prefetch_w, run, Columns, Walk, MAX_COLS, MAX_ROWS};
 use super::{cast, cast_mut, Variant};
 use crate::dtype::Float;
 use crate::error::Result;
@@ -435,6 +435,7 @@ impl<S: Float, const BITS: usize, const CH: usize> Columns for Kernel<'_, S, BIT
             k0: g0 * g,
             g,
             tables: &self.tables,
+            row_bytes: self.row_bytes,
         };
         for c in 0..count.min(COLS) {
             let (gs, p0) = ((col + c) * self.groups, (col + c) * self.row_bytes);
@@ -470,6 +471,8 @@ struct Column<'a, S> {
     k0: usize,
     g: usize,
     tables: &'a Tables,
+    /// Bytes from one weight row to the next.
+    row_bytes: usize,
 }
 
 /// 16 values of `S` at `p` widened exactly to f32.
@@ -541,9 +544,13 @@ unsafe fn columns<S: Float, const BITS: usize, const CH: usize, const R: usize, 
             let mut c1 = [_mm512_setzero_si512(); C];
             for c in 0..C {
                 let pp = a.packed[c].as_ptr();
-                // W streams through in column order: fetch ahead of it (never faults).
-                _mm_prefetch::<_MM_HINT_T0>(
-                    pp.wrapping_add(chunk0 * CH / 8 * BITS + PREFETCH_AHEAD) as *const i8,
+                // The next slice of this column's stream is C rows of W on.
+                prefetch_w(
+                    pp,
+                    chunk0 * CH / 8 * BITS,
+                    len / 8 * BITS,
+                    C * a.row_bytes,
+                    C,
                 );
                 c0[c] = decode::<BITS, CH>(pp.add(chunk0 * CH / 8 * BITS), a.tables);
                 if per_group == 2 {
