@@ -333,9 +333,9 @@ fn quantized_matmul_matches_the_f64_reference() {
     assert_none("quantized_matmul on CUDA", checked, failures);
 }
 
-/// The tensor-core kernel (`qmm_tc`: 4- and 8-bit W `[N, K]`, f16/bf16 x): every M from 1 to
-/// 16 (one and two n-tiles of 8 tokens), M = 17, 100, 300 (tiles of 64 tokens, a partial last
-/// one), every group size, f16 and bf16 x and scales, rows not a multiple of the 128 a block
+/// The tensor-core kernels (4- and 8-bit W `[N, K]`, f16/bf16 x, half outputs): `qmv_tc` for
+/// M = 3..16 (one and two n-tiles of 8 tokens; M = 1, 2 go to the CUDA-core kernel and are
+/// checked here too), `qmm_tc_8` for M = 17, 100, 300 (tiles of 64 tokens, a partial last one), every group size, f16 and bf16 x and scales, rows not a multiple of the 128 a block
 /// owns, and long K (split over blocks into f32 partial sums, then added). bf16 x with f32
 /// scales has f32 outputs, which stay on the exact CUDA-core kernels (checked at 1e-5).
 #[test]

@@ -335,25 +335,54 @@ pub(crate) fn qmm(
     let s_stride = rows * (cols / spec.group_size() as u64);
     let words_per_matrix = rows * cols * spec.bits() as u64 / 32;
     let stream = Arc::clone(dev.stream());
-    if super::tensor_core_path(&key, dev.arch()) {
+    // M = 1, 2 stay on the CUDA-core kernel: measured faster there on the H200 (docs/perf-cuda.md).
+    if m >= 3 && super::tensor_core_path(&key, dev.arch()) {
         // M <= 16: qmv_tc (exact codes, scales on the accumulators), 1 or 2 n-tiles of 8
         // tokens; larger M: qmm_tc_8, tiles of 64 tokens. Both: 4 warps of 32 rows per block,
         // and K split over blockIdx.z segments (f32 partial sums in the preallocated scratch,
         // then qmv_n_reduce) until there are enough blocks for the machine.
-        let (f, mtiles) = match m {
-            0..=8 => (k.func(12)?, 1),
-            9..=16 => (k.func(13)?, 1),
-            _ => (k.func(11)?, m.div_ceil(64)),
+        let (f, mtiles, decode) = match m {
+            0..=8 => (k.func(12)?, 1, true),
+            9..=16 => (k.func(13)?, 1, true),
+            _ => (k.func(11)?, m.div_ceil(64), false),
+        };
+        let bits = u64::from(spec.bits());
+        let ck = 128 / bits; // codes per 16-byte chunk
+        let chunks = kdim / ck;
+        // Segments are a multiple of this many chunks (whole groups, whole 4-chunk steps).
+        let align = (u64::from(spec.group_size()) / ck).max(4);
+        // Dynamic shared memory of qmv_tc: the x rows of one segment, padded (as the kernel).
+        let smem = |segs: u64| -> u64 {
+            let per = chunks.div_ceil(align * segs) * align;
+            if decode {
+                m * (per * ck + ck) * xsize
+            } else {
+                0
+            }
         };
         let row_blocks = ndim.div_ceil(128);
-        let chunks = kdim * spec.bits() as u64 / 128;
         let blocks = row_blocks * u64::from(gy) * mtiles;
-        let target = u64::from(dev.multiprocessors()) * tc_blocks_per_sm();
         let fit = (super::SCRATCH_BYTES as u64 / (entries * m * ndim * 4).max(1)).max(1);
-        let segments = target
-            .div_ceil(blocks)
-            .min(fit)
-            .clamp(1, (chunks / 16).clamp(1, 64)) as u32;
+        let max_segments = (chunks / (2 * align)).clamp(1, 64).min(fit);
+        // Fewest segments whose x fits, then as many as fill one wave of resident blocks.
+        let mut segments = 1u64;
+        while smem(segments) > TC_SMEM_MAX && segments < max_segments {
+            segments += 1;
+        }
+        if smem(segments) > TC_SMEM_MAX {
+            return Err(Error::unsupported(
+                op,
+                format!("K = {kdim} with M = {m} rows of x on the tensor-core path"),
+            ));
+        }
+        let per_sm = f
+            .occupancy_max_active_blocks_per_multiprocessor(128, smem(segments) as usize, None)
+            .map_err(driver(op))?
+            .max(1);
+        let slots = u64::from(dev.multiprocessors()) * u64::from(per_sm);
+        segments = segments.max((slots / blocks).min(max_segments));
+        let shared = smem(segments) as u32;
+        let segments = segments as u32;
         let gz = u64::from(segments) * mtiles;
         if gz > 65535 {
             return Err(Error::SizeOverflow { op, what: "grid" });
@@ -390,7 +419,10 @@ pub(crate) fn qmm(
                 .arg(&s_stride)
                 .arg(&out_stride)
                 .arg(&bt)
-                .launch(cfg((grid_x(op, row_blocks)?, gy, gz as u32), 128, op)?)
+                .launch(LaunchConfig {
+                    shared_mem_bytes: shared,
+                    ..cfg((grid_x(op, row_blocks)?, gy, gz as u32), 128, op)?
+                })
         }
         .map_err(driver(op))?;
         if let Some(s) = scratch {
@@ -507,15 +539,8 @@ pub(crate) fn qmm(
     Ok(())
 }
 
-/// Blocks per multiprocessor the tensor-core matmul aims for when it splits K
-/// (`MLXQ_TC_BLOCKS_PER_SM` overrides, for tuning).
-fn tc_blocks_per_sm() -> u64 {
-    std::env::var("MLXQ_TC_BLOCKS_PER_SM")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&v| v > 0)
-        .unwrap_or(4)
-}
+/// Most dynamic shared memory `qmv_tc` takes for x (its limit is raised to this at load).
+const TC_SMEM_MAX: u64 = super::TC_SMEM_MAX as u64;
 
 /// Enqueues `qmv_n_reduce`: `out[e][m][n]` = the sum over `segments` of the f32 partial sums
 /// `partial[segment][row][n]` for `rows` = entries·M rows.

@@ -256,6 +256,9 @@ pub(crate) fn tensor_core_path(k: &KernelKey, arch: u32) -> bool {
         && matches!(k.output, DType::BF16 | DType::F16)
 }
 
+/// Most dynamic shared memory (bytes) the tensor-core decode kernel is launched with.
+pub(crate) const TC_SMEM_MAX: usize = 64 << 10;
+
 /// Bytes of split-K scratch allocated when a device opens.
 pub(crate) const SCRATCH_BYTES: usize = 32 << 20;
 
@@ -475,9 +478,22 @@ impl CudaDevice {
         entries
             .iter()
             .map(|e| {
-                module
+                let f = module
                     .load_function(e)
-                    .map_err(driver("load kernel function"))
+                    .map_err(driver("load kernel function"))?;
+                if e.starts_with("qmv_tc") {
+                    // x of a K segment in dynamic shared memory, beside the 32 KB W ring.
+                    use sys::CUfunction_attribute as F;
+                    f.set_attribute(
+                        F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        TC_SMEM_MAX as i32,
+                    )
+                    .and_then(|()| {
+                        f.set_attribute(F::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)
+                    })
+                    .map_err(driver("load kernel function"))?;
+                }
+                Ok(f)
             })
             .collect()
     }

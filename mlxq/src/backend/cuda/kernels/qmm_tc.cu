@@ -318,6 +318,7 @@ __device__ __forceinline__ void qmv_tc_impl(const XT* __restrict__ x, const u32*
                                             u32 segments, u64 x_stride, u64 w_stride,
                                             u64 s_stride, u64 out_stride, const Batch& bt) {
     __shared__ __align__(16) uint4 ring[4][DS][4][32];  // [warp][stage][chunk][row]
+    extern __shared__ __align__(16) u8 xsm[];           // x[m][k] of the segment, padded
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const u64 n0 = ((u64)blockIdx.x * 4 + warp) * 32;
     const u32 seg = blockIdx.z;
@@ -330,11 +331,25 @@ __device__ __forceinline__ void qmv_tc_impl(const XT* __restrict__ x, const u32*
     const u64 row_words = K * BITS / 32;
     u64 entries = 1;
     for (u32 d = 0; d < bt.ndim; d++) entries *= bt.dims[d];
-    if (n0 >= N) return;  // whole warp; only __syncwarp below
+    const bool active = n0 < N;  // whole warp; every warp takes part in the block barriers
+    // x of the segment in shared memory: row stride KS + CK elements (the pad keeps the 2 or
+    // 4 tokens of one 128-byte phase in different banks).
+    const u64 KS = (ce > cb ? ce - cb : 0) * CK, XS = KS + CK;
+    XT* xt = (XT*)xsm;
 
     for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
         u64 xi, wi;
         const bool ok = resolve(bt, e, xi, wi) && cb < ce;
+        __syncthreads();  // the previous entry's x is no longer read
+        if (ok) {
+            const XT* xb = x + xi * x_stride + cb * CK;
+            const u64 per_row = KS * sizeof(XT) / 16;  // 16-byte words per token
+            for (u64 i = threadIdx.x; i < M * per_row; i += blockDim.x) {
+                const u64 m = i / per_row, q = i % per_row;
+                ((uint4*)(xt + m * XS))[q] = __ldg((const uint4*)(xb + m * K) + q);
+            }
+        }
+        __syncthreads();
         float acc[RT][NT][4];
 #pragma unroll
         for (int r = 0; r < RT; r++)
@@ -342,8 +357,7 @@ __device__ __forceinline__ void qmv_tc_impl(const XT* __restrict__ x, const u32*
             for (int j = 0; j < NT; j++)
 #pragma unroll
                 for (int i = 0; i < 4; i++) acc[r][j][i] = 0.0f;
-        if (ok) {
-            const XT* xb = x + xi * x_stride;
+        if (ok && active) {
             // This lane copies row n0 + lane (clamped; rows >= N are never written).
             const u32* wsrc = w + wi * w_stride + min(N - 1, n0 + lane) * row_words;
             const ST* sb = scales + wi * s_stride;
@@ -353,13 +367,13 @@ __device__ __forceinline__ void qmv_tc_impl(const XT* __restrict__ x, const u32*
             for (int r = 0; r < RT; r++)
 #pragma unroll
                 for (int h = 0; h < 2; h++) srow[r][h] = min(N - 1, n0 + 16 * r + 8 * h + g) * G;
-            const XT* xrow[NT];
+            const XT* xrow[NT];  // this lane's B column (token), relative to chunk cb
             bool xok[NT];
 #pragma unroll
             for (int j = 0; j < NT; j++) {
                 const u32 m = 8 * j + g;
                 xok[j] = m < M;
-                xrow[j] = xb + (u64)min(m, M - 1) * K;
+                xrow[j] = xt + (u64)min(m, M - 1) * XS - cb * CK;
             }
             const u64 steps = (ce - cb + 3) / 4;
             auto issue = [&](u64 s) {
@@ -421,7 +435,7 @@ __device__ __forceinline__ void qmv_tc_impl(const XT* __restrict__ x, const u32*
 #pragma unroll
                     for (int q = 0; q < NT; q++) {
                         uint4 xv = make_uint4(0, 0, 0, 0);
-                        if (xok[q]) xv = __ldg((const uint4*)(xrow[q] + c * CK) + t);
+                        if (xok[q]) xv = ((const uint4*)(xrow[q] + c * CK))[t];
                         const u32 b00 = prmt(xv.x, xv.z, 0x5410), b01 = prmt(xv.x, xv.z, 0x7632);
                         const u32 b10 = prmt(xv.y, xv.w, 0x5410), b11 = prmt(xv.y, xv.w, 0x7632);
                         mma(xs[q], ones, b00, b01);
@@ -464,7 +478,7 @@ __device__ __forceinline__ void qmv_tc_impl(const XT* __restrict__ x, const u32*
 #pragma unroll
                     for (int q = 0; q < NT; q++) {
                         uint2 xv = make_uint2(0, 0);
-                        if (xok[q]) xv = __ldg((const uint2*)(xrow[q] + c * CK) + t);
+                        if (xok[q]) xv = ((const uint2*)(xrow[q] + c * CK))[t];
                         const u32 b0 = prmt(xv.x, xv.y, 0x5410), b1 = prmt(xv.x, xv.y, 0x7632);
                         mma(xs[q], ones, b0, b1);
 #pragma unroll
