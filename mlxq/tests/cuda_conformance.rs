@@ -333,6 +333,48 @@ fn quantized_matmul_matches_the_f64_reference() {
     assert_none("quantized_matmul on CUDA", checked, failures);
 }
 
+/// The tensor-core kernels (4- and 8-bit W `[N, K]`, f16/bf16 x, half outputs): `qmv_tc` for
+/// M = 3..16 (one and two n-tiles of 8 tokens; M = 1, 2 go to the CUDA-core kernel and are
+/// checked here too), `qmm_tc_8` for M = 17, 100, 300 (tiles of 64 tokens, a partial last one), every group size, f16 and bf16 x and scales, rows not a multiple of the 128 a block
+/// owns, and long K (split over blocks into f32 partial sums, then added). bf16 x with f32
+/// scales has f32 outputs, which stay on the exact CUDA-core kernels (checked at 1e-5).
+#[test]
+fn tensor_core_matmul_matches_the_f64_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut enc = dev.encoder();
+    let mut rng = StdRng::seed_from_u64(29);
+    let (mut checked, mut failures) = (0, Vec::new());
+    for bits in [4, 8] {
+        for g in GROUPS {
+            let spec = QuantSpec::affine(bits, g).unwrap();
+            let g = g as usize;
+            let dts = [
+                (DType::BF16, DType::BF16),
+                (DType::F16, DType::F16),
+                (DType::BF16, DType::F32),
+            ];
+            for (i, (xdt, sdt)) in dts.into_iter().enumerate() {
+                let ms: Vec<usize> = if i == 0 {
+                    (1..=17).chain([100, 300]).collect()
+                } else {
+                    vec![1, 7, 9, 16, 17, 100]
+                };
+                for m in ms {
+                    for (rows, cols) in [(75, g * 5), (200, 4096)] {
+                        checked += 1;
+                        if let Some(f) = check_matmul(
+                            &dev, &mut enc, &mut rng, spec, xdt, sdt, m, rows, cols, true,
+                        ) {
+                            failures.push(f);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_none("tensor-core quantized_matmul on CUDA", checked, failures);
+}
+
 #[test]
 fn long_rows_and_many_rows() {
     let Some(dev) = gpu() else { return };

@@ -335,6 +335,120 @@ pub(crate) fn qmm(
     let s_stride = rows * (cols / spec.group_size() as u64);
     let words_per_matrix = rows * cols * spec.bits() as u64 / 32;
     let stream = Arc::clone(dev.stream());
+    // M = 1, 2 stay on the CUDA-core kernel: measured faster there on the H200 (docs/perf-cuda.md).
+    if m >= 3 && super::tensor_core_path(&key, dev.arch()) {
+        // M <= 16: qmv_tc (exact codes, scales on the accumulators), 1 or 2 n-tiles of 8
+        // tokens; larger M: qmm_tc_8, tiles of 64 tokens. Both: 4 warps of 32 rows per block,
+        // and K split over blockIdx.z segments (f32 partial sums in the preallocated scratch,
+        // then qmv_n_reduce) until there are enough blocks for the machine.
+        let (f, mtiles, decode) = match m {
+            0..=8 => (k.func(12)?, 1, true),
+            9..=16 => (k.func(13)?, 1, true),
+            _ => (k.func(11)?, m.div_ceil(64), false),
+        };
+        let bits = u64::from(spec.bits());
+        let ck = 128 / bits; // codes per 16-byte chunk
+        let chunks = kdim / ck;
+        // Segments are a multiple of this many chunks (whole groups, whole 4-chunk steps).
+        let align = (u64::from(spec.group_size()) / ck).max(4);
+        // Dynamic shared memory of qmv_tc: the x rows of one segment, padded (as the kernel).
+        let smem = |segs: u64| -> u64 {
+            let per = chunks.div_ceil(align * segs) * align;
+            if decode {
+                m * (per * ck + ck) * xsize
+            } else {
+                0
+            }
+        };
+        let row_blocks = ndim.div_ceil(128);
+        let blocks = row_blocks * u64::from(gy) * mtiles;
+        let fit = (super::SCRATCH_BYTES as u64 / (entries * m * ndim * 4).max(1)).max(1);
+        let max_segments = (chunks / (2 * align)).clamp(1, 64).min(fit);
+        // Fewest segments whose x fits, then as many as fill one wave of resident blocks.
+        let mut segments = 1u64;
+        while smem(segments) > TC_SMEM_MAX && segments < max_segments {
+            segments += 1;
+        }
+        if smem(segments) > TC_SMEM_MAX {
+            return Err(Error::unsupported(
+                op,
+                format!("K = {kdim} with M = {m} rows of x on the tensor-core path"),
+            ));
+        }
+        let per_sm = f
+            .occupancy_max_active_blocks_per_multiprocessor(128, smem(segments) as usize, None)
+            .map_err(driver(op))?
+            .max(1);
+        let slots = u64::from(dev.multiprocessors()) * u64::from(per_sm);
+        segments = segments.max((slots / blocks).min(max_segments));
+        let shared = smem(segments) as u32;
+        let segments = segments as u32;
+        let gz = u64::from(segments) * mtiles;
+        if gz > 65535 {
+            return Err(Error::SizeOverflow { op, what: "grid" });
+        }
+        let mut partial = 0u64;
+        let mut scratch = None;
+        if segments > 1 {
+            let len = (u64::from(segments) * entries * m * ndim * 4) as usize;
+            let s = dev.scratch(len)?;
+            partial = ptr(op, "scratch", &s)?;
+            scratch = Some(s);
+        }
+        let m32 = u32::try_from(m).map_err(|_| Error::SizeOverflow { op, what: "rows" })?;
+        let w_stride = words_per_matrix;
+        // SAFETY: the kernel reads rows < M of each x matrix (x_count of them, lhs values
+        // checked), rows < N and chunks < K·bits/128 of W matrix wi < w_count with their
+        // scales and biases, and writes rows < M of each of `entries` output matrices (or
+        // segments·entries·M·N floats of scratch): all inside buffers kept alive by `retain`.
+        unsafe {
+            stream
+                .launch_builder(f)
+                .arg(&px)
+                .arg(&pw)
+                .arg(&ps)
+                .arg(&pb)
+                .arg(&po)
+                .arg(&partial)
+                .arg(&m32)
+                .arg(&ndim)
+                .arg(&kdim)
+                .arg(&segments)
+                .arg(&x_stride)
+                .arg(&w_stride)
+                .arg(&s_stride)
+                .arg(&out_stride)
+                .arg(&bt)
+                .launch(LaunchConfig {
+                    shared_mem_bytes: shared,
+                    ..cfg((grid_x(op, row_blocks)?, gy, gz as u32), 128, op)?
+                })
+        }
+        .map_err(driver(op))?;
+        if let Some(s) = scratch {
+            reduce_partials(
+                &stream,
+                &k,
+                op,
+                partial,
+                po,
+                entries * m,
+                ndim,
+                segments,
+                out_stride,
+                m32,
+            )?;
+            enc.retain(&s);
+        }
+        for b in [x, w.packed(), w.scales(), biases, out] {
+            enc.retain(b);
+        }
+        for b in [job.lhs, job.rhs].into_iter().flatten() {
+            enc.retain(b);
+        }
+        enc.record(&k.name);
+        return Ok(());
+    }
     for m0 in (0..m).step_by(16) {
         let mt = (m - m0).min(16) as u32;
         let tile = mt.next_power_of_two().trailing_zeros() as usize; // 0..=4
@@ -408,22 +522,9 @@ pub(crate) fn qmm(
             .map_err(driver(op))?;
             if let Some(s) = scratch {
                 let rows_total = entries * u64::from(mt);
-                let total = rows_total * ndim;
-                let f = k.func(10)?;
-                // SAFETY: reads the partial sums just written, writes each output once.
-                unsafe {
-                    stream
-                        .launch_builder(f)
-                        .arg(&partial)
-                        .arg(&ot)
-                        .arg(&rows_total)
-                        .arg(&ndim)
-                        .arg(&segments)
-                        .arg(&out_stride)
-                        .arg(&mt)
-                        .launch(cfg((grid_x(op, total.div_ceil(256))?, 1, 1), 256, op)?)
-                }
-                .map_err(driver(op))?;
+                reduce_partials(
+                    &stream, &k, op, partial, ot, rows_total, ndim, segments, out_stride, mt,
+                )?;
                 enc.retain(&s);
             }
         }
@@ -436,6 +537,43 @@ pub(crate) fn qmm(
     }
     enc.record(&k.name);
     Ok(())
+}
+
+/// Most dynamic shared memory `qmv_tc` takes for x (its limit is raised to this at load).
+const TC_SMEM_MAX: u64 = super::TC_SMEM_MAX as u64;
+
+/// Enqueues `qmv_n_reduce`: `out[e][m][n]` = the sum over `segments` of the f32 partial sums
+/// `partial[segment][row][n]` for `rows` = entries·M rows.
+#[allow(clippy::too_many_arguments)]
+fn reduce_partials(
+    stream: &Arc<cudarc::driver::CudaStream>,
+    k: &super::CudaKernel,
+    op: &'static str,
+    partial: u64,
+    out: u64,
+    rows: u64,
+    ndim: u64,
+    segments: u32,
+    out_stride: u64,
+    m: u32,
+) -> Result<()> {
+    let total = rows * ndim;
+    // SAFETY: reads the rows·N·segments partial sums just written, writes each output once
+    // (entry e = row / m at out + e·out_stride, as the matmul kernels would have).
+    unsafe {
+        stream
+            .launch_builder(k.func(10)?)
+            .arg(&partial)
+            .arg(&out)
+            .arg(&rows)
+            .arg(&ndim)
+            .arg(&segments)
+            .arg(&out_stride)
+            .arg(&m)
+            .launch(cfg((grid_x(op, total.div_ceil(256))?, 1, 1), 256, op)?)
+    }
+    .map(drop)
+    .map_err(driver(op))
 }
 
 /// Times work on a CUDA device's stream with a pair of events.

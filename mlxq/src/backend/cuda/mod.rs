@@ -148,6 +148,12 @@ struct Variant {
 const COMMON: &str = include_str!("kernels/common.cuh");
 const QUANT: &str = include_str!("kernels/quant.cu");
 const QMV: &str = include_str!("kernels/qmv.cu");
+/// The matmul module: the CUDA-core kernels, then the tensor-core ones (which use `Batch`).
+const QMM: &str = concat!(
+    include_str!("kernels/qmv.cu"),
+    "\n",
+    include_str!("kernels/qmm_tc.cu")
+);
 
 fn ctype(d: DType) -> &'static str {
     match d {
@@ -201,7 +207,7 @@ const TABLE: &[Variant] = &[
     Variant {
         name: "qmv",
         supports: |k| k.op == OpKind::QuantizedMatmul && affine(k) && k.input.is_float(),
-        source: QMV,
+        source: QMM,
         entries: &[
             "qmv_t_1",
             "qmv_t_2",
@@ -214,6 +220,9 @@ const TABLE: &[Variant] = &[
             "qmv_n_8",
             "qmv_n_16",
             "qmv_n_reduce",
+            "qmm_tc_8",
+            "qmv_tc_1",
+            "qmv_tc_2",
         ],
         fmad: true,
         defines: |k| {
@@ -221,10 +230,37 @@ const TABLE: &[Variant] = &[
             d.push(format!("-DXT={}", ctype(k.input)));
             d.push(format!("-DST={}", ctype(k.scales)));
             d.push(format!("-DOT={}", ctype(k.output)));
+            d.push(format!("-DTC_X={}", tc_x(k.input)));
             d
         },
     },
 ];
+
+/// The tensor-core matmul's operand type for x (`TC_X` in `qmm_tc.cu`): 2 bf16, 1 f16, 0 none.
+fn tc_x(d: DType) -> u32 {
+    match d {
+        DType::BF16 => 2,
+        DType::F16 => 1,
+        _ => 0,
+    }
+}
+
+/// Whether `qmm_tc` serves a matmul key on a device of compute capability `arch`.
+pub(crate) fn tensor_core_path(k: &KernelKey, arch: u32) -> bool {
+    // f32 outputs keep the exact FFMA kernels (their tolerance is 1e-5; the prefill kernel
+    // rounds each weight to the x dtype).
+    arch >= 80
+        && k.flag
+        && matches!(k.bits, 4 | 8)
+        && tc_x(k.input) != 0
+        && matches!(k.output, DType::BF16 | DType::F16)
+}
+
+/// Most dynamic shared memory (bytes) the tensor-core decode kernel is launched with.
+pub(crate) const TC_SMEM_MAX: usize = 64 << 10;
+
+/// Bytes of split-K scratch allocated when a device opens.
+pub(crate) const SCRATCH_BYTES: usize = 32 << 20;
 
 /// The CUDA state of one device.
 pub struct CudaDevice {
@@ -289,6 +325,12 @@ impl CudaDevice {
             .map_err(driver("Device::cuda"))?;
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let fault = raw_alloc(&ctx, &stream, 16)?;
+        // Split-K scratch exists before any capture (no allocation may happen inside one).
+        let scratch = crate::Buffer::from_device_mem(
+            raw_alloc(&ctx, &stream, SCRATCH_BYTES)?,
+            ordinal,
+            &[SCRATCH_BYTES],
+        )?;
         // SAFETY: 16 bytes of the allocation just made.
         unsafe { cu::memset_d8_async(fault.ptr, 0, 16, stream.cu_stream()) }
             .map_err(driver("Device::cuda"))?;
@@ -303,7 +345,7 @@ impl CudaDevice {
             sms: sms as u32,
             l2_bytes: l2 as usize,
             fault,
-            scratch: Mutex::new(None),
+            scratch: Mutex::new(Some(scratch)),
             probe: Mutex::new(None),
         }))
     }
@@ -436,9 +478,22 @@ impl CudaDevice {
         entries
             .iter()
             .map(|e| {
-                module
+                let f = module
                     .load_function(e)
-                    .map_err(driver("load kernel function"))
+                    .map_err(driver("load kernel function"))?;
+                if e.starts_with("qmv_tc") {
+                    // x of a K segment in dynamic shared memory, beside the 32 KB W ring.
+                    use sys::CUfunction_attribute as F;
+                    f.set_attribute(
+                        F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        TC_SMEM_MAX as i32,
+                    )
+                    .and_then(|()| {
+                        f.set_attribute(F::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)
+                    })
+                    .map_err(driver("load kernel function"))?;
+                }
+                Ok(f)
             })
             .collect()
     }
@@ -502,8 +557,16 @@ impl CudaDevice {
 pub fn compile_all_kernels(arch: u32) -> Result<usize> {
     let mut built = 0;
     for v in TABLE {
+        // Each width with one dtype, and the tensor-core widths with both half types too.
+        let mut cases: Vec<(usize, u32, DType)> = Vec::new();
         for (i, &bits) in [1u32, 2, 3, 4, 5, 6, 8].iter().enumerate() {
-            let dt = [DType::F32, DType::F16, DType::BF16][i % 3];
+            cases.push((i, bits, [DType::F32, DType::F16, DType::BF16][i % 3]));
+            if matches!(bits, 4 | 8) {
+                cases.push((i + 1, bits, DType::BF16));
+                cases.push((i + 2, bits, DType::F16));
+            }
+        }
+        for (i, bits, dt) in cases {
             let key = KernelKey {
                 op: match v.name {
                     "quantize" => OpKind::Quantize,
@@ -516,7 +579,7 @@ pub fn compile_all_kernels(arch: u32) -> Result<usize> {
                 input: dt,
                 scales: dt,
                 output: [DType::BF16, DType::F32, DType::F16][i % 3],
-                flag: i % 2 == 0,
+                flag: i % 2 == 0 || dt != DType::F32,
                 variant: v.name,
             };
             if !(v.supports)(&key) {

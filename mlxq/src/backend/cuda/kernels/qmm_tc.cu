@@ -1,0 +1,570 @@
+// Quantized matmul on the tensor cores (mma.sync m16n8k16, f32 accumulation), transpose = true
+// (W [N, K] quantized along K), for 4- and 8-bit codes and f16/bf16 x. Appended to qmv.cu
+// (it uses `Batch` and `resolve`); compiled with the same -D defines.
+//
+// The rows of W are the mma's A operand (16 rows per mma) and the rows of x its B operand
+// (8 tokens per n-tile), so M = 1..8 costs one n-tile and 9..16 two: decode and prefill are
+// the same kernel with NT n-tiles per warp. A warp owns RT tiles of 16 rows of W; per step
+// each lane loads one 16-byte chunk of row g and of row g + 8 of every tile (lane = 4g + t,
+// chunk = 4 * step + t), so a step covers 4 consecutive chunks and the mma's k slots are a
+// permutation of them that B repeats: no shared memory, no shuffles.
+//
+// Each weight is made a bf16/f16 value exactly as q * s + b rounded once (q exact from a
+// magic-number OR for 4-bit, an f32 magic subtraction for 8-bit), because the 4 lanes of one
+// mma cover 4 different chunks (up to 4 different groups), so the scale cannot wait for the
+// accumulators. Relative error per weight is at most one half-ulp of the x dtype, well inside
+// the 1e-2 tolerance of f16/bf16 I/O; f32 x stays on the exact FFMA kernels.
+//
+// Blocks of TCW warps share their K segment (blockIdx.z % segments), so x is read from L2
+// once per block and from L1 by its warps; W is streamed past L1. With several segments each
+// writes f32 partial sums that qmv_n_reduce adds, as for qmv_n.
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && (BITS == 4 || BITS == 8) && TC_X
+#define TC_OK 1
+#else
+#define TC_OK 0
+#endif
+
+#define RT 2  // row tiles (16 rows) per warp
+
+#if TC_OK
+// x's dtype as the mma operand type, with its 2-wide fused multiply-add and the bit pattern of
+// 1024 (f16) or 128 (bf16): OR-ing a code of up to 7 bits into the mantissa gives 1024 + q
+// (resp. 128 + q) exactly.
+#if TC_X == 2
+#define MMA_T "bf16"
+#define MAGIC2 0x43004300u
+#define ONE2 0x3F803F80u
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+#else
+#define MMA_T "f16"
+#define MAGIC2 0x64006400u
+#define ONE2 0x3C003C00u
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+#endif
+
+__device__ __forceinline__ u32 lop_magic(u32 w, u32 mask) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(w), "r"(mask), "r"(MAGIC2));
+    return r;  // (w & mask) | MAGIC2
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+__device__ __forceinline__ void mma(float* d, const u32* a, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_T "." MMA_T ".f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Per lane and step: one 16-byte chunk of row g and of row g + 8 in each row tile, with the
+// scale and bias of its group.
+struct Step {
+    uint4 w[RT][2];
+    float s[RT][2], b[RT][2];
+};
+
+constexpr int CK = 128 / BITS;  // codes (k values) per 16-byte chunk
+
+template <int NT, int TCW>
+__device__ __forceinline__ void qmm_tc_impl(const XT* __restrict__ x, const u32* __restrict__ w,
+                                            const ST* __restrict__ scales,
+                                            const ST* __restrict__ biases, OT* __restrict__ out,
+                                            float* __restrict__ partial, u32 M, u64 N, u64 K,
+                                            u32 segments, u64 x_stride, u64 w_stride,
+                                            u64 s_stride, u64 out_stride, const Batch& bt) {
+    const u32 lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const u64 n0 = ((u64)blockIdx.x * TCW + (threadIdx.x >> 5)) * (16 * RT);
+    const u32 seg = blockIdx.z % segments;
+    const u32 m0 = (blockIdx.z / segments) * (8 * NT);  // first token of this tile
+    const u64 C = K / CK;                               // chunks per row
+    const u64 per_seg = (C + 4 * segments - 1) / (4 * segments) * 4;  // chunks, multiple of 4
+    const u64 cb = (u64)seg * per_seg, ce = min(C, cb + per_seg);
+    const u64 G = K / GROUP;
+    const u64 row_words = K * BITS / 32;
+    u64 entries = 1;
+    for (u32 d = 0; d < bt.ndim; d++) entries *= bt.dims[d];
+    if (n0 >= N || m0 >= M) return;  // whole warp: no barriers below
+
+    for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
+        u64 xi, wi;
+        const bool ok = resolve(bt, e, xi, wi);
+        float acc[RT][NT][4];
+#pragma unroll
+        for (int r = 0; r < RT; r++)
+#pragma unroll
+            for (int j = 0; j < NT; j++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[r][j][i] = 0.0f;
+
+        if (ok) {
+            const XT* xb = x + xi * x_stride;
+            const u32* wb = w + wi * w_stride;
+            const ST* sb = scales + wi * s_stride;
+            const ST* bb = biases + wi * s_stride;
+            // Rows of W this lane loads (clamped in range; rows >= N are never written).
+            const u32* wrow[RT][2];
+            const ST* srow[RT][2];
+            const ST* brow[RT][2];
+#pragma unroll
+            for (int r = 0; r < RT; r++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const u64 n = min(N - 1, n0 + 16 * r + 8 * h + g);
+                    wrow[r][h] = wb + n * row_words;
+                    srow[r][h] = sb + n * G;
+                    brow[r][h] = bb + n * G;
+                }
+            // Tokens of this lane's B columns (clamped; columns >= M are never written).
+            const XT* xrow[NT];
+            bool xok[NT];
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                const u32 m = m0 + 8 * j + g;
+                xok[j] = m < M;
+                xrow[j] = xb + (u64)min(m, M - 1) * K;
+            }
+
+            auto load = [&](u64 c, Step& st) {
+                const bool in = c < ce;
+                const u64 cc = in ? c : cb;  // a valid address; zeroed below
+#pragma unroll
+                for (int r = 0; r < RT; r++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        st.w[r][h] = ld_stream(wrow[r][h] + cc * 4);
+                        const u64 gi = cc * CK / GROUP;
+                        st.s[r][h] = in ? to_f32(srow[r][h][gi]) : 0.0f;
+                        st.b[r][h] = in ? to_f32(brow[r][h][gi]) : 0.0f;
+                    }
+            };
+
+            auto compute = [&](u64 c, const Step& st) {
+                const bool in = c < ce;
+#if BITS == 4
+                u32 s2[RT][2], b2[RT][2];
+#pragma unroll
+                for (int r = 0; r < RT; r++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        s2[r][h] = pack2(st.s[r][h], st.s[r][h]);
+                        b2[r][h] = pack2(st.b[r][h], st.b[r][h]);
+                    }
+                // Word i of the chunk holds codes e0..e7 (k = 8i + e): the pairs (e0,e4),
+                // (e1,e5), (e2,e6), (e3,e7) come out of one LOP3 each; mma 2i takes the first
+                // two as its k slots {2t,2t+1} and {2t+8,2t+9}, mma 2i+1 the last two.
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    u32 a[2][RT][4];
+#pragma unroll
+                    for (int r = 0; r < RT; r++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            const u32 wd = i == 0 ? st.w[r][h].x : i == 1 ? st.w[r][h].y
+                                         : i == 2 ? st.w[r][h].z : st.w[r][h].w;
+#pragma unroll
+                            for (int p = 0; p < 4; p++) {
+                                u32 v = lop_magic(wd >> (4 * p), 0x000F000Fu);
+                                // v - magic is q exactly; then q * s + b, rounded once.
+                                v = fma2(v, ONE2, MAGIC2 ^ 0x80008000u);
+                                a[p >> 1][r][(p & 1) * 2 + h] = fma2(v, s2[r][h], b2[r][h]);
+                            }
+                        }
+#pragma unroll
+                    for (int j = 0; j < NT; j++) {
+                        uint4 xv = make_uint4(0, 0, 0, 0);
+                        if (in && xok[j]) xv = __ldg((const uint4*)(xrow[j] + c * CK) + i);
+                        const u32 b00 = prmt(xv.x, xv.z, 0x5410), b01 = prmt(xv.x, xv.z, 0x7632);
+                        const u32 b10 = prmt(xv.y, xv.w, 0x5410), b11 = prmt(xv.y, xv.w, 0x7632);
+#pragma unroll
+                        for (int r = 0; r < RT; r++) {
+                            mma(acc[r][j], a[0][r], b00, b01);
+                            mma(acc[r][j], a[1][r], b10, b11);
+                        }
+                    }
+                }
+#else  // BITS == 8
+                // Word i holds codes e0..e3 (k = 4i + e) in natural order: mma i takes
+                // (e0,e1) as k slots {2t,2t+1} and (e2,e3) as {2t+8,2t+9}.
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    u32 a[RT][4];
+#pragma unroll
+                    for (int r = 0; r < RT; r++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            const u32 wd = i == 0 ? st.w[r][h].x : i == 1 ? st.w[r][h].y
+                                         : i == 2 ? st.w[r][h].z : st.w[r][h].w;
+                            float f[4];
+#pragma unroll
+                            for (int p = 0; p < 4; p++)
+                                f[p] = fmaf(__uint_as_float(prmt(wd, 0x4B000000u, 0x7540u + p)) -
+                                                8388608.0f,
+                                            st.s[r][h], st.b[r][h]);
+                            a[r][h] = pack2(f[0], f[1]);
+                            a[r][2 + h] = pack2(f[2], f[3]);
+                        }
+#pragma unroll
+                    for (int j = 0; j < NT; j++) {
+                        uint2 xv = make_uint2(0, 0);
+                        if (in && xok[j]) xv = __ldg((const uint2*)(xrow[j] + c * CK) + i);
+#pragma unroll
+                        for (int r = 0; r < RT; r++) mma(acc[r][j], a[r], xv.x, xv.y);
+                    }
+                }
+#endif
+            };
+
+            // Two steps in flight: the next step's W chunks load while this one computes.
+            Step cur, nxt;
+            load(cb + t, cur);
+            for (u64 c0 = cb; c0 < ce; c0 += 4) {
+                const u64 c = c0 + t;
+                if (c0 + 4 < ce) load(c + 4, nxt);
+                compute(c, cur);
+                cur = nxt;
+            }
+        }
+
+        // acc[r][j]: rows n0 + 16r + g (+8 for [2], [3]), tokens m0 + 8j + 2t (+1 for [1], [3]).
+#pragma unroll
+        for (int r = 0; r < RT; r++)
+#pragma unroll
+            for (int j = 0; j < NT; j++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const u64 n = n0 + 16 * r + g + 8 * (i >> 1);
+                    const u32 m = m0 + 8 * j + 2 * t + (i & 1);
+                    if (n >= N || m >= M) continue;
+                    const float v = ok ? acc[r][j][i] : __int_as_float(0x7fc00000);
+                    if (segments == 1)
+                        out[e * out_stride + (u64)m * N + n] = from_f32<OT>(v);
+                    else
+                        partial[(((u64)seg * entries + e) * M + m) * N + n] = v;
+                }
+    }
+}
+#endif
+
+#if TC_OK
+// Decode (M <= 16): the codes stay exact in the mma (128 + q as bf16, 1024 + q as f16, by one
+// LOP3 per pair; 8-bit bf16 as two nibble mmas, 2048 + 16h and 128 + l) and each group's
+// scale and bias are applied on the f32 accumulators:
+//   y += s * sum((off + q) x) + (b - off * s) * sum(x),
+// with sum(x) from an mma of a ones matrix with the same B fragments. For that the 4 lanes of
+// a quad must read one group per mma: W goes through a warp-private shared-memory ring
+// (cp.async, DS stages of 32 rows x 4 chunks), from which lane (g, t) reads word t of a chunk.
+#define DS 4  // stages in flight per warp
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const u32 sa = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(gmem));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// Magic constants: bf16 128 (0x4300) / 2048 (0x4500); f16 1024 (0x6400).
+#if TC_X == 2
+#define MAGIC_LO 0x43004300u
+#define MAGIC_HI 0x45004500u
+#define OFF4 128.0f
+#define OFF8 2176.0f  // 2048 + 128: the hi and lo nibble mmas add up to 2176 + q
+#else
+#define MAGIC_LO 0x64006400u
+#define OFF4 1024.0f
+#define OFF8 1024.0f
+#endif
+__device__ __forceinline__ u32 lop_or(u32 w, u32 mask, u32 magic) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(w), "r"(mask), "r"(magic));
+    return r;
+}
+
+template <int NT>
+__device__ __forceinline__ void qmv_tc_impl(const XT* __restrict__ x, const u32* __restrict__ w,
+                                            const ST* __restrict__ scales,
+                                            const ST* __restrict__ biases, OT* __restrict__ out,
+                                            float* __restrict__ partial, u32 M, u64 N, u64 K,
+                                            u32 segments, u64 x_stride, u64 w_stride,
+                                            u64 s_stride, u64 out_stride, const Batch& bt) {
+    __shared__ __align__(16) uint4 ring[4][DS][4][32];  // [warp][stage][chunk][row]
+    extern __shared__ __align__(16) u8 xsm[];           // x[m][k] of the segment, padded
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const u64 n0 = ((u64)blockIdx.x * 4 + warp) * 32;
+    const u32 seg = blockIdx.z;
+    constexpr int CPG = GROUP / CK;  // chunks per group
+    const u64 C = K / CK;
+    constexpr int ALIGN = CPG > 4 ? CPG : 4;
+    const u64 per_seg = (C + (u64)ALIGN * segments - 1) / ((u64)ALIGN * segments) * ALIGN;
+    const u64 cb = (u64)seg * per_seg, ce = min(C, cb + per_seg);
+    const u64 G = K / GROUP;
+    const u64 row_words = K * BITS / 32;
+    u64 entries = 1;
+    for (u32 d = 0; d < bt.ndim; d++) entries *= bt.dims[d];
+    const bool active = n0 < N;  // whole warp; every warp takes part in the block barriers
+    // x of the segment in shared memory: row stride KS + CK elements (the pad keeps the 2 or
+    // 4 tokens of one 128-byte phase in different banks).
+    const u64 KS = (ce > cb ? ce - cb : 0) * CK, XS = KS + CK;
+    XT* xt = (XT*)xsm;
+
+    for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
+        u64 xi, wi;
+        const bool ok = resolve(bt, e, xi, wi) && cb < ce;
+        __syncthreads();  // the previous entry's x is no longer read
+        if (ok) {
+            const XT* xb = x + xi * x_stride + cb * CK;
+            const u64 per_row = KS * sizeof(XT) / 16;  // 16-byte words per token
+            for (u64 i = threadIdx.x; i < M * per_row; i += blockDim.x) {
+                const u64 m = i / per_row, q = i % per_row;
+                ((uint4*)(xt + m * XS))[q] = __ldg((const uint4*)(xb + m * K) + q);
+            }
+        }
+        __syncthreads();
+        float acc[RT][NT][4];
+#pragma unroll
+        for (int r = 0; r < RT; r++)
+#pragma unroll
+            for (int j = 0; j < NT; j++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[r][j][i] = 0.0f;
+        if (ok && active) {
+            // This lane copies row n0 + lane (clamped; rows >= N are never written).
+            const u32* wsrc = w + wi * w_stride + min(N - 1, n0 + lane) * row_words;
+            const ST* sb = scales + wi * s_stride;
+            const ST* bb = biases + wi * s_stride;
+            u64 srow[RT][2];
+#pragma unroll
+            for (int r = 0; r < RT; r++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) srow[r][h] = min(N - 1, n0 + 16 * r + 8 * h + g) * G;
+            const XT* xrow[NT];  // this lane's B column (token), relative to chunk cb
+            bool xok[NT];
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                const u32 m = 8 * j + g;
+                xok[j] = m < M;
+                xrow[j] = xt + (u64)min(m, M - 1) * XS - cb * CK;
+            }
+            const u64 steps = (ce - cb + 3) / 4;
+            auto issue = [&](u64 s) {
+                if (s < steps) {
+                    const u64 c0 = cb + 4 * s;
+#pragma unroll
+                    for (int j = 0; j < 4; j++)
+                        if (c0 + j < ce) cp_async16(&ring[warp][s % DS][j][lane], wsrc + (c0 + j) * 4);
+                }
+                cp_commit();  // an empty group keeps the count uniform
+            };
+#pragma unroll
+            for (int s = 0; s < DS - 1; s++) issue(s);
+
+            float tmp[RT][NT][4], xs[NT][4], sv[RT][2], bv[RT][2];
+            for (u64 s = 0; s < steps; s++) {
+                cp_wait<DS - 2>();
+                __syncwarp();
+                issue(s + DS - 1);
+                const u64 c0 = cb + 4 * s;
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const u64 c = c0 + j;
+                    if (c >= ce) break;  // warp-uniform
+                    if (c % CPG == 0) {
+                        const u64 gi = c / CPG;  // the group's scales load while its mmas run
+#pragma unroll
+                        for (int r = 0; r < RT; r++)
+#pragma unroll
+                            for (int h = 0; h < 2; h++) {
+                                sv[r][h] = to_f32(sb[srow[r][h] + gi]);
+                                bv[r][h] = to_f32(bb[srow[r][h] + gi]);
+                            }
+#pragma unroll
+                        for (int r = 0; r < RT; r++)
+#pragma unroll
+                            for (int q = 0; q < NT; q++)
+#pragma unroll
+                                for (int i = 0; i < 4; i++) tmp[r][q][i] = 0.0f;
+#pragma unroll
+                        for (int q = 0; q < NT; q++)
+#pragma unroll
+                            for (int i = 0; i < 4; i++) xs[q][i] = 0.0f;
+                    }
+                    const u32 ones[4] = {ONE2, ONE2, ONE2, ONE2};
+#if BITS == 4
+                    // Word t of the chunk: codes e0..e7 at k = 8t + e; mma 0 takes the pairs
+                    // (e0,e4), (e1,e5), mma 1 (e2,e6), (e3,e7); B repeats the permutation.
+                    u32 a[2][RT][4];
+#pragma unroll
+                    for (int r = 0; r < RT; r++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            const u32 wd = ((const u32*)&ring[warp][s % DS][j][16 * r + 8 * h + g])[t];
+#pragma unroll
+                            for (int p = 0; p < 4; p++)
+                                a[p >> 1][r][(p & 1) * 2 + h] = lop_or(wd >> (4 * p), 0x000F000Fu, MAGIC_LO);
+                        }
+#pragma unroll
+                    for (int q = 0; q < NT; q++) {
+                        uint4 xv = make_uint4(0, 0, 0, 0);
+                        if (xok[q]) xv = ((const uint4*)(xrow[q] + c * CK))[t];
+                        const u32 b00 = prmt(xv.x, xv.z, 0x5410), b01 = prmt(xv.x, xv.z, 0x7632);
+                        const u32 b10 = prmt(xv.y, xv.w, 0x5410), b11 = prmt(xv.y, xv.w, 0x7632);
+                        mma(xs[q], ones, b00, b01);
+                        mma(xs[q], ones, b10, b11);
+#pragma unroll
+                        for (int r = 0; r < RT; r++) {
+                            mma(tmp[r][q], a[0][r], b00, b01);
+                            mma(tmp[r][q], a[1][r], b10, b11);
+                        }
+                    }
+                    constexpr float off = OFF4;
+#else
+                    // Word t of the chunk: codes e0..e3 at k = 4t + e, as the pairs (e0,e2) and
+                    // (e1,e3) of k slots; B takes (x0,x2) and (x1,x3).
+#if TC_X == 2
+                    // bf16: lo nibbles as 128 + l, hi nibbles as 2048 + 16h, two mmas.
+                    u32 a[2][RT][4];
+#pragma unroll
+                    for (int r = 0; r < RT; r++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            const u32 wd = ((const u32*)&ring[warp][s % DS][j][16 * r + 8 * h + g])[t];
+                            a[0][r][h] = lop_or(wd, 0x000F000Fu, MAGIC_LO);
+                            a[0][r][2 + h] = lop_or(wd >> 8, 0x000F000Fu, MAGIC_LO);
+                            a[1][r][h] = lop_or(wd >> 4, 0x000F000Fu, MAGIC_HI);
+                            a[1][r][2 + h] = lop_or(wd >> 12, 0x000F000Fu, MAGIC_HI);
+                        }
+#else
+                    // f16: 1024 + q, one mma.
+                    u32 a[1][RT][4];
+#pragma unroll
+                    for (int r = 0; r < RT; r++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            const u32 wd = ((const u32*)&ring[warp][s % DS][j][16 * r + 8 * h + g])[t];
+                            a[0][r][h] = lop_or(wd, 0x00FF00FFu, MAGIC_LO);
+                            a[0][r][2 + h] = lop_or(wd >> 8, 0x00FF00FFu, MAGIC_LO);
+                        }
+#endif
+#pragma unroll
+                    for (int q = 0; q < NT; q++) {
+                        uint2 xv = make_uint2(0, 0);
+                        if (xok[q]) xv = ((const uint2*)(xrow[q] + c * CK))[t];
+                        const u32 b0 = prmt(xv.x, xv.y, 0x5410), b1 = prmt(xv.x, xv.y, 0x7632);
+                        mma(xs[q], ones, b0, b1);
+#pragma unroll
+                        for (int r = 0; r < RT; r++) {
+                            mma(tmp[r][q], a[0][r], b0, b1);
+#if TC_X == 2
+                            mma(tmp[r][q], a[1][r], b0, b1);
+#endif
+                        }
+                    }
+                    constexpr float off = OFF8;
+#endif
+                    if ((c + 1) % CPG == 0) {
+#pragma unroll
+                        for (int r = 0; r < RT; r++)
+#pragma unroll
+                            for (int h = 0; h < 2; h++) {
+                                const float s1 = sv[r][h], b1 = fmaf(-off, s1, bv[r][h]);
+#pragma unroll
+                                for (int q = 0; q < NT; q++)
+#pragma unroll
+                                    for (int i = 0; i < 2; i++)
+                                        acc[r][q][2 * h + i] =
+                                            fmaf(s1, tmp[r][q][2 * h + i],
+                                                 fmaf(b1, xs[q][2 * h + i], acc[r][q][2 * h + i]));
+                            }
+                    }
+                }
+            }
+            cp_wait<0>();
+        }
+#pragma unroll
+        for (int r = 0; r < RT; r++)
+#pragma unroll
+            for (int j = 0; j < NT; j++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const u64 n = n0 + 16 * r + g + 8 * (i >> 1);
+                    const u32 m = 8 * j + 2 * t + (i & 1);
+                    if (n >= N || m >= M) continue;
+                    const float v = ok ? acc[r][j][i] : __int_as_float(0x7fc00000);
+                    if (segments == 1)
+                        out[e * out_stride + (u64)m * N + n] = from_f32<OT>(v);
+                    else
+                        partial[(((u64)seg * entries + e) * M + m) * N + n] = v;
+                }
+        __syncwarp();
+    }
+}
+#endif
+
+// NT n-tiles of 8 tokens per warp, TCW warps per block (the host launches TCW * 32 threads).
+#if TC_OK
+#define QMM_TC(NT, TCW)                                                                        \
+    extern "C" __global__ void __launch_bounds__(TCW * 32) qmm_tc_##NT(                        \
+        const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
+        const ST* __restrict__ biases, OT* __restrict__ out, float* __restrict__ partial,      \
+        u32 M, u64 N, u64 K, u32 segments, u64 x_stride, u64 w_stride, u64 s_stride,          \
+        u64 out_stride, Batch bt) {                                                            \
+        qmm_tc_impl<NT, TCW>(x, w, scales, biases, out, partial, M, N, K, segments, x_stride, \
+                             w_stride, s_stride, out_stride, bt);                              \
+    }
+#else
+// Keys the tensor-core path does not serve still define the entry points (never launched).
+#define QMM_TC(NT, TCW)                                                                        \
+    extern "C" __global__ void qmm_tc_##NT(const XT*, const u32*, const ST*, const ST*, OT*,   \
+                                           float*, u32, u64, u64, u32, u64, u64, u64, u64,     \
+                                           Batch) {}
+#endif
+QMM_TC(8, 4)
+
+#if TC_OK
+#define QMV_TC(NT)                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) qmv_tc_##NT(                            \
+        const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
+        const ST* __restrict__ biases, OT* __restrict__ out, float* __restrict__ partial,      \
+        u32 M, u64 N, u64 K, u32 segments, u64 x_stride, u64 w_stride, u64 s_stride,          \
+        u64 out_stride, Batch bt) {                                                            \
+        qmv_tc_impl<NT>(x, w, scales, biases, out, partial, M, N, K, segments, x_stride,      \
+                        w_stride, s_stride, out_stride, bt);                                   \
+    }
+#else
+#define QMV_TC(NT)                                                                             \
+    extern "C" __global__ void qmv_tc_##NT(const XT*, const u32*, const ST*, const ST*, OT*,   \
+                                           float*, u32, u64, u64, u32, u64, u64, u64, u64,     \
+                                           Batch) {}
+#endif
+QMV_TC(1)
+QMV_TC(2)
