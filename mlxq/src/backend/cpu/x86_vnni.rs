@@ -200,7 +200,7 @@ unsafe fn split_group_avx512(
     out: &mut [i8],
 ) {
     let g = xg.len();
-    if g % 16 != 0 || g % ch != 0 || out.len() < g / ch * 128 {
+    if !g.is_multiple_of(16) || !g.is_multiple_of(ch) || out.len() < g / ch * 128 {
         return;
     }
     let p = xg.as_ptr();
@@ -680,7 +680,7 @@ mod tests {
         ] {
             let perm = unsafe { lane_permutation(bits, ch) };
             for case in 0..400 {
-                let decade = (case % 80) as i32 - 44;
+                let decade = case % 80 - 44;
                 let xg: Vec<f32> = (0..g)
                     .map(|i| {
                         let v = ((next() - 0.5) * 10f64.powf(next() * 4.0 + decade as f64)) as f32;
