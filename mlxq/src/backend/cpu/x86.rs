@@ -17,7 +17,7 @@
 //! Results equal the generic kernel's up to f32 summation order.
 
 use super::qmm::QmmArgs;
-use super::x86_columns::{prefetch_w, run, Columns, Walk, MAX_COLS, MAX_ROWS};
+use super::x86_columns::{prefetch_w, run, Columns, Rows, Walk, MAX_COLS, MAX_ROWS};
 use super::{cast, cast_mut};
 use crate::dtype::Float;
 use crate::error::Result;
@@ -150,15 +150,10 @@ pub(crate) fn qmv_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
     xsum.clear();
     xsum.extend(a.x.chunks_exact(g).map(|c| c.iter().sum::<f32>()));
     let kernel = Kernel::<S, BITS> {
-        packed: w.packed,
-        scales,
-        biases,
+        w: Rows::new(&w, scales, biases),
         xp: &xp,
         xsum: &xsum,
-        row_bytes: w.row_bytes(),
-        groups: walk.groups,
         k,
-        g,
     };
     // SAFETY: this kernel is only chosen where `available` holds.
     unsafe { run(&kernel, walk, out) };
@@ -169,15 +164,10 @@ pub(crate) fn qmv_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
 /// Everything one call's columns read: W, and x permuted (`m·k`) with its group sums
 /// (`m·groups`).
 struct Kernel<'a, S, const BITS: usize> {
-    packed: &'a [u8],
-    scales: &'a [S],
-    biases: &'a [S],
+    w: Rows<'a, S>,
     xp: &'a [f32],
     xsum: &'a [f32],
-    row_bytes: usize,
-    groups: usize,
     k: usize,
-    g: usize,
 }
 
 impl<S: Float, const BITS: usize> Columns for Kernel<'_, S, BITS> {
@@ -193,13 +183,9 @@ impl<S: Float, const BITS: usize> Columns for Kernel<'_, S, BITS> {
         row0: usize,
         acc: &mut [[f32; MAX_ROWS]; MAX_COLS],
     ) {
-        let (gs, g, groups) = (col * self.groups, self.g, self.groups);
-        let p0 = col * self.row_bytes;
-        let (Some(packed), Some(scales), Some(biases), Some(xp), Some(xsum)) = (
-            self.packed
-                .get(p0 + g0 * g / 8 * BITS..p0 + g1 * g / 8 * BITS),
-            self.scales.get(gs + g0..gs + g1),
-            self.biases.get(gs + g0..gs + g1),
+        let (g, groups) = (self.w.g, self.w.groups);
+        let (Some((packed, scales, biases)), Some(xp), Some(xsum)) = (
+            self.w.row(col, g0, g1, BITS),
             self.xp.get(row0 * self.k + g0 * g..),
             self.xsum.get(row0 * groups + g0..),
         ) else {
@@ -214,7 +200,7 @@ impl<S: Float, const BITS: usize> Columns for Kernel<'_, S, BITS> {
             k: self.k,
             groups,
             g,
-            row_bytes: self.row_bytes,
+            row_bytes: self.w.row_bytes,
         };
         // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
         unsafe { column::<S, BITS, R>(&args, &mut acc[0]) }

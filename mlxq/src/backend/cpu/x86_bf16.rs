@@ -17,7 +17,7 @@
 //! into blocks of K so the rows of x a column visits stay in L1.
 
 use super::qmm::QmmArgs;
-use super::x86_columns::{prefetch_w, run, Columns, Walk, MAX_COLS, MAX_ROWS};
+use super::x86_columns::{prefetch_w, run, Columns, Rows, Walk, MAX_COLS, MAX_ROWS};
 use super::{cast, cast_mut, Variant};
 use crate::dtype::Float;
 use crate::error::Result;
@@ -174,15 +174,10 @@ pub(crate) fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
     xsum.clear();
     xsum.extend(a.x.chunks_exact(g).map(|c| c.iter().sum::<f32>()));
     let kernel = Kernel::<S, BITS> {
-        packed: w.packed,
-        scales,
-        biases,
+        w: Rows::new(&w, scales, biases),
         xp: &xp,
         xsum: &xsum,
-        row_bytes: w.row_bytes(),
-        groups: walk.groups,
         k,
-        g,
         // SAFETY: this variant is only chosen where `available` holds.
         tables: unsafe { tables::<BITS>() },
     };
@@ -194,15 +189,10 @@ pub(crate) fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
 
 /// Everything one call's columns read.
 struct Kernel<'a, S, const BITS: usize> {
-    packed: &'a [u8],
-    scales: &'a [S],
-    biases: &'a [S],
+    w: Rows<'a, S>,
     xp: &'a [bf16],
     xsum: &'a [f32],
-    row_bytes: usize,
-    groups: usize,
     k: usize,
-    g: usize,
     tables: Tables,
 }
 
@@ -219,14 +209,8 @@ impl<S: Float, const BITS: usize> Columns for Kernel<'_, S, BITS> {
         row0: usize,
         acc: &mut [[f32; MAX_ROWS]; MAX_COLS],
     ) {
-        let (gs, g) = (col * self.groups, self.g);
-        let p0 = col * self.row_bytes;
-        let (Some(packed), Some(scales), Some(biases)) = (
-            self.packed
-                .get(p0 + g0 * g / 8 * BITS..p0 + g1 * g / 8 * BITS),
-            self.scales.get(gs + g0..gs + g1),
-            self.biases.get(gs + g0..gs + g1),
-        ) else {
+        let g = self.w.g;
+        let Some((packed, scales, biases)) = self.w.row(col, g0, g1, BITS) else {
             return;
         };
         let args = Column {
@@ -240,7 +224,7 @@ impl<S: Float, const BITS: usize> Columns for Kernel<'_, S, BITS> {
             k0: g0 * g,
             g,
             tables: &self.tables,
-            row_bytes: self.row_bytes,
+            row_bytes: self.w.row_bytes,
         };
         // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
         unsafe { column::<S, BITS, R>(&args, &mut acc[0]) }

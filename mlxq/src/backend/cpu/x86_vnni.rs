@@ -27,7 +27,7 @@
 //! Groups of 32 use 32-code chunks in 64-lane registers whose upper x lanes are zero.
 
 use super::qmm::QmmArgs;
-use super::x86_columns::{prefetch_w, run, Columns, Walk, MAX_COLS, MAX_ROWS};
+use super::x86_columns::{prefetch_w, run, Columns, Rows, Walk, MAX_COLS, MAX_ROWS};
 use super::{cast, cast_mut, Variant};
 use crate::dtype::Float;
 use crate::error::Result;
@@ -381,14 +381,9 @@ fn qmm_t_ch<S: Float, O: Float, const BITS: usize, const CH: usize>(a: QmmArgs<'
     let mut prep = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     prepare(a.x, m, k, g, CH, BITS, &mut prep);
     let kernel = Kernel::<S, BITS, CH> {
-        packed: w.packed,
-        scales,
-        biases,
+        w: Rows::new(&w, scales, biases),
         prep: &prep,
-        row_bytes: w.row_bytes(),
-        groups: walk.groups,
         k,
-        g,
         // SAFETY: this variant is only chosen where `available` holds.
         tables: unsafe { tables::<BITS>(CH) },
     };
@@ -400,14 +395,9 @@ fn qmm_t_ch<S: Float, O: Float, const BITS: usize, const CH: usize>(a: QmmArgs<'
 
 /// Everything one call's columns read.
 struct Kernel<'a, S, const BITS: usize, const CH: usize> {
-    packed: &'a [u8],
-    scales: &'a [S],
-    biases: &'a [S],
+    w: Rows<'a, S>,
     prep: &'a Prepared,
-    row_bytes: usize,
-    groups: usize,
     k: usize,
-    g: usize,
     tables: Tables,
 }
 
@@ -424,7 +414,7 @@ impl<S: Float, const BITS: usize, const CH: usize> Columns for Kernel<'_, S, BIT
         row0: usize,
         acc: &mut [[f32; MAX_ROWS]; MAX_COLS],
     ) {
-        let g = self.g;
+        let g = self.w.g;
         let mut args = Column {
             packed: [&[]; COLS],
             scales: [&[]; COLS],
@@ -435,16 +425,10 @@ impl<S: Float, const BITS: usize, const CH: usize> Columns for Kernel<'_, S, BIT
             k0: g0 * g,
             g,
             tables: &self.tables,
-            row_bytes: self.row_bytes,
+            row_bytes: self.w.row_bytes,
         };
         for c in 0..count.min(COLS) {
-            let (gs, p0) = ((col + c) * self.groups, (col + c) * self.row_bytes);
-            let (Some(packed), Some(scales), Some(biases)) = (
-                self.packed
-                    .get(p0 + g0 * g / 8 * BITS..p0 + g1 * g / 8 * BITS),
-                self.scales.get(gs + g0..gs + g1),
-                self.biases.get(gs + g0..gs + g1),
-            ) else {
+            let Some((packed, scales, biases)) = self.w.row(col + c, g0, g1, BITS) else {
                 return;
             };
             (args.packed[c], args.scales[c], args.biases[c]) = (packed, scales, biases);
@@ -646,6 +630,16 @@ unsafe fn columns<S: Float, const BITS: usize, const CH: usize, const R: usize, 
 mod tests {
     use super::*;
 
+    /// A xorshift generator of uniform values in [0, 1).
+    fn uniform(mut seed: u64) -> impl FnMut() -> f64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
     /// x̂ rebuilt from the split: `(256·hi + lo)·step` for element `i` of group `j`.
     fn rebuilt(p: &Prepared, k: usize, g: usize, ch: usize, bits: usize, i: usize) -> f64 {
         let (chunk, e) = (i / ch, i % ch);
@@ -664,13 +658,7 @@ mod tests {
             eprintln!("skipped: this CPU lacks AVX-512 VNNI");
             return;
         }
-        let mut seed = 0x2545f4914f6cdd1du64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut next = uniform(0x2545f4914f6cdd1du64);
         for (g, ch, bits) in [
             (32, 32, 4),
             (64, 64, 4),
@@ -713,13 +701,7 @@ mod tests {
     /// extreme magnitudes, for every chunk layout.
     #[test]
     fn split_is_exact_on_the_grid_and_bounded_elsewhere() {
-        let mut seed = 0x9e3779b97f4a7c15u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut next = uniform(0x9e3779b97f4a7c15u64);
         for (g, ch, bits) in [
             (32, 32, 4),
             (64, 64, 4),
