@@ -16,8 +16,9 @@
 //!    `clamp(round(·), 0, n)` only changes value at half-integers, so wherever `q̃` is farther
 //!    than that from every half-integer, rounding `q̃` (any tie rule) gives exactly MLX's code.
 //!    Each 64 codes keep `max |q̃ − rint(q̃)|` (`vreduceps`, `vrangeps`); if it reaches
-//!    `0.5 − 2⁻²¹·M − 2⁻²⁴` (`M` bounds `|Q| + |B|` over the batch), those 64 are redone with
-//!    true divisions and the flavour's tie rule. Random f32 weights need that for about 1% of
+//!    `0.5 − 2⁻²¹·M − 2⁻²⁴` (`M` bounds `|Q| + |B|` over the group, computed lane by lane
+//!    with the scales; −1 where `M ≥ 2¹⁹` or `|s| > 10³⁰`), those 64 are redone with true
+//!    divisions and the flavour's tie rule. Random f32 weights need that for about 1% of
 //!    blocks; bf16 weights, whose values sit on a coarse grid, produce exact ties (`k + ½`)
 //!    far more often (about 6% of blocks of random bf16 values).
 //! 4. Pack 64 codes at a time: two saturating packs (`vpackusdw`, `vpackuswb`) clamp below at
@@ -183,9 +184,12 @@ struct Groups<'a, T> {
 /// Quantizes every group of `t` (groups of `16·VPG` elements), 16 at a time. Does nothing if
 /// the slice lengths disagree (they never do; the check keeps the raw accesses in bounds).
 ///
-/// Software-pipelined: batch `i + 1` is widened and gets its scales (a chain of dependent
-/// divisions and shuffles) before batch `i`'s codes are computed, so that the out-of-order
-/// core overlaps that chain, and the loads, with the codes of the batch before.
+/// Software-pipelined in three stages, each iteration `i` running, in program order, the
+/// scales of batch `i − 1` (a chain of dependent divisions and shuffles, ~170 cycles, whose
+/// inputs are ready), the codes of batch `i − 2` (independent work that the out-of-order core
+/// runs while the chain retires), then the loads and min/max of batch `i` (whose cache misses
+/// overlap the next iteration). Three buffers hold the widened values of batches `i − 2`,
+/// `i − 1` and `i`.
 ///
 /// # Safety
 /// The CPU must support [`available`]'s features.
@@ -200,34 +204,40 @@ unsafe fn quantize_groups<T: Float, const BITS: usize, const VPG: usize>(
     if t.w.len() != groups * g || t.packed.len() != groups * gb || t.biases.len() != groups {
         return;
     }
-    let mut bufs = [[_mm512_setzero_ps(); BATCH * MAX_VPG]; 2];
+    let mut bufs = [[_mm512_setzero_ps(); BATCH * MAX_VPG]; 3];
+    let mut loaded: Option<(__m512, __m512)> = None;
     let mut pending: Option<Prepared> = None;
     let batches = groups.div_ceil(BATCH);
-    for i in 0..=batches {
-        let (a, b) = bufs.split_at_mut(1);
-        let (cur, prev) = if i % 2 == 0 {
-            (&mut a[0], &b[0])
-        } else {
-            (&mut b[0], &a[0])
-        };
-        let next = (i < batches).then(|| {
-            let (b0, count) = (i * BATCH, (groups - i * BATCH).min(BATCH));
+    let span = |i: usize| (i * BATCH, (groups - i * BATCH).min(BATCH));
+    for i in 0..batches + 2 {
+        let prepared = loaded.take().map(|minmax| {
+            let (b0, count) = span(i - 1);
             // SAFETY: the CPU features are this function's contract; the slices hold `count`
             // whole groups.
             unsafe {
-                prepare_batch::<T, BITS, VPG>(
-                    &t.w[b0 * g..(b0 + count) * g],
+                batch_params::<T, BITS>(
+                    minmax,
                     flavour,
-                    cur,
                     &mut t.scales[b0..b0 + count],
                     &mut t.biases[b0..b0 + count],
                 )
             }
         });
+        // Batch i writes buffer i mod 3 while batch i − 2 reads buffer (i + 1) mod 3.
+        let (cur, prev) = {
+            let (w, r) = (i % 3, (i + 1) % 3);
+            let (lo, hi) = bufs.split_at_mut(w.max(r));
+            let (x, y) = (&mut lo[w.min(r)], &mut hi[0]);
+            if w < r {
+                (x, &*y)
+            } else {
+                (y, &*x)
+            }
+        };
         if let Some(p) = pending.take() {
-            let (b0, count) = ((i - 1) * BATCH, p.count);
-            // Prefetch the batch after the one just prepared (past the end: no fault).
-            let ahead = t.w.as_ptr().wrapping_add((b0 + 2 * BATCH) * g) as *const u8;
+            let (b0, count) = (span(i - 2).0, p.count);
+            // Prefetch batch i + 1, loaded next iteration (past the end: no fault).
+            let ahead = t.w.as_ptr().wrapping_add((b0 + 3 * BATCH) * g) as *const u8;
             let batch = Groups {
                 w: &t.w[b0 * g..(b0 + count) * g],
                 packed: &mut t.packed[b0 * gb..(b0 + count) * gb],
@@ -237,20 +247,23 @@ unsafe fn quantize_groups<T: Float, const BITS: usize, const VPG: usize>(
             // SAFETY: as above; `prev` holds this batch's widened values.
             unsafe { finish_batch::<T, BITS, VPG>(&p, batch, flavour, prev, ahead) };
         }
-        pending = next;
+        if i < batches {
+            let (b0, count) = span(i);
+            // SAFETY: as above.
+            loaded = Some(unsafe {
+                load_batch::<T, VPG>(&t.w[b0 * g..(b0 + count) * g], count, flavour, cur)
+            });
+        }
+        pending = prepared;
     }
 }
 
-/// A batch after [`prepare_batch`]: what [`finish_batch`] needs.
+/// A batch after [`batch_params`]: what [`finish_batch`] needs.
 struct Prepared {
     /// Groups in the batch (≤ 16).
     count: usize,
     /// Scale, bias and the fast pass's constants, lane `j` for group `j`.
     p: Params,
-    /// The near-tie threshold (module docs).
-    thr: f32,
-    /// Every code by division: the fast pass's bound is too loose for this batch.
-    exact: bool,
     /// Groups for [`quantize_group`] itself.
     fix: __mmask16,
 }
@@ -263,23 +276,24 @@ struct Params {
     r: [f32; BATCH],
     /// `RN(−b·r)`: the fast pass computes `RN(w·r + c)` in one FMA.
     c: [f32; BATCH],
+    /// The group's near-tie threshold (module docs); −1 where the fast pass's bound is too
+    /// loose (every code of the group by division).
+    thr: [f32; BATCH],
 }
 
-/// Pass 1 of a batch of `count = scales.len() ≤ 16` groups of `16·VPG` elements `w`: widens
-/// them into `buf`, computes and stores the scales and biases (rounded to `T`).
+/// Stage 1 of a batch of `count ≤ 16` groups of `16·VPG` elements `w`: widens them into
+/// `buf`; returns the groups' minima and maxima, lane `j` for group `j` (0 for absent groups).
 ///
 /// # Safety
-/// The CPU must support [`available`]'s features; `w` must hold `count·16·VPG` elements and
-/// `biases` `count`.
+/// The CPU must support [`available`]'s features; `w` must hold `count·16·VPG` elements.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
-unsafe fn prepare_batch<T: Float, const BITS: usize, const VPG: usize>(
+unsafe fn load_batch<T: Float, const VPG: usize>(
     w: &[T],
+    count: usize,
     flavour: Flavour,
     buf: &mut [__m512; BATCH * MAX_VPG],
-    scales: &mut [T],
-    biases: &mut [T],
-) -> Prepared {
-    let count = scales.len();
+) -> (__m512, __m512) {
     let init_max = match flavour {
         Flavour::Cpu => f32::NEG_INFINITY,
         Flavour::Gpu => 0.0,
@@ -301,8 +315,23 @@ unsafe fn prepare_batch<T: Float, const BITS: usize, const VPG: usize>(
         lo[j] = l;
         hi[j] = h;
     }
-    let mn = reduce16::<false>(&lo);
-    let mx = reduce16::<true>(&hi);
+    (reduce16::<false>(&lo), reduce16::<true>(&hi))
+}
+
+/// Stage 2 of a batch of `count = scales.len() ≤ 16` groups, from their minima and maxima:
+/// computes and stores the scales and biases (rounded to `T`), and the code pass's constants.
+///
+/// # Safety
+/// The CPU must support [`available`]'s features; `biases` must hold `count` elements.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
+unsafe fn batch_params<T: Float, const BITS: usize>(
+    (mn, mx): (__m512, __m512),
+    flavour: Flavour,
+    scales: &mut [T],
+    biases: &mut [T],
+) -> Prepared {
+    let count = scales.len();
     let (s, bias) = group_params::<BITS>(mn, mx, flavour);
     let valid: __mmask16 = ((1u32 << count) - 1) as __mmask16;
     // Lanes the vector passes cannot do exactly: redone by the scalar definition.
@@ -316,16 +345,28 @@ unsafe fn prepare_batch<T: Float, const BITS: usize, const VPG: usize>(
     // M ≥ |(w − b)/s|·(1 − 3u) + |b/s|·(1 − 2u) for every element: |w − b| peaks at the min
     // or the max, and RN is monotone.
     let reach = _mm512_max_ps(abs(_mm512_sub_ps(mx, bias)), abs(_mm512_sub_ps(mn, bias)));
-    let m_lanes = _mm512_add_ps(_mm512_mul_ps(reach, abs(r)), abs(c));
-    let m = _mm512_mask_reduce_max_ps(good, m_lanes);
-    // A scale ≥ 2¹⁰⁰ has a subnormal-prone reciprocal; a bound ≥ 2¹⁹ leaves no margin.
-    let huge_scale = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(good, abs(s), _mm512_set1_ps(1e30));
-    let exact = huge_scale != 0 || m.is_nan() || m >= (1u32 << 19) as f32;
+    let m = _mm512_add_ps(_mm512_mul_ps(reach, abs(r)), abs(c));
+    // Threshold of the near-tie test (module docs), per group: 0.5 − 2⁻²¹·M − 2⁻²⁴, rounded,
+    // is still below 0.5 − 4.01·2⁻²⁴·|Q|max − 1.01·2⁻²⁴·|B|max − 2⁻¹⁴⁹. Lane by lane, so no
+    // horizontal reduction lengthens the chain of dependent divisions before the codes.
+    let thr = _mm512_sub_ps(
+        _mm512_set1_ps(0.5),
+        _mm512_add_ps(
+            _mm512_mul_ps(m, _mm512_set1_ps(1.0 / (1u64 << 21) as f32)),
+            _mm512_set1_ps(1.0 / (1u64 << 24) as f32),
+        ),
+    );
+    // A scale ≥ 2¹⁰⁰ has a subnormal-prone reciprocal; a bound ≥ 2¹⁹ (or NaN) leaves no
+    // margin: threshold −1, so every code of such a group is divided.
+    let loose = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(abs(s), _mm512_set1_ps(1e30))
+        | _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(m, _mm512_set1_ps((1u32 << 19) as f32));
+    let thr = _mm512_mask_mov_ps(thr, loose, _mm512_set1_ps(-1.0));
     let mut p = Params {
         s: [0.0; BATCH],
         b: [0.0; BATCH],
         r: [0.0; BATCH],
         c: [0.0; BATCH],
+        thr: [0.0; BATCH],
     };
     // SAFETY: each array holds exactly 16 f32; `scales` and `biases` hold `count` elements
     // and the stores are masked to them.
@@ -334,16 +375,13 @@ unsafe fn prepare_batch<T: Float, const BITS: usize, const VPG: usize>(
         _mm512_storeu_ps(p.b.as_mut_ptr(), bias);
         _mm512_storeu_ps(p.r.as_mut_ptr(), r);
         _mm512_storeu_ps(p.c.as_mut_ptr(), c);
+        _mm512_storeu_ps(p.thr.as_mut_ptr(), thr);
         store16::<T>(scales.as_mut_ptr(), valid, s);
         store16::<T>(biases.as_mut_ptr(), valid, bias);
     }
     Prepared {
         count,
         p,
-        // Threshold of the near-tie test (module docs): 0.5 − 2⁻²¹·M − 2⁻²⁴, rounded, is
-        // still below 0.5 − 4.01·2⁻²⁴·|Q|max − 1.01·2⁻²⁴·|B|max − 2⁻¹⁴⁹.
-        thr: 0.5 - (m * (1.0 / (1u64 << 21) as f32) + 1.0 / (1u64 << 24) as f32),
-        exact,
         fix: good ^ valid,
     }
 }
@@ -364,13 +402,7 @@ unsafe fn finish_batch<T: Float, const BITS: usize, const VPG: usize>(
 ) {
     let (count, packed) = (p.count, b.packed.as_mut_ptr());
     // SAFETY: contract of this function (output sizes) and `count ≤ 16`.
-    unsafe {
-        if p.exact {
-            codes_pass::<T, BITS, VPG, true>(buf, &p.p, count, p.thr, flavour, packed, ahead);
-        } else {
-            codes_pass::<T, BITS, VPG, false>(buf, &p.p, count, p.thr, flavour, packed, ahead);
-        }
-    }
+    unsafe { codes_pass::<T, BITS, VPG>(buf, &p.p, count, flavour, packed, ahead) };
     let mut fix = p.fix;
     while fix != 0 {
         let j = fix.trailing_zeros() as usize;
@@ -438,10 +470,10 @@ fn group_params<const BITS: usize>(mn: __m512, mx: __m512, flavour: Flavour) -> 
     (s, bias)
 }
 
-/// One pass over a batch's codes, 64 at a time, writing the packed bytes. With `EXACT`, every
-/// code comes from a true division rounded as `flavour` does. Otherwise each 64 codes are
-/// first computed with the reciprocal, and redone by division only if one of them lies within
-/// `1/2 − thr` of a half-integer (module docs). A NaN `q̃` (a NaN input) converts to
+/// One pass over a batch's codes, 64 at a time, writing the packed bytes. Each 64 codes are
+/// first computed with the reciprocal, and redone by true divisions rounded as `flavour` does
+/// only if one of them lies within `1/2 − thr` of a half-integer (module docs; `thr` the
+/// smaller of the thresholds of the one or two groups the 64 codes belong to). A NaN `q̃` (a NaN input) converts to
 /// `i32::MIN`, which packs to code 0, as `NaN as u8` is 0: it needs no redo. Meanwhile the
 /// pass prefetches a later batch's input, as many bytes as it reads, from `ahead` (any
 /// address: prefetches do not fault).
@@ -451,11 +483,10 @@ fn group_params<const BITS: usize>(mn: __m512, mx: __m512, flavour: Flavour) -> 
 /// of `16·VPG` codes (`count·2·VPG·BITS` bytes), `count ≤ 16`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
-unsafe fn codes_pass<T: Float, const BITS: usize, const VPG: usize, const EXACT: bool>(
+unsafe fn codes_pass<T: Float, const BITS: usize, const VPG: usize>(
     buf: &[__m512; BATCH * MAX_VPG],
     p: &Params,
     count: usize,
-    thr: f32,
     flavour: Flavour,
     packed: *mut u8,
     ahead: *const u8,
@@ -464,7 +495,6 @@ unsafe fn codes_pass<T: Float, const BITS: usize, const VPG: usize, const EXACT:
     // `ahead`, so that a batch's lines are requested while an earlier one computes.
     let lines = std::mem::size_of::<T>();
     let lut = pack_luts::<BITS>(even_odd::<T>());
-    let thr = _mm512_set1_ps(thr);
     let vectors = count * VPG;
     let mut out = packed;
     for v0 in (0..vectors).step_by(4) {
@@ -476,18 +506,16 @@ unsafe fn codes_pass<T: Float, const BITS: usize, const VPG: usize, const EXACT:
         let mut worst = _mm512_setzero_ps();
         for (t, k) in ks.iter_mut().enumerate().take(live) {
             let (v, j) = (v0 + t, (v0 + t) / VPG);
-            if !EXACT {
-                let (r, c) = (_mm512_set1_ps(p.r[j]), _mm512_set1_ps(p.c[j]));
-                let q = _mm512_fmadd_ps(buf[v], r, c);
-                // Signed distance to the nearest integer; keep the largest magnitude.
-                let frac = _mm512_reduce_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
-                worst = _mm512_range_ps::<0b1011>(worst, frac);
-                *k = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                    q,
-                );
-            }
+            let (r, c) = (_mm512_set1_ps(p.r[j]), _mm512_set1_ps(p.c[j]));
+            let q = _mm512_fmadd_ps(buf[v], r, c);
+            // Signed distance to the nearest integer; keep the largest magnitude.
+            let frac = _mm512_reduce_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
+            worst = _mm512_range_ps::<0b1011>(worst, frac);
+            *k = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
         }
-        if EXACT || _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(worst, thr) != 0 {
+        // The 4 vectors lie in one group (VPG ≥ 4) or two (VPG = 2).
+        let thr = p.thr[v0 / VPG].min(p.thr[(v0 + live - 1) / VPG]);
+        if _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(worst, _mm512_set1_ps(thr)) != 0 {
             for (t, k) in ks.iter_mut().enumerate().take(live) {
                 let (v, j) = (v0 + t, (v0 + t) / VPG);
                 let a = _mm512_sub_ps(buf[v], _mm512_set1_ps(p.b[j]));
@@ -1090,6 +1118,106 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Random values of one group: ordinary ones of a random magnitude, ties of a power-of-2
+    /// grid, constants, signed zeros, subnormals, huge ranges, and NaN/±∞ sprinkled in.
+    fn special_group(seed: &mut u64, out: &mut [f32]) {
+        let mut next = move || {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *seed
+        };
+        let unit = |x: u64| (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        let kind = next() % 9;
+        let magnitude = [1e-3f32, 0.02, 1.0, 300.0][(next() % 4) as usize];
+        for v in out.iter_mut() {
+            let x = next();
+            *v = match kind {
+                0 => unit(x) * magnitude,
+                1 => (x % 31) as f32 * 0.125 - 1.5,
+                2 => magnitude,
+                3 => f32::from_bits(((x & 1) as u32) << 31),
+                4 => f32::from_bits((x as u32 & 0x007F_FFFF) | ((x >> 40) as u32 & 1) << 31),
+                5 => unit(x) * 3.4e38 * 1.9,
+                6 => unit(x) * 1e32,
+                _ => unit(x) * magnitude + 1.0,
+            };
+        }
+        let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0, 1e-40];
+        for _ in 0..next() % 3 {
+            let i = (next() % out.len() as u64) as usize;
+            out[i] = specials[(next() % specials.len() as u64) as usize];
+        }
+    }
+
+    /// The kernel against the scalar definition ([`quantize_group`], [`pack8`], `T::from_f32`)
+    /// on groups from [`special_group`], outputs poisoned first: every width, group size and
+    /// flavour, a count of groups that ends in a partial batch.
+    fn check_against_definition<T: Float>() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let groups = 5 * BATCH + 7;
+        for bits in [1u32, 2, 3, 4, 5, 6, 8] {
+            for g in [32usize, 64, 128] {
+                let mut w = vec![0f32; groups * g];
+                for group in w.chunks_exact_mut(g) {
+                    special_group(&mut seed, group);
+                }
+                let w: Vec<T> = w.iter().map(|&v| T::from_f32(v)).collect();
+                for flavour in [Flavour::Cpu, Flavour::Gpu] {
+                    let gb = g / 8 * bits as usize;
+                    let sb = groups * size_of::<T>();
+                    let (mut packed, mut scales, mut biases) = (
+                        vec![0xA5u8; groups * gb],
+                        vec![0xA5u8; sb],
+                        vec![0xA5u8; sb],
+                    );
+                    let f = quantize_kernel(T::DTYPE, bits).expect("a kernel for every width");
+                    f(QuantizeArgs {
+                        w: bytemuck::cast_slice(&w),
+                        group_size: g,
+                        flavour,
+                        packed: &mut packed,
+                        scales: &mut scales,
+                        biases: &mut biases,
+                    })
+                    .expect("valid arguments");
+                    for (j, wg) in w.chunks_exact(g).enumerate() {
+                        let vals: Vec<f32> = wg.iter().map(|v| v.to_f32()).collect();
+                        let mut codes = vec![0u8; g];
+                        let (s, b) = quantize_group(&vals, bits, flavour, &mut codes);
+                        let mut want = vec![0u8; gb];
+                        assert!(crate::quant::pack::pack_row(bits, &codes, &mut want));
+                        let ts = size_of::<T>();
+                        let ctx = format!("{} {bits}-bit g{g} {flavour} group {j}", T::DTYPE);
+                        assert_eq!(packed[j * gb..(j + 1) * gb], want[..], "{ctx}: {vals:?}");
+                        let (s, b) = (T::from_f32(s), T::from_f32(b));
+                        assert_eq!(
+                            scales[j * ts..(j + 1) * ts],
+                            *bytemuck::bytes_of(&s),
+                            "{ctx} scale: {vals:?}"
+                        );
+                        assert_eq!(
+                            biases[j * ts..(j + 1) * ts],
+                            *bytemuck::bytes_of(&b),
+                            "{ctx} bias: {vals:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_matches_definition_on_special_values() {
+        if !available() {
+            eprintln!("skipped: no AVX-512");
+            return;
+        }
+        check_against_definition::<f32>();
+        check_against_definition::<half::f16>();
+        check_against_definition::<half::bf16>();
     }
 
     /// `vreduceps` gives `q − rint(q)` and `vrangeps` (imm 0b1011) the larger magnitude: the
