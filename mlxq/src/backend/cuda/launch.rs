@@ -430,11 +430,16 @@ pub(crate) fn qmm(
         let ssize = w.scales_dtype().size() as u64;
         // Shared memory: 64 zero bytes, x as 64 bytes per chunk and token, the group sums of
         // x, 16 rows x 8 tokens of f32 sums per warp, and x as loaded.
-        // MLXQ_DEC_RING=1 (experiment, run 4c): W, scales and biases through a per-warp
-        // cp.async ring of 4 batches (`qmv_decr`), where the batch's scales are 4, 8 or 16 bytes.
+        // `qmv_decr`: W, scales and biases through a per-warp cp.async ring of 4 batches
+        // (16 lanes copy 128 contiguous bytes of one row), where the batch's scales are 4, 8 or
+        // 16 bytes; by default where N or K >= 8192 (faster there on the H200, slower at
+        // 4096x4096: run 4d). MLXQ_DEC_RING=1 forces it, =0 turns it off.
         let dsb = super::dec_steps() * qc / group * ssize;
-        let ring =
-            std::env::var("MLXQ_DEC_RING").is_ok_and(|v| v == "1") && matches!(dsb, 4 | 8 | 16);
+        let ring = match std::env::var("MLXQ_DEC_RING").as_deref() {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => ndim.max(kdim) >= 8192,
+        } && matches!(dsb, 4 | 8 | 16);
         let ring_bytes = if ring {
             4 * (16 * (super::dec_steps() * 64 + 64) + 512)
         } else {
