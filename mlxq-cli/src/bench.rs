@@ -135,6 +135,10 @@ pub struct Tuning {
     /// A compute ceiling, GFLOP/s, to draw on the chart (not measured).
     #[arg(long)]
     pub peak_gflops: Option<f64>,
+    /// CUDA: also time one CUDA graph replaying the matmuls of a whole Llama-3-8B decode step
+    /// (32 layers × q, k, v, o, gate, up, down at M = 1, each layer its own weights).
+    #[arg(long)]
+    pub chain: bool,
     /// Seed of the random weights and inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -333,9 +333,10 @@ fn quantized_matmul_matches_the_f64_reference() {
     assert_none("quantized_matmul on CUDA", checked, failures);
 }
 
-/// The tensor-core kernels (4- and 8-bit W `[N, K]`, f16/bf16 x, half outputs): `qmv_tc` for
-/// M = 3..16 (one and two n-tiles of 8 tokens; M = 1, 2 go to the CUDA-core kernel and are
-/// checked here too), `qmm_tc_8` for M = 17, 100, 300 (tiles of 64 tokens, a partial last one), every group size, f16 and bf16 x and scales, rows not a multiple of the 128 a block
+/// The tensor-core kernels (4- and 8-bit W `[N, K]`, f16/bf16 x, half outputs): `qmv_dec`
+/// for M * slots <= 8 where K is a multiple of its load batch (1536, 4096), `qmv_tc` for
+/// the other M <= 16 (one and two n-tiles of 8 tokens; M = 1, 2 at K = 5 groups go to the
+/// CUDA-core kernel and are checked here too), `qmm_tc_8` for M = 17, 100, 300 (tiles of 64 tokens, a partial last one), every group size, f16 and bf16 x and scales, rows not a multiple of the 128 a block
 /// owns, and long K (split over blocks into f32 partial sums, then added). bf16 x with f32
 /// scales has f32 outputs, which stay on the exact CUDA-core kernels (checked at 1e-5).
 #[test]
@@ -360,7 +361,7 @@ fn tensor_core_matmul_matches_the_f64_reference() {
                     vec![1, 7, 9, 16, 17, 100]
                 };
                 for m in ms {
-                    for (rows, cols) in [(75, g * 5), (200, 4096)] {
+                    for (rows, cols) in [(75, g * 5), (40, 1536), (200, 4096)] {
                         checked += 1;
                         if let Some(f) = check_matmul(
                             &dev, &mut enc, &mut rng, spec, xdt, sdt, m, rows, cols, true,
@@ -388,6 +389,10 @@ fn long_rows_and_many_rows() {
         (4, 64, 1, 4096, 512, false),
         (4, 64, 8, 8192, 256, false),
         (6, 32, 4, 300, 2048, true),
+        // qmv_dec with the whole row of x in shared memory (8-bit: 57 KB).
+        (4, 64, 1, 1000, 14336, true),
+        (8, 64, 1, 300, 14336, true),
+        (4, 32, 2, 520, 14336, true),
     ];
     for (bits, g, m, rows, cols, t) in cases {
         let spec = QuantSpec::affine(bits, g).unwrap();
@@ -471,7 +476,8 @@ fn gather_qmm_with_device_indices() {
     let mut enc = dev.encoder();
     let mut cenc = Device::cpu().encoder();
     let mut rng = StdRng::seed_from_u64(31);
-    let (experts, n, k) = (6, 72, 320);
+    // K = 512: a multiple of the decode kernel's load batch, so `qmv_dec` serves transpose.
+    let (experts, n, k) = (6, 72, 512);
     for (bits, dtype) in [(4, DType::BF16), (3, DType::F32), (8, DType::F16)] {
         let spec = QuantSpec::affine(bits, 64).unwrap();
         for transpose in [true, false] {
@@ -488,7 +494,9 @@ fn gather_qmm_with_device_indices() {
             } else {
                 (rows, cols)
             };
-            for (tokens, top, m) in [(1, 4, 1), (5, 3, 1), (4, 2, 3)] {
+            // 150 x 3 and 37 x 6 pairs: sorted by expert on the device and run as one grouped
+            // GEMM (tensor-core keys), tiles of 64 pairs with partial last tiles.
+            for (tokens, top, m) in [(1, 4, 1), (5, 3, 1), (4, 2, 3), (150, 3, 1), (37, 6, 1)] {
                 let x = Buffer::from_f32(
                     &randn(&mut rng, tokens * m * kk),
                     dtype,
@@ -554,6 +562,34 @@ fn gather_qmm_with_device_indices() {
                     ..
                 }) => {
                     assert_eq!((position, index, bound), (3, experts as i64 + 3, experts));
+                }
+                r => panic!("expected IndexOutOfRange, got {r:?}"),
+            }
+            enc.commit_and_wait()
+                .expect("the fault is cleared once reported");
+            // The same with many pairs (the sorted path): the pair is left out, reported.
+            let x = Buffer::from_f32(&randn(&mut rng, 40 * kk), dtype, &[40, 1, 1, kk]).unwrap();
+            let mut idx: Vec<u32> = (0..80).map(|i| (i % experts) as u32).collect();
+            idx[77] = experts as u32 + 3;
+            let rhs = Buffer::from_slice(&idx, &[40, 2]).unwrap();
+            ops::gather_qmm(
+                &mut enc,
+                &up(&x, &dev),
+                &weight_to(&qw, &dev),
+                None,
+                Some(&up(&rhs, &dev)),
+                transpose,
+                false,
+            )
+            .unwrap();
+            match enc.commit_and_wait() {
+                Err(Error::IndexOutOfRange {
+                    position,
+                    index,
+                    bound,
+                    ..
+                }) => {
+                    assert_eq!((position, index, bound), (77, experts as i64 + 3, experts));
                 }
                 r => panic!("expected IndexOutOfRange, got {r:?}"),
             }

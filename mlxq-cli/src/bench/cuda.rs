@@ -13,10 +13,11 @@
 
 use super::{check, BenchArgs, Op};
 use anyhow::Context;
-use mlxq::backend::cuda::{read_bandwidth_probe, EventTimer};
+use mlxq::backend::cuda::{cublas_bf16_gemm_us, read_bandwidth_probe, EventTimer};
 use mlxq::{ops, Buffer, DType, Device, QuantSpec, QuantizedWeight};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
 
 fn randn(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n)
@@ -89,6 +90,113 @@ fn host_weight(w: &QuantizedWeight) -> anyhow::Result<QuantizedWeight> {
     )?)
 }
 
+/// Normwise error of sampled outputs of `out = x · W(ᵀ)` against the f64 oracle, and whether
+/// it is within `tol` with every sampled output finite.
+fn check_output(
+    args: &BenchArgs,
+    xh: &Buffer,
+    w: &QuantizedWeight,
+    out: &Buffer,
+    transpose: bool,
+    tol: f64,
+) -> anyhow::Result<(f64, bool)> {
+    let (m, k) = (xh.shape()[0], xh.shape()[1]);
+    let n = out.shape()[1];
+    let hw = host_weight(w)?;
+    let got = out.to_host()?.to_f32_vec()?;
+    let cols_s: Vec<usize> = (0..args.tune.check_cols.min(n))
+        .map(|i| i * n / args.tune.check_cols.min(n))
+        .collect();
+    let rows_s: Vec<usize> = (0..m.min(args.tune.check_rows)).collect();
+    let xf: Vec<f64> = xh.to_f32_vec()?.into_iter().map(f64::from).collect();
+    let wc = check::weight_columns(&hw, transpose, &cols_s)?;
+    let (g, want) = check::sample_matmul(&xf, k, &rows_s, &wc, &cols_s, &got, n);
+    let err = check::error(&g, &want);
+    Ok((err, err <= tol && g.iter().all(|v| v.is_finite())))
+}
+
+/// `--chain`: the matmuls of one Llama-3-8B decode step (32 layers × q, k, v, o 4096×4096 /
+/// 1024×4096, gate and up 14336×4096, down 4096×14336; M = 1, each layer its own copy of the
+/// weights) captured as one CUDA graph; prints total weight bytes / replay time against the
+/// read bandwidth. Returns the number of failed output checks (one per shape, last layer).
+fn chain(
+    args: &BenchArgs,
+    device: &Device,
+    spec: QuantSpec,
+    bw: f64,
+    iters: usize,
+    tol: f64,
+    rng: &mut StdRng,
+) -> anyhow::Result<usize> {
+    const LAYERS: usize = 32;
+    // (N, K) per matmul of a layer, in execution order; shape index into `shapes`.
+    let shapes = [[4096, 4096], [1024, 4096], [14336, 4096], [4096, 14336]];
+    let layer = [0usize, 1, 1, 0, 2, 2, 3];
+    let dtype = args.dtype;
+    let mut enc = device.encoder();
+    let mut weights: Vec<Vec<QuantizedWeight>> = Vec::new();
+    let mut xs = Vec::new();
+    let mut outs = Vec::new();
+    for &[n, k] in &shapes {
+        let wf = Buffer::from_f32(&randn(rng, n * k), dtype, &[n, k])?.to_device(device)?;
+        let copies = LAYERS * layer.iter().filter(|&&s| shapes[s] == [n, k]).count();
+        let ws = (0..copies)
+            .map(|_| ops::quantize(&mut enc, &wf, spec, args.tune.flavour))
+            .collect::<mlxq::Result<Vec<_>>>()?;
+        enc.commit_and_wait()?;
+        let xh = Buffer::from_f32(&randn(rng, k), dtype, &[1, k])?;
+        let x = xh.to_device(device)?;
+        let out = ops::quantized_matmul(&mut enc, &x, &ws[0], true)?;
+        enc.commit_and_wait()?;
+        weights.push(ws);
+        xs.push((xh, x));
+        outs.push(out);
+    }
+    // Call i: layer i / 7, matmul i % 7; the j-th use of a shape takes its j-th copy.
+    let calls: Vec<(usize, usize)> = {
+        let mut used = [0usize; 4];
+        (0..LAYERS * layer.len())
+            .map(|i| {
+                let s = layer[i % layer.len()];
+                used[s] += 1;
+                (s, used[s] - 1)
+            })
+            .collect()
+    };
+    let bytes: f64 = calls
+        .iter()
+        .map(|&(s, c)| weights[s][c].nbytes() as f64)
+        .sum();
+    let t = time_calls(device, iters, calls.len(), true, |e, i| {
+        let (s, c) = calls[i];
+        ops::quantized_matmul_into(e, &xs[s].1, &weights[s][c], true, &mut outs[s])
+    })?;
+    let mut failed = 0;
+    let mut worst = 0.0f64;
+    for s in 0..shapes.len() {
+        let last = weights[s].len() - 1;
+        let (err, ok) = check_output(args, &xs[s].0, &weights[s][last], &outs[s], true, tol)?;
+        worst = worst.max(err);
+        failed += usize::from(!ok);
+    }
+    let (stream_us, graph_us) = (
+        t.stream_us * calls.len() as f64,
+        t.graph_us * calls.len() as f64,
+    );
+    let best = stream_us.min(graph_us);
+    println!(
+        "{{\"kind\":\"chain\",\"model\":\"llama-3-8b decode step, 32 layers x 7 matmuls, M=1\",\"bits\":{},\"group\":{},\"dtype\":\"{dtype}\",\"launches\":{},\"weight_bytes\":{bytes},\"floor_us\":{:.1},\"stream_us\":{stream_us:.1},\"graph_us\":{graph_us:.1},\"gbps\":{:.1},\"ratio\":{:.3},\"err\":{worst:.2e},\"ok\":{}}}",
+        spec.bits(),
+        spec.group_size(),
+        calls.len(),
+        bytes / (bw * 1e3),
+        bytes / (best * 1e3),
+        bytes / (best * 1e3) / bw,
+        failed == 0,
+    );
+    Ok(failed)
+}
+
 /// Runs the CUDA benchmark: `--op matmul` over the shapes, `--op gather` over the tokens.
 pub fn run(
     args: &BenchArgs,
@@ -117,6 +225,12 @@ pub fn run(
         cuda.name()
     );
     let mut enc = device.encoder();
+    let mut cublas: HashMap<[usize; 3], Option<f64>> = HashMap::new();
+    if args.tune.chain {
+        for &spec in specs {
+            failed += chain(args, device, spec, bw, iters, tol, &mut rng)?;
+        }
+    }
     for op in &args.ops {
         for &spec in specs {
             match op {
@@ -148,24 +262,20 @@ pub fn run(
                                 ops::quantized_matmul_into(e, &x, &ws[i], transpose, &mut out)
                             })?;
                             // Check the output of the last call (copy copies-1, identical weights).
-                            let hw = host_weight(&ws[copies - 1])?;
-                            let got = out.to_host()?.to_f32_vec()?;
-                            let cols_s: Vec<usize> = (0..args.tune.check_cols.min(n))
-                                .map(|i| i * n / args.tune.check_cols.min(n))
-                                .collect();
-                            let rows_s: Vec<usize> = (0..m.min(args.tune.check_rows)).collect();
-                            let xf: Vec<f64> =
-                                xh.to_f32_vec()?.into_iter().map(f64::from).collect();
-                            let wc = check::weight_columns(&hw, transpose, &cols_s)?;
-                            let (g, want) =
-                                check::sample_matmul(&xf, k, &rows_s, &wc, &cols_s, &got, n);
-                            let err = check::error(&g, &want);
-                            let ok = err <= tol && g.iter().all(|v| v.is_finite());
+                            let (err, ok) =
+                                check_output(args, &xh, &ws[copies - 1], &out, transpose, tol)?;
                             failed += usize::from(!ok);
                             let bytes = ws[0].nbytes() as f64;
                             let best = t.stream_us.min(t.graph_us);
+                            // cuBLAS bf16 GEMM of the same shape (W [N, K] bf16), once per shape.
+                            let blas = *cublas.entry([m, n, k]).or_insert_with(|| {
+                                cublas_bf16_gemm_us(device, m, n, k, iters, rotate)
+                                    .map_err(|e| eprintln!("cuBLAS column skipped: {e}"))
+                                    .ok()
+                            });
+                            let blas = blas.map_or("null".to_string(), |u| format!("{u:.2}"));
                             println!(
-                                "{{\"kind\":\"matmul\",\"m\":{m},\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"dtype\":\"{dtype}\",\"transpose\":{transpose},\"weight_bytes\":{bytes},\"copies\":{copies},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"gbps\":{:.1},\"ratio\":{:.3},\"err\":{err:.2e},\"ok\":{ok},\"kernel\":\"{}\"}}",
+                                "{{\"kind\":\"matmul\",\"m\":{m},\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"dtype\":\"{dtype}\",\"transpose\":{transpose},\"weight_bytes\":{bytes},\"copies\":{copies},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"gbps\":{:.1},\"ratio\":{:.3},\"cublas_bf16_us\":{blas},\"err\":{err:.2e},\"ok\":{ok},\"kernel\":\"{}\"}}",
                                 spec.bits(),
                                 spec.group_size(),
                                 bytes / (bw * 1e3),

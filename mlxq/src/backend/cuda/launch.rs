@@ -96,6 +96,7 @@ pub(crate) fn quantize(
 ) -> Result<QuantizedWeight> {
     const OP: &str = "quantize";
     let dev = cuda(enc)?;
+    dev.swap_last_dec(false);
     let key = KernelKey {
         op: OpKind::Quantize,
         mode: spec.mode(),
@@ -148,6 +149,7 @@ pub(crate) fn dequantize(
 ) -> Result<Buffer> {
     const OP: &str = "dequantize";
     let dev = cuda(enc)?;
+    dev.swap_last_dec(false);
     let out_dtype = opts.dtype.unwrap_or(w.scales_dtype());
     if !out_dtype.is_float() {
         return Err(Error::dtype(
@@ -249,6 +251,8 @@ pub(crate) fn qmm(
     job: &MatmulJob<'_>,
 ) -> Result<()> {
     let dev = cuda(enc)?;
+    // Cleared here, set again below only by a qmv_dec launch.
+    let after_dec = dev.swap_last_dec(false);
     let spec = w.spec();
     let biases = w
         .biases()
@@ -335,6 +339,222 @@ pub(crate) fn qmm(
     let s_stride = rows * (cols / spec.group_size() as u64);
     let words_per_matrix = rows * cols * spec.bits() as u64 / 32;
     let stream = Arc::clone(dev.stream());
+    let w_count = w.batch_size() as u64;
+    if job.transpose
+        && job.rhs.is_some()
+        && m == 1
+        && entries >= 2 * w_count.max(32)
+        && w_count <= 1024
+        && super::tensor_core_path(&key, dev.arch())
+        && std::env::var_os("MLXQ_GATHER_SORT_OFF").is_none()
+    {
+        // gather_qmm over many (token, expert) pairs: sort the pairs by expert on the device
+        // (gather_sort), then one grouped tensor-core GEMM over tiles of 64 pairs of one
+        // expert, each expert's W read once per tile instead of once per pair.
+        const TM: u64 = 64;
+        let tiles = entries.div_ceil(TM) + w_count; // worst case over any index values
+        let bytes = 16 + 16 * tiles + 16 * entries;
+        let (t32, tm32) = (
+            u32::try_from(tiles).map_err(|_| Error::SizeOverflow { op, what: "grid" })?,
+            TM as u32,
+        );
+        if tiles > 65535 {
+            return Err(Error::SizeOverflow { op, what: "grid" });
+        }
+        let s = dev.scratch(bytes as usize)?;
+        let pg = ptr(op, "scratch", &s)?;
+        // SAFETY: one block reads the index tensors (entries positions, checked bounds) and
+        // writes the tile table and pair offsets (`bytes` of scratch) and, for an
+        // out-of-range index, that pair's output row.
+        unsafe {
+            stream
+                .launch_builder(k.func(19)?)
+                .arg(&bt)
+                .arg(&entries)
+                .arg(&t32)
+                .arg(&tm32)
+                .arg(&pg)
+                .arg(&po)
+                .arg(&ndim)
+                .arg(&x_stride)
+                .arg(&out_stride)
+                .launch(cfg((1, 1, 1), 1024, op)?)
+        }
+        .map_err(driver(op))?;
+        let (one, seg1, partial) = (1u32, 1u32, 0u64);
+        let w_stride = words_per_matrix;
+        // SAFETY: each block reads its tile's pairs (x rows inside x, expert < w_count) and
+        // writes their output rows; blocks beyond the tile count exit.
+        unsafe {
+            stream
+                .launch_builder(k.func(18)?)
+                .arg(&px)
+                .arg(&pw)
+                .arg(&ps)
+                .arg(&pb)
+                .arg(&po)
+                .arg(&partial)
+                .arg(&one)
+                .arg(&ndim)
+                .arg(&kdim)
+                .arg(&seg1)
+                .arg(&x_stride)
+                .arg(&w_stride)
+                .arg(&s_stride)
+                .arg(&out_stride)
+                .arg(&bt)
+                .arg(&pg)
+                .launch(cfg((grid_x(op, ndim.div_ceil(128))?, t32, 1), 128, op)?)
+        }
+        .map_err(driver(op))?;
+        enc.retain(&s);
+        for b in [x, w.packed(), w.scales(), biases, out] {
+            enc.retain(b);
+        }
+        for b in [job.lhs, job.rhs].into_iter().flatten() {
+            enc.retain(b);
+        }
+        enc.record(&k.name);
+        return Ok(());
+    }
+    if job.transpose
+        && super::tensor_core_path(&key, dev.arch())
+        && std::env::var_os("MLXQ_DEC_OFF").is_none()
+    {
+        let bits = u64::from(spec.bits());
+        let group = u64::from(spec.group_size());
+        let ck = 128 / bits; // codes per 16-byte chunk
+        let qc = 4 * ck; // codes per step
+        let slots = if group < qc { qc / group } else { 1 };
+        let batch_codes = super::dec_steps() * qc;
+        let ssize = w.scales_dtype().size() as u64;
+        // Shared memory: 64 zero bytes, x as 64 bytes per chunk and token, the group sums of
+        // x, 16 rows x 8 tokens of f32 sums per warp, and x as loaded.
+        // `qmv_decr`: W, scales and biases through a per-warp cp.async ring of 4 batches
+        // (16 lanes copy 128 contiguous bytes of one row), where the batch's scales are 4, 8 or
+        // 16 bytes; by default where N or K >= 8192 (faster there on the H200, slower at
+        // 4096x4096: run 4d). MLXQ_DEC_RING=1 forces it, =0 turns it off.
+        let dsb = super::dec_steps() * qc / group * ssize;
+        let ring = match std::env::var("MLXQ_DEC_RING").as_deref() {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => ndim.max(kdim) >= 8192,
+        } && matches!(dsb, 4 | 8 | 16);
+        let ring_bytes = if ring {
+            4 * (16 * (super::dec_steps() * 64 + 64) + 512)
+        } else {
+            0
+        };
+        let smem = |wk: u64| {
+            64 + m * (kdim / ck) * 64
+                + m * (kdim / group) * 4
+                + wk * 512
+                + m * kdim * xsize
+                + wk * ring_bytes
+        };
+        // 4-bit only: at 8 bits v1 (M <= 2) and qmv_tc are faster on the H200 (run 4b,
+        // docs/perf-cuda.md).
+        if bits == 4
+            && m * slots <= 8
+            && batch_codes.is_multiple_of(group)
+            && kdim.is_multiple_of(batch_codes)
+            && ps.is_multiple_of(16)
+            && pb.is_multiple_of(16)
+            && (s_stride * ssize).is_multiple_of(16.min(batch_codes / group * ssize))
+            && smem(if ring { 2 } else { 8 }) <= super::DEC_SMEM_MAX as u64
+        {
+            let row_blocks = ndim.div_ceil(16);
+            let blocks = row_blocks * u64::from(gy);
+            // Warps per block (K split inside the block): 8 where the grid fits two waves of
+            // 8-warp blocks, else 4 (measured best on the H200, run 4b), else the most that
+            // fit; MLXQ_DEC_WK forces one (experiments).
+            let forced = std::env::var("MLXQ_DEC_WK")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|v| matches!(v, 1 | 2 | 4 | 8));
+            let (mut pick, mut many_waves) = (None, None);
+            let table: &[(usize, u64)] = if ring {
+                &[(21, 4), (20, 2)]
+            } else {
+                &[(17, 8), (16, 4), (15, 2), (14, 1)]
+            };
+            for &(i, wk) in table {
+                if forced.is_some_and(|f| f != wk) {
+                    continue;
+                }
+                if smem(wk) > super::DEC_SMEM_MAX as u64 {
+                    continue;
+                }
+                let f = k.func(i)?;
+                let per_sm = f
+                    .occupancy_max_active_blocks_per_multiprocessor(
+                        (wk * 32) as u32,
+                        smem(wk) as usize,
+                        None,
+                    )
+                    .map_err(driver(op))?;
+                let waves = match wk {
+                    8 => 2,
+                    4 => u64::MAX,
+                    _ => 1,
+                };
+                let slots = u64::from(per_sm) * u64::from(dev.multiprocessors());
+                let fits = slots.saturating_mul(waves) >= blocks;
+                if per_sm > 0 && (fits || forced.is_some()) {
+                    pick = Some((f, wk));
+                    break;
+                }
+                if per_sm > 0 && wk == 2 {
+                    many_waves = Some((f, wk));
+                }
+            }
+            let pick = pick.or(many_waves);
+            if let Some((f, wk)) = pick {
+                let (mut m32, mut w_stride) = (
+                    u32::try_from(m).map_err(|_| Error::SizeOverflow { op, what: "rows" })?,
+                    words_per_matrix,
+                );
+                let (mut px, mut pw, mut ps, mut pb, mut po) = (px, pw, ps, pb, po);
+                let (mut nd, mut kd, mut xs, mut ss, mut os) =
+                    (ndim, kdim, x_stride, s_stride, out_stride);
+                let mut bt = bt;
+                let params: [*mut std::ffi::c_void; 13] = [
+                    (&raw mut px).cast(),
+                    (&raw mut pw).cast(),
+                    (&raw mut ps).cast(),
+                    (&raw mut pb).cast(),
+                    (&raw mut po).cast(),
+                    (&raw mut m32).cast(),
+                    (&raw mut nd).cast(),
+                    (&raw mut kd).cast(),
+                    (&raw mut xs).cast(),
+                    (&raw mut w_stride).cast(),
+                    (&raw mut ss).cast(),
+                    (&raw mut os).cast(),
+                    (&raw mut bt).cast(),
+                ];
+                let grid = cfg((grid_x(op, row_blocks)?, gy, 1), (wk * 32) as u32, op)?;
+                // SAFETY: the parameters match the kernel's signature in order and type. The
+                // kernel reads rows < M of each x matrix (x_count of them, lhs values checked),
+                // rows < N (clamped) of W matrix wi < w_count with their scales and biases
+                // (K / group per row), and writes rows < M of each of `entries` output
+                // matrices: all inside buffers kept alive by `retain`. As a programmatic
+                // dependent (only after another qmv_dec) it reads W, scales and biases before
+                // waiting for that kernel, which writes none of them.
+                unsafe { launch_ex(&dev, f, grid, smem(wk) as u32, &params, after_dec) }
+                    .map_err(driver(op))?;
+                dev.swap_last_dec(true);
+                for b in [x, w.packed(), w.scales(), biases, out] {
+                    enc.retain(b);
+                }
+                for b in [job.lhs, job.rhs].into_iter().flatten() {
+                    enc.retain(b);
+                }
+                enc.record(&k.name);
+                return Ok(());
+            }
+        }
+    }
     // M = 1, 2 stay on the CUDA-core kernel: measured faster there on the H200 (docs/perf-cuda.md).
     if m >= 3 && super::tensor_core_path(&key, dev.arch()) {
         // M <= 16: qmv_tc (exact codes, scales on the accumulators), 1 or 2 n-tiles of 8
@@ -419,6 +639,7 @@ pub(crate) fn qmm(
                 .arg(&s_stride)
                 .arg(&out_stride)
                 .arg(&bt)
+                .arg(&0u64) // no pair grouping
                 .launch(LaunchConfig {
                     shared_mem_bytes: shared,
                     ..cfg((grid_x(op, row_blocks)?, gy, gz as u32), 128, op)?
@@ -539,6 +760,51 @@ pub(crate) fn qmm(
     Ok(())
 }
 
+/// Launches `f` with `params` (pointers to each argument, in order) on the device's stream;
+/// with `pdl`, as a programmatic dependent of the kernel before it (it may start once that
+/// one's blocks have all triggered, and waits for it with `griddepcontrol.wait`).
+///
+/// # Safety
+/// As for any kernel launch: `params` must match the kernel's parameters, and the memory the
+/// kernel touches must stay valid until it completes.
+unsafe fn launch_ex(
+    dev: &CudaDevice,
+    f: &cudarc::driver::CudaFunction,
+    cfg: LaunchConfig,
+    shared: u32,
+    params: &[*mut std::ffi::c_void],
+    pdl: bool,
+) -> std::result::Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::sys;
+    dev.ctx.bind_to_thread()?;
+    // SAFETY: a plain C struct; all-zero is a valid (empty) attribute, filled in below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: shared,
+        hStream: dev.stream.cu_stream(),
+        attrs: &raw mut attr,
+        numAttrs: u32::from(pdl),
+    };
+    // SAFETY: the caller's contract; the config and attribute outlive the call.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            f.cu_function(),
+            params.as_ptr() as *mut *mut std::ffi::c_void,
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+}
+
 /// Most dynamic shared memory `qmv_tc` takes for x (its limit is raised to this at load).
 const TC_SMEM_MAX: u64 = super::TC_SMEM_MAX as u64;
 
@@ -622,6 +888,7 @@ impl EventTimer {
 pub fn read_bandwidth_probe(device: &Device, bytes: usize, reps: usize) -> Result<f64> {
     const OP: &str = "read_bandwidth_probe";
     let dev = Arc::clone(device.cuda_state()?);
+    dev.swap_last_dec(false);
     let f = dev.probe()?;
     let buf = Buffer::uninit_on(device, DType::U8, &[bytes.max(16)])?;
     let sink = Buffer::uninit_on(device, DType::U32, &[dev.sms as usize * 8])?;
@@ -657,6 +924,109 @@ pub fn read_bandwidth_probe(device: &Device, bytes: usize, reps: usize) -> Resul
     times.sort_by(f64::total_cmp);
     let ms = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
     Ok(buf.nbytes() as f64 / (ms * 1e-3))
+}
+
+/// Device time (µs, median of `iters` calls after a warm-up) of cuBLAS's bf16 GEMM
+/// `y[M, N] = x[M, K] · W[N, K]ᵀ` (f32 accumulation, bf16 output) on `device`, cycling through
+/// enough copies of W to total at least `rotate` bytes (so W comes from HBM as in the
+/// quantized benchmarks). cuBLAS is loaded at run time: an error says why it is unavailable.
+pub fn cublas_bf16_gemm_us(
+    device: &Device,
+    m: usize,
+    n: usize,
+    k: usize,
+    iters: usize,
+    rotate: usize,
+) -> Result<f64> {
+    use cudarc::cublas::{result as blas, sys as bsys, CudaBlas};
+    const OP: &str = "cublas_bf16_gemm";
+    let dev = Arc::clone(device.cuda_state()?);
+    dev.swap_last_dec(false);
+    // SAFETY: probing for the library has no preconditions.
+    if !unsafe { bsys::is_culib_present() } {
+        return Err(Error::BackendUnavailable {
+            device: "cublas".into(),
+            reason: "libcublas was not found on this machine".into(),
+        });
+    }
+    let blas = CudaBlas::new(Arc::clone(&dev.stream)).map_err(|e| Error::Cuda {
+        op: OP,
+        cause: format!("{e:?}"),
+    })?;
+    let dim = |v: usize| {
+        i32::try_from(v).map_err(|_| Error::SizeOverflow {
+            op: OP,
+            what: "GEMM size",
+        })
+    };
+    let (mi, ni, ki) = (dim(m)?, dim(n)?, dim(k)?);
+    let wbytes = n * k * 2;
+    let copies = rotate.div_ceil(wbytes.max(1)).clamp(1, 64);
+    let fill = |b: &Buffer| -> Result<u64> {
+        let p = ptr(OP, "buffer", b)?;
+        // 0x3c3c: bf16 ≈ 0.0115 everywhere, never zeros (zeros time faster).
+        // SAFETY: the whole allocation.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(p, 0x3c, b.nbytes(), dev.stream.cu_stream())
+        }
+        .map_err(driver(OP))?;
+        Ok(p)
+    };
+    let x = Buffer::uninit_on(device, DType::BF16, &[m, k])?;
+    let y = Buffer::uninit_on(device, DType::BF16, &[m, n])?;
+    let ws: Vec<Buffer> = (0..copies)
+        .map(|_| Buffer::uninit_on(device, DType::BF16, &[n, k]))
+        .collect::<Result<_>>()?;
+    let (px, py) = (fill(&x)?, fill(&y)?);
+    let pws: Vec<u64> = ws.iter().map(&fill).collect::<Result<_>>()?;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let call = |pw: u64| -> Result<()> {
+        // Column-major view: yᵀ [N, M] = W [K, N]ᵀ · xᵀ [K, M].
+        // SAFETY: the pointers address the allocations above, of the sizes the GEMM reads and
+        // writes (W N×K, x M×K, y M×N bf16), alive until the stream is synchronised below.
+        unsafe {
+            blas::gemm_ex(
+                *blas.handle(),
+                bsys::cublasOperation_t::CUBLAS_OP_T,
+                bsys::cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                (&alpha as *const f32).cast(),
+                pw as *const std::ffi::c_void,
+                bsys::cudaDataType::CUDA_R_16BF,
+                ki,
+                px as *const std::ffi::c_void,
+                bsys::cudaDataType::CUDA_R_16BF,
+                ki,
+                (&beta as *const f32).cast(),
+                py as *mut std::ffi::c_void,
+                bsys::cudaDataType::CUDA_R_16BF,
+                ni,
+                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .map_err(|e| Error::Cuda {
+            op: OP,
+            cause: format!("{e:?}"),
+        })
+    };
+    for &pw in &pws {
+        call(pw)?;
+    }
+    let timer = EventTimer::new(device)?;
+    let mut times = Vec::new();
+    for _ in 0..iters.max(1) {
+        timer.start()?;
+        for &pw in &pws {
+            call(pw)?;
+        }
+        times.push(timer.stop_ms()? * 1e3 / copies as f64);
+    }
+    dev.synchronize()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times.get(times.len() / 2).copied().unwrap_or(f64::NAN))
 }
 
 #[cfg(test)]

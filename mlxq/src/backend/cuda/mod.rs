@@ -21,7 +21,7 @@ use crate::DType;
 use cudarc::driver::{result as cu, sys, CudaContext, CudaFunction, CudaStream, DriverError};
 use std::sync::{Arc, Mutex};
 
-pub use launch::{read_bandwidth_probe, EventTimer};
+pub use launch::{cublas_bf16_gemm_us, read_bandwidth_probe, EventTimer};
 
 /// Maps a driver error to [`Error::Cuda`] naming `op`.
 pub(crate) fn driver(op: &'static str) -> impl Fn(DriverError) -> Error {
@@ -152,7 +152,9 @@ const QMV: &str = include_str!("kernels/qmv.cu");
 const QMM: &str = concat!(
     include_str!("kernels/qmv.cu"),
     "\n",
-    include_str!("kernels/qmm_tc.cu")
+    include_str!("kernels/qmm_tc.cu"),
+    "\n",
+    include_str!("kernels/qmv_dec.cu")
 );
 
 fn ctype(d: DType) -> &'static str {
@@ -223,6 +225,14 @@ const TABLE: &[Variant] = &[
             "qmm_tc_8",
             "qmv_tc_1",
             "qmv_tc_2",
+            "qmv_dec_1",
+            "qmv_dec_2",
+            "qmv_dec_4",
+            "qmv_dec_8",
+            "qmm_tc_g8",
+            "gather_sort",
+            "qmv_decr_2",
+            "qmv_decr_4",
         ],
         fmad: true,
         defines: |k| {
@@ -231,6 +241,7 @@ const TABLE: &[Variant] = &[
             d.push(format!("-DST={}", ctype(k.scales)));
             d.push(format!("-DOT={}", ctype(k.output)));
             d.push(format!("-DTC_X={}", tc_x(k.input)));
+            d.push(format!("-DDEC_SU={}", dec_steps()));
             d
         },
     },
@@ -256,6 +267,22 @@ pub(crate) fn tensor_core_path(k: &KernelKey, arch: u32) -> bool {
         && matches!(k.output, DType::BF16 | DType::F16)
 }
 
+/// Steps of W per load batch in `qmv_dec` (`DEC_SU`): 2, or `MLXQ_DEC_SU` (1, 2 or 4) for
+/// experiments.
+pub(crate) fn dec_steps() -> u64 {
+    static SU: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SU.get_or_init(|| {
+        std::env::var("MLXQ_DEC_SU")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|v| matches!(v, 1 | 2 | 4))
+            .unwrap_or(2)
+    })
+}
+
+/// Most dynamic shared memory (bytes) `qmv_dec` is launched with (x of the whole row).
+pub(crate) const DEC_SMEM_MAX: usize = 100 << 10;
+
 /// Most dynamic shared memory (bytes) the tensor-core decode kernel is launched with.
 pub(crate) const TC_SMEM_MAX: usize = 64 << 10;
 
@@ -279,6 +306,9 @@ pub struct CudaDevice {
     scratch: Mutex<Option<crate::Buffer>>,
     /// A tiny utility module (the bandwidth probe), compiled on first use.
     probe: Mutex<Option<CudaFunction>>,
+    /// Whether the last kernel enqueued on the stream was a `qmv_dec` (the next one may then
+    /// be launched as its programmatic dependent).
+    last_dec: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -347,6 +377,7 @@ impl CudaDevice {
             fault,
             scratch: Mutex::new(Some(scratch)),
             probe: Mutex::new(None),
+            last_dec: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -408,6 +439,12 @@ impl CudaDevice {
             index: i64::from(w[1]),
             bound: w[2] as usize,
         })
+    }
+
+    /// Records whether the kernel about to be enqueued is a `qmv_dec`; returns whether the
+    /// previous one was.
+    pub(crate) fn swap_last_dec(&self, dec: bool) -> bool {
+        self.last_dec.swap(dec, std::sync::atomic::Ordering::AcqRel)
     }
 
     pub(crate) fn fault_ptr(&self) -> u64 {
@@ -481,12 +518,19 @@ impl CudaDevice {
                 let f = module
                     .load_function(e)
                     .map_err(driver("load kernel function"))?;
-                if e.starts_with("qmv_tc") {
+                let smem = if e.starts_with("qmv_tc") {
                     // x of a K segment in dynamic shared memory, beside the 32 KB W ring.
+                    TC_SMEM_MAX
+                } else if e.starts_with("qmv_dec") {
+                    DEC_SMEM_MAX
+                } else {
+                    0
+                };
+                if smem > 0 {
                     use sys::CUfunction_attribute as F;
                     f.set_attribute(
                         F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        TC_SMEM_MAX as i32,
+                        smem as i32,
                     )
                     .and_then(|()| {
                         f.set_attribute(F::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)

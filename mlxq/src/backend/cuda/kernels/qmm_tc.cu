@@ -94,17 +94,31 @@ struct Step {
 
 constexpr int CK = 128 / BITS;  // codes (k values) per 16-byte chunk
 
-template <int NT, int TCW>
+// With `grp` (gather_qmm over many (token, expert) pairs, sorted by gather_sort): blockIdx.y
+// is a tile of up to 8 * NT pairs of one expert (grp[0] tiles; the rest of the grid exits),
+// x rows and output rows come from the pairs' offsets, and segments = 1.
+template <int NT, int TCW, bool GRP>
 __device__ __forceinline__ void qmm_tc_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                             const ST* __restrict__ scales,
                                             const ST* __restrict__ biases, OT* __restrict__ out,
                                             float* __restrict__ partial, u32 M, u64 N, u64 K,
                                             u32 segments, u64 x_stride, u64 w_stride,
-                                            u64 s_stride, u64 out_stride, const Batch& bt) {
+                                            u64 s_stride, u64 out_stride, const Batch& bt,
+                                            const u32* __restrict__ grp_in) {
+    const u32* __restrict__ grp = GRP ? grp_in : nullptr;  // folds away in the plain kernel
     const u32 lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const u64 n0 = ((u64)blockIdx.x * TCW + (threadIdx.x >> 5)) * (16 * RT);
     const u32 seg = blockIdx.z % segments;
-    const u32 m0 = (blockIdx.z / segments) * (8 * NT);  // first token of this tile
+    const u32 m0 = grp ? 0 : (blockIdx.z / segments) * (8 * NT);  // first token of this tile
+    const u64* pairs = nullptr;  // grouped: [x offset, output offset] of each sorted pair
+    u32 first = 0;
+    if (grp) {
+        if (blockIdx.y >= grp[0]) return;
+        const u32* tl = grp + 4 + 4 * blockIdx.y;  // expert, first pair, pairs
+        first = tl[1];
+        M = tl[2];
+        pairs = (const u64*)(grp + 4 + 4 * grp[1]);
+    }
     const u64 C = K / CK;                               // chunks per row
     const u64 per_seg = (C + 4 * segments - 1) / (4 * segments) * 4;  // chunks, multiple of 4
     const u64 cb = (u64)seg * per_seg, ce = min(C, cb + per_seg);
@@ -114,9 +128,15 @@ __device__ __forceinline__ void qmm_tc_impl(const XT* __restrict__ x, const u32*
     for (u32 d = 0; d < bt.ndim; d++) entries *= bt.dims[d];
     if (n0 >= N || m0 >= M) return;  // whole warp: no barriers below
 
-    for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
-        u64 xi, wi;
-        const bool ok = resolve(bt, e, xi, wi);
+    const u64 e_end = grp ? 1 : entries, e_step = grp ? 1 : gridDim.y;
+    for (u64 e = grp ? 0 : blockIdx.y; e < e_end; e += e_step) {
+        u64 xi = 0, wi = 0;
+        bool ok = true;
+        if (grp) {
+            wi = grp[4 + 4 * blockIdx.y];  // one tile per block
+        } else {
+            ok = resolve(bt, e, xi, wi);
+        }
         float acc[RT][NT][4];
 #pragma unroll
         for (int r = 0; r < RT; r++)
@@ -150,7 +170,8 @@ __device__ __forceinline__ void qmm_tc_impl(const XT* __restrict__ x, const u32*
             for (int j = 0; j < NT; j++) {
                 const u32 m = m0 + 8 * j + g;
                 xok[j] = m < M;
-                xrow[j] = xb + (u64)min(m, M - 1) * K;
+                xrow[j] = grp ? x + pairs[2 * (first + min(m, M - 1))]
+                              : xb + (u64)min(m, M - 1) * K;
             }
 
             auto load = [&](u64 c, Step& st) {
@@ -265,7 +286,9 @@ __device__ __forceinline__ void qmm_tc_impl(const XT* __restrict__ x, const u32*
                     const u32 m = m0 + 8 * j + 2 * t + (i & 1);
                     if (n >= N || m >= M) continue;
                     const float v = ok ? acc[r][j][i] : __int_as_float(0x7fc00000);
-                    if (segments == 1)
+                    if (grp)
+                        out[pairs[2 * (first + m) + 1] + n] = from_f32<OT>(v);
+                    else if (segments == 1)
                         out[e * out_stride + (u64)m * N + n] = from_f32<OT>(v);
                     else
                         partial[(((u64)seg * entries + e) * M + m) * N + n] = v;
@@ -532,23 +555,24 @@ __device__ __forceinline__ void qmv_tc_impl(const XT* __restrict__ x, const u32*
 
 // NT n-tiles of 8 tokens per warp, TCW warps per block (the host launches TCW * 32 threads).
 #if TC_OK
-#define QMM_TC(NT, TCW)                                                                        \
-    extern "C" __global__ void __launch_bounds__(TCW * 32) qmm_tc_##NT(                        \
+#define QMM_TC(NAME, NT, TCW, GRP)                                                             \
+    extern "C" __global__ void __launch_bounds__(TCW * 32) NAME(                               \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
         const ST* __restrict__ biases, OT* __restrict__ out, float* __restrict__ partial,      \
         u32 M, u64 N, u64 K, u32 segments, u64 x_stride, u64 w_stride, u64 s_stride,          \
-        u64 out_stride, Batch bt) {                                                            \
-        qmm_tc_impl<NT, TCW>(x, w, scales, biases, out, partial, M, N, K, segments, x_stride, \
-                             w_stride, s_stride, out_stride, bt);                              \
+        u64 out_stride, Batch bt, const u32* __restrict__ grp) {                               \
+        qmm_tc_impl<NT, TCW, GRP>(x, w, scales, biases, out, partial, M, N, K, segments,      \
+                                  x_stride, w_stride, s_stride, out_stride, bt, grp);          \
     }
 #else
 // Keys the tensor-core path does not serve still define the entry points (never launched).
-#define QMM_TC(NT, TCW)                                                                        \
-    extern "C" __global__ void qmm_tc_##NT(const XT*, const u32*, const ST*, const ST*, OT*,   \
-                                           float*, u32, u64, u64, u32, u64, u64, u64, u64,     \
-                                           Batch) {}
+#define QMM_TC(NAME, NT, TCW, GRP)                                                             \
+    extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, float*,  \
+                                    u32, u64, u64, u32, u64, u64, u64, u64, Batch,             \
+                                    const u32*) {}
 #endif
-QMM_TC(8, 4)
+QMM_TC(qmm_tc_8, 8, 4, false)
+QMM_TC(qmm_tc_g8, 8, 4, true)
 
 #if TC_OK
 #define QMV_TC(NT)                                                                             \
@@ -568,3 +592,72 @@ QMM_TC(8, 4)
 #endif
 QMV_TC(1)
 QMV_TC(2)
+
+// Sorts the (token, expert) pairs of a gather_qmm (M = 1 row each) by expert for the grouped
+// qmm_tc (see `grp` there), on the device: one block of 1024 threads, experts <= 1024.
+// Histogram in shared memory, an exclusive scan of the counts and of the tiles of TM pairs per
+// expert, then a scatter of each pair's x and output offsets. Layout of grp (u32 words):
+// [tiles, capacity T, -, -], T x [expert, first pair, pairs, -], then 2 u64 per pair. A pair
+// with an out-of-range index is left out, its output row written as NaN (resolve records it).
+extern "C" __global__ void __launch_bounds__(1024)
+    gather_sort(Batch bt, u64 P, u32 T, u32 TM, u32* __restrict__ grp, OT* __restrict__ out,
+                u64 N, u64 x_stride, u64 out_stride) {
+    __shared__ u32 cnt[1024], base[1024], wsum[32], wtsum[32];
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    cnt[tid] = 0;
+    __syncthreads();
+    for (u64 e = tid; e < P; e += 1024) {
+        u64 xi, wi;
+        if (resolve(bt, e, xi, wi))
+            atomicAdd(&cnt[wi], 1u);
+        else
+            for (u64 n = 0; n < N; n++) out[e * out_stride + n] = from_f32<OT>(__int_as_float(0x7fc00000));
+    }
+    __syncthreads();
+    const u32 c = cnt[tid], tl = (c + TM - 1) / TM;
+    u32 a = c, b = tl;  // inclusive scans within the warp
+#pragma unroll
+    for (u32 off = 1; off < 32; off <<= 1) {
+        const u32 va = __shfl_up_sync(0xffffffffu, a, off), vb = __shfl_up_sync(0xffffffffu, b, off);
+        if (lane >= off) { a += va; b += vb; }
+    }
+    if (lane == 31) { wsum[warp] = a; wtsum[warp] = b; }
+    __syncthreads();
+    if (warp == 0) {
+        u32 x = wsum[lane], y = wtsum[lane];
+        const u32 x0 = x, y0 = y;
+#pragma unroll
+        for (u32 off = 1; off < 32; off <<= 1) {
+            const u32 vx = __shfl_up_sync(0xffffffffu, x, off), vy = __shfl_up_sync(0xffffffffu, y, off);
+            if (lane >= off) { x += vx; y += vy; }
+        }
+        wsum[lane] = x - x0;  // exclusive
+        wtsum[lane] = y - y0;
+    }
+    __syncthreads();
+    const u32 first = a - c + wsum[warp], tfirst = b - tl + wtsum[warp];
+    base[tid] = first;
+    for (u32 j = 0; j < tl; j++) {
+        u32* t4 = grp + 4 + 4 * (tfirst + j);
+        t4[0] = tid;
+        t4[1] = first + j * TM;
+        t4[2] = min(TM, c - j * TM);
+        t4[3] = 0;
+    }
+    if (tid == 1023) {
+        grp[0] = tfirst + tl;
+        grp[1] = T;
+    }
+    cnt[tid] = 0;  // now the scatter cursor of expert tid (its count is in c)
+    __syncthreads();
+    // The pair order within an expert is arbitrary; each pair's result does not depend on it.
+    u64* pairs = (u64*)(grp + 4 + 4 * (u64)T);
+    for (u64 e = tid; e < P; e += 1024) {
+        u64 xi, wi;
+        if (resolve(bt, e, xi, wi)) {
+            const u32 p = base[wi] + atomicAdd(&cnt[wi], 1u);
+            pairs[2 * (u64)p] = xi * x_stride;
+            pairs[2 * (u64)p + 1] = e * out_stride;
+        }
+    }
+}

@@ -1,0 +1,446 @@
+// Decode (M * SLOTS <= 8 rows of x) on the tensor cores, transpose = true, 4- and 8-bit codes,
+// f16/bf16 x and outputs. Appended after qmm_tc.cu (uses its mma, lop_or, ld_stream, prmt).
+//
+// A block owns 16 rows of W (one mma A tile) and all of K; its WK warps split K. Lane (g, t)
+// loads 16-byte chunk 4s + t of rows g and g + 8 at step s, so a step covers QC = 4 chunks of
+// each row and every 16-byte load is one lane's. The codes stay exact in the mma (one LOP3 per
+// pair: 128 + q as bf16, 1024 + q as f16; 8-bit as two nibble parts). The 4 lanes of a quad
+// may cover up to 4 groups (SLOTS) per step, so each group gets its own mma column: column
+// n = m * SLOTS + slot takes x of token m from the lanes of that slot and zeros from the rest
+// (B from shared memory, x staged once per block in the mma's k order, or a zero block).
+// After each step every column holds one (token, group) partial sum and the scale is applied
+// on the f32 accumulator:  y += s * acc + (b - off * s) * sum_group(x).
+// Loads: SU steps of codes and their groups' scales and biases form a batch; the next batch is
+// issued before the current one is used (two in flight per warp), the first before x is
+// staged. No split-K over blocks: the host picks WK so the grid is one wave where it can.
+#if TC_OK
+
+#ifndef DEC_SU
+#define DEC_SU 2
+#endif
+constexpr int DQC = 4 * CK;                             // codes per step and row
+constexpr int DSLOTS = GROUP < DQC ? DQC / GROUP : 1;   // groups per step
+constexpr int DLPS = 4 / DSLOTS;                        // lanes per slot
+constexpr int DSU = DEC_SU;                             // steps per batch
+constexpr int DBQ = DSU * DQC;                          // codes per batch
+constexpr int DNSB = DBQ / GROUP;                       // groups per batch and row
+constexpr int DSB = DNSB * (int)sizeof(ST);             // scale bytes per batch and row
+constexpr int DSW = DSB >= 4 ? DSB / 4 : 1;             // ... in words
+constexpr int DCPW = CK / 4;                            // codes per 32-bit word of W
+
+#if BITS == 4
+constexpr float DOFF = OFF4;
+#elif TC_X == 2
+constexpr float DOFF = 2176.0f;  // (128 + l) x + (128 + h) 16x
+#else
+constexpr float DOFF = 2048.0f;  // (1024 + l) x + (1024 + 16h) x
+#endif
+
+// Scales and biases of one batch and row: DSB bytes in the widest loads the size allows.
+__device__ __forceinline__ void dec_load_scales(const ST* p, u32* o) {
+    if constexpr (DSB >= 16) {
+#pragma unroll
+        for (int i = 0; i < DSB / 16; i++) {
+            const uint4 v = __ldg((const uint4*)p + i);
+            o[4 * i] = v.x; o[4 * i + 1] = v.y; o[4 * i + 2] = v.z; o[4 * i + 3] = v.w;
+        }
+    } else if constexpr (DSB == 8) {
+        const uint2 v = __ldg((const uint2*)p);
+        o[0] = v.x; o[1] = v.y;
+    } else if constexpr (DSB == 4) {
+        o[0] = __ldg((const u32*)p);
+    } else {
+        o[0] = __ldg((const u16*)p);
+    }
+}
+template <typename T> __device__ __forceinline__ float dec_at(const u32* a, int j) {
+    if constexpr (sizeof(T) == 4) {
+        return __uint_as_float(a[j]);
+    } else {
+        T v;
+        v.v = (u16)((j & 1) ? a[j >> 1] >> 16 : a[j >> 1] & 0xffffu);
+        return to_f32(v);
+    }
+}
+
+// One word of codes as the 4 A registers of its 2 mmas (p = 0..3; see dec_stage_x for k).
+__device__ __forceinline__ void dec_word(u32 w, u32* a) {
+#if BITS == 8 && TC_X == 1
+    a[0] = lop_or(w, 0x000F000Fu, MAGIC_LO);
+    a[1] = lop_or(w, 0x00F000F0u, MAGIC_LO);
+    a[2] = lop_or(w >> 8, 0x000F000Fu, MAGIC_LO);
+    a[3] = lop_or(w >> 8, 0x00F000F0u, MAGIC_LO);
+#else
+    a[0] = lop_or(w, 0x000F000Fu, MAGIC_LO);
+    a[1] = lop_or(w >> 4, 0x000F000Fu, MAGIC_LO);
+    a[2] = lop_or(w >> 8, 0x000F000Fu, MAGIC_LO);
+    a[3] = lop_or(w >> 12, 0x000F000Fu, MAGIC_LO);
+#endif
+}
+
+__device__ __forceinline__ u32 dec_word_of(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Programmatic dependent launch (sm_90): the next qmv_dec may start while this one drains.
+// It reads only its own W, scales and biases before pdl_wait (the host launches it so only
+// after another qmv_dec, which writes none of them); x, indices and outputs come after.
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+struct DecBatch {
+    uint4 q[DSU][2];  // [step][row g, row g + 8]
+    u32 s[2][DSW], b[2][DSW];
+};
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ uint4 lds128(u32 a) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+    return v;
+}
+__device__ __forceinline__ float lds32f(u32 a) {
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(a));
+    return v;
+}
+
+// RING: W chunks, scales and biases of each batch go through a per-warp shared-memory ring of
+// RSTAGES batches by cp.async, copied so that 16 lanes cover DSU * 64 contiguous bytes of one
+// row (instead of a quad 64 bytes of each of 8 rows per load in registers).
+constexpr int RSTAGES = 4;
+constexpr u32 RROW = DSU * 64 + 64;         // ring bytes per row and batch (padded)
+constexpr u32 RSTAGE = 16 * RROW + 2 * 16 * 16;  // + scales and biases, 16 bytes per row
+constexpr bool RING_OK = DSB == 4 || DSB == 8 || DSB == 16;
+
+__device__ __forceinline__ void cp_async16_sa(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async_n(u32 dst, const void* src) {
+    if constexpr (DSB == 16)
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+    else if constexpr (DSB == 8)
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
+}
+
+template <int WK, bool RING>
+__device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32* __restrict__ w,
+                                             const ST* __restrict__ scales,
+                                             const ST* __restrict__ biases, OT* __restrict__ out,
+                                             u32 M, u64 N, u64 K, u64 x_stride, u64 w_stride,
+                                             u64 s_stride, u64 out_stride, const Batch& bt) {
+    extern __shared__ __align__(16) u8 dsm[];
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const u64 n0 = (u64)blockIdx.x * 16;
+    const u32 C = (u32)(K / CK);      // chunks per row
+    const u32 G = (u32)(K / GROUP);   // groups per row
+    const u32 NB = (u32)(K / DBQ);    // batches per row
+    const u32 b0 = warp * NB / WK, b1 = (warp + 1) * NB / WK;
+    const u64 row_words = K * BITS / 32;
+    // Shared memory: 64 zero bytes, x as M x C chunks of 64 bytes (the B registers of each
+    // chunk in mma order), the group sums of x (M x G floats), the cross-warp sums, x as
+    // loaded (M x K).
+    uint4* zero = (uint4*)dsm;
+    uint4* xs = zero + 4;
+    float* sx = (float*)(xs + (u64)M * C * 4);
+    float* red = sx + (u64)M * G;
+    u8* raw = (u8*)(red + WK * 128);  // x as loaded, before rearranging
+    // This warp's ring (RING), after x as loaded (M * K values, a multiple of 16 bytes).
+    const u32 ring = smem_addr(raw) + M * (u32)K * (u32)sizeof(XT) + warp * RSTAGES * RSTAGE;
+    if (threadIdx.x < 4) zero[threadIdx.x] = make_uint4(0, 0, 0, 0);
+
+    // This lane's B column: token bm of slot g % DSLOTS, from the lanes of that slot; the
+    // others read the zero block (stride 0). Shared addresses are 32-bit.
+    const u32 bm = g / DSLOTS;
+    const bool bact = g % DSLOTS == t / DLPS && bm < M;
+    const u32 bstep = bact ? 256 : 0;  // bytes per step (4 chunks of 64 bytes)
+    const u32 bbase = bact ? smem_addr(xs) + (bm * C + t) * 64 + b0 * DSU * 256 : smem_addr(zero);
+    // Its accumulator columns 2t, 2t + 1: (token, slot) = (c / DSLOTS, c % DSLOTS); the sum of
+    // x of that slot's group at step u of a batch is at sxa[ci] + 4 * u * (groups per step).
+    u32 tok[2], sxa[2];
+#pragma unroll
+    for (int ci = 0; ci < 2; ci++) {
+        tok[ci] = (2 * t + ci) / DSLOTS;
+        const u32 slot = (2 * t + ci) % DSLOTS;
+        sxa[ci] = smem_addr(sx) + 4 * (min(tok[ci], M - 1) * G + b0 * DNSB + slot);
+    }
+    constexpr int GPS = DSLOTS > 1 ? DSLOTS : 0;  // groups per step (0: DQC / GROUP below)
+
+    u64 entries = 1;
+    for (u32 d = 0; d < bt.ndim; d++) entries *= bt.dims[d];
+    pdl_trigger();
+    for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
+        u64 xi, wi;
+        if (bt.lhs || bt.rhs) pdl_wait();  // index tensors may come from the previous kernel
+        const bool ok = resolve(bt, e, xi, wi);
+        const u64 r0 = min(N - 1, n0 + g), r1 = min(N - 1, n0 + g + 8);
+        // Running pointers to the next batch to load: W chunks of rows g and g + 8, and
+        // the scales and biases of its groups.
+        const u32* wp0 = w + wi * w_stride + r0 * row_words + 4 * t + (u64)b0 * DSU * 16;
+        const u32* wp1 = w + wi * w_stride + r1 * row_words + 4 * t + (u64)b0 * DSU * 16;
+        const ST* sp0 = scales + wi * s_stride + r0 * G + (u64)b0 * DNSB;
+        const ST* sp1 = scales + wi * s_stride + r1 * G + (u64)b0 * DNSB;
+        const ST* bp0 = biases + wi * s_stride + r0 * G + (u64)b0 * DNSB;
+        const ST* bp1 = biases + wi * s_stride + r1 * G + (u64)b0 * DNSB;
+
+        auto load = [&](DecBatch& L) {
+#pragma unroll
+            for (int u = 0; u < DSU; u++) {
+                L.q[u][0] = ld_stream(wp0 + 16 * u);
+                L.q[u][1] = ld_stream(wp1 + 16 * u);
+            }
+            dec_load_scales(sp0, L.s[0]);
+            dec_load_scales(sp1, L.s[1]);
+            dec_load_scales(bp0, L.b[0]);
+            dec_load_scales(bp1, L.b[1]);
+            wp0 += 16 * DSU;
+            wp1 += 16 * DSU;
+            sp0 += DNSB;
+            sp1 += DNSB;
+            bp0 += DNSB;
+            bp1 += DNSB;
+        };
+
+        // RING: batch b of this warp into ring slot `slot` (one commit group per batch).
+        const u32* wrow = w + wi * w_stride;
+        const ST* srow = scales + wi * s_stride;
+        const ST* brow = biases + wi * s_stride;
+        auto issue = [&](u32 b, u32 slot) {
+            const u32 dst = ring + slot * RSTAGE;
+#pragma unroll
+            for (int j = 0; j < 2 * DSU; j++) {
+                const u32 c = j * 32 + lane, row = c / (4 * DSU), ch = c % (4 * DSU);
+                const u64 r = min(N - 1, n0 + row);
+                cp_async16_sa(dst + row * RROW + ch * 16, wrow + r * row_words + ((u64)b * DSU * 4 + ch) * 4);
+            }
+            const u32 row = lane & 15;
+            const u64 r = min(N - 1, n0 + row);
+            const ST* src = (lane < 16 ? srow : brow) + r * G + (u64)b * DNSB;
+            cp_async_n(dst + 16 * RROW + (lane >> 4) * 256 + row * 16, src);
+        };
+        auto read = [&](u32 slot, DecBatch& L) {
+            const u32 src = ring + slot * RSTAGE;
+#pragma unroll
+            for (int u = 0; u < DSU; u++) {
+                L.q[u][0] = lds128(src + g * RROW + (4 * u + t) * 16);
+                L.q[u][1] = lds128(src + (g + 8) * RROW + (4 * u + t) * 16);
+            }
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const uint4 sv = lds128(src + 16 * RROW + (g + 8 * h) * 16);
+                const uint4 bv = lds128(src + 16 * RROW + 256 + (g + 8 * h) * 16);
+                const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w}, bw[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+                for (int i = 0; i < DSW; i++) {
+                    L.s[h][i] = sw[i];
+                    L.b[h][i] = bw[i];
+                }
+            }
+        };
+
+        DecBatch A, B;
+        const bool run = ok && b0 < b1;
+        if (!RING && run) load(A);  // in flight while x is staged
+        pdl_wait();
+
+        __syncthreads();  // the previous entry no longer reads xs, sx, red
+        if (ok) {
+            // x of this entry (M rows of K, contiguous) into shared memory in one round trip
+            // (cp.async, 16 bytes per copy), then rearranged there: item i is word wd of
+            // chunk c of token m (DCPW codes); consecutive items are consecutive codes, so a
+            // group's items are GROUP / DCPW neighbouring lanes.
+            const u8* xb = (const u8*)(x + xi * x_stride);
+            const u32 raw_bytes = M * (u32)K * (u32)sizeof(XT);
+            for (u32 o = threadIdx.x * 16; o < raw_bytes; o += blockDim.x * 16) cp_async16(raw + o, xb + o);
+            cp_commit();
+            if constexpr (RING) {
+                // The ring's first batches load while x lands and is rearranged.
+#pragma unroll
+                for (int p = 0; p < RSTAGES - 1; p++) {
+                    if (b0 + p < b1) issue(b0 + p, p);
+                    cp_commit();
+                }
+                cp_wait<RSTAGES - 1>();
+            } else {
+                cp_wait<0>();
+            }
+            __syncthreads();
+            const u32 per_row = C * 4, total = M * per_row;
+            constexpr int IPG = GROUP / DCPW;
+            for (u32 base = 0; base < total; base += blockDim.x) {
+                const u32 i = base + threadIdx.x;
+                const bool valid = i < total;
+                const u32 m = i / per_row, rem = i % per_row;
+                u32 v[4];
+                float sum = 0.0f;
+#if BITS == 4
+                const uint4 xv = valid ? ((const uint4*)raw)[i] : make_uint4(0, 0, 0, 0);
+                const u32 xw[4] = {xv.x, xv.y, xv.z, xv.w};
+                // A register p of a word holds codes (p, p + 4): B takes (x_p, x_{p+4}).
+#pragma unroll
+                for (int p = 0; p < 4; p++) v[p] = prmt(xw[p >> 1], xw[(p >> 1) + 2], (p & 1) ? 0x7632 : 0x5410);
+                float f[8];
+                widen16(xv, f, (XT*)0);
+#pragma unroll
+                for (int q = 0; q < 8; q++) sum += f[q];
+#else
+                const uint2 xv = valid ? ((const uint2*)raw)[i] : make_uint2(0, 0);
+                // A registers: (l0, l2), (h0, h2), (l1, l3), (h1, h3) of the word's 4 codes.
+                v[0] = prmt(xv.x, xv.y, 0x5410);
+                v[2] = prmt(xv.x, xv.y, 0x7632);
+#if TC_X == 2
+                v[1] = fma2(v[0], 0x41804180u, 0x80008000u);  // 16 x, exact
+                v[3] = fma2(v[2], 0x41804180u, 0x80008000u);
+#else
+                v[1] = v[0];
+                v[3] = v[2];
+#endif
+                float f[8];
+                widen16(make_uint4(xv.x, xv.y, 0, 0), f, (XT*)0);
+#pragma unroll
+                for (int q = 0; q < 4; q++) sum += f[q];
+#endif
+                if (valid) xs[i] = make_uint4(v[0], v[1], v[2], v[3]);
+#pragma unroll
+                for (int off = IPG / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                if (valid && i % IPG == 0) sx[m * G + rem * DCPW / GROUP] = sum;
+            }
+        }
+        __syncthreads();
+
+        float y[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // [row g, g + 8][column 2t, 2t + 1]
+        u32 ba = bbase;
+        u32 sa0 = sxa[0], sa1 = sxa[1];
+        auto compute = [&](const DecBatch& L) {
+            // Every shared load of the batch first (B fragments and group sums of x).
+            uint4 bv[DSU][4];
+            float sxv[DSU][2];
+#pragma unroll
+            for (int u = 0; u < DSU; u++) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) bv[u][i] = lds128(ba + u * bstep + 16 * i);
+                constexpr int gs = GPS;
+                const u32 goff = gs ? 4 * u * gs : 4 * (u * DQC / GROUP);
+                sxv[u][0] = lds32f(sa0 + goff);
+                sxv[u][1] = lds32f(sa1 + goff);
+            }
+            ba += DSU * bstep;
+            sa0 += 4 * DNSB;
+            sa1 += 4 * DNSB;
+#pragma unroll
+            for (int u = 0; u < DSU; u++) {
+                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int wd = 0; wd < 4; wd++) {
+                    u32 a0[4], a1[4];
+                    dec_word(dec_word_of(L.q[u][0], wd), a0);
+                    dec_word(dec_word_of(L.q[u][1], wd), a1);
+                    const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
+                    const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
+                    mma(acc, f0, bv[u][wd].x, bv[u][wd].y);
+                    mma(acc, f1, bv[u][wd].z, bv[u][wd].w);
+                }
+#pragma unroll
+                for (int ci = 0; ci < 2; ci++) {
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        float sc, bi;
+                        if constexpr (DSLOTS == 4) {
+                            const float s_lo = dec_at<ST>(L.s[h], u * 4 + ci), s_hi = dec_at<ST>(L.s[h], u * 4 + ci + 2);
+                            const float b_lo = dec_at<ST>(L.b[h], u * 4 + ci), b_hi = dec_at<ST>(L.b[h], u * 4 + ci + 2);
+                            sc = (t & 1) ? s_hi : s_lo;
+                            bi = (t & 1) ? b_hi : b_lo;
+                        } else {
+                            const int gl = DSLOTS == 2 ? u * 2 + ci : u * DQC / GROUP;
+                            sc = dec_at<ST>(L.s[h], gl);
+                            bi = dec_at<ST>(L.b[h], gl);
+                        }
+                        y[h][ci] = fmaf(sc, acc[2 * h + ci], fmaf(fmaf(-DOFF, sc, bi), sxv[u][ci], y[h][ci]));
+                    }
+                }
+            }
+        };
+
+        if (RING && run) {
+            for (u32 i = 0; b0 + i < b1; i++) {
+                cp_wait<RSTAGES - 2>();
+                __syncwarp();  // every lane's copies of batch i landed; slot i - 1 is free
+                if (b0 + i + RSTAGES - 1 < b1) issue(b0 + i + RSTAGES - 1, (i + RSTAGES - 1) % RSTAGES);
+                cp_commit();
+                read(i % RSTAGES, A);
+                compute(A);
+            }
+            cp_wait<0>();
+        } else if (run) {
+            for (u32 b = b0; b < b1; b += 2) {
+                if (b + 1 < b1) load(B);
+                compute(A);
+                if (b + 1 >= b1) break;
+                if (b + 2 < b1) load(A);
+                compute(B);
+            }
+        }
+
+        // Columns of one token: DSLOTS = 1: each its own; 2: this lane's pair; 4: with lane t ^ 1.
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float v0 = y[h][0], v1 = y[h][1];
+            if constexpr (DSLOTS >= 2) {
+                v0 += v1;
+                if constexpr (DSLOTS == 4) v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
+            }
+            float* rr = red + (warp * 16 + g + 8 * h) * 8;
+            if constexpr (DSLOTS == 1) {
+                rr[tok[0]] = v0;
+                rr[tok[1]] = v1;
+            } else if ((2 * t) % DSLOTS == 0) {
+                rr[tok[0]] = v0;
+            }
+        }
+        __syncthreads();
+        for (u32 idx = threadIdx.x; idx < 128; idx += blockDim.x) {
+            const u32 row = idx >> 3, m = idx & 7;
+            const u64 n = n0 + row;
+            if (m < M && n < N) {
+                float v = 0.0f;
+#pragma unroll
+                for (int k = 0; k < WK; k++) v += red[(k * 16 + row) * 8 + m];
+                if (!ok) v = __int_as_float(0x7fc00000);
+                out[e * out_stride + (u64)m * N + n] = from_f32<OT>(v);
+            }
+        }
+    }
+}
+#endif
+
+#if TC_OK
+#define QMV_DEC(NAME, WK, MINB, RING)                                                         \
+    extern "C" __global__ void __launch_bounds__(WK * 32, MINB) NAME(                         \
+        const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
+        const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u64 N, u64 K,             \
+        u64 x_stride, u64 w_stride, u64 s_stride, u64 out_stride, Batch bt) {                 \
+        if constexpr (!RING || RING_OK)                                                       \
+            qmv_dec_impl<WK, RING>(x, w, scales, biases, out, M, N, K, x_stride, w_stride,    \
+                                   s_stride, out_stride, bt);                                 \
+    }
+#else
+#define QMV_DEC(NAME, WK, MINB, RING)                                                         \
+    extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32,    \
+                                    u64, u64, u64, u64, u64, u64, Batch) {}
+#endif
+QMV_DEC(qmv_dec_1, 1, 20, false)
+QMV_DEC(qmv_dec_2, 2, 10, false)
+QMV_DEC(qmv_dec_4, 4, 5, false)
+QMV_DEC(qmv_dec_8, 8, 2, false)
+QMV_DEC(qmv_decr_2, 2, 1, true)
+QMV_DEC(qmv_decr_4, 4, 1, true)
