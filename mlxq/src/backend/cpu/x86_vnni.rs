@@ -638,6 +638,9 @@ unsafe fn widen16<S: Float>(p: *const S, mask: __mmask16) -> __m512 {
 ///
 /// # Safety
 /// The CPU must support [`available`]'s features.
+// Index loops: each step reads the same row or column of several register arrays (codes,
+// accumulators, scale factors), which iterators over one of them would only obscure.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
 unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, const C: usize>(
     a: &Column<'_, S>,
