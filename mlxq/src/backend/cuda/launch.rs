@@ -408,13 +408,7 @@ pub(crate) fn qmm(
         }
         .map_err(driver(op))?;
         enc.retain(&s);
-        for b in [x, w.packed(), w.scales(), biases, out] {
-            enc.retain(b);
-        }
-        for b in [job.lhs, job.rhs].into_iter().flatten() {
-            enc.retain(b);
-        }
-        enc.record(&k.name);
+        finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
         return Ok(());
     }
     if job.transpose
@@ -544,13 +538,7 @@ pub(crate) fn qmm(
                 unsafe { launch_ex(&dev, f, grid, smem(wk) as u32, &params, after_dec) }
                     .map_err(driver(op))?;
                 dev.swap_last_dec(true);
-                for b in [x, w.packed(), w.scales(), biases, out] {
-                    enc.retain(b);
-                }
-                for b in [job.lhs, job.rhs].into_iter().flatten() {
-                    enc.retain(b);
-                }
-                enc.record(&k.name);
+                finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
                 return Ok(());
             }
         }
@@ -661,13 +649,7 @@ pub(crate) fn qmm(
             )?;
             enc.retain(&s);
         }
-        for b in [x, w.packed(), w.scales(), biases, out] {
-            enc.retain(b);
-        }
-        for b in [job.lhs, job.rhs].into_iter().flatten() {
-            enc.retain(b);
-        }
-        enc.record(&k.name);
+        finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
         return Ok(());
     }
     for m0 in (0..m).step_by(16) {
@@ -750,14 +732,20 @@ pub(crate) fn qmm(
             }
         }
     }
-    for b in [x, w.packed(), w.scales(), biases, out] {
-        enc.retain(b);
-    }
-    for b in [job.lhs, job.rhs].into_iter().flatten() {
-        enc.retain(b);
-    }
-    enc.record(&k.name);
+    finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
     Ok(())
+}
+
+/// Ends a matmul launch: keeps every buffer it reads or writes (the index tensors of a
+/// gather included) alive until the encoder's work completes, and records the kernel.
+fn finish(enc: &mut CommandEncoder, bufs: [&Buffer; 5], job: &MatmulJob<'_>, name: &str) {
+    for b in bufs
+        .into_iter()
+        .chain([job.lhs, job.rhs].into_iter().flatten())
+    {
+        enc.retain(b);
+    }
+    enc.record(name);
 }
 
 /// Launches `f` with `params` (pointers to each argument, in order) on the device's stream;
