@@ -541,60 +541,40 @@ fn gather_qmm_with_device_indices() {
                     "b{bits} {dtype} transpose={transpose} T={tokens}: error {err:e}"
                 );
             }
-            // An out-of-range expert is reported by the next commit, naming its position.
-            let x = Buffer::from_f32(&randn(&mut rng, 2 * kk), dtype, &[2, 1, 1, kk]).unwrap();
-            let rhs = Buffer::from_slice(&[1u32, 0, 2, experts as u32 + 3], &[2, 2]).unwrap();
-            ops::gather_qmm(
-                &mut enc,
-                &up(&x, &dev),
-                &weight_to(&qw, &dev),
-                None,
-                Some(&up(&rhs, &dev)),
-                transpose,
-                false,
-            )
-            .unwrap();
-            match enc.commit_and_wait() {
-                Err(Error::IndexOutOfRange {
-                    position,
-                    index,
-                    bound,
-                    ..
-                }) => {
-                    assert_eq!((position, index, bound), (3, experts as i64 + 3, experts));
+            // An out-of-range expert is reported by the next commit, naming its position:
+            // with 2 tokens (the decode path) and with 40 (the sorted path, where the pair
+            // is left out).
+            let bad = experts as u32 + 3;
+            let mut many: Vec<u32> = (0..80).map(|i| (i % experts) as u32).collect();
+            many[77] = bad;
+            for (tokens, idx, position) in [(2, vec![1u32, 0, 2, bad], 3), (40, many, 77)] {
+                let x = Buffer::from_f32(&randn(&mut rng, tokens * kk), dtype, &[tokens, 1, 1, kk])
+                    .unwrap();
+                let rhs = Buffer::from_slice(&idx, &[tokens, 2]).unwrap();
+                ops::gather_qmm(
+                    &mut enc,
+                    &up(&x, &dev),
+                    &weight_to(&qw, &dev),
+                    None,
+                    Some(&up(&rhs, &dev)),
+                    transpose,
+                    false,
+                )
+                .unwrap();
+                match enc.commit_and_wait() {
+                    Err(Error::IndexOutOfRange {
+                        position: p,
+                        index,
+                        bound,
+                        ..
+                    }) => {
+                        assert_eq!((p, index, bound), (position, experts as i64 + 3, experts));
+                    }
+                    r => panic!("expected IndexOutOfRange, got {r:?}"),
                 }
-                r => panic!("expected IndexOutOfRange, got {r:?}"),
+                enc.commit_and_wait()
+                    .expect("the fault is cleared once reported");
             }
-            enc.commit_and_wait()
-                .expect("the fault is cleared once reported");
-            // The same with many pairs (the sorted path): the pair is left out, reported.
-            let x = Buffer::from_f32(&randn(&mut rng, 40 * kk), dtype, &[40, 1, 1, kk]).unwrap();
-            let mut idx: Vec<u32> = (0..80).map(|i| (i % experts) as u32).collect();
-            idx[77] = experts as u32 + 3;
-            let rhs = Buffer::from_slice(&idx, &[40, 2]).unwrap();
-            ops::gather_qmm(
-                &mut enc,
-                &up(&x, &dev),
-                &weight_to(&qw, &dev),
-                None,
-                Some(&up(&rhs, &dev)),
-                transpose,
-                false,
-            )
-            .unwrap();
-            match enc.commit_and_wait() {
-                Err(Error::IndexOutOfRange {
-                    position,
-                    index,
-                    bound,
-                    ..
-                }) => {
-                    assert_eq!((position, index, bound), (77, experts as i64 + 3, experts));
-                }
-                r => panic!("expected IndexOutOfRange, got {r:?}"),
-            }
-            enc.commit_and_wait()
-                .expect("the fault is cleared once reported");
         }
     }
 }
