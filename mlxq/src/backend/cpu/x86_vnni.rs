@@ -54,6 +54,7 @@ pub(crate) const QMM_T_VNNI: Variant = Variant {
             && matches!(k.output, crate::DType::BF16 | crate::DType::F16)
             && available()
     },
+    decode: None,
     build: |k| {
         use crate::quant::pack::dispatch_bits;
         crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
@@ -74,6 +75,10 @@ const ROWS: usize = 4;
 const SB: usize = 4;
 /// Bytes of split x one row block may touch per K block (L1-resident beside the weights).
 const X_BLOCK_BYTES: usize = 24 << 10;
+/// The same with a single block of rows (decode): every column then reads the block of x
+/// once, from L2 if need be, and blocking K would only cut each weight row's stream into
+/// short pieces (with a second pass over every column per extra block).
+const X_BLOCK_BYTES_DECODE: usize = 256 << 10;
 
 /// x prepared for one call, per row and superblock (four groups; a row's groups padded with
 /// zero groups to whole superblocks): `g/16` registers of 64 `hi` bytes then 64 `lo` bytes
@@ -433,11 +438,13 @@ fn transpose4(a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> [__m512i; 4] {
 /// `p` points to `valid·G·BITS/8` readable bytes; the CPU supports [`available`]'s features.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
-unsafe fn decode_sb<const BITS: usize, const G: usize>(
+unsafe fn decode_sb<const BITS: usize, const G: usize, const FULL: bool>(
     p: *const u8,
     valid: usize,
     t: &Tables,
 ) -> [__m512i; 8] {
+    // A full superblock (the steady state) takes plain loads: no mask arithmetic or branch.
+    let valid = if FULL { SB } else { valid };
     let bpg = G / 8 * BITS;
     let zero = _mm512_setzero_si512();
     let mut out = [zero; 8];
@@ -448,7 +455,13 @@ unsafe fn decode_sb<const BITS: usize, const G: usize>(
         let mut raw = [zero; 8];
         for (k, r) in raw.iter_mut().enumerate().take(pieces) {
             // SAFETY: the bytes before `vb` are readable (caller).
-            *r = unsafe { load_first(p.wrapping_add(64 * k), vb.saturating_sub(64 * k)) };
+            *r = unsafe {
+                if FULL {
+                    _mm512_loadu_si512(p.wrapping_add(64 * k) as *const __m512i)
+                } else {
+                    load_first(p.wrapping_add(64 * k), vb.saturating_sub(64 * k))
+                }
+            };
         }
         let mut tr = [zero; 8];
         match pieces {
@@ -531,7 +544,12 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
     let out: &mut [O] = cast_mut(OP, "out", a.out)?;
     let (m, n, k) = (a.m, w.rows, w.cols);
     // K blocks such that the split rows of x a column visits stay in L1, whole superblocks.
-    let mut walk = Walk::new(m, n, k, G, ROWS, 2, X_BLOCK_BYTES);
+    let x_block = if m <= ROWS {
+        X_BLOCK_BYTES_DECODE
+    } else {
+        X_BLOCK_BYTES
+    };
+    let mut walk = Walk::new(m, n, k, G, ROWS, 2, x_block);
     walk.block_groups = (walk.block_groups / SB).max(1) * SB;
     let mut prep = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     prepare(a.x, m, k, G, BITS, &mut prep);
@@ -710,7 +728,13 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
                     prefetch_w(pp, off + l, len, C * a.row_bytes, C);
                 }
                 // SAFETY: groups jb..jb + valid of this slice lie in `packed` (checked).
-                codes[c] = unsafe { decode_sb::<BITS, G>(pp.add(off), valid, a.tables) };
+                codes[c] = unsafe {
+                    if valid == SB {
+                        decode_sb::<BITS, G, true>(pp.add(off), valid, a.tables)
+                    } else {
+                        decode_sb::<BITS, G, false>(pp.add(off), valid, a.tables)
+                    }
+                };
             }
             // Superblock sbi of rows row0.. (in `split` and `step`: checked above).
             let px: [*const __m512i; R] = std::array::from_fn(|r| {
@@ -839,7 +863,29 @@ mod tests {
                     crate::quant::pack::pack8::<BITS>(c.try_into().unwrap(), out);
                 }
                 let t = unsafe { tables::<BITS>() };
-                let regs = unsafe { decode_sb::<BITS, G>(packed.as_ptr(), valid, &t) };
+                // The general path for every count, and the full-superblock one where it applies.
+                for full in [false, true] {
+                    if full && valid < SB {
+                        continue;
+                    }
+                    let regs = unsafe {
+                        if full {
+                            decode_sb::<BITS, G, true>(packed.as_ptr(), valid, &t)
+                        } else {
+                            decode_sb::<BITS, G, false>(packed.as_ptr(), valid, &t)
+                        }
+                    };
+                    check_regs::<BITS, G>(regs, &codes, valid, full);
+                }
+            }
+        }
+        fn check_regs<const BITS: usize, const G: usize>(
+            regs: [__m512i; 8],
+            codes: &[u8],
+            valid: usize,
+            full: bool,
+        ) {
+            {
                 let mut got = [[0u8; 64]; 8];
                 for (g, r) in got.iter_mut().zip(regs) {
                     unsafe { _mm512_storeu_si512(g.as_mut_ptr() as *mut __m512i, r) };
@@ -851,7 +897,7 @@ mod tests {
                         assert_eq!(
                             got[reg][16 * j + tt],
                             want,
-                            "bits {BITS} g {G} valid {valid} group {j} element {e}"
+                            "bits {BITS} g {G} valid {valid} full {full} group {j} element {e}"
                         );
                     }
                 }
