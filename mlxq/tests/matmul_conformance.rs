@@ -131,8 +131,15 @@ fn sweep(variant: &'static str, ms: &[usize]) {
                             } else {
                                 "generic"
                             };
+                            // The GEMM hands calls of fewer than 8 (12 with VNNI) rows to a
+                            // decode kernel, and the encoder records the kernel that ran.
+                            let handed_down = expect == "avx512gemm"
+                                && m < 12
+                                && ["avx512vnni", "avx512bf16", "avx512"]
+                                    .iter()
+                                    .any(|v| ran.ends_with(&format!("_{v}")));
                             assert!(
-                                ran.ends_with(expect),
+                                ran.ends_with(expect) || handed_down,
                                 "{ran} ran, expected the {expect} variant"
                             );
                             cases += 1;

@@ -181,6 +181,8 @@ pub fn gather_qmm(
             out_bytes[i * row_bytes..(i + 1) * row_bytes].copy_from_slice(y);
         }
     }
-    enc.record(&kernel.name);
+    // The largest expert's call names the kernel (fewer rows may take a decode kernel).
+    let most = used.iter().map(|&e| starts[e + 1] - starts[e]).max();
+    enc.record(kernel.name_for_rows(most.unwrap_or(0) * m));
     Ok(out)
 }

@@ -205,6 +205,6 @@ fn execute(
             )?;
         }
     }
-    enc.record(&kernel.name);
+    enc.record(kernel.name_for_rows(p.m));
     Ok(())
 }

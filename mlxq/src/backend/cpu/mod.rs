@@ -33,7 +33,21 @@ use std::sync::Arc;
 pub struct CpuKernel {
     /// Name reported by benchmarks and the encoder, derived from the kernel key.
     pub name: Arc<str>,
+    /// Calls of fewer rows than this run the kernel named here instead (see
+    /// [`CpuKernel::name_for_rows`]).
+    decode: Option<(usize, Arc<str>)>,
     pub(crate) func: KernelFn,
+}
+
+impl CpuKernel {
+    /// The name of the kernel that runs a call with `rows` rows of x: [`CpuKernel::name`],
+    /// or the decode kernel's where this one hands such calls to it.
+    pub fn name_for_rows(&self, rows: usize) -> &str {
+        match &self.decode {
+            Some((below, name)) if rows < *below => name,
+            _ => &self.name,
+        }
+    }
 }
 
 impl std::fmt::Debug for CpuKernel {
@@ -140,11 +154,17 @@ impl<T> DisjointOut<T> {
     }
 }
 
+/// Below how many rows a kernel hands a call to a decode kernel, and that variant's name.
+pub(crate) type DecodeFn = fn(&KernelKey) -> (usize, &'static str);
+
 /// One kernel variant: a name, which keys it can run on this machine, and how to build it.
 /// Each kernel file defines its own; [`TABLE`] lists them best first.
 pub(crate) struct Variant {
     pub name: &'static str,
     pub supports: fn(&KernelKey) -> bool,
+    /// For a kernel that hands calls of few rows to a decode kernel: below how many rows, and
+    /// that kernel's variant name (so the encoder records what actually ran).
+    pub decode: Option<DecodeFn>,
     pub build: fn(&KernelKey) -> Option<KernelFn>,
 }
 
@@ -195,6 +215,7 @@ fn all_variants() -> impl Iterator<Item = &'static Variant> {
 const GENERIC: Variant = Variant {
     name: "generic",
     supports: |k| k.mode == crate::QuantMode::Affine,
+    decode: None,
     build: |k| match k.op {
         OpKind::Quantize => quantize::generic(k.input, k.bits).map(KernelFn::Quantize),
         OpKind::Dequantize => {
@@ -241,12 +262,21 @@ fn unsupported(k: &KernelKey) -> crate::Error {
 }
 
 fn build(k: &KernelKey) -> Result<CpuKernel> {
-    let func = all_variants()
+    let variant = all_variants()
         .find(|v| v.name == k.variant && (v.supports)(k))
-        .and_then(|v| (v.build)(k))
         .ok_or_else(|| unsupported(k))?;
+    let func = (variant.build)(k).ok_or_else(|| unsupported(k))?;
+    let decode = variant.decode.map(|d| {
+        let (below, name) = d(k);
+        let key = KernelKey {
+            variant: name,
+            ..*k
+        };
+        (below, Arc::from(format!("cpu_{key}")))
+    });
     Ok(CpuKernel {
         name: format!("cpu_{k}").into(),
+        decode,
         func,
     })
 }

@@ -33,6 +33,7 @@ pub(crate) const QMV_T: super::Variant = super::Variant {
             && k.flag
             && available()
     },
+    decode: None,
     build: |k| super::qmm::avx512(k.scales, k.output, k.bits).map(super::KernelFn::Qmm),
 };
 

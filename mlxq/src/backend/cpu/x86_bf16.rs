@@ -35,6 +35,7 @@ pub(crate) const QMM_T_BF16: Variant = Variant {
             && k.input == crate::DType::BF16
             && available()
     },
+    decode: None,
     build: |k| {
         use crate::quant::pack::dispatch_bits;
         crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {

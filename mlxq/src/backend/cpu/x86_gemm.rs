@@ -45,15 +45,17 @@ pub(crate) const QMM_T_GEMM: Variant = Variant {
             && k.flag
             && super::x86::available()
     },
-    build: |k| {
-        // The decode kernel that takes fewer than MIN_M rows: the best the key allows.
-        let small = if (super::x86_vnni::QMM_T_VNNI.supports)(k) {
-            SMALL_VNNI
-        } else if k.input == crate::DType::BF16 && super::x86_bf16::available() {
-            SMALL_BF16
-        } else {
-            SMALL_F32
+    decode: Some(|k| {
+        let (rows, small) = decode_kernel(k);
+        let name = match small {
+            SMALL_VNNI => super::x86_vnni::QMM_T_VNNI.name,
+            SMALL_BF16 => super::x86_bf16::QMM_T_BF16.name,
+            _ => super::x86::QMV_T.name,
         };
+        (rows, name)
+    }),
+    build: |k| {
+        let small = decode_kernel(k).1;
         crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
             Some(KernelFn::Qmm(dispatch_bits!(k.bits, B => match small {
                 SMALL_VNNI => qmm_t::<S, O, B, SMALL_VNNI> as super::qmm::QmmFn,
@@ -63,6 +65,18 @@ pub(crate) const QMM_T_GEMM: Variant = Variant {
         }, _ => None), _ => None)
     },
 };
+
+/// The decode kernel that takes a call of fewer rows than the returned count: the best the
+/// key allows.
+fn decode_kernel(k: &crate::registry::KernelKey) -> (usize, u8) {
+    if (super::x86_vnni::QMM_T_VNNI.supports)(k) {
+        (MIN_M_VNNI, SMALL_VNNI)
+    } else if k.input == crate::DType::BF16 && super::x86_bf16::available() {
+        (MIN_M, SMALL_BF16)
+    } else {
+        (MIN_M, SMALL_F32)
+    }
+}
 
 /// Which decode kernel runs fewer than [`MIN_M`] rows: `avx512vnni`, `avx512bf16`, `avx512`.
 const SMALL_VNNI: u8 = 0;
@@ -467,6 +481,7 @@ pub(crate) const QMM_T_GEMM_I8: Variant = Variant {
             && super::x86::available()
             && is_x86_feature_detected!("avx512vnni")
     },
+    decode: None,
     build: |k| {
         crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
             Some(KernelFn::Qmm(dispatch_bits!(k.bits, B =>

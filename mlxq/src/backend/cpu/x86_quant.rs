@@ -56,6 +56,7 @@ pub(crate) const QUANT: Variant = Variant {
             && matches!(k.group_size, 32 | 64 | 128)
             && available()
     },
+    decode: None,
     build: |k| match k.op {
         OpKind::Quantize => quantize_kernel(k.input, k.bits).map(KernelFn::Quantize),
         OpKind::Dequantize => {

@@ -51,6 +51,7 @@ pub(crate) const QMV_N: Variant = Variant {
             && !k.flag
             && super::x86::available()
     },
+    decode: None,
     build: |k| {
         use crate::quant::pack::dispatch_bits;
         crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
