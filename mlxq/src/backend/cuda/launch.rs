@@ -496,7 +496,7 @@ pub(crate) fn qmm(
         };
         let smem = |wk: u64| {
             64 + m * (kdim / ck) * 64
-                + m * (kdim / group) * 4
+                + (m * (kdim / group) * 4).div_ceil(16) * 16
                 + wk * 512
                 + m * kdim * xsize
                 + wk * ring_bytes

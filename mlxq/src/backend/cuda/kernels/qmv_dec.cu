@@ -153,7 +153,9 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
     uint4* zero = (uint4*)dsm;
     uint4* xs = zero + 4;
     float* sx = (float*)(xs + (u64)M * C * 4);
-    float* red = sx + (u64)M * G;
+    // Group sums padded to 16 bytes: x as loaded (after red) is a cp.async target (M x G odd
+    // multiples of 2 floats, e.g. K = 256 at group 128 with M = 3, misaligned it).
+    float* red = sx + ((u64)M * G + 3) / 4 * 4;
     u8* raw = (u8*)(red + WK * 128);  // x as loaded, before rearranging
     // This warp's ring (RING), after x as loaded (M * K values, a multiple of 16 bytes).
     const u32 ring = smem_addr(raw) + M * (u32)K * (u32)sizeof(XT) + warp * RSTAGES * RSTAGE;
