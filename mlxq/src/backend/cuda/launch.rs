@@ -422,6 +422,7 @@ pub(crate) fn qmm(
         let slots = if group < qc { qc / group } else { 1 };
         let batch_codes = super::dec_steps() * qc;
         let ssize = w.scales_dtype().size() as u64;
+        let gather = job.lhs.is_some() || job.rhs.is_some();
         // Shared memory: 64 zero bytes, x as 64 bytes per chunk and token, the group sums of
         // x, 16 rows x 8 tokens of f32 sums per warp, and x as loaded.
         // `qmv_decr`: W, scales and biases through a per-warp cp.async ring of 4 batches
@@ -434,6 +435,60 @@ pub(crate) fn qmm(
             Ok("0") => false,
             _ => ndim.max(kdim) >= 8192,
         } && matches!(dsb, 4 | 8 | 16);
+        if let Some((fi, nw, kc, smem_m)) = decm_pick(
+            &dev,
+            m,
+            ndim,
+            kdim,
+            u64::from(gy),
+            bits,
+            group,
+            ssize,
+            gather,
+        ) {
+            let f = k.func(fi)?;
+            let (mut m32, mut kc32, mut w_stride) = (
+                u32::try_from(m).map_err(|_| Error::SizeOverflow { op, what: "rows" })?,
+                kc as u32,
+                words_per_matrix,
+            );
+            let (mut px, mut pw, mut ps, mut pb, mut po) = (px, pw, ps, pb, po);
+            let (mut nd, mut kd, mut xs, mut ss, mut os) =
+                (ndim, kdim, x_stride, s_stride, out_stride);
+            let mut bt = bt;
+            let params: [*mut std::ffi::c_void; 14] = [
+                (&raw mut px).cast(),
+                (&raw mut pw).cast(),
+                (&raw mut ps).cast(),
+                (&raw mut pb).cast(),
+                (&raw mut po).cast(),
+                (&raw mut m32).cast(),
+                (&raw mut nd).cast(),
+                (&raw mut kd).cast(),
+                (&raw mut kc32).cast(),
+                (&raw mut xs).cast(),
+                (&raw mut w_stride).cast(),
+                (&raw mut ss).cast(),
+                (&raw mut os).cast(),
+                (&raw mut bt).cast(),
+            ];
+            let grid = cfg(
+                (grid_x(op, ndim.div_ceil(16 * nw))?, gy, 1),
+                (nw * 32) as u32,
+                op,
+            )?;
+            // SAFETY: the parameters match `qmv_decm`'s signature in order and type. It reads
+            // rows < M of each x matrix (x_count of them, lhs values checked), rows < N
+            // (clamped) of W matrix wi < w_count with their scales and biases, and writes rows
+            // < M of each of `entries` output matrices: all inside buffers kept alive by
+            // `retain`. As a programmatic dependent it reads only W, scales and biases before
+            // waiting for the previous kernel (a qmv_dec, which writes none of them).
+            unsafe { launch_ex(&dev, f, grid, smem_m as u32, &params, after_dec) }
+                .map_err(driver(op))?;
+            dev.swap_last_dec(true);
+            finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
+            return Ok(());
+        }
         let ring_bytes = if ring {
             4 * (16 * (super::dec_steps() * 64 + 64) + 512)
         } else {
@@ -441,14 +496,18 @@ pub(crate) fn qmm(
         };
         let smem = |wk: u64| {
             64 + m * (kdim / ck) * 64
-                + m * (kdim / group) * 4
+                + (m * (kdim / group) * 4).div_ceil(16) * 16
                 + wk * 512
                 + m * kdim * xsize
                 + wk * ring_bytes
         };
         // 4-bit only: at 8 bits v1 (M <= 2) and qmv_tc are faster on the H200 (run 4b,
         // docs/perf-cuda.md).
-        if bits == 4
+        // 8-bit on the ring kernel only with MLXQ_DEC8=1: slower than v1 on the H200 (run 5d,
+        // docs/perf-cuda.md: 30.0 vs 26.2 µs at 14336x4096, 140 vs 85 µs at 28672x8192).
+        let dec8 =
+            bits == 8 && ring && group <= qc && std::env::var("MLXQ_DEC8").as_deref() == Ok("1");
+        if (bits == 4 || dec8)
             && m * slots <= 8
             && batch_codes.is_multiple_of(group)
             && kdim.is_multiple_of(batch_codes)
@@ -791,6 +850,104 @@ unsafe fn launch_ex(
         )
     }
     .result()
+}
+
+/// `qmv_decm` for this decode matmul (M tokens, W `[N, K]`, `gy` batch entries), or None
+/// where it is not used: the kernel index, warps per block, x chunk (codes) and dynamic
+/// shared memory. By default only for gather_qmm with index tensors (4- and 8-bit; 1 token
+/// top-8 of 64 experts 2048x2048: 13.2 µs against 18.4 on qmv_dec, run 5d,
+/// docs/perf-cuda.md) with one n-tile and 4 warps (64 rows) per block, which needs
+/// N / 64 x entries >= the SM count. MLXQ_DECM=1 takes it wherever it can serve
+/// M >= MLXQ_DECM_MIN (default 3; up to 4 n-tiles of 8 / slots tokens; dense 4-bit M = 3, 4
+/// at 14336x4096 ran 24.4, 27.2 µs against 33 on qmv_dec, but the default-routing
+/// conformance run that would have validated it as a default faulted: run 5d), =0 never;
+/// MLXQ_DECM_NW=2|4|8 forces the warps per block.
+#[allow(clippy::too_many_arguments)]
+fn decm_pick(
+    dev: &CudaDevice,
+    m: u64,
+    ndim: u64,
+    kdim: u64,
+    gy: u64,
+    bits: u64,
+    group: u64,
+    ssize: u64,
+    gather: bool,
+) -> Option<(usize, u64, u64, u64)> {
+    let mode = std::env::var("MLXQ_DECM");
+    let everywhere = match mode.as_deref() {
+        Ok("0") => return None,
+        Ok("1") => true,
+        _ => false,
+    };
+    let min_m = std::env::var("MLXQ_DECM_MIN")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(3);
+    let ck = 128 / bits;
+    let qc = 4 * ck;
+    let slots = if group < qc { qc / group } else { 1 };
+    let su = super::dec_steps();
+    let batch_codes = su * qc;
+    let dsb = batch_codes / group.max(1) * ssize;
+    let nt = match m.div_ceil(8 / slots) {
+        1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => return None,
+    };
+    if (everywhere && m < min_m)
+        || !matches!(bits, 4 | 8)
+        || group > qc
+        || !batch_codes.is_multiple_of(group)
+        || !kdim.is_multiple_of(batch_codes)
+        || !matches!(dsb, 4 | 8 | 16)
+    {
+        return None;
+    }
+    let nw = match std::env::var("MLXQ_DECM_NW")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(v @ (2 | 4 | 8)) => v,
+        _ if ndim.div_ceil(64) * gy < u64::from(dev.multiprocessors()) => 2,
+        _ => 4,
+    };
+    // The measured rule (see above); M = 5..16 stay on qmv_tc (faster at 8 n-tile columns
+    // and more: run 5d) and small grids on qmv_dec.
+    if !everywhere && (nt != 1 || nw != 4 || !gather) {
+        return None;
+    }
+    // x chunk: the most batches (dividing the row) whose items (one per word of W codes, 8
+    // or 4 values) fit 8 per thread.
+    let nb = kdim / batch_codes;
+    let cpw = 32 / bits; // codes per 32-bit word
+    let mut kc = batch_codes;
+    for d in (1..=nb).rev() {
+        if nb.is_multiple_of(d) && m * d * batch_codes / cpw <= 8 * 32 * nw {
+            kc = d * batch_codes;
+            break;
+        }
+    }
+    if m * kc / cpw > 8 * 32 * nw {
+        return None;
+    }
+    let ring = 4 * (16 * (su * 64 + 64) + 512);
+    let smem = 64 + m * (kc / ck) * 64 + (m * (kc / group) * 4).div_ceil(16) * 16 + nw * ring;
+    if smem > super::DEC_SMEM_MAX as u64 {
+        return None;
+    }
+    let i =
+        22 + match nw {
+            2 => 0,
+            4 => 3,
+            _ => 6,
+        } + match nt {
+            1 => 0,
+            2 => 1,
+            _ => 2,
+        };
+    Some((i, nw, kc, smem))
 }
 
 /// Most dynamic shared memory `qmv_tc` takes for x (its limit is raised to this at load).

@@ -153,7 +153,9 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
     uint4* zero = (uint4*)dsm;
     uint4* xs = zero + 4;
     float* sx = (float*)(xs + (u64)M * C * 4);
-    float* red = sx + (u64)M * G;
+    // Group sums padded to 16 bytes: x as loaded (after red) is a cp.async target (M x G odd
+    // multiples of 2 floats, e.g. K = 256 at group 128 with M = 3, misaligned it).
+    float* red = sx + ((u64)M * G + 3) / 4 * 4;
     u8* raw = (u8*)(red + WK * 128);  // x as loaded, before rearranging
     // This warp's ring (RING), after x as loaded (M * K values, a multiple of 16 bytes).
     const u32 ring = smem_addr(raw) + M * (u32)K * (u32)sizeof(XT) + warp * RSTAGES * RSTAGE;
@@ -444,3 +446,304 @@ QMV_DEC(qmv_dec_4, 4, 5, false)
 QMV_DEC(qmv_dec_8, 8, 2, false)
 QMV_DEC(qmv_decr_2, 2, 1, true)
 QMV_DEC(qmv_decr_4, 4, 1, true)
+
+// qmv_decm: decode for more tokens (M <= NT * 8 / DSLOTS, NT n-tiles) with x shared by NW row tiles. A block owns NW * 16 rows of W; warp w owns rows
+// 16 w .. 16 w + 15 of it over all of K (no K split, no cross-warp sums): its W, scales and
+// biases stream through the warp's cp.async ring (as qmv_decr). x goes through the block in
+// chunks of KC codes: each chunk is loaded into registers one chunk ahead, then written to
+// shared memory in the mma's k order with its group sums, between two barriers; every warp
+// then runs the chunk's batches of its rows against it. So x is read from L2 once per NW * 16
+// rows (qmv_dec: once per 16) and takes M x KC values of shared memory, not M x K. The NT
+// n-tiles share each decoded A fragment: tile j's column n is token j * 8 / DSLOTS + n / DSLOTS
+// of slot n % DSLOTS, so M <= NT * 8 / DSLOTS tokens read each weight once.
+#if TC_OK
+constexpr int XR = 8;  // x items per thread and chunk, at most
+constexpr int GPS_M = DSLOTS > 1 ? DSLOTS : 0;  // groups per step (0: DQC / GROUP below)
+#if BITS == 4
+typedef uint4 XItem;   // 8 x values (one word of 8 codes)
+#else
+typedef uint2 XItem;   // 4 x values (one word of 4 codes)
+#endif
+
+template <int NW, int NT>
+__device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u32* __restrict__ w,
+                                              const ST* __restrict__ scales,
+                                              const ST* __restrict__ biases, OT* __restrict__ out,
+                                              u32 M, u64 N, u64 K, u32 KC, u64 x_stride,
+                                              u64 w_stride, u64 s_stride, u64 out_stride,
+                                              const Batch& bt) {
+    extern __shared__ __align__(16) u8 dsm[];
+    constexpr int TPT = 8 / DSLOTS;  // tokens per n-tile
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const u64 n0 = ((u64)blockIdx.x * NW + warp) * 16;
+    const u32 G = (u32)(K / GROUP);
+    const u32 NB = (u32)(K / DBQ);     // batches per row
+    const u32 CC = KC / CK;            // 16-byte chunks of a row per x chunk
+    const u32 GC = KC / GROUP;         // groups per x chunk
+    const u32 NBC = KC / DBQ;          // batches per x chunk
+    const u32 NC = (u32)(K / KC);      // x chunks
+    const u64 row_words = K * BITS / 32;
+    // Shared memory: 64 zero bytes, x of one chunk (M x CC x 64 bytes, mma order), its group
+    // sums (M x GC floats, padded to 16 bytes), then NW rings.
+    uint4* zero = (uint4*)dsm;
+    uint4* xs = zero + 4;
+    float* sx = (float*)(xs + (u64)M * CC * 4);
+    const u32 sx_bytes = (M * GC * 4 + 15) / 16 * 16;
+    const u32 ring = smem_addr(sx) + sx_bytes + warp * RSTAGES * RSTAGE;
+    if (threadIdx.x < 4) zero[threadIdx.x] = make_uint4(0, 0, 0, 0);
+
+    // B columns of this lane per n-tile: token j * TPT + g / DSLOTS of slot g % DSLOTS.
+    u32 bbase[NT], bstep[NT];
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+        const u32 bm = j * TPT + g / DSLOTS;
+        const bool bact = g % DSLOTS == t / DLPS && bm < M;
+        bstep[j] = bact ? 256 : 0;
+        bbase[j] = bact ? smem_addr(xs) + (bm * CC + t) * 64 : smem_addr(zero);
+    }
+    // Accumulator columns 2t, 2t + 1 of tile j: (token, slot); the group sums of x at step s
+    // of a chunk are at sxa[j][ci] + 4 * s * (groups per step).
+    u32 sxa[NT][2];
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int ci = 0; ci < 2; ci++) {
+            const u32 tk = j * TPT + (2 * t + ci) / DSLOTS, slot = (2 * t + ci) % DSLOTS;
+            sxa[j][ci] = smem_addr(sx) + 4 * (min(tk, M - 1) * GC + slot);
+        }
+
+    u64 entries = 1;
+    for (u32 d = 0; d < bt.ndim; d++) entries *= bt.dims[d];
+    pdl_trigger();
+    for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
+        u64 xi, wi;
+        if (bt.lhs || bt.rhs) pdl_wait();
+        const bool ok = resolve(bt, e, xi, wi);
+        const u32* wrow = w + wi * w_stride;
+        const ST* srow = scales + wi * s_stride;
+        const ST* brow = biases + wi * s_stride;
+        auto issue = [&](u32 b, u32 slot) {
+            const u32 dst = ring + slot * RSTAGE;
+#pragma unroll
+            for (int j = 0; j < 2 * DSU; j++) {
+                const u32 c = j * 32 + lane, row = c / (4 * DSU), ch = c % (4 * DSU);
+                const u64 r = min(N - 1, n0 + row);
+                cp_async16_sa(dst + row * RROW + ch * 16, wrow + r * row_words + ((u64)b * DSU * 4 + ch) * 4);
+            }
+            const u32 row = lane & 15;
+            const u64 r = min(N - 1, n0 + row);
+            const ST* src = (lane < 16 ? srow : brow) + r * G + (u64)b * DNSB;
+            cp_async_n(dst + 16 * RROW + (lane >> 4) * 256 + row * 16, src);
+        };
+        auto read = [&](u32 slot, DecBatch& L) {
+            const u32 src = ring + slot * RSTAGE;
+#pragma unroll
+            for (int u = 0; u < DSU; u++) {
+                L.q[u][0] = lds128(src + g * RROW + (4 * u + t) * 16);
+                L.q[u][1] = lds128(src + (g + 8) * RROW + (4 * u + t) * 16);
+            }
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const uint4 sv = lds128(src + 16 * RROW + (g + 8 * h) * 16);
+                const uint4 bv = lds128(src + 16 * RROW + 256 + (g + 8 * h) * 16);
+                const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w}, bw[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+                for (int i = 0; i < DSW; i++) {
+                    L.s[h][i] = sw[i];
+                    L.b[h][i] = bw[i];
+                }
+            }
+        };
+        // The ring's first batches load before x is read (W does not depend on the previous
+        // kernel).
+        if (ok) {
+#pragma unroll
+            for (int p = 0; p < RSTAGES - 1; p++) {
+                if (p < NB) issue(p, p);
+                cp_commit();
+            }
+        }
+        pdl_wait();
+
+        // x chunk c into registers: item i (of M * CC * 4) is word wd of chunk (of CC) of token m.
+        const XT* xb = x + xi * x_stride;
+        const u32 per_row = CC * 4, total = M * per_row;
+        XItem xr[XR];
+        auto xload = [&](u32 c) {
+#pragma unroll
+            for (int r = 0; r < XR; r++) {
+                const u32 i = r * NW * 32 + threadIdx.x;
+                if (i < total) {
+                    const u32 m = i / per_row, rem = i % per_row;
+                    xr[r] = __ldg((const XItem*)(xb + (u64)m * K + (u64)c * KC) + rem);
+                }
+            }
+        };
+        if (ok) xload(0);
+
+        float y[NT][2][2];
+#pragma unroll
+        for (int j = 0; j < NT; j++) y[j][0][0] = y[j][0][1] = y[j][1][0] = y[j][1][1] = 0.0f;
+
+        auto compute = [&](const DecBatch& L, u32 lb) {
+#pragma unroll
+            for (int u = 0; u < DSU; u++) {
+                const u32 s = lb * DSU + u;  // step within the chunk
+                constexpr int gs = GPS_M;
+                const u32 goff = gs ? 4 * s * gs : 4 * (s * DQC / GROUP);
+                float sxv[NT][2];
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    sxv[j][0] = lds32f(sxa[j][0] + goff);
+                    sxv[j][1] = lds32f(sxa[j][1] + goff);
+                }
+                float acc[NT][4];
+#pragma unroll
+                for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#pragma unroll
+                for (int wd = 0; wd < 4; wd++) {
+                    uint4 bv[NT];
+#pragma unroll
+                    for (int j = 0; j < NT; j++) bv[j] = lds128(bbase[j] + s * bstep[j] + 16 * wd);
+                    u32 a0[4], a1[4];
+                    dec_word(dec_word_of(L.q[u][0], wd), a0);
+                    dec_word(dec_word_of(L.q[u][1], wd), a1);
+                    const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
+                    const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
+#pragma unroll
+                    for (int j = 0; j < NT; j++) {
+                        mma(acc[j], f0, bv[j].x, bv[j].y);
+                        mma(acc[j], f1, bv[j].z, bv[j].w);
+                    }
+                }
+#pragma unroll
+                for (int ci = 0; ci < 2; ci++) {
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        float sc, bi;
+                        if constexpr (DSLOTS == 4) {
+                            const float s_lo = dec_at<ST>(L.s[h], u * 4 + ci), s_hi = dec_at<ST>(L.s[h], u * 4 + ci + 2);
+                            const float b_lo = dec_at<ST>(L.b[h], u * 4 + ci), b_hi = dec_at<ST>(L.b[h], u * 4 + ci + 2);
+                            sc = (t & 1) ? s_hi : s_lo;
+                            bi = (t & 1) ? b_hi : b_lo;
+                        } else {
+                            const int gl = DSLOTS == 2 ? u * 2 + ci : u * DQC / GROUP;
+                            sc = dec_at<ST>(L.s[h], gl);
+                            bi = dec_at<ST>(L.b[h], gl);
+                        }
+                        const float bo = fmaf(-DOFF, sc, bi);
+#pragma unroll
+                        for (int j = 0; j < NT; j++)
+                            y[j][h][ci] = fmaf(sc, acc[j][2 * h + ci], fmaf(bo, sxv[j][ci], y[j][h][ci]));
+                    }
+                }
+            }
+        };
+
+        constexpr int IPG = GROUP / DCPW;
+        for (u32 c = 0; ok && c < NC; c++) {
+            __syncthreads();  // every warp is done with the previous chunk
+#pragma unroll
+            for (int r = 0; r < XR; r++) {
+                const u32 i = r * NW * 32 + threadIdx.x;
+                if (r * NW * 32 >= total) break;  // uniform over the block
+                const bool valid = i < total;
+                const u32 m = i / per_row, rem = i % per_row;
+                u32 v[4];
+                float sum = 0.0f;
+#if BITS == 4
+                const uint4 xv = valid ? xr[r] : make_uint4(0, 0, 0, 0);
+                const u32 xw[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+                for (int p = 0; p < 4; p++) v[p] = prmt(xw[p >> 1], xw[(p >> 1) + 2], (p & 1) ? 0x7632 : 0x5410);
+                float f[8];
+                widen16(xv, f, (XT*)0);
+#pragma unroll
+                for (int q = 0; q < 8; q++) sum += f[q];
+#else
+                const uint2 xv = valid ? xr[r] : make_uint2(0, 0);
+                v[0] = prmt(xv.x, xv.y, 0x5410);
+                v[2] = prmt(xv.x, xv.y, 0x7632);
+#if TC_X == 2
+                v[1] = fma2(v[0], 0x41804180u, 0x80008000u);
+                v[3] = fma2(v[2], 0x41804180u, 0x80008000u);
+#else
+                v[1] = v[0];
+                v[3] = v[2];
+#endif
+                float f[8];
+                widen16(make_uint4(xv.x, xv.y, 0, 0), f, (XT*)0);
+#pragma unroll
+                for (int q = 0; q < 4; q++) sum += f[q];
+#endif
+                if (valid) xs[i] = make_uint4(v[0], v[1], v[2], v[3]);
+#pragma unroll
+                for (int off = IPG / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                if (valid && i % IPG == 0) sx[m * GC + rem * DCPW / GROUP] = sum;
+            }
+            if (c + 1 < NC) xload(c + 1);
+            __syncthreads();
+            for (u32 lb = 0; lb < NBC; lb++) {
+                const u32 b = c * NBC + lb;
+                cp_wait<RSTAGES - 2>();
+                __syncwarp();  // every lane's copies of batch b landed; slot b - 1 is free
+                if (b + RSTAGES - 1 < NB) issue(b + RSTAGES - 1, (b + RSTAGES - 1) % RSTAGES);
+                cp_commit();
+                DecBatch A;
+                read(b % RSTAGES, A);
+                compute(A, lb);
+            }
+        }
+        cp_wait<0>();
+
+        // Columns of one token: DSLOTS = 1: each its own; 2: this lane's pair; 4: with lane t ^ 1.
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                float v0 = y[j][h][0], v1 = y[j][h][1];
+                if constexpr (DSLOTS >= 2) {
+                    v0 += v1;
+                    if constexpr (DSLOTS == 4) v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
+                }
+                if (!ok) v0 = v1 = __int_as_float(0x7fc00000);
+                const u64 n = n0 + g + 8 * h;
+                const u32 tk0 = j * TPT + (2 * t) / DSLOTS;
+                if (n < N) {
+                    if constexpr (DSLOTS == 1) {
+                        if (tk0 < M) out[e * out_stride + (u64)tk0 * N + n] = from_f32<OT>(v0);
+                        if (tk0 + 1 < M) out[e * out_stride + (u64)(tk0 + 1) * N + n] = from_f32<OT>(v1);
+                    } else if ((2 * t) % DSLOTS == 0 && tk0 < M) {
+                        out[e * out_stride + (u64)tk0 * N + n] = from_f32<OT>(v0);
+                    }
+                }
+            }
+        }
+    }
+}
+#endif
+
+#if TC_OK
+#define QMV_DECM(NAME, NW, NT)                                                                \
+    extern "C" __global__ void __launch_bounds__(NW * 32, 1) NAME(                            \
+        const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
+        const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u64 N, u64 K, u32 KC,     \
+        u64 x_stride, u64 w_stride, u64 s_stride, u64 out_stride, Batch bt) {                 \
+        if constexpr (RING_OK && DQC >= GROUP || RING_OK && DSLOTS > 1)                       \
+            qmv_decm_impl<NW, NT>(x, w, scales, biases, out, M, N, K, KC, x_stride, w_stride,  \
+                                  s_stride, out_stride, bt);                                  \
+    }
+#else
+#define QMV_DECM(NAME, NW, NT)                                                                \
+    extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32,    \
+                                    u64, u64, u32, u64, u64, u64, u64, Batch) {}
+#endif
+QMV_DECM(qmv_decm_2_1, 2, 1)
+QMV_DECM(qmv_decm_2_2, 2, 2)
+QMV_DECM(qmv_decm_2_4, 2, 4)
+QMV_DECM(qmv_decm_4_1, 4, 1)
+QMV_DECM(qmv_decm_4_2, 4, 2)
+QMV_DECM(qmv_decm_4_4, 4, 4)
+QMV_DECM(qmv_decm_8_1, 8, 1)
+QMV_DECM(qmv_decm_8_2, 8, 2)
+QMV_DECM(qmv_decm_8_4, 8, 4)
