@@ -381,8 +381,51 @@ pub(crate) fn qmm(
                 .launch(cfg((1, 1, 1), 1024, op)?)
         }
         .map_err(driver(op))?;
-        let (one, seg1, partial) = (1u32, 1u32, 0u64);
         let w_stride = words_per_matrix;
+        // The 4-stage tile (run 5, 512 tokens of 64 x 2048x2048 4-bit, sort included: 332 µs
+        // against 406 for qmm_tc_g8 in run 4; validated by the conformance suite and the
+        // sanitizers on the H200). MLXQ_TILE_G=g6 takes 6 stages (317 µs, checked by the bench
+        // only), =off restores qmm_tc_g8.
+        let tile = match std::env::var("MLXQ_TILE_G").as_deref() {
+            Ok("off") => None,
+            Ok("g6") => Some(&TILES[5]),
+            _ => Some(&TILES[2]),
+        }
+        .filter(|t| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]));
+        if let Some(t) = tile {
+            // The tiled GEMM over the same tiles of TM = 64 pairs (its BM).
+            let f = k.func(t.entry)?;
+            let (n32, k32) = (u32_of(op, ndim)?, u32_of(op, kdim)?);
+            let zero = 0u32;
+            // SAFETY: each block reads its tile's pairs (x rows inside x, expert < w_count:
+            // the sort left out-of-range pairs out) and rows < N (clamped) of that expert's W,
+            // scales and biases, and writes its pairs' output rows; blocks beyond the tile
+            // count exit.
+            unsafe {
+                stream
+                    .launch_builder(f)
+                    .arg(&px)
+                    .arg(&pw)
+                    .arg(&ps)
+                    .arg(&pb)
+                    .arg(&po)
+                    .arg(&zero)
+                    .arg(&n32)
+                    .arg(&k32)
+                    .arg(&w_stride)
+                    .arg(&s_stride)
+                    .arg(&pg)
+                    .launch(LaunchConfig {
+                        shared_mem_bytes: t.smem(kdim, spec, w.scales_dtype()) as u32,
+                        ..cfg((grid_x(op, ndim.div_ceil(t.bn))?, t32, 1), t.threads, op)?
+                    })
+            }
+            .map_err(driver(op))?;
+            enc.retain(&s);
+            finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
+            return Ok(());
+        }
+        let (one, seg1, partial) = (1u32, 1u32, 0u64);
         // SAFETY: each block reads its tile's pairs (x rows inside x, expert < w_count) and
         // writes their output rows; blocks beyond the tile count exit.
         unsafe {
@@ -602,6 +645,64 @@ pub(crate) fn qmm(
             }
         }
     }
+    // Prefill: the block-tiled GEMM (`qmm_tile_l`, 256 tokens x 128 rows per block) where its
+    // grid covers at least 3/4 of the SMs (one block per SM); below that the split-K qmm_tc_8
+    // is as fast (run 5: M = 512 at 4096x4096, 101 µs either way; M = 1024, 141 against 200).
+    // MLXQ_TILE=off|l|m|l5|m6 overrides (experiments).
+    if job.transpose
+        && m > 16
+        && entries == 1
+        && job.lhs.is_none()
+        && job.rhs.is_none()
+        && super::tensor_core_path(&key, dev.arch())
+    {
+        let sms = u64::from(dev.multiprocessors());
+        let blocks = |t: &Tile| m.div_ceil(t.bm) * ndim.div_ceil(t.bn);
+        let pick = match std::env::var("MLXQ_TILE").as_deref() {
+            Ok("off") => None,
+            Ok("l") => Some(&TILES[0]),
+            Ok("m") => Some(&TILES[1]),
+            Ok("l5") => Some(&TILES[3]),
+            Ok("m6") => Some(&TILES[4]),
+            _ => Some(&TILES[0]).filter(|t| 4 * blocks(t) >= 3 * sms),
+        }
+        .filter(|t| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]))
+        .filter(|t| m.div_ceil(t.bm) <= 65535);
+        if let Some(t) = pick {
+            let f = k.func(t.entry)?;
+            let (m32, n32, k32) = (u32_of(op, m)?, u32_of(op, ndim)?, u32_of(op, kdim)?);
+            let (w_stride, pg) = (words_per_matrix, 0u64);
+            // SAFETY: the kernel reads rows < M (clamped) of x, rows < N (clamped) of W with
+            // their scales and biases (K / group per row), and writes the M x N output: all
+            // inside buffers kept alive by `retain`.
+            unsafe {
+                stream
+                    .launch_builder(f)
+                    .arg(&px)
+                    .arg(&pw)
+                    .arg(&ps)
+                    .arg(&pb)
+                    .arg(&po)
+                    .arg(&m32)
+                    .arg(&n32)
+                    .arg(&k32)
+                    .arg(&w_stride)
+                    .arg(&s_stride)
+                    .arg(&pg)
+                    .launch(LaunchConfig {
+                        shared_mem_bytes: t.smem(kdim, spec, w.scales_dtype()) as u32,
+                        ..cfg(
+                            (grid_x(op, ndim.div_ceil(t.bn))?, m.div_ceil(t.bm) as u32, 1),
+                            t.threads,
+                            op,
+                        )?
+                    })
+            }
+            .map_err(driver(op))?;
+            finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
+            return Ok(());
+        }
+    }
     // M = 1, 2 stay on the CUDA-core kernel: measured faster there on the H200 (docs/perf-cuda.md).
     if m >= 3 && super::tensor_core_path(&key, dev.arch()) {
         // M <= 16: qmv_tc (exact codes, scales on the accumulators), 1 or 2 n-tiles of 8
@@ -793,6 +894,80 @@ pub(crate) fn qmm(
     }
     finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
     Ok(())
+}
+
+/// One shape of the tiled prefill GEMM (`QMM_TILE` entries in `qmm_tile.cu`).
+struct Tile {
+    /// Entry index in the kernel's entry list.
+    entry: usize,
+    /// Tokens per block.
+    bm: u64,
+    /// Rows of W per block.
+    bn: u64,
+    threads: u32,
+    stages: u64,
+}
+
+/// qmm_tile_l, _m, _g, _l5, _m6, _g6, as in `qmm_tile.cu`.
+const TILES: [Tile; 6] = [
+    tile(22, 256, 128, 256, 4),
+    tile(23, 128, 128, 512, 4),
+    tile(24, 64, 128, 256, 4),
+    tile(25, 256, 128, 256, 5),
+    tile(26, 128, 128, 512, 6),
+    tile(27, 64, 128, 256, 6),
+];
+
+const fn tile(entry: usize, bm: u64, bn: u64, threads: u32, stages: u64) -> Tile {
+    Tile {
+        entry,
+        bm,
+        bn,
+        threads,
+        stages,
+    }
+}
+
+impl Tile {
+    /// Bytes of one step's scale (or bias) unit per row: the step's groups, at least 4.
+    fn unit(spec: QuantSpec, sdt: DType) -> u64 {
+        let need = (64 / u64::from(spec.group_size())).max(1);
+        (need * sdt.size() as u64).max(4)
+    }
+    /// Dynamic shared memory: the x, code and scale rings and two dequantised W tiles.
+    fn smem(&self, _k: u64, spec: QuantSpec, sdt: DType) -> u64 {
+        let cb = 64 * u64::from(spec.bits()) / 8;
+        self.stages * (self.bm * 128 + self.bn * cb + self.bn * Tile::unit(spec, sdt) * 2)
+            + 2 * self.bn * 128
+    }
+}
+
+/// Whether the tiled GEMM serves this shape: K in whole steps of 64, each row's scales a
+/// whole number of copy units, pointers aligned for the copies and the paired output stores,
+/// and the rings within the device's shared memory.
+fn tile_fits(
+    dev: &CudaDevice,
+    t: &Tile,
+    kdim: u64,
+    spec: QuantSpec,
+    sdt: DType,
+    [ps, pb, po]: [u64; 3],
+) -> bool {
+    let unit = Tile::unit(spec, sdt);
+    let g = kdim / u64::from(spec.group_size());
+    kdim.is_multiple_of(64)
+        && (g * sdt.size() as u64).is_multiple_of(unit)
+        && ps.is_multiple_of(unit)
+        && pb.is_multiple_of(unit)
+        && po.is_multiple_of(4)
+        && t.smem(kdim, spec, sdt) <= dev.smem_optin as u64
+}
+
+fn u32_of(op: &'static str, v: u64) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::SizeOverflow {
+        op,
+        what: "matrix size",
+    })
 }
 
 /// Ends a matmul launch: keeps every buffer it reads or writes (the index tensors of a

@@ -154,7 +154,9 @@ const QMM: &str = concat!(
     "\n",
     include_str!("kernels/qmm_tc.cu"),
     "\n",
-    include_str!("kernels/qmv_dec.cu")
+    include_str!("kernels/qmv_dec.cu"),
+    "\n",
+    include_str!("kernels/qmm_tile.cu")
 );
 
 fn ctype(d: DType) -> &'static str {
@@ -242,6 +244,12 @@ const TABLE: &[Variant] = &[
             "qmv_decm_8_1",
             "qmv_decm_8_2",
             "qmv_decm_8_4",
+            "qmm_tile_l",
+            "qmm_tile_m",
+            "qmm_tile_g",
+            "qmm_tile_l5",
+            "qmm_tile_m6",
+            "qmm_tile_g6",
         ],
         fmad: true,
         defines: |k| {
@@ -309,6 +317,8 @@ pub struct CudaDevice {
     name: String,
     sms: u32,
     l2_bytes: usize,
+    /// Most dynamic shared memory one block may opt in to (bytes).
+    pub(crate) smem_optin: usize,
     /// `[position + 1, index, bound, which]` of the first out-of-range index a kernel saw.
     fault: DeviceMem,
     /// Scratch for split-K partial sums, grown on demand.
@@ -357,6 +367,7 @@ impl CudaDevice {
         let minor = attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
         let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let l2 = attr(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?;
+        let optin = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let mut driver_version = 0;
         // SAFETY: a valid out-pointer.
         unsafe { sys::cuDriverGetVersion(&mut driver_version) }
@@ -383,6 +394,7 @@ impl CudaDevice {
             name,
             sms: sms as u32,
             l2_bytes: l2 as usize,
+            smem_optin: optin.max(0) as usize,
             fault,
             scratch: Mutex::new(Some(scratch)),
             probe: Mutex::new(None),
@@ -532,6 +544,9 @@ impl CudaDevice {
                     TC_SMEM_MAX
                 } else if e.starts_with("qmv_dec") {
                     DEC_SMEM_MAX
+                } else if e.starts_with("qmm_tile") {
+                    // The tiled prefill's rings: as much as the device lets one block have.
+                    self.smem_optin
                 } else {
                     0
                 };
