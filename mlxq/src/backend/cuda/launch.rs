@@ -394,7 +394,7 @@ pub(crate) fn qmm(
         .filter(|t| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]));
         if let Some(t) = tile {
             // The tiled GEMM over the same tiles of TM = 64 pairs (its BM).
-            let f = k.func(t.entry)?;
+            let f = k.func_named(t.entry)?;
             let (n32, k32) = (u32_of(op, ndim)?, u32_of(op, kdim)?);
             let zero = 0u32;
             // SAFETY: each block reads its tile's pairs (x rows inside x, expert < w_count:
@@ -669,7 +669,7 @@ pub(crate) fn qmm(
         .filter(|t| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]))
         .filter(|t| m.div_ceil(t.bm) <= 65535);
         if let Some(t) = pick {
-            let f = k.func(t.entry)?;
+            let f = k.func_named(t.entry)?;
             let (m32, n32, k32) = (u32_of(op, m)?, u32_of(op, ndim)?, u32_of(op, kdim)?);
             let (w_stride, pg) = (words_per_matrix, 0u64);
             // SAFETY: the kernel reads rows < M (clamped) of x, rows < N (clamped) of W with
@@ -898,8 +898,8 @@ pub(crate) fn qmm(
 
 /// One shape of the tiled prefill GEMM (`QMM_TILE` entries in `qmm_tile.cu`).
 struct Tile {
-    /// Entry index in the kernel's entry list.
-    entry: usize,
+    /// Entry point name (`qmm_tile_*` in `qmm_tile.cu`).
+    entry: &'static str,
     /// Tokens per block.
     bm: u64,
     /// Rows of W per block.
@@ -910,15 +910,15 @@ struct Tile {
 
 /// qmm_tile_l, _m, _g, _l5, _m6, _g6, as in `qmm_tile.cu`.
 const TILES: [Tile; 6] = [
-    tile(22, 256, 128, 256, 4),
-    tile(23, 128, 128, 512, 4),
-    tile(24, 64, 128, 256, 4),
-    tile(25, 256, 128, 256, 5),
-    tile(26, 128, 128, 512, 6),
-    tile(27, 64, 128, 256, 6),
+    tile("qmm_tile_l", 256, 128, 256, 4),
+    tile("qmm_tile_m", 128, 128, 512, 4),
+    tile("qmm_tile_g", 64, 128, 256, 4),
+    tile("qmm_tile_l5", 256, 128, 256, 5),
+    tile("qmm_tile_m6", 128, 128, 512, 6),
+    tile("qmm_tile_g6", 64, 128, 256, 6),
 ];
 
-const fn tile(entry: usize, bm: u64, bn: u64, threads: u32, stages: u64) -> Tile {
+const fn tile(entry: &'static str, bm: u64, bn: u64, threads: u32, stages: u64) -> Tile {
     Tile {
         entry,
         bm,

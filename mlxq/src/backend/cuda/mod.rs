@@ -118,6 +118,8 @@ pub struct CudaKernel {
     /// `cuda_{key}`.
     pub name: Arc<str>,
     funcs: Arc<[CudaFunction]>,
+    /// The entry points' names, in the order of `funcs`.
+    entries: &'static [&'static str],
 }
 
 impl std::fmt::Debug for CudaKernel {
@@ -131,6 +133,14 @@ impl CudaKernel {
         self.funcs.get(i).ok_or_else(|| {
             Error::unsupported("CudaKernel", format!("entry {i} of kernel {}", self.name))
         })
+    }
+
+    /// The entry point called `name` (robust to the order of the variant's entry list).
+    pub(crate) fn func_named(&self, name: &str) -> Result<&CudaFunction> {
+        let i = self.entries.iter().position(|e| *e == name).ok_or_else(|| {
+            Error::unsupported("CudaKernel", format!("entry {name} of kernel {}", self.name))
+        })?;
+        self.func(i)
     }
 }
 
@@ -517,6 +527,7 @@ impl CudaDevice {
         Ok(CudaKernel {
             name: name.into(),
             funcs: funcs.into(),
+            entries: v.entries,
         })
     }
 
