@@ -137,9 +137,16 @@ impl CudaKernel {
 
     /// The entry point called `name` (robust to the order of the variant's entry list).
     pub(crate) fn func_named(&self, name: &str) -> Result<&CudaFunction> {
-        let i = self.entries.iter().position(|e| *e == name).ok_or_else(|| {
-            Error::unsupported("CudaKernel", format!("entry {name} of kernel {}", self.name))
-        })?;
+        let i = self
+            .entries
+            .iter()
+            .position(|e| *e == name)
+            .ok_or_else(|| {
+                Error::unsupported(
+                    "CudaKernel",
+                    format!("entry {name} of kernel {}", self.name),
+                )
+            })?;
         self.func(i)
     }
 }
