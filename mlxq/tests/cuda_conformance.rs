@@ -422,6 +422,9 @@ fn long_rows_and_many_rows() {
         (4, 64, 1, 1000, 14336, true),
         (8, 64, 1, 300, 14336, true),
         (4, 32, 2, 520, 14336, true),
+        // The persistent ring decode: several row tiles per block, N not a multiple of 16.
+        (4, 64, 2, 20007, 4096, true),
+        (4, 128, 1, 9000, 8192, true),
     ];
     for (bits, g, m, rows, cols, t) in cases {
         let spec = QuantSpec::affine(bits, g).unwrap();
@@ -443,19 +446,15 @@ fn long_rows_and_many_rows() {
     assert_none("long rows on CUDA", cases.len(), failures);
 }
 
-/// `qmv_decm` (M = 3..16 tokens on the tensor cores, x shared by the row tiles of a block and
-/// streamed through shared memory in chunks): 4- and 8-bit, every group size it serves, row
-/// counts not a multiple of a block's 32/64/128 rows nor of 16, fewer rows than one block, K
-/// split into several x chunks (14336 at M = 16: 28 chunks of 512 codes) and K of one batch;
+/// Decode for M = 3..16 tokens in the default routing (`qmv_dec` for 4-bit M * slots <= 8,
+/// `qmv_tc` with K split over segments for the rest) and, run with MLXQ_DECM=1, on `qmv_decm`
+/// (x shared by the row tiles of a block and streamed through shared memory in chunks): 4- and
+/// 8-bit, every group size, row counts not a multiple of a block's rows nor of 16, fewer rows
+/// than one block, K split into several x chunks or segments (14336 at 8 bits once left the
+/// last split-K segments empty, whose NaN partial sums reached the output) and K of one batch;
 /// gathered with 3 tokens per expert, and an out-of-range expert whose rows come back NaN
-/// while the others are finite. By default the kernel serves only gathers on large grids, so
-/// run this with MLXQ_DECM=1 (every case here goes to it): it passed so on the H200 under
-/// compute-sanitizer memcheck (run 5d). Ignored until re-run on the H200: in the default
-/// routing (these cases on qmv_dec / qmv_tc) it hit a misaligned-address fault, whose cause
-/// (qmv_dec's staged x not 16-byte aligned when M x K / group is not a multiple of 4: K = 256
-/// at group 128, M = 3) is fixed in the same commit as this note but not yet run on a device.
+/// while the others are finite.
 #[test]
-#[ignore = "re-run on the H200 (default routing and MLXQ_DECM=1) with --ignored, then un-ignore"]
 fn many_token_decode_matches_the_f64_reference() {
     let Some(dev) = gpu() else { return };
     let mut enc = dev.encoder();

@@ -749,6 +749,11 @@ pub(crate) fn qmm(
             .max(1);
         let slots = u64::from(dev.multiprocessors()) * u64::from(per_sm);
         segments = segments.max((slots / blocks).min(max_segments));
+        // The kernels round a segment up to whole alignment units, so the last segments can
+        // be empty, and an empty segment writes NaN partial sums (8-bit K = 14336 with 64
+        // segments of 16 chunks: 56 cover K). Keep the segments that hold chunks.
+        let unit = if decode { align } else { 4 };
+        segments = chunks.div_ceil(chunks.div_ceil(unit * segments) * unit);
         let shared = smem(segments) as u32;
         let segments = segments as u32;
         let gz = u64::from(segments) * mtiles;
