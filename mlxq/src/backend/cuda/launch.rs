@@ -125,7 +125,7 @@ pub(crate) fn quantize(
     // chunks·bits bytes, chunks·8/group scales and biases), kept alive by `retain` below.
     unsafe {
         stream
-            .launch_builder(k.func(0)?)
+            .launch_builder(k.func_named(OP)?)
             .arg(&pw)
             .arg(&pp)
             .arg(&ps)
@@ -188,7 +188,7 @@ pub(crate) fn dequantize(
     // SAFETY: as in `quantize`: every index is below the sizes `w` was validated with.
     unsafe {
         dev.stream()
-            .launch_builder(k.func(0)?)
+            .launch_builder(k.func_named(OP)?)
             .arg(&pp)
             .arg(&ps)
             .arg(&pb)
@@ -368,7 +368,7 @@ pub(crate) fn qmm(
         // out-of-range index, that pair's output row.
         unsafe {
             stream
-                .launch_builder(k.func(19)?)
+                .launch_builder(k.func_named("gather_sort")?)
                 .arg(&bt)
                 .arg(&entries)
                 .arg(&t32)
@@ -430,7 +430,7 @@ pub(crate) fn qmm(
         // writes their output rows; blocks beyond the tile count exit.
         unsafe {
             stream
-                .launch_builder(k.func(18)?)
+                .launch_builder(k.func_named("qmm_tc_g8")?)
                 .arg(&px)
                 .arg(&pw)
                 .arg(&ps)
@@ -489,7 +489,7 @@ pub(crate) fn qmm(
             ssize,
             gather,
         ) {
-            let f = k.func(fi)?;
+            let f = k.func_named(fi)?;
             let (mut m32, mut kc32, mut w_stride) = (
                 u32::try_from(m).map_err(|_| Error::SizeOverflow { op, what: "rows" })?,
                 kc as u32,
@@ -569,10 +569,15 @@ pub(crate) fn qmm(
                 .and_then(|v| v.parse::<u64>().ok())
                 .filter(|v| matches!(v, 1 | 2 | 4 | 8));
             let (mut pick, mut many_waves) = (None, None);
-            let table: &[(usize, u64)] = if ring {
-                &[(21, 4), (20, 2)]
+            let table: &[(&str, u64)] = if ring {
+                &[("qmv_decr_4", 4), ("qmv_decr_2", 2)]
             } else {
-                &[(17, 8), (16, 4), (15, 2), (14, 1)]
+                &[
+                    ("qmv_dec_8", 8),
+                    ("qmv_dec_4", 4),
+                    ("qmv_dec_2", 2),
+                    ("qmv_dec_1", 1),
+                ]
             };
             for &(i, wk) in table {
                 if forced.is_some_and(|f| f != wk) {
@@ -581,7 +586,7 @@ pub(crate) fn qmm(
                 if smem(wk) > super::DEC_SMEM_MAX as u64 {
                     continue;
                 }
-                let f = k.func(i)?;
+                let f = k.func_named(i)?;
                 let per_sm = f
                     .occupancy_max_active_blocks_per_multiprocessor(
                         (wk * 32) as u32,
@@ -597,15 +602,15 @@ pub(crate) fn qmm(
                 let slots = u64::from(per_sm) * u64::from(dev.multiprocessors());
                 let fits = slots.saturating_mul(waves) >= blocks;
                 if per_sm > 0 && (fits || forced.is_some()) {
-                    pick = Some((f, wk));
+                    pick = Some((f, wk, slots));
                     break;
                 }
                 if per_sm > 0 && wk == 2 {
-                    many_waves = Some((f, wk));
+                    many_waves = Some((f, wk, slots));
                 }
             }
             let pick = pick.or(many_waves);
-            if let Some((f, wk)) = pick {
+            if let Some((f, wk, slots)) = pick {
                 let (mut m32, mut w_stride) = (
                     u32::try_from(m).map_err(|_| Error::SizeOverflow { op, what: "rows" })?,
                     words_per_matrix,
@@ -629,7 +634,15 @@ pub(crate) fn qmm(
                     (&raw mut os).cast(),
                     (&raw mut bt).cast(),
                 ];
-                let grid = cfg((grid_x(op, row_blocks)?, gy, 1), (wk * 32) as u32, op)?;
+                // The ring kernel is persistent over row tiles: one wave of resident blocks,
+                // each taking the same number of tiles (MLXQ_DEC_PERSIST=0: a block per tile).
+                let blocks_x = if ring && std::env::var("MLXQ_DEC_PERSIST").as_deref() != Ok("0") {
+                    let per_block = row_blocks.div_ceil((slots / u64::from(gy)).max(1));
+                    row_blocks.div_ceil(per_block)
+                } else {
+                    row_blocks
+                };
+                let grid = cfg((grid_x(op, blocks_x)?, gy, 1), (wk * 32) as u32, op)?;
                 // SAFETY: the parameters match the kernel's signature in order and type. The
                 // kernel reads rows < M of each x matrix (x_count of them, lhs values checked),
                 // rows < N (clamped) of W matrix wi < w_count with their scales and biases
@@ -710,9 +723,9 @@ pub(crate) fn qmm(
         // and K split over blockIdx.z segments (f32 partial sums in the preallocated scratch,
         // then qmv_n_reduce) until there are enough blocks for the machine.
         let (f, mtiles, decode) = match m {
-            0..=8 => (k.func(12)?, 1, true),
-            9..=16 => (k.func(13)?, 1, true),
-            _ => (k.func(11)?, m.div_ceil(64), false),
+            0..=8 => (k.func_named("qmv_tc_1")?, 1, true),
+            9..=16 => (k.func_named("qmv_tc_2")?, 1, true),
+            _ => (k.func_named("qmm_tc_8")?, m.div_ceil(64), false),
         };
         let bits = u64::from(spec.bits());
         let ck = 128 / bits; // codes per 16-byte chunk
@@ -823,7 +836,7 @@ pub(crate) fn qmm(
         let xt = px + m0 * kdim * xsize;
         let ot = po + m0 * ndim * osize;
         if job.transpose {
-            let f = k.func(tile)?;
+            let f = k.func_named(["qmv_t_1", "qmv_t_2", "qmv_t_4", "qmv_t_8", "qmv_t_16"][tile])?;
             let w_stride = words_per_matrix;
             let gx = grid_x(op, ndim.div_ceil(8))?;
             // SAFETY: the kernel reads x rows m0..m0+mt of each x matrix (x_count of them,
@@ -850,7 +863,7 @@ pub(crate) fn qmm(
             }
             .map_err(driver(op))?;
         } else {
-            let f = k.func(5 + tile)?;
+            let f = k.func_named(["qmv_n_1", "qmv_n_2", "qmv_n_4", "qmv_n_8", "qmv_n_16"][tile])?;
             let w_stride = words_per_matrix * 4; // bytes
             let gx = grid_x(op, ndim.div_ceil(256))?;
             let blocks = u64::from(gx) * u64::from(gy);
@@ -1033,15 +1046,14 @@ unsafe fn launch_ex(
 }
 
 /// `qmv_decm` for this decode matmul (M tokens, W `[N, K]`, `gy` batch entries), or None
-/// where it is not used: the kernel index, warps per block, x chunk (codes) and dynamic
-/// shared memory. By default only for gather_qmm with index tensors (4- and 8-bit; 1 token
-/// top-8 of 64 experts 2048x2048: 13.2 µs against 18.4 on qmv_dec, run 5d,
-/// docs/perf-cuda.md) with one n-tile and 4 warps (64 rows) per block, which needs
-/// N / 64 x entries >= the SM count. MLXQ_DECM=1 takes it wherever it can serve
-/// M >= MLXQ_DECM_MIN (default 3; up to 4 n-tiles of 8 / slots tokens; dense 4-bit M = 3, 4
-/// at 14336x4096 ran 24.4, 27.2 µs against 33 on qmv_dec, but the default-routing
-/// conformance run that would have validated it as a default faulted: run 5d), =0 never;
-/// MLXQ_DECM_NW=2|4|8 forces the warps per block.
+/// where it is not used: the entry point, warps per block, x chunk (codes) and dynamic
+/// shared memory. By default with one n-tile (M <= 8 / slots tokens) for gather_qmm with
+/// index tensors (4- and 8-bit; 1 token top-8 of 64 experts 2048x2048: 13.2 µs against 18.4
+/// on qmv_dec, run 5d, docs/perf-cuda.md) with 4 warps (64 rows) per block, which needs
+/// N / 64 x entries >= the SM count, and for dense 4-bit M >= MLXQ_DECM_MIN (default 3;
+/// M = 3, 4 at 14336x4096: 24-27 µs against 33-48 on qmv_dec, runs 5d and 6).
+/// MLXQ_DECM=1 takes it wherever it can serve M >= MLXQ_DECM_MIN (up to 4 n-tiles of
+/// 8 / slots tokens), =0 never; MLXQ_DECM_NW=2|4|8 forces the warps per block.
 #[allow(clippy::too_many_arguments)]
 fn decm_pick(
     dev: &CudaDevice,
@@ -1053,7 +1065,7 @@ fn decm_pick(
     group: u64,
     ssize: u64,
     gather: bool,
-) -> Option<(usize, u64, u64, u64)> {
+) -> Option<(&'static str, u64, u64, u64)> {
     let mode = std::env::var("MLXQ_DECM");
     let everywhere = match mode.as_deref() {
         Ok("0") => return None,
@@ -1093,9 +1105,12 @@ fn decm_pick(
         _ if ndim.div_ceil(64) * gy < u64::from(dev.multiprocessors()) => 2,
         _ => 4,
     };
-    // The measured rule (see above); M = 5..16 stay on qmv_tc (faster at 8 n-tile columns
-    // and more: run 5d) and small grids on qmv_dec.
-    if !everywhere && (nt != 1 || nw != 4 || !gather) {
+    // The measured rule (see above): gathers on large grids, and dense 4-bit M >= 3 with one
+    // n-tile (M = 3, 4 at group 64: 27 µs against 48 on qmv_dec at 14336x4096, run 6). More
+    // n-tiles stay on qmv_tc (faster at 8 n-tile columns and more: run 5d), small gather grids
+    // on qmv_dec.
+    let dense = !gather && bits == 4 && m >= min_m;
+    if !everywhere && (nt != 1 || !(dense || gather && nw == 4)) {
         return None;
     }
     // x chunk: the most batches (dividing the row) whose items (one per word of W codes, 8
@@ -1117,17 +1132,21 @@ fn decm_pick(
     if smem > super::DEC_SMEM_MAX as u64 {
         return None;
     }
-    let i =
-        22 + match nw {
-            2 => 0,
-            4 => 3,
-            _ => 6,
-        } + match nt {
-            1 => 0,
-            2 => 1,
-            _ => 2,
-        };
-    Some((i, nw, kc, smem))
+    const DECM: [[&str; 3]; 3] = [
+        ["qmv_decm_2_1", "qmv_decm_2_2", "qmv_decm_2_4"],
+        ["qmv_decm_4_1", "qmv_decm_4_2", "qmv_decm_4_4"],
+        ["qmv_decm_8_1", "qmv_decm_8_2", "qmv_decm_8_4"],
+    ];
+    let entry = DECM[match nw {
+        2 => 0,
+        4 => 1,
+        _ => 2,
+    }][match nt {
+        1 => 0,
+        2 => 1,
+        _ => 2,
+    }];
+    Some((entry, nw, kc, smem))
 }
 
 /// Most dynamic shared memory `qmv_tc` takes for x (its limit is raised to this at load).
@@ -1153,7 +1172,7 @@ fn reduce_partials(
     // (entry e = row / m at out + e·out_stride, as the matmul kernels would have).
     unsafe {
         stream
-            .launch_builder(k.func(10)?)
+            .launch_builder(k.func_named("qmv_n_reduce")?)
             .arg(&partial)
             .arg(&out)
             .arg(&rows)

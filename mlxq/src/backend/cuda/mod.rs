@@ -129,25 +129,18 @@ impl std::fmt::Debug for CudaKernel {
 }
 
 impl CudaKernel {
-    pub(crate) fn func(&self, i: usize) -> Result<&CudaFunction> {
-        self.funcs.get(i).ok_or_else(|| {
-            Error::unsupported("CudaKernel", format!("entry {i} of kernel {}", self.name))
-        })
-    }
-
     /// The entry point called `name` (robust to the order of the variant's entry list).
     pub(crate) fn func_named(&self, name: &str) -> Result<&CudaFunction> {
-        let i = self
-            .entries
+        self.entries
             .iter()
             .position(|e| *e == name)
+            .and_then(|i| self.funcs.get(i))
             .ok_or_else(|| {
                 Error::unsupported(
                     "CudaKernel",
                     format!("entry {name} of kernel {}", self.name),
                 )
-            })?;
-        self.func(i)
+            })
     }
 }
 
@@ -190,10 +183,25 @@ fn affine(k: &KernelKey) -> bool {
 }
 
 fn base_defines(k: &KernelKey) -> Vec<String> {
-    vec![
+    let mut d = vec![
         format!("-DBITS={}", k.bits),
         format!("-DGROUP={}", k.group_size),
-    ]
+    ];
+    d.extend(experiment_defines());
+    d
+}
+
+/// Extra `-D` defines from `MLXQ_CUDA_DEFINES` (`NAME=VALUE,...`, experiments such as
+/// `DEC_NACC=4`); entries that are not a plain identifier and value are ignored.
+fn experiment_defines() -> Vec<String> {
+    let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    std::env::var("MLXQ_CUDA_DEFINES")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|e| e.split_once('='))
+        .filter(|(n, v)| plain(n) && plain(v))
+        .map(|(n, v)| format!("-D{n}={v}"))
+        .collect()
 }
 
 /// Every CUDA kernel variant; the dispatcher takes the first that supports a key.

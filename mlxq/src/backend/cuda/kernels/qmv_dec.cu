@@ -18,6 +18,24 @@
 #ifndef DEC_SU
 #define DEC_SU 2
 #endif
+// Independent accumulator sets per step (the 8 mmas of a step split over them, added at the
+// end of the step): 1 chains all 8 on one accumulator.
+#ifndef DEC_NACC
+#define DEC_NACC 1
+#endif
+// DEC_PROBE=1 (experiments only, wrong results): stream W, scales and biases exactly as the
+// kernel does but skip the arithmetic, to measure the memory pattern alone.
+#ifndef DEC_PROBE
+#define DEC_PROBE 0
+#endif
+// Interleaved K: the WK warps of a block take batches w, w + WK, ... (at any moment they read
+// neighbouring runs of each row) instead of contiguous ranges of K. Default on the ring
+// kernel, where it measured faster on the H200 at every size (run 6); DEC_ILV=0|1 sets both.
+#ifdef DEC_ILV
+#define DEC_ILV_FOR(RING) DEC_ILV
+#else
+#define DEC_ILV_FOR(RING) (RING)
+#endif
 constexpr int DQC = 4 * CK;                             // codes per step and row
 constexpr int DSLOTS = GROUP < DQC ? DQC / GROUP : 1;   // groups per step
 constexpr int DLPS = 4 / DSLOTS;                        // lanes per slot
@@ -141,11 +159,19 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
                                              u64 s_stride, u64 out_stride, const Batch& bt) {
     extern __shared__ __align__(16) u8 dsm[];
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const u64 n0 = (u64)blockIdx.x * 16;
+    // RING: the block is persistent over row tiles blockIdx.x, + gridDim.x, ...; the
+    // register path owns one tile (the host launches one block per tile then).
+    u64 n0 = (u64)blockIdx.x * 16;
+    const u64 T = (N + 15) / 16;  // row tiles
+    const u32 my_tiles = !RING ? 1 : blockIdx.x < T ? (u32)((T - 1 - blockIdx.x) / gridDim.x + 1) : 0;
     const u32 C = (u32)(K / CK);      // chunks per row
     const u32 G = (u32)(K / GROUP);   // groups per row
     const u32 NB = (u32)(K / DBQ);    // batches per row
-    const u32 b0 = warp * NB / WK, b1 = (warp + 1) * NB / WK;
+    // This warp's batches: b0, b0 + BS, ... (NBW of them).
+    constexpr bool ILV = DEC_ILV_FOR(RING);
+    constexpr u32 BS = ILV ? WK : 1;
+    const u32 b0 = ILV ? warp : warp * NB / WK;
+    const u32 NBW = ILV ? (warp < NB ? (NB - 1 - warp) / WK + 1 : 0) : (warp + 1) * NB / WK - b0;
     const u64 row_words = K * BITS / 32;
     // Shared memory: 64 zero bytes, x as M x C chunks of 64 bytes (the B registers of each
     // chunk in mma order), the group sums of x (M x G floats), the cross-warp sums, x as
@@ -205,28 +231,32 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
             dec_load_scales(sp1, L.s[1]);
             dec_load_scales(bp0, L.b[0]);
             dec_load_scales(bp1, L.b[1]);
-            wp0 += 16 * DSU;
-            wp1 += 16 * DSU;
-            sp0 += DNSB;
-            sp1 += DNSB;
-            bp0 += DNSB;
-            bp1 += DNSB;
+            wp0 += 16 * DSU * BS;
+            wp1 += 16 * DSU * BS;
+            sp0 += DNSB * BS;
+            sp1 += DNSB * BS;
+            bp0 += DNSB * BS;
+            bp1 += DNSB * BS;
         };
 
         // RING: batch b of this warp into ring slot `slot` (one commit group per batch).
         const u32* wrow = w + wi * w_stride;
         const ST* srow = scales + wi * s_stride;
         const ST* brow = biases + wi * s_stride;
-        auto issue = [&](u32 b, u32 slot) {
+        // RING item i of this warp: its batch i % nb of its tile number i / nb.
+        const u32 nb = ok ? NBW : 0, total = my_tiles * nb;
+        auto issue = [&](u32 i, u32 slot) {
+            const u32 b = b0 + (i % nb) * BS;
+            const u64 t0 = ((u64)blockIdx.x + (u64)(i / nb) * gridDim.x) * 16;
             const u32 dst = ring + slot * RSTAGE;
 #pragma unroll
             for (int j = 0; j < 2 * DSU; j++) {
                 const u32 c = j * 32 + lane, row = c / (4 * DSU), ch = c % (4 * DSU);
-                const u64 r = min(N - 1, n0 + row);
+                const u64 r = min(N - 1, t0 + row);
                 cp_async16_sa(dst + row * RROW + ch * 16, wrow + r * row_words + ((u64)b * DSU * 4 + ch) * 4);
             }
             const u32 row = lane & 15;
-            const u64 r = min(N - 1, n0 + row);
+            const u64 r = min(N - 1, t0 + row);
             const ST* src = (lane < 16 ? srow : brow) + r * G + (u64)b * DNSB;
             cp_async_n(dst + 16 * RROW + (lane >> 4) * 256 + row * 16, src);
         };
@@ -251,7 +281,7 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
         };
 
         DecBatch A, B;
-        const bool run = ok && b0 < b1;
+        const bool run = ok && NBW > 0;
         if (!RING && run) load(A);  // in flight while x is staged
         pdl_wait();
 
@@ -269,7 +299,7 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
                 // The ring's first batches load while x lands and is rearranged.
 #pragma unroll
                 for (int p = 0; p < RSTAGES - 1; p++) {
-                    if (b0 + p < b1) issue(b0 + p, p);
+                    if (p < total) issue(p, p);
                     cp_commit();
                 }
                 cp_wait<RSTAGES - 1>();
@@ -320,9 +350,8 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
         }
         __syncthreads();
 
-        float y[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // [row g, g + 8][column 2t, 2t + 1]
-        u32 ba = bbase;
-        u32 sa0 = sxa[0], sa1 = sxa[1];
+        float y[2][2];  // [row g, g + 8][column 2t, 2t + 1]
+        u32 ba, sa0, sa1;
         auto compute = [&](const DecBatch& L) {
             // Every shared load of the batch first (B fragments and group sums of x).
             uint4 bv[DSU][4];
@@ -336,12 +365,14 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
                 sxv[u][0] = lds32f(sa0 + goff);
                 sxv[u][1] = lds32f(sa1 + goff);
             }
-            ba += DSU * bstep;
-            sa0 += 4 * DNSB;
-            sa1 += 4 * DNSB;
+            ba += DSU * bstep * BS;
+            sa0 += 4 * DNSB * BS;
+            sa1 += 4 * DNSB * BS;
 #pragma unroll
             for (int u = 0; u < DSU; u++) {
-                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                float accs[DEC_NACC][4];
+#pragma unroll
+                for (int a = 0; a < DEC_NACC; a++) accs[a][0] = accs[a][1] = accs[a][2] = accs[a][3] = 0.0f;
 #pragma unroll
                 for (int wd = 0; wd < 4; wd++) {
                     u32 a0[4], a1[4];
@@ -349,9 +380,14 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
                     dec_word(dec_word_of(L.q[u][1], wd), a1);
                     const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
                     const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
-                    mma(acc, f0, bv[u][wd].x, bv[u][wd].y);
-                    mma(acc, f1, bv[u][wd].z, bv[u][wd].w);
+                    mma(accs[wd % DEC_NACC], f0, bv[u][wd].x, bv[u][wd].y);
+                    mma(accs[wd % DEC_NACC], f1, bv[u][wd].z, bv[u][wd].w);
                 }
+                float* acc = accs[0];
+#pragma unroll
+                for (int a = 1; a < DEC_NACC; a++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) acc[i] += accs[a][i];
 #pragma unroll
                 for (int ci = 0; ci < 2; ci++) {
 #pragma unroll
@@ -373,54 +409,74 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
             }
         };
 
-        if (RING && run) {
-            for (u32 i = 0; b0 + i < b1; i++) {
-                cp_wait<RSTAGES - 2>();
-                __syncwarp();  // every lane's copies of batch i landed; slot i - 1 is free
-                if (b0 + i + RSTAGES - 1 < b1) issue(b0 + i + RSTAGES - 1, (i + RSTAGES - 1) % RSTAGES);
-                cp_commit();
-                read(i % RSTAGES, A);
-                compute(A);
+        u32 i = 0;  // RING: this warp's next item
+        for (u32 tile = 0; tile < my_tiles; tile++) {
+            n0 = ((u64)blockIdx.x + (u64)tile * gridDim.x) * 16;
+            y[0][0] = y[0][1] = y[1][0] = y[1][1] = 0.0f;
+            ba = bbase;
+            sa0 = sxa[0];
+            sa1 = sxa[1];
+            if (RING) {
+                for (u32 q = 0; q < nb; q++, i++) {
+                    cp_wait<RSTAGES - 2>();
+                    __syncwarp();  // every lane's copies of item i landed; slot i - 1 is free
+                    if (i + RSTAGES - 1 < total) issue(i + RSTAGES - 1, (i + RSTAGES - 1) % RSTAGES);
+                    cp_commit();
+                    read(i % RSTAGES, A);
+                    if constexpr (DEC_PROBE) {
+                        y[0][0] += __uint_as_float((A.q[0][0].x ^ A.q[DSU - 1][1].w ^ A.s[0][0] ^ A.b[1][0]) & 1u);
+                    } else {
+                        compute(A);
+                    }
+                }
+            } else if (run) {
+                auto use = [&](const DecBatch& L) {
+                    if constexpr (DEC_PROBE) {
+                        y[0][0] += __uint_as_float((L.q[0][0].x ^ L.q[DSU - 1][1].w ^ L.s[0][0] ^ L.b[1][0]) & 1u);
+                    } else {
+                        compute(L);
+                    }
+                };
+                for (u32 q = 0; q < NBW; q += 2) {
+                    if (q + 1 < NBW) load(B);
+                    use(A);
+                    if (q + 1 >= NBW) break;
+                    if (q + 2 < NBW) load(A);
+                    use(B);
+                }
             }
-            cp_wait<0>();
-        } else if (run) {
-            for (u32 b = b0; b < b1; b += 2) {
-                if (b + 1 < b1) load(B);
-                compute(A);
-                if (b + 1 >= b1) break;
-                if (b + 2 < b1) load(A);
-                compute(B);
-            }
-        }
 
-        // Columns of one token: DSLOTS = 1: each its own; 2: this lane's pair; 4: with lane t ^ 1.
+            // Columns of one token: DSLOTS = 1: each its own; 2: this lane's pair; 4: with lane t ^ 1.
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            float v0 = y[h][0], v1 = y[h][1];
-            if constexpr (DSLOTS >= 2) {
-                v0 += v1;
-                if constexpr (DSLOTS == 4) v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
+            for (int h = 0; h < 2; h++) {
+                float v0 = y[h][0], v1 = y[h][1];
+                if constexpr (DSLOTS >= 2) {
+                    v0 += v1;
+                    if constexpr (DSLOTS == 4) v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
+                }
+                float* rr = red + (warp * 16 + g + 8 * h) * 8;
+                if constexpr (DSLOTS == 1) {
+                    rr[tok[0]] = v0;
+                    rr[tok[1]] = v1;
+                } else if ((2 * t) % DSLOTS == 0) {
+                    rr[tok[0]] = v0;
+                }
             }
-            float* rr = red + (warp * 16 + g + 8 * h) * 8;
-            if constexpr (DSLOTS == 1) {
-                rr[tok[0]] = v0;
-                rr[tok[1]] = v1;
-            } else if ((2 * t) % DSLOTS == 0) {
-                rr[tok[0]] = v0;
-            }
-        }
-        __syncthreads();
-        for (u32 idx = threadIdx.x; idx < 128; idx += blockDim.x) {
-            const u32 row = idx >> 3, m = idx & 7;
-            const u64 n = n0 + row;
-            if (m < M && n < N) {
-                float v = 0.0f;
+            __syncthreads();
+            for (u32 idx = threadIdx.x; idx < 128; idx += blockDim.x) {
+                const u32 row = idx >> 3, m = idx & 7;
+                const u64 n = n0 + row;
+                if (m < M && n < N) {
+                    float v = 0.0f;
 #pragma unroll
-                for (int k = 0; k < WK; k++) v += red[(k * 16 + row) * 8 + m];
-                if (!ok) v = __int_as_float(0x7fc00000);
-                out[e * out_stride + (u64)m * N + n] = from_f32<OT>(v);
+                    for (int k = 0; k < WK; k++) v += red[(k * 16 + row) * 8 + m];
+                    if (!ok) v = __int_as_float(0x7fc00000);
+                    out[e * out_stride + (u64)m * N + n] = from_f32<OT>(v);
+                }
             }
+            __syncthreads();  // every warp read red before the next tile writes it
         }
+        if (RING) cp_wait<0>();
     }
 }
 #endif
@@ -597,11 +653,15 @@ __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u3
                     sxv[j][0] = lds32f(sxa[j][0] + goff);
                     sxv[j][1] = lds32f(sxa[j][1] + goff);
                 }
-                float acc[NT][4];
+                constexpr int NA = NT >= DEC_NACC ? 1 : DEC_NACC / NT;  // sets per n-tile
+                float accs[NA][NT][4];
 #pragma unroll
-                for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+                for (int a = 0; a < NA; a++)
+#pragma unroll
+                    for (int j = 0; j < NT; j++) accs[a][j][0] = accs[a][j][1] = accs[a][j][2] = accs[a][j][3] = 0.0f;
 #pragma unroll
                 for (int wd = 0; wd < 4; wd++) {
+                    float (*acc)[4] = accs[wd % NA];
                     uint4 bv[NT];
 #pragma unroll
                     for (int j = 0; j < NT; j++) bv[j] = lds128(bbase[j] + s * bstep[j] + 16 * wd);
@@ -616,6 +676,13 @@ __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u3
                         mma(acc[j], f1, bv[j].z, bv[j].w);
                     }
                 }
+                float (*acc)[4] = accs[0];
+#pragma unroll
+                for (int a = 1; a < NA; a++)
+#pragma unroll
+                    for (int j = 0; j < NT; j++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++) acc[j][i] += accs[a][j][i];
 #pragma unroll
                 for (int ci = 0; ci < 2; ci++) {
 #pragma unroll
