@@ -490,31 +490,15 @@ pub(crate) fn qmm(
             gather,
         ) {
             let f = k.func_named(fi)?;
-            let (mut m32, mut kc32, mut w_stride) = (
-                u32::try_from(m).map_err(|_| Error::SizeOverflow { op, what: "rows" })?,
-                kc as u32,
-                words_per_matrix,
-            );
-            let (mut px, mut pw, mut ps, mut pb, mut po) = (px, pw, ps, pb, po);
-            let (mut nd, mut kd, mut xs, mut ss, mut os) =
-                (ndim, kdim, x_stride, s_stride, out_stride);
-            let mut bt = bt;
-            let params: [*mut std::ffi::c_void; 14] = [
-                (&raw mut px).cast(),
-                (&raw mut pw).cast(),
-                (&raw mut ps).cast(),
-                (&raw mut pb).cast(),
-                (&raw mut po).cast(),
-                (&raw mut m32).cast(),
-                (&raw mut nd).cast(),
-                (&raw mut kd).cast(),
-                (&raw mut kc32).cast(),
-                (&raw mut xs).cast(),
-                (&raw mut w_stride).cast(),
-                (&raw mut ss).cast(),
-                (&raw mut os).cast(),
-                (&raw mut bt).cast(),
-            ];
+            let args = DecArgs {
+                ptrs: [px, pw, ps, pb, po],
+                m: u32::try_from(m).map_err(|_| Error::SizeOverflow { op, what: "rows" })?,
+                n: ndim,
+                k: kdim,
+                kc: Some(u32_of(op, kc)?),
+                strides: [x_stride, words_per_matrix, s_stride, out_stride],
+                bt,
+            };
             let grid = cfg(
                 (grid_x(op, ndim.div_ceil(16 * nw))?, gy, 1),
                 (nw * 32) as u32,
@@ -526,7 +510,7 @@ pub(crate) fn qmm(
             // < M of each of `entries` output matrices: all inside buffers kept alive by
             // `retain`. As a programmatic dependent it reads only W, scales and biases before
             // waiting for the previous kernel (a qmv_dec, which writes none of them).
-            unsafe { launch_ex(&dev, f, grid, smem_m as u32, &params, after_dec) }
+            unsafe { launch_dec(&dev, f, grid, smem_m as u32, args, after_dec) }
                 .map_err(driver(op))?;
             dev.swap_last_dec(true);
             finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
@@ -611,29 +595,15 @@ pub(crate) fn qmm(
             }
             let pick = pick.or(many_waves);
             if let Some((f, wk, slots)) = pick {
-                let (mut m32, mut w_stride) = (
-                    u32::try_from(m).map_err(|_| Error::SizeOverflow { op, what: "rows" })?,
-                    words_per_matrix,
-                );
-                let (mut px, mut pw, mut ps, mut pb, mut po) = (px, pw, ps, pb, po);
-                let (mut nd, mut kd, mut xs, mut ss, mut os) =
-                    (ndim, kdim, x_stride, s_stride, out_stride);
-                let mut bt = bt;
-                let params: [*mut std::ffi::c_void; 13] = [
-                    (&raw mut px).cast(),
-                    (&raw mut pw).cast(),
-                    (&raw mut ps).cast(),
-                    (&raw mut pb).cast(),
-                    (&raw mut po).cast(),
-                    (&raw mut m32).cast(),
-                    (&raw mut nd).cast(),
-                    (&raw mut kd).cast(),
-                    (&raw mut xs).cast(),
-                    (&raw mut w_stride).cast(),
-                    (&raw mut ss).cast(),
-                    (&raw mut os).cast(),
-                    (&raw mut bt).cast(),
-                ];
+                let args = DecArgs {
+                    ptrs: [px, pw, ps, pb, po],
+                    m: u32::try_from(m).map_err(|_| Error::SizeOverflow { op, what: "rows" })?,
+                    n: ndim,
+                    k: kdim,
+                    kc: None,
+                    strides: [x_stride, words_per_matrix, s_stride, out_stride],
+                    bt,
+                };
                 // The ring kernel is persistent over row tiles: one wave of resident blocks,
                 // each taking the same number of tiles (MLXQ_DEC_PERSIST=0: a block per tile).
                 let blocks_x = if ring && std::env::var("MLXQ_DEC_PERSIST").as_deref() != Ok("0") {
@@ -650,7 +620,7 @@ pub(crate) fn qmm(
                 // matrices: all inside buffers kept alive by `retain`. As a programmatic
                 // dependent (only after another qmv_dec) it reads W, scales and biases before
                 // waiting for that kernel, which writes none of them.
-                unsafe { launch_ex(&dev, f, grid, smem(wk) as u32, &params, after_dec) }
+                unsafe { launch_dec(&dev, f, grid, smem(wk) as u32, args, after_dec) }
                     .map_err(driver(op))?;
                 dev.swap_last_dec(true);
                 finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
@@ -998,6 +968,67 @@ fn finish(enc: &mut CommandEncoder, bufs: [&Buffer; 5], job: &MatmulJob<'_>, nam
         enc.retain(b);
     }
     enc.record(name);
+}
+
+/// The arguments of `qmv_dec*` / `qmv_decr*` and `qmv_decm*`, in their signature's order: the
+/// pointers x, W, scales, biases, out; M, N, K; the x chunk (`qmv_decm` only); the strides of
+/// x, W, scales and out; the batch.
+struct DecArgs {
+    ptrs: [u64; 5],
+    m: u32,
+    n: u64,
+    k: u64,
+    kc: Option<u32>,
+    strides: [u64; 4],
+    bt: Batch,
+}
+
+/// [`launch_ex`] of a decode kernel with `a` as its arguments.
+///
+/// # Safety
+/// `f` takes exactly the parameters [`DecArgs`] lists (with `kc` where `a.kc` is set), and
+/// the memory behind the pointers holds what the kernel reads and writes for these sizes
+/// until it completes.
+unsafe fn launch_dec(
+    dev: &CudaDevice,
+    f: &cudarc::driver::CudaFunction,
+    cfg: LaunchConfig,
+    shared: u32,
+    mut a: DecArgs,
+    pdl: bool,
+) -> std::result::Result<(), cudarc::driver::DriverError> {
+    let [px, pw, ps, pb, po] = &mut a.ptrs;
+    let [xs, ws, ss, os] = &mut a.strides;
+    let mut kc = a.kc.unwrap_or(0);
+    let head: [*mut std::ffi::c_void; 8] = [
+        (px as *mut u64).cast(),
+        (pw as *mut u64).cast(),
+        (ps as *mut u64).cast(),
+        (pb as *mut u64).cast(),
+        (po as *mut u64).cast(),
+        (&raw mut a.m).cast(),
+        (&raw mut a.n).cast(),
+        (&raw mut a.k).cast(),
+    ];
+    let tail: [*mut std::ffi::c_void; 5] = [
+        (xs as *mut u64).cast(),
+        (ws as *mut u64).cast(),
+        (ss as *mut u64).cast(),
+        (os as *mut u64).cast(),
+        (&raw mut a.bt).cast(),
+    ];
+    let mut list = [std::ptr::null_mut(); 14];
+    list[..8].copy_from_slice(&head);
+    let mut len = 8;
+    if a.kc.is_some() {
+        list[8] = (&raw mut kc).cast();
+        len = 9;
+    }
+    list[len..len + 5].copy_from_slice(&tail);
+    len += 5;
+    // SAFETY: the caller's contract; every pointer in `list` points into `a` or `kc`, which
+    // outlive the launch call (the driver copies the values).
+    unsafe { launch_ex(dev, f, cfg, shared, &list[..len], pdl) }
 }
 
 /// Launches `f` with `params` (pointers to each argument, in order) on the device's stream;

@@ -151,6 +151,43 @@ __device__ __forceinline__ void cp_async_n(u32 dst, const void* src) {
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
 }
 
+// RING: batch b of the 16 rows from t0 (clamped below N) into the ring slot at dst: the codes
+// with 8 lanes per row (DSU * 64 contiguous bytes), then the batch's scales (lanes 0-15) and
+// biases (lanes 16-31) of each row. The caller commits the group.
+__device__ __forceinline__ void ring_issue(u32 dst, const u32* wrow, const ST* srow, const ST* brow,
+                                           u64 t0, u64 N, u64 row_words, u64 G, u32 b, u32 lane) {
+#pragma unroll
+    for (int j = 0; j < 2 * DSU; j++) {
+        const u32 c = j * 32 + lane, row = c / (4 * DSU), ch = c % (4 * DSU);
+        const u64 r = min(N - 1, t0 + row);
+        cp_async16_sa(dst + row * RROW + ch * 16, wrow + r * row_words + ((u64)b * DSU * 4 + ch) * 4);
+    }
+    const u32 row = lane & 15;
+    const u64 r = min(N - 1, t0 + row);
+    const ST* src = (lane < 16 ? srow : brow) + r * G + (u64)b * DNSB;
+    cp_async_n(dst + 16 * RROW + (lane >> 4) * 256 + row * 16, src);
+}
+
+// RING: the batch in the ring slot at src, in the registers lane (g, t) uses (as `load`).
+__device__ __forceinline__ void ring_read(u32 src, u32 g, u32 t, DecBatch& L) {
+#pragma unroll
+    for (int u = 0; u < DSU; u++) {
+        L.q[u][0] = lds128(src + g * RROW + (4 * u + t) * 16);
+        L.q[u][1] = lds128(src + (g + 8) * RROW + (4 * u + t) * 16);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const uint4 sv = lds128(src + 16 * RROW + (g + 8 * h) * 16);
+        const uint4 bv = lds128(src + 16 * RROW + 256 + (g + 8 * h) * 16);
+        const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w}, bw[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+        for (int i = 0; i < DSW; i++) {
+            L.s[h][i] = sw[i];
+            L.b[h][i] = bw[i];
+        }
+    }
+}
+
 template <int WK, bool RING>
 __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                              const ST* __restrict__ scales,
@@ -246,39 +283,10 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
         // RING item i of this warp: its batch i % nb of its tile number i / nb.
         const u32 nb = ok ? NBW : 0, total = my_tiles * nb;
         auto issue = [&](u32 i, u32 slot) {
-            const u32 b = b0 + (i % nb) * BS;
             const u64 t0 = ((u64)blockIdx.x + (u64)(i / nb) * gridDim.x) * 16;
-            const u32 dst = ring + slot * RSTAGE;
-#pragma unroll
-            for (int j = 0; j < 2 * DSU; j++) {
-                const u32 c = j * 32 + lane, row = c / (4 * DSU), ch = c % (4 * DSU);
-                const u64 r = min(N - 1, t0 + row);
-                cp_async16_sa(dst + row * RROW + ch * 16, wrow + r * row_words + ((u64)b * DSU * 4 + ch) * 4);
-            }
-            const u32 row = lane & 15;
-            const u64 r = min(N - 1, t0 + row);
-            const ST* src = (lane < 16 ? srow : brow) + r * G + (u64)b * DNSB;
-            cp_async_n(dst + 16 * RROW + (lane >> 4) * 256 + row * 16, src);
+            ring_issue(ring + slot * RSTAGE, wrow, srow, brow, t0, N, row_words, G, b0 + (i % nb) * BS, lane);
         };
-        auto read = [&](u32 slot, DecBatch& L) {
-            const u32 src = ring + slot * RSTAGE;
-#pragma unroll
-            for (int u = 0; u < DSU; u++) {
-                L.q[u][0] = lds128(src + g * RROW + (4 * u + t) * 16);
-                L.q[u][1] = lds128(src + (g + 8) * RROW + (4 * u + t) * 16);
-            }
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const uint4 sv = lds128(src + 16 * RROW + (g + 8 * h) * 16);
-                const uint4 bv = lds128(src + 16 * RROW + 256 + (g + 8 * h) * 16);
-                const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w}, bw[4] = {bv.x, bv.y, bv.z, bv.w};
-#pragma unroll
-                for (int i = 0; i < DSW; i++) {
-                    L.s[h][i] = sw[i];
-                    L.b[h][i] = bw[i];
-                }
-            }
-        };
+        auto read = [&](u32 slot, DecBatch& L) { ring_read(ring + slot * RSTAGE, g, t, L); };
 
         DecBatch A, B;
         const bool run = ok && NBW > 0;
@@ -579,37 +587,9 @@ __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u3
         const ST* srow = scales + wi * s_stride;
         const ST* brow = biases + wi * s_stride;
         auto issue = [&](u32 b, u32 slot) {
-            const u32 dst = ring + slot * RSTAGE;
-#pragma unroll
-            for (int j = 0; j < 2 * DSU; j++) {
-                const u32 c = j * 32 + lane, row = c / (4 * DSU), ch = c % (4 * DSU);
-                const u64 r = min(N - 1, n0 + row);
-                cp_async16_sa(dst + row * RROW + ch * 16, wrow + r * row_words + ((u64)b * DSU * 4 + ch) * 4);
-            }
-            const u32 row = lane & 15;
-            const u64 r = min(N - 1, n0 + row);
-            const ST* src = (lane < 16 ? srow : brow) + r * G + (u64)b * DNSB;
-            cp_async_n(dst + 16 * RROW + (lane >> 4) * 256 + row * 16, src);
+            ring_issue(ring + slot * RSTAGE, wrow, srow, brow, n0, N, row_words, G, b, lane);
         };
-        auto read = [&](u32 slot, DecBatch& L) {
-            const u32 src = ring + slot * RSTAGE;
-#pragma unroll
-            for (int u = 0; u < DSU; u++) {
-                L.q[u][0] = lds128(src + g * RROW + (4 * u + t) * 16);
-                L.q[u][1] = lds128(src + (g + 8) * RROW + (4 * u + t) * 16);
-            }
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const uint4 sv = lds128(src + 16 * RROW + (g + 8 * h) * 16);
-                const uint4 bv = lds128(src + 16 * RROW + 256 + (g + 8 * h) * 16);
-                const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w}, bw[4] = {bv.x, bv.y, bv.z, bv.w};
-#pragma unroll
-                for (int i = 0; i < DSW; i++) {
-                    L.s[h][i] = sw[i];
-                    L.b[h][i] = bw[i];
-                }
-            }
-        };
+        auto read = [&](u32 slot, DecBatch& L) { ring_read(ring + slot * RSTAGE, g, t, L); };
         // The ring's first batches load before x is read (W does not depend on the previous
         // kernel).
         if (ok) {
