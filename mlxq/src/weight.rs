@@ -166,6 +166,11 @@ impl QuantizedWeight {
     pub fn biases(&self) -> Option<&Buffer> {
         self.biases.as_ref()
     }
+    /// The three tensors, mutably, for ops that write a weight in place (`quantize_into`).
+    /// Callers only write their bytes (never assign whole buffers), so the weight stays valid.
+    pub(crate) fn buffers_mut(&mut self) -> (&mut Buffer, &mut Buffer, Option<&mut Buffer>) {
+        (&mut self.packed, &mut self.scales, self.biases.as_mut())
+    }
     /// dtype of scales (and biases).
     pub fn scales_dtype(&self) -> DType {
         self.scales.dtype()

@@ -407,3 +407,91 @@ fn unsupported_modes_say_so() {
         &["not supported", "mxfp4"],
     );
 }
+
+#[test]
+fn quantize_into_an_output_of_the_wrong_spec_shape_or_dtype() {
+    let spec = QuantSpec::affine(4, 32).unwrap();
+    let w = Buffer::from_f32(&[0.5; 8 * 64], DType::BF16, &[8, 64]).unwrap();
+    // Wrong width, then wrong group size.
+    for other in [
+        QuantSpec::affine(8, 32).unwrap(),
+        QuantSpec::affine(4, 64).unwrap(),
+    ] {
+        let mut out = ops::quantize(&mut enc(), &w, other, Flavour::Gpu).unwrap();
+        let e = ops::quantize_into(&mut enc(), &w, spec, Flavour::Gpu, &mut out).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::InvalidParameter {
+                op: "quantize",
+                param: "out",
+                ..
+            }
+        ));
+        says(e, &[&spec.to_string(), &other.to_string()]);
+    }
+    // Wrong shape: fewer rows, other columns, an extra batch dim.
+    for shape in [[4, 64].as_slice(), &[8, 128], &[1, 8, 64]] {
+        let n: usize = shape.iter().product();
+        let other = Buffer::from_f32(&vec![0.5; n], DType::BF16, shape).unwrap();
+        let mut out = ops::quantize(&mut enc(), &other, spec, Flavour::Gpu).unwrap();
+        let e = ops::quantize_into(&mut enc(), &w, spec, Flavour::Gpu, &mut out).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::ShapeMismatch {
+                op: "quantize",
+                param: "out",
+                ..
+            }
+        ));
+        says(e, &["[8, 64]", &format!("{shape:?}")]);
+    }
+    // Wrong scales dtype.
+    let wf = Buffer::from_f32(&[0.5; 8 * 64], DType::F32, &[8, 64]).unwrap();
+    let mut out = ops::quantize(&mut enc(), &wf, spec, Flavour::Gpu).unwrap();
+    says(
+        ops::quantize_into(&mut enc(), &w, spec, Flavour::Gpu, &mut out).unwrap_err(),
+        &["quantize", "out", "bfloat16", "float32"],
+    );
+    // A bad `w` is reported as `w` before `out` is looked at.
+    let u = Buffer::zeros(DType::U32, &[8, 64]).unwrap();
+    says(
+        ops::quantize_into(&mut enc(), &u, spec, Flavour::Gpu, &mut out).unwrap_err(),
+        &["quantize", "w", "uint32"],
+    );
+    let odd = Buffer::zeros(DType::BF16, &[8, 40]).unwrap();
+    says(
+        ops::quantize_into(&mut enc(), &odd, spec, Flavour::Gpu, &mut out).unwrap_err(),
+        &["quantize", "w", "multiple of the group size 32", "[8, 40]"],
+    );
+}
+
+#[test]
+fn quantize_into_a_shared_output_writes_nothing() {
+    let spec = QuantSpec::affine(4, 32).unwrap();
+    let w = Buffer::from_f32(&[0.5; 8 * 64], DType::BF16, &[8, 64]).unwrap();
+    let mut out = weight(&[8, 64]);
+    let alias = out.clone();
+    let before = alias.packed().bytes().to_vec();
+    says(
+        ops::quantize_into(&mut enc(), &w, spec, Flavour::Gpu, &mut out).unwrap_err(),
+        &["quantize", "out", "read-only", "shared"],
+    );
+    assert_eq!(alias.packed().bytes(), &before[..]);
+    // An expert view shares its stack's storage: refused the same way.
+    let stack = weight(&[2, 8, 64]);
+    let mut one = stack.expert(1).unwrap();
+    says(
+        ops::quantize_into(&mut enc(), &w, spec, Flavour::Gpu, &mut one).unwrap_err(),
+        &["quantize", "out", "read-only"],
+    );
+}
+
+#[test]
+fn quantize_only_affine() {
+    let spec = QuantSpec::new(QuantMode::Mxfp4, 4, 32).unwrap();
+    let w = Buffer::from_f32(&[0.5; 8 * 64], DType::BF16, &[8, 64]).unwrap();
+    says(
+        ops::quantize(&mut enc(), &w, spec, Flavour::Gpu).unwrap_err(),
+        &["quantize", "mxfp4", "not supported"],
+    );
+}

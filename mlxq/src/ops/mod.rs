@@ -12,7 +12,7 @@ pub use dequantize::{dequantize, DequantizeOptions};
 pub use embedding::embedding;
 pub use gather_qmm::gather_qmm;
 pub use matmul::{quantized_matmul, quantized_matmul_into};
-pub use quantize::quantize;
+pub use quantize::{quantize, quantize_into};
 
 use crate::backend::cpu::{CpuKernel, MatrixRef};
 use crate::error::{Error, Result};

@@ -1,28 +1,36 @@
 //! `quantize`: float weights → [`QuantizedWeight`], bit-identical to MLX in either flavour.
+//!
+//! [`quantize_into`] writes into a caller-owned weight (no allocation, and no page faults on
+//! fresh output memory, per call); [`quantize`] allocates one and runs the same path.
 
 use super::{require_float, require_nonzero};
 use crate::backend::cpu::{self, quantize::QuantizeArgs, KernelFn};
 use crate::error::{Error, Result};
 use crate::quant::{Flavour, QuantSpec};
 use crate::registry::{KernelKey, OpKind};
-use crate::{Buffer, CommandEncoder, QuantizedWeight};
+use crate::{Buffer, CommandEncoder, DType, QuantizedWeight};
 
 const OP: &str = "quantize";
 
-/// Quantizes `w` (`[..., rows, cols]`, f32/f16/bf16, `cols` a multiple of the group size)
-/// along its last axis. Scales and biases get `w`'s dtype, as in MLX.
-pub fn quantize(
-    enc: &mut CommandEncoder,
+/// Checks `w` and `spec`; returns the shapes of the packed codes and of the scales (and
+/// biases) that quantizing `w` gives.
+fn output_shapes(
+    enc: &CommandEncoder,
     w: &Buffer,
     spec: QuantSpec,
-    flavour: Flavour,
-) -> Result<QuantizedWeight> {
+) -> Result<(Vec<usize>, Vec<usize>)> {
     enc.check_location(OP, "w", w)?;
     require_float(OP, "w", w)?;
     if w.ndim() < 2 {
         return Err(Error::shape(OP, "w", "at least 2 dimensions", w.shape()));
     }
     require_nonzero(OP, "w", w.shape())?;
+    if !spec.has_biases() {
+        return Err(Error::unsupported(
+            OP,
+            format!("mode {} (only affine weights are quantized)", spec.mode()),
+        ));
+    }
     let cols = w.shape()[w.ndim() - 1];
     let g = spec.group_size() as usize;
     let words = spec.packed_words(cols).ok_or_else(|| {
@@ -35,14 +43,89 @@ pub fn quantize(
     })?;
     let lead = &w.shape()[..w.ndim() - 1];
     let with_last = |d: usize| lead.iter().copied().chain([d]).collect::<Vec<_>>();
+    Ok((with_last(words), with_last(cols / g)))
+}
+
+/// Quantizes `w` (`[..., rows, cols]`, f32/f16/bf16, `cols` a multiple of the group size)
+/// along its last axis. Scales and biases get `w`'s dtype, as in MLX.
+///
+/// Allocates the result, then runs [`quantize_into`]'s path; to quantize repeatedly without
+/// allocating (and faulting in fresh output pages) per call, use [`quantize_into`].
+pub fn quantize(
+    enc: &mut CommandEncoder,
+    w: &Buffer,
+    spec: QuantSpec,
+    flavour: Flavour,
+) -> Result<QuantizedWeight> {
+    let (pshape, sshape) = output_shapes(enc, w, spec)?;
+    let device = enc.device().clone();
+    let packed = Buffer::uninit_on(&device, DType::U32, &pshape)?;
+    let scales = Buffer::uninit_on(&device, w.dtype(), &sshape)?;
+    let biases = Buffer::uninit_on(&device, w.dtype(), &sshape)?;
+    let mut out = QuantizedWeight::new(packed, scales, Some(biases), spec)?;
+    execute(enc, w, spec, flavour, &mut out)?;
+    Ok(out)
+}
+
+/// Quantizes `w` as [`quantize`] does, writing every byte of the caller-owned `out`'s codes,
+/// scales and biases (bit-identical to [`quantize`]'s result).
+///
+/// `out` must be a weight of `spec` and of `w`'s logical shape, with scales (and biases) of
+/// `w`'s dtype, on the encoder's device, and on the host it must own its storage alone (not
+/// a memory-mapped file, nor shared with a clone or an expert view); otherwise this returns
+/// an error naming `out`, what was expected and what came, and writes nothing.
+pub fn quantize_into(
+    enc: &mut CommandEncoder,
+    w: &Buffer,
+    spec: QuantSpec,
+    flavour: Flavour,
+    out: &mut QuantizedWeight,
+) -> Result<()> {
+    output_shapes(enc, w, spec)?;
+    if out.spec() != spec {
+        return Err(Error::invalid(
+            OP,
+            "out",
+            format!("a weight quantized as {spec}"),
+            out.spec(),
+        ));
+    }
+    if out.shape() != w.shape() {
+        return Err(Error::shape(
+            OP,
+            "out",
+            format!("logical shape {:?} (as w)", w.shape()),
+            out.shape(),
+        ));
+    }
+    if out.scales_dtype() != w.dtype() {
+        return Err(Error::dtype(
+            OP,
+            "out",
+            format!("scales and biases of {} (as w)", w.dtype().name()),
+            out.scales_dtype(),
+        ));
+    }
+    execute(enc, w, spec, flavour, out)
+}
+
+/// Runs the quantize kernel of `enc`'s device from `w` into `out` (both checked).
+fn execute(
+    enc: &mut CommandEncoder,
+    w: &Buffer,
+    spec: QuantSpec,
+    flavour: Flavour,
+    out: &mut QuantizedWeight,
+) -> Result<()> {
+    enc.check_location(OP, "out", out.packed())?;
+    enc.check_location(OP, "out", out.scales())?;
+    if let Some(b) = out.biases() {
+        enc.check_location(OP, "out", b)?;
+    }
     #[cfg(feature = "cuda")]
     if enc.device().cuda_state().is_ok() {
-        let (pshape, sshape) = (with_last(words), with_last(cols / g));
-        return crate::backend::cuda::launch::quantize(enc, w, spec, flavour, &pshape, &sshape);
+        return crate::backend::cuda::launch::quantize(enc, w, flavour, out);
     }
-    let mut packed = Buffer::zeros(crate::DType::U32, &with_last(words))?;
-    let mut scales = Buffer::zeros(w.dtype(), &with_last(cols / g))?;
-    let mut biases = Buffer::zeros(w.dtype(), &with_last(cols / g))?;
     let key = KernelKey {
         op: OpKind::Quantize,
         mode: spec.mode(),
@@ -50,7 +133,7 @@ pub fn quantize(
         group_size: spec.group_size(),
         input: w.dtype(),
         scales: w.dtype(),
-        output: crate::DType::U32,
+        output: DType::U32,
         flag: flavour == Flavour::Gpu,
         variant: crate::registry::AUTO,
     };
@@ -58,14 +141,28 @@ pub fn quantize(
     let KernelFn::Quantize(f) = kernel.func else {
         return Err(Error::unsupported(OP, format!("kernel {}", kernel.name)));
     };
+    let (packed, scales, biases) = out.buffers_mut();
+    let biases = biases.ok_or_else(|| Error::invalid(OP, "out", "a weight with biases", "none"))?;
     f(QuantizeArgs {
         w: w.bytes(),
-        group_size: g,
+        group_size: spec.group_size() as usize,
         flavour,
-        packed: packed.bytes_mut()?,
-        scales: scales.bytes_mut()?,
-        biases: biases.bytes_mut()?,
+        packed: writable(packed)?,
+        scales: writable(scales)?,
+        biases: writable(biases)?,
     })?;
     enc.record(&kernel.name);
-    QuantizedWeight::new(packed, scales, Some(biases), spec)
+    Ok(())
+}
+
+/// The bytes of one of `out`'s buffers, writable, or the read-only error naming `out`.
+fn writable(b: &mut Buffer) -> Result<&mut [u8]> {
+    b.bytes_mut().map_err(|e| match e {
+        Error::ReadOnly { reason, .. } => Error::ReadOnly {
+            op: OP,
+            param: "out",
+            reason,
+        },
+        e => e,
+    })
 }

@@ -1121,6 +1121,67 @@ mod tests {
         }
     }
 
+    /// The packed output at every offset within a 64-byte line (`quantize_into` writes into
+    /// caller-owned buffers, and tasks share the lines at their edges): equal to the generic
+    /// kernel's bytes, and nothing written outside the slice. Two parallel tasks, the second
+    /// ending in a partial batch; every width and group size.
+    #[test]
+    fn quantize_output_at_every_alignment() {
+        if !available() {
+            eprintln!("skipped: no AVX-512");
+            return;
+        }
+        let groups = TASK_GROUPS + 3 * BATCH + 5;
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        for bits in [1u32, 2, 3, 4, 5, 6, 8] {
+            for g in [32usize, 64, 128] {
+                let mut w = vec![0f32; groups * g];
+                for group in w.chunks_exact_mut(g) {
+                    special_group(&mut seed, group);
+                }
+                let gb = g / 8 * bits as usize;
+                let n = groups * gb;
+                let run = |f: super::super::quantize::QuantizeFn, packed: &mut [u8]| {
+                    let (mut scales, mut biases) = (vec![0u8; groups * 4], vec![0u8; groups * 4]);
+                    f(QuantizeArgs {
+                        w: bytemuck::cast_slice(&w),
+                        group_size: g,
+                        flavour: Flavour::Gpu,
+                        packed,
+                        scales: &mut scales,
+                        biases: &mut biases,
+                    })
+                    .expect("valid arguments");
+                };
+                let mut want = vec![0u8; n];
+                run(
+                    super::super::quantize::generic(DType::F32, bits).expect("generic"),
+                    &mut want,
+                );
+                let f = quantize_kernel(DType::F32, bits).expect("a kernel for every width");
+                for off in [0usize, 1, 4, 17, 32, 45, 63] {
+                    // A 64-byte aligned base: `off` is the slice's offset within its line.
+                    let mut store = vec![0u64; (n + 256) / 8];
+                    let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut store);
+                    let base = bytes.as_ptr() as usize;
+                    let start = (64 - base % 64) % 64 + off;
+                    bytes.fill(0xA5);
+                    run(f, &mut bytes[start..start + n]);
+                    let ctx = format!("{bits}-bit g{g} offset {off}");
+                    assert!(bytes[start..start + n] == want[..], "{ctx}: codes differ");
+                    assert!(
+                        bytes[..start].iter().all(|&b| b == 0xA5),
+                        "{ctx}: wrote before"
+                    );
+                    assert!(
+                        bytes[start + n..].iter().all(|&b| b == 0xA5),
+                        "{ctx}: wrote after"
+                    );
+                }
+            }
+        }
+    }
+
     /// Random values of one group: ordinary ones of a random magnitude, ties of a power-of-2
     /// grid, constants, signed zeros, subnormals, huge ranges, and NaN/±∞ sprinkled in.
     fn special_group(seed: &mut u64, out: &mut [f32]) {

@@ -85,18 +85,17 @@ fn grid_x(op: &'static str, n: u64) -> Result<u32> {
         .ok_or(Error::SizeOverflow { op, what: "grid" })
 }
 
-/// Quantizes `w` (validated by `ops::quantize`) on its CUDA device.
+/// Quantizes `w` into `out` (both validated by `ops::quantize_into`) on its CUDA device.
 pub(crate) fn quantize(
     enc: &mut CommandEncoder,
     w: &Buffer,
-    spec: QuantSpec,
     flavour: Flavour,
-    packed_shape: &[usize],
-    scales_shape: &[usize],
-) -> Result<QuantizedWeight> {
+    out: &QuantizedWeight,
+) -> Result<()> {
     const OP: &str = "quantize";
     let dev = cuda(enc)?;
     dev.swap_last_dec(false);
+    let spec = out.spec();
     let key = KernelKey {
         op: OpKind::Quantize,
         mode: spec.mode(),
@@ -109,20 +108,21 @@ pub(crate) fn quantize(
         variant: AUTO,
     };
     let k = dev.kernel(key)?;
-    let device = enc.device().clone();
-    let packed = Buffer::uninit_on(&device, DType::U32, packed_shape)?;
-    let scales = Buffer::uninit_on(&device, w.dtype(), scales_shape)?;
-    let biases = Buffer::uninit_on(&device, w.dtype(), scales_shape)?;
+    let (packed, scales) = (out.packed(), out.scales());
+    let biases = out
+        .biases()
+        .ok_or_else(|| Error::invalid(OP, "out", "a weight with biases", "none"))?;
     let chunks = (w.numel() / 8) as u64;
     let (pw, pp, ps, pb) = (
         ptr(OP, "w", w)?,
-        ptr(OP, "packed", &packed)?,
-        ptr(OP, "scales", &scales)?,
-        ptr(OP, "biases", &biases)?,
+        ptr(OP, "packed", packed)?,
+        ptr(OP, "scales", scales)?,
+        ptr(OP, "biases", biases)?,
     );
     let stream = dev.stream();
     // SAFETY: the pointers address buffers of the sizes the kernel indexes (chunks·8 inputs,
-    // chunks·bits bytes, chunks·8/group scales and biases), kept alive by `retain` below.
+    // chunks·bits bytes, chunks·8/group scales and biases: `out` has `w`'s shape and `spec`),
+    // kept alive by `retain` below.
     unsafe {
         stream
             .launch_builder(k.func_named(OP)?)
@@ -134,11 +134,11 @@ pub(crate) fn quantize(
             .launch(cfg((grid_x(OP, chunks.div_ceil(256))?, 1, 1), 256, OP)?)
     }
     .map_err(driver(OP))?;
-    for b in [w, &packed, &scales, &biases] {
+    for b in [w, packed, scales, biases] {
         enc.retain(b);
     }
     enc.record(&k.name);
-    QuantizedWeight::new(packed, scales, Some(biases), spec)
+    Ok(())
 }
 
 /// Dequantizes all of `w` into a new buffer on its CUDA device.
