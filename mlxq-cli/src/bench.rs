@@ -139,6 +139,10 @@ pub struct Tuning {
     /// (32 layers × q, k, v, o, gate, up, down at M = 1, each layer its own weights).
     #[arg(long)]
     pub chain: bool,
+    /// CUDA: leave out the cuBLAS bf16 column (e.g. under compute-sanitizer, whose racecheck
+    /// reports hazards inside cuBLAS's own kernels).
+    #[arg(long)]
+    pub no_cublas: bool,
     /// Seed of the random weights and inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

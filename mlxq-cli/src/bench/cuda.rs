@@ -269,6 +269,9 @@ pub fn run(
                             let best = t.stream_us.min(t.graph_us);
                             // cuBLAS bf16 GEMM of the same shape (W [N, K] bf16), once per shape.
                             let blas = *cublas.entry([m, n, k]).or_insert_with(|| {
+                                if args.tune.no_cublas {
+                                    return None;
+                                }
                                 cublas_bf16_gemm_us(device, m, n, k, iters, rotate)
                                     .map_err(|e| eprintln!("cuBLAS column skipped: {e}"))
                                     .ok()
