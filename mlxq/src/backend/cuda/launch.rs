@@ -346,7 +346,7 @@ pub(crate) fn qmm(
         && entries >= 2 * w_count.max(32)
         && w_count <= 1024
         && super::tensor_core_path(&key, dev.arch())
-        && std::env::var_os("MLXQ_GATHER_SORT_OFF").is_none()
+        && knob("MLXQ_GATHER_SORT_OFF").is_none()
     {
         // gather_qmm over many (token, expert) pairs: sort the pairs by expert on the device
         // (gather_sort), then one grouped tensor-core GEMM over tiles of 64 pairs of one
@@ -386,9 +386,9 @@ pub(crate) fn qmm(
         // against 406 for qmm_tc_g8 in run 4; validated by the conformance suite and the
         // sanitizers on the H200). MLXQ_TILE_G=g6 takes 6 stages (317 µs, checked by the bench
         // only), =off restores qmm_tc_g8.
-        let tile = match std::env::var("MLXQ_TILE_G").as_deref() {
-            Ok("off") => None,
-            Ok("g6") => Some(&TILES[5]),
+        let tile = match knob("MLXQ_TILE_G") {
+            Some("off") => None,
+            Some("g6") => Some(&TILES[5]),
             _ => Some(&TILES[2]),
         }
         .filter(|t| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]));
@@ -454,9 +454,7 @@ pub(crate) fn qmm(
         finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
         return Ok(());
     }
-    if job.transpose
-        && super::tensor_core_path(&key, dev.arch())
-        && std::env::var_os("MLXQ_DEC_OFF").is_none()
+    if job.transpose && super::tensor_core_path(&key, dev.arch()) && knob("MLXQ_DEC_OFF").is_none()
     {
         let bits = u64::from(spec.bits());
         let group = u64::from(spec.group_size());
@@ -473,9 +471,9 @@ pub(crate) fn qmm(
         // 16 bytes; by default where N or K >= 8192 (faster there on the H200, slower at
         // 4096x4096: run 4d). MLXQ_DEC_RING=1 forces it, =0 turns it off.
         let dsb = super::dec_steps() * qc / group * ssize;
-        let ring = match std::env::var("MLXQ_DEC_RING").as_deref() {
-            Ok("1") => true,
-            Ok("0") => false,
+        let ring = match knob("MLXQ_DEC_RING") {
+            Some("1") => true,
+            Some("0") => false,
             _ => ndim.max(kdim) >= 8192,
         } && matches!(dsb, 4 | 8 | 16);
         if let Some((fi, nw, kc, smem_m)) = decm_pick(
@@ -532,8 +530,7 @@ pub(crate) fn qmm(
         // docs/perf-cuda.md).
         // 8-bit on the ring kernel only with MLXQ_DEC8=1: slower than v1 on the H200 (run 5d,
         // docs/perf-cuda.md: 30.0 vs 26.2 µs at 14336x4096, 140 vs 85 µs at 28672x8192).
-        let dec8 =
-            bits == 8 && ring && group <= qc && std::env::var("MLXQ_DEC8").as_deref() == Ok("1");
+        let dec8 = bits == 8 && ring && group <= qc && knob("MLXQ_DEC8") == Some("1");
         if (bits == 4 || dec8)
             && m * slots <= 8
             && batch_codes.is_multiple_of(group)
@@ -548,8 +545,7 @@ pub(crate) fn qmm(
             // Warps per block (K split inside the block): 8 where the grid fits two waves of
             // 8-warp blocks, else 4 (measured best on the H200, run 4b), else the most that
             // fit; MLXQ_DEC_WK forces one (experiments).
-            let forced = std::env::var("MLXQ_DEC_WK")
-                .ok()
+            let forced = knob("MLXQ_DEC_WK")
                 .and_then(|v| v.parse::<u64>().ok())
                 .filter(|v| matches!(v, 1 | 2 | 4 | 8));
             let (mut pick, mut many_waves) = (None, None);
@@ -606,7 +602,7 @@ pub(crate) fn qmm(
                 };
                 // The ring kernel is persistent over row tiles: one wave of resident blocks,
                 // each taking the same number of tiles (MLXQ_DEC_PERSIST=0: a block per tile).
-                let blocks_x = if ring && std::env::var("MLXQ_DEC_PERSIST").as_deref() != Ok("0") {
+                let blocks_x = if ring && knob("MLXQ_DEC_PERSIST") != Some("0") {
                     let per_block = row_blocks.div_ceil((slots / u64::from(gy)).max(1));
                     row_blocks.div_ceil(per_block)
                 } else {
@@ -641,12 +637,12 @@ pub(crate) fn qmm(
     {
         let sms = u64::from(dev.multiprocessors());
         let blocks = |t: &Tile| m.div_ceil(t.bm) * ndim.div_ceil(t.bn);
-        let pick = match std::env::var("MLXQ_TILE").as_deref() {
-            Ok("off") => None,
-            Ok("l") => Some(&TILES[0]),
-            Ok("m") => Some(&TILES[1]),
-            Ok("l5") => Some(&TILES[3]),
-            Ok("m6") => Some(&TILES[4]),
+        let pick = match knob("MLXQ_TILE") {
+            Some("off") => None,
+            Some("l") => Some(&TILES[0]),
+            Some("m") => Some(&TILES[1]),
+            Some("l5") => Some(&TILES[3]),
+            Some("m6") => Some(&TILES[4]),
             _ => Some(&TILES[0]).filter(|t| 4 * blocks(t) >= 3 * sms),
         }
         .filter(|t| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]))
@@ -1031,6 +1027,31 @@ unsafe fn launch_dec(
     unsafe { launch_ex(dev, f, cfg, shared, &list[..len], pdl) }
 }
 
+/// The experiment switches [`knob`] reads.
+const KNOBS: [&str; 11] = [
+    "MLXQ_GATHER_SORT_OFF",
+    "MLXQ_TILE_G",
+    "MLXQ_DEC_OFF",
+    "MLXQ_DEC_RING",
+    "MLXQ_DEC8",
+    "MLXQ_DEC_WK",
+    "MLXQ_DEC_PERSIST",
+    "MLXQ_TILE",
+    "MLXQ_DECM",
+    "MLXQ_DECM_MIN",
+    "MLXQ_DECM_NW",
+];
+
+/// The value of the experiment switch `name` (an `MLXQ_*` environment variable), read once per
+/// process: launches consult these on every call, and reading the environment each time takes
+/// its lock and allocates.
+fn knob(name: &'static str) -> Option<&'static str> {
+    static VALUES: std::sync::OnceLock<Vec<Option<String>>> = std::sync::OnceLock::new();
+    let values = VALUES.get_or_init(|| KNOBS.iter().map(|k| std::env::var(k).ok()).collect());
+    let i = KNOBS.iter().position(|k| *k == name)?;
+    values.get(i)?.as_deref()
+}
+
 /// Launches `f` with `params` (pointers to each argument, in order) on the device's stream;
 /// with `pdl`, as a programmatic dependent of the kernel before it (it may start once that
 /// one's blocks have all triggered, and waits for it with `griddepcontrol.wait`).
@@ -1097,14 +1118,13 @@ fn decm_pick(
     ssize: u64,
     gather: bool,
 ) -> Option<(&'static str, u64, u64, u64)> {
-    let mode = std::env::var("MLXQ_DECM");
-    let everywhere = match mode.as_deref() {
-        Ok("0") => return None,
-        Ok("1") => true,
+    let mode = knob("MLXQ_DECM");
+    let everywhere = match mode {
+        Some("0") => return None,
+        Some("1") => true,
         _ => false,
     };
-    let min_m = std::env::var("MLXQ_DECM_MIN")
-        .ok()
+    let min_m = knob("MLXQ_DECM_MIN")
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(3);
     let ck = 128 / bits;
@@ -1128,10 +1148,7 @@ fn decm_pick(
     {
         return None;
     }
-    let nw = match std::env::var("MLXQ_DECM_NW")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    let nw = match knob("MLXQ_DECM_NW").and_then(|v| v.parse::<u64>().ok()) {
         Some(v @ (2 | 4 | 8)) => v,
         _ if ndim.div_ceil(64) * gy < u64::from(dev.multiprocessors()) => 2,
         _ => 4,
@@ -1406,6 +1423,23 @@ pub fn cublas_bf16_gemm_us(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_knob_read_is_listed() {
+        let src = include_str!("launch.rs");
+        let mut seen = 0;
+        for part in src.split("knob(\"").skip(1) {
+            let name = &part[..part.find('"').unwrap_or(0)];
+            if name.starts_with("MLXQ_") {
+                assert!(
+                    super::KNOBS.contains(&name),
+                    "{name} is read but not in KNOBS"
+                );
+                seen += 1;
+            }
+        }
+        assert!(seen >= super::KNOBS.len(), "found {seen} reads");
+    }
+
     #[test]
     fn batch_matches_the_cuda_layout() {
         // 12 u64 + 3 pointers + 4 u32 = 136 bytes, 8-aligned, as `struct Batch` in qmv.cu.
