@@ -218,6 +218,97 @@ fn quantize_and_dequantize_match_the_cpu_backend_everywhere() {
     assert_none("CUDA vs CPU quantize/dequantize", checked, failures);
 }
 
+/// A weight of `spec` on `dev` for a `shape` input of `dtype`, every byte 0xFF (NaN scales and
+/// biases, all-ones codes), so any byte `quantize_into` leaves unwritten shows.
+fn poisoned_weight(
+    dev: &Device,
+    shape: &[usize],
+    dtype: DType,
+    spec: QuantSpec,
+) -> QuantizedWeight {
+    let (lead, cols) = shape.split_at(shape.len() - 1);
+    let g = spec.group_size() as usize;
+    let words = spec.packed_words(cols[0]).unwrap();
+    let with = |d: usize| lead.iter().copied().chain([d]).collect::<Vec<_>>();
+    let fill = |dtype: DType, shape: &[usize]| {
+        let n: usize = shape.iter().product::<usize>() * dtype.size();
+        up(
+            &Buffer::from_bytes(&vec![0xFF; n], dtype, shape).unwrap(),
+            dev,
+        )
+    };
+    QuantizedWeight::new(
+        fill(DType::U32, &with(words)),
+        fill(dtype, &with(cols[0] / g)),
+        Some(fill(dtype, &with(cols[0] / g))),
+        spec,
+    )
+    .unwrap()
+}
+
+/// `quantize_into` on CUDA writes every byte of a caller-owned, poisoned output, equal to the
+/// CPU backend's `quantize`, also when the same output is written twice; an output on another
+/// device is refused by name.
+#[test]
+fn quantize_into_fills_caller_owned_outputs() {
+    let Some(dev) = gpu() else { return };
+    let cpu = Device::cpu();
+    let (mut genc, mut cenc) = (dev.encoder(), cpu.encoder());
+    let mut rng = StdRng::seed_from_u64(17);
+    let (mut checked, mut failures) = (0, Vec::new());
+    // 37 rows (not a multiple of any block), K three groups of 128.
+    let shape = [2usize, 37, 384];
+    let n: usize = shape.iter().product();
+    for bits in BITS {
+        for g in GROUPS {
+            let spec = QuantSpec::affine(bits, g).unwrap();
+            for dtype in FLOATS {
+                for flavour in FLAVOURS {
+                    let mut out = poisoned_weight(&dev, &shape, dtype, spec);
+                    // Twice into the same output, from different inputs.
+                    for round in 0..2 {
+                        checked += 1;
+                        let ctx = format!("b{bits} g{g} {dtype} {flavour:?} round {round}");
+                        let w = Buffer::from_f32(&randn(&mut rng, n), dtype, &shape).unwrap();
+                        let want = ops::quantize(&mut cenc, &w, spec, flavour).unwrap();
+                        let wd = up(&w, &dev);
+                        if let Err(e) = ops::quantize_into(&mut genc, &wd, spec, flavour, &mut out)
+                        {
+                            failures.push(format!("{ctx}: {e}"));
+                            continue;
+                        }
+                        genc.commit_and_wait().unwrap();
+                        let got = weight_down(&out);
+                        for (what, a, b) in [
+                            ("packed", want.packed(), got.packed()),
+                            ("scales", want.scales(), got.scales()),
+                            ("biases", want.biases().unwrap(), got.biases().unwrap()),
+                        ] {
+                            if let Some(f) = same_bytes(what, a, b) {
+                                failures.push(format!("{ctx}: {f}"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_none("CUDA quantize_into vs CPU quantize", checked, failures);
+    // An output in host memory, with a CUDA encoder and input.
+    let spec = QuantSpec::affine(4, 64).unwrap();
+    let w = up(
+        &Buffer::from_f32(&randn(&mut rng, 64 * 128), DType::BF16, &[64, 128]).unwrap(),
+        &dev,
+    );
+    let mut host_out = weight_down(&poisoned_weight(&dev, &[64, 128], DType::BF16, spec));
+    let err = ops::quantize_into(&mut genc, &w, spec, Flavour::Gpu, &mut host_out)
+        .expect_err("an output on the host must be refused");
+    assert!(
+        err.to_string().contains("out"),
+        "error should name `out`: {err}"
+    );
+}
+
 fn tolerance(out: DType) -> f64 {
     if out == DType::F32 {
         1e-5
@@ -425,6 +516,13 @@ fn long_rows_and_many_rows() {
         // The persistent ring decode: several row tiles per block, N not a multiple of 16.
         (4, 64, 2, 20007, 4096, true),
         (4, 128, 1, 9000, 8192, true),
+        // The ring: N or K >= 8192 with tile counts that do not divide the resident blocks,
+        // odd N, M up to the most one tile serves, every group size, the same shape twice.
+        (4, 64, 1, 4099, 8192, true),
+        (4, 64, 1, 4099, 8192, true),
+        (4, 64, 3, 8200, 4096, true),
+        (4, 32, 2, 8195, 2048, true),
+        (4, 128, 4, 1003, 16384, true),
     ];
     for (bits, g, m, rows, cols, t) in cases {
         let spec = QuantSpec::affine(bits, g).unwrap();
