@@ -465,9 +465,11 @@ pub(crate) fn qmm(
         let ssize = w.scales_dtype().size() as u64;
         let gather = job.lhs.is_some() || job.rhs.is_some();
         // Shared memory: 64 zero bytes, x as 64 bytes per chunk and token, the group sums of
-        // x, 16 rows x 8 tokens of f32 sums per warp, and x as loaded.
+        // x, 16 rows x 8 tokens of f32 sums per warp (x is read into registers and rearranged
+        // from there: no copy of x as loaded).
         // `qmv_decr`: W, scales and biases through a per-warp cp.async ring of 4 batches
-        // (16 lanes copy 128 contiguous bytes of one row), where the batch's scales are 4, 8 or
+        // (16 lanes copy 128 contiguous bytes of one row, stored unpadded and swizzled: 2.5 KB
+        // per batch), where the batch's scales are 4, 8 or
         // 16 bytes; by default where N or K >= 8192 (faster there on the H200, slower at
         // 4096x4096: run 4d). MLXQ_DEC_RING=1 forces it, =0 turns it off.
         let dsb = super::dec_steps() * qc / group * ssize;
@@ -515,7 +517,7 @@ pub(crate) fn qmm(
             return Ok(());
         }
         let ring_bytes = if ring {
-            4 * (16 * (super::dec_steps() * 64 + 64) + 512)
+            4 * (16 * super::dec_steps() * 64 + 512)
         } else {
             0
         };
@@ -523,7 +525,6 @@ pub(crate) fn qmm(
             64 + m * (kdim / ck) * 64
                 + (m * (kdim / group) * 4).div_ceil(16) * 16
                 + wk * 512
-                + m * kdim * xsize
                 + wk * ring_bytes
         };
         // 4-bit only: at 8 bits v1 (M <= 2) and qmv_tc are faster on the H200 (run 4b,
@@ -1175,7 +1176,7 @@ fn decm_pick(
     if m * kc / cpw > 8 * 32 * nw {
         return None;
     }
-    let ring = 4 * (16 * (su * 64 + 64) + 512);
+    let ring = 4 * (16 * su * 64 + 512);
     let smem = 64 + m * (kc / ck) * 64 + (m * (kc / group) * 4).div_ceil(16) * 16 + nw * ring;
     if smem > super::DEC_SMEM_MAX as u64 {
         return None;

@@ -135,8 +135,13 @@ __device__ __forceinline__ float lds32f(u32 a) {
 // RSTAGES batches by cp.async, copied so that 16 lanes cover DSU * 64 contiguous bytes of one
 // row (instead of a quad 64 bytes of each of 8 rows per load in registers).
 constexpr int RSTAGES = 4;
-constexpr u32 RROW = DSU * 64 + 64;         // ring bytes per row and batch (padded)
+// A row's chunks are stored unpadded, swizzled: chunk ch of row r at ch ^ 4 for odd r (DSU >= 2),
+// so the 8 lanes of a quarter-warp (rows g, g + 1, chunks 4u..4u + 3) read all 32 banks once.
+constexpr u32 RROW = DSU * 64;              // ring bytes per row and batch
 constexpr u32 RSTAGE = 16 * RROW + 2 * 16 * 16;  // + scales and biases, 16 bytes per row
+__device__ __forceinline__ u32 ring_pos(u32 row, u32 ch) {
+    return row * RROW + (DSU >= 2 ? ch ^ ((row & 1) << 2) : ch) * 16;
+}
 constexpr bool RING_OK = DSB == 4 || DSB == 8 || DSB == 16;
 
 __device__ __forceinline__ void cp_async16_sa(u32 dst, const void* src) {
@@ -160,7 +165,7 @@ __device__ __forceinline__ void ring_issue(u32 dst, const u32* wrow, const ST* s
     for (int j = 0; j < 2 * DSU; j++) {
         const u32 c = j * 32 + lane, row = c / (4 * DSU), ch = c % (4 * DSU);
         const u64 r = min(N - 1, t0 + row);
-        cp_async16_sa(dst + row * RROW + ch * 16, wrow + r * row_words + ((u64)b * DSU * 4 + ch) * 4);
+        cp_async16_sa(dst + ring_pos(row, ch), wrow + r * row_words + ((u64)b * DSU * 4 + ch) * 4);
     }
     const u32 row = lane & 15;
     const u64 r = min(N - 1, t0 + row);
@@ -172,8 +177,8 @@ __device__ __forceinline__ void ring_issue(u32 dst, const u32* wrow, const ST* s
 __device__ __forceinline__ void ring_read(u32 src, u32 g, u32 t, DecBatch& L) {
 #pragma unroll
     for (int u = 0; u < DSU; u++) {
-        L.q[u][0] = lds128(src + g * RROW + (4 * u + t) * 16);
-        L.q[u][1] = lds128(src + (g + 8) * RROW + (4 * u + t) * 16);
+        L.q[u][0] = lds128(src + ring_pos(g, 4 * u + t));
+        L.q[u][1] = lds128(src + ring_pos(g + 8, 4 * u + t));
     }
 #pragma unroll
     for (int h = 0; h < 2; h++) {
@@ -211,17 +216,15 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
     const u32 NBW = ILV ? (warp < NB ? (NB - 1 - warp) / WK + 1 : 0) : (warp + 1) * NB / WK - b0;
     const u64 row_words = K * BITS / 32;
     // Shared memory: 64 zero bytes, x as M x C chunks of 64 bytes (the B registers of each
-    // chunk in mma order), the group sums of x (M x G floats), the cross-warp sums, x as
-    // loaded (M x K).
+    // chunk in mma order), the group sums of x (M x G floats), the cross-warp sums, the rings.
     uint4* zero = (uint4*)dsm;
     uint4* xs = zero + 4;
     float* sx = (float*)(xs + (u64)M * C * 4);
-    // Group sums padded to 16 bytes: x as loaded (after red) is a cp.async target (M x G odd
-    // multiples of 2 floats, e.g. K = 256 at group 128 with M = 3, misaligned it).
+    // Group sums padded to 16 bytes: the rings (after red) are cp.async targets (M x G odd
+    // multiples of 2 floats, e.g. K = 256 at group 128 with M = 3, would misalign them).
     float* red = sx + ((u64)M * G + 3) / 4 * 4;
-    u8* raw = (u8*)(red + WK * 128);  // x as loaded, before rearranging
-    // This warp's ring (RING), after x as loaded (M * K values, a multiple of 16 bytes).
-    const u32 ring = smem_addr(raw) + M * (u32)K * (u32)sizeof(XT) + warp * RSTAGES * RSTAGE;
+    // This warp's ring (RING).
+    const u32 ring = smem_addr(red + WK * 128) + warp * RSTAGES * RSTAGE;
     if (threadIdx.x < 4) zero[threadIdx.x] = make_uint4(0, 0, 0, 0);
 
     // This lane's B column: token bm of slot g % DSLOTS, from the lanes of that slot; the
@@ -295,36 +298,49 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
 
         __syncthreads();  // the previous entry no longer reads xs, sx, red
         if (ok) {
-            // x of this entry (M rows of K, contiguous) into shared memory in one round trip
-            // (cp.async, 16 bytes per copy), then rearranged there: item i is word wd of
-            // chunk c of token m (DCPW codes); consecutive items are consecutive codes, so a
-            // group's items are GROUP / DCPW neighbouring lanes.
-            const u8* xb = (const u8*)(x + xi * x_stride);
-            const u32 raw_bytes = M * (u32)K * (u32)sizeof(XT);
-            for (u32 o = threadIdx.x * 16; o < raw_bytes; o += blockDim.x * 16) cp_async16(raw + o, xb + o);
-            cp_commit();
             if constexpr (RING) {
-                // The ring's first batches load while x lands and is rearranged.
+                // The ring's first batches load while x is read and rearranged.
 #pragma unroll
                 for (int p = 0; p < RSTAGES - 1; p++) {
                     if (p < total) issue(p, p);
                     cp_commit();
                 }
-                cp_wait<RSTAGES - 1>();
-            } else {
-                cp_wait<0>();
             }
-            __syncthreads();
+            // x of this entry (M rows of K, contiguous) from global memory into registers,
+            // XRD items per thread per round trip, and rearranged from there into shared
+            // memory (no copy of x as loaded: that would take M x K more bytes of shared
+            // memory per block). Item i is word wd of chunk c of token m (DCPW codes);
+            // consecutive items are consecutive codes, so a group's items are GROUP / DCPW
+            // neighbouring lanes.
             const u32 per_row = C * 4, total = M * per_row;
             constexpr int IPG = GROUP / DCPW;
-            for (u32 base = 0; base < total; base += blockDim.x) {
-                const u32 i = base + threadIdx.x;
+            constexpr u32 XRD = 4;
+#if BITS == 4
+            const uint4* xg = (const uint4*)(x + xi * x_stride);
+            uint4 xr[XRD];
+#else
+            const uint2* xg = (const uint2*)(x + xi * x_stride);
+            uint2 xr[XRD];
+#endif
+            for (u32 base0 = 0; base0 < total; base0 += XRD * blockDim.x) {
+#pragma unroll
+            for (u32 r = 0; r < XRD; r++) {
+                const u32 i = base0 + r * blockDim.x + threadIdx.x;
+#if BITS == 4
+                xr[r] = i < total ? __ldg(xg + i) : make_uint4(0, 0, 0, 0);
+#else
+                xr[r] = i < total ? __ldg(xg + i) : make_uint2(0, 0);
+#endif
+            }
+#pragma unroll
+            for (u32 r = 0; r < XRD; r++) {
+                const u32 i = base0 + r * blockDim.x + threadIdx.x;
                 const bool valid = i < total;
                 const u32 m = i / per_row, rem = i % per_row;
                 u32 v[4];
                 float sum = 0.0f;
 #if BITS == 4
-                const uint4 xv = valid ? ((const uint4*)raw)[i] : make_uint4(0, 0, 0, 0);
+                const uint4 xv = xr[r];
                 const u32 xw[4] = {xv.x, xv.y, xv.z, xv.w};
                 // A register p of a word holds codes (p, p + 4): B takes (x_p, x_{p+4}).
 #pragma unroll
@@ -334,7 +350,7 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
 #pragma unroll
                 for (int q = 0; q < 8; q++) sum += f[q];
 #else
-                const uint2 xv = valid ? ((const uint2*)raw)[i] : make_uint2(0, 0);
+                const uint2 xv = xr[r];
                 // A registers: (l0, l2), (h0, h2), (l1, l3), (h1, h3) of the word's 4 codes.
                 v[0] = prmt(xv.x, xv.y, 0x5410);
                 v[2] = prmt(xv.x, xv.y, 0x7632);
@@ -354,6 +370,7 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
 #pragma unroll
                 for (int off = IPG / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
                 if (valid && i % IPG == 0) sx[m * G + rem * DCPW / GROUP] = sum;
+            }
             }
         }
         __syncthreads();
