@@ -4,7 +4,9 @@
 // takes (a) the whole buffer linearly (grid-stride, the read-bandwidth probe's pattern),
 // (b) 16-row tiles in 128-byte pieces of each row (the mma A-tile pattern of `qmv_dec*`,
 // MLX's row-major layout), or (c) the same tiles repacked so that each batch of 16 rows x 128
-// bytes is one contiguous 2 KB run? Weights rotate through copies totalling >= 256 MB (past
+// bytes is one contiguous 2 KB run? And (d): the linear read launched back to back with
+// programmatic dependent launch, as the decode kernels are, so consecutive launches overlap.
+// Weights rotate through copies totalling >= 256 MB (past
 // the 60 MB L2); times are CUDA-event device time per call over a batch of launches, stream
 // and graph replay, median of 7 batches.
 //
@@ -38,9 +40,13 @@ __device__ __forceinline__ uint4 ldg(const uint4* p) {
 
 __device__ __forceinline__ unsigned fold(uint4 v) { return v.x ^ v.y ^ v.z ^ v.w; }
 
-// (a) linear, grid-stride, U loads in flight per thread.
-template <int U>
+// (a) linear, grid-stride, U loads in flight per thread. PDL: launched as a programmatic
+// dependent (as the decode kernels run back to back): the next launch may start once every
+// block of this one has triggered, and waits for this one to finish only before its (never
+// taken) write, so its loads overlap this one's tail.
+template <int U, bool PDL>
 __global__ void linear(const uint4* __restrict__ p, u64 words, unsigned* sink) {
+  if (PDL) asm volatile("griddepcontrol.launch_dependents;");
   unsigned acc = 0;
   u64 stride = (u64)gridDim.x * blockDim.x;
   u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -52,6 +58,7 @@ __global__ void linear(const uint4* __restrict__ p, u64 words, unsigned* sink) {
     for (int u = 0; u < U; u++) acc ^= fold(v[u]);
   }
   for (; i < words; i += stride) acc ^= fold(ldg(p + i));
+  if (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
   if (acc == 0x9e3779b9u) sink[blockIdx.x] = acc;
 }
 
@@ -95,27 +102,6 @@ __global__ void tiles(const uint4* __restrict__ p, u64 rows, u64 rb, unsigned* s
         for (int j = 0; j < 4; j++) acc ^= fold(v[d][j]);
     }
   }
-  if (acc == 0x9e3779b9u) sink[blockIdx.x] = acc;
-}
-
-// (a) with programmatic dependent launch, as the decode kernels run back to back: the next
-// launch may start once every block of this one has triggered; it waits for this one to
-// finish only before its (never taken) write, so its loads overlap this one's tail.
-template <int U>
-__global__ void linear_pdl(const uint4* __restrict__ p, u64 words, unsigned* sink) {
-  asm volatile("griddepcontrol.launch_dependents;");
-  unsigned acc = 0;
-  u64 stride = (u64)gridDim.x * blockDim.x;
-  u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-  for (; i + (U - 1) * stride < words; i += U * stride) {
-    uint4 v[U];
-#pragma unroll
-    for (int u = 0; u < U; u++) v[u] = ldg(p + i + u * stride);
-#pragma unroll
-    for (int u = 0; u < U; u++) acc ^= fold(v[u]);
-  }
-  for (; i < words; i += stride) acc ^= fold(ldg(p + i));
-  asm volatile("griddepcontrol.wait;" ::: "memory");
   if (acc == 0x9e3779b9u) sink[blockIdx.x] = acc;
 }
 
@@ -190,7 +176,7 @@ int main() {
     CK(cudaMalloc(&big, bytes));
     CK(cudaMemset(big, 0x5a, bytes));
     Timing t = time_it(1, [&](int, cudaStream_t s) {
-      linear<4><<<sms * 8, 512, 0, s>>>((const uint4*)big, bytes / 16, sink);
+      linear<4, false><<<sms * 8, 512, 0, s>>>((const uint4*)big, bytes / 16, sink);
     });
     printf("{\"case\":\"read_bw_4GiB\",\"GBps\":%.1f}\n", bytes / (t.stream_us * 1e3));
     CK(cudaFree(big));
@@ -221,7 +207,7 @@ int main() {
     for (int mult : {4, 8, 16}) {
       int blocks = sms * mult;
       Timing t = time_it(copies, [&](int c, cudaStream_t s) {
-        linear<4><<<blocks, 256, 0, s>>>(buf(c), bytes / 16, sink);
+        linear<4, false><<<blocks, 256, 0, s>>>(buf(c), bytes / 16, sink);
       });
       report("linear", 8, 4, blocks, t);
     }
@@ -237,7 +223,7 @@ int main() {
         at[0].val.programmaticStreamSerializationAllowed = 1;
         cfg.attrs = at;
         cfg.numAttrs = 1;
-        CK(cudaLaunchKernelEx(&cfg, linear_pdl<4>, buf(c), (u64)(bytes / 16), sink));
+        CK(cudaLaunchKernelEx(&cfg, linear<4, true>, buf(c), (u64)(bytes / 16), sink));
       });
       report("linear_pdl", 1024 / mult > 256 ? 32 / mult : 8, 4, blocks, t);
     }

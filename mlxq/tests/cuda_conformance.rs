@@ -218,34 +218,6 @@ fn quantize_and_dequantize_match_the_cpu_backend_everywhere() {
     assert_none("CUDA vs CPU quantize/dequantize", checked, failures);
 }
 
-/// A weight of `spec` on `dev` for a `shape` input of `dtype`, every byte 0xFF (NaN scales and
-/// biases, all-ones codes), so any byte `quantize_into` leaves unwritten shows.
-fn poisoned_weight(
-    dev: &Device,
-    shape: &[usize],
-    dtype: DType,
-    spec: QuantSpec,
-) -> QuantizedWeight {
-    let (lead, cols) = shape.split_at(shape.len() - 1);
-    let g = spec.group_size() as usize;
-    let words = spec.packed_words(cols[0]).unwrap();
-    let with = |d: usize| lead.iter().copied().chain([d]).collect::<Vec<_>>();
-    let fill = |dtype: DType, shape: &[usize]| {
-        let n: usize = shape.iter().product::<usize>() * dtype.size();
-        up(
-            &Buffer::from_bytes(&vec![0xFF; n], dtype, shape).unwrap(),
-            dev,
-        )
-    };
-    QuantizedWeight::new(
-        fill(DType::U32, &with(words)),
-        fill(dtype, &with(cols[0] / g)),
-        Some(fill(dtype, &with(cols[0] / g))),
-        spec,
-    )
-    .unwrap()
-}
-
 /// `quantize_into` on CUDA writes every byte of a caller-owned, poisoned output, equal to the
 /// CPU backend's `quantize`, also when the same output is written twice; an output on another
 /// device is refused by name.
@@ -264,7 +236,7 @@ fn quantize_into_fills_caller_owned_outputs() {
             let spec = QuantSpec::affine(bits, g).unwrap();
             for dtype in FLOATS {
                 for flavour in FLAVOURS {
-                    let mut out = poisoned_weight(&dev, &shape, dtype, spec);
+                    let mut out = weight_to(&common::poisoned_weight(&shape, dtype, spec), &dev);
                     // Twice into the same output, from different inputs.
                     for round in 0..2 {
                         checked += 1;
@@ -300,7 +272,7 @@ fn quantize_into_fills_caller_owned_outputs() {
         &Buffer::from_f32(&randn(&mut rng, 64 * 128), DType::BF16, &[64, 128]).unwrap(),
         &dev,
     );
-    let mut host_out = weight_down(&poisoned_weight(&dev, &[64, 128], DType::BF16, spec));
+    let mut host_out = common::poisoned_weight(&[64, 128], DType::BF16, spec);
     let err = ops::quantize_into(&mut genc, &w, spec, Flavour::Gpu, &mut host_out)
         .expect_err("an output on the host must be refused");
     assert!(

@@ -3,6 +3,9 @@
 //! inputs, both flavours, the default kernels and the generic ones, on random inputs with a
 //! few special values, into outputs poisoned with NaN (all-ones bytes) beforehand.
 
+mod common;
+
+use common::poisoned_weight;
 use mlxq::{ops, Buffer, DType, Device, Flavour, QuantSpec, QuantizedWeight};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -40,26 +43,6 @@ fn random_weights(shape: &[usize], g: usize, seed: u64) -> Vec<f32> {
     v
 }
 
-/// A weight of `spec` for a `shape` input of `dtype`, every byte of it 0xFF (NaN scales and
-/// biases, all-ones codes).
-fn poisoned(shape: &[usize], dtype: DType, spec: QuantSpec) -> QuantizedWeight {
-    let (lead, cols) = shape.split_at(shape.len() - 1);
-    let g = spec.group_size() as usize;
-    let words = spec.packed_words(cols[0]).unwrap();
-    let with = |d: usize| lead.iter().copied().chain([d]).collect::<Vec<_>>();
-    let fill = |dtype: DType, shape: &[usize]| {
-        let n: usize = shape.iter().product::<usize>() * dtype.size();
-        Buffer::from_bytes(&vec![0xFF; n], dtype, shape).unwrap()
-    };
-    QuantizedWeight::new(
-        fill(DType::U32, &with(words)),
-        fill(dtype, &with(cols[0] / g)),
-        Some(fill(dtype, &with(cols[0] / g))),
-        spec,
-    )
-    .unwrap()
-}
-
 fn same_bytes(a: &QuantizedWeight, b: &QuantizedWeight, what: &str) {
     assert_eq!(a.packed().bytes(), b.packed().bytes(), "{what}: packed");
     assert_eq!(a.scales().bytes(), b.scales().bytes(), "{what}: scales");
@@ -88,7 +71,7 @@ fn quantize_into_equals_quantize() {
                     for device in &devices {
                         let mut enc = device.encoder();
                         let want = ops::quantize(&mut enc, &w, spec, flavour).unwrap();
-                        let mut out = poisoned(&shape, dtype, spec);
+                        let mut out = poisoned_weight(&shape, dtype, spec);
                         ops::quantize_into(&mut enc, &w, spec, flavour, &mut out).unwrap();
                         enc.commit_and_wait().unwrap();
                         let what = format!(
@@ -110,7 +93,7 @@ fn quantize_into_reused_output() {
     let shape = [64usize, 256];
     let spec = QuantSpec::affine(4, 64).unwrap();
     let mut enc = Device::cpu().encoder();
-    let mut out = poisoned(&shape, DType::BF16, spec);
+    let mut out = poisoned_weight(&shape, DType::BF16, spec);
     for seed in [7, 8] {
         let v = random_weights(&shape, 64, seed);
         let w = Buffer::from_f32(&v, DType::BF16, &shape).unwrap();

@@ -242,3 +242,23 @@ pub fn count_differences(want: &Buffer, got: &Buffer) -> usize {
         .filter(|(a, b)| a != b)
         .count()
 }
+
+/// A host weight of `spec` for a `shape` input of `dtype`, every byte 0xFF (NaN scales and
+/// biases, all-ones codes), so any byte an op leaves unwritten shows.
+pub fn poisoned_weight(shape: &[usize], dtype: DType, spec: QuantSpec) -> QuantizedWeight {
+    let (lead, cols) = shape.split_at(shape.len() - 1);
+    let g = spec.group_size() as usize;
+    let words = spec.packed_words(cols[0]).unwrap();
+    let with = |d: usize| lead.iter().copied().chain([d]).collect::<Vec<_>>();
+    let fill = |dtype: DType, shape: &[usize]| {
+        let n: usize = shape.iter().product::<usize>() * dtype.size();
+        Buffer::from_bytes(&vec![0xFF; n], dtype, shape).unwrap()
+    };
+    QuantizedWeight::new(
+        fill(DType::U32, &with(words)),
+        fill(dtype, &with(cols[0] / g)),
+        Some(fill(dtype, &with(cols[0] / g))),
+        spec,
+    )
+    .unwrap()
+}
