@@ -895,19 +895,30 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
             // SAFETY: as above, for every load through `px`.
             unsafe {
                 if R <= 2 {
+                    // Even and odd registers in separate chains as well: a chain of g/16
+                    // dependent `vpdpbusd` per superblock was what the M = 1 loop waited on.
+                    let mut dh2 = [[zi; C]; R];
+                    let mut dl2 = [[zi; C]; R];
                     for i in 0..nr {
                         for r in 0..R {
                             let xh = _mm512_loadu_si512(px[r].add(2 * i));
                             let xl = _mm512_loadu_si512(px[r].add(2 * i + 1));
                             for c in 0..C {
-                                dh[r][c] = _mm512_dpbusd_epi32(dh[r][c], codes[c][i], xh);
-                                dl[r][c] = _mm512_dpbusd_epi32(dl[r][c], codes[c][i], xl);
+                                if i % 2 == 0 {
+                                    dh[r][c] = _mm512_dpbusd_epi32(dh[r][c], codes[c][i], xh);
+                                    dl[r][c] = _mm512_dpbusd_epi32(dl[r][c], codes[c][i], xl);
+                                } else {
+                                    dh2[r][c] = _mm512_dpbusd_epi32(dh2[r][c], codes[c][i], xh);
+                                    dl2[r][c] = _mm512_dpbusd_epi32(dl2[r][c], codes[c][i], xl);
+                                }
                             }
                         }
                     }
                     for r in 0..R {
                         for c in 0..C {
-                            dh[r][c] = _mm512_add_epi32(_mm512_slli_epi32::<8>(dh[r][c]), dl[r][c]);
+                            let h = _mm512_add_epi32(dh[r][c], dh2[r][c]);
+                            let l = _mm512_add_epi32(dl[r][c], dl2[r][c]);
+                            dh[r][c] = _mm512_add_epi32(_mm512_slli_epi32::<8>(h), l);
                         }
                     }
                 } else {
