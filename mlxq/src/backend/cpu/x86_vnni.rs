@@ -96,27 +96,36 @@ thread_local! {
     static SCRATCH: RefCell<Prepared> = RefCell::new(Prepared::default());
 }
 
-/// Where element `e` of a group lies in a superblock: its code register and byte within the
-/// group's 128-bit lane. 4-bit: register `2p` holds the low nibbles of packed piece `p`
-/// (16 bytes: elements `32p + 2t`), register `2p + 1` the high ones (`32p + 2t + 1`); other
-/// widths: register `i` holds elements `16i + t`.
+/// Where element `e` of a group of `g` lies in a superblock: its code register and byte
+/// within the group's 128-bit lane. 4-bit: register `2p` holds the low nibbles of packed
+/// piece `p` (16 bytes: elements `32p + 2t`), register `2p + 1` the high ones
+/// (`32p + 2t + 1`). With groups of 64 or 128, 2- and 1-bit codes are taken in pieces of 64
+/// codes (16 and 8 bytes), register `4p + i` holding piece `p`'s bit field `i` of every byte,
+/// so that a shift or a bit test decodes a whole register (see [`decode_sb`]): 2-bit, byte
+/// `t` is element `64p + 4t + i`; 1-bit, byte `t < 8` is bit `i` of the piece's byte `t`
+/// (element `64p + 8t + i`) and byte `t ≥ 8` bit `i + 4` of byte `t − 8`. Other widths (and
+/// 1-, 2-bit groups of 32): register `i` holds elements `16i + t`.
 #[inline(always)]
-fn slot(bits: usize, e: usize) -> (usize, usize) {
-    if bits == 4 {
-        let (p, r) = (e / 32, e % 32);
-        (2 * p + r % 2, r / 2)
-    } else {
-        (e / 16, e % 16)
+fn slot(bits: usize, g: usize, e: usize) -> (usize, usize) {
+    let (p, r) = (e / 64, e % 64);
+    match bits {
+        4 => {
+            let (p, r) = (e / 32, e % 32);
+            (2 * p + r % 2, r / 2)
+        }
+        2 if g >= 64 => (4 * p + r % 4, r / 4),
+        1 if g >= 64 => (4 * p + r % 8 % 4, r / 8 + 8 * (r % 8 / 4)),
+        _ => (e / 16, e % 16),
     }
 }
 
 /// `vpermb` indices taking a 64-element chunk (elements `64c..64c + 64` of a group, in
 /// order) to the 16-byte pieces of registers `4c..4c + 4` (piece `q` in bytes `16q..`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-fn place_permutation(bits: usize) -> __m512i {
+fn place_permutation(bits: usize, g: usize) -> __m512i {
     let mut idx = [0u8; 64];
     for e in 0..64 {
-        let (reg, t) = slot(bits, e);
+        let (reg, t) = slot(bits, g, e);
         idx[16 * (reg % 4) + t] = e as u8;
     }
     // SAFETY: reads exactly the 64 bytes of `idx`.
@@ -136,7 +145,7 @@ fn prepare(x: &[f32], m: usize, k: usize, g: usize, bits: usize, p: &mut Prepare
     p.xsum.resize(m * nsb * SB, 0.0);
     let fast = available();
     // SAFETY: `fast` says the CPU has the features.
-    let perm = fast.then(|| unsafe { place_permutation(bits) });
+    let perm = fast.then(|| unsafe { place_permutation(bits, g) });
     // Superblocks in parallel, a few per task: a decode call's whole preparation is one row.
     let per_task = (m * nsb / rayon::current_num_threads().max(1)).clamp(1, 16);
     let tasks = p
@@ -214,7 +223,7 @@ fn split_group(xg: &[f32], step: &mut f32, xsum: &mut f32, hi8: &mut [i8], lo8: 
 /// definition of the layout; [`place_avx512`] is its fast twin.
 fn place(bits: usize, g: usize, hi: &[i8], lo: &[i8], out: &mut [i8], jj: usize) {
     for e in 0..g {
-        let (reg, t) = slot(bits, e);
+        let (reg, t) = slot(bits, g, e);
         out[reg * 128 + 16 * jj + t] = hi[e];
         out[reg * 128 + 64 + 16 * jj + t] = lo[e];
     }
@@ -360,19 +369,90 @@ struct Tables {
     ctl: __m512i,
     /// `2^bits − 1` in every byte.
     mask: __m512i,
+    /// The direct decodes of [`decode_sb`] (1-, 2- and 3-bit codes): 1-bit, the `vpermq`
+    /// indices of pieces 0 and 1 and the four bit tests; 2-bit, the `vpmultishiftqb`
+    /// controls of bit fields 0..3; 3-bit, the `vpermt2b` indices of register pairs (0, 1)
+    /// and (2, 3) and the controls of the pair's first and second register.
+    idx: [__m512i; 2],
+    sel: [__m512i; 4],
+    /// 1 in every byte.
+    ones: __m512i,
+}
+
+/// Whether [`decode_sb`] decodes `BITS`-bit codes in groups of `G` directly into the
+/// [`slot`] layout (without decoding each group in element order first).
+const fn direct(bits: usize, g: usize) -> bool {
+    matches!((bits, g), (1 | 2, 64 | 128) | (3, 32 | 64))
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
-fn tables<const BITS: usize>() -> Tables {
+fn tables<const BITS: usize, const G: usize>() -> Tables {
     let spread: [u8; 64] = std::array::from_fn(|i| ((i / 8) * BITS + i % 8).min(63) as u8);
     let ctl: [u8; 64] = std::array::from_fn(|i| ((i % 8) * BITS) as u8);
-    // SAFETY: each load reads exactly the 64 bytes of its array.
-    unsafe {
-        Tables {
-            spread: _mm512_loadu_si512(spread.as_ptr() as *const __m512i),
-            ctl: _mm512_loadu_si512(ctl.as_ptr() as *const __m512i),
-            mask: _mm512_set1_epi8(((1u32 << BITS) - 1) as u8 as i8),
+    let mut idx = [[0u8; 64]; 2];
+    let mut sel = [[0u8; 64]; 4];
+    match BITS {
+        1 => {
+            // Piece p (8 bytes) of group j is qword j (G = 64) or 2j + p (G = 128): lane j
+            // takes it twice.
+            for (p, ix) in idx.iter_mut().enumerate() {
+                for q in 0..8 {
+                    ix[8 * q] = if G == 64 { q / 2 } else { 2 * (q / 2) + p } as u8;
+                }
+            }
+            // Register i tests bit i in a lane's bytes 0..8, bit i + 4 in bytes 8..16.
+            for (i, sl) in sel.iter_mut().enumerate() {
+                for (t, b) in sl.iter_mut().enumerate() {
+                    *b = 1 << (i + 4 * (t % 16 / 8));
+                }
+            }
         }
+        2 => {
+            // Bit field i of every byte: bits 2i.. of the byte (the qword's byte t % 8).
+            for (i, sl) in sel.iter_mut().enumerate() {
+                for (t, b) in sl.iter_mut().enumerate() {
+                    *b = (8 * (t % 8) + 2 * i) as u8;
+                }
+            }
+        }
+        3 => {
+            // Qword h of lane j of register i holds elements 16i + 8h.. of group j: the 3
+            // bytes at 3(2i + h) of the group. A pair's permutation puts register 2P's
+            // bytes at 0..3 of the qword and register 2P + 1's at 3..6.
+            let bpg = G / 8 * 3;
+            for (pair, ix) in idx.iter_mut().enumerate() {
+                for (q, b) in ix.iter_mut().enumerate() {
+                    let (j, h, k) = (q / 16, q % 16 / 8, q % 8);
+                    let (i, k) = if k < 3 {
+                        (2 * pair, k)
+                    } else {
+                        (2 * pair + 1, k - 3)
+                    };
+                    if k < 3 && i < G / 16 {
+                        *b = (j * bpg + 3 * (2 * i + h) + k) as u8;
+                    }
+                }
+            }
+            for (t, b) in sel[0].iter_mut().enumerate() {
+                *b = (3 * (t % 8)) as u8;
+            }
+            for (t, b) in sel[1].iter_mut().enumerate() {
+                *b = (24 + 3 * (t % 8)) as u8;
+            }
+        }
+        _ => {}
+    }
+    let v = |a: &[u8; 64]| {
+        // SAFETY: reads exactly the 64 bytes of `a`.
+        unsafe { _mm512_loadu_si512(a.as_ptr() as *const __m512i) }
+    };
+    Tables {
+        spread: v(&spread),
+        ctl: v(&ctl),
+        mask: _mm512_set1_epi8(((1u32 << BITS) - 1) as u8 as i8),
+        idx: [v(&idx[0]), v(&idx[1])],
+        sel: [v(&sel[0]), v(&sel[1]), v(&sel[2]), v(&sel[3])],
+        ones: _mm512_set1_epi8(1),
     }
 }
 
@@ -448,7 +528,7 @@ unsafe fn decode_sb<const BITS: usize, const G: usize, const FULL: bool>(
     let bpg = G / 8 * BITS;
     let zero = _mm512_setzero_si512();
     let mut out = [zero; 8];
-    if BITS == 4 || BITS == 8 {
+    if BITS == 4 || BITS == 8 || (BITS == 2 && direct(BITS, G)) {
         // The four groups' bytes are contiguous: P registers of 16-byte pieces, group-major.
         let pieces = bpg / 16;
         let vb = valid * bpg;
@@ -479,10 +559,75 @@ unsafe fn decode_sb<const BITS: usize, const G: usize, const FULL: bool>(
         if BITS == 8 {
             return tr;
         }
+        if BITS == 2 {
+            // Bit field i of every byte (a `vpmultishiftqb` per register, field 0 as it is).
+            for pi in 0..pieces {
+                out[4 * pi] = _mm512_and_si512(tr[pi], t.mask);
+                for i in 1..4 {
+                    let f = _mm512_multishift_epi64_epi8(t.sel[i], tr[pi]);
+                    out[4 * pi + i] = _mm512_and_si512(f, t.mask);
+                }
+            }
+            return out;
+        }
         let nib = _mm512_set1_epi8(0x0f);
         for pi in 0..pieces {
             out[2 * pi] = _mm512_and_si512(tr[pi], nib);
             out[2 * pi + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(tr[pi]), nib);
+        }
+        return out;
+    }
+    if BITS == 1 && direct(BITS, G) {
+        // The superblock is 32 (G = 64) or 64 bytes: piece p of every group is spread to
+        // both halves of the group's lane (`vpermq`) and register 4p + i is a bit test.
+        let vb = valid * bpg;
+        // SAFETY: the bytes before `vb` are readable (caller).
+        let raw = unsafe {
+            match (FULL, G) {
+                (true, 64) => _mm512_castsi256_si512(_mm256_loadu_si256(p as *const __m256i)),
+                (true, _) => _mm512_loadu_si512(p as *const __m512i),
+                _ => load_first(p, vb),
+            }
+        };
+        for pi in 0..G / 64 {
+            let src = _mm512_permutexvar_epi64(t.idx[pi], raw);
+            for i in 0..4 {
+                let bit = _mm512_test_epi8_mask(src, t.sel[i]);
+                out[4 * pi + i] = _mm512_maskz_mov_epi8(bit, t.ones);
+            }
+        }
+        return out;
+    }
+    if BITS == 3 && direct(BITS, G) {
+        // The superblock is 48 (G = 32) or 96 bytes: one byte permutation per register pair
+        // gathers each qword's 8 + 8 codes (3 + 3 bytes), two `vpmultishiftqb` take them apart.
+        let vb = valid * bpg;
+        // SAFETY: the bytes before `vb` are readable (caller).
+        let (lo, hi) = unsafe {
+            if FULL && G == 64 {
+                (
+                    _mm512_loadu_si512(p as *const __m512i),
+                    _mm512_castsi256_si512(
+                        _mm256_loadu_si256(p.wrapping_add(64) as *const __m256i),
+                    ),
+                )
+            } else {
+                (
+                    load_first(p, vb),
+                    load_first(p.wrapping_add(64), vb.saturating_sub(64)),
+                )
+            }
+        };
+        for pair in 0..G / 32 {
+            let pr = if G == 64 {
+                _mm512_permutex2var_epi8(lo, t.idx[pair], hi)
+            } else {
+                _mm512_permutexvar_epi8(t.idx[pair], lo)
+            };
+            for h in 0..2 {
+                let f = _mm512_multishift_epi64_epi8(t.sel[h], pr);
+                out[2 * pair + h] = _mm512_and_si512(f, t.mask);
+            }
         }
         return out;
     }
@@ -558,7 +703,7 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
         prep: &prep,
         nsb: (k / G).div_ceil(SB),
         // SAFETY: this variant is only chosen where `available` holds.
-        tables: unsafe { tables::<BITS>() },
+        tables: unsafe { tables::<BITS, G>() },
     };
     // SAFETY: as for `tables`.
     unsafe { run(&kernel, walk, out) };
@@ -750,19 +895,30 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
             // SAFETY: as above, for every load through `px`.
             unsafe {
                 if R <= 2 {
+                    // Even and odd registers in separate chains as well: a chain of g/16
+                    // dependent `vpdpbusd` per superblock was what the M = 1 loop waited on.
+                    let mut dh2 = [[zi; C]; R];
+                    let mut dl2 = [[zi; C]; R];
                     for i in 0..nr {
                         for r in 0..R {
                             let xh = _mm512_loadu_si512(px[r].add(2 * i));
                             let xl = _mm512_loadu_si512(px[r].add(2 * i + 1));
                             for c in 0..C {
-                                dh[r][c] = _mm512_dpbusd_epi32(dh[r][c], codes[c][i], xh);
-                                dl[r][c] = _mm512_dpbusd_epi32(dl[r][c], codes[c][i], xl);
+                                if i % 2 == 0 {
+                                    dh[r][c] = _mm512_dpbusd_epi32(dh[r][c], codes[c][i], xh);
+                                    dl[r][c] = _mm512_dpbusd_epi32(dl[r][c], codes[c][i], xl);
+                                } else {
+                                    dh2[r][c] = _mm512_dpbusd_epi32(dh2[r][c], codes[c][i], xh);
+                                    dl2[r][c] = _mm512_dpbusd_epi32(dl2[r][c], codes[c][i], xl);
+                                }
                             }
                         }
                     }
                     for r in 0..R {
                         for c in 0..C {
-                            dh[r][c] = _mm512_add_epi32(_mm512_slli_epi32::<8>(dh[r][c]), dl[r][c]);
+                            let h = _mm512_add_epi32(dh[r][c], dh2[r][c]);
+                            let l = _mm512_add_epi32(dl[r][c], dl2[r][c]);
+                            dh[r][c] = _mm512_add_epi32(_mm512_slli_epi32::<8>(h), l);
                         }
                     }
                 } else {
@@ -821,21 +977,24 @@ mod tests {
     fn rebuilt(p: &Prepared, g: usize, bits: usize, i: usize) -> f64 {
         let (j, e) = (i / g, i % g);
         let (sb, jj) = (j / SB, j % SB);
-        let (reg, t) = slot(bits, e);
+        let (reg, t) = slot(bits, g, e);
         let at = (sb * (g / 16) + reg) * 128 + 16 * jj + t;
         let (hi, lo) = (p.split[at], p.split[at + 64]);
         (256.0 * hi as f64 + lo as f64) * p.step[sb * 16 + 4 * jj] as f64
     }
 
-    /// Every element of a group has its own slot, inside the group's lane.
+    /// Every element of a group has its own slot, inside the group's lane, and a chunk of 64
+    /// elements stays within its 4 registers.
     #[test]
     fn slots_are_a_permutation() {
         for bits in 1..=8 {
             for g in [32, 64, 128] {
                 let mut seen = vec![false; g];
                 for e in 0..g {
-                    let (reg, t) = slot(bits, e);
+                    let (reg, t) = slot(bits, g, e);
                     assert!(reg < g / 16 && t < 16, "bits {bits} g {g} e {e}");
+                    // `place_avx512` moves each 64-element chunk into its own 4 registers.
+                    assert_eq!(reg / 4, e / 64, "bits {bits} g {g} e {e}");
                     assert!(!std::mem::replace(&mut seen[reg * 16 + t], true));
                 }
             }
@@ -862,7 +1021,7 @@ mod tests {
                 for (c, out) in codes.chunks_exact(8).zip(packed.chunks_exact_mut(BITS)) {
                     crate::quant::pack::pack8::<BITS>(c.try_into().unwrap(), out);
                 }
-                let t = unsafe { tables::<BITS>() };
+                let t = unsafe { tables::<BITS, G>() };
                 // The general path for every count, and the full-superblock one where it applies.
                 for full in [false, true] {
                     if full && valid < SB {
@@ -892,7 +1051,7 @@ mod tests {
                 }
                 for j in 0..SB {
                     for e in 0..G {
-                        let (reg, tt) = slot(BITS, e);
+                        let (reg, tt) = slot(BITS, G, e);
                         let want = if j < valid { codes[j * G + e] } else { 0 };
                         assert_eq!(
                             got[reg][16 * j + tt],
@@ -924,7 +1083,7 @@ mod tests {
         }
         let mut next = uniform(0x2545f4914f6cdd1du64);
         for (g, bits) in [(32, 4), (64, 4), (128, 4), (64, 8), (32, 3), (128, 5)] {
-            let perm = unsafe { place_permutation(bits) };
+            let perm = unsafe { place_permutation(bits, g) };
             for case in 0..400 {
                 let decade = case % 80 - 44;
                 let xg: Vec<f32> = (0..g)
