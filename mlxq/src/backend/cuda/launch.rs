@@ -517,7 +517,7 @@ pub(crate) fn qmm(
             return Ok(());
         }
         let ring_bytes = if ring {
-            4 * (16 * super::dec_steps() * 64 + 512)
+            dec_ring_bytes(super::dec_steps())
         } else {
             0
         };
@@ -1028,6 +1028,13 @@ unsafe fn launch_dec(
     unsafe { launch_ex(dev, f, cfg, shared, &list[..len], pdl) }
 }
 
+/// Shared memory of one warp's cp.async ring in the decode kernels (`RSTAGES` x `RSTAGE` in
+/// `qmv_dec.cu`): 4 batches, each 16 rows x `su` steps x 64 bytes of codes (unpadded) and
+/// 16 bytes of scales and 16 of biases per row.
+fn dec_ring_bytes(su: u64) -> u64 {
+    4 * (16 * su * 64 + 2 * 16 * 16)
+}
+
 /// The experiment switches [`knob`] reads.
 const KNOBS: [&str; 11] = [
     "MLXQ_GATHER_SORT_OFF",
@@ -1176,7 +1183,7 @@ fn decm_pick(
     if m * kc / cpw > 8 * 32 * nw {
         return None;
     }
-    let ring = 4 * (16 * su * 64 + 512);
+    let ring = dec_ring_bytes(su);
     let smem = 64 + m * (kc / ck) * 64 + (m * (kc / group) * 4).div_ceil(16) * 16 + nw * ring;
     if smem > super::DEC_SMEM_MAX as u64 {
         return None;

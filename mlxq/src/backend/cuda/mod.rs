@@ -192,7 +192,7 @@ fn base_defines(k: &KernelKey) -> Vec<String> {
 }
 
 /// Extra `-D` defines from `MLXQ_CUDA_DEFINES` (`NAME=VALUE,...`, experiments such as
-/// `DEC_NACC=4`); entries that are not a plain identifier and value are ignored.
+/// `DEC_PROBE=1`); entries that are not a plain identifier and value are ignored.
 fn experiment_defines() -> Vec<String> {
     let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     std::env::var("MLXQ_CUDA_DEFINES")

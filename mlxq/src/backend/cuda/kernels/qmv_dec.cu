@@ -18,11 +18,6 @@
 #ifndef DEC_SU
 #define DEC_SU 2
 #endif
-// Independent accumulator sets per step (the 8 mmas of a step split over them, added at the
-// end of the step): 1 chains all 8 on one accumulator.
-#ifndef DEC_NACC
-#define DEC_NACC 1
-#endif
 // DEC_PROBE=1 (experiments only, wrong results): stream W, scales and biases exactly as the
 // kernel does but skip the arithmetic, to measure the memory pattern alone.
 #ifndef DEC_PROBE
@@ -376,7 +371,7 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
         __syncthreads();
 
         float y[2][2];  // [row g, g + 8][column 2t, 2t + 1]
-        u32 ba, sa0, sa1;
+        u32 ba = bbase, sa0 = sxa[0], sa1 = sxa[1];  // B and group sums of the next batch
         auto compute = [&](const DecBatch& L) {
             // Every shared load of the batch first (B fragments and group sums of x).
             uint4 bv[DSU][4];
@@ -395,9 +390,7 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
             sa1 += 4 * DNSB * BS;
 #pragma unroll
             for (int u = 0; u < DSU; u++) {
-                float accs[DEC_NACC][4];
-#pragma unroll
-                for (int a = 0; a < DEC_NACC; a++) accs[a][0] = accs[a][1] = accs[a][2] = accs[a][3] = 0.0f;
+                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
                 for (int wd = 0; wd < 4; wd++) {
                     u32 a0[4], a1[4];
@@ -405,14 +398,9 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
                     dec_word(dec_word_of(L.q[u][1], wd), a1);
                     const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
                     const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
-                    mma(accs[wd % DEC_NACC], f0, bv[u][wd].x, bv[u][wd].y);
-                    mma(accs[wd % DEC_NACC], f1, bv[u][wd].z, bv[u][wd].w);
+                    mma(acc, f0, bv[u][wd].x, bv[u][wd].y);
+                    mma(acc, f1, bv[u][wd].z, bv[u][wd].w);
                 }
-                float* acc = accs[0];
-#pragma unroll
-                for (int a = 1; a < DEC_NACC; a++)
-#pragma unroll
-                    for (int i = 0; i < 4; i++) acc[i] += accs[a][i];
 #pragma unroll
                 for (int ci = 0; ci < 2; ci++) {
 #pragma unroll
@@ -650,15 +638,11 @@ __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u3
                     sxv[j][0] = lds32f(sxa[j][0] + goff);
                     sxv[j][1] = lds32f(sxa[j][1] + goff);
                 }
-                constexpr int NA = NT >= DEC_NACC ? 1 : DEC_NACC / NT;  // sets per n-tile
-                float accs[NA][NT][4];
+                float acc[NT][4];
 #pragma unroll
-                for (int a = 0; a < NA; a++)
-#pragma unroll
-                    for (int j = 0; j < NT; j++) accs[a][j][0] = accs[a][j][1] = accs[a][j][2] = accs[a][j][3] = 0.0f;
+                for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 #pragma unroll
                 for (int wd = 0; wd < 4; wd++) {
-                    float (*acc)[4] = accs[wd % NA];
                     uint4 bv[NT];
 #pragma unroll
                     for (int j = 0; j < NT; j++) bv[j] = lds128(bbase[j] + s * bstep[j] + 16 * wd);
@@ -673,13 +657,6 @@ __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u3
                         mma(acc[j], f1, bv[j].z, bv[j].w);
                     }
                 }
-                float (*acc)[4] = accs[0];
-#pragma unroll
-                for (int a = 1; a < NA; a++)
-#pragma unroll
-                    for (int j = 0; j < NT; j++)
-#pragma unroll
-                        for (int i = 0; i < 4; i++) acc[j][i] += accs[a][j][i];
 #pragma unroll
                 for (int ci = 0; ci < 2; ci++) {
 #pragma unroll
