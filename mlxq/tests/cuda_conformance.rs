@@ -439,9 +439,11 @@ fn tensor_core_matmul_matches_the_f64_reference() {
     assert_none("tensor-core quantized_matmul on CUDA", checked, failures);
 }
 
-/// The tiled prefill GEMM (`qmm_tile_l`, chosen where its 256 x 128 tiles cover 3/4 of the
-/// SMs: every case below has at least 102 tiles): both bit widths, every group, f16 and bf16, M
-/// and N off the tile sizes (odd N takes the scalar stores), NaN-poisoned outputs.
+/// The tiled prefill GEMMs, chosen where their tiles cover 3/4 of the SMs: on Hopper the wgmma
+/// kernels (`qmm_wg_256` for the cases with K a multiple of 128 and >= 102 tiles of 256
+/// tokens, `qmm_wg_128` and `qmm_wg_64` for the last three), elsewhere and for K = 64 or 192
+/// `qmm_tile_l`: both bit widths, every group, f16 and bf16, M and N off the tile sizes (odd N
+/// takes the scalar stores), NaN-poisoned outputs.
 #[test]
 fn tiled_prefill_matches_the_f64_reference() {
     let Some(dev) = gpu() else { return };
@@ -455,6 +457,9 @@ fn tiled_prefill_matches_the_f64_reference() {
         (8, 64, DType::BF16, DType::BF16, 300, 6500, 256),
         (8, 128, DType::BF16, DType::BF16, 2000, 1700, 256),
         (4, 64, DType::F16, DType::F16, 1500, 2050, 192),
+        (8, 32, DType::BF16, DType::BF16, 700, 3000, 384),
+        (4, 64, DType::BF16, DType::BF16, 600, 2000, 512),
+        (4, 128, DType::F16, DType::F16, 1000, 1003, 768),
     ];
     let mut failures = Vec::new();
     for (bits, g, xdt, sdt, m, rows, cols) in cases {

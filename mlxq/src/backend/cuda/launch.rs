@@ -382,16 +382,18 @@ pub(crate) fn qmm(
         }
         .map_err(driver(op))?;
         let w_stride = words_per_matrix;
-        // The 4-stage tile (run 5, 512 tokens of 64 x 2048x2048 4-bit, sort included: 332 µs
-        // against 406 for qmm_tc_g8 in run 4; validated by the conformance suite and the
-        // sanitizers on the H200). MLXQ_TILE_G=g6 takes 6 stages (317 µs, checked by the bench
-        // only), =off restores qmm_tc_g8.
+        // On Hopper the wgmma tile (qmm_wg_g64), elsewhere (or K not a multiple of 128) the
+        // 4-stage mma.sync tile (run 5, 512 tokens of 64 x 2048x2048 4-bit, sort included:
+        // 332 µs against 406 for qmm_tc_g8 in run 4). MLXQ_TILE_G=g|g6 forces the mma.sync tile
+        // (4 or 6 stages), =off restores qmm_tc_g8.
+        let fits = |t: &&Tile| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]);
         let tile = match knob("MLXQ_TILE_G") {
             Some("off") => None,
             Some("g6") => Some(&TILES[5]),
-            _ => Some(&TILES[2]),
+            Some("g") => Some(&TILES[2]),
+            _ => Some(&TILES[9]).filter(fits).or(Some(&TILES[2])),
         }
-        .filter(|t| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]));
+        .filter(fits);
         if let Some(t) = tile {
             // The tiled GEMM over the same tiles of TM = 64 pairs (its BM).
             let f = k.func_named(t.entry)?;
@@ -625,10 +627,14 @@ pub(crate) fn qmm(
             }
         }
     }
-    // Prefill: the block-tiled GEMM (`qmm_tile_l`, 256 tokens x 128 rows per block) where its
-    // grid covers at least 3/4 of the SMs (one block per SM); below that the split-K qmm_tc_8
-    // is as fast (run 5: M = 512 at 4096x4096, 101 µs either way; M = 1024, 141 against 200).
-    // MLXQ_TILE=off|l|m|l5|m6 overrides (experiments).
+    // Prefill: a block-tiled GEMM where its grid covers at least 3/4 of the SMs (one block
+    // per SM). On Hopper, M > 32: the wgmma kernel whose token tile (256, 128 or 64 tokens x
+    // 128 rows) is the narrowest holding M, or a narrower one where that leaves too few blocks
+    // (run 8, 4-bit: 4096^3 317 µs against 553 for qmm_tile_l; 14336x4096 at M = 256: 81 µs
+    // on 256-token tiles, 109 on 128; at M = 64: 44 on 64-token tiles, 171 on 256, 61 for
+    // qmm_tc_8). Elsewhere `qmm_tile_l` (256 tokens x 128 rows) from M = 256 (M = 64: 209 µs
+    // against 61 for qmm_tc_8; M = 256: 141 against 203). Otherwise the split-K qmm_tc_8.
+    // MLXQ_TILE=off|l|m|l5|m6|wg256|wg128|wg64 overrides (experiments).
     if job.transpose
         && m > 16
         && entries == 1
@@ -638,16 +644,34 @@ pub(crate) fn qmm(
     {
         let sms = u64::from(dev.multiprocessors());
         let blocks = |t: &Tile| m.div_ceil(t.bm) * ndim.div_ceil(t.bn);
+        let fits = |t: &&Tile| {
+            tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po])
+                && m.div_ceil(t.bm) <= 65535
+        };
+        let full = |t: &&Tile| 4 * blocks(t) >= 3 * sms;
         let pick = match knob("MLXQ_TILE") {
             Some("off") => None,
             Some("l") => Some(&TILES[0]),
             Some("m") => Some(&TILES[1]),
             Some("l5") => Some(&TILES[3]),
             Some("m6") => Some(&TILES[4]),
-            _ => Some(&TILES[0]).filter(|t| 4 * blocks(t) >= 3 * sms),
+            Some("wg256") => Some(&TILES[6]),
+            Some("wg128") => Some(&TILES[7]),
+            Some("wg64") => Some(&TILES[8]),
+            _ => {
+                // The first wgmma tile to try: 64 tokens for M <= 64, 128 up to 128, else 256.
+                let first = match m {
+                    0..=32 => None,
+                    33..=64 => Some(WG_TILES.end - 1),
+                    65..=128 => Some(WG_TILES.end - 2),
+                    _ => Some(WG_TILES.start),
+                };
+                first
+                    .and_then(|i| TILES[i..WG_TILES.end].iter().find(|t| fits(t) && full(t)))
+                    .or(Some(&TILES[0]).filter(|t| m >= 256 && full(t)))
+            }
         }
-        .filter(|t| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]))
-        .filter(|t| m.div_ceil(t.bm) <= 65535);
+        .filter(fits);
         if let Some(t) = pick {
             let f = k.func_named(t.entry)?;
             let (m32, n32, k32) = (u32_of(op, m)?, u32_of(op, ndim)?, u32_of(op, kdim)?);
@@ -881,9 +905,10 @@ pub(crate) fn qmm(
     Ok(())
 }
 
-/// One shape of the tiled prefill GEMM (`QMM_TILE` entries in `qmm_tile.cu`).
+/// One shape of the tiled prefill GEMM (`QMM_TILE` entries in `qmm_tile.cu`, `QMM_WG` entries
+/// in `qmm_wg.cu`).
 struct Tile {
-    /// Entry point name (`qmm_tile_*` in `qmm_tile.cu`).
+    /// Entry point name (`qmm_tile_*` in `qmm_tile.cu`, `qmm_wg_*` in `qmm_wg.cu`).
     entry: &'static str,
     /// Tokens per block.
     bm: u64,
@@ -891,17 +916,35 @@ struct Tile {
     bn: u64,
     threads: u32,
     stages: u64,
+    /// A wgmma kernel (`qmm_wg.cu`): sm_90a only, K a multiple of 128, W dequantised in
+    /// registers (no shared W tiles).
+    wg: bool,
 }
 
-/// qmm_tile_l, _m, _g, _l5, _m6, _g6, as in `qmm_tile.cu`.
-const TILES: [Tile; 6] = [
+/// qmm_tile_l, _m, _g, _l5, _m6, _g6, as in `qmm_tile.cu`; then qmm_wg_256, _128, _64 and the
+/// grouped _g64 as in `qmm_wg.cu` (BT tokens x 128 rows per block, 256 threads).
+const TILES: [Tile; 10] = [
     tile("qmm_tile_l", 256, 128, 256, 4),
     tile("qmm_tile_m", 128, 128, 512, 4),
     tile("qmm_tile_g", 64, 128, 256, 4),
     tile("qmm_tile_l5", 256, 128, 256, 5),
     tile("qmm_tile_m6", 128, 128, 512, 6),
     tile("qmm_tile_g6", 64, 128, 256, 6),
+    wg_tile("qmm_wg_256", 256, 4),
+    wg_tile("qmm_wg_128", 128, 6),
+    wg_tile("qmm_wg_64", 64, 6),
+    wg_tile("qmm_wg_g64", 64, 6),
 ];
+
+/// The wgmma tiles of [`TILES`] for one W matrix, widest token tile first.
+const WG_TILES: std::ops::Range<usize> = 6..9;
+
+const fn wg_tile(entry: &'static str, bm: u64, stages: u64) -> Tile {
+    Tile {
+        wg: true,
+        ..tile(entry, bm, 128, 256, stages)
+    }
+}
 
 const fn tile(entry: &'static str, bm: u64, bn: u64, threads: u32, stages: u64) -> Tile {
     Tile {
@@ -910,6 +953,7 @@ const fn tile(entry: &'static str, bm: u64, bn: u64, threads: u32, stages: u64) 
         bn,
         threads,
         stages,
+        wg: false,
     }
 }
 
@@ -919,17 +963,20 @@ impl Tile {
         let need = (64 / u64::from(spec.group_size())).max(1);
         (need * sdt.size() as u64).max(4)
     }
-    /// Dynamic shared memory: the x, code and scale rings and two dequantised W tiles.
+    /// Dynamic shared memory: the x, code and scale rings, and two dequantised W tiles
+    /// (`qmm_tile`) or 1 KiB to align the x ring to the 128-byte swizzle's period (`qmm_wg`).
     fn smem(&self, _k: u64, spec: QuantSpec, sdt: DType) -> u64 {
         let cb = 64 * u64::from(spec.bits()) / 8;
-        self.stages * (self.bm * 128 + self.bn * cb + self.bn * Tile::unit(spec, sdt) * 2)
-            + 2 * self.bn * 128
+        let rings =
+            self.stages * (self.bm * 128 + self.bn * cb + self.bn * Tile::unit(spec, sdt) * 2);
+        rings + if self.wg { 1024 } else { 2 * self.bn * 128 }
     }
 }
 
-/// Whether the tiled GEMM serves this shape: K in whole steps of 64, each row's scales a
-/// whole number of copy units, pointers aligned for the copies and the paired output stores,
-/// and the rings within the device's shared memory.
+/// Whether the tiled GEMM serves this shape: K in whole steps of 64 (pairs of steps for the
+/// wgmma tiles, which run only where the module was compiled for sm_90a), each row's scales
+/// a whole number of copy units, pointers aligned for the copies and the paired output
+/// stores, and the rings within the device's shared memory.
 fn tile_fits(
     dev: &CudaDevice,
     t: &Tile,
@@ -946,6 +993,7 @@ fn tile_fits(
         && pb.is_multiple_of(unit)
         && po.is_multiple_of(4)
         && t.smem(kdim, spec, sdt) <= dev.smem_optin as u64
+        && (!t.wg || (dev.arch() == 90 && kdim.is_multiple_of(128)))
 }
 
 fn u32_of(op: &'static str, v: u64) -> Result<u32> {

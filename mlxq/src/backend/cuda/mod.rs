@@ -166,7 +166,9 @@ const QMM: &str = concat!(
     "\n",
     include_str!("kernels/qmv_dec.cu"),
     "\n",
-    include_str!("kernels/qmm_tile.cu")
+    include_str!("kernels/qmm_tile.cu"),
+    "\n",
+    include_str!("kernels/qmm_wg.cu")
 );
 
 fn ctype(d: DType) -> &'static str {
@@ -275,6 +277,10 @@ const TABLE: &[Variant] = &[
             "qmm_tile_l5",
             "qmm_tile_m6",
             "qmm_tile_g6",
+            "qmm_wg_256",
+            "qmm_wg_128",
+            "qmm_wg_64",
+            "qmm_wg_g64",
         ],
         fmad: true,
         defines: |k| {
@@ -570,8 +576,8 @@ impl CudaDevice {
                     TC_SMEM_MAX
                 } else if e.starts_with("qmv_dec") {
                     DEC_SMEM_MAX
-                } else if e.starts_with("qmm_tile") {
-                    // The tiled prefill's rings: as much as the device lets one block have.
+                } else if e.starts_with("qmm_tile") || e.starts_with("qmm_wg") {
+                    // The tiled prefills' rings: as much as the device lets one block have.
                     self.smem_optin
                 } else {
                     0

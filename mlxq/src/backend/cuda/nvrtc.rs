@@ -54,8 +54,19 @@ pub(crate) fn version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
-/// Compiles `src` with `options` for `sm_{arch}` (e.g. 90), through the disk cache.
-/// `driver` is the driver version, part of the cache key. Returns the cubin.
+/// NVRTC's target for compute capability `arch`: Hopper (90) is compiled for `sm_90a`, whose
+/// arch-specific instructions (wgmma in `qmm_wg.cu`) the prefill kernel uses; such a cubin
+/// runs on compute capability 9.0 only, which is the device it is compiled for.
+pub(crate) fn target(arch: u32) -> String {
+    if arch == 90 {
+        "sm_90a".to_string()
+    } else {
+        format!("sm_{arch}")
+    }
+}
+
+/// Compiles `src` with `options` for `arch` (e.g. 90, see [`target`]), through the disk
+/// cache. `driver` is the driver version, part of the cache key. Returns the cubin.
 pub(crate) fn compile(
     name: &str,
     src: &str,
@@ -64,7 +75,7 @@ pub(crate) fn compile(
     driver: i32,
 ) -> Result<Vec<u8>> {
     let nvrtc = version()?;
-    let mut opts = vec![format!("--gpu-architecture=sm_{arch}")];
+    let mut opts = vec![format!("--gpu-architecture={}", target(arch))];
     opts.extend(options.iter().cloned());
     let key = format!("{src}\0{opts:?}\0sm_{arch}\0driver {driver}\0nvrtc {nvrtc:?}");
     let hash = fnv1a128(key.as_bytes()).to_le_bytes();
