@@ -82,6 +82,52 @@ __device__ __forceinline__ void out_pair<float>(float* p, float a, float b, bool
     if (both) p[1] = b;
 }
 
+// The token tile of a block of the tiled prefills (qmm_tile, qmm_wg): tokens m0 .. of mcount.
+// With GRP (gather_qmm over sorted (token, expert) pairs) blockIdx.y is a tile of the pairs of
+// one expert (grp[0] tiles; the rest of the grid exits): W, scales and biases move to that
+// expert, and x and output rows come from the pairs' offsets (pairs[2 (first + i)] and + 1).
+struct TileTok {
+    u32 m0, mcount, first;
+    const u64* pairs;
+};
+// False for a grouped block beyond the tile count.
+template <bool GRP>
+__device__ __forceinline__ bool tile_tokens(u32 bm, u32 M, const u32* __restrict__ grp,
+                                            u64 w_stride, u64 s_stride,
+                                            const u32* __restrict__& w,
+                                            const ST* __restrict__& scales,
+                                            const ST* __restrict__& biases, TileTok& tk) {
+    tk = {blockIdx.y * bm, M, 0, nullptr};
+    if (GRP) {
+        if (blockIdx.y >= grp[0]) return false;
+        const u32* tl = grp + 4 + 4 * blockIdx.y;  // expert, first pair, pairs
+        const u64 e = tl[0];
+        w += e * w_stride;
+        scales += e * s_stride;
+        biases += e * s_stride;
+        tk.first = tl[1];
+        tk.mcount = tl[2];
+        tk.m0 = 0;
+        tk.pairs = (const u64*)(grp + 4 + 4 * (u64)grp[1]);
+    }
+    return true;
+}
+// The x rows a thread copies per step: chunk tid % 8 of tile rows tid / 8 + j * T / 8 (tokens
+// past the tile's last clamped to it), and where each lands in a stage: 128-byte rows, 16-byte
+// chunk c of row r at c ^ (r & 7) (the 128-byte swizzle).
+template <int XI, int T, bool GRP>
+__device__ __forceinline__ void tile_x_rows(const XT* __restrict__ x, const TileTok& tk, u32 K,
+                                            u32 tid, const u8** xr, u32* xd) {
+#pragma unroll
+    for (int j = 0; j < XI; j++) {
+        const u32 r = (tid >> 3) + j * (T / 8), c = tid & 7;
+        const u32 m = min(tk.m0 + r, tk.mcount - 1);
+        const XT* row = GRP ? x + tk.pairs[2 * (u64)(tk.first + m)] : x + (u64)m * K;
+        xr[j] = (const u8*)row + c * 16;
+        xd[j] = r * 128 + ((c ^ (r & 7)) << 4);
+    }
+}
+
 template <int BM, int BN, int WMW, int WNW, int S, bool GRP>
 __device__ __forceinline__ void qmm_tile_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                               const ST* __restrict__ scales,
@@ -115,36 +161,18 @@ __device__ __forceinline__ void qmm_tile_impl(const XT* __restrict__ x, const u3
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 wm = warp / WNW, wn = warp % WNW;
     const u32 n0 = blockIdx.x * BN;
-    u32 m0 = blockIdx.y * BM, mcount = M, first = 0;
-    const u64* pairs = nullptr;
-    if (GRP) {
-        if (blockIdx.y >= grp[0]) return;
-        const u32* tl = grp + 4 + 4 * blockIdx.y;  // expert, first pair, pairs
-        const u64 e = tl[0];
-        w += e * w_stride;
-        scales += e * s_stride;
-        biases += e * s_stride;
-        first = tl[1];
-        mcount = tl[2];
-        m0 = 0;
-        pairs = (const u64*)(grp + 4 + 4 * (u64)grp[1]);
-    }
-    if (n0 >= N || m0 >= mcount) return;  // whole block
-    const u32 mv = min((u32)BM, mcount - m0);  // valid tokens of this tile
+    TileTok tk;
+    if (!tile_tokens<GRP>(BM, M, grp, w_stride, s_stride, w, scales, biases, tk)) return;
+    if (n0 >= N || tk.m0 >= tk.mcount) return;  // whole block
+    const u32 m0 = tk.m0, first = tk.first;
+    const u64* pairs = tk.pairs;
+    const u32 mv = min((u32)BM, tk.mcount - m0);  // valid tokens of this tile
     const u32 G = K / GROUP, KT = K / 64;
     const u64 row_bytes = (u64)K * BITS / 8;
 
-    // x rows this thread copies (chunk tid % 8 of rows tid / 8 + j * T / 8).
     const u8* xr[XI];
     u32 xd[XI];
-#pragma unroll
-    for (int j = 0; j < XI; j++) {
-        const u32 r = (tid >> 3) + j * (T / 8), c = tid & 7;
-        const u32 m = min(m0 + r, mcount - 1);
-        const XT* row = GRP ? x + pairs[2 * (u64)(first + m)] : x + (u64)m * K;
-        xr[j] = (const u8*)row + c * 16;
-        xd[j] = r * 128 + ((c ^ (r & 7)) << 4);
-    }
+    tile_x_rows<XI, T, GRP>(x, tk, K, tid, xr, xd);
     const u8* cr[CI];
     u32 cd[CI];
 #pragma unroll

@@ -1,7 +1,7 @@
 // Prefill (large M) quantized matmul on Hopper's warpgroup tensor-core instructions (wgmma,
 // sm_90a), transpose = true (W [N, K]), 4- and 8-bit codes, f16/bf16 x and outputs. Appended
-// after qmm_tile.cu (uses its cpa16, cpa_small, and qmm_tc.cu's prmt, lop_or, fma2, pack2,
-// lds128, cp_commit/cp_wait, MMA_T, MAGIC2, ONE2 and the TC_OK guard).
+// after qmm_tile.cu (uses its cpa16, cpa_small, tile_tokens and tile_x_rows, and qmm_tc.cu's
+// prmt, lop_or, fma2, pack2, lds128, cp_commit/cp_wait, MMA_T, MAGIC2, ONE2 and TC_OK).
 //
 // The product is computed transposed, y^T = W x^T, so that the rows of W are the wgmma's A
 // operand, which may come from registers: each weight is dequantised (q * s + b, one rounding
@@ -139,36 +139,18 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 g = lane >> 2, t = lane & 3;
     const u32 n0 = blockIdx.x * BW;
-    u32 m0 = blockIdx.y * BT, mcount = M, first = 0;
-    const u64* pairs = nullptr;
-    if (GRP) {
-        if (blockIdx.y >= grp[0]) return;
-        const u32* tl = grp + 4 + 4 * blockIdx.y;  // expert, first pair, pairs
-        const u64 e = tl[0];
-        w += e * w_stride;
-        scales += e * s_stride;
-        biases += e * s_stride;
-        first = tl[1];
-        mcount = tl[2];
-        m0 = 0;
-        pairs = (const u64*)(grp + 4 + 4 * (u64)grp[1]);
-    }
-    if (n0 >= N || m0 >= mcount) return;  // whole block
-    const u32 mv = min((u32)BT, mcount - m0);  // valid tokens of this tile
+    TileTok tk;
+    if (!tile_tokens<GRP>(BT, M, grp, w_stride, s_stride, w, scales, biases, tk)) return;
+    if (n0 >= N || tk.m0 >= tk.mcount) return;  // whole block
+    const u32 m0 = tk.m0, first = tk.first;
+    const u64* pairs = tk.pairs;
+    const u32 mv = min((u32)BT, tk.mcount - m0);  // valid tokens of this tile
     const u32 G = K / GROUP, KT = K / 64;
     const u64 row_bytes = (u64)K * BITS / 8;
 
-    // x rows this thread copies: chunk tid % 8 of rows tid / 8 + j * T / 8.
     const u8* xr[XI];
     u32 xd[XI];
-#pragma unroll
-    for (int j = 0; j < XI; j++) {
-        const u32 r = (tid >> 3) + j * (T / 8), c = tid & 7;
-        const u32 m = min(m0 + r, mcount - 1);
-        const XT* row = GRP ? x + pairs[2 * (u64)(first + m)] : x + (u64)m * K;
-        xr[j] = (const u8*)row + c * 16;
-        xd[j] = r * 128 + ((c ^ (r & 7)) << 4);
-    }
+    tile_x_rows<XI, T, GRP>(x, tk, K, tid, xr, xd);
     const u8* cr[CI];
     u32 cd[CI];
 #pragma unroll
