@@ -993,7 +993,7 @@ fn tile_fits(
         && pb.is_multiple_of(unit)
         && po.is_multiple_of(4)
         && t.smem(kdim, spec, sdt) <= dev.smem_optin as u64
-        && (!t.wg || (dev.arch() == 90 && kdim.is_multiple_of(128)))
+        && (!t.wg || (super::nvrtc::wgmma(dev.arch()) && kdim.is_multiple_of(128)))
 }
 
 fn u32_of(op: &'static str, v: u64) -> Result<u32> {

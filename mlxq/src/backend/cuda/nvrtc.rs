@@ -54,11 +54,18 @@ pub(crate) fn version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
-/// NVRTC's target for compute capability `arch`: Hopper (90) is compiled for `sm_90a`, whose
-/// arch-specific instructions (wgmma in `qmm_wg.cu`) the prefill kernel uses; such a cubin
-/// runs on compute capability 9.0 only, which is the device it is compiled for.
+/// Whether kernels for compute capability `arch` are compiled for `sm_90a`, whose
+/// arch-specific instructions (wgmma in `qmm_wg.cu`) the Hopper prefill uses: Hopper (90), with
+/// an NVRTC that knows the target (CUDA 12 or later; CUDA 11.8 stays on plain `sm_90`, where
+/// the `qmm_wg` entry points are empty stubs the dispatcher never chooses).
+pub(crate) fn wgmma(arch: u32) -> bool {
+    arch == 90 && version().is_ok_and(|(major, _)| major >= 12)
+}
+
+/// NVRTC's target for compute capability `arch`: `sm_90a` where [`wgmma`] holds (such a cubin
+/// runs on compute capability 9.0 only, the device it is compiled for), else `sm_{arch}`.
 pub(crate) fn target(arch: u32) -> String {
-    if arch == 90 {
+    if wgmma(arch) {
         "sm_90a".to_string()
     } else {
         format!("sm_{arch}")
