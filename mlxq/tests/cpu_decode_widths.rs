@@ -1,6 +1,9 @@
-//! The CPU decode kernels (M < 12) on the superblock paths of 1- to 4-bit codes: full superblocks (four
+//! The CPU decode kernels (M < 17) on the superblock paths of 1- to 4-bit codes: full superblocks (four
 //! groups of a weight row decoded together), a partial last one (1 or 3 groups), rows of one
-//! group, odd N (the one-column path beside the two-column one) and M = 1..5.
+//! group, rows long enough to be cut into K blocks at 5 or more rows (29 groups), odd N (the
+//! one-column path beside the two-column one) and M = 1..17: blocks of 1 to 4 rows (the
+//! split dot-product chains of 1 and 2 rows, the joined ones of 3 and 4), several blocks
+//! with a partial last one, and both sides of the GEMM's hand-over (`avx512gemm`, 17 rows).
 //!
 //! The data are integers, so the check is exact equality with an oracle computed from the raw
 //! codes alone (no dequantization): random codes, scales 1, biases −1, sparse x in {−2..2},
@@ -13,6 +16,10 @@ use mlxq::quant::pack::pack_row;
 use mlxq::{ops, Buffer, DType, Device, QuantSpec, QuantizedWeight};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// Rows of x: every count up to 9 (blocks of 4 rows, whole and partial), then counts past
+/// two blocks, and both sides of the GEMM's hand-over (`avx512gemm`: 17 rows).
+const MS: [usize; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 16, 17];
 
 #[test]
 fn decode_kernels_exact_on_integer_data_every_width_and_superblock_path() {
@@ -27,8 +34,9 @@ fn decode_kernels_exact_on_integer_data_every_width_and_superblock_path() {
             for g in [32usize, 64, 128] {
                 let spec = QuantSpec::affine(bits, g as u32).unwrap();
                 // Groups per row: two full superblocks, plus a partial one of 1 or 3 groups;
-                // a partial one alone; one group.
-                for groups in [8usize, 9, 11, 3, 1] {
+                // a partial one alone; one group; seven and a partial one, which the walk
+                // cuts into K blocks from 5 rows on (of 24 groups, for groups of 128).
+                for groups in [8usize, 9, 11, 3, 1, 29] {
                     let k = groups * g;
                     for n in [1usize, 7, 34] {
                         let codes: Vec<u8> = (0..n * k)
@@ -56,7 +64,7 @@ fn decode_kernels_exact_on_integer_data_every_width_and_superblock_path() {
                             spec,
                         )
                         .unwrap();
-                        for m in [1usize, 2, 3, 5] {
+                        for m in MS {
                             // Sparse, so that every output stays well inside f16's integers.
                             let x: Vec<f32> = (0..m * k)
                                 .map(|_| {
@@ -96,6 +104,6 @@ fn decode_kernels_exact_on_integer_data_every_width_and_superblock_path() {
             }
         }
         enc.commit_and_wait().unwrap();
-        assert_eq!(cases, 4 * 3 * 5 * 3 * 4, "{variant}");
+        assert_eq!(cases, 4 * 3 * 6 * 3 * MS.len(), "{variant}");
     }
 }

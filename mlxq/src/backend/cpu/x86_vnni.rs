@@ -839,6 +839,14 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
     );
     // Lane 4j + u of a superblock's factors: group j's (of the current four).
     let spread4 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    // `vpshufb` indices (within each 128-bit lane) moving every dword's bytes up by one, the
+    // top one out and a zero in: a left shift by 8, exact here as `|h|·256 < 2^31` (h sums
+    // at most 32 products `q·hi`, each below 2^15). Opaque to the compiler, which would
+    // otherwise turn the constant shuffle back into `vpslld`.
+    let (d0, d1, d2, d3) = (0x0201_0080, 0x0605_0480, 0x0a09_0880, 0x0e0d_0c80);
+    let shl8 = std::hint::black_box(_mm512_setr_epi32(
+        d0, d1, d2, d3, d0, d1, d2, d3, d0, d1, d2, d3, d0, d1, d2, d3,
+    ));
     let len = groups * bpg;
     for j0 in (0..groups).step_by(16) {
         let valid16 = (groups - j0).min(16);
@@ -930,8 +938,14 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
                             }
                         }
                     }
-                    for d in dh.iter_mut().flatten() {
-                        *d = _mm512_slli_epi32::<8>(*d);
+                    // `<< 8` as a byte shuffle, which runs on port 5: `vpslld` would take
+                    // port 0, which the dot products and conversions already fill. (Index
+                    // loops, not `iter_mut().flatten()`: the iterator made the compiler keep
+                    // `dh` in memory and shift it there, every superblock.)
+                    for r in 0..R {
+                        for c in 0..C {
+                            dh[r][c] = _mm512_shuffle_epi8(dh[r][c], shl8);
+                        }
                     }
                     for i in 0..nr {
                         for r in 0..R {
