@@ -71,10 +71,11 @@ fn exact_variants() -> impl Iterator<Item = &'static &'static str> {
 #[test]
 fn matmul_sweep_bits_groups_dtypes_transposes_and_odd_shapes() {
     for variant in exact_variants() {
-        // The blocked GEMM takes over from 8 rows: rows around its 8-row tiles and past
-        // whole tiles; fewer rows run the decode kernels under its name.
+        // The blocked GEMM takes over from 8 rows (17 where `avx512vnni` applies): rows
+        // around its 8-row tiles, around the hand-over and past whole tiles; fewer rows run
+        // the decode kernels under its name.
         let ms: &[usize] = if *variant == "avx512gemm" {
-            &[1, 8, 9, 33, 128, 130]
+            &[1, 8, 9, 16, 17, 33, 128, 130]
         } else {
             &[1, 2, 7, 16, 33]
         };
@@ -131,10 +132,10 @@ fn sweep(variant: &'static str, ms: &[usize]) {
                             } else {
                                 "generic"
                             };
-                            // The GEMM hands calls of fewer than 8 (12 with VNNI) rows to a
+                            // The GEMM hands calls of fewer than 8 (17 with VNNI) rows to a
                             // decode kernel, and the encoder records the kernel that ran.
                             let handed_down = expect == "avx512gemm"
-                                && m < 12
+                                && m < 17
                                 && ["avx512vnni", "avx512bf16", "avx512"]
                                     .iter()
                                     .any(|v| ran.ends_with(&format!("_{v}")));

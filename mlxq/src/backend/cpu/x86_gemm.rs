@@ -85,9 +85,10 @@ const SMALL_F32: u8 = 2;
 
 /// Rows of x from which the GEMM beats the decode kernels.
 pub(crate) const MIN_M: usize = 8;
-/// The same for keys `avx512vnni` takes: its integer dots beat the panel up to about 12 rows
-/// (CPU time, one thread, 1024×2048 4-bit: M=8 0.75 ms against 0.99; M=16 1.49 against 1.02).
-pub(crate) const MIN_M_VNNI: usize = 12;
+/// The same for keys `avx512vnni` takes: its integer dots beat the panel up to 16 rows
+/// (`mlxq bench`, two threads, 4096×4096 4-bit, session 8 of docs/perf.md: M=12 2.6–3.1 ms
+/// against 3.8–4.5, M=16 3.5–3.9 against 4.9–6.5; M=24 within the noise of each other).
+pub(crate) const MIN_M_VNNI: usize = 17;
 /// Rows of x per micro-kernel tile.
 const R: usize = 8;
 /// 16-column vectors per micro-kernel tile.
