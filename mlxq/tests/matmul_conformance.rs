@@ -647,7 +647,7 @@ fn int8_mode_within_its_stated_bound() {
                     .map(f64::from)
                     .collect();
                 let groups = k / g as usize;
-                for m in [1usize, 8, 9, 33, 130] {
+                for m in [1usize, 5, 8, 9, 15, 33, 130] {
                     let x = Buffer::from_f32(&randn(&mut rng, m * k), dt, &[m, k]).unwrap();
                     let mut y = poisoned(dt, &[m, n]);
                     ops::quantized_matmul_into(&mut enc, &x, &w, true, &mut y).unwrap();

@@ -494,8 +494,10 @@ pub(crate) const QMM_T_GEMM_I8: Variant = Variant {
 /// The int8 variant's per-thread tile scratch (see `TILE_I8`).
 type TileI8 = (Vec<Line>, Vec<Line>, Vec<f32>, Vec<f32>);
 
-/// Rows of x per int8 micro-kernel tile (12 i32 and 12 f32 accumulators).
-const RI: usize = 4;
+/// Rows of x per int8 micro-kernel tile: 8 rows × 3 column vectors are 24 i32 accumulators,
+/// which leaves registers for the three panel vectors and one broadcast of x (the f32 sums
+/// live in the L1-resident output tile, touched once per block of 32).
+const RI: usize = 8;
 /// Values of x sharing one int8 scale.
 const XBLOCK: usize = 32;
 
@@ -566,16 +568,7 @@ fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()>
                 let Some(v) = src.get(blk * XBLOCK..(blk + 1) * XBLOCK) else {
                     break;
                 };
-                let amax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let (step, inv) = if amax > 0.0 {
-                    (amax / 127.0, 127.0 / amax)
-                } else {
-                    (0.0, 0.0)
-                };
-                *d = step;
-                for (p, q) in q.iter_mut().enumerate() {
-                    *q = (v[perm(BITS, p)] * inv).round().clamp(-127.0, 127.0) as i8;
-                }
+                *d = quantize_block(v, q, BITS);
             }
             for (s, grp) in s.iter_mut().zip(src.chunks_exact(g)) {
                 *s = grp.iter().sum();
@@ -594,6 +587,7 @@ fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()>
             bv.resize(KC / XBLOCK * NC, 0.0);
             let c0 = t * NC;
             let cols = NC.min(n - c0);
+            acc[..m * NC].fill(0.0);
             for b in 0..blocks {
                 let k0 = b * KC;
                 let len = KC.min(k - k0);
@@ -634,7 +628,7 @@ fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()>
                     };
                     let c = &mut acc[r0 * NC..(r0 + rows) * NC];
                     // SAFETY: features checked by `supports`; `micro_i8` checks its slices.
-                    unsafe { micro_i8_dispatch(rows, cbs, &x, panel, sv, bv, c, b == 0) };
+                    unsafe { micro_i8_dispatch(rows, cbs, &x, panel, sv, bv, c) };
                 }
             }
             for r in 0..m {
@@ -697,11 +691,37 @@ struct XTile<'a> {
     g: usize,
 }
 
+/// Quantizes one block of x (`XBLOCK` values) to int8 in the panel's K order:
+/// `x̂ = round(x/d)` with `d = max|x|/127`, ties to even; returns `d` (0 for a zero block).
+/// NaN values become 0 here (the exact group sums still carry them into the output).
+fn quantize_block<S: Float>(v: &[S], q: &mut [i8], bits: usize) -> f32 {
+    let mut f = [0f32; XBLOCK];
+    for (f, v) in f.iter_mut().zip(v) {
+        *f = v.to_f32();
+    }
+    // `f32::max` skips NaN, so amax is a number ≥ 0 (+∞ makes every x̂ 0 and d = +∞).
+    let amax = f.iter().fold(0f32, |m, x| m.max(x.abs()));
+    if amax <= 0.0 || q.len() < XBLOCK {
+        q.iter_mut().take(XBLOCK).for_each(|q| *q = 0);
+        return 0.0;
+    }
+    let inv = 127.0 / amax;
+    // Round to nearest even through the f32 significand: |x·inv| ≤ 127 < 2^22.
+    const MAGIC: f32 = 12_582_912.0;
+    let mut r = [0i8; XBLOCK];
+    for (r, &f) in r.iter_mut().zip(&f) {
+        *r = (((f * inv) + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8;
+    }
+    for (p, q) in q.iter_mut().take(XBLOCK).enumerate() {
+        *q = r[perm(bits, p)];
+    }
+    amax / 127.0
+}
+
 /// Runs [`micro_i8`] for `rows` (1..=RI) rows and `cbs` (1..=CB) column vectors.
 ///
 /// # Safety
 /// The CPU has AVX-512 F and VNNI.
-#[allow(clippy::too_many_arguments)]
 unsafe fn micro_i8_dispatch(
     rows: usize,
     cbs: usize,
@@ -710,23 +730,24 @@ unsafe fn micro_i8_dispatch(
     sv: &[f32],
     bv: &[f32],
     c: &mut [f32],
-    first: bool,
 ) {
     macro_rules! go {
         ($($r:literal)*) => {
             match (rows, cbs) {
-                $( ($r, 1) => unsafe { micro_i8::<$r, 1>(x, panel, sv, bv, c, first) },
-                   ($r, 2) => unsafe { micro_i8::<$r, 2>(x, panel, sv, bv, c, first) },
-                   ($r, _) => unsafe { micro_i8::<$r, 3>(x, panel, sv, bv, c, first) }, )*
+                $( ($r, 1) => unsafe { micro_i8::<$r, 1>(x, panel, sv, bv, c) },
+                   ($r, 2) => unsafe { micro_i8::<$r, 2>(x, panel, sv, bv, c) },
+                   ($r, _) => unsafe { micro_i8::<$r, 3>(x, panel, sv, bv, c) }, )*
                 _ => {}
             }
         };
     }
-    go!(1 2 3 4);
+    go!(1 2 3 4 5 6 7 8);
 }
 
-/// `c[RR][NC] (+)= Σ_blocks s·d·Σ(q·x̂) + Σ_groups b·Σx` over one K block, for the first `C`
-/// column vectors. Does nothing if a slice is shorter than that needs.
+/// `c[RR][NC] += Σ_blocks s·d·Σ(q·x̂) + Σ_groups b·Σx` over one K block, for the first `C`
+/// column vectors. Per block of 32 values of K: eight `vpdpbusd` steps into `RR × C` i32
+/// accumulators held in registers, then one read-modify-write of the f32 tile in L1.
+/// Does nothing if a slice is shorter than that needs.
 ///
 /// # Safety
 /// The CPU has AVX-512 F and VNNI.
@@ -737,7 +758,6 @@ unsafe fn micro_i8<const RR: usize, const C: usize>(
     sv: &[f32],
     bv: &[f32],
     c: &mut [f32],
-    first: bool,
 ) {
     let (nblk, ngrp, ds) = (x.len / XBLOCK, x.len / x.g, KC / XBLOCK);
     if x.q.len() < (RR - 1) * KC + x.len
@@ -751,15 +771,6 @@ unsafe fn micro_i8<const RR: usize, const C: usize>(
         return;
     }
     let (xp, cp) = (x.q.as_ptr(), c.as_mut_ptr());
-    let mut acc = [[_mm512_setzero_ps(); C]; RR];
-    if !first {
-        for (r, row) in acc.iter_mut().enumerate() {
-            for (v, a) in row.iter_mut().enumerate() {
-                // SAFETY: r < RR rows of NC, v·16 + 16 ≤ NC (checked above).
-                *a = unsafe { _mm512_loadu_ps(cp.add(r * NC + v * 16)) };
-            }
-        }
-    }
     let per_group = x.g / XBLOCK;
     let (pp, dp, sp) = (
         panel.as_ptr() as *const __m512i,
@@ -776,7 +787,7 @@ unsafe fn micro_i8<const RR: usize, const C: usize>(
             unsafe {
                 let mut w = [_mm512_setzero_si512(); C];
                 for (v, w) in w.iter_mut().enumerate() {
-                    *w = _mm512_loadu_si512(pp.add(s * CB + v));
+                    *w = _mm512_load_si512(pp.add(s * CB + v));
                 }
                 for (r, row) in dot.iter_mut().enumerate() {
                     let xb = (xp.add(r * KC + 4 * s) as *const i32).read_unaligned();
@@ -788,37 +799,24 @@ unsafe fn micro_i8<const RR: usize, const C: usize>(
             }
         }
         let j = blk / per_group;
+        let last = (blk + 1) % per_group == 0;
         // SAFETY: group j < ngrp of NC scales/biases; x scale blk < nblk and group sum
-        // j < ngrp of each row r < RR (checked above).
+        // j < ngrp of each row r < RR; tile entries r·NC + v·16 + 16 ≤ RR·NC (checked above).
         unsafe {
-            let mut sv = [_mm512_setzero_ps(); C];
-            for (v, s) in sv.iter_mut().enumerate() {
-                *s = _mm512_loadu_ps(svp.add(j * NC + v * 16));
-            }
-            for (r, (arow, drow)) in acc.iter_mut().zip(&dot).enumerate() {
+            for (r, drow) in dot.iter().enumerate() {
                 let d = _mm512_set1_ps(*dp.add(r * ds + blk));
-                for ((a, &dd), &s) in arow.iter_mut().zip(drow).zip(&sv) {
-                    *a = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dd), s), d, *a);
-                }
-            }
-            if (blk + 1) % per_group == 0 {
-                let mut bv = [_mm512_setzero_ps(); C];
-                for (v, b) in bv.iter_mut().enumerate() {
-                    *b = _mm512_loadu_ps(bvp.add(j * NC + v * 16));
-                }
-                for (r, arow) in acc.iter_mut().enumerate() {
-                    let sum = _mm512_set1_ps(*sp.add(r * ds + j));
-                    for (a, &b) in arow.iter_mut().zip(&bv) {
-                        *a = _mm512_fmadd_ps(b, sum, *a);
+                let sum = _mm512_set1_ps(*sp.add(r * ds + j));
+                for (v, &dd) in drow.iter().enumerate() {
+                    let at = cp.add(r * NC + v * 16);
+                    let s = _mm512_loadu_ps(svp.add(j * NC + v * 16));
+                    let mut a = _mm512_loadu_ps(at);
+                    a = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dd), s), d, a);
+                    if last {
+                        a = _mm512_fmadd_ps(_mm512_loadu_ps(bvp.add(j * NC + v * 16)), sum, a);
                     }
+                    _mm512_storeu_ps(at, a);
                 }
             }
-        }
-    }
-    for (r, row) in acc.iter().enumerate() {
-        for (v, &a) in row.iter().enumerate() {
-            // SAFETY: as for the loads.
-            unsafe { _mm512_storeu_ps(cp.add(r * NC + v * 16), a) };
         }
     }
 }
