@@ -106,11 +106,14 @@ const CHUNK: usize = 64;
 #[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
 struct Line([u8; 64]);
 
+/// A task's scratch: panel, f32 output tile, scales and biases (see `TILE`, `TILE_I8`).
+type Tile = (Vec<Line>, Vec<Line>, Vec<f32>, Vec<f32>);
+
 thread_local! {
     /// Per-thread scratch, made once and reused: the decoded panel, the f32 output tile,
-    /// and one block's scales as f32 (`[group][column]`).
-    static TILE: RefCell<(Vec<Line>, Vec<Line>, Vec<f32>)> =
-        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// and the tile's scales and biases as f32 (`[group][column]`).
+    static TILE: RefCell<Tile> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
     /// Packed x, taken out for the length of a call (a nested call allocates its own).
     static XPACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -188,34 +191,29 @@ fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>)
     (0..n.div_ceil(NC)).into_par_iter().for_each(|t| {
         TILE.with(|tile| {
             let mut tile = tile.borrow_mut();
-            let (panel, acc, sv) = &mut *tile;
+            let (panel, acc, sv, bv) = &mut *tile;
             panel.resize(stride * CB, Line([0; 64]));
             acc.resize(m * CB, Line([0; 64]));
             let panel: &mut [f32] = bytemuck::cast_slice_mut(&mut panel[..]);
             let acc: &mut [f32] = bytemuck::cast_slice_mut(&mut acc[..]);
-            sv.resize(KC / 32 * NC, 0.0);
+            sv.resize(groups * NC, 0.0);
+            bv.resize(groups * NC, 0.0);
             let c0 = t * NC;
             let cols = NC.min(n - c0);
+            // The tile's scales and biases as f32, [group][column], zero past N.
+            // SAFETY: features checked by `supports`; `widen_tile` checks its slices.
+            unsafe {
+                widen_tile(scales, groups, c0, cols, sv);
+                widen_tile(biases, groups, c0, cols, bv);
+            }
             for b in 0..blocks {
                 let k0 = b * KC;
                 let len = KC.min(k - k0);
                 let kp = steps(len, g);
                 let (g0, gb) = (k0 / g, len / g);
-                // This block's scales as f32, [group][column]; biases straight into the
-                // panel's bias rows. Columns past N are zero.
+                // The biases go into the panel's bias rows.
                 let pad = len.div_ceil(CHUNK) * CHUNK;
-                for j in 0..gb {
-                    for c in 0..NC {
-                        let (s, bias) = if c < cols {
-                            let at = (c0 + c) * groups + g0 + j;
-                            (scales[at].to_f32(), biases[at].to_f32())
-                        } else {
-                            (0.0, 0.0)
-                        };
-                        sv[j * NC + c] = s;
-                        panel[(pad + j) * NC + c] = bias;
-                    }
-                }
+                panel[pad * NC..(pad + gb) * NC].copy_from_slice(&bv[g0 * NC..(g0 + gb) * NC]);
                 let src = Panel {
                     packed: w.packed,
                     row_bytes,
@@ -226,7 +224,7 @@ fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>)
                     g,
                 };
                 // SAFETY: features checked by `supports`; `decode_panel` checks its slices.
-                unsafe { decode_panel::<BITS>(&src, sv, panel) };
+                unsafe { decode_panel::<BITS>(&src, &sv[g0 * NC..], panel) };
                 let cbs = cols.div_ceil(16);
                 for r0 in (0..m).step_by(R) {
                     let rows = R.min(m - r0);
@@ -299,6 +297,57 @@ unsafe fn decode64<const BITS: usize>(p: *const u8, half: bool) -> __m512i {
             };
             let fields = _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(spread, raw));
             _mm512_and_si512(fields, _mm512_set1_epi8(((1u32 << BITS) - 1) as i8))
+        }
+    }
+}
+
+/// `out[j·NC + c] = src[(c0 + c)·groups + j]` widened to f32, for every group `j` and the
+/// tile's `cols` columns (zero past them): a tile's scales or biases, converted once per task
+/// and 16 columns × 16 groups at a time (the scalar per-block conversion it replaced cost as
+/// much as the panel decode at M = 8). Does nothing if a slice is too short.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn widen_tile<S: Float>(src: &[S], groups: usize, c0: usize, cols: usize, out: &mut [f32]) {
+    if cols > NC || out.len() < groups * NC || src.len() < (c0 + cols) * groups {
+        return;
+    }
+    for cb in 0..CB {
+        for j0 in (0..groups).step_by(16) {
+            let nj = 16.min(groups - j0);
+            let mask: __mmask16 = ((1u32 << nj) - 1) as u16;
+            let mut rows = [_mm512_setzero_si512(); 16];
+            for (c, row) in rows.iter_mut().enumerate() {
+                let col = cb * 16 + c;
+                if col >= cols {
+                    break;
+                }
+                // SAFETY: elements j0..j0 + nj of column c0 + col lie inside `src` (checked
+                // above); the masked loads touch no others.
+                *row = unsafe {
+                    let p = src.as_ptr().add((c0 + col) * groups + j0);
+                    match S::DTYPE {
+                        crate::DType::BF16 => _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                            _mm256_maskz_loadu_epi16(mask, p as *const i16),
+                        )),
+                        crate::DType::F16 => _mm512_castps_si512(_mm512_cvtph_ps(
+                            _mm256_maskz_loadu_epi16(mask, p as *const i16),
+                        )),
+                        _ => _mm512_maskz_loadu_epi32(mask, p as *const i32),
+                    }
+                };
+            }
+            transpose16(&mut rows);
+            for (j, v) in rows.iter().take(nj).enumerate() {
+                // SAFETY: (j0 + j)·NC + cb·16 + 16 ≤ groups·NC (checked above).
+                unsafe {
+                    _mm512_storeu_si512(
+                        out.as_mut_ptr().add((j0 + j) * NC + cb * 16) as *mut __m512i,
+                        *v,
+                    )
+                };
+            }
         }
     }
 }
@@ -491,9 +540,6 @@ pub(crate) const QMM_T_GEMM_I8: Variant = Variant {
     },
 };
 
-/// The int8 variant's per-thread tile scratch (see `TILE_I8`).
-type TileI8 = (Vec<Line>, Vec<Line>, Vec<f32>, Vec<f32>);
-
 /// Rows of x per int8 micro-kernel tile: 8 rows × 3 column vectors are 24 i32 accumulators,
 /// which leaves registers for the three panel vectors and one broadcast of x (the f32 sums
 /// live in the L1-resident output tile, touched once per block of 32).
@@ -503,8 +549,8 @@ const XBLOCK: usize = 32;
 
 thread_local! {
     /// Per-thread scratch of the int8 variant: the u8 panel (`[K/4][CB][64 bytes]`), the f32
-    /// output tile, one block's scales and biases as f32 (`[group][NC]` each).
-    static TILE_I8: RefCell<TileI8> =
+    /// output tile, the tile's scales and biases as f32 (`[group][NC]` each).
+    static TILE_I8: RefCell<Tile> =
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
     /// Quantized x (int8), its block scales and its group sums, taken out per call.
     static XPACK_I8: RefCell<(Vec<i8>, Vec<f32>, Vec<f32>)> =
@@ -583,27 +629,20 @@ fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()>
             panel.resize(KC / 4 * CB, Line([0; 64]));
             acc.resize(m * CB, Line([0; 64]));
             let acc: &mut [f32] = bytemuck::cast_slice_mut(&mut acc[..]);
-            sv.resize(KC / XBLOCK * NC, 0.0);
-            bv.resize(KC / XBLOCK * NC, 0.0);
+            sv.resize(groups * NC, 0.0);
+            bv.resize(groups * NC, 0.0);
             let c0 = t * NC;
             let cols = NC.min(n - c0);
             acc[..m * NC].fill(0.0);
+            // SAFETY: features checked by `supports`; `widen_tile` checks its slices.
+            unsafe {
+                widen_tile(scales, groups, c0, cols, sv);
+                widen_tile(biases, groups, c0, cols, bv);
+            }
             for b in 0..blocks {
                 let k0 = b * KC;
                 let len = KC.min(k - k0);
-                let (g0, gb) = (k0 / g, len / g);
-                for j in 0..gb {
-                    for c in 0..NC {
-                        let (s, bias) = if c < cols {
-                            let at = (c0 + c) * groups + g0 + j;
-                            (scales[at].to_f32(), biases[at].to_f32())
-                        } else {
-                            (0.0, 0.0)
-                        };
-                        sv[j * NC + c] = s;
-                        bv[j * NC + c] = bias;
-                    }
-                }
+                let g0 = k0 / g;
                 let src = Panel {
                     packed: w.packed,
                     row_bytes,
@@ -628,6 +667,7 @@ fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()>
                     };
                     let c = &mut acc[r0 * NC..(r0 + rows) * NC];
                     // SAFETY: features checked by `supports`; `micro_i8` checks its slices.
+                    let (sv, bv) = (&sv[g0 * NC..], &bv[g0 * NC..]);
                     unsafe { micro_i8_dispatch(rows, cbs, &x, panel, sv, bv, c) };
                 }
             }
