@@ -50,6 +50,33 @@ pub(crate) fn available() -> bool {
         && is_x86_feature_detected!("avx512vbmi")
 }
 
+/// The `mask`ed of 16 consecutive scales (or biases) at `p`, widened exactly to f32 (other
+/// lanes 0): the one conversion every AVX-512 kernel uses for its per-group factors.
+///
+/// # Safety
+/// The masked elements at `p` are readable; the CPU supports AVX-512 F, BW and VL.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn widen16<S: crate::dtype::Element>(p: *const S, mask: __mmask16) -> __m512 {
+    // SAFETY: masked loads touch only the elements the mask names (caller: readable).
+    unsafe {
+        match S::DTYPE {
+            crate::DType::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16)),
+            // bf16: the upper half of an f32.
+            crate::DType::BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p as *const i16)),
+            )),
+            _ => _mm512_maskz_loadu_ps(mask, p as *const f32),
+        }
+    }
+}
+
+/// The mask of the first `n` (≤ 16) lanes.
+#[inline]
+pub(crate) fn mask16(n: usize) -> __mmask16 {
+    ((1u32 << n.min(16)) - 1) as u16
+}
+
 thread_local! {
     /// Per-thread scratch for the permuted x and its group sums, reused across calls.
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };

@@ -316,7 +316,7 @@ unsafe fn widen_tile<S: Float>(src: &[S], groups: usize, c0: usize, cols: usize,
     for cb in 0..CB {
         for j0 in (0..groups).step_by(16) {
             let nj = 16.min(groups - j0);
-            let mask: __mmask16 = ((1u32 << nj) - 1) as u16;
+            let mask = super::x86::mask16(nj);
             let mut rows = [_mm512_setzero_si512(); 16];
             for (c, row) in rows.iter_mut().enumerate() {
                 let col = cb * 16 + c;
@@ -325,18 +325,9 @@ unsafe fn widen_tile<S: Float>(src: &[S], groups: usize, c0: usize, cols: usize,
                 }
                 // SAFETY: elements j0..j0 + nj of column c0 + col lie inside `src` (checked
                 // above); the masked loads touch no others.
-                *row = unsafe {
-                    let p = src.as_ptr().add((c0 + col) * groups + j0);
-                    match S::DTYPE {
-                        crate::DType::BF16 => _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-                            _mm256_maskz_loadu_epi16(mask, p as *const i16),
-                        )),
-                        crate::DType::F16 => _mm512_castps_si512(_mm512_cvtph_ps(
-                            _mm256_maskz_loadu_epi16(mask, p as *const i16),
-                        )),
-                        _ => _mm512_maskz_loadu_epi32(mask, p as *const i32),
-                    }
-                };
+                *row = _mm512_castps_si512(unsafe {
+                    super::x86::widen16(src.as_ptr().add((c0 + col) * groups + j0), mask)
+                });
             }
             transpose16(&mut rows);
             for (j, v) in rows.iter().take(nj).enumerate() {

@@ -34,10 +34,10 @@
 //! and the single rounding of `s·q + b`.
 
 use super::qmm::QmmArgs;
+use super::x86::{mask16, widen16};
 use super::{cast, cast_mut, DisjointOut, KernelFn, Variant};
 use crate::dtype::{Element, Float};
 use crate::error::{Error, Result};
-use crate::DType;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -359,28 +359,6 @@ unsafe fn block_rows<const BITS: usize>(r: usize, t: &Tile, chunks: usize, c: &C
     }
 }
 
-/// Widens up to 16 consecutive scales (or biases) at `p` to f32 (`n` of them; other lanes 0).
-///
-/// # Safety
-/// `p` must point to `n ≤ 16` readable elements; the CPU must support AVX-512 F/BW/VL.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn widen16<S: Element>(p: *const S, n: usize) -> __m512 {
-    let mask: __mmask16 = ((1u32 << n.min(16)) - 1) as u16;
-    // SAFETY: masked loads touch only the `n` elements the caller guarantees.
-    unsafe {
-        match S::DTYPE {
-            DType::F32 => _mm512_maskz_loadu_ps(mask, p as *const f32),
-            DType::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16)),
-            _ => {
-                // bf16: the upper half of an f32.
-                let h = _mm256_maskz_loadu_epi16(mask, p as *const i16);
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-            }
-        }
-    }
-}
-
 /// Fills `sb` (`rows × 32` floats) with the f32 scales and biases of `chunks` chunks for rows
 /// `k0..k0 + rows` of W, starting at group `j0`.
 ///
@@ -411,8 +389,8 @@ unsafe fn widen_block<S: Element>(
         }
         // SAFETY: `ng` elements from `off` are in bounds (checked above); `row` is 32 floats.
         unsafe {
-            let s = widen16::<S>(scales.as_ptr().add(off), ng);
-            let b = widen16::<S>(biases.as_ptr().add(off), ng);
+            let s = widen16(scales.as_ptr().add(off), mask16(ng));
+            let b = widen16(biases.as_ptr().add(off), mask16(ng));
             _mm512_storeu_ps(row.as_mut_ptr(), _mm512_permutexvar_ps(idx, s));
             _mm512_storeu_ps(row.as_mut_ptr().add(16), _mm512_permutexvar_ps(idx, b));
         }

@@ -32,6 +32,7 @@
 //! four groups: its loads are masked and the missing groups' x, step and Σx are zero.
 
 use super::qmm::QmmArgs;
+use super::x86::widen16;
 use super::x86_columns::{prefetch_w, run, Columns, Rows, Walk, MAX_COLS, MAX_ROWS};
 use super::{cast, cast_mut, Variant};
 use crate::dtype::Float;
@@ -775,25 +776,6 @@ struct Column<'a, S> {
     tables: &'a Tables,
     /// Bytes from one weight row to the next.
     row_bytes: usize,
-}
-
-/// The first `mask`ed of 16 values of `S` at `p`, widened exactly to f32 (others zero).
-///
-/// # Safety
-/// The masked elements at `p` are readable; the CPU supports [`available`]'s features.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
-unsafe fn widen16<S: Float>(p: *const S, mask: __mmask16) -> __m512 {
-    // SAFETY: masked loads touch only the elements the mask names (caller: readable).
-    unsafe {
-        match S::DTYPE {
-            crate::DType::BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(
-                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p as *const i16)),
-            )),
-            crate::DType::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16)),
-            _ => _mm512_maskz_loadu_ps(mask, p as *const f32),
-        }
-    }
 }
 
 /// `acc[c][r] = Σ over this K slice of x[row0 + r]·ŵ[c]`, for `R` rows and `C` columns
