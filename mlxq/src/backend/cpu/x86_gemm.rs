@@ -106,12 +106,13 @@ const CHUNK: usize = 64;
 #[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
 struct Line([u8; 64]);
 
-/// A task's scratch: panel, f32 output tile, scales and biases (see `TILE`, `TILE_I8`).
+/// A task's scratch: panel, f32 output tile, scales and biases (see `TILE`).
 type Tile = (Vec<Line>, Vec<Line>, Vec<f32>, Vec<f32>);
 
 thread_local! {
-    /// Per-thread scratch, made once and reused: the decoded panel, the f32 output tile,
-    /// and the tile's scales and biases as f32 (`[group][column]`).
+    /// Per-thread scratch of both GEMM paths, made once and reused: the decoded panel (f32
+    /// `[K-step][NC]`, or for the int8 variant u8 `[K/4][CB][64 bytes]`), the f32 output
+    /// tile, and the tile's scales and biases as f32 (`[group][column]`).
     static TILE: RefCell<Tile> =
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
     /// Packed x, taken out for the length of a call (a nested call allocates its own).
@@ -539,10 +540,6 @@ const RI: usize = 8;
 const XBLOCK: usize = 32;
 
 thread_local! {
-    /// Per-thread scratch of the int8 variant: the u8 panel (`[K/4][CB][64 bytes]`), the f32
-    /// output tile, the tile's scales and biases as f32 (`[group][NC]` each).
-    static TILE_I8: RefCell<Tile> =
-        const { RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
     /// Quantized x (int8), its block scales and its group sums, taken out per call.
     static XPACK_I8: RefCell<(Vec<i8>, Vec<f32>, Vec<f32>)> =
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
@@ -614,7 +611,7 @@ fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()>
     let writer = DisjointOut::new(out);
     let (xq_ref, xd_ref, xs_ref) = (&xq[..], &xd[..], &xs[..]);
     (0..n.div_ceil(NC)).into_par_iter().for_each(|t| {
-        TILE_I8.with(|tile| {
+        TILE.with(|tile| {
             let mut tile = tile.borrow_mut();
             let (panel, acc, sv, bv) = &mut *tile;
             panel.resize(KC / 4 * CB, Line([0; 64]));
@@ -646,6 +643,7 @@ fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()>
                 // SAFETY: features checked by `supports`; `decode_panel_u8` checks its slices.
                 unsafe { decode_panel_u8::<BITS>(&src, panel) };
                 let cbs = cols.div_ceil(16);
+                let (sv, bv) = (&sv[g0 * NC..], &bv[g0 * NC..]);
                 for r0 in (0..m).step_by(RI) {
                     let rows = RI.min(m - r0);
                     let at = b * m + r0;
@@ -658,7 +656,6 @@ fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()>
                     };
                     let c = &mut acc[r0 * NC..(r0 + rows) * NC];
                     // SAFETY: features checked by `supports`; `micro_i8` checks its slices.
-                    let (sv, bv) = (&sv[g0 * NC..], &bv[g0 * NC..]);
                     unsafe { micro_i8_dispatch(rows, cbs, &x, panel, sv, bv, c) };
                 }
             }
