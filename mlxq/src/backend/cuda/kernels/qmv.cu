@@ -25,8 +25,10 @@ struct Batch {
 __device__ __forceinline__ bool resolve(const Batch& bt, u64 i, u64& xi, u64& wi) {
     u64 rem = i, lp = 0, rp = 0;
     for (int d = (int)bt.ndim - 1; d >= 0; d--) {
-        const u64 coord = rem % bt.dims[d];
-        rem /= bt.dims[d];
+        // The outermost coordinate is what is left (i < the product of dims): no division,
+        // so one-dimensional batches (every dense call) resolve without a 64-bit divide.
+        const u64 coord = d == 0 ? rem : rem % bt.dims[d];
+        if (d > 0) rem /= bt.dims[d];
         lp += coord * bt.lst[d];
         rp += coord * bt.rst[d];
     }
