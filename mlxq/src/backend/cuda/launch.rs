@@ -518,8 +518,12 @@ pub(crate) fn qmm(
             finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
             return Ok(());
         }
+        // Ring depth: 6 batches where rows are long (K >= 8192), else 3 (run 10, H200:
+        // 4096x14336 15.5 µs against 18.8 with 4; 28672x8192 46.6 against 47.3; 14336x4096
+        // 14.9 against 15.6).
+        let deep = kdim >= 8192;
         let ring_bytes = if ring {
-            dec_ring_bytes(super::dec_steps())
+            dec_ring_bytes(super::dec_steps(), if deep { 6 } else { 3 })
         } else {
             0
         };
@@ -552,7 +556,9 @@ pub(crate) fn qmm(
                 .and_then(|v| v.parse::<u64>().ok())
                 .filter(|v| matches!(v, 1 | 2 | 4 | 8));
             let (mut pick, mut many_waves) = (None, None);
-            let table: &[(&str, u64)] = if ring {
+            let table: &[(&str, u64)] = if ring && deep {
+                &[("qmv_decr6_4", 4), ("qmv_decr6_2", 2)]
+            } else if ring {
                 &[("qmv_decr_4", 4), ("qmv_decr_2", 2)]
             } else {
                 &[
@@ -1076,11 +1082,11 @@ unsafe fn launch_dec(
     unsafe { launch_ex(dev, f, cfg, shared, &list[..len], pdl) }
 }
 
-/// Shared memory of one warp's cp.async ring in the decode kernels (`RSTAGES` x `RSTAGE` in
-/// `qmv_dec.cu`): 4 batches, each 16 rows x `su` steps x 64 bytes of codes (unpadded) and
+/// Shared memory of one warp's cp.async ring in the decode kernels (`RS` x `RSTAGE` in
+/// `qmv_dec.cu`): `rs` batches, each 16 rows x `su` steps x 64 bytes of codes (unpadded) and
 /// 16 bytes of scales and 16 of biases per row.
-fn dec_ring_bytes(su: u64) -> u64 {
-    4 * (16 * su * 64 + 2 * 16 * 16)
+fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
+    rs * (16 * su * 64 + 2 * 16 * 16)
 }
 
 /// The experiment switches [`knob`] reads.
@@ -1231,7 +1237,10 @@ fn decm_pick(
     if m * kc / cpw > 8 * 32 * nw {
         return None;
     }
-    let ring = dec_ring_bytes(su);
+    // Dense M = 3, 4 on a 6-batch ring (run 10, H200: 4x14336x4096 20.5 µs against 27.1 with
+    // 4), gathers on 4 (one token, top-8 of 64 experts 2048x2048: 12.7 against 13.7 with 6).
+    let deep = !everywhere && dense && nw != 8;
+    let ring = dec_ring_bytes(su, if deep { 6 } else { 4 });
     let smem = 64 + m * (kc / ck) * 64 + (m * (kc / group) * 4).div_ceil(16) * 16 + nw * ring;
     if smem > super::DEC_SMEM_MAX as u64 {
         return None;
@@ -1241,6 +1250,18 @@ fn decm_pick(
         ["qmv_decm_4_1", "qmv_decm_4_2", "qmv_decm_4_4"],
         ["qmv_decm_8_1", "qmv_decm_8_2", "qmv_decm_8_4"],
     ];
+    if deep {
+        return Some((
+            if nw == 2 {
+                "qmv_decm6_2_1"
+            } else {
+                "qmv_decm6_4_1"
+            },
+            nw,
+            kc,
+            smem,
+        ));
+    }
     let entry = DECM[match nw {
         2 => 0,
         4 => 1,

@@ -127,9 +127,8 @@ __device__ __forceinline__ float lds32f(u32 a) {
 }
 
 // RING: W chunks, scales and biases of each batch go through a per-warp shared-memory ring of
-// RSTAGES batches by cp.async, copied so that 16 lanes cover DSU * 64 contiguous bytes of one
+// RS batches (a template parameter: 3, 4 or 6) by cp.async, copied so that 16 lanes cover DSU * 64 contiguous bytes of one
 // row (instead of a quad 64 bytes of each of 8 rows per load in registers).
-constexpr int RSTAGES = 4;
 // A row's chunks are stored unpadded, swizzled: chunk ch of row r at ch ^ 4 for odd r (DSU >= 2),
 // so the 8 lanes of a quarter-warp (rows g, g + 1, chunks 4u..4u + 3) read all 32 banks once.
 constexpr u32 RROW = DSU * 64;              // ring bytes per row and batch
@@ -263,7 +262,7 @@ __device__ __forceinline__ void dec_stage_x(const XT* __restrict__ xrow, u32 M, 
     }
 }
 
-template <int WK, bool RING>
+template <int WK, bool RING, int RS>
 __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                              const ST* __restrict__ scales,
                                              const ST* __restrict__ biases, OT* __restrict__ out,
@@ -294,7 +293,7 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
     // multiples of 2 floats, e.g. K = 256 at group 128 with M = 3, would misalign them).
     float* red = sx + ((u64)M * G + 3) / 4 * 4;
     // This warp's ring (RING).
-    const u32 ring = smem_addr(red + WK * 128) + warp * RSTAGES * RSTAGE;
+    const u32 ring = smem_addr(red + WK * 128) + warp * RS * RSTAGE;
     if (threadIdx.x < 4) zero[threadIdx.x] = make_uint4(0, 0, 0, 0);
 
     // This lane's B column: token bm of slot g % DSLOTS, from the lanes of that slot; the
@@ -371,7 +370,7 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
             if constexpr (RING) {
                 // The ring's first batches load while x is read and rearranged.
 #pragma unroll
-                for (int p = 0; p < RSTAGES - 1; p++) {
+                for (int p = 0; p < RS - 1; p++) {
                     if (p < total) issue(p, p);
                     cp_commit();
                 }
@@ -441,11 +440,11 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
             sa1 = sxa[1];
             if (RING) {
                 for (u32 q = 0; q < nb; q++, i++) {
-                    cp_wait<RSTAGES - 2>();
+                    cp_wait<RS - 2>();
                     __syncwarp();  // every lane's copies of item i landed; slot i - 1 is free
-                    if (i + RSTAGES - 1 < total) issue(i + RSTAGES - 1, (i + RSTAGES - 1) % RSTAGES);
+                    if (i + RS - 1 < total) issue(i + RS - 1, (i + RS - 1) % RS);
                     cp_commit();
-                    read(i % RSTAGES, A);
+                    read(i % RS, A);
                     if constexpr (DEC_PROBE) {
                         y[0][0] += __uint_as_float((A.q[0][0].x ^ A.q[DSU - 1][1].w ^ A.s[0][0] ^ A.b[1][0]) & 1u);
                     } else {
@@ -505,26 +504,30 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
 #endif
 
 #if TC_OK
-#define QMV_DEC(NAME, WK, MINB, RING)                                                         \
+#define QMV_DEC(NAME, WK, MINB, RING, RS)                                                     \
     extern "C" __global__ void __launch_bounds__(WK * 32, MINB) NAME(                         \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
         const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u64 N, u64 K,             \
         u64 x_stride, u64 w_stride, u64 s_stride, u64 out_stride, Batch bt) {                 \
         if constexpr (!RING || RING_OK)                                                       \
-            qmv_dec_impl<WK, RING>(x, w, scales, biases, out, M, N, K, x_stride, w_stride,    \
+            qmv_dec_impl<WK, RING, RS>(x, w, scales, biases, out, M, N, K, x_stride, w_stride,\
                                    s_stride, out_stride, bt);                                 \
     }
 #else
-#define QMV_DEC(NAME, WK, MINB, RING)                                                         \
+#define QMV_DEC(NAME, WK, MINB, RING, RS)                                                     \
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32,    \
                                     u64, u64, u64, u64, u64, u64, Batch) {}
 #endif
-QMV_DEC(qmv_dec_1, 1, 20, false)
-QMV_DEC(qmv_dec_2, 2, 10, false)
-QMV_DEC(qmv_dec_4, 4, 5, false)
-QMV_DEC(qmv_dec_8, 8, 2, false)
-QMV_DEC(qmv_decr_2, 2, 1, true)
-QMV_DEC(qmv_decr_4, 4, 1, true)
+QMV_DEC(qmv_dec_1, 1, 20, false, 4)
+QMV_DEC(qmv_dec_2, 2, 10, false, 4)
+QMV_DEC(qmv_dec_4, 4, 5, false, 4)
+QMV_DEC(qmv_dec_8, 8, 2, false, 4)
+// The ring kernel with a 3-batch ring (rows up to 8191 codes) and a 6-batch one (longer rows):
+// the faster depths on the H200 (run 10, docs/perf-cuda.md).
+QMV_DEC(qmv_decr_2, 2, 1, true, 3)
+QMV_DEC(qmv_decr_4, 4, 1, true, 3)
+QMV_DEC(qmv_decr6_2, 2, 1, true, 6)
+QMV_DEC(qmv_decr6_4, 4, 1, true, 6)
 
 // qmv_decm: decode for more tokens (M <= NT * 8 / DSLOTS, NT n-tiles) with x shared by NW row tiles. A block owns NW * 16 rows of W; warp w owns rows
 // 16 w .. 16 w + 15 of it over all of K (no K split, no cross-warp sums): its W, scales and
@@ -544,7 +547,7 @@ typedef uint4 XItem;   // 8 x values (one word of 8 codes)
 typedef uint2 XItem;   // 4 x values (one word of 4 codes)
 #endif
 
-template <int NW, int NT>
+template <int NW, int NT, int RS>
 __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                               const ST* __restrict__ scales,
                                               const ST* __restrict__ biases, OT* __restrict__ out,
@@ -568,7 +571,7 @@ __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u3
     uint4* xs = zero + 4;
     float* sx = (float*)(xs + (u64)M * CC * 4);
     const u32 sx_bytes = (M * GC * 4 + 15) / 16 * 16;
-    const u32 ring = smem_addr(sx) + sx_bytes + warp * RSTAGES * RSTAGE;
+    const u32 ring = smem_addr(sx) + sx_bytes + warp * RS * RSTAGE;
     if (threadIdx.x < 4) zero[threadIdx.x] = make_uint4(0, 0, 0, 0);
 
     // B columns of this lane per n-tile: token j * TPT + g / DSLOTS of slot g % DSLOTS.
@@ -609,7 +612,7 @@ __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u3
         // kernel).
         if (ok) {
 #pragma unroll
-            for (int p = 0; p < RSTAGES - 1; p++) {
+            for (int p = 0; p < RS - 1; p++) {
                 if (p < NB) issue(p, p);
                 cp_commit();
             }
@@ -736,12 +739,12 @@ __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u3
             __syncthreads();
             for (u32 lb = 0; lb < NBC; lb++) {
                 const u32 b = c * NBC + lb;
-                cp_wait<RSTAGES - 2>();
+                cp_wait<RS - 2>();
                 __syncwarp();  // every lane's copies of batch b landed; slot b - 1 is free
-                if (b + RSTAGES - 1 < NB) issue(b + RSTAGES - 1, (b + RSTAGES - 1) % RSTAGES);
+                if (b + RS - 1 < NB) issue(b + RS - 1, (b + RS - 1) % RS);
                 cp_commit();
                 DecBatch A;
-                read(b % RSTAGES, A);
+                read(b % RS, A);
                 compute(A, lb);
             }
         }
@@ -775,26 +778,30 @@ __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u3
 #endif
 
 #if TC_OK
-#define QMV_DECM(NAME, NW, NT)                                                                \
+#define QMV_DECM(NAME, NW, NT, RS)                                                            \
     extern "C" __global__ void __launch_bounds__(NW * 32, 1) NAME(                            \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
         const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u64 N, u64 K, u32 KC,     \
         u64 x_stride, u64 w_stride, u64 s_stride, u64 out_stride, Batch bt) {                 \
         if constexpr (RING_OK && DQC >= GROUP || RING_OK && DSLOTS > 1)                       \
-            qmv_decm_impl<NW, NT>(x, w, scales, biases, out, M, N, K, KC, x_stride, w_stride,  \
+            qmv_decm_impl<NW, NT, RS>(x, w, scales, biases, out, M, N, K, KC, x_stride,        \
+                                      w_stride,                                               \
                                   s_stride, out_stride, bt);                                  \
     }
 #else
-#define QMV_DECM(NAME, NW, NT)                                                                \
+#define QMV_DECM(NAME, NW, NT, RS)                                                            \
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32,    \
                                     u64, u64, u32, u64, u64, u64, u64, Batch) {}
 #endif
-QMV_DECM(qmv_decm_2_1, 2, 1)
-QMV_DECM(qmv_decm_2_2, 2, 2)
-QMV_DECM(qmv_decm_2_4, 2, 4)
-QMV_DECM(qmv_decm_4_1, 4, 1)
-QMV_DECM(qmv_decm_4_2, 4, 2)
-QMV_DECM(qmv_decm_4_4, 4, 4)
-QMV_DECM(qmv_decm_8_1, 8, 1)
-QMV_DECM(qmv_decm_8_2, 8, 2)
-QMV_DECM(qmv_decm_8_4, 8, 4)
+QMV_DECM(qmv_decm_2_1, 2, 1, 4)
+QMV_DECM(qmv_decm_2_2, 2, 2, 4)
+QMV_DECM(qmv_decm_2_4, 2, 4, 4)
+QMV_DECM(qmv_decm_4_1, 4, 1, 4)
+QMV_DECM(qmv_decm_4_2, 4, 2, 4)
+QMV_DECM(qmv_decm_4_4, 4, 4, 4)
+QMV_DECM(qmv_decm_8_1, 8, 1, 4)
+QMV_DECM(qmv_decm_8_2, 8, 2, 4)
+QMV_DECM(qmv_decm_8_4, 8, 4, 4)
+// Dense M = 3, 4 (one n-tile) with a 6-batch ring: faster there on the H200 (run 10).
+QMV_DECM(qmv_decm6_2_1, 2, 1, 6)
+QMV_DECM(qmv_decm6_4_1, 4, 1, 6)
