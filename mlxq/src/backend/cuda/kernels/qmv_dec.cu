@@ -187,6 +187,44 @@ __device__ __forceinline__ void ring_read(u32 src, u32 g, u32 t, DecBatch& L) {
     }
 }
 
+#if BITS == 4
+typedef uint4 XItem;   // 8 x values (one word of 8 codes)
+#else
+typedef uint2 XItem;   // 4 x values (one word of 4 codes)
+#endif
+
+// One item of x (the values of one word of codes) as the B registers of its 2 mmas (v), and
+// the sum of its values.
+__device__ __forceinline__ float dec_x_item(XItem xv, u32* v) {
+    float sum = 0.0f;
+#if BITS == 4
+    const u32 xw[4] = {xv.x, xv.y, xv.z, xv.w};
+    // A register p of a word holds codes (p, p + 4): B takes (x_p, x_{p+4}).
+#pragma unroll
+    for (int p = 0; p < 4; p++) v[p] = prmt(xw[p >> 1], xw[(p >> 1) + 2], (p & 1) ? 0x7632 : 0x5410);
+    float f[8];
+    widen16(xv, f, (XT*)0);
+#pragma unroll
+    for (int q = 0; q < 8; q++) sum += f[q];
+#else
+    // A registers: (l0, l2), (h0, h2), (l1, l3), (h1, h3) of the word's 4 codes.
+    v[0] = prmt(xv.x, xv.y, 0x5410);
+    v[2] = prmt(xv.x, xv.y, 0x7632);
+#if TC_X == 2
+    v[1] = fma2(v[0], 0x41804180u, 0x80008000u);  // 16 x, exact
+    v[3] = fma2(v[2], 0x41804180u, 0x80008000u);
+#else
+    v[1] = v[0];
+    v[3] = v[2];
+#endif
+    float f[8];
+    widen16(make_uint4(xv.x, xv.y, 0, 0), f, (XT*)0);
+#pragma unroll
+    for (int q = 0; q < 4; q++) sum += f[q];
+#endif
+    return sum;
+}
+
 // x of one batch entry (M rows of K, contiguous, from xrow) into shared memory in the mma's
 // B order (xs: one 16-byte item per word of codes, C chunks per row) with the group sums
 // of each token (sx: M x G floats). Every thread of the block takes part.
@@ -201,23 +239,14 @@ __device__ __forceinline__ void dec_stage_x(const XT* __restrict__ xrow, u32 M, 
     const u32 per_row = C * 4, total = M * per_row;
     constexpr int IPG = GROUP / DCPW;
     constexpr u32 XRD = 4;
-#if BITS == 4
-    const uint4* xg = (const uint4*)(xrow);
-    uint4 xr[XRD];
-#else
-    const uint2* xg = (const uint2*)(xrow);
-    uint2 xr[XRD];
-#endif
+    const XItem* xg = (const XItem*)(xrow);
+    XItem xr[XRD];
     for (u32 base0 = 0; base0 < total; base0 += XRD * blockDim.x) {
 #pragma unroll
     for (u32 r = 0; r < XRD; r++) {
         if (base0 + r * blockDim.x >= total) break;  // uniform: no warp is all past the end
         const u32 i = base0 + r * blockDim.x + threadIdx.x;
-#if BITS == 4
-        xr[r] = i < total ? __ldg(xg + i) : make_uint4(0, 0, 0, 0);
-#else
-        xr[r] = i < total ? __ldg(xg + i) : make_uint2(0, 0);
-#endif
+        xr[r] = i < total ? __ldg(xg + i) : XItem{};
     }
 #pragma unroll
     for (u32 r = 0; r < XRD; r++) {
@@ -225,34 +254,7 @@ __device__ __forceinline__ void dec_stage_x(const XT* __restrict__ xrow, u32 M, 
         const u32 i = base0 + r * blockDim.x + threadIdx.x;
         const bool valid = i < total;
         u32 v[4];
-        float sum = 0.0f;
-#if BITS == 4
-        const uint4 xv = xr[r];
-        const u32 xw[4] = {xv.x, xv.y, xv.z, xv.w};
-        // A register p of a word holds codes (p, p + 4): B takes (x_p, x_{p+4}).
-#pragma unroll
-        for (int p = 0; p < 4; p++) v[p] = prmt(xw[p >> 1], xw[(p >> 1) + 2], (p & 1) ? 0x7632 : 0x5410);
-        float f[8];
-        widen16(xv, f, (XT*)0);
-#pragma unroll
-        for (int q = 0; q < 8; q++) sum += f[q];
-#else
-        const uint2 xv = xr[r];
-        // A registers: (l0, l2), (h0, h2), (l1, l3), (h1, h3) of the word's 4 codes.
-        v[0] = prmt(xv.x, xv.y, 0x5410);
-        v[2] = prmt(xv.x, xv.y, 0x7632);
-#if TC_X == 2
-        v[1] = fma2(v[0], 0x41804180u, 0x80008000u);  // 16 x, exact
-        v[3] = fma2(v[2], 0x41804180u, 0x80008000u);
-#else
-        v[1] = v[0];
-        v[3] = v[2];
-#endif
-        float f[8];
-        widen16(make_uint4(xv.x, xv.y, 0, 0), f, (XT*)0);
-#pragma unroll
-        for (int q = 0; q < 4; q++) sum += f[q];
-#endif
+        float sum = dec_x_item(xr[r], v);
         if (valid) xs[i] = make_uint4(v[0], v[1], v[2], v[3]);
 #pragma unroll
         for (int off = IPG / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
@@ -541,11 +543,6 @@ QMV_DEC(qmv_decr6_4, 4, 1, true, 6)
 #if TC_OK
 constexpr int XR = 8;  // x items per thread and chunk, at most
 constexpr int GPS_M = DSLOTS > 1 ? DSLOTS : 0;  // groups per step (0: DQC / GROUP below)
-#if BITS == 4
-typedef uint4 XItem;   // 8 x values (one word of 8 codes)
-#else
-typedef uint2 XItem;   // 4 x values (one word of 4 codes)
-#endif
 
 template <int NW, int NT, int RS>
 __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u32* __restrict__ w,
@@ -704,32 +701,7 @@ __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u3
                 const bool valid = i < total;
                 const u32 m = i / per_row, rem = i % per_row;
                 u32 v[4];
-                float sum = 0.0f;
-#if BITS == 4
-                const uint4 xv = valid ? xr[r] : make_uint4(0, 0, 0, 0);
-                const u32 xw[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-                for (int p = 0; p < 4; p++) v[p] = prmt(xw[p >> 1], xw[(p >> 1) + 2], (p & 1) ? 0x7632 : 0x5410);
-                float f[8];
-                widen16(xv, f, (XT*)0);
-#pragma unroll
-                for (int q = 0; q < 8; q++) sum += f[q];
-#else
-                const uint2 xv = valid ? xr[r] : make_uint2(0, 0);
-                v[0] = prmt(xv.x, xv.y, 0x5410);
-                v[2] = prmt(xv.x, xv.y, 0x7632);
-#if TC_X == 2
-                v[1] = fma2(v[0], 0x41804180u, 0x80008000u);
-                v[3] = fma2(v[2], 0x41804180u, 0x80008000u);
-#else
-                v[1] = v[0];
-                v[3] = v[2];
-#endif
-                float f[8];
-                widen16(make_uint4(xv.x, xv.y, 0, 0), f, (XT*)0);
-#pragma unroll
-                for (int q = 0; q < 4; q++) sum += f[q];
-#endif
+                float sum = dec_x_item(valid ? xr[r] : XItem{}, v);
                 if (valid) xs[i] = make_uint4(v[0], v[1], v[2], v[3]);
 #pragma unroll
                 for (int off = IPG / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
