@@ -62,6 +62,27 @@ fn got_f64(y: &Buffer) -> Vec<f64> {
 }
 
 /// The variants held to the conformance tolerances (all but the opt-in approximate ones).
+/// The registry key of an affine quantized matmul: `dts` are x, scales and output.
+fn qmm_key(
+    bits: u32,
+    g: u32,
+    dts: (DType, DType, DType),
+    transpose: bool,
+    variant: &'static str,
+) -> mlxq::registry::KernelKey {
+    mlxq::registry::KernelKey {
+        op: mlxq::registry::OpKind::QuantizedMatmul,
+        mode: mlxq::QuantMode::Affine,
+        bits,
+        group_size: g,
+        input: dts.0,
+        scales: dts.1,
+        output: dts.2,
+        flag: transpose,
+        variant,
+    }
+}
+
 fn exact_variants() -> impl Iterator<Item = &'static &'static str> {
     mlxq::backend::cpu::VARIANTS
         .iter()
@@ -116,17 +137,7 @@ fn sweep(variant: &'static str, ms: &[usize]) {
                             let want = matmul_f64(&x_f64(&x), m, &wd, rows, cols, transpose);
                             let err = max_rel_err(&got_f64(&y), &want);
                             let ran = enc.last_kernel().unwrap().to_owned();
-                            let key = mlxq::registry::KernelKey {
-                                op: mlxq::registry::OpKind::QuantizedMatmul,
-                                mode: mlxq::QuantMode::Affine,
-                                bits,
-                                group_size: g,
-                                input: xdt,
-                                scales: sdt,
-                                output: out_dt,
-                                flag: transpose,
-                                variant,
-                            };
+                            let key = qmm_key(bits, g, (xdt, sdt, out_dt), transpose, variant);
                             let expect = if mlxq::backend::cpu::supports(variant, &key) {
                                 variant
                             } else {
@@ -355,17 +366,7 @@ fn gather_qmm_many_tokens_per_expert_every_variant() {
             );
             // The blocked GEMM must run its experts' rows wherever this CPU has it (AVX-512;
             // elsewhere every variant falls back to `generic`).
-            let key = mlxq::registry::KernelKey {
-                op: mlxq::registry::OpKind::QuantizedMatmul,
-                mode: mlxq::QuantMode::Affine,
-                bits,
-                group_size: g,
-                input: xdt,
-                scales: xdt,
-                output: xdt,
-                flag: true,
-                variant,
-            };
+            let key = qmm_key(bits, g, (xdt, xdt, xdt), true, variant);
             if *variant == "avx512gemm" && mlxq::backend::cpu::supports(variant, &key) {
                 assert!(ran.ends_with("avx512gemm"), "{ran} ran");
             }
@@ -620,19 +621,10 @@ fn long_rows_many_rows_every_variant() {
 #[test]
 fn int8_mode_within_its_stated_bound() {
     let device = Device::cpu_with_variant("avx512gemm-i8").unwrap();
+    let bf16 = (DType::BF16, DType::BF16, DType::BF16);
     if !mlxq::backend::cpu::supports(
         "avx512gemm-i8",
-        &mlxq::registry::KernelKey {
-            op: mlxq::registry::OpKind::QuantizedMatmul,
-            mode: mlxq::QuantMode::Affine,
-            bits: 4,
-            group_size: 64,
-            input: DType::BF16,
-            scales: DType::BF16,
-            output: DType::BF16,
-            flag: true,
-            variant: "avx512gemm-i8",
-        },
+        &qmm_key(4, 64, bf16, true, "avx512gemm-i8"),
     ) {
         eprintln!("skipped: this CPU lacks AVX-512 VNNI");
         return;
