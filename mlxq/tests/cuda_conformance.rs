@@ -396,8 +396,10 @@ fn quantized_matmul_matches_the_f64_reference() {
     assert_none("quantized_matmul on CUDA", checked, failures);
 }
 
-/// The tensor-core kernels (4- and 8-bit W `[N, K]`, f16/bf16 x, half outputs): `qmv_dec`
-/// for M * slots <= 8 where K is a multiple of its load batch (1536, 4096), `qmv_tc` for
+/// The tensor-core kernels (4- and 8-bit W `[N, K]`, f16/bf16 x, half outputs): on Hopper
+/// `qmv_decb` (W by bulk copies) for M <= 4 at K = 4096 (8-bit; 4-bit where the row tiles do
+/// not fill the SMs, as at 200 rows, or M >= 3), `qmv_dec` for the other M * slots <= 8 where
+/// K is a multiple of its load batch (1536, 4096), `qmv_tc` for
 /// the other M <= 16 (one and two n-tiles of 8 tokens; M = 1, 2 at K = 5 groups go to the
 /// CUDA-core kernel and are checked here too), `qmm_tc_8` for M = 17, 100, 300 (tiles of 64 tokens, a partial last one), every group size, f16 and bf16 x and scales, rows not a multiple of the 128 a block
 /// owns, and long K (split over blocks into f32 partial sums, then added). bf16 x with f32

@@ -474,12 +474,65 @@ pub(crate) fn qmm(
         // per batch), where the batch's scales are 4, 8 or
         // 16 bytes; by default where N or K >= 8192 (faster there on the H200, slower at
         // 4096x4096: run 4d). MLXQ_DEC_RING=1 forces it, =0 turns it off.
+        // The arguments of every decode kernel (`kc`: qmv_decm's x chunk).
+        let dec_args = |kc: Option<u32>| -> Result<DecArgs> {
+            Ok(DecArgs {
+                ptrs: [px, pw, ps, pb, po],
+                m: u32::try_from(m).map_err(|_| Error::SizeOverflow { op, what: "rows" })?,
+                n: ndim,
+                k: kdim,
+                kc,
+                strides: [x_stride, words_per_matrix, s_stride, out_stride],
+                bt,
+            })
+        };
         let dsb = super::dec_steps() * qc / group * ssize;
         let ring = match knob("MLXQ_DEC_RING") {
             Some("1") => true,
             Some("0") => false,
             _ => ndim.max(kdim) >= 8192,
         } && matches!(dsb, 4 | 8 | 16);
+        if let Some((fi, nc, smem_b)) = decb_pick(
+            &dev,
+            m,
+            ndim,
+            kdim,
+            bits,
+            group,
+            ssize,
+            gather,
+            [pw, ps, pb],
+            [words_per_matrix * 4, s_stride * ssize],
+        ) {
+            let f = k.func_named(fi)?;
+            let threads = ((nc + 1) * 32) as u32;
+            let per_sm = f
+                .occupancy_max_active_blocks_per_multiprocessor(threads, smem_b as usize, None)
+                .map_err(driver(op))?;
+            let slots = (u64::from(per_sm) * u64::from(dev.multiprocessors())).max(1);
+            // Persistent over row tiles: one wave of resident blocks, each with the same
+            // number of tiles.
+            let row_blocks = ndim.div_ceil(16);
+            let per_block = row_blocks.div_ceil((slots / u64::from(gy)).max(1));
+            let grid = cfg(
+                (grid_x(op, row_blocks.div_ceil(per_block))?, gy, 1),
+                threads,
+                op,
+            )?;
+            let args = dec_args(None)?;
+            // SAFETY: the parameters match `qmv_decb`'s signature in order and type. It reads
+            // rows < M of each x matrix (x_count of them, lhs values checked), rows < N
+            // (clamped) of W matrix wi < w_count with their scales and biases (bulk copies of
+            // whole 16-byte pieces inside each row: decb_pick checked the alignments), and
+            // writes rows < M of each of `entries` output matrices: all inside buffers kept
+            // alive by `retain`. As a programmatic dependent it reads only W, scales and
+            // biases before waiting for the previous kernel (a qmv_dec, which writes none).
+            unsafe { launch_dec(&dev, f, grid, smem_b as u32, args, after_dec) }
+                .map_err(driver(op))?;
+            dev.swap_last_dec(true);
+            finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
+            return Ok(());
+        }
         if let Some((fi, nw, kc, smem_m)) = decm_pick(
             &dev,
             m,
@@ -492,15 +545,7 @@ pub(crate) fn qmm(
             gather,
         ) {
             let f = k.func_named(fi)?;
-            let args = DecArgs {
-                ptrs: [px, pw, ps, pb, po],
-                m: u32::try_from(m).map_err(|_| Error::SizeOverflow { op, what: "rows" })?,
-                n: ndim,
-                k: kdim,
-                kc: Some(u32_of(op, kc)?),
-                strides: [x_stride, words_per_matrix, s_stride, out_stride],
-                bt,
-            };
+            let args = dec_args(Some(u32_of(op, kc)?))?;
             let grid = cfg(
                 (grid_x(op, ndim.div_ceil(16 * nw))?, gy, 1),
                 (nw * 32) as u32,
@@ -600,15 +645,7 @@ pub(crate) fn qmm(
             }
             let pick = pick.or(many_waves);
             if let Some((f, wk, slots)) = pick {
-                let args = DecArgs {
-                    ptrs: [px, pw, ps, pb, po],
-                    m: u32::try_from(m).map_err(|_| Error::SizeOverflow { op, what: "rows" })?,
-                    n: ndim,
-                    k: kdim,
-                    kc: None,
-                    strides: [x_stride, words_per_matrix, s_stride, out_stride],
-                    bt,
-                };
+                let args = dec_args(None)?;
                 // The ring kernel is persistent over row tiles: one wave of resident blocks,
                 // each taking the same number of tiles (MLXQ_DEC_PERSIST=0: a block per tile).
                 let blocks_x = if ring && knob("MLXQ_DEC_PERSIST") != Some("0") {
@@ -1089,8 +1126,95 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
     rs * (16 * su * 64 + 2 * 16 * 16)
 }
 
+/// `qmv_decb` (W by bulk copies into a block-wide ring, sm_90) for this decode matmul (M
+/// tokens, W `[N, K]`), or None where it cannot serve it or is not chosen: the entry point,
+/// consumer warps per block and dynamic shared memory. `ptrs` are W, scales and biases;
+/// `strides` the bytes between matrices of W and of scales.
+///
+/// The measured rule (run 11, H200, `docs/perf-cuda.md`), dense calls with M <= 4: 8-bit
+/// everywhere, with 8 consumer warps and a 2-stage ring (4 stages where the row tiles do not
+/// fill the SMs once); 4-bit where N >= 8192 with 4 consumer warps and 3 stages (14336x4096:
+/// 12.8 µs against 14.9 on qmv_decr), and where N is small enough that the row tiles do not
+/// fill the SMs or M >= 3 as for 8-bit (4x4096x4096: 8.1 µs against 22.4 on qmv_decm).
+/// Elsewhere (4-bit, 2048 < N < 8192, M <= 2) qmv_decr stays faster (4096x14336: 15.5 µs
+/// against 17.8). MLXQ_DECB=1 takes it wherever it can serve (gathers and M up to 8 / slots
+/// included), =0 never; MLXQ_DECB_NC=4|8 and MLXQ_DECB_NS set its consumer warps and ring
+/// stages (experiments).
+#[allow(clippy::too_many_arguments)]
+fn decb_pick(
+    dev: &CudaDevice,
+    m: u64,
+    ndim: u64,
+    kdim: u64,
+    bits: u64,
+    group: u64,
+    ssize: u64,
+    gather: bool,
+    ptrs: [u64; 3],
+    strides: [u64; 2],
+) -> Option<(&'static str, u64, u64)> {
+    let everywhere = match knob("MLXQ_DECB") {
+        Some("0") => return None,
+        Some("1") => true,
+        _ => false,
+    };
+    let ck = 128 / bits;
+    let qc = 4 * ck;
+    let slots = if group < qc { qc / group } else { 1 };
+    let batch_codes = super::dec_steps() * qc;
+    let dsb = batch_codes / group.max(1) * ssize;
+    let few_tiles = ndim.div_ceil(16) <= u64::from(dev.multiprocessors());
+    let (nc, ns) = match bits {
+        _ if everywhere => (8, if few_tiles { 4 } else { 2 }),
+        8 if !gather && m <= 4 => (8, if few_tiles { 4 } else { 2 }),
+        4 if !gather && m <= 4 && ndim >= 8192 => (4, 3),
+        4 if !gather && m <= 4 && (few_tiles || m >= 3) => (8, if few_tiles { 4 } else { 2 }),
+        _ => return None,
+    };
+    let nc = match knob("MLXQ_DECB_NC").and_then(|v| v.parse::<u64>().ok()) {
+        Some(v @ (4 | 8)) => v,
+        _ => nc,
+    };
+    if dev.arch() < 90
+        || !matches!(bits, 4 | 8)
+        || m * slots > 8
+        || group > batch_codes
+        || !batch_codes.is_multiple_of(group)
+        || !matches!(dsb, 4 | 8 | 16)
+        || !(nc * dsb).is_multiple_of(16)
+        || !kdim.is_multiple_of(nc * batch_codes)
+        || !(kdim / group * ssize).is_multiple_of(16)
+        || !ptrs.iter().chain(&strides).all(|v| v.is_multiple_of(16))
+    {
+        return None;
+    }
+    let ns = knob("MLXQ_DECB_NS")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(ns);
+    let entry = match (nc, ns) {
+        (4, 3) => "qmv_decb_4_3",
+        (4, 4) => "qmv_decb_4_4",
+        (4, 6) => "qmv_decb_4_6",
+        (8, 2) => "qmv_decb_8_2",
+        (8, 3) => "qmv_decb_8_3",
+        (8, 4) => "qmv_decb_8_4",
+        _ => return None,
+    };
+    // Shared memory: the mbarriers (128 bytes), NS stages of 16 rows of codes (+ 64 bytes of
+    // padding each) and their scales and biases, 64 zero bytes, x (64 bytes per chunk and
+    // token), its group sums, the consumers' partial sums.
+    let stage = 16 * (nc * super::dec_steps() * 64 + 64) + 32 * nc * dsb;
+    let smem = 128
+        + ns * stage
+        + 64
+        + m * (kdim / ck) * 64
+        + (m * (kdim / group) * 4).div_ceil(16) * 16
+        + nc * 512;
+    (smem <= dev.smem_optin as u64).then_some((entry, nc, smem))
+}
+
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 11] = [
+const KNOBS: [&str; 14] = [
     "MLXQ_GATHER_SORT_OFF",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
@@ -1102,6 +1226,9 @@ const KNOBS: [&str; 11] = [
     "MLXQ_DECM",
     "MLXQ_DECM_MIN",
     "MLXQ_DECM_NW",
+    "MLXQ_DECB",
+    "MLXQ_DECB_NC",
+    "MLXQ_DECB_NS",
 ];
 
 /// The value of the experiment switch `name` (an `MLXQ_*` environment variable), read once per

@@ -166,6 +166,8 @@ const QMM: &str = concat!(
     "\n",
     include_str!("kernels/qmv_dec.cu"),
     "\n",
+    include_str!("kernels/qmv_decb.cu"),
+    "\n",
     include_str!("kernels/qmm_tile.cu"),
     "\n",
     include_str!("kernels/qmm_wg.cu")
@@ -275,6 +277,12 @@ const TABLE: &[Variant] = &[
             "qmv_decm_8_4",
             "qmv_decm6_2_1",
             "qmv_decm6_4_1",
+            "qmv_decb_4_3",
+            "qmv_decb_4_4",
+            "qmv_decb_4_6",
+            "qmv_decb_8_2",
+            "qmv_decb_8_3",
+            "qmv_decb_8_4",
             "qmm_tile_l",
             "qmm_tile_m",
             "qmm_tile_g",
@@ -578,6 +586,9 @@ impl CudaDevice {
                 let smem = if e.starts_with("qmv_tc") {
                     // x of a K segment in dynamic shared memory, beside the 32 KB W ring.
                     TC_SMEM_MAX
+                } else if e.starts_with("qmv_decb") {
+                    // The bulk-copy ring: as much as the device lets one block have.
+                    self.smem_optin
                 } else if e.starts_with("qmv_dec") {
                     DEC_SMEM_MAX
                 } else if e.starts_with("qmm_tile") || e.starts_with("qmm_wg") {

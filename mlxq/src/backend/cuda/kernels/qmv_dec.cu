@@ -264,6 +264,125 @@ __device__ __forceinline__ void dec_stage_x(const XT* __restrict__ xrow, u32 M, 
     }
 }
 
+// Scale and bias of accumulator column 2t + ci, row g + 8h, at step u of batch L: the group of
+// that column's slot (DSLOTS == 4: lanes t and t ^ 1 share a column pair over 4 groups).
+__device__ __forceinline__ void dec_scale(const DecBatch& L, int h, int u, int ci, u32 t, float& sc,
+                                          float& bi) {
+    if constexpr (DSLOTS == 4) {
+        const float s_lo = dec_at<ST>(L.s[h], u * 4 + ci), s_hi = dec_at<ST>(L.s[h], u * 4 + ci + 2);
+        const float b_lo = dec_at<ST>(L.b[h], u * 4 + ci), b_hi = dec_at<ST>(L.b[h], u * 4 + ci + 2);
+        sc = (t & 1) ? s_hi : s_lo;
+        bi = (t & 1) ? b_hi : b_lo;
+    } else {
+        const int gl = DSLOTS == 2 ? u * 2 + ci : u * DQC / GROUP;
+        sc = dec_at<ST>(L.s[h], gl);
+        bi = dec_at<ST>(L.b[h], gl);
+    }
+}
+
+// One batch L (rows g, g + 8 of a 16-row tile, DSU steps) against x into y[row][column]: the B
+// fragments of step u at ba + u * bstep (16 bytes per word), the group sums of x of the lane's
+// two columns at sa0, sa1 (+ 4 per group); the scale and bias of each group are applied on
+// the f32 accumulator:  y += s * acc + (b - off * s) * sum_group(x).
+__device__ __forceinline__ void dec_batch(const DecBatch& L, u32 ba, u32 bstep, u32 sa0, u32 sa1,
+                                          u32 t, float (&y)[2][2]) {
+    constexpr int GPS = DSLOTS > 1 ? DSLOTS : 0;  // groups per step (0: DQC / GROUP below)
+    // Every shared load of the batch first (B fragments and group sums of x).
+    uint4 bv[DSU][4];
+    float sxv[DSU][2];
+#pragma unroll
+    for (int u = 0; u < DSU; u++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) bv[u][i] = lds128(ba + u * bstep + 16 * i);
+        constexpr int gs = GPS;
+        const u32 goff = gs ? 4 * u * gs : 4 * (u * DQC / GROUP);
+        sxv[u][0] = lds32f(sa0 + goff);
+        sxv[u][1] = lds32f(sa1 + goff);
+    }
+#pragma unroll
+    for (int u = 0; u < DSU; u++) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int wd = 0; wd < 4; wd++) {
+            u32 a0[4], a1[4];
+            dec_word(dec_word_of(L.q[u][0], wd), a0);
+            dec_word(dec_word_of(L.q[u][1], wd), a1);
+            const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
+            const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
+            mma(acc, f0, bv[u][wd].x, bv[u][wd].y);
+            mma(acc, f1, bv[u][wd].z, bv[u][wd].w);
+        }
+#pragma unroll
+        for (int ci = 0; ci < 2; ci++) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                float sc, bi;
+                dec_scale(L, h, u, ci, t, sc, bi);
+                y[h][ci] = fmaf(sc, acc[2 * h + ci], fmaf(fmaf(-DOFF, sc, bi), sxv[u][ci], y[h][ci]));
+            }
+        }
+    }
+}
+
+// This lane's B column: token g / DSLOTS of slot g % DSLOTS, from the lanes of that slot, x
+// of its first batch b0 at bbase (bstep bytes per step: 4 chunks of 64); the other lanes read
+// the zero block (stride 0). Its accumulator columns 2t, 2t + 1 are (token, slot) = (c /
+// DSLOTS, c % DSLOTS): tokens tok, the sum of x of that slot's group at step u of batch b0 at
+// sxa[ci] + 4 * u * (groups per step). Shared addresses are 32-bit.
+__device__ __forceinline__ void dec_lane(u32 g, u32 t, u32 M, u32 C, u32 G, u32 b0, const uint4* xs,
+                                         const float* sx, const uint4* zero, u32& bstep, u32& bbase,
+                                         u32 (&tok)[2], u32 (&sxa)[2]) {
+    const u32 bm = g / DSLOTS;
+    const bool bact = g % DSLOTS == t / DLPS && bm < M;
+    bstep = bact ? 256 : 0;
+    bbase = bact ? smem_addr(xs) + (bm * C + t) * 64 + b0 * DSU * 256 : smem_addr(zero);
+#pragma unroll
+    for (int ci = 0; ci < 2; ci++) {
+        tok[ci] = (2 * t + ci) / DSLOTS;
+        const u32 slot = (2 * t + ci) % DSLOTS;
+        sxa[ci] = smem_addr(sx) + 4 * (min(tok[ci], M - 1) * G + b0 * DNSB + slot);
+    }
+}
+
+// The WK warps' partial sums of one 16-row tile (this warp's in y) added and written to o
+// (M x N, NaN where !ok): each warp's into red (WK x 16 rows x 8 tokens), then `sync`, then
+// threads tid of nthreads (those taking part) sum them, then `sync` again before red is reused.
+template <int WK, typename Sync>
+__device__ __forceinline__ void dec_tile_sums(const float (&y)[2][2], float* red, u32 warp, u32 g,
+                                              u32 t, const u32 (&tok)[2], u32 M, u64 N, u64 n0,
+                                              bool ok, OT* __restrict__ o, u32 tid, u32 nthreads,
+                                              Sync sync) {
+    // Columns of one token: DSLOTS = 1: each its own; 2: this lane's pair; 4: with lane t ^ 1.
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        float v0 = y[h][0], v1 = y[h][1];
+        if constexpr (DSLOTS >= 2) {
+            v0 += v1;
+            if constexpr (DSLOTS == 4) v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
+        }
+        float* rr = red + (warp * 16 + g + 8 * h) * 8;
+        if constexpr (DSLOTS == 1) {
+            rr[tok[0]] = v0;
+            rr[tok[1]] = v1;
+        } else if ((2 * t) % DSLOTS == 0) {
+            rr[tok[0]] = v0;
+        }
+    }
+    sync();
+    for (u32 idx = tid; idx < 128; idx += nthreads) {
+        const u32 row = idx >> 3, m = idx & 7;
+        const u64 n = n0 + row;
+        if (m < M && n < N) {
+            float v = 0.0f;
+#pragma unroll
+            for (int k = 0; k < WK; k++) v += red[(k * 16 + row) * 8 + m];
+            if (!ok) v = __int_as_float(0x7fc00000);
+            o[(u64)m * N + n] = from_f32<OT>(v);
+        }
+    }
+    sync();  // every warp read red before the next tile writes it
+}
+
 template <int WK, bool RING, int RS>
 __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                              const ST* __restrict__ scales,
@@ -298,22 +417,8 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
     const u32 ring = smem_addr(red + WK * 128) + warp * RS * RSTAGE;
     if (threadIdx.x < 4) zero[threadIdx.x] = make_uint4(0, 0, 0, 0);
 
-    // This lane's B column: token bm of slot g % DSLOTS, from the lanes of that slot; the
-    // others read the zero block (stride 0). Shared addresses are 32-bit.
-    const u32 bm = g / DSLOTS;
-    const bool bact = g % DSLOTS == t / DLPS && bm < M;
-    const u32 bstep = bact ? 256 : 0;  // bytes per step (4 chunks of 64 bytes)
-    const u32 bbase = bact ? smem_addr(xs) + (bm * C + t) * 64 + b0 * DSU * 256 : smem_addr(zero);
-    // Its accumulator columns 2t, 2t + 1: (token, slot) = (c / DSLOTS, c % DSLOTS); the sum of
-    // x of that slot's group at step u of a batch is at sxa[ci] + 4 * u * (groups per step).
-    u32 tok[2], sxa[2];
-#pragma unroll
-    for (int ci = 0; ci < 2; ci++) {
-        tok[ci] = (2 * t + ci) / DSLOTS;
-        const u32 slot = (2 * t + ci) % DSLOTS;
-        sxa[ci] = smem_addr(sx) + 4 * (min(tok[ci], M - 1) * G + b0 * DNSB + slot);
-    }
-    constexpr int GPS = DSLOTS > 1 ? DSLOTS : 0;  // groups per step (0: DQC / GROUP below)
+    u32 bstep, bbase, tok[2], sxa[2];
+    dec_lane(g, t, M, C, G, b0, xs, sx, zero, bstep, bbase, tok, sxa);
 
     u64 entries = 1;
     for (u32 d = 0; d < bt.ndim; d++) entries *= bt.dims[d];
@@ -384,53 +489,10 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
         float y[2][2];  // [row g, g + 8][column 2t, 2t + 1]
         u32 ba = bbase, sa0 = sxa[0], sa1 = sxa[1];  // B and group sums of the next batch
         auto compute = [&](const DecBatch& L) {
-            // Every shared load of the batch first (B fragments and group sums of x).
-            uint4 bv[DSU][4];
-            float sxv[DSU][2];
-#pragma unroll
-            for (int u = 0; u < DSU; u++) {
-#pragma unroll
-                for (int i = 0; i < 4; i++) bv[u][i] = lds128(ba + u * bstep + 16 * i);
-                constexpr int gs = GPS;
-                const u32 goff = gs ? 4 * u * gs : 4 * (u * DQC / GROUP);
-                sxv[u][0] = lds32f(sa0 + goff);
-                sxv[u][1] = lds32f(sa1 + goff);
-            }
+            dec_batch(L, ba, bstep, sa0, sa1, t, y);
             ba += DSU * bstep * BS;
             sa0 += 4 * DNSB * BS;
             sa1 += 4 * DNSB * BS;
-#pragma unroll
-            for (int u = 0; u < DSU; u++) {
-                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                for (int wd = 0; wd < 4; wd++) {
-                    u32 a0[4], a1[4];
-                    dec_word(dec_word_of(L.q[u][0], wd), a0);
-                    dec_word(dec_word_of(L.q[u][1], wd), a1);
-                    const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
-                    const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
-                    mma(acc, f0, bv[u][wd].x, bv[u][wd].y);
-                    mma(acc, f1, bv[u][wd].z, bv[u][wd].w);
-                }
-#pragma unroll
-                for (int ci = 0; ci < 2; ci++) {
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        float sc, bi;
-                        if constexpr (DSLOTS == 4) {
-                            const float s_lo = dec_at<ST>(L.s[h], u * 4 + ci), s_hi = dec_at<ST>(L.s[h], u * 4 + ci + 2);
-                            const float b_lo = dec_at<ST>(L.b[h], u * 4 + ci), b_hi = dec_at<ST>(L.b[h], u * 4 + ci + 2);
-                            sc = (t & 1) ? s_hi : s_lo;
-                            bi = (t & 1) ? b_hi : b_lo;
-                        } else {
-                            const int gl = DSLOTS == 2 ? u * 2 + ci : u * DQC / GROUP;
-                            sc = dec_at<ST>(L.s[h], gl);
-                            bi = dec_at<ST>(L.b[h], gl);
-                        }
-                        y[h][ci] = fmaf(sc, acc[2 * h + ci], fmaf(fmaf(-DOFF, sc, bi), sxv[u][ci], y[h][ci]));
-                    }
-                }
-            }
         };
 
         u32 i = 0;  // RING: this warp's next item
@@ -470,35 +532,8 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
                 }
             }
 
-            // Columns of one token: DSLOTS = 1: each its own; 2: this lane's pair; 4: with lane t ^ 1.
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                float v0 = y[h][0], v1 = y[h][1];
-                if constexpr (DSLOTS >= 2) {
-                    v0 += v1;
-                    if constexpr (DSLOTS == 4) v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
-                }
-                float* rr = red + (warp * 16 + g + 8 * h) * 8;
-                if constexpr (DSLOTS == 1) {
-                    rr[tok[0]] = v0;
-                    rr[tok[1]] = v1;
-                } else if ((2 * t) % DSLOTS == 0) {
-                    rr[tok[0]] = v0;
-                }
-            }
-            __syncthreads();
-            for (u32 idx = threadIdx.x; idx < 128; idx += blockDim.x) {
-                const u32 row = idx >> 3, m = idx & 7;
-                const u64 n = n0 + row;
-                if (m < M && n < N) {
-                    float v = 0.0f;
-#pragma unroll
-                    for (int k = 0; k < WK; k++) v += red[(k * 16 + row) * 8 + m];
-                    if (!ok) v = __int_as_float(0x7fc00000);
-                    out[e * out_stride + (u64)m * N + n] = from_f32<OT>(v);
-                }
-            }
-            __syncthreads();  // every warp read red before the next tile writes it
+            dec_tile_sums<WK>(y, red, warp, g, t, tok, M, N, n0, ok, out + e * out_stride,
+                              threadIdx.x, blockDim.x, [] { __syncthreads(); });
         }
         if (RING) cp_wait<0>();
     }
@@ -672,16 +707,7 @@ __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u3
 #pragma unroll
                     for (int h = 0; h < 2; h++) {
                         float sc, bi;
-                        if constexpr (DSLOTS == 4) {
-                            const float s_lo = dec_at<ST>(L.s[h], u * 4 + ci), s_hi = dec_at<ST>(L.s[h], u * 4 + ci + 2);
-                            const float b_lo = dec_at<ST>(L.b[h], u * 4 + ci), b_hi = dec_at<ST>(L.b[h], u * 4 + ci + 2);
-                            sc = (t & 1) ? s_hi : s_lo;
-                            bi = (t & 1) ? b_hi : b_lo;
-                        } else {
-                            const int gl = DSLOTS == 2 ? u * 2 + ci : u * DQC / GROUP;
-                            sc = dec_at<ST>(L.s[h], gl);
-                            bi = dec_at<ST>(L.b[h], gl);
-                        }
+                        dec_scale(L, h, u, ci, t, sc, bi);
                         const float bo = fmaf(-DOFF, sc, bi);
 #pragma unroll
                         for (int j = 0; j < NT; j++)

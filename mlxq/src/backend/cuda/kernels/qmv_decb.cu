@@ -1,0 +1,208 @@
+// qmv_decb: decode (M * DSLOTS <= 8 rows of x, transpose = true, 4- and 8-bit codes) with W
+// streamed by the copy engine (sm_90: cp.async.bulk), after qmv_dec.cu (its batch arithmetic,
+// dec_batch, and its x staging, dec_stage_x).
+//
+// The block is persistent over tiles of 16 rows (blockIdx.x, + gridDim.x, ...). Warp NC is
+// the producer: it streams every tile of the block, stage after stage, into a block-wide ring
+// of NS stages. A stage is NC batches of the 16 rows (one bulk copy of NC * DSU * 64
+// contiguous bytes per row) with their scales and biases (cp.async, 16 bytes per lane and
+// copy); it completes on the stage's `full` mbarrier, by its transaction bytes and the
+// producer lanes' cp.async arrivals. Consumer warp w (of NC) runs batch w of each stage (batch
+// NC * s + w of the row) through dec_batch and releases the stage on its `empty` mbarrier; at
+// the end of a tile the consumers add their partial sums (as qmv_dec's K-split warps).
+//
+// Bytes in flight cost no registers and no instructions here: up to NS stages per block,
+// against qmv_decr's RS - 1 batches per warp. Rows of a stage lie RSR = codes + 64 bytes
+// apart, so lanes g, g + 1 of a quarter-warp read disjoint banks.
+#if TC_OK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define DECB_OK 1
+#else
+#define DECB_OK 0
+#endif
+
+#if DECB_OK
+__device__ __forceinline__ void mbar_init(u32 a, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(a), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 a, u32 bytes) {
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 a) {
+    asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}" ::"r"(a) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 a, u32 parity) {
+    u32 done;
+    do {
+        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                     : "=r"(done) : "r"(a), "r"(parity) : "memory");
+    } while (!done);
+}
+// `bytes` (a multiple of 16) from global src to shared dst, both 16-byte aligned, counted on
+// the mbarrier at bar.
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+// An arrival on the mbarrier at bar once this thread's earlier cp.async copies have landed
+// (counted in the barrier's expected arrivals).
+__device__ __forceinline__ void cp_arrive(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+}
+
+template <int NC, int NS>
+__device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u32* __restrict__ w,
+                                              const ST* __restrict__ scales,
+                                              const ST* __restrict__ biases, OT* __restrict__ out,
+                                              u32 M, u64 N, u64 K, u64 x_stride, u64 w_stride,
+                                              u64 s_stride, u64 out_stride, const Batch& bt) {
+    extern __shared__ __align__(128) u8 dsmb[];
+    constexpr u32 SBW = NC * DSU * 64;      // W bytes per row and stage
+    constexpr u32 RSR = SBW + 64;           // ... and their stride in the stage
+    constexpr u32 SSB = NC * DSB;           // scale (and bias) bytes per row and stage
+    constexpr u32 STAGE = 16 * RSR + 32 * SSB;
+    static_assert(SBW % 128 == 0 && SSB % 16 == 0, "stage layout");
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const bool producer = warp == NC;
+    const u64 T = (N + 15) / 16;  // row tiles
+    const u32 my_tiles = blockIdx.x < T ? (u32)((T - 1 - blockIdx.x) / gridDim.x + 1) : 0;
+    const u32 C = (u32)(K / CK);                   // chunks per row
+    const u32 G = (u32)(K / GROUP);                // groups per row
+    const u32 SPT = (u32)(K / (NC * DBQ));         // stages per tile
+    const u64 row_bytes = K * BITS / 8;
+    // Shared memory: NS full and NS empty mbarriers (padded to 128 bytes), the stages, 64 zero
+    // bytes, x as M x C chunks of 64 bytes in mma order, the group sums of x (M x G floats,
+    // padded), the consumers' partial sums (NC x 16 rows x 8 tokens).
+    const u32 bars = smem_addr(dsmb);
+    const u32 ring = bars + 128 * ((16 * NS + 127) / 128);
+    uint4* zero = (uint4*)(dsmb + (ring - bars) + NS * STAGE);
+    uint4* xs = zero + 4;
+    float* sx = (float*)(xs + (u64)M * C * 4);
+    float* red = sx + ((u64)M * G + 3) / 4 * 4;
+    auto full = [&](u32 s) { return bars + 8 * s; };
+    auto empty = [&](u32 s) { return bars + 8 * (NS + s); };
+    if (threadIdx.x < NS) {
+        mbar_init(full(threadIdx.x), 32);   // the producer's lanes (cp.async arrivals)
+        mbar_init(empty(threadIdx.x), NC);  // one arrival per consumer warp
+    }
+    if (threadIdx.x < 4) zero[threadIdx.x] = make_uint4(0, 0, 0, 0);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncthreads();
+
+    // Consumer lane: its B column and group sums of x (as qmv_dec with ILV: its batch of stage
+    // s is batch NC * s + warp of the row).
+    u32 bstep, bbase, tok[2], sxa[2];
+    dec_lane(g, t, M, C, G, warp, xs, sx, zero, bstep, bbase, tok, sxa);
+
+    u64 entries = 1;
+    for (u32 d = 0; d < bt.ndim; d++) entries *= bt.dims[d];
+    pdl_trigger();
+    u32 j = 0;  // stages of this block so far (producer: issued; consumers: taken)
+    for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
+        u64 xi, wi;
+        if (bt.lhs || bt.rhs) pdl_wait();  // index tensors may come from the previous kernel
+        const bool ok = resolve(bt, e, xi, wi);
+        const u32 total = ok ? my_tiles * SPT : 0;  // stages of this entry
+        const u8* wb = (const u8*)(w + wi * w_stride);
+        const ST* sb = scales + wi * s_stride;
+        const ST* bb = biases + wi * s_stride;
+        // Producer: stage q of this entry (tile q / SPT of the block, stage q % SPT of its rows)
+        // into ring slot (j + q) % NS, once the consumers have released that slot.
+        auto issue = [&](u32 q) {
+            const u32 jj = j + q, slot = jj % NS;
+            if (jj >= NS) mbar_wait(empty(slot), (jj / NS - 1) & 1);
+            const u64 t0 = ((u64)blockIdx.x + (u64)(q / SPT) * gridDim.x) * 16;
+            const u32 ks = q % SPT, dst = ring + slot * STAGE;
+            if (lane == 0) mbar_expect_tx(full(slot), 16 * SBW);
+            __syncwarp();
+            if (lane < 16) {
+                const u64 r = min(N - 1, t0 + lane);
+                bulk_copy(dst + lane * RSR, wb + r * row_bytes + (u64)ks * SBW, SBW, full(slot));
+            }
+            // Scales then biases: 16 rows x SSB bytes each, 16 bytes per copy.
+            constexpr u32 PER_ROW = SSB / 16, COPIES = 2 * 16 * PER_ROW;
+#pragma unroll
+            for (u32 c = lane; c < COPIES; c += 32) {
+                const u32 part = c / (16 * PER_ROW), row = (c / PER_ROW) % 16, piece = c % PER_ROW;
+                const u64 r = min(N - 1, t0 + row);
+                const u8* src = (const u8*)((part ? bb : sb) + r * G) + (u64)ks * SSB + piece * 16;
+                cp_async16_sa(dst + 16 * RSR + part * 16 * SSB + row * SSB + piece * 16, src);
+            }
+            cp_arrive(full(slot));
+        };
+
+        __syncthreads();  // the previous entry no longer reads xs, sx, red
+        if (producer) {
+            // The first stages load while x is read and rearranged (W does not depend on the
+            // previous kernel).
+            for (u32 q = 0; q < min(total, (u32)NS); q++) issue(q);
+        }
+        pdl_wait();
+        if (ok) dec_stage_x(x + xi * x_stride, M, C, xs, sx);
+        __syncthreads();
+
+        if (producer) {
+            for (u32 q = NS; q < total; q++) issue(q);
+        } else {
+            u32 q = 0;
+            for (u32 tile = 0; tile < my_tiles; tile++) {
+                const u64 n0 = ((u64)blockIdx.x + (u64)tile * gridDim.x) * 16;
+                float y[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+                u32 ba = bbase, sa0 = sxa[0], sa1 = sxa[1];
+                for (u32 ks = 0; ok && ks < SPT; ks++, q++) {
+                    const u32 jj = j + q, slot = jj % NS;
+                    mbar_wait(full(slot), (jj / NS) & 1);
+                    const u32 src = ring + slot * STAGE;
+                    DecBatch L;
+#pragma unroll
+                    for (int u = 0; u < DSU; u++) {
+                        L.q[u][0] = lds128(src + g * RSR + warp * DSU * 64 + (4 * u + t) * 16);
+                        L.q[u][1] = lds128(src + (g + 8) * RSR + warp * DSU * 64 + (4 * u + t) * 16);
+                    }
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const u8* sp = dsmb + (src - bars) + 16 * RSR + (g + 8 * h) * SSB + warp * DSB;
+#pragma unroll
+                        for (int i = 0; i < DSW; i++) {
+                            L.s[h][i] = ((const u32*)sp)[i];
+                            L.b[h][i] = ((const u32*)(sp + 16 * SSB))[i];
+                        }
+                    }
+                    __syncwarp();
+                    if (lane == 0) mbar_arrive(empty(slot));
+                    dec_batch(L, ba, bstep, sa0, sa1, t, y);
+                    ba += DSU * bstep * NC;
+                    sa0 += 4 * DNSB * NC;
+                    sa1 += 4 * DNSB * NC;
+                }
+                // The consumers' partial sums of this tile (the producer is not waited for).
+                dec_tile_sums<NC>(y, red, warp, g, t, tok, M, N, n0, ok, out + e * out_stride,
+                                  threadIdx.x, NC * 32,
+                                  [] { asm volatile("bar.sync 1, %0;" ::"n"(NC * 32) : "memory"); });
+            }
+        }
+        j += total;
+    }
+}
+#endif
+
+#if DECB_OK
+#define QMV_DECB(NAME, NC, NS)                                                                \
+    extern "C" __global__ void __launch_bounds__((NC + 1) * 32, 1) NAME(                      \
+        const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
+        const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u64 N, u64 K,             \
+        u64 x_stride, u64 w_stride, u64 s_stride, u64 out_stride, Batch bt) {                 \
+        if constexpr (RING_OK && (NC * DSB) % 16 == 0)                                        \
+            qmv_decb_impl<NC, NS>(x, w, scales, biases, out, M, N, K, x_stride, w_stride,      \
+                                  s_stride, out_stride, bt);                                  \
+    }
+#else
+#define QMV_DECB(NAME, NC, NS)                                                                \
+    extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32,    \
+                                    u64, u64, u64, u64, u64, u64, Batch) {}
+#endif
+QMV_DECB(qmv_decb_4_3, 4, 3)
+QMV_DECB(qmv_decb_4_4, 4, 4)
+QMV_DECB(qmv_decb_4_6, 4, 6)
+QMV_DECB(qmv_decb_8_2, 8, 2)
+QMV_DECB(qmv_decb_8_3, 8, 3)
+QMV_DECB(qmv_decb_8_4, 8, 4)
