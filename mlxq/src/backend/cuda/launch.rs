@@ -1131,11 +1131,13 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 /// consumer warps per block and dynamic shared memory. `ptrs` are W, scales and biases;
 /// `strides` the bytes between matrices of W and of scales.
 ///
-/// The measured rule (run 11, H200, `docs/perf-cuda.md`), dense calls with M <= 4: 8-bit
-/// everywhere, with 8 consumer warps and a 2-stage ring (4 stages where the row tiles do not
-/// fill the SMs once); 4-bit where N >= 8192 with 4 consumer warps and 3 stages (14336x4096:
-/// 12.8 µs against 14.9 on qmv_decr), and where N is small enough that the row tiles do not
-/// fill the SMs or M >= 3 as for 8-bit (4x4096x4096: 8.1 µs against 22.4 on qmv_decm).
+/// The measured rule (run 11, H200, `docs/perf-cuda.md`), dense calls: 8-bit for every M it
+/// serves (M * slots <= 8: up to 8 tokens at groups of 64; 8x14336x4096 36 µs against 56 on
+/// qmv_tc), with 8 consumer warps and a 2-stage ring (4 stages where the row tiles do not fill
+/// the SMs once); 4-bit M <= 4 where N >= 8192 with 4 consumer warps and 3 stages
+/// (14336x4096: 12.8 µs against 14.9 on qmv_decr), and where N is small enough that the row
+/// tiles do not fill the SMs or M >= 3 as for 8-bit (4x4096x4096: 8.1 µs against 22.4 on
+/// qmv_decm).
 /// Elsewhere (4-bit, 2048 < N < 8192, M <= 2) qmv_decr stays faster (4096x14336: 15.5 µs
 /// against 17.8). MLXQ_DECB=1 takes it wherever it can serve (gathers and M up to 8 / slots
 /// included), =0 never; MLXQ_DECB_NC=4|8 and MLXQ_DECB_NS set its consumer warps and ring
@@ -1166,7 +1168,7 @@ fn decb_pick(
     let few_tiles = ndim.div_ceil(16) <= u64::from(dev.multiprocessors());
     let (nc, ns) = match bits {
         _ if everywhere => (8, if few_tiles { 4 } else { 2 }),
-        8 if !gather && m <= 4 => (8, if few_tiles { 4 } else { 2 }),
+        8 if !gather => (8, if few_tiles { 4 } else { 2 }),
         4 if !gather && m <= 4 && ndim >= 8192 => (4, 3),
         4 if !gather && m <= 4 && (few_tiles || m >= 3) => (8, if few_tiles { 4 } else { 2 }),
         _ => return None,
