@@ -133,7 +133,7 @@ fn sweep(variant: &'static str, ms: &[usize]) {
                             "generic"
                         };
                         for &m in ms {
-                            // Where this CPU lacks the variant it runs `generic`, which has
+                            // Where the variant does not apply on this CPU it runs `generic`, which has
                             // its own sweep: the fall-back is checked at the first M only.
                             if expect != variant && m != ms[0] {
                                 skipped += 1;
@@ -357,10 +357,10 @@ fn gather_qmm_many_tokens_per_expert_every_variant() {
             (3, 128, DType::F16),
         ] {
             let key = qmm_key(bits, g, (xdt, xdt, xdt), true, variant);
-            // Where this CPU lacks the variant it runs `generic`, checked on its own (the
+            // Where the variant does not apply on this CPU it runs `generic`, checked on its own (the
             // sweep above checks the fall-back).
             if *variant != "generic" && !mlxq::backend::cpu::supports(variant, &key) {
-                println!("{variant} bits {bits}: skipped, not on this CPU");
+                println!("{variant} bits {bits}: skipped (generic here)");
                 continue;
             }
             let spec = QuantSpec::affine(bits, g).unwrap();
@@ -604,7 +604,7 @@ fn long_rows_many_rows_every_variant() {
             if *variant != "generic"
                 && !mlxq::backend::cpu::supports(variant, &qmm_key(bits, g, dts, true, variant))
             {
-                println!("{variant} bits {bits}: skipped, not on this CPU");
+                println!("{variant} bits {bits}: skipped (generic here)");
                 continue;
             }
             let spec = QuantSpec::affine(bits, g).unwrap();

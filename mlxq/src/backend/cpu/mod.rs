@@ -182,6 +182,8 @@ const TABLE: &[Variant] = &[
     x86_quant::QUANT,
     #[cfg(target_arch = "x86_64")]
     x86_qvm::QMV_N,
+    #[cfg(target_arch = "x86_64")]
+    x86::QMV_T_AVX2,
     GENERIC,
 ];
 
@@ -191,6 +193,7 @@ pub const VARIANTS: &[&str] = &[
     "avx512vnni",
     "avx512bf16",
     "avx512",
+    "avx2",
     "generic",
     "avx512gemm-i8",
 ];

@@ -175,6 +175,20 @@ pub(crate) fn generic(
     crate::with_float_type!(scales, S => select::<S>(out, bits, transpose), _ => None)
 }
 
+/// The AVX2 decode kernel (transpose only, 4- and 8-bit) for scales `scales`, output `out`
+/// and `bits`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2(scales: crate::DType, out: crate::DType, bits: u32) -> Option<QmmFn> {
+    use super::x86::qmv_t_avx2;
+    crate::with_float_type!(scales, S => crate::with_float_type!(out, O => {
+        Some(match bits {
+            4 => qmv_t_avx2::<S, O, 4> as QmmFn,
+            8 => qmv_t_avx2::<S, O, 8> as QmmFn,
+            _ => return None,
+        })
+    }, _ => None), _ => None)
+}
+
 /// The AVX-512 decode kernel (transpose only) for scales `scales`, output `out` and `bits`.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn avx512(scales: crate::DType, out: crate::DType, bits: u32) -> Option<QmmFn> {

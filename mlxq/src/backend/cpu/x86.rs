@@ -14,6 +14,10 @@
 //!   into qword `c`, and `vpmultishiftqb` pulls code `j` of each chunk from bit `j·BITS` into
 //!   byte `j`, masked to `BITS` bits: element order, any width, three instructions.
 //!
+//! The same decode runs on CPUs with AVX2 and FMA but no AVX-512 (the `avx2` variant, 4- and
+//! 8-bit codes): 8 codes per `vpmovzxbd` of 8 bytes, four 8-wide FMAs per 32-code chunk and
+//! row, the same permuted x; only [`column`]'s SIMD differs ([`Isa`]).
+//!
 //! Results equal the generic kernel's up to f32 summation order.
 
 use super::qmm::QmmArgs;
@@ -37,7 +41,23 @@ pub(crate) const QMV_T: super::Variant = super::Variant {
     build: |k| super::qmm::avx512(k.scales, k.output, k.bits).map(super::KernelFn::Qmm),
 };
 
-/// Rows of x sharing one decoded chunk.
+/// The AVX2 decode variant (CPUs without the AVX-512 kernels): `quantized_matmul` with
+/// transpose, 4- and 8-bit codes.
+pub(crate) const QMV_T_AVX2: super::Variant = super::Variant {
+    name: "avx2",
+    supports: |k| {
+        k.mode == crate::QuantMode::Affine
+            && k.op == crate::registry::OpKind::QuantizedMatmul
+            && k.flag
+            && matches!(k.bits, 4 | 8)
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+    },
+    decode: None,
+    build: |k| super::qmm::avx2(k.scales, k.output, k.bits).map(super::KernelFn::Qmm),
+};
+
+/// Rows of x sharing one decoded chunk (AVX-512).
 pub(crate) const ROWS: usize = 8;
 /// Bytes of x one row block may touch per K block (L1-resident beside the weights).
 const X_BLOCK_BYTES: usize = 32 << 10;
@@ -157,13 +177,63 @@ fn shift_control<const BITS: usize>() -> __m512i {
 
 /// The decode kernel, `transpose = true`.
 pub(crate) fn qmv_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+    qmv_t_on::<Avx512, S, O, BITS>(a)
+}
+
+/// The decode kernel on AVX2 and FMA (4- and 8-bit codes).
+pub(crate) fn qmv_t_avx2<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+    qmv_t_on::<Avx2, S, O, BITS>(a)
+}
+
+/// The SIMD of one output column's slice (see [`Columns::columns`]): AVX-512 or AVX2.
+trait Isa: Sync + 'static {
+    /// Rows of x sharing one decoded chunk.
+    const ROWS: usize;
+
+    /// [`column`] on this instruction set.
+    ///
+    /// # Safety
+    /// The CPU must support the instruction set (the variant that runs it checked).
+    unsafe fn column<S: Float, const BITS: usize, const R: usize>(
+        a: &Column<'_, S>,
+        acc: &mut [f32; MAX_ROWS],
+    );
+}
+
+struct Avx512;
+struct Avx2;
+
+impl Isa for Avx512 {
+    const ROWS: usize = ROWS;
+    unsafe fn column<S: Float, const BITS: usize, const R: usize>(
+        a: &Column<'_, S>,
+        acc: &mut [f32; MAX_ROWS],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { column::<S, BITS, R>(a, acc) }
+    }
+}
+
+impl Isa for Avx2 {
+    // 16 ymm registers: 4 rows of accumulators beside 4 decoded vectors.
+    const ROWS: usize = 4;
+    unsafe fn column<S: Float, const BITS: usize, const R: usize>(
+        a: &Column<'_, S>,
+        acc: &mut [f32; MAX_ROWS],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { column_avx2::<S, BITS, R>(a, acc) }
+    }
+}
+
+fn qmv_t_on<I: Isa, S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
     const OP: &str = "quantized_matmul";
     let w = a.w;
     let scales: &[S] = cast(OP, "scales", w.scales)?;
     let biases: &[S] = cast(OP, "biases", w.biases)?;
     let out: &mut [O] = cast_mut(OP, "out", a.out)?;
     let (m, n, k, g) = (a.m, w.rows, w.cols, w.group_size);
-    let walk = Walk::new(m, n, k, g, ROWS, 4, X_BLOCK_BYTES);
+    let walk = Walk::new(m, n, k, g, I::ROWS, 4, X_BLOCK_BYTES);
     // Taken out of the thread-local rather than borrowed across the parallel loop: a nested
     // call on this thread (gather_qmm runs experts concurrently) finds it empty and allocates
     // its own, instead of finding it borrowed.
@@ -177,13 +247,15 @@ pub(crate) fn qmv_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
     }
     xsum.clear();
     xsum.extend(a.x.chunks_exact(g).map(|c| c.iter().sum::<f32>()));
-    let kernel = Kernel::<S, BITS> {
+    let kernel = Kernel::<I, S, BITS> {
         w: Rows::new(&w, scales, biases),
         xp: &xp,
         xsum: &xsum,
         k,
+        isa: std::marker::PhantomData,
     };
-    // SAFETY: this kernel is only chosen where `available` holds.
+    // SAFETY: this kernel is only chosen where its instruction set is available (`available`
+    // for AVX-512, AVX2 and FMA for `avx2`).
     unsafe { run(&kernel, walk, out) };
     SCRATCH.with(|s| *s.borrow_mut() = (xp, xsum));
     Ok(())
@@ -191,15 +263,16 @@ pub(crate) fn qmv_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
 
 /// Everything one call's columns read: W, and x permuted (`m·k`) with its group sums
 /// (`m·groups`).
-struct Kernel<'a, S, const BITS: usize> {
+struct Kernel<'a, I, S, const BITS: usize> {
     w: Rows<'a, S>,
     xp: &'a [f32],
     xsum: &'a [f32],
     k: usize,
+    isa: std::marker::PhantomData<I>,
 }
 
-impl<S: Float, const BITS: usize> Columns for Kernel<'_, S, BITS> {
-    const ROWS: usize = ROWS;
+impl<I: Isa, S: Float, const BITS: usize> Columns for Kernel<'_, I, S, BITS> {
+    const ROWS: usize = I::ROWS;
     const COLS: usize = 1;
 
     unsafe fn columns<const R: usize>(
@@ -231,7 +304,7 @@ impl<S: Float, const BITS: usize> Columns for Kernel<'_, S, BITS> {
             row_bytes: self.w.row_bytes,
         };
         // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
-        unsafe { column::<S, BITS, R>(&args, &mut acc[0]) }
+        unsafe { I::column::<S, BITS, R>(&args, &mut acc[0]) }
     }
 }
 
@@ -302,5 +375,95 @@ unsafe fn column<S: Float, const BITS: usize, const R: usize>(
     }
     for r in 0..R {
         acc[r] = _mm512_reduce_add_ps(vacc[r]) + bacc[r];
+    }
+}
+
+/// [`column`] on AVX2 and FMA, 4- and 8-bit codes: a 32-code chunk is four `vpmovzxbd` of
+/// 8 codes (8-bit) or two of 8 bytes split into low and high nibbles (4-bit, x permuted as
+/// for AVX-512), each against 8 elements of x; rows of fewer than 4 keep 2 or 4 independent
+/// sums per row so the FMA chain does not wait on itself.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn column_avx2<S: Float, const BITS: usize, const R: usize>(
+    a: &Column<'_, S>,
+    acc: &mut [f32; MAX_ROWS],
+) {
+    let (k, g) = (a.k, a.g);
+    let groups = a.scales.len();
+    let len = groups * g;
+    let chunk_bytes = 4 * BITS;
+    if !matches!(BITS, 4 | 8)
+        || a.packed.len() < len / 32 * chunk_bytes
+        || a.xp.len() < (R - 1) * k + len
+        || a.xsum.len() < (R - 1) * a.groups + groups
+        || a.biases.len() < groups
+    {
+        return;
+    }
+    // Independent sums per row: 4 for one row, 2 for two, else 1.
+    let ways = if R == 1 {
+        4
+    } else if R == 2 {
+        2
+    } else {
+        1
+    };
+    let mut vacc = [_mm256_setzero_ps(); R];
+    let mut bacc = [0f32; R];
+    let (pp, xp) = (a.packed.as_ptr(), a.xp.as_ptr());
+    for j in 0..groups {
+        prefetch_w(pp, j * g / 8 * BITS, len / 8 * BITS, a.row_bytes, 1);
+        let s = _mm256_set1_ps(a.scales[j].to_f32());
+        let b = a.biases[j].to_f32();
+        let mut dots = [[_mm256_setzero_ps(); 4]; R];
+        for c in 0..g / 32 {
+            let e = j * g + c * 32;
+            // SAFETY: chunk e/32 < len/32, each `chunk_bytes` long, lies within `packed`, and
+            // r·k + e + 32 ≤ (R − 1)·k + len ≤ xp.len() (both checked above).
+            unsafe {
+                let p = pp.add(e / 32 * chunk_bytes);
+                let q = if BITS == 8 {
+                    let at = |o: usize| _mm_loadl_epi64(p.add(o) as *const __m128i);
+                    [
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(at(0))),
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(at(8))),
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(at(16))),
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(at(24))),
+                    ]
+                } else {
+                    let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+                    let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8) as *const __m128i));
+                    let m = _mm256_set1_epi32(0xF);
+                    [
+                        _mm256_cvtepi32_ps(_mm256_and_si256(v0, m)),
+                        _mm256_cvtepi32_ps(_mm256_and_si256(v1, m)),
+                        _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v0)),
+                        _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v1)),
+                    ]
+                };
+                for (r, d) in dots.iter_mut().enumerate() {
+                    let px = xp.add(r * k + e);
+                    for (i, &qi) in q.iter().enumerate() {
+                        let w = i % ways;
+                        d[w] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(px.add(8 * i)), d[w]);
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            let d = &dots[r];
+            let sum = _mm256_add_ps(_mm256_add_ps(d[0], d[1]), _mm256_add_ps(d[2], d[3]));
+            vacc[r] = _mm256_fmadd_ps(sum, s, vacc[r]);
+            bacc[r] += b * a.xsum[r * a.groups + j];
+        }
+    }
+    for r in 0..R {
+        let v = vacc[r];
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h));
+        acc[r] = _mm_cvtss_f32(h) + bacc[r];
     }
 }
