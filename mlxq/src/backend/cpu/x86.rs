@@ -324,6 +324,19 @@ struct Column<'a, S> {
     row_bytes: usize,
 }
 
+impl<S> Column<'_, S> {
+    /// Whether the slices hold what [`Column`] promises for `R` rows of `BITS`-bit codes
+    /// (they always do; the column kernels check it to keep their raw loads in bounds).
+    fn in_bounds<const BITS: usize, const R: usize>(&self) -> bool {
+        let groups = self.scales.len();
+        let len = groups * self.g;
+        self.packed.len() >= len / 32 * 4 * BITS
+            && self.xp.len() >= (R - 1) * self.k + len
+            && self.xsum.len() >= (R - 1) * self.groups + groups
+            && self.biases.len() >= groups
+    }
+}
+
 /// One output column's slice of K for `R` rows of x. Writes nothing if the slices are
 /// shorter than [`Column`] promises (they never are; the check keeps the raw loads in bounds).
 ///
@@ -338,11 +351,7 @@ unsafe fn column<S: Float, const BITS: usize, const R: usize>(
     let groups = a.scales.len();
     let len = groups * g;
     let chunk_bytes = 4 * BITS;
-    if a.packed.len() < len / 32 * chunk_bytes
-        || a.xp.len() < (R - 1) * k + len
-        || a.xsum.len() < (R - 1) * a.groups + groups
-        || a.biases.len() < groups
-    {
+    if !a.in_bounds::<BITS, R>() {
         return;
     }
     let (spread, ctl) = (spread_index::<BITS>(), shift_control::<BITS>());
@@ -394,12 +403,7 @@ unsafe fn column_avx2<S: Float, const BITS: usize, const R: usize>(
     let groups = a.scales.len();
     let len = groups * g;
     let chunk_bytes = 4 * BITS;
-    if !matches!(BITS, 4 | 8)
-        || a.packed.len() < len / 32 * chunk_bytes
-        || a.xp.len() < (R - 1) * k + len
-        || a.xsum.len() < (R - 1) * a.groups + groups
-        || a.biases.len() < groups
-    {
+    if !matches!(BITS, 4 | 8) || !a.in_bounds::<BITS, R>() {
         return;
     }
     // Independent sums per row: 4 for one row, 2 for two, else 1.
