@@ -11,7 +11,7 @@ use crate::ops::DequantizeOptions;
 use crate::quant::{Flavour, QuantSpec};
 use crate::registry::{KernelKey, OpKind, AUTO};
 use crate::{Buffer, CommandEncoder, DType, Device, QuantizedWeight};
-use cudarc::driver::{CudaEvent, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys, CudaEvent, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 /// Batch dims a kernel resolves itself (more is rejected as unsupported).
@@ -385,44 +385,38 @@ pub(crate) fn qmm(
         // On Hopper the wgmma tile (qmm_wg_g64), elsewhere (or K not a multiple of 128) the
         // 4-stage mma.sync tile (run 5, 512 tokens of 64 x 2048x2048 4-bit, sort included:
         // 332 µs against 406 for qmm_tc_g8 in run 4). MLXQ_TILE_G=g|g6 forces the mma.sync tile
-        // (4 or 6 stages), =off restores qmm_tc_g8.
+        // (4 or 6 stages), =wg the wgmma tile, =off restores qmm_tc_g8; MLXQ_WS=1 takes the
+        // warp-specialised qmm_ws_g64 (run 12: 309 µs against 218 at 512 tokens, 4-bit).
         let fits = |t: &&Tile| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]);
         let tile = match knob("MLXQ_TILE_G") {
             Some("off") => None,
             Some("g6") => Some(&TILES[5]),
             Some("g") => Some(&TILES[2]),
-            _ => Some(&TILES[9]).filter(fits).or(Some(&TILES[2])),
+            Some("wg") => Some(&TILES[9]),
+            _ => Some(&TILES[if knob("MLXQ_WS") == Some("1") { 14 } else { 9 }])
+                .filter(fits)
+                .or(Some(&TILES[2])),
         }
         .filter(fits);
         if let Some(t) = tile {
             // The tiled GEMM over the same tiles of TM = 64 pairs (its BM).
             let f = k.func_named(t.entry)?;
-            let (n32, k32) = (u32_of(op, ndim)?, u32_of(op, kdim)?);
-            let zero = 0u32;
+            let args = TileArgs {
+                ptrs: [px, pw, ps, pb, po],
+                m: 0,
+                n: u32_of(op, ndim)?,
+                k: u32_of(op, kdim)?,
+                w_stride,
+                s_stride,
+                grp: pg,
+                w_count,
+            };
+            let grid = (grid_x(op, ndim.div_ceil(t.bn))?, t32, 1);
             // SAFETY: each block reads its tile's pairs (x rows inside x, expert < w_count:
             // the sort left out-of-range pairs out) and rows < N (clamped) of that expert's W,
             // scales and biases, and writes its pairs' output rows; blocks beyond the tile
             // count exit.
-            unsafe {
-                stream
-                    .launch_builder(f)
-                    .arg(&px)
-                    .arg(&pw)
-                    .arg(&ps)
-                    .arg(&pb)
-                    .arg(&po)
-                    .arg(&zero)
-                    .arg(&n32)
-                    .arg(&k32)
-                    .arg(&w_stride)
-                    .arg(&s_stride)
-                    .arg(&pg)
-                    .launch(LaunchConfig {
-                        shared_mem_bytes: t.smem(kdim, spec, w.scales_dtype()) as u32,
-                        ..cfg((grid_x(op, ndim.div_ceil(t.bn))?, t32, 1), t.threads, op)?
-                    })
-            }
-            .map_err(driver(op))?;
+            unsafe { launch_tile(&stream, f, t, grid, spec, w.scales_dtype(), &args, None, op)? };
             enc.retain(&s);
             finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
             return Ok(());
@@ -677,7 +671,8 @@ pub(crate) fn qmm(
     // on 256-token tiles, 109 on 128; at M = 64: 44 on 64-token tiles, 171 on 256, 61 for
     // qmm_tc_8). Elsewhere `qmm_tile_l` (256 tokens x 128 rows) from M = 256 (M = 64: 209 µs
     // against 61 for qmm_tc_8; M = 256: 141 against 203). Otherwise the split-K qmm_tc_8.
-    // MLXQ_TILE=off|l|m|l5|m6|wg256|wg128|wg64 overrides (experiments).
+    // MLXQ_TILE=off|l|m|l5|m6|wg256|wg128|wg64|ws256|ws256s5|ws128|ws64 overrides and
+    // MLXQ_WS=1 routes to the warp-specialised tiles (experiments).
     if job.transpose
         && m > 16
         && entries == 1
@@ -701,51 +696,64 @@ pub(crate) fn qmm(
             Some("wg256") => Some(&TILES[6]),
             Some("wg128") => Some(&TILES[7]),
             Some("wg64") => Some(&TILES[8]),
+            Some("ws256") => Some(&TILES[10]),
+            Some("ws256s5") => Some(&TILES[11]),
+            Some("ws128") => Some(&TILES[12]),
+            Some("ws64") => Some(&TILES[13]),
             _ => {
-                // The first wgmma tile to try: 64 tokens for M <= 64, 128 up to 128, else 256.
+                // The first wgmma tile to try: 64 tokens for M <= 64, 128 up to 128, else 256
+                // (the warp-specialised tiles with MLXQ_WS=1: an experiment, run 12).
                 let first = match m {
                     0..=32 => None,
-                    33..=64 => Some(WG_TILES.end - 1),
-                    65..=128 => Some(WG_TILES.end - 2),
-                    _ => Some(WG_TILES.start),
+                    33..=64 => Some(2),
+                    65..=128 => Some(1),
+                    _ => Some(0),
+                };
+                let wg = if knob("MLXQ_WS") == Some("1") {
+                    WS_TILES
+                } else {
+                    WG_TILES
                 };
                 first
-                    .and_then(|i| TILES[i..WG_TILES.end].iter().find(|t| fits(t) && full(t)))
+                    .and_then(|i| {
+                        wg[i..]
+                            .iter()
+                            .map(|&j| &TILES[j])
+                            .find(|t| fits(t) && full(t))
+                    })
                     .or(Some(&TILES[0]).filter(|t| m >= 256 && full(t)))
             }
         }
         .filter(fits);
         if let Some(t) = pick {
             let f = k.func_named(t.entry)?;
-            let (m32, n32, k32) = (u32_of(op, m)?, u32_of(op, ndim)?, u32_of(op, kdim)?);
-            let (w_stride, pg) = (words_per_matrix, 0u64);
-            // SAFETY: the kernel reads rows < M (clamped) of x, rows < N (clamped) of W with
-            // their scales and biases (K / group per row), and writes the M x N output: all
-            // inside buffers kept alive by `retain`.
+            let args = TileArgs {
+                ptrs: [px, pw, ps, pb, po],
+                m: u32_of(op, m)?,
+                n: u32_of(op, ndim)?,
+                k: u32_of(op, kdim)?,
+                w_stride: words_per_matrix,
+                s_stride,
+                grp: 0,
+                w_count,
+            };
+            let grid = (grid_x(op, ndim.div_ceil(t.bn))?, m.div_ceil(t.bm) as u32, 1);
+            // SAFETY: the kernel reads rows < M (clamped, or zero-filled by the tensor map) of
+            // x, rows < N (clamped) of W with their scales and biases (K / group per row), and
+            // writes the M x N output: all inside buffers kept alive by `retain`.
             unsafe {
-                stream
-                    .launch_builder(f)
-                    .arg(&px)
-                    .arg(&pw)
-                    .arg(&ps)
-                    .arg(&pb)
-                    .arg(&po)
-                    .arg(&m32)
-                    .arg(&n32)
-                    .arg(&k32)
-                    .arg(&w_stride)
-                    .arg(&s_stride)
-                    .arg(&pg)
-                    .launch(LaunchConfig {
-                        shared_mem_bytes: t.smem(kdim, spec, w.scales_dtype()) as u32,
-                        ..cfg(
-                            (grid_x(op, ndim.div_ceil(t.bn))?, m.div_ceil(t.bm) as u32, 1),
-                            t.threads,
-                            op,
-                        )?
-                    })
-            }
-            .map_err(driver(op))?;
+                launch_tile(
+                    &stream,
+                    f,
+                    t,
+                    grid,
+                    spec,
+                    w.scales_dtype(),
+                    &args,
+                    Some(x.dtype()),
+                    op,
+                )?
+            };
             finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
             return Ok(());
         }
@@ -962,11 +970,15 @@ struct Tile {
     /// A wgmma kernel (`qmm_wg.cu`): sm_90a only, K a multiple of 128, W dequantised in
     /// registers (no shared W tiles).
     wg: bool,
+    /// A warp-specialised wgmma kernel (`qmm_ws_*`): a producer warpgroup, mbarriers after the
+    /// rings, and x (dense) through a TMA tensor map passed as the last parameter.
+    ws: bool,
 }
 
 /// qmm_tile_l, _m, _g, _l5, _m6, _g6, as in `qmm_tile.cu`; then qmm_wg_256, _128, _64 and the
-/// grouped _g64 as in `qmm_wg.cu` (BT tokens x 128 rows per block, 256 threads).
-const TILES: [Tile; 10] = [
+/// grouped _g64 as in `qmm_wg.cu` (BT tokens x 128 rows per block, 256 threads); then the
+/// warp-specialised qmm_ws_256, _256s5, _128, _64 and _g64 (384 threads).
+const TILES: [Tile; 15] = [
     tile("qmm_tile_l", 256, 128, 256, 4),
     tile("qmm_tile_m", 128, 128, 512, 4),
     tile("qmm_tile_g", 64, 128, 256, 4),
@@ -977,10 +989,27 @@ const TILES: [Tile; 10] = [
     wg_tile("qmm_wg_128", 128, 6),
     wg_tile("qmm_wg_64", 64, 6),
     wg_tile("qmm_wg_g64", 64, 6),
+    ws_tile("qmm_ws_256", 256, 4),
+    ws_tile("qmm_ws_256s5", 256, 5),
+    ws_tile("qmm_ws_128", 128, 6),
+    ws_tile("qmm_ws_64", 64, 6),
+    ws_tile("qmm_ws_g64", 64, 6),
 ];
 
 /// The wgmma tiles of [`TILES`] for one W matrix, widest token tile first.
-const WG_TILES: std::ops::Range<usize> = 6..9;
+const WG_TILES: [usize; 3] = [6, 7, 8];
+/// The warp-specialised wgmma tiles of [`TILES`] for one W matrix, widest first: chosen with
+/// `MLXQ_WS=1` (not yet measured faster, docs/perf-cuda.md run 12); the 5-stage 256-token
+/// tile only with `MLXQ_TILE=ws256s5`.
+const WS_TILES: [usize; 3] = [10, 12, 13];
+
+const fn ws_tile(entry: &'static str, bm: u64, stages: u64) -> Tile {
+    Tile {
+        ws: true,
+        threads: 384,
+        ..wg_tile(entry, bm, stages)
+    }
+}
 
 const fn wg_tile(entry: &'static str, bm: u64, stages: u64) -> Tile {
     Tile {
@@ -997,6 +1026,7 @@ const fn tile(entry: &'static str, bm: u64, bn: u64, threads: u32, stages: u64) 
         threads,
         stages,
         wg: false,
+        ws: false,
     }
 }
 
@@ -1007,12 +1037,14 @@ impl Tile {
         (need * sdt.size() as u64).max(4)
     }
     /// Dynamic shared memory: the x, code and scale rings, and two dequantised W tiles
-    /// (`qmm_tile`) or 1 KiB to align the x ring to the 128-byte swizzle's period (`qmm_wg`).
+    /// (`qmm_tile`) or 1 KiB to align the x ring to the 128-byte swizzle's period (`qmm_wg`),
+    /// plus two mbarriers per stage (`qmm_ws`).
     fn smem(&self, _k: u64, spec: QuantSpec, sdt: DType) -> u64 {
         let cb = 64 * u64::from(spec.bits()) / 8;
         let rings =
             self.stages * (self.bm * 128 + self.bn * cb + self.bn * Tile::unit(spec, sdt) * 2);
-        rings + if self.wg { 1024 } else { 2 * self.bn * 128 }
+        let bars = if self.ws { 16 * self.stages } else { 0 };
+        rings + bars + if self.wg { 1024 } else { 2 * self.bn * 128 }
     }
 }
 
@@ -1037,6 +1069,163 @@ fn tile_fits(
         && po.is_multiple_of(4)
         && t.smem(kdim, spec, sdt) <= dev.smem_optin as u64
         && (!t.wg || (super::nvrtc::wgmma(dev.arch()) && kdim.is_multiple_of(128)))
+}
+
+/// The parameters of a tiled prefill GEMM (`qmm_tile_*`, `qmm_wg_*`, `qmm_ws_*`), in the
+/// kernels' order: x, W, scales, biases and output pointers, M, N, K, the W and scale strides
+/// of one matrix, the gather's tile list (0 when dense).
+struct TileArgs {
+    ptrs: [u64; 5],
+    m: u32,
+    n: u32,
+    k: u32,
+    w_stride: u64,
+    s_stride: u64,
+    grp: u64,
+    /// W matrices in the W buffer (the tensor map of the codes spans them all).
+    w_count: u64,
+}
+
+/// A TMA tensor map (`CUtensorMap`), passed by value as the `qmm_ws` kernels' last parameter.
+#[repr(C, align(64))]
+struct TensorMap(sys::CUtensorMap);
+
+// SAFETY: 128 plain bytes, 64-byte aligned: the layout of the kernels' `TensorMap` parameter.
+unsafe impl DeviceRepr for TensorMap {}
+
+/// A tensor map over the `R`-dimensional array at `ptr` (16-byte aligned; `dims` innermost
+/// first, `strides` in bytes for every dimension but the innermost) read in boxes of `boxes`
+/// elements, 128-byte swizzled or packed; elements past the array read as zeros.
+fn tensor_map<const R: usize>(
+    op: &'static str,
+    ptr: u64,
+    ty: sys::CUtensorMapDataType,
+    dims: [u64; R],
+    strides: &[u64],
+    boxes: [u32; R],
+    swizzle: bool,
+) -> Result<TensorMap> {
+    use sys::{
+        CUtensorMapFloatOOBfill as O, CUtensorMapInterleave as I, CUtensorMapL2promotion as L,
+        CUtensorMapSwizzle as Z,
+    };
+    debug_assert_eq!(strides.len() + 1, R, "one stride per outer dimension");
+    let unit = [1u32; R];
+    let sw = if swizzle {
+        Z::CU_TENSOR_MAP_SWIZZLE_128B
+    } else {
+        Z::CU_TENSOR_MAP_SWIZZLE_NONE
+    };
+    // SAFETY: a plain-old-data struct that cuTensorMapEncodeTiled fills in.
+    let mut map = TensorMap(unsafe { std::mem::zeroed() });
+    // SAFETY: dims, boxes and unit have R entries, strides R - 1; the function only encodes
+    // the description (it does not touch the memory at ptr).
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map.0,
+            ty,
+            R as u32,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            unit.as_ptr(),
+            I::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sw,
+            L::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            O::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()
+    .map_err(driver(op))?;
+    Ok(map)
+}
+
+/// Launches tile `t` with `args` over `grid` on `stream`. A warp-specialised tile also gets
+/// two tensor maps: x's, of x [M, K] in `x_dtype` in boxes of 64 columns x BT rows in the
+/// 128-byte swizzle that its wgmma descriptors expect, where dense (`Some`; zeros where
+/// gathered: its producer copies the pairs' rows itself); and the codes', bytes x rows x
+/// matrices in boxes of one step's bytes (64 codes) x 128 rows.
+///
+/// # Safety
+/// The pointers and sizes of `args` must describe live device buffers that the kernel may
+/// read and write as its signature says (`qmm_tile.cu`, `qmm_wg.cu`).
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_tile(
+    stream: &Arc<cudarc::driver::CudaStream>,
+    f: &cudarc::driver::CudaFunction,
+    t: &Tile,
+    grid: (u32, u32, u32),
+    spec: QuantSpec,
+    sdt: DType,
+    args: &TileArgs,
+    x_dtype: Option<DType>,
+    op: &'static str,
+) -> Result<()> {
+    use sys::CUtensorMapDataType as D;
+    let [px, pw, ps, pb, po] = &args.ptrs;
+    let (m, k) = (u64::from(args.m), u64::from(args.k));
+    let x_map = match (t.ws, x_dtype) {
+        (false, _) => None,
+        (true, Some(dt)) => {
+            let ty = match dt {
+                DType::BF16 => D::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                DType::F16 => D::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                other => return Err(Error::dtype(op, "x", "float16 or bfloat16", other)),
+            };
+            Some(tensor_map(
+                op,
+                *px,
+                ty,
+                [k, m],
+                &[k * 2],
+                [64, t.bm as u32],
+                true,
+            )?)
+        }
+        // SAFETY: zeros, a map the gathering kernel never reads.
+        (true, None) => Some(TensorMap(unsafe { std::mem::zeroed() })),
+    };
+    let w_map = if t.ws {
+        let row = k * u64::from(spec.bits()) / 8;
+        let dims = [row, u64::from(args.n), args.w_count.max(1)];
+        let boxes = [64 * spec.bits() / 8, t.bn as u32, 1];
+        let ty = D::CU_TENSOR_MAP_DATA_TYPE_UINT8;
+        Some(tensor_map(
+            op,
+            *pw,
+            ty,
+            dims,
+            &[row, args.w_stride * 4],
+            boxes,
+            false,
+        )?)
+    } else {
+        None
+    };
+    let mut b = stream.launch_builder(f);
+    b.arg(px)
+        .arg(pw)
+        .arg(ps)
+        .arg(pb)
+        .arg(po)
+        .arg(&args.m)
+        .arg(&args.n)
+        .arg(&args.k)
+        .arg(&args.w_stride)
+        .arg(&args.s_stride)
+        .arg(&args.grp);
+    if let (Some(xm), Some(wm)) = (&x_map, &w_map) {
+        b.arg(xm).arg(wm);
+    }
+    let cfg = LaunchConfig {
+        shared_mem_bytes: t.smem(u64::from(args.k), spec, sdt) as u32,
+        ..cfg(grid, t.threads, op)?
+    };
+    // SAFETY: the caller's contract; the parameters match the entry's signature in order and
+    // type (the tensor map only for the `qmm_ws` entries).
+    unsafe { b.launch(cfg) }.map_err(driver(op))?;
+    Ok(())
 }
 
 fn u32_of(op: &'static str, v: u64) -> Result<u32> {
@@ -1216,7 +1405,7 @@ fn decb_pick(
 }
 
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 14] = [
+const KNOBS: [&str; 15] = [
     "MLXQ_GATHER_SORT_OFF",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
@@ -1231,6 +1420,7 @@ const KNOBS: [&str; 14] = [
     "MLXQ_DECB",
     "MLXQ_DECB_NC",
     "MLXQ_DECB_NS",
+    "MLXQ_WS",
 ];
 
 /// The value of the experiment switch `name` (an `MLXQ_*` environment variable), read once per

@@ -293,6 +293,11 @@ const TABLE: &[Variant] = &[
             "qmm_wg_128",
             "qmm_wg_64",
             "qmm_wg_g64",
+            "qmm_ws_256",
+            "qmm_ws_256s5",
+            "qmm_ws_128",
+            "qmm_ws_64",
+            "qmm_ws_g64",
         ],
         fmad: true,
         defines: |k| {
@@ -591,7 +596,10 @@ impl CudaDevice {
                     self.smem_optin
                 } else if e.starts_with("qmv_dec") {
                     DEC_SMEM_MAX
-                } else if e.starts_with("qmm_tile") || e.starts_with("qmm_wg") {
+                } else if ["qmm_tile", "qmm_wg", "qmm_ws"]
+                    .iter()
+                    .any(|p| e.starts_with(p))
+                {
                     // The tiled prefills' rings: as much as the device lets one block have.
                     self.smem_optin
                 } else {

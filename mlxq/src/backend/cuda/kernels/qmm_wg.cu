@@ -27,6 +27,12 @@
 // Requires K % 128 == 0 (the host checks); rows >= N and tokens >= M are clamped on load and
 // never written.
 
+// A TMA tensor map (CUtensorMap: 128 opaque bytes, 64-byte aligned), passed by value as a
+// __grid_constant__ kernel parameter.
+struct __align__(64) TensorMap {
+    u64 v[16];
+};
+
 #if TC_OK && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define WG_OK 1
 #else
@@ -116,6 +122,87 @@ __device__ __forceinline__ u32 wg_sel8(u32 p) {
 #endif
 }
 
+// Step kt's A fragments from its stage (scale/bias units at `su`: scales of the 128 rows,
+// then their biases; codes at shared address `cst`, CB bytes per row): a[j] for k16 block j,
+// registers (g, lo k), (g + 8, lo k), (g, hi k), (g + 8, hi k) of warp `warp`'s 16 rows.
+__device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 warp, u32 g,
+                                           u32 t, u32 sel, u32 (&a)[4][4]) {
+    constexpr int BW = 128, CB = 64 * BITS / 8;
+    constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
+    constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4, EU = U / SSZ;
+    const u32 ub = kt * 64 / GROUP / EU * EU;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const u32 r = 16 * warp + g + 8 * h;
+        const u8* su = sst + r * U;
+        float sv[NEED], bv[NEED];
+        u32 s2[NEED], b2[NEED];
+#pragma unroll
+        for (int e = 0; e < NEED; e++) {
+            const u32 ei = (kt * 64 + 64 / NEED * e) / GROUP - ub;
+            sv[e] = to_f32(*(const ST*)(su + ei * SSZ));
+            bv[e] = to_f32(*(const ST*)(su + BW * U + ei * SSZ));
+            s2[e] = pack2(sv[e], sv[e]);
+            b2[e] = pack2(bv[e], bv[e]);
+        }
+#if BITS == 4
+        const u32 src = cst + r * CB;
+        const uint4 q0 = lds128(src), q1 = lds128(src + 16);
+        const u32 wd[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int e = j * NEED / 4;
+            a[j][h] = wg_pair4(wd[2 * j], sel, s2[e], b2[e]);
+            a[j][2 + h] = wg_pair4(wd[2 * j + 1], sel, s2[e], b2[e]);
+        }
+#else
+        const u32 src = cst + r * CB + 4 * (t >> 1);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int e = j * NEED / 4;
+            a[j][h] = wg_pair8(lds32(src + 16 * j), sel, sv[e], bv[e], s2[e], b2[e]);
+            a[j][2 + h] = wg_pair8(lds32(src + 16 * j + 8), sel, sv[e], bv[e], s2[e], b2[e]);
+        }
+#endif
+    }
+}
+
+// The epilogue of both wgmma kernels: warp `warp`'s accumulators (acc[4j + 2h + e]: row
+// 16 warp + g + 8h, token 8j + 2t + e) rounded to the output type into the shared tile at
+// `ot` ([token][row], rows padded by 16 bytes: no bank conflicts), then `sync` (the 256
+// consumer threads), then the tile's mv valid tokens written out as 16-byte rows (scalar
+// where N or the row is not 16-byte aligned).
+template <int BT, bool GRP, typename Sync>
+__device__ __forceinline__ void wg_store(const float* acc, u8* ot, u32 tid, u32 warp, u32 g,
+                                         u32 t, u32 mv, OT* __restrict__ out, const u64* pairs,
+                                         u32 first, u32 m0, u32 n0, u32 N, Sync sync) {
+    constexpr u32 T = 256, BW = 128;
+    constexpr u32 OP = BW * sizeof(OT) + 16;  // padded tile row (one token) in bytes
+#pragma unroll
+    for (int j = 0; j < BT / 8; j++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int e = 0; e < 2; e++)
+                *(OT*)(ot + (8 * j + 2 * t + e) * OP + (16 * warp + g + 8 * h) * sizeof(OT)) =
+                    from_f32<OT>(acc[4 * j + 2 * h + e]);
+    sync();
+    constexpr u32 EPC = 16 / sizeof(OT), CPT = BW / EPC;  // elements per chunk, chunks per token
+    for (u32 i = tid; i < BT * CPT; i += T) {
+        const u32 c = i / CPT, ch = i % CPT;
+        if (c >= mv) break;  // tokens are in order: the rest of this thread's chunks are too
+        OT* orow = GRP ? out + pairs[2 * (u64)(first + c) + 1] : out + (u64)(m0 + c) * N;
+        const u32 n = n0 + ch * EPC;
+        OT* dst = orow + n;
+        const u8* src = ot + c * OP + ch * 16;
+        if (n + EPC <= N && ((u64)dst & 15) == 0) {
+            *(uint4*)dst = *(const uint4*)src;
+        } else {
+            for (u32 q = 0; q < EPC && n + q < N; q++) dst[q] = ((const OT*)src)[q];
+        }
+    }
+}
+
 template <int BT, int S, bool GRP>
 __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                             const ST* __restrict__ scales,
@@ -183,41 +270,8 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     const u32 sel = wg_sel8(2 * (t & 1));
 #endif
     auto load_a = [&](u32 kt, u32(&a)[4][4]) {
-        const u32 st = kt % S, ub = kt * 64 / GROUP / EU * EU;
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const u32 r = 16 * warp + g + 8 * h;
-            const u8* su = wsm + (ss - raw) + st * SB + r * U;
-            float sv[NEED], bv[NEED];
-            u32 s2[NEED], b2[NEED];
-#pragma unroll
-            for (int e = 0; e < NEED; e++) {
-                const u32 ei = (kt * 64 + 64 / NEED * e) / GROUP - ub;
-                sv[e] = to_f32(*(const ST*)(su + ei * SSZ));
-                bv[e] = to_f32(*(const ST*)(su + BW * U + ei * SSZ));
-                s2[e] = pack2(sv[e], sv[e]);
-                b2[e] = pack2(bv[e], bv[e]);
-            }
-#if BITS == 4
-            const u32 src = cs + st * CS + r * CB;
-            const uint4 q0 = lds128(src), q1 = lds128(src + 16);
-            const u32 wd[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int e = j * NEED / 4;
-                a[j][h] = wg_pair4(wd[2 * j], sel, s2[e], b2[e]);
-                a[j][2 + h] = wg_pair4(wd[2 * j + 1], sel, s2[e], b2[e]);
-            }
-#else
-            const u32 src = cs + st * CS + r * CB + 4 * (t >> 1);
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int e = j * NEED / 4;
-                a[j][h] = wg_pair8(lds32(src + 16 * j), sel, sv[e], bv[e], s2[e], b2[e]);
-                a[j][2 + h] = wg_pair8(lds32(src + 16 * j + 8), sel, sv[e], bv[e], s2[e], b2[e]);
-            }
-#endif
-        }
+        const u32 st = kt % S;
+        wg_dequant(kt, wsm + (ss - raw) + st * SB, cs + st * CS, warp, g, t, sel, a);
     };
 
     float acc[BT / 2];
@@ -269,33 +323,182 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     if (sink == 0x5A5A5A5Au && K == 1u) out[0] = from_f32<OT>(0.0f);  // never (K >= 128)
     __syncthreads();  // every stage is read: the ring becomes the output tile
 
-    // acc[4j + 2h + e]: row 16 warp + g + 8h, token 8j + 2t + e.
-    constexpr u32 OP = BW * sizeof(OT) + 16;  // padded tile row (one token) in bytes
-    static_assert(BT * OP + 1024 <= S * (XS + CS + SB), "output tile fits the ring");
-    u8* ot = wsm + (xs - raw);
-#pragma unroll
-    for (int j = 0; j < BT / 8; j++)
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-#pragma unroll
-            for (int e = 0; e < 2; e++)
-                *(OT*)(ot + (8 * j + 2 * t + e) * OP + (16 * warp + g + 8 * h) * sizeof(OT)) =
-                    from_f32<OT>(acc[4 * j + 2 * h + e]);
-    __syncthreads();
-    constexpr u32 EPC = 16 / sizeof(OT), CPT = BW / EPC;  // elements per chunk, chunks per token
-    for (u32 i = tid; i < BT * CPT; i += T) {
-        const u32 c = i / CPT, ch = i % CPT;
-        if (c >= mv) break;  // tokens are in order: the rest of this thread's chunks are too
-        OT* orow = GRP ? out + pairs[2 * (u64)(first + c) + 1] : out + (u64)(m0 + c) * N;
-        const u32 n = n0 + ch * EPC;
-        OT* dst = orow + n;
-        const u8* src = ot + c * OP + ch * 16;
-        if (n + EPC <= N && ((u64)dst & 15) == 0) {
-            *(uint4*)dst = *(const uint4*)src;
-        } else {
-            for (u32 q = 0; q < EPC && n + q < N; q++) dst[q] = ((const OT*)src)[q];
-        }
+    static_assert(BT * (BW * sizeof(OT) + 16) + 1024 <= S * (XS + CS + SB), "output tile fits the ring");
+    wg_store<BT, GRP>(acc, wsm + (xs - raw), tid, warp, g, t, mv, out, pairs, first, m0, n0, N, [] { __syncthreads(); });
+}
+
+// --- qmm_ws: the same product with a producer warp (warp specialisation) ---
+//
+// Warp 8 of the block (the first of a third warpgroup) is the producer: it streams every step
+// of the block's K into an S-stage ring and never touches the tensor cores. Per step and
+// stage: the x tile by one TMA copy (`cp.async.bulk.tensor`, the tensor map made by the host
+// with the 128-byte swizzle; tokens >= M come back as zeros) or, gathered (GRP), by cp.async
+// of the pairs' rows; the codes of the 128 rows by one TMA copy (a 3-D map over the W
+// matrices; rows >= N come back as zeros); their scale and bias units by cp.async. A stage
+// completes on its `full` mbarrier (transaction bytes, plus one cp.async arrival per lane).
+// The 8 consumer warps (two warpgroups) wait on `full`, dequantise into the A fragments, issue
+// the wgmmas, and once wgmma.wait_group has retired a step, release its stage on the `empty`
+// mbarrier (one arrival per warp). No block-wide barrier in the loop: the producer runs up to
+// S - 2 steps ahead of the step being dequantised.
+__device__ __forceinline__ void tma_x(u32 dst, const TensorMap* tm, u32 k0, u32 m0, u32 bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3}], [%4];"
+                 ::"r"(dst), "l"((u64)tm), "r"(k0), "r"(m0), "r"(bar) : "memory");
+}
+
+// The codes of 128 rows of W (3-D map: bytes of a row, rows, matrices) from row n0, byte k0
+// of matrix e: CB-byte rows, packed.
+__device__ __forceinline__ void tma_w(u32 dst, const TensorMap* tm, u32 k0, u32 n0, u32 e, u32 bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4}], [%5];"
+                 ::"r"(dst), "l"((u64)tm), "r"(k0), "r"(n0), "r"(e), "r"(bar) : "memory");
+}
+
+template <int BT, int S, bool GRP>
+__device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32* __restrict__ w,
+                                            const ST* __restrict__ scales,
+                                            const ST* __restrict__ biases, OT* __restrict__ out,
+                                            u32 M, u32 N, u32 K, u64 w_stride, u64 s_stride,
+                                            const u32* __restrict__ grp, const TensorMap* tmx,
+                                            const TensorMap* tmw) {
+    constexpr int BW = 128;            // rows of W per block
+    constexpr int CB = 64 * BITS / 8;  // code bytes per row and step
+    constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
+    constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4, EU = U / SSZ;
+    constexpr u32 XS = BT * 128, CS = BW * CB, SB = BW * U * 2;
+    constexpr int XI = BT * 8 / 32;  // GRP: x chunks per producer lane and step
+    extern __shared__ __align__(16) u8 wsm[];
+    const u32 raw = (u32)__cvta_generic_to_shared(wsm);
+    // The x tiles first, 1024-byte aligned (the swizzle's period; the host adds 1 KiB), then
+    // the codes, the scale units and the 2 S mbarriers.
+    const u32 xs = (raw + 1023u) & ~1023u, cs = xs + S * XS, ss = cs + S * CS, bars = ss + S * SB;
+    auto full = [&](u32 s) { return bars + 8 * s; };
+    auto empty = [&](u32 s) { return bars + 8 * (S + s); };
+
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const u32 g = lane >> 2, t = lane & 3;
+    const u32 n0 = blockIdx.x * BW;
+    TileTok tk;
+    if (!tile_tokens<GRP>(BT, M, grp, w_stride, s_stride, w, scales, biases, tk)) return;
+    if (n0 >= N || tk.m0 >= tk.mcount) return;  // whole block
+    const u32 m0 = tk.m0, first = tk.first;
+    const u64* pairs = tk.pairs;
+    const u32 mv = min((u32)BT, tk.mcount - m0);  // valid tokens of this tile
+    const u32 G = K / GROUP, KT = K / 64;
+    if (tid < S) {
+        mbar_init(full(tid), 32);  // the producer's lanes (cp.async arrivals)
+        mbar_init(empty(tid), 8);  // one arrival per consumer warp
     }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncthreads();
+
+    if (warp >= 8) {
+        // The producer warpgroup gives registers to the consumers: all 12 warps start with
+        // 168 (the launch bound), and setmaxnreg.inc waits until the block's pool holds what
+        // it asks, so 4 x (168 - 88) released = 8 x (208 - 168) taken, exactly (asking more
+        // hangs). Only the producer warpgroup's first warp works.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 88;" ::: "memory");
+        if (warp != 8) return;
+        // Producer. Scale units: u = lane + 32 j, row u / 2, scales (u even) or biases.
+        const u32 ex = GRP ? grp[4 + 4 * blockIdx.y] : 0;  // the tile's expert (W matrix)
+        const u8* xr[GRP ? XI : 1];
+        u32 xd[GRP ? XI : 1];
+        if constexpr (GRP) {
+#pragma unroll
+            for (int j = 0; j < XI; j++) {
+                const u32 r = (lane >> 3) + j * 4, c = lane & 7;
+                const u32 m = min(m0 + r, tk.mcount - 1);
+                xr[j] = (const u8*)(x + pairs[2 * (u64)(first + m)]) + c * 16;
+                xd[j] = r * 128 + ((c ^ (r & 7)) << 4);
+            }
+        }
+        if (lane == 0) {
+            if (!GRP) asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmx) : "memory");
+            asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmw) : "memory");
+        }
+        for (u32 kt = 0; kt < KT; kt++) {
+            const u32 st = kt % S;
+            if (kt >= S) mbar_wait(empty(st), (kt / S - 1) & 1);
+            if (lane == 0) {
+                mbar_expect_tx(full(st), CS + (GRP ? 0 : XS));
+                if (!GRP) tma_x(xs + st * XS, tmx, kt * 64, m0, full(st));
+                tma_w(cs + st * CS, tmw, kt * CB, n0, ex, full(st));
+            }
+            __syncwarp();
+            const u32 ub = kt * 64 / GROUP / EU * EU;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const u32 u = lane + 32 * j, r = u >> 1;
+                const ST* src = ((u & 1) ? biases : scales) + (u64)min(n0 + r, N - 1) * G + ub;
+                cpa_small<U>(ss + st * SB + (u & 1) * BW * U + r * U, src);
+            }
+            if constexpr (GRP) {
+#pragma unroll
+                for (int j = 0; j < XI; j++) cpa16(xs + st * XS + xd[j], xr[j] + (u64)kt * 128);
+            }
+            cp_arrive(full(st));
+        }
+        return;
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 208;" ::: "memory");
+#if BITS == 4
+    const u32 sel = t | ((t + 4) << 8);
+#else
+    const u32 sel = wg_sel8(2 * (t & 1));
+#endif
+    auto load_a = [&](u32 kt, u32(&a)[4][4]) {
+        const u32 st = kt % S;
+        mbar_wait(full(st), (kt / S) & 1);
+        if (GRP) fence_async_smem();  // x came through the generic proxy (cp.async)
+        wg_dequant(kt, wsm + (ss - raw) + st * SB, cs + st * CS, warp, g, t, sel, a);
+    };
+
+    float acc[BT / 2];
+#pragma unroll
+    for (int i = 0; i < BT / 2; i++) acc[i] = 0.0f;
+    u32 a0[4][4], a1[4][4], sink = 0;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) a1[j][i] = 0;
+
+    auto step = [&](u32 kt, u32(&ac)[4][4], u32(&an)[4][4]) {
+        const u32 xb = xs + (kt % S) * XS;
+        wg_fence();
+#pragma unroll
+        for (int j = 0; j < 4; j++) wg_mma(WgN<BT>(), acc, ac[j], wg_desc(xb + 32 * j));
+        wg_commit();
+        wg_wait<1>();  // step kt - 1 is done: its stage and A registers are free
+        // As in qmm_wg_impl: a real use of the retired A registers keeps them reserved.
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) sink ^= an[j][i];
+        if (kt > 0) {
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty((kt - 1) % S));
+        }
+        if (kt + 1 < KT) load_a(kt + 1, an);
+    };
+
+    load_a(0, a0);
+    // KT is even (the host checks K % 128 == 0): see qmm_wg_impl.
+    for (u32 kt = 0; kt < KT; kt += 2) {
+        step(kt, a0, a1);
+        step(kt + 1, a1, a0);
+    }
+    wg_wait<0>();
+#pragma unroll
+    for (int i = 0; i < BT / 2; i++) wg_pin(acc[i]);
+    if (sink == 0x5A5A5A5Au && K == 1u) out[0] = from_f32<OT>(0.0f);  // never (K >= 128)
+    // Every stage has landed and been read (the consumers waited for all KT): the ring
+    // becomes the output tile once both warpgroups are past their last wgmma.
+    auto sync = [] { asm volatile("bar.sync 1, 256;" ::: "memory"); };
+    sync();
+
+    static_assert(BT * (BW * sizeof(OT) + 16) + 1024 <= S * (XS + CS + SB), "output tile fits the ring");
+    wg_store<BT, GRP>(acc, wsm + (xs - raw), tid, warp, g, t, mv, out, pairs, first, m0, n0, N, sync);
 }
 #endif
 
@@ -318,4 +521,28 @@ QMM_WG(qmm_wg_256, 256, 4, false)
 QMM_WG(qmm_wg_128, 128, 6, false)
 QMM_WG(qmm_wg_64, 64, 6, false)
 QMM_WG(qmm_wg_g64, 64, 6, true)
+#endif
+
+#if WG_OK
+#define QMM_WS(NAME, BT, S, GRP)                                                               \
+    extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                 \
+        const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
+        const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u32 N, u32 K,             \
+        u64 w_stride, u64 s_stride, const u32* __restrict__ grp,                              \
+        const __grid_constant__ TensorMap tmx, const __grid_constant__ TensorMap tmw) {        \
+        qmm_ws_impl<BT, S, GRP>(x, w, scales, biases, out, M, N, K, w_stride, s_stride, grp,   \
+                                &tmx, &tmw);                                                   \
+    }
+#else
+#define QMM_WS(NAME, BT, S, GRP)                                                               \
+    extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32, u32, \
+                                    u32, u64, u64, const u32*, const __grid_constant__ TensorMap, \
+                                    const __grid_constant__ TensorMap) {}
+#endif
+#ifndef QMM_WS_CONFIGS
+QMM_WS(qmm_ws_256, 256, 4, false)
+QMM_WS(qmm_ws_256s5, 256, 5, false)
+QMM_WS(qmm_ws_128, 128, 6, false)
+QMM_WS(qmm_ws_64, 64, 6, false)
+QMM_WS(qmm_ws_g64, 64, 6, true)
 #endif
