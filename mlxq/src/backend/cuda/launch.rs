@@ -1109,7 +1109,10 @@ fn tensor_map<const R: usize>(
         CUtensorMapFloatOOBfill as O, CUtensorMapInterleave as I, CUtensorMapL2promotion as L,
         CUtensorMapSwizzle as Z,
     };
-    debug_assert_eq!(strides.len() + 1, R, "one stride per outer dimension");
+    if strides.len() + 1 != R {
+        let expected = format!("{} strides (one per outer dimension)", R.saturating_sub(1));
+        return Err(Error::invalid(op, "tensor map", expected, strides.len()));
+    }
     let unit = [1u32; R];
     let sw = if swizzle {
         Z::CU_TENSOR_MAP_SWIZZLE_128B

@@ -167,6 +167,36 @@ __device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 w
     }
 }
 
+// Zeroes the accumulators and the second A register set (the first step's wg_step_mma reads
+// it for its keep-alive use before any dequantisation has written it).
+template <int BT> __device__ __forceinline__ void wg_zero(float* acc, u32 (&a1)[4][4]) {
+#pragma unroll
+    for (int i = 0; i < BT / 2; i++) acc[i] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) a1[j][i] = 0;
+}
+
+// Issues one step's four wgmmas (k16 each) on A registers `ac` and the x stage at shared
+// address xb, then waits until the previous step's are done (wgmma.wait_group 1). ptxas does
+// not keep an A register reserved while an issued wgmma may still read it: a real use of the
+// previous step's A registers `an` after the wait that retires them (folded into `sink`)
+// keeps them live, so the dequantisation that follows cannot take them for its temporaries.
+template <int BT>
+__device__ __forceinline__ void wg_step_mma(float* acc, const u32 (&ac)[4][4],
+                                            const u32 (&an)[4][4], u32 xb, u32& sink) {
+    wg_fence();
+#pragma unroll
+    for (int j = 0; j < 4; j++) wg_mma(WgN<BT>(), acc, ac[j], wg_desc(xb + 32 * j));
+    wg_commit();
+    wg_wait<1>();
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) sink ^= an[j][i];
+}
+
 // The epilogue of both wgmma kernels: warp `warp`'s accumulators (acc[4j + 2h + e]: row
 // 16 warp + g + 8h, token 8j + 2t + e) rounded to the output type into the shared tile at
 // `ot` ([token][row], rows padded by 16 bytes: no bank conflicts), then `sync` (the 256
@@ -275,28 +305,12 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     };
 
     float acc[BT / 2];
-#pragma unroll
-    for (int i = 0; i < BT / 2; i++) acc[i] = 0.0f;
     u32 a0[4][4], a1[4][4], sink = 0;
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) a1[j][i] = 0;
+    wg_zero<BT>(acc, a1);
 
     auto step = [&](u32 kt, u32(&ac)[4][4], u32(&an)[4][4]) {
         const u32 xb = xs + (kt % S) * XS;
-        wg_fence();
-#pragma unroll
-        for (int j = 0; j < 4; j++) wg_mma(WgN<BT>(), acc, ac[j], wg_desc(xb + 32 * j));
-        wg_commit();
-        wg_wait<1>();  // step kt - 1 is done: its stage and A registers are free
-        // ptxas does not keep an A register reserved while an issued wgmma may still read it:
-        // a real use of step kt - 1's A registers here (after the wait that retires it) keeps
-        // them live, so the dequantisation below cannot take them for its temporaries.
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) sink ^= an[j][i];
+        wg_step_mma<BT>(acc, ac, an, xb, sink);  // step kt - 1 is done on return
         cp_wait<S - 3>();  // this thread's copies of step kt + 1 have landed
         fence_async_smem();
         __syncthreads();
@@ -455,26 +469,12 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     };
 
     float acc[BT / 2];
-#pragma unroll
-    for (int i = 0; i < BT / 2; i++) acc[i] = 0.0f;
     u32 a0[4][4], a1[4][4], sink = 0;
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) a1[j][i] = 0;
+    wg_zero<BT>(acc, a1);
 
     auto step = [&](u32 kt, u32(&ac)[4][4], u32(&an)[4][4]) {
         const u32 xb = xs + (kt % S) * XS;
-        wg_fence();
-#pragma unroll
-        for (int j = 0; j < 4; j++) wg_mma(WgN<BT>(), acc, ac[j], wg_desc(xb + 32 * j));
-        wg_commit();
-        wg_wait<1>();  // step kt - 1 is done: its stage and A registers are free
-        // As in qmm_wg_impl: a real use of the retired A registers keeps them reserved.
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) sink ^= an[j][i];
+        wg_step_mma<BT>(acc, ac, an, xb, sink);  // step kt - 1 is done on return
         if (kt > 0) {
             __syncwarp();
             if (lane == 0) mbar_arrive(empty((kt - 1) % S));
