@@ -971,7 +971,7 @@ struct Tile {
     /// registers (no shared W tiles).
     wg: bool,
     /// A warp-specialised wgmma kernel (`qmm_ws_*`): a producer warpgroup, mbarriers after the
-    /// rings, and x (dense) through a TMA tensor map passed as the last parameter.
+    /// rings, and TMA tensor maps of x (dense) and of the codes as the last two parameters.
     ws: bool,
 }
 
