@@ -21,6 +21,7 @@ pub fn round(v: f32, flavour: Flavour) -> f32 {
 
 /// Quantizes one group `w` to `bits`-wide codes written to `codes` (same length as `w`).
 /// Returns `(scale, bias)` in f32 before rounding to the storage dtype.
+#[inline(always)]
 pub fn quantize_group(w: &[f32], bits: u32, flavour: Flavour, codes: &mut [u8]) -> (f32, f32) {
     let n = ((1u32 << bits) - 1) as f32;
     // The GPU kernels start the max at 0, i.e. take max(0, max(w)); the CPU the true max.

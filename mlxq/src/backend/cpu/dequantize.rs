@@ -1,7 +1,7 @@
 //! CPU affine dequantize: groups in parallel, each value through
 //! [`dequantize_value`](crate::quant::affine::dequantize_value).
 
-use super::{cast, cast_mut, MatrixRef};
+use super::{cast, cast_mut, MatrixRef, Tier};
 use crate::dtype::Float;
 use crate::error::Result;
 use crate::quant::affine::dequantize_value;
@@ -23,7 +23,9 @@ const OP: &str = "dequantize";
 /// Values are computed as the flavour rounds in the scales' dtype `S` (CPU: `S(S(q·s) + b)`;
 /// GPU: one f32 FMA), then converted to the output dtype `O` — what MLX's CPU does when
 /// `dtype` differs from the scales' (its GPU rounds the f32 FMA straight to `O`, the same).
-fn dequantize_generic<S: Float, O: Float, const BITS: usize>(a: DequantizeArgs<'_>) -> Result<()> {
+fn dequantize_generic<T: Tier, S: Float, O: Float, const BITS: usize>(
+    a: DequantizeArgs<'_>,
+) -> Result<()> {
     let scales: &[S] = cast(OP, "scales", a.w.scales)?;
     let biases: &[S] = cast(OP, "biases", a.w.biases)?;
     let out: &mut [O] = cast_mut(OP, "out", a.out)?;
@@ -34,25 +36,39 @@ fn dequantize_generic<S: Float, O: Float, const BITS: usize>(a: DequantizeArgs<'
         .zip(scales.par_iter().zip(biases.par_iter()))
         .with_min_len(64)
         .for_each(|((og, pg), (&s, &b))| {
-            for (o8, p) in og.chunks_exact_mut(8).zip(pg.chunks_exact(BITS)) {
-                for (o, q) in o8.iter_mut().zip(unpack8::<BITS>(p)) {
-                    *o = match flavour {
-                        Flavour::Cpu => O::from_f32(dequantize_value(q, s, b, flavour).to_f32()),
-                        Flavour::Gpu => O::from_f32(f32::from(q).mul_add(s.to_f32(), b.to_f32())),
-                    };
-                }
-            }
+            T::run(
+                #[inline(always)]
+                || {
+                    for (o8, p) in og.chunks_exact_mut(8).zip(pg.chunks_exact(BITS)) {
+                        for (o, q) in o8.iter_mut().zip(unpack8::<BITS>(p)) {
+                            *o = match flavour {
+                                Flavour::Cpu => {
+                                    O::from_f32(dequantize_value(q, s, b, flavour).to_f32())
+                                }
+                                Flavour::Gpu => {
+                                    O::from_f32(f32::from(q).mul_add(s.to_f32(), b.to_f32()))
+                                }
+                            };
+                        }
+                    }
+                },
+            )
         });
     Ok(())
 }
 
-fn select<S: Float>(out: crate::DType, bits: u32) -> Option<DequantizeFn> {
+fn select<T: Tier, S: Float>(out: crate::DType, bits: u32) -> Option<DequantizeFn> {
     crate::with_float_type!(out, O => {
-        Some(dispatch_bits!(bits, B => dequantize_generic::<S, O, B> as DequantizeFn, _ => return None))
+        Some(dispatch_bits!(bits, B => dequantize_generic::<T, S, O, B> as DequantizeFn, _ => return None))
     }, _ => None)
 }
 
-/// The generic dequantize kernel for scales of `scales` dtype, output `out` dtype and `bits`.
-pub(crate) fn generic(scales: crate::DType, out: crate::DType, bits: u32) -> Option<DequantizeFn> {
-    crate::with_float_type!(scales, S => select::<S>(out, bits), _ => None)
+/// The portable dequantize kernel for scales of `scales` dtype, output `out` dtype and
+/// `bits`, compiled for tier `T`.
+pub(crate) fn generic<T: Tier>(
+    scales: crate::DType,
+    out: crate::DType,
+    bits: u32,
+) -> Option<DequantizeFn> {
+    crate::with_float_type!(scales, S => select::<T, S>(out, bits), _ => None)
 }

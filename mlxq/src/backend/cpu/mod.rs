@@ -12,6 +12,8 @@ pub(crate) mod quantize;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_avx2;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_bf16;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_columns;
@@ -154,6 +156,43 @@ impl<T> DisjointOut<T> {
     }
 }
 
+/// Where a portable kernel's per-task body is compiled: for the baseline target, or (on
+/// x86-64) with AVX2 and FMA enabled, so that LLVM vectorises it 8 wide and uses the fused
+/// `f32::mul_add` and rounding instructions of the newer ISA instead of library calls. Rust
+/// never contracts `a·b + c` on its own, so both tiers compute bit-identical results.
+pub(crate) trait Tier: Sync + 'static {
+    /// Runs `f`, inlined into a function compiled for this tier.
+    fn run<R>(f: impl FnOnce() -> R) -> R;
+}
+
+/// The baseline target (the `generic` variant).
+pub(crate) struct Baseline;
+
+impl Tier for Baseline {
+    #[inline(always)]
+    fn run<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+}
+
+/// AVX2 and FMA (the `avx2` variant's portable kernels).
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct Avx2Fma;
+
+#[cfg(target_arch = "x86_64")]
+impl Tier for Avx2Fma {
+    #[inline(always)]
+    fn run<R>(f: impl FnOnce() -> R) -> R {
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn on_avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        // SAFETY: kernels of this tier are only chosen where `x86_avx2::available()` holds.
+        unsafe { on_avx2(f) }
+    }
+}
+
 /// Below how many rows a kernel hands a call to a decode kernel, and that variant's name.
 pub(crate) type DecodeFn = fn(&KernelKey) -> (usize, &'static str);
 
@@ -183,6 +222,8 @@ const TABLE: &[Variant] = &[
     #[cfg(target_arch = "x86_64")]
     x86_qvm::QMV_N,
     #[cfg(target_arch = "x86_64")]
+    x86_avx2::QMM_T_GEMM_AVX2,
+    #[cfg(target_arch = "x86_64")]
     x86::QMV_T_AVX2,
     GENERIC,
 ];
@@ -193,6 +234,7 @@ pub const VARIANTS: &[&str] = &[
     "avx512vnni",
     "avx512bf16",
     "avx512",
+    "avx2gemm",
     "avx2",
     "generic",
     "avx512gemm-i8",
@@ -219,16 +261,21 @@ const GENERIC: Variant = Variant {
     name: "generic",
     supports: |k| k.mode == crate::QuantMode::Affine,
     decode: None,
-    build: |k| match k.op {
-        OpKind::Quantize => quantize::generic(k.input, k.bits).map(KernelFn::Quantize),
+    build: portable::<Baseline>,
+};
+
+/// The portable kernels of every op, compiled for tier `T`.
+fn portable<T: Tier>(k: &KernelKey) -> Option<KernelFn> {
+    match k.op {
+        OpKind::Quantize => quantize::generic::<T>(k.input, k.bits).map(KernelFn::Quantize),
         OpKind::Dequantize => {
-            dequantize::generic(k.scales, k.output, k.bits).map(KernelFn::Dequantize)
+            dequantize::generic::<T>(k.scales, k.output, k.bits).map(KernelFn::Dequantize)
         }
         OpKind::QuantizedMatmul => {
-            qmm::generic(k.scales, k.output, k.bits, k.flag).map(KernelFn::Qmm)
+            qmm::generic::<T>(k.scales, k.output, k.bits, k.flag).map(KernelFn::Qmm)
         }
-    },
-};
+    }
+}
 
 /// Whether `variant` can run `key` on this machine.
 pub fn supports(variant: &str, key: &KernelKey) -> bool {

@@ -10,7 +10,7 @@
 //!
 //! Accumulation is f32 throughout, whatever the input and output dtypes.
 
-use super::{cast, cast_mut, DisjointOut, MatrixRef};
+use super::{cast, cast_mut, DisjointOut, MatrixRef, Tier};
 use crate::dtype::Float;
 use crate::error::Result;
 use crate::quant::pack::{dispatch_bits, unpack8};
@@ -60,7 +60,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-fn qmm_t_generic<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+fn qmm_t_generic<T: Tier, S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
     let w = a.w;
     let scales: &[S] = cast(OP, "scales", w.scales)?;
     let biases: &[S] = cast(OP, "biases", w.biases)?;
@@ -78,34 +78,42 @@ fn qmm_t_generic<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Resul
     (0..n.div_ceil(cols_per_task))
         .into_par_iter()
         .for_each(|t| {
-            let (n0, n1) = (t * cols_per_task, ((t + 1) * cols_per_task).min(n));
-            let mut codes = [0f32; 128];
-            for r0 in (0..m).step_by(ROW_BLOCK) {
-                let rows = ROW_BLOCK.min(m - r0);
-                for col in n0..n1 {
-                    let mut acc = [0f32; ROW_BLOCK];
-                    let prow = &w.packed[col * row_bytes..(col + 1) * row_bytes];
-                    for j in 0..groups {
-                        decode_group::<BITS>(&prow[j * gbytes..(j + 1) * gbytes], &mut codes[..g]);
-                        let s = scales[col * groups + j].to_f32();
-                        let b = biases[col * groups + j].to_f32();
-                        for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                            let row = r0 + r;
-                            let xg = &x[row * k + j * g..row * k + (j + 1) * g];
-                            *acc += s * dot(xg, &codes[..g]) + b * xsum[row * groups + j];
+            T::run(
+                #[inline(always)]
+                || {
+                    let (n0, n1) = (t * cols_per_task, ((t + 1) * cols_per_task).min(n));
+                    let mut codes = [0f32; 128];
+                    for r0 in (0..m).step_by(ROW_BLOCK) {
+                        let rows = ROW_BLOCK.min(m - r0);
+                        for col in n0..n1 {
+                            let mut acc = [0f32; ROW_BLOCK];
+                            let prow = &w.packed[col * row_bytes..(col + 1) * row_bytes];
+                            for j in 0..groups {
+                                decode_group::<BITS>(
+                                    &prow[j * gbytes..(j + 1) * gbytes],
+                                    &mut codes[..g],
+                                );
+                                let s = scales[col * groups + j].to_f32();
+                                let b = biases[col * groups + j].to_f32();
+                                for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                                    let row = r0 + r;
+                                    let xg = &x[row * k + j * g..row * k + (j + 1) * g];
+                                    *acc += s * dot(xg, &codes[..g]) + b * xsum[row * groups + j];
+                                }
+                            }
+                            for (r, &v) in acc.iter().enumerate().take(rows) {
+                                // SAFETY: task `t` alone owns columns n0..n1 of every row.
+                                unsafe { writer.write((r0 + r) * n + col, O::from_f32(v)) };
+                            }
                         }
                     }
-                    for (r, &v) in acc.iter().enumerate().take(rows) {
-                        // SAFETY: task `t` alone owns columns n0..n1 of every row.
-                        unsafe { writer.write((r0 + r) * n + col, O::from_f32(v)) };
-                    }
-                }
-            }
+                },
+            )
         });
     Ok(())
 }
 
-fn qmm_n_generic<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+fn qmm_n_generic<T: Tier, S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
     let w = a.w;
     let scales: &[S] = cast(OP, "scales", w.scales)?;
     let biases: &[S] = cast(OP, "biases", w.biases)?;
@@ -122,70 +130,74 @@ fn qmm_n_generic<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Resul
     (0..groups.div_ceil(groups_per_task))
         .into_par_iter()
         .for_each(|t| {
-            let (g0, g1) = (t * groups_per_task, ((t + 1) * groups_per_task).min(groups));
-            let width = (g1 - g0) * g;
-            let mut codes = [0f32; 128];
-            for r0 in (0..m).step_by(ROW_BLOCK) {
-                let rows = ROW_BLOCK.min(m - r0);
-                let mut acc = vec![0f32; rows * width];
-                for kk in 0..kdim {
-                    let prow = &w.packed[kk * row_bytes..(kk + 1) * row_bytes];
-                    for j in g0..g1 {
-                        decode_group::<BITS>(&prow[j * gbytes..(j + 1) * gbytes], &mut codes[..g]);
-                        let s = scales[kk * groups + j].to_f32();
-                        let b = biases[kk * groups + j].to_f32();
+            T::run(
+                #[inline(always)]
+                || {
+                    let (g0, g1) = (t * groups_per_task, ((t + 1) * groups_per_task).min(groups));
+                    let width = (g1 - g0) * g;
+                    let mut codes = [0f32; 128];
+                    for r0 in (0..m).step_by(ROW_BLOCK) {
+                        let rows = ROW_BLOCK.min(m - r0);
+                        let mut acc = vec![0f32; rows * width];
+                        for kk in 0..kdim {
+                            let prow = &w.packed[kk * row_bytes..(kk + 1) * row_bytes];
+                            for j in g0..g1 {
+                                decode_group::<BITS>(
+                                    &prow[j * gbytes..(j + 1) * gbytes],
+                                    &mut codes[..g],
+                                );
+                                let s = scales[kk * groups + j].to_f32();
+                                let b = biases[kk * groups + j].to_f32();
+                                for r in 0..rows {
+                                    let xv = x[(r0 + r) * kdim + kk];
+                                    let (xs, xb) = (xv * s, xv * b);
+                                    let dst = &mut acc[r * width + (j - g0) * g..][..g];
+                                    for (d, &c) in dst.iter_mut().zip(&codes[..g]) {
+                                        *d += xs * c + xb;
+                                    }
+                                }
+                            }
+                        }
                         for r in 0..rows {
-                            let xv = x[(r0 + r) * kdim + kk];
-                            let (xs, xb) = (xv * s, xv * b);
-                            let dst = &mut acc[r * width + (j - g0) * g..][..g];
-                            for (d, &c) in dst.iter_mut().zip(&codes[..g]) {
-                                *d += xs * c + xb;
+                            for (i, &v) in acc[r * width..(r + 1) * width].iter().enumerate() {
+                                // SAFETY: task `t` alone owns columns g0·g..g1·g of every row.
+                                unsafe { writer.write((r0 + r) * n + g0 * g + i, O::from_f32(v)) };
                             }
                         }
                     }
-                }
-                for r in 0..rows {
-                    for (i, &v) in acc[r * width..(r + 1) * width].iter().enumerate() {
-                        // SAFETY: task `t` alone owns columns g0·g..g1·g of every row.
-                        unsafe { writer.write((r0 + r) * n + g0 * g + i, O::from_f32(v)) };
-                    }
-                }
-            }
+                },
+            )
         });
     Ok(())
 }
 
-fn select<S: Float>(out: crate::DType, bits: u32, transpose: bool) -> Option<QmmFn> {
+fn select<T: Tier, S: Float>(out: crate::DType, bits: u32, transpose: bool) -> Option<QmmFn> {
     crate::with_float_type!(out, O => {
         Some(dispatch_bits!(bits, B => if transpose {
-            qmm_t_generic::<S, O, B> as QmmFn
+            qmm_t_generic::<T, S, O, B> as QmmFn
         } else {
-            qmm_n_generic::<S, O, B> as QmmFn
+            qmm_n_generic::<T, S, O, B> as QmmFn
         }, _ => return None))
     }, _ => None)
 }
 
-/// The generic kernel for scales dtype `scales`, output dtype `out`, `bits` and `transpose`.
-pub(crate) fn generic(
+/// The portable kernel for scales dtype `scales`, output dtype `out`, `bits` and
+/// `transpose`, compiled for tier `T`.
+pub(crate) fn generic<T: Tier>(
     scales: crate::DType,
     out: crate::DType,
     bits: u32,
     transpose: bool,
 ) -> Option<QmmFn> {
-    crate::with_float_type!(scales, S => select::<S>(out, bits, transpose), _ => None)
+    crate::with_float_type!(scales, S => select::<T, S>(out, bits, transpose), _ => None)
 }
 
-/// The AVX2 decode kernel (transpose only, 4- and 8-bit) for scales `scales`, output `out`
-/// and `bits`.
+/// The AVX2 decode kernel (transpose only) for scales `scales`, output `out` and `bits`.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn avx2(scales: crate::DType, out: crate::DType, bits: u32) -> Option<QmmFn> {
     use super::x86::qmv_t_avx2;
     crate::with_float_type!(scales, S => crate::with_float_type!(out, O => {
-        Some(match bits {
-            4 => qmv_t_avx2::<S, O, 4> as QmmFn,
-            8 => qmv_t_avx2::<S, O, 8> as QmmFn,
-            _ => return None,
-        })
+        Some(dispatch_bits!(bits, B => qmv_t_avx2::<S, O, B> as QmmFn, _ => return None))
     }, _ => None), _ => None)
 }
 

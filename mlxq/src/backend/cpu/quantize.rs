@@ -1,7 +1,7 @@
 //! CPU affine quantize: rows in parallel, each group through
 //! [`quantize_group`](crate::quant::affine::quantize_group), the definition itself.
 
-use super::{cast, cast_mut};
+use super::{cast, cast_mut, Tier};
 use crate::dtype::Float;
 use crate::error::Result;
 use crate::quant::affine::quantize_group;
@@ -24,7 +24,7 @@ pub(crate) type QuantizeFn = fn(QuantizeArgs<'_>) -> Result<()>;
 
 const OP: &str = "quantize";
 
-fn quantize_generic<T: Float, const BITS: usize>(a: QuantizeArgs<'_>) -> Result<()> {
+fn quantize_generic<Tr: Tier, T: Float, const BITS: usize>(a: QuantizeArgs<'_>) -> Result<()> {
     let w: &[T] = cast(OP, "w", a.w)?;
     let scales: &mut [T] = cast_mut(OP, "scales", a.scales)?;
     let biases: &mut [T] = cast_mut(OP, "biases", a.biases)?;
@@ -37,27 +37,33 @@ fn quantize_generic<T: Float, const BITS: usize>(a: QuantizeArgs<'_>) -> Result<
         .zip(scales.par_iter_mut().zip(biases.par_iter_mut()))
         .with_min_len(64)
         .for_each(|((wg, pg), (s, b))| {
-            let mut vals = [0f32; 128];
-            let mut codes = [0u8; 128];
-            for (v, &x) in vals.iter_mut().zip(wg) {
-                *v = x.to_f32();
-            }
-            let (scale, bias) = quantize_group(&vals[..g], BITS as u32, flavour, &mut codes[..g]);
-            *s = T::from_f32(scale);
-            *b = T::from_f32(bias);
-            for (c, out) in codes[..g].chunks_exact(8).zip(pg.chunks_exact_mut(BITS)) {
-                let c: &[u8; 8] = c.try_into().unwrap_or(&[0; 8]);
-                pack8::<BITS>(c, out);
-            }
+            Tr::run(
+                #[inline(always)]
+                || {
+                    let mut vals = [0f32; 128];
+                    let mut codes = [0u8; 128];
+                    for (v, &x) in vals.iter_mut().zip(wg) {
+                        *v = x.to_f32();
+                    }
+                    let (scale, bias) =
+                        quantize_group(&vals[..g], BITS as u32, flavour, &mut codes[..g]);
+                    *s = T::from_f32(scale);
+                    *b = T::from_f32(bias);
+                    for (c, out) in codes[..g].chunks_exact(8).zip(pg.chunks_exact_mut(BITS)) {
+                        let c: &[u8; 8] = c.try_into().unwrap_or(&[0; 8]);
+                        pack8::<BITS>(c, out);
+                    }
+                },
+            )
         });
     Ok(())
 }
 
-fn select<T: Float>(bits: u32) -> Option<QuantizeFn> {
-    Some(dispatch_bits!(bits, B => quantize_generic::<T, B> as QuantizeFn, _ => return None))
+fn select<Tr: Tier, T: Float>(bits: u32) -> Option<QuantizeFn> {
+    Some(dispatch_bits!(bits, B => quantize_generic::<Tr, T, B> as QuantizeFn, _ => return None))
 }
 
-/// The generic quantize kernel for input dtype `dtype` and `bits`.
-pub(crate) fn generic(dtype: crate::DType, bits: u32) -> Option<QuantizeFn> {
-    crate::with_float_type!(dtype, T => select::<T>(bits), _ => None)
+/// The portable quantize kernel for input dtype `dtype` and `bits`, compiled for tier `Tr`.
+pub(crate) fn generic<Tr: Tier>(dtype: crate::DType, bits: u32) -> Option<QuantizeFn> {
+    crate::with_float_type!(dtype, T => select::<Tr, T>(bits), _ => None)
 }

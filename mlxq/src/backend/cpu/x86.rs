@@ -14,9 +14,10 @@
 //!   into qword `c`, and `vpmultishiftqb` pulls code `j` of each chunk from bit `j·BITS` into
 //!   byte `j`, masked to `BITS` bits: element order, any width, three instructions.
 //!
-//! The same decode runs on CPUs with AVX2 and FMA but no AVX-512 (the `avx2` variant, 4- and
-//! 8-bit codes): 8 codes per `vpmovzxbd` of 8 bytes, four 8-wide FMAs per 32-code chunk and
-//! row, the same permuted x; only [`column`]'s SIMD differs ([`Isa`]).
+//! The same decode runs on CPUs with AVX2 and FMA but no AVX-512 (the `avx2` variant, every
+//! width): 8 codes per `vpmovzxbd` of 8 bytes (4- and 8-bit codes straight from W, other
+//! widths from [`x86_avx2::decode32`](super::x86_avx2::decode32)'s bytes), four 8-wide FMAs
+//! per 32-code chunk and row, the same permuted x; only [`column`]'s SIMD differs ([`Isa`]).
 //!
 //! Results equal the generic kernel's up to f32 summation order.
 
@@ -41,20 +42,20 @@ pub(crate) const QMV_T: super::Variant = super::Variant {
     build: |k| super::qmm::avx512(k.scales, k.output, k.bits).map(super::KernelFn::Qmm),
 };
 
-/// The AVX2 decode variant (CPUs without the AVX-512 kernels): `quantized_matmul` with
-/// transpose, 4- and 8-bit codes.
+/// The AVX2 variant (CPUs without the AVX-512 kernels): the decode kernel for
+/// `quantized_matmul` with transpose, every width; the portable kernels of every other op
+/// compiled for AVX2 and FMA ([`Avx2Fma`](super::Avx2Fma)).
 pub(crate) const QMV_T_AVX2: super::Variant = super::Variant {
     name: "avx2",
-    supports: |k| {
-        k.mode == crate::QuantMode::Affine
-            && k.op == crate::registry::OpKind::QuantizedMatmul
-            && k.flag
-            && matches!(k.bits, 4 | 8)
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-    },
+    supports: |k| k.mode == crate::QuantMode::Affine && super::x86_avx2::available(),
     decode: None,
-    build: |k| super::qmm::avx2(k.scales, k.output, k.bits).map(super::KernelFn::Qmm),
+    build: |k| {
+        if k.op == crate::registry::OpKind::QuantizedMatmul && k.flag {
+            super::qmm::avx2(k.scales, k.output, k.bits).map(super::KernelFn::Qmm)
+        } else {
+            super::portable::<super::Avx2Fma>(k)
+        }
+    },
 };
 
 /// Rows of x sharing one decoded chunk (AVX-512).
@@ -387,9 +388,9 @@ unsafe fn column<S: Float, const BITS: usize, const R: usize>(
     }
 }
 
-/// [`column`] on AVX2 and FMA, 4- and 8-bit codes: a 32-code chunk is four `vpmovzxbd` of
-/// 8 codes (8-bit) or two of 8 bytes split into low and high nibbles (4-bit, x permuted as
-/// for AVX-512), each against 8 elements of x; rows of fewer than 4 keep 2 or 4 independent
+/// [`column`] on AVX2 and FMA: a 32-code chunk is four `vpmovzxbd` of 8 codes (8-bit, and
+/// other widths after [`decode32`](super::x86_avx2::decode32)) or two of 8 bytes split into
+/// low and high nibbles (4-bit, x permuted as for AVX-512), each against 8 elements of x; rows of fewer than 4 keep 2 or 4 independent
 /// sums per row so the FMA chain does not wait on itself.
 ///
 /// # Safety
@@ -403,7 +404,7 @@ unsafe fn column_avx2<S: Float, const BITS: usize, const R: usize>(
     let groups = a.scales.len();
     let len = groups * g;
     let chunk_bytes = 4 * BITS;
-    if !matches!(BITS, 4 | 8) || !a.in_bounds::<BITS, R>() {
+    if !a.in_bounds::<BITS, R>() {
         return;
     }
     // Independent sums per row: 4 for one row, 2 for two, else 1.
@@ -428,7 +429,18 @@ unsafe fn column_avx2<S: Float, const BITS: usize, const R: usize>(
             // r·k + e + 32 ≤ (R − 1)·k + len ≤ xp.len() (both checked above).
             unsafe {
                 let p = pp.add(e / 32 * chunk_bytes);
-                let q = if BITS == 8 {
+                let q = if !matches!(BITS, 4 | 8) {
+                    // One byte per code (x86_avx2::decode32), widened 8 at a time.
+                    let v = super::x86_avx2::decode32::<BITS>(p);
+                    let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+                    let f = |b: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+                    [
+                        f(lo),
+                        f(_mm_srli_si128::<8>(lo)),
+                        f(hi),
+                        f(_mm_srli_si128::<8>(hi)),
+                    ]
+                } else if BITS == 8 {
                     let at = |o: usize| _mm_loadl_epi64(p.add(o) as *const __m128i);
                     [
                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(at(0))),

@@ -120,9 +120,9 @@ thread_local! {
 }
 
 /// Panel K-steps for a block of `len` values of K with groups of `g`: codes padded to whole
-/// chunks, then one row per group for the biases.
-fn steps(len: usize, g: usize) -> usize {
-    len.div_ceil(CHUNK) * CHUNK + len / g
+/// chunks of `chunk`, then one row per group for the biases.
+fn steps(len: usize, g: usize, chunk: usize) -> usize {
+    len.div_ceil(chunk) * chunk + len / g
 }
 
 /// Position `p` of a decoded chunk holds element `perm(p)` of that chunk.
@@ -139,7 +139,6 @@ fn perm(bits: usize, p: usize) -> usize {
 
 /// The kernel.
 fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>) -> Result<()> {
-    const OP: &str = "quantized_matmul";
     if a.m < MIN_M || (SMALL == SMALL_VNNI && a.m < MIN_M_VNNI) {
         return match SMALL {
             SMALL_VNNI => super::x86_vnni::qmm_t::<S, O, BITS>(a),
@@ -147,6 +146,140 @@ fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>)
             _ => super::x86::qmv_t::<S, O, BITS>(a),
         };
     }
+    // SAFETY: this variant is only chosen where `x86::available()` holds.
+    unsafe { gemm_t::<Avx512Gemm, S, O, BITS>(a) }
+}
+
+/// What the blocked GEMM needs from an instruction set: its tile sizes, and its three
+/// kernels (a tile's scales widened, the panel decode, the micro-kernel). The driver
+/// ([`gemm_t`]) is shared: AVX-512 here, AVX2 in [`x86_avx2`](super::x86_avx2).
+pub(crate) trait GemmIsa: 'static {
+    /// The variant's name, for errors.
+    const NAME: &'static str;
+    /// f32 lanes per vector.
+    const LANES: usize;
+    /// Column vectors per micro-kernel tile.
+    const CB: usize;
+    /// Rows of x per micro-kernel tile.
+    const R: usize;
+    /// Codes decoded per column at a time (32 or 64; a block's codes are padded to it).
+    const CHUNK: usize;
+    /// Columns per panel (and per task).
+    const NC: usize = Self::LANES * Self::CB;
+
+    /// `out[j·NC + c] = src[(c0 + c)·groups + j]` widened to f32 for every group `j` and the
+    /// tile's `cols` columns, zero past them; does nothing if a slice is too short.
+    ///
+    /// # Safety
+    /// The CPU has the instruction set.
+    unsafe fn widen_tile<S: Float>(
+        src: &[S],
+        groups: usize,
+        c0: usize,
+        cols: usize,
+        out: &mut [f32],
+    );
+
+    /// Decodes `src`'s codes into `panel` (`[K-step][NC]`, scaled by `sv`, `[group][NC]`);
+    /// does nothing if a slice is too short.
+    ///
+    /// # Safety
+    /// The CPU has the instruction set.
+    unsafe fn decode_panel<const BITS: usize>(src: &Panel<'_>, sv: &[f32], panel: &mut [f32]);
+
+    /// `c[rows][NC] (+)= x[rows][..kp] · panel[kp][NC]` over `cbs` column vectors (rows of
+    /// x `xs` apart); `c` starts from zero when `first`. Does nothing if a slice is short.
+    ///
+    /// # Safety
+    /// The CPU has the instruction set.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro(
+        rows: usize,
+        cbs: usize,
+        kp: usize,
+        x: &[f32],
+        xs: usize,
+        panel: &[f32],
+        c: &mut [f32],
+        first: bool,
+    );
+}
+
+/// AVX-512: 8 rows × 48 columns, 64-code chunks.
+struct Avx512Gemm;
+
+impl GemmIsa for Avx512Gemm {
+    const NAME: &'static str = "avx512gemm";
+    const LANES: usize = 16;
+    const CB: usize = CB;
+    const R: usize = R;
+    const CHUNK: usize = CHUNK;
+
+    unsafe fn widen_tile<S: Float>(
+        src: &[S],
+        groups: usize,
+        c0: usize,
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { widen_tile(src, groups, c0, cols, out) }
+    }
+
+    unsafe fn decode_panel<const BITS: usize>(src: &Panel<'_>, sv: &[f32], panel: &mut [f32]) {
+        // SAFETY: the caller's contract.
+        unsafe { decode_panel::<BITS>(src, sv, panel) }
+    }
+
+    unsafe fn micro(
+        rows: usize,
+        cbs: usize,
+        kp: usize,
+        x: &[f32],
+        xs: usize,
+        panel: &[f32],
+        c: &mut [f32],
+        first: bool,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { micro_dispatch(rows, cbs, kp, x, xs, panel, c, first) }
+    }
+}
+
+/// `out[j·NC + c] = src[(c0 + c)·groups + j]` as f32, one element at a time (a tile's
+/// groups × NC factors, against its K × NC codes: not worth vectorising where the
+/// instruction set has no masked loads); zero past `cols`. Does nothing if a slice is short.
+pub(crate) fn widen_tile_scalar<G: GemmIsa, S: Float>(
+    src: &[S],
+    groups: usize,
+    c0: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    if cols > G::NC || out.len() < groups * G::NC || src.len() < (c0 + cols) * groups {
+        return;
+    }
+    for j in 0..groups {
+        for c in 0..G::NC {
+            out[j * G::NC + c] = if c < cols {
+                src[(c0 + c) * groups + j].to_f32()
+            } else {
+                0.0
+            };
+        }
+    }
+}
+
+/// The blocked GEMM on instruction set `G` (every M; callers hand few rows to decode
+/// kernels first).
+///
+/// # Safety
+/// The CPU has `G`'s instruction set.
+pub(crate) unsafe fn gemm_t<G: GemmIsa, S: Float, O: Float, const BITS: usize>(
+    a: QmmArgs<'_>,
+) -> Result<()> {
+    const OP: &str = "quantized_matmul";
+    let (nc, chunk) = (G::NC, G::CHUNK);
     let w = a.w;
     let scales: &[S] = cast(OP, "scales", w.scales)?;
     let biases: &[S] = cast(OP, "biases", w.biases)?;
@@ -164,11 +297,14 @@ fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>)
     {
         return Err(crate::Error::unsupported(
             OP,
-            format!("avx512gemm on inconsistent sizes (m {m}, n {n}, k {k}, group {g})"),
+            format!(
+                "{} on inconsistent sizes (m {m}, n {n}, k {k}, group {g})",
+                G::NAME
+            ),
         ));
     }
     let blocks = k.div_ceil(KC);
-    let stride = steps(KC.min(k), g);
+    let stride = steps(KC.min(k), g, chunk);
     let mut xp = XPACK.with(|s| std::mem::take(&mut *s.borrow_mut()));
     xp.clear();
     xp.resize(blocks * m * stride, 0.0);
@@ -178,9 +314,9 @@ fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>)
         let k0 = b * KC;
         let len = KC.min(k - k0);
         let src = &a.x[r * k + k0..r * k + k0 + len];
-        let pad = len.div_ceil(CHUNK) * CHUNK;
+        let pad = len.div_ceil(chunk) * chunk;
         for (p, d) in dst[..pad].iter_mut().enumerate() {
-            let e = (p / CHUNK) * CHUNK + perm(BITS, p % CHUNK);
+            let e = (p / chunk) * chunk + perm(BITS, p % chunk);
             *d = if e < len { src[e] } else { 0.0 };
         }
         for (d, grp) in dst[pad..].iter_mut().zip(src.chunks_exact(g)) {
@@ -189,32 +325,32 @@ fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>)
     });
     let writer = DisjointOut::new(out);
     let xp_ref = &xp[..];
-    (0..n.div_ceil(NC)).into_par_iter().for_each(|t| {
+    (0..n.div_ceil(nc)).into_par_iter().for_each(|t| {
         TILE.with(|tile| {
             let mut tile = tile.borrow_mut();
             let (panel, acc, sv, bv) = &mut *tile;
-            panel.resize(stride * CB, Line([0; 64]));
-            acc.resize(m * CB, Line([0; 64]));
+            panel.resize((stride * nc).div_ceil(16), Line([0; 64]));
+            acc.resize((m * nc).div_ceil(16), Line([0; 64]));
             let panel: &mut [f32] = bytemuck::cast_slice_mut(&mut panel[..]);
             let acc: &mut [f32] = bytemuck::cast_slice_mut(&mut acc[..]);
-            sv.resize(groups * NC, 0.0);
-            bv.resize(groups * NC, 0.0);
-            let c0 = t * NC;
-            let cols = NC.min(n - c0);
+            sv.resize(groups * nc, 0.0);
+            bv.resize(groups * nc, 0.0);
+            let c0 = t * nc;
+            let cols = nc.min(n - c0);
             // The tile's scales and biases as f32, [group][column], zero past N.
-            // SAFETY: features checked by `supports`; `widen_tile` checks its slices.
+            // SAFETY: the caller guarantees the features; `widen_tile` checks its slices.
             unsafe {
-                widen_tile(scales, groups, c0, cols, sv);
-                widen_tile(biases, groups, c0, cols, bv);
+                G::widen_tile(scales, groups, c0, cols, sv);
+                G::widen_tile(biases, groups, c0, cols, bv);
             }
             for b in 0..blocks {
                 let k0 = b * KC;
                 let len = KC.min(k - k0);
-                let kp = steps(len, g);
+                let kp = steps(len, g, chunk);
                 let (g0, gb) = (k0 / g, len / g);
                 // The biases go into the panel's bias rows.
-                let pad = len.div_ceil(CHUNK) * CHUNK;
-                panel[pad * NC..(pad + gb) * NC].copy_from_slice(&bv[g0 * NC..(g0 + gb) * NC]);
+                let pad = len.div_ceil(chunk) * chunk;
+                panel[pad * nc..(pad + gb) * nc].copy_from_slice(&bv[g0 * nc..(g0 + gb) * nc]);
                 let src = Panel {
                     packed: w.packed,
                     row_bytes,
@@ -224,21 +360,21 @@ fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>)
                     len,
                     g,
                 };
-                // SAFETY: features checked by `supports`; `decode_panel` checks its slices.
-                unsafe { decode_panel::<BITS>(&src, &sv[g0 * NC..], panel) };
-                let cbs = cols.div_ceil(16);
-                for r0 in (0..m).step_by(R) {
-                    let rows = R.min(m - r0);
+                // SAFETY: the caller guarantees the features; `decode_panel` checks its slices.
+                unsafe { G::decode_panel::<BITS>(&src, &sv[g0 * nc..], panel) };
+                let cbs = cols.div_ceil(G::LANES);
+                for r0 in (0..m).step_by(G::R) {
+                    let rows = G::R.min(m - r0);
                     let x = &xp_ref[(b * m + r0) * stride..];
-                    let c = &mut acc[r0 * NC..(r0 + rows) * NC];
-                    // SAFETY: features checked by `supports`; `micro` checks its slices.
-                    unsafe { micro_dispatch(rows, cbs, kp, x, stride, panel, c, b == 0) };
+                    let c = &mut acc[r0 * nc..(r0 + rows) * nc];
+                    // SAFETY: the caller guarantees the features; `micro` checks its slices.
+                    unsafe { G::micro(rows, cbs, kp, x, stride, panel, c, b == 0) };
                 }
             }
             for r in 0..m {
                 for cc in 0..cols {
                     // SAFETY: task `t` alone owns columns c0..c0 + cols of every row.
-                    unsafe { writer.write(r * n + c0 + cc, O::from_f32(acc[r * NC + cc])) };
+                    unsafe { writer.write(r * n + c0 + cc, O::from_f32(acc[r * nc + cc])) };
                 }
             }
         })
@@ -249,14 +385,14 @@ fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>)
 
 /// Where one panel's codes come from: columns `col0..col0 + cols` of W, K values starting at
 /// byte `byte0` of each row, `len` of them.
-struct Panel<'a> {
-    packed: &'a [u8],
-    row_bytes: usize,
-    col0: usize,
-    cols: usize,
-    byte0: usize,
-    len: usize,
-    g: usize,
+pub(crate) struct Panel<'a> {
+    pub packed: &'a [u8],
+    pub row_bytes: usize,
+    pub col0: usize,
+    pub cols: usize,
+    pub byte0: usize,
+    pub len: usize,
+    pub g: usize,
 }
 
 /// 64 codes (or the first 32, the rest zero, when `half`) of one row at `p`, one per byte,

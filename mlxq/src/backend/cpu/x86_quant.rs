@@ -1155,7 +1155,8 @@ mod tests {
                 };
                 let mut want = vec![0u8; n];
                 run(
-                    super::super::quantize::generic(DType::F32, bits).expect("generic"),
+                    super::super::quantize::generic::<super::super::Baseline>(DType::F32, bits)
+                        .expect("generic"),
                     &mut want,
                 );
                 let f = quantize_kernel(DType::F32, bits).expect("a kernel for every width");
@@ -1416,7 +1417,10 @@ mod tests {
             for flavour in [Flavour::Gpu, Flavour::Cpu] {
                 for (name, f) in [
                     ("avx512", quantize_kernel(T::DTYPE, 4)),
-                    ("generic", super::super::quantize::generic(T::DTYPE, 4)),
+                    (
+                        "generic",
+                        super::super::quantize::generic::<super::super::Baseline>(T::DTYPE, 4),
+                    ),
                 ] {
                     let Some(f) = f else { continue };
                     let n = if name == "generic" { 1 } else { iters };
