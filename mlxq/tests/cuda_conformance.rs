@@ -441,12 +441,12 @@ fn tensor_core_matmul_matches_the_f64_reference() {
     assert_none("tensor-core quantized_matmul on CUDA", checked, failures);
 }
 
-/// The tiled prefill GEMMs, chosen where their tiles cover 3/4 of the SMs: on Hopper the wgmma
-/// kernels (`qmm_wg_256` for the cases with K a multiple of 128 and >= 102 tiles of 256
-/// tokens, `qmm_wg_128` and `qmm_wg_64` for the last three), elsewhere and for K = 64 or 192
-/// `qmm_tile_l`: both bit widths, every group, f16 and bf16, M and N off the tile sizes (odd N
-/// takes the scalar stores), NaN-poisoned outputs. Run with MLXQ_WS=1 for the warp-specialised
-/// `qmm_ws_*` tiles (TMA and mbarriers) in place of `qmm_wg_*`.
+/// The tiled prefill GEMMs, chosen where their tiles cover 3/4 of the SMs: on Hopper the
+/// warp-specialised wgmma kernels (`qmm_ws_256` for the cases with K a multiple of 128 and >=
+/// 102 tiles of 256 tokens, `qmm_ws_128` and `qmm_ws_64` for the last three; TMA and
+/// mbarriers), elsewhere and for K = 64 or 192 `qmm_tile_l`: both bit widths, every group, f16
+/// and bf16, M and N off the tile sizes (odd N takes the scalar stores), NaN-poisoned outputs.
+/// Run with MLXQ_WS=0 for the plain `qmm_wg_*` tiles in their place.
 #[test]
 fn tiled_prefill_matches_the_f64_reference() {
     let Some(dev) = gpu() else { return };

@@ -385,17 +385,17 @@ pub(crate) fn qmm(
         // On Hopper the wgmma tile (qmm_wg_g64), elsewhere (or K not a multiple of 128) the
         // 4-stage mma.sync tile (run 5, 512 tokens of 64 x 2048x2048 4-bit, sort included:
         // 332 µs against 406 for qmm_tc_g8 in run 4). MLXQ_TILE_G=g|g6 forces the mma.sync tile
-        // (4 or 6 stages), =wg the wgmma tile, =off restores qmm_tc_g8; MLXQ_WS=1 takes the
-        // warp-specialised qmm_ws_g64 (run 12: 309 µs against 218 at 512 tokens, 4-bit).
+        // (4 or 6 stages), =wg the wgmma tile, =off restores qmm_tc_g8, =ws the warp-specialised
+        // qmm_ws_g64 (runs 12 and 13: 309-312 µs against 218 at 512 tokens, 4-bit: its
+        // producer copies the pairs' x rows by cp.async, 16 per lane and step).
         let fits = |t: &&Tile| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]);
         let tile = match knob("MLXQ_TILE_G") {
             Some("off") => None,
             Some("g6") => Some(&TILES[5]),
             Some("g") => Some(&TILES[2]),
             Some("wg") => Some(&TILES[9]),
-            _ => Some(&TILES[if knob("MLXQ_WS") == Some("1") { 14 } else { 9 }])
-                .filter(fits)
-                .or(Some(&TILES[2])),
+            Some("ws") => Some(&TILES[14]),
+            _ => Some(&TILES[9]).filter(fits).or(Some(&TILES[2])),
         }
         .filter(fits);
         if let Some(t) = tile {
@@ -669,10 +669,12 @@ pub(crate) fn qmm(
     // 128 rows) is the narrowest holding M, or a narrower one where that leaves too few blocks
     // (run 8, 4-bit: 4096^3 317 µs against 553 for qmm_tile_l; 14336x4096 at M = 256: 81 µs
     // on 256-token tiles, 109 on 128; at M = 64: 44 on 64-token tiles, 171 on 256, 61 for
-    // qmm_tc_8). Elsewhere `qmm_tile_l` (256 tokens x 128 rows) from M = 256 (M = 64: 209 µs
-    // against 61 for qmm_tc_8; M = 256: 141 against 203). Otherwise the split-K qmm_tc_8.
+    // qmm_tc_8), in its warp-specialised form (`qmm_ws_*`, run 13: 4096^3 225 µs against 316,
+    // 8-bit 263 against 393), or the `qmm_wg_*` form where that does not fit. Elsewhere
+    // `qmm_tile_l` (256 tokens x 128 rows) from M = 256 (M = 64: 209 µs against 61 for
+    // qmm_tc_8; M = 256: 141 against 203). Otherwise the split-K qmm_tc_8.
     // MLXQ_TILE=off|l|m|l5|m6|wg256|wg128|wg64|ws256|ws256s5|ws128|ws64 overrides and
-    // MLXQ_WS=1 routes to the warp-specialised tiles (experiments).
+    // MLXQ_WS=0 routes to the `qmm_wg_*` tiles (experiments).
     if job.transpose
         && m > 16
         && entries == 1
@@ -701,23 +703,25 @@ pub(crate) fn qmm(
             Some("ws128") => Some(&TILES[12]),
             Some("ws64") => Some(&TILES[13]),
             _ => {
-                // The first wgmma tile to try: 64 tokens for M <= 64, 128 up to 128, else 256
-                // (the warp-specialised tiles with MLXQ_WS=1: an experiment, run 12).
+                // The first wgmma tile to try: 64 tokens for M <= 64, 128 up to 128, else 256;
+                // warp-specialised first (unless MLXQ_WS=0), then the plain wgmma tiles.
                 let first = match m {
                     0..=32 => None,
                     33..=64 => Some(2),
                     65..=128 => Some(1),
                     _ => Some(0),
                 };
-                let wg = if knob("MLXQ_WS") == Some("1") {
-                    WS_TILES
+                let ws: &[usize] = if knob("MLXQ_WS") == Some("0") {
+                    &[]
                 } else {
-                    WG_TILES
+                    &WS_TILES
                 };
                 first
                     .and_then(|i| {
-                        wg[i..]
-                            .iter()
+                        [ws, &WG_TILES]
+                            .into_iter()
+                            .filter_map(|set| set.get(i..))
+                            .flatten()
                             .map(|&j| &TILES[j])
                             .find(|t| fits(t) && full(t))
                     })
@@ -998,9 +1002,9 @@ const TILES: [Tile; 15] = [
 
 /// The wgmma tiles of [`TILES`] for one W matrix, widest token tile first.
 const WG_TILES: [usize; 3] = [6, 7, 8];
-/// The warp-specialised wgmma tiles of [`TILES`] for one W matrix, widest first: chosen with
-/// `MLXQ_WS=1` (not yet measured faster, docs/perf-cuda.md run 12); the 5-stage 256-token
-/// tile only with `MLXQ_TILE=ws256s5`.
+/// The warp-specialised wgmma tiles of [`TILES`] for one W matrix, widest first: the default
+/// on sm_90a (docs/perf-cuda.md run 13), [`WG_TILES`] with `MLXQ_WS=0`; the 5-stage
+/// 256-token tile only with `MLXQ_TILE=ws256s5` (run 13: no faster than 4 stages).
 const WS_TILES: [usize; 3] = [10, 12, 13];
 
 const fn ws_tile(entry: &'static str, bm: u64, stages: u64) -> Tile {
