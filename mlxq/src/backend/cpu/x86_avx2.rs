@@ -11,8 +11,10 @@
 //! codes, with neither BMI2 (`pdep` is microcoded on Zen 2) nor AVX-512's `vpmultishiftqb`.
 //!
 //! **GEMM** ([`Avx2Gemm`]): 16 ymm registers hold a 6-row × 16-column tile (12 accumulators,
-//! two panel vectors, one broadcast of x), so a task owns 16 columns; the panel is decoded
-//! 8 columns × 32 codes at a time through an 8×8 dword transpose.
+//! two panel vectors, one broadcast of x); a task owns 32 columns, run as two 16-column
+//! passes over the same 6 rows of x (L1-resident by the second), which halves the x traffic
+//! from L2/L3 against 16-column tasks; the panel is decoded 8 columns × 32 codes at a time
+//! through an 8×8 dword transpose.
 
 use super::qmm::QmmArgs;
 use super::x86_gemm::{GemmIsa, Panel};
@@ -178,6 +180,10 @@ impl GemmIsa for Avx2Gemm {
     const CB: usize = 2;
     const R: usize = 6;
     const CHUNK: usize = 32;
+    // 512 values of K per panel (33 KiB, L2): the f32 output tile is read and written once
+    // per panel, which at K = 128 evicted the panel from L1 and halved M = 512 (session 13,
+    // docs/perf.md).
+    const KC: usize = 512;
 
     unsafe fn widen_tile<S: Float>(
         src: &[S],
@@ -204,18 +210,25 @@ impl GemmIsa for Avx2Gemm {
         c: &mut [f32],
         first: bool,
     ) {
-        macro_rules! go {
-            ($($r:literal)*) => {
-                match (rows, cbs) {
-                    // SAFETY (every arm): the caller guarantees AVX2 and FMA; `micro` checks
-                    // its slices.
-                    $( ($r, 1) => unsafe { micro::<$r, 1>(kp, x, xs, panel, c, first) },
-                       ($r, _) => unsafe { micro::<$r, 2>(kp, x, xs, panel, c, first) }, )*
-                    _ => {}
-                }
+        // 16 columns at a time (the registers hold 6 × 16), over the same rows of x, which
+        // stay in L1 from one pass to the next.
+        for v in (0..cbs.min(Self::CB)).step_by(2) {
+            let (Some(panel), Some(c)) = (panel.get(v * 8..), c.get_mut(v * 8..)) else {
+                return;
             };
+            macro_rules! go {
+                ($($r:literal)*) => {
+                    match (rows, cbs - v) {
+                        // SAFETY (every arm): the caller guarantees AVX2 and FMA; `micro`
+                        // checks its slices.
+                        $( ($r, 1) => unsafe { micro::<$r, 1>(kp, x, xs, panel, c, first) },
+                           ($r, _) => unsafe { micro::<$r, 2>(kp, x, xs, panel, c, first) }, )*
+                        _ => {}
+                    }
+                };
+            }
+            go!(1 2 3 4 5 6);
         }
-        go!(1 2 3 4 5 6);
     }
 }
 
@@ -273,8 +286,9 @@ unsafe fn decode_panel<const BITS: usize>(src: &Panel<'_>, sv: &[f32], panel: &m
     }
 }
 
-/// `c[RR][NC] (+)= x[RR][..kp] · panel[kp][NC]` for the first `C` column vectors; `c` starts
-/// from zero when `first`. Does nothing if a slice is shorter than that needs.
+/// `c[RR][..8·C] (+)= x[RR][..kp] · panel[kp][..8·C]` (rows of `c` and of the panel NC
+/// apart); `c` starts from zero when `first`. Does nothing if a slice is shorter than that
+/// needs.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA.
@@ -287,7 +301,11 @@ unsafe fn micro<const RR: usize, const C: usize>(
     c: &mut [f32],
     first: bool,
 ) {
-    if kp == 0 || x.len() < (RR - 1) * xs + kp || panel.len() < kp * NC || c.len() < RR * NC {
+    if kp == 0
+        || x.len() < (RR - 1) * xs + kp
+        || panel.len() < (kp - 1) * NC + 8 * C
+        || c.len() < (RR - 1) * NC + 8 * C
+    {
         return;
     }
     let (xp, pp, cp) = (x.as_ptr(), panel.as_ptr(), c.as_mut_ptr());
@@ -295,13 +313,13 @@ unsafe fn micro<const RR: usize, const C: usize>(
     if !first {
         for (r, row) in acc.iter_mut().enumerate() {
             for (v, a) in row.iter_mut().enumerate() {
-                // SAFETY: r < RR rows of NC, v·8 + 8 ≤ NC (checked above).
+                // SAFETY: (r·NC + v·8 + 8) ≤ (RR − 1)·NC + 8·C ≤ c.len() (checked above).
                 *a = unsafe { _mm256_loadu_ps(cp.add(r * NC + v * 8)) };
             }
         }
     }
     for s in 0..kp {
-        // SAFETY: step s < kp of the panel (kp·NC checked) and of every row of x.
+        // SAFETY: s·NC + 8·C ≤ (kp − 1)·NC + 8·C ≤ panel.len(), r·xs + s < x.len() (checked).
         unsafe {
             let mut wv = [_mm256_setzero_ps(); C];
             for (v, wv) in wv.iter_mut().enumerate() {

@@ -164,6 +164,8 @@ pub(crate) trait GemmIsa: 'static {
     const R: usize;
     /// Codes decoded per column at a time (32 or 64; a block's codes are padded to it).
     const CHUNK: usize;
+    /// Values of K per panel: a multiple of every group size and of `CHUNK`.
+    const KC: usize;
     /// Columns per panel (and per task).
     const NC: usize = Self::LANES * Self::CB;
 
@@ -214,6 +216,7 @@ impl GemmIsa for Avx512Gemm {
     const CB: usize = CB;
     const R: usize = R;
     const CHUNK: usize = CHUNK;
+    const KC: usize = KC;
 
     unsafe fn widen_tile<S: Float>(
         src: &[S],
@@ -293,7 +296,7 @@ pub(crate) unsafe fn gemm_t<G: GemmIsa, S: Float, O: Float, const BITS: usize>(
         || scales.len() < n * groups
         || biases.len() < n * groups
         || !g.is_multiple_of(32)
-        || !KC.is_multiple_of(g)
+        || !G::KC.is_multiple_of(g)
     {
         return Err(crate::Error::unsupported(
             OP,
@@ -303,16 +306,16 @@ pub(crate) unsafe fn gemm_t<G: GemmIsa, S: Float, O: Float, const BITS: usize>(
             ),
         ));
     }
-    let blocks = k.div_ceil(KC);
-    let stride = steps(KC.min(k), g, chunk);
+    let blocks = k.div_ceil(G::KC);
+    let stride = steps(G::KC.min(k), g, chunk);
     let mut xp = XPACK.with(|s| std::mem::take(&mut *s.borrow_mut()));
     xp.clear();
     xp.resize(blocks * m * stride, 0.0);
     // Row `r` of block `b` at (b·m + r)·stride: codes' K order, zero padding, group sums.
     xp.par_chunks_mut(stride).enumerate().for_each(|(i, dst)| {
         let (b, r) = (i / m, i % m);
-        let k0 = b * KC;
-        let len = KC.min(k - k0);
+        let k0 = b * G::KC;
+        let len = G::KC.min(k - k0);
         let src = &a.x[r * k + k0..r * k + k0 + len];
         let pad = len.div_ceil(chunk) * chunk;
         for (p, d) in dst[..pad].iter_mut().enumerate() {
@@ -344,8 +347,8 @@ pub(crate) unsafe fn gemm_t<G: GemmIsa, S: Float, O: Float, const BITS: usize>(
                 G::widen_tile(biases, groups, c0, cols, bv);
             }
             for b in 0..blocks {
-                let k0 = b * KC;
-                let len = KC.min(k - k0);
+                let k0 = b * G::KC;
+                let len = G::KC.min(k - k0);
                 let kp = steps(len, g, chunk);
                 let (g0, gb) = (k0 / g, len / g);
                 // The biases go into the panel's bias rows.
