@@ -26,6 +26,10 @@
 //!
 //! Fewer than [`MIN_M`] rows take the decode kernels (`avx512vnni` where it applies,
 //! `avx512bf16` for other bf16 x, `avx512` otherwise), which stream W once with no panel.
+//!
+//! The driver ([`gemm_t`]) is generic over the instruction set ([`GemmIsa`]: tile sizes,
+//! scale widening, panel decode, micro-kernel); `avx2gemm` ([`x86_avx2`](super::x86_avx2))
+//! runs it with 6 × 16 tiles and panels of 512 values of K on CPUs without AVX-512.
 
 use super::qmm::QmmArgs;
 use super::{cast, cast_mut, DisjointOut, KernelFn, Variant};
