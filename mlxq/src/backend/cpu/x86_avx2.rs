@@ -11,10 +11,8 @@
 //! codes, with neither BMI2 (`pdep` is microcoded on Zen 2) nor AVX-512's `vpmultishiftqb`.
 //!
 //! **GEMM** ([`Avx2Gemm`]): 16 ymm registers hold a 6-row × 16-column tile (12 accumulators,
-//! two panel vectors, one broadcast of x); a task owns 32 columns, run as two 16-column
-//! passes over the same 6 rows of x (L1-resident by the second), which halves the x traffic
-//! from L2/L3 against 16-column tasks; the panel is decoded 8 columns × 32 codes at a time
-//! through an 8×8 dword transpose.
+//! two panel vectors, one broadcast of x), so a task owns 16 columns; panels of 512 values of
+//! K; the panel is decoded 8 columns × 32 codes at a time through an 8×8 dword transpose.
 
 use super::qmm::QmmArgs;
 use super::x86_gemm::{GemmIsa, Panel};
@@ -210,25 +208,18 @@ impl GemmIsa for Avx2Gemm {
         c: &mut [f32],
         first: bool,
     ) {
-        // 16 columns at a time (the registers hold 6 × 16), over the same rows of x, which
-        // stay in L1 from one pass to the next.
-        for v in (0..cbs.min(Self::CB)).step_by(2) {
-            let (Some(panel), Some(c)) = (panel.get(v * 8..), c.get_mut(v * 8..)) else {
-                return;
+        macro_rules! go {
+            ($($r:literal)*) => {
+                match (rows, cbs) {
+                    // SAFETY (every arm): the caller guarantees AVX2 and FMA; `micro` checks
+                    // its slices.
+                    $( ($r, 1) => unsafe { micro::<$r, 1>(kp, x, xs, panel, c, first) },
+                       ($r, _) => unsafe { micro::<$r, 2>(kp, x, xs, panel, c, first) }, )*
+                    _ => {}
+                }
             };
-            macro_rules! go {
-                ($($r:literal)*) => {
-                    match (rows, cbs - v) {
-                        // SAFETY (every arm): the caller guarantees AVX2 and FMA; `micro`
-                        // checks its slices.
-                        $( ($r, 1) => unsafe { micro::<$r, 1>(kp, x, xs, panel, c, first) },
-                           ($r, _) => unsafe { micro::<$r, 2>(kp, x, xs, panel, c, first) }, )*
-                        _ => {}
-                    }
-                };
-            }
-            go!(1 2 3 4 5 6);
         }
+        go!(1 2 3 4 5 6);
     }
 }
 
