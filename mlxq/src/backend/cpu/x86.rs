@@ -190,14 +190,17 @@ pub(crate) fn qmv_t_avx2<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) 
 trait Isa: Sync + 'static {
     /// Rows of x sharing one decoded chunk.
     const ROWS: usize;
+    /// Output columns one call takes when it has a single row of x (they share its loads).
+    const COLS: usize;
 
-    /// [`column`] on this instruction set.
+    /// [`column`] on this instruction set, for the `cols.len()` (≤ [`Isa::COLS`]) columns
+    /// `cols` (sharing x): `acc[c]` gets column `c`'s sums.
     ///
     /// # Safety
     /// The CPU must support the instruction set (the variant that runs it checked).
     unsafe fn column<S: Float, const BITS: usize, const R: usize>(
-        a: &Column<'_, S>,
-        acc: &mut [f32; MAX_ROWS],
+        cols: &[Column<'_, S>],
+        acc: &mut [[f32; MAX_ROWS]; MAX_COLS],
     );
 }
 
@@ -206,24 +209,38 @@ struct Avx2;
 
 impl Isa for Avx512 {
     const ROWS: usize = ROWS;
+    const COLS: usize = 1;
     unsafe fn column<S: Float, const BITS: usize, const R: usize>(
-        a: &Column<'_, S>,
-        acc: &mut [f32; MAX_ROWS],
+        cols: &[Column<'_, S>],
+        acc: &mut [[f32; MAX_ROWS]; MAX_COLS],
     ) {
-        // SAFETY: the caller's contract.
-        unsafe { column::<S, BITS, R>(a, acc) }
+        if let Some(a) = cols.first() {
+            // SAFETY: the caller's contract.
+            unsafe { column::<S, BITS, R>(a, &mut acc[0]) }
+        }
     }
 }
 
 impl Isa for Avx2 {
-    // 16 ymm registers: 4 rows of accumulators beside 4 decoded vectors.
+    // 16 ymm registers: 4 rows of accumulators beside 4 decoded vectors, or one row against
+    // two columns (each x load feeds both).
     const ROWS: usize = 4;
+    const COLS: usize = 2;
     unsafe fn column<S: Float, const BITS: usize, const R: usize>(
-        a: &Column<'_, S>,
-        acc: &mut [f32; MAX_ROWS],
+        cols: &[Column<'_, S>],
+        acc: &mut [[f32; MAX_ROWS]; MAX_COLS],
     ) {
-        // SAFETY: the caller's contract.
-        unsafe { column_avx2::<S, BITS, R>(a, acc) }
+        // SAFETY (both): the caller's contract.
+        match cols {
+            [a, b] if R == 1 => unsafe { column_avx2::<S, BITS, R, 2>([a, b], acc) },
+            _ => {
+                for (a, acc) in cols.iter().zip(acc.iter_mut()) {
+                    let mut one = [[0f32; MAX_ROWS]; MAX_COLS];
+                    unsafe { column_avx2::<S, BITS, R, 1>([a], &mut one) };
+                    *acc = one[0];
+                }
+            }
+        }
     }
 }
 
@@ -274,38 +291,51 @@ struct Kernel<'a, I, S, const BITS: usize> {
 
 impl<I: Isa, S: Float, const BITS: usize> Columns for Kernel<'_, I, S, BITS> {
     const ROWS: usize = I::ROWS;
-    const COLS: usize = 1;
+    const COLS: usize = I::COLS;
 
     unsafe fn columns<const R: usize>(
         &self,
         col: usize,
-        _count: usize,
+        count: usize,
         g0: usize,
         g1: usize,
         row0: usize,
         acc: &mut [[f32; MAX_ROWS]; MAX_COLS],
     ) {
         let (g, groups) = (self.w.g, self.w.groups);
-        let (Some((packed, scales, biases)), Some(xp), Some(xsum)) = (
-            self.w.row(col, g0, g1, BITS),
+        let (Some(xp), Some(xsum)) = (
             self.xp.get(row0 * self.k + g0 * g..),
             self.xsum.get(row0 * groups + g0..),
         ) else {
             return;
         };
-        let args = Column {
-            packed,
-            scales,
-            biases,
-            xp,
-            xsum,
-            k: self.k,
-            groups,
-            g,
-            row_bytes: self.w.row_bytes,
+        let column = |c: usize| {
+            let (packed, scales, biases) = self.w.row(col + c, g0, g1, BITS)?;
+            Some(Column {
+                packed,
+                scales,
+                biases,
+                xp,
+                xsum,
+                k: self.k,
+                groups,
+                g,
+                row_bytes: self.w.row_bytes,
+            })
         };
-        // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
-        unsafe { I::column::<S, BITS, R>(&args, &mut acc[0]) }
+        let (Some(a), b) = (column(0), (count > 1).then(|| column(1)).flatten()) else {
+            return;
+        };
+        let cols = match b {
+            Some(b) => [a, b],
+            None => {
+                // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
+                unsafe { I::column::<S, BITS, R>(std::slice::from_ref(&a), acc) };
+                return;
+            }
+        };
+        // SAFETY: as above.
+        unsafe { I::column::<S, BITS, R>(&cols, acc) }
     }
 }
 
@@ -388,98 +418,157 @@ unsafe fn column<S: Float, const BITS: usize, const R: usize>(
     }
 }
 
-/// [`column`] on AVX2 and FMA: a 32-code chunk is four `vpmovzxbd` of 8 codes (8-bit, and
-/// other widths after [`decode32`](super::x86_avx2::decode32)) or two of 8 bytes split into
-/// low and high nibbles (4-bit, x permuted as for AVX-512), each against 8 elements of x; rows of fewer than 4 keep 2 or 4 independent
-/// sums per row so the FMA chain does not wait on itself.
+/// [`column`] on AVX2 and FMA, for `C` (1 or 2) columns sharing x: a 32-code chunk is four
+/// `vpmovzxbd` of 8 codes (8-bit, and other widths after
+/// [`decode32`](super::x86_avx2::decode32)) or two of 8 bytes split into low and high nibbles
+/// (4-bit, x permuted as for AVX-512), each against 8 elements of x, each load of x used by
+/// every column; one row keeps 2 independent sums per column so the FMA chain does not wait on
+/// itself. Groups go in blocks of 8: their scales and biases are widened 8 at a time, each
+/// group's scale taken from that vector by one permute, and the bias term of all 8 is one FMA
+/// against the rows' Σx, so the work outside the inner loop is a few instructions per group.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn column_avx2<S: Float, const BITS: usize, const R: usize>(
-    a: &Column<'_, S>,
-    acc: &mut [f32; MAX_ROWS],
+/// The CPU must support AVX2, FMA and F16C ([`x86_avx2::available`](super::x86_avx2::available)).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn column_avx2<S: Float, const BITS: usize, const R: usize, const C: usize>(
+    cols: [&Column<'_, S>; C],
+    acc: &mut [[f32; MAX_ROWS]; MAX_COLS],
 ) {
+    use super::x86_avx2::widen8;
+    let a = cols[0];
     let (k, g) = (a.k, a.g);
     let groups = a.scales.len();
-    let len = groups * g;
     let chunk_bytes = 4 * BITS;
-    if !a.in_bounds::<BITS, R>() {
+    let group_bytes = g / 8 * BITS;
+    if C > MAX_COLS
+        || !cols
+            .iter()
+            .all(|c| c.scales.len() == groups && c.in_bounds::<BITS, R>())
+    {
         return;
     }
-    // Independent sums per row: 4 for one row, 2 for two, else 1.
-    let ways = if R == 1 {
-        4
-    } else if R == 2 {
-        2
-    } else {
-        1
-    };
-    let mut vacc = [_mm256_setzero_ps(); R];
-    let mut bacc = [0f32; R];
-    let (pp, xp) = (a.packed.as_ptr(), a.xp.as_ptr());
-    for j in 0..groups {
-        prefetch_w(pp, j * g / 8 * BITS, len / 8 * BITS, a.row_bytes, 1);
-        let s = _mm256_set1_ps(a.scales[j].to_f32());
-        let b = a.biases[j].to_f32();
-        let mut dots = [[_mm256_setzero_ps(); 4]; R];
-        for c in 0..g / 32 {
-            let e = j * g + c * 32;
-            // SAFETY: chunk e/32 < len/32, each `chunk_bytes` long, lies within `packed`, and
-            // r·k + e + 32 ≤ (R − 1)·k + len ≤ xp.len() (both checked above).
-            unsafe {
-                let p = pp.add(e / 32 * chunk_bytes);
-                let q = if !matches!(BITS, 4 | 8) {
-                    // One byte per code (x86_avx2::decode32), widened 8 at a time.
-                    let v = super::x86_avx2::decode32::<BITS>(p);
-                    let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-                    let f = |b: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-                    [
-                        f(lo),
-                        f(_mm_srli_si128::<8>(lo)),
-                        f(hi),
-                        f(_mm_srli_si128::<8>(hi)),
-                    ]
-                } else if BITS == 8 {
-                    let at = |o: usize| _mm_loadl_epi64(p.add(o) as *const __m128i);
-                    [
-                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(at(0))),
-                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(at(8))),
-                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(at(16))),
-                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(at(24))),
-                    ]
+    // Independent sums per row and column: 2 for one row, else 1.
+    let ways = if R == 1 { 2 } else { 1 };
+    let mut vacc = [[_mm256_setzero_ps(); R]; C];
+    let xp = a.xp.as_ptr();
+    for j0 in (0..groups).step_by(8) {
+        let nb = (groups - j0).min(8);
+        let mut sv = [_mm256_setzero_ps(); C];
+        for (c, col) in cols.iter().enumerate() {
+            for o in (0..nb * group_bytes).step_by(64) {
+                prefetch_w(
+                    col.packed.as_ptr(),
+                    j0 * group_bytes + o,
+                    groups * group_bytes,
+                    col.row_bytes,
+                    1,
+                );
+            }
+            // SAFETY: j0 + 8 ≤ groups = scales.len() ≤ biases.len() when nb is 8, and row r's
+            // sums r·groups_row + j0 + 8 ≤ xsum.len() (checked by `in_bounds`); shorter
+            // blocks go through zero-padded copies.
+            let bv = unsafe {
+                if nb == 8 {
+                    sv[c] = widen8(col.scales.as_ptr().add(j0));
+                    widen8(col.biases.as_ptr().add(j0))
                 } else {
-                    let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
-                    let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8) as *const __m128i));
-                    let m = _mm256_set1_epi32(0xF);
-                    [
-                        _mm256_cvtepi32_ps(_mm256_and_si256(v0, m)),
-                        _mm256_cvtepi32_ps(_mm256_and_si256(v1, m)),
-                        _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v0)),
-                        _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v1)),
-                    ]
+                    let mut sb = [S::from_f32(0.0); 8];
+                    let mut bb = [S::from_f32(0.0); 8];
+                    sb[..nb].copy_from_slice(&col.scales[j0..j0 + nb]);
+                    bb[..nb].copy_from_slice(&col.biases[j0..j0 + nb]);
+                    sv[c] = widen8(sb.as_ptr());
+                    widen8(bb.as_ptr())
+                }
+            };
+            for (r, v) in vacc[c].iter_mut().enumerate() {
+                let at = r * a.groups + j0;
+                // SAFETY: as above.
+                let xs = unsafe {
+                    if nb == 8 {
+                        _mm256_loadu_ps(a.xsum.as_ptr().add(at))
+                    } else {
+                        let mut xb = [0f32; 8];
+                        xb[..nb].copy_from_slice(&a.xsum[at..at + nb]);
+                        _mm256_loadu_ps(xb.as_ptr())
+                    }
                 };
-                for (r, d) in dots.iter_mut().enumerate() {
-                    let px = xp.add(r * k + e);
-                    for (i, &qi) in q.iter().enumerate() {
-                        let w = i % ways;
-                        d[w] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(px.add(8 * i)), d[w]);
+                // The bias term shares the accumulator: its lanes are summed at the end.
+                *v = _mm256_fmadd_ps(bv, xs, *v);
+            }
+        }
+        for jj in 0..nb {
+            let j = j0 + jj;
+            let pick = _mm256_set1_epi32(jj as i32);
+            let mut dots = [[[_mm256_setzero_ps(); 2]; R]; C];
+            for ch in 0..g / 32 {
+                let e = j * g + ch * 32;
+                // SAFETY: chunk e/32 < groups·g/32, each `chunk_bytes` long, lies within each
+                // column's `packed`, and r·k + e + 32 ≤ (R − 1)·k + groups·g ≤ xp.len() (both
+                // checked above).
+                unsafe {
+                    let q = cols.map(|col| {
+                        let p = col.packed.as_ptr().add(e / 32 * chunk_bytes);
+                        if !matches!(BITS, 4 | 8) {
+                            // One byte per code (x86_avx2::decode32), widened 8 at a time.
+                            let v = super::x86_avx2::decode32::<BITS>(p);
+                            let (lo, hi) =
+                                (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+                            let f = |b: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+                            [
+                                f(lo),
+                                f(_mm_srli_si128::<8>(lo)),
+                                f(hi),
+                                f(_mm_srli_si128::<8>(hi)),
+                            ]
+                        } else if BITS == 8 {
+                            let at = |o: usize| _mm_loadl_epi64(p.add(o) as *const __m128i);
+                            [
+                                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(at(0))),
+                                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(at(8))),
+                                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(at(16))),
+                                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(at(24))),
+                            ]
+                        } else {
+                            let at = |o: usize| {
+                                _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(o) as *const __m128i))
+                            };
+                            let (v0, v1) = (at(0), at(8));
+                            let m = _mm256_set1_epi32(0xF);
+                            [
+                                _mm256_cvtepi32_ps(_mm256_and_si256(v0, m)),
+                                _mm256_cvtepi32_ps(_mm256_and_si256(v1, m)),
+                                _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v0)),
+                                _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v1)),
+                            ]
+                        }
+                    });
+                    // dots is indexed [column][row]: by two loop variables.
+                    #[allow(clippy::needless_range_loop)]
+                    for r in 0..R {
+                        let px = xp.add(r * k + e);
+                        for i in 0..4 {
+                            let xv = _mm256_loadu_ps(px.add(8 * i));
+                            for c in 0..C {
+                                let d = &mut dots[c][r][i % ways];
+                                *d = _mm256_fmadd_ps(q[c][i], xv, *d);
+                            }
+                        }
                     }
                 }
             }
-        }
-        for r in 0..R {
-            let d = &dots[r];
-            let sum = _mm256_add_ps(_mm256_add_ps(d[0], d[1]), _mm256_add_ps(d[2], d[3]));
-            vacc[r] = _mm256_fmadd_ps(sum, s, vacc[r]);
-            bacc[r] += b * a.xsum[r * a.groups + j];
+            for c in 0..C {
+                let s = _mm256_permutevar8x32_ps(sv[c], pick);
+                for (v, d) in vacc[c].iter_mut().zip(&dots[c]) {
+                    *v = _mm256_fmadd_ps(_mm256_add_ps(d[0], d[1]), s, *v);
+                }
+            }
         }
     }
-    for r in 0..R {
-        let v = vacc[r];
-        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h));
-        acc[r] = _mm_cvtss_f32(h) + bacc[r];
+    for (acc, vacc) in acc.iter_mut().zip(&vacc) {
+        for (o, &v) in acc.iter_mut().zip(vacc) {
+            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            *o = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h)));
+        }
     }
 }

@@ -24,7 +24,28 @@ use std::arch::x86_64::*;
 
 /// Whether this CPU has AVX2 and FMA.
 pub(crate) fn available() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// 8 elements of `S` at `p`, widened to f32 (exactly: bf16 is the upper half of an f32).
+///
+/// # Safety
+/// `p` points to 8 readable elements; the CPU has [`available`]'s features.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn widen8<S: crate::dtype::Element>(p: *const S) -> __m256 {
+    // SAFETY: each load reads the 8 elements the caller vouches for.
+    unsafe {
+        match S::DTYPE {
+            crate::DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            crate::DType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+            )),
+            _ => _mm256_loadu_ps(p as *const f32),
+        }
+    }
 }
 
 /// The variant: `quantized_matmul`, transpose, every affine width, any x dtype; fewer than
