@@ -6,7 +6,7 @@
 //! cases instead). Each fixture test walks every CPU kernel variant
 //! ([`mlxq::backend::cpu::VARIANTS`]), configuration and case, collects every mismatch, and
 //! fails once with a report of all of them; it also checks that each variant's own kernel ran
-//! wherever this machine supports it. `avx512_matches_generic_bit_for_bit` compares the
+//! wherever this machine supports it. `avx512_matches_generic_bit_for_bit` and `avx2_…` compare the fast
 //! variants with each other on random and adversarial groups (ties, constants, huge, tiny,
 //! non-finite), for every width, group size, dtype and flavour.
 
@@ -721,16 +721,15 @@ fn first_group_differing(a: &Buffer, b: &Buffer, per_group: usize) -> Option<usi
         .find(|&i| a[i * per_group..(i + 1) * per_group] != b[i * per_group..(i + 1) * per_group])
 }
 
-/// The avx512 kernels give the generic kernels' bytes exactly: quantize (packed, scales,
+/// The fast kernels give the generic kernels' bytes exactly: quantize (packed, scales,
 /// biases) for every width, group size, input dtype and flavour on adversarial groups, and
-/// dequantize of the result to every output dtype. Also checks that the avx512 kernel ran
+/// dequantize of the result to every output dtype. Also checks that `variant`'s kernel ran
 /// wherever this machine supports it (else this compares generic with itself and says so).
-#[test]
-fn avx512_matches_generic_bit_for_bit() {
-    let mut rng = StdRng::seed_from_u64(0x5eed_a512);
+fn matches_generic_bit_for_bit(variant: &str, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
     let mut failures = Vec::new();
     let mut checked = 0;
-    let mut ran_avx512 = 0;
+    let mut ran_variant = 0;
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for bits in [1u32, 2, 3, 4, 5, 6, 8] {
             for g in [32usize, 64, 128] {
@@ -742,14 +741,15 @@ fn avx512_matches_generic_bit_for_bit() {
                 for flavour in [Flavour::Cpu, Flavour::Gpu] {
                     let ctx = format!("{dtype} {spec} {flavour}");
                     checked += 1;
-                    let mut fast = variant_enc("avx512");
+                    let mut fast = variant_enc(variant);
                     let got = ops::quantize(&mut fast, &w, spec, flavour).unwrap();
                     let k = key(OpKind::Quantize, spec, dtype, DType::U32, flavour);
-                    if let Some(e) = wrong_kernel(&fast, "avx512", &k) {
+                    if let Some(e) = wrong_kernel(&fast, variant, &k) {
                         failures.push(format!("{ctx}: quantize {e}"));
                     }
-                    ran_avx512 +=
-                        usize::from(fast.last_kernel().is_some_and(|n| n.ends_with("_avx512")));
+                    let suffix = format!("_{variant}");
+                    ran_variant +=
+                        usize::from(fast.last_kernel().is_some_and(|n| n.ends_with(&suffix)));
                     let want =
                         ops::quantize(&mut variant_enc("generic"), &w, spec, flavour).unwrap();
                     let scale_bytes = dtype.size();
@@ -783,7 +783,7 @@ fn avx512_matches_generic_bit_for_bit() {
                             dtype: out,
                             flavour,
                         };
-                        let mut fast = variant_enc("avx512");
+                        let mut fast = variant_enc(variant);
                         let got = ops::dequantize(&mut fast, &want, opts).unwrap();
                         let k = key(
                             OpKind::Dequantize,
@@ -792,7 +792,7 @@ fn avx512_matches_generic_bit_for_bit() {
                             out.unwrap_or(dtype),
                             flavour,
                         );
-                        if let Some(e) = wrong_kernel(&fast, "avx512", &k) {
+                        if let Some(e) = wrong_kernel(&fast, variant, &k) {
                             failures.push(format!("{ctx} -> {out:?}: dequantize {e}"));
                         }
                         let expect =
@@ -809,10 +809,20 @@ fn avx512_matches_generic_bit_for_bit() {
             }
         }
     }
-    if ran_avx512 == 0 {
-        eprintln!("avx512 kernels not supported here: compared generic with itself");
+    if ran_variant == 0 {
+        eprintln!("{variant} kernels not supported here: compared generic with itself");
     }
-    assert_none("avx512 vs generic", checked, failures);
+    assert_none(&format!("{variant} vs generic"), checked, failures);
+}
+
+#[test]
+fn avx512_matches_generic_bit_for_bit() {
+    matches_generic_bit_for_bit("avx512", 0x5eed_a512);
+}
+
+#[test]
+fn avx2_matches_generic_bit_for_bit() {
+    matches_generic_bit_for_bit("avx2", 0x5eed_a200);
 }
 
 /// The first element where `got` differs from `want`, counting any NaN equal to any NaN.

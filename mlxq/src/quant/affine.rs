@@ -41,7 +41,21 @@ pub fn quantize_group(w: &[f32], bits: u32, flavour: Flavour, codes: &mut [u8]) 
             mx = v;
         }
     }
-    let (scale, bias) = if bits == 1 {
+    let (scale, bias) = group_params(mn, mx, bits, flavour);
+    for (c, &v) in codes.iter_mut().zip(w) {
+        // A true division with the unrounded scale and bias, as MLX does.
+        *c = round((v - bias) / scale, flavour).clamp(0.0, n) as u8;
+    }
+    (scale, bias)
+}
+
+/// The scale and bias of a group whose minimum is `mn` and maximum `mx`, found as
+/// [`quantize_group`] finds them (its definition: faster paths that find the extremes their
+/// own way share it).
+#[inline(always)]
+pub fn group_params(mn: f32, mx: f32, bits: u32, flavour: Flavour) -> (f32, f32) {
+    let n = ((1u32 << bits) - 1) as f32;
+    if bits == 1 {
         ((mx - mn).max(EPS), mn)
     } else {
         let s = ((mx - mn) / n).max(EPS);
@@ -57,12 +71,7 @@ pub fn quantize_group(w: &[f32], bits: u32, flavour: Flavour, codes: &mut [u8]) 
         } else {
             (s, 0.0)
         }
-    };
-    for (c, &v) in codes.iter_mut().zip(w) {
-        // A true division with the unrounded scale and bias, as MLX does.
-        *c = round((v - bias) / scale, flavour).clamp(0.0, n) as u8;
     }
-    (scale, bias)
 }
 
 /// Dequantizes one code with a stored scale and bias, rounding to `T` as `flavour` does:

@@ -14,6 +14,8 @@ pub(crate) mod x86;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_avx2_quant;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_bf16;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_columns;
