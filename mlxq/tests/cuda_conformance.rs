@@ -547,6 +547,9 @@ fn many_token_decode_matches_the_f64_reference() {
                 (136, 14336),
                 (77, 512),
                 (8500, 512),
+                // N >= 8192 and K a multiple of 4 consumers' batches: `qmv_decb`'s 4-consumer
+                // tiles (4-bit M = 5..8 on two n-tiles), with a partial last row tile.
+                (8200, 1024),
             ] {
                 checked += 1;
                 if let Some(f) = check_matmul(

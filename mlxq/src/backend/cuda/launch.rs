@@ -1328,12 +1328,13 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 /// `strides` the bytes between matrices of W and of scales.
 ///
 /// The measured rule (run 11, H200, `docs/perf-cuda.md`), dense calls: 8-bit for every M it
-/// serves (M * slots <= 8: up to 8 tokens at groups of 64; 8x14336x4096 36 µs against 56 on
+/// serves in one n-tile (M * slots <= 8: up to 8 tokens at groups of 64; 8x14336x4096 36 µs against 56 on
 /// qmv_tc), with 8 consumer warps and a 2-stage ring (4 stages where the row tiles do not fill
 /// the SMs once); 4-bit M <= 4 where N >= 8192 with 4 consumer warps and 3 stages
 /// (14336x4096: 12.8 µs against 14.9 on qmv_decr), and where N is small enough that the row
 /// tiles do not fill the SMs or M >= 3 as for 8-bit (4x4096x4096: 8.1 µs against 22.4 on
-/// qmv_decm).
+/// qmv_decm); two n-tiles (run 14) only where measured, 4-bit group 64 M = 5..8, as M <= 4
+/// (8x14336x4096 28.4 µs against 37.8). MLXQ_DECB_T2=0 leaves those to the older kernels.
 /// Elsewhere (4-bit, 2048 < N < 8192, M <= 2) qmv_decr stays faster (4096x14336: 15.5 µs
 /// against 17.8). MLXQ_DECB=1 takes it wherever it can serve (gathers and M up to 8 / slots
 /// included), =0 never; MLXQ_DECB_NC=4|8 and MLXQ_DECB_NS set its consumer warps and ring
@@ -1362,11 +1363,21 @@ fn decb_pick(
     let batch_codes = super::dec_steps() * qc;
     let dsb = batch_codes / group.max(1) * ssize;
     let few_tiles = ndim.div_ceil(16) <= u64::from(dev.multiprocessors());
+    // n-tiles of 8 columns (token, slot): two serve 4-bit M = 5..8 at group 64 (and, forced
+    // by MLXQ_DECB=1, up to 16 columns of any width and group), each decoded weight fragment
+    // feeding both.
+    let nt = (m * slots).div_ceil(8);
+    if nt == 2 && knob("MLXQ_DECB_T2") == Some("0") {
+        return None;
+    }
     let (nc, ns) = match bits {
         _ if everywhere => (8, if few_tiles { 4 } else { 2 }),
-        8 if !gather => (8, if few_tiles { 4 } else { 2 }),
+        _ if nt > 1 && slots != 2 => return None,
+        8 if !gather && nt == 1 => (8, if few_tiles { 4 } else { 2 }),
         4 if !gather && m <= 4 && ndim >= 8192 => (4, 3),
         4 if !gather && m <= 4 && (few_tiles || m >= 3) => (8, if few_tiles { 4 } else { 2 }),
+        4 if !gather && nt == 2 && ndim >= 8192 => (4, 3),
+        4 if !gather && nt == 2 => (8, if few_tiles { 4 } else { 2 }),
         _ => return None,
     };
     let nc = match knob("MLXQ_DECB_NC").and_then(|v| v.parse::<u64>().ok()) {
@@ -1375,7 +1386,7 @@ fn decb_pick(
     };
     if dev.arch() < 90
         || !matches!(bits, 4 | 8)
-        || m * slots > 8
+        || !(1..=2).contains(&nt)
         || group > batch_codes
         || !batch_codes.is_multiple_of(group)
         || !matches!(dsb, 4 | 8 | 16)
@@ -1389,13 +1400,16 @@ fn decb_pick(
     let ns = knob("MLXQ_DECB_NS")
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(ns);
-    let entry = match (nc, ns) {
-        (4, 3) => "qmv_decb_4_3",
-        (4, 4) => "qmv_decb_4_4",
-        (4, 6) => "qmv_decb_4_6",
-        (8, 2) => "qmv_decb_8_2",
-        (8, 3) => "qmv_decb_8_3",
-        (8, 4) => "qmv_decb_8_4",
+    let entry = match (nc, ns, nt) {
+        (4, 3, 1) => "qmv_decb_4_3",
+        (4, 4, 1) => "qmv_decb_4_4",
+        (4, 6, 1) => "qmv_decb_4_6",
+        (8, 2, 1) => "qmv_decb_8_2",
+        (8, 3, 1) => "qmv_decb_8_3",
+        (8, 4, 1) => "qmv_decb_8_4",
+        (4, 3, 2) => "qmv_decb_4_3_t2",
+        (8, 2, 2) => "qmv_decb_8_2_t2",
+        (8, 4, 2) => "qmv_decb_8_4_t2",
         _ => return None,
     };
     // Shared memory: the mbarriers (128 bytes), NS stages of 16 rows of codes (+ 64 bytes of
@@ -1412,7 +1426,7 @@ fn decb_pick(
 }
 
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 15] = [
+const KNOBS: [&str; 16] = [
     "MLXQ_GATHER_SORT_OFF",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
@@ -1427,6 +1441,7 @@ const KNOBS: [&str; 15] = [
     "MLXQ_DECB",
     "MLXQ_DECB_NC",
     "MLXQ_DECB_NS",
+    "MLXQ_DECB_T2",
     "MLXQ_WS",
 ];
 

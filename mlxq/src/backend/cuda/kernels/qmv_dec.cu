@@ -324,21 +324,75 @@ __device__ __forceinline__ void dec_batch(const DecBatch& L, u32 ba, u32 bstep, 
     }
 }
 
-// This lane's B column: token g / DSLOTS of slot g % DSLOTS, from the lanes of that slot, x
+// dec_batch for NT (> 1) n-tiles sharing each decoded A fragment (qmv_decb past 8 / DSLOTS
+// tokens): y[j][row][column] for n-tile j, whose B fragments of step u are at ba[j] + u *
+// bstep[j] and the group sums of x of the lane's two columns at sa[j][0], sa[j][1] (+ 4 per
+// group). Each step's shared values are loaded as the step comes (registers); one n-tile keeps
+// dec_batch itself, which loads the whole batch first (this template at NT = 1 measured 3%
+// slower at 8-bit M = 1, run 14).
+template <int NT>
+__device__ __forceinline__ void dec_batch_n(const DecBatch& L, const u32 (&ba)[NT],
+                                            const u32 (&bstep)[NT], const u32 (&sa)[NT][2], u32 t,
+                                            float (&y)[NT][2][2]) {
+    constexpr int GPS = DSLOTS > 1 ? DSLOTS : 0;  // groups per step (0: DQC / GROUP below)
+#pragma unroll
+    for (int u = 0; u < DSU; u++) {
+        constexpr int gs = GPS;
+        const u32 goff = gs ? 4 * u * gs : 4 * (u * DQC / GROUP);
+        uint4 bv[NT][4];
+        float sxv[NT][2], acc[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) bv[j][i] = lds128(ba[j] + u * bstep[j] + 16 * i);
+            sxv[j][0] = lds32f(sa[j][0] + goff);
+            sxv[j][1] = lds32f(sa[j][1] + goff);
+            acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+        }
+#pragma unroll
+        for (int wd = 0; wd < 4; wd++) {
+            u32 a0[4], a1[4];
+            dec_word(dec_word_of(L.q[u][0], wd), a0);
+            dec_word(dec_word_of(L.q[u][1], wd), a1);
+            const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
+            const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                mma(acc[j], f0, bv[j][wd].x, bv[j][wd].y);
+                mma(acc[j], f1, bv[j][wd].z, bv[j][wd].w);
+            }
+        }
+#pragma unroll
+        for (int ci = 0; ci < 2; ci++) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                float sc, bi;
+                dec_scale(L, h, u, ci, t, sc, bi);
+                const float off = fmaf(-DOFF, sc, bi);
+#pragma unroll
+                for (int j = 0; j < NT; j++)
+                    y[j][h][ci] = fmaf(sc, acc[j][2 * h + ci], fmaf(off, sxv[j][ci], y[j][h][ci]));
+            }
+        }
+    }
+}
+
+// This lane's B column (of the n-tile whose tokens start at m0): token m0 + g / DSLOTS of slot
+// g % DSLOTS, from the lanes of that slot, x
 // of its first batch b0 at bbase (bstep bytes per step: 4 chunks of 64); the other lanes read
 // the zero block (stride 0). Its accumulator columns 2t, 2t + 1 are (token, slot) = (c /
 // DSLOTS, c % DSLOTS): tokens tok, the sum of x of that slot's group at step u of batch b0 at
 // sxa[ci] + 4 * u * (groups per step). Shared addresses are 32-bit.
 __device__ __forceinline__ void dec_lane(u32 g, u32 t, u32 M, u32 C, u32 G, u32 b0, const uint4* xs,
                                          const float* sx, const uint4* zero, u32& bstep, u32& bbase,
-                                         u32 (&tok)[2], u32 (&sxa)[2]) {
-    const u32 bm = g / DSLOTS;
+                                         u32 (&tok)[2], u32 (&sxa)[2], u32 m0 = 0) {
+    const u32 bm = m0 + g / DSLOTS;
     const bool bact = g % DSLOTS == t / DLPS && bm < M;
     bstep = bact ? 256 : 0;
     bbase = bact ? smem_addr(xs) + (bm * C + t) * 64 + b0 * DSU * 256 : smem_addr(zero);
 #pragma unroll
     for (int ci = 0; ci < 2; ci++) {
-        tok[ci] = (2 * t + ci) / DSLOTS;
+        tok[ci] = m0 + (2 * t + ci) / DSLOTS;
         const u32 slot = (2 * t + ci) % DSLOTS;
         sxa[ci] = smem_addr(sx) + 4 * (min(tok[ci], M - 1) * G + b0 * DNSB + slot);
     }

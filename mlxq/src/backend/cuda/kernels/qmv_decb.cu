@@ -1,4 +1,4 @@
-// qmv_decb: decode (M * DSLOTS <= 8 rows of x, transpose = true, 4- and 8-bit codes) with W
+// qmv_decb: decode (M * DSLOTS <= 8 * NT rows of x, transpose = true, 4- and 8-bit codes) with W
 // streamed by the copy engine (sm_90: cp.async.bulk), after qmv_dec.cu (its batch arithmetic,
 // dec_batch, and its x staging, dec_stage_x).
 //
@@ -9,7 +9,8 @@
 // copy); it completes on the stage's `full` mbarrier, by its transaction bytes and the
 // producer lanes' cp.async arrivals. Consumer warp w (of NC) runs batch w of each stage (batch
 // NC * s + w of the row) through dec_batch and releases the stage on its `empty` mbarrier; at
-// the end of a tile the consumers add their partial sums (as qmv_dec's K-split warps).
+// the end of a tile the consumers add their partial sums (as qmv_dec's K-split warps). NT
+// n-tiles (of 8 / DSLOTS tokens each) share every decoded A fragment (as qmv_decm's).
 //
 // Bytes in flight cost no registers and no instructions here: up to NS stages per block,
 // against qmv_decr's RS - 1 batches per warp. Rows of a stage lie RSR = codes + 64 bytes
@@ -49,7 +50,7 @@ __device__ __forceinline__ void cp_arrive(u32 bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
 }
 
-template <int NC, int NS>
+template <int NC, int NS, int NT>
 __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                               const ST* __restrict__ scales,
                                               const ST* __restrict__ biases, OT* __restrict__ out,
@@ -88,10 +89,14 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncthreads();
 
-    // Consumer lane: its B column and group sums of x (as qmv_dec with ILV: its batch of stage
-    // s is batch NC * s + warp of the row).
-    u32 bstep, bbase, tok[2], sxa[2];
-    dec_lane(g, t, M, C, G, warp, xs, sx, zero, bstep, bbase, tok, sxa);
+    // Consumer lane: its B column and group sums of x in each n-tile (as qmv_dec with ILV:
+    // its batch of stage s is batch NC * s + warp of the row); n-tile j holds tokens from
+    // j * TPT.
+    constexpr u32 TPT = 8 / DSLOTS;
+    u32 bstep[NT], bbase[NT], tok[NT][2], sxa[NT][2];
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+        dec_lane(g, t, M, C, G, warp, xs, sx, zero, bstep[j], bbase[j], tok[j], sxa[j], j * TPT);
 
     u64 entries = 1;
     for (u32 d = 0; d < bt.ndim; d++) entries *= bt.dims[d];
@@ -146,8 +151,15 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
             u32 q = 0;
             for (u32 tile = 0; tile < my_tiles; tile++) {
                 const u64 n0 = ((u64)blockIdx.x + (u64)tile * gridDim.x) * 16;
-                float y[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-                u32 ba = bbase, sa0 = sxa[0], sa1 = sxa[1];
+                float y[NT][2][2];
+                u32 ba[NT], sa[NT][2];
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    y[j][0][0] = y[j][0][1] = y[j][1][0] = y[j][1][1] = 0.0f;
+                    ba[j] = bbase[j];
+                    sa[j][0] = sxa[j][0];
+                    sa[j][1] = sxa[j][1];
+                }
                 for (u32 ks = 0; ok && ks < SPT; ks++, q++) {
                     const u32 jj = j + q, slot = jj % NS;
                     mbar_wait(full(slot), (jj / NS) & 1);
@@ -169,15 +181,28 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                     }
                     __syncwarp();
                     if (lane == 0) mbar_arrive(empty(slot));
-                    dec_batch(L, ba, bstep, sa0, sa1, t, y);
-                    ba += DSU * bstep * NC;
-                    sa0 += 4 * DNSB * NC;
-                    sa1 += 4 * DNSB * NC;
+                    if constexpr (NT == 1)
+                        dec_batch(L, ba[0], bstep[0], sa[0][0], sa[0][1], t, y[0]);
+                    else
+                        dec_batch_n<NT>(L, ba, bstep, sa, t, y);
+#pragma unroll
+                    for (int j = 0; j < NT; j++) {
+                        ba[j] += DSU * bstep[j] * NC;
+                        sa[j][0] += 4 * DNSB * NC;
+                        sa[j][1] += 4 * DNSB * NC;
+                    }
                 }
-                // The consumers' partial sums of this tile (the producer is not waited for).
-                dec_tile_sums<NC>(y, red, warp, g, t, tok, M, N, n0, ok, out + e * out_stride,
-                                  threadIdx.x, NC * 32,
-                                  [] { asm volatile("bar.sync 1, %0;" ::"n"(NC * 32) : "memory"); });
+                // The consumers' partial sums of this tile (the producer is not waited for),
+                // one n-tile at a time: its tokens m0.. as rows 0.. of the output from row m0.
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    const u32 m0 = j * TPT;
+                    if (m0 >= M) break;  // uniform
+                    const u32 rel[2] = {tok[j][0] - m0, tok[j][1] - m0};
+                    dec_tile_sums<NC>(y[j], red, warp, g, t, rel, min(M - m0, TPT), N, n0, ok,
+                                      out + e * out_stride + (u64)m0 * N, threadIdx.x, NC * 32,
+                                      [] { asm volatile("bar.sync 1, %0;" ::"n"(NC * 32) : "memory"); });
+                }
             }
         }
         j += total;
@@ -186,23 +211,27 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
 #endif
 
 #if DECB_OK
-#define QMV_DECB(NAME, NC, NS)                                                                \
+#define QMV_DECB(NAME, NC, NS, NT)                                                            \
     extern "C" __global__ void __launch_bounds__((NC + 1) * 32, 1) NAME(                      \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
         const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u64 N, u64 K,             \
         u64 x_stride, u64 w_stride, u64 s_stride, u64 out_stride, Batch bt) {                 \
         if constexpr (RING_OK && (NC * DSB) % 16 == 0)                                        \
-            qmv_decb_impl<NC, NS>(x, w, scales, biases, out, M, N, K, x_stride, w_stride,      \
-                                  s_stride, out_stride, bt);                                  \
+            qmv_decb_impl<NC, NS, NT>(x, w, scales, biases, out, M, N, K, x_stride, w_stride,  \
+                                      s_stride, out_stride, bt);                              \
     }
 #else
-#define QMV_DECB(NAME, NC, NS)                                                                \
+#define QMV_DECB(NAME, NC, NS, NT)                                                            \
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32,    \
                                     u64, u64, u64, u64, u64, u64, Batch) {}
 #endif
-QMV_DECB(qmv_decb_4_3, 4, 3)
-QMV_DECB(qmv_decb_4_4, 4, 4)
-QMV_DECB(qmv_decb_4_6, 4, 6)
-QMV_DECB(qmv_decb_8_2, 8, 2)
-QMV_DECB(qmv_decb_8_3, 8, 3)
-QMV_DECB(qmv_decb_8_4, 8, 4)
+QMV_DECB(qmv_decb_4_3, 4, 3, 1)
+QMV_DECB(qmv_decb_4_4, 4, 4, 1)
+QMV_DECB(qmv_decb_4_6, 4, 6, 1)
+QMV_DECB(qmv_decb_8_2, 8, 2, 1)
+QMV_DECB(qmv_decb_8_3, 8, 3, 1)
+QMV_DECB(qmv_decb_8_4, 8, 4, 1)
+// Two n-tiles: up to 16 / DSLOTS tokens (4-bit group 64: 5-8; 8-bit: 9-16).
+QMV_DECB(qmv_decb_4_3_t2, 4, 3, 2)
+QMV_DECB(qmv_decb_8_2_t2, 8, 2, 2)
+QMV_DECB(qmv_decb_8_4_t2, 8, 4, 2)
