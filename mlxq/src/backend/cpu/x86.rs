@@ -237,7 +237,8 @@ impl Isa for Avx2 {
     ) {
         // SAFETY (both): the caller's contract.
         match cols {
-            [a, b] if R == 1 => unsafe { column_avx2::<S, BITS, R, 2>([a, b], acc) },
+            // R spelled 1: the two-column body is compiled once, not for every R.
+            [a, b] if R == 1 => unsafe { column_avx2::<S, BITS, 1, 2>([a, b], acc) },
             _ => {
                 for (a, acc) in cols.iter().zip(acc.iter_mut()) {
                     let mut one = [[0f32; MAX_ROWS]; MAX_COLS];
