@@ -25,6 +25,7 @@ const MS: [usize; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 16, 17];
 fn decode_kernels_exact_on_integer_data_every_width_and_superblock_path() {
     let mut rng = StdRng::seed_from_u64(7);
     for variant in [
+        "amx",
         "avx512vnni",
         "avx512gemm",
         "avx512bf16",

@@ -95,7 +95,7 @@ fn matmul_sweep_bits_groups_dtypes_transposes_and_odd_shapes() {
         // The blocked GEMMs take over from 8 rows (17 where `avx512vnni` applies; 6 on
         // AVX2): rows around their 8- (6-) row tiles, around the hand-over and past whole
         // tiles; fewer rows run the decode kernels under their name.
-        let ms: &[usize] = if *variant == "avx512gemm" {
+        let ms: &[usize] = if *variant == "avx512gemm" || *variant == "amx" {
             &[1, 8, 9, 16, 17, 33, 128, 130]
         } else if *variant == "avx2gemm" {
             &[1, 5, 6, 7, 12, 13, 33, 130]
@@ -159,6 +159,11 @@ fn sweep(variant: &'static str, ms: &[usize]) {
                                 && ["avx512vnni", "avx512bf16", "avx512"]
                                     .iter()
                                     .any(|v| ran.ends_with(&format!("_{v}"))))
+                                || (expect == "amx"
+                                    && m < 64
+                                    && ["avx512vnni", "avx512bf16", "avx512", "avx512gemm"]
+                                        .iter()
+                                        .any(|v| ran.ends_with(&format!("_{v}"))))
                                 || (expect == "avx2gemm" && m < 6 && ran.ends_with("_avx2"));
                             assert!(
                                 ran.ends_with(expect) || handed_down,
@@ -347,8 +352,8 @@ fn gather_qmm_matches_reference_and_a_loop_of_matmuls() {
     }
 }
 
-/// Prefill through MoE: many tokens per expert, so each expert's rows (8 to ~40) run the
-/// blocked GEMM; every variant, against the oracle, into NaN-free outputs.
+/// Prefill through MoE: many tokens per expert, so each expert's rows (~128) run the blocked
+/// GEMMs (`amx` from 32 or 64 rows); every variant, against the oracle, into NaN-free outputs.
 #[test]
 fn gather_qmm_many_tokens_per_expert_every_variant() {
     let mut rng = StdRng::seed_from_u64(77);
@@ -368,7 +373,7 @@ fn gather_qmm_many_tokens_per_expert_every_variant() {
                 continue;
             }
             let spec = QuantSpec::affine(bits, g).unwrap();
-            let (experts, rows, cols, tokens, k) = (4, 29, 3 * g as usize, 64, 2);
+            let (experts, rows, cols, tokens, k) = (4, 29, 3 * g as usize, 256, 2);
             let w = random_weight(&mut enc, &mut rng, &[experts, rows, cols], spec, xdt);
             let x =
                 Buffer::from_f32(&randn(&mut rng, tokens * cols), xdt, &[tokens, 1, cols]).unwrap();
@@ -385,8 +390,8 @@ fn gather_qmm_many_tokens_per_expert_every_variant() {
                 "{ran} ran, preferring {variant}"
             );
             // The blocked GEMM must run its experts' rows wherever this CPU has it (AVX-512).
-            if *variant == "avx512gemm" {
-                assert!(ran.ends_with("avx512gemm"), "{ran} ran");
+            if *variant == "avx512gemm" || *variant == "amx" {
+                assert!(ran.ends_with(*variant), "{ran} ran");
             }
             let got = got_f64(&y);
             let xs = x_f64(&x);

@@ -12,6 +12,8 @@ pub(crate) mod quantize;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_amx;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx2_quant;
@@ -37,20 +39,20 @@ use std::sync::Arc;
 pub struct CpuKernel {
     /// Name reported by benchmarks and the encoder, derived from the kernel key.
     pub name: Arc<str>,
-    /// Calls of fewer rows than this run the kernel named here instead (see
-    /// [`CpuKernel::name_for_rows`]).
-    decode: Option<(usize, Arc<str>)>,
+    /// Calls of fewer rows than the first count that exceeds theirs run the kernel named
+    /// with it instead (ascending; see [`CpuKernel::name_for_rows`]).
+    decode: Vec<(usize, Arc<str>)>,
     pub(crate) func: KernelFn,
 }
 
 impl CpuKernel {
     /// The name of the kernel that runs a call with `rows` rows of x: [`CpuKernel::name`],
-    /// or the decode kernel's where this one hands such calls to it.
+    /// or that of the kernel this one hands such calls to.
     pub fn name_for_rows(&self, rows: usize) -> &str {
-        match &self.decode {
-            Some((below, name)) if rows < *below => name,
-            _ => &self.name,
-        }
+        self.decode
+            .iter()
+            .find(|(below, _)| rows < *below)
+            .map_or(&self.name, |(_, name)| name)
     }
 }
 
@@ -195,8 +197,9 @@ impl Tier for Avx2Fma {
     }
 }
 
-/// Below how many rows a kernel hands a call to a decode kernel, and that variant's name.
-pub(crate) type DecodeFn = fn(&KernelKey) -> (usize, &'static str);
+/// Below how many rows a kernel hands a call to another kernel, and that variant's name:
+/// ascending counts (a GEMM may hand few rows to a decode kernel and more to another GEMM).
+pub(crate) type DecodeFn = fn(&KernelKey) -> Vec<(usize, &'static str)>;
 
 /// One kernel variant: a name, which keys it can run on this machine, and how to build it.
 /// Each kernel file defines its own; [`TABLE`] lists them best first.
@@ -211,6 +214,8 @@ pub(crate) struct Variant {
 
 /// Every variant, best first. The dispatcher takes the first that supports a key.
 const TABLE: &[Variant] = &[
+    #[cfg(target_arch = "x86_64")]
+    x86_amx::QMM_T_AMX,
     #[cfg(target_arch = "x86_64")]
     x86_gemm::QMM_T_GEMM,
     #[cfg(target_arch = "x86_64")]
@@ -232,6 +237,7 @@ const TABLE: &[Variant] = &[
 
 /// Names of the CPU kernel variants (see [`Device::cpu_with_variant`](crate::Device::cpu_with_variant)).
 pub const VARIANTS: &[&str] = &[
+    "amx",
     "avx512gemm",
     "avx512vnni",
     "avx512bf16",
@@ -318,13 +324,16 @@ fn build(k: &KernelKey) -> Result<CpuKernel> {
         .find(|v| v.name == k.variant && (v.supports)(k))
         .ok_or_else(|| unsupported(k))?;
     let func = (variant.build)(k).ok_or_else(|| unsupported(k))?;
-    let decode = variant.decode.map(|d| {
-        let (below, name) = d(k);
-        let key = KernelKey {
-            variant: name,
-            ..*k
-        };
-        (below, Arc::from(format!("cpu_{key}")))
+    let decode = variant.decode.map_or_else(Vec::new, |d| {
+        d(k).into_iter()
+            .map(|(below, name)| {
+                let key = KernelKey {
+                    variant: name,
+                    ..*k
+                };
+                (below, Arc::from(format!("cpu_{key}")))
+            })
+            .collect()
     });
     Ok(CpuKernel {
         name: format!("cpu_{k}").into(),

@@ -58,7 +58,7 @@ pub(crate) const QMM_T_GEMM_AVX2: Variant = Variant {
             && k.flag
             && available()
     },
-    decode: Some(|_| (MIN_M, super::x86::QMV_T_AVX2.name)),
+    decode: Some(|_| vec![(MIN_M, super::x86::QMV_T_AVX2.name)]),
     build: |k| {
         crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
             Some(KernelFn::Qmm(dispatch_bits!(k.bits, B =>

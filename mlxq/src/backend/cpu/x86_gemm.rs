@@ -49,15 +49,7 @@ pub(crate) const QMM_T_GEMM: Variant = Variant {
             && k.flag
             && super::x86::available()
     },
-    decode: Some(|k| {
-        let (rows, small) = decode_kernel(k);
-        let name = match small {
-            SMALL_VNNI => super::x86_vnni::QMM_T_VNNI.name,
-            SMALL_BF16 => super::x86_bf16::QMM_T_BF16.name,
-            _ => super::x86::QMV_T.name,
-        };
-        (rows, name)
-    }),
+    decode: Some(|k| vec![(decode_kernel(k).0, decode_name(k))]),
     build: |k| {
         let small = decode_kernel(k).1;
         crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
@@ -72,7 +64,7 @@ pub(crate) const QMM_T_GEMM: Variant = Variant {
 
 /// The decode kernel that takes a call of fewer rows than the returned count: the best the
 /// key allows.
-fn decode_kernel(k: &crate::registry::KernelKey) -> (usize, u8) {
+pub(crate) fn decode_kernel(k: &crate::registry::KernelKey) -> (usize, u8) {
     if (super::x86_vnni::QMM_T_VNNI.supports)(k) {
         (MIN_M_VNNI, SMALL_VNNI)
     } else if k.input == crate::DType::BF16 && super::x86_bf16::available() {
@@ -82,10 +74,19 @@ fn decode_kernel(k: &crate::registry::KernelKey) -> (usize, u8) {
     }
 }
 
+/// The name of the decode kernel [`decode_kernel`] picks for `k`.
+pub(crate) fn decode_name(k: &crate::registry::KernelKey) -> &'static str {
+    match decode_kernel(k).1 {
+        SMALL_VNNI => super::x86_vnni::QMM_T_VNNI.name,
+        SMALL_BF16 => super::x86_bf16::QMM_T_BF16.name,
+        _ => super::x86::QMV_T.name,
+    }
+}
+
 /// Which decode kernel runs fewer than [`MIN_M`] rows: `avx512vnni`, `avx512bf16`, `avx512`.
-const SMALL_VNNI: u8 = 0;
-const SMALL_BF16: u8 = 1;
-const SMALL_F32: u8 = 2;
+pub(crate) const SMALL_VNNI: u8 = 0;
+pub(crate) const SMALL_BF16: u8 = 1;
+pub(crate) const SMALL_F32: u8 = 2;
 
 /// Rows of x from which the GEMM beats the decode kernels.
 pub(crate) const MIN_M: usize = 8;
@@ -142,7 +143,9 @@ fn perm(bits: usize, p: usize) -> usize {
 }
 
 /// The kernel.
-fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>) -> Result<()> {
+pub(crate) fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(
+    a: QmmArgs<'_>,
+) -> Result<()> {
     if a.m < MIN_M || (SMALL == SMALL_VNNI && a.m < MIN_M_VNNI) {
         return match SMALL {
             SMALL_VNNI => super::x86_vnni::qmm_t::<S, O, BITS>(a),
@@ -410,7 +413,7 @@ pub(crate) struct Panel<'a> {
 /// AVX-512 F/BW/VL/VBMI.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-unsafe fn decode64<const BITS: usize>(p: *const u8, half: bool) -> __m512i {
+pub(crate) unsafe fn decode64<const BITS: usize>(p: *const u8, half: bool) -> __m512i {
     let bytes = if half { 4 * BITS } else { 8 * BITS };
     let mask: __mmask64 = if bytes == 64 {
         u64::MAX
@@ -490,7 +493,7 @@ unsafe fn widen_tile<S: Float>(src: &[S], groups: usize, c0: usize, cols: usize,
 /// Transposes a 16×16 matrix of dwords in place (`r[i]` lane `j` ↔ `r[j]` lane `i`).
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn transpose16(r: &mut [__m512i; 16]) {
+pub(crate) fn transpose16(r: &mut [__m512i; 16]) {
     let mut t = [_mm512_setzero_si512(); 16];
     for i in 0..8 {
         t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);

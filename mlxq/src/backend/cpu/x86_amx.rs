@@ -1,0 +1,800 @@
+//! AMX GEMM for `y = x·Wᵀ` with many rows of x (prefill, MoE experts with many tokens), on
+//! CPUs with Advanced Matrix Extensions (Intel Sapphire Rapids and later) where the OS grants
+//! the tile state: `tdpbf16ps` multiplies 16×32 by 32×16 bf16 tiles into a 16×16 f32 tile,
+//! 1.4–2.2 TFLOP/s per core on this VM's Xeon (six times its 512-bit FMA peak).
+//!
+//! **Arithmetic: exact products, f32 sums.** Operands are split into bf16 planes whose sum
+//! is the value: x into `x₁ + x₂ + x₃` (x₁ the nearest bf16, x₂ the nearest to the
+//! remainder, x₃ the rest; one plane holds bf16 x exactly, two any value of ≤ 16 significant
+//! bits such as f16, three any f32 — the call uses as few as x needs, from an OR over x's
+//! bits), and W's decoded weights `s·q` the same way (two planes for bf16 scales, where
+//! `s·q` has ≤ 16 significant bits; three for f16, and for f32 scales `s·q` rounded to f32
+//! once, as every f32 decode does). Products of bf16 planes are exact in f32; the tiles sum
+//! them in f32 (pairs, then into the accumulator), over the whole of K, so the error is the
+//! f32 accumulation's. Plane products `xᵢ·wⱼ` with `i + j > 2` (counting from 0) are left
+//! out: each is below 2⁻²⁴ of `|x·w|`. The bias term `Σ_j b[n,j]·Σx[r,j]` rides along as
+//! extra K steps: the biases' planes against the three planes of the f32 group sums of x.
+//! Tiles treat bf16 inputs below f32's normal range as zero and flush such sums (below any
+//! tolerance); a remainder that is not finite (an infinite or NaN value) becomes zero, so
+//! such a value gives what its first plane alone gives.
+//!
+//! **Blocking.** A task owns [`NB`] × 32 output columns (`NB` pairs of 16-row W tiles). Per
+//! block of [`KC`] values of K it decodes its rows of W once into their bf16 planes (a 32-code
+//! step is one 64-byte tile row), then for each pair of 16-row tiles of x (which stay in L1
+//! while every W tile of the task passes them) loads the four C tiles (zero, plus the bias
+//! steps, in the first block), and per step and plane pair loads two W and two x tiles for
+//! four `tdpbf16ps`, then stores the C tiles. x is packed once per call into the B-operand
+//! layout (row `kp` of a tile holds the pairs `x[r,2kp], x[r,2kp+1]` of its 16 rows), rows
+//! past M zero.
+//!
+//! Fewer than [`min_m`] rows (32 or 64) take `avx512gemm`, which hands the fewest to its
+//! decode kernels.
+
+use super::qmm::QmmArgs;
+use super::x86_gemm::{decode64, transpose16};
+use super::{cast, cast_mut, DisjointOut, KernelFn, MatrixRef, Variant};
+use crate::dtype::Float;
+use crate::error::Result;
+use crate::quant::pack::dispatch_bits;
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+/// The variant: `quantized_matmul`, transpose, every affine width, any x dtype, on CPUs with
+/// AMX-BF16 (and the AVX-512 the other kernels need) whose OS grants the tile state.
+pub(crate) const QMM_T_AMX: Variant = Variant {
+    name: "amx",
+    supports: |k| (super::x86_gemm::QMM_T_GEMM.supports)(k) && available(),
+    decode: Some(|k| {
+        let gemm = super::x86_gemm::QMM_T_GEMM.name;
+        let below = super::x86_gemm::decode_kernel(k).0;
+        vec![
+            (below, super::x86_gemm::decode_name(k)),
+            (min_m(k.bits as usize), gemm),
+        ]
+    }),
+    build: |k| {
+        let small = super::x86_gemm::decode_kernel(k).1;
+        crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
+            Some(KernelFn::Qmm(dispatch_bits!(k.bits, B => match small {
+                super::x86_gemm::SMALL_VNNI =>
+                    qmm_t::<S, O, B, { super::x86_gemm::SMALL_VNNI }> as super::qmm::QmmFn,
+                super::x86_gemm::SMALL_BF16 =>
+                    qmm_t::<S, O, B, { super::x86_gemm::SMALL_BF16 }> as super::qmm::QmmFn,
+                _ => qmm_t::<S, O, B, { super::x86_gemm::SMALL_F32 }> as super::qmm::QmmFn,
+            }, _ => return None)))
+        }, _ => None), _ => None)
+    },
+};
+
+/// Rows of x from which the tiles beat `avx512gemm` and the decode kernels it hands few
+/// rows to: 32 for codes of ≤ 4 bits, 64 for wider ones, whose larger rows cost the panel
+/// decode more (`mlxq bench`, 4096×4096, session 15 of docs/perf.md).
+const fn min_m(bits: usize) -> usize {
+    if bits <= 4 {
+        32
+    } else {
+        64
+    }
+}
+/// Output columns per task: two tiles of 16 rows of W.
+const NT: usize = 32;
+/// Groups of [`NT`] columns per task: x's tiles are loaded once for all of them.
+const NB: usize = 4;
+/// Values of K per decoded block: 8 steps of 32, 16 KiB of bf16 for the task's 32 rows.
+const KC: usize = 256;
+/// Values of K per tile step (one 64-byte row of bf16).
+const STEP: usize = 32;
+
+/// Whether this CPU has AMX-BF16 and AVX-512 BF16, and the OS granted this process the tile
+/// state (asked once).
+pub(crate) fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| super::x86_bf16::available() && cpu_has_amx_bf16() && request_tile_state())
+}
+
+/// CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
+fn cpu_has_amx_bf16() -> bool {
+    // SAFETY: CPUID leaf 7 exists on every CPU with AVX-512 (checked first by the caller).
+    #[allow(unused_unsafe)]
+    let r = unsafe { __cpuid_count(7, 0) };
+    r.edx & (1 << 22) != 0 && r.edx & (1 << 24) != 0
+}
+
+/// Linux grants the 8 KiB tile-data state per process on request (`arch_prctl`
+/// `ARCH_REQ_XCOMP_PERM`, feature 18); it fails where the kernel or hypervisor does not
+/// support it.
+#[cfg(target_os = "linux")]
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain system call with integer arguments; it changes only whether this
+    // process may use the tile registers.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_state() -> bool {
+    false
+}
+
+/// The tile palette: all eight tiles 16 rows × 64 bytes (0–3 accumulate f32, 4–5 hold W's
+/// codes, 6–7 x's planes).
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+static CONFIG: TileConfig = {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        c[16 + 2 * t] = 64;
+        c[48 + t] = 16;
+        t += 1;
+    }
+    TileConfig(c)
+};
+
+/// Tile instructions. Inline assembly blocks that are not `pure` keep their order, so the
+/// tile state (which the compiler never touches) flows from one to the next.
+mod tile {
+    use super::CONFIG;
+    use std::arch::asm;
+
+    /// # Safety
+    /// [`available`](super::available) holds.
+    #[inline(always)]
+    pub unsafe fn configure() {
+        // SAFETY: the caller's contract; CONFIG is a valid 64-byte palette-1 configuration.
+        unsafe {
+            asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly, preserves_flags))
+        }
+    }
+
+    /// # Safety
+    /// [`available`](super::available) holds.
+    #[inline(always)]
+    pub unsafe fn release() {
+        // SAFETY: the caller's contract.
+        unsafe { asm!("tilerelease", options(nostack, nomem, preserves_flags)) }
+    }
+
+    /// # Safety
+    /// The tiles are configured.
+    #[inline(always)]
+    pub unsafe fn zero<const T: u8>() {
+        // SAFETY: the caller's contract.
+        unsafe { asm!("tilezero tmm{t}", t = const T, options(nostack, nomem, preserves_flags)) }
+    }
+
+    /// Loads tile `T` from 16 rows of 64 bytes at `p`.
+    ///
+    /// # Safety
+    /// The tiles are configured; 1 KiB at `p` is readable.
+    #[inline(always)]
+    pub unsafe fn load<const T: u8>(p: *const u8) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!("tileloadd tmm{t}, [{p} + {s}*1]", t = const T, p = in(reg) p, s = in(reg) 64usize,
+                 options(nostack, readonly, preserves_flags))
+        }
+    }
+
+    /// Stores tile `T` to 16 rows of 64 bytes at `p`.
+    ///
+    /// # Safety
+    /// The tiles are configured; 1 KiB at `p` is writable.
+    #[inline(always)]
+    pub unsafe fn store<const T: u8>(p: *mut u8) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!("tilestored [{p} + {s}*1], tmm{t}", t = const T, p = in(reg) p, s = in(reg) 64usize,
+                 options(nostack, preserves_flags))
+        }
+    }
+
+    /// `tmm C += tmm A · tmm B` (bf16 pairs, f32 sums).
+    ///
+    /// # Safety
+    /// The tiles are configured.
+    #[inline(always)]
+    pub unsafe fn dp<const C: u8, const A: u8, const B: u8>() {
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!("tdpbf16ps tmm{c}, tmm{a}, tmm{b}", c = const C, a = const A, b = const B,
+                 options(nostack, nomem, preserves_flags))
+        }
+    }
+}
+
+/// 64 bytes, cache-line aligned: tile rows.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+struct Line([u8; 64]);
+
+const ZERO: Line = Line([0; 64]);
+
+/// A task's scratch: decoded W block, the bias steps' W side, the C tiles as stored
+/// between blocks, and the task's scales and biases as f32 `[column][group]`.
+type Scratch = (Vec<Line>, Vec<Line>, Vec<Line>, Vec<f32>, Vec<f32>);
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = const {
+        RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()))
+    };
+    /// Σx of a tile of x while it is packed.
+    static SUMS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Packed x, taken out for the length of a call.
+    static XPACK: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The kernel: fewer than [`min_m`] rows go to `avx512gemm` (which hands the fewest to its
+/// decode kernel `SMALL`).
+fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>) -> Result<()> {
+    if a.m < min_m(BITS) {
+        return super::x86_gemm::qmm_t::<S, O, BITS, SMALL>(a);
+    }
+    const OP: &str = "quantized_matmul";
+    let w = a.w;
+    let scales: &[S] = cast(OP, "scales", w.scales)?;
+    let biases: &[S] = cast(OP, "biases", w.biases)?;
+    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
+    let (m, n, k, groups) = (a.m, w.rows, w.cols, w.groups());
+    if a.x.len() < m * k
+        || out.len() < m * n
+        || w.packed.len() < n * w.row_bytes()
+        || scales.len() < n * groups
+        || biases.len() < n * groups
+        || !w.group_size.is_multiple_of(STEP)
+        || !KC.is_multiple_of(w.group_size)
+    {
+        return Err(crate::Error::unsupported(
+            OP,
+            format!(
+                "amx on inconsistent sizes (m {m}, n {n}, k {k}, group {})",
+                w.group_size
+            ),
+        ));
+    }
+    // Columns c0.. of the scales and biases as f32, [column][group].
+    let widen = |c0: usize, cols: usize, sv: &mut [f32], bv: &mut [f32]| {
+        for (src, dst) in [(scales, sv), (biases, bv)] {
+            let (src, dst) = (
+                &src[c0 * groups..(c0 + cols) * groups],
+                &mut dst[..cols * groups],
+            );
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = s.to_f32();
+            }
+        }
+    };
+    let writer = DisjointOut::new(out);
+    let write = |c0: usize, cols: usize, acc: &[f32]| {
+        for r in 0..m {
+            for c in 0..cols {
+                // SAFETY: the task of columns c0.. alone writes them, in every row.
+                unsafe { writer.write(r * n + c0 + c, O::from_f32(acc[acc_index(r, c)])) };
+            }
+        }
+    };
+    // s·q has at most 16 significant bits for bf16 scales (two planes), 19 for f16; f32
+    // scales give s·q rounded to f32 (as every kernel's f32 decode does).
+    let wplanes = if S::DTYPE == crate::DType::BF16 { 2 } else { 3 };
+    // SAFETY: this variant is only chosen where `available()` holds.
+    unsafe { gemm::<BITS>(a.x, m, &w, wplanes, &widen, &write) };
+    Ok(())
+}
+
+/// Where the accumulator of row `r` of x and column `c` of a task lies in its C tiles as
+/// stored: per pair of x tiles four tiles (W rows 0..16 × x tile 0, × x tile 1, W rows
+/// 16..32 × x tile 0, × x tile 1), each 16 W rows × 16 rows of x.
+#[inline(always)]
+fn acc_index(r: usize, c: usize) -> usize {
+    let (mt, rr) = (r / 16, r % 16);
+    ((mt / 2) * 4 + (c / 16) * 2 + mt % 2) * 256 + (c % 16) * 16 + rr
+}
+
+/// Widens a task's scales and biases: `(c0, cols, scales out, biases out)`.
+type WidenFn<'a> = dyn Fn(usize, usize, &mut [f32], &mut [f32]) + Sync + 'a;
+/// Writes a task's accumulators out: `(c0, cols, C tiles as stored)`.
+type WriteFn<'a> = dyn Fn(usize, usize, &[f32]) + Sync + 'a;
+
+/// The GEMM, generic over the code width only (scales and output types come in closures,
+/// called once per task).
+///
+/// # Safety
+/// [`available`] holds; the caller checked the sizes of x, W, scales and biases.
+unsafe fn gemm<const BITS: usize>(
+    x: &[f32],
+    m: usize,
+    w: &MatrixRef<'_>,
+    wplanes: usize,
+    widen: &WidenFn<'_>,
+    write: &WriteFn<'_>,
+) {
+    let (n, k, g) = (w.rows, w.cols, w.group_size);
+    let groups = w.groups();
+    let row_bytes = w.row_bytes();
+    let steps = k / STEP;
+    let bsteps = groups.div_ceil(STEP);
+    let mts = m.div_ceil(16);
+    // Planes of x: 1 where x is bf16, 2 where its values have ≤ 16 significant bits, else 3.
+    let or = x[..m * k]
+        .par_chunks(1 << 14)
+        .map(|c| c.iter().fold(0u32, |a, v| a | v.to_bits()))
+        .reduce(|| 0, |a, b| a | b);
+    let xplanes = if or & 0xffff == 0 {
+        1
+    } else if or & 0xff == 0 {
+        2
+    } else {
+        3
+    };
+    let shape = XShape {
+        steps,
+        xplanes,
+        tile_lines: (steps * xplanes + bsteps * 3) * 16,
+    };
+    let mut xv = XPACK.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    xv.clear();
+    xv.resize(mts * shape.tile_lines, ZERO);
+    xv.par_chunks_mut(shape.tile_lines)
+        .enumerate()
+        .for_each(|(mt, dst)| {
+            let rows = 16.min(m - mt * 16);
+            let xt = &x[mt * 16 * k..(mt * 16 + rows) * k];
+            // SAFETY: the caller's contract (AVX-512 and BF16 present); `dst` sized above.
+            unsafe { pack_x(xt, rows, k, g, xplanes, dst) };
+        });
+    let xv_ref = &xv[..];
+    let (pl, bl, al) = (
+        KC / STEP * wplanes * 32,
+        bsteps * wplanes * 32,
+        mts.div_ceil(2) * 64,
+    );
+    (0..n.div_ceil(NT * NB)).into_par_iter().for_each(|t| {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let (panel, bpanel, acc, sv, bv) = &mut *s;
+            let c0 = t * NT * NB;
+            let cols = (NT * NB).min(n - c0);
+            let nbs = cols.div_ceil(NT);
+            let cols_of = |nb: usize| NT.min(cols - nb * NT);
+            panel.resize(NB * pl, ZERO);
+            bpanel.resize(NB * bl, ZERO);
+            acc.resize(NB * al, ZERO);
+            sv.resize(NB * NT * groups, 0.0);
+            bv.resize(NB * NT * groups, 0.0);
+            widen(c0, cols, sv, bv);
+            // SAFETY: the caller's contract; the tiles are configured for this thread here
+            // and released before the task ends.
+            unsafe {
+                for nb in 0..nbs {
+                    // The bias steps: b[c, j] against Σx[r, j], 32 groups a step.
+                    let bvn = &bv[nb * NT * groups..];
+                    decode_bias(bvn, groups, cols_of(nb), wplanes, &mut bpanel[nb * bl..]);
+                }
+                tile::configure();
+                for k0 in (0..k).step_by(KC) {
+                    let len = KC.min(k - k0);
+                    for nb in 0..nbs {
+                        let block = Block {
+                            packed: w.packed,
+                            row_bytes,
+                            c0: c0 + nb * NT,
+                            cols: cols_of(nb),
+                            k0,
+                            len,
+                            g,
+                            groups,
+                        };
+                        let svn = &sv[nb * NT * groups..];
+                        decode_block::<BITS>(&block, svn, wplanes, &mut panel[nb * pl..]);
+                    }
+                    let t = Task {
+                        xv: xv_ref,
+                        shape: &shape,
+                        wplanes,
+                        step0: k0 / STEP,
+                    };
+                    // x's tiles for a pair stay in L1 while every W tile of the task
+                    // passes them.
+                    for mt in (0..mts).step_by(2) {
+                        for nb in 0..nbs {
+                            let pair = &mut acc[nb * al + mt / 2 * 64..][..64];
+                            let (pn, bn) = (&panel[nb * pl..], &bpanel[nb * bl..][..bl]);
+                            t.run(mt, mt + 1 < mts, k0 == 0, pn, len / STEP, bn, pair);
+                        }
+                    }
+                }
+                tile::release();
+            }
+            for nb in 0..nbs {
+                let accn = bytemuck::cast_slice(&acc[nb * al..][..al]);
+                write(c0 + nb * NT, cols_of(nb), accn);
+            }
+        })
+    });
+    XPACK.with(|s| *s.borrow_mut() = xv);
+}
+
+/// The packed x's layout: per 16-row tile, `steps` K steps of `xplanes` planes, then the
+/// bias steps of 3 planes (Σx is any f32); 16 lines a plane.
+struct XShape {
+    steps: usize,
+    xplanes: usize,
+    tile_lines: usize,
+}
+
+impl XShape {
+    /// First line of plane 0 of step `s` (bias steps from `steps` on) of x tile `mt`.
+    fn at(&self, mt: usize, s: usize) -> usize {
+        mt * self.tile_lines
+            + 16 * if s < self.steps {
+                s * self.xplanes
+            } else {
+                self.steps * self.xplanes + (s - self.steps) * 3
+            }
+    }
+}
+
+/// One task's view of packed x for a block.
+struct Task<'a> {
+    xv: &'a [Line],
+    shape: &'a XShape,
+    wplanes: usize,
+    /// First K step of the block.
+    step0: usize,
+}
+
+impl Task<'_> {
+    /// Accumulates the block (`nsteps` steps of `panel`) for x tiles `mt` and (if `two`)
+    /// `mt + 1` into their C tiles, stored in `pair` (the first block starts them from zero
+    /// and adds the bias steps of `bpanel`).
+    ///
+    /// # Safety
+    /// The tiles are configured; the slices are sized as [`gemm`] makes them.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn run(
+        &self,
+        mt: usize,
+        two: bool,
+        first: bool,
+        panel: &[Line],
+        nsteps: usize,
+        bpanel: &[Line],
+        pair: &mut [Line],
+    ) {
+        let cp = pair[..64].as_mut_ptr() as *mut u8;
+        // SAFETY: the caller's contract; `cp` names 4 KiB (sliced above).
+        unsafe {
+            if first {
+                tile::zero::<0>();
+                tile::zero::<2>();
+                if two {
+                    tile::zero::<1>();
+                    tile::zero::<3>();
+                }
+                let bsteps = bpanel.len() / (self.wplanes * 32);
+                for b in 0..bsteps {
+                    let s = self.shape.steps + b;
+                    self.step(mt, two, s, 3, &bpanel[b * self.wplanes * 32..]);
+                }
+            } else {
+                tile::load::<0>(cp);
+                tile::load::<2>(cp.add(2048));
+                if two {
+                    tile::load::<1>(cp.add(1024));
+                    tile::load::<3>(cp.add(3072));
+                }
+            }
+            for s in 0..nsteps {
+                let a = &panel[s * self.wplanes * 32..];
+                self.step(mt, two, self.step0 + s, self.shape.xplanes, a);
+            }
+            tile::store::<0>(cp);
+            tile::store::<2>(cp.add(2048));
+            if two {
+                tile::store::<1>(cp.add(1024));
+                tile::store::<3>(cp.add(3072));
+            }
+        }
+    }
+
+    /// One K step: x planes `i` of step `s` times W planes `j` of `a` (`[plane][2 tiles]`),
+    /// for `i + j ≤ 2` (the products dropped are below 2⁻²⁴ of x·w).
+    ///
+    /// # Safety
+    /// As [`Task::run`].
+    #[inline(always)]
+    unsafe fn step(&self, mt: usize, two: bool, s: usize, xplanes: usize, a: &[Line]) {
+        let x0 = &self.xv[self.shape.at(mt, s)..][..xplanes * 16];
+        let x1 = if two {
+            &self.xv[self.shape.at(mt + 1, s)..][..xplanes * 16]
+        } else {
+            x0
+        };
+        let a = &a[..self.wplanes * 32];
+        // SAFETY: the caller's contract; every pointer names 16 lines (sliced above).
+        unsafe {
+            for i in 0..xplanes {
+                tile::load::<6>(x0[i * 16..].as_ptr() as *const u8);
+                if two {
+                    tile::load::<7>(x1[i * 16..].as_ptr() as *const u8);
+                }
+                for j in 0..self.wplanes.min(3 - i) {
+                    tile::load::<4>(a[j * 32..].as_ptr() as *const u8);
+                    tile::load::<5>(a[j * 32 + 16..].as_ptr() as *const u8);
+                    tile::dp::<0, 4, 6>();
+                    tile::dp::<2, 5, 6>();
+                    if two {
+                        tile::dp::<1, 4, 7>();
+                        tile::dp::<3, 5, 7>();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where a task's block of W comes from: rows `c0..c0 + cols`, K values `k0..k0 + len`.
+struct Block<'a> {
+    packed: &'a [u8],
+    row_bytes: usize,
+    c0: usize,
+    cols: usize,
+    k0: usize,
+    len: usize,
+    g: usize,
+    groups: usize,
+}
+
+/// Splits 32 floats (`lo`, `hi`: elements 0..16, 16..32) into `planes` bf16 vectors whose
+/// sum is the input (exactly, for inputs of ≤ 8·planes significant bits; remainders that are
+/// not finite become zero), handing plane `j` to `out`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+fn split(mut lo: __m512, mut hi: __m512, planes: usize, mut out: impl FnMut(usize, __m512i)) {
+    let widen = |h: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+    let finite = |v: __m512| {
+        let ok = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_sub_ps(v, v), _mm512_setzero_ps());
+        _mm512_maskz_mov_ps(ok, v)
+    };
+    for j in 0..planes {
+        // SAFETY: plain vector reinterpretation (64 bytes each way).
+        let b: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo)) };
+        out(j, b);
+        if j + 1 < planes {
+            lo = finite(_mm512_sub_ps(lo, widen(_mm512_castsi512_si256(b))));
+            hi = finite(_mm512_sub_ps(hi, widen(_mm512_extracti64x4_epi64::<1>(b))));
+        }
+    }
+}
+
+/// Decodes the block's W rows (zero past `cols`) times their scales into `panel`: step `s`,
+/// plane `j`, W tile `i` (rows 16i..16i + 16) at lines `((s·planes + j)·2 + i)·16..`.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL/VBMI and BF16; `packed` holds every row of W, `sv` the
+/// task's scales `[column][group]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
+unsafe fn decode_block<const BITS: usize>(
+    b: &Block<'_>,
+    sv: &[f32],
+    planes: usize,
+    panel: &mut [Line],
+) {
+    let step_bytes = STEP / 8 * BITS;
+    let nsteps = b.len / STEP;
+    for r in 0..NT {
+        let line = |s: usize, j: usize| ((s * planes + j) * 2 + r / 16) * 16 + r % 16;
+        if r >= b.cols {
+            for s in 0..nsteps {
+                for j in 0..planes {
+                    panel[line(s, j)] = ZERO;
+                }
+            }
+            continue;
+        }
+        let row = &b.packed[(b.c0 + r) * b.row_bytes + b.k0 / 8 * BITS..][..b.len / 8 * BITS];
+        // The row's next block: 32 × 4 rows stream side by side, more than the hardware
+        // prefetchers follow. (A prefetch never faults; these stay inside the row anyway.)
+        let next = &b.packed[(b.c0 + r) * b.row_bytes..][..b.row_bytes];
+        for off in (b.k0 / 8 * BITS + row.len()..next.len().min(b.k0 / 8 * BITS + 2 * row.len()))
+            .step_by(64)
+        {
+            _mm_prefetch::<_MM_HINT_T0>(next[off..].as_ptr() as *const i8);
+        }
+        for s in 0..nsteps {
+            let src = &row[s * step_bytes..][..step_bytes];
+            let scale = _mm512_set1_ps(sv[r * b.groups + (b.k0 + s * STEP) / b.g]);
+            // SAFETY: `src` holds the step's bytes (sliced above); the CPU has the features.
+            let (lo, hi) = unsafe { codes32::<BITS>(src.as_ptr()) };
+            split(
+                _mm512_mul_ps(lo, scale),
+                _mm512_mul_ps(hi, scale),
+                planes,
+                |j, v| {
+                    // SAFETY: a 64-byte line.
+                    unsafe {
+                        _mm512_storeu_si512(panel[line(s, j)].0.as_mut_ptr() as *mut __m512i, v)
+                    }
+                },
+            );
+        }
+    }
+}
+
+/// The task's biases (`bv`, `[column][group]`) as the bias steps' W side: step `b`, plane
+/// `j`, tile `i` at lines `((b·planes + j)·2 + i)·16..`, groups past the last zero.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL and BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn decode_bias(bv: &[f32], groups: usize, cols: usize, planes: usize, bpanel: &mut [Line]) {
+    let bsteps = groups.div_ceil(STEP);
+    for r in 0..NT {
+        for b in 0..bsteps {
+            let mut v = [0f32; STEP];
+            if r < cols {
+                let j0 = b * STEP;
+                let src = &bv[r * groups + j0..r * groups + groups.min(j0 + STEP)];
+                v[..src.len()].copy_from_slice(src);
+            }
+            // SAFETY: 32 floats.
+            let (lo, hi) = unsafe {
+                (
+                    _mm512_loadu_ps(v.as_ptr()),
+                    _mm512_loadu_ps(v.as_ptr().add(16)),
+                )
+            };
+            split(lo, hi, planes, |j, x| {
+                let line = &mut bpanel[((b * planes + j) * 2 + r / 16) * 16 + r % 16];
+                // SAFETY: a 64-byte line.
+                unsafe { _mm512_storeu_si512(line.0.as_mut_ptr() as *mut __m512i, x) };
+            });
+        }
+    }
+}
+
+/// 32 codes at `p` as f32, in order (elements 0..16, 16..32).
+///
+/// # Safety
+/// `4·BITS` bytes at `p` are readable; the CPU has AVX-512 F/BW/VL/VBMI.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn codes32<const BITS: usize>(p: *const u8) -> (__m512, __m512) {
+    let f = |b: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+    // SAFETY: the caller's contract.
+    unsafe {
+        match BITS {
+            4 => {
+                // Byte i → words 2i (low nibble) and 2i + 1 (high nibble).
+                let d = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+                let words = _mm512_ternarylogic_epi32::<0xf8>(
+                    _mm512_and_si512(_mm512_slli_epi32::<12>(d), _mm512_set1_epi32(0xf_0000)),
+                    d,
+                    _mm512_set1_epi32(0xf),
+                );
+                let w = |h: __m256i| _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(h));
+                (
+                    w(_mm512_castsi512_si256(words)),
+                    w(_mm512_extracti64x4_epi64::<1>(words)),
+                )
+            }
+            8 => (
+                f(_mm_loadu_si128(p as *const __m128i)),
+                f(_mm_loadu_si128(p.add(16) as *const __m128i)),
+            ),
+            _ => {
+                let bytes = decode64::<BITS>(p, true);
+                (
+                    f(_mm512_castsi512_si128(bytes)),
+                    f(_mm512_extracti32x4_epi32::<1>(bytes)),
+                )
+            }
+        }
+    }
+}
+
+/// Packs one 16-row tile of x (`rows` real rows of `k`, zero past them) into `dst`: per K
+/// step its `planes` planes, then per 32 groups the 3 planes of Σx, each plane 16 lines in
+/// the B-operand layout (line `kp` holds the pairs `2kp, 2kp + 1` of the 16 rows).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL and BF16; `dst` is sized for `k`, `planes` and `g`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn pack_x(x: &[f32], rows: usize, k: usize, g: usize, planes: usize, dst: &mut [Line]) {
+    let groups = k / g;
+    // Σx per row, 32 groups a bias step, zero past the last group.
+    let bsteps = groups.div_ceil(STEP);
+    SUMS.with(|sums| {
+        let mut sums = sums.borrow_mut();
+        sums.clear();
+        sums.resize(16 * bsteps * STEP, 0.0);
+        // SAFETY: the caller's contract.
+        unsafe { pack_tile(x, rows, k, g, planes, &mut sums, dst) }
+    })
+}
+
+/// [`pack_x`] with `sums` (16 rows × the bias steps' 32 values, zero) to fill.
+///
+/// # Safety
+/// As [`pack_x`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn pack_tile(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    g: usize,
+    planes: usize,
+    sums: &mut [f32],
+    dst: &mut [Line],
+) {
+    let steps = k / STEP;
+    let bsteps = (k / g).div_ceil(STEP);
+    for r in 0..rows {
+        let xr = &x[r * k..][..k];
+        for (j, grp) in xr.chunks_exact(g).enumerate() {
+            let mut v = _mm512_setzero_ps();
+            for c in grp.chunks_exact(16) {
+                // SAFETY: 16 floats.
+                v = _mm512_add_ps(v, unsafe { _mm512_loadu_ps(c.as_ptr()) });
+            }
+            sums[r * bsteps * STEP + j] = _mm512_reduce_add_ps(v);
+        }
+    }
+    let total = steps + bsteps;
+    for s in 0..total {
+        let (np, base) = if s < steps {
+            (planes, s * planes)
+        } else {
+            (3, steps * planes + (s - steps) * 3)
+        };
+        let mut tiles = [[_mm512_setzero_si512(); 16]; 3];
+        for r in 0..rows {
+            let src = if s < steps {
+                &x[r * k + s * STEP..][..STEP]
+            } else {
+                &sums[r * bsteps * STEP + (s - steps) * STEP..][..STEP]
+            };
+            // SAFETY: 32 floats (sliced above).
+            let (lo, hi) = unsafe {
+                (
+                    _mm512_loadu_ps(src.as_ptr()),
+                    _mm512_loadu_ps(src.as_ptr().add(16)),
+                )
+            };
+            split(lo, hi, np, |j, b| tiles[j][r] = b);
+        }
+        for (p, tile) in tiles.iter_mut().take(np).enumerate() {
+            transpose16(tile);
+            for (kp, v) in tile.iter().enumerate() {
+                let line = &mut dst[(base + p) * 16 + kp];
+                // SAFETY: a 64-byte line.
+                unsafe { _mm512_storeu_si512(line.0.as_mut_ptr() as *mut __m512i, *v) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn config_is_palette_one_with_eight_full_tiles() {
+        let c = &super::CONFIG.0;
+        assert_eq!(c[0], 1);
+        for t in 0..8 {
+            assert_eq!(u16::from_le_bytes([c[16 + 2 * t], c[17 + 2 * t]]), 64);
+            assert_eq!(c[48 + t], 16);
+        }
+    }
+}
