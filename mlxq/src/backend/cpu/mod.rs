@@ -158,6 +158,24 @@ impl<T> DisjointOut<T> {
             unsafe { self.ptr.add(i).write(v) };
         }
     }
+
+    /// Writes `v` at `i..i + v.len()`; a range past the end is ignored (and caught by debug
+    /// assertions).
+    ///
+    /// # Safety
+    /// As [`DisjointOut::write`], for every index of the range.
+    #[inline(always)]
+    pub unsafe fn write_slice(&self, i: usize, v: &[T])
+    where
+        T: Copy,
+    {
+        debug_assert!(i + v.len() <= self.len);
+        if i.checked_add(v.len()).is_some_and(|end| end <= self.len) {
+            // SAFETY: in bounds (checked above); exclusive per the function's contract; `v`
+            // is a distinct borrow, so the ranges do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.ptr.add(i), v.len()) };
+        }
+    }
 }
 
 /// Where a portable kernel's per-task body is compiled: for the baseline target, or (on

@@ -277,10 +277,13 @@ fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>)
     };
     let writer = DisjointOut::new(out);
     let write = |c0: usize, cols: usize, acc: &[f32]| {
-        for r in 0..m {
-            for c in 0..cols {
-                // SAFETY: the task of columns c0.. alone writes them, in every row.
-                unsafe { writer.write(r * n + c0 + c, O::from_f32(acc[acc_index(r, c)])) };
+        for mt in 0..m.div_ceil(16) {
+            for ct in 0..cols.div_ceil(16) {
+                let tile = &acc[acc_index(mt * 16, ct * 16)..][..256];
+                let (rows, width) = (16.min(m - mt * 16), 16.min(cols - ct * 16));
+                // SAFETY: this variant runs where AVX-512 is present; the task of columns
+                // c0.. alone writes them, in every row.
+                unsafe { write_tile(tile, rows, width, &writer, mt * 16 * n + c0 + ct * 16, n) };
             }
         }
     };
@@ -299,6 +302,65 @@ fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>)
 fn acc_index(r: usize, c: usize) -> usize {
     let (mt, rr) = (r / 16, r % 16);
     ((mt / 2) * 4 + (c / 16) * 2 + mt % 2) * 256 + (c % 16) * 16 + rr
+}
+
+/// Writes a stored C tile (16 columns of output × 16 rows of x) transposed into `out`: row
+/// `r < rows` of x at `base + r·n`, its first `width` columns.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL; no other thread writes those outputs.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn write_tile<O: Float>(
+    tile: &[f32],
+    rows: usize,
+    width: usize,
+    out: &DisjointOut<O>,
+    base: usize,
+    n: usize,
+) {
+    let mut v = [_mm512_setzero_si512(); 16];
+    for (c, v) in v.iter_mut().enumerate() {
+        // SAFETY: 16 floats of the 256 (sliced below).
+        *v = unsafe { _mm512_loadu_si512(tile[..256][c * 16..].as_ptr() as *const __m512i) };
+    }
+    transpose16(&mut v);
+    for (r, v) in v.iter().take(rows).enumerate() {
+        let row = narrow16::<O>(_mm512_castsi512_ps(*v));
+        // SAFETY: the caller's contract.
+        unsafe { out.write_slice(base + r * n, &row[..width]) };
+    }
+}
+
+/// 16 floats narrowed to `O` as `O::from_f32` does (round to nearest even; NaN stays NaN).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn narrow16<O: Float>(v: __m512) -> [O; 16] {
+    let mut out = [O::from_f32(0.0); 16];
+    let p = out.as_mut_ptr();
+    // SAFETY: `out` holds 16 elements of O's size (4 or 2 bytes), as each store writes.
+    unsafe {
+        match O::DTYPE {
+            crate::DType::F32 => _mm512_storeu_ps(p as *mut f32, v),
+            crate::DType::F16 => _mm256_storeu_si256(
+                p as *mut __m256i,
+                _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v),
+            ),
+            _ => {
+                // bf16: the upper half, rounded to nearest even; NaN gets its quiet bit.
+                let bits = _mm512_castps_si512(v);
+                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+                let up = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
+                let nan = _mm512_cmpgt_epu32_mask(
+                    _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff)),
+                    _mm512_set1_epi32(0x7f80_0000),
+                );
+                let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
+                let r = _mm512_mask_mov_epi32(_mm512_srli_epi32::<16>(up), nan, quiet);
+                _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(r));
+            }
+        }
+    }
+    out
 }
 
 /// Widens a task's scales and biases: `(c0, cols, scales out, biases out)`.
@@ -788,6 +850,74 @@ unsafe fn pack_tile(
 
 #[cfg(test)]
 mod tests {
+    use half::{bf16, f16};
+
+    /// The vector narrowing matches `Float::from_f32` bit for bit: ties, NaN, infinities,
+    /// overflow, subnormals of both widths, random values.
+    #[test]
+    fn narrow16_matches_from_f32() {
+        if !super::super::x86::available() {
+            println!("skipped: no AVX-512 here");
+            return;
+        }
+        let mut vals = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            f32::from_bits(0x0000_8000),
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x3f80_7fff),
+            65504.0,
+            65520.0,
+            6.0e-8,
+            3.0e-8,
+            1.0e-5,
+            2049.0,
+            2051.0,
+        ];
+        let mut state = 0x1234_5678u32;
+        vals.extend((0..1000).map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            f32::from_bits(state)
+        }));
+        vals.resize(vals.len().div_ceil(16) * 16, 1.5);
+        for chunk in vals.chunks(16) {
+            // SAFETY: AVX-512 F/BW/VL checked above; 16 floats.
+            let v = unsafe { std::arch::x86_64::_mm512_loadu_ps(chunk.as_ptr()) };
+            // SAFETY: as above.
+            let (b, h) = unsafe { (super::narrow16::<bf16>(v), super::narrow16::<f16>(v)) };
+            for (i, &x) in chunk.iter().enumerate() {
+                assert_eq!(
+                    b[i].to_bits(),
+                    bf16::from_f32(x).to_bits(),
+                    "bf16 of {x:e} ({:#x})",
+                    x.to_bits()
+                );
+                assert_eq!(h[i].is_nan(), x.is_nan(), "f16 of {x:e}");
+                if !x.is_nan() {
+                    assert_eq!(
+                        h[i].to_bits(),
+                        f16::from_f32(x).to_bits(),
+                        "f16 of {x:e} ({:#x})",
+                        x.to_bits()
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn config_is_palette_one_with_eight_full_tiles() {
         let c = &super::CONFIG.0;
