@@ -19,11 +19,11 @@
 //! such a value gives what its first plane alone gives.
 //!
 //! **Blocking.** A task owns [`NB`] × 32 output columns (`NB` pairs of 16-row W tiles). Per
-//! block of [`KC`] values of K it decodes its rows of W once into their bf16 planes (a 32-code
-//! step is one 64-byte tile row), then for each pair of 16-row tiles of x (which stay in L1
-//! while every W tile of the task passes them) loads the four C tiles (zero, plus the bias
-//! steps, in the first block), and per step and plane pair loads two W and two x tiles for
-//! four `tdpbf16ps`, then stores the C tiles. x is packed once per call into the B-operand
+//! block of [`KC`] values of K and pair of W tiles it decodes those 32 rows of W into their
+//! bf16 planes (a 32-code step is one 64-byte tile row; 32 KiB, in L1), then for each pair of
+//! 16-row tiles of x (x's block stays in L2 for the task's pairs) loads the four C tiles
+//! (zero, plus the bias steps, in the first block), and per step and plane pair loads two W
+//! and two x tiles for four `tdpbf16ps`, then stores the C tiles. x is packed once per call into the B-operand
 //! layout (row `kp` of a tile holds the pairs `x[r,2kp], x[r,2kp+1]` of its 16 rows), rows
 //! past M zero.
 //!
@@ -80,9 +80,9 @@ const fn min_m(bits: usize) -> usize {
 }
 /// Output columns per task: two tiles of 16 rows of W.
 const NT: usize = 32;
-/// Groups of [`NT`] columns per task: x's tiles are loaded once for all of them.
+/// Groups of [`NT`] columns per task: x's block is read from L3 once for all of them.
 const NB: usize = 4;
-/// Values of K per decoded block: 8 steps of 32, 16 KiB of bf16 for the task's 32 rows.
+/// Values of K per decoded block: 8 steps of 32, 16 KiB of bf16 a plane for 32 rows of W.
 const KC: usize = 256;
 /// Values of K per tile step (one 64-byte row of bf16).
 const STEP: usize = 32;
@@ -429,7 +429,7 @@ unsafe fn gemm<const BITS: usize>(
             let cols = (NT * NB).min(n - c0);
             let nbs = cols.div_ceil(NT);
             let cols_of = |nb: usize| NT.min(cols - nb * NT);
-            panel.resize(NB * pl, ZERO);
+            panel.resize(pl, ZERO);
             bpanel.resize(NB * bl, ZERO);
             acc.resize(NB * al, ZERO);
             sv.resize(NB * NT * groups, 0.0);
@@ -446,6 +446,14 @@ unsafe fn gemm<const BITS: usize>(
                 tile::configure();
                 for k0 in (0..k).step_by(KC) {
                     let len = KC.min(k - k0);
+                    let t = Task {
+                        xv: xv_ref,
+                        shape: &shape,
+                        wplanes,
+                        step0: k0 / STEP,
+                    };
+                    // Each pair of W tiles is decoded into the L1-resident panel and passes
+                    // every tile of x's block (which stays in L2) while it is there.
                     for nb in 0..nbs {
                         let block = Block {
                             packed: w.packed,
@@ -458,21 +466,11 @@ unsafe fn gemm<const BITS: usize>(
                             groups,
                         };
                         let svn = &sv[nb * NT * groups..];
-                        decode_block::<BITS>(&block, svn, wplanes, &mut panel[nb * pl..]);
-                    }
-                    let t = Task {
-                        xv: xv_ref,
-                        shape: &shape,
-                        wplanes,
-                        step0: k0 / STEP,
-                    };
-                    // x's tiles for a pair stay in L1 while every W tile of the task
-                    // passes them.
-                    for mt in (0..mts).step_by(2) {
-                        for nb in 0..nbs {
+                        decode_block::<BITS>(&block, svn, wplanes, panel);
+                        let bn = &bpanel[nb * bl..][..bl];
+                        for mt in (0..mts).step_by(2) {
                             let pair = &mut acc[nb * al + mt / 2 * 64..][..64];
-                            let (pn, bn) = (&panel[nb * pl..], &bpanel[nb * bl..][..bl]);
-                            t.run(mt, mt + 1 < mts, k0 == 0, pn, len / STEP, bn, pair);
+                            t.run(mt, mt + 1 < mts, k0 == 0, panel, len / STEP, bn, pair);
                         }
                     }
                 }
