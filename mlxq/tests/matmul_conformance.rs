@@ -93,8 +93,9 @@ fn exact_variants() -> impl Iterator<Item = &'static &'static str> {
 fn matmul_sweep_bits_groups_dtypes_transposes_and_odd_shapes() {
     for variant in exact_variants() {
         // The blocked GEMMs take over from 8 rows (17 where `avx512vnni` applies; 6 on
-        // AVX2): rows around their 8- (6-) row tiles, around the hand-over and past whole
-        // tiles; fewer rows run the decode kernels under their name.
+        // AVX2; `amx` from 32 or 64, below which `avx512gemm` runs): rows around their 8-
+        // (6-) row tiles, around the hand-over and past whole tiles; fewer rows run the
+        // kernels handed to, under their name.
         let ms: &[usize] = if *variant == "avx512gemm" || *variant == "amx" {
             &[1, 8, 9, 16, 17, 33, 128, 130]
         } else if *variant == "avx2gemm" {

@@ -47,12 +47,9 @@ pub(crate) const QMM_T_AMX: Variant = Variant {
     name: "amx",
     supports: |k| (super::x86_gemm::QMM_T_GEMM.supports)(k) && available(),
     decode: Some(|k| {
-        let gemm = super::x86_gemm::QMM_T_GEMM.name;
-        let below = super::x86_gemm::decode_kernel(k).0;
-        vec![
-            (below, super::x86_gemm::decode_name(k)),
-            (min_m(k.bits as usize), gemm),
-        ]
+        let mut below = super::x86_gemm::handoffs(k);
+        below.push((min_m(k.bits as usize), super::x86_gemm::QMM_T_GEMM.name));
+        below
     }),
     build: |k| {
         let small = super::x86_gemm::decode_kernel(k).1;
@@ -279,7 +276,7 @@ fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>)
     let write = |c0: usize, cols: usize, acc: &[f32]| {
         for mt in 0..m.div_ceil(16) {
             for ct in 0..cols.div_ceil(16) {
-                let tile = &acc[acc_index(mt * 16, ct * 16)..][..256];
+                let tile = &acc[tile_index(mt, ct)..][..256];
                 let (rows, width) = (16.min(m - mt * 16), 16.min(cols - ct * 16));
                 // SAFETY: this variant runs where AVX-512 is present; the task of columns
                 // c0.. alone writes them, in every row.
@@ -295,13 +292,12 @@ fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>)
     Ok(())
 }
 
-/// Where the accumulator of row `r` of x and column `c` of a task lies in its C tiles as
-/// stored: per pair of x tiles four tiles (W rows 0..16 × x tile 0, × x tile 1, W rows
-/// 16..32 × x tile 0, × x tile 1), each 16 W rows × 16 rows of x.
+/// Where the C tile of x tile `mt` and W tile `ct` (0 or 1) of a pair of W tiles starts in
+/// its accumulators as stored: per pair of x tiles four tiles (W rows 0..16 × x tile 0,
+/// × x tile 1, W rows 16..32 × x tile 0, × x tile 1), each 16 W rows × 16 rows of x.
 #[inline(always)]
-fn acc_index(r: usize, c: usize) -> usize {
-    let (mt, rr) = (r / 16, r % 16);
-    ((mt / 2) * 4 + (c / 16) * 2 + mt % 2) * 256 + (c % 16) * 16 + rr
+fn tile_index(mt: usize, ct: usize) -> usize {
+    ((mt / 2) * 4 + ct * 2 + mt % 2) * 256
 }
 
 /// Writes a stored C tile (16 columns of output × 16 rows of x) transposed into `out`: row
@@ -413,7 +409,7 @@ unsafe fn gemm<const BITS: usize>(
             let rows = 16.min(m - mt * 16);
             let xt = &x[mt * 16 * k..(mt * 16 + rows) * k];
             // SAFETY: the caller's contract (AVX-512 and BF16 present); `dst` sized above.
-            unsafe { pack_x(xt, rows, k, g, xplanes, dst) };
+            unsafe { pack_x(xt, rows, k, g, &shape, dst) };
         });
     let xv_ref = &xv[..];
     let (pl, bl, al) = (
@@ -494,14 +490,27 @@ struct XShape {
 }
 
 impl XShape {
-    /// First line of plane 0 of step `s` (bias steps from `steps` on) of x tile `mt`.
+    /// Planes of step `s`: x's, or the 3 of Σx for the bias steps (from `steps` on).
+    fn planes(&self, s: usize) -> usize {
+        if s < self.steps {
+            self.xplanes
+        } else {
+            3
+        }
+    }
+
+    /// First plane of step `s` within a tile.
+    fn plane0(&self, s: usize) -> usize {
+        if s < self.steps {
+            s * self.xplanes
+        } else {
+            self.steps * self.xplanes + (s - self.steps) * 3
+        }
+    }
+
+    /// First line of plane 0 of step `s` of x tile `mt`.
     fn at(&self, mt: usize, s: usize) -> usize {
-        mt * self.tile_lines
-            + 16 * if s < self.steps {
-                s * self.xplanes
-            } else {
-                self.steps * self.xplanes + (s - self.steps) * 3
-            }
+        mt * self.tile_lines + 16 * self.plane0(s)
     }
 }
 
@@ -546,7 +555,7 @@ impl Task<'_> {
                 let bsteps = bpanel.len() / (self.wplanes * 32);
                 for b in 0..bsteps {
                     let s = self.shape.steps + b;
-                    self.step(mt, two, s, 3, &bpanel[b * self.wplanes * 32..]);
+                    self.step(mt, two, s, &bpanel[b * self.wplanes * 32..]);
                 }
             } else {
                 tile::load::<0>(cp);
@@ -558,7 +567,7 @@ impl Task<'_> {
             }
             for s in 0..nsteps {
                 let a = &panel[s * self.wplanes * 32..];
-                self.step(mt, two, self.step0 + s, self.shape.xplanes, a);
+                self.step(mt, two, self.step0 + s, a);
             }
             tile::store::<0>(cp);
             tile::store::<2>(cp.add(2048));
@@ -575,7 +584,8 @@ impl Task<'_> {
     /// # Safety
     /// As [`Task::run`].
     #[inline(always)]
-    unsafe fn step(&self, mt: usize, two: bool, s: usize, xplanes: usize, a: &[Line]) {
+    unsafe fn step(&self, mt: usize, two: bool, s: usize, a: &[Line]) {
+        let xplanes = self.shape.planes(s);
         let x0 = &self.xv[self.shape.at(mt, s)..][..xplanes * 16];
         let x1 = if two {
             &self.xv[self.shape.at(mt + 1, s)..][..xplanes * 16]
@@ -772,7 +782,7 @@ unsafe fn codes32<const BITS: usize>(p: *const u8) -> (__m512, __m512) {
 /// # Safety
 /// The CPU has AVX-512 F/BW/VL and BF16; `dst` is sized for `k`, `planes` and `g`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn pack_x(x: &[f32], rows: usize, k: usize, g: usize, planes: usize, dst: &mut [Line]) {
+unsafe fn pack_x(x: &[f32], rows: usize, k: usize, g: usize, shape: &XShape, dst: &mut [Line]) {
     let groups = k / g;
     // Σx per row, 32 groups a bias step, zero past the last group.
     let bsteps = groups.div_ceil(STEP);
@@ -781,7 +791,7 @@ unsafe fn pack_x(x: &[f32], rows: usize, k: usize, g: usize, planes: usize, dst:
         sums.clear();
         sums.resize(16 * bsteps * STEP, 0.0);
         // SAFETY: the caller's contract.
-        unsafe { pack_tile(x, rows, k, g, planes, &mut sums, dst) }
+        unsafe { pack_tile(x, rows, k, g, shape, &mut sums, dst) }
     })
 }
 
@@ -795,11 +805,11 @@ unsafe fn pack_tile(
     rows: usize,
     k: usize,
     g: usize,
-    planes: usize,
+    shape: &XShape,
     sums: &mut [f32],
     dst: &mut [Line],
 ) {
-    let steps = k / STEP;
+    let steps = shape.steps;
     let bsteps = (k / g).div_ceil(STEP);
     for r in 0..rows {
         let xr = &x[r * k..][..k];
@@ -814,11 +824,7 @@ unsafe fn pack_tile(
     }
     let total = steps + bsteps;
     for s in 0..total {
-        let (np, base) = if s < steps {
-            (planes, s * planes)
-        } else {
-            (3, steps * planes + (s - steps) * 3)
-        };
+        let (np, base) = (shape.planes(s), shape.plane0(s));
         let mut tiles = [[_mm512_setzero_si512(); 16]; 3];
         for r in 0..rows {
             let src = if s < steps {

@@ -49,7 +49,7 @@ pub(crate) const QMM_T_GEMM: Variant = Variant {
             && k.flag
             && super::x86::available()
     },
-    decode: Some(|k| vec![(decode_kernel(k).0, decode_name(k))]),
+    decode: Some(handoffs),
     build: |k| {
         let small = decode_kernel(k).1;
         crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
@@ -74,13 +74,16 @@ pub(crate) fn decode_kernel(k: &crate::registry::KernelKey) -> (usize, u8) {
     }
 }
 
-/// The name of the decode kernel [`decode_kernel`] picks for `k`.
-pub(crate) fn decode_name(k: &crate::registry::KernelKey) -> &'static str {
-    match decode_kernel(k).1 {
+/// The variant's hand-off: below how many rows, and to which decode kernel (the one
+/// [`decode_kernel`] picks for `k`).
+pub(crate) fn handoffs(k: &crate::registry::KernelKey) -> Vec<(usize, &'static str)> {
+    let (below, small) = decode_kernel(k);
+    let name = match small {
         SMALL_VNNI => super::x86_vnni::QMM_T_VNNI.name,
         SMALL_BF16 => super::x86_bf16::QMM_T_BF16.name,
         _ => super::x86::QMV_T.name,
-    }
+    };
+    vec![(below, name)]
 }
 
 /// Which decode kernel runs fewer than [`MIN_M`] rows: `avx512vnni`, `avx512bf16`, `avx512`.
