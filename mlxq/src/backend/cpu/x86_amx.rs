@@ -462,7 +462,11 @@ unsafe fn gemm<const BITS: usize>(
                             groups,
                         };
                         let svn = &sv[nb * NT * groups..];
-                        decode_block::<BITS>(&block, svn, wplanes, panel);
+                        if BITS <= 6 {
+                            decode_block::<BITS, true>(&block, svn, wplanes, panel);
+                        } else {
+                            decode_block::<BITS, false>(&block, svn, wplanes, panel);
+                        }
                         let bn = &bpanel[nb * bl..][..bl];
                         for mt in (0..mts).step_by(2) {
                             let pair = &mut acc[nb * al + mt / 2 * 64..][..64];
@@ -651,12 +655,15 @@ fn split(mut lo: __m512, mut hi: __m512, planes: usize, mut out: impl FnMut(usiz
 
 /// Decodes the block's W rows (zero past `cols`) times their scales into `panel`: step `s`,
 /// plane `j`, W tile `i` (rows 16i..16i + 16) at lines `((s·planes + j)·2 + i)·16..`.
+/// With `LUT` (widths ≤ 6) each row and group gets a table of its `2^BITS` values' planes
+/// once ([`row_table`]) and each step is one `vpermw` per plane; otherwise every code is
+/// converted, scaled and split. Both give the same bits.
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW/VL/VBMI and BF16; `packed` holds every row of W, `sv` the
 /// task's scales `[column][group]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
-unsafe fn decode_block<const BITS: usize>(
+unsafe fn decode_block<const BITS: usize, const LUT: bool>(
     b: &Block<'_>,
     sv: &[f32],
     planes: usize,
@@ -664,41 +671,94 @@ unsafe fn decode_block<const BITS: usize>(
 ) {
     let step_bytes = STEP / 8 * BITS;
     let nsteps = b.len / STEP;
-    for r in 0..NT {
-        let line = |s: usize, j: usize| ((s * planes + j) * 2 + r / 16) * 16 + r % 16;
-        if r >= b.cols {
-            for s in 0..nsteps {
-                for j in 0..planes {
-                    panel[line(s, j)] = ZERO;
-                }
-            }
-            continue;
-        }
-        let row = &b.packed[(b.c0 + r) * b.row_bytes + b.k0 / 8 * BITS..][..b.len / 8 * BITS];
+    // Steps per group, and the block's first group.
+    let (spg, j0) = (b.g / STEP, b.k0 / b.g);
+    let line = |r: usize, s: usize, j: usize| ((s * planes + j) * 2 + r / 16) * 16 + r % 16;
+    let store = |panel: &mut [Line], r: usize, s: usize, j: usize, v: __m512i| {
+        // SAFETY: a 64-byte line.
+        unsafe { _mm512_storeu_si512(panel[line(r, s, j)].0.as_mut_ptr() as *mut __m512i, v) }
+    };
+    let row_of = |r: usize| {
+        let at = (b.c0 + r) * b.row_bytes + b.k0 / 8 * BITS;
         // The row's next block: 32 × 4 rows stream side by side, more than the hardware
         // prefetchers follow. (A prefetch never faults; these stay inside the row anyway.)
-        let next = &b.packed[(b.c0 + r) * b.row_bytes..][..b.row_bytes];
-        for off in (b.k0 / 8 * BITS + row.len()..next.len().min(b.k0 / 8 * BITS + 2 * row.len()))
-            .step_by(64)
-        {
-            _mm_prefetch::<_MM_HINT_T0>(next[off..].as_ptr() as *const i8);
+        let len = b.len / 8 * BITS;
+        let end = ((b.c0 + r + 1) * b.row_bytes).min(at + 2 * len);
+        for off in (at + len..end).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(b.packed[off..].as_ptr() as *const i8);
         }
+        &b.packed[at..][..len]
+    };
+    // Rows past `cols` are zero.
+    for r in b.cols.min(NT)..NT {
         for s in 0..nsteps {
-            let src = &row[s * step_bytes..][..step_bytes];
-            let scale = _mm512_set1_ps(sv[r * b.groups + (b.k0 + s * STEP) / b.g]);
-            // SAFETY: `src` holds the step's bytes (sliced above); the CPU has the features.
-            let (lo, hi) = unsafe { codes32::<BITS>(src.as_ptr()) };
-            split(
-                _mm512_mul_ps(lo, scale),
-                _mm512_mul_ps(hi, scale),
-                planes,
-                |j, v| {
-                    // SAFETY: a 64-byte line.
-                    unsafe {
-                        _mm512_storeu_si512(panel[line(s, j)].0.as_mut_ptr() as *mut __m512i, v)
+            for j in 0..planes {
+                panel[line(r, s, j)] = ZERO;
+            }
+        }
+    }
+    if LUT && BITS <= 4 {
+        // Two rows a table: row r in entries 0..16, row r + 1 in 16..32.
+        for r in (0..b.cols.min(NT)).step_by(2) {
+            let two = r + 1 < b.cols;
+            let row0 = row_of(r);
+            let row1 = if two { row_of(r + 1) } else { row0 };
+            for gi in 0..nsteps / spg {
+                let j = j0 + gi;
+                let s1 = if two { sv[(r + 1) * b.groups + j] } else { 0.0 };
+                let table = row_table::<BITS>(sv[r * b.groups + j], s1, planes);
+                for s in gi * spg..(gi + 1) * spg {
+                    // SAFETY: the step's bytes lie inside the rows; the CPU has the features.
+                    let (i0, i1) = unsafe {
+                        (
+                            indices32::<BITS, false>(row0[s * step_bytes..].as_ptr()),
+                            indices32::<BITS, true>(row1[s * step_bytes..].as_ptr()),
+                        )
+                    };
+                    for (p, t) in table.iter().enumerate().take(planes) {
+                        store(panel, r, s, p, _mm512_permutexvar_epi16(i0, t[0]));
+                        if two {
+                            store(panel, r + 1, s, p, _mm512_permutexvar_epi16(i1, t[0]));
+                        }
                     }
-                },
-            );
+                }
+            }
+        }
+    } else if LUT {
+        for r in 0..b.cols.min(NT) {
+            let row = row_of(r);
+            for gi in 0..nsteps / spg {
+                let s0 = sv[r * b.groups + j0 + gi];
+                let table = row_table::<BITS>(s0, s0, planes);
+                for s in gi * spg..(gi + 1) * spg {
+                    // SAFETY: the step's bytes lie inside `row`; the CPU has the features.
+                    let idx = unsafe { indices32::<BITS, false>(row[s * step_bytes..].as_ptr()) };
+                    for (p, t) in table.iter().enumerate().take(planes) {
+                        let v = if BITS == 6 {
+                            _mm512_permutex2var_epi16(t[0], idx, t[1])
+                        } else {
+                            _mm512_permutexvar_epi16(idx, t[0])
+                        };
+                        store(panel, r, s, p, v);
+                    }
+                }
+            }
+        }
+    } else {
+        for r in 0..b.cols.min(NT) {
+            let row = row_of(r);
+            for s in 0..nsteps {
+                let src = &row[s * step_bytes..][..step_bytes];
+                let scale = _mm512_set1_ps(sv[r * b.groups + j0 + s / spg]);
+                // SAFETY: `src` holds the step's bytes (sliced above); the CPU has the features.
+                let (lo, hi) = unsafe { codes32::<BITS>(src.as_ptr()) };
+                split(
+                    _mm512_mul_ps(lo, scale),
+                    _mm512_mul_ps(hi, scale),
+                    planes,
+                    |j, v| store(panel, r, s, j, v),
+                );
+            }
         }
     }
 }
@@ -731,6 +791,69 @@ unsafe fn decode_bias(bv: &[f32], groups: usize, cols: usize, planes: usize, bpa
                 // SAFETY: a 64-byte line.
                 unsafe { _mm512_storeu_si512(line.0.as_mut_ptr() as *mut __m512i, x) };
             });
+        }
+    }
+}
+
+/// The planes of `s·q` for every code `q` of a width (≤ 6 bits) as `vpermw` tables,
+/// `[plane][half]`. Up to 4 bits a table serves two rows: entry `i < 16` holds
+/// `s0·(i mod 2^BITS)`, entry `16 + i` `s1·(i mod 2^BITS)` (see [`indices32`]). At 5 and 6
+/// bits entry `i` of half `h` holds `s0·((32h + i) mod 2^BITS)` (`s1` unused). The same
+/// products and the same [`split`] as the per-code decode, so the same bits.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+fn row_table<const BITS: usize>(s0: f32, s1: f32, planes: usize) -> [[__m512i; 2]; 3] {
+    let mut t = [[_mm512_setzero_si512(); 2]; 3];
+    let codes = |first: i32, s: f32| {
+        let q = _mm512_add_epi32(
+            _mm512_set1_epi32(first),
+            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        );
+        let q = _mm512_and_si512(q, _mm512_set1_epi32((1 << BITS) - 1));
+        _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(s))
+    };
+    if BITS <= 4 {
+        split(codes(0, s0), codes(0, s1), planes, |j, v| t[j][0] = v);
+    } else {
+        (0..if BITS == 6 { 2 } else { 1 }).for_each(|h| {
+            let first = 32 * h as i32;
+            split(codes(first, s0), codes(first + 16, s0), planes, |j, v| {
+                t[j][h] = v
+            });
+        });
+    }
+    t
+}
+
+/// The 32 codes of one step at `p` as 16-bit `vpermw` indices (low 5 bits), in order; with
+/// `ODD` (widths ≤ 4) each plus 16, for the second row of a [`row_table`]. At 4 bits the
+/// words come from the bytes widened to 32 bits, `d | d << 12`: code `2i` in the low nibble
+/// of word `2i`, code `2i + 1` in word `2i + 1`, and bit 4 set by the same ternary logic
+/// that masks the rest.
+///
+/// # Safety
+/// `4·BITS` bytes at `p` are readable; the CPU has AVX-512 F/BW/VL/VBMI.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn indices32<const BITS: usize, const ODD: bool>(p: *const u8) -> __m512i {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if BITS == 4 {
+            let d = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+            let nibbles = _mm512_set1_epi32(0x000f_000f);
+            // (d | d << 12) & nibbles, or (d | d << 12) | !nibbles.
+            if ODD {
+                _mm512_ternarylogic_epi32::<0xfd>(d, _mm512_slli_epi32::<12>(d), nibbles)
+            } else {
+                _mm512_ternarylogic_epi32::<0xa8>(d, _mm512_slli_epi32::<12>(d), nibbles)
+            }
+        } else {
+            let i = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(decode64::<BITS>(p, true)));
+            if ODD {
+                _mm512_or_si512(i, _mm512_set1_epi16(16))
+            } else {
+                i
+            }
         }
     }
 }
@@ -920,6 +1043,81 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The table decode gives the per-code decode's panel bit for bit: every width it
+    /// serves, two and three planes, groups of 32, 64 and 128, a block past the first,
+    /// random codes, scales with zeros, infinities, NaN, subnormals and values near f32's
+    /// limits among random ones, and a last tile of 13 rows.
+    #[test]
+    fn table_decode_matches_per_code_decode() {
+        if !(super::super::x86::available() && std::is_x86_feature_detected!("avx512bf16")) {
+            println!("skipped: no AVX-512 VBMI and BF16 here");
+            return;
+        }
+        fn check<const B: usize>(state: &mut u32) {
+            let mut next = || {
+                *state ^= *state << 13;
+                *state ^= *state >> 17;
+                *state ^= *state << 5;
+                *state
+            };
+            let (k, cols) = (2 * super::KC, super::NT - 3);
+            let row_bytes = k / 8 * B;
+            let packed: Vec<u8> = (0..super::NT * row_bytes).map(|_| next() as u8).collect();
+            let special = [
+                0.0f32,
+                -0.0,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::NAN,
+                f32::MAX,
+                -f32::MAX / 3.0,
+                f32::MIN_POSITIVE,
+                f32::from_bits(5),
+                1.0,
+            ];
+            for g in [32, 64, 128] {
+                let groups = k / g;
+                let sv: Vec<f32> = (0..super::NT * groups)
+                    .map(|i| match next() % 4 {
+                        0 => special[i % special.len()],
+                        1 => f32::from_bits(next()),
+                        _ => f32::from_bits(next() & 0xffff_0000) * 1e-3,
+                    })
+                    .collect();
+                for planes in [2, 3] {
+                    let block = super::Block {
+                        packed: &packed,
+                        row_bytes,
+                        c0: 0,
+                        cols,
+                        k0: super::KC,
+                        len: super::KC,
+                        g,
+                        groups,
+                    };
+                    let lines = super::KC / super::STEP * planes * 32;
+                    let (mut a, mut b) = (vec![super::ZERO; lines], vec![super::ZERO; lines]);
+                    // SAFETY: the features were checked above; the slices are sized as the
+                    // GEMM sizes them.
+                    unsafe {
+                        super::decode_block::<B, true>(&block, &sv, planes, &mut a);
+                        super::decode_block::<B, false>(&block, &sv, planes, &mut b);
+                    }
+                    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                        assert_eq!(x.0, y.0, "{B}-bit, group {g}, {planes} planes, line {i}");
+                    }
+                }
+            }
+        }
+        let mut state = 0x9e37_79b9u32;
+        check::<1>(&mut state);
+        check::<2>(&mut state);
+        check::<3>(&mut state);
+        check::<4>(&mut state);
+        check::<5>(&mut state);
+        check::<6>(&mut state);
     }
 
     #[test]
