@@ -636,9 +636,25 @@ struct Block<'a> {
 /// not finite become zero), handing plane `j` to `out`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-fn split(mut lo: __m512, mut hi: __m512, planes: usize, mut out: impl FnMut(usize, __m512i)) {
+fn split(lo: __m512, hi: __m512, planes: usize, out: impl FnMut(usize, __m512i)) {
+    split_with::<true>(lo, hi, planes, out)
+}
+
+/// [`split`]; without `CHECK` the inputs must be finite and below 2¹²⁷ in magnitude (so that
+/// every plane and remainder is finite, and the masking of [`split`] changes nothing).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+fn split_with<const CHECK: bool>(
+    mut lo: __m512,
+    mut hi: __m512,
+    planes: usize,
+    mut out: impl FnMut(usize, __m512i),
+) {
     let widen = |h: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
     let finite = |v: __m512| {
+        if !CHECK {
+            return v;
+        }
         let ok = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_sub_ps(v, v), _mm512_setzero_ps());
         _mm512_maskz_mov_ps(ok, v)
     };
@@ -669,44 +685,98 @@ unsafe fn decode_block<const BITS: usize, const LUT: bool>(
     planes: usize,
     panel: &mut [Line],
 ) {
-    let step_bytes = STEP / 8 * BITS;
     let nsteps = b.len / STEP;
-    // Steps per group, and the block's first group.
-    let (spg, j0) = (b.g / STEP, b.k0 / b.g);
-    let line = |r: usize, s: usize, j: usize| ((s * planes + j) * 2 + r / 16) * 16 + r % 16;
-    let store = |panel: &mut [Line], r: usize, s: usize, j: usize, v: __m512i| {
-        // SAFETY: a 64-byte line.
-        unsafe { _mm512_storeu_si512(panel[line(r, s, j)].0.as_mut_ptr() as *mut __m512i, v) }
-    };
-    let row_of = |r: usize| {
-        let at = (b.c0 + r) * b.row_bytes + b.k0 / 8 * BITS;
-        // The row's next block: 32 × 4 rows stream side by side, more than the hardware
-        // prefetchers follow. (A prefetch never faults; these stay inside the row anyway.)
-        let len = b.len / 8 * BITS;
-        let end = ((b.c0 + r + 1) * b.row_bytes).min(at + 2 * len);
-        for off in (at + len..end).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(b.packed[off..].as_ptr() as *const i8);
-        }
-        &b.packed[at..][..len]
-    };
     // Rows past `cols` are zero.
     for r in b.cols.min(NT)..NT {
         for s in 0..nsteps {
             for j in 0..planes {
-                panel[line(r, s, j)] = ZERO;
+                panel[line(planes, r, s, j)] = ZERO;
             }
         }
     }
-    if LUT && BITS <= 4 {
+    if LUT {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if planes == 2 {
+                decode_lut::<BITS, 2>(b, sv, panel)
+            } else {
+                decode_lut::<BITS, 3>(b, sv, panel)
+            }
+        }
+        return;
+    }
+    let spg = b.g / STEP;
+    for r in 0..b.cols.min(NT) {
+        let row = b.row::<BITS>(r);
+        for s in 0..nsteps {
+            let src = &row[s * STEP / 8 * BITS..][..STEP / 8 * BITS];
+            let scale = _mm512_set1_ps(sv[r * b.groups + b.k0 / b.g + s / spg]);
+            // SAFETY: `src` holds the step's bytes (sliced above); the CPU has the features.
+            let (lo, hi) = unsafe { codes32::<BITS>(src.as_ptr()) };
+            split(
+                _mm512_mul_ps(lo, scale),
+                _mm512_mul_ps(hi, scale),
+                planes,
+                |j, v| store(panel, line(planes, r, s, j), v),
+            );
+        }
+    }
+}
+
+/// The panel line of row `r`, step `s`, plane `j` (of `planes`).
+#[inline(always)]
+fn line(planes: usize, r: usize, s: usize, j: usize) -> usize {
+    ((s * planes + j) * 2 + r / 16) * 16 + r % 16
+}
+
+/// Stores `v` as panel line `at`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn store(panel: &mut [Line], at: usize, v: __m512i) {
+    // SAFETY: a 64-byte line.
+    unsafe { _mm512_storeu_si512(panel[at].0.as_mut_ptr() as *mut __m512i, v) }
+}
+
+impl Block<'_> {
+    /// Row `r`'s codes of the block, its next block prefetched: 32 × 4 rows stream side by
+    /// side, more than the hardware prefetchers follow. (A prefetch never faults; these stay
+    /// inside the row anyway.)
+    #[inline(always)]
+    fn row<const BITS: usize>(&self, r: usize) -> &[u8] {
+        let at = (self.c0 + r) * self.row_bytes + self.k0 / 8 * BITS;
+        let len = self.len / 8 * BITS;
+        let end = ((self.c0 + r + 1) * self.row_bytes).min(at + 2 * len);
+        for off in (at + len..end).step_by(64) {
+            // SAFETY: SSE is baseline on x86-64.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.packed[off..].as_ptr() as *const i8) };
+        }
+        &self.packed[at..][..len]
+    }
+}
+
+/// [`decode_block`]'s table path for `P` planes, rows below `cols`.
+///
+/// # Safety
+/// As [`decode_block`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
+unsafe fn decode_lut<const BITS: usize, const P: usize>(
+    b: &Block<'_>,
+    sv: &[f32],
+    panel: &mut [Line],
+) {
+    let step_bytes = STEP / 8 * BITS;
+    let (spg, j0, nsteps) = (b.g / STEP, b.k0 / b.g, b.len / STEP);
+    let rows = b.cols.min(NT);
+    if BITS <= 4 {
         // Two rows a table: row r in entries 0..16, row r + 1 in 16..32.
-        for r in (0..b.cols.min(NT)).step_by(2) {
-            let two = r + 1 < b.cols;
-            let row0 = row_of(r);
-            let row1 = if two { row_of(r + 1) } else { row0 };
+        for r in (0..rows).step_by(2) {
+            let two = r + 1 < rows;
+            let row0 = b.row::<BITS>(r);
+            let row1 = if two { b.row::<BITS>(r + 1) } else { row0 };
             for gi in 0..nsteps / spg {
                 let j = j0 + gi;
                 let s1 = if two { sv[(r + 1) * b.groups + j] } else { 0.0 };
-                let table = row_table::<BITS>(sv[r * b.groups + j], s1, planes);
+                let table = row_table::<BITS, P>(sv[r * b.groups + j], s1);
                 for s in gi * spg..(gi + 1) * spg {
                     // SAFETY: the step's bytes lie inside the rows; the CPU has the features.
                     let (i0, i1) = unsafe {
@@ -715,49 +785,34 @@ unsafe fn decode_block<const BITS: usize, const LUT: bool>(
                             indices32::<BITS, true>(row1[s * step_bytes..].as_ptr()),
                         )
                     };
-                    for (p, t) in table.iter().enumerate().take(planes) {
-                        store(panel, r, s, p, _mm512_permutexvar_epi16(i0, t[0]));
+                    for (p, t) in table.iter().enumerate() {
+                        store(panel, line(P, r, s, p), _mm512_permutexvar_epi16(i0, t[0]));
                         if two {
-                            store(panel, r + 1, s, p, _mm512_permutexvar_epi16(i1, t[0]));
+                            let v = _mm512_permutexvar_epi16(i1, t[0]);
+                            store(panel, line(P, r + 1, s, p), v);
                         }
                     }
                 }
             }
         }
-    } else if LUT {
-        for r in 0..b.cols.min(NT) {
-            let row = row_of(r);
+    } else {
+        for r in 0..rows {
+            let row = b.row::<BITS>(r);
             for gi in 0..nsteps / spg {
                 let s0 = sv[r * b.groups + j0 + gi];
-                let table = row_table::<BITS>(s0, s0, planes);
+                let table = row_table::<BITS, P>(s0, s0);
                 for s in gi * spg..(gi + 1) * spg {
                     // SAFETY: the step's bytes lie inside `row`; the CPU has the features.
                     let idx = unsafe { indices32::<BITS, false>(row[s * step_bytes..].as_ptr()) };
-                    for (p, t) in table.iter().enumerate().take(planes) {
+                    for (p, t) in table.iter().enumerate() {
                         let v = if BITS == 6 {
                             _mm512_permutex2var_epi16(t[0], idx, t[1])
                         } else {
                             _mm512_permutexvar_epi16(idx, t[0])
                         };
-                        store(panel, r, s, p, v);
+                        store(panel, line(P, r, s, p), v);
                     }
                 }
-            }
-        }
-    } else {
-        for r in 0..b.cols.min(NT) {
-            let row = row_of(r);
-            for s in 0..nsteps {
-                let src = &row[s * step_bytes..][..step_bytes];
-                let scale = _mm512_set1_ps(sv[r * b.groups + j0 + s / spg]);
-                // SAFETY: `src` holds the step's bytes (sliced above); the CPU has the features.
-                let (lo, hi) = unsafe { codes32::<BITS>(src.as_ptr()) };
-                split(
-                    _mm512_mul_ps(lo, scale),
-                    _mm512_mul_ps(hi, scale),
-                    planes,
-                    |j, v| store(panel, r, s, j, v),
-                );
             }
         }
     }
@@ -799,11 +854,12 @@ unsafe fn decode_bias(bv: &[f32], groups: usize, cols: usize, planes: usize, bpa
 /// `[plane][half]`. Up to 4 bits a table serves two rows: entry `i < 16` holds
 /// `s0·(i mod 2^BITS)`, entry `16 + i` `s1·(i mod 2^BITS)` (see [`indices32`]). At 5 and 6
 /// bits entry `i` of half `h` holds `s0·((32h + i) mod 2^BITS)` (`s1` unused). The same
-/// products and the same [`split`] as the per-code decode, so the same bits.
+/// products and the same [`split`] as the per-code decode, so the same bits (without its
+/// masking where every product is finite and far from overflow, which it would not change).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-fn row_table<const BITS: usize>(s0: f32, s1: f32, planes: usize) -> [[__m512i; 2]; 3] {
-    let mut t = [[_mm512_setzero_si512(); 2]; 3];
+fn row_table<const BITS: usize, const P: usize>(s0: f32, s1: f32) -> [[__m512i; 2]; P] {
+    let mut t = [[_mm512_setzero_si512(); 2]; P];
     let codes = |first: i32, s: f32| {
         let q = _mm512_add_epi32(
             _mm512_set1_epi32(first),
@@ -812,15 +868,22 @@ fn row_table<const BITS: usize>(s0: f32, s1: f32, planes: usize) -> [[__m512i; 2
         let q = _mm512_and_si512(q, _mm512_set1_epi32((1 << BITS) - 1));
         _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(s))
     };
+    // Products below 2¹²⁰ (scales below 2¹¹⁴, codes below 64) and finite: no masking needed.
+    let tame = |s: f32| s.abs() < 2f32.powi(114);
+    let mut half = |h: usize, lo: __m512, hi: __m512| {
+        if tame(s0) && tame(s1) {
+            split_with::<false>(lo, hi, P, |j, v| t[j][h] = v)
+        } else {
+            split(lo, hi, P, |j, v| t[j][h] = v)
+        }
+    };
     if BITS <= 4 {
-        split(codes(0, s0), codes(0, s1), planes, |j, v| t[j][0] = v);
+        half(0, codes(0, s0), codes(0, s1));
     } else {
-        (0..if BITS == 6 { 2 } else { 1 }).for_each(|h| {
-            let first = 32 * h as i32;
-            split(codes(first, s0), codes(first + 16, s0), planes, |j, v| {
-                t[j][h] = v
-            });
-        });
+        half(0, codes(0, s0), codes(16, s0));
+        if BITS == 6 {
+            half(1, codes(32, s0), codes(48, s0));
+        }
     }
     t
 }
