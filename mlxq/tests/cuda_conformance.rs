@@ -708,9 +708,17 @@ fn gather_qmm_with_device_indices() {
             } else {
                 (rows, cols)
             };
-            // 150 x 3 and 37 x 6 pairs: sorted by expert on the device and run as one grouped
-            // GEMM (tensor-core keys), tiles of 64 pairs with partial last tiles.
-            for (tokens, top, m) in [(1, 4, 1), (5, 3, 1), (4, 2, 3), (150, 3, 1), (37, 6, 1)] {
+            // 150 x 3, 37 x 6 and 420 x 2 pairs: sorted by expert on the device and run as one
+            // grouped GEMM (tensor-core keys), tiles of 64 or 128 pairs with partial last tiles
+            // (420 x 2 gives each expert more than 128).
+            for (tokens, top, m) in [
+                (1, 4, 1),
+                (5, 3, 1),
+                (4, 2, 3),
+                (150, 3, 1),
+                (37, 6, 1),
+                (420, 2, 1),
+            ] {
                 let x = Buffer::from_f32(
                     &randn(&mut rng, tokens * m * kk),
                     dtype,

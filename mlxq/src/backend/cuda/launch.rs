@@ -349,14 +349,37 @@ pub(crate) fn qmm(
         && knob("MLXQ_GATHER_SORT_OFF").is_none()
     {
         // gather_qmm over many (token, expert) pairs: sort the pairs by expert on the device
-        // (gather_sort), then one grouped tensor-core GEMM over tiles of 64 pairs of one
-        // expert, each expert's W read once per tile instead of once per pair.
-        const TM: u64 = 64;
-        let tiles = entries.div_ceil(TM) + w_count; // worst case over any index values
+        // (gather_sort), then one grouped tensor-core GEMM over tiles of pairs of one expert
+        // (64, or the GEMM's token width), each expert's W read once per tile instead of once
+        // per pair.
+        // On Hopper the wgmma tile (qmm_wg_g64), elsewhere (or K not a multiple of 128) the
+        // 4-stage mma.sync tile (run 5, 512 tokens of 64 x 2048x2048 4-bit, sort included:
+        // 332 µs against 406 for qmm_tc_g8 in run 4). MLXQ_TILE_G=g|g6 forces the mma.sync tile
+        // (4 or 6 stages), =wg the wgmma tile, =off restores qmm_tc_g8, =ws the warp-specialised
+        // qmm_ws_g64 (runs 12 and 13: 309-312 µs against 218 at 512 tokens, 4-bit: its
+        // producer copies the pairs' x rows by cp.async, 16 per lane and step), =wg128 the wgmma
+        // tile of 128 pairs (one tile for most experts, each expert's W dequantised once; the
+        // default at 8 bits, 5% slower than wg at 4).
+        let fits = |t: &&Tile| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]);
+        let tile = match knob("MLXQ_TILE_G") {
+            Some("off") => None,
+            Some("g6") => Some(&TILES[5]),
+            Some("g") => Some(&TILES[2]),
+            Some("wg") => Some(&TILES[9]),
+            Some("ws") => Some(&TILES[14]),
+            Some("wg128") => Some(&TILES[15]),
+            // 8-bit: the 128-pair tile (session 16, 512 tokens: 278-284 µs against 305-319).
+            _ if spec.bits() == 8 => Some(&TILES[15]).filter(fits).or(Some(&TILES[2])),
+            _ => Some(&TILES[9]).filter(fits).or(Some(&TILES[2])),
+        }
+        .filter(fits);
+        // Tiles of the GEMM's token width: its pairs share each dequantised weight.
+        let tm = tile.map_or(64, |t| t.bm);
+        let tiles = entries.div_ceil(tm) + w_count; // worst case over any index values
         let bytes = 16 + 16 * tiles + 16 * entries;
         let (t32, tm32) = (
             u32::try_from(tiles).map_err(|_| Error::SizeOverflow { op, what: "grid" })?,
-            TM as u32,
+            tm as u32,
         );
         if tiles > 65535 {
             return Err(Error::SizeOverflow { op, what: "grid" });
@@ -382,24 +405,8 @@ pub(crate) fn qmm(
         }
         .map_err(driver(op))?;
         let w_stride = words_per_matrix;
-        // On Hopper the wgmma tile (qmm_wg_g64), elsewhere (or K not a multiple of 128) the
-        // 4-stage mma.sync tile (run 5, 512 tokens of 64 x 2048x2048 4-bit, sort included:
-        // 332 µs against 406 for qmm_tc_g8 in run 4). MLXQ_TILE_G=g|g6 forces the mma.sync tile
-        // (4 or 6 stages), =wg the wgmma tile, =off restores qmm_tc_g8, =ws the warp-specialised
-        // qmm_ws_g64 (runs 12 and 13: 309-312 µs against 218 at 512 tokens, 4-bit: its
-        // producer copies the pairs' x rows by cp.async, 16 per lane and step).
-        let fits = |t: &&Tile| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]);
-        let tile = match knob("MLXQ_TILE_G") {
-            Some("off") => None,
-            Some("g6") => Some(&TILES[5]),
-            Some("g") => Some(&TILES[2]),
-            Some("wg") => Some(&TILES[9]),
-            Some("ws") => Some(&TILES[14]),
-            _ => Some(&TILES[9]).filter(fits).or(Some(&TILES[2])),
-        }
-        .filter(fits);
         if let Some(t) = tile {
-            // The tiled GEMM over the same tiles of TM = 64 pairs (its BM).
+            // The tiled GEMM over the same tiles of `tm` pairs (its BM).
             let f = k.func_named(t.entry)?;
             let args = TileArgs {
                 ptrs: [px, pw, ps, pb, po],
@@ -982,7 +989,7 @@ struct Tile {
 /// qmm_tile_l, _m, _g, _l5, _m6, _g6, as in `qmm_tile.cu`; then qmm_wg_256, _128, _64 and the
 /// grouped _g64 as in `qmm_wg.cu` (BT tokens x 128 rows per block, 256 threads); then the
 /// warp-specialised qmm_ws_256, _256s5, _128, _64 and _g64 (384 threads).
-const TILES: [Tile; 15] = [
+const TILES: [Tile; 16] = [
     tile("qmm_tile_l", 256, 128, 256, 4),
     tile("qmm_tile_m", 128, 128, 512, 4),
     tile("qmm_tile_g", 64, 128, 256, 4),
@@ -998,6 +1005,7 @@ const TILES: [Tile; 15] = [
     ws_tile("qmm_ws_128", 128, 6),
     ws_tile("qmm_ws_64", 64, 6),
     ws_tile("qmm_ws_g64", 64, 6),
+    wg_tile("qmm_wg_g128", 128, 6),
 ];
 
 /// The wgmma tiles of [`TILES`] for one W matrix, widest token tile first.

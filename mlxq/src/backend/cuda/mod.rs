@@ -301,6 +301,7 @@ const TABLE: &[Variant] = &[
             "qmm_ws_128",
             "qmm_ws_64",
             "qmm_ws_g64",
+            "qmm_wg_g128",
         ],
         fmad: true,
         defines: |k| {

@@ -521,6 +521,7 @@ QMM_WG(qmm_wg_256, 256, 4, false)
 QMM_WG(qmm_wg_128, 128, 6, false)
 QMM_WG(qmm_wg_64, 64, 6, false)
 QMM_WG(qmm_wg_g64, 64, 6, true)
+QMM_WG(qmm_wg_g128, 128, 6, true)
 #endif
 
 #if WG_OK
