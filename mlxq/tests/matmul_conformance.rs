@@ -93,7 +93,7 @@ fn exact_variants() -> impl Iterator<Item = &'static &'static str> {
 fn matmul_sweep_bits_groups_dtypes_transposes_and_odd_shapes() {
     for variant in exact_variants() {
         // The blocked GEMMs take over from 8 rows (17 where `avx512vnni` applies; 6 on
-        // AVX2; `amx` from 32 or 64, below which `avx512gemm` runs): rows around their 8-
+        // AVX2; `amx` from 16 or 32, below which `avx512gemm` runs): rows around their 8-
         // (6-) row tiles, around the hand-over and past whole tiles; fewer rows run the
         // kernels handed to, under their name.
         let ms: &[usize] = if *variant == "avx512gemm" || *variant == "amx" {
@@ -161,7 +161,7 @@ fn sweep(variant: &'static str, ms: &[usize]) {
                                     .iter()
                                     .any(|v| ran.ends_with(&format!("_{v}"))))
                                 || (expect == "amx"
-                                    && m < 64
+                                    && m < 32
                                     && ["avx512vnni", "avx512bf16", "avx512", "avx512gemm"]
                                         .iter()
                                         .any(|v| ran.ends_with(&format!("_{v}"))))
@@ -354,7 +354,7 @@ fn gather_qmm_matches_reference_and_a_loop_of_matmuls() {
 }
 
 /// Prefill through MoE: many tokens per expert, so each expert's rows (~128) run the blocked
-/// GEMMs (`amx` from 32 or 64 rows); every variant, against the oracle, into NaN-free outputs.
+/// GEMMs (`amx` from 16 or 32 rows); every variant, against the oracle, into NaN-free outputs.
 #[test]
 fn gather_qmm_many_tokens_per_expert_every_variant() {
     let mut rng = StdRng::seed_from_u64(77);

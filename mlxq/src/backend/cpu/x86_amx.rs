@@ -27,7 +27,7 @@
 //! layout (row `kp` of a tile holds the pairs `x[r,2kp], x[r,2kp+1]` of its 16 rows), rows
 //! past M zero.
 //!
-//! Fewer than [`min_m`] rows (32 or 64) take `avx512gemm`, which hands the fewest to its
+//! Fewer than [`min_m`] rows (16 or 32) take `avx512gemm`, which hands the fewest to its
 //! decode kernels.
 
 use super::qmm::QmmArgs;
@@ -47,8 +47,16 @@ pub(crate) const QMM_T_AMX: Variant = Variant {
     name: "amx",
     supports: |k| (super::x86_gemm::QMM_T_GEMM.supports)(k) && available(),
     decode: Some(|k| {
-        let mut below = super::x86_gemm::handoffs(k);
-        below.push((min_m(k.bits as usize), super::x86_gemm::QMM_T_GEMM.name));
+        // As the calls go: fewer than `min_m` rows to `avx512gemm`, which hands its fewest on
+        // (so its decode kernels' range ends at `min_m` at the latest).
+        let top = min_m(k.bits as usize);
+        let mut below: Vec<_> = super::x86_gemm::handoffs(k)
+            .into_iter()
+            .map(|(rows, name)| (rows.min(top), name))
+            .collect();
+        if below.last().is_none_or(|&(rows, _)| rows < top) {
+            below.push((top, super::x86_gemm::QMM_T_GEMM.name));
+        }
         below
     }),
     build: |k| {
@@ -66,13 +74,14 @@ pub(crate) const QMM_T_AMX: Variant = Variant {
 };
 
 /// Rows of x from which the tiles beat `avx512gemm` and the decode kernels it hands few
-/// rows to: 32 for codes of ≤ 4 bits, 64 for wider ones, whose larger rows cost the panel
-/// decode more (`mlxq bench`, 4096×4096, session 15 of docs/perf.md).
+/// rows to: 16 for codes of ≤ 4 bits, 32 for wider ones (`mlxq bench`, 4096×4096, session 16
+/// of docs/perf.md: at 16 rows 4-bit is clearly faster on the tiles, 5- and 6-bit within the
+/// noise; at 32 rows every width is).
 const fn min_m(bits: usize) -> usize {
     if bits <= 4 {
-        32
+        16
     } else {
-        64
+        32
     }
 }
 /// Output columns per task: two tiles of 16 rows of W.
