@@ -15,6 +15,12 @@ use rayon::prelude::*;
 
 const OP: &str = "gather_qmm";
 
+thread_local! {
+    /// An expert's gathered x rows and its output rows (f32 storage), per thread.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// Batched matmul with index gathers on both sides.
 ///
 /// `x` is `[..xb, M, K]` (at least 2-D), `w` `[..wb, N, K]` (transpose) or `[..wb, K, N]`.
@@ -145,42 +151,56 @@ pub fn gather_qmm(
     let row_bytes = m * out_dim * out_dtype.size();
     // Experts run concurrently (each kernel is itself parallel over its columns), so a
     // decode step's k small matmuls share the cores instead of queueing one after another.
+    // Each expert's job owns its pairs' output rows (every pair belongs to one expert) and
+    // writes them from the kernel's contiguous rows.
     let used: Vec<usize> = (0..w_count)
         .filter(|&e| starts[e + 1] > starts[e])
         .collect();
-    let results: Vec<Result<Vec<f32>>> = used
-        .par_iter()
+    let out_bytes = out.bytes_mut()?;
+    let mut rows: Vec<Option<&mut [u8]>> =
+        out_bytes.chunks_exact_mut(row_bytes).map(Some).collect();
+    let jobs: Vec<(usize, Vec<&mut [u8]>)> = used
+        .iter()
         .map(|&e| {
+            let own = order[starts[e]..starts[e + 1]]
+                .iter()
+                .filter_map(|&i| rows[i].take())
+                .collect();
+            (e, own)
+        })
+        .collect();
+    jobs.into_par_iter()
+        .map(|(e, own)| {
+            // Per-thread scratch, reused from call to call (taken for the length of this job;
+            // a job that runs nested on the same thread meanwhile makes its own).
+            let (mut xs, mut ys) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
             let members = &order[starts[e]..starts[e + 1]];
-            let mut xs = Vec::with_capacity(members.len() * xm);
+            xs.clear();
             for &i in members {
                 let xi = lhs[broadcast_index(&index_shape, &lhs_shape, i)];
                 xs.extend_from_slice(&xf[xi * xm..(xi + 1) * xm]);
             }
             // f32 storage keeps the bytes aligned for any output dtype.
             let bytes = members.len() * row_bytes;
-            let mut ys = vec![0f32; bytes.div_ceil(4)];
-            run_qmm(
+            ys.clear();
+            ys.resize(bytes.div_ceil(4), 0.0);
+            let done = run_qmm(
                 &kernel,
                 &xs,
                 members.len() * m,
                 matrix(w, e),
                 &mut bytemuck::cast_slice_mut(&mut ys)[..bytes],
-            )?;
-            Ok(ys)
+            );
+            if done.is_ok() {
+                let ys: &[u8] = bytemuck::cast_slice(&ys);
+                for (dst, y) in own.into_iter().zip(ys.chunks_exact(row_bytes)) {
+                    dst.copy_from_slice(y);
+                }
+            }
+            SCRATCH.with(|s| *s.borrow_mut() = (xs, ys));
+            done
         })
-        .collect();
-    let out_bytes = out.bytes_mut()?;
-    for (&e, ys) in used.iter().zip(results) {
-        let ys = ys?;
-        let ys: &[u8] = bytemuck::cast_slice(&ys);
-        for (&i, y) in order[starts[e]..starts[e + 1]]
-            .iter()
-            .zip(ys.chunks_exact(row_bytes))
-        {
-            out_bytes[i * row_bytes..(i + 1) * row_bytes].copy_from_slice(y);
-        }
-    }
+        .collect::<Result<()>>()?;
     // The largest expert's call names the kernel (fewer rows may take a decode kernel).
     let most = used.iter().map(|&e| starts[e + 1] - starts[e]).max();
     enc.record(kernel.name_for_rows(most.unwrap_or(0) * m));
