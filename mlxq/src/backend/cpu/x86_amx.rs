@@ -20,10 +20,11 @@
 //!
 //! **Blocking.** A task owns [`NB`] × 32 output columns (`NB` pairs of 16-row W tiles). Per
 //! block of [`KC`] values of K and pair of W tiles it decodes those 32 rows of W into their
-//! bf16 planes (a 32-code step is one 64-byte tile row; 32 KiB, in L1), then for each pair of
-//! 16-row tiles of x (x's block stays in L2 for the task's pairs) loads the four C tiles
-//! (zero, plus the bias steps, in the first block), and per step and plane pair loads two W
-//! and two x tiles for four `tdpbf16ps`, then stores the C tiles. x is packed once per call into the B-operand
+//! bf16 planes (a 32-code step is one 64-byte tile row; 32 KiB, in L1; codes of up to 6 bits
+//! through per-row tables of their values' planes), then for each pair of 16-row tiles of x
+//! (x's block stays in L2 for the task's pairs) loads the four C tiles (zero, plus the bias
+//! steps, in the first block), and per step and plane pair loads two W and two x tiles for
+//! four `tdpbf16ps`, then stores the C tiles. x is packed once per call into the B-operand
 //! layout (row `kp` of a tile holds the pairs `x[r,2kp], x[r,2kp+1]` of its 16 rows), rows
 //! past M zero.
 //!
@@ -1051,6 +1052,14 @@ unsafe fn pack_tile(
 mod tests {
     use half::{bf16, f16};
 
+    /// The next value of a xorshift32 sequence (the tests' random bits).
+    fn xorshift(state: &mut u32) -> u32 {
+        *state ^= *state << 13;
+        *state ^= *state >> 17;
+        *state ^= *state << 5;
+        *state
+    }
+
     /// The vector narrowing matches `Float::from_f32` bit for bit: ties, NaN, infinities,
     /// overflow, subnormals of both widths, random values.
     #[test]
@@ -1085,12 +1094,7 @@ mod tests {
             2051.0,
         ];
         let mut state = 0x1234_5678u32;
-        vals.extend((0..1000).map(|_| {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            f32::from_bits(state)
-        }));
+        vals.extend((0..1000).map(|_| f32::from_bits(xorshift(&mut state))));
         vals.resize(vals.len().div_ceil(16) * 16, 1.5);
         for chunk in vals.chunks(16) {
             // SAFETY: AVX-512 F/BW/VL checked above; 16 floats.
@@ -1128,12 +1132,7 @@ mod tests {
             return;
         }
         fn check<const B: usize>(state: &mut u32) {
-            let mut next = || {
-                *state ^= *state << 13;
-                *state ^= *state >> 17;
-                *state ^= *state << 5;
-                *state
-            };
+            let mut next = || xorshift(state);
             let (k, cols) = (2 * super::KC, super::NT - 3);
             let row_bytes = k / 8 * B;
             let packed: Vec<u8> = (0..super::NT * row_bytes).map(|_| next() as u8).collect();

@@ -368,9 +368,10 @@ pub(crate) fn qmm(
             Some("wg") => Some(&TILES[9]),
             Some("ws") => Some(&TILES[14]),
             Some("wg128") => Some(&TILES[15]),
-            // 8-bit: the 128-pair tile (session 16, 512 tokens: 278-284 µs against 305-319).
-            _ if spec.bits() == 8 => Some(&TILES[15]).filter(fits).or(Some(&TILES[2])),
-            _ => Some(&TILES[9]).filter(fits).or(Some(&TILES[2])),
+            // 8-bit on the 128-pair tile (session 16, 512 tokens: 278-284 µs against 305-319).
+            _ => Some(&TILES[if spec.bits() == 8 { 15 } else { 9 }])
+                .filter(fits)
+                .or(Some(&TILES[2])),
         }
         .filter(fits);
         // Tiles of the GEMM's token width: its pairs share each dequantised weight.
