@@ -339,6 +339,27 @@ fn output_buffer_of_the_wrong_shape_or_dtype() {
 }
 
 #[test]
+fn gather_qmm_into_checks_its_output() {
+    let w = weight(&[3, 8, 64]);
+    let x = Buffer::zeros(DType::F32, &[2, 1, 64]).unwrap();
+    let rhs = Buffer::from_slice(&[0u32, 2], &[2]).unwrap();
+    let run = |out: &mut Buffer| {
+        ops::gather_qmm_into(&mut enc(), &x, &w, None, Some(&rhs), true, false, out).unwrap_err()
+    };
+    says(
+        run(&mut Buffer::zeros(DType::F32, &[2, 1, 9]).unwrap()),
+        &["gather_qmm", "out", "[2, 1, 8]", "[2, 1, 9]"],
+    );
+    says(
+        run(&mut Buffer::zeros(DType::BF16, &[2, 1, 8]).unwrap()),
+        &["gather_qmm", "out", "float32", "bfloat16"],
+    );
+    let mut out = Buffer::zeros(DType::F32, &[2, 1, 8]).unwrap();
+    let _alias = out.clone();
+    says(run(&mut out), &["read-only", "shared"]);
+}
+
+#[test]
 fn buffer_too_small_for_its_shape() {
     let e = Buffer::from_bytes(&[0u8; 12], DType::F32, &[2, 2]).unwrap_err();
     assert!(matches!(

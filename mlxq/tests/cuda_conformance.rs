@@ -846,6 +846,72 @@ fn graph_capture_replays_with_new_inputs() {
     }
 }
 
+/// A Mixture-of-Experts step as a graph: `gather_qmm_into` (indices on the device, a
+/// caller-owned output) captured once, replayed with new x and new expert indices. One token
+/// (the decode kernels) and 150 (sorted by expert on the device, a grouped GEMM).
+#[test]
+#[cfg(feature = "cuda")]
+fn gather_into_captured_in_a_graph_replays_with_new_indices() {
+    let Some(dev) = gpu() else { return };
+    let mut enc = dev.encoder();
+    let mut cenc = Device::cpu().encoder();
+    let mut rng = StdRng::seed_from_u64(41);
+    let (experts, n, k, top) = (8, 256, 1024, 2);
+    let spec = QuantSpec::affine(4, 64).unwrap();
+    let w = Buffer::from_f32(
+        &randn(&mut rng, experts * n * k),
+        DType::BF16,
+        &[experts, n, k],
+    )
+    .unwrap();
+    let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
+    let wd = dequantize_f64(&qw).unwrap();
+    let qg = weight_to(&qw, &dev);
+    for tokens in [1, 150] {
+        let new_x = |rng: &mut StdRng| {
+            Buffer::from_f32(&randn(rng, tokens * k), DType::BF16, &[tokens, 1, 1, k]).unwrap()
+        };
+        let new_idx = |rng: &mut StdRng| -> Vec<u32> {
+            (0..tokens * top)
+                .map(|_| rng.gen_range(0..experts as u32))
+                .collect()
+        };
+        let mut x = up(&new_x(&mut rng), &dev);
+        let mut rhs = up(
+            &Buffer::from_slice(&new_idx(&mut rng), &[tokens, top]).unwrap(),
+            &dev,
+        );
+        let mut y = poisoned_on(&dev, DType::BF16, &[tokens, top, 1, n]);
+        let graph = {
+            let (xr, rr, yr) = (&x, &rhs, &mut y);
+            enc.capture(|e| ops::gather_qmm_into(e, xr, &qg, None, Some(rr), true, false, yr))
+                .unwrap()
+        };
+        for step in 0..3 {
+            let (xh, idx) = (new_x(&mut rng), new_idx(&mut rng));
+            x.copy_from(&xh).unwrap();
+            rhs.copy_from(&Buffer::from_slice(&idx, &[tokens, top]).unwrap())
+                .unwrap();
+            graph.replay().unwrap();
+            enc.commit_and_wait().unwrap();
+            let xf: Vec<f64> = xh
+                .to_f32_vec()
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            let mut want = Vec::new();
+            for (i, &e) in idx.iter().enumerate() {
+                let t = i / top;
+                let we = &wd[e as usize * n * k..(e as usize + 1) * n * k];
+                want.extend(matmul_f64(&xf[t * k..(t + 1) * k], 1, we, n, k, true));
+            }
+            let err = error_of(&y, &want).unwrap();
+            assert!(err <= 1e-2, "{tokens} tokens, replay {step}: error {err:e}");
+        }
+    }
+}
+
 #[test]
 #[cfg(feature = "cuda")]
 fn errors_are_clear() {

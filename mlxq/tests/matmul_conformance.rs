@@ -323,6 +323,11 @@ fn gather_qmm_matches_reference_and_a_loop_of_matmuls() {
                 ops::gather_qmm(&mut enc, &x, &w, Some(&lb), Some(&rb), transpose, sorted).unwrap();
             assert_eq!(y.shape(), &[tokens, k, 1, out_dim]);
             assert_eq!(y.dtype(), xdt);
+            // Into a caller's NaN-poisoned output: every element written, the same bits.
+            let mut into = Buffer::from_f32(&vec![f32::NAN; y.numel()], xdt, y.shape()).unwrap();
+            let (l, r) = (Some(&lb), Some(&rb));
+            ops::gather_qmm_into(&mut enc, &x, &w, l, r, transpose, sorted, &mut into).unwrap();
+            assert_eq!(into.bytes(), y.bytes(), "bits {bits}: into");
             let got = got_f64(&y);
             let xs = x_f64(&x);
             for i in 0..tokens * k {

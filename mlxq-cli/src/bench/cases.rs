@@ -222,18 +222,16 @@ pub fn gather(
                 let route = |i: usize| (i / copies.len()) % shifts;
                 let distinct = dedup(base.iter().copied()).len();
                 let mut enc = s.device.encoder();
-                let mut y = None;
+                // The first call makes the output, the others write into it (no allocation
+                // per call, as in a decode loop).
+                let mut y: Option<Buffer> = None;
                 let timing = s.timing.run(|i| {
                     let w = &copies[i % copies.len()];
-                    y = Some(ops::gather_qmm(
-                        &mut enc,
-                        &x,
-                        w,
-                        Some(&lhs),
-                        Some(&routes[route(i)]),
-                        t,
-                        false,
-                    )?);
+                    let (l, r) = (Some(&lhs), Some(&routes[route(i)]));
+                    match &mut y {
+                        Some(out) => ops::gather_qmm_into(&mut enc, &x, w, l, r, t, false, out)?,
+                        None => y = Some(ops::gather_qmm(&mut enc, &x, w, l, r, t, false)?),
+                    }
                     enc.commit_and_wait()?;
                     Ok(())
                 })?;

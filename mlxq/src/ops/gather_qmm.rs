@@ -38,9 +38,82 @@ pub fn gather_qmm(
     transpose: bool,
     sorted: bool,
 ) -> Result<Buffer> {
-    let _ = sorted; // grouping below is stable, so sorted input needs no special path
-    enc.check_location(OP, "x", x)?;
-    enc.check_location(OP, "w", w.packed())?;
+    let p = plan(x, w, lhs_indices, rhs_indices, transpose)?;
+    let mut out = Buffer::uninit_on(enc.device(), p.out_dtype, &p.out_shape)?;
+    run(
+        enc,
+        x,
+        w,
+        lhs_indices,
+        rhs_indices,
+        transpose,
+        sorted,
+        &p,
+        &mut out,
+    )?;
+    Ok(out)
+}
+
+/// [`gather_qmm`] into a caller-owned output of the right shape (`I + [M, N]`) and dtype, so
+/// a Mixture-of-Experts decode step allocates nothing per call and, on CUDA (indices on the
+/// device), can be captured into a graph. Every element of `out` is written.
+#[allow(clippy::too_many_arguments)]
+pub fn gather_qmm_into(
+    enc: &mut CommandEncoder,
+    x: &Buffer,
+    w: &QuantizedWeight,
+    lhs_indices: Option<&Buffer>,
+    rhs_indices: Option<&Buffer>,
+    transpose: bool,
+    sorted: bool,
+    out: &mut Buffer,
+) -> Result<()> {
+    let p = plan(x, w, lhs_indices, rhs_indices, transpose)?;
+    if out.dtype() != p.out_dtype {
+        return Err(Error::dtype(OP, "out", p.out_dtype.name(), out.dtype()));
+    }
+    if out.shape() != p.out_shape.as_slice() {
+        return Err(Error::shape(
+            OP,
+            "out",
+            format!("{:?}", p.out_shape),
+            out.shape(),
+        ));
+    }
+    enc.check_location(OP, "out", out)?;
+    run(
+        enc,
+        x,
+        w,
+        lhs_indices,
+        rhs_indices,
+        transpose,
+        sorted,
+        &p,
+        out,
+    )
+}
+
+/// What [`gather_qmm`] makes of its arguments' shapes (indices unread).
+struct Plan {
+    out_dtype: crate::DType,
+    out_shape: Vec<usize>,
+    index_shape: Vec<usize>,
+    lhs_shape: Vec<usize>,
+    rhs_shape: Vec<usize>,
+    in_dim: usize,
+    out_dim: usize,
+    m: usize,
+    x_count: usize,
+}
+
+fn plan(
+    x: &Buffer,
+    w: &QuantizedWeight,
+    lhs_indices: Option<&Buffer>,
+    rhs_indices: Option<&Buffer>,
+    transpose: bool,
+) -> Result<Plan> {
     let out_dtype = matmul_out_dtype(OP, x.dtype(), w)?;
     let (in_dim, out_dim) = if transpose {
         (w.cols(), w.rows())
@@ -68,66 +141,82 @@ pub fn gather_qmm(
     let x_batch = &xs[..xs.len() - 2];
     let m = xs[xs.len() - 2];
     let x_count = checked_product(OP, "x batch", x_batch.iter().copied())?;
+    let lhs_shape = lhs_indices.map_or(x_batch, Buffer::shape).to_vec();
+    let rhs_shape = rhs_indices.map_or(w.batch_shape(), Buffer::shape).to_vec();
+    let index_shape = broadcast_shapes(OP, "rhs_indices", &lhs_shape, &rhs_shape)?;
+    let mut out_shape = index_shape.clone();
+    out_shape.extend([m, out_dim]);
+    Ok(Plan {
+        out_dtype,
+        out_shape,
+        index_shape,
+        lhs_shape,
+        rhs_shape,
+        in_dim,
+        out_dim,
+        m,
+        x_count,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    enc: &mut CommandEncoder,
+    x: &Buffer,
+    w: &QuantizedWeight,
+    lhs_indices: Option<&Buffer>,
+    rhs_indices: Option<&Buffer>,
+    transpose: bool,
+    sorted: bool,
+    p: &Plan,
+    out: &mut Buffer,
+) -> Result<()> {
+    let _ = sorted; // grouping below is stable, so sorted input needs no special path
+    enc.check_location(OP, "x", x)?;
+    enc.check_location(OP, "w", w.packed())?;
+    let (in_dim, out_dim, m, x_count) = (p.in_dim, p.out_dim, p.m, p.x_count);
+    let out_dtype = p.out_dtype;
     let w_count = w.batch_size();
+    if out.numel() == 0 {
+        return Ok(());
+    }
     #[cfg(feature = "cuda")]
     if enc.device().cuda_state().is_ok() {
         // Indices stay on the device: the kernel resolves them (an out-of-range one is
         // reported by the next `commit_and_wait`).
-        let lhs_shape = lhs_indices.map_or(x_batch, Buffer::shape);
-        let rhs_shape = rhs_indices.map_or(w.batch_shape(), Buffer::shape);
-        let index_shape = broadcast_shapes(OP, "rhs_indices", lhs_shape, rhs_shape)?;
-        let mut out_shape = index_shape.clone();
-        out_shape.extend([m, out_dim]);
-        let out = Buffer::uninit_on(enc.device(), out_dtype, &out_shape)?;
-        if out.numel() == 0 {
-            return Ok(out);
-        }
         let job = crate::backend::cuda::launch::MatmulJob {
-            batch: &index_shape,
-            lhs_shape,
-            rhs_shape,
+            batch: &p.index_shape,
+            lhs_shape: &p.lhs_shape,
+            rhs_shape: &p.rhs_shape,
             lhs: lhs_indices,
             rhs: rhs_indices,
             x_count,
             m,
             transpose,
         };
-        crate::backend::cuda::launch::qmm(enc, OP, x, w, &out, &job)?;
-        return Ok(out);
+        return crate::backend::cuda::launch::qmm(enc, OP, x, w, out, &job);
     }
 
-    let (lhs, lhs_shape) = match lhs_indices {
+    let lhs = match lhs_indices {
         Some(b) => {
             enc.check_location(OP, "lhs_indices", b)?;
-            (
-                read_indices(OP, "lhs_indices", b, x_count)?,
-                b.shape().to_vec(),
-            )
+            read_indices(OP, "lhs_indices", b, x_count)?
         }
-        None => ((0..x_count).collect(), x_batch.to_vec()),
+        None => (0..x_count).collect(),
     };
-    let (rhs, rhs_shape) = match rhs_indices {
+    let rhs = match rhs_indices {
         Some(b) => {
             enc.check_location(OP, "rhs_indices", b)?;
-            (
-                read_indices(OP, "rhs_indices", b, w_count)?,
-                b.shape().to_vec(),
-            )
+            read_indices(OP, "rhs_indices", b, w_count)?
         }
-        None => ((0..w_count).collect(), w.batch_shape().to_vec()),
+        None => (0..w_count).collect(),
     };
-    let index_shape = broadcast_shapes(OP, "rhs_indices", &lhs_shape, &rhs_shape)?;
+    let (index_shape, lhs_shape, rhs_shape) = (&p.index_shape, &p.lhs_shape, &p.rhs_shape);
     let pairs = checked_product(OP, "index count", index_shape.iter().copied())?;
-    let mut out_shape = index_shape.clone();
-    out_shape.extend([m, out_dim]);
-    let mut out = Buffer::zeros(out_dtype, &out_shape)?;
-    if pairs == 0 {
-        return Ok(out);
-    }
 
     // Counting sort of output positions by expert.
     let expert_of: Vec<usize> = (0..pairs)
-        .map(|i| rhs[broadcast_index(&index_shape, &rhs_shape, i)])
+        .map(|i| rhs[broadcast_index(index_shape, rhs_shape, i)])
         .collect();
     let mut starts = vec![0usize; w_count + 1];
     for &e in &expert_of {
@@ -177,7 +266,7 @@ pub fn gather_qmm(
             let members = &order[starts[e]..starts[e + 1]];
             xs.clear();
             for &i in members {
-                let xi = lhs[broadcast_index(&index_shape, &lhs_shape, i)];
+                let xi = lhs[broadcast_index(index_shape, lhs_shape, i)];
                 xs.extend_from_slice(&xf[xi * xm..(xi + 1) * xm]);
             }
             // f32 storage keeps the bytes aligned for any output dtype.
@@ -204,5 +293,5 @@ pub fn gather_qmm(
     // The largest expert's call names the kernel (fewer rows may take a decode kernel).
     let most = used.iter().map(|&e| starts[e + 1] - starts[e]).max();
     enc.record(kernel.name_for_rows(most.unwrap_or(0) * m));
-    Ok(out)
+    Ok(())
 }

@@ -10,7 +10,7 @@ mod quantize;
 
 pub use dequantize::{dequantize, DequantizeOptions};
 pub use embedding::embedding;
-pub use gather_qmm::gather_qmm;
+pub use gather_qmm::{gather_qmm, gather_qmm_into};
 pub use matmul::{quantized_matmul, quantized_matmul_into};
 pub use quantize::{quantize, quantize_into};
 
