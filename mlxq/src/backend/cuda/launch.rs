@@ -30,7 +30,9 @@ struct Batch {
     ndim: u32,
     x_count: u32,
     w_count: u32,
-    pad: u32,
+    /// Bit 0: the index tensors may be read before waiting for the previous kernel (it
+    /// cannot have written them).
+    flags: u32,
 }
 
 // SAFETY: plain `repr(C)` data laid out as the CUDA struct (checked by the size test below).
@@ -94,7 +96,7 @@ pub(crate) fn quantize(
 ) -> Result<()> {
     const OP: &str = "quantize";
     let dev = cuda(enc)?;
-    dev.swap_last_dec(false);
+    dev.swap_last_dec(None);
     let spec = out.spec();
     let key = KernelKey {
         op: OpKind::Quantize,
@@ -149,7 +151,7 @@ pub(crate) fn dequantize(
 ) -> Result<Buffer> {
     const OP: &str = "dequantize";
     let dev = cuda(enc)?;
-    dev.swap_last_dec(false);
+    dev.swap_last_dec(None);
     let out_dtype = opts.dtype.unwrap_or(w.scales_dtype());
     if !out_dtype.is_float() {
         return Err(Error::dtype(
@@ -241,6 +243,18 @@ pub(crate) struct MatmulJob<'a> {
     pub transpose: bool,
 }
 
+/// Whether index tensors at the byte ranges `indices` may be read before a kernel waits for
+/// its predecessor: the predecessor's output range `prev` (a qmv_dec launched as its
+/// programmatic dependent; `None`: no such kernel, so it has finished) meets none of them.
+fn indices_ready(prev: Option<(u64, u64)>, indices: &[Option<(u64, u64)>]) -> bool {
+    prev.is_none_or(|(lo, hi)| {
+        indices
+            .iter()
+            .flatten()
+            .all(|&(start, end)| end <= lo || hi <= start)
+    })
+}
+
 /// `out = x · W(ᵀ)` over the job's batch on the CUDA device.
 pub(crate) fn qmm(
     enc: &mut CommandEncoder,
@@ -252,7 +266,8 @@ pub(crate) fn qmm(
 ) -> Result<()> {
     let dev = cuda(enc)?;
     // Cleared here, set again below only by a qmv_dec launch.
-    let after_dec = dev.swap_last_dec(false);
+    let prev_dec = dev.swap_last_dec(None);
+    let after_dec = prev_dec.is_some();
     let spec = w.spec();
     let biases = w
         .biases()
@@ -322,6 +337,14 @@ pub(crate) fn qmm(
             *slot = aligned(op, param, b, ptr(op, param, b)?, 4)?;
         }
     }
+    // The index tensors may be read before the wait for the previous kernel unless that
+    // kernel (a qmv_dec launched as its programmatic dependent) wrote bytes of them: then the
+    // first W of each entry loads while it finishes, as in a dense call.
+    let range = |b: &Buffer| b.device_ptr().map(|p| (p, p + b.nbytes() as u64));
+    let indices = [job.lhs, job.rhs].map(|b| b.and_then(range));
+    if indices_ready(prev_dec, &indices) {
+        bt.flags = 1;
+    }
     let entries = checked_product(op, "batch", job.batch.iter().copied())? as u64;
     let gy = entries.clamp(1, 65535) as u32;
     let xsize = x.dtype().size() as u64;
@@ -334,6 +357,7 @@ pub(crate) fn qmm(
         ptr(op, "biases", biases)?,
         ptr(op, "out", out)?,
     );
+    let out_range = (po, po + out.nbytes() as u64);
     let x_stride = m * kdim;
     let out_stride = m * ndim;
     let s_stride = rows * (cols / spec.group_size() as u64);
@@ -531,7 +555,7 @@ pub(crate) fn qmm(
             // biases before waiting for the previous kernel (a qmv_dec, which writes none).
             unsafe { launch_dec(&dev, f, grid, smem_b as u32, args, after_dec) }
                 .map_err(driver(op))?;
-            dev.swap_last_dec(true);
+            dev.swap_last_dec(Some(out_range));
             finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
             return Ok(());
         }
@@ -561,7 +585,7 @@ pub(crate) fn qmm(
             // waiting for the previous kernel (a qmv_dec, which writes none of them).
             unsafe { launch_dec(&dev, f, grid, smem_m as u32, args, after_dec) }
                 .map_err(driver(op))?;
-            dev.swap_last_dec(true);
+            dev.swap_last_dec(Some(out_range));
             finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
             return Ok(());
         }
@@ -666,7 +690,7 @@ pub(crate) fn qmm(
                 // waiting for that kernel, which writes none of them.
                 unsafe { launch_dec(&dev, f, grid, smem(wk) as u32, args, after_dec) }
                     .map_err(driver(op))?;
-                dev.swap_last_dec(true);
+                dev.swap_last_dec(Some(out_range));
                 finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
                 return Ok(());
             }
@@ -1707,7 +1731,7 @@ impl EventTimer {
 pub fn read_bandwidth_probe(device: &Device, bytes: usize, reps: usize) -> Result<f64> {
     const OP: &str = "read_bandwidth_probe";
     let dev = Arc::clone(device.cuda_state()?);
-    dev.swap_last_dec(false);
+    dev.swap_last_dec(None);
     let f = dev.probe()?;
     let buf = Buffer::uninit_on(device, DType::U8, &[bytes.max(16)])?;
     let sink = Buffer::uninit_on(device, DType::U32, &[dev.sms as usize * 8])?;
@@ -1760,7 +1784,7 @@ pub fn cublas_bf16_gemm_us(
     use cudarc::cublas::{result as blas, sys as bsys, CudaBlas};
     const OP: &str = "cublas_bf16_gemm";
     let dev = Arc::clone(device.cuda_state()?);
-    dev.swap_last_dec(false);
+    dev.swap_last_dec(None);
     // SAFETY: probing for the library has no preconditions.
     if !unsafe { bsys::is_culib_present() } {
         return Err(Error::BackendUnavailable {
@@ -1865,6 +1889,34 @@ mod tests {
             }
         }
         assert!(seen >= super::KNOBS.len(), "found {seen} reads");
+    }
+
+    #[test]
+    fn indices_wait_only_for_a_predecessor_that_wrote_them() {
+        use super::indices_ready;
+        let idx = [None, Some((1000, 1064))];
+        assert!(indices_ready(None, &idx), "no programmatic predecessor");
+        assert!(
+            indices_ready(Some((0, 1000)), &idx),
+            "ends where they start"
+        );
+        assert!(
+            indices_ready(Some((1064, 2000)), &idx),
+            "starts where they end"
+        );
+        assert!(!indices_ready(Some((1063, 1064)), &idx), "their last byte");
+        assert!(!indices_ready(Some((0, 1001)), &idx), "their first byte");
+        assert!(!indices_ready(Some((0, 5000)), &idx), "around them");
+        let both = [Some((0, 8)), Some((1000, 1064))];
+        assert!(
+            !indices_ready(Some((4, 6)), &both),
+            "inside the lhs indices"
+        );
+        assert!(indices_ready(Some((8, 1000)), &both), "between them");
+        assert!(
+            indices_ready(Some((0, 1 << 40)), &[None, None]),
+            "no index tensors"
+        );
     }
 
     #[test]

@@ -377,9 +377,10 @@ pub struct CudaDevice {
     scratch: Mutex<Option<crate::Buffer>>,
     /// A tiny utility module (the bandwidth probe), compiled on first use.
     probe: Mutex<Option<CudaFunction>>,
-    /// Whether the last kernel enqueued on the stream was a `qmv_dec` (the next one may then
-    /// be launched as its programmatic dependent).
-    last_dec: std::sync::atomic::AtomicBool,
+    /// The output's device byte range `[start, end)` of the last kernel enqueued on the
+    /// stream if it was a `qmv_dec` (the next one may then be launched as its programmatic
+    /// dependent, and needs to wait for it only to read what it wrote), else `None`.
+    last_dec: Mutex<Option<(u64, u64)>>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -450,7 +451,7 @@ impl CudaDevice {
             fault,
             scratch: Mutex::new(Some(scratch)),
             probe: Mutex::new(None),
-            last_dec: std::sync::atomic::AtomicBool::new(false),
+            last_dec: Mutex::new(None),
         }))
     }
 
@@ -514,10 +515,11 @@ impl CudaDevice {
         })
     }
 
-    /// Records whether the kernel about to be enqueued is a `qmv_dec`; returns whether the
-    /// previous one was.
-    pub(crate) fn swap_last_dec(&self, dec: bool) -> bool {
-        self.last_dec.swap(dec, std::sync::atomic::Ordering::AcqRel)
+    /// Records the output range of the kernel about to be enqueued if it is a `qmv_dec`
+    /// (`None` for any other); returns the previous kernel's.
+    pub(crate) fn swap_last_dec(&self, out: Option<(u64, u64)>) -> Option<(u64, u64)> {
+        let mut last = self.last_dec.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *last, out)
     }
 
     pub(crate) fn fault_ptr(&self) -> u64 {

@@ -17,7 +17,7 @@ struct Batch {
     u32 ndim;
     u32 x_count;     // bound of lhs values
     u32 w_count;     // bound of rhs values
-    u32 pad;
+    u32 flags;       // bit 0: the indices may be read before pdl_wait (see launch.rs)
 };
 
 // Resolves batch entry i to (x matrix, w matrix); false (and records the fault) when an index

@@ -479,7 +479,7 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
     pdl_trigger();
     for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
         u64 xi, wi;
-        if (bt.lhs || bt.rhs) pdl_wait();  // index tensors may come from the previous kernel
+        if ((bt.lhs || bt.rhs) && !(bt.flags & 1)) pdl_wait();  // index tensors may come from the previous kernel
         const bool ok = resolve(bt, e, xi, wi);
         const u64 r0 = min(N - 1, n0 + g), r1 = min(N - 1, n0 + g + 8);
         // Running pointers to the next batch to load: W chunks of rows g and g + 8, and
@@ -685,7 +685,7 @@ __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u3
     pdl_trigger();
     for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
         u64 xi, wi;
-        if (bt.lhs || bt.rhs) pdl_wait();
+        if ((bt.lhs || bt.rhs) && !(bt.flags & 1)) pdl_wait();
         const bool ok = resolve(bt, e, xi, wi);
         const u32* wrow = w + wi * w_stride;
         const ST* srow = scales + wi * s_stride;

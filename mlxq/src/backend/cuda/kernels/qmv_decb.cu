@@ -104,7 +104,7 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
     u32 j = 0;  // stages of this block so far (producer: issued; consumers: taken)
     for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
         u64 xi, wi;
-        if (bt.lhs || bt.rhs) pdl_wait();  // index tensors may come from the previous kernel
+        if ((bt.lhs || bt.rhs) && !(bt.flags & 1)) pdl_wait();  // index tensors may come from the previous kernel
         const bool ok = resolve(bt, e, xi, wi);
         const u32 total = ok ? my_tiles * SPT : 0;  // stages of this entry
         const u8* wb = (const u8*)(w + wi * w_stride);
