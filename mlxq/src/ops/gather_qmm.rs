@@ -38,7 +38,7 @@ pub fn gather_qmm(
     transpose: bool,
     sorted: bool,
 ) -> Result<Buffer> {
-    let p = plan(x, w, lhs_indices, rhs_indices, transpose)?;
+    let p = plan(enc, x, w, lhs_indices, rhs_indices, transpose)?;
     let mut out = Buffer::uninit_on(enc.device(), p.out_dtype, &p.out_shape)?;
     run(
         enc,
@@ -68,7 +68,7 @@ pub fn gather_qmm_into(
     sorted: bool,
     out: &mut Buffer,
 ) -> Result<()> {
-    let p = plan(x, w, lhs_indices, rhs_indices, transpose)?;
+    let p = plan(enc, x, w, lhs_indices, rhs_indices, transpose)?;
     if out.dtype() != p.out_dtype {
         return Err(Error::dtype(OP, "out", p.out_dtype.name(), out.dtype()));
     }
@@ -104,10 +104,15 @@ struct Plan {
     in_dim: usize,
     out_dim: usize,
     m: usize,
+    /// Number of x matrices (bound of lhs values; the CUDA kernels check them).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     x_count: usize,
+    /// The lhs and rhs index values, read on the host (CPU devices).
+    host_indices: Option<(Vec<usize>, Vec<usize>)>,
 }
 
 fn plan(
+    enc: &CommandEncoder,
     x: &Buffer,
     w: &QuantizedWeight,
     lhs_indices: Option<&Buffer>,
@@ -141,6 +146,28 @@ fn plan(
     let x_batch = &xs[..xs.len() - 2];
     let m = xs[xs.len() - 2];
     let x_count = checked_product(OP, "x batch", x_batch.iter().copied())?;
+    // On the host the index values are read (and checked) here, before the shapes are
+    // broadcast; on CUDA the kernels read them.
+    let host_indices = if on_cuda(enc) {
+        None
+    } else {
+        let w_count = w.batch_size();
+        let lhs = match lhs_indices {
+            Some(b) => {
+                enc.check_location(OP, "lhs_indices", b)?;
+                read_indices(OP, "lhs_indices", b, x_count)?
+            }
+            None => (0..x_count).collect(),
+        };
+        let rhs = match rhs_indices {
+            Some(b) => {
+                enc.check_location(OP, "rhs_indices", b)?;
+                read_indices(OP, "rhs_indices", b, w_count)?
+            }
+            None => (0..w_count).collect(),
+        };
+        Some((lhs, rhs))
+    };
     let lhs_shape = lhs_indices.map_or(x_batch, Buffer::shape).to_vec();
     let rhs_shape = rhs_indices.map_or(w.batch_shape(), Buffer::shape).to_vec();
     let index_shape = broadcast_shapes(OP, "rhs_indices", &lhs_shape, &rhs_shape)?;
@@ -156,7 +183,21 @@ fn plan(
         out_dim,
         m,
         x_count,
+        host_indices,
     })
+}
+
+/// Whether `enc` runs on a CUDA device.
+fn on_cuda(enc: &CommandEncoder) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        enc.device().cuda_state().is_ok()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = enc;
+        false
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -174,14 +215,16 @@ fn run(
     let _ = sorted; // grouping below is stable, so sorted input needs no special path
     enc.check_location(OP, "x", x)?;
     enc.check_location(OP, "w", w.packed())?;
-    let (in_dim, out_dim, m, x_count) = (p.in_dim, p.out_dim, p.m, p.x_count);
+    let (in_dim, out_dim, m) = (p.in_dim, p.out_dim, p.m);
+    // Read on the host by `plan` (CPU); the CUDA kernels read them on the device.
+    let _ = (lhs_indices, rhs_indices);
     let out_dtype = p.out_dtype;
     let w_count = w.batch_size();
     if out.numel() == 0 {
         return Ok(());
     }
     #[cfg(feature = "cuda")]
-    if enc.device().cuda_state().is_ok() {
+    if on_cuda(enc) {
         // Indices stay on the device: the kernel resolves them (an out-of-range one is
         // reported by the next `commit_and_wait`).
         let job = crate::backend::cuda::launch::MatmulJob {
@@ -190,27 +233,16 @@ fn run(
             rhs_shape: &p.rhs_shape,
             lhs: lhs_indices,
             rhs: rhs_indices,
-            x_count,
+            x_count: p.x_count,
             m,
             transpose,
         };
         return crate::backend::cuda::launch::qmm(enc, OP, x, w, out, &job);
     }
 
-    let lhs = match lhs_indices {
-        Some(b) => {
-            enc.check_location(OP, "lhs_indices", b)?;
-            read_indices(OP, "lhs_indices", b, x_count)?
-        }
-        None => (0..x_count).collect(),
-    };
-    let rhs = match rhs_indices {
-        Some(b) => {
-            enc.check_location(OP, "rhs_indices", b)?;
-            read_indices(OP, "rhs_indices", b, w_count)?
-        }
-        None => (0..w_count).collect(),
-    };
+    let (lhs, rhs) = p.host_indices.as_ref().ok_or_else(|| {
+        Error::unsupported(OP, "index values not read on this device".to_string())
+    })?;
     let (index_shape, lhs_shape, rhs_shape) = (&p.index_shape, &p.lhs_shape, &p.rhs_shape);
     let pairs = checked_product(OP, "index count", index_shape.iter().copied())?;
 
