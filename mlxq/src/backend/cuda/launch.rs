@@ -1367,7 +1367,10 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 /// (14336x4096: 12.8 µs against 14.9 on qmv_decr), and where N is small enough that the row
 /// tiles do not fill the SMs or M >= 3 as for 8-bit (4x4096x4096: 8.1 µs against 22.4 on
 /// qmv_decm); two n-tiles (run 14) only where measured, 4-bit group 64 M = 5..8, as M <= 4
-/// (8x14336x4096 28.4 µs against 37.8). MLXQ_DECB_T2=0 leaves those to the older kernels.
+/// (8x14336x4096 28.4 µs against 37.8), four n-tiles (run 17) for 4-bit group 64 M = 9..16
+/// where N >= 8192 (16x14336x4096 50.6 µs against 60.9; with 8 consumers at 4096x4096 18.4
+/// against 16.0, so not there). MLXQ_DECB_T2=0 / MLXQ_DECB_T4=0 leave those to the older
+/// kernels.
 /// Elsewhere (4-bit, 2048 < N < 8192, M <= 2) qmv_decr stays faster (4096x14336: 15.5 µs
 /// against 17.8). MLXQ_DECB=1 takes it wherever it can serve (gathers and M up to 8 / slots
 /// included), =0 never; MLXQ_DECB_NC=4|8 and MLXQ_DECB_NS set its consumer warps and ring
@@ -1396,11 +1399,16 @@ fn decb_pick(
     let batch_codes = super::dec_steps() * qc;
     let dsb = batch_codes / group.max(1) * ssize;
     let few_tiles = ndim.div_ceil(16) <= u64::from(dev.multiprocessors());
-    // n-tiles of 8 columns (token, slot): two serve 4-bit M = 5..8 at group 64 (and, forced
-    // by MLXQ_DECB=1, up to 16 columns of any width and group), each decoded weight fragment
-    // feeding both.
-    let nt = (m * slots).div_ceil(8);
-    if nt == 2 && knob("MLXQ_DECB_T2") == Some("0") {
+    // n-tiles of 8 columns (token, slot): two serve 4-bit M = 5..8 at group 64, four M =
+    // 9..16 (and, forced by MLXQ_DECB=1, up to 32 columns of any width and group), each
+    // decoded weight fragment feeding all of them.
+    let nt = match (m * slots).div_ceil(8) {
+        3 => 4,
+        nt => nt,
+    };
+    if (nt == 2 && knob("MLXQ_DECB_T2") == Some("0"))
+        || (nt == 4 && knob("MLXQ_DECB_T4") == Some("0"))
+    {
         return None;
     }
     let (nc, ns) = match bits {
@@ -1409,7 +1417,7 @@ fn decb_pick(
         8 if !gather && nt == 1 => (8, if few_tiles { 4 } else { 2 }),
         4 if !gather && m <= 4 && ndim >= 8192 => (4, 3),
         4 if !gather && m <= 4 && (few_tiles || m >= 3) => (8, if few_tiles { 4 } else { 2 }),
-        4 if !gather && nt == 2 && ndim >= 8192 => (4, 3),
+        4 if !gather && nt >= 2 && ndim >= 8192 => (4, 3),
         4 if !gather && nt == 2 => (8, if few_tiles { 4 } else { 2 }),
         _ => return None,
     };
@@ -1419,7 +1427,7 @@ fn decb_pick(
     };
     if dev.arch() < 90
         || !matches!(bits, 4 | 8)
-        || !(1..=2).contains(&nt)
+        || !matches!(nt, 1 | 2 | 4)
         || group > batch_codes
         || !batch_codes.is_multiple_of(group)
         || !matches!(dsb, 4 | 8 | 16)
@@ -1443,6 +1451,9 @@ fn decb_pick(
         (4, 3, 2) => "qmv_decb_4_3_t2",
         (8, 2, 2) => "qmv_decb_8_2_t2",
         (8, 4, 2) => "qmv_decb_8_4_t2",
+        (4, 3, 4) => "qmv_decb_4_3_t4",
+        (8, 2, 4) => "qmv_decb_8_2_t4",
+        (8, 4, 4) => "qmv_decb_8_4_t4",
         _ => return None,
     };
     // Shared memory: the mbarriers (128 bytes), NS stages of 16 rows of codes (+ 64 bytes of
@@ -1459,7 +1470,7 @@ fn decb_pick(
 }
 
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 16] = [
+const KNOBS: [&str; 17] = [
     "MLXQ_GATHER_SORT_OFF",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
@@ -1475,6 +1486,7 @@ const KNOBS: [&str; 16] = [
     "MLXQ_DECB_NC",
     "MLXQ_DECB_NS",
     "MLXQ_DECB_T2",
+    "MLXQ_DECB_T4",
     "MLXQ_WS",
 ];
 

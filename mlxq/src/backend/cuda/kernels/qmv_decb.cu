@@ -235,3 +235,7 @@ QMV_DECB(qmv_decb_8_4, 8, 4, 1)
 QMV_DECB(qmv_decb_4_3_t2, 4, 3, 2)
 QMV_DECB(qmv_decb_8_2_t2, 8, 2, 2)
 QMV_DECB(qmv_decb_8_4_t2, 8, 4, 2)
+// Four n-tiles: up to 32 / DSLOTS tokens (4-bit group 64: 9-16).
+QMV_DECB(qmv_decb_4_3_t4, 4, 3, 4)
+QMV_DECB(qmv_decb_8_2_t4, 8, 2, 4)
+QMV_DECB(qmv_decb_8_4_t4, 8, 4, 4)
