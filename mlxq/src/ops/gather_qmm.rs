@@ -7,7 +7,8 @@
 use super::embedding::read_indices;
 use super::matmul::qmm_kernel;
 use super::{
-    broadcast_index, broadcast_shapes, matmul_out_dtype, matrix, require_nonzero, run_qmm, widen,
+    broadcast_index, broadcast_shapes, matmul_out_dtype, matrix, require_nonzero, require_out,
+    run_qmm, widen,
 };
 use crate::error::{checked_product, Error, Result};
 use crate::{Buffer, CommandEncoder, QuantizedWeight};
@@ -38,19 +39,10 @@ pub fn gather_qmm(
     transpose: bool,
     sorted: bool,
 ) -> Result<Buffer> {
+    let _ = sorted; // grouping is stable, so sorted input needs no special path
     let p = plan(enc, x, w, lhs_indices, rhs_indices, transpose)?;
     let mut out = Buffer::uninit_on(enc.device(), p.out_dtype, &p.out_shape)?;
-    run(
-        enc,
-        x,
-        w,
-        lhs_indices,
-        rhs_indices,
-        transpose,
-        sorted,
-        &p,
-        &mut out,
-    )?;
+    run(enc, x, w, &p, &mut out)?;
     Ok(out)
 }
 
@@ -68,34 +60,21 @@ pub fn gather_qmm_into(
     sorted: bool,
     out: &mut Buffer,
 ) -> Result<()> {
+    let _ = sorted; // grouping is stable, so sorted input needs no special path
     let p = plan(enc, x, w, lhs_indices, rhs_indices, transpose)?;
-    if out.dtype() != p.out_dtype {
-        return Err(Error::dtype(OP, "out", p.out_dtype.name(), out.dtype()));
-    }
-    if out.shape() != p.out_shape.as_slice() {
-        return Err(Error::shape(
-            OP,
-            "out",
-            format!("{:?}", p.out_shape),
-            out.shape(),
-        ));
-    }
+    require_out(OP, out, p.out_dtype, &p.out_shape)?;
     enc.check_location(OP, "out", out)?;
-    run(
-        enc,
-        x,
-        w,
-        lhs_indices,
-        rhs_indices,
-        transpose,
-        sorted,
-        &p,
-        out,
-    )
+    run(enc, x, w, &p, out)
 }
 
-/// What [`gather_qmm`] makes of its arguments' shapes (indices unread).
-struct Plan {
+/// What [`gather_qmm`] makes of its arguments (on the host, the index values read).
+struct Plan<'a> {
+    /// The index tensors (the CUDA kernels read them on the device).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    lhs_indices: Option<&'a Buffer>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    rhs_indices: Option<&'a Buffer>,
+    transpose: bool,
     out_dtype: crate::DType,
     out_shape: Vec<usize>,
     index_shape: Vec<usize>,
@@ -111,14 +90,14 @@ struct Plan {
     host_indices: Option<(Vec<usize>, Vec<usize>)>,
 }
 
-fn plan(
+fn plan<'a>(
     enc: &CommandEncoder,
     x: &Buffer,
     w: &QuantizedWeight,
-    lhs_indices: Option<&Buffer>,
-    rhs_indices: Option<&Buffer>,
+    lhs_indices: Option<&'a Buffer>,
+    rhs_indices: Option<&'a Buffer>,
     transpose: bool,
-) -> Result<Plan> {
+) -> Result<Plan<'a>> {
     let out_dtype = matmul_out_dtype(OP, x.dtype(), w)?;
     let (in_dim, out_dim) = if transpose {
         (w.cols(), w.rows())
@@ -174,6 +153,9 @@ fn plan(
     let mut out_shape = index_shape.clone();
     out_shape.extend([m, out_dim]);
     Ok(Plan {
+        lhs_indices,
+        rhs_indices,
+        transpose,
         out_dtype,
         out_shape,
         index_shape,
@@ -200,24 +182,16 @@ fn on_cuda(enc: &CommandEncoder) -> bool {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run(
     enc: &mut CommandEncoder,
     x: &Buffer,
     w: &QuantizedWeight,
-    lhs_indices: Option<&Buffer>,
-    rhs_indices: Option<&Buffer>,
-    transpose: bool,
-    sorted: bool,
-    p: &Plan,
+    p: &Plan<'_>,
     out: &mut Buffer,
 ) -> Result<()> {
-    let _ = sorted; // grouping below is stable, so sorted input needs no special path
     enc.check_location(OP, "x", x)?;
     enc.check_location(OP, "w", w.packed())?;
-    let (in_dim, out_dim, m) = (p.in_dim, p.out_dim, p.m);
-    // Read on the host by `plan` (CPU); the CUDA kernels read them on the device.
-    let _ = (lhs_indices, rhs_indices);
+    let (in_dim, out_dim, m, transpose) = (p.in_dim, p.out_dim, p.m, p.transpose);
     let out_dtype = p.out_dtype;
     let w_count = w.batch_size();
     if out.numel() == 0 {
@@ -231,8 +205,8 @@ fn run(
             batch: &p.index_shape,
             lhs_shape: &p.lhs_shape,
             rhs_shape: &p.rhs_shape,
-            lhs: lhs_indices,
-            rhs: rhs_indices,
+            lhs: p.lhs_indices,
+            rhs: p.rhs_indices,
             x_count: p.x_count,
             m,
             transpose,

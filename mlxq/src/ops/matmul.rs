@@ -147,17 +147,7 @@ pub fn quantized_matmul_into(
     out: &mut Buffer,
 ) -> Result<()> {
     let p = plan(OP, x, w, transpose)?;
-    if out.dtype() != p.out_dtype {
-        return Err(Error::dtype(OP, "out", p.out_dtype.name(), out.dtype()));
-    }
-    if out.shape() != p.out_shape.as_slice() {
-        return Err(Error::shape(
-            OP,
-            "out",
-            format!("{:?}", p.out_shape),
-            out.shape(),
-        ));
-    }
+    super::require_out(OP, out, p.out_dtype, &p.out_shape)?;
     execute(enc, x, w, transpose, &p, out)
 }
 

@@ -33,6 +33,22 @@ pub(crate) fn require_float(op: &'static str, param: &'static str, b: &Buffer) -
     }
 }
 
+/// Checks a caller-owned output (`*_into` ops) against the dtype and shape the op makes.
+pub(crate) fn require_out(
+    op: &'static str,
+    out: &Buffer,
+    dtype: DType,
+    shape: &[usize],
+) -> Result<()> {
+    if out.dtype() != dtype {
+        return Err(Error::dtype(op, "out", dtype.name(), out.dtype()));
+    }
+    if out.shape() != shape {
+        return Err(Error::shape(op, "out", format!("{shape:?}"), out.shape()));
+    }
+    Ok(())
+}
+
 /// Rejects any zero dimension, naming it.
 pub(crate) fn require_nonzero(
     op: &'static str,
