@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Compiles mlxq's CUDA matmul module (kernels/common.cuh + the QMM concatenation of
+backend/cuda/mod.rs) with NVRTC for sm_90a on a machine without a GPU, and prints NVRTC's log
+with ptxas's per-kernel register, spill and shared-memory report (`--ptxas-options=-v`).
+
+NVRTC comes from PyPI: `pip download nvidia-cuda-nvrtc==13.0.88 --no-deps -d D` and unzip the
+wheel; pass its lib folder as --lib. Usage:
+  tools/nvrtc_check.py --lib D/x/nvidia/cu13/lib [--bits 4] [--group 64] [--dtype bf16]
+                       [-D NAME=VALUE]... [--grep qmm_wg_g80]
+"""
+import argparse, ctypes, os, re, sys
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "mlxq", "src", "backend", "cuda", "kernels")
+QMM = ["qmv.cu", "qmm_tc.cu", "qmv_dec.cu", "qmv_decb.cu", "qmm_tile.cu", "qmm_wg.cu"]
+CTYPE = {"f32": "float", "f16": "f16_t", "bf16": "bf16_t"}
+TC_X = {"bf16": 2, "f16": 1, "f32": 0}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lib", required=True)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--dtype", default="bf16", choices=CTYPE)
+    ap.add_argument("-D", action="append", default=[])
+    ap.add_argument("--grep", default=None, help="only report kernels whose name contains this")
+    a = ap.parse_args()
+    read = lambda f: open(os.path.join(ROOT, f)).read()
+    src = read("common.cuh") + "\n" + "\n".join(read(f) for f in QMM)
+    t = CTYPE[a.dtype]
+    opts = ["--gpu-architecture=sm_90a", "-std=c++17", f"-DBITS={a.bits}", f"-DGROUP={a.group}",
+            f"-DXT={t}", f"-DST={t}", f"-DOT={t}", f"-DTC_X={TC_X[a.dtype]}", "-DDEC_SU=2",
+            "--ptxas-options=-v"] + [f"-D{d}" for d in a.D]
+    lib = ctypes.CDLL(os.path.join(a.lib, "libnvrtc.so.13"))
+    prog = ctypes.c_void_p()
+    r = lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"qmm.cu", 0, None, None)
+    assert r == 0, r
+    arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+    rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
+    n = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    buf = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetProgramLog(prog, buf)
+    log = buf.value.decode(errors="replace")
+    if a.grep:
+        # ptxas -v reports each function in a block starting "Compiling entry function 'NAME'".
+        keep, out = False, []
+        for line in log.splitlines():
+            m = re.search(r"Compiling entry function '([^']+)'", line)
+            if m:
+                keep = a.grep in m.group(1)
+            if keep or "error" in line or "warning" in line:
+                out.append(line)
+        log = "\n".join(out)
+    print(log)
+    print("compile:", "ok" if rc == 0 else f"FAILED ({rc})")
+    sys.exit(0 if rc == 0 else 1)
+
+
+if __name__ == "__main__":
+    main()
