@@ -11,7 +11,7 @@ use mlxq::{ops, Buffer, DType, QuantSpec, QuantizedWeight};
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::SeedableRng;
-use std::collections::{hash_map::Entry, HashMap};
+use std::collections::HashMap;
 
 /// The MoE layer of `--op gather`.
 #[derive(Clone, Copy, Debug)]
@@ -243,25 +243,19 @@ pub fn gather(
                 let last_route = routes[route(timing.calls - 1)].to_vec::<u32>()?;
                 let xf = f64s(&x)?;
                 let pairs = spread(tok * top_k, s.check_rows);
-                let (mut got, mut want) = (Vec::new(), Vec::new());
-                for &pair in &pairs {
-                    let e = last_route[pair] as usize;
-                    if let Entry::Vacant(slot) = wcols.entry(e) {
-                        slot.insert(check::weight_columns(&qw.expert(e)?, t, &cols)?);
-                    }
-                    let tk = pair / top_k;
-                    let (g, w) = check::sample_matmul(
-                        &xf[tk * k..(tk + 1) * k],
-                        k,
-                        &[0],
-                        &wcols[&e],
-                        &cols,
-                        &got_all[pair * n..(pair + 1) * n],
-                        n,
-                    );
-                    got.extend(g);
-                    want.extend(w);
-                }
+                let (got, want) = check::sample_gather(
+                    &xf,
+                    k,
+                    &qw,
+                    t,
+                    &last_route,
+                    top_k,
+                    &pairs,
+                    &cols,
+                    &got_all,
+                    n,
+                    &mut wcols,
+                )?;
                 let err = check::error(&got, &want);
                 out.push(Record {
                     op: "gather",

@@ -6,6 +6,7 @@ use super::data::{round_to, select};
 use mlxq::quant::{affine::quantize_group, pack::read_code, Flavour};
 use mlxq::reference::{dequantize_f64, matmul_f64, max_rel_err};
 use mlxq::{Buffer, QuantizedWeight};
+use std::collections::hash_map::{Entry, HashMap};
 
 /// The dequantized (f64) weights that feed output columns `cols` of a matmul with the 2-D
 /// `w`, as a `cols.len() × K` row-major matrix (a "transposed" weight for [`matmul_f64`]).
@@ -58,6 +59,46 @@ pub fn sample_matmul(
         .flat_map(|&r| cols.iter().map(move |&c| f64::from(got[r * n + c])))
         .collect();
     (got, want)
+}
+
+/// The sampled outputs `(got, want)` of a gather: pairs `pairs` (flat (token, slot)
+/// positions, `top` slots per token) of `got` (`[pairs, n]` row-major), each against the f64
+/// product of its token's row of `x` (`K` wide) with its expert `route[pair]` of the stack
+/// `w`, over output columns `cols`. `wcols` caches each expert's [`weight_columns`].
+#[allow(clippy::too_many_arguments)]
+pub fn sample_gather(
+    x: &[f64],
+    k: usize,
+    w: &QuantizedWeight,
+    transpose: bool,
+    route: &[u32],
+    top: usize,
+    pairs: &[usize],
+    cols: &[usize],
+    got: &[f32],
+    n: usize,
+    wcols: &mut HashMap<usize, Vec<f64>>,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let (mut g, mut want) = (Vec::new(), Vec::new());
+    for &pair in pairs {
+        let e = route[pair] as usize;
+        if let Entry::Vacant(slot) = wcols.entry(e) {
+            slot.insert(weight_columns(&w.expert(e)?, transpose, cols)?);
+        }
+        let t = pair / top;
+        let (pg, pw) = sample_matmul(
+            &x[t * k..(t + 1) * k],
+            k,
+            &[0],
+            &wcols[&e],
+            cols,
+            &got[pair * n..(pair + 1) * n],
+            n,
+        );
+        g.extend(pg);
+        want.extend(pw);
+    }
+    Ok((g, want))
 }
 
 /// Normwise relative error of sampled outputs.

@@ -116,6 +116,44 @@ fn check_output(
     Ok((err, err <= tol && g.iter().all(|v| v.is_finite())))
 }
 
+/// Normwise error of sampled (token, slot) rows of a gather's output `[tokens, top, 1, n]`
+/// against the f64 oracle of each row's expert (`hw`: the expert stack on the host, `idx` the
+/// experts), over `check_rows` pairs spread over all of them and `check_cols` columns, and
+/// whether it is within `tol` with every sampled output finite.
+fn check_gather(
+    args: &BenchArgs,
+    xh: &Buffer,
+    hw: &QuantizedWeight,
+    idx: &[u32],
+    top: usize,
+    out: &Buffer,
+    tol: f64,
+) -> anyhow::Result<(f64, bool)> {
+    let k = xh.shape()[3];
+    let n = out.shape()[3];
+    let got_all = out.to_host()?.to_f32_vec()?;
+    let xf: Vec<f64> = xh.to_f32_vec()?.into_iter().map(f64::from).collect();
+    let cols = args.tune.check_cols.min(n);
+    let cols_s: Vec<usize> = (0..cols).map(|i| i * n / cols).collect();
+    let rows = args.tune.check_rows.min(idx.len()).max(1);
+    let pairs: Vec<usize> = (0..rows).map(|i| i * idx.len() / rows).collect();
+    let (got, want) = check::sample_gather(
+        &xf,
+        k,
+        hw,
+        true,
+        idx,
+        top,
+        &pairs,
+        &cols_s,
+        &got_all,
+        n,
+        &mut Default::default(),
+    )?;
+    let err = check::error(&got, &want);
+    Ok((err, err <= tol && got.iter().all(|v| v.is_finite())))
+}
+
 /// `--chain`: the matmuls of one Llama-3-8B decode step (32 layers × q, k, v, o 4096×4096 /
 /// 1024×4096, gate and up 14336×4096, down 4096×14336; M = 1, each layer its own copy of the
 /// weights) captured as one CUDA graph; prints total weight bytes / replay time against the
@@ -312,9 +350,10 @@ pub fn run(
                     }
                     drop(wf);
                     enc.commit_and_wait()?;
+                    let hw = host_weight(&ws[copies - 1])?;
                     for &t in &tokens {
-                        let x = Buffer::from_f32(&randn(&mut rng, t * k), dtype, &[t, 1, 1, k])?
-                            .to_device(device)?;
+                        let xh = Buffer::from_f32(&randn(&mut rng, t * k), dtype, &[t, 1, 1, k])?;
+                        let x = xh.to_device(device)?;
                         let idx: Vec<u32> = (0..t * top)
                             .map(|i| ((i % top) * e / top + rng.gen_range(0..e / top)) as u32)
                             .collect();
@@ -335,10 +374,13 @@ pub fn run(
                             ops::gather_qmm_into(en, &x, w, None, Some(&rhs), true, false, &mut out)
                         })
                         .context("gather")?;
+                        // Check the output of the last call (identical weights in every copy).
+                        let (err, ok) = check_gather(args, &xh, &hw, &idx, top, &out, tol)?;
+                        failed += usize::from(!ok);
                         let bytes = (ws[0].nbytes() / e * distinct) as f64;
                         let best = tm.stream_us.min(tm.graph_us);
                         println!(
-                            "{{\"kind\":\"gather\",\"tokens\":{t},\"experts\":{e},\"top_k\":{top},\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"dtype\":\"{dtype}\",\"distinct_experts\":{distinct},\"weight_bytes\":{bytes},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"ratio\":{:.3}}}",
+                            "{{\"kind\":\"gather\",\"tokens\":{t},\"experts\":{e},\"top_k\":{top},\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"dtype\":\"{dtype}\",\"distinct_experts\":{distinct},\"weight_bytes\":{bytes},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"ratio\":{:.3},\"err\":{err:.2e},\"ok\":{ok}}}",
                             spec.bits(),
                             spec.group_size(),
                             bytes / (bw * 1e3),
