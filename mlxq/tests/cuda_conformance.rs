@@ -708,9 +708,10 @@ fn gather_qmm_with_device_indices() {
             } else {
                 (rows, cols)
             };
-            // 150 x 3, 37 x 6 and 420 x 2 pairs: sorted by expert on the device and run as one
-            // grouped GEMM (tensor-core keys), tiles of 64 or 128 pairs with partial last tiles
-            // (420 x 2 gives each expert more than 128).
+            // 150 x 3, 37 x 6, 420 x 2 and 4200 x 2 pairs: sorted by expert on the device and
+            // run as one grouped GEMM (tensor-core keys), tiles of 64, 80 or 128 pairs with
+            // partial last tiles (420 x 2 gives each expert more than 128; 4200 x 2 is more
+            // pairs than the sort keeps in registers, 8192).
             for (tokens, top, m) in [
                 (1, 4, 1),
                 (5, 3, 1),
@@ -718,6 +719,7 @@ fn gather_qmm_with_device_indices() {
                 (150, 3, 1),
                 (37, 6, 1),
                 (420, 2, 1),
+                (4200, 2, 1),
             ] {
                 let x = Buffer::from_f32(
                     &randn(&mut rng, tokens * m * kk),

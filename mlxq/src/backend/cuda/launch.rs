@@ -381,9 +381,10 @@ pub(crate) fn qmm(
         // 332 µs against 406 for qmm_tc_g8 in run 4). MLXQ_TILE_G=g|g6 forces the mma.sync tile
         // (4 or 6 stages), =wg the wgmma tile, =off restores qmm_tc_g8, =ws the warp-specialised
         // qmm_ws_g64 (runs 12 and 13: 309-312 µs against 218 at 512 tokens, 4-bit: its
-        // producer copies the pairs' x rows by cp.async, 16 per lane and step), =wg128 the wgmma
-        // tile of 128 pairs (one tile for most experts, each expert's W dequantised once; the
-        // default at 8 bits, 5% slower than wg at 4).
+        // producer copies the pairs' x rows by cp.async, 16 per lane and step), =wg128 and
+        // =wg80 the wgmma tiles of 128 and 80 pairs. By default `gather_tile` picks the width
+        // from the pairs per expert (session 18, 512 tokens of top-8 of 64: the 80-pair tile,
+        // 4-bit 204 -> 149 µs, 8-bit 261 -> 199 µs).
         let fits = |t: &&Tile| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]);
         let tile = match knob("MLXQ_TILE_G") {
             Some("off") => None,
@@ -392,8 +393,8 @@ pub(crate) fn qmm(
             Some("wg") => Some(&TILES[9]),
             Some("ws") => Some(&TILES[14]),
             Some("wg128") => Some(&TILES[15]),
-            // 8-bit on the 128-pair tile (session 16, 512 tokens: 278-284 µs against 305-319).
-            _ => Some(&TILES[if spec.bits() == 8 { 15 } else { 9 }])
+            Some("wg80") => Some(&TILES[16]),
+            _ => Some(&TILES[gather_tile(entries, w_count, spec.bits())])
                 .filter(fits)
                 .or(Some(&TILES[2])),
         }
@@ -992,6 +993,30 @@ pub(crate) fn qmm(
     Ok(())
 }
 
+/// The grouped wgmma tile (an index into [`TILES`]) for `pairs` (token, expert) pairs over
+/// `experts` W matrices. Each tile of BT pairs of one expert dequantises that expert's rows
+/// once (cost D) and runs BT wgmma columns (BT / 64 units), so an expert of c pairs costs
+/// ceil(c / BT) * (D + BT / 64). Run 16's A/B of the 64- and 128-pair tiles at 512 tokens
+/// (top-8 of 64) gives D = 0.75 at 4 bits and 1.7 at 8 (twice the code bytes, and bf16
+/// cannot hold an 8-bit code plus the magic, so those go through f32). With the pairs spread
+/// evenly, c is about mu = pairs / experts with a spread of sqrt(mu): the width is chosen for
+/// c = mu + sqrt(mu), so that most experts fit in one tile when they can.
+fn gather_tile(pairs: u64, experts: u64, bits: u32) -> usize {
+    let mu = pairs as f64 / experts.max(1) as f64;
+    let c = mu + mu.sqrt();
+    let d = if bits == 8 { 1.7 } else { 0.75 };
+    // (TILES index, BT): the 64-, 80- and 128-pair tiles.
+    let cands = [(9usize, 64.0f64), (16, 80.0), (15, 128.0)];
+    let cost = |bt: f64| (c / bt).ceil().max(1.0) * (d + bt / 64.0);
+    let mut best = cands[0];
+    for cand in cands {
+        if cost(cand.1) < cost(best.1) {
+            best = cand;
+        }
+    }
+    best.0
+}
+
 /// One shape of the tiled prefill GEMM (`QMM_TILE` entries in `qmm_tile.cu`, `QMM_WG` entries
 /// in `qmm_wg.cu`).
 struct Tile {
@@ -1014,7 +1039,7 @@ struct Tile {
 /// qmm_tile_l, _m, _g, _l5, _m6, _g6, as in `qmm_tile.cu`; then qmm_wg_256, _128, _64 and the
 /// grouped _g64 as in `qmm_wg.cu` (BT tokens x 128 rows per block, 256 threads); then the
 /// warp-specialised qmm_ws_256, _256s5, _128, _64 and _g64 (384 threads).
-const TILES: [Tile; 16] = [
+const TILES: [Tile; 17] = [
     tile("qmm_tile_l", 256, 128, 256, 4),
     tile("qmm_tile_m", 128, 128, 512, 4),
     tile("qmm_tile_g", 64, 128, 256, 4),
@@ -1031,6 +1056,7 @@ const TILES: [Tile; 16] = [
     ws_tile("qmm_ws_64", 64, 6),
     ws_tile("qmm_ws_g64", 64, 6),
     wg_tile("qmm_wg_g128", 128, 6),
+    wg_tile("qmm_wg_g80", 80, 4),
 ];
 
 /// The wgmma tiles of [`TILES`] for one W matrix, widest token tile first.
@@ -1886,6 +1912,25 @@ pub fn cublas_bf16_gemm_us(
 
 #[cfg(test)]
 mod tests {
+    use super::{gather_tile, TILES};
+
+    #[test]
+    fn gather_tiles_follow_the_pairs_per_expert() {
+        let width = |tokens: u64, bits| TILES[gather_tile(tokens * 8, 64, bits)].bm;
+        // Session 18's A/B (top-8 of 64 experts): 256 tokens on 64 pairs (32 per expert fit
+        // one tile), 512 and 1024 on 80 (64 +- 8 pairs: one tile; 128 +- 11: two).
+        for bits in [4, 8] {
+            assert_eq!(width(512, bits), 80);
+            assert_eq!(width(1024, bits), 80);
+        }
+        assert_eq!(width(256, 4), 64);
+        // Every pick is a grouped tile, whatever the counts.
+        for (pairs, experts) in [(0, 0), (1, 1), (10, 1000), (1 << 40, 1), (4096, 64)] {
+            let t = &TILES[gather_tile(pairs, experts, 4)];
+            assert!(t.entry.starts_with("qmm_wg_g"), "{}", t.entry);
+        }
+    }
+
     #[test]
     fn every_knob_read_is_listed() {
         let src = include_str!("launch.rs");

@@ -305,6 +305,7 @@ const TABLE: &[Variant] = &[
             "qmm_ws_64",
             "qmm_ws_g64",
             "qmm_wg_g128",
+            "qmm_wg_g80",
         ],
         fmad: true,
         defines: |k| {
