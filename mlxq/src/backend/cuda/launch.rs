@@ -384,7 +384,7 @@ pub(crate) fn qmm(
         // producer copies the pairs' x rows by cp.async, 16 per lane and step), =wg128 and
         // =wg80 the wgmma tiles of 128 and 80 pairs. By default `gather_tile` picks the width
         // from the pairs per expert (session 18, 512 tokens of top-8 of 64: the 80-pair tile,
-        // 4-bit 204 -> 149 µs, 8-bit 261 -> 199 µs).
+        // 4-bit 204 -> 149 µs, 8-bit 261 -> 219 µs: docs/perf-cuda.md run 18).
         let fits = |t: &&Tile| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]);
         let tile = match knob("MLXQ_TILE_G") {
             Some("off") => None,
@@ -1038,7 +1038,8 @@ struct Tile {
 
 /// qmm_tile_l, _m, _g, _l5, _m6, _g6, as in `qmm_tile.cu`; then qmm_wg_256, _128, _64 and the
 /// grouped _g64 as in `qmm_wg.cu` (BT tokens x 128 rows per block, 256 threads); then the
-/// warp-specialised qmm_ws_256, _256s5, _128, _64 and _g64 (384 threads).
+/// warp-specialised qmm_ws_256, _256s5, _128, _64 and _g64 (384 threads); then the grouped
+/// wgmma tiles of 128 and 80 pairs (`gather_tile` picks among _g64, _g80 and _g128).
 const TILES: [Tile; 17] = [
     tile("qmm_tile_l", 256, 128, 256, 4),
     tile("qmm_tile_m", 128, 128, 512, 4),
