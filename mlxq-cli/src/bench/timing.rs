@@ -112,6 +112,7 @@ pub fn memory_bandwidth(bytes: usize, runs: usize) -> f64 {
 }
 
 /// The wrapping sum of `c`, prefetching `ahead` bytes in front of the loads (x86-64 only).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn stream_sum(c: &[u64], ahead: usize) -> u64 {
     let mut acc = [0u64; 8];
     for (i, w) in c.chunks_exact(8).enumerate() {

@@ -164,6 +164,7 @@ impl<T> DisjointOut<T> {
     ///
     /// # Safety
     /// As [`DisjointOut::write`], for every index of the range.
+    #[cfg(target_arch = "x86_64")] // only the x86 kernels write whole runs
     #[inline(always)]
     pub unsafe fn write_slice(&self, i: usize, v: &[T])
     where
