@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Compiles mlxq's CUDA matmul module (kernels/common.cuh + the QMM concatenation of
-backend/cuda/mod.rs) with NVRTC for sm_90a on a machine without a GPU, and prints NVRTC's log
-with ptxas's per-kernel register, spill and shared-memory report (`--ptxas-options=-v`).
+backend/cuda/mod.rs), or with --module its quantize or dequantize kernels (quant.cu), with
+NVRTC for sm_90a on a machine without a GPU, and prints NVRTC's log with ptxas's per-kernel
+register, spill and shared-memory report (`--ptxas-options=-v`); exits 1 if it fails.
 
 NVRTC comes from PyPI: `pip download nvidia-cuda-nvrtc==13.0.88 --no-deps -d D` and unzip the
 wheel; pass its lib folder as --lib. Usage:
@@ -24,13 +25,21 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=CTYPE)
     ap.add_argument("-D", action="append", default=[])
     ap.add_argument("--grep", default=None, help="only report kernels whose name contains this")
+    ap.add_argument("--module", default="qmm", choices=["qmm", "quantize", "dequantize"],
+                    help="the matmul module, or quant.cu as the quantize or dequantize variant")
     a = ap.parse_args()
     read = lambda f: open(os.path.join(ROOT, f)).read()
-    src = read("common.cuh") + "\n" + "\n".join(read(f) for f in QMM)
     t = CTYPE[a.dtype]
     opts = ["--gpu-architecture=sm_90a", "-std=c++17", f"-DBITS={a.bits}", f"-DGROUP={a.group}",
-            f"-DXT={t}", f"-DST={t}", f"-DOT={t}", f"-DTC_X={TC_X[a.dtype]}", "-DDEC_SU=2",
             "--ptxas-options=-v"] + [f"-D{d}" for d in a.D]
+    if a.module == "qmm":
+        src = read("common.cuh") + "\n" + "\n".join(read(f) for f in QMM)
+        opts += [f"-DXT={t}", f"-DST={t}", f"-DOT={t}", f"-DTC_X={TC_X[a.dtype]}", "-DDEC_SU=2"]
+    else:
+        # As backend/cuda/mod.rs: quant.cu without contraction, MLX's GPU rounding flavour.
+        src = read("common.cuh") + "\n" + read("quant.cu")
+        opts += ["--fmad=false", "-DGPU_FLAVOUR=1"]
+        opts += [f"-DWT={t}"] if a.module == "quantize" else [f"-DST={t}", f"-DOT={t}"]
     lib = ctypes.CDLL(os.path.join(a.lib, "libnvrtc.so.13"))
     prog = ctypes.c_void_p()
     r = lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"qmm.cu", 0, None, None)

@@ -101,7 +101,7 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
     u64 entries = 1;
     for (u32 d = 0; d < bt.ndim; d++) entries *= bt.dims[d];
     pdl_trigger();
-    u32 j = 0;  // stages of this block so far (producer: issued; consumers: taken)
+    u32 done = 0;  // stages of this block so far (producer: issued; consumers: taken)
     for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
         u64 xi, wi;
         if ((bt.lhs || bt.rhs) && !(bt.flags & 1)) pdl_wait();  // index tensors may come from the previous kernel
@@ -111,9 +111,9 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
         const ST* sb = scales + wi * s_stride;
         const ST* bb = biases + wi * s_stride;
         // Producer: stage q of this entry (tile q / SPT of the block, stage q % SPT of its rows)
-        // into ring slot (j + q) % NS, once the consumers have released that slot.
+        // into ring slot (done + q) % NS, once the consumers have released that slot.
         auto issue = [&](u32 q) {
-            const u32 jj = j + q, slot = jj % NS;
+            const u32 jj = done + q, slot = jj % NS;
             if (jj >= NS) mbar_wait(empty(slot), (jj / NS - 1) & 1);
             const u64 t0 = ((u64)blockIdx.x + (u64)(q / SPT) * gridDim.x) * 16;
             const u32 ks = q % SPT, dst = ring + slot * STAGE;
@@ -161,7 +161,7 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                     sa[j][1] = sxa[j][1];
                 }
                 for (u32 ks = 0; ok && ks < SPT; ks++, q++) {
-                    const u32 jj = j + q, slot = jj % NS;
+                    const u32 jj = done + q, slot = jj % NS;
                     mbar_wait(full(slot), (jj / NS) & 1);
                     const u32 src = ring + slot * STAGE;
                     DecBatch L;
@@ -205,7 +205,7 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                 }
             }
         }
-        j += total;
+        done += total;
     }
 }
 #endif
