@@ -12,6 +12,7 @@
 //! - Each result is checked on sampled outputs against the f64 oracle (transpose = true and
 //!   false), normwise: 1e-5 for f32 x, 1e-2 for bf16/f16. Non-zero exit if any fails.
 
+use super::data::spread;
 use super::{check, BenchArgs, Op};
 use anyhow::Context;
 use mlxq::backend::cuda::{cublas_bf16_gemm_us, read_bandwidth_probe, EventTimer};
@@ -133,10 +134,8 @@ fn check_gather(
     let n = out.shape()[3];
     let got_all = out.to_host()?.to_f32_vec()?;
     let xf: Vec<f64> = xh.to_f32_vec()?.into_iter().map(f64::from).collect();
-    let cols = args.tune.check_cols.min(n);
-    let cols_s: Vec<usize> = (0..cols).map(|i| i * n / cols).collect();
-    let rows = args.tune.check_rows.min(idx.len()).max(1);
-    let pairs: Vec<usize> = (0..rows).map(|i| i * idx.len() / rows).collect();
+    let cols_s = spread(n, args.tune.check_cols);
+    let pairs = spread(idx.len(), args.tune.check_rows);
     let (got, want) = check::sample_gather(
         &xf,
         k,

@@ -1005,16 +1005,15 @@ fn gather_tile(pairs: u64, experts: u64, bits: u32) -> usize {
     let mu = pairs as f64 / experts.max(1) as f64;
     let c = mu + mu.sqrt();
     let d = if bits == 8 { 1.7 } else { 0.75 };
-    // (TILES index, BT): the 64-, 80- and 128-pair tiles.
-    let cands = [(9usize, 64.0f64), (16, 80.0), (15, 128.0)];
-    let cost = |bt: f64| (c / bt).ceil().max(1.0) * (d + bt / 64.0);
-    let mut best = cands[0];
-    for cand in cands {
-        if cost(cand.1) < cost(best.1) {
-            best = cand;
-        }
-    }
-    best.0
+    let cost = |i: usize| {
+        let bt = TILES[i].bm as f64;
+        (c / bt).ceil().max(1.0) * (d + bt / 64.0)
+    };
+    // The 64-, 80- and 128-pair tiles; the narrowest of equal cost.
+    [9, 16, 15]
+        .into_iter()
+        .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
+        .unwrap_or(9)
 }
 
 /// One shape of the tiled prefill GEMM (`QMM_TILE` entries in `qmm_tile.cu`, `QMM_WG` entries
