@@ -766,16 +766,26 @@ fn gather_qmm_with_device_indices() {
                 );
             }
             // An out-of-range expert is reported by the next commit, naming its position:
-            // with 2 tokens (the decode path) and with 40 (the sorted path, where the pair
-            // is left out).
+            // with 2 tokens (the decode path), with 40 and with 1300 (the sorted path, where
+            // the pair is left out; 2600 pairs are sorted by three blocks, the bad one in the
+            // last). The bad pair's row is NaN, every other row still right.
             let bad = experts as u32 + 3;
-            let mut many: Vec<u32> = (0..80).map(|i| (i % experts) as u32).collect();
-            many[77] = bad;
-            for (tokens, idx, position) in [(2, vec![1u32, 0, 2, bad], 3), (40, many, 77)] {
+            let spread = |pairs: usize, at: usize| {
+                let mut v: Vec<u32> = (0..pairs)
+                    .map(|i| ((i * 7 + i / 5) % experts) as u32)
+                    .collect();
+                v[at] = bad;
+                v
+            };
+            for (tokens, idx, position) in [
+                (2, vec![1u32, 0, 2, bad], 3),
+                (40, spread(80, 77), 77),
+                (1300, spread(2600, 2077), 2077),
+            ] {
                 let x = Buffer::from_f32(&randn(&mut rng, tokens * kk), dtype, &[tokens, 1, 1, kk])
                     .unwrap();
                 let rhs = Buffer::from_slice(&idx, &[tokens, 2]).unwrap();
-                ops::gather_qmm(
+                let got = ops::gather_qmm(
                     &mut enc,
                     &up(&x, &dev),
                     &weight_to(&qw, &dev),
@@ -785,7 +795,37 @@ fn gather_qmm_with_device_indices() {
                     false,
                 )
                 .unwrap();
-                match enc.commit_and_wait() {
+                let result = enc.commit_and_wait();
+                let v = down(&got).to_f32_vec().unwrap();
+                let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+                let wd = dequantize_f64(&qw).unwrap();
+                let (mut got_ok, mut want_ok) = (Vec::new(), Vec::new());
+                for (p, &e) in idx.iter().enumerate() {
+                    let row = &v[p * nn..(p + 1) * nn];
+                    if p == position {
+                        assert!(
+                            row.iter().all(|y| y.is_nan()),
+                            "T={tokens}: the bad pair's row is not NaN"
+                        );
+                        continue;
+                    }
+                    let t = p / 2;
+                    got_ok.extend(row.iter().map(|&y| f64::from(y)));
+                    want_ok.extend(matmul_f64(
+                        &xf[t * kk..(t + 1) * kk],
+                        1,
+                        &wd[e as usize * rows * cols..(e as usize + 1) * rows * cols],
+                        rows,
+                        cols,
+                        transpose,
+                    ));
+                }
+                let err = max_rel_err(&got_ok, &want_ok);
+                assert!(
+                    err <= tolerance(got.dtype()),
+                    "b{bits} {dtype} transpose={transpose} T={tokens} with a bad index: error {err:e}"
+                );
+                match result {
                     Err(Error::IndexOutOfRange {
                         position: p,
                         index,

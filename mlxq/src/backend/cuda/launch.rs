@@ -373,7 +373,7 @@ pub(crate) fn qmm(
         && knob("MLXQ_GATHER_SORT_OFF").is_none()
     {
         // gather_qmm over many (token, expert) pairs: sort the pairs by expert on the device
-        // (gather_sort), then one grouped tensor-core GEMM over tiles of pairs of one expert
+        // (gather_count, gather_place), then one grouped tensor-core GEMM over tiles of pairs of one expert
         // (64, or the GEMM's token width), each expert's W read once per tile instead of once
         // per pair.
         // On Hopper the wgmma tile (qmm_wg_g64), elsewhere (or K not a multiple of 128) the
@@ -402,32 +402,58 @@ pub(crate) fn qmm(
         // Tiles of the GEMM's token width: its pairs share each dequantised weight.
         let tm = tile.map_or(64, |t| t.bm);
         let tiles = entries.div_ceil(tm) + w_count; // worst case over any index values
-        let bytes = 16 + 16 * tiles + 16 * entries;
-        let (t32, tm32) = (
+                                                    // The sort's blocks: up to 32 of 1024 threads, each over `per` consecutive pairs.
+        let blocks = entries.div_ceil(1024).clamp(1, 32);
+        let per = entries.div_ceil(blocks);
+        let table = 16 + 16 * tiles + 16 * entries; // what the GEMM reads (see gather_count)
+        let bytes = table + 16 * entries + 4 * blocks * w_count;
+        let (t32, tm32, e32, b32) = (
             u32::try_from(tiles).map_err(|_| Error::SizeOverflow { op, what: "grid" })?,
             tm as u32,
+            w_count as u32, // <= 1024 (checked above)
+            blocks as u32,
         );
         if tiles > 65535 {
             return Err(Error::SizeOverflow { op, what: "grid" });
         }
         let s = dev.scratch(bytes as usize)?;
         let pg = ptr(op, "scratch", &s)?;
-        // SAFETY: one block reads the index tensors (entries positions, checked bounds) and
-        // writes the tile table and pair offsets (`bytes` of scratch) and, for an
-        // out-of-range index, that pair's output row.
+        let (prec, phist) = (pg + table, pg + table + 16 * entries);
+        // SAFETY: block b of gather_count reads the index tensors at positions [b per, (b + 1)
+        // per) < entries (checked bounds) and writes their records (16 bytes each, inside
+        // `bytes` of scratch), its histogram row (w_count u32) and, for an out-of-range index,
+        // that pair's output row; gather_place reads the records and all rows and writes the
+        // tile table (at most `tiles` entries) and the pairs' offsets, all inside the scratch.
         unsafe {
             stream
-                .launch_builder(k.func_named("gather_sort")?)
+                .launch_builder(k.func_named("gather_count")?)
                 .arg(&bt)
                 .arg(&entries)
-                .arg(&t32)
-                .arg(&tm32)
-                .arg(&pg)
+                .arg(&per)
+                .arg(&e32)
+                .arg(&prec)
+                .arg(&phist)
                 .arg(&po)
                 .arg(&ndim)
+                .arg(&out_stride)
+                .launch(cfg((b32, 1, 1), 1024, op)?)
+        }
+        .map_err(driver(op))?;
+        // SAFETY: see gather_count above (the same blocks, after it on the stream).
+        unsafe {
+            stream
+                .launch_builder(k.func_named("gather_place")?)
+                .arg(&entries)
+                .arg(&per)
+                .arg(&e32)
+                .arg(&t32)
+                .arg(&tm32)
+                .arg(&prec)
+                .arg(&phist)
+                .arg(&pg)
                 .arg(&x_stride)
                 .arg(&out_stride)
-                .launch(cfg((1, 1, 1), 1024, op)?)
+                .launch(cfg((b32, 1, 1), 1024, op)?)
         }
         .map_err(driver(op))?;
         let w_stride = words_per_matrix;
@@ -1107,7 +1133,14 @@ impl Tile {
         let rings =
             self.stages * (self.bm * 128 + self.bn * cb + self.bn * Tile::unit(spec, sdt) * 2);
         let bars = if self.ws { 16 * self.stages } else { 0 };
-        rings + bars + if self.wg { 1024 } else { 2 * self.bn * 128 }
+        // wgmma tiles: 1 KiB to align the x ring, then the output offsets of BM pairs.
+        rings
+            + bars
+            + if self.wg {
+                1024 + 8 * self.bm
+            } else {
+                2 * self.bn * 128
+            }
     }
 }
 

@@ -94,9 +94,10 @@ struct Step {
 
 constexpr int CK = 128 / BITS;  // codes (k values) per 16-byte chunk
 
-// With `grp` (gather_qmm over many (token, expert) pairs, sorted by gather_sort): blockIdx.y
-// is a tile of up to 8 * NT pairs of one expert (grp[0] tiles; the rest of the grid exits),
-// x rows and output rows come from the pairs' offsets, and segments = 1.
+// With `grp` (gather_qmm over many (token, expert) pairs, sorted by gather_count and
+// gather_place): blockIdx.y is a tile of up to 8 * NT pairs of one expert (grp[0] tiles; the
+// rest of the grid exits), x rows and output rows come from the pairs' offsets, and
+// segments = 1.
 template <int NT, int TCW, bool GRP>
 __device__ __forceinline__ void qmm_tc_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                             const ST* __restrict__ scales,
@@ -594,27 +595,55 @@ QMV_TC(1)
 QMV_TC(2)
 
 // Sorts the (token, expert) pairs of a gather_qmm (M = 1 row each) by expert for the grouped
-// qmm_tc (see `grp` there), on the device: one block of 1024 threads, experts <= 1024.
-// Histogram in shared memory, an exclusive scan of the counts and of the tiles of TM pairs per
-// expert, then a scatter of each pair's x and output offsets. Layout of grp (u32 words):
-// [tiles, capacity T, -, -], T x [expert, first pair, pairs, -], then 2 u64 per pair. A pair
-// with an out-of-range index is left out, its output row written as NaN (resolve records it).
+// GEMMs (see `grp` in qmm_tc and qmm_tile), on the device, in two launches over the same B
+// blocks of 1024 threads, block b taking pairs [b * per, (b + 1) * per); experts E <= 1024.
+// gather_count resolves each pair once, ranks it among its block's pairs of the same expert
+// (a shared-memory histogram) and writes a record {expert, rank, x index, ok} per pair and
+// its block's histogram row; gather_place sums the rows into each expert's count and its
+// first place (an exclusive scan over experts, plus the rows of the blocks before it), writes
+// the tile table (block 0) and each pair's x and output offsets at its sorted place. Layout
+// of grp (u32 words): [tiles, capacity T, -, -], T x [expert, first pair, pairs, -], 2 u64 per
+// pair, then the records (4 u32 per pair) and the histogram rows (B x E u32). A pair with an
+// out-of-range index is left out, its output row written as NaN (resolve records it).
 extern "C" __global__ void __launch_bounds__(1024)
-    gather_sort(Batch bt, u64 P, u32 T, u32 TM, u32* __restrict__ grp, OT* __restrict__ out,
-                u64 N, u64 x_stride, u64 out_stride) {
-    __shared__ u32 cnt[1024], base[1024], wsum[32], wtsum[32];
-    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    gather_count(Batch bt, u64 P, u64 per, u32 E, uint4* __restrict__ rec,
+                 u32* __restrict__ hist, OT* __restrict__ out, u64 N, u64 out_stride) {
+    __shared__ u32 cnt[1024];
+    const u32 tid = threadIdx.x;
     cnt[tid] = 0;
     __syncthreads();
-    for (u64 e = tid; e < P; e += 1024) {
+    const u64 lo = blockIdx.x * per, hi = min(P, lo + per);
+    for (u64 e = lo + tid; e < hi; e += 1024) {
         u64 xi, wi;
-        if (resolve(bt, e, xi, wi))
-            atomicAdd(&cnt[wi], 1u);
-        else
+        uint4 r = {0u, 0u, 0u, 0u};
+        if (resolve(bt, e, xi, wi)) {
+            r.x = (u32)wi;  // wi < E, xi < x_count: both fit
+            r.y = atomicAdd(&cnt[wi], 1u);
+            r.z = (u32)xi;
+            r.w = 1u;
+        } else {
             for (u64 n = 0; n < N; n++) out[e * out_stride + n] = from_f32<OT>(__int_as_float(0x7fc00000));
+        }
+        rec[e] = r;
     }
     __syncthreads();
-    const u32 c = cnt[tid], tl = (c + TM - 1) / TM;
+    if (tid < E) hist[(u64)blockIdx.x * E + tid] = cnt[tid];
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    gather_place(u64 P, u64 per, u32 E, u32 T, u32 TM, const uint4* __restrict__ rec,
+                 const u32* __restrict__ hist, u32* __restrict__ grp, u64 x_stride,
+                 u64 out_stride) {
+    __shared__ u32 base[1024], wsum[32], wtsum[32];
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    u32 c = 0, before = 0;  // expert tid's pairs: in all blocks, in the blocks before this one
+    if (tid < E)
+        for (u32 b = 0; b < gridDim.x; b++) {
+            const u32 h = hist[(u64)b * E + tid];
+            if (b < blockIdx.x) before += h;
+            c += h;
+        }
+    const u32 tl = (c + TM - 1) / TM;
     u32 a = c, b = tl;  // inclusive scans within the warp
 #pragma unroll
     for (u32 off = 1; off < 32; off <<= 1) {
@@ -636,28 +665,30 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     __syncthreads();
     const u32 first = a - c + wsum[warp], tfirst = b - tl + wtsum[warp];
-    base[tid] = first;
-    for (u32 j = 0; j < tl; j++) {
-        u32* t4 = grp + 4 + 4 * (tfirst + j);
-        t4[0] = tid;
-        t4[1] = first + j * TM;
-        t4[2] = min(TM, c - j * TM);
-        t4[3] = 0;
+    base[tid] = first + before;
+    if (blockIdx.x == 0) {
+        for (u32 j = 0; j < tl; j++) {
+            u32* t4 = grp + 4 + 4 * (tfirst + j);
+            t4[0] = tid;
+            t4[1] = first + j * TM;
+            t4[2] = min(TM, c - j * TM);
+            t4[3] = 0;
+        }
+        if (tid == 1023) {
+            grp[0] = tfirst + tl;
+            grp[1] = T;
+        }
     }
-    if (tid == 1023) {
-        grp[0] = tfirst + tl;
-        grp[1] = T;
-    }
-    cnt[tid] = 0;  // now the scatter cursor of expert tid (its count is in c)
     __syncthreads();
     // The pair order within an expert is arbitrary; each pair's result does not depend on it.
     u64* pairs = (u64*)(grp + 4 + 4 * (u64)T);
-    for (u64 e = tid; e < P; e += 1024) {
-        u64 xi, wi;
-        if (resolve(bt, e, xi, wi)) {
-            const u32 p = base[wi] + atomicAdd(&cnt[wi], 1u);
-            pairs[2 * (u64)p] = xi * x_stride;
-            pairs[2 * (u64)p + 1] = e * out_stride;
+    const u64 lo = blockIdx.x * per, hi = min(P, lo + per);
+    for (u64 e = lo + tid; e < hi; e += 1024) {
+        const uint4 r = rec[e];
+        if (r.w) {
+            const u64 p = (u64)base[r.x] + r.y;
+            pairs[2 * p] = (u64)r.z * x_stride;
+            pairs[2 * p + 1] = e * out_stride;
         }
     }
 }

@@ -10,8 +10,9 @@
 // W as B, both by ldmatrix) with f32 accumulators. The dequantisation of step k + 1 is issued
 // in the same loop body as the mmas of step k, so one barrier per step separates them.
 //
-// With GRP (gather_qmm over many (token, expert) pairs sorted by gather_sort): blockIdx.y is a
-// tile of up to BM pairs of one expert, x and output rows come from the pairs' offsets.
+// With GRP (gather_qmm over many (token, expert) pairs sorted by gather_count and
+// gather_place): blockIdx.y is a tile of up to BM pairs of one expert, x and output rows come
+// from the pairs' offsets.
 //
 // Requires K % 64 == 0 (the host checks); rows >= N and tokens >= M are clamped on load and
 // never written.
