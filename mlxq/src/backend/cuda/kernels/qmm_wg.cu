@@ -210,11 +210,12 @@ __device__ __forceinline__ void wg_step_mma(float* acc, const u32 (&ac)[4][4],
 // 16 warp + g + 8h, token 8j + 2t + e) rounded to the output type into the shared tile at
 // `ot` ([token][row], rows padded by 16 bytes: no bank conflicts), then `sync` (the 256
 // consumer threads), then the tile's mv valid tokens written out as 16-byte rows (scalar
-// where N or the row is not 16-byte aligned).
+// where N or the row is not 16-byte aligned). With GRP, token c's output row is at out +
+// ooff[c] (shared memory, filled by wg_out_offsets before the main loop).
 template <int BT, bool GRP, typename Sync>
 __device__ __forceinline__ void wg_store(const float* acc, u8* ot, u32 tid, u32 warp, u32 g,
-                                         u32 t, u32 mv, OT* __restrict__ out, const u64* pairs,
-                                         u32 first, u32 m0, u32 n0, u32 N, Sync sync) {
+                                         u32 t, u32 mv, OT* __restrict__ out, const u64* ooff,
+                                         u32 m0, u32 n0, u32 N, Sync sync) {
     constexpr u32 T = 256, BW = 128;
     constexpr u32 OP = BW * sizeof(OT) + 16;  // padded tile row (one token) in bytes
 #pragma unroll
@@ -230,7 +231,7 @@ __device__ __forceinline__ void wg_store(const float* acc, u8* ot, u32 tid, u32 
     for (u32 i = tid; i < BT * CPT; i += T) {
         const u32 c = i / CPT, ch = i % CPT;
         if (c >= mv) break;  // tokens are in order: the rest of this thread's chunks are too
-        OT* orow = GRP ? out + pairs[2 * (u64)(first + c) + 1] : out + (u64)(m0 + c) * N;
+        OT* orow = GRP ? out + ooff[c] : out + (u64)(m0 + c) * N;
         const u32 n = n0 + ch * EPC;
         OT* dst = orow + n;
         const u8* src = ot + c * OP + ch * 16;
@@ -240,6 +241,15 @@ __device__ __forceinline__ void wg_store(const float* acc, u8* ot, u32 tid, u32 
             for (u32 q = 0; q < EPC && n + q < N; q++) dst[q] = ((const OT*)src)[q];
         }
     }
+}
+
+// The output offsets of a grouped tile's mv pairs, read from the pair table into shared memory
+// by threads 0..mv-1 at the start, so that the epilogue does not wait on global loads (session
+// 19; the barriers of the main loop order these writes before the epilogue's reads).
+template <bool GRP>
+__device__ __forceinline__ void wg_out_offsets(u64* ooff, const u64* pairs, u32 first, u32 mv,
+                                               u32 tid) {
+    if (GRP && tid < mv) ooff[tid] = pairs[2 * (u64)(first + tid) + 1];
 }
 
 template <int BT, int S, bool GRP>
@@ -260,7 +270,8 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     static_assert(BT % 16 == 0 && CI * T == BW * CPR && BW * 2 == T, "tile/threads");
     extern __shared__ __align__(16) u8 wsm[];
     const u32 raw = (u32)__cvta_generic_to_shared(wsm);
-    // The x tiles first, 1024-byte aligned (the swizzle's period); the host adds 1 KiB.
+    // The x tiles first, 1024-byte aligned (the swizzle's period; the host adds 1 KiB), then
+    // the codes, the scale units and (grouped) the BT output offsets.
     const u32 xs = (raw + 1023u) & ~1023u, cs = xs + S * XS, ss = cs + S * CS;
 
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -274,6 +285,8 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     const u32 mv = min((u32)BT, tk.mcount - m0);  // valid tokens of this tile
     const u32 G = K / GROUP, KT = K / 64;
     const u64 row_bytes = (u64)K * BITS / 8;
+    u64* ooff = (u64*)(wsm + (ss - raw) + S * SB);  // after the rings: BT u64
+    wg_out_offsets<GRP>(ooff, pairs, first, mv, tid);
 
     const u8* xr[XI];
     u32 xd[XI];
@@ -350,7 +363,7 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     __syncthreads();  // every stage is read: the ring becomes the output tile
 
     static_assert(BT * (BW * sizeof(OT) + 16) + 1024 <= S * (XS + CS + SB), "output tile fits the ring");
-    wg_store<BT, GRP>(acc, wsm + (xs - raw), tid, warp, g, t, mv, out, pairs, first, m0, n0, N, [] { __syncthreads(); });
+    wg_store<BT, GRP>(acc, wsm + (xs - raw), tid, warp, g, t, mv, out, ooff, m0, n0, N, [] { __syncthreads(); });
 }
 
 // --- qmm_ws: the same product with a producer warp (warp specialisation) ---
@@ -396,7 +409,7 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     extern __shared__ __align__(16) u8 wsm[];
     const u32 raw = (u32)__cvta_generic_to_shared(wsm);
     // The x tiles first, 1024-byte aligned (the swizzle's period; the host adds 1 KiB), then
-    // the codes, the scale units and the 2 S mbarriers.
+    // the codes, the scale units, the 2 S mbarriers and (grouped) the BT output offsets.
     const u32 xs = (raw + 1023u) & ~1023u, cs = xs + S * XS, ss = cs + S * CS, bars = ss + S * SB;
     auto full = [&](u32 s) { return bars + 8 * s; };
     auto empty = [&](u32 s) { return bars + 8 * (S + s); };
@@ -411,6 +424,8 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     const u64* pairs = tk.pairs;
     const u32 mv = min((u32)BT, tk.mcount - m0);  // valid tokens of this tile
     const u32 G = K / GROUP, KT = K / 64;
+    u64* ooff = (u64*)(wsm + (bars - raw) + 16 * S);  // after the mbarriers: BT u64
+    wg_out_offsets<GRP>(ooff, pairs, first, mv, tid);  // consumer threads (mv <= 256)
     if (tid < S) {
         mbar_init(full(tid), 32);  // the producer's lanes (cp.async arrivals)
         mbar_init(empty(tid), 8);  // one arrival per consumer warp
@@ -510,7 +525,7 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     sync();
 
     static_assert(BT * (BW * sizeof(OT) + 16) + 1024 <= S * (XS + CS + SB), "output tile fits the ring");
-    wg_store<BT, GRP>(acc, wsm + (xs - raw), tid, warp, g, t, mv, out, pairs, first, m0, n0, N, sync);
+    wg_store<BT, GRP>(acc, wsm + (xs - raw), tid, warp, g, t, mv, out, ooff, m0, n0, N, sync);
 }
 #endif
 
