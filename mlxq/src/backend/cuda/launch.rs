@@ -439,23 +439,28 @@ pub(crate) fn qmm(
                 .launch(cfg((b32, 1, 1), 1024, op)?)
         }
         .map_err(driver(op))?;
-        // SAFETY: see gather_count above (the same blocks, after it on the stream).
-        unsafe {
-            stream
-                .launch_builder(k.func_named("gather_place")?)
-                .arg(&entries)
-                .arg(&per)
-                .arg(&e32)
-                .arg(&t32)
-                .arg(&tm32)
-                .arg(&prec)
-                .arg(&phist)
-                .arg(&pg)
-                .arg(&x_stride)
-                .arg(&out_stride)
-                .launch(cfg((b32, 1, 1), 1024, op)?)
-        }
-        .map_err(driver(op))?;
+        // gather_place as gather_count's programmatic dependent (run 19): it launches while
+        // gather_count runs and waits for it (griddepcontrol.wait) before reading.
+        let (mut a_entries, mut a_per, mut a_e, mut a_t, mut a_tm) = (entries, per, e32, t32, tm32);
+        let (mut a_rec, mut a_hist, mut a_grp, mut a_xs, mut a_os) =
+            (prec, phist, pg, x_stride, out_stride);
+        let place: [*mut std::ffi::c_void; 10] = [
+            (&raw mut a_entries).cast(),
+            (&raw mut a_per).cast(),
+            (&raw mut a_e).cast(),
+            (&raw mut a_t).cast(),
+            (&raw mut a_tm).cast(),
+            (&raw mut a_rec).cast(),
+            (&raw mut a_hist).cast(),
+            (&raw mut a_grp).cast(),
+            (&raw mut a_xs).cast(),
+            (&raw mut a_os).cast(),
+        ];
+        let f = k.func_named("gather_place")?;
+        // SAFETY: see gather_count above (the same blocks, after it on the stream); the list
+        // matches gather_place's parameters in order and type and outlives the call.
+        unsafe { launch_ex(&dev, f, cfg((b32, 1, 1), 1024, op)?, 0, &place, true) }
+            .map_err(driver(op))?;
         let w_stride = words_per_matrix;
         if let Some(t) = tile {
             // The tiled GEMM over the same tiles of `tm` pairs (its BM).
@@ -475,7 +480,22 @@ pub(crate) fn qmm(
             // the sort left out-of-range pairs out) and rows < N (clamped) of that expert's W,
             // scales and biases, and writes its pairs' output rows; blocks beyond the tile
             // count exit.
-            unsafe { launch_tile(&stream, f, t, grid, spec, w.scales_dtype(), &args, None, op)? };
+            // The wgmma tiles (sm_90) wait for gather_place with griddepcontrol.wait: launched
+            // as its programmatic dependent; the others plainly.
+            unsafe {
+                launch_tile(
+                    &dev,
+                    f,
+                    t,
+                    grid,
+                    spec,
+                    w.scales_dtype(),
+                    &args,
+                    None,
+                    t.wg,
+                    op,
+                )?
+            };
             enc.retain(&s);
             finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
             return Ok(());
@@ -806,7 +826,7 @@ pub(crate) fn qmm(
             // writes the M x N output: all inside buffers kept alive by `retain`.
             unsafe {
                 launch_tile(
-                    &stream,
+                    &dev,
                     f,
                     t,
                     grid,
@@ -814,6 +834,7 @@ pub(crate) fn qmm(
                     w.scales_dtype(),
                     &args,
                     Some(x.dtype()),
+                    false,
                     op,
                 )?
             };
@@ -1240,7 +1261,9 @@ fn tensor_map<const R: usize>(
     Ok(map)
 }
 
-/// Launches tile `t` with `args` over `grid` on `stream`. A warp-specialised tile also gets
+/// Launches tile `t` with `args` over `grid` on the device's stream (as the previous
+/// kernel's programmatic dependent where `pdl`: only entries that wait for it with
+/// griddepcontrol.wait before reading, the grouped wgmma tiles). A warp-specialised tile also gets
 /// two tensor maps: x's, of x [M, K] in `x_dtype` in boxes of 64 columns x BT rows in the
 /// 128-byte swizzle that its wgmma descriptors expect, where dense (`Some`; zeros where
 /// gathered: its producer copies the pairs' rows itself); and the codes', bytes x rows x
@@ -1251,7 +1274,7 @@ fn tensor_map<const R: usize>(
 /// read and write as its signature says (`qmm_tile.cu`, `qmm_wg.cu`).
 #[allow(clippy::too_many_arguments)]
 unsafe fn launch_tile(
-    stream: &Arc<cudarc::driver::CudaStream>,
+    dev: &CudaDevice,
     f: &cudarc::driver::CudaFunction,
     t: &Tile,
     grid: (u32, u32, u32),
@@ -1259,6 +1282,7 @@ unsafe fn launch_tile(
     sdt: DType,
     args: &TileArgs,
     x_dtype: Option<DType>,
+    pdl: bool,
     op: &'static str,
 ) -> Result<()> {
     use sys::CUtensorMapDataType as D;
@@ -1302,28 +1326,32 @@ unsafe fn launch_tile(
     } else {
         None
     };
-    let mut b = stream.launch_builder(f);
-    b.arg(px)
-        .arg(pw)
-        .arg(ps)
-        .arg(pb)
-        .arg(po)
-        .arg(&args.m)
-        .arg(&args.n)
-        .arg(&args.k)
-        .arg(&args.w_stride)
-        .arg(&args.s_stride)
-        .arg(&args.grp);
-    if let (Some(xm), Some(wm)) = (&x_map, &w_map) {
-        b.arg(xm).arg(wm);
+    let [mut px, mut pw, mut ps, mut pb, mut po] = [*px, *pw, *ps, *pb, *po];
+    let (mut m, mut n, mut k) = (args.m, args.n, args.k);
+    let (mut ws, mut ss, mut grp) = (args.w_stride, args.s_stride, args.grp);
+    let (mut x_map, mut w_map) = (x_map, w_map);
+    let mut list: Vec<*mut std::ffi::c_void> = vec![
+        (&raw mut px).cast(),
+        (&raw mut pw).cast(),
+        (&raw mut ps).cast(),
+        (&raw mut pb).cast(),
+        (&raw mut po).cast(),
+        (&raw mut m).cast(),
+        (&raw mut n).cast(),
+        (&raw mut k).cast(),
+        (&raw mut ws).cast(),
+        (&raw mut ss).cast(),
+        (&raw mut grp).cast(),
+    ];
+    if let (Some(xm), Some(wm)) = (&mut x_map, &mut w_map) {
+        list.push((xm as *mut TensorMap).cast());
+        list.push((wm as *mut TensorMap).cast());
     }
-    let cfg = LaunchConfig {
-        shared_mem_bytes: t.smem(u64::from(args.k), spec, sdt) as u32,
-        ..cfg(grid, t.threads, op)?
-    };
-    // SAFETY: the caller's contract; the parameters match the entry's signature in order and
-    // type (the tensor map only for the `qmm_ws` entries).
-    unsafe { b.launch(cfg) }.map_err(driver(op))?;
+    let smem = t.smem(u64::from(args.k), spec, sdt) as u32;
+    // SAFETY: the caller's contract; the list matches the entry's signature in order and type
+    // (the tensor maps only for the `qmm_ws` entries, passed by value) and outlives the call.
+    unsafe { launch_ex(dev, f, cfg(grid, t.threads, op)?, smem, &list, pdl) }
+        .map_err(driver(op))?;
     Ok(())
 }
 
