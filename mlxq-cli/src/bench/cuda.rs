@@ -18,6 +18,7 @@ use anyhow::Context;
 use mlxq::backend::cuda::{cublas_bf16_gemm_us, read_bandwidth_probe, EventTimer};
 use mlxq::{ops, Buffer, DType, Device, QuantSpec, QuantizedWeight};
 use rand::rngs::StdRng;
+use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 
@@ -353,8 +354,9 @@ pub fn run(
                     for &t in &tokens {
                         let xh = Buffer::from_f32(&randn(&mut rng, t * k), dtype, &[t, 1, 1, k])?;
                         let x = xh.to_device(device)?;
-                        let idx: Vec<u32> = (0..t * top)
-                            .map(|i| ((i % top) * e / top + rng.gen_range(0..e / top)) as u32)
+                        // Each token picks `top` distinct random experts (as the CPU bench).
+                        let idx: Vec<u32> = (0..t)
+                            .flat_map(|_| sample(&mut rng, e, top).into_iter().map(|v| v as u32))
                             .collect();
                         let distinct = {
                             let mut d = idx.clone();
