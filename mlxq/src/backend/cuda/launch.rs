@@ -373,9 +373,9 @@ pub(crate) fn qmm(
         && knob("MLXQ_GATHER_SORT_OFF").is_none()
     {
         // gather_qmm over many (token, expert) pairs: sort the pairs by expert on the device
-        // (gather_count, gather_place), then one grouped tensor-core GEMM over tiles of pairs of one expert
-        // (64, or the GEMM's token width), each expert's W read once per tile instead of once
-        // per pair.
+        // (gather_count, gather_place), then one grouped tensor-core GEMM over tiles of pairs
+        // of one expert (64, or the GEMM's token width), each expert's W read once per tile
+        // instead of once per pair.
         // On Hopper the wgmma tile (qmm_wg_g64), elsewhere (or K not a multiple of 128) the
         // 4-stage mma.sync tile (run 5, 512 tokens of 64 x 2048x2048 4-bit, sort included:
         // 332 µs against 406 for qmm_tc_g8 in run 4). MLXQ_TILE_G=g|g6 forces the mma.sync tile
@@ -401,8 +401,9 @@ pub(crate) fn qmm(
         .filter(fits);
         // Tiles of the GEMM's token width: its pairs share each dequantised weight.
         let tm = tile.map_or(64, |t| t.bm);
-        let tiles = entries.div_ceil(tm) + w_count; // worst case over any index values
-                                                    // The sort's blocks: up to 32 of 1024 threads, each over `per` consecutive pairs.
+        // The worst-case tile count over any index values; the sort's blocks: up to 32 of
+        // 1024 threads, each over `per` consecutive pairs.
+        let tiles = entries.div_ceil(tm) + w_count;
         let blocks = entries.div_ceil(1024).clamp(1, 32);
         let per = entries.div_ceil(blocks);
         let table = 16 + 16 * tiles + 16 * entries; // what the GEMM reads (see gather_count)
@@ -1262,9 +1263,9 @@ fn tensor_map<const R: usize>(
 }
 
 /// Launches tile `t` with `args` over `grid` on the device's stream (as the previous
-/// kernel's programmatic dependent where `pdl`: only entries that wait for it with
-/// griddepcontrol.wait before reading, the grouped wgmma tiles). A warp-specialised tile also gets
-/// two tensor maps: x's, of x [M, K] in `x_dtype` in boxes of 64 columns x BT rows in the
+/// kernel's programmatic dependent where `pdl`: only for entries that wait for it with
+/// griddepcontrol.wait before reading, the grouped wgmma tiles). A warp-specialised tile also
+/// gets two tensor maps: x's, of x [M, K] in `x_dtype` in boxes of 64 columns x BT rows in the
 /// 128-byte swizzle that its wgmma descriptors expect, where dense (`Some`; zeros where
 /// gathered: its producer copies the pairs' rows itself); and the codes', bytes x rows x
 /// matrices in boxes of one step's bytes (64 codes) x 128 rows.
@@ -1330,7 +1331,8 @@ unsafe fn launch_tile(
     let (mut m, mut n, mut k) = (args.m, args.n, args.k);
     let (mut ws, mut ss, mut grp) = (args.w_stride, args.s_stride, args.grp);
     let (mut x_map, mut w_map) = (x_map, w_map);
-    let mut list: Vec<*mut std::ffi::c_void> = vec![
+    // The parameters' addresses (no allocation per launch): 11 scalars, then the two maps.
+    let mut list: [*mut std::ffi::c_void; 13] = [
         (&raw mut px).cast(),
         (&raw mut pw).cast(),
         (&raw mut ps).cast(),
@@ -1342,15 +1344,19 @@ unsafe fn launch_tile(
         (&raw mut ws).cast(),
         (&raw mut ss).cast(),
         (&raw mut grp).cast(),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
     ];
+    let mut len = 11;
     if let (Some(xm), Some(wm)) = (&mut x_map, &mut w_map) {
-        list.push((xm as *mut TensorMap).cast());
-        list.push((wm as *mut TensorMap).cast());
+        list[11] = (xm as *mut TensorMap).cast();
+        list[12] = (wm as *mut TensorMap).cast();
+        len = 13;
     }
     let smem = t.smem(u64::from(args.k), spec, sdt) as u32;
     // SAFETY: the caller's contract; the list matches the entry's signature in order and type
     // (the tensor maps only for the `qmm_ws` entries, passed by value) and outlives the call.
-    unsafe { launch_ex(dev, f, cfg(grid, t.threads, op)?, smem, &list, pdl) }
+    unsafe { launch_ex(dev, f, cfg(grid, t.threads, op)?, smem, &list[..len], pdl) }
         .map_err(driver(op))?;
     Ok(())
 }
