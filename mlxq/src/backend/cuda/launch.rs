@@ -1289,7 +1289,7 @@ unsafe fn launch_tile(
     use sys::CUtensorMapDataType as D;
     let [px, pw, ps, pb, po] = &args.ptrs;
     let (m, k) = (u64::from(args.m), u64::from(args.k));
-    let x_map = match (t.ws, x_dtype) {
+    let mut x_map = match (t.ws, x_dtype) {
         (false, _) => None,
         (true, Some(dt)) => {
             let ty = match dt {
@@ -1310,7 +1310,7 @@ unsafe fn launch_tile(
         // SAFETY: zeros, a map the gathering kernel never reads.
         (true, None) => Some(TensorMap(unsafe { std::mem::zeroed() })),
     };
-    let w_map = if t.ws {
+    let mut w_map = if t.ws {
         let row = k * u64::from(spec.bits()) / 8;
         let dims = [row, u64::from(args.n), args.w_count.max(1)];
         let boxes = [64 * spec.bits() / 8, t.bn as u32, 1];
@@ -1330,7 +1330,6 @@ unsafe fn launch_tile(
     let [mut px, mut pw, mut ps, mut pb, mut po] = [*px, *pw, *ps, *pb, *po];
     let (mut m, mut n, mut k) = (args.m, args.n, args.k);
     let (mut ws, mut ss, mut grp) = (args.w_stride, args.s_stride, args.grp);
-    let (mut x_map, mut w_map) = (x_map, w_map);
     // The parameters' addresses (no allocation per launch): 11 scalars, then the two maps.
     let mut list: [*mut std::ffi::c_void; 13] = [
         (&raw mut px).cast(),

@@ -63,3 +63,17 @@ template <int B> __device__ __forceinline__ u32 code_of(const u32* w, int j) {
 __device__ __forceinline__ float small_to_f32(u32 q) {
     return __uint_as_float(0x4B000000u | q) - 8388608.0f;
 }
+
+// Programmatic dependent launch (sm_90; no-ops before): let the next kernel on the stream,
+// launched with the PDL attribute, start now; and wait until the previous kernel has finished
+// and its writes are visible (returns at once where this kernel was launched without PDL).
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}

@@ -606,26 +606,15 @@ QMV_TC(2)
 // pair, then the records (4 u32 per pair) and the histogram rows (B x E u32). A pair with an
 // out-of-range index is left out, its output row written as NaN (resolve records it).
 // gather_place and the grouped wgmma GEMM after it are programmatic dependents (the host
-// launches them with PDL): each triggers its dependent at its start and waits for its
-// predecessor (griddepcontrol.wait) before reading what it wrote, so that their launches and
+// launches them with PDL): each triggers its dependent at its start (pdl_trigger) and waits
+// for its predecessor (pdl_wait) before reading what it wrote, so that their launches and
 // block starts overlap the previous kernel's tail.
-__device__ __forceinline__ void sort_trigger() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-__device__ __forceinline__ void sort_wait() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 extern "C" __global__ void __launch_bounds__(1024)
     gather_count(Batch bt, u64 P, u64 per, u32 E, uint4* __restrict__ rec,
                  u32* __restrict__ hist, OT* __restrict__ out, u64 N, u64 out_stride) {
     __shared__ u32 cnt[1024];
     const u32 tid = threadIdx.x;
-    sort_trigger();  // gather_place may launch; it waits for this grid before reading
+    pdl_trigger();  // gather_place may launch; it waits for this grid before reading
     cnt[tid] = 0;
     __syncthreads();
     const u64 lo = blockIdx.x * per, hi = min(P, lo + per);
@@ -652,8 +641,8 @@ extern "C" __global__ void __launch_bounds__(1024)
                  u64 out_stride) {
     __shared__ u32 base[1024], wsum[32], wtsum[32];
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    sort_trigger();  // the grouped GEMM may launch; it waits for this grid
-    sort_wait();     // gather_count's records and rows
+    pdl_trigger();  // the grouped GEMM may launch; it waits for this grid
+    pdl_wait();     // gather_count's records and rows
     u32 c = 0, before = 0;  // expert tid's pairs: in all blocks, in the blocks before this one
     if (tid < E)
         for (u32 b = 0; b < gridDim.x; b++) {

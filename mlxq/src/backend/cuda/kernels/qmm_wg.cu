@@ -277,7 +277,7 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 g = lane >> 2, t = lane & 3;
     const u32 n0 = blockIdx.x * BW;
-    if (GRP) sort_wait();  // launched as gather_place's programmatic dependent (qmm_tc.cu)
+    if (GRP) pdl_wait();  // launched as gather_place's programmatic dependent (qmm_tc.cu)
     TileTok tk;
     if (!tile_tokens<GRP>(BT, M, grp, w_stride, s_stride, w, scales, biases, tk)) return;
     if (n0 >= N || tk.m0 >= tk.mcount) return;  // whole block
@@ -418,7 +418,7 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 g = lane >> 2, t = lane & 3;
     const u32 n0 = blockIdx.x * BW;
-    if (GRP) sort_wait();  // launched as gather_place's programmatic dependent (qmm_tc.cu)
+    if (GRP) pdl_wait();  // launched as gather_place's programmatic dependent (qmm_tc.cu)
     TileTok tk;
     if (!tile_tokens<GRP>(BT, M, grp, w_stride, s_stride, w, scales, biases, tk)) return;
     if (n0 >= N || tk.m0 >= tk.mcount) return;  // whole block

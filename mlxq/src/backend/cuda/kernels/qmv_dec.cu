@@ -95,19 +95,10 @@ __device__ __forceinline__ u32 dec_word_of(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// Programmatic dependent launch (sm_90): the next qmv_dec may start while this one drains.
-// It reads only its own W, scales and biases before pdl_wait (the host launches it so only
-// after another qmv_dec, which writes none of them); x, indices and outputs come after.
-__device__ __forceinline__ void pdl_trigger() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
+// Programmatic dependent launch (pdl_trigger / pdl_wait, common.cuh): the next qmv_dec may
+// start while this one drains. It reads only its own W, scales and biases before pdl_wait (the
+// host launches it so only after another qmv_dec, which writes none of them); x, indices and
+// outputs come after.
 
 struct DecBatch {
     uint4 q[DSU][2];  // [step][row g, row g + 8]
