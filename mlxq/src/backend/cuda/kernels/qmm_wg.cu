@@ -112,15 +112,18 @@ __device__ __forceinline__ u32 wg_pair4(u32 wd, u32 sel, u32 s2, u32 b2) {
     return fma2(v, s2, b2);
 }
 // Bytes p, p + 1 of an 8-bit word as the pair q * s + b (`sel` as wg_sel8 made it).
-__device__ __forceinline__ u32 wg_pair8(u32 wd, u32 sel, float s, float b, u32 s2, u32 b2) {
+__device__ __forceinline__ u32 wg_pair8(u32 wd, u32 sel, u32 s2, u32 b2) {
 #if TC_X == 1
     u32 v = fma2(prmt(wd, 0x64646464u, sel), ONE2, MAGIC2 ^ 0x80008000u);
     return fma2(v, s2, b2);
 #else
-    // bf16 cannot hold 128 + q for q >= 128: exact codes through f32 (2^23 + q).
+    // bf16 cannot hold 128 + q for q >= 128: exact codes through f32 (2^23 + q), whose high
+    // halves are then q exactly (q < 256 has 8 significant bits), and one bf16 FMA (one
+    // instruction fewer per pair than an f32 FMA each and a pack: run 20, 8-bit 4096^3 264
+    // against 270 µs).
     const float lo = __uint_as_float(prmt(wd, 0x4B000000u, sel & 0xFFFFu)) - 8388608.0f;
     const float hi = __uint_as_float(prmt(wd, 0x4B000000u, sel >> 16)) - 8388608.0f;
-    return pack2(fmaf(lo, s, b), fmaf(hi, s, b));
+    return fma2(prmt(__float_as_uint(lo), __float_as_uint(hi), 0x7632u), s2, b2);
 #endif
 }
 __device__ __forceinline__ u32 wg_sel8(u32 p) {
@@ -169,8 +172,8 @@ __device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 w
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const int e = j * NEED / 4;
-            a[j][h] = wg_pair8(lds32(src + 16 * j), sel, sv[e], bv[e], s2[e], b2[e]);
-            a[j][2 + h] = wg_pair8(lds32(src + 16 * j + 8), sel, sv[e], bv[e], s2[e], b2[e]);
+            a[j][h] = wg_pair8(lds32(src + 16 * j), sel, s2[e], b2[e]);
+            a[j][2 + h] = wg_pair8(lds32(src + 16 * j + 8), sel, s2[e], b2[e]);
         }
 #endif
     }
