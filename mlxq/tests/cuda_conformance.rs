@@ -352,9 +352,37 @@ fn check_matmul(
     }
     match error_of(&out, &want) {
         Err(e) => Some(format!("{ctx}: {e}")),
-        Ok(err) if err > tolerance(out_dtype) => Some(format!("{ctx}: error {err:.3e}")),
+        Ok(err) if err > tolerance(out_dtype) => Some(format!(
+            "{ctx}: error {err:.3e}; {}",
+            where_wrong(&out, &want, n, tolerance(out_dtype))
+        )),
         Ok(_) => None,
     }
+}
+
+/// Where `got` ([rows, n]) is off `want` by more than `tol` times want's largest magnitude: how
+/// many elements, and the first few as (row, column).
+fn where_wrong(got: &Buffer, want: &[f64], n: usize, tol: f64) -> String {
+    let v = down(got).to_f32_vec().unwrap();
+    let scale = want.iter().fold(0f64, |a, w| a.max(w.abs()));
+    let bad: Vec<usize> = v
+        .iter()
+        .zip(want)
+        .enumerate()
+        .filter(|(_, (g, w))| (f64::from(**g) - **w).abs() > tol * scale)
+        .map(|(i, _)| i)
+        .collect();
+    let first: Vec<String> = bad
+        .iter()
+        .take(6)
+        .map(|i| format!("({}, {})", i / n, i % n))
+        .collect();
+    format!(
+        "{} of {} elements wrong, first {}",
+        bad.len(),
+        v.len(),
+        first.join(" ")
+    )
 }
 
 #[test]
@@ -547,9 +575,10 @@ fn many_token_decode_matches_the_f64_reference() {
                 (136, 14336),
                 (77, 512),
                 (8500, 512),
-                // N >= 8192 and K a multiple of 4 consumers' batches: `qmv_decb`'s 4-consumer
-                // tiles (4-bit M = 5..8 on two n-tiles), with a partial last row tile.
-                (8200, 1024),
+                // N >= 8192 and K a multiple of 8 consumers' batches: `qmv_decb`'s 4-consumer
+                // tiles at 4-bit M <= 4 and its 8-consumer two and four n-tiles at M = 5..16,
+                // with a partial last row tile.
+                (8200, 2048),
             ] {
                 checked += 1;
                 if let Some(f) = check_matmul(

@@ -228,14 +228,9 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
 QMV_DECB(qmv_decb_4_3, 4, 3, 1)
 QMV_DECB(qmv_decb_4_4, 4, 4, 1)
 QMV_DECB(qmv_decb_4_6, 4, 6, 1)
-QMV_DECB(qmv_decb_8_2, 8, 2, 1)
 QMV_DECB(qmv_decb_8_3, 8, 3, 1)
 QMV_DECB(qmv_decb_8_4, 8, 4, 1)
 // Two n-tiles: up to 16 / DSLOTS tokens (4-bit group 64: 5-8; 8-bit: 9-16).
-QMV_DECB(qmv_decb_4_3_t2, 4, 3, 2)
-QMV_DECB(qmv_decb_8_2_t2, 8, 2, 2)
 QMV_DECB(qmv_decb_8_4_t2, 8, 4, 2)
 // Four n-tiles: up to 32 / DSLOTS tokens (4-bit group 64: 9-16).
-QMV_DECB(qmv_decb_4_3_t4, 4, 3, 4)
-QMV_DECB(qmv_decb_8_2_t4, 8, 2, 4)
 QMV_DECB(qmv_decb_8_4_t4, 8, 4, 4)
