@@ -657,6 +657,55 @@ fn many_token_decode_matches_the_f64_reference() {
     }
 }
 
+/// The same decode matmul, many times over one set of inputs, against one f64 reference: the
+/// bulk-copy ring (`qmv_decb`) reuses each stage as soon as its consumers release it, and a
+/// missing order between their reads and the next copy into the stage showed up as a few wrong
+/// outputs in some runs only (8-bit M = 6 and 8 at 8200x2048 on a 2-stage ring, run 20).
+/// `MLXQ_TEST_REPEATS` sets the runs per shape (default 6).
+#[test]
+fn repeated_decode_matches_the_f64_reference_every_time() {
+    let Some(dev) = gpu() else { return };
+    let repeats: usize = std::env::var("MLXQ_TEST_REPEATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let mut enc = dev.encoder();
+    let mut cenc = Device::cpu().encoder();
+    let mut rng = StdRng::seed_from_u64(43);
+    let (mut checked, mut failures) = (0, Vec::new());
+    for (bits, m) in [(8, 8), (8, 6), (8, 1), (4, 4), (4, 8), (4, 16)] {
+        let (rows, cols) = (8200, 2048);
+        let spec = QuantSpec::affine(bits, 64).unwrap();
+        let w =
+            Buffer::from_f32(&randn(&mut rng, rows * cols), DType::BF16, &[rows, cols]).unwrap();
+        let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
+        let x = Buffer::from_f32(&randn(&mut rng, m * cols), DType::BF16, &[m, cols]).unwrap();
+        let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+        let want = matmul_f64(&xf, m, &dequantize_f64(&qw).unwrap(), rows, cols, true);
+        let (xd, wd) = (up(&x, &dev), weight_to(&qw, &dev));
+        let tol = tolerance(DType::BF16);
+        for r in 0..repeats {
+            checked += 1;
+            let ctx = format!("b{bits} g64 M={m} W {rows}x{cols} run {r}");
+            let mut out = poisoned_on(&dev, DType::BF16, &[m, rows]);
+            let res = ops::quantized_matmul_into(&mut enc, &xd, &wd, true, &mut out)
+                .and_then(|()| enc.commit_and_wait());
+            match res
+                .map_err(|e| e.to_string())
+                .and_then(|()| error_of(&out, &want))
+            {
+                Err(e) => failures.push(format!("{ctx}: {e}")),
+                Ok(err) if err > tol => failures.push(format!(
+                    "{ctx}: error {err:.3e}; {}",
+                    where_wrong(&out, &want, rows, tol)
+                )),
+                Ok(_) => {}
+            }
+        }
+    }
+    assert_none("repeated decode on CUDA", checked, failures);
+}
+
 #[test]
 fn batched_weights_broadcast_with_x() {
     let Some(dev) = gpu() else { return };

@@ -1452,21 +1452,19 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 /// consumer warps per block and dynamic shared memory. `ptrs` are W, scales and biases;
 /// `strides` the bytes between matrices of W and of scales.
 ///
-/// The measured rule (run 11, H200, `docs/perf-cuda.md`), dense calls: 8-bit for every M it
-/// serves in one n-tile (M * slots <= 8: up to 8 tokens at groups of 64; 8x14336x4096 36 µs against 56 on
-/// qmv_tc), with 8 consumer warps and a 3-stage ring (run 11 measured 2 stages; run 20 moved
-/// them to 3) (4 stages where the row tiles do not fill the SMs once); 4-bit M <= 4 where N >= 8192 with 4 consumer warps and 3 stages
-/// (14336x4096: 12.8 µs against 14.9 on qmv_decr), and where N is small enough that the row
-/// tiles do not fill the SMs or M >= 3 as for 8-bit (4x4096x4096: 8.1 µs against 22.4 on
-/// qmv_decm); two n-tiles (run 14) only where measured, 4-bit group 64 M = 5..8, as M <= 4
-/// (8x14336x4096 28.4 µs against 37.8), four n-tiles (run 17) for 4-bit group 64 M = 9..16
-/// where N >= 8192 (16x14336x4096 50.6 µs against 60.9; with 8 consumers at 4096x4096 18.4
-/// against 16.0, so not there). Where N >= 8192 the n-tiles take 8 consumer warps and 4
-/// stages, which share one staged x between twice the warps (run 20: 8x14336x4096 27.4 µs
-/// against 28.4 on 4 x 3, 16x14336x4096 46.3 against 50.2; at M <= 4 the 4 x 3 shape stays
-/// ahead, 17.5 against 18.4 at M = 4). 8 consumers with 2 stages were faster still (25.9 and
-/// 45.0 µs) but are not used: see the 2-stage note in the body.
-/// MLXQ_DECB_T2=0 / MLXQ_DECB_T4=0 leave those to the older kernels.
+/// The measured rule (H200, `docs/perf-cuda.md` runs 11, 14, 17, 20, 21), dense calls:
+/// - 8-bit, every M it serves in one n-tile (M * slots <= 8: up to 8 tokens at groups of 64;
+///   8x14336x4096 36 µs against 56 on qmv_tc);
+/// - 4-bit M <= 4 where N >= 8192, with 4 consumer warps and 3 stages (14336x4096: 12.8 µs
+///   against 14.9 on qmv_decr), and where the row tiles do not fill the SMs or M >= 3
+///   (4x4096x4096: 8.3 µs against 22.4 on qmv_decm);
+/// - 4-bit group 64 on two n-tiles at M = 5..8 (8x14336x4096 26.6 µs against 37.8) and on
+///   four at M = 9..16 where N >= 8192 (16x14336x4096 46.6 against 60.9; at 4096x4096 four
+///   n-tiles lose, 18.4 against 16.0).
+///
+/// Every route but the 4-consumer one takes 8 consumer warps and a 2-stage ring (run 21: 2
+/// stages beat 3 and 4 at each shape measured, 8-bit 4096x14336 24.0 µs against 31.8).
+/// MLXQ_DECB_T2=0 / MLXQ_DECB_T4=0 leave the n-tiles to the older kernels.
 /// Elsewhere (4-bit, 2048 < N < 8192, M <= 2) qmv_decr stays faster (4096x14336: 15.5 µs
 /// against 17.8). MLXQ_DECB=1 takes it wherever it can serve (gathers and M up to 8 / slots
 /// included), =0 never; MLXQ_DECB_NC=4|8 and MLXQ_DECB_NS set its consumer warps and ring
@@ -1507,16 +1505,15 @@ fn decb_pick(
     {
         return None;
     }
-    // Never 2 stages: with 8 consumers and a 2-stage ring, 8-bit M = 6 and 8 at 8200x2048
-    // gave wrong outputs in every run of the conformance suite (run 20; 3 and 4 stages passed
-    // every time); the cause is not found, so the 2-stage entries are gone.
+    // 8 consumers take a 2-stage ring, 4 consumers 3 stages (run 21, with the proxy fence that
+    // ended run 20's wrong results on 2 stages: 2 beat 3 and 4 at every shape measured).
     let (nc, ns) = match bits {
-        _ if everywhere => (8, if few_tiles || nt > 1 { 4 } else { 3 }),
+        _ if everywhere => (8, 2),
         _ if nt > 1 && slots != 2 => return None,
-        8 if !gather && nt == 1 => (8, if few_tiles { 4 } else { 3 }),
+        8 if !gather && nt == 1 => (8, 2),
         4 if !gather && m <= 4 && ndim >= 8192 => (4, 3),
-        4 if !gather && m <= 4 && (few_tiles || m >= 3) => (8, if few_tiles { 4 } else { 3 }),
-        4 if !gather && (nt == 2 || ndim >= 8192) => (8, 4),
+        4 if !gather && m <= 4 && (few_tiles || m >= 3) => (8, 2),
+        4 if !gather && (nt == 2 || ndim >= 8192) => (8, 2),
         _ => return None,
     };
     let nc = match knob("MLXQ_DECB_NC").and_then(|v| v.parse::<u64>().ok()) {
@@ -1541,12 +1538,11 @@ fn decb_pick(
         .unwrap_or(ns);
     let entry = match (nc, ns, nt) {
         (4, 3, 1) => "qmv_decb_4_3",
-        (4, 4, 1) => "qmv_decb_4_4",
-        (4, 6, 1) => "qmv_decb_4_6",
+        (8, 2, 1) => "qmv_decb_8_2",
         (8, 3, 1) => "qmv_decb_8_3",
         (8, 4, 1) => "qmv_decb_8_4",
-        (8, 4, 2) => "qmv_decb_8_4_t2",
-        (8, 4, 4) => "qmv_decb_8_4_t4",
+        (8, 2, 2) => "qmv_decb_8_2_t2",
+        (8, 2, 4) => "qmv_decb_8_2_t4",
         _ => return None,
     };
     // Shared memory: the mbarriers (128 bytes), NS stages of 16 rows of codes (+ 64 bytes of

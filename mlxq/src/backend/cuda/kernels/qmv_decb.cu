@@ -9,7 +9,10 @@
 // copy); it completes on the stage's `full` mbarrier, by its transaction bytes and the
 // producer lanes' cp.async arrivals. Consumer warp w (of NC) runs batch w of each stage (batch
 // NC * s + w of the row) through dec_batch and releases the stage on its `empty` mbarrier; at
-// the end of a tile the consumers add their partial sums (as qmv_dec's K-split warps). NT
+// the end of a tile the consumers add their partial sums (as qmv_dec's K-split warps). A
+// consumer's reads of a stage (generic proxy) and the producer's next bulk copy into it (async
+// proxy) are ordered by a proxy fence in each lane before the release: without it the refill
+// overwrote stages still being read (run 20-21: wrong outputs on 2-stage rings). NT
 // n-tiles (of 8 / DSLOTS tokens each) share every decoded A fragment (as qmv_decm's).
 //
 // Bytes in flight cost no registers and no instructions here: up to NS stages per block,
@@ -21,6 +24,19 @@
 #define DECB_OK 0
 #endif
 
+// DECB_FENCE (experiments): 1 (default) the proxy fence before each consumer's release of a
+// stage; 0 none (wrong results: 23 of 72 runs on 2 stages, run 21); 2 none, and the release
+// after the batch's arithmetic (correct in those runs, outside the PTX memory model).
+#ifndef DECB_FENCE
+#define DECB_FENCE 1
+#endif
+// DECB_LANES: 1 (default) every consumer lane arrives on a stage's `empty` barrier (its own
+// reads released by its own arrival); 0 lane 0 after __syncwarp (racecheck reported the refill
+// racing the other lanes' reads then, run 21).
+#ifndef DECB_LANES
+#define DECB_LANES 1
+#endif
+
 #if DECB_OK
 __device__ __forceinline__ void mbar_init(u32 a, u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(a), "r"(count) : "memory");
@@ -29,7 +45,7 @@ __device__ __forceinline__ void mbar_expect_tx(u32 a, u32 bytes) {
     asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void mbar_arrive(u32 a) {
-    asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}" ::"r"(a) : "memory");
+    asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" ::"r"(a) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(u32 a, u32 parity) {
     u32 done;
@@ -83,7 +99,7 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
     auto empty = [&](u32 s) { return bars + 8 * (NS + s); };
     if (threadIdx.x < NS) {
         mbar_init(full(threadIdx.x), 32);   // the producer's lanes (cp.async arrivals)
-        mbar_init(empty(threadIdx.x), NC);  // one arrival per consumer warp
+        mbar_init(empty(threadIdx.x), NC * (DECB_LANES ? 32 : 1));  // per consumer lane (warp)
     }
     if (threadIdx.x < 4) zero[threadIdx.x] = make_uint4(0, 0, 0, 0);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -179,12 +195,24 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                             L.b[h][i] = ((const u32*)(sp + 16 * SSB))[i];
                         }
                     }
-                    __syncwarp();
-                    if (lane == 0) mbar_arrive(empty(slot));
+                    // The stage was read through the generic proxy and the producer's next bulk
+                    // copy into it writes through the async proxy: each lane orders its reads
+                    // before that write (a proxy fence) and releases them by its own arrival.
+                    auto release = [&] {
+                        if constexpr (DECB_FENCE == 1) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                        if constexpr (DECB_LANES) {
+                            mbar_arrive(empty(slot));
+                        } else {
+                            __syncwarp();
+                            if (lane == 0) mbar_arrive(empty(slot));
+                        }
+                    };
+                    if constexpr (DECB_FENCE != 2) release();
                     if constexpr (NT == 1)
                         dec_batch(L, ba[0], bstep[0], sa[0][0], sa[0][1], t, y[0]);
                     else
                         dec_batch_n<NT>(L, ba, bstep, sa, t, y);
+                    if constexpr (DECB_FENCE == 2) release();
 #pragma unroll
                     for (int j = 0; j < NT; j++) {
                         ba[j] += DSU * bstep[j] * NC;
@@ -211,8 +239,9 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
 #endif
 
 #if DECB_OK
+// Four blocks per SM for 4 consumers (96 registers at most; 101 unbounded, 3 blocks per SM).
 #define QMV_DECB(NAME, NC, NS, NT)                                                            \
-    extern "C" __global__ void __launch_bounds__((NC + 1) * 32, 1) NAME(                      \
+    extern "C" __global__ void __launch_bounds__((NC + 1) * 32, NC == 4 ? 4 : 1) NAME(       \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
         const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u64 N, u64 K,             \
         u64 x_stride, u64 w_stride, u64 s_stride, u64 out_stride, Batch bt) {                 \
@@ -225,12 +254,13 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32,    \
                                     u64, u64, u64, u64, u64, u64, Batch) {}
 #endif
+// Routed: 4 x 3 (4-bit M <= 4, N >= 8192) and 8 x 2 on one, two and four n-tiles; 8 x 3 and
+// 8 x 4 for MLXQ_DECB_NS (experiments).
 QMV_DECB(qmv_decb_4_3, 4, 3, 1)
-QMV_DECB(qmv_decb_4_4, 4, 4, 1)
-QMV_DECB(qmv_decb_4_6, 4, 6, 1)
+QMV_DECB(qmv_decb_8_2, 8, 2, 1)
 QMV_DECB(qmv_decb_8_3, 8, 3, 1)
 QMV_DECB(qmv_decb_8_4, 8, 4, 1)
 // Two n-tiles: up to 16 / DSLOTS tokens (4-bit group 64: 5-8; 8-bit: 9-16).
-QMV_DECB(qmv_decb_8_4_t2, 8, 4, 2)
+QMV_DECB(qmv_decb_8_2_t2, 8, 2, 2)
 // Four n-tiles: up to 32 / DSLOTS tokens (4-bit group 64: 9-16).
-QMV_DECB(qmv_decb_8_4_t4, 8, 4, 4)
+QMV_DECB(qmv_decb_8_2_t4, 8, 2, 4)
