@@ -350,11 +350,17 @@ fn check_matmul(
     if let Err(e) = r {
         return Some(format!("{ctx}: {e}"));
     }
-    match error_of(&out, &want) {
+    verdict(&ctx, &out, &want, n, out_dtype)
+}
+
+/// `None` where `out` ([rows, n] of `dtype`, on the device) is within tolerance of `want`,
+/// else what is wrong and where, after `ctx`.
+fn verdict(ctx: &str, out: &Buffer, want: &[f64], n: usize, dtype: DType) -> Option<String> {
+    match error_of(out, want) {
         Err(e) => Some(format!("{ctx}: {e}")),
-        Ok(err) if err > tolerance(out_dtype) => Some(format!(
+        Ok(err) if err > tolerance(dtype) => Some(format!(
             "{ctx}: error {err:.3e}; {}",
-            where_wrong(&out, &want, n, tolerance(out_dtype))
+            where_wrong(out, want, n, tolerance(dtype))
         )),
         Ok(_) => None,
     }
@@ -683,24 +689,17 @@ fn repeated_decode_matches_the_f64_reference_every_time() {
         let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
         let want = matmul_f64(&xf, m, &dequantize_f64(&qw).unwrap(), rows, cols, true);
         let (xd, wd) = (up(&x, &dev), weight_to(&qw, &dev));
-        let tol = tolerance(DType::BF16);
         for r in 0..repeats {
             checked += 1;
             let ctx = format!("b{bits} g64 M={m} W {rows}x{cols} run {r}");
             let mut out = poisoned_on(&dev, DType::BF16, &[m, rows]);
             let res = ops::quantized_matmul_into(&mut enc, &xd, &wd, true, &mut out)
                 .and_then(|()| enc.commit_and_wait());
-            match res
-                .map_err(|e| e.to_string())
-                .and_then(|()| error_of(&out, &want))
-            {
-                Err(e) => failures.push(format!("{ctx}: {e}")),
-                Ok(err) if err > tol => failures.push(format!(
-                    "{ctx}: error {err:.3e}; {}",
-                    where_wrong(&out, &want, rows, tol)
-                )),
-                Ok(_) => {}
-            }
+            let wrong = match res {
+                Err(e) => Some(format!("{ctx}: {e}")),
+                Ok(()) => verdict(&ctx, &out, &want, rows, DType::BF16),
+            };
+            failures.extend(wrong);
         }
     }
     assert_none("repeated decode on CUDA", checked, failures);

@@ -147,15 +147,14 @@ __device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 w
     for (int h = 0; h < 2; h++) {
         const u32 r = 16 * warp + g + 8 * h;
         const u8* su = sst + r * U;
-        float sv[NEED], bv[NEED];
         u32 s2[NEED], b2[NEED];
 #pragma unroll
         for (int e = 0; e < NEED; e++) {
             const u32 ei = (kt * 64 + 64 / NEED * e) / GROUP - ub;
-            sv[e] = to_f32(*(const ST*)(su + ei * SSZ));
-            bv[e] = to_f32(*(const ST*)(su + BW * U + ei * SSZ));
-            s2[e] = pack2(sv[e], sv[e]);
-            b2[e] = pack2(bv[e], bv[e]);
+            const float s = to_f32(*(const ST*)(su + ei * SSZ));
+            const float b = to_f32(*(const ST*)(su + BW * U + ei * SSZ));
+            s2[e] = pack2(s, s);
+            b2[e] = pack2(b, b);
         }
 #if BITS == 4
         const u32 src = cst + r * CB;
