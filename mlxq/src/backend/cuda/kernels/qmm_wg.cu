@@ -396,6 +396,12 @@ __device__ __forceinline__ void tma_w(u32 dst, const TensorMap* tm, u32 k0, u32 
                  ::"r"(dst), "l"((u64)tm), "r"(k0), "r"(n0), "r"(e), "r"(bar) : "memory");
 }
 
+// WS_LANES (experiments): 1 (default) every consumer thread fences its reads of a stage and
+// arrives on its `empty` barrier; 0 lane 0 of each warp after __syncwarp, without the fence.
+#ifndef WS_LANES
+#define WS_LANES 1
+#endif
+
 template <int BT, int S, bool GRP>
 __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                             const ST* __restrict__ scales,
@@ -432,7 +438,7 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     wg_out_offsets<GRP>(ooff, pairs, first, mv, tid);  // consumer threads (mv <= 256)
     if (tid < S) {
         mbar_init(full(tid), 32);  // the producer's lanes (cp.async arrivals)
-        mbar_init(empty(tid), 8);  // one arrival per consumer warp
+        mbar_init(empty(tid), WS_LANES ? 256 : 8);  // per consumer thread (warp)
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncthreads();
@@ -507,8 +513,16 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
         const u32 xb = xs + (kt % S) * XS;
         wg_step_mma<BT>(acc, ac, an, xb, sink);  // step kt - 1 is done on return
         if (kt > 0) {
-            __syncwarp();
-            if (lane == 0) mbar_arrive(empty((kt - 1) % S));
+            // Each thread's reads of stage kt - 1 (generic proxy: the codes and scales) before
+            // the producer's next TMA and cp.async into it: a proxy fence, and the thread's own
+            // release (run 21: lane 0 releasing for its warp left racecheck hazards).
+            if constexpr (WS_LANES) {
+                fence_async_smem();
+                mbar_arrive(empty((kt - 1) % S));
+            } else {
+                __syncwarp();
+                if (lane == 0) mbar_arrive(empty((kt - 1) % S));
+            }
         }
         if (kt + 1 < KT) load_a(kt + 1, an);
     };
