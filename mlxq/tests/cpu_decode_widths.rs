@@ -31,6 +31,7 @@ fn decode_kernels_exact_on_integer_data_every_width_and_superblock_path() {
         "avx512bf16",
         "avx512",
         "avx2",
+        "neon",
         "generic",
     ] {
         let device = Device::cpu_with_variant(variant).unwrap();

@@ -6,6 +6,8 @@
 //! every path). The `generic` variants are portable scalar Rust, written so the compiler can
 //! vectorise them, and are the twins of the f64 oracle in [`crate::reference`].
 
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod arm_neon;
 pub(crate) mod dequantize;
 pub(crate) mod qmm;
 pub(crate) mod quantize;
@@ -251,6 +253,8 @@ const TABLE: &[Variant] = &[
     x86_avx2::QMM_T_GEMM_AVX2,
     #[cfg(target_arch = "x86_64")]
     x86::QMV_T_AVX2,
+    #[cfg(target_arch = "aarch64")]
+    arm_neon::QMV_T,
     GENERIC,
 ];
 
@@ -263,6 +267,7 @@ pub const VARIANTS: &[&str] = &[
     "avx512",
     "avx2gemm",
     "avx2",
+    "neon",
     "generic",
     "avx512gemm-i8",
 ];
