@@ -1,5 +1,5 @@
 //! `mlxq bench --device cuda`: device time of `quantized_matmul` and `gather_qmm` on a CUDA
-//! GPU, set against the GPU's read bandwidth measured in the same run.
+//! GPU, and of `quantize`, set against the GPU's read bandwidth measured in the same run.
 //!
 //! - Weights are quantized on the device from random floats, in enough identical copies that
 //!   cycling through them streams at least four times the L2 (and `--rotate-mib`) between two
@@ -236,7 +236,72 @@ fn chain(
     Ok(failed)
 }
 
-/// Runs the CUDA benchmark: `--op matmul` over the shapes, `--op gather` over the tokens.
+/// `--op quantize`: `quantize_into` of N×K floats on the device into preallocated outputs,
+/// one output set per input copy, the copies rotated past the L2 as the matmul's weights are.
+/// Prints the bytes read and written per call over the device time against the read
+/// bandwidth; the codes, scales and biases of `check_rows` rows of the last call are checked
+/// bit for bit against MLX's definition (`--flavour`). Returns 1 if any differ, else 0.
+#[allow(clippy::too_many_arguments)]
+fn quantize(
+    args: &BenchArgs,
+    device: &Device,
+    spec: QuantSpec,
+    [n, k]: [usize; 2],
+    bw: f64,
+    iters: usize,
+    rotate: usize,
+    rng: &mut StdRng,
+) -> anyhow::Result<usize> {
+    let dtype = args.dtype;
+    let flavour = args.tune.flavour;
+    let wh = Buffer::from_f32(&randn(rng, n * k), dtype, &[n, k])?;
+    let mut enc = device.encoder();
+    let w0 = wh.to_device(device)?;
+    let q0 = ops::quantize(&mut enc, &w0, spec, flavour)?;
+    let (in_bytes, out_bytes) = (w0.nbytes(), q0.nbytes());
+    let copies = rotate
+        .div_ceil(in_bytes + out_bytes)
+        .clamp(2, args.tune.max_copies.max(2));
+    let mut inputs = vec![w0];
+    let mut outs = vec![q0];
+    for _ in 1..copies {
+        let w = wh.to_device(device)?;
+        outs.push(ops::quantize(&mut enc, &w, spec, flavour)?);
+        inputs.push(w);
+    }
+    enc.commit_and_wait()?;
+    let t = time_calls(device, iters, copies, true, |e, i| {
+        ops::quantize_into(e, &inputs[i], spec, flavour, &mut outs[i])
+    })
+    .context("quantize")?;
+    let kernel = enc.last_kernel().unwrap_or("?").to_string();
+    let rows = spread(n, args.tune.check_rows);
+    let (err, mismatches) = check::quantize(&wh, &host_weight(&outs[copies - 1])?, flavour, &rows)?;
+    let ok = mismatches == 0 && err == 0.0;
+    if !ok {
+        eprintln!(
+            "quantize {n}x{k} {}-bit: {mismatches} codes, scales or biases differ from MLX's definition",
+            spec.bits()
+        );
+    }
+    let bytes = (in_bytes + out_bytes) as f64;
+    let best = t.stream_us.min(t.graph_us);
+    println!(
+        "{{\"kind\":\"quantize\",\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"dtype\":\"{dtype}\",\"flavour\":\"{flavour:?}\",\"input_bytes\":{in_bytes},\"output_bytes\":{out_bytes},\"copies\":{copies},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"gbps\":{:.1},\"ratio\":{:.3},\"checked_rows\":{},\"mismatches\":{mismatches},\"ok\":{ok},\"kernel\":\"{kernel}\"}}",
+        spec.bits(),
+        spec.group_size(),
+        bytes / (bw * 1e3),
+        t.stream_us,
+        t.graph_us,
+        bytes / (best * 1e3),
+        bytes / (best * 1e3) / bw,
+        rows.len(),
+    );
+    Ok(usize::from(!ok))
+}
+
+/// Runs the CUDA benchmark: `--op matmul` over the shapes, `--op gather` over the tokens,
+/// `--op quantize` over the shapes' distinct N×K.
 pub fn run(
     args: &BenchArgs,
     device: &Device,
@@ -391,7 +456,15 @@ pub fn run(
                         );
                     }
                 }
-                Op::Quantize => eprintln!("--op quantize is not timed on CUDA yet"),
+                Op::Quantize => {
+                    let mut seen = std::collections::HashSet::new();
+                    for &[_, n, k] in shapes {
+                        if seen.insert([n, k]) {
+                            failed +=
+                                quantize(args, device, spec, [n, k], bw, iters, rotate, &mut rng)?;
+                        }
+                    }
+                }
             }
         }
     }
