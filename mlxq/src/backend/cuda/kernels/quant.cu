@@ -30,9 +30,16 @@ extern "C" __global__ void quantize(const WT* __restrict__ w, u8* __restrict__ p
     float mx = __int_as_float(0xff800000);
 #endif
     if (active) {
+        if (((u64)w & 15) == 0) {  // uniform: 16-byte loads (one for 2-byte inputs, two for f32)
+            const uint4* src = (const uint4*)(w + c * 8);
+            widen16(__ldg(src), v, (WT*)0);
+            if (sizeof(WT) == 4) widen16(__ldg(src + 1), v + 4, (WT*)0);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; j++) v[j] = to_f32(w[c * 8 + j]);
+        }
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            v[j] = to_f32(w[c * 8 + j]);
             if (v[j] < mn) mn = v[j];
             if (v[j] > mx) mx = v[j];
         }
@@ -75,15 +82,35 @@ extern "C" __global__ void quantize(const WT* __restrict__ w, u8* __restrict__ p
             bias = 0.0f;
         }
     }
+    // q = round((v - bias) / scale), MLX's correctly rounded division, through the reciprocal:
+    // t = RN(d * RN(1 / scale)) is within 3 * 2^-24 * |t| (< 1e-4 for |t| < 512) of RN(d / scale),
+    // so both round alike unless t lies within 2^-12 of a half-integer; those values, and any
+    // |t| >= 512, NaN or infinity, take the division itself.
+    const float r = __frcp_rn(scale);
     u64 bits = 0;
 #pragma unroll
     for (int j = 0; j < 8; j++) {
-        float q = round_flavour((v[j] - bias) / scale);
+        const float d = v[j] - bias;
+        const float t = __fmul_rn(d, r);
+        const float fr = t - floorf(t);
+        float q = (fabsf(t) < 512.0f && fabsf(fr - 0.5f) >= 0x1p-12f) ? round_flavour(t)
+                                                                       : round_flavour(d / scale);
         q = fminf(fmaxf(q, 0.0f), n);  // NaN -> 0, as Rust's clamp then `as u8`
         bits |= (u64)(u32)q << (j * BITS);
     }
+    // Whole words where the codes fill them (2, 4, 8 bits; `packed` is 4-byte aligned in
+    // practice, checked), else bytes.
+    if ((BITS == 2 || BITS == 4 || BITS == 8) && ((u64)packed & 3) == 0) {
+        if (BITS == 2) *(u16*)(packed + c * 2) = (u16)bits;
+        if (BITS == 4) *(u32*)(packed + c * 4) = (u32)bits;
+        if (BITS == 8) {
+            *(u32*)(packed + c * 8) = (u32)bits;
+            *(u32*)(packed + c * 8 + 4) = (u32)(bits >> 32);
+        }
+    } else {
 #pragma unroll
-    for (int b = 0; b < BITS; b++) packed[c * BITS + b] = (u8)(bits >> (8 * b));
+        for (int b = 0; b < BITS; b++) packed[c * BITS + b] = (u8)(bits >> (8 * b));
+    }
     if (c % CPG == 0) {
         scales[c / CPG] = from_f32<WT>(scale);
         biases[c / CPG] = from_f32<WT>(bias);
