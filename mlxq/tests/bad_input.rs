@@ -508,11 +508,82 @@ fn quantize_into_a_shared_output_writes_nothing() {
 }
 
 #[test]
-fn quantize_only_affine() {
-    let spec = QuantSpec::new(QuantMode::Mxfp4, 4, 32).unwrap();
-    let w = Buffer::from_f32(&[0.5; 8 * 64], DType::BF16, &[8, 64]).unwrap();
+fn fp_modes_check_their_inputs() {
+    let mx4 = QuantSpec::new(QuantMode::Mxfp4, 4, 32).unwrap();
+    let nv4 = QuantSpec::new(QuantMode::Nvfp4, 4, 16).unwrap();
+    // Each FP mode has one bits and group size.
     says(
-        ops::quantize(&mut enc(), &w, spec, Flavour::Gpu).unwrap_err(),
-        &["quantize", "mxfp4", "not supported"],
+        QuantSpec::new(QuantMode::Mxfp4, 4, 16).unwrap_err(),
+        &["group_size", "32 for mxfp4", "16"],
+    );
+    says(
+        QuantSpec::new(QuantMode::Nvfp4, 4, 32).unwrap_err(),
+        &["group_size", "16 for nvfp4", "32"],
+    );
+    says(
+        QuantSpec::new(QuantMode::Mxfp4, 8, 32).unwrap_err(),
+        &["bits", "4 for mxfp4", "8"],
+    );
+    // Columns a multiple of the group size; a float matrix of ≥ 2 dims.
+    let w = Buffer::from_f32(&[0.5; 4 * 48], DType::BF16, &[4, 48]).unwrap();
+    says(
+        ops::quantize(&mut enc(), &w, mx4, Flavour::Cpu).unwrap_err(),
+        &["quantize", "multiple of the group size 32", "48"],
+    );
+    let w = Buffer::from_f32(&[0.5; 4 * 24], DType::F32, &[4, 24]).unwrap();
+    says(
+        ops::quantize(&mut enc(), &w, nv4, Flavour::Gpu).unwrap_err(),
+        &["quantize", "multiple of the group size 16", "24"],
+    );
+    let ints = Buffer::zeros(DType::I32, &[4, 32]).unwrap();
+    assert!(ops::quantize(&mut enc(), &ints, mx4, Flavour::Cpu).is_err());
+    // A good one: uint8 scales, no biases; into an output of another mode or dtype: refused.
+    let w = Buffer::from_f32(&[0.5; 4 * 64], DType::BF16, &[4, 64]).unwrap();
+    let qw = ops::quantize(&mut enc(), &w, mx4, Flavour::Cpu).unwrap();
+    assert!(qw.biases().is_none());
+    assert_eq!(qw.scales_dtype(), DType::U8);
+    assert_eq!(qw.scales().shape(), &[4, 2]);
+    let mut affine = weight(&[4, 64]);
+    says(
+        ops::quantize_into(&mut enc(), &w, mx4, Flavour::Cpu, &mut affine).unwrap_err(),
+        &["quantize", "out", "mxfp4"],
+    );
+    let mut other = qw.clone();
+    says(
+        ops::quantize_into(&mut enc(), &w, nv4, Flavour::Cpu, &mut other).unwrap_err(),
+        &["quantize", "out", "nvfp4"],
+    );
+    // Dequantize: float outputs only; bfloat16 by default, as MLX.
+    let opts = DequantizeOptions {
+        dtype: Some(DType::U32),
+        flavour: Flavour::Cpu,
+    };
+    says(
+        ops::dequantize(&mut enc(), &qw, opts).unwrap_err(),
+        &["dequantize", "dtype", "float32, float16 or bfloat16"],
+    );
+    let d = ops::dequantize(&mut enc(), &qw, DequantizeOptions::default()).unwrap();
+    assert_eq!((d.dtype(), d.shape()), (DType::BF16, &[4usize, 64][..]));
+    assert_eq!(d.to_f32_vec().unwrap(), vec![0.5; 4 * 64]);
+    // FP weights: uint8 scales and no biases.
+    says(
+        QuantizedWeight::new(
+            qw.packed().clone(),
+            Buffer::zeros(DType::BF16, &[4, 2]).unwrap(),
+            None,
+            mx4,
+        )
+        .unwrap_err(),
+        &["scales", "uint8", "bfloat16"],
+    );
+    says(
+        QuantizedWeight::new(
+            qw.packed().clone(),
+            qw.scales().clone(),
+            Some(qw.scales().clone()),
+            mx4,
+        )
+        .unwrap_err(),
+        &["biases", "none for mxfp4"],
     );
 }

@@ -122,7 +122,11 @@ fn quantize_and_dequantize_match_mlx_fixtures_bit_for_bit() {
                         for (what, want, got) in [
                             ("packed", &case.packed, qw.packed()),
                             ("scales", &case.scales, qw.scales()),
-                            ("biases", &case.biases, qw.biases().unwrap()),
+                            (
+                                "biases",
+                                case.biases.as_ref().unwrap(),
+                                qw.biases().unwrap(),
+                            ),
                         ] {
                             if let Some(f) = same_bytes(what, want, got) {
                                 failures.push(format!("{ctx}: quantize {f}"));

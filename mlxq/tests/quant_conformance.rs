@@ -45,7 +45,7 @@ fn key(op: OpKind, spec: QuantSpec, dtype: DType, output: DType, flavour: Flavou
         } else {
             DType::U32
         },
-        scales: dtype,
+        scales: if spec.has_biases() { dtype } else { DType::U8 },
         output,
         flag: flavour == Flavour::Gpu,
         variant: mlxq::registry::AUTO,
@@ -114,11 +114,17 @@ fn check_quantize(variant: &str, cfg: &Config, case: &Case) -> Option<String> {
     let input = case.input.to_f32_vec().expect("float input");
     let (bits, g) = (cfg.spec.bits(), cfg.spec.group_size() as usize);
     let mut report = Vec::new();
-    let got_biases = qw.biases().expect("affine has biases");
-    for (what, want, got) in [
-        ("scales", &case.scales, qw.scales()),
-        ("biases", &case.biases, got_biases),
-    ] {
+    let mut tensors = vec![("scales", &case.scales, qw.scales())];
+    match (&case.biases, qw.biases()) {
+        (Some(want), Some(got)) => tensors.push(("biases", want, got)),
+        (None, None) => {}
+        (want, got) => report.push(format!(
+            "  biases: want {}, got {}",
+            if want.is_some() { "some" } else { "none" },
+            if got.is_some() { "some" } else { "none" }
+        )),
+    }
+    for (what, want, got) in tensors {
         if let Some(i) = common::first_difference(want, got) {
             report.push(format!(
                 "  {what}: {} differ; first at group {i}: want {} got {}; group input {}",
@@ -146,7 +152,7 @@ fn check_quantize(variant: &str, cfg: &Config, case: &Case) -> Option<String> {
             read_code(bits, got, e),
             input[e],
             common::show(&case.scales, e / g),
-            common::show(&case.biases, e / g),
+            show_bias(case, e / g),
             group_inputs(&input, g, e / g)
         ));
     }
@@ -162,8 +168,9 @@ fn check_dequantize(variant: &str, cfg: &Config, case: &Case) -> Option<String> 
         case.name,
         case.input.shape()
     );
+    // Affine: the default dtype (the scales'); the FP fixtures asked MLX for the input's.
     let opts = DequantizeOptions {
-        dtype: None,
+        dtype: (!cfg.spec.has_biases()).then_some(cfg.dtype),
         flavour: cfg.flavour,
     };
     let mut enc = variant_enc(variant);
@@ -171,7 +178,7 @@ fn check_dequantize(variant: &str, cfg: &Config, case: &Case) -> Option<String> 
         Ok(b) => b,
         Err(e) => return Some(format!("{ctx}: dequantize failed: {e}")),
     };
-    let dtype = case.scales.dtype();
+    let dtype = case.input.dtype();
     let k = key(OpKind::Dequantize, cfg.spec, dtype, dtype, cfg.flavour);
     if let Some(e) = wrong_kernel(&enc, variant, &k) {
         return Some(format!("{ctx}: {e}"));
@@ -194,15 +201,40 @@ fn check_dequantize(variant: &str, cfg: &Config, case: &Case) -> Option<String> 
         common::show(&got, i),
         read_code(cfg.spec.bits(), case.packed.bytes(), i),
         common::show(&case.scales, i / g),
-        common::show(&case.biases, i / g),
+        show_bias(case, i / g),
     ))
+}
+
+/// Bias `i` of a case, or `-` for the FP modes (no biases).
+fn show_bias(case: &Case, i: usize) -> String {
+    case.biases
+        .as_ref()
+        .map_or_else(|| "-".to_string(), |b| common::show(b, i))
 }
 
 /// Runs `check` with every kernel variant on every case of every configuration of
 /// `flavour`'s fixtures.
 fn check_fixtures(flavour: Flavour, what: &str, check: fn(&str, &Config, &Case) -> Option<String>) {
+    check_configs(common::configs(flavour), flavour, what, check);
+}
+
+/// [`check_fixtures`] over the FP-mode (mxfp4, mxfp8, nvfp4) configurations.
+fn check_fp_fixtures(
+    flavour: Flavour,
+    what: &str,
+    check: fn(&str, &Config, &Case) -> Option<String>,
+) {
+    check_configs(common::fp_configs(flavour), flavour, what, check);
+}
+
+fn check_configs(
+    configs: Vec<Config>,
+    flavour: Flavour,
+    what: &str,
+    check: fn(&str, &Config, &Case) -> Option<String>,
+) {
     let (mut checked, mut failures) = (0, Vec::new());
-    for cfg in common::configs(flavour) {
+    for cfg in configs {
         for case in cfg.cases() {
             for variant in VARIANTS {
                 checked += 1;
@@ -231,6 +263,51 @@ fn dequantize_matches_mlx_cpu() {
 #[test]
 fn dequantize_matches_mlx_cuda() {
     check_fixtures(Flavour::Gpu, "dequantize", check_dequantize);
+}
+
+#[test]
+fn fp_quantize_matches_mlx_cpu() {
+    check_fp_fixtures(Flavour::Cpu, "FP quantize", check_quantize);
+}
+
+#[test]
+fn fp_quantize_matches_mlx_cuda() {
+    check_fp_fixtures(Flavour::Gpu, "FP quantize", check_quantize);
+}
+
+#[test]
+fn fp_dequantize_matches_mlx_cpu() {
+    check_fp_fixtures(Flavour::Cpu, "FP dequantize", check_dequantize);
+}
+
+#[test]
+fn fp_dequantize_matches_mlx_cuda() {
+    check_fp_fixtures(Flavour::Gpu, "FP dequantize", check_dequantize);
+}
+
+/// The FP fixture loops cannot pass vacuously: both sets hold every dtype × mode, each with
+/// every case kind, and MLX's tensors have the FP layout (uint8 scales, no biases).
+#[test]
+fn fp_fixtures_cover_every_configuration() {
+    for flavour in [Flavour::Cpu, Flavour::Gpu] {
+        let cfgs = common::fp_configs(flavour);
+        let tags: Vec<&str> = cfgs.iter().map(|c| c.tag.as_str()).collect();
+        let mut want = Vec::new();
+        for dtype in ["bfloat16", "float16", "float32"] {
+            for mode in ["mxfp4_b4_g32", "mxfp8_b8_g32", "nvfp4_b4_g16"] {
+                want.push(format!("{dtype}_{mode}"));
+            }
+        }
+        assert_eq!(tags, want, "{flavour} FP fixture configurations");
+        for cfg in &cfgs {
+            let cases = cfg.cases();
+            assert_eq!(cases.len(), 11, "{}", cfg.tag);
+            for c in &cases {
+                assert!(c.biases.is_none() && c.scales.dtype() == DType::U8);
+                assert_eq!(c.dequant.dtype(), cfg.dtype, "{} {}", cfg.tag, c.name);
+            }
+        }
+    }
 }
 
 /// The fixture loops above cannot pass vacuously: every configuration is there, with all its

@@ -1,4 +1,5 @@
-//! `dequantize`: [`QuantizedWeight`] → floats, rounding as either MLX flavour does.
+//! `dequantize`: [`QuantizedWeight`] → floats, rounding as either MLX flavour does (affine,
+//! and on the CPU mxfp4, mxfp8 and nvfp4).
 
 use crate::backend::cpu::{self, dequantize::DequantizeArgs, KernelFn, MatrixRef};
 use crate::error::{Error, Result};
@@ -11,7 +12,8 @@ const OP: &str = "dequantize";
 /// Options of [`dequantize`] (and [`embedding`](super::embedding)).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DequantizeOptions {
-    /// Output dtype; `None` means the scales' dtype, as MLX.
+    /// Output dtype; `None` means, as MLX, the scales' dtype (affine) or bfloat16 (the FP
+    /// modes, whose scales are uint8 codes).
     pub dtype: Option<DType>,
     /// Which MLX rounding to reproduce (default: GPU, one rounding of an f32 FMA).
     pub flavour: Flavour,
@@ -26,7 +28,12 @@ pub(crate) fn dequantize_kernel(
     crate::backend::cpu::dequantize::DequantizeFn,
     DType,
 )> {
-    let out = opts.dtype.unwrap_or(w.scales_dtype());
+    let default = if w.spec().has_biases() {
+        w.scales_dtype()
+    } else {
+        DType::BF16
+    };
+    let out = opts.dtype.unwrap_or(default);
     if !out.is_float() {
         return Err(Error::dtype(
             OP,

@@ -1,4 +1,5 @@
-//! `quantize`: float weights → [`QuantizedWeight`], bit-identical to MLX in either flavour.
+//! `quantize`: float weights → [`QuantizedWeight`], bit-identical to MLX in either flavour,
+//! for every mode (affine, and on the CPU mxfp4, mxfp8 and nvfp4).
 //!
 //! [`quantize_into`] writes into a caller-owned weight (no allocation, and no page faults on
 //! fresh output memory, per call); [`quantize`] allocates one and runs the same path.
@@ -25,12 +26,6 @@ fn output_shapes(
         return Err(Error::shape(OP, "w", "at least 2 dimensions", w.shape()));
     }
     require_nonzero(OP, "w", w.shape())?;
-    if !spec.has_biases() {
-        return Err(Error::unsupported(
-            OP,
-            format!("mode {} (only affine weights are quantized)", spec.mode()),
-        ));
-    }
     let cols = w.shape()[w.ndim() - 1];
     let g = spec.group_size() as usize;
     let words = spec.packed_words(cols).ok_or_else(|| {
@@ -47,7 +42,8 @@ fn output_shapes(
 }
 
 /// Quantizes `w` (`[..., rows, cols]`, f32/f16/bf16, `cols` a multiple of the group size)
-/// along its last axis. Scales and biases get `w`'s dtype, as in MLX.
+/// along its last axis. Affine scales and biases get `w`'s dtype, as in MLX; the FP modes
+/// (mxfp4, mxfp8, nvfp4) give uint8 scale codes and no biases.
 ///
 /// Allocates the result, then runs [`quantize_into`]'s path; to quantize repeatedly without
 /// allocating (and faulting in fresh output pages) per call, use [`quantize_into`].
@@ -60,9 +56,13 @@ pub fn quantize(
     let (pshape, sshape) = output_shapes(enc, w, spec)?;
     let device = enc.device().clone();
     let packed = Buffer::uninit_on(&device, DType::U32, &pshape)?;
-    let scales = Buffer::uninit_on(&device, w.dtype(), &sshape)?;
-    let biases = Buffer::uninit_on(&device, w.dtype(), &sshape)?;
-    let mut out = QuantizedWeight::new(packed, scales, Some(biases), spec)?;
+    let scales = Buffer::uninit_on(&device, scales_dtype(w, spec), &sshape)?;
+    let biases = if spec.has_biases() {
+        Some(Buffer::uninit_on(&device, w.dtype(), &sshape)?)
+    } else {
+        None
+    };
+    let mut out = QuantizedWeight::new(packed, scales, biases, spec)?;
     execute(enc, w, spec, flavour, &mut out)?;
     Ok(out)
 }
@@ -98,15 +98,29 @@ pub fn quantize_into(
             out.shape(),
         ));
     }
-    if out.scales_dtype() != w.dtype() {
+    let want = scales_dtype(w, spec);
+    if out.scales_dtype() != want {
         return Err(Error::dtype(
             OP,
             "out",
-            format!("scales and biases of {} (as w)", w.dtype().name()),
+            if spec.has_biases() {
+                format!("scales and biases of {} (as w)", w.dtype().name())
+            } else {
+                format!("scales of uint8 (for {})", spec.mode())
+            },
             out.scales_dtype(),
         ));
     }
     execute(enc, w, spec, flavour, out)
+}
+
+/// The dtype of the scales quantizing `w` as `spec` gives: `w`'s (affine) or uint8 codes.
+fn scales_dtype(w: &Buffer, spec: QuantSpec) -> DType {
+    if spec.has_biases() {
+        w.dtype()
+    } else {
+        DType::U8
+    }
 }
 
 /// Runs the quantize kernel of `enc`'s device from `w` into `out` (both checked).
@@ -132,7 +146,7 @@ fn execute(
         bits: spec.bits(),
         group_size: spec.group_size(),
         input: w.dtype(),
-        scales: w.dtype(),
+        scales: scales_dtype(w, spec),
         output: DType::U32,
         flag: flavour == Flavour::Gpu,
         variant: crate::registry::AUTO,
@@ -142,14 +156,18 @@ fn execute(
         return Err(Error::unsupported(OP, format!("kernel {}", kernel.name)));
     };
     let (packed, scales, biases) = out.buffers_mut();
-    let biases = biases.ok_or_else(|| Error::invalid(OP, "out", "a weight with biases", "none"))?;
+    let biases: &mut [u8] = match biases {
+        Some(b) => writable(b)?,
+        None if !spec.has_biases() => &mut [],
+        None => return Err(Error::invalid(OP, "out", "a weight with biases", "none")),
+    };
     f(QuantizeArgs {
         w: w.bytes(),
         group_size: spec.group_size() as usize,
         flavour,
         packed: writable(packed)?,
         scales: writable(scales)?,
-        biases: writable(biases)?,
+        biases,
     })?;
     enc.record(&kernel.name);
     Ok(())

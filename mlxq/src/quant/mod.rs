@@ -1,6 +1,8 @@
-//! MLX's quantization format: the spec, the bit packing, and the affine quantizer.
+//! MLX's quantization format: the spec, the bit packing, the affine quantizer and the
+//! floating-point modes.
 
 pub mod affine;
+pub mod fp;
 pub mod pack;
 mod spec;
 

@@ -1,10 +1,11 @@
 //! Shared helpers for integration tests: loading the MLX fixtures under `tests/fixtures/`.
 //!
 //! A fixture directory (`mlx-0.32.4-cpu`, `mlx-0.32.4-cuda`) holds, per configuration
-//! `TAG = DTYPE_affine_bBITS_gGROUP`, three safetensors files: `TAG.in` (the float inputs
-//! `caseI_KIND.weight`), `TAG.expected` (MLX's `mx.quantize` output: `.weight` packed uint32,
-//! `.scales`, `.biases`) and `TAG.dequant` (MLX's `mx.dequantize` of that output, named like the
-//! input). See `tools/README.md`.
+//! `TAG = DTYPE_MODE_bBITS_gGROUP` (MODE affine, mxfp4, mxfp8 or nvfp4), three safetensors
+//! files: `TAG.in` (the float inputs `caseI_KIND.weight`), `TAG.expected` (MLX's `mx.quantize`
+//! output: `.weight` packed uint32, `.scales`, and for affine `.biases`) and `TAG.dequant`
+//! (MLX's `mx.dequantize` of that output into the input's dtype, named like the input). See
+//! `tools/README.md`.
 
 #![allow(dead_code)] // Each test binary uses its own subset of these helpers.
 
@@ -38,11 +39,11 @@ pub fn flavour_dir(flavour: Flavour) -> PathBuf {
 /// One fixture configuration, parsed from its tag.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// `DTYPE_affine_bBITS_gGROUP`.
+    /// `DTYPE_MODE_bBITS_gGROUP`.
     pub tag: String,
-    /// The input dtype (and that of scales, biases and the dequantized output).
+    /// The input dtype (and that of affine scales and biases, and of the dequantized output).
     pub dtype: DType,
-    /// Affine bits and group size.
+    /// Mode, bits and group size.
     pub spec: QuantSpec,
     /// Which MLX made it.
     pub flavour: Flavour,
@@ -51,13 +52,11 @@ pub struct Config {
 }
 
 impl Config {
-    /// Parses `DTYPE_affine_bBITS_gGROUP`; `None` for other modes or malformed tags.
+    /// Parses `DTYPE_MODE_bBITS_gGROUP`; `None` for unknown modes or malformed tags.
     pub fn parse(tag: &str, flavour: Flavour, dir: &Path) -> Option<Config> {
         let mut parts = tag.split('_');
         let dtype = DType::parse(parts.next()?)?;
-        if parts.next()? != "affine" {
-            return None;
-        }
+        let mode = mlxq::QuantMode::parse(parts.next()?).ok()?;
         let bits = parts.next()?.strip_prefix('b')?.parse().ok()?;
         let group = parts.next()?.strip_prefix('g')?.parse().ok()?;
         if parts.next().is_some() {
@@ -66,7 +65,7 @@ impl Config {
         Some(Config {
             tag: tag.to_string(),
             dtype,
-            spec: QuantSpec::affine(bits, group).ok()?,
+            spec: QuantSpec::new(mode, bits, group).ok()?,
             flavour,
             dir: dir.to_path_buf(),
         })
@@ -96,7 +95,10 @@ impl Config {
                 Case {
                     packed: take(&mut expected, &key),
                     scales: take(&mut expected, &format!("{name}.scales")),
-                    biases: take(&mut expected, &format!("{name}.biases")),
+                    biases: self
+                        .spec
+                        .has_biases()
+                        .then(|| take(&mut expected, &format!("{name}.biases"))),
                     dequant: take(&mut dequant, &key),
                     input,
                     name,
@@ -123,10 +125,10 @@ pub struct Case {
     pub input: Buffer,
     /// MLX's packed codes, uint32 `[..., rows, cols·bits/32]`.
     pub packed: Buffer,
-    /// MLX's scales, `[..., rows, cols/group]`, input dtype.
+    /// MLX's scales, `[..., rows, cols/group]`, input dtype (affine) or uint8 codes.
     pub scales: Buffer,
-    /// MLX's biases, like the scales.
-    pub biases: Buffer,
+    /// MLX's biases, like the scales (affine only).
+    pub biases: Option<Buffer>,
     /// MLX's dequantization of (packed, scales, biases), the input's shape and dtype.
     pub dequant: Buffer,
 }
@@ -137,7 +139,7 @@ impl Case {
         QuantizedWeight::new(
             self.packed.clone(),
             self.scales.clone(),
-            Some(self.biases.clone()),
+            self.biases.clone(),
             spec,
         )
         .unwrap_or_else(|e| panic!("{}: MLX's tensors rejected: {e}", self.name))
@@ -147,6 +149,16 @@ impl Case {
 /// The affine configurations in `flavour`'s fixture directory, sorted by tag. Panics if there
 /// are none, so a missing directory fails loudly rather than testing nothing.
 pub fn configs(flavour: Flavour) -> Vec<Config> {
+    mode_configs(flavour, true)
+}
+
+/// The FP-mode (mxfp4, mxfp8, nvfp4) configurations in `flavour`'s fixture directory, sorted
+/// by tag; panics if there are none.
+pub fn fp_configs(flavour: Flavour) -> Vec<Config> {
+    mode_configs(flavour, false)
+}
+
+fn mode_configs(flavour: Flavour, affine: bool) -> Vec<Config> {
     let dir = flavour_dir(flavour);
     let entries = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("fixture directory {}: {e}", dir.display()));
@@ -154,7 +166,7 @@ pub fn configs(flavour: Flavour) -> Vec<Config> {
         .filter_map(|e| {
             let name = e.ok()?.file_name().into_string().ok()?;
             let tag = name.strip_suffix(".in.safetensors")?;
-            Config::parse(tag, flavour, &dir)
+            Config::parse(tag, flavour, &dir).filter(|c| c.spec.has_biases() == affine)
         })
         .collect();
     out.sort_by(|a, b| a.tag.cmp(&b.tag));

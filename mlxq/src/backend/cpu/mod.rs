@@ -291,14 +291,25 @@ fn all_variants() -> impl Iterator<Item = &'static Variant> {
 /// The portable variant: every op, every affine key.
 const GENERIC: Variant = Variant {
     name: "generic",
-    supports: |k| k.mode == crate::QuantMode::Affine,
+    // The FP modes (mxfp4, mxfp8, nvfp4) quantize and dequantize here only; every other
+    // variant refuses them, so they always run the portable kernels.
+    supports: |k| k.mode == crate::QuantMode::Affine || k.op != OpKind::QuantizedMatmul,
     decode: None,
     build: portable::<Baseline>,
 };
 
 /// The portable kernels of every op, compiled for tier `T`.
 fn portable<T: Tier>(k: &KernelKey) -> Option<KernelFn> {
+    let fp = k.mode != crate::QuantMode::Affine;
     match k.op {
+        OpKind::Quantize if fp => {
+            quantize::generic_fp::<T>(k.input, k.mode).map(KernelFn::Quantize)
+        }
+        OpKind::Dequantize if fp => {
+            (k.scales == crate::DType::U8).then_some(())?;
+            dequantize::generic_fp::<T>(k.output, k.mode).map(KernelFn::Dequantize)
+        }
+        OpKind::QuantizedMatmul if fp => None,
         OpKind::Quantize => quantize::generic::<T>(k.input, k.bits).map(KernelFn::Quantize),
         OpKind::Dequantize => {
             dequantize::generic::<T>(k.scales, k.output, k.bits).map(KernelFn::Dequantize)

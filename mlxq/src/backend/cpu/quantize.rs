@@ -1,4 +1,4 @@
-//! CPU affine quantize: rows in parallel, each group through
+//! CPU quantize (affine and the FP modes): rows in parallel, each group through
 //! [`quantize_group`](crate::quant::affine::quantize_group), the definition itself.
 
 use super::{cast, cast_mut, Tier};
@@ -6,7 +6,7 @@ use crate::dtype::Float;
 use crate::error::Result;
 use crate::quant::affine::quantize_group;
 use crate::quant::pack::{dispatch_bits, pack8};
-use crate::quant::Flavour;
+use crate::quant::{fp, Flavour, QuantMode};
 use rayon::prelude::*;
 
 /// Arguments of a quantize kernel: `w` is `rows × cols` elements of the key's input dtype;
@@ -66,4 +66,67 @@ fn select<Tr: Tier, T: Float>(bits: u32) -> Option<QuantizeFn> {
 /// The portable quantize kernel for input dtype `dtype` and `bits`, compiled for tier `Tr`.
 pub(crate) fn generic<Tr: Tier>(dtype: crate::DType, bits: u32) -> Option<QuantizeFn> {
     crate::with_float_type!(dtype, T => select::<Tr, T>(bits), _ => None)
+}
+
+/// The FP modes (mxfp4, mxfp8, nvfp4): one task per group through
+/// [`fp::quantize_group`](crate::quant::fp::quantize_group); scales are uint8 codes and there
+/// are no biases (`a.biases` is ignored).
+fn quantize_fp<Tr: Tier, T: Float, const MODE: u8>(a: QuantizeArgs<'_>) -> Result<()> {
+    let mode = fp_mode(MODE);
+    let w: &[T] = cast(OP, "w", a.w)?;
+    let g = a.group_size;
+    let bits = if mode == QuantMode::Mxfp8 { 8 } else { 4 };
+    let group_bytes = g / 8 * bits;
+    let flavour = a.flavour;
+    w.par_chunks(g)
+        .zip(a.packed.par_chunks_mut(group_bytes))
+        .zip(a.scales.par_iter_mut())
+        .with_min_len(64)
+        .for_each(|((wg, pg), s)| {
+            Tr::run(
+                #[inline(always)]
+                || {
+                    let mut vals = [0f32; 32];
+                    let mut codes = [0u8; 32];
+                    let n = wg.len().min(32);
+                    for (v, &x) in vals.iter_mut().zip(wg) {
+                        *v = x.to_f32();
+                    }
+                    *s = fp::quantize_group::<T>(&vals[..n], mode, flavour, &mut codes[..n]);
+                    if bits == 8 {
+                        for (o, &c) in pg.iter_mut().zip(&codes[..n]) {
+                            *o = c;
+                        }
+                    } else {
+                        for (o, c) in pg.iter_mut().zip(codes[..n].chunks_exact(2)) {
+                            *o = (c[0] & 15) | (c[1] << 4);
+                        }
+                    }
+                },
+            )
+        });
+    Ok(())
+}
+
+/// The FP mode a kernel's `MODE` constant names (1: mxfp4, 2: mxfp8, 3: nvfp4).
+pub(crate) const fn fp_mode(m: u8) -> QuantMode {
+    match m {
+        1 => QuantMode::Mxfp4,
+        2 => QuantMode::Mxfp8,
+        _ => QuantMode::Nvfp4,
+    }
+}
+
+fn select_fp<Tr: Tier, T: Float>(mode: QuantMode) -> Option<QuantizeFn> {
+    Some(match mode {
+        QuantMode::Affine => return None,
+        QuantMode::Mxfp4 => quantize_fp::<Tr, T, 1> as QuantizeFn,
+        QuantMode::Mxfp8 => quantize_fp::<Tr, T, 2> as QuantizeFn,
+        QuantMode::Nvfp4 => quantize_fp::<Tr, T, 3> as QuantizeFn,
+    })
+}
+
+/// The portable FP-mode quantize kernel for input dtype `dtype`, compiled for tier `Tr`.
+pub(crate) fn generic_fp<Tr: Tier>(dtype: crate::DType, mode: QuantMode) -> Option<QuantizeFn> {
+    crate::with_float_type!(dtype, T => select_fp::<Tr, T>(mode), _ => None)
 }
