@@ -4,27 +4,39 @@
 
 use crate::error::{Error, Result};
 use crate::quant::pack::read_code;
-use crate::{Buffer, QuantizedWeight};
+use crate::{Buffer, QuantMode, QuantizedWeight};
 
 /// Scales or biases as f64.
 fn floats(b: &Buffer) -> Result<Vec<f64>> {
     Ok(b.to_f32_vec()?.into_iter().map(f64::from).collect())
 }
 
-/// The dequantized weight `s·q + b` in f64, shape `w.shape()`, from the stored scales and biases.
+/// The dequantized weight in f64, shape `w.shape()`, from the stored scales (and biases).
+///
+/// Affine: `s·q + b`. The FP modes: `scale · value`, decoded here from the formats' bit
+/// layouts: E2M1 elements (sign, 2 exponent bits of bias 1, 1 mantissa bit) or E4M3FN (sign,
+/// 4 exponent bits of bias 7, 3 mantissa bits; `0x7f`/`0xff` NaN), E8M0 scales `2^(s − 127)`
+/// (mxfp4, mxfp8) or E4M3FN scales (nvfp4). Exact in f64 (an E8M0 code 255 is 2^128 here,
+/// where f32 kernels see infinity).
 pub fn dequantize_f64(w: &QuantizedWeight) -> Result<Vec<f64>> {
     let spec = w.spec();
-    if !spec.has_biases() {
-        return Err(Error::unsupported(
-            "reference::dequantize_f64",
-            format!("mode {}", spec.mode()),
-        ));
-    }
-    let scales = floats(w.scales())?;
-    let biases = floats(
-        w.biases()
-            .ok_or_else(|| Error::unsupported("reference", "affine without biases"))?,
-    )?;
+    let scales = match spec.mode() {
+        QuantMode::Affine => floats(w.scales())?,
+        mode => w
+            .scales()
+            .to_vec::<u8>()?
+            .into_iter()
+            .map(|c| fp_scale(mode, c))
+            .collect(),
+    };
+    let biases = match spec.mode() {
+        QuantMode::Affine => {
+            Some(floats(w.biases().ok_or_else(|| {
+                Error::unsupported("reference", "affine without biases")
+            })?)?)
+        }
+        _ => None,
+    };
     let (rows, cols) = (w.batch_size() * w.rows(), w.cols());
     let g = spec.group_size() as usize;
     let row_bytes = cols * spec.bits() as usize / 8;
@@ -37,10 +49,55 @@ pub fn dequantize_f64(w: &QuantizedWeight) -> Result<Vec<f64>> {
                 Error::unsupported("reference", "a packed row shorter than its shape")
             })?;
             let gi = r * (cols / g) + c / g;
-            out.push(scales[gi] * f64::from(q) + biases[gi]);
+            out.push(match (spec.mode(), &biases) {
+                (QuantMode::Affine, Some(b)) => scales[gi] * f64::from(q) + b[gi],
+                (QuantMode::Mxfp4 | QuantMode::Nvfp4, _) => {
+                    minifloat(u32::from(q), 2, 1) * scales[gi]
+                }
+                (QuantMode::Mxfp8, _) => e4m3(u32::from(q)) * scales[gi],
+                (QuantMode::Affine, None) => {
+                    return Err(Error::unsupported("reference", "affine without biases"))
+                }
+            });
         }
     }
     Ok(out)
+}
+
+/// The value of a sign/exponent/mantissa code with `e` exponent bits (bias `2^(e−1) − 1`) and
+/// `m` mantissa bits, every code a finite number (E2M1; E4M3FN but for its NaN, see [`e4m3`]).
+fn minifloat(code: u32, e: u32, m: u32) -> f64 {
+    let bias = (1i32 << (e - 1)) - 1;
+    let exp = ((code >> m) & ((1 << e) - 1)) as i32;
+    let man = f64::from(code & ((1 << m) - 1)) / f64::from(1u32 << m);
+    let mag = if exp == 0 {
+        man * 2f64.powi(1 - bias)
+    } else {
+        (1.0 + man) * 2f64.powi(exp - bias)
+    };
+    if code >> (e + m) & 1 == 1 {
+        -mag
+    } else {
+        mag
+    }
+}
+
+/// E4M3FN: [`minifloat`] with 4 exponent and 3 mantissa bits, `0x7f`/`0xff` NaN.
+fn e4m3(code: u32) -> f64 {
+    if code & 0x7f == 0x7f {
+        f64::NAN
+    } else {
+        minifloat(code, 4, 3)
+    }
+}
+
+/// An FP mode's group scale from its stored code: E4M3FN (nvfp4) or E8M0 `2^(code − 127)`.
+fn fp_scale(mode: QuantMode, code: u8) -> f64 {
+    if mode == QuantMode::Nvfp4 {
+        e4m3(u32::from(code))
+    } else {
+        2f64.powi(i32::from(code) - 127)
+    }
 }
 
 /// `y = x · Wᵀ` (transpose) or `x · W` for one matrix: `x` is `m × in_dim` row-major f64,

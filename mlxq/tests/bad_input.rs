@@ -412,8 +412,9 @@ fn unknown_devices() {
 }
 
 #[test]
-fn unsupported_modes_say_so() {
-    // FP-mode weights validate, but no CPU kernel exists yet for them: a clear error, no panic.
+fn fp_matmuls_are_no_longer_refused() {
+    // FP-mode weights had no matmul kernel before session 23; now the CPU's `generic` runs
+    // them (zero codes and scales: zero results), whichever variant a device prefers.
     let spec = QuantSpec::new(QuantMode::Mxfp4, 4, 32).unwrap();
     let w = QuantizedWeight::new(
         Buffer::zeros(DType::U32, &[4, 8]).unwrap(),
@@ -423,10 +424,13 @@ fn unsupported_modes_say_so() {
     )
     .unwrap();
     let x = Buffer::zeros(DType::BF16, &[1, 64]).unwrap();
-    says(
-        ops::quantized_matmul(&mut enc(), &x, &w, true).unwrap_err(),
-        &["not supported", "mxfp4"],
-    );
+    for variant in ["generic", "avx512", "avx2", "neon"] {
+        let mut e = Device::cpu_with_variant(variant).unwrap().encoder();
+        let y = ops::quantized_matmul(&mut e, &x, &w, true).unwrap();
+        assert_eq!((y.dtype(), y.shape()), (DType::BF16, &[1usize, 4][..]));
+        assert_eq!(y.to_f32_vec().unwrap(), vec![0.0; 4]);
+        assert!(e.last_kernel().unwrap().ends_with("_generic"));
+    }
 }
 
 #[test]
@@ -586,4 +590,119 @@ fn fp_modes_check_their_inputs() {
         .unwrap_err(),
         &["biases", "none for mxfp4"],
     );
+    fp_matmuls_check_their_inputs();
+}
+
+/// quantized_matmul and gather_qmm with FP weights: the weight's own checks (packed words
+/// against groups × group size × bits, batch dims), x's K against either transpose, x's dtype,
+/// the output buffer (x's dtype for FP modes) and expert indices.
+fn fp_matmuls_check_their_inputs() {
+    let mx8 = QuantSpec::new(QuantMode::Mxfp8, 8, 32).unwrap();
+    let nv4 = QuantSpec::new(QuantMode::Nvfp4, 4, 16).unwrap();
+    // A group size the mode does not allow never makes a spec, so never a weight.
+    says(
+        QuantSpec::new(QuantMode::Mxfp8, 8, 16).unwrap_err(),
+        &["group_size", "32 for mxfp8", "16"],
+    );
+    says(
+        QuantSpec::new(QuantMode::Nvfp4, 8, 16).unwrap_err(),
+        &["bits", "4 for nvfp4", "8"],
+    );
+    // mxfp8, 2 groups of 32 per row = 64 bytes = 16 words; 8 words do not fit.
+    says(
+        QuantizedWeight::new(
+            Buffer::zeros(DType::U32, &[4, 8]).unwrap(),
+            Buffer::zeros(DType::U8, &[4, 2]).unwrap(),
+            None,
+            mx8,
+        )
+        .unwrap_err(),
+        &[
+            "packed",
+            "last dimension 16",
+            "2 groups × 32 × 8 bits",
+            "[4, 8]",
+        ],
+    );
+    // Scales whose rows or batch dims differ from the packed codes'.
+    says(
+        QuantizedWeight::new(
+            Buffer::zeros(DType::U32, &[4, 16]).unwrap(),
+            Buffer::zeros(DType::U8, &[5, 2]).unwrap(),
+            None,
+            mx8,
+        )
+        .unwrap_err(),
+        &["scales", "[4]", "[5, 2]"],
+    );
+    says(
+        QuantizedWeight::new(
+            Buffer::zeros(DType::U32, &[2, 4, 8]).unwrap(),
+            Buffer::zeros(DType::U8, &[3, 4, 4]).unwrap(),
+            None,
+            nv4,
+        )
+        .unwrap_err(),
+        &["scales", "[2, 4]", "[3, 4, 4]"],
+    );
+    // A good nvfp4 weight [4, 64] (4 groups of 16 per row): x's K is 64 (transpose) or 4.
+    let w = QuantizedWeight::new(
+        Buffer::zeros(DType::U32, &[4, 8]).unwrap(),
+        Buffer::zeros(DType::U8, &[4, 4]).unwrap(),
+        None,
+        nv4,
+    )
+    .unwrap();
+    let x = Buffer::zeros(DType::F16, &[2, 63]).unwrap();
+    says(
+        ops::quantized_matmul(&mut enc(), &x, &w, true).unwrap_err(),
+        &["quantized_matmul", "x", "last dimension 64", "[2, 63]"],
+    );
+    says(
+        ops::quantized_matmul(&mut enc(), &x, &w, false).unwrap_err(),
+        &["quantized_matmul", "x", "last dimension 4", "[2, 63]"],
+    );
+    let xi = Buffer::zeros(DType::I32, &[2, 64]).unwrap();
+    says(
+        ops::quantized_matmul(&mut enc(), &xi, &w, true).unwrap_err(),
+        &[
+            "quantized_matmul",
+            "x",
+            "float32, float16 or bfloat16",
+            "int32",
+        ],
+    );
+    // The output of an FP matmul has x's dtype (uint8 scales do not promote).
+    let x = Buffer::zeros(DType::F16, &[2, 64]).unwrap();
+    let mut out = Buffer::zeros(DType::F32, &[2, 4]).unwrap();
+    says(
+        ops::quantized_matmul_into(&mut enc(), &x, &w, true, &mut out).unwrap_err(),
+        &["quantized_matmul", "out", "float16", "float32"],
+    );
+    let mut out = Buffer::zeros(DType::F16, &[2, 5]).unwrap();
+    says(
+        ops::quantized_matmul_into(&mut enc(), &x, &w, true, &mut out).unwrap_err(),
+        &["quantized_matmul", "out", "[2, 4]", "[2, 5]"],
+    );
+    // gather_qmm over a stack of 3 FP experts: an expert index past the stack, x's K.
+    let experts = QuantizedWeight::new(
+        Buffer::zeros(DType::U32, &[3, 4, 8]).unwrap(),
+        Buffer::zeros(DType::U8, &[3, 4, 4]).unwrap(),
+        None,
+        nv4,
+    )
+    .unwrap();
+    let x3 = Buffer::zeros(DType::BF16, &[2, 1, 64]).unwrap();
+    let rhs = Buffer::from_slice(&[0u32, 3], &[2]).unwrap();
+    says(
+        ops::gather_qmm(&mut enc(), &x3, &experts, None, Some(&rhs), true, false).unwrap_err(),
+        &["gather_qmm", "rhs_indices", "3"],
+    );
+    says(
+        ops::gather_qmm(&mut enc(), &x3, &experts, None, None, false, false).unwrap_err(),
+        &["gather_qmm", "x", "last dimension 4"],
+    );
+    let ok = Buffer::from_slice(&[0u32, 2], &[2]).unwrap();
+    let y = ops::gather_qmm(&mut enc(), &x3, &experts, None, Some(&ok), true, false).unwrap();
+    assert_eq!((y.dtype(), y.shape()), (DType::BF16, &[2usize, 1, 4][..]));
 }

@@ -290,6 +290,63 @@ pub fn dequantize_value<O: Float>(c: u8, s: u8, mode: QuantMode, flavour: Flavou
     }
 }
 
+/// E4M3FN values by code as MLX 0.32.4's CPU quantized matmul reads them: `0x7f`/`0xff` are
+/// NaN (measured with the wheel: elements and nvfp4 scales of those codes give NaN outputs,
+/// though the `FromFP8` of the MLX source read here would give ±480). A table, so that the
+/// matmul's group decode is one load per element.
+const E4M3_MATMUL: [f32; 256] = {
+    let mut t = [0f32; 256];
+    let mut c = 0;
+    while c < 256 {
+        let (e, m) = ((c >> 3) & 15, (c & 7) as u32);
+        let v = if e == 15 && m == 7 {
+            f32::NAN
+        } else if e == 0 {
+            m as f32 * (1.0 / 512.0)
+        } else {
+            // (1 + m/8) · 2^(e − 7): the f32 with exponent e − 7 + 127 and mantissa m << 20.
+            f32::from_bits((((e as u32) + 120) << 23) | (m << 20))
+        };
+        t[c] = if c & 0x80 != 0 { -v } else { v };
+        c += 1;
+    }
+    t
+};
+
+/// Decodes one group of packed element codes (element `i` at bits `bits·i` of `packed`, `bits`
+/// 4 or 8) into their values, unscaled, as MLX's CPU quantized matmul reads them: E2M1 through
+/// [`FP4_LUT`], E4M3FN with `0x7f`/`0xff` NaN. Every value is exact in f32, f16 and bf16, so
+/// MLX's cast to the matmul's dtype changes none. Fills `min(values.len(), elements in
+/// packed)` values.
+#[inline(always)]
+pub fn decode_group(packed: &[u8], bits: u32, values: &mut [f32]) {
+    if bits == 8 {
+        for (v, &c) in values.iter_mut().zip(packed) {
+            *v = E4M3_MATMUL[usize::from(c)];
+        }
+    } else {
+        for (v2, &b) in values.chunks_exact_mut(2).zip(packed) {
+            v2[0] = FP4_LUT[usize::from(b & 15)];
+            v2[1] = FP4_LUT[usize::from(b >> 4)];
+        }
+    }
+}
+
+/// A group's scale code `s` as MLX's CPU quantized matmul reads it (`dequantize_scale` in
+/// `mlx/backend/cpu/quantized.cpp`), in the dtype `T` of x, widened to f32: nvfp4's E4M3 value
+/// (`0x7f`/`0xff` NaN, as [`decode_group`]); otherwise E8M0 `2^(s − 127)` (built as a
+/// bfloat16: code 0 is the subnormal 2^-127, 255 infinity). Rounding to `T` only matters for
+/// f16, which flushes exponents below −24 to 0 and takes those above 15 to infinity, as MLX
+/// 0.32.4 does (measured).
+#[inline(always)]
+pub fn matmul_scale<T: Float>(s: u8, mode: QuantMode) -> f32 {
+    let v = match mode {
+        QuantMode::Nvfp4 => E4M3_MATMUL[usize::from(s)],
+        _ => pow2(i32::from(s) - 127),
+    };
+    rt::<T>(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,5 +389,36 @@ mod tests {
         assert_eq!((cpu(5.0), e2m1_from_f32_gpu(5.0)), (6, 6));
         assert_eq!((cpu(-0.1), e2m1_from_f32_gpu(-0.1)), (0, 8));
         assert_eq!((cpu(-9.0), e2m1_from_f32_gpu(-9.0)), (15, 15));
+    }
+
+    #[test]
+    fn matmul_decode_reads_codes_as_mlx_cpu() {
+        for c in 0u8..=255 {
+            let mut v = [0f32; 1];
+            decode_group(&[c], 8, &mut v);
+            let want = e4m3_to_f32(c, Flavour::Gpu);
+            assert!(v[0].to_bits() == want.to_bits() || v[0].is_nan() && want.is_nan());
+        }
+        let mut v = [0f32; 4];
+        decode_group(&[0x71, 0xf8], 4, &mut v);
+        assert_eq!(v, [0.5, 6.0, -0.0, -6.0]);
+        assert_eq!(matmul_scale::<f32>(0, QuantMode::Mxfp4), 2f32.powi(-127));
+        assert_eq!(matmul_scale::<f32>(255, QuantMode::Mxfp8), f32::INFINITY);
+        assert_eq!(matmul_scale::<f32>(130, QuantMode::Mxfp4), 8.0);
+        assert_eq!(matmul_scale::<half::f16>(127 - 25, QuantMode::Mxfp4), 0.0);
+        assert_eq!(
+            matmul_scale::<half::f16>(127 - 24, QuantMode::Mxfp4),
+            2f32.powi(-24)
+        );
+        assert_eq!(
+            matmul_scale::<half::f16>(127 + 16, QuantMode::Mxfp4),
+            f32::INFINITY
+        );
+        assert_eq!(
+            matmul_scale::<half::bf16>(0, QuantMode::Mxfp4),
+            2f32.powi(-127)
+        );
+        assert_eq!(matmul_scale::<f32>(0x7e, QuantMode::Nvfp4), 448.0);
+        assert!(matmul_scale::<f32>(0x7f, QuantMode::Nvfp4).is_nan());
     }
 }

@@ -288,12 +288,12 @@ fn all_variants() -> impl Iterator<Item = &'static Variant> {
     OPT_IN.iter().chain(TABLE)
 }
 
-/// The portable variant: every op, every affine key.
+/// The portable variant: every op, every key (affine and the FP modes).
 const GENERIC: Variant = Variant {
     name: "generic",
-    // The FP modes (mxfp4, mxfp8, nvfp4) quantize and dequantize here only; every other
-    // variant refuses them, so they always run the portable kernels.
-    supports: |k| k.mode == crate::QuantMode::Affine || k.op != OpKind::QuantizedMatmul,
+    // The FP modes (mxfp4, mxfp8, nvfp4) run here only (quantize, dequantize and the
+    // matmuls); every other variant refuses them, so they always run the portable kernels.
+    supports: |_| true,
     decode: None,
     build: portable::<Baseline>,
 };
@@ -309,7 +309,10 @@ fn portable<T: Tier>(k: &KernelKey) -> Option<KernelFn> {
             (k.scales == crate::DType::U8).then_some(())?;
             dequantize::generic_fp::<T>(k.output, k.mode).map(KernelFn::Dequantize)
         }
-        OpKind::QuantizedMatmul if fp => None,
+        OpKind::QuantizedMatmul if fp => {
+            (k.scales == crate::DType::U8).then_some(())?;
+            qmm::generic_fp::<T>(k.output, k.mode, k.flag).map(KernelFn::Qmm)
+        }
         OpKind::Quantize => quantize::generic::<T>(k.input, k.bits).map(KernelFn::Quantize),
         OpKind::Dequantize => {
             dequantize::generic::<T>(k.scales, k.output, k.bits).map(KernelFn::Dequantize)

@@ -1,20 +1,30 @@
 //! CPU quantized matmul, generic variant.
 //!
+//! One pair of loops serves every mode: a [`Groups`] type says how a group is stored (bits per
+//! code, the scale's type, whether there is a bias) and decodes it to f32 values `v` with a
+//! scale `s` and bias `b`, the weight being `s·v + b`. Affine groups ([`Affine`]) decode the
+//! integer codes (`v = q`) and carry a bias; the FP modes ([`Fp`]) decode the E2M1/E4M3
+//! elements through [`fp::decode_group`] with the scale [`fp::matmul_scale`] and no bias.
+//!
 //! `transpose = true` (`y = x·Wᵀ`, W `[N, K]` quantized along K) uses the group identity
-//! `Σ x·(s·q + b) = s·Σ(x·q) + b·Σx`: Σx is computed once per row of x and group and shared
-//! by all N outputs, so the inner loop is a dot of x with raw codes. Tasks own disjoint
+//! `Σ x·(s·v + b) = s·Σ(x·v) + b·Σx`: Σx is computed once per row of x and group and shared
+//! by all N outputs, so the inner loop is a dot of x with decoded values. Tasks own disjoint
 //! ranges of N; each decodes a group once and reuses it for a block of rows of x.
 //!
 //! `transpose = false` (`y = x·W`, W `[K, N]` quantized along N) streams W's rows: tasks own
-//! disjoint, group-aligned ranges of N and accumulate `x[r,k]·(s·q + b)` into f32 sums.
+//! disjoint, group-aligned ranges of N and accumulate `x[r,k]·(s·v + b)` into f32 sums.
 //!
 //! Accumulation is f32 throughout, whatever the input and output dtypes.
 
+use super::quantize::fp_mode;
 use super::{cast, cast_mut, DisjointOut, MatrixRef, Tier};
 use crate::dtype::Float;
 use crate::error::Result;
+use crate::quant::fp;
 use crate::quant::pack::{dispatch_bits, unpack8};
+use crate::QuantMode;
 use rayon::prelude::*;
+use std::marker::PhantomData;
 
 /// Arguments: `x` is `m × in_dim` f32 (already widened), `out` is `m × out_dim` of the key's
 /// output dtype, with (in, out) = (cols, rows) for transpose and (rows, cols) otherwise.
@@ -31,14 +41,86 @@ const OP: &str = "quantized_matmul";
 /// Rows of x that share one decoded group.
 const ROW_BLOCK: usize = 8;
 
-/// Decodes the codes of one group into f32.
-#[inline(always)]
-fn decode_group<const BITS: usize>(packed: &[u8], codes: &mut [f32]) {
-    for (c8, p) in codes.chunks_exact_mut(8).zip(packed.chunks_exact(BITS)) {
-        for (c, q) in c8.iter_mut().zip(unpack8::<BITS>(p)) {
-            *c = f32::from(q);
+/// How the kernels read a group of one quantization mode: the weight is `s·v + b` with `v`
+/// the decoded codes, `s` the group's scale and `b` its bias (0 without biases).
+trait Groups: 'static {
+    /// A stored scale (and bias).
+    type Scale: bytemuck::Pod + Sync;
+    /// Bits per code.
+    const BITS: usize;
+    /// Whether groups have a bias (affine) or not (the FP modes).
+    const BIASED: bool;
+    /// Decodes one group's packed codes into `values`.
+    fn decode(packed: &[u8], values: &mut [f32]);
+    /// A stored scale as f32.
+    fn scale(s: Self::Scale) -> f32;
+    /// A stored bias as f32 (only called when [`Groups::BIASED`]).
+    fn bias(b: Self::Scale) -> f32;
+}
+
+/// Affine groups: `BITS`-bit unsigned codes, scales and biases of dtype `S`.
+struct Affine<S, const BITS: usize>(PhantomData<S>);
+
+impl<S: Float + Sync, const BITS: usize> Groups for Affine<S, BITS> {
+    type Scale = S;
+    const BITS: usize = BITS;
+    const BIASED: bool = true;
+    #[inline(always)]
+    fn decode(packed: &[u8], values: &mut [f32]) {
+        for (c8, p) in values.chunks_exact_mut(8).zip(packed.chunks_exact(BITS)) {
+            for (c, q) in c8.iter_mut().zip(unpack8::<BITS>(p)) {
+                *c = f32::from(q);
+            }
         }
     }
+    #[inline(always)]
+    fn scale(s: S) -> f32 {
+        s.to_f32()
+    }
+    #[inline(always)]
+    fn bias(b: S) -> f32 {
+        b.to_f32()
+    }
+}
+
+/// FP groups of mode `MODE` (see [`fp_mode`]) read as MLX's CPU matmul reads them in x's dtype
+/// `X` (the output dtype of an FP matmul): uint8 scale codes, no biases.
+struct Fp<X, const MODE: u8>(PhantomData<X>);
+
+impl<X: Float + Sync, const MODE: u8> Groups for Fp<X, MODE> {
+    type Scale = u8;
+    const BITS: usize = if matches!(fp_mode(MODE), QuantMode::Mxfp8) {
+        8
+    } else {
+        4
+    };
+    const BIASED: bool = false;
+    #[inline(always)]
+    fn decode(packed: &[u8], values: &mut [f32]) {
+        fp::decode_group(packed, Self::BITS as u32, values);
+    }
+    #[inline(always)]
+    fn scale(s: u8) -> f32 {
+        fp::matmul_scale::<X>(s, fp_mode(MODE))
+    }
+    #[inline(always)]
+    fn bias(_: u8) -> f32 {
+        0.0
+    }
+}
+
+/// Stored scales (or biases) of groups `C`.
+type Stored<'a, C> = &'a [<C as Groups>::Scale];
+
+/// The scales and (when `C` has them) biases of `w`, typed.
+fn scales_biases<'a, C: Groups>(w: &MatrixRef<'a>) -> Result<(Stored<'a, C>, Stored<'a, C>)> {
+    let scales = cast(OP, "scales", w.scales)?;
+    let biases = if C::BIASED {
+        cast(OP, "biases", w.biases)?
+    } else {
+        &[]
+    };
+    Ok((scales, biases))
 }
 
 #[inline(always)]
@@ -60,17 +142,20 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-fn qmm_t_generic<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+fn qmm_t_generic<C: Groups, O: Float>(a: QmmArgs<'_>) -> Result<()> {
     let w = a.w;
-    let scales: &[S] = cast(OP, "scales", w.scales)?;
-    let biases: &[S] = cast(OP, "biases", w.biases)?;
+    let (scales, biases) = scales_biases::<C>(&w)?;
     let out: &mut [O] = cast_mut(OP, "out", a.out)?;
     let (m, n, k, g) = (a.m, w.rows, w.cols, w.group_size);
     let groups = w.groups();
     let row_bytes = w.row_bytes();
-    let gbytes = g / 8 * BITS;
-    // Σx per (row of x, group), shared by every output column.
-    let xsum: Vec<f32> = a.x.chunks_exact(g).map(|c| c.iter().sum()).collect();
+    let gbytes = g / 8 * C::BITS;
+    // Σx per (row of x, group), shared by every output column (biased groups only).
+    let xsum: Vec<f32> = if C::BIASED {
+        a.x.chunks_exact(g).map(|c| c.iter().sum()).collect()
+    } else {
+        Vec::new()
+    };
     let x = a.x;
     let writer = DisjointOut::new(out);
     let tasks = (rayon::current_num_threads() * 8).max(1);
@@ -79,20 +164,29 @@ fn qmm_t_generic<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Resul
         .into_par_iter()
         .for_each(|t| {
             let (n0, n1) = (t * cols_per_task, ((t + 1) * cols_per_task).min(n));
-            let mut codes = [0f32; 128];
+            let mut values = [0f32; 128];
             for r0 in (0..m).step_by(ROW_BLOCK) {
                 let rows = ROW_BLOCK.min(m - r0);
                 for col in n0..n1 {
                     let mut acc = [0f32; ROW_BLOCK];
                     let prow = &w.packed[col * row_bytes..(col + 1) * row_bytes];
                     for j in 0..groups {
-                        decode_group::<BITS>(&prow[j * gbytes..(j + 1) * gbytes], &mut codes[..g]);
-                        let s = scales[col * groups + j].to_f32();
-                        let b = biases[col * groups + j].to_f32();
+                        C::decode(&prow[j * gbytes..(j + 1) * gbytes], &mut values[..g]);
+                        let s = C::scale(scales[col * groups + j]);
+                        let b = if C::BIASED {
+                            C::bias(biases[col * groups + j])
+                        } else {
+                            0.0
+                        };
                         for (r, acc) in acc.iter_mut().enumerate().take(rows) {
                             let row = r0 + r;
                             let xg = &x[row * k + j * g..row * k + (j + 1) * g];
-                            *acc += s * dot(xg, &codes[..g]) + b * xsum[row * groups + j];
+                            let sx = s * dot(xg, &values[..g]);
+                            *acc += if C::BIASED {
+                                sx + b * xsum[row * groups + j]
+                            } else {
+                                sx
+                            };
                         }
                     }
                     for (r, &v) in acc.iter().enumerate().take(rows) {
@@ -105,15 +199,14 @@ fn qmm_t_generic<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Resul
     Ok(())
 }
 
-fn qmm_n_generic<T: Tier, S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+fn qmm_n_generic<T: Tier, C: Groups, O: Float>(a: QmmArgs<'_>) -> Result<()> {
     let w = a.w;
-    let scales: &[S] = cast(OP, "scales", w.scales)?;
-    let biases: &[S] = cast(OP, "biases", w.biases)?;
+    let (scales, biases) = scales_biases::<C>(&w)?;
     let out: &mut [O] = cast_mut(OP, "out", a.out)?;
     let (m, kdim, n, g) = (a.m, w.rows, w.cols, w.group_size);
     let groups = w.groups();
     let row_bytes = w.row_bytes();
-    let gbytes = g / 8 * BITS;
+    let gbytes = g / 8 * C::BITS;
     let x = a.x;
     let writer = DisjointOut::new(out);
     // Tasks own whole groups of output columns.
@@ -127,25 +220,32 @@ fn qmm_n_generic<T: Tier, S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>)
                 || {
                     let (g0, g1) = (t * groups_per_task, ((t + 1) * groups_per_task).min(groups));
                     let width = (g1 - g0) * g;
-                    let mut codes = [0f32; 128];
+                    let mut values = [0f32; 128];
                     for r0 in (0..m).step_by(ROW_BLOCK) {
                         let rows = ROW_BLOCK.min(m - r0);
                         let mut acc = vec![0f32; rows * width];
                         for kk in 0..kdim {
                             let prow = &w.packed[kk * row_bytes..(kk + 1) * row_bytes];
                             for j in g0..g1 {
-                                decode_group::<BITS>(
-                                    &prow[j * gbytes..(j + 1) * gbytes],
-                                    &mut codes[..g],
-                                );
-                                let s = scales[kk * groups + j].to_f32();
-                                let b = biases[kk * groups + j].to_f32();
+                                C::decode(&prow[j * gbytes..(j + 1) * gbytes], &mut values[..g]);
+                                let s = C::scale(scales[kk * groups + j]);
+                                let b = if C::BIASED {
+                                    C::bias(biases[kk * groups + j])
+                                } else {
+                                    0.0
+                                };
                                 for r in 0..rows {
                                     let xv = x[(r0 + r) * kdim + kk];
                                     let (xs, xb) = (xv * s, xv * b);
                                     let dst = &mut acc[r * width + (j - g0) * g..][..g];
-                                    for (d, &c) in dst.iter_mut().zip(&codes[..g]) {
-                                        *d += xs * c + xb;
+                                    if C::BIASED {
+                                        for (d, &v) in dst.iter_mut().zip(&values[..g]) {
+                                            *d += xs * v + xb;
+                                        }
+                                    } else {
+                                        for (d, &v) in dst.iter_mut().zip(&values[..g]) {
+                                            *d += xs * v;
+                                        }
                                     }
                                 }
                             }
@@ -163,15 +263,24 @@ fn qmm_n_generic<T: Tier, S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>)
     Ok(())
 }
 
-fn select<T: Tier, S: Float>(out: crate::DType, bits: u32, transpose: bool) -> Option<QmmFn> {
+/// The kernel for groups `C` and output `O`: transposed or not.
+fn pick<T: Tier, C: Groups, O: Float>(transpose: bool) -> QmmFn {
+    if transpose {
+        // Transposed matmuls have hand-written kernels wherever a faster tier exists
+        // (session 11: this loop gains nothing from AVX2), so only the baseline is built.
+        qmm_t_generic::<C, O> as QmmFn
+    } else {
+        qmm_n_generic::<T, C, O> as QmmFn
+    }
+}
+
+fn select<T: Tier, S: Float + Sync>(
+    out: crate::DType,
+    bits: u32,
+    transpose: bool,
+) -> Option<QmmFn> {
     crate::with_float_type!(out, O => {
-        Some(dispatch_bits!(bits, B => if transpose {
-            // Transposed matmuls have hand-written kernels wherever a faster tier exists
-            // (session 11: this loop gains nothing from AVX2), so only the baseline is built.
-            qmm_t_generic::<S, O, B> as QmmFn
-        } else {
-            qmm_n_generic::<T, S, O, B> as QmmFn
-        }, _ => return None))
+        Some(dispatch_bits!(bits, B => pick::<T, Affine<S, B>, O>(transpose), _ => return None))
     }, _ => None)
 }
 
@@ -184,6 +293,25 @@ pub(crate) fn generic<T: Tier>(
     transpose: bool,
 ) -> Option<QmmFn> {
     crate::with_float_type!(scales, S => select::<T, S>(out, bits, transpose), _ => None)
+}
+
+fn select_fp<T: Tier, X: Float + Sync>(mode: QuantMode, transpose: bool) -> Option<QmmFn> {
+    Some(match mode {
+        QuantMode::Affine => return None,
+        QuantMode::Mxfp4 => pick::<T, Fp<X, 1>, X>(transpose),
+        QuantMode::Mxfp8 => pick::<T, Fp<X, 2>, X>(transpose),
+        QuantMode::Nvfp4 => pick::<T, Fp<X, 3>, X>(transpose),
+    })
+}
+
+/// The portable kernel for an FP `mode` (uint8 scales, no biases) with x and the output of
+/// dtype `out` (MLX's FP matmuls output x's dtype) and `transpose`, compiled for tier `T`.
+pub(crate) fn generic_fp<T: Tier>(
+    out: crate::DType,
+    mode: QuantMode,
+    transpose: bool,
+) -> Option<QmmFn> {
+    crate::with_float_type!(out, X => select_fp::<T, X>(mode, transpose), _ => None)
 }
 
 /// The AVX2 decode kernel (transpose only) for scales `scales`, output `out` and `bits`.
