@@ -606,6 +606,47 @@ fn bf16_long_rows_accumulate_in_f32() {
     assert!(err < 4e-3, "{err:e}");
 }
 
+/// One row of x on both sides of the decode's switch between one weight row per step (K up to
+/// 8192) and two side by side (longer K), with an odd N so the two-column walk ends on one
+/// column: every variant, a few widths and groups, bf16 and f32 outputs.
+#[test]
+fn one_row_short_and_long_k_every_variant() {
+    let mut rng = StdRng::seed_from_u64(321);
+    for variant in exact_variants() {
+        let device = Device::cpu_with_variant(variant).unwrap();
+        let mut enc = device.encoder();
+        for (bits, g) in [(4, 64), (8, 128), (3, 32), (2, 64)] {
+            let dts = (DType::BF16, DType::BF16, DType::BF16);
+            if *variant != "generic"
+                && !mlxq::backend::cpu::supports(variant, &qmm_key(bits, g, dts, true, variant))
+            {
+                println!("{variant} bits {bits}: skipped (generic here)");
+                continue;
+            }
+            let spec = QuantSpec::affine(bits, g).unwrap();
+            // 8192 is the longest one-column K; 8448 = 66 × 128 the shortest two-column one
+            // that every group size divides.
+            for k in [4096usize, 8192, 8448] {
+                let n = 37;
+                let x = Buffer::from_f32(&randn(&mut rng, k), DType::BF16, &[1, k]).unwrap();
+                for sdt in [DType::BF16, DType::F32] {
+                    let w = random_weight(&mut enc, &mut rng, &[n, k], spec, sdt);
+                    let mut y = poisoned(sdt, &[1, n]);
+                    ops::quantized_matmul_into(&mut enc, &x, &w, true, &mut y).unwrap();
+                    let want = matmul_f64(&x_f64(&x), 1, &dequantize_f64(&w).unwrap(), n, k, true);
+                    let err = max_rel_err(&got_f64(&y), &want);
+                    let tol = if sdt == DType::F32 { 1e-5 } else { 1e-2 };
+                    assert!(
+                        err < tol,
+                        "{variant} bits {bits} g {g} k {k} {sdt:?}: {err:e} ({})",
+                        enc.last_kernel().unwrap()
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Long rows with many rows of x: kernels that block K (so x stays in cache) must stitch the
 /// blocks together; checked for every variant, with a tail block (K = 2688).
 #[test]

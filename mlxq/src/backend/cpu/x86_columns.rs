@@ -58,6 +58,11 @@ pub(crate) trait Columns: Sync {
     /// Output columns one call covers at most (≤ [`MAX_COLS`]).
     const COLS: usize;
 
+    /// Output columns the driver passes per call for this call's shape (1..=[`Self::COLS`]).
+    fn cols(&self) -> usize {
+        Self::COLS
+    }
+
     /// Sets `acc[c][r]`, for `c < count` and `r < R`, to the dot product of row `row0 + r`
     /// of x with groups `g0..g1` of weight row `col + c`. A kernel checks every slice it
     /// reads and leaves `acc` untouched if the arguments are out of range (the driver never
@@ -166,6 +171,7 @@ pub(crate) unsafe fn run<C: Columns, O: Float>(kernel: &C, walk: Walk, out: &mut
         block_groups,
     } = walk;
     let writer = DisjointOut::new(out);
+    let per_call = kernel.cols().clamp(1, C::COLS);
     let tasks = (rayon::current_num_threads() * 8).max(1);
     let per_task = n.div_ceil(tasks).max(8);
     (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
@@ -186,8 +192,8 @@ pub(crate) unsafe fn run<C: Columns, O: Float>(kernel: &C, walk: Walk, out: &mut
                 let g1 = (g0 + block_groups).min(groups);
                 for r0 in (0..m).step_by(C::ROWS) {
                     let rows = C::ROWS.min(m - r0);
-                    for c0 in cols.clone().step_by(C::COLS) {
-                        let count = C::COLS.min(cols.end - c0);
+                    for c0 in cols.clone().step_by(per_call) {
+                        let count = per_call.min(cols.end - c0);
                         let mut part = [[0f32; MAX_ROWS]; MAX_COLS];
                         // SAFETY: the caller guarantees the CPU features; the kernel checks
                         // its slices.

@@ -81,6 +81,16 @@ const X_BLOCK_BYTES: usize = 24 << 10;
 /// short pieces (with a second pass over every column per extra block).
 const X_BLOCK_BYTES_DECODE: usize = 256 << 10;
 
+/// Longest K at which a one-row call reads one weight row at a time instead of two side by
+/// side. Two rows read together are two streams a row apart, which Zen 4's prefetchers follow
+/// at half the rate of one (docs/perf.md, session 23: 12–13 against 26–31 GB/s on one core,
+/// `tools/stream_pattern_probe.c`); sharing each load of x between two columns matters less
+/// while x's split (2 bytes an element) stays in L1, and more once it does not.
+const ONE_COLUMN_K: usize = 8192;
+
+/// Elements of x up to which [`prepare`] runs on the calling thread alone.
+const SEQUENTIAL_SPLIT: usize = 1 << 14;
+
 /// x prepared for one call, per row and superblock (four groups; a row's groups padded with
 /// zero groups to whole superblocks): `g/16` registers of 64 `hi` bytes then 64 `lo` bytes
 /// (lane `16j + t` of register `i`: element [`slot`]`⁻¹(i, t)` of the superblock's group
@@ -148,13 +158,21 @@ fn prepare(x: &[f32], m: usize, k: usize, g: usize, bits: usize, p: &mut Prepare
     // SAFETY: `fast` says the CPU has the features.
     let perm = fast.then(|| unsafe { place_permutation(bits, g) });
     // Superblocks in parallel, a few per task: a decode call's whole preparation is one row.
+    // Below `SEQUENTIAL_SPLIT` elements the calling thread does it alone (no split of the
+    // iterator, so no hand-off to the pool): waking the pool costs more than the work.
     let per_task = (m * nsb / rayon::current_num_threads().max(1)).clamp(1, 16);
+    let min_len = if m * k <= SEQUENTIAL_SPLIT {
+        usize::MAX
+    } else {
+        1
+    };
     let tasks = p
         .split
         .par_chunks_mut(per_task * sb_bytes)
         .zip(p.step.par_chunks_mut(per_task * 16))
         .zip(p.xsum.par_chunks_mut(per_task * SB))
-        .enumerate();
+        .enumerate()
+        .with_min_len(min_len);
     tasks.for_each(|(t, ((split, step), xsum))| {
         let (mut hi, mut lo) = ([0i8; 128], [0i8; 128]);
         for (ss, ((out, st), xs)) in split
@@ -705,6 +723,11 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
         nsb: (k / G).div_ceil(SB),
         // SAFETY: this variant is only chosen where `available` holds.
         tables: unsafe { tables::<BITS, G>() },
+        cols: if m == 1 && k <= ONE_COLUMN_K {
+            1
+        } else {
+            <Kernel<S, BITS, G> as Columns>::COLS
+        },
     };
     // SAFETY: as for `tables`.
     unsafe { run(&kernel, walk, out) };
@@ -719,6 +742,8 @@ struct Kernel<'a, S, const BITS: usize, const G: usize> {
     /// Superblocks per row of x.
     nsb: usize,
     tables: Tables,
+    /// Columns per call: [`Columns::COLS`], or 1 (see [`ONE_COLUMN_K`]).
+    cols: usize,
 }
 
 impl<S: Float, const BITS: usize, const G: usize> Columns for Kernel<'_, S, BITS, G> {
@@ -726,6 +751,10 @@ impl<S: Float, const BITS: usize, const G: usize> Columns for Kernel<'_, S, BITS
     /// Two columns share each load of x, except with groups of 128, whose eight code
     /// registers per column leave no room for a second column's.
     const COLS: usize = if G == 128 { 1 } else { 2 };
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
 
     unsafe fn columns<const R: usize>(
         &self,
