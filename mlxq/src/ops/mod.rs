@@ -17,7 +17,7 @@ pub use quantize::{quantize, quantize_into};
 use crate::backend::cpu::{CpuKernel, MatrixRef};
 use crate::error::{Error, Result};
 use crate::{Buffer, DType, QuantizedWeight};
-use std::borrow::Cow;
+use std::cell::RefCell;
 
 /// Checks that `b` has a float dtype.
 pub(crate) fn require_float(op: &'static str, param: &'static str, b: &Buffer) -> Result<()> {
@@ -61,17 +61,82 @@ pub(crate) fn require_nonzero(
     Ok(())
 }
 
-/// The elements of a float buffer as f32: borrowed when already f32 and aligned.
+thread_local! {
+    /// The f32 copy of x that [`widen`] hands out, kept between calls so a decode step does
+    /// not allocate once warm (taken while in use: a nested call allocates its own).
+    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A float buffer's elements as f32 (see [`widen`]); derefs to the slice.
+pub(crate) enum Widened<'a> {
+    /// The buffer itself (already f32 and aligned).
+    Borrowed(&'a [f32]),
+    /// A converted copy in this thread's scratch, which it goes back to when dropped.
+    Scratch(Vec<f32>),
+}
+
+impl std::ops::Deref for Widened<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Widened::Borrowed(s) => s,
+            Widened::Scratch(v) => v,
+        }
+    }
+}
+
+impl Drop for Widened<'_> {
+    fn drop(&mut self) {
+        if let Widened::Scratch(v) = self {
+            let v = std::mem::take(v);
+            // The longer buffer stays (a nested call may have put one back meanwhile).
+            WIDE.with(|w| {
+                if let Ok(mut w) = w.try_borrow_mut() {
+                    if v.capacity() > w.capacity() {
+                        *w = v;
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// The elements of a float buffer as f32: borrowed when already f32 and aligned, otherwise
+/// widened into a per-thread scratch vector reused from call to call.
 pub(crate) fn widen<'a>(
     op: &'static str,
     param: &'static str,
     b: &'a Buffer,
-) -> Result<Cow<'a, [f32]>> {
+) -> Result<Widened<'a>> {
     require_float(op, param, b)?;
     if let Ok(s) = b.as_slice::<f32>() {
-        return Ok(Cow::Borrowed(s));
+        return Ok(Widened::Borrowed(s));
     }
-    Ok(Cow::Owned(b.to_f32_vec()?))
+    let mut v = WIDE.with(|w| {
+        w.try_borrow_mut()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default()
+    });
+    v.clear();
+    let bytes = b.bytes();
+    crate::with_float_type!(b.dtype(), T => {
+        let size = std::mem::size_of::<T>();
+        // Read unaligned: a mapped view need not be aligned for T.
+        v.extend(
+            bytes
+                .chunks_exact(size)
+                .map(|c| crate::dtype::Float::to_f32(bytemuck::pod_read_unaligned::<T>(c))),
+        );
+    }, _ => return Err(Error::dtype(op, param, "a float dtype", b.dtype())));
+    if v.len() != b.numel() {
+        return Err(Error::invalid(
+            op,
+            param,
+            format!("{} elements in host memory", b.numel()),
+            format!("{} readable here", v.len()),
+        ));
+    }
+    Ok(Widened::Scratch(v))
 }
 
 /// Raw bytes of matrix `index` of `w`'s flattened batch (no checks: `w` is validated and the
