@@ -12,7 +12,8 @@
 //!   `ToFP8(scale)`, elements `T(w / scale8)`; E2M1 codes are `argmin |x − LUT[j]|` (the first
 //!   index on ties, so ties go toward the smaller magnitude and every zero to code 0); E4M3
 //!   codes `ToFP8` (`mlx/backend/cpu/unary_ops.h`: nearest-even, saturating at ±448, NaN to
-//!   `0x7e`). Dequantize: `O(lut · O(2^(s − 127)))` in the output dtype `O`, E4M3 `0x7f` = 480.
+//!   `0x7e`). Dequantize: `O(lut · O(2^(s − 127)))` in the output dtype `O`, E4M3 `0x7f`
+//!   NaN (as the 0.32.4 wheel gives; the source's `FromFP8` reads 480).
 //! - [`Flavour::Gpu`]: `mlx/backend/cuda/quantized/fp_quantize.cuh` (cutlass conversions):
 //!   scale `max|w| / 6 or 448` in f32; E8M0 rounds up (`2^ceil(log2)`, a zero scale is code
 //!   0), E4M3 scales nearest-even; elements `w · (1 / scale)` in f32, converted nearest-even
@@ -80,12 +81,14 @@ pub fn e4m3_from_f32_gpu(x: f32) -> u8 {
     r | sign
 }
 
-/// E4M3 code → f32: `0x7f`/`0xff` decode as NaN ([`Flavour::Gpu`]) or ±480 (MLX CPU's
-/// `FromFP8`, which reads them as ordinary numbers).
+/// E4M3 code → f32: `0x7f`/`0xff` decode as NaN in both flavours. (MLX's CPU source reads
+/// them as ±480 in `FromFP8`, but its 0.32.4 wheel gives NaN for them in `dequantize` and in
+/// the matmuls, elements and nvfp4 scales alike, measured over all 256 codes; neither
+/// flavour's quantize ever writes them.)
 #[inline(always)]
-pub fn e4m3_to_f32(c: u8, flavour: Flavour) -> f32 {
+pub fn e4m3_to_f32(c: u8) -> f32 {
     let mag = c & 0x7f;
-    if mag == 0x7f && flavour == Flavour::Gpu {
+    if mag == 0x7f {
         return f32::NAN;
     }
     let e = i32::from(mag >> 3);
@@ -176,11 +179,11 @@ pub fn e2m1_from_f32_gpu(x: f32) -> u8 {
 
 /// Decoded value of element code `c` (E2M1 when `bits` is 4, else E4M3).
 #[inline(always)]
-pub fn element_value(c: u8, bits: u32, flavour: Flavour) -> f32 {
+pub fn element_value(c: u8, bits: u32) -> f32 {
     if bits == 4 {
         FP4_LUT[usize::from(c & 15)]
     } else {
-        e4m3_to_f32(c, flavour)
+        e4m3_to_f32(c)
     }
 }
 
@@ -189,7 +192,7 @@ pub fn element_value(c: u8, bits: u32, flavour: Flavour) -> f32 {
 #[inline(always)]
 pub fn scale_value(s: u8, mode: QuantMode, flavour: Flavour) -> f32 {
     match mode {
-        QuantMode::Nvfp4 => e4m3_to_f32(s, flavour),
+        QuantMode::Nvfp4 => e4m3_to_f32(s),
         _ => {
             if s == 0xff && flavour == Flavour::Gpu {
                 f32::NAN
@@ -228,7 +231,7 @@ pub fn quantize_group<T: Float>(
             let s = amax / maxval;
             let (code, sv) = if mode == QuantMode::Nvfp4 {
                 let c = e4m3_from_f32_gpu(s);
-                (c, e4m3_to_f32(c, Flavour::Gpu))
+                (c, e4m3_to_f32(c))
             } else {
                 let c = e8m0_from_f32_gpu(s);
                 (c, scale_value(c, mode, Flavour::Gpu))
@@ -250,7 +253,7 @@ pub fn quantize_group<T: Float>(
                 let c = e4m3_from_f32_cpu(s);
                 // The scale decoded into T (exact), the quotient in T, then widened to f32 by
                 // the multiply with the f32 encode scale 1.
-                (c, e4m3_to_f32(c, Flavour::Cpu), false)
+                (c, e4m3_to_f32(c), false)
             } else {
                 let e = if s == 0.0 {
                     0
@@ -282,7 +285,7 @@ pub fn quantize_group<T: Float>(
 #[inline(always)]
 pub fn dequantize_value<O: Float>(c: u8, s: u8, mode: QuantMode, flavour: Flavour) -> O {
     let bits = if mode == QuantMode::Mxfp8 { 8 } else { 4 };
-    let v = element_value(c, bits, flavour);
+    let v = element_value(c, bits);
     let sv = scale_value(s, mode, flavour);
     match flavour {
         Flavour::Cpu => O::from_f32(rt::<O>(v) * rt::<O>(sv)),
@@ -357,14 +360,14 @@ mod tests {
             if c & 0x7f == 0x7f {
                 continue;
             }
-            let v = e4m3_to_f32(c, Flavour::Gpu);
+            let v = e4m3_to_f32(c);
             assert_eq!(e4m3_from_f32_cpu(v), c, "{c:#x} {v}");
             assert_eq!(e4m3_from_f32_gpu(v), c, "{c:#x} {v}");
         }
         assert_eq!(e4m3_from_f32_cpu(1000.0), 0x7e);
         assert_eq!(e4m3_from_f32_cpu(-f32::INFINITY), 0xfe);
         assert_eq!(e4m3_from_f32_gpu(f32::NAN), 0x7f);
-        assert_eq!(e4m3_to_f32(0x7f, Flavour::Cpu), 480.0);
+        assert!(e4m3_to_f32(0x7f).is_nan() && e4m3_to_f32(0xff).is_nan());
         // 2^-10 is halfway between 0 and the smallest subnormal 2^-9: ties to even (0).
         assert_eq!(e4m3_from_f32_cpu(2f32.powi(-10)), 0);
         assert_eq!(e4m3_from_f32_cpu(3.0 * 2f32.powi(-10)), 2);
@@ -396,7 +399,7 @@ mod tests {
         for c in 0u8..=255 {
             let mut v = [0f32; 1];
             decode_group(&[c], 8, &mut v);
-            let want = e4m3_to_f32(c, Flavour::Gpu);
+            let want = e4m3_to_f32(c);
             assert!(v[0].to_bits() == want.to_bits() || v[0].is_nan() && want.is_nan());
         }
         let mut v = [0f32; 4];

@@ -194,8 +194,11 @@ impl QuantSpec {
         if !cols.is_multiple_of(self.group_size as usize) {
             return None;
         }
-        // cols is a multiple of 32 (every group size is), so cols·bits/32 is whole.
-        Some(cols / 32 * self.bits as usize)
+        // Whole words: cols·bits is a multiple of 32 for every mode's groups (affine's of 32
+        // or more; nvfp4's 16 four-bit codes are 64 bits), so a row of an odd number of
+        // nvfp4 groups still packs into whole words (48 codes: 6).
+        let row_bits = cols.checked_mul(self.bits as usize)?;
+        row_bits.is_multiple_of(32).then_some(row_bits / 32)
     }
 }
 
