@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::{got_f64, poisoned, randn, tolerance, x_f64};
+
 use mlxq::reference::{dequantize_f64, matmul_f64, max_rel_err};
 use mlxq::registry::{KernelKey, OpKind};
 use mlxq::{ops, Buffer, CommandEncoder, DType, Device, Flavour, QuantMode, QuantSpec};
@@ -22,13 +24,6 @@ const MODES: [QuantMode; 3] = [QuantMode::Mxfp4, QuantMode::Mxfp8, QuantMode::Nv
 fn spec(mode: QuantMode) -> QuantSpec {
     let (bits, g) = QuantSpec::fp_defaults(mode);
     QuantSpec::new(mode, bits, g).unwrap()
-}
-
-fn randn(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    // Sum of uniforms: cheap, roughly normal, with the occasional larger value.
-    (0..n)
-        .map(|_| (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>())
-        .collect()
 }
 
 /// A weight `[..batch, rows, cols]` of `mode`: quantized from random values (of `dtype`, in
@@ -79,32 +74,6 @@ fn fp_weight(
         spec,
     )
     .unwrap()
-}
-
-fn x_f64(x: &Buffer) -> Vec<f64> {
-    x.to_f32_vec().unwrap().into_iter().map(f64::from).collect()
-}
-
-fn tolerance(out: DType) -> f64 {
-    if out == DType::F32 {
-        1e-5
-    } else {
-        1e-2
-    }
-}
-
-fn poisoned(dtype: DType, shape: &[usize]) -> Buffer {
-    let n: usize = shape.iter().product();
-    Buffer::from_f32(&vec![f32::NAN; n], dtype, shape).unwrap()
-}
-
-fn got_f64(y: &Buffer) -> Vec<f64> {
-    let v: Vec<f64> = y.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
-    assert!(
-        v.iter().all(|x| x.is_finite()),
-        "output has unwritten (NaN) or non-finite elements"
-    );
-    v
 }
 
 fn fp_key(mode: QuantMode, x: DType, transpose: bool, variant: &'static str) -> KernelKey {

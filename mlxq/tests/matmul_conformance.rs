@@ -4,6 +4,9 @@
 //! f32 (x is widened exactly, so only f32 accumulation errs), 1e-2 when the output is f16/bf16.
 //! Outputs are poisoned with NaN first, so an element a kernel forgets to write fails the test.
 
+mod common;
+
+use common::{got_f64, poisoned, randn, tolerance, x_f64};
 use mlxq::quant::pack::pack_row;
 use mlxq::reference::{dequantize_f64, matmul_f64, max_rel_err};
 use mlxq::{ops, Buffer, CommandEncoder, DType, Device, Flavour, QuantSpec, QuantizedWeight};
@@ -13,13 +16,6 @@ use rand::{Rng, SeedableRng};
 const BITS: [u32; 7] = [1, 2, 3, 4, 5, 6, 8];
 const GROUPS: [u32; 3] = [32, 64, 128];
 const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
-
-fn randn(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    // Sum of uniforms: cheap, roughly normal, with the occasional larger value.
-    (0..n)
-        .map(|_| (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>())
-        .collect()
-}
 
 /// A random quantized weight `[..batch, rows, cols]` with scales of `dtype`.
 fn random_weight(
@@ -32,33 +28,6 @@ fn random_weight(
     let n = shape.iter().product();
     let w = Buffer::from_f32(&randn(rng, n), dtype, shape).unwrap();
     ops::quantize(enc, &w, spec, Flavour::Gpu).unwrap()
-}
-
-/// x as stored (after rounding to its dtype), widened to f64.
-fn x_f64(x: &Buffer) -> Vec<f64> {
-    x.to_f32_vec().unwrap().into_iter().map(f64::from).collect()
-}
-
-fn tolerance(out: DType) -> f64 {
-    if out == DType::F32 {
-        1e-5
-    } else {
-        1e-2
-    }
-}
-
-fn poisoned(dtype: DType, shape: &[usize]) -> Buffer {
-    let n: usize = shape.iter().product();
-    Buffer::from_f32(&vec![f32::NAN; n], dtype, shape).unwrap()
-}
-
-fn got_f64(y: &Buffer) -> Vec<f64> {
-    let v: Vec<f64> = y.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
-    assert!(
-        v.iter().all(|x| x.is_finite()),
-        "output has unwritten (NaN) elements"
-    );
-    v
 }
 
 /// The registry key of an affine quantized matmul: `dts` are x, scales and output.

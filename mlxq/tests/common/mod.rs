@@ -274,3 +274,43 @@ pub fn poisoned_weight(shape: &[usize], dtype: DType, spec: QuantSpec) -> Quanti
     )
     .unwrap()
 }
+
+/// Roughly normal random values (a sum of four uniforms: cheap, with the occasional larger
+/// value), for matmul inputs and weights.
+pub fn randn(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
+    use rand::Rng;
+    (0..n)
+        .map(|_| (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>())
+        .collect()
+}
+
+/// x as stored (after rounding to its dtype), widened to f64.
+pub fn x_f64(x: &Buffer) -> Vec<f64> {
+    x.to_f32_vec().unwrap().into_iter().map(f64::from).collect()
+}
+
+/// The matmul tolerance (normwise relative error): 1e-5 for an f32 output, 1e-2 for f16/bf16.
+pub fn tolerance(out: DType) -> f64 {
+    if out == DType::F32 {
+        1e-5
+    } else {
+        1e-2
+    }
+}
+
+/// An output buffer filled with NaN, so that an element a kernel forgets to write fails.
+pub fn poisoned(dtype: DType, shape: &[usize]) -> Buffer {
+    let n: usize = shape.iter().product();
+    Buffer::from_f32(&vec![f32::NAN; n], dtype, shape).unwrap()
+}
+
+/// The output widened to f64, asserting every element was written (no NaN left from
+/// [`poisoned`]) and finite.
+pub fn got_f64(y: &Buffer) -> Vec<f64> {
+    let v: Vec<f64> = y.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+    assert!(
+        v.iter().all(|x| x.is_finite()),
+        "output has unwritten (NaN) or non-finite elements"
+    );
+    v
+}
