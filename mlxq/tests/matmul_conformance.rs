@@ -575,6 +575,34 @@ fn bf16_long_rows_accumulate_in_f32() {
     assert!(err < 4e-3, "{err:e}");
 }
 
+/// Whether `variant` runs the bf16 transposed matmul of `bits`/`g` on this CPU (`generic`
+/// always does); prints why a case is skipped where it does not.
+fn runs_bf16_decode(variant: &'static str, bits: u32, g: u32) -> bool {
+    let dts = (DType::BF16, DType::BF16, DType::BF16);
+    let runs = variant == "generic"
+        || mlxq::backend::cpu::supports(variant, &qmm_key(bits, g, dts, true, variant));
+    if !runs {
+        println!("{variant} bits {bits}: skipped (generic here)");
+    }
+    runs
+}
+
+/// `x · wᵀ` (w `[n, k]`) into a poisoned output of w's scale dtype, against the f64 oracle
+/// at that dtype's tolerance; `what` names the case in a failure.
+fn check_transposed(enc: &mut CommandEncoder, x: &Buffer, w: &QuantizedWeight, what: &str) {
+    let (m, k, n) = (x.shape()[0], x.shape()[1], w.rows());
+    let out = w.scales_dtype();
+    let mut y = poisoned(out, &[m, n]);
+    ops::quantized_matmul_into(enc, x, w, true, &mut y).unwrap();
+    let want = matmul_f64(&x_f64(x), m, &dequantize_f64(w).unwrap(), n, k, true);
+    let err = max_rel_err(&got_f64(&y), &want);
+    assert!(
+        err < tolerance(out),
+        "{what} {out:?} out: {err:e} ({})",
+        enc.last_kernel().unwrap()
+    );
+}
+
 /// One row of x on both sides of the decode's switch between one weight row per step (K up to
 /// 8192) and two side by side (longer K), with an odd N so the two-column walk ends on one
 /// column: every variant, a few widths and groups, bf16 and f32 outputs.
@@ -585,11 +613,7 @@ fn one_row_short_and_long_k_every_variant() {
         let device = Device::cpu_with_variant(variant).unwrap();
         let mut enc = device.encoder();
         for (bits, g) in [(4, 64), (8, 128), (3, 32), (2, 64)] {
-            let dts = (DType::BF16, DType::BF16, DType::BF16);
-            if *variant != "generic"
-                && !mlxq::backend::cpu::supports(variant, &qmm_key(bits, g, dts, true, variant))
-            {
-                println!("{variant} bits {bits}: skipped (generic here)");
+            if !runs_bf16_decode(variant, bits, g) {
                 continue;
             }
             let spec = QuantSpec::affine(bits, g).unwrap();
@@ -600,15 +624,11 @@ fn one_row_short_and_long_k_every_variant() {
                 let x = Buffer::from_f32(&randn(&mut rng, k), DType::BF16, &[1, k]).unwrap();
                 for sdt in [DType::BF16, DType::F32] {
                     let w = random_weight(&mut enc, &mut rng, &[n, k], spec, sdt);
-                    let mut y = poisoned(sdt, &[1, n]);
-                    ops::quantized_matmul_into(&mut enc, &x, &w, true, &mut y).unwrap();
-                    let want = matmul_f64(&x_f64(&x), 1, &dequantize_f64(&w).unwrap(), n, k, true);
-                    let err = max_rel_err(&got_f64(&y), &want);
-                    let tol = if sdt == DType::F32 { 1e-5 } else { 1e-2 };
-                    assert!(
-                        err < tol,
-                        "{variant} bits {bits} g {g} k {k} {sdt:?}: {err:e} ({})",
-                        enc.last_kernel().unwrap()
+                    check_transposed(
+                        &mut enc,
+                        &x,
+                        &w,
+                        &format!("{variant} bits {bits} g {g} k {k}"),
                     );
                 }
             }
@@ -625,36 +645,17 @@ fn long_rows_many_rows_every_variant() {
         let device = Device::cpu_with_variant(variant).unwrap();
         let mut enc = device.encoder();
         for (bits, g) in [(4, 64), (3, 128), (8, 32), (6, 64)] {
-            let dts = (DType::BF16, DType::BF16, DType::BF16);
-            if *variant != "generic"
-                && !mlxq::backend::cpu::supports(variant, &qmm_key(bits, g, dts, true, variant))
-            {
-                println!("{variant} bits {bits}: skipped (generic here)");
+            if !runs_bf16_decode(variant, bits, g) {
                 continue;
             }
             let spec = QuantSpec::affine(bits, g).unwrap();
             let (n, k, m) = (21, 2688, 33); // 2688 = 21 × 128: blocks of 1024 leave a tail
-            let w = random_weight(&mut enc, &mut rng, &[n, k], spec, DType::BF16);
             let x = Buffer::from_f32(&randn(&mut rng, m * k), DType::BF16, &[m, k]).unwrap();
-            let mut y = poisoned(DType::BF16, &[m, n]);
-            ops::quantized_matmul_into(&mut enc, &x, &w, true, &mut y).unwrap();
-            let want = matmul_f64(&x_f64(&x), m, &dequantize_f64(&w).unwrap(), n, k, true);
-            let err = max_rel_err(&got_f64(&y), &want);
-            assert!(
-                err < 1e-2,
-                "{variant} bits {bits} g {g}: {err:e} ({})",
-                enc.last_kernel().unwrap()
-            );
-            // f32 output (f32 scales): the tight tolerance.
-            let w32 = random_weight(&mut enc, &mut rng, &[n, k], spec, DType::F32);
-            let y = ops::quantized_matmul(&mut enc, &x, &w32, true).unwrap();
-            let want = matmul_f64(&x_f64(&x), m, &dequantize_f64(&w32).unwrap(), n, k, true);
-            let err = max_rel_err(&got_f64(&y), &want);
-            assert!(
-                err < 1e-5,
-                "{variant} bits {bits} g {g} f32 out: {err:e} ({})",
-                enc.last_kernel().unwrap()
-            );
+            // bf16 output, then f32 (f32 scales): the tight tolerance.
+            for sdt in [DType::BF16, DType::F32] {
+                let w = random_weight(&mut enc, &mut rng, &[n, k], spec, sdt);
+                check_transposed(&mut enc, &x, &w, &format!("{variant} bits {bits} g {g}"));
+            }
         }
     }
 }
