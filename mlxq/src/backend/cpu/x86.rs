@@ -22,7 +22,7 @@
 //! Results equal the generic kernel's up to f32 summation order.
 
 use super::qmm::QmmArgs;
-use super::x86_columns::{prefetch_w, run, Columns, Rows, Walk, MAX_COLS, MAX_ROWS};
+use super::x86_columns::{prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS};
 use super::{cast, cast_mut};
 use crate::dtype::Float;
 use crate::error::Result;
@@ -397,7 +397,14 @@ unsafe fn column<S: Float, const BITS: usize, const R: usize>(
     let (pp, xp) = (a.packed.as_ptr(), a.xp.as_ptr());
     for j in 0..groups {
         // The next slice of the stream is the next row of W.
-        prefetch_w(pp, j * g / 8 * BITS, len / 8 * BITS, a.row_bytes, 1);
+        prefetch_w(
+            pp,
+            j * g / 8 * BITS,
+            len / 8 * BITS,
+            a.row_bytes,
+            1,
+            PrefetchTo::L1,
+        );
         let s = _mm512_set1_ps(a.scales[j].to_f32());
         let b = a.biases[j].to_f32();
         let mut dots = [_mm512_setzero_ps(); R];
@@ -468,6 +475,7 @@ unsafe fn column_avx2<S: Float, const BITS: usize, const R: usize, const C: usiz
                     groups * group_bytes,
                     col.row_bytes,
                     1,
+                    PrefetchTo::L1,
                 );
             }
             // SAFETY: j0 + 8 ≤ groups = scales.len() ≤ biases.len() when nb is 8, and row r's

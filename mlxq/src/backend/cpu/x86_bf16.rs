@@ -17,7 +17,7 @@
 //! into blocks of K so the rows of x a column visits stay in L1.
 
 use super::qmm::QmmArgs;
-use super::x86_columns::{prefetch_w, run, Columns, Rows, Walk, MAX_COLS, MAX_ROWS};
+use super::x86_columns::{prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS};
 use super::{cast, cast_mut, Variant};
 use crate::dtype::Float;
 use crate::error::Result;
@@ -277,7 +277,14 @@ unsafe fn column<S: Float, const BITS: usize, const R: usize>(
     let (pp, xp) = (a.packed.as_ptr(), a.xp.as_ptr());
     for j in 0..groups {
         // The next slice of the stream is the next row of W.
-        prefetch_w(pp, j * g / 8 * BITS, len / 8 * BITS, a.row_bytes, 1);
+        prefetch_w(
+            pp,
+            j * g / 8 * BITS,
+            len / 8 * BITS,
+            a.row_bytes,
+            1,
+            PrefetchTo::L1,
+        );
         let mut dots = [_mm512_setzero_ps(); R];
         for c in 0..g / 32 {
             let e = j * g + c * 32;

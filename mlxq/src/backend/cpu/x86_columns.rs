@@ -27,23 +27,48 @@ pub(crate) const MAX_COLS: usize = 2;
 /// kernel computes (measured in docs/perf.md: M = 1 4-bit from 4.9 to 8.7 GB/s on one core).
 pub(crate) const PREFETCH_AHEAD: usize = 4096;
 
+/// Where a prefetch puts its line: [`PrefetchTo::L1`] (`prefetcht0`) or [`PrefetchTo::L2`] (`prefetcht1`).
+///
+/// On Zen 4 (docs/perf.md, session 24) a decode of one row block (M ≤ 4) reads W 10–27%
+/// faster with its prefetches into L2: a `prefetcht0` holds one of the core's few L1 miss
+/// buffers until its line arrives, the same buffers the kernel's own loads need, while the
+/// L2 keeps many more misses in flight and the line moves from L2 to L1 on demand. Kernels
+/// that compute longer per byte (several row blocks per weight chunk) were as fast or
+/// faster with L1, which hides the L2 latency from their longer dependency chains.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PrefetchTo {
+    L1,
+    L2,
+}
+
 /// Prefetches the byte `PREFETCH_AHEAD / share` further along the stream of W a task reads,
-/// when its kernel is at byte `off` of a column's slice of `len` bytes at `p` and the next
-/// slice this kernel reads starts `stride` bytes after `p` (`share` columns read side by
-/// side share the distance). Prefetches never fault; `wrapping_add` keeps the address
-/// computation defined wherever it points.
+/// into `into`, when its kernel is at byte `off` of a column's slice of `len` bytes at `p`
+/// and the next slice this kernel reads starts `stride` bytes after `p` (`share` columns
+/// read side by side share the distance). Prefetches never fault; `wrapping_add` keeps the
+/// address computation defined wherever it points.
 #[inline(always)]
-pub(crate) fn prefetch_w(p: *const u8, off: usize, len: usize, stride: usize, share: usize) {
+pub(crate) fn prefetch_w(
+    p: *const u8,
+    off: usize,
+    len: usize,
+    stride: usize,
+    share: usize,
+    into: PrefetchTo,
+) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
     let t = off + PREFETCH_AHEAD / share;
     let a = if t < len {
         p.wrapping_add(t)
     } else {
         p.wrapping_add(stride + t - len)
-    };
+    } as *const i8;
     // SAFETY: a prefetch is a hint: it reads nothing the program sees and never faults.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(a as *const i8)
-    };
+        match into {
+            PrefetchTo::L1 => _mm_prefetch::<_MM_HINT_T0>(a),
+            PrefetchTo::L2 => _mm_prefetch::<_MM_HINT_T1>(a),
+        }
+    }
 }
 
 thread_local! {

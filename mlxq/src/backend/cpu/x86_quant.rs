@@ -501,7 +501,15 @@ unsafe fn codes_pass<T: Float, const BITS: usize, const VPG: usize>(
     for v0 in (0..vectors).step_by(4) {
         let live = (vectors - v0).min(4);
         for l in 0..lines {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add((v0 / 4 * lines + l) * 64) as *const i8);
+            let a = ahead.wrapping_add((v0 / 4 * lines + l) * 64) as *const i8;
+            // f32 input (four lines per 64 codes) streams 16–20% faster with its lines
+            // prefetched into L2 on Zen 4, bf16 and f16 input (half the bytes per code) no
+            // faster (docs/perf.md, session 24; `x86_columns::PrefetchTo` says why).
+            if lines >= 4 {
+                _mm_prefetch::<_MM_HINT_T1>(a);
+            } else {
+                _mm_prefetch::<_MM_HINT_T0>(a);
+            }
         }
         let mut ks = [_mm512_setzero_si512(); 4];
         let mut worst = _mm512_setzero_ps();

@@ -33,7 +33,7 @@
 
 use super::qmm::QmmArgs;
 use super::x86::widen16;
-use super::x86_columns::{prefetch_w, run, Columns, Rows, Walk, MAX_COLS, MAX_ROWS};
+use super::x86_columns::{prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS};
 use super::{cast, cast_mut, Variant};
 use crate::dtype::Float;
 use crate::error::{Error, Result};
@@ -723,6 +723,12 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
         nsb: (k / G).div_ceil(SB),
         // SAFETY: this variant is only chosen where `available` holds.
         tables: unsafe { tables::<BITS, G>() },
+        // One block of rows: W streams at the memory's pace (see `PrefetchTo`).
+        prefetch: if m <= ROWS {
+            PrefetchTo::L2
+        } else {
+            PrefetchTo::L1
+        },
         cols: if m == 1 && k <= ONE_COLUMN_K {
             1
         } else {
@@ -744,6 +750,8 @@ struct Kernel<'a, S, const BITS: usize, const G: usize> {
     tables: Tables,
     /// Columns per call: [`Columns::COLS`], or 1 (see [`ONE_COLUMN_K`]).
     cols: usize,
+    /// Where W's prefetches go.
+    prefetch: PrefetchTo,
 }
 
 impl<S: Float, const BITS: usize, const G: usize> Columns for Kernel<'_, S, BITS, G> {
@@ -775,6 +783,7 @@ impl<S: Float, const BITS: usize, const G: usize> Columns for Kernel<'_, S, BITS
             nsb: self.nsb,
             tables: &self.tables,
             row_bytes: self.w.row_bytes,
+            prefetch: self.prefetch,
         };
         for c in 0..count.min(Self::COLS) {
             let Some((packed, scales, biases)) = self.w.row(col + c, g0, g1, BITS) else {
@@ -805,6 +814,8 @@ struct Column<'a, S> {
     tables: &'a Tables,
     /// Bytes from one weight row to the next.
     row_bytes: usize,
+    /// Where W's prefetches go.
+    prefetch: PrefetchTo,
 }
 
 /// `acc[c][r] = Σ over this K slice of x[row0 + r]·ŵ[c]`, for `R` rows and `C` columns
@@ -889,7 +900,7 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
                 let off = jb * bpg;
                 // The next slice of this column's stream is C rows of W on.
                 for l in (0..SB * bpg).step_by(64) {
-                    prefetch_w(pp, off + l, len, C * a.row_bytes, C);
+                    prefetch_w(pp, off + l, len, C * a.row_bytes, C, a.prefetch);
                 }
                 // SAFETY: groups jb..jb + valid of this slice lie in `packed` (checked).
                 codes[c] = unsafe {
