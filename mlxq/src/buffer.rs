@@ -1,9 +1,10 @@
 //! Typed, shaped buffers: memory + dtype + shape + byte offset.
 //!
 //! A [`Buffer`] is a contiguous row-major view into shared storage. The storage is either owned
-//! host memory (8-byte aligned, so every dtype can be viewed in place) or a read-only memory map
-//! of a file (safetensors weights are used where they lie, without a copy). Views share storage
-//! through an `Arc`, so slicing one expert out of an `[E, N, K]` stack costs nothing.
+//! host memory (64-byte aligned: every dtype can be viewed in place, and a cache line of it is
+//! one SIMD load) or a read-only memory map of a file (safetensors weights are used where they
+//! lie, without a copy). Views share storage through an `Arc`, so slicing one expert out of an
+//! `[E, N, K]` stack costs nothing.
 //!
 //! With the `cuda` feature the storage can also be device memory (a plain device allocation);
 //! such a buffer has no host bytes: [`Buffer::to_host`] and [`Buffer::to_device`] copy.
@@ -11,6 +12,7 @@
 //! Invariant, checked by every constructor: `offset + numel·dtype.size() ≤ storage length`,
 //! computed without overflow. Typed access re-checks dtype and alignment and never panics.
 
+use crate::aligned::AlignedBytes;
 use crate::device::Location;
 use crate::dtype::{DType, Element};
 use crate::error::{checked_product, Error, Result};
@@ -18,8 +20,9 @@ use std::sync::Arc;
 
 /// Where the bytes of a buffer live.
 enum Storage {
-    /// Owned host memory; `Vec<u64>` gives 8-byte alignment. `len` is the byte length.
-    Host { words: Vec<u64>, len: usize },
+    /// Owned host memory, 64-byte aligned (so every dtype can be viewed in place, and SIMD
+    /// loads of whole cache lines do not straddle two).
+    Host(AlignedBytes),
     /// A read-only memory map (e.g. of a safetensors file).
     Mapped(Arc<memmap2::Mmap>),
     /// Device memory of a CUDA device.
@@ -31,7 +34,7 @@ impl Storage {
     /// Host bytes; empty for device memory.
     fn bytes(&self) -> &[u8] {
         match self {
-            Storage::Host { words, len } => &bytemuck::cast_slice(words)[..*len],
+            Storage::Host(b) => b.bytes(),
             Storage::Mapped(m) => &m[..],
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => &[],
@@ -82,9 +85,8 @@ impl Buffer {
     /// A zero-filled host buffer.
     pub fn zeros(dtype: DType, shape: &[usize]) -> Result<Buffer> {
         let len = byte_size("Buffer::zeros", dtype, shape)?;
-        let words = vec![0u64; len.div_ceil(8)];
         Ok(Buffer {
-            storage: Arc::new(Storage::Host { words, len }),
+            storage: Arc::new(Storage::Host(AlignedBytes::zeroed("Buffer::zeros", len)?)),
             dtype,
             shape: shape.to_vec(),
             offset: 0,
@@ -400,10 +402,7 @@ impl Buffer {
             reason: "its storage is shared with another view",
         })?;
         match storage {
-            Storage::Host { words, len: total } => {
-                let bytes: &mut [u8] = bytemuck::cast_slice_mut(words);
-                Ok(&mut bytes[..*total][start..start + len])
-            }
+            Storage::Host(b) => Ok(&mut b.bytes_mut()[start..start + len]),
             Storage::Mapped(_) => Err(Error::ReadOnly {
                 op: "Buffer::bytes_mut",
                 param: "buffer",

@@ -25,6 +25,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod aligned;
 pub mod backend;
 pub mod buffer;
 pub mod device;

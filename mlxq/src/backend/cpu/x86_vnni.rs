@@ -35,6 +35,7 @@ use super::qmm::QmmArgs;
 use super::x86::widen16;
 use super::x86_columns::{prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS};
 use super::{cast, cast_mut, Variant};
+use crate::aligned::AlignedBytes;
 use crate::dtype::Float;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -94,12 +95,20 @@ const SEQUENTIAL_SPLIT: usize = 1 << 14;
 /// x prepared for one call, per row and superblock (four groups; a row's groups padded with
 /// zero groups to whole superblocks): `g/16` registers of 64 `hi` bytes then 64 `lo` bytes
 /// (lane `16j + t` of register `i`: element [`slot`]`⁻¹(i, t)` of the superblock's group
-/// `j`), 16 steps (lane `4j + u`: group `j`'s `2^(e−8)`), 4 sums Σx (one per group).
+/// `j`), 16 steps (lane `4j + u`: group `j`'s `2^(e−8)`), 4 sums Σx (one per group). The
+/// split is cache-line aligned, so each of its 64-byte loads reads one line.
 #[derive(Default)]
 struct Prepared {
-    split: Vec<i8>,
+    split: AlignedBytes,
     step: Vec<f32>,
     xsum: Vec<f32>,
+}
+
+impl Prepared {
+    /// The split bytes.
+    fn split(&self) -> &[i8] {
+        bytemuck::cast_slice(self.split.bytes())
+    }
 }
 
 thread_local! {
@@ -148,8 +157,7 @@ fn prepare(x: &[f32], m: usize, k: usize, g: usize, bits: usize, p: &mut Prepare
     let groups = k / g;
     let nsb = groups.div_ceil(SB);
     let sb_bytes = g / 16 * 128;
-    p.split.clear();
-    p.split.resize(m * nsb * sb_bytes, 0);
+    p.split.clear_to_zeroed(m * nsb * sb_bytes);
     p.step.clear();
     p.step.resize(m * nsb * 16, 0.0);
     p.xsum.clear();
@@ -166,8 +174,8 @@ fn prepare(x: &[f32], m: usize, k: usize, g: usize, bits: usize, p: &mut Prepare
     } else {
         1
     };
-    let tasks = p
-        .split
+    let split: &mut [i8] = bytemuck::cast_slice_mut(p.split.bytes_mut());
+    let tasks = split
         .par_chunks_mut(per_task * sb_bytes)
         .zip(p.step.par_chunks_mut(per_task * 16))
         .zip(p.xsum.par_chunks_mut(per_task * SB))
@@ -842,7 +850,7 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
             || a.packed[c].len() < groups * bpg
     }) || !g0.is_multiple_of(SB)
         || g0 + groups > nsb * SB
-        || a.prep.split.len() < rows_end * nsb * nr * 128
+        || a.prep.split().len() < rows_end * nsb * nr * 128
         || a.prep.step.len() < rows_end * nsb * 16
         || a.prep.xsum.len() < rows_end * nsb * SB
         || C > MAX_COLS
@@ -855,7 +863,7 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
     // The bias terms `b·Σx` go straight into the sums.
     let mut vacc = [[zero; R]; C];
     let (split, step, xsum) = (
-        a.prep.split.as_ptr(),
+        a.prep.split().as_ptr(),
         a.prep.step.as_ptr(),
         a.prep.xsum.as_ptr(),
     );
@@ -1015,7 +1023,7 @@ mod tests {
         let (sb, jj) = (j / SB, j % SB);
         let (reg, t) = slot(bits, g, e);
         let at = (sb * (g / 16) + reg) * 128 + 16 * jj + t;
-        let (hi, lo) = (p.split[at], p.split[at + 64]);
+        let (hi, lo) = (p.split()[at], p.split()[at + 64]);
         (256.0 * hi as f64 + lo as f64) * p.step[sb * 16 + 4 * jj] as f64
     }
 
@@ -1205,10 +1213,10 @@ mod tests {
                 for reg in 0..nr {
                     let at = (nr + reg) * 128;
                     for jj in 1..SB {
-                        assert!(p.split[at + 16 * jj..at + 16 * jj + 16]
+                        assert!(p.split()[at + 16 * jj..at + 16 * jj + 16]
                             .iter()
                             .all(|&b| b == 0));
-                        assert!(p.split[at + 64 + 16 * jj..at + 80 + 16 * jj]
+                        assert!(p.split()[at + 64 + 16 * jj..at + 80 + 16 * jj]
                             .iter()
                             .all(|&b| b == 0));
                     }
