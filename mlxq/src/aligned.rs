@@ -9,10 +9,16 @@
 use crate::error::{Error, Result};
 use bytemuck::{Pod, Zeroable};
 
-/// One cache line of bytes; its alignment is the point.
+/// One cache line of bytes; its alignment is the point. Kernels whose scratch is made of
+/// whole lines (GEMM panels, tiles) keep `Vec<Line>`s.
 #[derive(Clone, Copy, Pod, Zeroable)]
 #[repr(C, align(64))]
-struct Line([u8; 64]);
+pub(crate) struct Line(pub [u8; 64]);
+
+impl Line {
+    /// A line of zeros.
+    pub const ZERO: Line = Line([0; 64]);
+}
 
 /// Growable, zero-initialised bytes whose start is 64-byte aligned.
 #[derive(Default)]
@@ -41,7 +47,7 @@ impl AlignedBytes {
     pub fn clear_to_zeroed(&mut self, len: usize) {
         let n = len.div_ceil(64);
         self.lines.clear();
-        self.lines.resize(n, Line([0; 64]));
+        self.lines.resize(n, Line::ZERO);
         self.len = len;
     }
 

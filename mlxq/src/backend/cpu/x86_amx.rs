@@ -221,12 +221,9 @@ mod tile {
     }
 }
 
-/// 64 bytes, cache-line aligned: tile rows.
-#[repr(C, align(64))]
-#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
-struct Line([u8; 64]);
-
-const ZERO: Line = Line([0; 64]);
+// Tile rows are cache lines.
+use crate::aligned::Line;
+const ZERO: Line = Line::ZERO;
 
 /// A task's scratch: decoded W block, the bias steps' W side, the C tiles as stored
 /// between blocks, and the task's scales and biases as f32 `[column][group]`.

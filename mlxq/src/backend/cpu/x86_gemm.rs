@@ -108,11 +108,9 @@ const KC: usize = 128;
 /// Codes decoded per column at a time.
 const CHUNK: usize = 64;
 
-/// 64 bytes on a cache line: panels and output tiles are made of these so that no vector
-/// load of the micro-kernels splits a line.
-#[repr(C, align(64))]
-#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
-struct Line([u8; 64]);
+// Panels and output tiles are made of cache lines so that no vector load of the
+// micro-kernels splits a line.
+use crate::aligned::Line;
 
 /// A task's scratch: panel, f32 output tile, scales and biases (see `TILE`).
 type Tile = (Vec<Line>, Vec<Line>, Vec<f32>, Vec<f32>);
@@ -342,8 +340,8 @@ pub(crate) unsafe fn gemm_t<G: GemmIsa, S: Float, O: Float, const BITS: usize>(
         TILE.with(|tile| {
             let mut tile = tile.borrow_mut();
             let (panel, acc, sv, bv) = &mut *tile;
-            panel.resize((stride * nc).div_ceil(16), Line([0; 64]));
-            acc.resize((m * nc).div_ceil(16), Line([0; 64]));
+            panel.resize((stride * nc).div_ceil(16), Line::ZERO);
+            acc.resize((m * nc).div_ceil(16), Line::ZERO);
             let panel: &mut [f32] = bytemuck::cast_slice_mut(&mut panel[..]);
             let acc: &mut [f32] = bytemuck::cast_slice_mut(&mut acc[..]);
             sv.resize(groups * nc, 0.0);
@@ -763,8 +761,8 @@ fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()>
         TILE.with(|tile| {
             let mut tile = tile.borrow_mut();
             let (panel, acc, sv, bv) = &mut *tile;
-            panel.resize(KC / 4 * CB, Line([0; 64]));
-            acc.resize(m * CB, Line([0; 64]));
+            panel.resize(KC / 4 * CB, Line::ZERO);
+            acc.resize(m * CB, Line::ZERO);
             let acc: &mut [f32] = bytemuck::cast_slice_mut(&mut acc[..]);
             sv.resize(groups * NC, 0.0);
             bv.resize(groups * NC, 0.0);
