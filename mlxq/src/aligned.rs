@@ -28,6 +28,14 @@ pub(crate) struct AlignedBytes {
 }
 
 impl AlignedBytes {
+    /// No bytes (no allocation).
+    pub const fn new() -> AlignedBytes {
+        AlignedBytes {
+            lines: Vec::new(),
+            len: 0,
+        }
+    }
+
     /// `len` zero bytes, or `SizeOverflow` (naming `op`) where no allocation can be that
     /// large. Large buffers come from the allocator's zeroed pages (`calloc`-like), so
     /// untouched pages cost nothing until written, as with `vec![0u8; len]`; running out of
@@ -49,6 +57,20 @@ impl AlignedBytes {
         self.lines.clear();
         self.lines.resize(n, Line::ZERO);
         self.len = len;
+    }
+
+    /// Makes this `n` zero `T`s (reusing the allocation) and returns them.
+    pub fn clear_to_zeroed_elems<T: Pod>(&mut self, n: usize) -> &mut [T] {
+        self.clear_to_zeroed(n.saturating_mul(std::mem::size_of::<T>()));
+        bytemuck::try_cast_slice_mut(self.bytes_mut()).unwrap_or_default()
+    }
+
+    /// The bytes as `T`s (as many whole ones as there are; none if misaligned for `T`, which
+    /// a 64-byte aligned start never is).
+    pub fn elems<T: Pod>(&self) -> &[T] {
+        let b = self.bytes();
+        bytemuck::try_cast_slice(&b[..b.len() - b.len() % std::mem::size_of::<T>().max(1)])
+            .unwrap_or_default()
     }
 
     /// The bytes.
@@ -86,6 +108,11 @@ mod tests {
             assert_eq!(b.bytes().len(), len / 2 + 1);
             assert!(b.bytes().iter().all(|&v| v == 0));
             assert_eq!(b.bytes_mut().as_ptr() as usize % 64, 0);
+            let f = b.clear_to_zeroed_elems::<f32>(len + 3);
+            assert_eq!(f.len(), len + 3);
+            f.iter_mut().for_each(|v| *v = 1.5);
+            assert_eq!(b.elems::<f32>().len(), len + 3);
+            assert!(b.elems::<f32>().iter().all(|&v| v == 1.5));
         }
     }
 }

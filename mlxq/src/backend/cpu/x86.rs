@@ -24,6 +24,7 @@
 use super::qmm::QmmArgs;
 use super::x86_columns::{prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS};
 use super::{cast, cast_mut};
+use crate::aligned::AlignedBytes;
 use crate::dtype::Float;
 use crate::error::Result;
 use std::arch::x86_64::*;
@@ -105,7 +106,7 @@ pub(crate) fn mask16(n: usize) -> __mmask16 {
 
 thread_local! {
     /// Per-thread scratch for the permuted x and its group sums, reused across calls.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: RefCell<(AlignedBytes, Vec<f32>)> = const { RefCell::new((AlignedBytes::new(), Vec::new())) };
 }
 
 /// Position, within its 32-element chunk, that element `i` of x moves to for `BITS`.
@@ -262,9 +263,9 @@ fn qmv_t_on<I: Isa, S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
     // call on this thread (gather_qmm runs experts concurrently) finds it empty and allocates
     // its own, instead of finding it borrowed.
     let (mut xp, mut xsum) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    xp.clear();
-    xp.resize(m * k, 0.0);
-    for (src, dst) in a.x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
+    // Cache-line aligned: each row's chunks are read as whole lines.
+    let xpv = xp.clear_to_zeroed_elems::<f32>(m * k);
+    for (src, dst) in a.x.chunks_exact(32).zip(xpv.chunks_exact_mut(32)) {
         for (i, &v) in src.iter().enumerate() {
             dst[permuted(BITS, i)] = v;
         }
@@ -273,7 +274,7 @@ fn qmv_t_on<I: Isa, S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
     xsum.extend(a.x.chunks_exact(g).map(|c| c.iter().sum::<f32>()));
     let kernel = Kernel::<I, S, BITS> {
         w: Rows::new(&w, scales, biases),
-        xp: &xp,
+        xp: xp.elems(),
         xsum: &xsum,
         k,
         isa: std::marker::PhantomData,

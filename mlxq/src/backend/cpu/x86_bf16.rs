@@ -19,6 +19,7 @@
 use super::qmm::QmmArgs;
 use super::x86_columns::{prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS};
 use super::{cast, cast_mut, Variant};
+use crate::aligned::AlignedBytes;
 use crate::dtype::Float;
 use crate::error::Result;
 use half::bf16;
@@ -57,7 +58,7 @@ const X_BLOCK_BYTES: usize = 16 << 10;
 
 thread_local! {
     /// Per-thread scratch: x as permuted bf16 and its group sums; reused across calls.
-    static SCRATCH: RefCell<(Vec<bf16>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: RefCell<(AlignedBytes, Vec<f32>)> = const { RefCell::new((AlignedBytes::new(), Vec::new())) };
 }
 
 /// Position within its 32-element chunk that element `i` moves to for `BITS` (4-bit lanes
@@ -164,9 +165,9 @@ pub(crate) fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
     // call on this thread (gather_qmm runs experts concurrently) finds it empty and allocates
     // its own, instead of finding it borrowed.
     let (mut xp, mut xsum) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    xp.clear();
-    xp.resize(m * k, bf16::ZERO);
-    for (src, dst) in a.x.chunks_exact(32).zip(xp.chunks_exact_mut(32)) {
+    // Cache-line aligned: each row's chunks are read as whole lines.
+    let xpv = xp.clear_to_zeroed_elems::<bf16>(m * k);
+    for (src, dst) in a.x.chunks_exact(32).zip(xpv.chunks_exact_mut(32)) {
         for (i, &v) in src.iter().enumerate() {
             // Exact: x came from bf16.
             dst[permuted(BITS, i)] = bf16::from_f32(v);
@@ -176,7 +177,7 @@ pub(crate) fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
     xsum.extend(a.x.chunks_exact(g).map(|c| c.iter().sum::<f32>()));
     let kernel = Kernel::<S, BITS> {
         w: Rows::new(&w, scales, biases),
-        xp: &xp,
+        xp: xp.elems(),
         xsum: &xsum,
         k,
         // SAFETY: this variant is only chosen where `available` holds.
