@@ -6,6 +6,9 @@
 //! such a buffer splits. On Zen 4 that made the decode kernel's core loop ~1.5× slower
 //! (docs/perf.md, session 24). Host buffers and the kernels' scratch use this instead.
 
+// The scratch helpers serve the x86 kernels; other targets use the host storage alone.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
 use crate::error::{Error, Result};
 use bytemuck::{Pod, Zeroable};
 
