@@ -605,9 +605,9 @@ fn check_transposed(enc: &mut CommandEncoder, x: &Buffer, w: &QuantizedWeight, w
 
 /// One row of x on both sides of the decode's switch between one weight row per step (K up to
 /// 8192) and two side by side (longer K), with an odd N so the two-column walk ends on one
-/// column: every variant, a few widths and groups, bf16 and f32 outputs. K = 832 (13 groups of
-/// 64, 26 of 32) ends a row on an odd superblock and a partial one, after the pairs of
-/// superblocks `avx512vnni` takes together at M = 1.
+/// column: every variant, a few widths and groups, bf16 and f32 outputs. K = 896 (14 groups of
+/// 64, 28 of 32) ends a row on an odd full superblock and then a partial one (groups of 64),
+/// after the pairs of superblocks `avx512vnni` takes together at M = 1.
 #[test]
 fn one_row_short_and_long_k_every_variant() {
     let mut rng = StdRng::seed_from_u64(321);
@@ -621,7 +621,7 @@ fn one_row_short_and_long_k_every_variant() {
             let spec = QuantSpec::affine(bits, g).unwrap();
             // 8192 is the longest one-column K; 8448 = 66 × 128 the shortest two-column one
             // that every group size divides.
-            for k in [832usize, 4096, 8192, 8448] {
+            for k in [896usize, 4096, 8192, 8448] {
                 let n = 37;
                 let x = Buffer::from_f32(&randn(&mut rng, k), DType::BF16, &[1, k]).unwrap();
                 for sdt in [DType::BF16, DType::F32] {
