@@ -27,7 +27,8 @@ pub(crate) const MAX_COLS: usize = 2;
 /// kernel computes (measured in docs/perf.md: M = 1 4-bit from 4.9 to 8.7 GB/s on one core).
 pub(crate) const PREFETCH_AHEAD: usize = 4096;
 
-/// Where a prefetch puts its line: [`PrefetchTo::L1`] (`prefetcht0`) or [`PrefetchTo::L2`] (`prefetcht1`).
+/// Where a prefetch puts its line: [`PrefetchTo::L1`] (`prefetcht0`) or [`PrefetchTo::L2`]
+/// (`prefetcht1`).
 ///
 /// On Zen 4 (docs/perf.md, session 24) a decode of one row block (M ≤ 4) reads W 10–27%
 /// faster with its prefetches into L2: a `prefetcht0` holds one of the core's few L1 miss
@@ -55,18 +56,27 @@ pub(crate) fn prefetch_w(
     share: usize,
     into: PrefetchTo,
 ) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
     let t = off + PREFETCH_AHEAD / share;
     let a = if t < len {
         p.wrapping_add(t)
     } else {
         p.wrapping_add(stride + t - len)
-    } as *const i8;
-    // SAFETY: a prefetch is a hint: it reads nothing the program sees and never faults.
-    unsafe {
-        match into {
-            PrefetchTo::L1 => _mm_prefetch::<_MM_HINT_T0>(a),
-            PrefetchTo::L2 => _mm_prefetch::<_MM_HINT_T1>(a),
+    };
+    into.prefetch(a);
+}
+
+impl PrefetchTo {
+    /// Prefetches the line holding `a` into this cache level. A prefetch is a hint: it reads
+    /// nothing the program sees and never faults, wherever `a` points.
+    #[inline(always)]
+    pub(crate) fn prefetch(self, a: *const u8) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+        // SAFETY: see above.
+        unsafe {
+            match self {
+                PrefetchTo::L1 => _mm_prefetch::<_MM_HINT_T0>(a as *const i8),
+                PrefetchTo::L2 => _mm_prefetch::<_MM_HINT_T1>(a as *const i8),
+            }
         }
     }
 }

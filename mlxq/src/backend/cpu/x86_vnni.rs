@@ -107,7 +107,7 @@ struct Prepared {
 impl Prepared {
     /// The split bytes.
     fn split(&self) -> &[i8] {
-        bytemuck::cast_slice(self.split.bytes())
+        self.split.elems()
     }
 }
 
@@ -157,7 +157,6 @@ fn prepare(x: &[f32], m: usize, k: usize, g: usize, bits: usize, p: &mut Prepare
     let groups = k / g;
     let nsb = groups.div_ceil(SB);
     let sb_bytes = g / 16 * 128;
-    p.split.clear_to_zeroed(m * nsb * sb_bytes);
     p.step.clear();
     p.step.resize(m * nsb * 16, 0.0);
     p.xsum.clear();
@@ -174,7 +173,7 @@ fn prepare(x: &[f32], m: usize, k: usize, g: usize, bits: usize, p: &mut Prepare
     } else {
         1
     };
-    let split: &mut [i8] = bytemuck::cast_slice_mut(p.split.bytes_mut());
+    let split = p.split.clear_to_zeroed_elems::<i8>(m * nsb * sb_bytes);
     let tasks = split
         .par_chunks_mut(per_task * sb_bytes)
         .zip(p.step.par_chunks_mut(per_task * 16))
@@ -871,6 +870,13 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
     );
     // Lane 4j + u of a superblock's factors: group j's (of the current four).
     let spread4 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    // Superblock q's scales (of a block of 16 groups' `s16`) spread to those lanes.
+    let spread = |s16: __m512, q: usize| {
+        _mm512_permutexvar_ps(
+            _mm512_add_epi32(spread4, _mm512_set1_epi32(4 * q as i32)),
+            s16,
+        )
+    };
     // `vpshufb` indices (within each 128-bit lane) moving every dword's bytes up by one, the
     // top one out and a zero in: a left shift by 8, exact here as `|h|·256 < 2^31` (h sums
     // at most 32 products `q·hi`, each below 2^15). Opaque to the compiler, which would
@@ -912,10 +918,7 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
                 for l in (0..2 * SB * bpg).step_by(64) {
                     prefetch_w(pp, off + l, len, a.row_bytes, 1, a.prefetch);
                 }
-                let sv = [0, 1].map(|u| {
-                    let idx = _mm512_add_epi32(spread4, _mm512_set1_epi32(4 * (q + u) as i32));
-                    _mm512_permutexvar_ps(idx, s16[0])
-                });
+                let sv = [spread(s16[0], q), spread(s16[0], q + 1)];
                 // SAFETY: groups jb..jb + 2·SB lie in this slice (the condition above), and
                 // superblocks sbi, sbi + 1 of row row0 in `split` and `step` (checked above).
                 unsafe {
@@ -935,11 +938,10 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
             let jb = j0 + q * SB;
             let valid = (groups - jb).min(SB);
             let sbi = (g0 + jb) / SB;
-            let idx = _mm512_add_epi32(spread4, _mm512_set1_epi32(4 * q as i32));
             let mut sv = [zero; C];
             let mut codes = [[_mm512_setzero_si512(); 8]; C];
             for c in 0..C {
-                sv[c] = _mm512_permutexvar_ps(idx, s16[c]);
+                sv[c] = spread(s16[c], q);
                 let pp = a.packed[c].as_ptr();
                 let off = jb * bpg;
                 // The next slice of this column's stream is C rows of W on.
@@ -1033,7 +1035,9 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
             q += 1;
         }
     }
-    vacc[0][0] = _mm512_add_ps(vacc[0][0], _mm512_add_ps(vacc2[0], vacc2[1]));
+    if R == 1 && C == 1 {
+        vacc[0][0] = _mm512_add_ps(vacc[0][0], _mm512_add_ps(vacc2[0], vacc2[1]));
+    }
     for c in 0..C {
         for r in 0..R {
             acc[c][r] = _mm512_reduce_add_ps(vacc[c][r]);
