@@ -3,7 +3,8 @@
 //! group, rows long enough to be cut into K blocks at 5 or more rows (29 groups), odd N (the
 //! one-column path beside the two-column one) and M = 1..17: blocks of 1 to 4 rows (the
 //! split dot-product chains of 1 and 2 rows, the joined ones of 3 and 4), several blocks
-//! with a partial last one, and both sides of the GEMM's hand-over (`avx512gemm`, 17 rows).
+//! with a partial last one, and both sides of the GEMMs' hand-overs (`avx512gemm`, 17 rows;
+//! `avx2gemm`, 17 rows where `avx2i16` applies).
 //!
 //! The data are integers, so the check is exact equality with an oracle computed from the raw
 //! codes alone (no dequantization): random codes, scales 1, biases −1, sparse x in {−2..2},
@@ -18,7 +19,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// Rows of x: every count up to 9 (blocks of 4 rows, whole and partial), then counts past
-/// two blocks, and both sides of the GEMM's hand-over (`avx512gemm`: 17 rows).
+/// two blocks, and both sides of the GEMMs' hand-overs (`avx512gemm`: 17 rows; `avx2gemm`: 17
+/// where `avx2i16` applies).
 const MS: [usize; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 16, 17];
 
 #[test]
@@ -30,6 +32,8 @@ fn decode_kernels_exact_on_integer_data_every_width_and_superblock_path() {
         "avx512gemm",
         "avx512bf16",
         "avx512",
+        "avx2gemm",
+        "avx2i16",
         "avx2",
         "neon",
         "generic",

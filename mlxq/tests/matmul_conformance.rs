@@ -61,14 +61,14 @@ fn exact_variants() -> impl Iterator<Item = &'static &'static str> {
 #[test]
 fn matmul_sweep_bits_groups_dtypes_transposes_and_odd_shapes() {
     for variant in exact_variants() {
-        // The blocked GEMMs take over from 8 rows (17 where `avx512vnni` applies; 6 on
-        // AVX2; `amx` from 16 or 32, below which `avx512gemm` runs): rows around their 8-
-        // (6-) row tiles, around the hand-over and past whole tiles; fewer rows run the
-        // kernels handed to, under their name.
+        // The blocked GEMMs take over from 8 rows (17 where `avx512vnni` applies; on AVX2, 17
+        // where `avx2i16` applies, else 6; `amx` from 16 or 32, below which `avx512gemm`
+        // runs): rows around their 8- (6-) row tiles, around the hand-over and past whole
+        // tiles; fewer rows run the kernels handed to, under their name.
         let ms: &[usize] = if *variant == "avx512gemm" || *variant == "amx" {
             &[1, 8, 9, 16, 17, 33, 128, 130]
         } else if *variant == "avx2gemm" {
-            &[1, 5, 6, 7, 12, 13, 33, 130]
+            &[1, 5, 6, 7, 16, 17, 33, 130]
         } else {
             &[1, 2, 7, 16, 33]
         };
@@ -121,9 +121,9 @@ fn sweep(variant: &'static str, ms: &[usize]) {
                             let want = matmul_f64(&x_f64(&x), m, &wd, rows, cols, transpose);
                             let err = max_rel_err(&got_f64(&y), &want);
                             let ran = enc.last_kernel().unwrap().to_owned();
-                            // The GEMMs hand calls of fewer than 8 (17 with VNNI; 6 on AVX2)
-                            // rows to a decode kernel, and the encoder records the kernel that
-                            // ran.
+                            // The GEMMs hand calls of fewer than 8 (17 with VNNI; on AVX2, 17
+                            // to `avx2i16`, else 6) rows to a decode kernel, and the encoder
+                            // records the kernel that ran.
                             let handed_down = (expect == "avx512gemm"
                                 && m < 17
                                 && ["avx512vnni", "avx512bf16", "avx512"]
@@ -134,7 +134,8 @@ fn sweep(variant: &'static str, ms: &[usize]) {
                                     && ["avx512vnni", "avx512bf16", "avx512", "avx512gemm"]
                                         .iter()
                                         .any(|v| ran.ends_with(&format!("_{v}"))))
-                                || (expect == "avx2gemm" && m < 6 && ran.ends_with("_avx2"));
+                                || (expect == "avx2gemm" && m < 6 && ran.ends_with("_avx2"))
+                                || (expect == "avx2gemm" && m < 17 && ran.ends_with("_avx2i16"));
                             assert!(
                                 ran.ends_with(expect) || handed_down,
                                 "{ran} ran, expected the {expect} variant"

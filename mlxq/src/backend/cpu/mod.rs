@@ -18,6 +18,8 @@ pub(crate) mod x86_amx;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_avx2_int;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx2_quant;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_bf16;
@@ -252,6 +254,8 @@ const TABLE: &[Variant] = &[
     #[cfg(target_arch = "x86_64")]
     x86_avx2::QMM_T_GEMM_AVX2,
     #[cfg(target_arch = "x86_64")]
+    x86_avx2_int::QMM_T_AVX2_INT,
+    #[cfg(target_arch = "x86_64")]
     x86::QMV_T_AVX2,
     #[cfg(target_arch = "aarch64")]
     arm_neon::QMV_T,
@@ -266,6 +270,7 @@ pub const VARIANTS: &[&str] = &[
     "avx512bf16",
     "avx512",
     "avx2gemm",
+    "avx2i16",
     "avx2",
     "neon",
     "generic",

@@ -48,8 +48,9 @@ pub(crate) unsafe fn widen8<S: crate::dtype::Element>(p: *const S) -> __m256 {
     }
 }
 
-/// The variant: `quantized_matmul`, transpose, every affine width, any x dtype; fewer than
-/// [`MIN_M`] rows run the `avx2` decode kernel.
+/// The variant: `quantized_matmul`, transpose, every affine width, any x dtype; fewer rows
+/// than its hand-off run a decode kernel: `avx2i16` where it applies (bf16/f16 x and output,
+/// below [`MIN_M_INT`] rows), else `avx2` (below [`MIN_M`]).
 pub(crate) const QMM_T_GEMM_AVX2: Variant = Variant {
     name: "avx2gemm",
     supports: |k| {
@@ -58,20 +59,40 @@ pub(crate) const QMM_T_GEMM_AVX2: Variant = Variant {
             && k.flag
             && available()
     },
-    decode: Some(|_| vec![(MIN_M, super::x86::QMV_T_AVX2.name)]),
+    decode: Some(|k| vec![handoff(k)]),
     build: |k| {
+        let int = (super::x86_avx2_int::QMM_T_AVX2_INT.supports)(k);
         crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
-            Some(KernelFn::Qmm(dispatch_bits!(k.bits, B =>
-                qmm_t::<S, O, B> as super::qmm::QmmFn, _ => return None)))
+            Some(KernelFn::Qmm(dispatch_bits!(k.bits, B => if int {
+                qmm_t::<S, O, B, true> as super::qmm::QmmFn
+            } else {
+                qmm_t::<S, O, B, false> as super::qmm::QmmFn
+            }, _ => return None)))
         }, _ => None), _ => None)
     },
 };
 
 /// Rows of x from which the GEMM beats the `avx2` decode kernel.
 pub(crate) const MIN_M: usize = 6;
+/// Rows of x from which the GEMM takes over from the `avx2i16` decode kernel (which was the
+/// faster up to 20 rows on Zen 3, 4096², and 1.5× slower at 24: docs/perf.md, session 25).
+pub(crate) const MIN_M_INT: usize = 17;
 
-fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
-    if a.m < MIN_M {
+/// Below how many rows the GEMM hands `k`'s calls to which decode kernel.
+fn handoff(k: &crate::registry::KernelKey) -> (usize, &'static str) {
+    if (super::x86_avx2_int::QMM_T_AVX2_INT.supports)(k) {
+        (MIN_M_INT, super::x86_avx2_int::QMM_T_AVX2_INT.name)
+    } else {
+        (MIN_M, super::x86::QMV_T_AVX2.name)
+    }
+}
+
+/// The GEMM, or for few rows the decode kernel [`handoff`] names (`INT`: `avx2i16`).
+fn qmm_t<S: Float, O: Float, const BITS: usize, const INT: bool>(a: QmmArgs<'_>) -> Result<()> {
+    if INT && a.m < MIN_M_INT {
+        return super::x86_avx2_int::qmm_t::<S, O, BITS>(a);
+    }
+    if !INT && a.m < MIN_M {
         return super::x86::qmv_t_avx2::<S, O, BITS>(a);
     }
     // SAFETY: this variant is only chosen where `available()` holds.

@@ -48,14 +48,7 @@ use std::cell::RefCell;
 /// when a group's x spans more than 2^7; those keys go to the float kernels.
 pub(crate) const QMM_T_VNNI: Variant = Variant {
     name: "avx512vnni",
-    supports: |k| {
-        k.mode == crate::QuantMode::Affine
-            && k.op == crate::registry::OpKind::QuantizedMatmul
-            && k.flag
-            && matches!(k.input, crate::DType::BF16 | crate::DType::F16)
-            && matches!(k.output, crate::DType::BF16 | crate::DType::F16)
-            && available()
-    },
+    supports: |k| grid_key(k) && available(),
     decode: None,
     build: |k| {
         use crate::quant::pack::dispatch_bits;
@@ -64,6 +57,16 @@ pub(crate) const QMM_T_VNNI: Variant = Variant {
         }, _ => None), _ => None)
     },
 };
+
+/// The keys an x split on a per-group power-of-two grid serves (this kernel's, and
+/// `avx2i16`'s): `quantized_matmul`, transpose, affine, bf16 or f16 x and output.
+pub(crate) fn grid_key(k: &crate::registry::KernelKey) -> bool {
+    k.mode == crate::QuantMode::Affine
+        && k.op == crate::registry::OpKind::QuantizedMatmul
+        && k.flag
+        && matches!(k.input, crate::DType::BF16 | crate::DType::F16)
+        && matches!(k.output, crate::DType::BF16 | crate::DType::F16)
+}
 
 /// Whether this CPU can run the kernels of this module.
 pub(crate) fn available() -> bool {
@@ -356,8 +359,8 @@ unsafe fn split_group_avx512(
     }
 }
 
-/// The smallest `e` with `max ≤ 127·2^e` (0 for `max = 0`).
-fn grid_exponent(max: f32) -> i32 {
+/// The smallest `e` with `max ≤ 127·2^e` (0 for `max = 0`); `avx2i16`'s grid too.
+pub(crate) fn grid_exponent(max: f32) -> i32 {
     if max <= 0.0 {
         return 0;
     }
@@ -376,13 +379,13 @@ fn grid_exponent(max: f32) -> i32 {
 
 /// 2^e, exactly, for |e| < 1000.
 #[inline(always)]
-fn pow2(e: i32) -> f64 {
+pub(crate) fn pow2(e: i32) -> f64 {
     f64::from_bits(((e + 1023) as u64) << 52)
 }
 
 /// Round half to even for |v| < 2^51, without a libm call.
 #[inline(always)]
-fn round(v: f64) -> f64 {
+pub(crate) fn round(v: f64) -> f64 {
     const MAGIC: f64 = 6755399441055744.0; // 1.5·2^52
     (v + MAGIC) - MAGIC
 }
