@@ -103,14 +103,16 @@ thread_local! {
 }
 
 /// Rounds x (`m × k`, groups of `g`) onto its groups' grids into `p`.
-fn prepare(x: &[f32], m: usize, k: usize, g: usize, bits: usize, p: &mut Prepared) {
-    let (groups, kp, ch) = (k / g, padded(k), chunk(bits));
+fn prepare<const BITS: usize>(x: &[f32], m: usize, k: usize, g: usize, p: &mut Prepared) {
+    let (groups, kp) = (k / g, padded(k));
+    let ch = const { chunk(BITS) };
     p.step.clear();
     p.step.resize(m * groups, 0.0);
     p.xsum.clear();
     p.xsum.resize(m * groups, 0.0);
     let xq = p.x.clear_to_zeroed_elems::<i16>(m * kp);
     let min_len = if m * k <= SEQUENTIAL { usize::MAX } else { 1 };
+    let fast = available() && g <= 128;
     xq.par_chunks_mut(kp)
         .zip(x.par_chunks(k))
         .zip(
@@ -120,29 +122,90 @@ fn prepare(x: &[f32], m: usize, k: usize, g: usize, bits: usize, p: &mut Prepare
         )
         .with_min_len(min_len)
         .for_each(|((out, xr), (step, xsum))| {
+            let mut tmp = [0i16; 128];
             for (j, xg) in xr.chunks_exact(g).enumerate() {
-                let (e, sum) = grid(xg);
-                (step[j], xsum[j]) = (pow2(e - 8) as f32, sum);
-                let inv = pow2(8 - e);
-                for (i, &v) in xg.iter().enumerate() {
+                let t = &mut tmp[..g.min(128)];
+                (step[j], xsum[j]) = if fast {
+                    // SAFETY: `available()` holds.
+                    unsafe { grid_group_avx2(xg, t) }
+                } else {
+                    grid_group(xg, t)
+                };
+                for (i, &v) in t.iter().enumerate() {
                     let at = j * g + i;
-                    // f64: the product by a power of two is exact whatever e is; |X| ≤ 32512.
-                    // Non-finite elements become 0 on the grid; they still reach the output
-                    // through Σx in the bias term, as NaN or ∞.
-                    let v = if v.is_finite() { v as f64 } else { 0.0 };
-                    out[at / ch * ch + permuted(bits, at % ch)] = round(v * inv) as i16;
+                    out[at / ch * ch + permuted(BITS, at % ch)] = v;
                 }
             }
         });
 }
 
-/// A group's grid exponent `e` (of its largest finite magnitude) and Σx.
-fn grid(xg: &[f32]) -> (i32, f32) {
+/// One group's X (in element order), step `2^(e−8)` and Σx: the definition of the grid.
+/// Non-finite elements become 0 on the grid; they still reach the output through Σx in the
+/// bias term, as NaN or ∞.
+fn grid_group(xg: &[f32], out: &mut [i16]) -> (f32, f32) {
     let max = xg
         .iter()
         .filter(|v| v.is_finite())
         .fold(0f32, |a, v| a.max(v.abs()));
-    (grid_exponent(max), xg.iter().sum())
+    let e = grid_exponent(max);
+    let inv = pow2(8 - e);
+    for (o, &v) in out.iter_mut().zip(xg) {
+        // f64: the product by a power of two is exact whatever e is; |X| ≤ 32512.
+        let v = if v.is_finite() { v as f64 } else { 0.0 };
+        *o = round(v * inv) as i16;
+    }
+    (pow2(e - 8) as f32, xg.iter().sum())
+}
+
+/// [`grid_group`] with AVX2, bit for bit the same X and step (Σx may differ in its last bits:
+/// another summation order). f32 suffices where `2^(8−e)` is a normal f32 (|e| ≤ 100): the
+/// product is then exact, or so small that it rounds to 0 either way; other groups (and
+/// lengths that are not a multiple of 16) take [`grid_group`].
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn grid_group_avx2(xg: &[f32], out: &mut [i16]) -> (f32, f32) {
+    let g = xg.len();
+    if !g.is_multiple_of(16) || out.len() < g {
+        return grid_group(xg, out);
+    }
+    let p = xg.as_ptr();
+    let (inf, sign) = (_mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(-0.0));
+    // Finite elements of the 8 at `at` (the others 0).
+    let finite = |at: usize| {
+        // SAFETY: at + 8 ≤ g elements of `xg`.
+        let v = unsafe { _mm256_loadu_ps(p.add(at)) };
+        let keep = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_andnot_ps(sign, v), inf);
+        (v, _mm256_and_ps(v, keep))
+    };
+    let (mut sum, mut max) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for at in (0..g).step_by(8) {
+        let (v, f) = finite(at);
+        sum = _mm256_add_ps(sum, v);
+        max = _mm256_max_ps(max, _mm256_andnot_ps(sign, f));
+    }
+    let lanes = |v: __m256| -> [f32; 8] {
+        // SAFETY: `__m256` and `[f32; 8]` have the same size, and every bit pattern is valid.
+        unsafe { std::mem::transmute(v) }
+    };
+    let xsum: f32 = lanes(sum).iter().sum();
+    let e = grid_exponent(lanes(max).iter().fold(0f32, |a, &b| a.max(b)));
+    if e.abs() > 100 {
+        let (step, _) = grid_group(xg, out);
+        return (step, xsum);
+    }
+    let inv = _mm256_set1_ps(pow2(8 - e) as f32);
+    for at in (0..g).step_by(16) {
+        // Round to nearest, ties to even (MXCSR's default, which Rust never changes).
+        let a = _mm256_cvtps_epi32(_mm256_mul_ps(finite(at).1, inv));
+        let b = _mm256_cvtps_epi32(_mm256_mul_ps(finite(at + 8).1, inv));
+        // `packs` interleaves the lanes: [a0 b0 | a1 b1] → [a0 a1 b0 b1]; |X| ≤ 32512.
+        let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, b));
+        // SAFETY: at + 16 ≤ g ≤ out.len().
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(at) as *mut __m256i, w) };
+    }
+    (pow2(e - 8) as f32, xsum)
 }
 
 /// The kernel.
@@ -183,7 +246,7 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
     let per = (chunk(BITS) / G).max(1);
     walk.block_groups = walk.block_groups.div_ceil(per) * per;
     let mut prep = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    prepare(a.x, m, k, G, BITS, &mut prep);
+    prepare::<BITS>(a.x, m, k, G, &mut prep);
     let kernel = Kernel::<S, BITS, G> {
         w: Rows::new(&w, scales, biases),
         x: prep.x.elems(),
@@ -496,6 +559,49 @@ mod tests {
         }
     }
 
+    /// The AVX2 grid is the definition's, bit for bit (X and step), over magnitudes from
+    /// subnormal to near f32's largest (both sides of the |e| ≤ 100 switch) and non-finite
+    /// elements; Σx agrees to f32 summation-order error (or both overflow).
+    #[test]
+    fn fast_grid_matches_the_definition() {
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX2, FMA or F16C");
+            return;
+        }
+        let mut next = uniform(0x0123_4567_89ab_cdef);
+        for g in [32usize, 64, 128] {
+            for case in 0..400 {
+                let decade = case % 80 - 44;
+                let xg: Vec<f32> = (0..g)
+                    .map(|i| {
+                        let v = ((next() - 0.5) * 10f64.powf(next() * 4.0 + decade as f64)) as f32;
+                        match (case % 7, i % 9) {
+                            (0, 3) => f32::NAN,
+                            (1, 5) => f32::NEG_INFINITY,
+                            (2, _) => half::bf16::from_f32(v).to_f32(),
+                            (3, _) if i % 2 == 0 => 0.0,
+                            _ => v,
+                        }
+                    })
+                    .collect();
+                let (mut want, mut got) = (vec![0i16; g], vec![0i16; g]);
+                let (s1, x1) = grid_group(&xg, &mut want);
+                // SAFETY: `available()` holds.
+                let (s2, x2) = unsafe { grid_group_avx2(&xg, &mut got) };
+                assert_eq!(want, got, "case {case} g {g}");
+                assert_eq!(s1.to_bits(), s2.to_bits(), "case {case}: step");
+                let scale: f32 = xg.iter().filter(|v| v.is_finite()).map(|v| v.abs()).sum();
+                // A sum that overflows may end as ∞ in one order and NaN (∞ − ∞) in another.
+                assert!(
+                    x1 == x2
+                        || (!x1.is_finite() && !x2.is_finite())
+                        || (x1 - x2).abs() <= scale * 1e-5,
+                    "case {case}: Σx {x1} vs {x2}"
+                );
+            }
+        }
+    }
+
     /// The grid's error bound, its exactness for bf16 values within a factor 127 of the
     /// group's largest, |X| ≤ 32512, and X equal to `avx512vnni`'s `256·hi + lo`, over groups
     /// whose values span six decades, ties, maxima at the grid's edges, extreme magnitudes
@@ -525,7 +631,7 @@ mod tests {
                     })
                     .collect();
                 let mut p = Prepared::default();
-                prepare(&x, 1, k, g, bits, &mut p);
+                dispatch_bits!(bits, B => prepare::<B>(&x, 1, k, g, &mut p), _ => unreachable!());
                 let xq: &[i16] = p.x.elems();
                 let ch = chunk(bits);
                 for (j, xg) in x.chunks_exact(g).enumerate() {
