@@ -22,6 +22,8 @@ pub(crate) mod x86_avx2_int;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx2_quant;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_avx2_qvm;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_bf16;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_columns;

@@ -44,7 +44,8 @@ pub(crate) const QMV_T: super::Variant = super::Variant {
 };
 
 /// The AVX2 variant (CPUs without the AVX-512 kernels): the decode kernel for
-/// `quantized_matmul` with transpose, every width; quantize in groups of 32, 64 and 128
+/// `quantized_matmul` with transpose, every width; `quantized_matmul` without transpose
+/// ([`x86_avx2_qvm`](super::x86_avx2_qvm)); quantize in groups of 32, 64 and 128
 /// ([`x86_avx2_quant`](super::x86_avx2_quant)); the portable kernels of every other op
 /// compiled for AVX2 and FMA ([`Avx2Fma`](super::Avx2Fma)).
 pub(crate) const QMV_T_AVX2: super::Variant = super::Variant {
@@ -54,6 +55,8 @@ pub(crate) const QMV_T_AVX2: super::Variant = super::Variant {
     build: |k| {
         if k.op == crate::registry::OpKind::QuantizedMatmul && k.flag {
             super::qmm::avx2(k.scales, k.output, k.bits).map(super::KernelFn::Qmm)
+        } else if k.op == crate::registry::OpKind::QuantizedMatmul {
+            super::x86_avx2_qvm::kernel(k.scales, k.output, k.bits).map(super::KernelFn::Qmm)
         } else if k.op == crate::registry::OpKind::Quantize
             && super::x86_avx2_quant::supports_group(k.group_size as usize)
         {

@@ -32,6 +32,10 @@
 //!
 //! Accumulation is f32 throughout; results equal the generic kernel's up to summation order
 //! and the single rounding of `s·q + b`.
+//!
+//! The driver ([`qmv_n`]: checks, x's transposition, the tasks, the column blocks and the
+//! output's un-permutation) is shared with the AVX2 kernel
+//! ([`x86_avx2_qvm`](super::x86_avx2_qvm)) through [`QvmIsa`].
 
 use super::qmm::QmmArgs;
 use super::x86::{mask16, widen16};
@@ -55,20 +59,69 @@ pub(crate) const QMV_N: Variant = Variant {
     build: |k| {
         use crate::quant::pack::dispatch_bits;
         crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
-            Some(dispatch_bits!(k.bits, B => KernelFn::Qmm(qmv_n::<S, O, B>), _ => return None))
+            Some(dispatch_bits!(k.bits, B => KernelFn::Qmm(qmv_n::<Avx512Qvm, S, O, B>), _ => return None))
         }, _ => None), _ => None)
     },
 };
 
+/// What a `transpose = false` kernel supplies to the shared driver [`qmv_n`].
+pub(crate) trait QvmIsa {
+    /// What the CPU lacks when [`QvmIsa::available`] is false (for the error).
+    const NEEDS: &'static str;
+    /// Most rows of x in one register tile (x is transposed per block of this many rows).
+    const ROWS: usize;
+    /// Whether this CPU can run the kernel.
+    fn available() -> bool;
+    /// Column (within its 32-column chunk) of accumulator lane `lane` (0..32) for `bits`.
+    fn lane_column(bits: usize, lane: usize) -> usize;
+    /// Accumulates `acc[r·cols + lane]` (lanes permuted per chunk as
+    /// [`QvmIsa::lane_column`] says) for every row of x over all of K, using `sb`
+    /// (`K_BLOCK × 32` floats) as scratch for one k-block's f32 scales and biases.
+    ///
+    /// # Safety
+    /// The CPU must support the kernel's features ([`QvmIsa::available`]).
+    unsafe fn columns<S: Float, const BITS: usize>(
+        cx: &Columns<'_>,
+        scales: &[S],
+        biases: &[S],
+        sb: &mut [f32],
+        acc: &mut [f32],
+    );
+}
+
+/// The AVX-512 kernel of this module.
+pub(crate) struct Avx512Qvm;
+
+impl QvmIsa for Avx512Qvm {
+    const NEEDS: &'static str = "AVX-512 on this CPU";
+    const ROWS: usize = ROWS;
+    fn available() -> bool {
+        super::x86::available()
+    }
+    fn lane_column(bits: usize, lane: usize) -> usize {
+        lane_column(bits, lane)
+    }
+    unsafe fn columns<S: Float, const BITS: usize>(
+        cx: &Columns<'_>,
+        scales: &[S],
+        biases: &[S],
+        sb: &mut [f32],
+        acc: &mut [f32],
+    ) {
+        // SAFETY: the caller guarantees the CPU features.
+        unsafe { columns::<S, BITS>(cx, scales, biases, sb, acc) }
+    }
+}
+
 /// Most rows of x in one register tile.
 const ROWS: usize = 8;
 /// Most columns in one column block: 16 chunks, so a row's chunk scales fit one vector.
-const BLOCK_COLS: usize = 512;
+pub(crate) const BLOCK_COLS: usize = 512;
 /// Rows of W per block: the block's f32 scales and biases (`K_BLOCK × 32` floats) and the
 /// rows of W a tile revisits stay in L1.
-const K_BLOCK: usize = 64;
+pub(crate) const K_BLOCK: usize = 64;
 /// How many rows of W ahead a tile prefetches.
-const PREFETCH_ROWS: usize = 16;
+pub(crate) const PREFETCH_ROWS: usize = 16;
 /// Floats of accumulators one task may keep per column block (512 KiB: L2-resident).
 const ACC_FLOATS: usize = 1 << 17;
 
@@ -397,15 +450,17 @@ unsafe fn widen_block<S: Element>(
     }
 }
 
-/// The kernel, `transpose = false`.
-pub(crate) fn qmv_n<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+/// The kernel, `transpose = false`, on the instruction set `I`.
+pub(crate) fn qmv_n<I: QvmIsa, S: Float, O: Float, const BITS: usize>(
+    a: QmmArgs<'_>,
+) -> Result<()> {
     let w = a.w;
     let scales: &[S] = cast(OP, "scales", w.scales)?;
     let biases: &[S] = cast(OP, "biases", w.biases)?;
     let out: &mut [O] = cast_mut(OP, "out", a.out)?;
     let (m, kdim, n, g) = (a.m, w.rows, w.cols, w.group_size);
-    if !super::x86::available() {
-        return Err(Error::unsupported(OP, "AVX-512 on this CPU"));
+    if !I::available() {
+        return Err(Error::unsupported(OP, I::NEEDS));
     }
     if !matches!(g, 32 | 64 | 128) || n % g != 0 || w.bits as usize != BITS {
         return Err(Error::invalid(
@@ -442,11 +497,11 @@ pub(crate) fn qmv_n<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
     // Columns per block: a multiple of g, at most BLOCK_COLS, accumulators L2-sized.
     let block_cols = (ACC_FLOATS / m / g * g).clamp(g, BLOCK_COLS);
     with_scratch(&XT, |xt| {
-        // x transposed per block of ROWS rows: block at r0 holds [kk·R + r] from r0·K.
+        // x transposed per block of I::ROWS rows: block at r0 holds [kk·R + r] from r0·K.
         xt.clear();
         xt.resize(m * kdim, 0.0);
-        for r0 in (0..m).step_by(ROWS) {
-            let rows = ROWS.min(m - r0);
+        for r0 in (0..m).step_by(I::ROWS) {
+            let rows = I::ROWS.min(m - r0);
             let dst = &mut xt[r0 * kdim..(r0 + rows) * kdim];
             for r in 0..rows {
                 let src = &a.x[(r0 + r) * kdim..(r0 + r + 1) * kdim];
@@ -479,10 +534,10 @@ pub(crate) fn qmv_n<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
                         m,
                     };
                     // SAFETY: features checked above; `cx` was sized against the slices.
-                    unsafe { columns::<S, BITS>(&cx, scales, biases, sb, acc) };
+                    unsafe { I::columns::<S, BITS>(&cx, scales, biases, sb, acc) };
                     for r in 0..m {
                         for (i, &v) in acc[r * cols..(r + 1) * cols].iter().enumerate() {
-                            let col = c0 + i / 32 * 32 + lane_column(BITS, i % 32);
+                            let col = c0 + i / 32 * 32 + I::lane_column(BITS, i % 32);
                             // SAFETY: task `t` alone owns columns j0·g..j1·g of every row.
                             unsafe { writer.write(r * n + col, O::from_f32(v)) };
                         }
@@ -496,17 +551,20 @@ pub(crate) fn qmv_n<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
 }
 
 /// One column block of one task.
-struct Columns<'a> {
-    w: &'a [u8],
-    row_bytes: usize,
-    kdim: usize,
+pub(crate) struct Columns<'a> {
+    /// Packed W, `kdim` rows of `row_bytes` bytes.
+    pub w: &'a [u8],
+    pub row_bytes: usize,
+    pub kdim: usize,
     /// First column and column count (multiples of g, `cols ≤ BLOCK_COLS`).
-    c0: usize,
-    cols: usize,
-    g: usize,
-    groups: usize,
-    xt: &'a [f32],
-    m: usize,
+    pub c0: usize,
+    pub cols: usize,
+    /// Group size and groups per row of W.
+    pub g: usize,
+    pub groups: usize,
+    /// x transposed per block of `ROWS` rows (see [`qmv_n`]), and its row count.
+    pub xt: &'a [f32],
+    pub m: usize,
 }
 
 /// Accumulates `acc[r·cols + lane]` (permuted per chunk) for every row of x over all of K.
