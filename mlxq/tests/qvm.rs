@@ -52,6 +52,9 @@ struct Case {
     ms: Vec<usize>,
     sdt: DType,
     xdt: DType,
+    /// Added to every element of x (activations after SiLU or GELU lean positive, which
+    /// makes `Σ x·s·q` and `Σ x·b` large and of opposite sign).
+    x_offset: f32,
 }
 
 /// Runs `c` on `variant`'s kernel into poisoned outputs; one line per result over tolerance.
@@ -63,7 +66,8 @@ fn run(variant: &str, enc: &mut CommandEncoder, rng: &mut StdRng, c: &Case) -> V
     let out_dt = c.xdt.promote(c.sdt).unwrap();
     let mut failures = Vec::new();
     for &m in &c.ms {
-        let x = Buffer::from_f32(&randn(rng, m * c.k), c.xdt, &[m, c.k]).unwrap();
+        let xs: Vec<f32> = randn(rng, m * c.k).iter().map(|v| v + c.x_offset).collect();
+        let x = Buffer::from_f32(&xs, c.xdt, &[m, c.k]).unwrap();
         let mut y = Buffer::from_f32(&vec![f32::NAN; m * c.n], out_dt, &[m, c.n]).unwrap();
         ops::quantized_matmul_into(enc, &x, &w, false, &mut y).unwrap();
         let ran = enc.last_kernel().unwrap().to_owned();
@@ -136,6 +140,7 @@ fn every_width_group_and_dtype_at_k_4100() {
                 ms,
                 sdt,
                 xdt,
+                x_offset: 0.0,
             });
             i += 1;
         }
@@ -159,6 +164,7 @@ fn four_and_eight_bit_every_row_count_n_1024() {
                 ms: vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 33],
                 sdt,
                 xdt,
+                x_offset: 0.0,
             });
         }
     }
@@ -180,6 +186,7 @@ fn uneven_columns_and_many_rows() {
                 ms,
                 sdt: DType::F32,
                 xdt: DType::F32,
+                x_offset: 0.0,
             });
         }
     }
@@ -199,7 +206,28 @@ fn long_k_f32() {
             ms: vec![2],
             sdt: DType::F32,
             xdt: DType::F32,
+            x_offset: 0.0,
         })
         .collect();
     check(&cases, 4);
+}
+
+/// x of mean well away from 0 (the `Σ x·b` part and the codes' part then nearly cancel), f32
+/// throughout, every width at K = 4096.
+#[test]
+fn offset_x_f32() {
+    let cases: Vec<Case> = [1, 2, 3, 4, 5, 6, 8]
+        .into_iter()
+        .map(|bits| Case {
+            bits,
+            g: 64,
+            k: 4096,
+            n: 256,
+            ms: vec![1, 3],
+            sdt: DType::F32,
+            xdt: DType::F32,
+            x_offset: 3.0,
+        })
+        .collect();
+    check(&cases, 5);
 }

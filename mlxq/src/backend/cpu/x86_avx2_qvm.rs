@@ -16,10 +16,12 @@
 //! - 1, 3, 5, 6-bit: [`decode32`](super::x86_avx2::decode32) into 32 bytes in column order,
 //!   then four `vpmovzxbd`.
 //!
-//! Each vector is dequantized with one conversion and one FMA (`s·q + b`, rounded once) and
-//! used by every row of the tile with one FMA. Lane permutations are undone by the driver when
-//! it writes the output. Accumulation is f32; results equal the generic kernel's up to
-//! summation order.
+//! The sum is taken in the form MLX's kernels use, `Σ_k (x·s)·q + Σ_k x·b`: per k-block,
+//! `x·s` is formed for every row of W, row of x and group (8 groups at a time) and the bias
+//! part `Σ x·b` per row of x and group; each vector of codes is then converted once and used
+//! by every row of the tile with one FMA, and the bias part is added to the block's sums.
+//! Lane permutations are undone by the driver when it writes the output. Accumulation is f32;
+//! results equal the generic kernel's up to summation order and the rounding of `x·s`.
 
 use super::qmm::QmmFn;
 use super::x86_qvm::{Columns, QvmIsa, K_BLOCK, PREFETCH_ROWS};
@@ -122,7 +124,7 @@ unsafe fn codes<const BITS: usize>(p: *const u8) -> [__m256i; 4] {
 }
 
 /// One register tile's inputs: `rows` rows of W from the tile's first chunk, the k-block's
-/// per-group scales and biases, the tile's rows of x, and where its sums go.
+/// `x·s` per group and row of x, and where its sums go.
 #[derive(Clone, Copy)]
 struct Tile {
     /// Packed W at the first row of the k-block and the tile's first chunk.
@@ -133,14 +135,12 @@ struct Tile {
     prefetch: usize,
     /// Rows of W in the k-block.
     rows: usize,
-    /// f32 scales (`[kk·32 + j]`) and biases (`[kk·32 + 16 + j]`) of the block's groups `j`.
-    sb: *const f32,
+    /// `x·s` per row of W, row of x and group of the block: `[(kk·ROWS + r)·16 + j]`.
+    xs: *const f32,
     /// The tile's first chunk within the block, and `log2(g / 32)` (chunk `c` is in group
     /// `c >> gshift`).
     chunk0: usize,
     gshift: u32,
-    /// x transposed: `[kk·R + r]`.
-    xt: *const f32,
     /// Accumulators: `[r·acc_stride + 32·c + lane]`.
     acc: *mut f32,
     acc_stride: usize,
@@ -150,8 +150,8 @@ struct Tile {
 ///
 /// # Safety
 /// Every pointer of `t` must be valid for the extent its field describes: `w` for `rows` rows
-/// of `row_bytes` bytes, of which the tile reads `CH·4·BITS` from the start; `sb` for
-/// `32·rows` floats with the tile's groups below 16; `xt` for `R·rows` floats; `acc` for `R`
+/// of `row_bytes` bytes, of which the tile reads `CH·4·BITS` from the start; `xs` for
+/// `16·ROWS·rows` floats with the tile's groups below 16; `acc` for `R`
 /// rows of `32·CH` floats at `acc_stride`, used by no other thread. The CPU must have AVX2
 /// and FMA.
 #[target_feature(enable = "avx2,fma")]
@@ -174,17 +174,14 @@ unsafe fn tile<const BITS: usize, const R: usize, const CH: usize>(t: &Tile) {
                 }
                 _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(seg - 1) as *const i8);
             }
-            let sb = t.sb.add(kk * 32);
-            let x = t.xt.add(kk * R);
+            let xs = t.xs.add(kk * ROWS * 16);
             for (ci, &j) in group.iter().enumerate() {
-                let s = _mm256_broadcast_ss(&*sb.add(j));
-                let b = _mm256_broadcast_ss(&*sb.add(16 + j));
                 let q = codes::<BITS>(p.add(ci * 4 * BITS));
                 for (v, &qv) in q.iter().enumerate() {
-                    let w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qv), s, b);
+                    let qf = _mm256_cvtepi32_ps(qv);
                     for (r, ar) in a.iter_mut().enumerate() {
-                        let xv = _mm256_broadcast_ss(&*x.add(r));
-                        ar[ci][v] = _mm256_fmadd_ps(w, xv, ar[ci][v]);
+                        let f = _mm256_broadcast_ss(&*xs.add(r * 16 + j));
+                        ar[ci][v] = _mm256_fmadd_ps(qf, f, ar[ci][v]);
                     }
                 }
             }
@@ -261,6 +258,57 @@ unsafe fn widen_n<S: Float>(src: *const S, n: usize, dst: *mut f32) {
     }
 }
 
+/// For one k-block of `rows` rows of W and `r ≤ ROWS` rows of x (`x[kk·r + rr]`): writes
+/// `xs[(kk·ROWS + rr)·16 + j] = x·s[kk][j]` and returns `Σ_kk x·b[kk][j]` per row of x and
+/// group `j` (the part of `Σ x·(s·q + b)` that does not depend on the codes).
+///
+/// # Safety
+/// `sb` holds `32·rows` floats (scales then biases per row), `x` `r·rows`, `xs`
+/// `16·ROWS·rows`; `r ≤ ROWS`; the CPU has AVX2 and FMA.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scale_x(
+    sb: &[f32],
+    x: &[f32],
+    r: usize,
+    rows: usize,
+    xs: &mut [f32; K_BLOCK * ROWS * 16],
+) -> [[f32; 16]; ROWS] {
+    let mut bias = [[_mm256_setzero_ps(); 2]; ROWS];
+    for kk in 0..rows.min(K_BLOCK) {
+        let row = &sb[kk * 32..][..32];
+        // SAFETY: each load reads 8 of the row's 32 floats.
+        let (s0, s1, b0, b1) = unsafe {
+            (
+                _mm256_loadu_ps(row.as_ptr()),
+                _mm256_loadu_ps(row.as_ptr().add(8)),
+                _mm256_loadu_ps(row.as_ptr().add(16)),
+                _mm256_loadu_ps(row.as_ptr().add(24)),
+            )
+        };
+        for (rr, bs) in bias.iter_mut().enumerate().take(r.min(ROWS)) {
+            let xv = _mm256_set1_ps(x[kk * r + rr]);
+            let d = &mut xs[(kk * ROWS + rr) * 16..][..16];
+            // SAFETY: each store writes 8 of `d`'s 16 floats.
+            unsafe {
+                _mm256_storeu_ps(d.as_mut_ptr(), _mm256_mul_ps(xv, s0));
+                _mm256_storeu_ps(d.as_mut_ptr().add(8), _mm256_mul_ps(xv, s1));
+            }
+            bs[0] = _mm256_fmadd_ps(xv, b0, bs[0]);
+            bs[1] = _mm256_fmadd_ps(xv, b1, bs[1]);
+        }
+    }
+    let mut out = [[0f32; 16]; ROWS];
+    for (o, bs) in out.iter_mut().zip(&bias) {
+        // SAFETY: each store writes 8 of `o`'s 16 floats.
+        unsafe {
+            _mm256_storeu_ps(o.as_mut_ptr(), bs[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), bs[1]);
+        }
+    }
+    out
+}
+
 /// Accumulates one column block for every row of x over all of K (see [`QvmIsa::columns`]).
 ///
 /// # Safety
@@ -294,6 +342,7 @@ unsafe fn columns<S: Float, const BITS: usize>(
     }
     let gshift = (g / 32).trailing_zeros();
     let seg0 = cx.c0 / 8 * BITS;
+    let mut xs = [0f32; K_BLOCK * ROWS * 16];
     for k0 in (0..kdim).step_by(K_BLOCK) {
         let rows = K_BLOCK.min(kdim - k0);
         for kk in 0..rows {
@@ -308,27 +357,37 @@ unsafe fn columns<S: Float, const BITS: usize>(
         }
         for r0 in (0..m).step_by(ROWS) {
             let r = ROWS.min(m - r0);
+            let x = &cx.xt[r0 * kdim + k0 * r..][..rows * r];
+            // SAFETY: `sb` holds `rows` rows of 32 floats; `xs` K_BLOCK·ROWS rows of 16.
+            let bias = unsafe { scale_x(sb, x, r, rows, &mut xs) };
             let t = Tile {
                 // Row k0, the block's first chunk.
                 w: cx.w[k0 * cx.row_bytes + seg0..].as_ptr(),
                 row_bytes: cx.row_bytes,
                 prefetch: PREFETCH_ROWS * cx.row_bytes,
                 rows,
-                sb: sb.as_ptr(),
+                xs: xs.as_ptr(),
                 chunk0: 0,
                 gshift,
-                xt: cx.xt[r0 * kdim + k0 * r..].as_ptr(),
                 acc: acc[r0 * cols..].as_mut_ptr(),
                 acc_stride: cols,
             };
             // SAFETY: rows k0..k0 + rows of W, the block's chunks of each (checked against
-            // row_bytes above), sb's `rows` rows, x rows r0..r0 + r from k0 and accumulator
+            // row_bytes above), xs's `rows` rows, x rows r0..r0 + r from k0 and accumulator
             // rows r0..r0 + r are all in bounds and this task's alone.
             unsafe {
                 match r {
                     1 => block::<BITS, 1, 2>(&t, chunks),
                     2 => block::<BITS, 2, 1>(&t, chunks),
                     _ => block::<BITS, 3, 1>(&t, chunks),
+                }
+            }
+            // The k-block's Σ x·b of each row and group, into every column of the group.
+            for (rr, bs) in bias.iter().take(r).enumerate() {
+                let row = &mut acc[(r0 + rr) * cols..][..cols];
+                for (c, lanes) in row.chunks_exact_mut(32).enumerate() {
+                    let b = bs[c >> gshift];
+                    lanes.iter_mut().for_each(|v| *v += b);
                 }
             }
         }
