@@ -13,16 +13,19 @@
 //! why only those outputs take this kernel; Σx for the bias term is the f32 sum of the exact
 //! x.
 //!
-//! **Dot products.** Codes are widened to 16-bit words (`vpmovzxbw`; 4-bit codes then split by
-//! `& 0xF` and `>> 4`, x permuted to the even-then-odd order every x86 kernel uses) and
-//! `vpmaddwd` multiplies them by X and adds pairs into i32 lanes: exact, as `q·|X| ≤ 255·32512
-//! < 2^23` and a lane sums at most 16 products per group of 128. Per group, one conversion and
-//! one FMA apply `s·2^(e−8)`; the bias term `b·Σx` is one FMA per 8 groups. Against the f32
-//! path (`avx2`: a conversion and an FMA per 8 weights) this is 2–3 instructions per 16
-//! weights, and no conversion per weight.
+//! **Dot products.** Each chunk of codes is taken apart into planes of 16 words, one code per
+//! word (x permuted to match, [`permuted`]): 1-, 2-, 4- and 8-bit codes as loaded, by a shift
+//! and a mask per plane; 3-, 5- and 6-bit codes after one byte shuffle per plane pair, which
+//! puts two codes with the same bit offset in each dword, so that one dword shift (`vpsrlvd`)
+//! and a mask extract both (session 27: 1.8–2.7× faster than widening them through bytes).
+//! `vpmaddwd` multiplies the planes by X and adds pairs into i32 lanes: exact, as `q·|X| ≤
+//! 255·32512 < 2^23` and a lane sums at most 16 products per group of 128. Per group, one
+//! conversion and one FMA apply `s·2^(e−8)`; the bias term `b·Σx` is one FMA per 8 groups.
+//! Against the f32 path (`avx2`: a conversion and an FMA per 8 weights) this is 2–3
+//! instructions per 16 weights at 4 bits, and no conversion per weight.
 
 use super::qmm::QmmArgs;
-use super::x86_avx2::{available, decode32, widen8};
+use super::x86_avx2::{available, widen8};
 use super::x86_columns::{prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS};
 use super::x86_vnni::{grid_exponent, grid_key, pow2, round};
 use super::{cast, cast_mut, Variant};
@@ -60,35 +63,133 @@ const X_BLOCK_BYTES_DECODE: usize = 256 << 10;
 /// Elements of x up to which [`prepare`] runs on the calling thread alone.
 const SEQUENTIAL: usize = 1 << 14;
 
-/// Elements of one code chunk (one 32-byte vector of 4-bit codes, or 32 codes of another
-/// width); rows of X are padded to whole 64-element chunks.
+/// Elements of one code chunk: what one 32-byte load of 1-, 2-, 4- or 8-bit codes holds (256,
+/// 128, 64, 32), 64 codes of 3 bits (24 bytes) or 32 of 5 or 6 bits (20, 24 bytes). A chunk
+/// decodes into [`planes_of`] vectors of 16 words, one code per word.
 const fn chunk(bits: usize) -> usize {
-    if bits == 4 {
-        64
-    } else {
-        32
+    match bits {
+        1 => 256,
+        2 => 128,
+        3 | 4 => 64,
+        _ => 32,
     }
 }
 
-/// Where element `i` of a chunk lies in X: word `t` of the chunk's code vector holds 4-bit
-/// elements `4t..4t + 4` (one per nibble), or elements `2t, 2t + 1` of other widths (one per
-/// byte), and the `p`-th of them is taken apart into plane `p` (16 words), which is where its
-/// x goes.
+/// Vectors of 16 words (planes) one chunk decodes into.
+const fn planes_of(bits: usize) -> usize {
+    chunk(bits) / 16
+}
+
+/// Bytes of codes in one chunk.
+const fn chunk_bytes(bits: usize) -> usize {
+    chunk(bits) / 8 * bits
+}
+
+/// Where element `i` of a chunk lies in X: plane `p` (16 words) holds the codes whose x lie at
+/// `16p..16p + 16`.
+///
+/// - 1, 2, 4, 8 bits: word `t` of the loaded chunk holds elements `c·t..c·t + c` (`c = 16 /
+///   bits` per word); plane `p` takes the `p`-th of each word's.
+/// - 3, 5, 6 bits: a byte shuffle gives each word one code (3-bit: two neighbouring ones) of its
+///   128-bit lane `L`, placed so that the two words of a dword share the code's bit offset (a
+///   dword shift then serves both); word `2d + h` of a lane holds, for 3 bits, in shuffle `v`,
+///   codes `2a`, `2a + 1` (`a = d + 4h`) of the chunk's `32L + 16v..+ 16` (plane `2v + p`
+///   takes code `2a + p`: lane `L` is the chunk's group `L` at groups of 32); for 5 bits, in
+///   plane `v`, code `4v + d + 8h` of the lane's 16; for 6 bits, in plane `v` (the chunk's
+///   codes `16v..16v + 16`), code `d + 4h` of the lane's 8.
 #[inline(always)]
 fn permuted(bits: usize, i: usize) -> usize {
-    if bits == 4 {
-        16 * (i % 4) + i / 4
-    } else {
-        16 * (i % 2) + i / 2
+    let word = |l: usize, d: usize, h: usize| 8 * l + 2 * d + h;
+    match bits {
+        3 => {
+            let (l, v, r) = (i / 32, i / 16 % 2, i % 16);
+            let a = r / 2;
+            16 * (2 * v + r % 2) + word(l, a % 4, a / 4)
+        }
+        5 => {
+            let (l, r) = (i / 16, i % 16);
+            let e = r % 8;
+            16 * (e / 4) + word(l, e % 4, r / 8)
+        }
+        6 => {
+            let (v, r) = (i / 16, i % 16);
+            let a = r % 8;
+            16 * v + word(r / 8, a % 4, a / 4)
+        }
+        _ => {
+            let c = 16 / bits;
+            16 * (i % c) + i / c
+        }
     }
 }
 
-/// Row length of X: `k` padded to whole 64-element chunks (the padding is zero).
-fn padded(k: usize) -> usize {
-    k.div_ceil(64) * 64
+/// The byte shuffle (`vpshufb` indices) and dword shifts that place a 3-, 5- or 6-bit chunk's
+/// codes as [`permuted`] says, for shuffle `which`: 3 bits, the chunk's 24 bytes as bytes
+/// 0..16 and 8..24 in the two lanes; 5 bits, its 20 bytes as bytes 0..16 and 4..20; 6 bits,
+/// plane `which`'s 12 bytes broadcast from byte 0 or 8 of the chunk. Each word takes the two bytes that hold
+/// its code (the second zero where the code ends in the first and the next byte lies past
+/// its lane's codes); the shift is that code's bit offset in its first byte.
+const fn layout(bits: usize, which: usize) -> ([u8; 32], [i32; 8]) {
+    let (mut idx, mut shift) = ([0u8; 32], [0i32; 8]);
+    let lane_bytes = if bits == 5 { 10 } else { 6 };
+    let mut l = 0;
+    while l < 2 {
+        let base = match bits {
+            3 => 6 * which + 4 * l,
+            5 => 6 * l,
+            _ => 6 * l + 4 * which,
+        };
+        let mut d = 0;
+        while d < 4 {
+            let mut h = 0;
+            while h < 2 {
+                let c = match bits {
+                    3 => 2 * (d + 4 * h),
+                    5 => 4 * which + d + 8 * h,
+                    _ => d + 4 * h,
+                };
+                let (b, s) = (c * bits / 8, (c * bits % 8) as i32);
+                let o = 16 * l + 4 * d + 2 * h;
+                idx[o] = (base + b) as u8;
+                idx[o + 1] = if b + 1 < lane_bytes {
+                    (base + b + 1) as u8
+                } else {
+                    0x80
+                };
+                assert!(
+                    h == 0 || shift[4 * l + d] == s,
+                    "a dword's codes share their shift"
+                );
+                shift[4 * l + d] = s;
+                h += 1;
+            }
+            d += 1;
+        }
+        l += 1;
+    }
+    (idx, shift)
 }
 
-/// x prepared for one call: X (`m` rows of [`padded`]`(k)` i16, each chunk in [`permuted`]
+const L3: [([u8; 32], [i32; 8]); 2] = [layout(3, 0), layout(3, 1)];
+const L5: [([u8; 32], [i32; 8]); 2] = [layout(5, 0), layout(5, 1)];
+const L6: [([u8; 32], [i32; 8]); 2] = [layout(6, 0), layout(6, 1)];
+/// 3-bit planes `2v` and `2v + 1`: the shifts of the pair's first and second code.
+const S3: [[i32; 8]; 2] = {
+    let mut s = [L3[0].1, L3[0].1];
+    let mut i = 0;
+    while i < 8 {
+        s[1][i] += 3;
+        i += 1;
+    }
+    s
+};
+
+/// Row length of X: `k` padded to whole chunks (the padding is zero).
+fn padded(k: usize, bits: usize) -> usize {
+    k.div_ceil(chunk(bits)) * chunk(bits)
+}
+
+/// x prepared for one call: X (`m` rows of [`padded`]`(k, BITS)` i16, each chunk in [`permuted`]
 /// order), and per row and group the step `2^(e−8)` and Σx.
 #[derive(Default)]
 struct Prepared {
@@ -104,7 +205,7 @@ thread_local! {
 
 /// Rounds x (`m × k`, groups of `g`) onto its groups' grids into `p`.
 fn prepare<const BITS: usize>(x: &[f32], m: usize, k: usize, g: usize, p: &mut Prepared) {
-    let (groups, kp) = (k / g, padded(k));
+    let (groups, kp) = (k / g, padded(k, BITS));
     let ch = const { chunk(BITS) };
     p.step.clear();
     p.step.resize(m * groups, 0.0);
@@ -252,7 +353,7 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
         x: prep.x.elems(),
         step: &prep.step,
         xsum: &prep.xsum,
-        kp: padded(k),
+        kp: padded(k, BITS),
     };
     // SAFETY: `available()` holds (checked above).
     unsafe { run(&kernel, walk, out) };
@@ -327,42 +428,88 @@ struct Column<'a, S> {
     row_bytes: usize,
 }
 
-/// The code chunk at `p` as its planes of 16 words (4-bit: four, other widths: two; the rest
-/// zero), `half` meaning only the first 16 bytes of a 4-bit chunk exist (its second half
-/// reads as zero codes).
+/// The chunk of codes at `p` as the vectors its planes are taken from ([`plane`]): the 32
+/// loaded bytes (1, 2, 4, 8 bits) or the shuffles of [`layout`] (3, 5, 6 bits). `avail` is
+/// the number of the slice's bytes from `p` on: a 1-, 2-, 3- or 4-bit chunk with fewer than
+/// [`chunk_bytes`] reads only those (the rest are zero codes; a slice holds whole groups, so
+/// `avail` is a multiple of 4, of 12 at 3 bits and of 16 at 4 bits).
 ///
 /// # Safety
-/// `p` points to the chunk's bytes (`4·BITS`; 4-bit: 32, or 16 with `half`); the CPU has AVX2.
+/// The CPU has AVX2, and `min(avail, chunk_bytes(BITS))` bytes at `p` are readable.
 #[inline(always)]
-unsafe fn planes<const BITS: usize>(p: *const u8, half: bool) -> [__m256i; 4] {
-    // SAFETY (every load): exactly the caller's bytes; AVX2 is the caller's.
+unsafe fn load_chunk<const BITS: usize>(p: *const u8, avail: usize) -> [__m256i; 2] {
+    // SAFETY (every load): inside the bytes the caller vouches for; AVX2 is the caller's.
     unsafe {
         let z = _mm256_setzero_si256();
-        if BITS == 4 {
-            let w = if half {
-                _mm256_zextsi128_si256(_mm_loadu_si128(p as *const __m128i))
-            } else {
-                _mm256_loadu_si256(p as *const __m256i)
-            };
-            let m = _mm256_set1_epi16(0xf);
-            return [
-                _mm256_and_si256(w, m),
-                _mm256_and_si256(_mm256_srli_epi16::<4>(w), m),
-                _mm256_and_si256(_mm256_srli_epi16::<8>(w), m),
-                _mm256_srli_epi16::<12>(w),
-            ];
-        }
-        let w = if BITS == 8 {
-            _mm256_loadu_si256(p as *const __m256i)
-        } else {
-            decode32::<BITS>(p)
+        let bcast =
+            |q: *const u8| _mm256_broadcastsi128_si256(_mm_loadu_si128(q as *const __m128i));
+        let shuffle = |v: __m256i, t: &[u8; 32]| {
+            _mm256_shuffle_epi8(v, _mm256_loadu_si256(t.as_ptr() as *const __m256i))
         };
-        [
-            _mm256_and_si256(w, _mm256_set1_epi16(0xff)),
-            _mm256_srli_epi16::<8>(w),
-            z,
-            z,
-        ]
+        match BITS {
+            3 => {
+                let src = if avail >= 24 {
+                    _mm256_loadu2_m128i(p.add(8) as *const __m128i, p as *const __m128i)
+                } else {
+                    // Half a chunk (one group of 32): its 12 bytes, all in the low lane.
+                    let keep = _mm_setr_epi32(-1, -1, -1, 0);
+                    _mm256_zextsi128_si256(_mm_maskload_epi32(p as *const i32, keep))
+                };
+                [shuffle(src, &L3[0].0), shuffle(src, &L3[1].0)]
+            }
+            5 => {
+                let src = _mm256_loadu2_m128i(p.add(4) as *const __m128i, p as *const __m128i);
+                [shuffle(src, &L5[0].0), shuffle(src, &L5[1].0)]
+            }
+            6 => [
+                shuffle(bcast(p), &L6[0].0),
+                shuffle(bcast(p.add(8)), &L6[1].0),
+            ],
+            8 => [_mm256_loadu_si256(p as *const __m256i), z],
+            _ if avail >= 32 => [_mm256_loadu_si256(p as *const __m256i), z],
+            4 if avail == 16 => [
+                _mm256_zextsi128_si256(_mm_loadu_si128(p as *const __m128i)),
+                z,
+            ],
+            _ => {
+                let n = _mm256_set1_epi32((avail / 4) as i32);
+                let keep = _mm256_cmpgt_epi32(n, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+                [_mm256_maskload_epi32(p as *const i32, keep), z]
+            }
+        }
+    }
+}
+
+/// Plane `i` (below [`planes_of`]) of a chunk loaded by [`load_chunk`]: 16 codes, one per
+/// word.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[inline(always)]
+unsafe fn plane<const BITS: usize>(v: &[__m256i; 2], i: usize) -> __m256i {
+    // SAFETY: register arithmetic and loads of 8-element constant tables; AVX2 is the
+    // caller's.
+    unsafe {
+        let mask = _mm256_set1_epi16(((1u32 << BITS) - 1) as i16);
+        let shifts = |s: &[i32; 8]| _mm256_loadu_si256(s.as_ptr() as *const __m256i);
+        match BITS {
+            3 => _mm256_and_si256(_mm256_srlv_epi32(v[i / 2], shifts(&S3[i % 2])), mask),
+            5 => _mm256_and_si256(_mm256_srlv_epi32(v[i], shifts(&L5[i].1)), mask),
+            6 => _mm256_and_si256(_mm256_srlv_epi32(v[i], shifts(&L6[i].1)), mask),
+            _ => {
+                let s = BITS * i;
+                let w = if s == 0 {
+                    v[0]
+                } else {
+                    _mm256_srl_epi16(v[0], _mm_cvtsi32_si128(s as i32))
+                };
+                if s + BITS >= 16 {
+                    w
+                } else {
+                    _mm256_and_si256(w, mask)
+                }
+            }
+        }
     }
 }
 
@@ -378,6 +525,37 @@ fn take8<T: Copy>(s: &[T], at: usize, n: usize, zero: T) -> [T; 8] {
     })
 }
 
+/// Chunk `c`'s dot products with row `r` of X (`kp` apart from `xp`), added into `d[r]`;
+/// `avail` is the slice's bytes of codes from the chunk on (as [`load_chunk`]'s; `usize::MAX`
+/// for a chunk known whole). Always inlined: a call per chunk costs as much as the chunk's
+/// arithmetic.
+///
+/// # Safety
+/// The CPU has AVX2; `min(avail, chunk_bytes(BITS))` bytes at `pp + c·chunk_bytes(BITS)` are
+/// readable, and so are `(R − 1)·kp + (c + 1)·chunk(BITS)` i16 at `xp`.
+#[inline(always)]
+unsafe fn dots<const BITS: usize, const R: usize>(
+    pp: *const u8,
+    avail: usize,
+    xp: *const i16,
+    kp: usize,
+    c: usize,
+    d: &mut [__m256i; R],
+) {
+    let (ch, cb) = (chunk(BITS), chunk_bytes(BITS));
+    // SAFETY: the caller's.
+    unsafe {
+        let v = load_chunk::<BITS>(pp.add(c * cb), avail);
+        for i in 0..planes_of(BITS) {
+            let q = plane::<BITS>(&v, i);
+            for (r, d) in d.iter_mut().enumerate() {
+                let px = xp.add(r * kp + c * ch + 16 * i) as *const __m256i;
+                *d = _mm256_add_epi32(*d, _mm256_madd_epi16(q, _mm256_loadu_si256(px)));
+            }
+        }
+    }
+}
+
 /// `acc[r]` = the slice's dot product with row `r` of x, for `R` rows. Writes nothing if the
 /// slices are shorter than [`Column`] promises (they never are; the check keeps the raw loads
 /// in bounds).
@@ -390,7 +568,6 @@ unsafe fn column<S: Float, const BITS: usize, const G: usize, const R: usize>(
     acc: &mut [f32; MAX_ROWS],
 ) {
     let ch = chunk(BITS);
-    let np = if BITS == 4 { 4 } else { 2 };
     let groups = a.scales.len();
     let gb = G / 8 * BITS;
     let len = groups * gb;
@@ -408,20 +585,13 @@ unsafe fn column<S: Float, const BITS: usize, const G: usize, const R: usize>(
     let zero = _mm256_setzero_ps();
     let mut vacc = [[zero; 2]; R];
     let (pp, xp) = (a.packed.as_ptr(), a.x.as_ptr());
-    // Chunk `c`'s dot products with row `r` of X, added into `d[r]`.
-    let dots = |c: usize, half: bool, d: &mut [__m256i; R]| {
-        // SAFETY: chunk c's bytes lie in `packed` (`half`: its first 16 do, the slice's last
-        // group), and r·kp + (c + 1)·ch ≤ x.len() (checked above: X is padded to chunks).
-        unsafe {
-            let q = planes::<BITS>(pp.add(c * ch / 8 * BITS), half);
-            for (r, d) in d.iter_mut().enumerate() {
-                let px = xp.add(r * kp + c * ch) as *const __m256i;
-                for (i, &q) in q.iter().enumerate().take(np) {
-                    *d = _mm256_add_epi32(*d, _mm256_madd_epi16(q, _mm256_loadu_si256(px.add(i))));
-                }
-            }
-        }
-    };
+    // Chunks of more than a group: i32 lane `l` of a chunk's sums belongs to its group
+    // `l·gpc / 8` (1 and 2 bits: a lane's two words hold 32 or 16 neighbouring codes; 4 bits
+    // at groups of 32: 8; 3 bits at groups of 32: a 128-bit lane is a group).
+    let gpc = (ch / G).max(1);
+    let lane_group: [i32; 8] = std::array::from_fn(|l| (l * gpc / 8) as i32);
+    // SAFETY: 8 elements.
+    let lane_group = unsafe { _mm256_loadu_si256(lane_group.as_ptr() as *const __m256i) };
     for j0 in (0..groups).step_by(8) {
         let nb = (groups - j0).min(8);
         for o in (0..nb * gb).step_by(64) {
@@ -461,17 +631,19 @@ unsafe fn column<S: Float, const BITS: usize, const G: usize, const R: usize>(
             vacc[r][0] = _mm256_fmadd_ps(bv, xs, vacc[r][0]);
             f[r] = _mm256_mul_ps(sv, st);
         }
-        if BITS == 4 && G == 32 {
-            // A chunk is two groups: lanes 0..4 of its sums are group jj's, 4..8 group jj + 1's
-            // (zero codes and factor past the slice's last group).
-            for jj in (0..nb).step_by(2) {
+        if gpc > 1 {
+            // A chunk is gpc groups (gpc divides 8, and the slice starts on a chunk); past
+            // the slice's last group its codes and factors are zero.
+            for jj in (0..nb).step_by(gpc) {
                 let mut d = [_mm256_setzero_si256(); R];
-                dots((j0 + jj) / 2, jj + 1 == nb, &mut d);
-                let (u, v) = (jj as i32, jj as i32 + 1);
-                let pick = _mm256_setr_epi32(u, u, u, u, v, v, v, v);
+                let c = (j0 + jj) / gpc;
+                // SAFETY: the chunk starts inside the slice (jj < nb), and X is padded to
+                // whole chunks (checked above).
+                unsafe { dots::<BITS, R>(pp, len - c * chunk_bytes(BITS), xp, kp, c, &mut d) };
+                let pick = _mm256_add_epi32(lane_group, _mm256_set1_epi32(jj as i32));
                 for r in 0..R {
                     let s = _mm256_permutevar8x32_ps(f[r], pick);
-                    let w = &mut vacc[r][jj / 2 % ways];
+                    let w = &mut vacc[r][jj / gpc % ways];
                     *w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[r]), s, *w);
                 }
             }
@@ -481,7 +653,8 @@ unsafe fn column<S: Float, const BITS: usize, const G: usize, const R: usize>(
             let j = j0 + jj;
             let mut d = [_mm256_setzero_si256(); R];
             for c in 0..G / ch {
-                dots(j * (G / ch) + c, false, &mut d);
+                // SAFETY: as above (j < groups); a chunk of at most a group is whole.
+                unsafe { dots::<BITS, R>(pp, usize::MAX, xp, kp, j * (G / ch) + c, &mut d) };
             }
             let pick = _mm256_set1_epi32(jj as i32);
             for r in 0..R {
@@ -513,43 +686,62 @@ mod tests {
         }
     }
 
-    /// `planes` against the packing definition, every width, random codes, whole and half
-    /// 4-bit chunks.
+    /// `load_chunk` and `plane` against the packing definition, every width: random codes
+    /// in slices of 1 to 3 chunks, each chunk read with the bytes left in its slice (so the
+    /// last, and a 3-bit chunk read from before itself), and partial last chunks (1, 2 and
+    /// 4 bits: whole groups of 32 codes, the rest reading as zero codes).
     #[test]
-    fn planes_match_the_packing() {
+    fn chunks_match_the_packing() {
         if !available() {
             eprintln!("skipped: this CPU lacks AVX2, FMA or F16C");
             return;
         }
         fn check<const BITS: usize>(next: &mut impl FnMut() -> f64) {
-            let ch = chunk(BITS);
-            for case in 0..64 {
-                let half = BITS == 4 && case % 2 == 1;
-                let codes: Vec<u8> = (0..ch)
-                    .map(|i| {
-                        if half && i >= 32 {
-                            0
-                        } else {
-                            (next() * (1u32 << BITS) as f64) as u8
-                        }
-                    })
+            let (ch, cb) = (chunk(BITS), chunk_bytes(BITS));
+            assert_eq!(planes_of(BITS) * 16, ch);
+            // Every position of a chunk is some element's, once.
+            let mut seen = vec![false; ch];
+            for i in 0..ch {
+                assert!(!std::mem::replace(&mut seen[permuted(BITS, i)], true));
+            }
+            for case in 0..96 {
+                let whole = 1 + case % 3;
+                // Codes in the slice: whole chunks, or the last one cut to whole 32s.
+                let n = if case % 2 == 1 && ch > 32 {
+                    (whole - 1) * ch + 32 * (1 + (next() * (ch / 32 - 1) as f64) as usize)
+                } else {
+                    whole * ch
+                };
+                let codes: Vec<u8> = (0..n)
+                    .map(|_| (next() * (1u32 << BITS) as f64) as u8)
                     .collect();
-                let mut packed = vec![0u8; ch / 8 * BITS];
-                for (c, out) in codes.chunks_exact(8).zip(packed.chunks_exact_mut(BITS)) {
+                let len = n / 8 * BITS;
+                // Packed after 4 bytes of other data, so that a chunk read from before
+                // itself stays in the allocation (as the kernel's copy of a one-chunk slice).
+                let mut buf = vec![0xa5u8; 4 + len];
+                for (c, out) in codes.chunks_exact(8).zip(buf[4..].chunks_exact_mut(BITS)) {
                     pack8::<BITS>(c.try_into().unwrap(), out);
                 }
-                // Only the bytes the call may read: 16 for a half chunk.
-                let bytes = if half { 16 } else { packed.len() };
-                let src = packed[..bytes].to_vec();
-                // SAFETY: AVX2 checked above; `src` holds the bytes `planes` reads.
-                let q = unsafe { planes::<BITS>(src.as_ptr(), half) };
-                let got: [[u16; 16]; 4] = unsafe { std::mem::transmute(q) };
-                for (i, &c) in codes.iter().enumerate() {
-                    let p = permuted(BITS, i);
-                    assert_eq!(got[p / 16][p % 16], c as u16, "{BITS}-bit element {i}");
-                }
-                if BITS != 4 {
-                    assert!(got[2..].iter().flatten().all(|&w| w == 0));
+                for c in 0..n.div_ceil(ch) {
+                    // SAFETY: AVX2 checked above; the reads stay in `buf` (the doc of
+                    // load_chunk: `len − c·cb` bytes from the chunk, or 4 before it).
+                    let got: [[u16; 16]; 16] = unsafe {
+                        let v = load_chunk::<BITS>(buf.as_ptr().add(4 + c * cb), len - c * cb);
+                        let mut got = [[0u16; 16]; 16];
+                        for (i, g) in got.iter_mut().enumerate().take(planes_of(BITS)) {
+                            *g = std::mem::transmute::<__m256i, [u16; 16]>(plane::<BITS>(&v, i));
+                        }
+                        got
+                    };
+                    for i in 0..ch {
+                        let want = codes.get(c * ch + i).map_or(0, |&v| v as u16);
+                        let p = permuted(BITS, i);
+                        assert_eq!(
+                            got[p / 16][p % 16],
+                            want,
+                            "{BITS}-bit chunk {c} of {n} codes, element {i}"
+                        );
+                    }
                 }
             }
         }
