@@ -17,7 +17,7 @@
 //! word (x permuted to match, [`permuted`]): 1-, 2-, 4- and 8-bit codes as loaded, by a shift
 //! and a mask per plane; 3-, 5- and 6-bit codes after one byte shuffle per plane pair, which
 //! puts two codes with the same bit offset in each dword, so that one dword shift (`vpsrlvd`)
-//! and a mask extract both (session 27: 1.8–2.7× faster than widening them through bytes).
+//! and a mask extract both (session 27: 1.4–2.3× faster than widening them through bytes).
 //! `vpmaddwd` multiplies the planes by X and adds pairs into i32 lanes: exact, as `q·|X| ≤
 //! 255·32512 < 2^23` and a lane sums at most 16 products per group of 128. Per group, one
 //! conversion and one FMA apply `s·2^(e−8)`; the bias term `b·Σx` is one FMA per 8 groups.
