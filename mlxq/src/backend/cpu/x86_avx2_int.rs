@@ -465,12 +465,7 @@ unsafe fn load_chunk<const BITS: usize>(p: *const u8, avail: usize) -> [__m256i;
                 shuffle(bcast(p), &L6[0].0),
                 shuffle(bcast(p.add(8)), &L6[1].0),
             ],
-            8 => [_mm256_loadu_si256(p as *const __m256i), z],
             _ if avail >= 32 => [_mm256_loadu_si256(p as *const __m256i), z],
-            4 if avail == 16 => [
-                _mm256_zextsi128_si256(_mm_loadu_si128(p as *const __m128i)),
-                z,
-            ],
             _ => {
                 let n = _mm256_set1_epi32((avail / 4) as i32);
                 let keep = _mm256_cmpgt_epi32(n, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
