@@ -165,6 +165,43 @@ fn sweep(variant: &'static str, ms: &[usize]) {
     assert_eq!(cases + skipped, 7 * 3 * 3 * 2 * 3 * ms.len());
 }
 
+/// The decode step at M = 1 on rows of many groups, every width: rows of 8, 24 and 40 groups
+/// (one, two and three blocks of up to 16 groups, the last of 8) take the VNNI kernel's
+/// dedicated one-column loop (two superblocks at a time, with the scales and biases
+/// prefetched), which the sweep's rows of three groups never reach; 52 groups (not whole
+/// pairs of superblocks) take the general loop. Random bf16 data against the f64 oracle, a
+/// poisoned output, the kernel that ran named.
+#[test]
+fn decode_m1_long_rows_every_width() {
+    let device = Device::cpu();
+    let mut enc = device.encoder();
+    let mut rng = StdRng::seed_from_u64(28);
+    let mut failures = Vec::new();
+    for bits in BITS {
+        for g in GROUPS {
+            let spec = QuantSpec::affine(bits, g).unwrap();
+            for groups in [8usize, 24, 40, 52] {
+                let (n, k) = (21, groups * g as usize);
+                let w = random_weight(&mut enc, &mut rng, &[n, k], spec, DType::BF16);
+                let wd = dequantize_f64(&w).unwrap();
+                let x = Buffer::from_f32(&randn(&mut rng, k), DType::BF16, &[1, k]).unwrap();
+                let mut y = poisoned(DType::BF16, &[1, n]);
+                ops::quantized_matmul_into(&mut enc, &x, &w, true, &mut y).unwrap();
+                let want = matmul_f64(&x_f64(&x), 1, &wd, n, k, true);
+                let err = max_rel_err(&got_f64(&y), &want);
+                let ran = enc.last_kernel().unwrap().to_owned();
+                if err > tolerance(DType::BF16) {
+                    failures.push(format!(
+                        "{ran}: bits {bits} g {g} groups {groups}: err {err:e}"
+                    ));
+                }
+            }
+        }
+    }
+    enc.commit_and_wait().unwrap();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn output_dtype_and_shape_follow_mlx() {
     let device = Device::cpu();

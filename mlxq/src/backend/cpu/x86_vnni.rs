@@ -861,6 +861,13 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
     {
         return;
     }
+    // One row of x and one column (decode at M = 1), whole pairs of superblocks: the
+    // dedicated loop (see `column_pairs`).
+    if R == 1 && C == 1 && nr <= 4 && groups.is_multiple_of(2 * SB) {
+        // SAFETY: the slices were checked above; the caller guarantees the CPU features.
+        acc[0][0] = unsafe { column_pairs::<S, BITS, G>(a) };
+        return;
+    }
     let zero = _mm512_setzero_ps();
     // The bias terms `b·Σx` go straight into the sums.
     let mut vacc = [[zero; R]; C];
@@ -894,6 +901,7 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
         let m16: __mmask16 = ((1u32 << valid16) - 1) as u16;
         let mut s16 = [zero; C];
         for c in 0..C {
+            prefetch_groups(a, c, j0, C);
             // SAFETY: groups j0..j0 + valid16 of this slice are in `scales`/`biases`, and of
             // rows row0..row0 + R in `xsum` (all checked above).
             unsafe {
@@ -1046,6 +1054,108 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
             acc[c][r] = _mm512_reduce_add_ps(vacc[c][r]);
         }
     }
+}
+
+/// Prefetches the scales and biases of groups `j0..j0 + 16` (one line of each, or two
+/// halves of one) of the weight row that column `c`'s prefetch of codes has reached, the
+/// next slices of the task's stream being `share` rows on: those are streams of their own,
+/// 1/16 of the codes' bytes at 4 bits, which the hardware prefetcher does not run far enough
+/// ahead of (the M = 1 loop waited on the scales' load more than on the codes'; docs/perf.md,
+/// session 28).
+///
+/// Only where W streams at the memory's pace (one block of rows, prefetches into L2): with
+/// more rows the loop computes long enough per line for the hardware prefetcher, and the
+/// extra prefetches cost M = 8 15%.
+#[inline(always)]
+fn prefetch_groups<S>(a: &Column<'_, S>, c: usize, j0: usize, share: usize) {
+    if a.prefetch != PrefetchTo::L2 {
+        return;
+    }
+    let len = a.packed[c].len().max(1);
+    // Groups per whole row: the slice's groups scaled by the row's bytes over the slice's.
+    let row_groups = a.row_bytes.saturating_mul(a.scales[c].len()) / len;
+    let rows = (super::x86_columns::PREFETCH_AHEAD / share / len + 1) * share;
+    let at = j0.saturating_add(rows.saturating_mul(row_groups));
+    a.prefetch
+        .prefetch(a.scales[c].as_ptr().wrapping_add(at) as *const u8);
+    a.prefetch
+        .prefetch(a.biases[c].as_ptr().wrapping_add(at) as *const u8);
+}
+
+/// [`columns`] for one row of x and one column whose groups fill whole pairs of
+/// superblocks (groups of 32 or 64): the decode step at M = 1, which streams W and must keep
+/// pace with memory. Two superblocks at a time, their dot products interleaved (see
+/// [`pair`]), with nothing else in the loop: the scale lanes come from four constant index
+/// vectors, and where the column's slice is its whole row (the next slice the task reads
+/// starts where this one ends) the prefetch address is a fixed distance along the stream.
+/// The general loop spent ~40 of its ~135 instructions per pair on the prefetch's wrap to
+/// the next slice and on reloading spilled pointers; this one has ~75, and ran 10–20% faster
+/// with W in L3 on one Zen 5 core (docs/perf.md, session 28).
+///
+/// # Safety
+/// [`columns`]' checks hold for `R = 1`, `C = 1`; `a.scales[0].len()` is a multiple of
+/// `2·SB`, `G / 16 ≤ 4`; the CPU supports [`available`]'s features.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+unsafe fn column_pairs<S: Float, const BITS: usize, const G: usize>(a: &Column<'_, S>) -> f32 {
+    let nr = G / 16;
+    let bpg = G / 8 * BITS;
+    let groups = a.scales[0].len();
+    let len = groups * bpg;
+    let pp = a.packed[0].as_ptr();
+    let (sp, bp) = (a.scales[0].as_ptr(), a.biases[0].as_ptr());
+    let base = (a.row0 * a.nsb + a.g0 / SB) as isize;
+    let split = a.prep.split().as_ptr() as *const __m512i;
+    let (step, xsum) = (a.prep.step.as_ptr(), a.prep.xsum.as_ptr());
+    // Where the stream continues past this slice: right after it (a whole row), or else the
+    // general rule.
+    let linear = len == a.row_bytes;
+    let spread4 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    let idx: [__m512i; 4] =
+        std::array::from_fn(|q| _mm512_add_epi32(spread4, _mm512_set1_epi32(4 * q as i32)));
+    let zero = _mm512_setzero_ps();
+    let (mut vacc, mut v2) = (zero, [zero; 2]);
+    for j0 in (0..groups).step_by(16) {
+        let valid16 = (groups - j0).min(16);
+        let m16: __mmask16 = ((1u32 << valid16) - 1) as u16;
+        prefetch_groups(a, 0, j0, 1);
+        // SAFETY: groups j0..j0 + valid16 lie in the slice's scales and biases and in row
+        // row0's Σx (the caller's checks).
+        let s16 = unsafe {
+            let b = widen16(bp.add(j0), m16);
+            let xs = _mm512_maskz_loadu_ps(m16, xsum.add(a.row0 * a.nsb * SB + a.g0 + j0));
+            vacc = _mm512_fmadd_ps(b, xs, vacc);
+            widen16(sp.add(j0), m16)
+        };
+        // valid16 is 8 or 16: one or two pairs.
+        for q in (0..valid16 / SB).step_by(2) {
+            let jb = j0 + q * SB;
+            let off = jb * bpg;
+            for l in (0..2 * SB * bpg).step_by(64) {
+                if linear {
+                    a.prefetch
+                        .prefetch(pp.wrapping_add(off + l + super::x86_columns::PREFETCH_AHEAD));
+                } else {
+                    prefetch_w(pp, off + l, len, a.row_bytes, 1, a.prefetch);
+                }
+            }
+            let sb = base + (jb / SB) as isize;
+            // SAFETY: groups jb..jb + 2·SB lie in the slice (groups is a multiple of 2·SB), and
+            // superblocks sb, sb + 1 of row row0 in the split and the steps (caller's checks).
+            unsafe {
+                let c0 = decode_sb::<BITS, G, true>(pp.add(off), SB, a.tables);
+                let c1 = decode_sb::<BITS, G, true>(pp.add(off + SB * bpg), SB, a.tables);
+                let h = pair(nr, [c0, c1], split.offset(sb * nr as isize * 2));
+                let st = step.offset(sb * 16);
+                for u in 0..2 {
+                    let sv = _mm512_permutexvar_ps(idx[(q + u) % 4], s16);
+                    let f = _mm512_mul_ps(sv, _mm512_loadu_ps(st.add(16 * u)));
+                    v2[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h[u]), f, v2[u]);
+                }
+            }
+        }
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(vacc, _mm512_add_ps(v2[0], v2[1])))
 }
 
 /// The exact dot products of two consecutive superblocks of one weight row (`codes`) with
