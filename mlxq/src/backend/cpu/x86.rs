@@ -22,7 +22,9 @@
 //! Results equal the generic kernel's up to f32 summation order.
 
 use super::qmm::QmmArgs;
-use super::x86_columns::{prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS};
+use super::x86_columns::{
+    prefetch_groups, prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS,
+};
 use super::{cast, cast_mut};
 use crate::aligned::AlignedBytes;
 use crate::dtype::Float;
@@ -409,6 +411,10 @@ unsafe fn column<S: Float, const BITS: usize, const R: usize>(
             1,
             PrefetchTo::L1,
         );
+        if R <= 4 && j % 16 == 0 {
+            let bytes = len / 8 * BITS;
+            prefetch_groups(a.scales, a.biases, j, bytes, a.row_bytes, 1, PrefetchTo::L1);
+        }
         let s = _mm512_set1_ps(a.scales[j].to_f32());
         let b = a.biases[j].to_f32();
         let mut dots = [_mm512_setzero_ps(); R];
@@ -481,6 +487,11 @@ unsafe fn column_avx2<S: Float, const BITS: usize, const R: usize, const C: usiz
                     1,
                     PrefetchTo::L1,
                 );
+            }
+            if R <= 4 {
+                let (s, b) = (col.scales, col.biases);
+                let bytes = groups * group_bytes;
+                prefetch_groups(s, b, j0, bytes, col.row_bytes, 1, PrefetchTo::L1);
             }
             // SAFETY: j0 + 8 ≤ groups = scales.len() ≤ biases.len() when nb is 8, and row r's
             // sums r·groups_row + j0 + 8 ≤ xsum.len() (checked by `in_bounds`); shorter

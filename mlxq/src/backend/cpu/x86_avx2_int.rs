@@ -26,7 +26,9 @@
 
 use super::qmm::QmmArgs;
 use super::x86_avx2::{available, widen8};
-use super::x86_columns::{prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS};
+use super::x86_columns::{
+    prefetch_groups, prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS,
+};
 use super::x86_vnni::{grid_exponent, grid_key, pow2, round};
 use super::{cast, cast_mut, Variant};
 use crate::aligned::AlignedBytes;
@@ -591,6 +593,10 @@ unsafe fn column<S: Float, const BITS: usize, const G: usize, const R: usize>(
         let nb = (groups - j0).min(8);
         for o in (0..nb * gb).step_by(64) {
             prefetch_w(pp, j0 * gb + o, len, a.row_bytes, 1, PrefetchTo::L1);
+        }
+        if R <= 4 {
+            let (s, b) = (a.scales, a.biases);
+            prefetch_groups(s, b, j0, len, a.row_bytes, 1, PrefetchTo::L1);
         }
         let (sv, bv) = if nb == 8 {
             // SAFETY: j0 + 8 ≤ groups ≤ scales.len(), biases.len() (checked above).

@@ -17,7 +17,9 @@
 //! into blocks of K so the rows of x a column visits stay in L1.
 
 use super::qmm::QmmArgs;
-use super::x86_columns::{prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS};
+use super::x86_columns::{
+    prefetch_groups, prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS,
+};
 use super::{cast, cast_mut, Variant};
 use crate::aligned::AlignedBytes;
 use crate::dtype::Float;
@@ -286,6 +288,10 @@ unsafe fn column<S: Float, const BITS: usize, const R: usize>(
             1,
             PrefetchTo::L1,
         );
+        if R <= 4 && j % 16 == 0 {
+            let bytes = len / 8 * BITS;
+            prefetch_groups(a.scales, a.biases, j, bytes, a.row_bytes, 1, PrefetchTo::L1);
+        }
         let mut dots = [_mm512_setzero_ps(); R];
         for c in 0..g / 32 {
             let e = j * g + c * 32;

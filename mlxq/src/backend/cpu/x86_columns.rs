@@ -31,7 +31,7 @@ pub(crate) const PREFETCH_AHEAD: usize = 4096;
 /// (`prefetcht1`).
 ///
 /// On Zen 4 (docs/perf.md, session 24) a decode of one row block (M ≤ 4) reads W 10–27%
-/// faster with its prefetches into L2: a `prefetcht0` holds one of the core's few L1 miss
+/// faster with its prefetches into L2 (on Zen 5 it does not: see [`PrefetchTo::stream`]): a `prefetcht0` holds one of the core's few L1 miss
 /// buffers until its line arrives, the same buffers the kernel's own loads need, while the
 /// L2 keeps many more misses in flight and the line moves from L2 to L1 on demand. Kernels
 /// that compute longer per byte (several row blocks per weight chunk) were as fast or
@@ -65,7 +65,50 @@ pub(crate) fn prefetch_w(
     into.prefetch(a);
 }
 
+/// Prefetches the line of the scales and the line of the biases holding group `j` of the
+/// weight row that [`prefetch_w`]'s prefetch of the codes has reached, for a kernel reading
+/// a column's slice of `scales.len()` groups (`len` bytes of codes; rows `row_bytes` apart)
+/// whose stream continues `share` rows on. The scales and biases are streams of their own,
+/// 1/16 of the codes' bytes at 4 bits and group 64, which the hardware prefetcher does not
+/// run far enough ahead of: the M = 1 VNNI loop waited longer on the load of the scales than
+/// on the codes (docs/perf.md, session 28). One call per 16 groups or fewer covers every
+/// line (a line holds 32 bf16/f16 scales).
+#[inline(always)]
+pub(crate) fn prefetch_groups<S>(
+    scales: &[S],
+    biases: &[S],
+    j: usize,
+    len: usize,
+    row_bytes: usize,
+    share: usize,
+    into: PrefetchTo,
+) {
+    let len = len.max(1);
+    // Groups per whole row: the slice's groups scaled by the row's bytes over the slice's.
+    let row_groups = row_bytes.saturating_mul(scales.len()) / len;
+    let rows = (PREFETCH_AHEAD / share.max(1) / len + 1) * share;
+    let at = j.saturating_add(rows.saturating_mul(row_groups));
+    into.prefetch(scales.as_ptr().wrapping_add(at) as *const u8);
+    into.prefetch(biases.as_ptr().wrapping_add(at) as *const u8);
+}
+
 impl PrefetchTo {
+    /// Where a kernel that streams W at the memory's pace (a decode call of one block of
+    /// rows) prefetches on this CPU: [`PrefetchTo::L2`] on AMD family 19h (Zen 3 and Zen 4),
+    /// where it read W 10–27% faster than L1 (docs/perf.md, session 24), [`PrefetchTo::L1`]
+    /// elsewhere: on Zen 5 (family 1Ah) L1 was 5–10% faster at M = 1 and up to 34% at
+    /// M = 4 (session 28), and the Intel CPUs measured before session 24 ran with L1.
+    pub(crate) fn stream() -> PrefetchTo {
+        static LEVEL: std::sync::OnceLock<PrefetchTo> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            if amd_family() == Some(0x19) {
+                PrefetchTo::L2
+            } else {
+                PrefetchTo::L1
+            }
+        })
+    }
+
     /// Prefetches the line holding `a` into this cache level. A prefetch is a hint: it reads
     /// nothing the program sees and never faults, wherever `a` points.
     #[inline(always)]
@@ -261,4 +304,24 @@ pub(crate) unsafe fn run<C: Columns, O: Float>(kernel: &C, walk: Walk, out: &mut
             }
         });
     });
+}
+
+/// The CPU's family (base plus extended, as AMD numbers them) if it is an AMD CPU.
+fn amd_family() -> Option<u32> {
+    use std::arch::x86_64::__cpuid;
+    // Leaves 0 (vendor) and 1 (signature) exist on every x86-64 CPU.
+    let (vendor, sig) = (__cpuid(0), __cpuid(1));
+    let name: Vec<u8> = [vendor.ebx, vendor.edx, vendor.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .collect();
+    (name == b"AuthenticAMD").then(|| {
+        let base = (sig.eax >> 8) & 0xf;
+        let ext = (sig.eax >> 20) & 0xff;
+        if base == 0xf {
+            base + ext
+        } else {
+            base
+        }
+    })
 }

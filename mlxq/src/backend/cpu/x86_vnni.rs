@@ -33,7 +33,9 @@
 
 use super::qmm::QmmArgs;
 use super::x86::widen16;
-use super::x86_columns::{prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS};
+use super::x86_columns::{
+    prefetch_groups, prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS,
+};
 use super::{cast, cast_mut, Variant};
 use crate::aligned::AlignedBytes;
 use crate::dtype::Float;
@@ -735,10 +737,11 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
         tables: unsafe { tables::<BITS, G>() },
         // One block of rows: W streams at the memory's pace (see `PrefetchTo`).
         prefetch: if m <= ROWS {
-            PrefetchTo::L2
+            PrefetchTo::stream()
         } else {
             PrefetchTo::L1
         },
+        stream: m <= ROWS,
         cols: if m == 1 && k <= ONE_COLUMN_K {
             1
         } else {
@@ -762,6 +765,8 @@ struct Kernel<'a, S, const BITS: usize, const G: usize> {
     cols: usize,
     /// Where W's prefetches go.
     prefetch: PrefetchTo,
+    /// Whether the call is one block of rows (W streams at the memory's pace).
+    stream: bool,
 }
 
 impl<S: Float, const BITS: usize, const G: usize> Columns for Kernel<'_, S, BITS, G> {
@@ -794,6 +799,7 @@ impl<S: Float, const BITS: usize, const G: usize> Columns for Kernel<'_, S, BITS
             tables: &self.tables,
             row_bytes: self.w.row_bytes,
             prefetch: self.prefetch,
+            stream: self.stream,
         };
         for c in 0..count.min(Self::COLS) {
             let Some((packed, scales, biases)) = self.w.row(col + c, g0, g1, BITS) else {
@@ -826,6 +832,8 @@ struct Column<'a, S> {
     row_bytes: usize,
     /// Where W's prefetches go.
     prefetch: PrefetchTo,
+    /// Whether the call is one block of rows (W streams at the memory's pace).
+    stream: bool,
 }
 
 /// `acc[c][r] = Σ over this K slice of x[row0 + r]·ŵ[c]`, for `R` rows and `C` columns
@@ -901,7 +909,7 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
         let m16: __mmask16 = ((1u32 << valid16) - 1) as u16;
         let mut s16 = [zero; C];
         for c in 0..C {
-            prefetch_groups(a, c, j0, C);
+            prefetch_scales(a, c, j0, C);
             // SAFETY: groups j0..j0 + valid16 of this slice are in `scales`/`biases`, and of
             // rows row0..row0 + R in `xsum` (all checked above).
             unsafe {
@@ -1056,30 +1064,24 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
     }
 }
 
-/// Prefetches the scales and biases of groups `j0..j0 + 16` (one line of each, or two
-/// halves of one) of the weight row that column `c`'s prefetch of codes has reached, the
-/// next slices of the task's stream being `share` rows on: those are streams of their own,
-/// 1/16 of the codes' bytes at 4 bits, which the hardware prefetcher does not run far enough
-/// ahead of (the M = 1 loop waited on the scales' load more than on the codes'; docs/perf.md,
+/// [`prefetch_groups`] for column `c` of `a`, where W streams at the memory's pace (one
+/// block of rows, prefetches into L2): with more rows the loop computes long enough per line
+/// for the hardware prefetcher, and the extra prefetches cost M = 8 15% (docs/perf.md,
 /// session 28).
-///
-/// Only where W streams at the memory's pace (one block of rows, prefetches into L2): with
-/// more rows the loop computes long enough per line for the hardware prefetcher, and the
-/// extra prefetches cost M = 8 15%.
 #[inline(always)]
-fn prefetch_groups<S>(a: &Column<'_, S>, c: usize, j0: usize, share: usize) {
-    if a.prefetch != PrefetchTo::L2 {
-        return;
+fn prefetch_scales<S>(a: &Column<'_, S>, c: usize, j0: usize, share: usize) {
+    if a.stream {
+        let (scales, biases) = (a.scales[c], a.biases[c]);
+        prefetch_groups(
+            scales,
+            biases,
+            j0,
+            a.packed[c].len(),
+            a.row_bytes,
+            share,
+            a.prefetch,
+        );
     }
-    let len = a.packed[c].len().max(1);
-    // Groups per whole row: the slice's groups scaled by the row's bytes over the slice's.
-    let row_groups = a.row_bytes.saturating_mul(a.scales[c].len()) / len;
-    let rows = (super::x86_columns::PREFETCH_AHEAD / share / len + 1) * share;
-    let at = j0.saturating_add(rows.saturating_mul(row_groups));
-    a.prefetch
-        .prefetch(a.scales[c].as_ptr().wrapping_add(at) as *const u8);
-    a.prefetch
-        .prefetch(a.biases[c].as_ptr().wrapping_add(at) as *const u8);
 }
 
 /// [`columns`] for one row of x and one column whose groups fill whole pairs of
@@ -1118,7 +1120,7 @@ unsafe fn column_pairs<S: Float, const BITS: usize, const G: usize>(a: &Column<'
     for j0 in (0..groups).step_by(16) {
         let valid16 = (groups - j0).min(16);
         let m16: __mmask16 = ((1u32 << valid16) - 1) as u16;
-        prefetch_groups(a, 0, j0, 1);
+        prefetch_scales(a, 0, j0, 1);
         // SAFETY: groups j0..j0 + valid16 lie in the slice's scales and biases and in row
         // row0's Σx (the caller's checks).
         let s16 = unsafe {
