@@ -99,14 +99,11 @@ impl PrefetchTo {
     /// elsewhere: on Zen 5 (family 1Ah) L1 was 5–10% faster at M = 1 and up to 34% at
     /// M = 4 (session 28), and the Intel CPUs measured before session 24 ran with L1.
     pub(crate) fn stream() -> PrefetchTo {
-        static LEVEL: std::sync::OnceLock<PrefetchTo> = std::sync::OnceLock::new();
-        *LEVEL.get_or_init(|| {
-            if amd_family() == Some(0x19) {
-                PrefetchTo::L2
-            } else {
-                PrefetchTo::L1
-            }
-        })
+        if zen3_or_4() {
+            PrefetchTo::L2
+        } else {
+            PrefetchTo::L1
+        }
     }
 
     /// Prefetches the line holding `a` into this cache level. A prefetch is a hint: it reads
@@ -304,6 +301,14 @@ pub(crate) unsafe fn run<C: Columns, O: Float>(kernel: &C, walk: Walk, out: &mut
             }
         });
     });
+}
+
+/// Whether this is an AMD CPU of family 19h (Zen 3, Zen 4): the decode kernels' tuning was
+/// measured there first (sessions 23–27), and where Zen 5 (family 1Ah, session 28) measured
+/// otherwise the choice depends on this.
+pub(crate) fn zen3_or_4() -> bool {
+    static ZEN34: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ZEN34.get_or_init(|| amd_family() == Some(0x19))
 }
 
 /// The CPU's family (base plus extended, as AMD numbers them) if it is an AMD CPU.

@@ -34,7 +34,8 @@
 use super::qmm::QmmArgs;
 use super::x86::widen16;
 use super::x86_columns::{
-    prefetch_groups, prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS,
+    prefetch_groups, prefetch_w, run, zen3_or_4, Columns, PrefetchTo, Rows, Walk, MAX_COLS,
+    MAX_ROWS,
 };
 use super::{cast, cast_mut, Variant};
 use crate::aligned::AlignedBytes;
@@ -873,7 +874,13 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
     // dedicated loop (see `column_pairs`).
     if R == 1 && C == 1 && nr <= 4 && groups.is_multiple_of(2 * SB) {
         // SAFETY: the slices were checked above; the caller guarantees the CPU features.
-        acc[0][0] = unsafe { column_pairs::<S, BITS, G>(a) };
+        acc[0][0] = unsafe {
+            if BITS == 8 && !zen3_or_4() {
+                column_pairs::<S, BITS, G, 1>(a)
+            } else {
+                column_pairs::<S, BITS, G, 2>(a)
+            }
+        };
         return;
     }
     let zero = _mm512_setzero_ps();
@@ -945,7 +952,7 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
                     let c1 = decode_sb::<BITS, G, true>(pp.add(off + SB * bpg), SB, a.tables);
                     let px = split.wrapping_add((a.row0 * nsb + sbi) * nr * 128) as *const __m512i;
                     let st = step.add((a.row0 * nsb + sbi) * 16);
-                    let h = pair(nr, [c0, c1], px);
+                    let h = dots::<2>(nr, [c0, c1], px);
                     for u in 0..2 {
                         let f = _mm512_mul_ps(sv[u], _mm512_loadu_ps(st.add(16 * u)));
                         vacc2[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h[u]), f, vacc2[u]);
@@ -1086,8 +1093,10 @@ fn prefetch_scales<S>(a: &Column<'_, S>, c: usize, j0: usize, share: usize) {
 
 /// [`columns`] for one row of x and one column whose groups fill whole pairs of
 /// superblocks (groups of 32 or 64): the decode step at M = 1, which streams W and must keep
-/// pace with memory. Two superblocks at a time, their dot products interleaved (see
-/// [`pair`]), with nothing else in the loop: the scale lanes come from four constant index
+/// pace with memory. `U` superblocks at a time, their dot products interleaved (see
+/// [`dots`]): two (session 24, Zen 4: 1–20% faster than one, every width), except 8-bit codes
+/// on CPUs other than Zen 3/4 (on Zen 5 one at a time was 5–14% faster at 8 bits from memory,
+/// equal at 4; docs/perf.md, session 28). Nothing else in the loop: the scale lanes come from four constant index
 /// vectors, and where the column's slice is its whole row (the next slice the task reads
 /// starts where this one ends) the prefetch address is a fixed distance along the stream.
 /// The general loop spent ~40 of its ~135 instructions per pair on the prefetch's wrap to
@@ -1099,7 +1108,9 @@ fn prefetch_scales<S>(a: &Column<'_, S>, c: usize, j0: usize, share: usize) {
 /// `2·SB`, `G / 16 ≤ 4`; the CPU supports [`available`]'s features.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
-unsafe fn column_pairs<S: Float, const BITS: usize, const G: usize>(a: &Column<'_, S>) -> f32 {
+unsafe fn column_pairs<S: Float, const BITS: usize, const G: usize, const U: usize>(
+    a: &Column<'_, S>,
+) -> f32 {
     let nr = G / 16;
     let bpg = G / 8 * BITS;
     let groups = a.scales[0].len();
@@ -1130,10 +1141,10 @@ unsafe fn column_pairs<S: Float, const BITS: usize, const G: usize>(a: &Column<'
             widen16(sp.add(j0), m16)
         };
         // valid16 is 8 or 16: one or two pairs.
-        for q in (0..valid16 / SB).step_by(2) {
+        for q in (0..valid16 / SB).step_by(U) {
             let jb = j0 + q * SB;
             let off = jb * bpg;
-            for l in (0..2 * SB * bpg).step_by(64) {
+            for l in (0..U * SB * bpg).step_by(64) {
                 if linear {
                     a.prefetch
                         .prefetch(pp.wrapping_add(off + l + super::x86_columns::PREFETCH_AHEAD));
@@ -1142,14 +1153,15 @@ unsafe fn column_pairs<S: Float, const BITS: usize, const G: usize>(a: &Column<'
                 }
             }
             let sb = base + (jb / SB) as isize;
-            // SAFETY: groups jb..jb + 2·SB lie in the slice (groups is a multiple of 2·SB), and
-            // superblocks sb, sb + 1 of row row0 in the split and the steps (caller's checks).
+            // SAFETY: groups jb..jb + U·SB lie in the slice (groups is a multiple of 2·SB), and
+            // superblocks sb..sb + U of row row0 in the split and the steps (caller's checks).
             unsafe {
-                let c0 = decode_sb::<BITS, G, true>(pp.add(off), SB, a.tables);
-                let c1 = decode_sb::<BITS, G, true>(pp.add(off + SB * bpg), SB, a.tables);
-                let h = pair(nr, [c0, c1], split.offset(sb * nr as isize * 2));
+                let c: [[__m512i; 8]; U] = std::array::from_fn(|u| {
+                    decode_sb::<BITS, G, true>(pp.add(off + u * SB * bpg), SB, a.tables)
+                });
+                let h = dots::<U>(nr, c, split.offset(sb * nr as isize * 2));
                 let st = step.offset(sb * 16);
-                for u in 0..2 {
+                for u in 0..U {
                     let sv = _mm512_permutexvar_ps(idx[(q + u) % 4], s16);
                     let f = _mm512_mul_ps(sv, _mm512_loadu_ps(st.add(16 * u)));
                     v2[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h[u]), f, v2[u]);
@@ -1160,23 +1172,27 @@ unsafe fn column_pairs<S: Float, const BITS: usize, const G: usize>(a: &Column<'
     _mm512_reduce_add_ps(_mm512_add_ps(vacc, _mm512_add_ps(v2[0], v2[1])))
 }
 
-/// The exact dot products of two consecutive superblocks of one weight row (`codes`) with
-/// one row of x's split at `px` (the first superblock's `nr` hi/lo register pairs, the
-/// second's right after): four chains per superblock, the two superblocks' `vpdpbusd`
+/// The exact dot products of `U` (1 or 2) consecutive superblocks of one weight row
+/// (`codes`) with one row of x's split at `px` (the first superblock's `nr` hi/lo register
+/// pairs, the next's right after): four chains per superblock, two superblocks' `vpdpbusd`
 /// alternating so that one's wait on its loads and chains overlaps the other's work.
 ///
 /// # Safety
-/// `px` points to `2·nr` hi/lo register pairs; the CPU supports [`available`]'s features.
-// Index loop: each step reads register i of both superblocks' codes and x.
+/// `px` points to `U·nr` hi/lo register pairs; the CPU supports [`available`]'s features.
+// Index loop: each step reads register i of every superblock's codes and x.
 #[allow(clippy::needless_range_loop)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
-unsafe fn pair(nr: usize, codes: [[__m512i; 8]; 2], px: *const __m512i) -> [__m512i; 2] {
+unsafe fn dots<const U: usize>(
+    nr: usize,
+    codes: [[__m512i; 8]; U],
+    px: *const __m512i,
+) -> [__m512i; U] {
     let zi = _mm512_setzero_si512();
-    let (mut dh, mut dl, mut dh2, mut dl2) = ([zi; 2], [zi; 2], [zi; 2], [zi; 2]);
+    let (mut dh, mut dl, mut dh2, mut dl2) = ([zi; U], [zi; U], [zi; U], [zi; U]);
     for i in 0..nr {
-        for u in 0..2 {
-            // SAFETY: register pair i of superblock u lies in the 2·nr pairs at `px`.
+        for u in 0..U {
+            // SAFETY: register pair i of superblock u lies in the U·nr pairs at `px`.
             let (xh, xl) = unsafe {
                 (
                     _mm512_loadu_si512(px.add(2 * (u * nr + i))),
@@ -1192,7 +1208,7 @@ unsafe fn pair(nr: usize, codes: [[__m512i; 8]; 2], px: *const __m512i) -> [__m5
             }
         }
     }
-    [0, 1].map(|u| {
+    std::array::from_fn(|u| {
         let h = _mm512_add_epi32(dh[u], dh2[u]);
         let l = _mm512_add_epi32(dl[u], dl2[u]);
         _mm512_add_epi32(_mm512_slli_epi32::<8>(h), l)
