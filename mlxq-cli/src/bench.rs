@@ -13,7 +13,10 @@
 //! - GB/s counts the bytes of quantized weights a call must read ([`QuantizedWeight::nbytes`],
 //!   for `gather` only the experts it selected; for `quantize` the floats read plus the
 //!   quantized bytes written). The roofline is a multi-threaded streaming read of a
-//!   `--bandwidth-mib` buffer, best of a few runs.
+//!   `--bandwidth-mib` buffer, best of a few runs, read at the start and again after every
+//!   case; each result's ratio is to the highest reading up to and including its own (the
+//!   bandwidth of a shared machine moves with its neighbours, and a low first reading would
+//!   otherwise flatter every later case).
 //! - Checking computes only a sample of outputs in f64 (`--check-rows` rows of x ×
 //!   `--check-cols` output columns, from the dequantized rows of W that feed them), so it costs
 //!   a small fraction of the run; each result says what it checked. `quantize` is checked bit
@@ -196,7 +199,8 @@ pub(crate) struct Setup {
     pub max_copies: usize,
     pub check_rows: usize,
     pub check_cols: usize,
-    pub roofline_gbps: f64,
+    /// The bandwidth probe, read again after every case.
+    pub roofline: timing::Roofline,
     pub seed: u64,
 }
 
@@ -236,8 +240,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         args.tune.bandwidth_mib,
         rayon::current_num_threads()
     );
-    let roofline_gbps = timing::memory_bandwidth(args.tune.bandwidth_mib << 20, 5);
-    eprintln!("memory read bandwidth: {roofline_gbps:.1} GB/s");
+    let roofline = timing::Roofline::new(args.tune.bandwidth_mib << 20, 5);
+    eprintln!("memory read bandwidth: {:.1} GB/s", roofline.best());
 
     let setup = Setup {
         device,
@@ -252,7 +256,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         max_copies: args.tune.max_copies.max(1),
         check_rows: args.tune.check_rows.max(1),
         check_cols: args.tune.check_cols.max(1),
-        roofline_gbps,
+        roofline,
         seed: args.tune.seed,
     };
     let mut out = report::Reporter::new(args.json);
@@ -273,7 +277,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let records = out.finish();
     if let Some(path) = &args.plot {
-        let svg = plot::roofline_svg(&records, roofline_gbps, args.tune.peak_gflops);
+        let svg = plot::roofline_svg(&records, setup.roofline.best(), args.tune.peak_gflops);
         std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote roofline chart to {}", path.display());
     }

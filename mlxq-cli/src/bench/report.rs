@@ -197,9 +197,11 @@ impl Reporter {
     /// Prints the table's footnote and returns the records.
     pub fn finish(self) -> Vec<Record> {
         if !self.json {
-            if let Some(r) = self.records.first() {
+            if let Some(r) = self.records.last() {
                 println!(
-                    "\nroofline: {:.1} GB/s measured memory read bandwidth. GB/s = bytes of quantized \
+                    "\nroofline: {:.1} GB/s measured memory read bandwidth (the highest reading of the \
+                     run; the probe runs at the start and after every case, and each roof% is to the \
+                     highest reading up to its case). GB/s = bytes of quantized \
                      weights read per call / median time (quantize: floats read + quantized written); \
                      roof% = that / roofline.\nchecked = sampled rows × output columns computed in f64 \
                      from the dequantized weights (quantize: weight rows compared bit for bit); \

@@ -78,24 +78,62 @@ pub fn median(samples: &mut [f64]) -> f64 {
     }
 }
 
-/// Memory read bandwidth in GB/s (10⁹ bytes/s): all threads stream a `bytes`-sized buffer,
-/// summing its u64 words in eight independent lanes (vectorised wide loads); the best of
-/// `runs` at each of several software-prefetch distances (the hardware prefetcher alone leaves
-/// a core short of the misses in flight it can sustain, and the kernels prefetch), the best
-/// of all of them.
-pub fn memory_bandwidth(bytes: usize, runs: usize) -> f64 {
-    const CHUNK: usize = 1 << 15; // words per task: 256 KiB
+/// Words of the bandwidth probe's buffer one task streams: 256 KiB.
+const CHUNK: usize = 1 << 15;
+
+/// The memory read bandwidth probe, kept for the whole run so that it can be read again
+/// between cases: on a shared machine the bandwidth moves with the neighbours (43–72 GB/s
+/// within one hour on the VM of docs/perf.md, session 28), and a single reading at the start
+/// can fall below what a later case then reads (ratios over 100%).
+pub struct Roofline {
+    buf: Vec<u64>,
+    /// The highest reading so far, GB/s (`f64` bits).
+    best: std::sync::atomic::AtomicU64,
+}
+
+impl Roofline {
+    /// A probe of `bytes`, read `runs` times at each prefetch distance now.
+    pub fn new(bytes: usize, runs: usize) -> Roofline {
+        let mut buf = vec![0u64; bytes / 8];
+        // Write every page first: untouched pages of a fresh allocation all map the one zero
+        // page, and reading that would measure the cache, not memory.
+        buf.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
+            for (j, v) in c.iter_mut().enumerate() {
+                *v = (i * CHUNK + j) as u64;
+            }
+        });
+        let r = Roofline {
+            buf,
+            best: std::sync::atomic::AtomicU64::new(0f64.to_bits()),
+        };
+        r.read(runs);
+        r
+    }
+
+    /// Reads the bandwidth again (`runs` times at each prefetch distance) and returns the
+    /// highest reading of the run so far: the limit every ratio is taken against, so that a
+    /// quiet moment after the start is not held against the kernels.
+    pub fn read(&self, runs: usize) -> f64 {
+        let now = memory_bandwidth(&self.buf, runs);
+        let best = f64::from_bits(self.best.load(std::sync::atomic::Ordering::Relaxed)).max(now);
+        self.best
+            .store(best.to_bits(), std::sync::atomic::Ordering::Relaxed);
+        best
+    }
+
+    /// The highest reading so far, GB/s.
+    pub fn best(&self) -> f64 {
+        f64::from_bits(self.best.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// Memory read bandwidth in GB/s (10⁹ bytes/s): all threads stream `buf`, summing its u64
+/// words in eight independent lanes (vectorised wide loads); the best of `runs` at each of
+/// several software-prefetch distances (the hardware prefetcher alone leaves a core short of
+/// the misses in flight it can sustain, and the kernels prefetch), the best of all of them.
+fn memory_bandwidth(buf: &[u64], runs: usize) -> f64 {
     /// Bytes ahead of the loads that the probe prefetches (0: none).
     const AHEAD: [usize; 4] = [0, 2048, 4096, 8192];
-    let words = bytes / 8;
-    let mut buf = vec![0u64; words];
-    // Write every page first: untouched pages of a fresh allocation all map the one zero
-    // page, and reading that would measure the cache, not memory.
-    buf.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
-        for (j, v) in c.iter_mut().enumerate() {
-            *v = (i * CHUNK + j) as u64;
-        }
-    });
     let mut best = f64::INFINITY;
     for ahead in AHEAD {
         for _ in 0..runs.max(1) {
@@ -108,7 +146,7 @@ pub fn memory_bandwidth(bytes: usize, runs: usize) -> f64 {
             best = best.min(t.elapsed().as_secs_f64());
         }
     }
-    (words * 8) as f64 / best / 1e9
+    std::mem::size_of_val(buf) as f64 / best / 1e9
 }
 
 /// The wrapping sum of `c`, prefetching `ahead` bytes in front of the loads (x86-64 only).
