@@ -5,7 +5,7 @@
 //! enqueue kernels and return at once, the encoder keeps the buffers they use alive, and
 //! `commit_and_wait` synchronises the stream (and reports an out-of-range index a kernel saw).
 //! A sequence of ops can also be captured into a CUDA graph and replayed
-//! ([`CommandEncoder::capture`]).
+//! (`CommandEncoder::capture`, with the `cuda` feature).
 //! The encoder also keeps the name of every kernel it ran, which benchmarks and tests use to
 //! report (and check) which variant the dispatcher chose.
 

@@ -1,5 +1,5 @@
 //! The oracle: slow, obviously correct f64 implementations, written without any of the
-//! kernels' machinery (codes come from the bit-by-bit [`read_code`](crate::quant::pack::read_code)
+//! kernels' machinery (codes come from the bit-by-bit [`read_code`]
 //! reader). Every kernel on every backend is tested against these.
 
 use crate::error::{Error, Result};

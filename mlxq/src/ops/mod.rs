@@ -1,5 +1,5 @@
 //! The operations, one per file. Each validates what its own arguments add to an already
-//! validated [`QuantizedWeight`](crate::QuantizedWeight), picks a kernel from the device's
+//! validated [`QuantizedWeight`], picks a kernel from the device's
 //! registry and records it on the encoder.
 
 mod dequantize;

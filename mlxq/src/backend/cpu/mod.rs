@@ -1,5 +1,5 @@
 //! The CPU backend: kernels specialised per (bits, dtypes) through monomorphisation, chosen
-//! once per [`KernelKey`](crate::registry::KernelKey) and cached in the device's registry.
+//! once per [`KernelKey`] and cached in the device's registry.
 //!
 //! Kernel variants are data: each has a name and a `supports` test, and the dispatcher takes
 //! the first in its list that fits (a caller can force one by name, which is how tests run
