@@ -165,12 +165,12 @@ fn sweep(variant: &'static str, ms: &[usize]) {
     assert_eq!(cases + skipped, 7 * 3 * 3 * 2 * 3 * ms.len());
 }
 
-/// The decode step at M = 1 on rows of many groups, every width: rows of 8, 24 and 40 groups
-/// (one, two and three blocks of up to 16 groups, the last of 8) take the VNNI kernel's
-/// dedicated one-column loop (two superblocks at a time, with the scales and biases
-/// prefetched), which the sweep's rows of three groups never reach; 52 groups (not whole
-/// pairs of superblocks) take the general loop. Random bf16 data against the f64 oracle, a
-/// poisoned output, the kernel that ran named.
+/// The decode step at M = 1 on rows of many groups, every width, through the VNNI kernel's
+/// one-column loop (superblocks two at a time where it pairs them, the scales and biases
+/// prefetched): rows of 8, 24 and 40 groups (one, two and three blocks of up to 16 groups,
+/// the last of 8: whole pairs of superblocks), 52 (a last single superblock) and 53 (then a
+/// partial one of one group), which the sweep's rows of three groups never reach. Random
+/// bf16 data against the f64 oracle, a poisoned output, the kernel that ran named.
 #[test]
 fn decode_m1_long_rows_every_width() {
     let device = Device::cpu();
@@ -180,7 +180,7 @@ fn decode_m1_long_rows_every_width() {
     for bits in BITS {
         for g in GROUPS {
             let spec = QuantSpec::affine(bits, g).unwrap();
-            for groups in [8usize, 24, 40, 52] {
+            for groups in [8usize, 24, 40, 52, 53] {
                 let (n, k) = (21, groups * g as usize);
                 let w = random_weight(&mut enc, &mut rng, &[n, k], spec, DType::BF16);
                 let wd = dequantize_f64(&w).unwrap();

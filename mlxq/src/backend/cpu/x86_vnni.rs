@@ -870,15 +870,16 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
     {
         return;
     }
-    // One row of x and one column (decode at M = 1), whole pairs of superblocks: the
-    // dedicated loop (see `column_pairs`).
-    if R == 1 && C == 1 && nr <= 4 && groups.is_multiple_of(2 * SB) {
+    // One row of x and one column (decode at M = 1): the dedicated loop (see
+    // `one_column`). Wider groups (eight code registers a superblock) leave no registers for
+    // a second superblock and take the general loop.
+    if R == 1 && C == 1 && nr <= 4 {
         // SAFETY: the slices were checked above; the caller guarantees the CPU features.
         acc[0][0] = unsafe {
             if BITS == 8 && !zen3_or_4() {
-                column_pairs::<S, BITS, G, 1>(a)
+                one_column::<S, BITS, G, 1>(a)
             } else {
-                column_pairs::<S, BITS, G, 2>(a)
+                one_column::<S, BITS, G, 2>(a)
             }
         };
         return;
@@ -886,8 +887,6 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
     let zero = _mm512_setzero_ps();
     // The bias terms `b·Σx` go straight into the sums.
     let mut vacc = [[zero; R]; C];
-    // The sums of the paired superblocks (one row, one column).
-    let mut vacc2 = [zero; 2];
     let (split, step, xsum) = (
         a.prep.split().as_ptr(),
         a.prep.step.as_ptr(),
@@ -932,35 +931,6 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
         let nq = valid16.div_ceil(SB);
         let mut q = 0;
         while q < nq {
-            // One row of x and one column (decode at M = 1): two full superblocks at a time,
-            // their dot products interleaved (see `pair`): 3–11% faster from memory, 5–20%
-            // with W in L3 (docs/perf.md, session 24). Wider groups (eight code registers a
-            // superblock) leave no registers for a second superblock.
-            if R == 1 && C == 1 && nr <= 4 && q + 1 < nq && groups - (j0 + q * SB) >= 2 * SB {
-                let jb = j0 + q * SB;
-                let sbi = (g0 + jb) / SB;
-                let pp = a.packed[0].as_ptr();
-                let off = jb * bpg;
-                for l in (0..2 * SB * bpg).step_by(64) {
-                    prefetch_w(pp, off + l, len, a.row_bytes, 1, a.prefetch);
-                }
-                let sv = [spread(s16[0], q), spread(s16[0], q + 1)];
-                // SAFETY: groups jb..jb + 2·SB lie in this slice (the condition above), and
-                // superblocks sbi, sbi + 1 of row row0 in `split` and `step` (checked above).
-                unsafe {
-                    let c0 = decode_sb::<BITS, G, true>(pp.add(off), SB, a.tables);
-                    let c1 = decode_sb::<BITS, G, true>(pp.add(off + SB * bpg), SB, a.tables);
-                    let px = split.wrapping_add((a.row0 * nsb + sbi) * nr * 128) as *const __m512i;
-                    let st = step.add((a.row0 * nsb + sbi) * 16);
-                    let h = dots::<2>(nr, [c0, c1], px);
-                    for u in 0..2 {
-                        let f = _mm512_mul_ps(sv[u], _mm512_loadu_ps(st.add(16 * u)));
-                        vacc2[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h[u]), f, vacc2[u]);
-                    }
-                }
-                q += 2;
-                continue;
-            }
             let jb = j0 + q * SB;
             let valid = (groups - jb).min(SB);
             let sbi = (g0 + jb) / SB;
@@ -1061,9 +1031,6 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
             q += 1;
         }
     }
-    if R == 1 && C == 1 {
-        vacc[0][0] = _mm512_add_ps(vacc[0][0], _mm512_add_ps(vacc2[0], vacc2[1]));
-    }
     for c in 0..C {
         for r in 0..R {
             acc[c][r] = _mm512_reduce_add_ps(vacc[c][r]);
@@ -1091,12 +1058,14 @@ fn prefetch_scales<S>(a: &Column<'_, S>, c: usize, j0: usize, share: usize) {
     }
 }
 
-/// [`columns`] for one row of x and one column whose groups fill whole pairs of
-/// superblocks (groups of 32 or 64): the decode step at M = 1, which streams W and must keep
-/// pace with memory. `U` superblocks at a time, their dot products interleaved (see
-/// [`dots`]): two (session 24, Zen 4: 1–20% faster than one, every width), except 8-bit codes
-/// on CPUs other than Zen 3/4 (on Zen 5 one at a time was 5–14% faster at 8 bits from memory,
-/// equal at 4; docs/perf.md, session 28). Nothing else in the loop: the scale lanes come from four constant index
+/// [`columns`] for one row of x and one column (groups of 32 or 64): the decode step at
+/// M = 1, which streams W and must keep pace with memory. `U` full superblocks at a time,
+/// their dot products interleaved (see [`dots`]): two (session 24, Zen 4: 1–20% faster than
+/// one, every width), except 8-bit codes on CPUs other than Zen 3/4 (on Zen 5 one at a time
+/// was 5–14% faster at 8 bits from memory, equal at 4; docs/perf.md, session 28); a row's
+/// last superblocks, where fewer than `U` full ones are left, one at a time, the very last
+/// possibly partial (masked loads; its missing groups' x, steps and Σx are zero). Nothing
+/// else in the loop: the scale lanes come from four constant index
 /// vectors, and where the column's slice is its whole row (the next slice the task reads
 /// starts where this one ends) the prefetch address is a fixed distance along the stream.
 /// The general loop spent ~40 of its ~135 instructions per pair on the prefetch's wrap to
@@ -1104,11 +1073,11 @@ fn prefetch_scales<S>(a: &Column<'_, S>, c: usize, j0: usize, share: usize) {
 /// with W in L3 on one Zen 5 core (docs/perf.md, session 28).
 ///
 /// # Safety
-/// [`columns`]' checks hold for `R = 1`, `C = 1`; `a.scales[0].len()` is a multiple of
-/// `2·SB`, `G / 16 ≤ 4`; the CPU supports [`available`]'s features.
+/// [`columns`]' checks hold for `R = 1`, `C = 1`; `G / 16 ≤ 4`; the CPU supports
+/// [`available`]'s features.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
-unsafe fn column_pairs<S: Float, const BITS: usize, const G: usize, const U: usize>(
+unsafe fn one_column<S: Float, const BITS: usize, const G: usize, const U: usize>(
     a: &Column<'_, S>,
 ) -> f32 {
     let nr = G / 16;
@@ -1140,11 +1109,15 @@ unsafe fn column_pairs<S: Float, const BITS: usize, const G: usize, const U: usi
             vacc = _mm512_fmadd_ps(b, xs, vacc);
             widen16(sp.add(j0), m16)
         };
-        // valid16 is 8 or 16: one or two pairs.
-        for q in (0..valid16 / SB).step_by(U) {
+        let nq = valid16.div_ceil(SB);
+        let mut q = 0;
+        while q < nq {
             let jb = j0 + q * SB;
+            let left = groups - jb;
+            // Full superblocks this step: U where as many are left, else one (full or not).
+            let step_sbs = if left >= U * SB { U } else { 1 };
             let off = jb * bpg;
-            for l in (0..U * SB * bpg).step_by(64) {
+            for l in (0..step_sbs * SB * bpg).step_by(64) {
                 if linear {
                     a.prefetch
                         .prefetch(pp.wrapping_add(off + l + super::x86_columns::PREFETCH_AHEAD));
@@ -1153,20 +1126,33 @@ unsafe fn column_pairs<S: Float, const BITS: usize, const G: usize, const U: usi
                 }
             }
             let sb = base + (jb / SB) as isize;
-            // SAFETY: groups jb..jb + U·SB lie in the slice (groups is a multiple of 2·SB), and
-            // superblocks sb..sb + U of row row0 in the split and the steps (caller's checks).
+            let px = split.wrapping_offset(sb * nr as isize * 2);
+            let st = step.wrapping_offset(sb * 16);
+            // SAFETY: groups jb..jb + min(left, step_sbs·SB) lie in the slice, and superblocks
+            // sb.. of row row0 in the split and the steps, which cover the row's groups padded
+            // to whole superblocks (the caller's checks).
             unsafe {
-                let c: [[__m512i; 8]; U] = std::array::from_fn(|u| {
-                    decode_sb::<BITS, G, true>(pp.add(off + u * SB * bpg), SB, a.tables)
-                });
-                let h = dots::<U>(nr, c, split.offset(sb * nr as isize * 2));
-                let st = step.offset(sb * 16);
-                for u in 0..U {
+                let h: [__m512i; U] = if step_sbs == U {
+                    let c: [[__m512i; 8]; U] = std::array::from_fn(|u| {
+                        decode_sb::<BITS, G, true>(pp.add(off + u * SB * bpg), SB, a.tables)
+                    });
+                    dots::<U>(nr, c, px)
+                } else {
+                    let c = if left >= SB {
+                        decode_sb::<BITS, G, true>(pp.add(off), SB, a.tables)
+                    } else {
+                        decode_sb::<BITS, G, false>(pp.add(off), left, a.tables)
+                    };
+                    let [h] = dots::<1>(nr, [c], px);
+                    [h; U]
+                };
+                for u in 0..step_sbs {
                     let sv = _mm512_permutexvar_ps(idx[(q + u) % 4], s16);
                     let f = _mm512_mul_ps(sv, _mm512_loadu_ps(st.add(16 * u)));
                     v2[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h[u]), f, v2[u]);
                 }
             }
+            q += step_sbs;
         }
     }
     _mm512_reduce_add_ps(_mm512_add_ps(vacc, _mm512_add_ps(v2[0], v2[1])))
