@@ -80,7 +80,7 @@ pub(crate) fn available() -> bool {
 /// registers in registers.
 const ROWS: usize = 4;
 /// Groups per superblock: one per 128-bit lane.
-const SB: usize = 4;
+pub(crate) const SB: usize = 4;
 /// Bytes of split x one row block may touch per K block (L1-resident beside the weights).
 const X_BLOCK_BYTES: usize = 24 << 10;
 /// The same with a single block of rows (decode): every column then reads the block of x
@@ -132,7 +132,7 @@ thread_local! {
 /// (element `64p + 8t + i`) and byte `t ≥ 8` bit `i + 4` of byte `t − 8`. Other widths (and
 /// 1-, 2-bit groups of 32): register `i` holds elements `16i + t`.
 #[inline(always)]
-fn slot(bits: usize, g: usize, e: usize) -> (usize, usize) {
+pub(crate) fn slot(bits: usize, g: usize, e: usize) -> (usize, usize) {
     let (p, r) = (e / 64, e % 64);
     match bits {
         4 => {
@@ -395,7 +395,7 @@ pub(crate) fn round(v: f64) -> f64 {
 
 /// Constant vectors the decode of widths other than 4 and 8 needs, built once per call.
 #[derive(Clone, Copy)]
-struct Tables {
+pub(crate) struct Tables {
     /// `vpermb` indices and `vpmultishiftqb` controls.
     spread: __m512i,
     ctl: __m512i,
@@ -418,7 +418,7 @@ const fn direct(bits: usize, g: usize) -> bool {
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
-fn tables<const BITS: usize, const G: usize>() -> Tables {
+pub(crate) fn tables<const BITS: usize, const G: usize>() -> Tables {
     let spread: [u8; 64] = std::array::from_fn(|i| ((i / 8) * BITS + i % 8).min(63) as u8);
     let ctl: [u8; 64] = std::array::from_fn(|i| ((i % 8) * BITS) as u8);
     let mut idx = [[0u8; 64]; 2];
@@ -550,7 +550,7 @@ fn transpose4(a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> [__m512i; 4] {
 /// `p` points to `valid·G·BITS/8` readable bytes; the CPU supports [`available`]'s features.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
-unsafe fn decode_sb<const BITS: usize, const G: usize, const FULL: bool>(
+pub(crate) unsafe fn decode_sb<const BITS: usize, const G: usize, const FULL: bool>(
     p: *const u8,
     valid: usize,
     t: &Tables,
