@@ -313,17 +313,7 @@ unsafe fn grid_group_avx2(xg: &[f32], out: &mut [i16]) -> (f32, f32) {
 
 /// The kernel.
 pub(crate) fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
-    match a.w.group_size {
-        32 => qmm_t_g::<S, O, BITS, 32>(a),
-        64 => qmm_t_g::<S, O, BITS, 64>(a),
-        128 => qmm_t_g::<S, O, BITS, 128>(a),
-        g => Err(Error::invalid(
-            "quantized_matmul",
-            "group_size",
-            "32, 64 or 128",
-            g,
-        )),
-    }
+    super::x86_columns::with_group!(a.w.group_size, G => qmm_t_g::<S, O, BITS, G>(a))
 }
 
 fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>) -> Result<()> {

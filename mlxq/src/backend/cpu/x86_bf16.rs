@@ -35,7 +35,7 @@ use super::x86_vnni::{decode_sb, slot, tables as code_tables, Tables as CodeTabl
 use super::{cast, cast_mut, Variant};
 use crate::aligned::AlignedBytes;
 use crate::dtype::Float;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use half::bf16;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -200,17 +200,7 @@ unsafe fn expand<const BITS: usize>(b: __m512i, t: &Tables) -> [__m512bh; 2] {
 
 /// The kernel.
 pub(crate) fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
-    match a.w.group_size {
-        32 => qmm_t_g::<S, O, BITS, 32>(a),
-        64 => qmm_t_g::<S, O, BITS, 64>(a),
-        128 => qmm_t_g::<S, O, BITS, 128>(a),
-        g => Err(Error::invalid(
-            "quantized_matmul",
-            "group_size",
-            "32, 64 or 128",
-            g,
-        )),
-    }
+    super::x86_columns::with_group!(a.w.group_size, G => qmm_t_g::<S, O, BITS, G>(a))
 }
 
 fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>) -> Result<()> {

@@ -340,3 +340,32 @@ fn amd_family() -> Option<u32> {
         }
     })
 }
+
+/// `$body` with `$g` a `const usize` of the weight's group size (32, 64 or 128): the
+/// dispatch of the decode kernels whose superblock layout is generic over the group size.
+/// Another size is the `quantized_matmul` error naming `group_size`.
+macro_rules! with_group {
+    ($group:expr, $g:ident => $body:expr) => {
+        match $group {
+            32 => {
+                const $g: usize = 32;
+                $body
+            }
+            64 => {
+                const $g: usize = 64;
+                $body
+            }
+            128 => {
+                const $g: usize = 128;
+                $body
+            }
+            g => Err($crate::error::Error::invalid(
+                "quantized_matmul",
+                "group_size",
+                "32, 64 or 128",
+                g,
+            )),
+        }
+    };
+}
+pub(crate) use with_group;

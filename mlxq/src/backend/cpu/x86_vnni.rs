@@ -40,7 +40,7 @@ use super::x86_columns::{
 use super::{cast, cast_mut, Variant};
 use crate::aligned::AlignedBytes;
 use crate::dtype::Float;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -700,17 +700,7 @@ pub(crate) unsafe fn decode_sb<const BITS: usize, const G: usize, const FULL: bo
 
 /// The kernel.
 pub(crate) fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
-    match a.w.group_size {
-        32 => qmm_t_g::<S, O, BITS, 32>(a),
-        64 => qmm_t_g::<S, O, BITS, 64>(a),
-        128 => qmm_t_g::<S, O, BITS, 128>(a),
-        g => Err(Error::invalid(
-            "quantized_matmul",
-            "group_size",
-            "32, 64 or 128",
-            g,
-        )),
-    }
+    super::x86_columns::with_group!(a.w.group_size, G => qmm_t_g::<S, O, BITS, G>(a))
 }
 
 fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>) -> Result<()> {
