@@ -321,16 +321,64 @@ pub(crate) fn zen3_or_4() -> bool {
     *ZEN34.get_or_init(|| amd_family() == Some(0x19))
 }
 
-/// The CPU's family (base plus extended, as AMD numbers them) if it is an AMD CPU.
-fn amd_family() -> Option<u32> {
+/// The size of a core's L1 data cache in bytes, from CPUID: AMD's leaf 8000_0005h, else the
+/// level-1 data cache among leaf 4's caches (Intel); 32 KiB where neither says.
+pub(crate) fn l1d_bytes() -> usize {
+    static L1D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *L1D.get_or_init(|| {
+        use std::arch::x86_64::{__cpuid, __cpuid_count};
+        let fallback = 32 << 10;
+        if is_amd() {
+            // Leaf 8000_0005h exists where the highest extended leaf (8000_0000h) reaches it;
+            // ECX bits 31..24: L1 data cache size in KiB.
+            if __cpuid(0x8000_0000).eax >= 0x8000_0005 {
+                let kib = (__cpuid(0x8000_0005).ecx >> 24) as usize;
+                if kib > 0 {
+                    return kib << 10;
+                }
+            }
+            return fallback;
+        }
+        if __cpuid(0).eax < 4 {
+            return fallback;
+        }
+        // Leaf 4: one subleaf per cache until type 0; type 1 is data, level in EAX 7..5.
+        for sub in 0..16 {
+            let r = __cpuid_count(4, sub);
+            let kind = r.eax & 0x1f;
+            if kind == 0 {
+                break;
+            }
+            if kind == 1 && (r.eax >> 5) & 0x7 == 1 {
+                let ways = ((r.ebx >> 22) & 0x3ff) as usize + 1;
+                let parts = ((r.ebx >> 12) & 0x3ff) as usize + 1;
+                let line = (r.ebx & 0xfff) as usize + 1;
+                let sets = r.ecx as usize + 1;
+                return ways * parts * line * sets;
+            }
+        }
+        fallback
+    })
+}
+
+/// Whether the CPU's vendor string is AMD's.
+fn is_amd() -> bool {
     use std::arch::x86_64::__cpuid;
-    // Leaves 0 (vendor) and 1 (signature) exist on every x86-64 CPU.
-    let (vendor, sig) = (__cpuid(0), __cpuid(1));
+    // Leaf 0 (vendor) exists on every x86-64 CPU.
+    let vendor = __cpuid(0);
     let name: Vec<u8> = [vendor.ebx, vendor.edx, vendor.ecx]
         .iter()
         .flat_map(|r| r.to_le_bytes())
         .collect();
-    (name == b"AuthenticAMD").then(|| {
+    name == b"AuthenticAMD"
+}
+
+/// The CPU's family (base plus extended, as AMD numbers them) if it is an AMD CPU.
+fn amd_family() -> Option<u32> {
+    use std::arch::x86_64::__cpuid;
+    // Leaf 1 (signature) exists on every x86-64 CPU.
+    let sig = __cpuid(1);
+    is_amd().then(|| {
         let base = (sig.eax >> 8) & 0xf;
         let ext = (sig.eax >> 20) & 0xff;
         if base == 0xf {
@@ -369,3 +417,16 @@ macro_rules! with_group {
     };
 }
 pub(crate) use with_group;
+
+#[cfg(test)]
+mod tests {
+    /// CPUID's L1 data cache size parses to a size some x86-64 CPU has (a whole number of
+    /// KiB between 16 and 192), not the fallback's accident or a field misread.
+    #[test]
+    fn l1d_size_is_plausible() {
+        let b = super::l1d_bytes();
+        println!("L1 data cache: {} KiB", b >> 10);
+        assert!((16 << 10..=192 << 10).contains(&b), "{b} bytes");
+        assert_eq!(b % 1024, 0, "{b} bytes");
+    }
+}

@@ -34,8 +34,8 @@
 use super::qmm::QmmArgs;
 use super::x86::widen16;
 use super::x86_columns::{
-    prefetch_groups, prefetch_w, run, zen3_or_4, Columns, PrefetchTo, Rows, Walk, MAX_COLS,
-    MAX_ROWS,
+    l1d_bytes, prefetch_groups, prefetch_w, run, zen3_or_4, Columns, PrefetchTo, Rows, Walk,
+    MAX_COLS, MAX_ROWS,
 };
 use super::{cast, cast_mut, Variant};
 use crate::aligned::AlignedBytes;
@@ -89,11 +89,17 @@ const X_BLOCK_BYTES: usize = 24 << 10;
 const X_BLOCK_BYTES_DECODE: usize = 256 << 10;
 
 /// Longest K at which a one-row call reads one weight row at a time instead of two side by
-/// side. Two rows read together are two streams a row apart, which Zen 4's prefetchers follow
-/// at half the rate of one (docs/perf.md, session 23: 12–13 against 26–31 GB/s on one core,
+/// side: while x's split (2 bytes an element) takes at most 5/8 of the L1 data cache.
+///
+/// Two rows read together are two streams a row apart, which Zen 4's prefetchers follow at
+/// half the rate of one (docs/perf.md, session 23: 12–13 against 26–31 GB/s on one core,
 /// `tools/stream_pattern_probe.c`); sharing each load of x between two columns matters less
-/// while x's split (2 bytes an element) stays in L1, and more once it does not.
-const ONE_COLUMN_K: usize = 8192;
+/// while x's split stays in L1, and more once it does not. With Zen 4's 32 KiB that is
+/// K ≤ 10240 (session 23 measured two columns faster at K = 14336); with Zen 5's 48 KiB
+/// K ≤ 15360, and one column read 1×4096×14336 4-bit 7–13% faster there (session 30).
+fn one_column_k() -> usize {
+    l1d_bytes() * 5 / 16
+}
 
 /// Elements of x up to which [`prepare`] runs on the calling thread alone.
 const SEQUENTIAL_SPLIT: usize = 1 << 14;
@@ -733,7 +739,7 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
             PrefetchTo::L1
         },
         stream: m <= ROWS,
-        cols: if m == 1 && k <= ONE_COLUMN_K {
+        cols: if m == 1 && k <= one_column_k() {
             1
         } else {
             <Kernel<S, BITS, G> as Columns>::COLS
@@ -752,7 +758,7 @@ struct Kernel<'a, S, const BITS: usize, const G: usize> {
     /// Superblocks per row of x.
     nsb: usize,
     tables: Tables,
-    /// Columns per call: [`Columns::COLS`], or 1 (see [`ONE_COLUMN_K`]).
+    /// Columns per call: [`Columns::COLS`], or 1 (see [`one_column_k`]).
     cols: usize,
     /// Where W's prefetches go.
     prefetch: PrefetchTo,
