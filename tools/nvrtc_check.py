@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Compiles mlxq's CUDA matmul module (kernels/common.cuh + the QMM concatenation of
-backend/cuda/mod.rs), or with --module its quantize or dequantize kernels (quant.cu), with
+backend/cuda/mod.rs), or with --module its quantize or dequantize kernels (quant.cu) or the
+FP modes' kernels (fp.cu: --module fp-quantize, fp-dequantize or fp-matmul, --mode), with
 NVRTC for sm_90a on a machine without a GPU, and prints NVRTC's log with ptxas's per-kernel
 register, spill and shared-memory report (`--ptxas-options=-v`); exits 1 if it fails.
 
@@ -12,9 +13,11 @@ wheel; pass its lib folder as --lib. Usage:
 import argparse, ctypes, os, re, sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "mlxq", "src", "backend", "cuda", "kernels")
-QMM = ["qmv.cu", "qmm_tc.cu", "qmv_dec.cu", "qmv_decb.cu", "qmm_tile.cu", "qmm_wg.cu"]
+QMM = ["batch.cuh", "qmv.cu", "qmm_tc.cu", "qmv_dec.cu", "qmv_decb.cu", "qmm_tile.cu", "qmm_wg.cu"]
 CTYPE = {"f32": "float", "f16": "f16_t", "bf16": "bf16_t"}
 TC_X = {"bf16": 2, "f16": 1, "f32": 0}
+# MODE define, element bits, group size (backend/cuda/mod.rs fp_defines).
+FP_MODES = {"mxfp4": (1, 4, 32), "mxfp8": (2, 8, 32), "nvfp4": (3, 4, 16)}
 
 
 def main():
@@ -25,8 +28,11 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=CTYPE)
     ap.add_argument("-D", action="append", default=[])
     ap.add_argument("--grep", default=None, help="only report kernels whose name contains this")
-    ap.add_argument("--module", default="qmm", choices=["qmm", "quantize", "dequantize"],
-                    help="the matmul module, or quant.cu as the quantize or dequantize variant")
+    ap.add_argument("--module", default="qmm",
+                    choices=["qmm", "quantize", "dequantize", "fp-quantize", "fp-dequantize", "fp-matmul"],
+                    help="the matmul module, quant.cu as the quantize or dequantize variant, or fp.cu")
+    ap.add_argument("--mode", default="mxfp4", choices=list(FP_MODES),
+                    help="the FP mode of an fp-* module (its bits and group size follow)")
     a = ap.parse_args()
     read = lambda f: open(os.path.join(ROOT, f)).read()
     t = CTYPE[a.dtype]
@@ -35,6 +41,17 @@ def main():
     if a.module == "qmm":
         src = read("common.cuh") + "\n" + "\n".join(read(f) for f in QMM)
         opts += [f"-DXT={t}", f"-DST={t}", f"-DOT={t}", f"-DTC_X={TC_X[a.dtype]}", "-DDEC_SU=2"]
+    elif a.module.startswith("fp-"):
+        mode, bits, group = FP_MODES[a.mode]
+        opts = ["--gpu-architecture=sm_90a", "-std=c++17", f"-DMODE={mode}", f"-DBITS={bits}",
+                f"-DGROUP={group}", "--ptxas-options=-v"] + [f"-D{d}" for d in a.D]
+        src = read("common.cuh") + "\n" + read("batch.cuh") + "\n" + read("fp.cu")
+        if a.module == "fp-matmul":
+            opts += [f"-DXT={t}"]
+        else:
+            # As backend/cuda/mod.rs: without contraction, MLX's GPU rounding flavour.
+            opts += ["--fmad=false", "-DGPU_FLAVOUR=1"]
+            opts += [f"-DWT={t}"] if a.module == "fp-quantize" else [f"-DOT={t}"]
     else:
         # As backend/cuda/mod.rs: quant.cu without contraction, MLX's GPU rounding flavour.
         src = read("common.cuh") + "\n" + read("quant.cu")

@@ -17,7 +17,8 @@ mod common;
 
 use mlxq::reference::{dequantize_f64, matmul_f64, max_rel_err};
 use mlxq::{
-    ops, Buffer, CommandEncoder, DType, Device, Error, Flavour, QuantSpec, QuantizedWeight,
+    ops, Buffer, CommandEncoder, DType, Device, Error, Flavour, QuantMode, QuantSpec,
+    QuantizedWeight,
 };
 use ops::DequantizeOptions;
 use rand::rngs::StdRng;
@@ -920,6 +921,223 @@ fn gather_qmm_with_device_indices() {
                 enc.commit_and_wait()
                     .expect("the fault is cleared once reported");
             }
+        }
+    }
+}
+
+/// MLX's FP modes (mxfp4, mxfp8, nvfp4; fp.cu) on CUDA: quantize and dequantize of every
+/// fixture of MLX 0.32.4 (both flavours, every float dtype and case kind, 3-D included) bit
+/// for bit, as the CPU backend does.
+#[test]
+fn fp_quantize_and_dequantize_match_mlx_fixtures_bit_for_bit() {
+    let Some(dev) = gpu() else { return };
+    let mut enc = dev.encoder();
+    let (mut checked, mut failures) = (0, Vec::new());
+    for flavour in FLAVOURS {
+        for cfg in common::fp_configs(flavour) {
+            for case in cfg.cases() {
+                let ctx = format!("{:?} {} {}", flavour, cfg.tag, case.name);
+                checked += 1;
+                let qw = ops::quantize(&mut enc, &up(&case.input, &dev), cfg.spec, flavour)
+                    .and_then(|q| enc.commit_and_wait().map(|()| q));
+                match qw {
+                    Err(e) => failures.push(format!("{ctx}: quantize: {e}")),
+                    Ok(qw) => {
+                        let qw = weight_down(&qw);
+                        if qw.biases().is_some() {
+                            failures.push(format!("{ctx}: quantize gave biases"));
+                        }
+                        for (what, want, got) in [
+                            ("packed", &case.packed, qw.packed()),
+                            ("scales", &case.scales, qw.scales()),
+                        ] {
+                            if let Some(f) = same_bytes(what, want, got) {
+                                failures.push(format!("{ctx}: quantize {f}"));
+                            }
+                        }
+                    }
+                }
+                // The FP fixtures asked MLX for the input's dtype.
+                let opts = DequantizeOptions {
+                    dtype: Some(cfg.dtype),
+                    flavour,
+                };
+                match ops::dequantize(&mut enc, &weight_to(&case.weight(cfg.spec), &dev), opts) {
+                    Err(e) => failures.push(format!("{ctx}: dequantize: {e}")),
+                    Ok(d) => {
+                        if let Some(f) = same_bytes("dequantize", &case.dequant, &down(&d)) {
+                            failures.push(format!("{ctx}: {f}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_none("MLX FP fixtures on CUDA", checked, failures);
+}
+
+const FP_MODES: [QuantMode; 3] = [QuantMode::Mxfp4, QuantMode::Mxfp8, QuantMode::Nvfp4];
+
+fn fp_spec(mode: QuantMode) -> QuantSpec {
+    let (bits, g) = QuantSpec::fp_defaults(mode);
+    QuantSpec::new(mode, bits, g).unwrap()
+}
+
+/// quantized_matmul with FP weights (fp.cu) against the f64 reference of the dequantized
+/// weights: every mode and float dtype (x's, which is the output's), M = 1, 3, 9 and 33 (the
+/// row tiles of 1, 4 and 8 and several tiles), both layouts, N not a multiple of the 4 rows a
+/// block owns; outputs poisoned with NaN. Dequantize on the device agrees with the CPU's too.
+#[test]
+fn fp_quantized_matmul_matches_the_f64_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut enc = dev.encoder();
+    let mut cenc = Device::cpu().encoder();
+    let mut rng = StdRng::seed_from_u64(41);
+    let (mut checked, mut failures) = (0, Vec::new());
+    for mode in FP_MODES {
+        let spec = fp_spec(mode);
+        for xdt in FLOATS {
+            for transpose in [true, false] {
+                // transpose: W [N, K] = 37 x 160; else W [K, N] = 70 x 96.
+                let (rows, cols) = if transpose { (37, 160) } else { (70, 96) };
+                let w =
+                    Buffer::from_f32(&randn(&mut rng, rows * cols), xdt, &[rows, cols]).unwrap();
+                let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
+                let wd = dequantize_f64(&qw).unwrap();
+                let (k, n) = if transpose {
+                    (cols, rows)
+                } else {
+                    (rows, cols)
+                };
+                for m in [1usize, 3, 9, 33] {
+                    let ctx = format!("{mode} x {xdt} M={m} W {rows}x{cols} transpose={transpose}");
+                    checked += 1;
+                    let x = Buffer::from_f32(&randn(&mut rng, m * k), xdt, &[m, k]).unwrap();
+                    let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+                    let want = matmul_f64(&xf, m, &wd, rows, cols, transpose);
+                    let mut out = poisoned_on(&dev, xdt, &[m, n]);
+                    let r = ops::quantized_matmul_into(
+                        &mut enc,
+                        &up(&x, &dev),
+                        &weight_to(&qw, &dev),
+                        transpose,
+                        &mut out,
+                    )
+                    .and_then(|()| enc.commit_and_wait());
+                    match r {
+                        Err(e) => failures.push(format!("{ctx}: {e}")),
+                        Ok(()) => failures.extend(verdict(&ctx, &out, &want, n, xdt)),
+                    }
+                }
+                // Dequantize on the device, both flavours, against the CPU backend's.
+                for flavour in FLAVOURS {
+                    checked += 1;
+                    let opts = DequantizeOptions {
+                        dtype: Some(xdt),
+                        flavour,
+                    };
+                    let want = ops::dequantize(&mut cenc, &qw, opts).unwrap();
+                    let got = ops::dequantize(&mut enc, &weight_to(&qw, &dev), opts)
+                        .and_then(|d| enc.commit_and_wait().map(|()| d));
+                    match got {
+                        Err(e) => failures.push(format!("{mode} {xdt} dequantize: {e}")),
+                        Ok(d) => failures.extend(
+                            same_bytes("dequantize", &want, &down(&d))
+                                .map(|f| format!("{mode} {xdt} {flavour:?}: {f}")),
+                        ),
+                    }
+                }
+            }
+        }
+    }
+    assert_none("FP quantized_matmul on CUDA", checked, failures);
+}
+
+/// gather_qmm with FP experts and device indices: each (token, expert) pair against the f64
+/// reference, both layouts; an out-of-range expert gives NaN in its row and the error at the
+/// next commit.
+#[test]
+fn fp_gather_qmm_with_device_indices() {
+    let Some(dev) = gpu() else { return };
+    let mut enc = dev.encoder();
+    let mut cenc = Device::cpu().encoder();
+    let mut rng = StdRng::seed_from_u64(43);
+    let (experts, n, k) = (5, 40, 128);
+    for (mode, dtype) in [
+        (QuantMode::Mxfp4, DType::BF16),
+        (QuantMode::Mxfp8, DType::F16),
+        (QuantMode::Nvfp4, DType::F32),
+    ] {
+        let spec = fp_spec(mode);
+        for transpose in [true, false] {
+            let (rows, cols) = if transpose { (n, k) } else { (k, 64) };
+            let w = Buffer::from_f32(
+                &randn(&mut rng, experts * rows * cols),
+                dtype,
+                &[experts, rows, cols],
+            )
+            .unwrap();
+            let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
+            let wd = dequantize_f64(&qw).unwrap();
+            let (kk, nn) = if transpose {
+                (cols, rows)
+            } else {
+                (rows, cols)
+            };
+            let (tokens, top) = (7, 3);
+            let x = Buffer::from_f32(&randn(&mut rng, tokens * kk), dtype, &[tokens, 1, 1, kk])
+                .unwrap();
+            let mut idx: Vec<u32> = (0..tokens * top)
+                .map(|_| rng.gen_range(0..experts as u32))
+                .collect();
+            let bad_at = 11;
+            idx[bad_at] = experts as u32 + 2;
+            let rhs = Buffer::from_slice(&idx, &[tokens, top]).unwrap();
+            let got = ops::gather_qmm(
+                &mut enc,
+                &up(&x, &dev),
+                &weight_to(&qw, &dev),
+                None,
+                Some(&up(&rhs, &dev)),
+                transpose,
+                false,
+            )
+            .unwrap();
+            let result = enc.commit_and_wait();
+            assert_eq!(got.shape(), &[tokens, top, 1, nn]);
+            let v = down(&got).to_f32_vec().unwrap();
+            let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+            let (mut got_ok, mut want_ok) = (Vec::new(), Vec::new());
+            for (p, &e) in idx.iter().enumerate() {
+                let row = &v[p * nn..(p + 1) * nn];
+                if p == bad_at {
+                    assert!(row.iter().all(|y| y.is_nan()), "{mode}: bad pair not NaN");
+                    continue;
+                }
+                let t = p / top;
+                got_ok.extend(row.iter().map(|&y| f64::from(y)));
+                want_ok.extend(matmul_f64(
+                    &xf[t * kk..(t + 1) * kk],
+                    1,
+                    &wd[e as usize * rows * cols..(e as usize + 1) * rows * cols],
+                    rows,
+                    cols,
+                    transpose,
+                ));
+            }
+            let err = max_rel_err(&got_ok, &want_ok);
+            assert!(
+                err <= tolerance(dtype),
+                "{mode} {dtype} transpose={transpose}: error {err:e}"
+            );
+            match result {
+                Err(Error::IndexOutOfRange {
+                    position, bound, ..
+                }) => assert_eq!((position, bound), (bad_at, experts)),
+                r => panic!("{mode}: expected IndexOutOfRange, got {r:?}"),
+            }
+            enc.commit_and_wait()
+                .expect("the fault is cleared once reported");
         }
     }
 }

@@ -8,7 +8,7 @@
 use super::{driver, CudaDevice};
 use crate::error::{checked_product, Error, Result};
 use crate::ops::DequantizeOptions;
-use crate::quant::{Flavour, QuantSpec};
+use crate::quant::{Flavour, QuantMode, QuantSpec};
 use crate::registry::{KernelKey, OpKind, AUTO};
 use crate::{Buffer, CommandEncoder, DType, Device, QuantizedWeight};
 use cudarc::driver::{sys, CudaEvent, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -20,7 +20,7 @@ const MAX_DIMS: usize = 4;
 /// Mirror of `struct Batch` in `qmv.cu`.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
-struct Batch {
+pub(super) struct Batch {
     dims: [u64; MAX_DIMS],
     lst: [u64; MAX_DIMS],
     rst: [u64; MAX_DIMS],
@@ -42,7 +42,7 @@ fn cuda(enc: &CommandEncoder) -> Result<Arc<CudaDevice>> {
     enc.device().cuda_state().map(Arc::clone)
 }
 
-fn ptr(op: &'static str, param: &'static str, b: &Buffer) -> Result<u64> {
+pub(super) fn ptr(op: &'static str, param: &'static str, b: &Buffer) -> Result<u64> {
     b.device_ptr().ok_or_else(|| Error::DeviceMismatch {
         op,
         param,
@@ -51,7 +51,13 @@ fn ptr(op: &'static str, param: &'static str, b: &Buffer) -> Result<u64> {
     })
 }
 
-fn aligned(op: &'static str, param: &'static str, b: &Buffer, p: u64, align: u64) -> Result<u64> {
+pub(super) fn aligned(
+    op: &'static str,
+    param: &'static str,
+    b: &Buffer,
+    p: u64,
+    align: u64,
+) -> Result<u64> {
     if !p.is_multiple_of(align) {
         return Err(Error::Misaligned {
             op,
@@ -64,7 +70,7 @@ fn aligned(op: &'static str, param: &'static str, b: &Buffer, p: u64, align: u64
     Ok(p)
 }
 
-fn cfg(grid: (u32, u32, u32), block: u32, op: &'static str) -> Result<LaunchConfig> {
+pub(super) fn cfg(grid: (u32, u32, u32), block: u32, op: &'static str) -> Result<LaunchConfig> {
     if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return Err(Error::invalid(
             op,
@@ -80,7 +86,7 @@ fn cfg(grid: (u32, u32, u32), block: u32, op: &'static str) -> Result<LaunchConf
     })
 }
 
-fn grid_x(op: &'static str, n: u64) -> Result<u32> {
+pub(super) fn grid_x(op: &'static str, n: u64) -> Result<u32> {
     u32::try_from(n.max(1))
         .ok()
         .filter(|&g| g < (1 << 31))
@@ -98,6 +104,9 @@ pub(crate) fn quantize(
     let dev = cuda(enc)?;
     dev.swap_last_dec(None);
     let spec = out.spec();
+    if spec.mode() != QuantMode::Affine {
+        return super::fp::quantize(enc, &dev, w, flavour, out);
+    }
     let key = KernelKey {
         op: OpKind::Quantize,
         mode: spec.mode(),
@@ -152,6 +161,9 @@ pub(crate) fn dequantize(
     const OP: &str = "dequantize";
     let dev = cuda(enc)?;
     dev.swap_last_dec(None);
+    if w.spec().mode() != QuantMode::Affine {
+        return super::fp::dequantize(enc, &dev, w, opts);
+    }
     let out_dtype = opts.dtype.unwrap_or(w.scales_dtype());
     if !out_dtype.is_float() {
         return Err(Error::dtype(
@@ -255,38 +267,16 @@ fn indices_ready(prev: Option<(u64, u64)>, indices: &[Option<(u64, u64)>]) -> bo
     })
 }
 
-/// `out = x · W(ᵀ)` over the job's batch on the CUDA device.
-pub(crate) fn qmm(
-    enc: &mut CommandEncoder,
+/// The kernel-side batch of a matmul launch (its broadcast shape, the index tensors checked
+/// and their device pointers, the fault word) and its number of entries.
+fn batch_of(
+    enc: &CommandEncoder,
+    dev: &CudaDevice,
     op: &'static str,
-    x: &Buffer,
     w: &QuantizedWeight,
-    out: &Buffer,
     job: &MatmulJob<'_>,
-) -> Result<()> {
-    let dev = cuda(enc)?;
-    // Cleared here, set again below only by a qmv_dec launch.
-    let prev_dec = dev.swap_last_dec(None);
-    let after_dec = prev_dec.is_some();
-    let spec = w.spec();
-    let biases = w
-        .biases()
-        .ok_or_else(|| Error::unsupported(op, format!("mode {} on CUDA", spec.mode())))?;
-    let key = KernelKey {
-        op: OpKind::QuantizedMatmul,
-        mode: spec.mode(),
-        bits: spec.bits(),
-        group_size: spec.group_size(),
-        input: x.dtype(),
-        scales: w.scales_dtype(),
-        output: out.dtype(),
-        flag: job.transpose,
-        variant: AUTO,
-    };
-    let k = dev.kernel(key)?;
-    for (param, b) in [("scales", w.scales()), ("biases", biases)] {
-        enc.check_location(op, param, b)?;
-    }
+    prev_dec: Option<(u64, u64)>,
+) -> Result<(Batch, u64)> {
     if job.batch.len() > MAX_DIMS {
         return Err(Error::unsupported(
             op,
@@ -296,12 +286,6 @@ pub(crate) fn qmm(
             ),
         ));
     }
-    let (rows, cols) = (w.rows() as u64, w.cols() as u64);
-    let (kdim, ndim) = if job.transpose {
-        (cols, rows)
-    } else {
-        (rows, cols)
-    };
     let mut bt = Batch {
         fault: dev.fault_ptr(),
         x_count: u32::try_from(job.x_count).map_err(|_| Error::SizeOverflow {
@@ -346,6 +330,52 @@ pub(crate) fn qmm(
         bt.flags = 1;
     }
     let entries = checked_product(op, "batch", job.batch.iter().copied())? as u64;
+    Ok((bt, entries))
+}
+
+/// `out = x · W(ᵀ)` over the job's batch on the CUDA device.
+pub(crate) fn qmm(
+    enc: &mut CommandEncoder,
+    op: &'static str,
+    x: &Buffer,
+    w: &QuantizedWeight,
+    out: &Buffer,
+    job: &MatmulJob<'_>,
+) -> Result<()> {
+    let dev = cuda(enc)?;
+    // Cleared here, set again below only by a qmv_dec launch.
+    let prev_dec = dev.swap_last_dec(None);
+    let after_dec = prev_dec.is_some();
+    let spec = w.spec();
+    if spec.mode() != QuantMode::Affine {
+        let (bt, entries) = batch_of(enc, &dev, op, w, job, prev_dec)?;
+        return super::fp::qmm(enc, &dev, op, x, w, out, job, bt, entries);
+    }
+    let biases = w
+        .biases()
+        .ok_or_else(|| Error::unsupported(op, format!("mode {} on CUDA", spec.mode())))?;
+    let key = KernelKey {
+        op: OpKind::QuantizedMatmul,
+        mode: spec.mode(),
+        bits: spec.bits(),
+        group_size: spec.group_size(),
+        input: x.dtype(),
+        scales: w.scales_dtype(),
+        output: out.dtype(),
+        flag: job.transpose,
+        variant: AUTO,
+    };
+    let k = dev.kernel(key)?;
+    for (param, b) in [("scales", w.scales()), ("biases", biases)] {
+        enc.check_location(op, param, b)?;
+    }
+    let (bt, entries) = batch_of(enc, &dev, op, w, job, prev_dec)?;
+    let (rows, cols) = (w.rows() as u64, w.cols() as u64);
+    let (kdim, ndim) = if job.transpose {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    };
     let gy = entries.clamp(1, 65535) as u32;
     let xsize = x.dtype().size() as u64;
     let osize = out.dtype().size() as u64;
@@ -1369,7 +1399,12 @@ fn u32_of(op: &'static str, v: u64) -> Result<u32> {
 
 /// Ends a matmul launch: keeps every buffer it reads or writes (the index tensors of a
 /// gather included) alive until the encoder's work completes, and records the kernel.
-fn finish(enc: &mut CommandEncoder, bufs: [&Buffer; 5], job: &MatmulJob<'_>, name: &str) {
+pub(super) fn finish<const B: usize>(
+    enc: &mut CommandEncoder,
+    bufs: [&Buffer; B],
+    job: &MatmulJob<'_>,
+    name: &str,
+) {
     for b in bufs
         .into_iter()
         .chain([job.lhs, job.rhs].into_iter().flatten())

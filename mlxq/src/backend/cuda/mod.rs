@@ -11,6 +11,7 @@
 //! the device's own architecture on first use of a [`KernelKey`] (the key's fields become
 //! `-D` defines), cached in memory by the registry and on disk by [`nvrtc`].
 
+mod fp;
 pub(crate) mod launch;
 mod nvrtc;
 
@@ -157,9 +158,23 @@ struct Variant {
 
 const COMMON: &str = include_str!("kernels/common.cuh");
 const QUANT: &str = include_str!("kernels/quant.cu");
-const QMV: &str = include_str!("kernels/qmv.cu");
+/// The bandwidth probe's module (`Batch` and its resolution come first, as in every module that
+/// uses them: batch.cuh).
+const QMV: &str = concat!(
+    include_str!("kernels/batch.cuh"),
+    "\n",
+    include_str!("kernels/qmv.cu")
+);
+/// The FP modes' kernels (quantize, dequantize, matmul).
+const FP: &str = concat!(
+    include_str!("kernels/batch.cuh"),
+    "\n",
+    include_str!("kernels/fp.cu")
+);
 /// The matmul module: the CUDA-core kernels, then the tensor-core ones (which use `Batch`).
 const QMM: &str = concat!(
+    include_str!("kernels/batch.cuh"),
+    "\n",
     include_str!("kernels/qmv.cu"),
     "\n",
     include_str!("kernels/qmm_tc.cu"),
@@ -208,8 +223,65 @@ fn experiment_defines() -> Vec<String> {
         .collect()
 }
 
+/// Whether a key is one of the FP modes (mxfp4, mxfp8, nvfp4) with float data.
+fn fp_mode(k: &KernelKey) -> bool {
+    k.mode != QuantMode::Affine && k.scales == DType::U8
+}
+
 /// Every CUDA kernel variant; the dispatcher takes the first that supports a key.
 const TABLE: &[Variant] = &[
+    Variant {
+        name: "fp_quantize",
+        supports: |k| k.op == OpKind::Quantize && fp_mode(k) && k.input.is_float(),
+        source: FP,
+        entries: &["fp_quantize"],
+        fmad: false,
+        defines: |k| {
+            let mut d = fp::fp_defines(k);
+            d.push(format!("-DGPU_FLAVOUR={}", u8::from(k.flag)));
+            d.push(format!("-DWT={}", ctype(k.input)));
+            d.extend(experiment_defines());
+            d
+        },
+    },
+    Variant {
+        name: "fp_dequantize",
+        supports: |k| k.op == OpKind::Dequantize && fp_mode(k) && k.output.is_float(),
+        source: FP,
+        entries: &["fp_dequantize"],
+        fmad: false,
+        defines: |k| {
+            let mut d = fp::fp_defines(k);
+            d.push(format!("-DGPU_FLAVOUR={}", u8::from(k.flag)));
+            d.push(format!("-DOT={}", ctype(k.output)));
+            d.extend(experiment_defines());
+            d
+        },
+    },
+    Variant {
+        name: "fp_qmm",
+        supports: |k| {
+            k.op == OpKind::QuantizedMatmul
+                && fp_mode(k)
+                && k.input.is_float()
+                && k.output == k.input
+        },
+        source: FP,
+        entries: &[
+            "fp_qmv_t_1",
+            "fp_qmv_t_4",
+            "fp_qmv_t_8",
+            "fp_qmv_n_1",
+            "fp_qmv_n_4",
+        ],
+        fmad: true,
+        defines: |k| {
+            let mut d = fp::fp_defines(k);
+            d.push(format!("-DXT={}", ctype(k.input)));
+            d.extend(experiment_defines());
+            d
+        },
+    },
     Variant {
         name: "quantize",
         supports: |k| k.op == OpKind::Quantize && k.mode == QuantMode::Affine && k.input.is_float(),
@@ -694,13 +766,15 @@ pub fn compile_all_kernels(arch: u32) -> Result<usize> {
                 cases.push((i + 2, bits, DType::F16));
             }
         }
-        for (i, bits, dt) in cases {
-            let key = KernelKey {
-                op: match v.name {
-                    "quantize" => OpKind::Quantize,
-                    "dequantize" => OpKind::Dequantize,
-                    _ => OpKind::QuantizedMatmul,
-                },
+        let op = match v.name {
+            "quantize" | "fp_quantize" => OpKind::Quantize,
+            "dequantize" | "fp_dequantize" => OpKind::Dequantize,
+            _ => OpKind::QuantizedMatmul,
+        };
+        let mut keys: Vec<KernelKey> = cases
+            .into_iter()
+            .map(|(i, bits, dt)| KernelKey {
+                op,
                 mode: QuantMode::Affine,
                 bits,
                 group_size: [32, 64, 128][i % 3],
@@ -709,7 +783,32 @@ pub fn compile_all_kernels(arch: u32) -> Result<usize> {
                 output: [DType::BF16, DType::F32, DType::F16][i % 3],
                 flag: i % 2 == 0 || dt != DType::F32,
                 variant: v.name,
-            };
+            })
+            .collect();
+        // The FP modes: each with each float dtype, both flavours over the three.
+        for (i, mode) in [QuantMode::Mxfp4, QuantMode::Mxfp8, QuantMode::Nvfp4]
+            .into_iter()
+            .enumerate()
+        {
+            let (bits, group_size) = crate::QuantSpec::fp_defaults(mode);
+            for (j, dt) in [DType::F32, DType::F16, DType::BF16]
+                .into_iter()
+                .enumerate()
+            {
+                keys.push(KernelKey {
+                    op,
+                    mode,
+                    bits,
+                    group_size,
+                    input: dt,
+                    scales: DType::U8,
+                    output: dt,
+                    flag: (i + j) % 2 == 0,
+                    variant: v.name,
+                });
+            }
+        }
+        for key in keys {
             if !(v.supports)(&key) {
                 continue;
             }

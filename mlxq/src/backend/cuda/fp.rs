@@ -1,0 +1,245 @@
+//! MLX's FP modes (mxfp4, mxfp8, nvfp4) on CUDA: quantize, dequantize and the quantized matmul
+//! (`kernels/fp.cu`), reached from [`super::launch`]'s entry points when a weight's mode is
+//! not affine. quantize and dequantize are bit for bit those of `quant::fp` in either flavour;
+//! the matmul decodes each group's elements, applies the scale as MLX's CPU matmul reads it
+//! (rounded to x's dtype) and accumulates in f32, for both layouts of W and any batch (the
+//! index tensors of `gather_qmm` included). Its kernels run on the CUDA cores, a warp per row
+//! (or 8 columns) of W: correct everywhere, not tuned like the affine decode and prefill.
+
+use super::launch::{aligned, cfg, finish, grid_x, ptr, Batch, MatmulJob};
+use super::{driver, CudaDevice};
+use crate::error::{Error, Result};
+use crate::ops::DequantizeOptions;
+use crate::quant::{Flavour, QuantMode};
+use crate::registry::{KernelKey, OpKind, AUTO};
+use crate::{Buffer, CommandEncoder, DType, QuantizedWeight};
+use cudarc::driver::PushKernelArg;
+
+/// Threads per block of the one-thread-per-group kernels.
+const GROUP_THREADS: u32 = 256;
+/// Warps per block of the matmul kernels (`FP_WARPS` in fp.cu).
+const MATMUL_WARPS: u64 = 4;
+
+/// The `-D` defines every fp.cu module takes: the mode, the element width and the group size.
+pub(super) fn fp_defines(k: &KernelKey) -> Vec<String> {
+    let mode = match k.mode {
+        QuantMode::Mxfp4 => 1,
+        QuantMode::Mxfp8 => 2,
+        _ => 3,
+    };
+    vec![
+        format!("-DMODE={mode}"),
+        format!("-DBITS={}", k.bits),
+        format!("-DGROUP={}", k.group_size),
+    ]
+}
+
+/// Quantizes `w` into `out` (validated by `ops::quantize_into`: shape, spec, a `uint8` scale
+/// per group, no biases) with fp.cu's `fp_quantize`, one thread per group.
+pub(super) fn quantize(
+    enc: &mut CommandEncoder,
+    dev: &CudaDevice,
+    w: &Buffer,
+    flavour: Flavour,
+    out: &QuantizedWeight,
+) -> Result<()> {
+    const OP: &str = "quantize";
+    let spec = out.spec();
+    let key = KernelKey {
+        op: OpKind::Quantize,
+        mode: spec.mode(),
+        bits: spec.bits(),
+        group_size: spec.group_size(),
+        input: w.dtype(),
+        scales: DType::U8,
+        output: DType::U32,
+        flag: flavour == Flavour::Gpu,
+        variant: AUTO,
+    };
+    let k = dev.kernel(key)?;
+    let (packed, scales) = (out.packed(), out.scales());
+    let groups = (w.numel() / spec.group_size() as usize) as u64;
+    if scales.numel() as u64 != groups {
+        return Err(Error::invalid(
+            OP,
+            "out",
+            format!("{groups} scales"),
+            scales.numel(),
+        ));
+    }
+    let (pw, pp, ps) = (
+        ptr(OP, "w", w)?,
+        aligned(OP, "packed", packed, ptr(OP, "packed", packed)?, 16)?,
+        ptr(OP, "scales", scales)?,
+    );
+    // SAFETY: thread g < groups reads inputs g·GROUP.. of w (groups·GROUP = w.numel()), writes
+    // packed bytes g·GB.. (groups·GB = packed's bytes: `out` has w's shape and the spec) and
+    // scale g; every buffer is kept alive by `retain` below.
+    unsafe {
+        dev.stream()
+            .launch_builder(k.func_named("fp_quantize")?)
+            .arg(&pw)
+            .arg(&pp)
+            .arg(&ps)
+            .arg(&groups)
+            .launch(cfg(
+                (grid_x(OP, groups.div_ceil(u64::from(GROUP_THREADS)))?, 1, 1),
+                GROUP_THREADS,
+                OP,
+            )?)
+    }
+    .map_err(driver(OP))?;
+    for b in [w, packed, scales] {
+        enc.retain(b);
+    }
+    enc.record(&k.name);
+    Ok(())
+}
+
+/// Dequantizes all of `w` into a new buffer (bf16 unless `opts.dtype` says otherwise, as on
+/// the CPU) with fp.cu's `fp_dequantize`, one thread per group.
+pub(super) fn dequantize(
+    enc: &mut CommandEncoder,
+    dev: &CudaDevice,
+    w: &QuantizedWeight,
+    opts: DequantizeOptions,
+) -> Result<Buffer> {
+    const OP: &str = "dequantize";
+    let out_dtype = opts.dtype.unwrap_or(DType::BF16);
+    if !out_dtype.is_float() {
+        return Err(Error::dtype(
+            OP,
+            "dtype",
+            "float32, float16 or bfloat16",
+            out_dtype,
+        ));
+    }
+    let spec = w.spec();
+    let key = KernelKey {
+        op: OpKind::Dequantize,
+        mode: spec.mode(),
+        bits: spec.bits(),
+        group_size: spec.group_size(),
+        input: DType::U32,
+        scales: w.scales_dtype(),
+        output: out_dtype,
+        flag: opts.flavour == Flavour::Gpu,
+        variant: AUTO,
+    };
+    let k = dev.kernel(key)?;
+    enc.check_location(OP, "scales", w.scales())?;
+    let out = Buffer::uninit_on(enc.device(), out_dtype, w.shape())?;
+    let groups = (out.numel() / spec.group_size() as usize) as u64;
+    let (pp, ps, po) = (
+        aligned(OP, "packed", w.packed(), ptr(OP, "packed", w.packed())?, 16)?,
+        ptr(OP, "scales", w.scales())?,
+        ptr(OP, "out", &out)?,
+    );
+    // SAFETY: thread g < groups reads packed bytes g·GB.. and scale g (w was validated with
+    // these sizes) and writes outputs g·GROUP.. of `out` (groups·GROUP elements).
+    unsafe {
+        dev.stream()
+            .launch_builder(k.func_named("fp_dequantize")?)
+            .arg(&pp)
+            .arg(&ps)
+            .arg(&po)
+            .arg(&groups)
+            .launch(cfg(
+                (grid_x(OP, groups.div_ceil(u64::from(GROUP_THREADS)))?, 1, 1),
+                GROUP_THREADS,
+                OP,
+            )?)
+    }
+    .map_err(driver(OP))?;
+    for b in [w.packed(), w.scales(), &out] {
+        enc.retain(b);
+    }
+    enc.record(&k.name);
+    Ok(out)
+}
+
+/// `out = x · W(ᵀ)` over the job's batch `bt` (`entries` of them) for an FP-mode `w`, with
+/// fp.cu's `fp_qmv_t_*` (W `[N, K]`) or `fp_qmv_n_*` (W `[K, N]`). The output is x's dtype
+/// (`ops` checked it).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn qmm(
+    enc: &mut CommandEncoder,
+    dev: &CudaDevice,
+    op: &'static str,
+    x: &Buffer,
+    w: &QuantizedWeight,
+    out: &Buffer,
+    job: &MatmulJob<'_>,
+    bt: Batch,
+    entries: u64,
+) -> Result<()> {
+    let spec = w.spec();
+    let key = KernelKey {
+        op: OpKind::QuantizedMatmul,
+        mode: spec.mode(),
+        bits: spec.bits(),
+        group_size: spec.group_size(),
+        input: x.dtype(),
+        scales: w.scales_dtype(),
+        output: out.dtype(),
+        flag: job.transpose,
+        variant: AUTO,
+    };
+    if out.dtype() != x.dtype() {
+        return Err(Error::dtype(op, "out", x.dtype().to_string(), out.dtype()));
+    }
+    let k = dev.kernel(key)?;
+    enc.check_location(op, "scales", w.scales())?;
+    let (rows, cols) = (w.rows() as u64, w.cols() as u64);
+    let (kdim, ndim) = if job.transpose {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    };
+    let m = job.m as u64;
+    let m32 = u32::try_from(m).map_err(|_| Error::SizeOverflow { op, what: "rows" })?;
+    let px = aligned(op, "x", x, ptr(op, "x", x)?, 16)?;
+    let pw = aligned(op, "w", w.packed(), ptr(op, "w", w.packed())?, 16)?;
+    let (ps, po) = (ptr(op, "scales", w.scales())?, ptr(op, "out", out)?);
+    let x_stride = m * kdim;
+    let out_stride = m * ndim;
+    let w_stride = rows * cols * u64::from(spec.bits()) / 8; // bytes
+    let s_stride = rows * cols / u64::from(spec.group_size());
+    let gy = entries.clamp(1, 65535) as u32;
+    let (entry, units) = if job.transpose {
+        let e = match m {
+            1 => "fp_qmv_t_1",
+            2..=4 => "fp_qmv_t_4",
+            _ => "fp_qmv_t_8",
+        };
+        (e, ndim)
+    } else {
+        (if m == 1 { "fp_qmv_n_1" } else { "fp_qmv_n_4" }, ndim / 8)
+    };
+    let gx = grid_x(op, units.div_ceil(MATMUL_WARPS))?;
+    // SAFETY: block (bx, e) reads x rows of matrix xi < x_count and W rows (or columns) < N of
+    // matrix wi < w_count (out-of-range indices are caught by `resolve`, whose entries are
+    // written as NaN), with their scales, and writes rows < M of output entry e < entries:
+    // all inside the buffers `finish` keeps alive. The arguments match the entry's
+    // parameters in order and type.
+    unsafe {
+        dev.stream()
+            .launch_builder(k.func_named(entry)?)
+            .arg(&px)
+            .arg(&pw)
+            .arg(&ps)
+            .arg(&po)
+            .arg(&m32)
+            .arg(&ndim)
+            .arg(&kdim)
+            .arg(&x_stride)
+            .arg(&w_stride)
+            .arg(&s_stride)
+            .arg(&out_stride)
+            .arg(&bt)
+            .launch(cfg((gx, gy, 1), (MATMUL_WARPS * 32) as u32, op)?)
+    }
+    .map_err(driver(op))?;
+    finish(enc, [x, w.packed(), w.scales(), out], job, &k.name);
+    Ok(())
+}
