@@ -38,7 +38,7 @@ mod report;
 mod timing;
 
 use anyhow::{bail, Context};
-use mlxq::{DType, Device, Flavour, QuantSpec};
+use mlxq::{DType, Device, Flavour, QuantMode, QuantSpec};
 use std::path::PathBuf;
 
 /// Which operation a case times.
@@ -68,6 +68,11 @@ pub struct BenchArgs {
     /// Elements per quantization group.
     #[arg(long, default_value_t = 64)]
     pub group_size: u32,
+    /// Quantization mode: affine (with `--bits` and `--group-size`), or one of MLX's FP modes
+    /// mxfp4, mxfp8, nvfp4, which have their own element width and group size (`--bits` and
+    /// `--group-size` are then not used). The FP modes time `matmul` and `gather`.
+    #[arg(long, default_value = "affine", value_parser = parse_mode)]
+    pub mode: QuantMode,
     /// dtype of x (and of the weights' scales and biases): bf16, f16 or f32.
     #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
     pub dtype: DType,
@@ -185,6 +190,10 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
         .ok_or_else(|| format!("expected bf16, f16 or f32; got '{s}'"))
 }
 
+fn parse_mode(s: &str) -> Result<QuantMode, String> {
+    QuantMode::parse(s).map_err(|_| format!("expected affine, mxfp4, mxfp8 or nvfp4; got '{s}'"))
+}
+
 fn parse_flavour(s: &str) -> Result<Flavour, String> {
     Flavour::parse(s).map_err(|e| e.to_string())
 }
@@ -218,13 +227,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     } else {
         args.shapes.clone()
     };
-    let specs = args
-        .bits
-        .iter()
-        .map(|&b| QuantSpec::affine(b, args.group_size))
-        .collect::<mlxq::Result<Vec<_>>>()
-        .context("--bits / --group-size")?;
-    validate(args, &shapes)?;
+    let specs = if args.mode == QuantMode::Affine {
+        args.bits
+            .iter()
+            .map(|&b| QuantSpec::affine(b, args.group_size))
+            .collect::<mlxq::Result<Vec<_>>>()
+            .context("--bits / --group-size")?
+    } else {
+        let (bits, g) = QuantSpec::fp_defaults(args.mode);
+        vec![QuantSpec::new(args.mode, bits, g).context("--mode")?]
+    };
+    let group = specs.first().map_or(args.group_size, QuantSpec::group_size);
+    validate(args, &shapes, group as usize)?;
     #[cfg(feature = "cuda")]
     if device.location() != mlxq::Location::Cpu {
         return cuda::run(args, &device, &shapes, &specs);
@@ -305,9 +319,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 /// Rejects arguments no case could run with, before spending minutes on the others.
-fn validate(args: &BenchArgs, shapes: &[[usize; 3]]) -> anyhow::Result<()> {
-    let g = args.group_size as usize;
+fn validate(args: &BenchArgs, shapes: &[[usize; 3]], g: usize) -> anyhow::Result<()> {
     let runs = |op| args.ops.contains(&op);
+    if args.mode != QuantMode::Affine && runs(Op::Quantize) {
+        bail!(
+            "--op quantize times affine weights only (--mode {} quantizes bit for bit too: see the tests)",
+            args.mode
+        );
+    }
     if let Some(0) = args.tune.iters {
         bail!("--iters must be at least 1");
     }
@@ -328,10 +347,10 @@ fn validate(args: &BenchArgs, shapes: &[[usize; 3]]) -> anyhow::Result<()> {
     let along_n = runs(Op::Matmul) && args.transpose.contains(&false);
     for &[m, n, k] in shapes {
         if along_k && k % g != 0 {
-            bail!("--shape {m},{n},{k}: K must be a multiple of --group-size {g}");
+            bail!("--shape {m},{n},{k}: K must be a multiple of the group size {g}");
         }
         if along_n && n % g != 0 {
-            bail!("--shape {m},{n},{k}: N must be a multiple of --group-size {g} for --transpose false");
+            bail!("--shape {m},{n},{k}: N must be a multiple of the group size {g} for --transpose false");
         }
     }
     if runs(Op::Gather) {
@@ -345,7 +364,7 @@ fn validate(args: &BenchArgs, shapes: &[[usize; 3]]) -> anyhow::Result<()> {
         let quantized = |t: bool| if t { ("K", k) } else { ("N", n) };
         for (axis, d) in args.transpose.iter().map(|&t| quantized(t)) {
             if d % g != 0 {
-                bail!("--moe {e},{n},{k}: {axis} must be a multiple of --group-size {g}");
+                bail!("--moe {e},{n},{k}: {axis} must be a multiple of the group size {g}");
             }
         }
         if args.tune.tokens.contains(&0) {

@@ -382,9 +382,10 @@ pub fn run(
                             });
                             let blas = blas.map_or("null".to_string(), |u| format!("{u:.2}"));
                             println!(
-                                "{{\"kind\":\"matmul\",\"m\":{m},\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"dtype\":\"{dtype}\",\"transpose\":{transpose},\"weight_bytes\":{bytes},\"copies\":{copies},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"gbps\":{:.1},\"ratio\":{:.3},\"cublas_bf16_us\":{blas},\"err\":{err:.2e},\"ok\":{ok},\"kernel\":\"{}\"}}",
+                                "{{\"kind\":\"matmul\",\"m\":{m},\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"mode\":\"{}\",\"dtype\":\"{dtype}\",\"transpose\":{transpose},\"weight_bytes\":{bytes},\"copies\":{copies},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"gbps\":{:.1},\"ratio\":{:.3},\"cublas_bf16_us\":{blas},\"err\":{err:.2e},\"ok\":{ok},\"kernel\":\"{}\"}}",
                                 spec.bits(),
                                 spec.group_size(),
+                                spec.mode(),
                                 bytes / (bw * 1e3),
                                 t.stream_us,
                                 t.graph_us,
@@ -446,9 +447,10 @@ pub fn run(
                         let bytes = (ws[0].nbytes() / e * distinct) as f64;
                         let best = tm.stream_us.min(tm.graph_us);
                         println!(
-                            "{{\"kind\":\"gather\",\"tokens\":{t},\"experts\":{e},\"top_k\":{top},\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"dtype\":\"{dtype}\",\"distinct_experts\":{distinct},\"weight_bytes\":{bytes},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"ratio\":{:.3},\"err\":{err:.2e},\"ok\":{ok}}}",
+                            "{{\"kind\":\"gather\",\"tokens\":{t},\"experts\":{e},\"top_k\":{top},\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"mode\":\"{}\",\"dtype\":\"{dtype}\",\"distinct_experts\":{distinct},\"weight_bytes\":{bytes},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"ratio\":{:.3},\"err\":{err:.2e},\"ok\":{ok}}}",
                             spec.bits(),
                             spec.group_size(),
+                            spec.mode(),
                             bytes / (bw * 1e3),
                             tm.stream_us,
                             tm.graph_us,

@@ -1,7 +1,7 @@
 //! Results: one [`Record`] per timed case, printed as it completes, as a table row or as one
 //! JSON object per line.
 
-use mlxq::DType;
+use mlxq::{DType, QuantMode};
 use std::io::Write;
 
 /// One timed and checked case.
@@ -15,6 +15,8 @@ pub struct Record {
     pub k: usize,
     pub bits: u32,
     pub group_size: u32,
+    /// The quantization mode (the FP modes have their own width and group size).
+    pub mode: QuantMode,
     pub dtype: DType,
     pub transpose: bool,
     /// Experts and experts per token (`gather` only).
@@ -84,7 +86,7 @@ impl Record {
             "k": self.k,
             "bits": self.bits,
             "group_size": self.group_size,
-            "mode": "affine",
+            "mode": self.mode.to_string(),
             "dtype": self.dtype.name(),
             "seconds": self.seconds,
             "weight_bytes": self.weight_bytes,
@@ -126,7 +128,7 @@ const HEADER: [&str; 12] = [
     "copies",
     "kernel",
 ];
-const WIDTHS: [usize; 11] = [8, 28, 4, 8, 10, 8, 6, 9, 11, 8, 6];
+const WIDTHS: [usize; 11] = [8, 28, 5, 8, 10, 8, 6, 9, 11, 8, 6];
 
 fn row(cells: &[String]) -> String {
     let mut s = String::new();
@@ -173,7 +175,11 @@ impl Reporter {
             let cells = [
                 r.op.to_owned(),
                 r.shape_label(),
-                r.bits.to_string(),
+                if r.mode == QuantMode::Affine {
+                    r.bits.to_string()
+                } else {
+                    r.mode.to_string()
+                },
                 r.dtype.name().to_owned(),
                 human_time(r.seconds),
                 format!("{:.2}", r.gbps()),
