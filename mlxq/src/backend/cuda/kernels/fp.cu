@@ -262,6 +262,27 @@ __device__ __forceinline__ float matmul_scale(u32 s) {
 
 #define FP_WARPS 4
 
+#if BITS == 4
+// The 8 E2M1 elements of a word, each times 2^-14, in element order: the magnitude bits (e1 e0
+// m) of a nibble placed at bits 11..9 and its sign at bit 15 make the f16 whose exponent field
+// is e and whose top mantissa bit is m, i.e. (1 + m/2) 2^(e - 15) = v 2^-14 for e > 0 and the
+// subnormal m 2^-15 = v 2^-14 for e = 0. Two nibbles (i and i + 4, 16 bits apart) per step:
+// shifts and masks on the whole word, then one conversion per element (exact).
+__device__ __forceinline__ void fp4_word(u32 w, float* v) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const u32 t = w >> (4 * i);
+        const u32 h = ((t << 9) & 0x0E000E00u) | ((t << 12) & 0x80008000u);
+        v[i] = to_f32(f16_t{(u16)(h & 0xffffu)});
+        v[i + 4] = to_f32(f16_t{(u16)(h >> 16)});
+    }
+}
+// What the decoded values above are to be multiplied by.
+#define FP_VSCALE 16384.0f
+#else
+#define FP_VSCALE 1.0f
+#endif
+
 // y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * v[n, k]: W [N, K] quantized along K
 // (transpose = true). A warp per row of W, its lanes over the row's groups; rows m0.. of x in
 // tiles of MT, each decoded group used for all of them.
@@ -295,8 +316,13 @@ __device__ __forceinline__ void fp_qmv_t_impl(const XT* __restrict__ x, const u8
                 load_group(wrow, n * G + g, p);
                 const float s = matmul_scale(srow[g]);
                 float v[GROUP];
+#if BITS == 4
+#pragma unroll
+                for (int wd = 0; wd < GB / 4; wd++) fp4_word(p[wd], v + 8 * wd);
+#else
 #pragma unroll
                 for (int j = 0; j < GROUP; j++) v[j] = element(p, j);
+#endif
 #pragma unroll
                 for (int m = 0; m < MT; m++) {
                     if (m0 + m >= M) break;
@@ -310,7 +336,8 @@ __device__ __forceinline__ void fp_qmv_t_impl(const XT* __restrict__ x, const u8
 #pragma unroll
                         for (int j = 0; j < per; j++) d = fmaf(xf[j], v[c * per + j], d);
                     }
-                    acc[m] = fmaf(s, d, acc[m]);
+                    // d * FP_VSCALE is exact (a power of two).
+                    acc[m] = fmaf(s, d * FP_VSCALE, acc[m]);
                 }
             }
 #pragma unroll
@@ -367,8 +394,14 @@ __device__ __forceinline__ void fp_qmv_n_impl(const XT* __restrict__ x, const u8
                 p[1] = BITS == 8 ? __ldg((const u32*)row + 1) : 0;
                 const float s = matmul_scale(sm[k * G + n0 / GROUP]);
                 float v[8];
+#if BITS == 4
+                fp4_word(p[0], v);
+#pragma unroll
+                for (int j = 0; j < 8; j++) v[j] = s * (v[j] * FP_VSCALE);
+#else
 #pragma unroll
                 for (int j = 0; j < 8; j++) v[j] = s * element(p, j);
+#endif
 #pragma unroll
                 for (int m = 0; m < MT; m++) {
                     if (m0 + m >= M) break;
