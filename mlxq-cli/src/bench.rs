@@ -321,6 +321,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 /// Rejects arguments no case could run with, before spending minutes on the others.
 fn validate(args: &BenchArgs, shapes: &[[usize; 3]], g: usize) -> anyhow::Result<()> {
     let runs = |op| args.ops.contains(&op);
+    // The group size as the user set it: --group-size, or the FP mode's own.
+    let group = if args.mode == QuantMode::Affine {
+        format!("--group-size {g}")
+    } else {
+        format!("the {} group size {g}", args.mode)
+    };
     if args.mode != QuantMode::Affine && runs(Op::Quantize) {
         bail!(
             "--op quantize times affine weights only (--mode {} quantizes bit for bit too: see the tests)",
@@ -347,10 +353,10 @@ fn validate(args: &BenchArgs, shapes: &[[usize; 3]], g: usize) -> anyhow::Result
     let along_n = runs(Op::Matmul) && args.transpose.contains(&false);
     for &[m, n, k] in shapes {
         if along_k && k % g != 0 {
-            bail!("--shape {m},{n},{k}: K must be a multiple of the group size {g}");
+            bail!("--shape {m},{n},{k}: K must be a multiple of {group}");
         }
         if along_n && n % g != 0 {
-            bail!("--shape {m},{n},{k}: N must be a multiple of the group size {g} for --transpose false");
+            bail!("--shape {m},{n},{k}: N must be a multiple of {group} for --transpose false");
         }
     }
     if runs(Op::Gather) {
@@ -364,7 +370,7 @@ fn validate(args: &BenchArgs, shapes: &[[usize; 3]], g: usize) -> anyhow::Result
         let quantized = |t: bool| if t { ("K", k) } else { ("N", n) };
         for (axis, d) in args.transpose.iter().map(|&t| quantized(t)) {
             if d % g != 0 {
-                bail!("--moe {e},{n},{k}: {axis} must be a multiple of the group size {g}");
+                bail!("--moe {e},{n},{k}: {axis} must be a multiple of {group}");
             }
         }
         if args.tune.tokens.contains(&0) {

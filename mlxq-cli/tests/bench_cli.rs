@@ -25,7 +25,15 @@ fn json_lines(out: &Output) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// `r` is a passing, checked record of an affine group-64 case ([`check_any_record`]: any mode).
 fn check_record(r: &serde_json::Value, tolerance: f64) {
+    check_any_record(r, tolerance);
+    assert_eq!(r["mode"], "affine");
+    assert_eq!(r["group_size"], 64);
+}
+
+/// `r` is a passing, checked record with every field present.
+fn check_any_record(r: &serde_json::Value, tolerance: f64) {
     for f in ["op", "device", "mode", "dtype", "kernel"] {
         assert!(r[f].is_string(), "{f} in {r}");
     }
@@ -36,8 +44,6 @@ fn check_record(r: &serde_json::Value, tolerance: f64) {
         assert!(r[f].as_f64().is_some_and(|v| v > 0.0), "{f} in {r}");
     }
     assert_eq!(r["device"], "cpu");
-    assert_eq!(r["mode"], "affine");
-    assert_eq!(r["group_size"], 64);
     let err = r["max_rel_err"].as_f64().expect("max_rel_err");
     assert!(err <= tolerance, "error {err} over {tolerance} in {r}");
     assert_eq!(r["pass"], true);
@@ -109,6 +115,39 @@ fn f32_and_untransposed_weights_meet_the_f32_tolerance() {
     }
 }
 
+#[test]
+fn fp_modes_time_matmul_and_gather_checked() {
+    for (mode, bits, group) in [("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)] {
+        let mut args = QUICK.to_vec();
+        args.extend([
+            "--mode",
+            mode,
+            "--shape",
+            "2,64,96",
+            "--op",
+            "matmul,gather",
+            "--moe",
+            "3,32,64",
+            "--top-k",
+            "2",
+            "--tokens",
+            "2",
+            "--transpose",
+            "true,false",
+        ]);
+        let recs = json_lines(&mlxq(&args));
+        assert_eq!(recs.len(), 4, "{mode}");
+        for r in &recs {
+            assert_eq!(r["mode"], mode);
+            assert_eq!(
+                (r["bits"].as_u64(), r["group_size"].as_u64()),
+                (Some(bits), Some(group))
+            );
+            check_any_record(r, 1e-2);
+        }
+    }
+}
+
 fn fails_cleanly(args: &[&str], needle: &str) {
     let out = mlxq(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -129,4 +168,10 @@ fn bad_devices_and_shapes_are_clean_errors() {
         "multiple of --group-size 64",
     );
     fails_cleanly(&["bench", "--bits", "7"], "bits");
+    fails_cleanly(
+        &["bench", "--mode", "nvfp4", "--shape", "1,64,40"],
+        "multiple of the nvfp4 group size 16",
+    );
+    fails_cleanly(&["bench", "--mode", "mxfp4", "--op", "quantize"], "affine");
+    fails_cleanly(&["bench", "--mode", "fp4"], "mxfp4");
 }
