@@ -1053,6 +1053,108 @@ fn fp_quantized_matmul_matches_the_f64_reference() {
     assert_none("FP quantized_matmul on CUDA", checked, failures);
 }
 
+/// The FP matmul decodes every element code as MLX does: weights of random codes (every E2M1
+/// code; every E4M3 code but NaN) with random scales against the f64 reference, both layouts;
+/// and an E4M3 NaN code (0x7f, 0xff) makes its outputs NaN, as MLX 0.32.4's matmul does.
+#[test]
+fn fp_matmul_reads_every_element_code() {
+    let Some(dev) = gpu() else { return };
+    let mut enc = dev.encoder();
+    let mut rng = StdRng::seed_from_u64(47);
+    for mode in FP_MODES {
+        let spec = fp_spec(mode);
+        let (bits, g) = (spec.bits() as usize, spec.group_size() as usize);
+        for transpose in [true, false] {
+            let (rows, cols) = if transpose { (24, 256) } else { (256, 64) };
+            let mut bytes: Vec<u8> = (0..rows * cols * bits / 8).map(|_| rng.gen()).collect();
+            if bits == 8 {
+                for b in &mut bytes {
+                    if *b & 0x7f == 0x7f {
+                        *b -= 1;
+                    }
+                }
+            }
+            // E8M0 2^-4..2^3; nvfp4's E4M3 scales 0.25..1.875 (positive, not NaN).
+            let scale = |r: &mut StdRng| -> u8 {
+                if mode == QuantMode::Nvfp4 {
+                    r.gen_range(0x28..0x3f)
+                } else {
+                    r.gen_range(123..131)
+                }
+            };
+            let sc: Vec<u8> = (0..rows * cols / g).map(|_| scale(&mut rng)).collect();
+            let make = |bytes: &[u8]| {
+                QuantizedWeight::new(
+                    Buffer::from_bytes(bytes, DType::U32, &[rows, cols * bits / 32]).unwrap(),
+                    Buffer::from_bytes(&sc, DType::U8, &[rows, cols / g]).unwrap(),
+                    None,
+                    spec,
+                )
+                .unwrap()
+            };
+            let qw = make(&bytes);
+            let wd = dequantize_f64(&qw).unwrap();
+            let (k, n) = if transpose {
+                (cols, rows)
+            } else {
+                (rows, cols)
+            };
+            for xdt in [DType::F32, DType::BF16] {
+                let m = 3;
+                let x = Buffer::from_f32(&randn(&mut rng, m * k), xdt, &[m, k]).unwrap();
+                let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+                let want = matmul_f64(&xf, m, &wd, rows, cols, transpose);
+                let mut out = poisoned_on(&dev, xdt, &[m, n]);
+                ops::quantized_matmul_into(
+                    &mut enc,
+                    &up(&x, &dev),
+                    &weight_to(&qw, &dev),
+                    transpose,
+                    &mut out,
+                )
+                .and_then(|()| enc.commit_and_wait())
+                .unwrap();
+                let ctx = format!("{mode} {xdt} transpose={transpose}");
+                assert_eq!(verdict(&ctx, &out, &want, n, xdt), None);
+            }
+            if bits == 8 {
+                // A NaN code in W row 5 at its element 20 (0x7f) and in row 9 at element 3
+                // (0xff): the outputs they feed are NaN, the others finite.
+                let mut nan = bytes.clone();
+                nan[5 * cols + 20] = 0x7f;
+                nan[9 * cols + 3] = 0xff;
+                let qw = make(&nan);
+                let x = Buffer::from_f32(&randn(&mut rng, 2 * k), DType::BF16, &[2, k]).unwrap();
+                let out = ops::quantized_matmul(
+                    &mut enc,
+                    &up(&x, &dev),
+                    &weight_to(&qw, &dev),
+                    transpose,
+                )
+                .unwrap();
+                enc.commit_and_wait().unwrap();
+                let v = down(&out).to_f32_vec().unwrap();
+                // transpose: W row r feeds output column r; else element c of a row feeds
+                // output column c.
+                let hit = |c: usize| {
+                    if transpose {
+                        c == 5 || c == 9
+                    } else {
+                        c == 20 || c == 3
+                    }
+                };
+                for (i, y) in v.iter().enumerate() {
+                    assert_eq!(
+                        y.is_nan(),
+                        hit(i % n),
+                        "{mode} transpose={transpose} output {i}: {y}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// gather_qmm with FP experts and device indices: each (token, expert) pair against the f64
 /// reference, both layouts; an out-of-range expert gives NaN in its row and the error at the
 /// next commit.

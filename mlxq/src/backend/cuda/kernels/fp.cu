@@ -280,7 +280,23 @@ __device__ __forceinline__ void fp4_word(u32 w, float* v) {
 // What the decoded values above are to be multiplied by.
 #define FP_VSCALE 16384.0f
 #else
-#define FP_VSCALE 1.0f
+// The 4 E4M3 elements of a word, each times 2^-8, in element order: a byte's 7 magnitude bits
+// placed at f16 bits 13..7 and its sign at bit 15 make the f16 whose exponent field is the
+// E4M3 exponent and whose top mantissa bits are its mantissa, i.e. v 2^-8 (E4M3's bias 7
+// against f16's 15; subnormals alike); 0x7f and 0xff (NaN) get the all-ones exponent, an f16
+// NaN. Bytes i and i + 2 per step, one conversion per element (exact).
+__device__ __forceinline__ void fp8_word(u32 w, float* v) {
+    const u32 nan = __vcmpeq4(w & 0x7f7f7f7fu, 0x7f7f7f7fu);  // 0xff in each NaN byte
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const u32 sel = i == 0 ? 0x4240u : 0x4341u;  // bytes i, i + 2 to the halves' low bytes
+        const u32 x = __byte_perm(w, 0, sel), n = __byte_perm(nan, 0, sel);
+        const u32 h = ((x << 7) & 0x3F803F80u) | ((x << 8) & 0x80008000u) | ((n << 7) & 0x7C007C00u);
+        v[i] = to_f32(f16_t{(u16)(h & 0xffffu)});
+        v[i + 2] = to_f32(f16_t{(u16)(h >> 16)});
+    }
+}
+#define FP_VSCALE 256.0f
 #endif
 
 // y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * v[n, k]: W [N, K] quantized along K
@@ -316,13 +332,14 @@ __device__ __forceinline__ void fp_qmv_t_impl(const XT* __restrict__ x, const u8
                 load_group(wrow, n * G + g, p);
                 const float s = matmul_scale(srow[g]);
                 float v[GROUP];
+#pragma unroll
+                for (int wd = 0; wd < GB / 4; wd++) {
 #if BITS == 4
-#pragma unroll
-                for (int wd = 0; wd < GB / 4; wd++) fp4_word(p[wd], v + 8 * wd);
+                    fp4_word(p[wd], v + 8 * wd);
 #else
-#pragma unroll
-                for (int j = 0; j < GROUP; j++) v[j] = element(p, j);
+                    fp8_word(p[wd], v + 4 * wd);
 #endif
+                }
 #pragma unroll
                 for (int m = 0; m < MT; m++) {
                     if (m0 + m >= M) break;
@@ -396,12 +413,12 @@ __device__ __forceinline__ void fp_qmv_n_impl(const XT* __restrict__ x, const u8
                 float v[8];
 #if BITS == 4
                 fp4_word(p[0], v);
+#else
+                fp8_word(p[0], v);
+                fp8_word(p[1], v + 4);
+#endif
 #pragma unroll
                 for (int j = 0; j < 8; j++) v[j] = s * (v[j] * FP_VSCALE);
-#else
-#pragma unroll
-                for (int j = 0; j < 8; j++) v[j] = s * element(p, j);
-#endif
 #pragma unroll
                 for (int m = 0; m < MT; m++) {
                     if (m0 + m >= M) break;
