@@ -104,13 +104,19 @@ fn same_bytes(what: &str, want: &Buffer, got: &Buffer) -> Option<String> {
     ))
 }
 
+/// Quantize and dequantize of every fixture of MLX 0.32.4 bit for bit, both flavours: the
+/// affine modes (quant.cu) and the FP modes mxfp4, mxfp8 and nvfp4 (fp.cu; no biases, and the
+/// fixtures' dequantize asked for the input's dtype), every float dtype and case kind.
 #[test]
 fn quantize_and_dequantize_match_mlx_fixtures_bit_for_bit() {
     let Some(dev) = gpu() else { return };
     let mut enc = dev.encoder();
     let (mut checked, mut failures) = (0, Vec::new());
     for flavour in FLAVOURS {
-        for cfg in common::configs(flavour) {
+        for cfg in common::configs(flavour)
+            .into_iter()
+            .chain(common::fp_configs(flavour))
+        {
             for case in cfg.cases() {
                 let ctx = format!("{:?} {} {}", flavour, cfg.tag, case.name);
                 checked += 1;
@@ -120,15 +126,16 @@ fn quantize_and_dequantize_match_mlx_fixtures_bit_for_bit() {
                     Err(e) => failures.push(format!("{ctx}: quantize: {e}")),
                     Ok(qw) => {
                         let qw = weight_down(&qw);
-                        for (what, want, got) in [
+                        let mut tensors = vec![
                             ("packed", &case.packed, qw.packed()),
                             ("scales", &case.scales, qw.scales()),
-                            (
-                                "biases",
-                                case.biases.as_ref().unwrap(),
-                                qw.biases().unwrap(),
-                            ),
-                        ] {
+                        ];
+                        match (case.biases.as_ref(), qw.biases()) {
+                            (Some(want), Some(got)) => tensors.push(("biases", want, got)),
+                            (None, None) => {}
+                            _ => failures.push(format!("{ctx}: quantize: biases where none")),
+                        }
+                        for (what, want, got) in tensors {
                             if let Some(f) = same_bytes(what, want, got) {
                                 failures.push(format!("{ctx}: quantize {f}"));
                             }
@@ -136,7 +143,7 @@ fn quantize_and_dequantize_match_mlx_fixtures_bit_for_bit() {
                     }
                 }
                 let opts = DequantizeOptions {
-                    dtype: None,
+                    dtype: (!cfg.spec.has_biases()).then_some(cfg.dtype),
                     flavour,
                 };
                 match ops::dequantize(&mut enc, &weight_to(&case.weight(cfg.spec), &dev), opts) {
@@ -923,57 +930,6 @@ fn gather_qmm_with_device_indices() {
             }
         }
     }
-}
-
-/// MLX's FP modes (mxfp4, mxfp8, nvfp4; fp.cu) on CUDA: quantize and dequantize of every
-/// fixture of MLX 0.32.4 (both flavours, every float dtype and case kind, 3-D included) bit
-/// for bit, as the CPU backend does.
-#[test]
-fn fp_quantize_and_dequantize_match_mlx_fixtures_bit_for_bit() {
-    let Some(dev) = gpu() else { return };
-    let mut enc = dev.encoder();
-    let (mut checked, mut failures) = (0, Vec::new());
-    for flavour in FLAVOURS {
-        for cfg in common::fp_configs(flavour) {
-            for case in cfg.cases() {
-                let ctx = format!("{:?} {} {}", flavour, cfg.tag, case.name);
-                checked += 1;
-                let qw = ops::quantize(&mut enc, &up(&case.input, &dev), cfg.spec, flavour)
-                    .and_then(|q| enc.commit_and_wait().map(|()| q));
-                match qw {
-                    Err(e) => failures.push(format!("{ctx}: quantize: {e}")),
-                    Ok(qw) => {
-                        let qw = weight_down(&qw);
-                        if qw.biases().is_some() {
-                            failures.push(format!("{ctx}: quantize gave biases"));
-                        }
-                        for (what, want, got) in [
-                            ("packed", &case.packed, qw.packed()),
-                            ("scales", &case.scales, qw.scales()),
-                        ] {
-                            if let Some(f) = same_bytes(what, want, got) {
-                                failures.push(format!("{ctx}: quantize {f}"));
-                            }
-                        }
-                    }
-                }
-                // The FP fixtures asked MLX for the input's dtype.
-                let opts = DequantizeOptions {
-                    dtype: Some(cfg.dtype),
-                    flavour,
-                };
-                match ops::dequantize(&mut enc, &weight_to(&case.weight(cfg.spec), &dev), opts) {
-                    Err(e) => failures.push(format!("{ctx}: dequantize: {e}")),
-                    Ok(d) => {
-                        if let Some(f) = same_bytes("dequantize", &case.dequant, &down(&d)) {
-                            failures.push(format!("{ctx}: {f}"));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    assert_none("MLX FP fixtures on CUDA", checked, failures);
 }
 
 const FP_MODES: [QuantMode; 3] = [QuantMode::Mxfp4, QuantMode::Mxfp8, QuantMode::Nvfp4];

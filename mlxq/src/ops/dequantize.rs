@@ -19,15 +19,9 @@ pub struct DequantizeOptions {
     pub flavour: Flavour,
 }
 
-pub(crate) fn dequantize_kernel(
-    enc: &CommandEncoder,
-    w: &QuantizedWeight,
-    opts: DequantizeOptions,
-) -> Result<(
-    crate::backend::cpu::CpuKernel,
-    crate::backend::cpu::dequantize::DequantizeFn,
-    DType,
-)> {
+/// The output dtype of dequantizing `w` with `opts`, on any backend: `opts.dtype`, else the
+/// scales' dtype (affine) or bfloat16 (the FP modes); an error unless it is a float.
+pub(crate) fn output_dtype(w: &QuantizedWeight, opts: DequantizeOptions) -> Result<DType> {
     let default = if w.spec().has_biases() {
         w.scales_dtype()
     } else {
@@ -42,6 +36,19 @@ pub(crate) fn dequantize_kernel(
             out,
         ));
     }
+    Ok(out)
+}
+
+pub(crate) fn dequantize_kernel(
+    enc: &CommandEncoder,
+    w: &QuantizedWeight,
+    opts: DequantizeOptions,
+) -> Result<(
+    crate::backend::cpu::CpuKernel,
+    crate::backend::cpu::dequantize::DequantizeFn,
+    DType,
+)> {
+    let out = output_dtype(w, opts)?;
     let spec = w.spec();
     let key = KernelKey {
         op: OpKind::Dequantize,

@@ -8,6 +8,8 @@ mod gather_qmm;
 mod matmul;
 mod quantize;
 
+#[cfg(feature = "cuda")]
+pub(crate) use dequantize::output_dtype as dequantize_dtype;
 pub use dequantize::{dequantize, DequantizeOptions};
 pub use embedding::embedding;
 pub use gather_qmm::{gather_qmm, gather_qmm_into};

@@ -215,8 +215,7 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
     } else {
         X_BLOCK_BYTES
     };
-    let mut walk = Walk::new(m, n, k, G, ROWS, 2, x_block);
-    walk.block_groups = (walk.block_groups / SB).max(1) * SB;
+    let walk = Walk::new(m, n, k, G, ROWS, 2, x_block).in_superblocks(SB);
     let mut prep = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     prepare(a.x, m, k, G, BITS, &mut prep);
     let stream = m <= 4;

@@ -243,6 +243,17 @@ impl Walk {
     }
 }
 
+impl Walk {
+    /// The same walk with K blocks of whole superblocks of `sb` groups (at least one), for the
+    /// kernels that decode `sb` groups at a time.
+    pub fn in_superblocks(self, sb: usize) -> Walk {
+        Walk {
+            block_groups: (self.block_groups / sb).max(1) * sb,
+            ..self
+        }
+    }
+}
+
 /// Runs `kernel` over every output element of `out` (`m × n`, row-major).
 ///
 /// # Safety

@@ -9,7 +9,6 @@
 use super::launch::{aligned, cfg, finish, grid_x, ptr, Batch, MatmulJob};
 use super::{driver, CudaDevice};
 use crate::error::{Error, Result};
-use crate::ops::DequantizeOptions;
 use crate::quant::{Flavour, QuantMode};
 use crate::registry::{KernelKey, OpKind, AUTO};
 use crate::{Buffer, CommandEncoder, DType, QuantizedWeight};
@@ -74,46 +73,70 @@ pub(super) fn quantize(
     );
     // SAFETY: thread g < groups reads inputs g·GROUP.. of w (groups·GROUP = w.numel()), writes
     // packed bytes g·GB.. (groups·GB = packed's bytes: `out` has w's shape and the spec) and
-    // scale g; every buffer is kept alive by `retain` below.
+    // scale g.
+    unsafe {
+        per_group(
+            enc,
+            dev,
+            &k,
+            OP,
+            "fp_quantize",
+            [pw, pp, ps],
+            groups,
+            [w, packed, scales],
+        )
+    }
+}
+
+/// Launches fp.cu's one-thread-per-group `entry` of `k` with the pointers `args` and the group
+/// count, keeps `bufs` alive until the encoder's work completes and records the kernel.
+///
+/// # Safety
+/// `entry` takes three pointers and a `u64` count, and for that count reads and writes only
+/// inside the buffers `args` point into, which are `bufs`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn per_group(
+    enc: &mut CommandEncoder,
+    dev: &CudaDevice,
+    k: &super::CudaKernel,
+    op: &'static str,
+    entry: &str,
+    args: [u64; 3],
+    groups: u64,
+    bufs: [&Buffer; 3],
+) -> Result<()> {
+    // SAFETY: the caller's contract.
     unsafe {
         dev.stream()
-            .launch_builder(k.func_named("fp_quantize")?)
-            .arg(&pw)
-            .arg(&pp)
-            .arg(&ps)
+            .launch_builder(k.func_named(entry)?)
+            .arg(&args[0])
+            .arg(&args[1])
+            .arg(&args[2])
             .arg(&groups)
             .launch(cfg(
-                (grid_x(OP, groups.div_ceil(u64::from(GROUP_THREADS)))?, 1, 1),
+                (grid_x(op, groups.div_ceil(u64::from(GROUP_THREADS)))?, 1, 1),
                 GROUP_THREADS,
-                OP,
+                op,
             )?)
     }
-    .map_err(driver(OP))?;
-    for b in [w, packed, scales] {
+    .map_err(driver(op))?;
+    for b in bufs {
         enc.retain(b);
     }
     enc.record(&k.name);
     Ok(())
 }
 
-/// Dequantizes all of `w` into a new buffer (bf16 unless `opts.dtype` says otherwise, as on
-/// the CPU) with fp.cu's `fp_dequantize`, one thread per group.
+/// Dequantizes all of `w` into a new buffer of the float `out_dtype` (`ops` resolved it) in
+/// `flavour`, with fp.cu's `fp_dequantize`, one thread per group.
 pub(super) fn dequantize(
     enc: &mut CommandEncoder,
     dev: &CudaDevice,
     w: &QuantizedWeight,
-    opts: DequantizeOptions,
+    flavour: Flavour,
+    out_dtype: DType,
 ) -> Result<Buffer> {
     const OP: &str = "dequantize";
-    let out_dtype = opts.dtype.unwrap_or(DType::BF16);
-    if !out_dtype.is_float() {
-        return Err(Error::dtype(
-            OP,
-            "dtype",
-            "float32, float16 or bfloat16",
-            out_dtype,
-        ));
-    }
     let spec = w.spec();
     let key = KernelKey {
         op: OpKind::Dequantize,
@@ -123,7 +146,7 @@ pub(super) fn dequantize(
         input: DType::U32,
         scales: w.scales_dtype(),
         output: out_dtype,
-        flag: opts.flavour == Flavour::Gpu,
+        flag: flavour == Flavour::Gpu,
         variant: AUTO,
     };
     let k = dev.kernel(key)?;
@@ -135,26 +158,21 @@ pub(super) fn dequantize(
         ptr(OP, "scales", w.scales())?,
         ptr(OP, "out", &out)?,
     );
+    let bufs = [w.packed(), w.scales(), &out];
     // SAFETY: thread g < groups reads packed bytes g·GB.. and scale g (w was validated with
     // these sizes) and writes outputs g·GROUP.. of `out` (groups·GROUP elements).
     unsafe {
-        dev.stream()
-            .launch_builder(k.func_named("fp_dequantize")?)
-            .arg(&pp)
-            .arg(&ps)
-            .arg(&po)
-            .arg(&groups)
-            .launch(cfg(
-                (grid_x(OP, groups.div_ceil(u64::from(GROUP_THREADS)))?, 1, 1),
-                GROUP_THREADS,
-                OP,
-            )?)
-    }
-    .map_err(driver(OP))?;
-    for b in [w.packed(), w.scales(), &out] {
-        enc.retain(b);
-    }
-    enc.record(&k.name);
+        per_group(
+            enc,
+            dev,
+            &k,
+            OP,
+            "fp_dequantize",
+            [pp, ps, po],
+            groups,
+            bufs,
+        )?
+    };
     Ok(out)
 }
 
@@ -185,9 +203,6 @@ pub(super) fn qmm(
         flag: job.transpose,
         variant: AUTO,
     };
-    if out.dtype() != x.dtype() {
-        return Err(Error::dtype(op, "out", x.dtype().to_string(), out.dtype()));
-    }
     let k = dev.kernel(key)?;
     enc.check_location(op, "scales", w.scales())?;
     let (rows, cols) = (w.rows() as u64, w.cols() as u64);

@@ -161,17 +161,9 @@ pub(crate) fn dequantize(
     const OP: &str = "dequantize";
     let dev = cuda(enc)?;
     dev.swap_last_dec(None);
+    let out_dtype = crate::ops::dequantize_dtype(w, opts)?;
     if w.spec().mode() != QuantMode::Affine {
-        return super::fp::dequantize(enc, &dev, w, opts);
-    }
-    let out_dtype = opts.dtype.unwrap_or(w.scales_dtype());
-    if !out_dtype.is_float() {
-        return Err(Error::dtype(
-            OP,
-            "dtype",
-            "float32, float16 or bfloat16",
-            out_dtype,
-        ));
+        return super::fp::dequantize(enc, &dev, w, opts.flavour, out_dtype);
     }
     let spec = w.spec();
     let biases = w
