@@ -28,6 +28,8 @@ pub(crate) mod x86_bf16;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_columns;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_fp;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_gemm;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_quant;
@@ -298,8 +300,8 @@ fn all_variants() -> impl Iterator<Item = &'static Variant> {
 /// The portable variant: every op, every key (affine and the FP modes).
 const GENERIC: Variant = Variant {
     name: "generic",
-    // The FP modes (mxfp4, mxfp8, nvfp4) run here only (quantize, dequantize and the
-    // matmuls); every other variant refuses them, so they always run the portable kernels.
+    // The FP modes (mxfp4, mxfp8, nvfp4) run here (quantize, dequantize, and the matmuls
+    // wherever `avx512`'s transposed FP kernel does not apply).
     supports: |_| true,
     decode: None,
     build: portable::<Baseline>,

@@ -32,17 +32,22 @@ use crate::error::Result;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-/// The decode variant: `quantized_matmul` with transpose, every affine width.
+/// The decode variant: `quantized_matmul` with transpose, every affine width and the FP
+/// modes ([`x86_fp`](super::x86_fp), whose uint8 scales it requires).
 pub(crate) const QMV_T: super::Variant = super::Variant {
     name: "avx512",
     supports: |k| {
-        k.mode == crate::QuantMode::Affine
-            && k.op == crate::registry::OpKind::QuantizedMatmul
-            && k.flag
-            && available()
+        let scales_ok = k.mode == crate::QuantMode::Affine || k.scales == crate::DType::U8;
+        k.op == crate::registry::OpKind::QuantizedMatmul && k.flag && scales_ok && available()
     },
     decode: None,
-    build: |k| super::qmm::avx512(k.scales, k.output, k.bits).map(super::KernelFn::Qmm),
+    build: |k| {
+        if k.mode == crate::QuantMode::Affine {
+            super::qmm::avx512(k.scales, k.output, k.bits).map(super::KernelFn::Qmm)
+        } else {
+            super::x86_fp::kernel(k.output, k.mode).map(super::KernelFn::Qmm)
+        }
+    },
 };
 
 /// The AVX2 variant (CPUs without the AVX-512 kernels): the decode kernel for

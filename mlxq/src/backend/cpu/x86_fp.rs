@@ -1,0 +1,419 @@
+//! AVX-512 kernel for `y = x·Wᵀ` with MLX's FP modes (mxfp4, nvfp4, mxfp8): any number of
+//! rows of x, f32 sums, run by the `avx512` variant through the decode driver
+//! ([`x86_columns`](super::x86_columns)) the affine kernels share.
+//!
+//! Each 32-element chunk of a weight row is decoded once into two f32 vectors of weights
+//! `v·s` (the element times its group's scale) and used by every row of a block of up to
+//! [`ROWS`] rows of x: two FMAs per chunk and row. The products are exact in f32 (an E2M1
+//! value has 2 significant bits, an E4M3 one 4, the scale is a power of two or an E4M3
+//! value), so the sums are the dequantized weights' dot products with f32 accumulation, the
+//! error class of every other kernel.
+//!
+//! Decoding 32 elements:
+//! - E2M1 (mxfp4, nvfp4): 16 bytes widened to 16 dwords (`vpmovzxbd`); `vpermps` reads the
+//!   16-entry value table with each dword's low nibble (even elements), and again after a
+//!   shift by 4 (odd elements). x is permuted once per call into the same order (as the
+//!   affine 4-bit kernel does), so no shuffle of the weights is needed.
+//! - E4M3 (mxfp8): 32 bytes sign-extended to words; `(w << 7) & 0xBF80` places sign,
+//!   exponent and mantissa into an f16 whose value is the element's times 2⁻⁸, subnormals
+//!   included (the exponent biases differ by 8); the codes `0x7f`/`0xff` are set to an f16
+//!   NaN, as MLX reads them; `vcvtph2ps` widens 16 at a time. The 2⁸ is applied after the
+//!   scale (`(v·2⁻⁸·s)·2⁸`), so no intermediate leaves the range the product has.
+//!
+//! Scales: a 256-entry table of a code's value as MLX's CPU matmul reads it
+//! ([`fp::matmul_scale`]: in x's dtype), built once per call. A chunk is one mx group (one
+//! broadcast scale) or two nvfp4 groups: in the permuted order lanes 0–7 of both vectors are
+//! the first group's elements and lanes 8–15 the second's, so the scale vector is two
+//! broadcast halves. A row of an odd number of nvfp4 groups ends in a half chunk, loaded
+//! masked, against x rows padded with zeros to whole chunks.
+
+use super::qmm::{QmmArgs, QmmFn};
+use super::quantize::fp_mode;
+use super::x86_columns::{run, Columns, PrefetchTo, Walk, MAX_COLS, MAX_ROWS, PREFETCH_AHEAD};
+use super::{cast, cast_mut};
+use crate::aligned::AlignedBytes;
+use crate::dtype::Float;
+use crate::error::{Error, Result};
+use crate::quant::fp;
+use crate::QuantMode;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+const OP: &str = "quantized_matmul";
+/// Rows of x sharing one decoded chunk.
+const ROWS: usize = 8;
+/// Bytes of x one row block may touch per K block (L1-resident beside the weights).
+const X_BLOCK_BYTES: usize = 32 << 10;
+
+thread_local! {
+    /// Per-thread scratch for the permuted, padded x, reused across calls.
+    static SCRATCH: RefCell<AlignedBytes> = const { RefCell::new(AlignedBytes::new()) };
+}
+
+/// The kernel for an FP `mode` with x and the output of dtype `out` (`None` for affine or a
+/// non-float dtype).
+pub(crate) fn kernel(out: crate::DType, mode: QuantMode) -> Option<QmmFn> {
+    crate::with_float_type!(out, X => Some(match mode {
+        QuantMode::Affine => return None,
+        QuantMode::Mxfp4 => qmm_t::<X, 1> as QmmFn,
+        QuantMode::Mxfp8 => qmm_t::<X, 2> as QmmFn,
+        QuantMode::Nvfp4 => qmm_t::<X, 3> as QmmFn,
+    }), _ => None)
+}
+
+/// Bits per element of mode `MODE` (see [`fp_mode`]).
+const fn bits(mode: u8) -> usize {
+    if matches!(fp_mode(mode), QuantMode::Mxfp8) {
+        8
+    } else {
+        4
+    }
+}
+
+/// Position, within its 32-element chunk, that element `i` of x moves to: the decode's order
+/// (E2M1: even elements, then odd; E4M3: as stored).
+#[inline(always)]
+fn permuted(bits: usize, i: usize) -> usize {
+    if bits == 4 {
+        (i % 2) * 16 + i / 2
+    } else {
+        i
+    }
+}
+
+fn qmm_t<X: Float, const MODE: u8>(a: QmmArgs<'_>) -> Result<()> {
+    let mode = fp_mode(MODE);
+    let w = a.w;
+    let scales: &[u8] = cast(OP, "scales", w.scales)?;
+    let out: &mut [X] = cast_mut(OP, "out", a.out)?;
+    let (m, n, k, g) = (a.m, w.rows, w.cols, w.group_size);
+    let (_, want_g) = crate::QuantSpec::fp_defaults(mode);
+    if g != want_g as usize {
+        return Err(Error::invalid(
+            OP,
+            "group_size",
+            format!("{want_g} ({mode})"),
+            g,
+        ));
+    }
+    let bits = bits(MODE);
+    // Rows of x padded to whole chunks (an odd number of nvfp4 groups ends in a half chunk).
+    let kp = k.next_multiple_of(32);
+    let mut walk = Walk::new(m, n, k, g, ROWS, 4, X_BLOCK_BYTES);
+    if g < 32 {
+        // K blocks of whole chunks.
+        walk = walk.in_superblocks(32 / g);
+    }
+    let mut xp = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let xpv = xp.clear_to_zeroed_elems::<f32>(m * kp);
+    // Rows of x and of the copy (`max(1)`: a weight's K is never 0, and chunks of 0 panic).
+    let rows =
+        a.x.chunks_exact(k.max(1))
+            .zip(xpv.chunks_exact_mut(kp.max(1)));
+    for (src, dst) in rows {
+        for (s32, d32) in src.chunks(32).zip(dst.chunks_exact_mut(32)) {
+            for (i, &v) in s32.iter().enumerate() {
+                d32[permuted(bits, i)] = v;
+            }
+        }
+    }
+    let scale_lut: [f32; 256] = std::array::from_fn(|c| fp::matmul_scale::<X>(c as u8, mode));
+    let kernel = Kernel::<MODE> {
+        packed: w.packed,
+        scales,
+        row_bytes: w.row_bytes(),
+        groups: w.groups(),
+        g,
+        xp: xp.elems(),
+        kp,
+        scale_lut: &scale_lut,
+        prefetch: if m <= ROWS {
+            PrefetchTo::stream()
+        } else {
+            PrefetchTo::L1
+        },
+    };
+    // SAFETY: the `avx512` variant, the only one that builds this kernel, is chosen only
+    // where `x86::available` holds.
+    unsafe { run(&kernel, walk, out) };
+    SCRATCH.with(|s| *s.borrow_mut() = xp);
+    Ok(())
+}
+
+/// Everything one call's columns read: W's codes and scale codes, x permuted and padded
+/// (rows `kp` apart), the scales' values by code.
+struct Kernel<'a, const MODE: u8> {
+    packed: &'a [u8],
+    scales: &'a [u8],
+    row_bytes: usize,
+    groups: usize,
+    g: usize,
+    xp: &'a [f32],
+    kp: usize,
+    scale_lut: &'a [f32; 256],
+    prefetch: PrefetchTo,
+}
+
+impl<const MODE: u8> Columns for Kernel<'_, MODE> {
+    const ROWS: usize = ROWS;
+    const COLS: usize = 1;
+
+    unsafe fn columns<const R: usize>(
+        &self,
+        col: usize,
+        _count: usize,
+        g0: usize,
+        g1: usize,
+        row0: usize,
+        acc: &mut [[f32; MAX_ROWS]; MAX_COLS],
+    ) {
+        let (g, groups) = (self.g, self.groups);
+        let per = g / 8 * bits(MODE);
+        let (p0, s0) = (col * self.row_bytes, col * groups);
+        let (Some(packed), Some(scales), Some(xp)) = (
+            self.packed.get(p0 + g0 * per..p0 + g1 * per),
+            self.scales.get(s0 + g0..s0 + g1),
+            self.xp.get(row0 * self.kp + g0 * g..),
+        ) else {
+            return;
+        };
+        let c = Column {
+            packed,
+            scales,
+            xp,
+            kp: self.kp,
+            g,
+            row_bytes: self.row_bytes,
+            scale_lut: self.scale_lut,
+            prefetch: self.prefetch,
+        };
+        // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
+        unsafe { column::<MODE, R>(&c, &mut acc[0]) }
+    }
+}
+
+/// One output column's slice of K for `R` rows of x: its codes and scale codes (a whole
+/// number of chunks, but for a last half chunk of nvfp4), and from the slice's first element
+/// on, the rows of permuted x (`kp` apart).
+struct Column<'a> {
+    packed: &'a [u8],
+    scales: &'a [u8],
+    xp: &'a [f32],
+    kp: usize,
+    g: usize,
+    row_bytes: usize,
+    scale_lut: &'a [f32; 256],
+    prefetch: PrefetchTo,
+}
+
+/// Decodes the 32 E2M1 elements of the 16 bytes at `p` (the first 8 only where `half`) into
+/// their values, even elements then odd (see the module docs).
+///
+/// # Safety
+/// 16 bytes (8 where `half`) are readable at `p`; the CPU supports AVX-512 F, BW and VL.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn decode_e2m1(p: *const u8, half: bool, lut: __m512) -> (__m512, __m512) {
+    // SAFETY: the caller's contract; the masked load reads only the bytes it names.
+    let raw = unsafe {
+        if half {
+            _mm_maskz_loadu_epi8(0xff, p as *const i8)
+        } else {
+            _mm_loadu_si128(p as *const __m128i)
+        }
+    };
+    let v = _mm512_cvtepu8_epi32(raw);
+    // `vpermps` reads each index's low 4 bits: the low nibble, then the high one.
+    (
+        _mm512_permutexvar_ps(v, lut),
+        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), lut),
+    )
+}
+
+/// Decodes the 32 E4M3 elements of the 32 bytes at `p` into their values times 2⁻⁸, in
+/// order, `0x7f`/`0xff` as NaN (see the module docs).
+///
+/// # Safety
+/// 32 bytes are readable at `p`; the CPU supports AVX-512 F, BW and VL.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn decode_e4m3(p: *const u8) -> (__m512, __m512) {
+    // SAFETY: the caller's contract.
+    let w = _mm512_cvtepi8_epi16(unsafe { _mm256_loadu_si256(p as *const __m256i) });
+    // Sign-extended: bits 15..7 the sign, 6..0 exponent and mantissa. Shifted by 7: bit 15
+    // the sign, 13..7 exponent and mantissa; bit 14 (a copy of the sign) cleared.
+    let h = _mm512_and_si512(
+        _mm512_slli_epi16::<7>(w),
+        _mm512_set1_epi16(0xBF80u16 as i16),
+    );
+    let seven = _mm512_set1_epi16(0x7f);
+    let nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(w, seven), seven);
+    let h = _mm512_mask_mov_epi16(h, nan, _mm512_set1_epi16(0x7e00));
+    (
+        _mm512_cvtph_ps(_mm512_castsi512_si256(h)),
+        _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h)),
+    )
+}
+
+/// One chunk's weights `v·s` (lanes as the module docs order them), the chunk at `p` being
+/// `full` (32 elements) or the 16 of a last nvfp4 group; `sa` and `sb` its groups' scales
+/// (`sb` unused where a chunk is one group).
+///
+/// # Safety
+/// The chunk's bytes are readable at `p`; the CPU supports AVX-512 F, BW and VL.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn weights<const MODE: u8>(
+    p: *const u8,
+    full: bool,
+    sa: f32,
+    sb: f32,
+    lut: __m512,
+) -> (__m512, __m512) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if bits(MODE) == 8 {
+            let (lo, hi) = decode_e4m3(p);
+            let s = _mm512_set1_ps(sa);
+            // (v·2⁻⁸·s)·2⁸: exact, and finite wherever v·s is.
+            let two8 = _mm512_set1_ps(256.0);
+            (
+                _mm512_mul_ps(_mm512_mul_ps(lo, s), two8),
+                _mm512_mul_ps(_mm512_mul_ps(hi, s), two8),
+            )
+        } else {
+            let (lo, hi) = decode_e2m1(p, !full, lut);
+            let s = if matches!(fp_mode(MODE), QuantMode::Nvfp4) {
+                // Two broadcast halves (`vinsertf64x4`: AVX-512 F, where `vinsertf32x8`
+                // would need DQ).
+                let a = _mm512_castps_pd(_mm512_set1_ps(sa));
+                let b = _mm256_set1_ps(sb);
+                _mm512_castpd_ps(_mm512_insertf64x4::<1>(a, _mm256_castps_pd(b)))
+            } else {
+                _mm512_set1_ps(sa)
+            };
+            (_mm512_mul_ps(lo, s), _mm512_mul_ps(hi, s))
+        }
+    }
+}
+
+/// Adds one chunk's weights times the `R` rows of x at `px` (rows `kp` apart) to `sums`.
+///
+/// # Safety
+/// 32 floats are readable at each row's `px`; the CPU supports AVX-512 F.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_rows<const R: usize>(
+    (lo, hi): (__m512, __m512),
+    px: *const f32,
+    kp: usize,
+    sums: &mut [[__m512; 2]; R],
+) {
+    for (r, s) in sums.iter_mut().enumerate() {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let x = px.add(r * kp);
+            s[0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x), s[0]);
+            s[1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x.add(16)), s[1]);
+        }
+    }
+}
+
+/// One output column's slice of K for `R` rows of x into `acc[..R]`. Writes nothing if the
+/// slices are shorter than [`Column`] promises (they never are; the check keeps the raw loads
+/// in bounds).
+///
+/// The chunks go a cache line of codes at a time (4 E2M1 chunks, 2 E4M3), with one prefetch
+/// per line; one row of x keeps two sets of sums (alternate chunks), so no FMA waits on the
+/// one before.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn column<const MODE: u8, const R: usize>(a: &Column<'_>, acc: &mut [f32; MAX_ROWS]) {
+    let bits = bits(MODE);
+    let (g, kp) = (a.g, a.kp);
+    let groups = a.scales.len();
+    let len = groups * g;
+    let chunk_bytes = 4 * bits;
+    // Chunks per line of codes: a constant of the mode.
+    let per_line = 64 / chunk_bytes;
+    let full_chunks = len / 32;
+    let bytes = len / 8 * bits;
+    if a.packed.len() < bytes || a.xp.len() < (R - 1) * kp + len.div_ceil(32) * 32 {
+        return;
+    }
+    // SAFETY: reads exactly the 16 values of the table.
+    let lut = unsafe { _mm512_loadu_ps(fp::FP4_LUT.as_ptr()) };
+    let (pp, xp, sp) = (a.packed.as_ptr(), a.xp.as_ptr(), a.scales.as_ptr());
+    // Prefetches run PREFETCH_AHEAD bytes ahead along the stream of W (as `prefetch_w`, with
+    // its divisions made once per column): within this slice until `near_until`, then into
+    // the next row's slice; a slice shorter than the distance as many slices on as it spans.
+    let (ahead, stride) = (PREFETCH_AHEAD, a.row_bytes);
+    let (near, far, near_until) = if bytes < ahead {
+        let skip = ahead.div_ceil(bytes.max(1)) * stride;
+        (skip, skip, 0)
+    } else {
+        (ahead, stride + ahead - bytes, bytes - ahead)
+    };
+    let groups_per_chunk = 32 / g;
+    let scales_ahead = ahead / chunk_bytes * groups_per_chunk;
+    // The scale of group `j`.
+    // SAFETY (every call): `j` < `groups` = `scales.len()`: chunk `ch` < `full_chunks` holds
+    // groups `ch·groups_per_chunk` up to `(ch + 1)·groups_per_chunk − 1`.
+    let scale = |j: usize| a.scale_lut[usize::from(unsafe { *sp.add(j) })];
+    let chunk = |ch: usize| {
+        let j = ch * groups_per_chunk;
+        let sb = if groups_per_chunk == 2 {
+            scale(j + 1)
+        } else {
+            0.0
+        };
+        // SAFETY: chunk `ch` < `full_chunks` lies within `packed` (checked above).
+        unsafe { weights::<MODE>(pp.add(ch * chunk_bytes), true, scale(j), sb, lut) }
+    };
+    let zero = _mm512_setzero_ps();
+    let (mut s0, mut s1) = ([[zero; 2]; R], [[zero; 2]; R]);
+    let lines = full_chunks / per_line;
+    for l in 0..lines {
+        let off = l * 64;
+        let skip = if off < near_until { near } else { far };
+        a.prefetch.prefetch(pp.wrapping_add(off + skip));
+        if l % 16 == 0 {
+            // The scale codes (1/16 or 1/32 of the codes' bytes), as far ahead.
+            let j = l * per_line * groups_per_chunk + scales_ahead;
+            a.prefetch.prefetch(sp.wrapping_add(j));
+        }
+        for i in 0..per_line {
+            let ch = l * per_line + i;
+            let sums = if R == 1 && i % 2 == 1 {
+                &mut s1
+            } else {
+                &mut s0
+            };
+            // SAFETY: row r's 32 elements from ch·32 lie within `xp` (checked above).
+            unsafe { fma_rows::<R>(chunk(ch), xp.add(ch * 32), kp, sums) };
+        }
+    }
+    for ch in lines * per_line..full_chunks {
+        // SAFETY: as above.
+        unsafe { fma_rows::<R>(chunk(ch), xp.add(ch * 32), kp, &mut s0) };
+    }
+    if !len.is_multiple_of(32) {
+        // A last half chunk (an odd number of nvfp4 groups): its first 8 bytes, one group.
+        let ch = full_chunks;
+        // SAFETY: its 8 bytes end the slice (`bytes`), group `groups − 1` its scale, and x is
+        // padded to whole chunks (checked above).
+        unsafe {
+            let w = weights::<MODE>(pp.add(ch * chunk_bytes), false, scale(groups - 1), 0.0, lut);
+            fma_rows::<R>(w, xp.add(ch * 32), kp, &mut s0);
+        }
+    }
+    for r in 0..R {
+        let v = _mm512_add_ps(
+            _mm512_add_ps(s0[r][0], s0[r][1]),
+            _mm512_add_ps(s1[r][0], s1[r][1]),
+        );
+        acc[r] = _mm512_reduce_add_ps(v);
+    }
+}
