@@ -98,20 +98,29 @@ fn avx512_here() -> bool {
     mlxq::backend::cpu::supports("avx512", &key)
 }
 
+/// Whether `avx2` runs on this CPU (its affine keys; it takes every FP key there).
+fn avx2_here() -> bool {
+    let mut key = fp_key(QuantMode::Mxfp4, DType::F32, true, "avx2");
+    (key.mode, key.bits, key.group_size, key.scales) = (QuantMode::Affine, 4, 64, DType::F32);
+    mlxq::backend::cpu::supports("avx2", &key)
+}
+
 /// The variant that runs an FP key when the device prefers `variant`: `avx512` for transposed
-/// keys where it runs, `generic` otherwise.
+/// keys where it runs, `avx2` for every key where it runs, `generic` otherwise.
 fn fp_runner(variant: &str, transpose: bool) -> &'static str {
     if variant == "avx512" && transpose && avx512_here() {
         "avx512"
+    } else if variant == "avx2" && avx2_here() {
+        "avx2"
     } else {
         "generic"
     }
 }
 
 /// Every mode × weight source × transpose × x dtype × M ∈ {1, 3, 17}, into NaN-poisoned
-/// outputs, against the oracle, on `generic` and on `avx512` (which runs the transposed keys
-/// where the CPU has it); one configuration on each other variant (which hand FP keys to
-/// `generic`).
+/// outputs, against the oracle, on `generic`, `avx512` (the transposed keys) and `avx2`
+/// (every key) where the CPU has them; one configuration on each other variant (which hand FP
+/// keys to `generic`).
 #[test]
 fn fp_matmul_sweep_against_the_oracle() {
     let mut rng = StdRng::seed_from_u64(2323);
@@ -119,7 +128,7 @@ fn fp_matmul_sweep_against_the_oracle() {
     for variant in mlxq::backend::cpu::VARIANTS {
         let device = Device::cpu_with_variant(variant).unwrap();
         let mut enc = device.encoder();
-        let full = *variant == "generic" || *variant == "avx512";
+        let full = matches!(*variant, "generic" | "avx512" | "avx2");
         for mode in MODES {
             let sources: &[Option<Flavour>] = if full {
                 &[Some(F::Gpu), Some(F::Cpu), None]
@@ -178,15 +187,15 @@ fn fp_matmul_sweep_against_the_oracle() {
         failures.len(),
         failures.join("\n")
     );
-    let others = mlxq::backend::cpu::VARIANTS.len() - 2;
-    assert_eq!(cases, 2 * (3 * 3 * 2 * 3 * 3) + others * 3 * 2);
+    let others = mlxq::backend::cpu::VARIANTS.len() - 3;
+    assert_eq!(cases, 3 * (3 * 3 * 2 * 3 * 3) + others * 3 * 2);
 }
 
-/// The FP keys run on `generic` (every mode, transpose and x dtype) and, transposed, on
-/// `avx512` where the CPU has it; every other variant refuses them.
+/// The FP keys run on `generic` (every mode, transpose and x dtype), on `avx512` transposed
+/// and on `avx2`, where the CPU has them; every other variant refuses them.
 #[test]
-fn fp_keys_run_on_generic_and_avx512() {
-    println!("avx512 here: {}", avx512_here());
+fn fp_keys_run_on_generic_avx512_and_avx2() {
+    println!("avx512 here: {}, avx2 here: {}", avx512_here(), avx2_here());
     for mode in MODES {
         for xdt in FLOATS {
             for transpose in [true, false] {
@@ -204,17 +213,24 @@ fn fp_keys_run_on_generic_and_avx512() {
     }
 }
 
-/// `avx512`'s FP kernel on the shapes its driver splits: K past one block of x (8192 f32
-/// elements for one row), rows of an odd number of nvfp4 groups (a half chunk at the end),
-/// M across row blocks of 8, N odd, E4M3 NaN codes (mxfp8 elements, nvfp4 scales) and f16
-/// scale rounding; against the oracle where finite, NaN exactly where the oracle is.
+/// `avx512`'s and `avx2`'s FP kernels on the shapes their driver splits: K past one block of
+/// x (8192 f32 elements for one row), rows of an odd number of nvfp4 groups (a half chunk at
+/// the end), M across row blocks (8 and 4), N odd, E4M3 NaN codes (mxfp8 elements, nvfp4
+/// scales) and f16 scale rounding; against the oracle where finite, NaN exactly where the
+/// oracle is.
 #[test]
-fn fp_avx512_long_rows_half_chunks_and_nan_codes() {
-    if !avx512_here() {
-        println!("skipped: this CPU has no AVX-512 (avx512 does not run here)");
-        return;
+fn fp_simd_long_rows_half_chunks_and_nan_codes() {
+    for (variant, here) in [("avx512", avx512_here()), ("avx2", avx2_here())] {
+        if here {
+            fp_simd_cases(variant);
+        } else {
+            println!("{variant}: skipped (this CPU lacks its instruction set)");
+        }
     }
-    let device = Device::cpu_with_variant("avx512").unwrap();
+}
+
+fn fp_simd_cases(variant: &str) {
+    let device = Device::cpu_with_variant(variant).unwrap();
     let mut enc = device.encoder();
     let mut rng = StdRng::seed_from_u64(0xf9);
     let mut cases = 0;
@@ -253,16 +269,17 @@ fn fp_avx512_long_rows_half_chunks_and_nan_codes() {
                     let mut y = poisoned(xdt, &[m, n]);
                     ops::quantized_matmul_into(&mut enc, &x, &w, true, &mut y).unwrap();
                     let ran = enc.last_kernel().unwrap().to_owned();
-                    assert!(ran.ends_with("_avx512"), "{ran}");
+                    assert!(ran.ends_with(&format!("_{variant}")), "{ran}");
                     let want = matmul_f64(&x_f64(&x), m, &wd, n, k, true);
                     let got = f64s(&y);
                     let nans = want.iter().filter(|v| v.is_nan()).count();
                     assert_eq!(nans, if mode == QuantMode::Mxfp4 { 0 } else { 2 * m });
-                    let err = err_where_finite(&got, &want)
-                        .unwrap_or_else(|e| panic!("{mode} k {k} n {n} {xdt} m {m}: {e}"));
+                    let err = err_where_finite(&got, &want).unwrap_or_else(|e| {
+                        panic!("{variant} {mode} k {k} n {n} {xdt} m {m}: {e}")
+                    });
                     assert!(
                         err <= tolerance(xdt),
-                        "{mode} k {k} n {n} {xdt} m {m}: err {err:e}"
+                        "{variant} {mode} k {k} n {n} {xdt} m {m}: err {err:e}"
                     );
                     cases += 1;
                 }

@@ -51,16 +51,28 @@ pub(crate) const QMV_T: super::Variant = super::Variant {
 };
 
 /// The AVX2 variant (CPUs without the AVX-512 kernels): the decode kernel for
-/// `quantized_matmul` with transpose, every width; `quantized_matmul` without transpose
+/// `quantized_matmul` with transpose, every width, and the FP modes' (`x86_fp`; their
+/// `transpose = false` the portable kernel compiled for AVX2); `quantized_matmul` without transpose
 /// ([`x86_avx2_qvm`](super::x86_avx2_qvm)); quantize in groups of 32, 64 and 128
 /// ([`x86_avx2_quant`](super::x86_avx2_quant)); the portable kernels of every other op
 /// compiled for AVX2 and FMA ([`Avx2Fma`](super::Avx2Fma)).
 pub(crate) const QMV_T_AVX2: super::Variant = super::Variant {
     name: "avx2",
-    supports: |k| k.mode == crate::QuantMode::Affine && super::x86_avx2::available(),
+    supports: |k| {
+        let fp_matmul =
+            k.op == crate::registry::OpKind::QuantizedMatmul && k.scales == crate::DType::U8;
+        (k.mode == crate::QuantMode::Affine || fp_matmul) && super::x86_avx2::available()
+    },
     decode: None,
     build: |k| {
-        if k.op == crate::registry::OpKind::QuantizedMatmul && k.flag {
+        if k.mode != crate::QuantMode::Affine {
+            // The FP modes' matmul: `x86_fp` transposed, the portable kernel otherwise.
+            if k.flag {
+                super::x86_fp::kernel_avx2(k.output, k.mode).map(super::KernelFn::Qmm)
+            } else {
+                super::portable::<super::Avx2Fma>(k)
+            }
+        } else if k.op == crate::registry::OpKind::QuantizedMatmul && k.flag {
             super::qmm::avx2(k.scales, k.output, k.bits).map(super::KernelFn::Qmm)
         } else if k.op == crate::registry::OpKind::QuantizedMatmul {
             super::x86_avx2_qvm::kernel(k.scales, k.output, k.bits).map(super::KernelFn::Qmm)

@@ -1,10 +1,11 @@
-//! AVX-512 kernel for `y = x·Wᵀ` with MLX's FP modes (mxfp4, nvfp4, mxfp8): any number of
-//! rows of x, f32 sums, run by the `avx512` variant through the decode driver
-//! ([`x86_columns`](super::x86_columns)) the affine kernels share.
+//! AVX-512 and AVX2 kernels for `y = x·Wᵀ` with MLX's FP modes (mxfp4, nvfp4, mxfp8): any
+//! number of rows of x, f32 sums, run by the `avx512` and `avx2` variants through the decode
+//! driver ([`x86_columns`](super::x86_columns)) the affine kernels share.
 //!
-//! Each 32-element chunk of a weight row is decoded once into two f32 vectors of weights
-//! `v·s` (the element times its group's scale) and used by every row of a block of up to
-//! [`ROWS`] rows of x: two FMAs per chunk and row. The products are exact in f32 (an E2M1
+//! Each 32-element chunk of a weight row is decoded once into f32 vectors of weights `v·s`
+//! (the element times its group's scale) and used by every row of a block of rows of x (8 on
+//! AVX-512, 4 on AVX2): one FMA per 16 (8) weights and row. The AVX2 twin ([`column_avx2`])
+//! decodes the same way 8 lanes at a time, E2M1 from the 8 magnitudes plus the sign bit. The products are exact in f32 (an E2M1
 //! value has 2 significant bits, an E4M3 one 4, the scale is a power of two or an E4M3
 //! value), so the sums are the dequantized weights' dot products with f32 accumulation, the
 //! error class of every other kernel.
@@ -40,8 +41,6 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 const OP: &str = "quantized_matmul";
-/// Rows of x sharing one decoded chunk.
-const ROWS: usize = 8;
 /// Bytes of x one row block may touch per K block (L1-resident beside the weights).
 const X_BLOCK_BYTES: usize = 32 << 10;
 
@@ -50,15 +49,55 @@ thread_local! {
     static SCRATCH: RefCell<AlignedBytes> = const { RefCell::new(AlignedBytes::new()) };
 }
 
-/// The kernel for an FP `mode` with x and the output of dtype `out` (`None` for affine or a
-/// non-float dtype).
+/// The AVX-512 kernel for an FP `mode` with x and the output of dtype `out` (`None` for
+/// affine or a non-float dtype).
 pub(crate) fn kernel(out: crate::DType, mode: QuantMode) -> Option<QmmFn> {
+    kernel_on::<Avx512>(out, mode)
+}
+
+/// The same on AVX2, FMA and F16C (the `avx2` variant).
+pub(crate) fn kernel_avx2(out: crate::DType, mode: QuantMode) -> Option<QmmFn> {
+    kernel_on::<Avx2>(out, mode)
+}
+
+fn kernel_on<I: Isa>(out: crate::DType, mode: QuantMode) -> Option<QmmFn> {
     crate::with_float_type!(out, X => Some(match mode {
         QuantMode::Affine => return None,
-        QuantMode::Mxfp4 => qmm_t::<X, 1> as QmmFn,
-        QuantMode::Mxfp8 => qmm_t::<X, 2> as QmmFn,
-        QuantMode::Nvfp4 => qmm_t::<X, 3> as QmmFn,
+        QuantMode::Mxfp4 => qmm_t::<I, X, 1> as QmmFn,
+        QuantMode::Mxfp8 => qmm_t::<I, X, 2> as QmmFn,
+        QuantMode::Nvfp4 => qmm_t::<I, X, 3> as QmmFn,
     }), _ => None)
+}
+
+/// The SIMD of one output column's slice: AVX-512 ([`column`]) or AVX2 ([`column_avx2`]).
+trait Isa: Sync + 'static {
+    /// Rows of x sharing one decoded chunk.
+    const ROWS: usize;
+    /// [`column`] on this instruction set.
+    ///
+    /// # Safety
+    /// The CPU supports the instruction set (the variant that runs it checked).
+    unsafe fn column<const MODE: u8, const R: usize>(a: &Column<'_>, acc: &mut [f32; MAX_ROWS]);
+}
+
+struct Avx512;
+struct Avx2;
+
+impl Isa for Avx512 {
+    const ROWS: usize = 8;
+    unsafe fn column<const MODE: u8, const R: usize>(a: &Column<'_>, acc: &mut [f32; MAX_ROWS]) {
+        // SAFETY: the caller's contract.
+        unsafe { column::<MODE, R>(a, acc) }
+    }
+}
+
+impl Isa for Avx2 {
+    // 16 ymm registers: 4 rows of two sums beside a chunk's four weight vectors.
+    const ROWS: usize = 4;
+    unsafe fn column<const MODE: u8, const R: usize>(a: &Column<'_>, acc: &mut [f32; MAX_ROWS]) {
+        // SAFETY: the caller's contract.
+        unsafe { column_avx2::<MODE, R>(a, acc) }
+    }
 }
 
 /// Bits per element of mode `MODE` (see [`fp_mode`]).
@@ -81,7 +120,7 @@ fn permuted(bits: usize, i: usize) -> usize {
     }
 }
 
-fn qmm_t<X: Float, const MODE: u8>(a: QmmArgs<'_>) -> Result<()> {
+fn qmm_t<I: Isa, X: Float, const MODE: u8>(a: QmmArgs<'_>) -> Result<()> {
     let mode = fp_mode(MODE);
     let w = a.w;
     let scales: &[u8] = cast(OP, "scales", w.scales)?;
@@ -99,7 +138,7 @@ fn qmm_t<X: Float, const MODE: u8>(a: QmmArgs<'_>) -> Result<()> {
     let bits = bits(MODE);
     // Rows of x padded to whole chunks (an odd number of nvfp4 groups ends in a half chunk).
     let kp = k.next_multiple_of(32);
-    let mut walk = Walk::new(m, n, k, g, ROWS, 4, X_BLOCK_BYTES);
+    let mut walk = Walk::new(m, n, k, g, I::ROWS, 4, X_BLOCK_BYTES);
     if g < 32 {
         // K blocks of whole chunks.
         walk = walk.in_superblocks(32 / g);
@@ -118,7 +157,7 @@ fn qmm_t<X: Float, const MODE: u8>(a: QmmArgs<'_>) -> Result<()> {
         }
     }
     let scale_lut: [f32; 256] = std::array::from_fn(|c| fp::matmul_scale::<X>(c as u8, mode));
-    let kernel = Kernel::<MODE> {
+    let kernel = Kernel::<I, MODE> {
         packed: w.packed,
         scales,
         row_bytes: w.row_bytes(),
@@ -127,14 +166,15 @@ fn qmm_t<X: Float, const MODE: u8>(a: QmmArgs<'_>) -> Result<()> {
         xp: xp.elems(),
         kp,
         scale_lut: &scale_lut,
-        prefetch: if m <= ROWS {
+        prefetch: if m <= I::ROWS {
             PrefetchTo::stream()
         } else {
             PrefetchTo::L1
         },
+        isa: std::marker::PhantomData,
     };
-    // SAFETY: the `avx512` variant, the only one that builds this kernel, is chosen only
-    // where `x86::available` holds.
+    // SAFETY: the variant that builds this kernel (`avx512`, `avx2`) is chosen only where its
+    // instruction set is available.
     unsafe { run(&kernel, walk, out) };
     SCRATCH.with(|s| *s.borrow_mut() = xp);
     Ok(())
@@ -142,7 +182,7 @@ fn qmm_t<X: Float, const MODE: u8>(a: QmmArgs<'_>) -> Result<()> {
 
 /// Everything one call's columns read: W's codes and scale codes, x permuted and padded
 /// (rows `kp` apart), the scales' values by code.
-struct Kernel<'a, const MODE: u8> {
+struct Kernel<'a, I, const MODE: u8> {
     packed: &'a [u8],
     scales: &'a [u8],
     row_bytes: usize,
@@ -152,10 +192,11 @@ struct Kernel<'a, const MODE: u8> {
     kp: usize,
     scale_lut: &'a [f32; 256],
     prefetch: PrefetchTo,
+    isa: std::marker::PhantomData<I>,
 }
 
-impl<const MODE: u8> Columns for Kernel<'_, MODE> {
-    const ROWS: usize = ROWS;
+impl<I: Isa, const MODE: u8> Columns for Kernel<'_, I, MODE> {
+    const ROWS: usize = I::ROWS;
     const COLS: usize = 1;
 
     unsafe fn columns<const R: usize>(
@@ -188,7 +229,7 @@ impl<const MODE: u8> Columns for Kernel<'_, MODE> {
             prefetch: self.prefetch,
         };
         // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
-        unsafe { column::<MODE, R>(&c, &mut acc[0]) }
+        unsafe { I::column::<MODE, R>(&c, &mut acc[0]) }
     }
 }
 
@@ -415,5 +456,163 @@ unsafe fn column<const MODE: u8, const R: usize>(a: &Column<'_>, acc: &mut [f32;
             _mm512_add_ps(s1[r][0], s1[r][1]),
         );
         acc[r] = _mm512_reduce_add_ps(v);
+    }
+}
+
+/// [`weights`] on AVX2, FMA and F16C: one chunk's weights `v·s` as four vectors of 8, in
+/// x's order (E2M1: the even elements of the chunk's two halves, then the odd ones; E4M3:
+/// as stored). E2M1 values come from the 8 magnitudes by `vpermps` (the low 3 bits of each
+/// dword) with the sign bit moved into place; E4M3 from the same f16 placement as AVX-512.
+///
+/// # Safety
+/// The chunk's bytes are readable at `p` (8 of them where not `full`); the CPU supports
+/// AVX2, FMA and F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weights_avx2<const MODE: u8>(p: *const u8, full: bool, sa: f32, sb: f32) -> [__m256; 4] {
+    let (a, b) = (_mm256_set1_ps(sa), _mm256_set1_ps(sb));
+    // SAFETY: the caller's contract (each load reads the bytes it names).
+    unsafe {
+        if bits(MODE) == 8 {
+            let two8 = _mm256_set1_ps(256.0);
+            let f16s = |q: *const u8| {
+                let w = _mm256_cvtepi8_epi16(_mm_loadu_si128(q as *const __m128i));
+                let h = _mm256_and_si256(
+                    _mm256_slli_epi16::<7>(w),
+                    _mm256_set1_epi16(0xBF80u16 as i16),
+                );
+                let seven = _mm256_set1_epi16(0x7f);
+                let nan = _mm256_cmpeq_epi16(_mm256_and_si256(w, seven), seven);
+                let h = _mm256_blendv_epi8(h, _mm256_set1_epi16(0x7e00), nan);
+                (
+                    _mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+                    _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)),
+                )
+            };
+            let ((w0, w1), (w2, w3)) = (f16s(p), f16s(p.add(16)));
+            [w0, w1, w2, w3].map(|w| _mm256_mul_ps(_mm256_mul_ps(w, a), two8))
+        } else {
+            let mag = _mm256_setr_ps(0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0);
+            let sign = _mm256_set1_epi32(i32::MIN);
+            // The E2M1 value of each dword's low nibble.
+            let e2m1 = |v: __m256i| {
+                let m = _mm256_permutevar8x32_ps(mag, v);
+                let s = _mm256_and_si256(_mm256_slli_epi32::<28>(v), sign);
+                _mm256_xor_ps(m, _mm256_castsi256_ps(s))
+            };
+            let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+            let v1 = if full {
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8) as *const __m128i))
+            } else {
+                _mm256_setzero_si256()
+            };
+            // nvfp4: the chunk's halves are its two groups; mx: one group.
+            let b = if matches!(fp_mode(MODE), QuantMode::Nvfp4) {
+                b
+            } else {
+                a
+            };
+            [
+                _mm256_mul_ps(e2m1(v0), a),
+                _mm256_mul_ps(e2m1(v1), b),
+                _mm256_mul_ps(e2m1(_mm256_srli_epi32::<4>(v0)), a),
+                _mm256_mul_ps(e2m1(_mm256_srli_epi32::<4>(v1)), b),
+            ]
+        }
+    }
+}
+
+/// [`column`] on AVX2, FMA and F16C: the same walk over lines and chunks, 8-wide.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn column_avx2<const MODE: u8, const R: usize>(a: &Column<'_>, acc: &mut [f32; MAX_ROWS]) {
+    let bits = bits(MODE);
+    let (g, kp) = (a.g, a.kp);
+    let groups = a.scales.len();
+    let len = groups * g;
+    let chunk_bytes = 4 * bits;
+    let per_line = 64 / chunk_bytes;
+    let full_chunks = len / 32;
+    let bytes = len / 8 * bits;
+    if a.packed.len() < bytes || a.xp.len() < (R - 1) * kp + len.div_ceil(32) * 32 {
+        return;
+    }
+    let (pp, xp, sp) = (a.packed.as_ptr(), a.xp.as_ptr(), a.scales.as_ptr());
+    let (ahead, stride) = (PREFETCH_AHEAD, a.row_bytes);
+    let (near, far, near_until) = if bytes < ahead {
+        let skip = ahead.div_ceil(bytes.max(1)) * stride;
+        (skip, skip, 0)
+    } else {
+        (ahead, stride + ahead - bytes, bytes - ahead)
+    };
+    let groups_per_chunk = 32 / g;
+    let scales_ahead = ahead / chunk_bytes * groups_per_chunk;
+    // SAFETY (every call): `j` < `groups` = `scales.len()` (as in `column`).
+    let scale = |j: usize| a.scale_lut[usize::from(unsafe { *sp.add(j) })];
+    let chunk = |ch: usize| {
+        let j = ch * groups_per_chunk;
+        let sb = if groups_per_chunk == 2 {
+            scale(j + 1)
+        } else {
+            0.0
+        };
+        // SAFETY: chunk `ch` < `full_chunks` lies within `packed` (checked above).
+        unsafe { weights_avx2::<MODE>(pp.add(ch * chunk_bytes), true, scale(j), sb) }
+    };
+    // Adds a chunk's weights times the R rows of x from element `e` into `sums`.
+    let fma_rows = |w: [__m256; 4], e: usize, sums: &mut [[__m256; 2]; R]| {
+        for (r, s) in sums.iter_mut().enumerate() {
+            // SAFETY: row r's 32 elements from `e` lie within `xp` (checked above).
+            unsafe {
+                let x = xp.add(r * kp + e);
+                s[0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), s[0]);
+                s[1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), s[1]);
+                s[0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), s[0]);
+                s[1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), s[1]);
+            }
+        }
+    };
+    let zero = _mm256_setzero_ps();
+    let (mut s0, mut s1) = ([[zero; 2]; R], [[zero; 2]; R]);
+    let lines = full_chunks / per_line;
+    for l in 0..lines {
+        let off = l * 64;
+        let skip = if off < near_until { near } else { far };
+        a.prefetch.prefetch(pp.wrapping_add(off + skip));
+        if l % 16 == 0 {
+            let j = l * per_line * groups_per_chunk + scales_ahead;
+            a.prefetch.prefetch(sp.wrapping_add(j));
+        }
+        for i in 0..per_line {
+            let ch = l * per_line + i;
+            let sums = if R == 1 && i % 2 == 1 {
+                &mut s1
+            } else {
+                &mut s0
+            };
+            fma_rows(chunk(ch), ch * 32, sums);
+        }
+    }
+    for ch in lines * per_line..full_chunks {
+        fma_rows(chunk(ch), ch * 32, &mut s0);
+    }
+    if !len.is_multiple_of(32) {
+        let ch = full_chunks;
+        // SAFETY: as in `column`: the last 8 bytes of the slice, group `groups − 1`.
+        let w = unsafe {
+            weights_avx2::<MODE>(pp.add(ch * chunk_bytes), false, scale(groups - 1), 0.0)
+        };
+        fma_rows(w, ch * 32, &mut s0);
+    }
+    for r in 0..R {
+        let v = _mm256_add_ps(
+            _mm256_add_ps(s0[r][0], s0[r][1]),
+            _mm256_add_ps(s1[r][0], s1[r][1]),
+        );
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        acc[r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h)));
     }
 }
