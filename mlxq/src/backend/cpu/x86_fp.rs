@@ -247,6 +247,91 @@ struct Column<'a> {
     prefetch: PrefetchTo,
 }
 
+/// Where a chunk lies in [`Column::walk`]: an even or odd chunk of its line of codes, or a last
+/// half chunk (the first 16 elements only: the last group of an odd number of nvfp4 groups).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Even,
+    Odd,
+    Half,
+}
+
+impl Column<'_> {
+    /// The walk both column kernels make over the slice's chunks of `bits`-wide codes for `R`
+    /// rows of x: `f(ch, part)` for every chunk in order, a cache line of codes at a time
+    /// (4 E2M1 chunks, 2 E4M3) with one prefetch of W per line and one of the scale codes per
+    /// 16 lines. Prefetches run [`PREFETCH_AHEAD`] bytes ahead along the stream of W (as
+    /// `prefetch_w`, with its divisions made once per column): within this slice, then into
+    /// the next row's; a slice shorter than the distance as many slices on as it spans.
+    /// Returns false, calling nothing, where the slices are shorter than [`Column`] promises
+    /// (they never are); `f` may rely on the chunk's bytes (8 for a half chunk) and its 32
+    /// elements of each row of x lying within the slices.
+    #[inline(always)]
+    fn walk<const R: usize>(&self, bits: usize, mut f: impl FnMut(usize, Part)) -> bool {
+        let len = self.scales.len() * self.g;
+        let chunk_bytes = 4 * bits;
+        // Chunks per line of codes: a constant of the mode.
+        let per_line = 64 / chunk_bytes;
+        let full_chunks = len / 32;
+        let bytes = len / 8 * bits;
+        if self.packed.len() < bytes || self.xp.len() < (R - 1) * self.kp + len.div_ceil(32) * 32 {
+            return false;
+        }
+        let (pp, sp) = (self.packed.as_ptr(), self.scales.as_ptr());
+        let (ahead, stride) = (PREFETCH_AHEAD, self.row_bytes);
+        let (near, far, near_until) = if bytes < ahead {
+            let skip = ahead.div_ceil(bytes.max(1)) * stride;
+            (skip, skip, 0)
+        } else {
+            (ahead, stride + ahead - bytes, bytes - ahead)
+        };
+        let groups_per_chunk = 32 / self.g;
+        let scales_ahead = ahead / chunk_bytes * groups_per_chunk;
+        let lines = full_chunks / per_line;
+        for l in 0..lines {
+            let off = l * 64;
+            let skip = if off < near_until { near } else { far };
+            self.prefetch.prefetch(pp.wrapping_add(off + skip));
+            if l % 16 == 0 {
+                // The scale codes (1/16 or 1/32 of the codes' bytes), as far ahead.
+                let j = l * per_line * groups_per_chunk + scales_ahead;
+                self.prefetch.prefetch(sp.wrapping_add(j));
+            }
+            for i in 0..per_line {
+                let part = if i % 2 == 1 { Part::Odd } else { Part::Even };
+                f(l * per_line + i, part);
+            }
+        }
+        for ch in lines * per_line..full_chunks {
+            f(ch, Part::Even);
+        }
+        if !len.is_multiple_of(32) {
+            f(full_chunks, Part::Half);
+        }
+        true
+    }
+
+    /// The scales of chunk `ch`'s groups: its group (mx) or its two (nvfp4; the second 0
+    /// for a half chunk, which has one).
+    #[inline(always)]
+    fn chunk_scales(&self, ch: usize, part: Part) -> (f32, f32) {
+        let lut = self.scale_lut;
+        let at = |j: usize| {
+            debug_assert!(j < self.scales.len());
+            // SAFETY: a chunk [`Column::walk`] passes holds groups `ch·32/g` (and, with
+            // groups of 16 and not a half chunk, the next), all < `scales.len()`.
+            lut[usize::from(unsafe { *self.scales.as_ptr().add(j) })]
+        };
+        if self.g == 32 {
+            (at(ch), 0.0)
+        } else if part == Part::Half {
+            (at(2 * ch), 0.0)
+        } else {
+            (at(2 * ch), at(2 * ch + 1))
+        }
+    }
+}
+
 /// Decodes the 32 E2M1 elements of the 16 bytes at `p` (the first 8 only where `half`) into
 /// their values, even elements then odd (see the module docs).
 ///
@@ -373,82 +458,29 @@ unsafe fn fma_rows<const R: usize>(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn column<const MODE: u8, const R: usize>(a: &Column<'_>, acc: &mut [f32; MAX_ROWS]) {
     let bits = bits(MODE);
-    let (g, kp) = (a.g, a.kp);
-    let groups = a.scales.len();
-    let len = groups * g;
-    let chunk_bytes = 4 * bits;
-    // Chunks per line of codes: a constant of the mode.
-    let per_line = 64 / chunk_bytes;
-    let full_chunks = len / 32;
-    let bytes = len / 8 * bits;
-    if a.packed.len() < bytes || a.xp.len() < (R - 1) * kp + len.div_ceil(32) * 32 {
-        return;
-    }
+    let (kp, chunk_bytes) = (a.kp, 4 * bits);
     // SAFETY: reads exactly the 16 values of the table.
     let lut = unsafe { _mm512_loadu_ps(fp::FP4_LUT.as_ptr()) };
-    let (pp, xp, sp) = (a.packed.as_ptr(), a.xp.as_ptr(), a.scales.as_ptr());
-    // Prefetches run PREFETCH_AHEAD bytes ahead along the stream of W (as `prefetch_w`, with
-    // its divisions made once per column): within this slice until `near_until`, then into
-    // the next row's slice; a slice shorter than the distance as many slices on as it spans.
-    let (ahead, stride) = (PREFETCH_AHEAD, a.row_bytes);
-    let (near, far, near_until) = if bytes < ahead {
-        let skip = ahead.div_ceil(bytes.max(1)) * stride;
-        (skip, skip, 0)
-    } else {
-        (ahead, stride + ahead - bytes, bytes - ahead)
-    };
-    let groups_per_chunk = 32 / g;
-    let scales_ahead = ahead / chunk_bytes * groups_per_chunk;
-    // The scale of group `j`.
-    // SAFETY (every call): `j` < `groups` = `scales.len()`: chunk `ch` < `full_chunks` holds
-    // groups `ch·groups_per_chunk` up to `(ch + 1)·groups_per_chunk − 1`.
-    let scale = |j: usize| a.scale_lut[usize::from(unsafe { *sp.add(j) })];
-    let chunk = |ch: usize| {
-        let j = ch * groups_per_chunk;
-        let sb = if groups_per_chunk == 2 {
-            scale(j + 1)
-        } else {
-            0.0
-        };
-        // SAFETY: chunk `ch` < `full_chunks` lies within `packed` (checked above).
-        unsafe { weights::<MODE>(pp.add(ch * chunk_bytes), true, scale(j), sb, lut) }
-    };
+    let (pp, xp) = (a.packed.as_ptr(), a.xp.as_ptr());
     let zero = _mm512_setzero_ps();
     let (mut s0, mut s1) = ([[zero; 2]; R], [[zero; 2]; R]);
-    let lines = full_chunks / per_line;
-    for l in 0..lines {
-        let off = l * 64;
-        let skip = if off < near_until { near } else { far };
-        a.prefetch.prefetch(pp.wrapping_add(off + skip));
-        if l % 16 == 0 {
-            // The scale codes (1/16 or 1/32 of the codes' bytes), as far ahead.
-            let j = l * per_line * groups_per_chunk + scales_ahead;
-            a.prefetch.prefetch(sp.wrapping_add(j));
-        }
-        for i in 0..per_line {
-            let ch = l * per_line + i;
-            let sums = if R == 1 && i % 2 == 1 {
-                &mut s1
-            } else {
-                &mut s0
-            };
-            // SAFETY: row r's 32 elements from ch·32 lie within `xp` (checked above).
-            unsafe { fma_rows::<R>(chunk(ch), xp.add(ch * 32), kp, sums) };
-        }
-    }
-    for ch in lines * per_line..full_chunks {
-        // SAFETY: as above.
-        unsafe { fma_rows::<R>(chunk(ch), xp.add(ch * 32), kp, &mut s0) };
-    }
-    if !len.is_multiple_of(32) {
-        // A last half chunk (an odd number of nvfp4 groups): its first 8 bytes, one group.
-        let ch = full_chunks;
-        // SAFETY: its 8 bytes end the slice (`bytes`), group `groups − 1` its scale, and x is
-        // padded to whole chunks (checked above).
+    let walked = a.walk::<R>(bits, |ch, part| {
+        let (sa, sb) = a.chunk_scales(ch, part);
+        let sums = if R == 1 && part == Part::Odd {
+            &mut s1
+        } else {
+            &mut s0
+        };
+        // SAFETY: `walk` checked that the chunk's bytes and its 32 elements of each row of x
+        // lie within the slices.
         unsafe {
-            let w = weights::<MODE>(pp.add(ch * chunk_bytes), false, scale(groups - 1), 0.0, lut);
-            fma_rows::<R>(w, xp.add(ch * 32), kp, &mut s0);
+            let p = pp.add(ch * chunk_bytes);
+            let w = weights::<MODE>(p, part != Part::Half, sa, sb, lut);
+            fma_rows::<R>(w, xp.add(ch * 32), kp, sums);
         }
+    });
+    if !walked {
+        return;
     }
     for r in 0..R {
         let v = _mm512_add_ps(
@@ -529,82 +561,33 @@ unsafe fn weights_avx2<const MODE: u8>(p: *const u8, full: bool, sa: f32, sb: f3
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn column_avx2<const MODE: u8, const R: usize>(a: &Column<'_>, acc: &mut [f32; MAX_ROWS]) {
     let bits = bits(MODE);
-    let (g, kp) = (a.g, a.kp);
-    let groups = a.scales.len();
-    let len = groups * g;
-    let chunk_bytes = 4 * bits;
-    let per_line = 64 / chunk_bytes;
-    let full_chunks = len / 32;
-    let bytes = len / 8 * bits;
-    if a.packed.len() < bytes || a.xp.len() < (R - 1) * kp + len.div_ceil(32) * 32 {
-        return;
-    }
-    let (pp, xp, sp) = (a.packed.as_ptr(), a.xp.as_ptr(), a.scales.as_ptr());
-    let (ahead, stride) = (PREFETCH_AHEAD, a.row_bytes);
-    let (near, far, near_until) = if bytes < ahead {
-        let skip = ahead.div_ceil(bytes.max(1)) * stride;
-        (skip, skip, 0)
-    } else {
-        (ahead, stride + ahead - bytes, bytes - ahead)
-    };
-    let groups_per_chunk = 32 / g;
-    let scales_ahead = ahead / chunk_bytes * groups_per_chunk;
-    // SAFETY (every call): `j` < `groups` = `scales.len()` (as in `column`).
-    let scale = |j: usize| a.scale_lut[usize::from(unsafe { *sp.add(j) })];
-    let chunk = |ch: usize| {
-        let j = ch * groups_per_chunk;
-        let sb = if groups_per_chunk == 2 {
-            scale(j + 1)
+    let (kp, chunk_bytes) = (a.kp, 4 * bits);
+    let (pp, xp) = (a.packed.as_ptr(), a.xp.as_ptr());
+    let zero = _mm256_setzero_ps();
+    let (mut s0, mut s1) = ([[zero; 2]; R], [[zero; 2]; R]);
+    let walked = a.walk::<R>(bits, |ch, part| {
+        let (sa, sb) = a.chunk_scales(ch, part);
+        let sums = if R == 1 && part == Part::Odd {
+            &mut s1
         } else {
-            0.0
+            &mut s0
         };
-        // SAFETY: chunk `ch` < `full_chunks` lies within `packed` (checked above).
-        unsafe { weights_avx2::<MODE>(pp.add(ch * chunk_bytes), true, scale(j), sb) }
-    };
-    // Adds a chunk's weights times the R rows of x from element `e` into `sums`.
-    let fma_rows = |w: [__m256; 4], e: usize, sums: &mut [[__m256; 2]; R]| {
-        for (r, s) in sums.iter_mut().enumerate() {
-            // SAFETY: row r's 32 elements from `e` lie within `xp` (checked above).
-            unsafe {
-                let x = xp.add(r * kp + e);
+        // SAFETY: `walk` checked that the chunk's bytes and its 32 elements of each row of x
+        // lie within the slices.
+        unsafe {
+            let p = pp.add(ch * chunk_bytes);
+            let w = weights_avx2::<MODE>(p, part != Part::Half, sa, sb);
+            for (r, s) in sums.iter_mut().enumerate() {
+                let x = xp.add(r * kp + ch * 32);
                 s[0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), s[0]);
                 s[1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), s[1]);
                 s[0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), s[0]);
                 s[1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), s[1]);
             }
         }
-    };
-    let zero = _mm256_setzero_ps();
-    let (mut s0, mut s1) = ([[zero; 2]; R], [[zero; 2]; R]);
-    let lines = full_chunks / per_line;
-    for l in 0..lines {
-        let off = l * 64;
-        let skip = if off < near_until { near } else { far };
-        a.prefetch.prefetch(pp.wrapping_add(off + skip));
-        if l % 16 == 0 {
-            let j = l * per_line * groups_per_chunk + scales_ahead;
-            a.prefetch.prefetch(sp.wrapping_add(j));
-        }
-        for i in 0..per_line {
-            let ch = l * per_line + i;
-            let sums = if R == 1 && i % 2 == 1 {
-                &mut s1
-            } else {
-                &mut s0
-            };
-            fma_rows(chunk(ch), ch * 32, sums);
-        }
-    }
-    for ch in lines * per_line..full_chunks {
-        fma_rows(chunk(ch), ch * 32, &mut s0);
-    }
-    if !len.is_multiple_of(32) {
-        let ch = full_chunks;
-        // SAFETY: as in `column`: the last 8 bytes of the slice, group `groups − 1`.
-        let w = unsafe {
-            weights_avx2::<MODE>(pp.add(ch * chunk_bytes), false, scale(groups - 1), 0.0)
-        };
-        fma_rows(w, ch * 32, &mut s0);
+    });
+    if !walked {
+        return;
     }
     for r in 0..R {
         let v = _mm256_add_ps(
