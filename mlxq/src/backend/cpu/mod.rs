@@ -300,8 +300,8 @@ fn all_variants() -> impl Iterator<Item = &'static Variant> {
 /// The portable variant: every op, every key (affine and the FP modes).
 const GENERIC: Variant = Variant {
     name: "generic",
-    // The FP modes (mxfp4, mxfp8, nvfp4) run here (quantize, dequantize, and the matmuls
-    // wherever `avx512`'s transposed FP kernel does not apply).
+    // The FP modes (mxfp4, mxfp8, nvfp4) run here: quantize, dequantize, and the matmuls
+    // wherever neither `avx512` (transposed) nor `avx2` (both layouts) runs them.
     supports: |_| true,
     decode: None,
     build: portable::<Baseline>,

@@ -37,8 +37,9 @@ use std::cell::RefCell;
 pub(crate) const QMV_T: super::Variant = super::Variant {
     name: "avx512",
     supports: |k| {
-        let scales_ok = k.mode == crate::QuantMode::Affine || k.scales == crate::DType::U8;
-        k.op == crate::registry::OpKind::QuantizedMatmul && k.flag && scales_ok && available()
+        let matmul_t = k.op == crate::registry::OpKind::QuantizedMatmul && k.flag;
+        let mode_ok = k.mode == crate::QuantMode::Affine || super::x86_fp::fp_matmul_key(k);
+        matmul_t && mode_ok && available()
     },
     decode: None,
     build: |k| {
@@ -59,9 +60,8 @@ pub(crate) const QMV_T: super::Variant = super::Variant {
 pub(crate) const QMV_T_AVX2: super::Variant = super::Variant {
     name: "avx2",
     supports: |k| {
-        let fp_matmul =
-            k.op == crate::registry::OpKind::QuantizedMatmul && k.scales == crate::DType::U8;
-        (k.mode == crate::QuantMode::Affine || fp_matmul) && super::x86_avx2::available()
+        let mode_ok = k.mode == crate::QuantMode::Affine || super::x86_fp::fp_matmul_key(k);
+        mode_ok && super::x86_avx2::available()
     },
     decode: None,
     build: |k| {
@@ -131,9 +131,10 @@ thread_local! {
     static SCRATCH: RefCell<(AlignedBytes, Vec<f32>)> = const { RefCell::new((AlignedBytes::new(), Vec::new())) };
 }
 
-/// Position, within its 32-element chunk, that element `i` of x moves to for `BITS`.
+/// Position, within its 32-element chunk, that element `i` of x moves to for `BITS` (also
+/// the order of [`x86_fp`](super::x86_fp)'s E2M1 decode).
 #[inline(always)]
-fn permuted(bits: usize, i: usize) -> usize {
+pub(crate) fn permuted(bits: usize, i: usize) -> usize {
     if bits == 4 {
         // Even elements first (low nibbles), then odd (high nibbles).
         (i % 2) * 16 + i / 2

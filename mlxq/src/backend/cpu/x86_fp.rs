@@ -5,10 +5,10 @@
 //! Each 32-element chunk of a weight row is decoded once into f32 vectors of weights `v·s`
 //! (the element times its group's scale) and used by every row of a block of rows of x (8 on
 //! AVX-512, 4 on AVX2): one FMA per 16 (8) weights and row. The AVX2 twin ([`column_avx2`])
-//! decodes the same way 8 lanes at a time, E2M1 from the 8 magnitudes plus the sign bit. The products are exact in f32 (an E2M1
-//! value has 2 significant bits, an E4M3 one 4, the scale is a power of two or an E4M3
-//! value), so the sums are the dequantized weights' dot products with f32 accumulation, the
-//! error class of every other kernel.
+//! decodes the same way 8 lanes at a time, E2M1 from the 8 magnitudes plus the sign bit. The
+//! products are exact in f32 (an E2M1 value has 2 significant bits, an E4M3 one 4, the scale
+//! is a power of two or an E4M3 value), so the sums are the dequantized weights' dot products
+//! with f32 accumulation, the error class of every other kernel.
 //!
 //! Decoding 32 elements:
 //! - E2M1 (mxfp4, nvfp4): 16 bytes widened to 16 dwords (`vpmovzxbd`); `vpermps` reads the
@@ -47,6 +47,14 @@ const X_BLOCK_BYTES: usize = 32 << 10;
 thread_local! {
     /// Per-thread scratch for the permuted, padded x, reused across calls.
     static SCRATCH: RefCell<AlignedBytes> = const { RefCell::new(AlignedBytes::new()) };
+}
+
+/// Whether `k` is an FP mode's `quantized_matmul` (uint8 scales), which the `avx512` variant
+/// runs here transposed and the `avx2` variant in both layouts.
+pub(crate) fn fp_matmul_key(k: &crate::registry::KernelKey) -> bool {
+    k.mode != QuantMode::Affine
+        && k.op == crate::registry::OpKind::QuantizedMatmul
+        && k.scales == crate::DType::U8
 }
 
 /// The AVX-512 kernel for an FP `mode` with x and the output of dtype `out` (`None` for
@@ -109,23 +117,14 @@ const fn bits(mode: u8) -> usize {
     }
 }
 
-/// Position, within its 32-element chunk, that element `i` of x moves to: the decode's order
-/// (E2M1: even elements, then odd; E4M3: as stored).
-#[inline(always)]
-fn permuted(bits: usize, i: usize) -> usize {
-    if bits == 4 {
-        (i % 2) * 16 + i / 2
-    } else {
-        i
-    }
-}
-
 fn qmm_t<I: Isa, X: Float, const MODE: u8>(a: QmmArgs<'_>) -> Result<()> {
     let mode = fp_mode(MODE);
     let w = a.w;
     let scales: &[u8] = cast(OP, "scales", w.scales)?;
     let out: &mut [X] = cast_mut(OP, "out", a.out)?;
     let (m, n, k, g) = (a.m, w.rows, w.cols, w.group_size);
+    // The mode's only group size (`QuantizedWeight` holds no other): the chunk walk and its
+    // unchecked scale reads rely on it.
     let (_, want_g) = crate::QuantSpec::fp_defaults(mode);
     if g != want_g as usize {
         return Err(Error::invalid(
@@ -152,7 +151,8 @@ fn qmm_t<I: Isa, X: Float, const MODE: u8>(a: QmmArgs<'_>) -> Result<()> {
     for (src, dst) in rows {
         for (s32, d32) in src.chunks(32).zip(dst.chunks_exact_mut(32)) {
             for (i, &v) in s32.iter().enumerate() {
-                d32[permuted(bits, i)] = v;
+                // The decode's order (E2M1: even elements, then odd; E4M3: as stored).
+                d32[super::x86::permuted(bits, i)] = v;
             }
         }
     }
