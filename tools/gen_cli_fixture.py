@@ -14,6 +14,9 @@ Needs `mlx[cpu]==0.32.4` and numpy. Writes, with MLX's own `mx.save_safetensors`
   `P.weight` with >= 2 dims, no zero dim and a last dim divisible by G becomes `P.weight`
   (uint32), `P.scales`, `P.biases` (inserted in that order); anything else is copied; saved with
   metadata {"format": "mlx"}.
+- `mlx_cpu_MODE.safetensors` for MLX's FP modes (mxfp4, nvfp4, mxfp8: their own bits and group
+  size, `P.weight` and uint8 `P.scales`, no biases), by the same rule, and
+  `mlx_cpu_MODE.dequant[_DTYPE].safetensors` (MLX's default dtype for these is bfloat16).
 - `mlx_cpu_bB_gG.dequant[_DTYPE].safetensors`: `mx.dequantize` (CPU) of such a file by the rule of
   `mlxq dequantize`: in `mx.load` order, each quantized `P.weight` (uint32, with a `P.scales`)
   becomes the dequantized `P.weight` (dtype: the scales', or DTYPE), its `P.scales`/`P.biases`
@@ -29,6 +32,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", "mlxq-cli", "tests", "fixtures")
 QUANTIZE = [(4, 64), (3, 32), (8, 128), (2, 64), (5, 32), (6, 128), (1, 32)]
 DEQUANTIZE = [((4, 64), None), ((3, 32), mx.float32), ((6, 128), mx.float16)]
+# MLX's FP modes (fixed bits and group size; uint8 scales, no biases), and which to dequantize
+# (None: MLX's default dtype for them).
+FP_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
+FP_DEQUANTIZE = [("mxfp4", None), ("nvfp4", mx.float32), ("mxfp8", mx.float16)]
 FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 DTYPE_NAMES = {mx.float32: "f32", mx.float16: "f16", mx.bfloat16: "bf16"}
 
@@ -71,22 +78,23 @@ def quantizable(v, group):
     return v.dtype in FLOATS and v.ndim >= 2 and v.size > 0 and v.shape[-1] % group == 0
 
 
-def quantize(src, bits, group):
+def quantize(src, bits, group, mode="affine"):
     weights = mx.load(src)
     out = {}
     for k, v in weights.items():
         if k.endswith(".weight") and quantizable(v, group):
-            q, s, b = mx.quantize(v, group_size=group, bits=bits)
+            q, s, *b = mx.quantize(v, group_size=group, bits=bits, mode=mode)
             p = k[: -len(".weight")]
             out[k] = q
             out[p + ".scales"] = s
-            out[p + ".biases"] = b
+            if b:
+                out[p + ".biases"] = b[0]
         else:
             out[k] = v
     return out
 
 
-def dequantize(src, bits, group, dtype):
+def dequantize(src, bits, group, dtype, mode="affine"):
     weights, metadata = mx.load(src, return_metadata=True)
     modules = {
         k[: -len(".weight")]
@@ -97,8 +105,8 @@ def dequantize(src, bits, group, dtype):
     for k, v in weights.items():
         p, _, suffix = k.rpartition(".")
         if p in modules and suffix == "weight":
-            s, b = weights[p + ".scales"], weights[p + ".biases"]
-            out[k] = mx.dequantize(v, s, b, group_size=group, bits=bits, dtype=dtype)
+            s, b = weights[p + ".scales"], weights.get(p + ".biases")
+            out[k] = mx.dequantize(v, s, b, group_size=group, bits=bits, dtype=dtype, mode=mode)
         elif p in modules and suffix in ("scales", "biases"):
             continue
         else:
@@ -118,6 +126,15 @@ def main():
         out, metadata = dequantize(qpath, bits, group, dtype)
         suffix = "" if dtype is None else "_" + DTYPE_NAMES[dtype]
         path = os.path.join(OUT, f"mlx_cpu_b{bits}_g{group}.dequant{suffix}.safetensors")
+        mx.save_safetensors(path, out, metadata=metadata)
+    for mode, (bits, group) in FP_MODES.items():
+        path = os.path.join(OUT, f"mlx_cpu_{mode}.safetensors")
+        mx.save_safetensors(path, quantize(src, bits, group, mode), metadata={"format": "mlx"})
+    for mode, dtype in FP_DEQUANTIZE:
+        bits, group = FP_MODES[mode]
+        out, metadata = dequantize(os.path.join(OUT, f"mlx_cpu_{mode}.safetensors"), bits, group, dtype, mode)
+        suffix = "" if dtype is None else "_" + DTYPE_NAMES[dtype]
+        path = os.path.join(OUT, f"mlx_cpu_{mode}.dequant{suffix}.safetensors")
         mx.save_safetensors(path, out, metadata=metadata)
     print(f"mlx {mx.__version__} {mx.default_device()}: wrote fixtures to {os.path.normpath(OUT)}")
 

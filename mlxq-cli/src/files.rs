@@ -57,22 +57,26 @@ impl From<FloatArg> for DType {
 ///
 /// Every floating-point tensor named `P.weight` with at least 2 dimensions and a last dimension
 /// divisible by the group size becomes MLX's `P.weight` (uint32, packed), `P.scales` and
-/// `P.biases` (in the weight's dtype), quantized along its last axis; every other tensor (norms,
-/// biases, embeddings of odd width, integer tensors) is copied unchanged. The output's metadata
-/// is `{"format": "mlx"}`, as mlx-lm writes.
+/// `P.biases` (in the weight's dtype; the FP modes write uint8 `P.scales` and no biases),
+/// quantized along its last axis; every other tensor (norms, biases, embeddings of odd width,
+/// integer tensors) is copied unchanged. The output's metadata is `{"format": "mlx"}`, as mlx-lm
+/// writes.
 #[derive(clap::Args)]
 pub struct QuantizeArgs {
     /// Input safetensors file (float weights).
     pub input: PathBuf,
     /// Output safetensors file (replaced atomically when complete).
     pub output: PathBuf,
-    /// Bits per weight: 1, 2, 3, 4, 5, 6 or 8.
-    #[arg(long, default_value_t = 4)]
-    pub bits: u32,
-    /// Weights per group (one scale and bias each): 32, 64 or 128.
-    #[arg(long, default_value_t = 64)]
-    pub group_size: u32,
-    /// Quantization mode; only affine is supported so far (mxfp4, mxfp8, nvfp4 are not yet).
+    /// Bits per weight: affine 1, 2, 3, 4, 5, 6 or 8 (default 4); the FP modes' own (mxfp4 and
+    /// nvfp4 4, mxfp8 8) by default.
+    #[arg(long)]
+    pub bits: Option<u32>,
+    /// Weights per group (one scale, and for affine one bias, each): affine 32, 64 or 128
+    /// (default 64); the FP modes' own (mxfp4 and mxfp8 32, nvfp4 16) by default.
+    #[arg(long)]
+    pub group_size: Option<u32>,
+    /// Quantization mode: affine (codes, scales and biases in the weight's dtype), or one of
+    /// MLX's FP modes mxfp4, nvfp4, mxfp8 (FP codes and uint8 power-of-two or E4M3 scales).
     #[arg(long, default_value = "affine")]
     pub mode: String,
     /// Whose arithmetic to reproduce. gpu (default) matches MLX's Metal/CUDA kernels, which
@@ -185,13 +189,11 @@ pub fn quantize(a: &QuantizeArgs) -> anyhow::Result<()> {
 
 fn run_quantize(a: &QuantizeArgs) -> anyhow::Result<()> {
     let mode = QuantMode::parse(&a.mode).context("--mode")?;
-    if mode != QuantMode::Affine {
-        bail!("--mode {mode} is not supported yet (only affine)");
-    }
-    let spec = QuantSpec::affine(a.bits, a.group_size)?;
+    let (bits, group) = QuantSpec::fp_defaults(mode);
+    let spec = QuantSpec::new(mode, a.bits.unwrap_or(bits), a.group_size.unwrap_or(group))?;
     let flavour = Flavour::from(a.flavour);
     let input = open(&a.input)?;
-    let g = a.group_size as usize;
+    let g = spec.group_size() as usize;
     let device = Device::cpu();
     let mut enc = device.encoder();
     let mut out = Tensors::new();

@@ -29,14 +29,15 @@ pub struct ConvertArgs {
     /// Quantize (as `mlx_lm.convert -q`).
     #[arg(short = 'q', long)]
     pub quantize: bool,
-    /// Bits per weight (default: the mode's, 4 for affine).
-    #[arg(long)]
+    /// Bits per weight (default: the mode's: affine 4, mxfp4 4, nvfp4 4, mxfp8 8).
+    #[arg(long, visible_alias = "q-bits")]
     pub bits: Option<u32>,
-    /// Weights per group (default: the mode's, 64 for affine).
-    #[arg(long)]
+    /// Weights per group (default: the mode's: affine 64, mxfp4 32, nvfp4 16, mxfp8 32).
+    #[arg(long, visible_alias = "q-group-size")]
     pub group_size: Option<u32>,
-    /// Quantization mode (only affine can be quantized so far).
-    #[arg(long, default_value = "affine")]
+    /// Quantization mode: affine, mxfp4, nvfp4 or mxfp8 (as `mlx_lm.convert --q-mode`). The FP
+    /// modes have fixed bits and group sizes and no biases; mixed recipes take affine only.
+    #[arg(long, visible_alias = "q-mode", default_value = "affine")]
     pub mode: String,
     /// Whose arithmetic to reproduce: gpu (default; Metal/CUDA, mlx_lm on a Mac) or cpu
     /// (mlx_lm on Linux, `mx.quantize` on MLX's CPU).
@@ -160,9 +161,13 @@ fn run_convert(a: &ConvertArgs) -> anyhow::Result<()> {
         .map(|s| parse_override(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
     if !a.quantize
-        && (a.bits.is_some() || a.group_size.is_some() || recipe.is_some() || !overrides.is_empty())
+        && (a.bits.is_some()
+            || a.group_size.is_some()
+            || mode != QuantMode::Affine
+            || recipe.is_some()
+            || !overrides.is_empty())
     {
-        bail!("--bits, --group-size, --quant-predicate and --override need -q");
+        bail!("--bits, --group-size, --mode, --quant-predicate and --override need -q");
     }
     let opts = io::ConvertOptions {
         quantize: a.quantize,

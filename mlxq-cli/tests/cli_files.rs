@@ -130,6 +130,47 @@ fn dequantize_cpu_is_mlx_byte_for_byte() {
 }
 
 #[test]
+fn fp_modes_are_mlx_cpu_byte_for_byte() {
+    // Quantize with the mode's own bits and group size (no --bits or --group-size needed), then
+    // dequantize MLX's file; both must equal MLX's files (tools/gen_cli_fixture.py).
+    let dir = scratch("fp_modes");
+    let input = fixture("input.safetensors");
+    for (mode, dtype) in [
+        ("mxfp4", None),
+        ("nvfp4", Some("f32")),
+        ("mxfp8", Some("f16")),
+    ] {
+        let out = dir.join(format!("{mode}.safetensors"));
+        ok(&[
+            "quantize",
+            s(&input),
+            s(&out),
+            "--mode",
+            mode,
+            "--flavour",
+            "cpu",
+        ]);
+        let expected = fixture(&format!("mlx_cpu_{mode}.safetensors"));
+        assert!(
+            bytes(&out) == bytes(&expected),
+            "{mode}: differs from MLX's file"
+        );
+        let deq = dir.join(format!("{mode}.dequant.safetensors"));
+        let mut args = vec!["dequantize", s(&expected), s(&deq), "--flavour", "cpu"];
+        if let Some(d) = dtype {
+            args.extend(["--dtype", d]);
+        }
+        ok(&args);
+        let suffix = dtype.map_or(String::new(), |d| format!("_{d}"));
+        let expected = fixture(&format!("mlx_cpu_{mode}.dequant{suffix}.safetensors"));
+        assert!(
+            bytes(&deq) == bytes(&expected),
+            "{mode} {dtype:?}: dequantized differs from MLX's file"
+        );
+    }
+}
+
+#[test]
 fn gpu_round_trip_keeps_names_dtypes_and_shapes() {
     let dir = scratch("roundtrip");
     let (q, d) = (dir.join("q.safetensors"), dir.join("d.safetensors"));
@@ -238,8 +279,15 @@ fn bad_input_fails_with_one_clear_line() {
     assert!(e.contains("bits") && e.contains("got 7"), "{e}");
     let e = q(&["--group-size", "16"]);
     assert!(e.contains("group_size") && e.contains("got 16"), "{e}");
-    let e = q(&["--mode", "mxfp4"]);
-    assert!(e.contains("mxfp4") && e.contains("not supported"), "{e}");
+    let e = q(&["--mode", "mxfp4", "--group-size", "64"]);
+    assert!(
+        e.contains("group_size") && e.contains("32 for mxfp4") && e.contains("got 64"),
+        "{e}"
+    );
+    let e = q(&["--mode", "nvfp4", "--bits", "8"]);
+    assert!(e.contains("bits") && e.contains("4 for nvfp4"), "{e}");
+    let e = q(&["--mode", "fp4"]);
+    assert!(e.contains("--mode") && e.contains("fp4"), "{e}");
 
     let missing = dir.join("missing.safetensors");
     let e = fails(&["quantize", s(&missing), s(&out)]);

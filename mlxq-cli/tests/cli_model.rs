@@ -176,7 +176,30 @@ const CASES: &[Case] = &[
         mlx_lm: &["--dtype", "bfloat16"],
         mlxq: &["--dtype", "bfloat16"],
     },
+    // MLX's FP modes (`--q-mode`): codes and uint8 scales, no biases; the Qwen3-MoE routers
+    // stay affine 8-bit as mlx_lm keeps them.
+    Case {
+        tag: "llama-mxfp4",
+        make: &["--arch", "llama", "--seed", "6"],
+        mlx_lm: &["-q", "--q-mode", "mxfp4"],
+        mlxq: &["-q", "--q-mode", "mxfp4"],
+    },
+    Case {
+        tag: "qwen3_moe-nvfp4-f32",
+        make: &["--arch", "qwen3_moe", "--dtype", "float32", "--seed", "7"],
+        mlx_lm: &["-q", "--q-mode", "nvfp4"],
+        mlxq: &["-q", "--mode", "nvfp4"],
+    },
+    Case {
+        tag: "mixtral-mxfp8-f16",
+        make: &["--arch", "mixtral", "--dtype", "float16", "--seed", "8"],
+        mlx_lm: &["-q", "--q-mode", "mxfp8"],
+        mlxq: &["-q", "--q-mode", "mxfp8"],
+    },
 ];
+
+/// The cases quantized to MLX's FP modes.
+const FP_CASES: std::ops::Range<usize> = 6..9;
 
 fn convert_both(python: &Path, root: &Path, c: &Case) -> (PathBuf, PathBuf, PathBuf) {
     let hf = root.join(format!("{}-hf", c.tag));
@@ -227,13 +250,39 @@ fn convert_matches_mlx_lm_bit_for_bit() {
             assert!(out.contains("mean relative rms error"), "{out}");
         }
     }
+    // The FP modes: inspect names the mode; mlx_lm's recipes are affine only, and so are ours.
+    for c in &CASES[FP_CASES] {
+        let ours = root.join(format!("{}-mlxq", c.tag));
+        let spec = open(&ours).quantization().unwrap().default_spec();
+        assert_ne!(spec.mode(), mlxq::QuantMode::Affine, "{}", c.tag);
+        let out = mlxq_ok(&["inspect", s(&ours)]);
+        assert!(out.contains(&format!("quantization: {spec}")), "{out}");
+    }
+    let hf = root.join(format!("{}-hf", CASES[FP_CASES.start].tag));
+    let out = root.join("fp-recipe");
+    let r = mlxq(&[
+        "convert",
+        s(&hf),
+        s(&out),
+        "-q",
+        "--q-mode",
+        "mxfp4",
+        "--quant-predicate",
+        "mixed_3_6",
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("mode") && err.contains("affine"),
+        "{err}"
+    );
+    assert!(!out.exists());
 }
 
 #[test]
 fn mlx_lm_generates_the_same_tokens_from_mlxq_output() {
     let Some(python) = python() else { return };
     let root = scratch("generate");
-    for c in [&CASES[0], &CASES[3], &CASES[4]] {
+    for c in [&CASES[0], &CASES[3], &CASES[4], &CASES[6], &CASES[8]] {
         let (_, theirs, ours) = convert_both(&python, &root, c);
         let a = py(&python, &["generate", s(&theirs), "--tokens", "10"]);
         let b = py(&python, &["generate", s(&ours), "--tokens", "10"]);
@@ -259,7 +308,10 @@ fn relative_error(got: &Buffer, want: &Buffer) -> f64 {
 fn mlxq_matmuls_on_mlx_lm_output_agree_with_mlx() {
     let Some(python) = python() else { return };
     let root = scratch("matmul");
-    for c in [&CASES[2], &CASES[3], &CASES[4]] {
+    for c in [&CASES[2], &CASES[3], &CASES[4]]
+        .into_iter()
+        .chain(&CASES[FP_CASES])
+    {
         let (_, theirs, _) = convert_both(&python, &root, c);
         let fx = root.join(format!("{}-matmul.safetensors", c.tag));
         py(&python, &["matmul", s(&theirs), s(&fx)]);

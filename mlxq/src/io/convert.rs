@@ -16,7 +16,10 @@
 //!    group size is quantized: with the defaults, with what the architecture's predicate says
 //!    (Qwen3-MoE keeps its routers `mlp.gate` at 8 bits, groups of 64), with a mixed recipe's
 //!    choice (`mixed_2_6`, `mixed_3_4`, `mixed_3_6`, `mixed_4_6`), or with a per-module
-//!    override. Modules whose spec is not the default are listed in the config's block.
+//!    override. Modules whose spec is not the default are listed in the config's block. The
+//!    default mode is affine or one of MLX's FP modes (`--q-mode mxfp4|nvfp4|mxfp8`: fixed bits
+//!    and group size, uint8 scales, no biases); the Qwen3-MoE routers stay affine 8-bit there
+//!    too, and the mixed recipes take affine only, as in mlx_lm.
 //! 5. Tensors are written in shards of at most 5 GiB (mlx_lm's `MAX_FILE_SIZE_GB << 30`), a
 //!    module's tensors together, with metadata `{"format": "mlx"}`, the index
 //!    `model.safetensors.index.json`, `config.json` (top-level keys sorted, `quantization` and
@@ -95,7 +98,8 @@ pub struct ConvertOptions {
     pub bits: Option<u32>,
     /// Group size; `None`: the mode's default (64 for affine).
     pub group_size: Option<u32>,
-    /// Quantization mode (only affine can be quantized so far).
+    /// Quantization mode (`--q-mode`): affine, or one of MLX's FP modes (mxfp4, mxfp8, nvfp4),
+    /// whose bits and group size are fixed. Mixed recipes take affine only, as in mlx_lm.
     pub mode: QuantMode,
     /// Whose arithmetic to reproduce.
     pub flavour: Flavour,
@@ -250,7 +254,11 @@ impl Job {
         let g = spec.group_size() as usize;
         let mut v = vec![
             info(self.name.clone(), DType::U32, with(words)),
-            info(format!("{module}.scales"), self.out_dtype, with(cols / g)),
+            info(
+                format!("{module}.scales"),
+                spec.scales_dtype(self.out_dtype),
+                with(cols / g),
+            ),
         ];
         if spec.has_biases() {
             v.push(info(
@@ -654,10 +662,13 @@ pub fn convert(
     // Quantization decisions.
     let mut block = None;
     if opts.quantize {
-        if opts.mode != QuantMode::Affine {
-            return Err(Error::unsupported(
+        if opts.recipe.is_some() && opts.mode != QuantMode::Affine {
+            // mlx_lm: "Quant predicates only support 'affine' quantization."
+            return Err(Error::invalid(
                 OP,
-                format!("quantizing to {} (only affine so far)", opts.mode),
+                "mode",
+                "affine with a mixed recipe (mlx_lm's recipes are affine only)",
+                opts.mode,
             ));
         }
         let (db, dg) = QuantSpec::fp_defaults(opts.mode);

@@ -56,7 +56,7 @@ pub fn quantize(
     let (pshape, sshape) = output_shapes(enc, w, spec)?;
     let device = enc.device().clone();
     let packed = Buffer::uninit_on(&device, DType::U32, &pshape)?;
-    let scales = Buffer::uninit_on(&device, scales_dtype(w, spec), &sshape)?;
+    let scales = Buffer::uninit_on(&device, spec.scales_dtype(w.dtype()), &sshape)?;
     let biases = if spec.has_biases() {
         Some(Buffer::uninit_on(&device, w.dtype(), &sshape)?)
     } else {
@@ -98,7 +98,7 @@ pub fn quantize_into(
             out.shape(),
         ));
     }
-    let want = scales_dtype(w, spec);
+    let want = spec.scales_dtype(w.dtype());
     if out.scales_dtype() != want {
         return Err(Error::dtype(
             OP,
@@ -112,15 +112,6 @@ pub fn quantize_into(
         ));
     }
     execute(enc, w, spec, flavour, out)
-}
-
-/// The dtype of the scales quantizing `w` as `spec` gives: `w`'s (affine) or uint8 codes.
-fn scales_dtype(w: &Buffer, spec: QuantSpec) -> DType {
-    if spec.has_biases() {
-        w.dtype()
-    } else {
-        DType::U8
-    }
 }
 
 /// Runs the quantize kernel of `enc`'s device from `w` into `out` (both checked).
@@ -146,7 +137,7 @@ fn execute(
         bits: spec.bits(),
         group_size: spec.group_size(),
         input: w.dtype(),
-        scales: scales_dtype(w, spec),
+        scales: spec.scales_dtype(w.dtype()),
         output: DType::U32,
         flag: flavour == Flavour::Gpu,
         variant: crate::registry::AUTO,

@@ -1,5 +1,6 @@
 //! [`QuantSpec`]: mode, bits and group size, validated once.
 
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use std::fmt;
 
@@ -183,6 +184,16 @@ impl QuantSpec {
     /// Whether groups carry a bias (affine only).
     pub const fn has_biases(&self) -> bool {
         matches!(self.mode, QuantMode::Affine)
+    }
+    /// The dtype of the scales quantizing a weight of `weight` dtype gives: the weight's own
+    /// (affine, as MLX: scales and biases in the input's float type) or uint8 codes (the FP
+    /// modes' E8M0 or E4M3 scales).
+    pub const fn scales_dtype(&self, weight: DType) -> DType {
+        if self.has_biases() {
+            weight
+        } else {
+            DType::U8
+        }
     }
     /// Bytes of packed codes per group: `group_size · bits / 8` (always whole).
     pub const fn group_bytes(&self) -> usize {
