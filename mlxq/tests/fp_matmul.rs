@@ -105,10 +105,26 @@ fn avx2_here() -> bool {
     mlxq::backend::cpu::supports("avx2", &key)
 }
 
-/// The variant that runs an FP key when the device prefers `variant`: `avx512` for transposed
-/// keys where it runs, `avx2` for every key where it runs, `generic` otherwise.
-fn fp_runner(variant: &str, transpose: bool) -> &'static str {
-    if variant == "avx512" && transpose && avx512_here() {
+/// Whether `avx512vnni` runs on this CPU (its affine keys; it takes transposed mxfp4 keys with
+/// bf16 or f16 x).
+fn vnni_here() -> bool {
+    let mut key = fp_key(QuantMode::Mxfp4, DType::BF16, true, "avx512vnni");
+    (key.mode, key.bits, key.group_size, key.scales) = (QuantMode::Affine, 4, 64, DType::BF16);
+    mlxq::backend::cpu::supports("avx512vnni", &key)
+}
+
+/// The variant that runs an FP key when the device prefers `variant`: `avx512vnni` for
+/// transposed mxfp4 with bf16 or f16 x where it runs, `avx512` for transposed keys where it
+/// runs, `avx2` for every key where it runs, `generic` otherwise.
+fn fp_runner(variant: &str, mode: QuantMode, x: DType, transpose: bool) -> &'static str {
+    if variant == "avx512vnni"
+        && mode == QuantMode::Mxfp4
+        && x != DType::F32
+        && transpose
+        && vnni_here()
+    {
+        "avx512vnni"
+    } else if variant == "avx512" && transpose && avx512_here() {
         "avx512"
     } else if variant == "avx2" && avx2_here() {
         "avx2"
@@ -118,9 +134,9 @@ fn fp_runner(variant: &str, transpose: bool) -> &'static str {
 }
 
 /// Every mode × weight source × transpose × x dtype × M ∈ {1, 3, 17}, into NaN-poisoned
-/// outputs, against the oracle, on `generic`, `avx512` (the transposed keys) and `avx2`
-/// (every key) where the CPU has them; one configuration on each other variant (which hand FP
-/// keys to `generic`).
+/// outputs, against the oracle, on `generic`, `avx512` (the transposed keys), `avx2` (every
+/// key) and `avx512vnni` (transposed mxfp4, bf16 and f16 x) where the CPU has them; one
+/// configuration on each other variant (which hand FP keys to `generic`).
 #[test]
 fn fp_matmul_sweep_against_the_oracle() {
     let mut rng = StdRng::seed_from_u64(2323);
@@ -128,7 +144,7 @@ fn fp_matmul_sweep_against_the_oracle() {
     for variant in mlxq::backend::cpu::VARIANTS {
         let device = Device::cpu_with_variant(variant).unwrap();
         let mut enc = device.encoder();
-        let full = matches!(*variant, "generic" | "avx512" | "avx2");
+        let full = matches!(*variant, "generic" | "avx512" | "avx2" | "avx512vnni");
         for mode in MODES {
             let sources: &[Option<Flavour>] = if full {
                 &[Some(F::Gpu), Some(F::Cpu), None]
@@ -159,7 +175,7 @@ fn fp_matmul_sweep_against_the_oracle() {
                             ops::quantized_matmul_into(&mut enc, &x, &w, transpose, &mut y)
                                 .unwrap();
                             let ran = enc.last_kernel().unwrap().to_owned();
-                            let runner = fp_runner(variant, transpose);
+                            let runner = fp_runner(variant, mode, xdt, transpose);
                             assert!(ran.ends_with(&format!("_{runner}")), "{ran} for {mode}");
                             assert!(ran.contains(mode.name()), "{ran}");
                             let want = matmul_f64(&x_f64(&x), m, &wd, rows, cols, transpose);
@@ -187,21 +203,28 @@ fn fp_matmul_sweep_against_the_oracle() {
         failures.len(),
         failures.join("\n")
     );
-    let others = mlxq::backend::cpu::VARIANTS.len() - 3;
-    assert_eq!(cases, 3 * (3 * 3 * 2 * 3 * 3) + others * 3 * 2);
+    let others = mlxq::backend::cpu::VARIANTS.len() - 4;
+    assert_eq!(cases, 4 * (3 * 3 * 2 * 3 * 3) + others * 3 * 2);
 }
 
-/// The FP keys run on `generic` (every mode, transpose and x dtype), on `avx512` transposed
-/// and on `avx2`, where the CPU has them; every other variant refuses them.
+/// The FP keys run on `generic` (every mode, transpose and x dtype), on `avx512` transposed,
+/// on `avx2`, and (transposed mxfp4 with bf16 or f16 x) on `avx512vnni`, where the CPU has
+/// them; every other variant refuses them.
 #[test]
-fn fp_keys_run_on_generic_avx512_and_avx2() {
-    println!("avx512 here: {}, avx2 here: {}", avx512_here(), avx2_here());
+fn fp_keys_run_on_generic_avx512_avx2_and_vnni() {
+    println!(
+        "avx512 here: {}, avx2 here: {}, avx512vnni here: {}",
+        avx512_here(),
+        avx2_here(),
+        vnni_here()
+    );
     for mode in MODES {
         for xdt in FLOATS {
             for transpose in [true, false] {
                 for variant in mlxq::backend::cpu::VARIANTS {
                     let key = fp_key(mode, xdt, transpose, variant);
-                    let want = *variant == "generic" || fp_runner(variant, transpose) == *variant;
+                    let want = *variant == "generic"
+                        || fp_runner(variant, mode, xdt, transpose) == *variant;
                     assert_eq!(
                         mlxq::backend::cpu::supports(variant, &key),
                         want,
@@ -213,14 +236,19 @@ fn fp_keys_run_on_generic_avx512_and_avx2() {
     }
 }
 
-/// `avx512`'s and `avx2`'s FP kernels on the shapes their driver splits: K past one block of
-/// x (8192 f32 elements for one row), rows of an odd number of nvfp4 groups (a half chunk at
-/// the end), M across row blocks (8 and 4), N odd, E4M3 NaN codes (mxfp8 elements, nvfp4
-/// scales) and f16 scale rounding; against the oracle where finite, NaN exactly where the
-/// oracle is.
+/// `avx512`'s, `avx2`'s and `avx512vnni`'s FP kernels on the shapes their driver splits: K
+/// past one block of x (8192 f32 elements for one row), rows of an odd number of nvfp4 groups
+/// (a half chunk at the end; for `avx512vnni` a partial superblock), M across row blocks (8
+/// and 4), N odd, E4M3 NaN codes (mxfp8 elements, nvfp4 scales), and on `avx512vnni` E8M0's
+/// NaN code 0xff and its smallest, 2^-127 (mxfp4 scales), and f16 scale rounding; against the
+/// oracle where finite, NaN exactly where the oracle is.
 #[test]
 fn fp_simd_long_rows_half_chunks_and_nan_codes() {
-    for (variant, here) in [("avx512", avx512_here()), ("avx2", avx2_here())] {
+    for (variant, here) in [
+        ("avx512", avx512_here()),
+        ("avx2", avx2_here()),
+        ("avx512vnni", vnni_here()),
+    ] {
         if here {
             fp_simd_cases(variant);
         } else {
@@ -233,19 +261,29 @@ fn fp_simd_cases(variant: &str) {
     let device = Device::cpu_with_variant(variant).unwrap();
     let mut enc = device.encoder();
     let mut rng = StdRng::seed_from_u64(0xf9);
-    let mut cases = 0;
+    let (mut cases, mut want_cases) = (0, 0);
+    // avx512vnni runs mxfp4 only, and E8M0's NaN code reaches its output as NaN (see
+    // `x86_vnni::e8m0_16`).
+    let vnni = variant == "avx512vnni";
     for mode in MODES {
+        if vnni && mode != QuantMode::Mxfp4 {
+            continue;
+        }
         let g = spec(mode).group_size() as usize;
         for (k, n) in [(8192 + 3 * 32, 7), (25 * g, 37), (g, 3)] {
             let mut w = fp_weight(&mut enc, &mut rng, &[n, k], mode, DType::F32, None);
-            // NaN codes: E4M3 0x7f/0xff elements (mxfp8) or scales (nvfp4) in two rows.
-            if mode != QuantMode::Mxfp4 {
+            // NaN codes: E4M3 0x7f/0xff elements (mxfp8) or scales (nvfp4) in two rows; for
+            // mxfp4 on avx512vnni, E8M0 0xff in row 1 and 0 (2^-127) in the last row.
+            if mode != QuantMode::Mxfp4 || vnni {
                 let (words, scales) = (w.packed().to_vec::<u32>().unwrap(), w.scales());
                 let mut sc = scales.to_vec::<u8>().unwrap();
                 let mut wb: Vec<u8> = words.iter().flat_map(|x| x.to_le_bytes()).collect();
                 if mode == QuantMode::Mxfp8 {
                     wb[k + 5] = 0x7f; // row 1
                     wb[k * (n - 1) + k - 1] = 0xff; // the last row's last element
+                } else if mode == QuantMode::Mxfp4 {
+                    sc[k / g] = 0xff; // row 1's first group
+                    sc[n * k / g - 1] = 0; // the last row's last group
                 } else {
                     sc[k / g] = 0x7f; // row 1's first group
                     sc[n * k / g - 1] = 0xff; // the last row's last group
@@ -264,16 +302,32 @@ fn fp_simd_cases(variant: &str) {
             }
             let wd = dequantize_f64(&w).unwrap();
             for xdt in FLOATS {
+                if vnni && xdt == DType::F32 {
+                    continue;
+                }
                 for m in [1, 2, 5, 8, 11] {
+                    want_cases += 1;
                     let x = Buffer::from_f32(&randn(&mut rng, m * k), xdt, &[m, k]).unwrap();
                     let mut y = poisoned(xdt, &[m, n]);
                     ops::quantized_matmul_into(&mut enc, &x, &w, true, &mut y).unwrap();
                     let ran = enc.last_kernel().unwrap().to_owned();
                     assert!(ran.ends_with(&format!("_{variant}")), "{ran}");
-                    let want = matmul_f64(&x_f64(&x), m, &wd, n, k, true);
+                    let mut want = matmul_f64(&x_f64(&x), m, &wd, n, k, true);
+                    if vnni {
+                        // E8M0 0xff is NaN to this kernel (as to the OCP MX format and MLX's
+                        // GPU flavour), 2^128 to the f64 oracle: row 1's column must be NaN.
+                        for r in 0..m {
+                            want[r * n + 1] = f64::NAN;
+                        }
+                    }
                     let got = f64s(&y);
                     let nans = want.iter().filter(|v| v.is_nan()).count();
-                    assert_eq!(nans, if mode == QuantMode::Mxfp4 { 0 } else { 2 * m });
+                    let poisoned_rows = match mode {
+                        QuantMode::Mxfp4 if vnni => 1,
+                        QuantMode::Mxfp4 => 0,
+                        _ => 2,
+                    };
+                    assert_eq!(nans, poisoned_rows * m);
                     let err = err_where_finite(&got, &want).unwrap_or_else(|e| {
                         panic!("{variant} {mode} k {k} n {n} {xdt} m {m}: {e}")
                     });
@@ -286,7 +340,8 @@ fn fp_simd_cases(variant: &str) {
             }
         }
     }
-    assert_eq!(cases, 3 * 3 * 3 * 5);
+    assert_eq!(cases, want_cases);
+    assert_eq!(want_cases, if vnni { 3 * 2 * 5 } else { 3 * 3 * 3 * 5 });
 }
 
 /// A batched (3-D) FP weight against batched x, broadcasting over a batch of 1 in x.

@@ -149,7 +149,7 @@ pub(crate) fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(
 ) -> Result<()> {
     if a.m < MIN_M || (SMALL == SMALL_VNNI && a.m < MIN_M_VNNI) {
         return match SMALL {
-            SMALL_VNNI => super::x86_vnni::qmm_t::<S, O, BITS>(a),
+            SMALL_VNNI => super::x86_vnni::qmm_t::<super::x86_vnni::Affine<S>, O, BITS>(a),
             SMALL_BF16 => super::x86_bf16::qmm_t::<S, O, BITS>(a),
             _ => super::x86::qmv_t::<S, O, BITS>(a),
         };

@@ -30,6 +30,12 @@
 //! shift per register; other widths decode each group's codes as before (`vpermb`,
 //! `vpmultishiftqb`) and then shuffle. A weight row's last superblock may hold fewer than
 //! four groups: its loads are masked and the missing groups' x, step and Σx are zero.
+//!
+//! **mxfp4.** An E2M1 element `v` times two is an integer in −12..12, so `c = 2v + 12` is an
+//! unsigned code of 0..24 and `Σ v·s·x = (s/2)·Σ c·x − 6s·Σx`: the affine form with scale
+//! `s/2` and bias `−6s`. One `vpshufb` per code register takes the 4-bit codes to `c`
+//! ([`Groups::FP4`]); the E8M0 scale codes are widened 16 at a time into MLX's matmul
+//! scales ([`e8m0_16`]). The error bound is the affine one (x̂'s), with codes of at most 24.
 
 use super::qmm::QmmArgs;
 use super::x86::widen16;
@@ -39,27 +45,141 @@ use super::x86_columns::{
 };
 use super::{cast, cast_mut, Variant};
 use crate::aligned::AlignedBytes;
-use crate::dtype::Float;
+use crate::dtype::{DType, Element, Float};
 use crate::error::Result;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
+use std::marker::PhantomData;
 
-/// The variant: `quantized_matmul`, transpose, bf16 or f16 x and output, every affine width.
+/// The variant: `quantized_matmul`, transpose, bf16 or f16 x and output, every affine width
+/// and mxfp4.
 ///
 /// An f32 output (f32 scales) asks for a relative error of 1e-5, which x̂'s error can reach
 /// when a group's x spans more than 2^7; those keys go to the float kernels.
 pub(crate) const QMM_T_VNNI: Variant = Variant {
     name: "avx512vnni",
-    supports: |k| grid_key(k) && available(),
+    supports: |k| (grid_key(k) || mxfp4_key(k)) && available(),
     decode: None,
     build: |k| {
         use crate::quant::pack::dispatch_bits;
+        if mxfp4_key(k) {
+            return crate::with_float_type!(k.output, X => {
+                Some(super::KernelFn::Qmm(qmm_t::<Mxfp4<X>, X, 4>))
+            }, _ => None);
+        }
         crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
-            Some(dispatch_bits!(k.bits, B => super::KernelFn::Qmm(qmm_t::<S, O, B>), _ => return None))
+            Some(dispatch_bits!(k.bits, B => super::KernelFn::Qmm(qmm_t::<Affine<S>, O, B>), _ => return None))
         }, _ => None), _ => None)
     },
 };
+
+/// mxfp4's keys this kernel serves: `quantized_matmul`, transpose, bf16 or f16 x and output
+/// (uint8 scales).
+pub(crate) fn mxfp4_key(k: &crate::registry::KernelKey) -> bool {
+    k.mode == crate::QuantMode::Mxfp4
+        && k.op == crate::registry::OpKind::QuantizedMatmul
+        && k.flag
+        && k.scales == DType::U8
+        && matches!(k.input, DType::BF16 | DType::F16)
+        && k.output == k.input
+}
+
+/// How a weight's groups are scaled: MLX's affine mode ([`Affine`]: scales and biases of a
+/// float dtype) or mxfp4 ([`Mxfp4`]: E8M0 scale codes, element codes taken to `2v + 12`).
+pub(crate) trait Groups: Sync + 'static {
+    /// Element type of the scales, and of the biases (mxfp4 has none: its scales stand in).
+    type E: bytemuck::Pod + Sync;
+    /// Whether the element codes are E2M1, taken to `2v + 12` by [`E2M1_CODES`].
+    const FP4: bool;
+    /// 16 groups' (`m`asked: other lanes 0) factors in f32: of the integer dots (from the
+    /// scales at `sp`) and of Σx (from the biases at `bp`).
+    ///
+    /// # Safety
+    /// The masked elements at `sp` and `bp` are readable; the CPU supports [`available`]'s
+    /// features.
+    unsafe fn factors16(sp: *const Self::E, bp: *const Self::E, m: __mmask16) -> [__m512; 2];
+}
+
+/// Affine groups with scales and biases of dtype `S`.
+pub(crate) struct Affine<S>(PhantomData<S>);
+/// mxfp4 groups, with x (and the scales' rounding) of dtype `X`.
+pub(crate) struct Mxfp4<X>(PhantomData<X>);
+
+impl<S: Float> Groups for Affine<S> {
+    type E = S;
+    const FP4: bool = false;
+    #[inline(always)]
+    unsafe fn factors16(sp: *const S, bp: *const S, m: __mmask16) -> [__m512; 2] {
+        // SAFETY: the caller's contract.
+        unsafe { [widen16(sp, m), widen16(bp, m)] }
+    }
+}
+
+impl<X: Float> Groups for Mxfp4<X> {
+    type E = u8;
+    const FP4: bool = true;
+    /// `s/2` and `−6s` (exact: the scales are powers of two); `bp` is the scales too.
+    #[inline(always)]
+    unsafe fn factors16(sp: *const u8, _bp: *const u8, m: __mmask16) -> [__m512; 2] {
+        // SAFETY: the caller's contract.
+        unsafe { mxfp4_factors16::<X>(sp, m) }
+    }
+}
+
+/// `vpshufb` table (each 128-bit lane): E2M1 code → `2v + 12` (0..24).
+const E2M1_CODES: [u8; 16] = [12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0];
+
+/// [`e8m0_16`] times 0.5 and times −6.
+///
+/// # Safety
+/// As for [`e8m0_16`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn mxfp4_factors16<X: Element>(p: *const u8, m: __mmask16) -> [__m512; 2] {
+    // SAFETY: the caller's contract.
+    let s = unsafe { e8m0_16::<X>(p, m) };
+    [
+        _mm512_mul_ps(s, _mm512_set1_ps(0.5)),
+        _mm512_mul_ps(s, _mm512_set1_ps(-6.0)),
+    ]
+}
+
+/// The `m`asked of 16 E8M0 scale codes at `p` as MLX's CPU matmul reads them with x of
+/// dtype `X` ([`fp::matmul_scale`](crate::quant::fp::matmul_scale)): `2^(e − 127)` built as
+/// a bfloat16 (code 0 the subnormal 2^-127), rounded to f16 for f16 x (codes below 103, under
+/// 2^-24, to 0; above 142, past 2^15, to infinity). Other lanes are 0.
+///
+/// Code 255 is NaN, as in the OCP MX format, MLX's dequantize and its GPU matmul. (MLX's CPU
+/// matmul reads it as infinity; so does this kernel read f16's overflowing codes. The scaled
+/// sums `(s/2)·Σc·x − 6s·Σx` of an infinite scale come out NaN or infinite where MLX's
+/// `Σ x·(v·s)` may be the other: both non-finite.)
+///
+/// # Safety
+/// The masked bytes at `p` are readable; the CPU supports AVX-512 F, BW and VL.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn e8m0_16<X: Element>(p: *const u8, m: __mmask16) -> __m512 {
+    // SAFETY: the masked load touches only the bytes the mask names (caller: readable).
+    let e = _mm512_cvtepu8_epi32(unsafe { _mm_maskz_loadu_epi8(m, p as *const i8) });
+    let bits = _mm512_slli_epi32::<23>(e);
+    let set = _mm512_set1_epi32;
+    let v = if X::DTYPE == DType::F16 {
+        let inf = _mm512_cmpgt_epu32_mask(e, set(142));
+        let zero = _mm512_cmplt_epu32_mask(e, set(103));
+        _mm512_mask_mov_epi32(
+            _mm512_mask_mov_epi32(bits, inf, set(0x7f80_0000)),
+            zero,
+            set(0),
+        )
+    } else {
+        let sub = _mm512_cmpeq_epi32_mask(e, set(0));
+        _mm512_mask_mov_epi32(bits, sub, set(0x0040_0000))
+    };
+    let nan = _mm512_cmpeq_epi32_mask(e, set(255));
+    let v = _mm512_mask_mov_epi32(v, nan, set(0x7fc0_0000));
+    _mm512_castsi512_ps(_mm512_maskz_mov_epi32(m, v))
+}
 
 /// The keys an x split on a per-group power-of-two grid serves (this kernel's, and
 /// `avx2i16`'s): `quantized_matmul`, transpose, affine, bf16 or f16 x and output.
@@ -415,6 +535,8 @@ pub(crate) struct Tables {
     sel: [__m512i; 4],
     /// 1 in every byte.
     ones: __m512i,
+    /// [`E2M1_CODES`] in every 128-bit lane (mxfp4).
+    e2m1: __m512i,
 }
 
 /// Whether [`decode_sb`] decodes `BITS`-bit codes in groups of `G` directly into the
@@ -491,6 +613,10 @@ pub(crate) fn tables<const BITS: usize, const G: usize>() -> Tables {
         idx: [v(&idx[0]), v(&idx[1])],
         sel: [v(&sel[0]), v(&sel[1]), v(&sel[2]), v(&sel[3])],
         ones: _mm512_set1_epi8(1),
+        // SAFETY: reads exactly the 16 bytes of the table.
+        e2m1: _mm512_broadcast_i32x4(unsafe {
+            _mm_loadu_si128(E2M1_CODES.as_ptr() as *const __m128i)
+        }),
     }
 }
 
@@ -704,16 +830,42 @@ pub(crate) unsafe fn decode_sb<const BITS: usize, const G: usize, const FULL: bo
     out
 }
 
-/// The kernel.
-pub(crate) fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
-    super::x86_columns::with_group!(a.w.group_size, G => qmm_t_g::<S, O, BITS, G>(a))
+/// [`decode_sb`], the codes then taken through [`E2M1_CODES`] for mxfp4 ([`Groups::FP4`]).
+///
+/// # Safety
+/// As for [`decode_sb`].
+#[inline(always)]
+unsafe fn decode<P: Groups, const BITS: usize, const G: usize, const FULL: bool>(
+    p: *const u8,
+    valid: usize,
+    t: &Tables,
+) -> [__m512i; 8] {
+    // SAFETY: the caller's contract.
+    let mut c = unsafe { decode_sb::<BITS, G, FULL>(p, valid, t) };
+    if P::FP4 {
+        for r in c.iter_mut().take(G / 16) {
+            // SAFETY: the caller guarantees the CPU features.
+            *r = unsafe { _mm512_shuffle_epi8(t.e2m1, *r) };
+        }
+    }
+    c
 }
 
-fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>) -> Result<()> {
+/// The kernel.
+pub(crate) fn qmm_t<P: Groups, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+    super::x86_columns::with_group!(a.w.group_size, G => qmm_t_g::<P, O, BITS, G>(a))
+}
+
+fn qmm_t_g<P: Groups, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>) -> Result<()> {
     const OP: &str = "quantized_matmul";
     let w = a.w;
-    let scales: &[S] = cast(OP, "scales", w.scales)?;
-    let biases: &[S] = cast(OP, "biases", w.biases)?;
+    let scales: &[P::E] = cast(OP, "scales", w.scales)?;
+    // mxfp4 has no biases: its bias factors come from the scales (`Groups::factors16`).
+    let biases: &[P::E] = if P::FP4 {
+        scales
+    } else {
+        cast(OP, "biases", w.biases)?
+    };
     let out: &mut [O] = cast_mut(OP, "out", a.out)?;
     let (m, n, k) = (a.m, w.rows, w.cols);
     // K blocks such that the split rows of x a column visits stay in L1, whole superblocks.
@@ -725,7 +877,7 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
     let walk = Walk::new(m, n, k, G, ROWS, 2, x_block).in_superblocks(SB);
     let mut prep = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     prepare(a.x, m, k, G, BITS, &mut prep);
-    let kernel = Kernel::<S, BITS, G> {
+    let kernel = Kernel::<P, BITS, G> {
         w: Rows::new(&w, scales, biases),
         prep: &prep,
         nsb: (k / G).div_ceil(SB),
@@ -741,7 +893,7 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
         cols: if m == 1 && k <= one_column_k() {
             1
         } else {
-            <Kernel<S, BITS, G> as Columns>::COLS
+            <Kernel<P, BITS, G> as Columns>::COLS
         },
     };
     // SAFETY: as for `tables`.
@@ -751,8 +903,8 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
 }
 
 /// Everything one call's columns read.
-struct Kernel<'a, S, const BITS: usize, const G: usize> {
-    w: Rows<'a, S>,
+struct Kernel<'a, P: Groups, const BITS: usize, const G: usize> {
+    w: Rows<'a, P::E>,
     prep: &'a Prepared,
     /// Superblocks per row of x.
     nsb: usize,
@@ -765,7 +917,7 @@ struct Kernel<'a, S, const BITS: usize, const G: usize> {
     stream: bool,
 }
 
-impl<S: Float, const BITS: usize, const G: usize> Columns for Kernel<'_, S, BITS, G> {
+impl<P: Groups, const BITS: usize, const G: usize> Columns for Kernel<'_, P, BITS, G> {
     const ROWS: usize = ROWS;
     /// Two columns share each load of x, except with groups of 128, whose eight code
     /// registers per column leave no room for a second column's.
@@ -806,8 +958,8 @@ impl<S: Float, const BITS: usize, const G: usize> Columns for Kernel<'_, S, BITS
         // SAFETY: the caller guarantees the CPU features; `columns` checks the slices.
         unsafe {
             match (count, Self::COLS) {
-                (1, _) | (_, 1) => columns::<S, BITS, G, R, 1>(&args, acc),
-                _ => columns::<S, BITS, G, R, 2>(&args, acc),
+                (1, _) | (_, 1) => columns::<P, BITS, G, R, 1>(&args, acc),
+                _ => columns::<P, BITS, G, R, 2>(&args, acc),
             }
         }
     }
@@ -841,8 +993,8 @@ struct Column<'a, S> {
 // accumulators, scale factors), which iterators over one of them would only obscure.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
-unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, const C: usize>(
-    a: &Column<'_, S>,
+unsafe fn columns<P: Groups, const BITS: usize, const G: usize, const R: usize, const C: usize>(
+    a: &Column<'_, P::E>,
     acc: &mut [[f32; MAX_ROWS]],
 ) {
     let nr = G / 16;
@@ -872,9 +1024,9 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
         // SAFETY: the slices were checked above; the caller guarantees the CPU features.
         acc[0][0] = unsafe {
             if BITS == 8 && !zen3_or_4() {
-                one_column::<S, BITS, G, 1>(a)
+                one_column::<P, BITS, G, 1>(a)
             } else {
-                one_column::<S, BITS, G, 2>(a)
+                one_column::<P, BITS, G, 2>(a)
             }
         };
         return;
@@ -914,8 +1066,12 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
             // SAFETY: groups j0..j0 + valid16 of this slice are in `scales`/`biases`, and of
             // rows row0..row0 + R in `xsum` (all checked above).
             unsafe {
-                s16[c] = widen16(a.scales[c].as_ptr().add(j0), m16);
-                let b = widen16(a.biases[c].as_ptr().add(j0), m16);
+                let b;
+                [s16[c], b] = P::factors16(
+                    a.scales[c].as_ptr().add(j0),
+                    a.biases[c].as_ptr().add(j0),
+                    m16,
+                );
                 for r in 0..R {
                     let at = (a.row0 + r) * nsb * SB + g0 + j0;
                     let xs = _mm512_maskz_loadu_ps(m16, xsum.add(at));
@@ -942,9 +1098,9 @@ unsafe fn columns<S: Float, const BITS: usize, const G: usize, const R: usize, c
                 // SAFETY: groups jb..jb + valid of this slice lie in `packed` (checked).
                 codes[c] = unsafe {
                     if valid == SB {
-                        decode_sb::<BITS, G, true>(pp.add(off), valid, a.tables)
+                        decode::<P, BITS, G, true>(pp.add(off), valid, a.tables)
                     } else {
-                        decode_sb::<BITS, G, false>(pp.add(off), valid, a.tables)
+                        decode::<P, BITS, G, false>(pp.add(off), valid, a.tables)
                     }
                 };
             }
@@ -1072,8 +1228,8 @@ fn prefetch_scales<S>(a: &Column<'_, S>, c: usize, j0: usize, share: usize) {
 /// [`available`]'s features.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
-unsafe fn one_column<S: Float, const BITS: usize, const G: usize, const U: usize>(
-    a: &Column<'_, S>,
+unsafe fn one_column<P: Groups, const BITS: usize, const G: usize, const U: usize>(
+    a: &Column<'_, P::E>,
 ) -> f32 {
     let nr = G / 16;
     let bpg = G / 8 * BITS;
@@ -1099,10 +1255,10 @@ unsafe fn one_column<S: Float, const BITS: usize, const G: usize, const U: usize
         // SAFETY: groups j0..j0 + valid16 lie in the slice's scales and biases and in row
         // row0's Σx (the caller's checks).
         let s16 = unsafe {
-            let b = widen16(bp.add(j0), m16);
+            let [s, b] = P::factors16(sp.add(j0), bp.add(j0), m16);
             let xs = _mm512_maskz_loadu_ps(m16, xsum.add(a.row0 * a.nsb * SB + a.g0 + j0));
             vacc = _mm512_fmadd_ps(b, xs, vacc);
-            widen16(sp.add(j0), m16)
+            s
         };
         let nq = valid16.div_ceil(SB);
         let mut q = 0;
@@ -1129,14 +1285,14 @@ unsafe fn one_column<S: Float, const BITS: usize, const G: usize, const U: usize
             unsafe {
                 let h: [__m512i; U] = if step_sbs == U {
                     let c: [[__m512i; 8]; U] = std::array::from_fn(|u| {
-                        decode_sb::<BITS, G, true>(pp.add(off + u * SB * bpg), SB, a.tables)
+                        decode::<P, BITS, G, true>(pp.add(off + u * SB * bpg), SB, a.tables)
                     });
                     dots::<U>(nr, c, px)
                 } else {
                     let c = if left >= SB {
-                        decode_sb::<BITS, G, true>(pp.add(off), SB, a.tables)
+                        decode::<P, BITS, G, true>(pp.add(off), SB, a.tables)
                     } else {
-                        decode_sb::<BITS, G, false>(pp.add(off), left, a.tables)
+                        decode::<P, BITS, G, false>(pp.add(off), left, a.tables)
                     };
                     let [h] = dots::<1>(nr, [c], px);
                     [h; U]
