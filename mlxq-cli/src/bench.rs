@@ -70,7 +70,7 @@ pub struct BenchArgs {
     pub group_size: u32,
     /// Quantization mode: affine (with `--bits` and `--group-size`), or one of MLX's FP modes
     /// mxfp4, mxfp8, nvfp4, which have their own element width and group size (`--bits` and
-    /// `--group-size` are then not used). The FP modes time `matmul` and `gather`.
+    /// `--group-size` are then not used). The FP modes time `matmul`, `gather` and `quantize`.
     #[arg(long, default_value = "affine", value_parser = parse_mode)]
     pub mode: QuantMode,
     /// dtype of x (and of the weights' scales and biases): bf16, f16 or f32.
@@ -327,12 +327,6 @@ fn validate(args: &BenchArgs, shapes: &[[usize; 3]], g: usize) -> anyhow::Result
     } else {
         format!("the {} group size {g}", args.mode)
     };
-    if args.mode != QuantMode::Affine && runs(Op::Quantize) {
-        bail!(
-            "--op quantize times affine weights only (--mode {} quantizes bit for bit too: see the tests)",
-            args.mode
-        );
-    }
     if let Some(0) = args.tune.iters {
         bail!("--iters must be at least 1");
     }

@@ -116,7 +116,7 @@ fn f32_and_untransposed_weights_meet_the_f32_tolerance() {
 }
 
 #[test]
-fn fp_modes_time_matmul_and_gather_checked() {
+fn fp_modes_time_matmul_gather_and_quantize_checked() {
     for (mode, bits, group) in [("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)] {
         let mut args = QUICK.to_vec();
         args.extend([
@@ -125,7 +125,7 @@ fn fp_modes_time_matmul_and_gather_checked() {
             "--shape",
             "2,64,96",
             "--op",
-            "matmul,gather",
+            "matmul,gather,quantize",
             "--moe",
             "3,32,64",
             "--top-k",
@@ -136,15 +136,17 @@ fn fp_modes_time_matmul_and_gather_checked() {
             "true,false",
         ]);
         let recs = json_lines(&mlxq(&args));
-        assert_eq!(recs.len(), 4, "{mode}");
+        // matmul in both layouts, gather, and quantize (bit for bit: tolerance 0).
+        assert_eq!(recs.len(), 4 + 1, "{mode}");
         for r in &recs {
             assert_eq!(r["mode"], mode);
             assert_eq!(
                 (r["bits"].as_u64(), r["group_size"].as_u64()),
                 (Some(bits), Some(group))
             );
-            check_any_record(r, 1e-2);
+            check_any_record(r, if r["op"] == "quantize" { 0.0 } else { 1e-2 });
         }
+        assert_eq!(recs.iter().filter(|r| r["op"] == "quantize").count(), 1);
     }
 }
 
@@ -172,6 +174,5 @@ fn bad_devices_and_shapes_are_clean_errors() {
         &["bench", "--mode", "nvfp4", "--shape", "1,64,40"],
         "multiple of the nvfp4 group size 16",
     );
-    fails_cleanly(&["bench", "--mode", "mxfp4", "--op", "quantize"], "affine");
     fails_cleanly(&["bench", "--mode", "fp4"], "mxfp4");
 }

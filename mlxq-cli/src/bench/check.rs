@@ -3,9 +3,9 @@
 //! milliseconds rather than minutes.
 
 use super::data::{round_to, select};
-use mlxq::quant::{affine::quantize_group, pack::read_code, Flavour};
+use mlxq::quant::{affine::quantize_group, fp, pack::read_code, Flavour};
 use mlxq::reference::{dequantize_f64, matmul_f64, max_rel_err};
-use mlxq::{Buffer, QuantizedWeight};
+use mlxq::{Buffer, Float, QuantMode, QuantizedWeight};
 use std::collections::hash_map::{Entry, HashMap};
 
 /// The dequantized (f64) weights that feed output columns `cols` of a matmul with the 2-D
@@ -107,7 +107,8 @@ pub fn error(got: &[f64], want: &[f64]) -> f64 {
 }
 
 /// Checks rows `rows` of `qw`, the quantization of the 2-D float `input`, bit for bit against
-/// MLX's definition ([`quantize_group`], scales and biases rounded to the input dtype).
+/// MLX's definition ([`quantize_group`], scales and biases rounded to the input dtype; the FP
+/// modes' [`fp::quantize_group`]).
 /// Returns the normwise relative error between the dequantized values of the kernel's output
 /// and the oracle's (0 when identical) and the number of mismatched codes, scales and biases.
 pub fn quantize(
@@ -117,6 +118,10 @@ pub fn quantize(
     rows: &[usize],
 ) -> anyhow::Result<(f64, usize)> {
     let spec = qw.spec();
+    if spec.mode() != QuantMode::Affine {
+        return mlxq::with_float_type!(input.dtype(), T => quantize_fp::<T>(input, qw, flavour, rows),
+            _ => anyhow::bail!("quantize input of dtype {}", input.dtype()));
+    }
     let (k, g, bits) = (qw.cols(), spec.group_size() as usize, spec.bits());
     let groups = qw.groups_per_row();
     let sub = select(qw, rows, 0..groups)?;
@@ -145,6 +150,55 @@ pub fn quantize(
             for (e, &q) in codes.iter().enumerate() {
                 mismatches += usize::from(read_code(bits, prow, j * g + e) != Some(q));
                 want.push(f64::from(s) * f64::from(q) + f64::from(b));
+            }
+        }
+    }
+    Ok((max_rel_err(&got, &want), mismatches))
+}
+
+/// [`quantize`] for an FP mode, the input of dtype `T`: element and scale codes bit for bit
+/// against [`fp::quantize_group`].
+fn quantize_fp<T: Float>(
+    input: &Buffer,
+    qw: &QuantizedWeight,
+    flavour: Flavour,
+    rows: &[usize],
+) -> anyhow::Result<(f64, usize)> {
+    let spec = qw.spec();
+    let (k, g, bits, mode) = (
+        qw.cols(),
+        spec.group_size() as usize,
+        spec.bits(),
+        spec.mode(),
+    );
+    let groups = qw.groups_per_row();
+    let sub = select(qw, rows, 0..groups)?;
+    let got = dequantize_f64(&sub)?;
+    let scales = sub.scales().to_vec::<u8>()?;
+    let row_bytes = groups * spec.group_bytes();
+    let packed = sub.packed().bytes();
+    let dtype = input.dtype();
+    let mut want = Vec::with_capacity(got.len());
+    let mut mismatches = 0;
+    let mut codes = vec![0u8; g];
+    for (i, &r) in rows.iter().enumerate() {
+        let w = input
+            .view(r * k * dtype.size(), dtype, &[k])?
+            .to_f32_vec()?;
+        let prow = &packed[i * row_bytes..(i + 1) * row_bytes];
+        for j in 0..groups {
+            let sc = fp::quantize_group::<T>(&w[j * g..(j + 1) * g], mode, flavour, &mut codes);
+            mismatches += usize::from(sc != scales[i * groups + j]);
+            // The oracle's reading of the codes (`reference::dequantize_f64`), so that equal
+            // codes give an error of exactly 0.
+            let s = if mode == QuantMode::Nvfp4 {
+                f64::from(fp::e4m3_to_f32(sc))
+            } else {
+                2f64.powi(i32::from(sc) - 127)
+            };
+            for (e, &q) in codes.iter().enumerate() {
+                mismatches += usize::from(read_code(bits, prow, j * g + e) != Some(q));
+                want.push(f64::from(fp::element_value(q, bits)) * s);
             }
         }
     }
