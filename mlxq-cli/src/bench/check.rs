@@ -5,7 +5,7 @@
 use super::data::{round_to, select};
 use mlxq::quant::{affine::quantize_group, fp, pack::read_code, Flavour};
 use mlxq::reference::{dequantize_f64, matmul_f64, max_rel_err};
-use mlxq::{Buffer, Float, QuantMode, QuantizedWeight};
+use mlxq::{Buffer, QuantMode, QuantizedWeight};
 use std::collections::hash_map::{Entry, HashMap};
 
 /// The dequantized (f64) weights that feed output columns `cols` of a matmul with the 2-D
@@ -118,87 +118,71 @@ pub fn quantize(
     rows: &[usize],
 ) -> anyhow::Result<(f64, usize)> {
     let spec = qw.spec();
-    if spec.mode() != QuantMode::Affine {
-        return mlxq::with_float_type!(input.dtype(), T => quantize_fp::<T>(input, qw, flavour, rows),
-            _ => anyhow::bail!("quantize input of dtype {}", input.dtype()));
-    }
-    let (k, g, bits) = (qw.cols(), spec.group_size() as usize, spec.bits());
-    let groups = qw.groups_per_row();
-    let sub = select(qw, rows, 0..groups)?;
-    let got = dequantize_f64(&sub)?;
-    let scales = sub.scales().to_f32_vec()?;
-    let biases = match sub.biases() {
-        Some(b) => b.to_f32_vec()?,
-        None => anyhow::bail!("an affine weight without biases"),
-    };
-    let row_bytes = groups * spec.group_bytes();
-    let packed = sub.packed().bytes();
-    let dtype = input.dtype();
-    let mut want = Vec::with_capacity(got.len());
-    let mut mismatches = 0;
-    let mut codes = vec![0u8; g];
-    for (i, &r) in rows.iter().enumerate() {
-        let w = input
-            .view(r * k * dtype.size(), dtype, &[k])?
-            .to_f32_vec()?;
-        let prow = &packed[i * row_bytes..(i + 1) * row_bytes];
-        for j in 0..groups {
-            let (s, b) = quantize_group(&w[j * g..(j + 1) * g], bits, flavour, &mut codes);
-            let (s, b) = (round_to(dtype, s), round_to(dtype, b));
-            mismatches += usize::from(s.to_bits() != scales[i * groups + j].to_bits());
-            mismatches += usize::from(b.to_bits() != biases[i * groups + j].to_bits());
-            for (e, &q) in codes.iter().enumerate() {
-                mismatches += usize::from(read_code(bits, prow, j * g + e) != Some(q));
-                want.push(f64::from(s) * f64::from(q) + f64::from(b));
-            }
-        }
-    }
-    Ok((max_rel_err(&got, &want), mismatches))
-}
-
-/// [`quantize`] for an FP mode, the input of dtype `T`: element and scale codes bit for bit
-/// against [`fp::quantize_group`].
-fn quantize_fp<T: Float>(
-    input: &Buffer,
-    qw: &QuantizedWeight,
-    flavour: Flavour,
-    rows: &[usize],
-) -> anyhow::Result<(f64, usize)> {
-    let spec = qw.spec();
-    let (k, g, bits, mode) = (
-        qw.cols(),
-        spec.group_size() as usize,
-        spec.bits(),
-        spec.mode(),
-    );
-    let groups = qw.groups_per_row();
-    let sub = select(qw, rows, 0..groups)?;
-    let got = dequantize_f64(&sub)?;
-    let scales = sub.scales().to_vec::<u8>()?;
-    let row_bytes = groups * spec.group_bytes();
-    let packed = sub.packed().bytes();
-    let dtype = input.dtype();
-    let mut want = Vec::with_capacity(got.len());
-    let mut mismatches = 0;
-    let mut codes = vec![0u8; g];
-    for (i, &r) in rows.iter().enumerate() {
-        let w = input
-            .view(r * k * dtype.size(), dtype, &[k])?
-            .to_f32_vec()?;
-        let prow = &packed[i * row_bytes..(i + 1) * row_bytes];
-        for j in 0..groups {
-            let sc = fp::quantize_group::<T>(&w[j * g..(j + 1) * g], mode, flavour, &mut codes);
-            mismatches += usize::from(sc != scales[i * groups + j]);
-            // The oracle's reading of the codes (`reference::dequantize_f64`), so that equal
+    let (bits, mode, dtype) = (spec.bits(), spec.mode(), input.dtype());
+    let sub = select(qw, rows, 0..qw.groups_per_row())?;
+    if mode != QuantMode::Affine {
+        let scales = sub.scales().to_vec::<u8>()?;
+        let value = |q| f64::from(fp::element_value(q, bits));
+        return mlxq::with_float_type!(dtype, T => check_rows(input, qw, &sub, rows, value, |gi, w, codes| {
+            let sc = fp::quantize_group::<T>(w, mode, flavour, codes);
+            // The oracle's reading of the scale (`reference::dequantize_f64`), so that equal
             // codes give an error of exactly 0.
             let s = if mode == QuantMode::Nvfp4 {
                 f64::from(fp::e4m3_to_f32(sc))
             } else {
                 2f64.powi(i32::from(sc) - 127)
             };
+            (usize::from(sc != scales[gi]), s, 0.0)
+        }), _ => anyhow::bail!("quantize input of dtype {dtype}"));
+    }
+    let scales = sub.scales().to_f32_vec()?;
+    let biases = match sub.biases() {
+        Some(b) => b.to_f32_vec()?,
+        None => anyhow::bail!("an affine weight without biases"),
+    };
+    check_rows(input, qw, &sub, rows, f64::from, |gi, w, codes| {
+        let (s, b) = quantize_group(w, bits, flavour, codes);
+        let (s, b) = (round_to(dtype, s), round_to(dtype, b));
+        let wrong = usize::from(s.to_bits() != scales[gi].to_bits())
+            + usize::from(b.to_bits() != biases[gi].to_bits());
+        (wrong, f64::from(s), f64::from(b))
+    })
+}
+
+/// The walk of [`quantize`]: `group(i, values, codes)` quantizes group `i` (numbered across
+/// the checked rows `sub` holds) of the input's rows `rows` into `codes` and returns its
+/// mismatched scale parameters and the oracle's scale and bias, with which code `q` stands for
+/// `scale · value(q) + bias`. The codes are compared with `sub`'s, the values with its
+/// dequantization.
+fn check_rows(
+    input: &Buffer,
+    qw: &QuantizedWeight,
+    sub: &QuantizedWeight,
+    rows: &[usize],
+    value: impl Fn(u8) -> f64,
+    mut group: impl FnMut(usize, &[f32], &mut [u8]) -> (usize, f64, f64),
+) -> anyhow::Result<(f64, usize)> {
+    let spec = qw.spec();
+    let (k, g, bits) = (qw.cols(), spec.group_size() as usize, spec.bits());
+    let groups = qw.groups_per_row();
+    let got = dequantize_f64(sub)?;
+    let row_bytes = groups * spec.group_bytes();
+    let packed = sub.packed().bytes();
+    let dtype = input.dtype();
+    let mut want = Vec::with_capacity(got.len());
+    let mut mismatches = 0;
+    let mut codes = vec![0u8; g];
+    for (i, &r) in rows.iter().enumerate() {
+        let w = input
+            .view(r * k * dtype.size(), dtype, &[k])?
+            .to_f32_vec()?;
+        let prow = &packed[i * row_bytes..(i + 1) * row_bytes];
+        for j in 0..groups {
+            let (wrong, s, b) = group(i * groups + j, &w[j * g..(j + 1) * g], &mut codes);
+            mismatches += wrong;
             for (e, &q) in codes.iter().enumerate() {
                 mismatches += usize::from(read_code(bits, prow, j * g + e) != Some(q));
-                want.push(f64::from(fp::element_value(q, bits)) * s);
+                want.push(s * value(q) + b);
             }
         }
     }
