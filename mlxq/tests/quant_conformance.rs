@@ -902,6 +902,172 @@ fn avx2_matches_generic_bit_for_bit() {
     matches_generic_bit_for_bit("avx2", 0x5eed_a200);
 }
 
+/// Kinds of [`fp_adversarial_group`].
+const FP_GROUP_KINDS: usize = 12;
+
+/// One adversarial group of an FP mode whose elements have `max` as their largest value (6
+/// for E2M1, 448 for E4M3): ties and near-ties of both element formats at exact scales,
+/// scales at and just above powers of two, E4M3 scale subnormals, zeros, tiny and huge
+/// values, NaN and ±∞.
+fn fp_adversarial_group(rng: &mut StdRng, kind: usize, max: f32, out: &mut [f32]) {
+    let normal = |rng: &mut StdRng| (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>();
+    let magnitude = 10f32.powi(rng.gen_range(-3..=3));
+    let sign = |rng: &mut StdRng| if rng.gen_bool(0.5) { -1.0f32 } else { 1.0 };
+    // Multiples of a quarter up to 6 (E2M1's midpoints and values), and of 1/16 up to 448.
+    let tie = |rng: &mut StdRng| {
+        if max == 6.0 {
+            rng.gen_range(0..=24) as f32 / 4.0
+        } else {
+            let e = rng.gen_range(-9..=8);
+            rng.gen_range(16..32) as f32 / 16.0 * 2f32.powi(e)
+        }
+    };
+    let unit = 2f32.powi(rng.gen_range(-20..=20));
+    match kind {
+        0 => out.iter_mut().for_each(|v| *v = normal(rng) * magnitude),
+        1 | 2 => {
+            // amax = max·2^k: the scale is 2^k exactly; every element a tie or a value.
+            for v in out.iter_mut() {
+                *v = sign(rng) * tie(rng).min(max) * unit;
+            }
+            out[rng.gen_range(0..out.len())] = sign(rng) * max * unit;
+            if kind == 2 {
+                for v in out.iter_mut() {
+                    *v = match rng.gen_range(0..3) {
+                        0 => f32::from_bits(v.to_bits().wrapping_add(1)),
+                        1 => f32::from_bits(v.to_bits().wrapping_sub(1)),
+                        _ => *v,
+                    };
+                }
+            }
+        }
+        3 => {
+            // amax just above max·2^k: an f32 scale a few ulps (or 2^-13) above a power of 2.
+            out.iter_mut().for_each(|v| *v = normal(rng) * unit);
+            let up = [1u32, 2, 100, 1 << 12, 1 << 13, 1 << 14][rng.gen_range(0..6)];
+            let top = f32::from_bits((max * unit).to_bits() + up);
+            out[rng.gen_range(0..out.len())] = sign(rng) * top;
+        }
+        4 => {
+            // nvfp4's scale near and below E4M3's subnormals: amax/6 around 2^-12 … 2^-5.
+            let s = 2f32.powi(rng.gen_range(-12..=-5)) * rng.gen_range(0.9f32..1.6);
+            out.iter_mut()
+                .for_each(|v| *v = rng.gen_range(-1.0f32..1.0) * s * max);
+            out[0] = s * max;
+        }
+        5 => out
+            .iter_mut()
+            .for_each(|v| *v = if rng.gen_bool(0.5) { -0.0 } else { 0.0 }),
+        6 => {
+            let tiny = [1e-6f32, 1e-20, 1e-30, 1e-38, 1e-42][rng.gen_range(0..5)];
+            out.iter_mut().for_each(|v| *v = normal(rng) * tiny);
+        }
+        7 => {
+            let big = [6e4f32, 1e20, 1e37, 3e38][rng.gen_range(0..4)];
+            out.iter_mut().for_each(|v| *v = normal(rng) * big / 4.0);
+        }
+        8 => {
+            out.iter_mut().for_each(|v| *v = normal(rng));
+            let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+            for _ in 0..rng.gen_range(1..4) {
+                let i = rng.gen_range(0..out.len());
+                out[i] = special[rng.gen_range(0..3)];
+            }
+            if rng.gen_bool(0.2) {
+                out.fill(f32::NAN);
+            }
+        }
+        9 => {
+            // NaN elements in an otherwise ordinary group.
+            out.iter_mut().for_each(|v| *v = normal(rng) * magnitude);
+            for _ in 0..rng.gen_range(1..4) {
+                let i = rng.gen_range(0..out.len());
+                out[i] = f32::NAN;
+            }
+        }
+        10 => {
+            // One large value among tiny ones (codes 0 and signed zeros beside the top).
+            out.iter_mut()
+                .for_each(|v| *v = normal(rng) * 1e-6 * magnitude);
+            out[rng.gen_range(0..out.len())] = normal(rng) * magnitude;
+        }
+        _ => {
+            // Random scale, elements on a fine grid of it (near-ties of the rounded scale).
+            let s = rng.gen_range(0.5f32..2.0) * unit;
+            out.iter_mut()
+                .for_each(|v| *v = sign(rng) * rng.gen_range(0..=96) as f32 / 16.0 * s);
+        }
+    }
+}
+
+/// The avx512 FP-mode quantize gives the generic kernel's bytes exactly (packed and scales),
+/// for every mode, input dtype and flavour, on adversarial groups: batches of 16 of one kind
+/// and of mixed kinds, several parallel tasks, and a partial last batch.
+#[test]
+fn avx512_fp_quantize_matches_generic_bit_for_bit() {
+    let mut rng = StdRng::seed_from_u64(0xf4_a512);
+    let (mut checked, mut failures, mut ran) = (0, Vec::new(), 0);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for mode in [
+            mlxq::QuantMode::Mxfp4,
+            mlxq::QuantMode::Mxfp8,
+            mlxq::QuantMode::Nvfp4,
+        ] {
+            let (bits, g) = QuantSpec::fp_defaults(mode);
+            let spec = QuantSpec::new(mode, bits, g).unwrap();
+            let g = spec.group_size() as usize;
+            let max = if spec.bits() == 8 { 448.0 } else { 6.0 };
+            // 3·1375 groups: more than 4 tasks of 1024, and 1375 = 85·16 + 15.
+            let (rows, groups) = (3, 3 * 1375);
+            let mut v = vec![0f32; groups * g];
+            for (i, group) in v.chunks_exact_mut(g).enumerate() {
+                let batch = i / 16;
+                let kind = if batch % 2 == 0 {
+                    batch / 2 % FP_GROUP_KINDS
+                } else {
+                    rng.gen_range(0..FP_GROUP_KINDS)
+                };
+                fp_adversarial_group(&mut rng, kind, max, group);
+            }
+            let w = Buffer::from_f32(&v, dtype, &[rows, groups / rows * g]).unwrap();
+            let wv = w.to_f32_vec().unwrap();
+            for flavour in [Flavour::Cpu, Flavour::Gpu] {
+                checked += 1;
+                let ctx = format!("{dtype} {spec} {flavour}");
+                let mut fast = variant_enc("avx512");
+                let got = ops::quantize(&mut fast, &w, spec, flavour).unwrap();
+                let k = key(OpKind::Quantize, spec, dtype, DType::U32, flavour);
+                if let Some(e) = wrong_kernel(&fast, "avx512", &k) {
+                    failures.push(format!("{ctx}: {e}"));
+                }
+                ran += usize::from(fast.last_kernel().is_some_and(|n| n.ends_with("_avx512")));
+                let want = ops::quantize(&mut variant_enc("generic"), &w, spec, flavour).unwrap();
+                let gb = g * spec.bits() as usize / 8;
+                for (what, a, b, per_group) in [
+                    ("packed", want.packed(), got.packed(), gb),
+                    ("scales", want.scales(), got.scales(), 1),
+                ] {
+                    if let Some(i) = first_group_differing(a, b, per_group) {
+                        failures.push(format!(
+                            "{ctx}: {what} differ first at group {i}: want {:?} got {:?}, \
+                             scale {} / {}; group {:?}",
+                            &a.bytes()[i * per_group..(i + 1) * per_group],
+                            &b.bytes()[i * per_group..(i + 1) * per_group],
+                            want.scales().bytes()[i],
+                            got.scales().bytes()[i],
+                            &wv[i * g..(i + 1) * g],
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if ran == 0 {
+        eprintln!("avx512 kernels not supported here: compared generic with itself");
+    }
+    assert_none("avx512 vs generic FP quantize", checked, failures);
+}
+
 /// The first element where `got` differs from `want`, counting any NaN equal to any NaN.
 ///
 /// Which NaN an operation on a NaN operand returns is left open by IEEE 754 and by Rust

@@ -146,6 +146,14 @@ fn e2m1_argmin(x: f32, dist: impl Fn(f32, f32) -> f32) -> u8 {
     idx
 }
 
+/// E2M1 code of `x` as MLX's CPU quantize picks it from f32 distances (nvfp4's rule; mx's
+/// distances in the input dtype pick the same codes for every `x` its scales can produce:
+/// nearest magnitude, ties to the smaller, NaN, ±∞ and every magnitude ≤ 0.25 to code 0).
+#[inline(always)]
+pub fn e2m1_from_f32_cpu(x: f32) -> u8 {
+    e2m1_argmin(x, |x, l| (x - l).abs())
+}
+
 /// cutlass's `float_e2m1_t(float)` (`cvt.rn.satfinite.e2m1x2.f32`): nearest-even, saturating
 /// at ±6; NaN to `+6` (code 7, whatever its sign bit: the GPU's NaN is positive), as MLX's
 /// CUDA fixtures show for nvfp4's all-zero groups (`0 · (1/0)`).

@@ -30,6 +30,8 @@ pub(crate) mod x86_columns;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_fp;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_fp_quant;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_gemm;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_quant;
@@ -253,6 +255,8 @@ const TABLE: &[Variant] = &[
     x86::QMV_T,
     #[cfg(target_arch = "x86_64")]
     x86_quant::QUANT,
+    #[cfg(target_arch = "x86_64")]
+    x86_fp_quant::FP_QUANT,
     #[cfg(target_arch = "x86_64")]
     x86_qvm::QMV_N,
     #[cfg(target_arch = "x86_64")]

@@ -85,27 +85,35 @@ fn quantize_fp<Tr: Tier, T: Float, const MODE: u8>(a: QuantizeArgs<'_>) -> Resul
         .for_each(|((wg, pg), s)| {
             Tr::run(
                 #[inline(always)]
-                || {
-                    let mut vals = [0f32; 32];
-                    let mut codes = [0u8; 32];
-                    let n = wg.len().min(32);
-                    for (v, &x) in vals.iter_mut().zip(wg) {
-                        *v = x.to_f32();
-                    }
-                    *s = fp::quantize_group::<T>(&vals[..n], mode, flavour, &mut codes[..n]);
-                    if bits == 8 {
-                        for (o, &c) in pg.iter_mut().zip(&codes[..n]) {
-                            *o = c;
-                        }
-                    } else {
-                        for (o, c) in pg.iter_mut().zip(codes[..n].chunks_exact(2)) {
-                            *o = (c[0] & 15) | (c[1] << 4);
-                        }
-                    }
-                },
+                || *s = fp_group(wg, mode, flavour, pg),
             )
         });
     Ok(())
+}
+
+/// Quantizes one FP-mode group `wg` (at most 32 values) through
+/// [`fp::quantize_group`](crate::quant::fp::quantize_group): its element codes packed into
+/// `pg` (two per byte for 4 bits, element `2i` in the low nibble of byte `i`), its scale code
+/// returned. The portable kernel, and the fast kernels' path for the groups they cannot do.
+#[inline(always)]
+pub(crate) fn fp_group<T: Float>(wg: &[T], mode: QuantMode, flavour: Flavour, pg: &mut [u8]) -> u8 {
+    let mut vals = [0f32; 32];
+    let mut codes = [0u8; 32];
+    let n = wg.len().min(32);
+    for (v, &x) in vals.iter_mut().zip(wg) {
+        *v = x.to_f32();
+    }
+    let s = fp::quantize_group::<T>(&vals[..n], mode, flavour, &mut codes[..n]);
+    if mode == QuantMode::Mxfp8 {
+        for (o, &c) in pg.iter_mut().zip(&codes[..n]) {
+            *o = c;
+        }
+    } else {
+        for (o, c) in pg.iter_mut().zip(codes[..n].chunks_exact(2)) {
+            *o = (c[0] & 15) | (c[1] << 4);
+        }
+    }
+    s
 }
 
 /// The FP mode a kernel's `MODE` constant names (1: mxfp4, 2: mxfp8, 3: nvfp4).

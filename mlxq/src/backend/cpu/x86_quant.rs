@@ -101,7 +101,7 @@ fn dequantize_kernel(
     }, _ => None), _ => None)
 }
 
-fn missing_features(op: &'static str) -> Error {
+pub(super) fn missing_features(op: &'static str) -> Error {
     Error::unsupported(
         op,
         "the avx512 kernels on a CPU without AVX-512 F/BW/DQ/VL/VBMI",
@@ -113,7 +113,12 @@ fn bad_group_size(op: &'static str, g: usize) -> Error {
 }
 
 /// One length check of a kernel's slices, as an error naming the slice.
-fn check_len(op: &'static str, param: &'static str, want: usize, got: usize) -> Result<()> {
+pub(super) fn check_len(
+    op: &'static str,
+    param: &'static str,
+    want: usize,
+    got: usize,
+) -> Result<()> {
     if want == got {
         Ok(())
     } else {
@@ -583,7 +588,7 @@ fn round(v: __m512, flavour: Flavour) -> __m512 {
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512dq")]
-fn abs(v: __m512) -> __m512 {
+pub(super) fn abs(v: __m512) -> __m512 {
     _mm512_andnot_ps(_mm512_set1_ps(-0.0), v)
 }
 
@@ -598,7 +603,7 @@ fn neg(v: __m512) -> __m512 {
 /// values that are not NaN (order only matters for the sign of a zero).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
-fn reduce16<const MAX: bool>(p: &[__m512; 16]) -> __m512 {
+pub(super) fn reduce16<const MAX: bool>(p: &[__m512; 16]) -> __m512 {
     let op = |a: __m512, b: __m512| {
         if MAX {
             _mm512_max_ps(a, b)
@@ -974,7 +979,7 @@ fn cpu_value<S: Float>(q: __m512, s: __m512, b: __m512) -> __m512 {
 /// `v` rounded to `O` and widened back to f32 (exact round trip).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
-fn to_dtype<O: Float>(v: __m512) -> __m512 {
+pub(super) fn to_dtype<O: Float>(v: __m512) -> __m512 {
     match O::DTYPE {
         DType::F16 => _mm512_cvtph_ps(_mm512_cvtps_ph::<
             { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },

@@ -1,0 +1,571 @@
+//! AVX-512 quantize for MLX's FP modes (mxfp4, mxfp8, nvfp4; x86-64 with AVX-512
+//! F/BW/DQ/VL/VBMI, chosen at run time), bit-identical to [`fp::quantize_group`] and so to MLX,
+//! in both flavours.
+//!
+//! Groups are taken 16 at a time (one per lane of an f32 vector), in three passes:
+//! 1. **amax.** Each group's `|w|` vectors are folded with `vmaxps` (which returns the
+//!    accumulator where the element is NaN: NaN is skipped, as the definition's strict `>`
+//!    does), and [`reduce16`] turns the 16 vectors into one vector of the 16 groups' maxima.
+//! 2. **Scales, 16 lanes at once**, with the definition's own IEEE operations:
+//!    - GPU: `s = amax / max`; E8M0 rounds up (exponent + 1 where the mantissa is not 0),
+//!      E4M3 nearest-even (the same integer rounding as the elements); the factor is
+//!      `1 / scale`.
+//!    - CPU nvfp4: `s = T(amax / 6)`, its E4M3 code, and its value as the divisor.
+//!    - CPU mx: `s = T(amax / max)` and `e = ceil(log2 s)`, read from the bits of `s`: its
+//!      exponent, plus 1 where the mantissa is not 0. That is the definition's
+//!      `s.log2().ceil()` wherever the mantissa is 0 (log2 of a power of two is exact) or at
+//!      least 2⁻¹⁰ of the value (log2 then lies 1.4·10⁻³ above an integer, far beyond its
+//!      error); bf16 and f16 scales are always so. The factor is `2^−e`: `w / T(2^e)` is
+//!      `w·2^−e` exactly, and rounding that to `T` changes no code (it is exact unless the
+//!      value is below `T`'s normal range, where every code is 0 or a signed zero).
+//!
+//!    Lanes outside these rules (an f32 scale just above a power of two, subnormal or
+//!    non-finite scales, exponents whose power of two `T` cannot hold, an nvfp4 scale that
+//!    saturates at 448) are marked and their
+//!    groups redone by the definition itself ([`fp_group`]), as is a task's last partial
+//!    batch.
+//! 3. **Codes.** `x = w·factor` (GPU, CPU mx) or `T(w / divisor)` (CPU nvfp4, a true
+//!    division as MLX's), then:
+//!    - E2M1: the magnitude's f32 bits name a bin of 2⁻² … 2³ with 2 mantissa bits (every
+//!      rounding threshold, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5 and 5, starts a bin), and one
+//!      `vpermb` reads the code from a 64-byte table indexed by the bin and by whether the
+//!      value is the bin's start (a tie) or inside it. The table is filled from the scalar
+//!      definitions ([`fp::e2m1_from_f32_gpu`], [`fp::e2m1_from_f32_cpu`]), so it carries
+//!      each flavour's tie rule. Signs: the GPU keeps the sign bit (NaN is +6, code 7); the
+//!      CPU adds it only to non-zero magnitudes, and NaN and ±∞ are code 0.
+//!    - E4M3: MLX CPU's integer rounding (`ToFP8`) in 16 lanes: saturation at 464,
+//!      subnormals by an f32 addition of 2¹⁴, normals by adding the bias and the rounding
+//!      increment to the bits; the GPU differs only in NaN (`0x7f`).
+//!
+//!    Codes are packed two per byte by one 64-bit shift and `vpmovqb` (4 bits) or stored by
+//!    `vpmovdb` (8 bits).
+
+use super::quantize::{fp_group, fp_mode, QuantizeArgs, QuantizeFn};
+use super::x86_quant::{abs, available, check_len, missing_features, reduce16, to_dtype};
+use super::{cast, KernelFn, Variant};
+use crate::dtype::{DType, Float};
+use crate::error::{Error, Result};
+use crate::quant::{fp, Flavour, QuantMode};
+use crate::registry::OpKind;
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+
+/// The variant: quantize in every FP mode, flavour and float input dtype.
+pub(crate) const FP_QUANT: Variant = Variant {
+    name: "avx512",
+    supports: |k| {
+        k.mode != QuantMode::Affine
+            && k.op == OpKind::Quantize
+            && k.group_size as usize == shape(k.mode).1
+            && available()
+    },
+    decode: None,
+    build: |k| match k.op {
+        OpKind::Quantize => quantize_kernel(k.input, k.mode).map(KernelFn::Quantize),
+        _ => None,
+    },
+};
+
+/// Groups per parallel task (a multiple of 16).
+const TASK_GROUPS: usize = 1024;
+
+/// Element bits and group size of an FP mode.
+const fn shape(mode: QuantMode) -> (usize, usize) {
+    let (bits, g) = crate::QuantSpec::fp_defaults(mode);
+    (bits as usize, g as usize)
+}
+
+/// The kernel for input dtype `dtype` in `mode`.
+fn quantize_kernel(dtype: DType, mode: QuantMode) -> Option<QuantizeFn> {
+    crate::with_float_type!(dtype, T => Some(match mode {
+        QuantMode::Affine => return None,
+        QuantMode::Mxfp4 => quantize::<T, 1> as QuantizeFn,
+        QuantMode::Mxfp8 => quantize::<T, 2> as QuantizeFn,
+        QuantMode::Nvfp4 => quantize::<T, 3> as QuantizeFn,
+    }), _ => None)
+}
+
+/// The 64-byte E2M1 table of pass 3: entry `2 + 2i` is the code of the start of bin `i`
+/// (`2⁻² + i` steps of 2 mantissa bits; bin 20 is 8 and beyond), `3 + 2i` that of its inside;
+/// entries 0 and 1 (below 0.25) and past 43 are 0.
+fn e2m1_table(flavour: Flavour) -> [u8; 64] {
+    let code = |x: f32| match flavour {
+        Flavour::Gpu => fp::e2m1_from_f32_gpu(x),
+        Flavour::Cpu => fp::e2m1_from_f32_cpu(x),
+    };
+    let mut t = [0u8; 64];
+    for i in 0..=20u32 {
+        let start = BIN0 + (i << 21);
+        t[2 + 2 * i as usize] = code(f32::from_bits(start));
+        t[3 + 2 * i as usize] = code(f32::from_bits(start + 1));
+    }
+    t
+}
+
+/// The bits of 0.25, where bin 0 starts.
+const BIN0: u32 = 0x3E80_0000;
+
+/// The kernel: tasks of [`TASK_GROUPS`] groups in parallel.
+fn quantize<T: Float, const MODE: u8>(a: QuantizeArgs<'_>) -> Result<()> {
+    const OP: &str = "quantize";
+    if !available() {
+        return Err(missing_features(OP));
+    }
+    let mode = fp_mode(MODE);
+    let (bits, g) = shape(mode);
+    let w: &[T] = cast(OP, "w", a.w)?;
+    if a.group_size != g {
+        return Err(Error::invalid(
+            OP,
+            "group_size",
+            g.to_string(),
+            a.group_size,
+        ));
+    }
+    let groups = a.scales.len();
+    let gb = g * bits / 8;
+    check_len(OP, "w", groups * g, w.len())?;
+    check_len(OP, "packed", groups * gb, a.packed.len())?;
+    let flavour = a.flavour;
+    let table = e2m1_table(flavour);
+    w.par_chunks(TASK_GROUPS * g)
+        .zip(a.packed.par_chunks_mut(TASK_GROUPS * gb))
+        .zip(a.scales.par_chunks_mut(TASK_GROUPS))
+        .for_each(|((w, packed), scales)| {
+            // SAFETY: `available()` holds (checked above); `quantize_groups` checks that the
+            // slices agree (they do by construction: equal numbers of groups per chunk).
+            unsafe {
+                match flavour {
+                    Flavour::Gpu => quantize_groups::<T, MODE, true>(w, packed, scales, &table),
+                    Flavour::Cpu => quantize_groups::<T, MODE, false>(w, packed, scales, &table),
+                }
+            }
+        });
+    Ok(())
+}
+
+/// Quantizes the groups of one task, 16 at a time; the marked groups and a last partial batch
+/// through the definition. Does nothing if the slice lengths disagree (they never do; the
+/// check keeps the raw accesses in bounds).
+///
+/// # Safety
+/// The CPU must support [`available`]'s features.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
+unsafe fn quantize_groups<T: Float, const MODE: u8, const GPU: bool>(
+    w: &[T],
+    packed: &mut [u8],
+    scales: &mut [u8],
+    table: &[u8; 64],
+) {
+    let mode = fp_mode(MODE);
+    let (bits, g) = shape(mode);
+    let gb = g * bits / 8;
+    let groups = scales.len();
+    if w.len() != groups * g || packed.len() != groups * gb {
+        return;
+    }
+    let flavour = if GPU { Flavour::Gpu } else { Flavour::Cpu };
+    // SAFETY: 64 bytes.
+    let table = unsafe { _mm512_loadu_si512(table.as_ptr() as *const __m512i) };
+    let full = groups / 16 * 16;
+    for b0 in (0..full).step_by(16) {
+        // SAFETY: groups b0..b0 + 16 lie within the slices (b0 + 16 ≤ full ≤ groups, and
+        // the lengths were checked above); the CPU features are this function's contract.
+        let mut redo = unsafe {
+            batch::<T, MODE, GPU>(
+                w.as_ptr().add(b0 * g),
+                packed.as_mut_ptr().add(b0 * gb),
+                scales.as_mut_ptr().add(b0),
+                table,
+            )
+        };
+        while redo != 0 {
+            let j = b0 + redo.trailing_zeros() as usize;
+            redo &= redo - 1;
+            scales[j] = fp_group(
+                &w[j * g..(j + 1) * g],
+                mode,
+                flavour,
+                &mut packed[j * gb..(j + 1) * gb],
+            );
+        }
+    }
+    for j in full..groups {
+        scales[j] = fp_group(
+            &w[j * g..(j + 1) * g],
+            mode,
+            flavour,
+            &mut packed[j * gb..(j + 1) * gb],
+        );
+    }
+}
+
+/// One batch of 16 groups: the three passes of the module docs. Returns the groups (bit `j`
+/// for group `j`) that the definition must redo.
+///
+/// # Safety
+/// `w` must be valid for reading 16 groups, `packed` for writing their codes and `scales`
+/// their 16 scale codes; the CPU must support [`available`]'s features.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
+unsafe fn batch<T: Float, const MODE: u8, const GPU: bool>(
+    w: *const T,
+    packed: *mut u8,
+    scales: *mut u8,
+    table: __m512i,
+) -> u16 {
+    let mode = fp_mode(MODE);
+    let (bits, g) = shape(mode);
+    let gb = g * bits / 8;
+    // Pass 1: the groups' amax, lane j for group j.
+    let mut m = [_mm512_setzero_ps(); 16];
+    for (j, mj) in m.iter_mut().enumerate() {
+        let mut a = _mm512_setzero_ps();
+        for v in 0..g / 16 {
+            // SAFETY: element j·g + 16v + 15 < 16·g (contract).
+            let x = unsafe { load16::<T>(w.add(j * g + 16 * v)) };
+            // `|x|` first: where it is NaN, `vmaxps` returns the accumulator.
+            a = _mm512_max_ps(abs(x), a);
+        }
+        *mj = a;
+    }
+    let amax = reduce16::<true>(&m);
+    // Pass 2: the scales.
+    let (codes, factor, redo) = scales16::<T, MODE, GPU>(amax);
+    let mut f = [0f32; 16];
+    // SAFETY: 16 scale codes writable at `scales` (contract); `f` holds 16 f32.
+    unsafe {
+        _mm_storeu_si128(scales as *mut __m128i, _mm512_cvtepi32_epi8(codes));
+        _mm512_storeu_ps(f.as_mut_ptr(), factor);
+    }
+    // Pass 3: the elements' codes.
+    for (j, &fj) in f.iter().enumerate() {
+        let fj = _mm512_set1_ps(fj);
+        for v in 0..g / 16 {
+            // SAFETY: as in pass 1.
+            let x = unsafe { load16::<T>(w.add(j * g + 16 * v)) };
+            let x = if GPU || mode != QuantMode::Nvfp4 {
+                _mm512_mul_ps(x, fj)
+            } else {
+                to_dtype::<T>(_mm512_div_ps(x, fj))
+            };
+            // SAFETY: the 16 codes' bytes (8 at 4 bits) of group j lie within the batch's
+            // `16·gb` output bytes (contract).
+            unsafe {
+                if bits == 8 {
+                    let c = e4m3::<GPU>(x);
+                    _mm_storeu_si128(
+                        packed.add(j * gb + 16 * v) as *mut __m128i,
+                        _mm512_cvtepi32_epi8(c),
+                    );
+                } else {
+                    let c = e2m1::<GPU>(x, table);
+                    // Element 2i + 1 (the high dword of qword i) into bits 4–7 of element 2i.
+                    let pair = _mm512_or_si512(c, _mm512_srli_epi64::<28>(c));
+                    _mm_storel_epi64(
+                        packed.add(j * gb + 8 * v) as *mut __m128i,
+                        _mm512_cvtepi64_epi8(pair),
+                    );
+                }
+            }
+        }
+    }
+    redo
+}
+
+/// Loads 16 consecutive elements of `T` at `p`, widened exactly to f32.
+///
+/// # Safety
+/// `p` must be valid for reading 16 elements; the CPU must support [`available`]'s features.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
+unsafe fn load16<T: Float>(p: *const T) -> __m512 {
+    // SAFETY: 16 elements readable at `p` (contract); the casts match T's dtype.
+    unsafe {
+        match T::DTYPE {
+            DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+            DType::BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256(p as *const __m256i),
+            ))),
+            _ => _mm512_loadu_ps(p as *const f32),
+        }
+    }
+}
+
+/// Pass 2 for 16 groups' `amax` (lane `j` for group `j`): the scale codes (one per dword),
+/// the factor (GPU, CPU mx) or divisor (CPU nvfp4) of pass 3, and the lanes the definition
+/// must redo.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
+fn scales16<T: Float, const MODE: u8, const GPU: bool>(amax: __m512) -> (__m512i, __m512, u16) {
+    let mode = fp_mode(MODE);
+    let max = if mode == QuantMode::Mxfp8 {
+        fp::E4M3_MAX
+    } else {
+        fp::E2M1_MAX
+    };
+    let s = _mm512_div_ps(amax, _mm512_set1_ps(max));
+    let one = _mm512_set1_ps(1.0);
+    if GPU {
+        let (c, value) = if mode == QuantMode::Nvfp4 {
+            let c = e4m3::<true>(s);
+            (c, e4m3_value(c))
+        } else {
+            let c = e8m0_up(s);
+            (c, e8m0_value(c))
+        };
+        return (c, _mm512_div_ps(one, value), 0);
+    }
+    let s = to_dtype::<T>(s);
+    if mode == QuantMode::Nvfp4 {
+        let c = e4m3::<false>(s);
+        // A saturated scale (s ≥ 464, 448 after rounding) leaves |x| unbounded, where the
+        // definition's argmin ties every candidate: those groups are redone.
+        let redo = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(s, _mm512_set1_ps(464.0));
+        return (c, e4m3_value(c), redo);
+    }
+    // mx on the CPU: e = ceil(log2 s) from the bits of s (s ≥ +0).
+    let bits = _mm512_castps_si512(s);
+    let exp = _mm512_srli_epi32::<23>(bits);
+    let mant = _mm512_and_si512(bits, _mm512_set1_epi32(0x7f_ffff));
+    let inexact = _mm512_test_epi32_mask(mant, mant);
+    let e = _mm512_sub_epi32(exp, _mm512_set1_epi32(127));
+    let e = _mm512_mask_add_epi32(e, inexact, e, _mm512_set1_epi32(1));
+    let zero = _mm512_cmpeq_epi32_mask(bits, _mm512_setzero_si512());
+    let e = _mm512_maskz_mov_epi32(!zero, e);
+    // Where `T(2^e)` is exact: f16 holds 2^-24 … 2^15; f32 and bf16 2^-126 … 2^127 here
+    // (a normal s has e ≥ -126).
+    let e_max = if T::DTYPE == DType::F16 { 15 } else { 127 };
+    let redo = (_mm512_cmpeq_epi32_mask(exp, _mm512_setzero_si512()) & inexact)
+        | _mm512_cmpeq_epi32_mask(exp, _mm512_set1_epi32(255))
+        | (_mm512_cmplt_epi32_mask(mant, _mm512_set1_epi32(1 << 13)) & inexact)
+        | _mm512_cmpgt_epi32_mask(e, _mm512_set1_epi32(e_max));
+    let code = _mm512_and_si512(
+        _mm512_add_epi32(e, _mm512_set1_epi32(127)),
+        _mm512_set1_epi32(0xff),
+    );
+    let factor = _mm512_scalef_ps(
+        one,
+        _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_setzero_si512(), e)),
+    );
+    (code, factor, redo)
+}
+
+/// E8M0 codes of `s ≥ +0` rounded up ([`fp::e8m0_from_f32_gpu`]): the exponent, plus 1 where
+/// the mantissa is not 0 (unless the exponent is 254, which saturates, or a subnormal at most
+/// 2⁻¹²⁷); ∞ and NaN are `0xff`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
+fn e8m0_up(s: __m512) -> __m512i {
+    let bits = _mm512_castps_si512(s);
+    let exp = _mm512_srli_epi32::<23>(bits);
+    let mant = _mm512_and_si512(bits, _mm512_set1_epi32(0x7f_ffff));
+    let up = _mm512_test_epi32_mask(mant, mant)
+        & !_mm512_cmpeq_epi32_mask(exp, _mm512_set1_epi32(0xfe))
+        & !(_mm512_cmpeq_epi32_mask(exp, _mm512_setzero_si512())
+            & _mm512_cmple_epi32_mask(mant, _mm512_set1_epi32(0x40_0000)));
+    let c = _mm512_mask_add_epi32(exp, up, exp, _mm512_set1_epi32(1));
+    let special = _mm512_fpclass_ps_mask::<0x99>(s);
+    _mm512_mask_mov_epi32(c, special, _mm512_set1_epi32(0xff))
+}
+
+/// The GPU's value of E8M0 codes: `2^(c − 127)`, code 0 the subnormal 2⁻¹²⁷, `0xff` NaN.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
+fn e8m0_value(c: __m512i) -> __m512 {
+    let v = _mm512_slli_epi32::<23>(c);
+    let v = _mm512_mask_mov_epi32(
+        v,
+        _mm512_cmpeq_epi32_mask(c, _mm512_setzero_si512()),
+        _mm512_set1_epi32(0x40_0000),
+    );
+    let v = _mm512_mask_mov_epi32(
+        v,
+        _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(0xff)),
+        _mm512_set1_epi32(0x7fc0_0000),
+    );
+    _mm512_castsi512_ps(v)
+}
+
+/// Values of E4M3 codes `0 ≤ c ≤ 0x7e` (non-negative, not NaN): `(1 + m/8)·2^(e − 7)`, or
+/// `m·2⁻⁹` for exponent 0.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
+fn e4m3_value(c: __m512i) -> __m512 {
+    let e = _mm512_srli_epi32::<3>(c);
+    let m = _mm512_and_si512(c, _mm512_set1_epi32(7));
+    let normal = _mm512_or_si512(
+        _mm512_slli_epi32::<23>(_mm512_add_epi32(e, _mm512_set1_epi32(120))),
+        _mm512_slli_epi32::<20>(m),
+    );
+    let sub = _mm512_mul_ps(_mm512_cvtepi32_ps(m), _mm512_set1_ps(1.0 / 512.0));
+    _mm512_mask_blend_ps(
+        _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()),
+        _mm512_castsi512_ps(normal),
+        sub,
+    )
+}
+
+/// E4M3 codes of `x` (one per dword): MLX CPU's `ToFP8` ([`fp::e4m3_from_f32_cpu`]),
+/// nearest-even, saturating at ±448; with `GPU`, NaN is `0x7f` ([`fp::e4m3_from_f32_gpu`]).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
+fn e4m3<const GPU: bool>(x: __m512) -> __m512i {
+    let bits = _mm512_castps_si512(x);
+    let sign = _mm512_and_si512(_mm512_srli_epi32::<24>(bits), _mm512_set1_epi32(0x80));
+    let f = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
+    // Normal range: add the bias difference, the rounding increment and the odd bit.
+    let odd = _mm512_and_si512(_mm512_srli_epi32::<20>(f), _mm512_set1_epi32(1));
+    let bias = ((7u32.wrapping_sub(127)) << 23).wrapping_add(0x7ffff) as i32;
+    let normal = _mm512_srli_epi32::<20>(_mm512_add_epi32(
+        _mm512_add_epi32(f, _mm512_set1_epi32(bias)),
+        odd,
+    ));
+    // Subnormal range: adding 2^14 rounds to a multiple of 2^-9.
+    let denorm = _mm512_set1_epi32(141 << 23);
+    let sub = _mm512_sub_epi32(
+        _mm512_castps_si512(_mm512_add_ps(
+            _mm512_castsi512_ps(f),
+            _mm512_castsi512_ps(denorm),
+        )),
+        denorm,
+    );
+    let r = _mm512_mask_blend_epi32(
+        _mm512_cmplt_epu32_mask(f, _mm512_set1_epi32(121 << 23)),
+        normal,
+        sub,
+    );
+    let r = _mm512_mask_mov_epi32(
+        r,
+        _mm512_cmpge_epu32_mask(f, _mm512_set1_epi32(543 << 21)),
+        _mm512_set1_epi32(0x7e),
+    );
+    let r = _mm512_and_si512(_mm512_or_si512(r, sign), _mm512_set1_epi32(0xff));
+    if GPU {
+        _mm512_mask_mov_epi32(
+            r,
+            _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x),
+            _mm512_set1_epi32(0x7f),
+        )
+    } else {
+        r
+    }
+}
+
+/// E2M1 codes of `x` (one per dword) through the bin table of [`e2m1_table`] (module docs).
+/// The CPU's codes are the definition's for |x| < 2²², which holds in pass 3 (|x| ≤ 9: the
+/// scale is at least about amax/9 wherever it did not saturate), and for ±∞ and NaN.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
+fn e2m1<const GPU: bool>(x: __m512, table: __m512i) -> __m512i {
+    let bits = _mm512_castps_si512(x);
+    let a = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
+    let bin = _mm512_srai_epi32::<21>(_mm512_sub_epi32(a, _mm512_set1_epi32(BIN0 as i32)));
+    let bin = _mm512_min_epi32(
+        _mm512_max_epi32(bin, _mm512_set1_epi32(-1)),
+        _mm512_set1_epi32(20),
+    );
+    let inside = _mm512_test_epi32_mask(a, _mm512_set1_epi32(0x1f_ffff));
+    let idx = _mm512_add_epi32(_mm512_add_epi32(bin, bin), _mm512_set1_epi32(2));
+    let idx = _mm512_mask_add_epi32(idx, inside, idx, _mm512_set1_epi32(1));
+    // Bytes 1–3 of each index are 0, and so is table entry 0: one code per dword.
+    let mag = _mm512_permutexvar_epi8(idx, table);
+    let eight = _mm512_set1_epi32(8);
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+    if GPU {
+        // The sign bit, except on NaN (+6 whatever its sign).
+        let neg = _mm512_movepi32_mask(bits) & !nan;
+        _mm512_mask_or_epi32(mag, neg, mag, eight)
+    } else {
+        // Non-zero magnitudes only (a magnitude above 0.25); NaN and ±∞ are code 0.
+        let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(-0.25));
+        let mag = _mm512_mask_or_epi32(mag, neg, mag, eight);
+        _mm512_maskz_mov_epi32(!_mm512_fpclass_ps_mask::<0x99>(x), mag)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The assumption of the CPU mx scale: log2 of a power of two is exact in f32, so its
+    /// ceiling is the exponent.
+    #[test]
+    fn log2_of_powers_of_two_is_exact() {
+        for k in -149..=127 {
+            let s = fp::pow2(k);
+            assert_eq!(s.log2().ceil() as i32, k, "2^{k}");
+        }
+    }
+
+    /// Every f32 E2M1 and E4M3 conversion of pass 3 equals its scalar definition, over a
+    /// sweep of magnitudes (every bin edge and its neighbours, tiny, huge, ±0, ±∞, NaN).
+    #[test]
+    fn element_codes_match_the_definitions() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 F/BW/DQ/VL/VBMI here");
+            return;
+        }
+        let mut xs = vec![
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+        ];
+        for i in 0..=24u32 {
+            let start = BIN0 - (2 << 21) + (i << 21);
+            for d in [-2i32, -1, 0, 1, 2] {
+                xs.push(f32::from_bits(start.wrapping_add_signed(d)));
+            }
+        }
+        for e in -150..=130 {
+            for m in [1.0f32, 1.0625, 1.5, 1.9375] {
+                xs.push(m * 2f32.powi(e));
+            }
+        }
+        let neg: Vec<f32> = xs.iter().map(|x| -x).collect();
+        xs.extend(neg);
+        for flavour in [Flavour::Cpu, Flavour::Gpu] {
+            let table = e2m1_table(flavour);
+            for chunk in xs.chunks(16) {
+                let mut v = [0f32; 16];
+                v[..chunk.len()].copy_from_slice(chunk);
+                let (mut c4, mut c8) = ([0u32; 16], [0u32; 16]);
+                // SAFETY: AVX-512 checked above; every array holds 16 lanes.
+                unsafe {
+                    let x = _mm512_loadu_ps(v.as_ptr());
+                    let t = _mm512_loadu_si512(table.as_ptr() as *const __m512i);
+                    let (a, b) = match flavour {
+                        Flavour::Gpu => (e2m1::<true>(x, t), e4m3::<true>(x)),
+                        Flavour::Cpu => (e2m1::<false>(x, t), e4m3::<false>(x)),
+                    };
+                    _mm512_storeu_si512(c4.as_mut_ptr() as *mut __m512i, a);
+                    _mm512_storeu_si512(c8.as_mut_ptr() as *mut __m512i, b);
+                }
+                for (i, &x) in v.iter().enumerate() {
+                    let (w4, w8) = match flavour {
+                        Flavour::Gpu => (fp::e2m1_from_f32_gpu(x), fp::e4m3_from_f32_gpu(x)),
+                        Flavour::Cpu => (fp::e2m1_from_f32_cpu(x), fp::e4m3_from_f32_cpu(x)),
+                    };
+                    // The CPU's argmin ties every candidate once f32 distances lose the
+                    // LUT's values (|x| ≳ 2^22: code 0); pass 3 never sees |x| > 9.
+                    let far = flavour == Flavour::Cpu && x.abs() > 64.0 && x.is_finite();
+                    assert!(
+                        far || c4[i] == u32::from(w4),
+                        "{flavour:?} e2m1 of {x:e} ({:#x}): {} against {w4}",
+                        x.to_bits(),
+                        c4[i]
+                    );
+                    assert_eq!(
+                        c8[i],
+                        u32::from(w8),
+                        "{flavour:?} e4m3 of {x:e} ({:#x})",
+                        x.to_bits()
+                    );
+                }
+            }
+        }
+    }
+}
