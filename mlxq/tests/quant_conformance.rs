@@ -1158,6 +1158,64 @@ fn avx512_dequantize_matches_generic_on_special_scales() {
     assert_none("avx512 vs generic dequantize", checked, failures);
 }
 
+/// The avx512 FP-mode dequantize gives the generic kernel's values for every element code
+/// and every scale code (0, 255 and E4M3's NaN codes included), in every mode, output dtype
+/// and flavour; a NaN may be another NaN (see [`first_difference_nan_eq`]).
+#[test]
+fn avx512_fp_dequantize_matches_generic_on_every_code() {
+    let mut rng = StdRng::seed_from_u64(0xdef4);
+    let (mut checked, mut failures) = (0, Vec::new());
+    for mode in [
+        mlxq::QuantMode::Mxfp4,
+        mlxq::QuantMode::Mxfp8,
+        mlxq::QuantMode::Nvfp4,
+    ] {
+        let (bits, g) = QuantSpec::fp_defaults(mode);
+        let spec = QuantSpec::new(mode, bits, g).unwrap();
+        let (bits, g) = (bits as usize, g as usize);
+        // Rows of 5 groups: 3·520 groups, several tasks, every scale code about 6 times.
+        let (rows, cols) = (312, 5 * g);
+        let groups = rows * cols / g;
+        let words: Vec<u32> = (0..rows * cols * bits / 32).map(|_| rng.gen()).collect();
+        let s: Vec<u8> = (0..groups)
+            .map(|i| (i % 256) as u8 ^ rng.gen::<u8>() & 1)
+            .collect();
+        let qw = QuantizedWeight::new(
+            Buffer::from_slice(&words, &[rows, cols * bits / 32]).unwrap(),
+            Buffer::from_slice(&s, &[rows, cols / g]).unwrap(),
+            None,
+            spec,
+        )
+        .unwrap();
+        for flavour in [Flavour::Cpu, Flavour::Gpu] {
+            for out in [DType::F32, DType::F16, DType::BF16] {
+                checked += 1;
+                let ctx = format!("{spec} {flavour} -> {out}");
+                let opts = DequantizeOptions {
+                    dtype: Some(out),
+                    flavour,
+                };
+                let mut fast = variant_enc("avx512");
+                let got = ops::dequantize(&mut fast, &qw, opts).unwrap();
+                let k = key(OpKind::Dequantize, spec, out, out, flavour);
+                if let Some(e) = wrong_kernel(&fast, "avx512", &k) {
+                    failures.push(format!("{ctx}: {e}"));
+                }
+                let want = ops::dequantize(&mut variant_enc("generic"), &qw, opts).unwrap();
+                if let Some(i) = first_difference_nan_eq(&want, &got) {
+                    failures.push(format!(
+                        "{ctx}: first difference at {i}: want {} got {}; scale code {}",
+                        common::show(&want, i),
+                        common::show(&got, i),
+                        s[i / g],
+                    ));
+                }
+            }
+        }
+    }
+    assert_none("avx512 vs generic FP dequantize", checked, failures);
+}
+
 /// nvfp4 rows of an odd number of 16-element groups (48 codes of 4 bits: 6 words) pack into
 /// whole words and lose nothing: each group quantizes, packs and dequantizes as in a longer
 /// row that starts with the same groups (groups are independent), in both flavours.

@@ -1,8 +1,8 @@
-//! AVX-512 quantize for MLX's FP modes (mxfp4, mxfp8, nvfp4; x86-64 with AVX-512
-//! F/BW/DQ/VL/VBMI, chosen at run time), bit-identical to [`fp::quantize_group`] and so to MLX,
-//! in both flavours.
+//! AVX-512 quantize and dequantize for MLX's FP modes (mxfp4, mxfp8, nvfp4; x86-64 with
+//! AVX-512 F/BW/DQ/VL/VBMI, chosen at run time), bit-identical to [`fp::quantize_group`] and
+//! [`fp::dequantize_value`] and so to MLX, in both flavours.
 //!
-//! Groups are taken 16 at a time (one per lane of an f32 vector), in three passes:
+//! **Quantize.** Groups are taken 16 at a time (one per lane of an f32 vector), in three passes:
 //! 1. **amax.** Each group's `|w|` vectors are folded with `vmaxps` (which returns the
 //!    accumulator where the element is NaN: NaN is skipped, as the definition's strict `>`
 //!    does), and [`reduce16`] turns the 16 vectors into one vector of the 16 groups' maxima.
@@ -39,10 +39,19 @@
 //!
 //!    Codes are packed two per byte by one 64-bit shift and `vpmovqb` (4 bits) or stored by
 //!    `vpmovdb` (8 bits).
+//!
+//! **Dequantize**, 16 elements at a time (one group, or half of one): E2M1 nibbles are split,
+//! interleaved back into element order and read from the value table by `vpermps`; an E4M3
+//! code's bits become an f32's (`mag << 20`, the sign at bit 31) whose value times 2¹²⁰ is
+//! the element's, subnormals included, and `0x7f`/`0xff` NaN. Each group's scale comes from a
+//! 256-entry table of its code's value, made once per call as the flavour reads it (CPU:
+//! rounded to the output dtype first); the f32 product is rounded to the output dtype, as
+//! the definition does.
 
+use super::dequantize::{DequantizeArgs, DequantizeFn};
 use super::quantize::{fp_group, fp_mode, QuantizeArgs, QuantizeFn};
-use super::x86_quant::{abs, available, check_len, missing_features, reduce16, to_dtype};
-use super::{cast, KernelFn, Variant};
+use super::x86_quant::{abs, available, check_len, missing_features, reduce16, store16, to_dtype};
+use super::{cast, cast_mut, KernelFn, Variant};
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::quant::{fp, Flavour, QuantMode};
@@ -50,19 +59,23 @@ use crate::registry::OpKind;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 
-/// The variant: quantize in every FP mode, flavour and float input dtype.
+/// The variant: quantize and dequantize in every FP mode, flavour and float dtype.
 pub(crate) const FP_QUANT: Variant = Variant {
     name: "avx512",
     supports: |k| {
         k.mode != QuantMode::Affine
-            && k.op == OpKind::Quantize
+            && matches!(k.op, OpKind::Quantize | OpKind::Dequantize)
             && k.group_size as usize == shape(k.mode).1
             && available()
     },
     decode: None,
     build: |k| match k.op {
         OpKind::Quantize => quantize_kernel(k.input, k.mode).map(KernelFn::Quantize),
-        _ => None,
+        OpKind::Dequantize => {
+            (k.scales == DType::U8).then_some(())?;
+            dequantize_kernel(k.output, k.mode).map(KernelFn::Dequantize)
+        }
+        OpKind::QuantizedMatmul => None,
     },
 };
 
@@ -309,7 +322,7 @@ fn scales16<T: Float, const MODE: u8, const GPU: bool>(amax: __m512) -> (__m512i
     if GPU {
         let (c, value) = if mode == QuantMode::Nvfp4 {
             let c = e4m3::<true>(s);
-            (c, e4m3_value(c))
+            (c, e4m3_decode(c))
         } else {
             let c = e8m0_up(s);
             (c, e8m0_value(c))
@@ -322,7 +335,7 @@ fn scales16<T: Float, const MODE: u8, const GPU: bool>(amax: __m512) -> (__m512i
         // A saturated scale (s ≥ 464, 448 after rounding) leaves |x| unbounded, where the
         // definition's argmin ties every candidate: those groups are redone.
         let redo = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(s, _mm512_set1_ps(464.0));
-        return (c, e4m3_value(c), redo);
+        return (c, e4m3_decode(c), redo);
     }
     // mx on the CPU: e = ceil(log2 s) from the bits of s (s ≥ +0).
     let bits = _mm512_castps_si512(s);
@@ -385,25 +398,6 @@ fn e8m0_value(c: __m512i) -> __m512 {
         _mm512_set1_epi32(0x7fc0_0000),
     );
     _mm512_castsi512_ps(v)
-}
-
-/// Values of E4M3 codes `0 ≤ c ≤ 0x7e` (non-negative, not NaN): `(1 + m/8)·2^(e − 7)`, or
-/// `m·2⁻⁹` for exponent 0.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
-fn e4m3_value(c: __m512i) -> __m512 {
-    let e = _mm512_srli_epi32::<3>(c);
-    let m = _mm512_and_si512(c, _mm512_set1_epi32(7));
-    let normal = _mm512_or_si512(
-        _mm512_slli_epi32::<23>(_mm512_add_epi32(e, _mm512_set1_epi32(120))),
-        _mm512_slli_epi32::<20>(m),
-    );
-    let sub = _mm512_mul_ps(_mm512_cvtepi32_ps(m), _mm512_set1_ps(1.0 / 512.0));
-    _mm512_mask_blend_ps(
-        _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()),
-        _mm512_castsi512_ps(normal),
-        sub,
-    )
 }
 
 /// E4M3 codes of `x` (one per dword): MLX CPU's `ToFP8` ([`fp::e4m3_from_f32_cpu`]),
@@ -482,6 +476,127 @@ fn e2m1<const GPU: bool>(x: __m512, table: __m512i) -> __m512i {
         let mag = _mm512_mask_or_epi32(mag, neg, mag, eight);
         _mm512_maskz_mov_epi32(!_mm512_fpclass_ps_mask::<0x99>(x), mag)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantize.
+
+/// Groups per parallel dequantize task.
+const DEQ_TASK_GROUPS: usize = 512;
+
+/// The dequantize kernel for output dtype `out` in `mode`.
+fn dequantize_kernel(out: DType, mode: QuantMode) -> Option<DequantizeFn> {
+    crate::with_float_type!(out, O => Some(match mode {
+        QuantMode::Affine => return None,
+        QuantMode::Mxfp4 => dequantize::<O, 1> as DequantizeFn,
+        QuantMode::Mxfp8 => dequantize::<O, 2> as DequantizeFn,
+        QuantMode::Nvfp4 => dequantize::<O, 3> as DequantizeFn,
+    }), _ => None)
+}
+
+/// The dequantize kernel: tasks of [`DEQ_TASK_GROUPS`] groups in parallel.
+fn dequantize<O: Float, const MODE: u8>(a: DequantizeArgs<'_>) -> Result<()> {
+    const OP: &str = "dequantize";
+    if !available() {
+        return Err(missing_features(OP));
+    }
+    let mode = fp_mode(MODE);
+    let (bits, g) = shape(mode);
+    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
+    if a.w.group_size != g {
+        return Err(Error::invalid(
+            OP,
+            "group_size",
+            g.to_string(),
+            a.w.group_size,
+        ));
+    }
+    let (packed, scales) = (a.w.packed, a.w.scales);
+    let groups = scales.len();
+    let gb = g * bits / 8;
+    check_len(OP, "out", groups * g, out.len())?;
+    check_len(OP, "packed", groups * gb, packed.len())?;
+    // Each scale code's value as the flavour multiplies by it.
+    let flavour = a.flavour;
+    let table: [f32; 256] = std::array::from_fn(|c| {
+        let v = fp::scale_value(c as u8, mode, flavour);
+        match flavour {
+            Flavour::Cpu => O::from_f32(v).to_f32(),
+            Flavour::Gpu => v,
+        }
+    });
+    out.par_chunks_mut(DEQ_TASK_GROUPS * g)
+        .zip(packed.par_chunks(DEQ_TASK_GROUPS * gb))
+        .zip(scales.par_chunks(DEQ_TASK_GROUPS))
+        .for_each(|((out, packed), scales)| {
+            // SAFETY: `available()` holds (checked above); `dequantize_groups` checks lengths.
+            unsafe { dequantize_groups::<O, MODE>(packed, scales, &table, out) };
+        });
+    Ok(())
+}
+
+/// Dequantizes whole groups, 16 elements at a time. Does nothing if the lengths disagree.
+///
+/// # Safety
+/// The CPU must support [`available`]'s features.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
+unsafe fn dequantize_groups<O: Float, const MODE: u8>(
+    packed: &[u8],
+    scales: &[u8],
+    table: &[f32; 256],
+    out: &mut [O],
+) {
+    let (bits, g) = shape(fp_mode(MODE));
+    let groups = scales.len();
+    if out.len() != groups * g || packed.len() != groups * g * bits / 8 {
+        return;
+    }
+    // SAFETY: 16 f32.
+    let lut = unsafe { _mm512_loadu_ps(fp::FP4_LUT.as_ptr()) };
+    let (pp, po) = (packed.as_ptr(), out.as_mut_ptr());
+    for (i, &s) in
+        (0..groups * g / 16).zip(scales.iter().flat_map(|s| std::iter::repeat_n(s, g / 16)))
+    {
+        let s = _mm512_set1_ps(table[usize::from(s)]);
+        // SAFETY: vector i's codes (16·bits/8 bytes at 16·bits/8·i) and outputs (16 at 16i)
+        // lie within `packed` and `out` (lengths checked above).
+        unsafe {
+            let v = if bits == 4 {
+                let b = _mm_loadl_epi64(pp.add(8 * i) as *const __m128i);
+                let low = _mm_set1_epi8(0x0f);
+                let nibbles = _mm_unpacklo_epi8(
+                    _mm_and_si128(b, low),
+                    _mm_and_si128(_mm_srli_epi16::<4>(b), low),
+                );
+                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nibbles), lut)
+            } else {
+                e4m3_decode(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    pp.add(16 * i) as *const __m128i
+                )))
+            };
+            store16::<O>(po.add(16 * i), 0xffff, _mm512_mul_ps(v, s));
+        }
+    }
+}
+
+/// Values of E4M3 codes (one per dword), `0x7f`/`0xff` NaN ([`fp::e4m3_to_f32`]): the
+/// code's magnitude bits at bit 20 of an f32 and its sign at bit 31 make the value times
+/// 2⁻¹²⁰ (an exponent field of 0 being f32's subnormal, as it is E4M3's), so one exact
+/// multiply finishes it.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
+fn e4m3_decode(c: __m512i) -> __m512 {
+    let mag = _mm512_and_si512(c, _mm512_set1_epi32(0x7f));
+    let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(c, _mm512_set1_epi32(0x80)));
+    let v = _mm512_mul_ps(
+        _mm512_castsi512_ps(_mm512_or_si512(_mm512_slli_epi32::<20>(mag), sign)),
+        _mm512_set1_ps(f32::from_bits((120 + 127) << 23)),
+    );
+    _mm512_mask_mov_ps(
+        v,
+        _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f)),
+        _mm512_set1_ps(f32::NAN),
+    )
 }
 
 #[cfg(test)]

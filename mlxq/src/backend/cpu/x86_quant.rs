@@ -852,7 +852,7 @@ unsafe fn load32<T: Float>(p: *const T) -> (__m512, __m512) {
 /// features.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
-unsafe fn store16<T: Float>(p: *mut T, mask: __mmask16, v: __m512) {
+pub(super) unsafe fn store16<T: Float>(p: *mut T, mask: __mmask16, v: __m512) {
     // SAFETY: masked stores write only the lanes the caller vouches for.
     unsafe {
         match T::DTYPE {
