@@ -234,27 +234,36 @@ unsafe fn batch<T: Float, const MODE: u8, const GPU: bool>(
     let mode = fp_mode(MODE);
     let (bits, g) = shape(mode);
     let gb = g * bits / 8;
-    // bf16 groups of 32 are one 64-byte load each, split into even and odd elements (a shift
-    // and a mask, no shuffle), whose codes pack with one narrowing.
-    let pairs = T::DTYPE == DType::BF16 && g == 32;
+    // bf16 input is read 32 elements (one mx group, two nvfp4 groups) per 64-byte load, split
+    // into even and odd elements (a shift and a mask, no shuffle), whose codes pack with one
+    // narrowing.
+    let pairs = T::DTYPE == DType::BF16;
     // Pass 1: the groups' amax, lane j for group j.
     let mut m = [_mm512_setzero_ps(); 16];
-    for (j, mj) in m.iter_mut().enumerate() {
-        if pairs {
-            // SAFETY: the group's 64 bytes lie within the batch (contract).
-            let (even, odd) = unsafe { load_even_odd(w.add(j * g) as *const u8) };
+    if pairs {
+        for c in 0..g / 2 {
+            // SAFETY: chunk c's 64 bytes lie within the batch's 16·g elements (contract).
+            let (even, odd) = unsafe { load_even_odd(w.add(32 * c) as *const u8) };
             // `|x|` first: where it is NaN, `vmaxps` returns the accumulator.
-            *mj = _mm512_max_ps(abs(odd), _mm512_max_ps(abs(even), _mm512_setzero_ps()));
-            continue;
+            let a = _mm512_max_ps(abs(odd), _mm512_max_ps(abs(even), _mm512_setzero_ps()));
+            if g == 32 {
+                m[c] = a;
+            } else {
+                // Lanes 0–7 are group 2c's, 8–15 group 2c + 1's (amax ≥ 0: zeros are neutral).
+                m[2 * c] = _mm512_maskz_mov_ps(0x00ff, a);
+                m[2 * c + 1] = _mm512_maskz_mov_ps(0xff00, a);
+            }
         }
-        let mut a = _mm512_setzero_ps();
-        for v in 0..g / 16 {
-            // SAFETY: element j·g + 16v + 15 < 16·g (contract).
-            let x = unsafe { load16::<T>(w.add(j * g + 16 * v)) };
-            // `|x|` first: where it is NaN, `vmaxps` returns the accumulator.
-            a = _mm512_max_ps(abs(x), a);
+    } else {
+        for (j, mj) in m.iter_mut().enumerate() {
+            let mut a = _mm512_setzero_ps();
+            for v in 0..g / 16 {
+                // SAFETY: element j·g + 16v + 15 < 16·g (contract).
+                let x = unsafe { load16::<T>(w.add(j * g + 16 * v)) };
+                a = _mm512_max_ps(abs(x), a);
+            }
+            *mj = a;
         }
-        *mj = a;
     }
     let amax = reduce16::<true>(&m);
     // Pass 2: the scales.
@@ -266,35 +275,53 @@ unsafe fn batch<T: Float, const MODE: u8, const GPU: bool>(
         _mm512_storeu_ps(f.as_mut_ptr(), factor);
     }
     // Pass 3: the elements' codes.
-    for (j, &fj) in f.iter().enumerate() {
-        let fj = _mm512_set1_ps(fj);
-        if pairs {
-            let at = j * g * 2;
+    if pairs {
+        for c in 0..g / 2 {
+            let fc = if g == 32 {
+                _mm512_set1_ps(f[c])
+            } else {
+                _mm512_mask_blend_ps(
+                    0xff00,
+                    _mm512_set1_ps(f[2 * c]),
+                    _mm512_set1_ps(f[2 * c + 1]),
+                )
+            };
+            let at = 64 * c;
             PrefetchTo::L2.prefetch((w as *const u8).wrapping_add(at + PREFETCH_BYTES));
-            // SAFETY: the group's 64 input bytes and `gb` output bytes lie within the batch
-            // (contract).
+            // SAFETY: chunk c's 64 input bytes and 32·bits/8 output bytes lie within the
+            // batch (contract).
             unsafe {
                 let (even, odd) = load_even_odd((w as *const u8).add(at));
-                let (even, odd) = (_mm512_mul_ps(even, fj), _mm512_mul_ps(odd, fj));
+                let (even, odd) = if GPU || mode != QuantMode::Nvfp4 {
+                    (_mm512_mul_ps(even, fc), _mm512_mul_ps(odd, fc))
+                } else {
+                    (
+                        to_dtype::<T>(_mm512_div_ps(even, fc)),
+                        to_dtype::<T>(_mm512_div_ps(odd, fc)),
+                    )
+                };
                 if bits == 8 {
-                    let c = _mm512_or_si512(
+                    let c2 = _mm512_or_si512(
                         e4m3::<GPU>(even),
                         _mm512_slli_epi32::<8>(e4m3::<GPU>(odd)),
                     );
                     _mm256_storeu_si256(
-                        packed.add(j * gb) as *mut __m256i,
-                        _mm512_cvtepi32_epi16(c),
+                        packed.add(32 * c) as *mut __m256i,
+                        _mm512_cvtepi32_epi16(c2),
                     );
                 } else {
-                    let c = _mm512_or_si512(
+                    let c2 = _mm512_or_si512(
                         e2m1::<GPU>(even, table),
                         _mm512_slli_epi32::<4>(e2m1::<GPU>(odd, table)),
                     );
-                    _mm_storeu_si128(packed.add(j * gb) as *mut __m128i, _mm512_cvtepi32_epi8(c));
+                    _mm_storeu_si128(packed.add(16 * c) as *mut __m128i, _mm512_cvtepi32_epi8(c2));
                 }
             }
-            continue;
         }
+        return redo;
+    }
+    for (j, &fj) in f.iter().enumerate() {
+        let fj = _mm512_set1_ps(fj);
         for v in 0..g / 16 {
             let at = j * g + 16 * v;
             if (at * std::mem::size_of::<T>()).is_multiple_of(64) {
