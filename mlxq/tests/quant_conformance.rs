@@ -744,17 +744,7 @@ fn adversarial_group(rng: &mut StdRng, kind: usize, bits: u32, out: &mut [f32]) 
             let i = rng.gen_range(0..out.len());
             out[i] = normal(rng) * 1e3;
         }
-        11 => {
-            out.iter_mut().for_each(|v| *v = normal(rng));
-            let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
-            for _ in 0..rng.gen_range(1..4) {
-                let i = rng.gen_range(0..out.len());
-                out[i] = special[rng.gen_range(0..3)];
-            }
-            if rng.gen_bool(0.2) {
-                out.fill(f32::NAN);
-            }
-        }
+        11 => non_finite(rng, out, normal),
         13 => ties(rng, out),
         12 => {
             let (lo, hi) = (normal(rng) * magnitude, normal(rng) * magnitude);
@@ -769,6 +759,20 @@ fn adversarial_group(rng: &mut StdRng, kind: usize, bits: u32, out: &mut [f32]) 
                 out[i] = f32::NAN;
             }
         }
+    }
+}
+
+/// A group of `normal` values with one to three of NaN, +∞ and −∞ among them, or (one time
+/// in five) all NaN.
+fn non_finite(rng: &mut StdRng, out: &mut [f32], normal: impl Fn(&mut StdRng) -> f32) {
+    out.iter_mut().for_each(|v| *v = normal(rng));
+    let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+    for _ in 0..rng.gen_range(1..4) {
+        let i = rng.gen_range(0..out.len());
+        out[i] = special[rng.gen_range(0..3)];
+    }
+    if rng.gen_bool(0.2) {
+        out.fill(f32::NAN);
     }
 }
 
@@ -902,6 +906,19 @@ fn avx2_matches_generic_bit_for_bit() {
     matches_generic_bit_for_bit("avx2", 0x5eed_a200);
 }
 
+/// The FP modes' specs (mxfp4, mxfp8, nvfp4), each with its own bits and group size.
+fn fp_specs() -> [QuantSpec; 3] {
+    [
+        mlxq::QuantMode::Mxfp4,
+        mlxq::QuantMode::Mxfp8,
+        mlxq::QuantMode::Nvfp4,
+    ]
+    .map(|mode| {
+        let (bits, g) = QuantSpec::fp_defaults(mode);
+        QuantSpec::new(mode, bits, g).unwrap()
+    })
+}
+
 /// Kinds of [`fp_adversarial_group`].
 const FP_GROUP_KINDS: usize = 12;
 
@@ -966,17 +983,7 @@ fn fp_adversarial_group(rng: &mut StdRng, kind: usize, max: f32, out: &mut [f32]
             let big = [6e4f32, 1e20, 1e37, 3e38][rng.gen_range(0..4)];
             out.iter_mut().for_each(|v| *v = normal(rng) * big / 4.0);
         }
-        8 => {
-            out.iter_mut().for_each(|v| *v = normal(rng));
-            let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
-            for _ in 0..rng.gen_range(1..4) {
-                let i = rng.gen_range(0..out.len());
-                out[i] = special[rng.gen_range(0..3)];
-            }
-            if rng.gen_bool(0.2) {
-                out.fill(f32::NAN);
-            }
-        }
+        8 => non_finite(rng, out, normal),
         9 => {
             // NaN elements in an otherwise ordinary group.
             out.iter_mut().for_each(|v| *v = normal(rng) * magnitude);
@@ -1008,13 +1015,7 @@ fn avx512_fp_quantize_matches_generic_bit_for_bit() {
     let mut rng = StdRng::seed_from_u64(0xf4_a512);
     let (mut checked, mut failures, mut ran) = (0, Vec::new(), 0);
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        for mode in [
-            mlxq::QuantMode::Mxfp4,
-            mlxq::QuantMode::Mxfp8,
-            mlxq::QuantMode::Nvfp4,
-        ] {
-            let (bits, g) = QuantSpec::fp_defaults(mode);
-            let spec = QuantSpec::new(mode, bits, g).unwrap();
+        for spec in fp_specs() {
             let g = spec.group_size() as usize;
             let max = if spec.bits() == 8 { 448.0 } else { 6.0 };
             // 3·1375 groups: more than 4 tasks of 1024, and 1375 = 85·16 + 15.
@@ -1079,6 +1080,47 @@ fn first_difference_nan_eq(want: &Buffer, got: &Buffer) -> Option<usize> {
     (0..w.len()).find(|&i| w[i].to_bits() != g[i].to_bits() && !(w[i].is_nan() && g[i].is_nan()))
 }
 
+/// Dequantizes `qw` with the avx512 and the generic kernels in both flavours to every float
+/// dtype (`scales`: the key's scales dtype); records each case whose values differ (any NaN
+/// equal to any NaN, see [`first_difference_nan_eq`]) or whose kernel was not avx512's,
+/// `inputs(i)` describing element `i`'s scale parameters. Returns the cases checked.
+fn avx512_dequantize_vs_generic(
+    qw: &QuantizedWeight,
+    what: &str,
+    scales: DType,
+    inputs: impl Fn(usize) -> String,
+    failures: &mut Vec<String>,
+) -> usize {
+    let spec = qw.spec();
+    let mut checked = 0;
+    for flavour in [Flavour::Cpu, Flavour::Gpu] {
+        for out in [DType::F32, DType::F16, DType::BF16] {
+            checked += 1;
+            let ctx = format!("{what} {flavour} -> {out}");
+            let opts = DequantizeOptions {
+                dtype: Some(out),
+                flavour,
+            };
+            let mut fast = variant_enc("avx512");
+            let got = ops::dequantize(&mut fast, qw, opts).unwrap();
+            let k = key(OpKind::Dequantize, spec, scales, out, flavour);
+            if let Some(e) = wrong_kernel(&fast, "avx512", &k) {
+                failures.push(format!("{ctx}: {e}"));
+            }
+            let want = ops::dequantize(&mut variant_enc("generic"), qw, opts).unwrap();
+            if let Some(i) = first_difference_nan_eq(&want, &got) {
+                failures.push(format!(
+                    "{ctx}: first difference at {i}: want {} got {}; {}",
+                    common::show(&want, i),
+                    common::show(&got, i),
+                    inputs(i),
+                ));
+            }
+        }
+    }
+    checked
+}
+
 /// Dequantize with adversarial scales and biases (signed zeros, subnormals, huge, ±∞, NaN)
 /// and random codes: the avx512 kernel gives the generic kernel's bytes for every output
 /// dtype, width, group size and flavour, except that a NaN may be another NaN (see
@@ -1126,32 +1168,13 @@ fn avx512_dequantize_matches_generic_on_special_scales() {
                     spec,
                 )
                 .unwrap();
-                for flavour in [Flavour::Cpu, Flavour::Gpu] {
-                    for out in [DType::F32, DType::F16, DType::BF16] {
-                        checked += 1;
-                        let ctx = format!("{dtype} {spec} {flavour} -> {out}");
-                        let opts = DequantizeOptions {
-                            dtype: Some(out),
-                            flavour,
-                        };
-                        let mut fast = variant_enc("avx512");
-                        let got = ops::dequantize(&mut fast, &qw, opts).unwrap();
-                        let k = key(OpKind::Dequantize, spec, dtype, out, flavour);
-                        if let Some(e) = wrong_kernel(&fast, "avx512", &k) {
-                            failures.push(format!("{ctx}: {e}"));
-                        }
-                        let want = ops::dequantize(&mut variant_enc("generic"), &qw, opts).unwrap();
-                        if let Some(i) = first_difference_nan_eq(&want, &got) {
-                            failures.push(format!(
-                                "{ctx}: first difference at {i}: want {} got {}; scale {} bias {}",
-                                common::show(&want, i),
-                                common::show(&got, i),
-                                s[i / g],
-                                b[i / g],
-                            ));
-                        }
-                    }
-                }
+                checked += avx512_dequantize_vs_generic(
+                    &qw,
+                    &format!("{dtype} {spec}"),
+                    dtype,
+                    |i| format!("scale {} bias {}", s[i / g], b[i / g]),
+                    &mut failures,
+                );
             }
         }
     }
@@ -1165,14 +1188,8 @@ fn avx512_dequantize_matches_generic_on_special_scales() {
 fn avx512_fp_dequantize_matches_generic_on_every_code() {
     let mut rng = StdRng::seed_from_u64(0xdef4);
     let (mut checked, mut failures) = (0, Vec::new());
-    for mode in [
-        mlxq::QuantMode::Mxfp4,
-        mlxq::QuantMode::Mxfp8,
-        mlxq::QuantMode::Nvfp4,
-    ] {
-        let (bits, g) = QuantSpec::fp_defaults(mode);
-        let spec = QuantSpec::new(mode, bits, g).unwrap();
-        let (bits, g) = (bits as usize, g as usize);
+    for spec in fp_specs() {
+        let (bits, g) = (spec.bits() as usize, spec.group_size() as usize);
         // Rows of 5 groups: 3·520 groups, several tasks, every scale code about 6 times.
         let (rows, cols) = (312, 5 * g);
         let groups = rows * cols / g;
@@ -1187,31 +1204,13 @@ fn avx512_fp_dequantize_matches_generic_on_every_code() {
             spec,
         )
         .unwrap();
-        for flavour in [Flavour::Cpu, Flavour::Gpu] {
-            for out in [DType::F32, DType::F16, DType::BF16] {
-                checked += 1;
-                let ctx = format!("{spec} {flavour} -> {out}");
-                let opts = DequantizeOptions {
-                    dtype: Some(out),
-                    flavour,
-                };
-                let mut fast = variant_enc("avx512");
-                let got = ops::dequantize(&mut fast, &qw, opts).unwrap();
-                let k = key(OpKind::Dequantize, spec, out, out, flavour);
-                if let Some(e) = wrong_kernel(&fast, "avx512", &k) {
-                    failures.push(format!("{ctx}: {e}"));
-                }
-                let want = ops::dequantize(&mut variant_enc("generic"), &qw, opts).unwrap();
-                if let Some(i) = first_difference_nan_eq(&want, &got) {
-                    failures.push(format!(
-                        "{ctx}: first difference at {i}: want {} got {}; scale code {}",
-                        common::show(&want, i),
-                        common::show(&got, i),
-                        s[i / g],
-                    ));
-                }
-            }
-        }
+        checked += avx512_dequantize_vs_generic(
+            &qw,
+            &spec.to_string(),
+            DType::U8,
+            |i| format!("scale code {}", s[i / g]),
+            &mut failures,
+        );
     }
     assert_none("avx512 vs generic FP dequantize", checked, failures);
 }
