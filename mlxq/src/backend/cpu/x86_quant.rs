@@ -195,8 +195,9 @@ struct Groups<'a, T> {
 /// scales of batch `i − 1` (a chain of dependent divisions and shuffles, ~170 cycles, whose
 /// inputs are ready), the codes of batch `i − 2` (independent work that the out-of-order core
 /// runs while the chain retires), then the loads and min/max of batch `i` (whose cache misses
-/// overlap the next iteration). Three buffers hold the widened values of batches `i − 2`,
-/// `i − 1` and `i`.
+/// overlap the next iteration). The codes pass reads batch `i − 2`'s input again (from L1 or
+/// L2: two batches are at most 16 KiB) rather than a copy of its widened values kept in three
+/// rotating buffers, which measured no faster (docs/perf.md, session 33).
 ///
 /// # Safety
 /// The CPU must support [`available`]'s features.
@@ -211,7 +212,6 @@ unsafe fn quantize_groups<T: Float, const BITS: usize, const VPG: usize>(
     if t.w.len() != groups * g || t.packed.len() != groups * gb || t.biases.len() != groups {
         return;
     }
-    let mut bufs = [[_mm512_setzero_ps(); BATCH * MAX_VPG]; 3];
     let mut loaded: Option<(__m512, __m512)> = None;
     let mut pending: Option<Prepared> = None;
     let batches = groups.div_ceil(BATCH);
@@ -230,17 +230,6 @@ unsafe fn quantize_groups<T: Float, const BITS: usize, const VPG: usize>(
                 )
             }
         });
-        // Batch i writes buffer i mod 3 while batch i − 2 reads buffer (i + 1) mod 3.
-        let (cur, prev) = {
-            let (w, r) = (i % 3, (i + 1) % 3);
-            let (lo, hi) = bufs.split_at_mut(w.max(r));
-            let (x, y) = (&mut lo[w.min(r)], &mut hi[0]);
-            if w < r {
-                (x, &*y)
-            } else {
-                (y, &*x)
-            }
-        };
         if let Some(p) = pending.take() {
             let (b0, count) = (span(i - 2).0, p.count);
             // Prefetch batch i + 1, loaded next iteration (past the end: no fault).
@@ -251,14 +240,14 @@ unsafe fn quantize_groups<T: Float, const BITS: usize, const VPG: usize>(
                 scales: &mut t.scales[b0..b0 + count],
                 biases: &mut t.biases[b0..b0 + count],
             };
-            // SAFETY: as above; `prev` holds this batch's widened values.
-            unsafe { finish_batch::<T, BITS, VPG>(&p, batch, flavour, prev, ahead) };
+            // SAFETY: as above.
+            unsafe { finish_batch::<T, BITS, VPG>(&p, batch, flavour, ahead) };
         }
         if i < batches {
             let (b0, count) = span(i);
             // SAFETY: as above.
             loaded = Some(unsafe {
-                load_batch::<T, VPG>(&t.w[b0 * g..(b0 + count) * g], count, flavour, cur)
+                load_batch::<T, VPG>(&t.w[b0 * g..(b0 + count) * g], count, flavour)
             });
         }
         pending = prepared;
@@ -288,8 +277,8 @@ struct Params {
     thr: [f32; BATCH],
 }
 
-/// Stage 1 of a batch of `count ≤ 16` groups of `16·VPG` elements `w`: widens them into
-/// `buf`; returns the groups' minima and maxima, lane `j` for group `j` (0 for absent groups).
+/// Stage 1 of a batch of `count ≤ 16` groups of `16·VPG` elements `w`: returns the groups'
+/// minima and maxima, lane `j` for group `j` (0 for absent groups).
 ///
 /// # Safety
 /// The CPU must support [`available`]'s features; `w` must hold `count·16·VPG` elements.
@@ -299,13 +288,12 @@ unsafe fn load_batch<T: Float, const VPG: usize>(
     w: &[T],
     count: usize,
     flavour: Flavour,
-    buf: &mut [__m512; BATCH * MAX_VPG],
 ) -> (__m512, __m512) {
     let init_max = match flavour {
         Flavour::Cpu => f32::NEG_INFINITY,
         Flavour::Gpu => 0.0,
     };
-    // Widen into `buf`, per-group min and max vectors. Absent groups stay at 0.
+    // Per-group min and max vectors. Absent groups stay at 0.
     let mut lo = [_mm512_setzero_ps(); BATCH];
     let mut hi = [_mm512_setzero_ps(); BATCH];
     let w = w.as_ptr();
@@ -314,7 +302,6 @@ unsafe fn load_batch<T: Float, const VPG: usize>(
         for v in (0..VPG).step_by(2) {
             // SAFETY: element (j·VPG + v + 1)·16 + 15 < count·16·VPG = w.len() (contract).
             let (x, y) = unsafe { load32::<T>(w.add((j * VPG + v) * 16)) };
-            (buf[j * VPG + v], buf[j * VPG + v + 1]) = (x, y);
             // `x` first: where it is NaN, the instructions return the accumulator.
             l = _mm512_min_ps(y, _mm512_min_ps(x, l));
             h = _mm512_max_ps(y, _mm512_max_ps(x, h));
@@ -398,23 +385,31 @@ unsafe fn batch_params<T: Float, const BITS: usize>(
 ///
 /// # Safety
 /// The CPU must support [`available`]'s features; `b` must hold the batch's `p.count` groups
-/// (`packed`: `count·2·VPG·BITS` bytes) and `buf` their widened values.
+/// (`packed`: `count·2·VPG·BITS` bytes).
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
 unsafe fn finish_batch<T: Float, const BITS: usize, const VPG: usize>(
     p: &Prepared,
     mut b: Groups<'_, T>,
     flavour: Flavour,
-    buf: &[__m512; BATCH * MAX_VPG],
     ahead: *const u8,
 ) {
     let (count, packed) = (p.count, b.packed.as_mut_ptr());
-    // SAFETY: contract of this function (output sizes) and `count ≤ 16`.
-    unsafe { codes_pass::<T, BITS, VPG>(buf, &p.p, count, flavour, packed, ahead) };
+    if b.w.len() < count * 16 * VPG {
+        return;
+    }
+    // SAFETY: contract of this function (output sizes), `count ≤ 16`, and `b.w` holds the
+    // `count` groups (checked above).
+    unsafe { codes_pass::<T, BITS, VPG>(b.w.as_ptr(), &p.p, count, flavour, packed, ahead) };
     let mut fix = p.fix;
     while fix != 0 {
         let j = fix.trailing_zeros() as usize;
         fix &= fix - 1;
-        scalar_group::<T, BITS, VPG>(&buf[j * VPG..(j + 1) * VPG], j, flavour, &mut b);
+        let mut x = [_mm512_setzero_ps(); MAX_VPG];
+        for v in (0..VPG).step_by(2) {
+            // SAFETY: group j < count lies within `b.w` (checked above).
+            (x[v], x[v + 1]) = unsafe { load32::<T>(b.w.as_ptr().add((j * VPG + v) * 16)) };
+        }
+        scalar_group::<T, BITS, VPG>(&x[..VPG], j, flavour, &mut b);
     }
 }
 
@@ -487,11 +482,12 @@ fn group_params<const BITS: usize>(mn: __m512, mx: __m512, flavour: Flavour) -> 
 ///
 /// # Safety
 /// The CPU must support [`available`]'s features; `packed` must have room for `count` groups
-/// of `16·VPG` codes (`count·2·VPG·BITS` bytes), `count ≤ 16`.
+/// of `16·VPG` codes (`count·2·VPG·BITS` bytes) and `w` their `count·16·VPG` inputs,
+/// `count ≤ 16`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
 unsafe fn codes_pass<T: Float, const BITS: usize, const VPG: usize>(
-    buf: &[__m512; BATCH * MAX_VPG],
+    w: *const T,
     p: &Params,
     count: usize,
     flavour: Flavour,
@@ -517,12 +513,19 @@ unsafe fn codes_pass<T: Float, const BITS: usize, const VPG: usize>(
             };
             into.prefetch(ahead.wrapping_add((v0 / 4 * lines + l) * 64));
         }
+        // The 4 (or, in a last group of VPG = 2, 2) vectors of these 64 codes, widened again.
+        let mut xs = [_mm512_setzero_ps(); 4];
+        for t in (0..live).step_by(2) {
+            // SAFETY: vectors v0 + t and v0 + t + 1 < count·VPG lie within `w` (contract;
+            // `live` is even, as VPG is).
+            (xs[t], xs[t + 1]) = unsafe { load32::<T>(w.add((v0 + t) * 16)) };
+        }
         let mut ks = [_mm512_setzero_si512(); 4];
         let mut worst = _mm512_setzero_ps();
         for (t, k) in ks.iter_mut().enumerate().take(live) {
-            let (v, j) = (v0 + t, (v0 + t) / VPG);
+            let j = (v0 + t) / VPG;
             let (r, c) = (_mm512_set1_ps(p.r[j]), _mm512_set1_ps(p.c[j]));
-            let q = _mm512_fmadd_ps(buf[v], r, c);
+            let q = _mm512_fmadd_ps(xs[t], r, c);
             // Signed distance to the nearest integer; keep the largest magnitude.
             let frac = _mm512_reduce_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
             worst = _mm512_range_ps::<0b1011>(worst, frac);
@@ -532,8 +535,8 @@ unsafe fn codes_pass<T: Float, const BITS: usize, const VPG: usize>(
         let thr = p.thr[v0 / VPG].min(p.thr[(v0 + live - 1) / VPG]);
         if _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(worst, _mm512_set1_ps(thr)) != 0 {
             for (t, k) in ks.iter_mut().enumerate().take(live) {
-                let (v, j) = (v0 + t, (v0 + t) / VPG);
-                let a = _mm512_sub_ps(buf[v], _mm512_set1_ps(p.b[j]));
+                let j = (v0 + t) / VPG;
+                let a = _mm512_sub_ps(xs[t], _mm512_set1_ps(p.b[j]));
                 *k = round_to_int(_mm512_div_ps(a, _mm512_set1_ps(p.s[j])), flavour);
             }
         }
