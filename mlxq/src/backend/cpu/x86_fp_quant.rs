@@ -37,8 +37,10 @@
 //!      subnormals by an f32 addition of 2¹⁴, normals by adding the bias and the rounding
 //!      increment to the bits; the GPU differs only in NaN (`0x7f`).
 //!
-//!    Codes are packed two per byte by one 64-bit shift and `vpmovqb` (4 bits) or stored by
-//!    `vpmovdb` (8 bits).
+//!    The passes read 32 elements at a time with `x86_quant`'s `load32`: bf16 as one 64-byte
+//!    load split into even and odd elements (a shift and a mask), whose codes pack with one OR
+//!    and one narrowing; f32 and f16 in order, packed two per byte by a 64-bit shift and
+//!    `vpmovqb` (4 bits) or stored by `vpmovdb` (8 bits).
 //!
 //! **Dequantize**, 16 elements at a time (one group, or half of one): E2M1 nibbles are split,
 //! interleaved back into element order and read from the value table by `vpermps`; an E4M3
@@ -51,7 +53,9 @@
 use super::dequantize::{DequantizeArgs, DequantizeFn};
 use super::quantize::{fp_group, fp_mode, QuantizeArgs, QuantizeFn};
 use super::x86_columns::PrefetchTo;
-use super::x86_quant::{abs, available, check_len, missing_features, reduce16, store16, to_dtype};
+use super::x86_quant::{
+    abs, available, check_len, even_odd, load32, missing_features, reduce16, store16, to_dtype,
+};
 use super::{cast, cast_mut, KernelFn, Variant};
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
@@ -182,6 +186,14 @@ unsafe fn quantize_groups<T: Float, const MODE: u8, const GPU: bool>(
         return;
     }
     let flavour = if GPU { Flavour::Gpu } else { Flavour::Cpu };
+    let by_definition = |j: usize, packed: &mut [u8], scales: &mut [u8]| {
+        scales[j] = fp_group(
+            &w[j * g..(j + 1) * g],
+            mode,
+            flavour,
+            &mut packed[j * gb..(j + 1) * gb],
+        );
+    };
     // SAFETY: 64 bytes.
     let table = unsafe { _mm512_loadu_si512(table.as_ptr() as *const __m512i) };
     let full = groups / 16 * 16;
@@ -197,28 +209,19 @@ unsafe fn quantize_groups<T: Float, const MODE: u8, const GPU: bool>(
             )
         };
         while redo != 0 {
-            let j = b0 + redo.trailing_zeros() as usize;
+            by_definition(b0 + redo.trailing_zeros() as usize, packed, scales);
             redo &= redo - 1;
-            scales[j] = fp_group(
-                &w[j * g..(j + 1) * g],
-                mode,
-                flavour,
-                &mut packed[j * gb..(j + 1) * gb],
-            );
         }
     }
     for j in full..groups {
-        scales[j] = fp_group(
-            &w[j * g..(j + 1) * g],
-            mode,
-            flavour,
-            &mut packed[j * gb..(j + 1) * gb],
-        );
+        by_definition(j, packed, scales);
     }
 }
 
-/// One batch of 16 groups: the three passes of the module docs. Returns the groups (bit `j`
-/// for group `j`) that the definition must redo.
+/// One batch of 16 groups: the three passes of the module docs, over chunks of 32 elements
+/// (one mx group, or two nvfp4 groups) read by [`load32`]: in order (elements 0–15, 16–31)
+/// or, for bf16 ([`even_odd`]), as even and odd elements, whose codes then pack with one
+/// narrowing. Returns the groups (bit `j` for group `j`) that the definition must redo.
 ///
 /// # Safety
 /// `w` must be valid for reading 16 groups, `packed` for writing their codes and `scales`
@@ -233,36 +236,27 @@ unsafe fn batch<T: Float, const MODE: u8, const GPU: bool>(
 ) -> u16 {
     let mode = fp_mode(MODE);
     let (bits, g) = shape(mode);
-    let gb = g * bits / 8;
-    // bf16 input is read 32 elements (one mx group, two nvfp4 groups) per 64-byte load, split
-    // into even and odd elements (a shift and a mask, no shuffle), whose codes pack with one
-    // narrowing.
-    let pairs = T::DTYPE == DType::BF16;
-    // Pass 1: the groups' amax, lane j for group j.
-    let mut m = [_mm512_setzero_ps(); 16];
-    if pairs {
-        for c in 0..g / 2 {
-            // SAFETY: chunk c's 64 bytes lie within the batch's 16·g elements (contract).
-            let (even, odd) = unsafe { load_even_odd(w.add(32 * c) as *const u8) };
-            // `|x|` first: where it is NaN, `vmaxps` returns the accumulator.
-            let a = _mm512_max_ps(abs(odd), _mm512_max_ps(abs(even), _mm512_setzero_ps()));
-            if g == 32 {
-                m[c] = a;
-            } else {
-                // Lanes 0–7 are group 2c's, 8–15 group 2c + 1's (amax ≥ 0: zeros are neutral).
-                m[2 * c] = _mm512_maskz_mov_ps(0x00ff, a);
-                m[2 * c + 1] = _mm512_maskz_mov_ps(0xff00, a);
-            }
-        }
-    } else {
-        for (j, mj) in m.iter_mut().enumerate() {
-            let mut a = _mm512_setzero_ps();
-            for v in 0..g / 16 {
-                // SAFETY: element j·g + 16v + 15 < 16·g (contract).
-                let x = unsafe { load16::<T>(w.add(j * g + 16 * v)) };
-                a = _mm512_max_ps(abs(x), a);
-            }
-            *mj = a;
+    let pairs = even_odd::<T>();
+    let chunk_bytes = 32 * std::mem::size_of::<T>();
+    let zero = _mm512_setzero_ps();
+    // Pass 1: the groups' amax, lane j for group j. `|x|` first: where it is NaN, `vmaxps`
+    // returns the other operand.
+    let mut m = [zero; 16];
+    for c in 0..g / 2 {
+        // SAFETY: chunk c's 32 elements lie within the batch's 16·g (contract).
+        let (x, y) = unsafe { load32::<T>(w.add(32 * c)) };
+        let (x, y) = (_mm512_max_ps(abs(x), zero), _mm512_max_ps(abs(y), zero));
+        if g == 32 {
+            m[c] = _mm512_max_ps(x, y);
+        } else if pairs {
+            // Lanes 0–7 are group 2c's, 8–15 group 2c + 1's (amax ≥ 0: zeros are neutral).
+            let a = _mm512_max_ps(x, y);
+            (m[2 * c], m[2 * c + 1]) = (
+                _mm512_maskz_mov_ps(0x00ff, a),
+                _mm512_maskz_mov_ps(0xff00, a),
+            );
+        } else {
+            (m[2 * c], m[2 * c + 1]) = (x, y);
         }
     }
     let amax = reduce16::<true>(&m);
@@ -274,127 +268,73 @@ unsafe fn batch<T: Float, const MODE: u8, const GPU: bool>(
         _mm_storeu_si128(scales as *mut __m128i, _mm512_cvtepi32_epi8(codes));
         _mm512_storeu_ps(f.as_mut_ptr(), factor);
     }
-    // Pass 3: the elements' codes.
-    if pairs {
-        for c in 0..g / 2 {
-            let fc = if g == 32 {
-                _mm512_set1_ps(f[c])
+    // Pass 3: the elements' codes, 4·bits bytes per chunk.
+    for c in 0..g / 2 {
+        let (fx, fy) = if g == 32 {
+            (_mm512_set1_ps(f[c]), _mm512_set1_ps(f[c]))
+        } else if pairs {
+            let b = _mm512_mask_blend_ps(
+                0xff00,
+                _mm512_set1_ps(f[2 * c]),
+                _mm512_set1_ps(f[2 * c + 1]),
+            );
+            (b, b)
+        } else {
+            (_mm512_set1_ps(f[2 * c]), _mm512_set1_ps(f[2 * c + 1]))
+        };
+        // The input PREFETCH_BYTES on, line by line: the streams cross a page every 2–8
+        // batches, where the hardware prefetcher starts over.
+        for l in (0..chunk_bytes).step_by(64) {
+            let at = c * chunk_bytes + l + PREFETCH_BYTES;
+            PrefetchTo::L2.prefetch((w as *const u8).wrapping_add(at));
+        }
+        // SAFETY: chunk c's 32 input elements and 4·bits output bytes lie within the batch
+        // (contract).
+        unsafe {
+            let (x, y) = load32::<T>(w.add(32 * c));
+            let (x, y) = if GPU || mode != QuantMode::Nvfp4 {
+                (_mm512_mul_ps(x, fx), _mm512_mul_ps(y, fy))
             } else {
-                _mm512_mask_blend_ps(
-                    0xff00,
-                    _mm512_set1_ps(f[2 * c]),
-                    _mm512_set1_ps(f[2 * c + 1]),
+                (
+                    to_dtype::<T>(_mm512_div_ps(x, fx)),
+                    to_dtype::<T>(_mm512_div_ps(y, fy)),
                 )
             };
-            let at = 64 * c;
-            PrefetchTo::L2.prefetch((w as *const u8).wrapping_add(at + PREFETCH_BYTES));
-            // SAFETY: chunk c's 64 input bytes and 32·bits/8 output bytes lie within the
-            // batch (contract).
-            unsafe {
-                let (even, odd) = load_even_odd((w as *const u8).add(at));
-                let (even, odd) = if GPU || mode != QuantMode::Nvfp4 {
-                    (_mm512_mul_ps(even, fc), _mm512_mul_ps(odd, fc))
-                } else {
-                    (
-                        to_dtype::<T>(_mm512_div_ps(even, fc)),
-                        to_dtype::<T>(_mm512_div_ps(odd, fc)),
-                    )
-                };
-                if bits == 8 {
-                    let c2 = _mm512_or_si512(
-                        e4m3::<GPU>(even),
-                        _mm512_slli_epi32::<8>(e4m3::<GPU>(odd)),
-                    );
-                    _mm256_storeu_si256(
-                        packed.add(32 * c) as *mut __m256i,
-                        _mm512_cvtepi32_epi16(c2),
-                    );
-                } else {
-                    let c2 = _mm512_or_si512(
-                        e2m1::<GPU>(even, table),
-                        _mm512_slli_epi32::<4>(e2m1::<GPU>(odd, table)),
-                    );
-                    _mm_storeu_si128(packed.add(16 * c) as *mut __m128i, _mm512_cvtepi32_epi8(c2));
+            let out = packed.add(4 * bits * c);
+            match (bits, pairs) {
+                (8, true) => {
+                    let c = _mm512_or_si512(e4m3::<GPU>(x), _mm512_slli_epi32::<8>(e4m3::<GPU>(y)));
+                    _mm256_storeu_si256(out as *mut __m256i, _mm512_cvtepi32_epi16(c));
                 }
-            }
-        }
-        return redo;
-    }
-    for (j, &fj) in f.iter().enumerate() {
-        let fj = _mm512_set1_ps(fj);
-        for v in 0..g / 16 {
-            let at = j * g + 16 * v;
-            if (at * std::mem::size_of::<T>()).is_multiple_of(64) {
-                // The input PREFETCH_BYTES on, one line per line read: the streams cross a
-                // page every 2–8 batches, where the hardware prefetcher starts over.
-                PrefetchTo::L2.prefetch(
-                    (w as *const u8).wrapping_add(at * std::mem::size_of::<T>() + PREFETCH_BYTES),
-                );
-            }
-            // SAFETY: as in pass 1.
-            let x = unsafe { load16::<T>(w.add(at)) };
-            let x = if GPU || mode != QuantMode::Nvfp4 {
-                _mm512_mul_ps(x, fj)
-            } else {
-                to_dtype::<T>(_mm512_div_ps(x, fj))
-            };
-            // SAFETY: the 16 codes' bytes (8 at 4 bits) of group j lie within the batch's
-            // `16·gb` output bytes (contract).
-            unsafe {
-                if bits == 8 {
-                    let c = e4m3::<GPU>(x);
+                (8, false) => {
+                    _mm_storeu_si128(out as *mut __m128i, _mm512_cvtepi32_epi8(e4m3::<GPU>(x)));
                     _mm_storeu_si128(
-                        packed.add(j * gb + 16 * v) as *mut __m128i,
-                        _mm512_cvtepi32_epi8(c),
+                        out.add(16) as *mut __m128i,
+                        _mm512_cvtepi32_epi8(e4m3::<GPU>(y)),
                     );
-                } else {
-                    let c = e2m1::<GPU>(x, table);
-                    // Element 2i + 1 (the high dword of qword i) into bits 4–7 of element 2i.
-                    let pair = _mm512_or_si512(c, _mm512_srli_epi64::<28>(c));
-                    _mm_storel_epi64(
-                        packed.add(j * gb + 8 * v) as *mut __m128i,
-                        _mm512_cvtepi64_epi8(pair),
+                }
+                (_, true) => {
+                    let c = _mm512_or_si512(
+                        e2m1::<GPU>(x, table),
+                        _mm512_slli_epi32::<4>(e2m1::<GPU>(y, table)),
                     );
+                    _mm_storeu_si128(out as *mut __m128i, _mm512_cvtepi32_epi8(c));
+                }
+                (_, false) => {
+                    for (h, v) in [x, y].into_iter().enumerate() {
+                        let c = e2m1::<GPU>(v, table);
+                        // Element 2i + 1 (the high dword of qword i) into bits 4–7 of 2i.
+                        let pair = _mm512_or_si512(c, _mm512_srli_epi64::<28>(c));
+                        _mm_storel_epi64(
+                            out.add(8 * h) as *mut __m128i,
+                            _mm512_cvtepi64_epi8(pair),
+                        );
+                    }
                 }
             }
         }
     }
     redo
-}
-
-/// Loads 16 consecutive elements of `T` at `p`, widened exactly to f32.
-///
-/// # Safety
-/// `p` must be valid for reading 16 elements; the CPU must support [`available`]'s features.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
-unsafe fn load16<T: Float>(p: *const T) -> __m512 {
-    // SAFETY: 16 elements readable at `p` (contract); the casts match T's dtype.
-    unsafe {
-        match T::DTYPE {
-            DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
-            DType::BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-                _mm256_loadu_si256(p as *const __m256i),
-            ))),
-            _ => _mm512_loadu_ps(p as *const f32),
-        }
-    }
-}
-
-/// Loads 32 bf16 at `p`, widened exactly to f32: the even elements and the odd ones.
-///
-/// # Safety
-/// `p` must be valid for reading 64 bytes; the CPU must support [`available`]'s features.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
-unsafe fn load_even_odd(p: *const u8) -> (__m512, __m512) {
-    // SAFETY: 64 bytes readable at `p` (contract).
-    let x = unsafe { _mm512_loadu_si512(p as *const __m512i) };
-    // bf16 is the top half of an f32: the even element is the low word of each dword.
-    (
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(x)),
-        _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(!0xFFFF))),
-    )
 }
 
 /// Pass 2 for 16 groups' `amax` (lane `j` for group `j`): the scale codes (one per dword),

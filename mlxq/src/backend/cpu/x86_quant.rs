@@ -813,7 +813,7 @@ unsafe fn pack64<const BITS: usize>(
 
 /// Whether [`load32`] returns `T`'s 32 elements as even elements, then odd ones (bf16: one
 /// load, a shift and a mask) rather than in order.
-fn even_odd<T: Float>() -> bool {
+pub(super) fn even_odd<T: Float>() -> bool {
     T::DTYPE == DType::BF16
 }
 
@@ -824,7 +824,7 @@ fn even_odd<T: Float>() -> bool {
 /// `p` must be valid for reading 32 elements; the CPU must support [`available`]'s features.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")]
-unsafe fn load32<T: Float>(p: *const T) -> (__m512, __m512) {
+pub(super) unsafe fn load32<T: Float>(p: *const T) -> (__m512, __m512) {
     // SAFETY: 32 elements readable at `p` (contract); the casts match T's dtype.
     unsafe {
         match T::DTYPE {
