@@ -776,20 +776,35 @@ fn non_finite(rng: &mut StdRng, out: &mut [f32], normal: impl Fn(&mut StdRng) ->
     }
 }
 
-/// `groups` adversarial groups of `g` values: pairs of batches of 16 groups, one batch all of
-/// one kind and one of random kinds, then a partial batch.
-fn adversarial_values(rng: &mut StdRng, groups: usize, g: usize, bits: u32) -> Vec<f32> {
+/// `groups` groups of `g` values made by `group(rng, kind, out)` for kinds `0..kinds`: pairs
+/// of batches of 16 groups, one batch all of one kind and one of random kinds, then a partial
+/// batch.
+fn batches_of_kinds(
+    rng: &mut StdRng,
+    groups: usize,
+    g: usize,
+    kinds: usize,
+    mut group: impl FnMut(&mut StdRng, usize, &mut [f32]),
+) -> Vec<f32> {
     let mut v = vec![0f32; groups * g];
-    for (i, group) in v.chunks_exact_mut(g).enumerate() {
+    for (i, out) in v.chunks_exact_mut(g).enumerate() {
         let batch = i / 16;
         let kind = if batch % 2 == 0 {
-            batch / 2 % GROUP_KINDS
+            batch / 2 % kinds
         } else {
-            rng.gen_range(0..GROUP_KINDS)
+            rng.gen_range(0..kinds)
         };
-        adversarial_group(rng, kind, bits, group);
+        group(rng, kind, out);
     }
     v
+}
+
+/// `groups` adversarial affine groups ([`adversarial_group`]) of `g` values, in
+/// [`batches_of_kinds`].
+fn adversarial_values(rng: &mut StdRng, groups: usize, g: usize, bits: u32) -> Vec<f32> {
+    batches_of_kinds(rng, groups, g, GROUP_KINDS, |rng, kind, out| {
+        adversarial_group(rng, kind, bits, out)
+    })
 }
 
 /// The first group whose bytes differ between two buffers of `per_group` bytes per group.
@@ -1020,16 +1035,9 @@ fn avx512_fp_quantize_matches_generic_bit_for_bit() {
             let max = if spec.bits() == 8 { 448.0 } else { 6.0 };
             // 3·1375 groups: more than 4 tasks of 1024, and 1375 = 85·16 + 15.
             let (rows, groups) = (3, 3 * 1375);
-            let mut v = vec![0f32; groups * g];
-            for (i, group) in v.chunks_exact_mut(g).enumerate() {
-                let batch = i / 16;
-                let kind = if batch % 2 == 0 {
-                    batch / 2 % FP_GROUP_KINDS
-                } else {
-                    rng.gen_range(0..FP_GROUP_KINDS)
-                };
-                fp_adversarial_group(&mut rng, kind, max, group);
-            }
+            let v = batches_of_kinds(&mut rng, groups, g, FP_GROUP_KINDS, |rng, kind, out| {
+                fp_adversarial_group(rng, kind, max, out)
+            });
             let w = Buffer::from_f32(&v, dtype, &[rows, groups / rows * g]).unwrap();
             let wv = w.to_f32_vec().unwrap();
             for flavour in [Flavour::Cpu, Flavour::Gpu] {

@@ -96,14 +96,24 @@ const fn shape(mode: QuantMode) -> (usize, usize) {
     (bits as usize, g as usize)
 }
 
+/// The kernel of `mode` among the kernels instantiated for its `MODE` constants 1, 2, 3
+/// ([`fp_mode`]: mxfp4, mxfp8, nvfp4); none for affine.
+fn per_mode<F>(mode: QuantMode, [mxfp4, mxfp8, nvfp4]: [F; 3]) -> Option<F> {
+    match mode {
+        QuantMode::Affine => None,
+        QuantMode::Mxfp4 => Some(mxfp4),
+        QuantMode::Mxfp8 => Some(mxfp8),
+        QuantMode::Nvfp4 => Some(nvfp4),
+    }
+}
+
 /// The kernel for input dtype `dtype` in `mode`.
 fn quantize_kernel(dtype: DType, mode: QuantMode) -> Option<QuantizeFn> {
-    crate::with_float_type!(dtype, T => Some(match mode {
-        QuantMode::Affine => return None,
-        QuantMode::Mxfp4 => quantize::<T, 1> as QuantizeFn,
-        QuantMode::Mxfp8 => quantize::<T, 2> as QuantizeFn,
-        QuantMode::Nvfp4 => quantize::<T, 3> as QuantizeFn,
-    }), _ => None)
+    crate::with_float_type!(dtype, T => per_mode(mode, [
+        quantize::<T, 1> as QuantizeFn,
+        quantize::<T, 2>,
+        quantize::<T, 3>,
+    ]), _ => None)
 }
 
 /// The 64-byte E2M1 table of pass 3: entry `2 + 2i` is the code of the start of bin `i`
@@ -126,23 +136,25 @@ fn e2m1_table(flavour: Flavour) -> [u8; 64] {
 /// The bits of 0.25, where bin 0 starts.
 const BIN0: u32 = 0x3E80_0000;
 
+/// The checks every kernel of this module starts with (the CPU's features, `mode`'s group
+/// size); `mode`'s element bits and group size.
+fn entry(op: &'static str, mode: QuantMode, group_size: usize) -> Result<(usize, usize)> {
+    if !available() {
+        return Err(missing_features(op));
+    }
+    let (bits, g) = shape(mode);
+    if group_size != g {
+        return Err(Error::invalid(op, "group_size", g.to_string(), group_size));
+    }
+    Ok((bits, g))
+}
+
 /// The kernel: tasks of [`TASK_GROUPS`] groups in parallel.
 fn quantize<T: Float, const MODE: u8>(a: QuantizeArgs<'_>) -> Result<()> {
     const OP: &str = "quantize";
-    if !available() {
-        return Err(missing_features(OP));
-    }
     let mode = fp_mode(MODE);
-    let (bits, g) = shape(mode);
+    let (bits, g) = entry(OP, mode, a.group_size)?;
     let w: &[T] = cast(OP, "w", a.w)?;
-    if a.group_size != g {
-        return Err(Error::invalid(
-            OP,
-            "group_size",
-            g.to_string(),
-            a.group_size,
-        ));
-    }
     let groups = a.scales.len();
     let gb = g * bits / 8;
     check_len(OP, "w", groups * g, w.len())?;
@@ -518,31 +530,19 @@ const DEQ_TASK_GROUPS: usize = 512;
 
 /// The dequantize kernel for output dtype `out` in `mode`.
 fn dequantize_kernel(out: DType, mode: QuantMode) -> Option<DequantizeFn> {
-    crate::with_float_type!(out, O => Some(match mode {
-        QuantMode::Affine => return None,
-        QuantMode::Mxfp4 => dequantize::<O, 1> as DequantizeFn,
-        QuantMode::Mxfp8 => dequantize::<O, 2> as DequantizeFn,
-        QuantMode::Nvfp4 => dequantize::<O, 3> as DequantizeFn,
-    }), _ => None)
+    crate::with_float_type!(out, O => per_mode(mode, [
+        dequantize::<O, 1> as DequantizeFn,
+        dequantize::<O, 2>,
+        dequantize::<O, 3>,
+    ]), _ => None)
 }
 
 /// The dequantize kernel: tasks of [`DEQ_TASK_GROUPS`] groups in parallel.
 fn dequantize<O: Float, const MODE: u8>(a: DequantizeArgs<'_>) -> Result<()> {
     const OP: &str = "dequantize";
-    if !available() {
-        return Err(missing_features(OP));
-    }
     let mode = fp_mode(MODE);
-    let (bits, g) = shape(mode);
+    let (bits, g) = entry(OP, mode, a.w.group_size)?;
     let out: &mut [O] = cast_mut(OP, "out", a.out)?;
-    if a.w.group_size != g {
-        return Err(Error::invalid(
-            OP,
-            "group_size",
-            g.to_string(),
-            a.w.group_size,
-        ));
-    }
     let (packed, scales) = (a.w.packed, a.w.scales);
     let groups = scales.len();
     let gb = g * bits / 8;
