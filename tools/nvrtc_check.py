@@ -13,7 +13,9 @@ wheel; pass its lib folder as --lib. Usage:
 import argparse, ctypes, os, re, sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "mlxq", "src", "backend", "cuda", "kernels")
-QMM = ["batch.cuh", "qmv.cu", "qmm_tc.cu", "qmv_dec.cu", "qmv_decb.cu", "qmm_tile.cu", "qmm_wg.cu"]
+QMM = ["batch.cuh", "smem.cuh", "qmv.cu", "qmm_tc.cu", "qmv_dec.cu", "qmv_decb.cu", "qmm_tile.cu", "qmm_wg.cu"]
+# The FP modes' tensor-core module (backend/cuda/mod.rs FP_TILES).
+FP_TILES = ["batch.cuh", "smem.cuh", "qmm_tc.cu", "qmm_tile.cu", "qmm_wg.cu"]
 CTYPE = {"f32": "float", "f16": "f16_t", "bf16": "bf16_t"}
 TC_X = {"bf16": 2, "f16": 1, "f32": 0}
 # MODE define, element bits, group size (backend/cuda/mod.rs fp_defines).
@@ -29,7 +31,8 @@ def main():
     ap.add_argument("-D", action="append", default=[])
     ap.add_argument("--grep", default=None, help="only report kernels whose name contains this")
     ap.add_argument("--module", default="qmm",
-                    choices=["qmm", "quantize", "dequantize", "fp-quantize", "fp-dequantize", "fp-matmul"],
+                    choices=["qmm", "quantize", "dequantize", "fp-quantize", "fp-dequantize", "fp-matmul",
+                             "fp-tiles"],
                     help="the matmul module, quant.cu as the quantize or dequantize variant, or fp.cu")
     ap.add_argument("--mode", default="mxfp4", choices=list(FP_MODES),
                     help="the FP mode of an fp-* module (its bits and group size follow)")
@@ -46,7 +49,12 @@ def main():
         opts = ["--gpu-architecture=sm_90a", "-std=c++17", f"-DMODE={mode}", f"-DBITS={bits}",
                 f"-DGROUP={group}", "--ptxas-options=-v"] + [f"-D{d}" for d in a.D]
         src = read("common.cuh") + "\n" + read("batch.cuh") + "\n" + read("fp.cu")
-        if a.module == "fp-matmul":
+        if a.module == "fp-tiles":
+            # As backend/cuda/mod.rs: the tensor-core tiles with FP dequantisation.
+            src = read("common.cuh") + "\n" + "\n".join(read(f) for f in FP_TILES)
+            opts = [o.replace("-DMODE=", "-DFPM=") for o in opts]
+            opts += [f"-DXT={t}", "-DST=u8", f"-DOT={t}", f"-DTC_X={TC_X[a.dtype]}"]
+        elif a.module == "fp-matmul":
             opts += [f"-DXT={t}"]
         else:
             # As backend/cuda/mod.rs: without contraction, MLX's GPU rounding flavour.

@@ -1200,6 +1200,228 @@ fn fp_gather_qmm_with_device_indices() {
     }
 }
 
+/// Whether this GPU runs the wgmma tiles (sm_90a), which the FP modes' prefill and sorted
+/// gather take there.
+fn has_wgmma(dev: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        dev.cuda_state().is_ok_and(|c| c.arch() == 90)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = dev;
+        false
+    }
+}
+
+/// One FP-mode matmul of `qw` on the device against the f64 reference (outputs poisoned);
+/// where `tiles`, it must have run on the FP wgmma tiles (`fp_tiles`).
+#[allow(clippy::too_many_arguments)]
+fn check_fp_tiled(
+    dev: &Device,
+    enc: &mut CommandEncoder,
+    rng: &mut StdRng,
+    ctx: &str,
+    qw: &QuantizedWeight,
+    xdt: DType,
+    m: usize,
+    tiles: bool,
+) -> Option<String> {
+    let (n, k) = (qw.rows(), qw.cols());
+    let x = Buffer::from_f32(&randn(rng, m * k), xdt, &[m, k]).unwrap();
+    let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+    let want = matmul_f64(&xf, m, &dequantize_f64(qw).unwrap(), n, k, true);
+    let mut out = poisoned_on(dev, xdt, &[m, n]);
+    let r = ops::quantized_matmul_into(enc, &up(&x, dev), &weight_to(qw, dev), true, &mut out)
+        .and_then(|()| enc.commit_and_wait());
+    if let Err(e) = r {
+        return Some(format!("{ctx}: {e}"));
+    }
+    let ran = enc.last_kernel().unwrap_or("").to_string();
+    if tiles && !ran.contains("fp_tiles") {
+        return Some(format!("{ctx}: ran {ran}, not the FP wgmma tiles"));
+    }
+    verdict(ctx, &out, &want, n, xdt)
+}
+
+/// MLX's FP modes on the tensor cores (the wgmma tiles of sm_90a, `fp_tiles`): prefill shapes
+/// that reach the 64-, 128- and 256-token tiles (M = 40, 1500, 300), every mode with bf16 and
+/// f16 x, weights quantized from random data and weights of random codes (every E2M1 code,
+/// every E4M3 code, random scales); an E4M3 NaN code makes exactly the outputs it feeds NaN;
+/// and a gather_qmm of 256 tokens x top-4 of 16 experts, sorted by expert on the device, with
+/// one out-of-range expert. Against the f64 reference, outputs poisoned. Without sm_90a the
+/// same calls run fp.cu's kernels and are checked the same way.
+#[test]
+fn fp_tiled_prefill_and_gather_match_the_f64_reference() {
+    let Some(dev) = gpu() else { return };
+    let tiles = has_wgmma(&dev);
+    let mut enc = dev.encoder();
+    let mut cenc = Device::cpu().encoder();
+    let mut rng = StdRng::seed_from_u64(53);
+    let (mut checked, mut failures) = (0, Vec::new());
+    for mode in FP_MODES {
+        let spec = fp_spec(mode);
+        for xdt in [DType::BF16, DType::F16] {
+            for (m, rows, cols) in [(40, 13000, 384), (300, 6500, 256), (1500, 1100, 512)] {
+                let ctx = format!("{mode} x {xdt} M={m} W {rows}x{cols}");
+                let w =
+                    Buffer::from_f32(&randn(&mut rng, rows * cols), xdt, &[rows, cols]).unwrap();
+                let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
+                checked += 1;
+                failures.extend(check_fp_tiled(
+                    &dev, &mut enc, &mut rng, &ctx, &qw, xdt, m, tiles,
+                ));
+            }
+        }
+        // Random codes and scales (E8M0 2^-6..2^5, mxfp8 2^-10..2^1 so that its elements of up
+        // to 448 keep the f16 outputs finite; nvfp4's E4M3 2^-8..1.875, subnormal scales
+        // included), M = 40 on the 64-token tile; mxfp8 without its NaN codes first.
+        let (bits, g) = (spec.bits() as usize, spec.group_size() as usize);
+        let (m, rows, cols) = (40, 13000, 384);
+        let mut bytes: Vec<u8> = (0..rows * cols * bits / 8).map(|_| rng.gen()).collect();
+        if bits == 8 {
+            for b in &mut bytes {
+                if *b & 0x7f == 0x7f {
+                    *b -= 1;
+                }
+            }
+        }
+        let sc: Vec<u8> = (0..rows * cols / g)
+            .map(|_| match mode {
+                QuantMode::Nvfp4 => rng.gen_range(0x02..0x3f),
+                QuantMode::Mxfp8 => rng.gen_range(117..129),
+                _ => rng.gen_range(121..133),
+            })
+            .collect();
+        let make = |bytes: &[u8]| {
+            QuantizedWeight::new(
+                Buffer::from_bytes(bytes, DType::U32, &[rows, cols * bits / 32]).unwrap(),
+                Buffer::from_bytes(&sc, DType::U8, &[rows, cols / g]).unwrap(),
+                None,
+                spec,
+            )
+            .unwrap()
+        };
+        for xdt in [DType::BF16, DType::F16] {
+            let ctx = format!("{mode} x {xdt} random codes M={m} W {rows}x{cols}");
+            checked += 1;
+            failures.extend(check_fp_tiled(
+                &dev,
+                &mut enc,
+                &mut rng,
+                &ctx,
+                &make(&bytes),
+                xdt,
+                m,
+                tiles,
+            ));
+        }
+        if bits == 8 {
+            // NaN codes in W row 5 (0x7f) and row 9 (0xff): exactly output columns 5 and 9 NaN.
+            let mut nan = bytes.clone();
+            nan[5 * cols + 20] = 0x7f;
+            nan[9 * cols + 3] = 0xff;
+            let x = Buffer::from_f32(&randn(&mut rng, m * cols), DType::BF16, &[m, cols]).unwrap();
+            let out =
+                ops::quantized_matmul(&mut enc, &up(&x, &dev), &weight_to(&make(&nan), &dev), true)
+                    .unwrap();
+            enc.commit_and_wait().unwrap();
+            checked += 1;
+            let v = down(&out).to_f32_vec().unwrap();
+            let wrong: Vec<usize> = (0..v.len())
+                .filter(|&i| v[i].is_nan() != matches!(i % rows, 5 | 9))
+                .collect();
+            if !wrong.is_empty() {
+                failures.push(format!(
+                    "{mode} NaN codes: {} outputs wrong, first {}",
+                    wrong.len(),
+                    wrong[0]
+                ));
+            }
+        }
+    }
+    // gather_qmm: 256 tokens x top-4 of 16 experts [512, 256], one pair out of range.
+    let (experts, rows, cols, tokens, top) = (16, 512, 256, 256, 4);
+    for (mode, xdt) in [
+        (QuantMode::Mxfp4, DType::BF16),
+        (QuantMode::Mxfp8, DType::F16),
+        (QuantMode::Nvfp4, DType::BF16),
+    ] {
+        let spec = fp_spec(mode);
+        let w = Buffer::from_f32(
+            &randn(&mut rng, experts * rows * cols),
+            xdt,
+            &[experts, rows, cols],
+        )
+        .unwrap();
+        let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
+        let wd = dequantize_f64(&qw).unwrap();
+        let x =
+            Buffer::from_f32(&randn(&mut rng, tokens * cols), xdt, &[tokens, 1, 1, cols]).unwrap();
+        let mut idx: Vec<u32> = (0..tokens * top)
+            .map(|_| rng.gen_range(0..experts as u32))
+            .collect();
+        let bad_at = 301;
+        idx[bad_at] = experts as u32;
+        let rhs = Buffer::from_slice(&idx, &[tokens, top]).unwrap();
+        let got = ops::gather_qmm(
+            &mut enc,
+            &up(&x, &dev),
+            &weight_to(&qw, &dev),
+            None,
+            Some(&up(&rhs, &dev)),
+            true,
+            false,
+        )
+        .unwrap();
+        let ran = enc.last_kernel().unwrap_or("").to_string();
+        let result = enc.commit_and_wait();
+        checked += 1;
+        let ctx = format!("{mode} x {xdt} gather {tokens}x{top} of {experts} x {rows}x{cols}");
+        if tiles && !ran.contains("fp_tiles") {
+            failures.push(format!("{ctx}: ran {ran}, not the FP wgmma tiles"));
+        }
+        match result {
+            Err(Error::IndexOutOfRange {
+                position, bound, ..
+            }) if (position, bound) == (bad_at, experts) => {}
+            r => failures.push(format!(
+                "{ctx}: expected IndexOutOfRange at {bad_at}, got {r:?}"
+            )),
+        }
+        enc.commit_and_wait()
+            .expect("the fault is cleared once reported");
+        let v = down(&got).to_f32_vec().unwrap();
+        let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+        let (mut got_ok, mut want_ok) = (Vec::new(), Vec::new());
+        for (p, &e) in idx.iter().enumerate() {
+            let row = &v[p * rows..(p + 1) * rows];
+            if p == bad_at {
+                if !row.iter().all(|y| y.is_nan()) {
+                    failures.push(format!("{ctx}: the out-of-range pair's row is not NaN"));
+                }
+                continue;
+            }
+            let t = p / top;
+            got_ok.extend(row.iter().map(|&y| f64::from(y)));
+            let we = &wd[e as usize * rows * cols..(e as usize + 1) * rows * cols];
+            want_ok.extend(matmul_f64(
+                &xf[t * cols..(t + 1) * cols],
+                1,
+                we,
+                rows,
+                cols,
+                true,
+            ));
+        }
+        let err = max_rel_err(&got_ok, &want_ok);
+        if err.is_nan() || err > tolerance(xdt) {
+            failures.push(format!("{ctx}: error {err:e}"));
+        }
+    }
+    assert_none("FP modes on the tensor-core tiles", checked, failures);
+}
+
 #[test]
 #[cfg(feature = "cuda")]
 fn graph_capture_replays_with_new_inputs() {

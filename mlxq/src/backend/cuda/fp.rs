@@ -4,7 +4,9 @@
 //! the matmul decodes each group's elements, applies the scale as MLX's CPU matmul reads it
 //! (rounded to x's dtype) and accumulates in f32, for both layouts of W and any batch (the
 //! index tensors of `gather_qmm` included). Its kernels run on the CUDA cores, a warp per row
-//! (or 8 columns) of W: correct everywhere, not tuned like the affine decode and prefill.
+//! (or 8 columns) of W: correct everywhere, not tuned like the affine decode. Prefill and the
+//! many-token gather take the affine path's wgmma tiles instead where they serve the call
+//! (`launch::qmm`, the `fp_tiles` module: qmm_wg.cu with `FPM`).
 
 use super::launch::{aligned, cfg, finish, grid_x, ptr, Batch, MatmulJob};
 use super::{driver, CudaDevice};

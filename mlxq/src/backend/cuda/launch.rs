@@ -339,13 +339,40 @@ pub(crate) fn qmm(
     let prev_dec = dev.swap_last_dec(None);
     let after_dec = prev_dec.is_some();
     let spec = w.spec();
-    if spec.mode() != QuantMode::Affine {
-        let (bt, entries) = batch_of(enc, &dev, op, w, job, prev_dec)?;
+    // MLX's FP modes take the wgmma tiles below (prefill, and the sorted gather) from their
+    // own module where those serve the call (sm_90a, f16/bf16 x and output, W [N, K]), and
+    // fp.cu's CUDA-core kernels otherwise. MLXQ_FP_TILES=off keeps them on fp.cu.
+    let fp = spec.mode() != QuantMode::Affine;
+    let (bt, entries) = batch_of(enc, &dev, op, w, job, prev_dec)?;
+    let w_count = w.batch_size() as u64;
+    // The shapes of the sorted gather and of the prefill tiles (as below).
+    let gather_shape = job.transpose
+        && job.rhs.is_some()
+        && job.m == 1
+        && entries >= 2 * w_count.max(32)
+        && w_count <= 1024;
+    let prefill_shape =
+        job.transpose && job.m > 16 && entries == 1 && job.lhs.is_none() && job.rhs.is_none();
+    if fp
+        && !((gather_shape || prefill_shape)
+            && super::nvrtc::wgmma(dev.arch())
+            && matches!(x.dtype(), DType::BF16 | DType::F16)
+            && out.dtype() == x.dtype()
+            && knob("MLXQ_FP_TILES") != Some("off"))
+    {
         return super::fp::qmm(enc, &dev, op, x, w, out, job, bt, entries);
     }
-    let biases = w
-        .biases()
-        .ok_or_else(|| Error::unsupported(op, format!("mode {} on CUDA", spec.mode())))?;
+    // FP weights have no biases: their tiles are given the scales in that place, unread.
+    let biases = match w.biases() {
+        Some(b) => b,
+        None if fp => w.scales(),
+        None => {
+            return Err(Error::unsupported(
+                op,
+                format!("mode {} on CUDA", spec.mode()),
+            ))
+        }
+    };
     let key = KernelKey {
         op: OpKind::QuantizedMatmul,
         mode: spec.mode(),
@@ -357,11 +384,14 @@ pub(crate) fn qmm(
         flag: job.transpose,
         variant: AUTO,
     };
-    let k = dev.kernel(key)?;
+    let k = if fp {
+        dev.kernel_variant(key, "fp_tiles")?
+    } else {
+        dev.kernel(key)?
+    };
     for (param, b) in [("scales", w.scales()), ("biases", biases)] {
         enc.check_location(op, param, b)?;
     }
-    let (bt, entries) = batch_of(enc, &dev, op, w, job, prev_dec)?;
     let (rows, cols) = (w.rows() as u64, w.cols() as u64);
     let (kdim, ndim) = if job.transpose {
         (cols, rows)
@@ -385,42 +415,39 @@ pub(crate) fn qmm(
     let s_stride = rows * (cols / spec.group_size() as u64);
     let words_per_matrix = rows * cols * spec.bits() as u64 / 32;
     let stream = Arc::clone(dev.stream());
-    let w_count = w.batch_size() as u64;
-    if job.transpose
-        && job.rhs.is_some()
-        && m == 1
-        && entries >= 2 * w_count.max(32)
-        && w_count <= 1024
+    let tile_gather = gather_shape
         && super::tensor_core_path(&key, dev.arch())
-        && knob("MLXQ_GATHER_SORT_OFF").is_none()
-    {
-        // gather_qmm over many (token, expert) pairs: sort the pairs by expert on the device
-        // (gather_count, gather_place), then one grouped tensor-core GEMM over tiles of pairs
-        // of one expert (64, or the GEMM's token width), each expert's W read once per tile
-        // instead of once per pair.
-        // On Hopper the wgmma tile (qmm_wg_g64), elsewhere (or K not a multiple of 128) the
-        // 4-stage mma.sync tile (run 5, 512 tokens of 64 x 2048x2048 4-bit, sort included:
-        // 332 µs against 406 for qmm_tc_g8 in run 4). MLXQ_TILE_G=g|g6 forces the mma.sync tile
-        // (4 or 6 stages), =wg the wgmma tile, =off restores qmm_tc_g8, =ws the warp-specialised
-        // qmm_ws_g64 (runs 12 and 13: 309-312 µs against 218 at 512 tokens, 4-bit: its
-        // producer copies the pairs' x rows by cp.async, 16 per lane and step), =wg128 and
-        // =wg80 the wgmma tiles of 128 and 80 pairs. By default `gather_tile` picks the width
-        // from the pairs per expert (session 18, 512 tokens of top-8 of 64: the 80-pair tile,
-        // 4-bit 204 -> 149 µs, 8-bit 261 -> 219 µs: docs/perf-cuda.md run 18).
-        let fits = |t: &&Tile| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]);
-        let tile = match knob("MLXQ_TILE_G") {
-            Some("off") => None,
-            Some("g6") => Some(&TILES[5]),
-            Some("g") => Some(&TILES[2]),
-            Some("wg") => Some(&TILES[9]),
-            Some("ws") => Some(&TILES[14]),
-            Some("wg128") => Some(&TILES[15]),
-            Some("wg80") => Some(&TILES[16]),
-            _ => Some(&TILES[gather_tile(entries, w_count, spec.bits())])
-                .filter(fits)
-                .or(Some(&TILES[2])),
-        }
-        .filter(fits);
+        && knob("MLXQ_GATHER_SORT_OFF").is_none();
+    // gather_qmm over many (token, expert) pairs: sort the pairs by expert on the device
+    // (gather_count, gather_place), then one grouped tensor-core GEMM over tiles of pairs
+    // of one expert (64, or the GEMM's token width), each expert's W read once per tile
+    // instead of once per pair.
+    // On Hopper the wgmma tile (qmm_wg_g64), elsewhere (or K not a multiple of 128) the
+    // 4-stage mma.sync tile (run 5, 512 tokens of 64 x 2048x2048 4-bit, sort included:
+    // 332 µs against 406 for qmm_tc_g8 in run 4). MLXQ_TILE_G=g|g6 forces the mma.sync tile
+    // (4 or 6 stages), =wg the wgmma tile, =off restores qmm_tc_g8, =ws the warp-specialised
+    // qmm_ws_g64 (runs 12 and 13: 309-312 µs against 218 at 512 tokens, 4-bit: its
+    // producer copies the pairs' x rows by cp.async, 16 per lane and step), =wg128 and
+    // =wg80 the wgmma tiles of 128 and 80 pairs. By default `gather_tile` picks the width
+    // from the pairs per expert (session 18, 512 tokens of top-8 of 64: the 80-pair tile,
+    // 4-bit 204 -> 149 µs, 8-bit 261 -> 219 µs: docs/perf-cuda.md run 18).
+    let fits = |t: &&Tile| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]);
+    let tile = match knob("MLXQ_TILE_G") {
+        _ if !tile_gather => None,
+        Some("off") => None,
+        Some("g6") => Some(&TILES[5]),
+        Some("g") => Some(&TILES[2]),
+        Some("wg") => Some(&TILES[9]),
+        Some("ws") => Some(&TILES[14]),
+        Some("wg128") => Some(&TILES[15]),
+        Some("wg80") => Some(&TILES[16]),
+        _ => Some(&TILES[gather_tile(entries, w_count, spec.bits())])
+            .filter(fits)
+            .or(Some(&TILES[2])),
+    }
+    .filter(fits)
+    .filter(|t| !fp || t.wg);
+    if tile_gather && (!fp || tile.is_some()) {
         // Tiles of the GEMM's token width: its pairs share each dequantised weight.
         let tm = tile.map_or(64, |t| t.bm);
         // The worst-case tile count over any index values; the sort's blocks: up to 32 of
@@ -552,7 +579,10 @@ pub(crate) fn qmm(
         finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
         return Ok(());
     }
-    if job.transpose && super::tensor_core_path(&key, dev.arch()) && knob("MLXQ_DEC_OFF").is_none()
+    if !fp
+        && job.transpose
+        && super::tensor_core_path(&key, dev.arch())
+        && knob("MLXQ_DEC_OFF").is_none()
     {
         let bits = u64::from(spec.bits());
         let group = u64::from(spec.group_size());
@@ -777,13 +807,7 @@ pub(crate) fn qmm(
     // qmm_tc_8; M = 256: 141 against 203). Otherwise the split-K qmm_tc_8.
     // MLXQ_TILE=off|l|m|l5|m6|wg256|wg128|wg64|ws256|ws256s5|ws128|ws64 overrides and
     // MLXQ_WS=0 routes to the `qmm_wg_*` tiles (experiments).
-    if job.transpose
-        && m > 16
-        && entries == 1
-        && job.lhs.is_none()
-        && job.rhs.is_none()
-        && super::tensor_core_path(&key, dev.arch())
-    {
+    if prefill_shape && super::tensor_core_path(&key, dev.arch()) {
         let sms = u64::from(dev.multiprocessors());
         let blocks = |t: &Tile| m.div_ceil(t.bm) * ndim.div_ceil(t.bn);
         let fits = |t: &&Tile| {
@@ -807,9 +831,12 @@ pub(crate) fn qmm(
             _ => {
                 // The first wgmma tile to try: 64 tokens for M <= 64, 128 up to 128, else 256;
                 // warp-specialised first (unless MLXQ_WS=0), then the plain wgmma tiles.
+                // FP weights: the 64-token tile from M = 17 (fp.cu's kernels decode each
+                // weight once per 8 tokens).
                 let first = match m {
-                    0..=32 => None,
-                    33..=64 => Some(2),
+                    0..=16 => None,
+                    17..=32 if !fp => None,
+                    17..=64 => Some(2),
                     65..=128 => Some(1),
                     _ => Some(0),
                 };
@@ -830,7 +857,8 @@ pub(crate) fn qmm(
                     .or(Some(&TILES[0]).filter(|t| m >= 256 && full(t)))
             }
         }
-        .filter(fits);
+        .filter(fits)
+        .filter(|t| !fp || t.wg);
         if let Some(t) = pick {
             let f = k.func_named(t.entry)?;
             let args = TileArgs {
@@ -864,6 +892,10 @@ pub(crate) fn qmm(
             finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
             return Ok(());
         }
+    }
+    if fp {
+        // No wgmma tile fits this call (its shared memory, or too few blocks to fill the SMs).
+        return super::fp::qmm(enc, &dev, op, x, w, out, job, bt, entries);
     }
     // M = 1, 2 stay on the CUDA-core kernel: measured faster there on the H200 (docs/perf-cuda.md).
     if m >= 3 && super::tensor_core_path(&key, dev.arch()) {
@@ -1174,8 +1206,14 @@ impl Tile {
     /// plus two mbarriers per stage (`qmm_ws`).
     fn smem(&self, _k: u64, spec: QuantSpec, sdt: DType) -> u64 {
         let cb = 64 * u64::from(spec.bits()) / 8;
+        // Scale and bias units per row (affine), scale codes only (FP: `WG_NU` in qmm_wg.cu).
+        let units = if spec.mode() == QuantMode::Affine {
+            2
+        } else {
+            1
+        };
         let rings =
-            self.stages * (self.bm * 128 + self.bn * cb + self.bn * Tile::unit(spec, sdt) * 2);
+            self.stages * (self.bm * 128 + self.bn * cb + self.bn * Tile::unit(spec, sdt) * units);
         let bars = if self.ws { 16 * self.stages } else { 0 };
         // wgmma tiles: 1 KiB to align the x ring, then the output offsets of BM pairs.
         rings
@@ -1586,7 +1624,7 @@ fn decb_pick(
 }
 
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 17] = [
+const KNOBS: [&str; 18] = [
     "MLXQ_GATHER_SORT_OFF",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
@@ -1604,6 +1642,7 @@ const KNOBS: [&str; 17] = [
     "MLXQ_DECB_T2",
     "MLXQ_DECB_T4",
     "MLXQ_WS",
+    "MLXQ_FP_TILES",
 ];
 
 /// The value of the experiment switch `name` (an `MLXQ_*` environment variable), read once per

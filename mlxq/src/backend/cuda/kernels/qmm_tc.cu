@@ -27,6 +27,15 @@
 
 #define RT 2  // row tiles (16 rows) per warp
 
+// FPM: the weights' mode in the FP tile module (backend/cuda/mod.rs `fp_tiles`: 1 mxfp4,
+// 2 mxfp8, 3 nvfp4, numbered as fp.cu's MODE), 0 (or undefined) in the affine matmul module.
+// The FP module compiles this file, qmm_tile.cu and qmm_wg.cu for their helpers, the gather's
+// sort and the wgmma tiles; the affine-only entries below are stubs there (ST is the u8 scale
+// code, and there are no biases).
+#ifndef FPM
+#define FPM 0
+#endif
+
 #if TC_OK
 // x's dtype as the mma operand type, with its 2-wide fused multiply-add and the bit pattern of
 // 1024 (f16) or 128 (bf16): OR-ing a code of up to 7 bits into the mantissa gives 1024 + q
@@ -92,7 +101,7 @@ struct Step {
     float s[RT][2], b[RT][2];
 };
 
-constexpr int CK = 128 / BITS;  // codes (k values) per 16-byte chunk
+[[maybe_unused]] constexpr int CK = 128 / BITS;  // codes (k values) per 16-byte chunk
 
 // With `grp` (gather_qmm over many (token, expert) pairs, sorted by gather_count and
 // gather_place): blockIdx.y is a tile of up to 8 * NT pairs of one expert (grp[0] tiles; the
@@ -555,7 +564,7 @@ __device__ __forceinline__ void qmv_tc_impl(const XT* __restrict__ x, const u32*
 #endif
 
 // NT n-tiles of 8 tokens per warp, TCW warps per block (the host launches TCW * 32 threads).
-#if TC_OK
+#if TC_OK && !FPM
 #define QMM_TC(NAME, NT, TCW, GRP)                                                             \
     extern "C" __global__ void __launch_bounds__(TCW * 32) NAME(                               \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
@@ -575,7 +584,7 @@ __device__ __forceinline__ void qmv_tc_impl(const XT* __restrict__ x, const u32*
 QMM_TC(qmm_tc_8, 8, 4, false)
 QMM_TC(qmm_tc_g8, 8, 4, true)
 
-#if TC_OK
+#if TC_OK && !FPM
 #define QMV_TC(NT)                                                                             \
     extern "C" __global__ void __launch_bounds__(128) qmv_tc_##NT(                            \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \

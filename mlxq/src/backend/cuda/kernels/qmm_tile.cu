@@ -344,7 +344,7 @@ __device__ __forceinline__ void qmm_tile_impl(const XT* __restrict__ x, const u3
 #endif
 
 // Entry points: (BM tokens, BN rows, warps along M, along N, stages, min blocks per SM).
-#if TC_OK
+#if TC_OK && !FPM
 #define QMM_TILE(NAME, BM, BN, WMW, WNW, S, MINB, GRP)                                         \
     extern "C" __global__ void __launch_bounds__(32 * WMW * WNW, MINB) NAME(                   \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \

@@ -1,5 +1,6 @@
 // Prefill (large M) quantized matmul on Hopper's warpgroup tensor-core instructions (wgmma,
-// sm_90a), transpose = true (W [N, K]), 4- and 8-bit codes, f16/bf16 x and outputs. Appended
+// sm_90a), transpose = true (W [N, K]), 4- and 8-bit affine codes or (FPM, the FP tile module)
+// MLX's mxfp4, nvfp4 and mxfp8 elements with their scale codes, f16/bf16 x and outputs. Appended
 // after qmm_tile.cu (uses its cpa16, cpa_small, tile_tokens and tile_x_rows, and qmm_tc.cu's
 // prmt, lop_or, fma2, pack2, lds128, cp_commit/cp_wait, MMA_T, MAGIC2, ONE2 and TC_OK).
 //
@@ -134,6 +135,10 @@ __device__ __forceinline__ u32 wg_sel8(u32 p) {
 #endif
 }
 
+// Scale and bias units per row and step: scales, then biases (affine); scale codes (FP).
+#define WG_NU (FPM ? 1 : 2)
+
+#if !FPM
 // Step kt's A fragments from its stage (scale/bias units at `su`: scales of the 128 rows,
 // then their biases; codes at shared address `cst`, CB bytes per row): a[j] for k16 block j,
 // registers (g, lo k), (g + 8, lo k), (g, hi k), (g + 8, hi k) of warp `warp`'s 16 rows.
@@ -176,6 +181,121 @@ __device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 w
         }
 #endif
     }
+}
+
+#else  // FPM
+// MLX's FP elements as the mma operand type, exactly: a nibble's E2M1 magnitude bits (e1 e0 m)
+// placed at bits 8..6 (bf16) or 11..9 (f16) and its sign at bit 15 make v 2^-126 (bf16) or
+// v 2^-14 (f16), the code 0.5 becoming the subnormal it is in E2M1 (as fp.cu's fp4_word);
+// an E4M3 byte's 7 magnitude bits at bits 10..4 (bf16) or 13..7 (f16) make v 2^-120 or v 2^-8,
+// subnormals alike, and its NaN codes (0x7f, 0xff) get the all-ones exponent. One exact
+// multiplication by the power of two (bf16 and f16 FMAs keep subnormal inputs) gives v, and a
+// second one the weight v s with the group's scale s as MLX's matmul reads it (rounded to x's
+// dtype). v s has at most 6 significant bits: exact in either type within its range.
+#if TC_X == 2
+#define FP_E2M1_SHL 6
+#define FP_E2M1_MASK 0x01C001C0u
+#define FP_E4M3_SHL 4
+#define FP_E4M3_MASK 0x07F007F0u
+#define FP_EXP2 0x7F807F80u
+#define FP_UNIT4 0x7E807E80u  // 2^126
+#define FP_UNIT8 0x7B807B80u  // 2^120
+#else
+#define FP_E2M1_SHL 9
+#define FP_E2M1_MASK 0x0E000E00u
+#define FP_E4M3_SHL 7
+#define FP_E4M3_MASK 0x3F803F80u
+#define FP_EXP2 0x7C007C00u
+#define FP_UNIT4 0x74007400u  // 2^14
+#define FP_UNIT8 0x5C005C00u  // 2^8
+#endif
+#define FP_NEG0 0x80008000u  // -0 + p = p: the FMAs below are exact products
+
+// A group's scale code as MLX's matmul reads it (fp.cu matmul_scale), as a pair of x's type:
+// E4M3 (nvfp4; 0x7f, 0xff NaN) or E8M0 2^(c - 127) (0xff infinity), rounded to x's dtype.
+__device__ __forceinline__ u32 wg_fp_scale(u32 c) {
+#if FPM == 3
+    const u32 mag = c & 0x7f, e = mag >> 3, m = mag & 7;
+    float v = e == 0 ? (float)m * (1.0f / 512.0f) : __int_as_float(((e + 120) << 23) | (m << 20));
+    if (mag == 0x7f) v = __int_as_float(0x7fc00000);
+    if (c & 0x80) v = -v;
+#else
+    const int e = (int)c - 127;
+    const float v = e > 127     ? __int_as_float(0x7f800000)
+                    : e >= -126 ? __int_as_float((e + 127) << 23)
+                                : __int_as_float(1u << (e + 149));
+#endif
+    return pack2(v, v);
+}
+
+// E2M1 codes 2t, 2t + 1 (byte t of a word; `sel` = t | (t + 4) << 8) as the pair v * s.
+__device__ __forceinline__ u32 wg_pair_e2m1(u32 wd, u32 sel, u32 s2) {
+    const u32 p = prmt(wd, wd >> 4, sel) & 0x000F000Fu;
+    const u32 v = ((p << FP_E2M1_SHL) & FP_E2M1_MASK) | ((p << 12) & 0x80008000u);
+    return fma2(fma2(v, FP_UNIT4, FP_NEG0), s2, FP_NEG0);
+}
+
+// E4M3 bytes p, p + 1 of a word (`sel` = p | 4 << 4 | (p + 1) << 8 | 4 << 12, their NaN
+// masks' bytes from `nan`) as the pair v * s.
+__device__ __forceinline__ u32 wg_pair_e4m3(u32 wd, u32 nan, u32 sel, u32 s2) {
+    const u32 q = prmt(wd, 0, sel), n = prmt(nan, 0, sel);
+    const u32 v = ((q << FP_E4M3_SHL) & FP_E4M3_MASK) | ((q << 8) & 0x80008000u) |
+                  (((n << 8) | n) & FP_EXP2);
+    return fma2(fma2(v, FP_UNIT8, FP_NEG0), s2, FP_NEG0);
+}
+
+// wg_dequant for the FP modes: the same fragments from the stage's codes and its scale codes
+// (one unit of U bytes per row: the step's NEED groups).
+__device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 warp, u32 g,
+                                           u32 t, u32 sel, u32 (&a)[4][4]) {
+    constexpr int CB = 64 * BITS / 8;
+    constexpr int NEED = GROUP < 64 ? 64 / GROUP : 1;
+    constexpr int U = NEED > 4 ? NEED : 4;
+    const u32 ub = kt * 64 / GROUP / U * U;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const u32 r = 16 * warp + g + 8 * h;
+        const u8* su = sst + r * U;
+        u32 s2[NEED];
+#pragma unroll
+        for (int e = 0; e < NEED; e++) s2[e] = wg_fp_scale(su[(kt * 64 + 64 / NEED * e) / GROUP - ub]);
+#if BITS == 4
+        const u32 src = cst + r * CB;
+        const uint4 q0 = lds128(src), q1 = lds128(src + 16);
+        const u32 wd[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int e = j * NEED / 4;
+            a[j][h] = wg_pair_e2m1(wd[2 * j], sel, s2[e]);
+            a[j][2 + h] = wg_pair_e2m1(wd[2 * j + 1], sel, s2[e]);
+        }
+#else
+        const u32 src = cst + r * CB + 4 * (t >> 1);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int e = j * NEED / 4;
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const u32 wd = lds32(src + 16 * j + 8 * i);
+                const u32 nan = __vcmpeq4(wd & 0x7f7f7f7fu, 0x7f7f7f7fu);
+                a[j][2 * i + h] = wg_pair_e4m3(wd, nan, sel, s2[e]);
+            }
+        }
+#endif
+    }
+}
+#endif  // FPM
+
+// The selector of a lane's pair of codes for wg_dequant.
+__device__ __forceinline__ u32 wg_sel(u32 t) {
+#if BITS == 4
+    return t | ((t + 4) << 8);
+#elif FPM
+    const u32 p = 2 * (t & 1);
+    return p | (4u << 4) | ((p + 1) << 8) | (4u << 12);
+#else
+    return wg_sel8(2 * (t & 1));
+#endif
 }
 
 // Zeroes the accumulators and the second A register set (the first step's wg_step_mma reads
@@ -268,7 +388,7 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     constexpr int CI = BW * CPR / T;   // code chunks per thread and step
     constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
     constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4, EU = U / SSZ;
-    constexpr u32 XS = BT * 128, CS = BW * CB, SB = BW * U * 2;
+    constexpr u32 XS = BT * 128, CS = BW * CB, SB = BW * U * WG_NU;
     static_assert(BT % 16 == 0 && CI * T == BW * CPR && BW * 2 == T, "tile/threads");
     extern __shared__ __align__(16) u8 wsm[];
     const u32 raw = (u32)__cvta_generic_to_shared(wsm);
@@ -302,9 +422,12 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
         cr[j] = (const u8*)w + (u64)min(n0 + r, N - 1) * row_bytes + c * 16;
         cd[j] = r * CB + c * 16;
     }
-    // The scale unit this thread copies: row tid / 2, scales (tid even) or biases.
-    const ST* sr = ((tid & 1) ? biases : scales) + (u64)min(n0 + (tid >> 1), N - 1) * G;
-    const u32 sd = (tid & 1) * BW * U + (tid >> 1) * U;
+    // The scale unit this thread copies: row tid / 2, scales (tid even) or biases; FP: row
+    // tid's scale codes (threads < 128).
+    const u32 su_row = WG_NU == 2 ? tid >> 1 : tid;
+    const bool su_copy = WG_NU == 2 || tid < BW;
+    const ST* sr = ((WG_NU == 2 && (tid & 1)) ? biases : scales) + (u64)min(n0 + su_row, N - 1) * G;
+    const u32 sd = (WG_NU == 2 ? (tid & 1) * BW * U : 0) + su_row * U;
 
     auto issue = [&](u32 kt) {
         if (kt < KT) {
@@ -315,18 +438,14 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
                     cpa16(xs + st * XS + xd[j], xr[j] + (u64)kt * 128);
 #pragma unroll
             for (int j = 0; j < CI; j++) cpa16(cs + st * CS + cd[j], cr[j] + (u64)kt * CB);
-            cpa_small<U>(ss + st * SB + sd, sr + kt * 64 / GROUP / EU * EU);
+            if (su_copy) cpa_small<U>(ss + st * SB + sd, sr + kt * 64 / GROUP / EU * EU);
         }
         cp_commit();
     };
 
     // Step kt's A fragments: a[j] for k16 block j, registers (g, lo k), (g + 8, lo k),
     // (g, hi k), (g + 8, hi k).
-#if BITS == 4
-    const u32 sel = t | ((t + 4) << 8);
-#else
-    const u32 sel = wg_sel8(2 * (t & 1));
-#endif
+    const u32 sel = wg_sel(t);
     auto load_a = [&](u32 kt, u32(&a)[4][4]) {
         const u32 st = kt % S;
         wg_dequant(kt, wsm + (ss - raw) + st * SB, cs + st * CS, warp, g, t, sel, a);
@@ -413,7 +532,7 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     constexpr int CB = 64 * BITS / 8;  // code bytes per row and step
     constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
     constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4, EU = U / SSZ;
-    constexpr u32 XS = BT * 128, CS = BW * CB, SB = BW * U * 2;
+    constexpr u32 XS = BT * 128, CS = BW * CB, SB = BW * U * WG_NU;
     constexpr int XI = BT * 8 / 32;  // GRP: x chunks per producer lane and step
     extern __shared__ __align__(16) u8 wsm[];
     const u32 raw = (u32)__cvta_generic_to_shared(wsm);
@@ -450,7 +569,8 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
         // hangs). Only the producer warpgroup's first warp works.
         asm volatile("setmaxnreg.dec.sync.aligned.u32 88;" ::: "memory");
         if (warp != 8) return;
-        // Producer. Scale units: u = lane + 32 j, row u / 2, scales (u even) or biases.
+        // Producer. Scale units: u = lane + 32 j, row u / 2, scales (u even) or biases; FP:
+        // row u's scale codes.
         const u32 ex = GRP ? grp[4 + 4 * blockIdx.y] : 0;  // the tile's expert (W matrix)
         const u8* xr[GRP ? XI : 1];
         u32 xd[GRP ? XI : 1];
@@ -478,10 +598,11 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
             __syncwarp();
             const u32 ub = kt * 64 / GROUP / EU * EU;
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
-                const u32 u = lane + 32 * j, r = u >> 1;
-                const ST* src = ((u & 1) ? biases : scales) + (u64)min(n0 + r, N - 1) * G + ub;
-                cpa_small<U>(ss + st * SB + (u & 1) * BW * U + r * U, src);
+            for (int j = 0; j < 4 * WG_NU; j++) {
+                const u32 u = lane + 32 * j, r = WG_NU == 2 ? u >> 1 : u;
+                const bool b = WG_NU == 2 && (u & 1);
+                const ST* src = (b ? biases : scales) + (u64)min(n0 + r, N - 1) * G + ub;
+                cpa_small<U>(ss + st * SB + (b ? BW * U : 0) + r * U, src);
             }
             if constexpr (GRP) {
 #pragma unroll
@@ -493,11 +614,7 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     }
 
     asm volatile("setmaxnreg.inc.sync.aligned.u32 208;" ::: "memory");
-#if BITS == 4
-    const u32 sel = t | ((t + 4) << 8);
-#else
-    const u32 sel = wg_sel8(2 * (t & 1));
-#endif
+    const u32 sel = wg_sel(t);
     auto load_a = [&](u32 kt, u32(&a)[4][4]) {
         const u32 st = kt % S;
         mbar_wait(full(st), (kt / S) & 1);

@@ -105,17 +105,6 @@ struct DecBatch {
     u32 s[2][DSW], b[2][DSW];
 };
 
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ uint4 lds128(u32 a) {
-    uint4 v;
-    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
-    return v;
-}
-__device__ __forceinline__ float lds32f(u32 a) {
-    float v;
-    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(a));
-    return v;
-}
 
 // RING: W chunks, scales and biases of each batch go through a per-warp shared-memory ring of
 // RS batches (a template parameter: 3, 4 or 6) by cp.async, copied so that 16 lanes cover DSU * 64 contiguous bytes of one
