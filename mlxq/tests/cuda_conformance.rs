@@ -773,6 +773,49 @@ fn batched_weights_broadcast_with_x() {
     }
 }
 
+/// A one-row-per-pair gather_qmm's output `v` (pairs of `idx`, `top` per token, M = 1) beside
+/// its f64 reference from `xf` (tokens × K) and `wd` (experts × rows × cols), leaving out the
+/// pair at `bad` (an out-of-range expert), whose row must be all NaN (`Err` if not).
+#[allow(clippy::too_many_arguments)]
+fn pairs_and_reference(
+    v: &[f32],
+    xf: &[f64],
+    wd: &[f64],
+    idx: &[u32],
+    top: usize,
+    (rows, cols): (usize, usize),
+    transpose: bool,
+    bad: usize,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
+    let (k, n) = if transpose {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    };
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for (p, &e) in idx.iter().enumerate() {
+        let row = &v[p * n..(p + 1) * n];
+        if p == bad {
+            if !row.iter().all(|y| y.is_nan()) {
+                return Err(format!("the out-of-range pair {p}'s row is not NaN"));
+            }
+            continue;
+        }
+        let t = p / top;
+        got.extend(row.iter().map(|&y| f64::from(y)));
+        let we = &wd[e as usize * rows * cols..(e as usize + 1) * rows * cols];
+        want.extend(matmul_f64(
+            &xf[t * k..(t + 1) * k],
+            1,
+            we,
+            rows,
+            cols,
+            transpose,
+        ));
+    }
+    Ok((got, want))
+}
+
 #[test]
 fn gather_qmm_with_device_indices() {
     let Some(dev) = gpu() else { return };
@@ -888,27 +931,9 @@ fn gather_qmm_with_device_indices() {
                 let v = down(&got).to_f32_vec().unwrap();
                 let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
                 let wd = dequantize_f64(&qw).unwrap();
-                let (mut got_ok, mut want_ok) = (Vec::new(), Vec::new());
-                for (p, &e) in idx.iter().enumerate() {
-                    let row = &v[p * nn..(p + 1) * nn];
-                    if p == position {
-                        assert!(
-                            row.iter().all(|y| y.is_nan()),
-                            "T={tokens}: the bad pair's row is not NaN"
-                        );
-                        continue;
-                    }
-                    let t = p / 2;
-                    got_ok.extend(row.iter().map(|&y| f64::from(y)));
-                    want_ok.extend(matmul_f64(
-                        &xf[t * kk..(t + 1) * kk],
-                        1,
-                        &wd[e as usize * rows * cols..(e as usize + 1) * rows * cols],
-                        rows,
-                        cols,
-                        transpose,
-                    ));
-                }
+                let (got_ok, want_ok) =
+                    pairs_and_reference(&v, &xf, &wd, &idx, 2, (rows, cols), transpose, position)
+                        .unwrap_or_else(|e| panic!("T={tokens}: {e}"));
                 let err = max_rel_err(&got_ok, &want_ok);
                 assert!(
                     err <= tolerance(got.dtype()),
@@ -1165,24 +1190,9 @@ fn fp_gather_qmm_with_device_indices() {
             assert_eq!(got.shape(), &[tokens, top, 1, nn]);
             let v = down(&got).to_f32_vec().unwrap();
             let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
-            let (mut got_ok, mut want_ok) = (Vec::new(), Vec::new());
-            for (p, &e) in idx.iter().enumerate() {
-                let row = &v[p * nn..(p + 1) * nn];
-                if p == bad_at {
-                    assert!(row.iter().all(|y| y.is_nan()), "{mode}: bad pair not NaN");
-                    continue;
-                }
-                let t = p / top;
-                got_ok.extend(row.iter().map(|&y| f64::from(y)));
-                want_ok.extend(matmul_f64(
-                    &xf[t * kk..(t + 1) * kk],
-                    1,
-                    &wd[e as usize * rows * cols..(e as usize + 1) * rows * cols],
-                    rows,
-                    cols,
-                    transpose,
-                ));
-            }
+            let (got_ok, want_ok) =
+                pairs_and_reference(&v, &xf, &wd, &idx, top, (rows, cols), transpose, bad_at)
+                    .unwrap_or_else(|e| panic!("{mode}: {e}"));
             let err = max_rel_err(&got_ok, &want_ok);
             assert!(
                 err <= tolerance(dtype),
@@ -1393,27 +1403,14 @@ fn fp_tiled_prefill_and_gather_match_the_f64_reference() {
             .expect("the fault is cleared once reported");
         let v = down(&got).to_f32_vec().unwrap();
         let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
-        let (mut got_ok, mut want_ok) = (Vec::new(), Vec::new());
-        for (p, &e) in idx.iter().enumerate() {
-            let row = &v[p * rows..(p + 1) * rows];
-            if p == bad_at {
-                if !row.iter().all(|y| y.is_nan()) {
-                    failures.push(format!("{ctx}: the out-of-range pair's row is not NaN"));
+        let (got_ok, want_ok) =
+            match pairs_and_reference(&v, &xf, &wd, &idx, top, (rows, cols), true, bad_at) {
+                Ok(p) => p,
+                Err(e) => {
+                    failures.push(format!("{ctx}: {e}"));
+                    continue;
                 }
-                continue;
-            }
-            let t = p / top;
-            got_ok.extend(row.iter().map(|&y| f64::from(y)));
-            let we = &wd[e as usize * rows * cols..(e as usize + 1) * rows * cols];
-            want_ok.extend(matmul_f64(
-                &xf[t * cols..(t + 1) * cols],
-                1,
-                we,
-                rows,
-                cols,
-                true,
-            ));
-        }
+            };
         let err = max_rel_err(&got_ok, &want_ok);
         if err.is_nan() || err > tolerance(xdt) {
             failures.push(format!("{ctx}: error {err:e}"));

@@ -138,52 +138,7 @@ __device__ __forceinline__ u32 wg_sel8(u32 p) {
 // Scale and bias units per row and step: scales, then biases (affine); scale codes (FP).
 #define WG_NU (FPM ? 1 : 2)
 
-#if !FPM
-// Step kt's A fragments from its stage (scale/bias units at `su`: scales of the 128 rows,
-// then their biases; codes at shared address `cst`, CB bytes per row): a[j] for k16 block j,
-// registers (g, lo k), (g + 8, lo k), (g, hi k), (g + 8, hi k) of warp `warp`'s 16 rows.
-__device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 warp, u32 g,
-                                           u32 t, u32 sel, u32 (&a)[4][4]) {
-    constexpr int BW = 128, CB = 64 * BITS / 8;
-    constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
-    constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4, EU = U / SSZ;
-    const u32 ub = kt * 64 / GROUP / EU * EU;
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const u32 r = 16 * warp + g + 8 * h;
-        const u8* su = sst + r * U;
-        u32 s2[NEED], b2[NEED];
-#pragma unroll
-        for (int e = 0; e < NEED; e++) {
-            const u32 ei = (kt * 64 + 64 / NEED * e) / GROUP - ub;
-            const float s = to_f32(*(const ST*)(su + ei * SSZ));
-            const float b = to_f32(*(const ST*)(su + BW * U + ei * SSZ));
-            s2[e] = pack2(s, s);
-            b2[e] = pack2(b, b);
-        }
-#if BITS == 4
-        const u32 src = cst + r * CB;
-        const uint4 q0 = lds128(src), q1 = lds128(src + 16);
-        const u32 wd[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int e = j * NEED / 4;
-            a[j][h] = wg_pair4(wd[2 * j], sel, s2[e], b2[e]);
-            a[j][2 + h] = wg_pair4(wd[2 * j + 1], sel, s2[e], b2[e]);
-        }
-#else
-        const u32 src = cst + r * CB + 4 * (t >> 1);
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int e = j * NEED / 4;
-            a[j][h] = wg_pair8(lds32(src + 16 * j), sel, s2[e], b2[e]);
-            a[j][2 + h] = wg_pair8(lds32(src + 16 * j + 8), sel, s2[e], b2[e]);
-        }
-#endif
-    }
-}
-
-#else  // FPM
+#if FPM
 // MLX's FP elements as the mma operand type, exactly: a nibble's E2M1 magnitude bits (e1 e0 m)
 // placed at bits 8..6 (bf16) or 11..9 (f16) and its sign at bit 15 make v 2^-126 (bf16) or
 // v 2^-14 (f16), the code 0.5 becoming the subnormal it is in E2M1 (as fp.cu's fp4_word);
@@ -244,21 +199,56 @@ __device__ __forceinline__ u32 wg_pair_e4m3(u32 wd, u32 nan, u32 sel, u32 s2) {
     return fma2(fma2(v, FP_UNIT8, FP_NEG0), s2, FP_NEG0);
 }
 
-// wg_dequant for the FP modes: the same fragments from the stage's codes and its scale codes
-// (one unit of U bytes per row: the step's NEED groups).
+#endif  // FPM
+
+// A row's step unit read for one group: its scale (and bias) as pairs of x's type.
+struct WgGroup {
+    u32 s2, b2;  // b2: affine only
+};
+__device__ __forceinline__ WgGroup wg_group(const u8* su, u32 ei) {
+#if FPM
+    return {wg_fp_scale(su[ei]), 0u};
+#else
+    constexpr int BW = 128, SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
+    constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4;
+    const float s = to_f32(*(const ST*)(su + ei * SSZ));
+    const float b = to_f32(*(const ST*)(su + BW * U + ei * SSZ));
+    return {pack2(s, s), pack2(b, b)};
+#endif
+}
+// The A-fragment pair of 4-bit word `wd` (byte t: `sel`) and of 8-bit word `wd` (bytes p, p + 1).
+__device__ __forceinline__ u32 wg_pair_4(u32 wd, u32 sel, WgGroup c) {
+#if FPM
+    return wg_pair_e2m1(wd, sel, c.s2);
+#else
+    return wg_pair4(wd, sel, c.s2, c.b2);
+#endif
+}
+__device__ __forceinline__ u32 wg_pair_8(u32 wd, u32 sel, WgGroup c) {
+#if FPM
+    return wg_pair_e4m3(wd, __vcmpeq4(wd & 0x7f7f7f7fu, 0x7f7f7f7fu), sel, c.s2);
+#else
+    return wg_pair8(wd, sel, c.s2, c.b2);
+#endif
+}
+
+// Step kt's A fragments from its stage (units at `sst`, U bytes per row: the scales of the 128
+// rows, then their biases, or the FP scale codes; codes at shared address `cst`, CB bytes per
+// row): a[j] for k16 block j, registers (g, lo k), (g + 8, lo k), (g, hi k), (g + 8, hi k) of
+// warp `warp`'s 16 rows.
 __device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 warp, u32 g,
                                            u32 t, u32 sel, u32 (&a)[4][4]) {
     constexpr int CB = 64 * BITS / 8;
-    constexpr int NEED = GROUP < 64 ? 64 / GROUP : 1;
-    constexpr int U = NEED > 4 ? NEED : 4;
-    const u32 ub = kt * 64 / GROUP / U * U;
+    constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
+    constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4, EU = U / SSZ;
+    const u32 ub = kt * 64 / GROUP / EU * EU;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const u32 r = 16 * warp + g + 8 * h;
         const u8* su = sst + r * U;
-        u32 s2[NEED];
+        WgGroup c[NEED];
 #pragma unroll
-        for (int e = 0; e < NEED; e++) s2[e] = wg_fp_scale(su[(kt * 64 + 64 / NEED * e) / GROUP - ub]);
+        for (int e = 0; e < NEED; e++) c[e] = wg_group(su, (kt * 64 + 64 / NEED * e) / GROUP - ub);
 #if BITS == 4
         const u32 src = cst + r * CB;
         const uint4 q0 = lds128(src), q1 = lds128(src + 16);
@@ -266,25 +256,20 @@ __device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 w
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const int e = j * NEED / 4;
-            a[j][h] = wg_pair_e2m1(wd[2 * j], sel, s2[e]);
-            a[j][2 + h] = wg_pair_e2m1(wd[2 * j + 1], sel, s2[e]);
+            a[j][h] = wg_pair_4(wd[2 * j], sel, c[e]);
+            a[j][2 + h] = wg_pair_4(wd[2 * j + 1], sel, c[e]);
         }
 #else
         const u32 src = cst + r * CB + 4 * (t >> 1);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const int e = j * NEED / 4;
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                const u32 wd = lds32(src + 16 * j + 8 * i);
-                const u32 nan = __vcmpeq4(wd & 0x7f7f7f7fu, 0x7f7f7f7fu);
-                a[j][2 * i + h] = wg_pair_e4m3(wd, nan, sel, s2[e]);
-            }
+            a[j][h] = wg_pair_8(lds32(src + 16 * j), sel, c[e]);
+            a[j][2 + h] = wg_pair_8(lds32(src + 16 * j + 8), sel, c[e]);
         }
 #endif
     }
 }
-#endif  // FPM
 
 // The selector of a lane's pair of codes for wg_dequant.
 __device__ __forceinline__ u32 wg_sel(u32 t) {
