@@ -353,11 +353,22 @@ pub(crate) fn qmm(
         && w_count <= 1024;
     let prefill_shape =
         job.transpose && job.m > 16 && entries == 1 && job.lhs.is_none() && job.rhs.is_none();
+    let key = KernelKey {
+        op: OpKind::QuantizedMatmul,
+        mode: spec.mode(),
+        bits: spec.bits(),
+        group_size: spec.group_size(),
+        input: x.dtype(),
+        scales: w.scales_dtype(),
+        output: out.dtype(),
+        flag: job.transpose,
+        variant: AUTO,
+    };
+    // (`ops` made the output x's dtype; the tensor-core keys are W [N, K], f16/bf16 x.)
     if fp
         && !((gather_shape || prefill_shape)
             && super::nvrtc::wgmma(dev.arch())
-            && matches!(x.dtype(), DType::BF16 | DType::F16)
-            && out.dtype() == x.dtype()
+            && super::tensor_core_path(&key, dev.arch())
             && knob("MLXQ_FP_TILES") != Some("off"))
     {
         return super::fp::qmm(enc, &dev, op, x, w, out, job, bt, entries);
@@ -372,17 +383,6 @@ pub(crate) fn qmm(
                 format!("mode {} on CUDA", spec.mode()),
             ))
         }
-    };
-    let key = KernelKey {
-        op: OpKind::QuantizedMatmul,
-        mode: spec.mode(),
-        bits: spec.bits(),
-        group_size: spec.group_size(),
-        input: x.dtype(),
-        scales: w.scales_dtype(),
-        output: out.dtype(),
-        flag: job.transpose,
-        variant: AUTO,
     };
     let k = if fp {
         dev.kernel_variant(key, "fp_tiles")?

@@ -243,6 +243,27 @@ fn fp_mode(k: &KernelKey) -> bool {
     k.mode != QuantMode::Affine && k.scales == DType::U8
 }
 
+/// An entry list: `$e`, then the wgmma tiles of qmm_wg.cu (`launch::TILES` finds them by
+/// name), which both matmul modules compile.
+macro_rules! with_wg_tiles {
+    ($($e:literal),* $(,)?) => {
+        &[
+            $($e,)*
+            "qmm_wg_256",
+            "qmm_wg_128",
+            "qmm_wg_64",
+            "qmm_wg_g64",
+            "qmm_ws_256",
+            "qmm_ws_256s5",
+            "qmm_ws_128",
+            "qmm_ws_64",
+            "qmm_ws_g64",
+            "qmm_wg_g128",
+            "qmm_wg_g80",
+        ]
+    };
+}
+
 /// Every CUDA kernel variant; the dispatcher takes the first that supports a key.
 const TABLE: &[Variant] = &[
     Variant {
@@ -309,21 +330,7 @@ const TABLE: &[Variant] = &[
                 && k.output == k.input
         },
         source: FP_TILES,
-        entries: &[
-            "gather_count",
-            "gather_place",
-            "qmm_wg_256",
-            "qmm_wg_128",
-            "qmm_wg_64",
-            "qmm_wg_g64",
-            "qmm_ws_256",
-            "qmm_ws_256s5",
-            "qmm_ws_128",
-            "qmm_ws_64",
-            "qmm_ws_g64",
-            "qmm_wg_g128",
-            "qmm_wg_g80",
-        ],
+        entries: with_wg_tiles!["gather_count", "gather_place"],
         fmad: true,
         defines: |k| {
             let mut d: Vec<String> = fp::fp_defines(k)
@@ -369,7 +376,7 @@ const TABLE: &[Variant] = &[
         name: "qmv",
         supports: |k| k.op == OpKind::QuantizedMatmul && affine(k) && k.input.is_float(),
         source: QMM,
-        entries: &[
+        entries: with_wg_tiles![
             "qmv_t_1",
             "qmv_t_2",
             "qmv_t_4",
@@ -418,17 +425,6 @@ const TABLE: &[Variant] = &[
             "qmm_tile_l5",
             "qmm_tile_m6",
             "qmm_tile_g6",
-            "qmm_wg_256",
-            "qmm_wg_128",
-            "qmm_wg_64",
-            "qmm_wg_g64",
-            "qmm_ws_256",
-            "qmm_ws_256s5",
-            "qmm_ws_128",
-            "qmm_ws_64",
-            "qmm_ws_g64",
-            "qmm_wg_g128",
-            "qmm_wg_g80",
         ],
         fmad: true,
         defines: |k| {
