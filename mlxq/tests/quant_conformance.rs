@@ -935,12 +935,12 @@ fn fp_specs() -> [QuantSpec; 3] {
 }
 
 /// Kinds of [`fp_adversarial_group`].
-const FP_GROUP_KINDS: usize = 12;
+const FP_GROUP_KINDS: usize = 14;
 
 /// One adversarial group of an FP mode whose elements have `max` as their largest value (6
 /// for E2M1, 448 for E4M3): ties and near-ties of both element formats at exact scales,
 /// scales at and just above powers of two, E4M3 scale subnormals, zeros, tiny and huge
-/// values, NaN and ±∞.
+/// values, NaN and ±∞, exponents over f32's whole range, subnormals (of f32, bf16 and f16).
 fn fp_adversarial_group(rng: &mut StdRng, kind: usize, max: f32, out: &mut [f32]) {
     let normal = |rng: &mut StdRng| (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>();
     let magnitude = 10f32.powi(rng.gen_range(-3..=3));
@@ -1013,6 +1013,26 @@ fn fp_adversarial_group(rng: &mut StdRng, kind: usize, max: f32, out: &mut [f32]
                 .for_each(|v| *v = normal(rng) * 1e-6 * magnitude);
             out[rng.gen_range(0..out.len())] = normal(rng) * magnitude;
         }
+        12 => {
+            // Every element its own exponent, over f32's range (amax anywhere from 2^-140
+            // to 2^127, the rest far below it or not).
+            let top = rng.gen_range(-140..=127);
+            let spread = [4, 30, 300][rng.gen_range(0..3)];
+            out.iter_mut().for_each(|v| {
+                let e = (top - rng.gen_range(0..=spread)).max(-149);
+                *v = sign(rng) * rng.gen_range(1.0f32..2.0) * 2f32.powi(e)
+            });
+        }
+        13 => {
+            // Subnormals: f32's (and bf16's: the same range) or f16's, with signed zeros.
+            let unit = [1e-45f32, 1e-40, 6e-8, 1e-5][rng.gen_range(0..4)];
+            out.iter_mut().for_each(|v| {
+                *v = match rng.gen_range(0..8) {
+                    0 => sign(rng) * 0.0,
+                    _ => sign(rng) * rng.gen_range(0..=64) as f32 * unit,
+                }
+            });
+        }
         _ => {
             // Random scale, elements on a fine grid of it (near-ties of the rounded scale).
             let s = rng.gen_range(0.5f32..2.0) * unit;
@@ -1022,34 +1042,52 @@ fn fp_adversarial_group(rng: &mut StdRng, kind: usize, max: f32, out: &mut [f32]
     }
 }
 
-/// The avx512 FP-mode quantize gives the generic kernel's bytes exactly (packed and scales),
-/// for every mode, input dtype and flavour, on adversarial groups: batches of 16 of one kind
-/// and of mixed kinds, several parallel tasks, and a partial last batch.
-#[test]
-fn avx512_fp_quantize_matches_generic_bit_for_bit() {
-    let mut rng = StdRng::seed_from_u64(0xf4_a512);
+/// An FP-mode weight of `spec` for a `[rows, cols]` input, every byte 0xFF (codes all ones,
+/// scale codes 255), so that any byte a kernel leaves unwritten shows.
+fn poisoned_fp_weight(rows: usize, cols: usize, spec: QuantSpec) -> QuantizedWeight {
+    let (words, groups) = (
+        spec.packed_words(cols).unwrap(),
+        cols / spec.group_size() as usize,
+    );
+    QuantizedWeight::new(
+        Buffer::from_bytes(&vec![0xFF; rows * words * 4], DType::U32, &[rows, words]).unwrap(),
+        Buffer::from_bytes(&vec![0xFF; rows * groups], DType::U8, &[rows, groups]).unwrap(),
+        None,
+        spec,
+    )
+    .unwrap()
+}
+
+/// `variant`'s FP-mode quantize, into outputs poisoned beforehand, gives the generic kernel's
+/// bytes exactly (packed and scales), for every mode, input dtype and flavour, on adversarial
+/// groups ([`fp_adversarial_group`]) in `rows` rows of `row_groups` groups: batches of 16 of
+/// one kind and of mixed kinds, several parallel tasks, and a partial last batch. Says so
+/// where this machine cannot run `variant`'s kernel (generic is then compared with itself).
+fn fp_quantize_matches_generic(variant: &str, seed: u64, rows: usize, row_groups: usize) {
+    let mut rng = StdRng::seed_from_u64(seed);
     let (mut checked, mut failures, mut ran) = (0, Vec::new(), 0);
+    let suffix = format!("_{variant}");
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for spec in fp_specs() {
             let g = spec.group_size() as usize;
             let max = if spec.bits() == 8 { 448.0 } else { 6.0 };
-            // 3·1375 groups: more than 4 tasks of 1024, and 1375 = 85·16 + 15.
-            let (rows, groups) = (3, 3 * 1375);
+            let (groups, cols) = (rows * row_groups, row_groups * g);
             let v = batches_of_kinds(&mut rng, groups, g, FP_GROUP_KINDS, |rng, kind, out| {
                 fp_adversarial_group(rng, kind, max, out)
             });
-            let w = Buffer::from_f32(&v, dtype, &[rows, groups / rows * g]).unwrap();
+            let w = Buffer::from_f32(&v, dtype, &[rows, cols]).unwrap();
             let wv = w.to_f32_vec().unwrap();
             for flavour in [Flavour::Cpu, Flavour::Gpu] {
                 checked += 1;
                 let ctx = format!("{dtype} {spec} {flavour}");
-                let mut fast = variant_enc("avx512");
-                let got = ops::quantize(&mut fast, &w, spec, flavour).unwrap();
+                let mut fast = variant_enc(variant);
+                let mut got = poisoned_fp_weight(rows, cols, spec);
+                ops::quantize_into(&mut fast, &w, spec, flavour, &mut got).unwrap();
                 let k = key(OpKind::Quantize, spec, dtype, DType::U32, flavour);
-                if let Some(e) = wrong_kernel(&fast, "avx512", &k) {
+                if let Some(e) = wrong_kernel(&fast, variant, &k) {
                     failures.push(format!("{ctx}: {e}"));
                 }
-                ran += usize::from(fast.last_kernel().is_some_and(|n| n.ends_with("_avx512")));
+                ran += usize::from(fast.last_kernel().is_some_and(|n| n.ends_with(&suffix)));
                 let want = ops::quantize(&mut variant_enc("generic"), &w, spec, flavour).unwrap();
                 let gb = g * spec.bits() as usize / 8;
                 for (what, a, b, per_group) in [
@@ -1072,9 +1110,42 @@ fn avx512_fp_quantize_matches_generic_bit_for_bit() {
         }
     }
     if ran == 0 {
-        eprintln!("avx512 kernels not supported here: compared generic with itself");
+        eprintln!("{variant} kernels not supported here: compared generic with itself");
     }
-    assert_none("avx512 vs generic FP quantize", checked, failures);
+    assert_none(
+        &format!("{variant} vs generic FP quantize"),
+        checked,
+        failures,
+    );
+}
+
+/// The avx512 FP-mode quantize gives the generic kernel's bytes ([`fp_quantize_matches_generic`]):
+/// 3·1375 groups, more than 4 tasks of 1024, and 1375 = 85·16 + 15.
+#[test]
+fn avx512_fp_quantize_matches_generic_bit_for_bit() {
+    fp_quantize_matches_generic("avx512", 0xf4_a512, 3, 1375);
+}
+
+/// Whether this machine runs the `avx2` FP quantize and dequantize kernels; if not, prints
+/// why the test calling it is skipped.
+fn avx2_fp_kernels_here(test: &str) -> bool {
+    let spec = fp_specs()[0];
+    let k = key(OpKind::Quantize, spec, DType::F32, DType::U32, Flavour::Gpu);
+    let here = cpu_backend::supports("avx2", &k);
+    if !here {
+        eprintln!("{test}: skipped: this CPU lacks AVX2, FMA or F16C (no avx2 kernels)");
+    }
+    here
+}
+
+/// The avx2 FP-mode quantize gives the generic kernel's bytes ([`fp_quantize_matches_generic`]):
+/// 7 rows (odd) of 603 groups, 4221 in all: more than 4 tasks of 1024, and a last batch of
+/// 5 groups (4221 = 527·8 + 5).
+#[test]
+fn avx2_fp_quantize_matches_generic_bit_for_bit() {
+    if avx2_fp_kernels_here("avx2_fp_quantize_matches_generic_bit_for_bit") {
+        fp_quantize_matches_generic("avx2", 0xf4_a200, 7, 603);
+    }
 }
 
 /// The first element where `got` differs from `want`, counting any NaN equal to any NaN.
@@ -1088,11 +1159,13 @@ fn first_difference_nan_eq(want: &Buffer, got: &Buffer) -> Option<usize> {
     (0..w.len()).find(|&i| w[i].to_bits() != g[i].to_bits() && !(w[i].is_nan() && g[i].is_nan()))
 }
 
-/// Dequantizes `qw` with the avx512 and the generic kernels in both flavours to every float
+/// Dequantizes `qw` with `variant`'s and the generic kernels in both flavours to every float
 /// dtype (`scales`: the key's scales dtype); records each case whose values differ (any NaN
-/// equal to any NaN, see [`first_difference_nan_eq`]) or whose kernel was not avx512's,
-/// `inputs(i)` describing element `i`'s scale parameters. Returns the cases checked.
-fn avx512_dequantize_vs_generic(
+/// equal to any NaN, see [`first_difference_nan_eq`]) or whose kernel was not `variant`'s
+/// (where this machine runs it), `inputs(i)` describing element `i`'s scale parameters.
+/// Returns the cases checked.
+fn dequantize_vs_generic(
+    variant: &str,
     qw: &QuantizedWeight,
     what: &str,
     scales: DType,
@@ -1109,10 +1182,10 @@ fn avx512_dequantize_vs_generic(
                 dtype: Some(out),
                 flavour,
             };
-            let mut fast = variant_enc("avx512");
+            let mut fast = variant_enc(variant);
             let got = ops::dequantize(&mut fast, qw, opts).unwrap();
             let k = key(OpKind::Dequantize, spec, scales, out, flavour);
-            if let Some(e) = wrong_kernel(&fast, "avx512", &k) {
+            if let Some(e) = wrong_kernel(&fast, variant, &k) {
                 failures.push(format!("{ctx}: {e}"));
             }
             let want = ops::dequantize(&mut variant_enc("generic"), qw, opts).unwrap();
@@ -1176,7 +1249,8 @@ fn avx512_dequantize_matches_generic_on_special_scales() {
                     spec,
                 )
                 .unwrap();
-                checked += avx512_dequantize_vs_generic(
+                checked += dequantize_vs_generic(
+                    "avx512",
                     &qw,
                     &format!("{dtype} {spec}"),
                     dtype,
@@ -1189,17 +1263,16 @@ fn avx512_dequantize_matches_generic_on_special_scales() {
     assert_none("avx512 vs generic dequantize", checked, failures);
 }
 
-/// The avx512 FP-mode dequantize gives the generic kernel's values for every element code
+/// `variant`'s FP-mode dequantize gives the generic kernel's values for every element code
 /// and every scale code (0, 255 and E4M3's NaN codes included), in every mode, output dtype
-/// and flavour; a NaN may be another NaN (see [`first_difference_nan_eq`]).
-#[test]
-fn avx512_fp_dequantize_matches_generic_on_every_code() {
-    let mut rng = StdRng::seed_from_u64(0xdef4);
+/// and flavour, on `rows` rows of 5 groups; a NaN may be another NaN (see
+/// [`first_difference_nan_eq`]).
+fn fp_dequantize_matches_generic_on_every_code(variant: &str, seed: u64, rows: usize) {
+    let mut rng = StdRng::seed_from_u64(seed);
     let (mut checked, mut failures) = (0, Vec::new());
     for spec in fp_specs() {
         let (bits, g) = (spec.bits() as usize, spec.group_size() as usize);
-        // Rows of 5 groups: 3·520 groups, several tasks, every scale code about 6 times.
-        let (rows, cols) = (312, 5 * g);
+        let cols = 5 * g;
         let groups = rows * cols / g;
         let words: Vec<u32> = (0..rows * cols * bits / 32).map(|_| rng.gen()).collect();
         let s: Vec<u8> = (0..groups)
@@ -1212,7 +1285,8 @@ fn avx512_fp_dequantize_matches_generic_on_every_code() {
             spec,
         )
         .unwrap();
-        checked += avx512_dequantize_vs_generic(
+        checked += dequantize_vs_generic(
+            variant,
             &qw,
             &spec.to_string(),
             DType::U8,
@@ -1220,7 +1294,26 @@ fn avx512_fp_dequantize_matches_generic_on_every_code() {
             &mut failures,
         );
     }
-    assert_none("avx512 vs generic FP dequantize", checked, failures);
+    assert_none(
+        &format!("{variant} vs generic FP dequantize"),
+        checked,
+        failures,
+    );
+}
+
+/// [`fp_dequantize_matches_generic_on_every_code`] on avx512: 312 rows of 5 groups, 3·520
+/// groups, several tasks, every scale code about 6 times.
+#[test]
+fn avx512_fp_dequantize_matches_generic_on_every_code() {
+    fp_dequantize_matches_generic_on_every_code("avx512", 0xdef4, 312);
+}
+
+/// [`fp_dequantize_matches_generic_on_every_code`] on avx2: 313 rows (odd) of 5 groups.
+#[test]
+fn avx2_fp_dequantize_matches_generic_on_every_code() {
+    if avx2_fp_kernels_here("avx2_fp_dequantize_matches_generic_on_every_code") {
+        fp_dequantize_matches_generic_on_every_code("avx2", 0xdef2, 313);
+    }
 }
 
 /// nvfp4 rows of an odd number of 16-element groups (48 codes of 4 bits: 6 words) pack into

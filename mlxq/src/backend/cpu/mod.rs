@@ -18,6 +18,8 @@ pub(crate) mod x86_amx;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_avx2_fp_quant;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx2_int;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx2_quant;
@@ -258,6 +260,8 @@ const TABLE: &[Variant] = &[
     #[cfg(target_arch = "x86_64")]
     x86_fp_quant::FP_QUANT,
     #[cfg(target_arch = "x86_64")]
+    x86_avx2_fp_quant::FP_QUANT_AVX2,
+    #[cfg(target_arch = "x86_64")]
     x86_qvm::QMV_N,
     #[cfg(target_arch = "x86_64")]
     x86_avx2::QMM_T_GEMM_AVX2,
@@ -304,8 +308,8 @@ fn all_variants() -> impl Iterator<Item = &'static Variant> {
 /// The portable variant: every op, every key (affine and the FP modes).
 const GENERIC: Variant = Variant {
     name: "generic",
-    // The FP modes (mxfp4, mxfp8, nvfp4) run here: quantize, dequantize, and the matmuls
-    // wherever neither `avx512` (transposed) nor `avx2` (both layouts) runs them.
+    // The FP modes (mxfp4, mxfp8, nvfp4) run here wherever neither `avx512` nor `avx2` runs
+    // them: quantize and dequantize on CPUs without AVX2, the matmuls as `x86.rs` says.
     supports: |_| true,
     decode: None,
     build: portable::<Baseline>,

@@ -91,14 +91,14 @@ const PREFETCH_BYTES: usize = 4096;
 const TASK_GROUPS: usize = 1024;
 
 /// Element bits and group size of an FP mode.
-const fn shape(mode: QuantMode) -> (usize, usize) {
+pub(crate) const fn shape(mode: QuantMode) -> (usize, usize) {
     let (bits, g) = crate::QuantSpec::fp_defaults(mode);
     (bits as usize, g as usize)
 }
 
 /// The kernel of `mode` among the kernels instantiated for its `MODE` constants 1, 2, 3
 /// ([`fp_mode`]: mxfp4, mxfp8, nvfp4); none for affine.
-fn per_mode<F>(mode: QuantMode, [mxfp4, mxfp8, nvfp4]: [F; 3]) -> Option<F> {
+pub(crate) fn per_mode<F>(mode: QuantMode, [mxfp4, mxfp8, nvfp4]: [F; 3]) -> Option<F> {
     match mode {
         QuantMode::Affine => None,
         QuantMode::Mxfp4 => Some(mxfp4),
@@ -119,7 +119,7 @@ fn quantize_kernel(dtype: DType, mode: QuantMode) -> Option<QuantizeFn> {
 /// The 64-byte E2M1 table of pass 3: entry `2 + 2i` is the code of the start of bin `i`
 /// (`2⁻² + i` steps of 2 mantissa bits; bin 20 is 8 and beyond), `3 + 2i` that of its inside;
 /// entries 0 and 1 (below 0.25) and past 43 are 0.
-fn e2m1_table(flavour: Flavour) -> [u8; 64] {
+pub(crate) fn e2m1_table(flavour: Flavour) -> [u8; 64] {
     let code = |x: f32| match flavour {
         Flavour::Gpu => fp::e2m1_from_f32_gpu(x),
         Flavour::Cpu => fp::e2m1_from_f32_cpu(x),
@@ -134,7 +134,7 @@ fn e2m1_table(flavour: Flavour) -> [u8; 64] {
 }
 
 /// The bits of 0.25, where bin 0 starts.
-const BIN0: u32 = 0x3E80_0000;
+pub(crate) const BIN0: u32 = 0x3E80_0000;
 
 /// The checks every kernel of this module starts with (the CPU's features, `mode`'s group
 /// size); `mode`'s element bits and group size.
@@ -142,6 +142,17 @@ fn entry(op: &'static str, mode: QuantMode, group_size: usize) -> Result<(usize,
     if !available() {
         return Err(missing_features(op));
     }
+    check_group(op, mode, group_size)
+}
+
+/// `mode`'s element bits and group size, or an error naming `group_size` if it is not the
+/// mode's (the check every FP quantize and dequantize kernel starts with, after its CPU's
+/// features).
+pub(crate) fn check_group(
+    op: &'static str,
+    mode: QuantMode,
+    group_size: usize,
+) -> Result<(usize, usize)> {
     let (bits, g) = shape(mode);
     if group_size != g {
         return Err(Error::invalid(op, "group_size", g.to_string(), group_size));
@@ -149,32 +160,45 @@ fn entry(op: &'static str, mode: QuantMode, group_size: usize) -> Result<(usize,
     Ok((bits, g))
 }
 
+/// An FP quantize call's driver: checks that `a`'s input (of `T`), packed codes and scale
+/// codes hold the same number of groups of `shape` (element bits, group size), then runs
+/// `task` on every run of `task_groups` groups (the last may be shorter) in parallel, with
+/// that run's input, packed codes and scale codes.
+pub(crate) fn quantize_tasks<T: Float>(
+    op: &'static str,
+    a: QuantizeArgs<'_>,
+    (bits, g): (usize, usize),
+    task_groups: usize,
+    task: impl Fn(&[T], &mut [u8], &mut [u8]) + Sync + Send,
+) -> Result<()> {
+    let w: &[T] = cast(op, "w", a.w)?;
+    let groups = a.scales.len();
+    let gb = g * bits / 8;
+    check_len(op, "w", groups * g, w.len())?;
+    check_len(op, "packed", groups * gb, a.packed.len())?;
+    w.par_chunks(task_groups * g)
+        .zip(a.packed.par_chunks_mut(task_groups * gb))
+        .zip(a.scales.par_chunks_mut(task_groups))
+        .for_each(|((w, packed), scales)| task(w, packed, scales));
+    Ok(())
+}
+
 /// The kernel: tasks of [`TASK_GROUPS`] groups in parallel.
 fn quantize<T: Float, const MODE: u8>(a: QuantizeArgs<'_>) -> Result<()> {
     const OP: &str = "quantize";
-    let mode = fp_mode(MODE);
-    let (bits, g) = entry(OP, mode, a.group_size)?;
-    let w: &[T] = cast(OP, "w", a.w)?;
-    let groups = a.scales.len();
-    let gb = g * bits / 8;
-    check_len(OP, "w", groups * g, w.len())?;
-    check_len(OP, "packed", groups * gb, a.packed.len())?;
+    let shape = entry(OP, fp_mode(MODE), a.group_size)?;
     let flavour = a.flavour;
     let table = e2m1_table(flavour);
-    w.par_chunks(TASK_GROUPS * g)
-        .zip(a.packed.par_chunks_mut(TASK_GROUPS * gb))
-        .zip(a.scales.par_chunks_mut(TASK_GROUPS))
-        .for_each(|((w, packed), scales)| {
-            // SAFETY: `available()` holds (checked above); `quantize_groups` checks that the
-            // slices agree (they do by construction: equal numbers of groups per chunk).
-            unsafe {
-                match flavour {
-                    Flavour::Gpu => quantize_groups::<T, MODE, true>(w, packed, scales, &table),
-                    Flavour::Cpu => quantize_groups::<T, MODE, false>(w, packed, scales, &table),
-                }
+    quantize_tasks::<T>(OP, a, shape, TASK_GROUPS, |w, packed, scales| {
+        // SAFETY: `available()` holds (checked above); `quantize_groups` checks that the
+        // slices agree (they do by construction: equal numbers of groups per chunk).
+        unsafe {
+            match flavour {
+                Flavour::Gpu => quantize_groups::<T, MODE, true>(w, packed, scales, &table),
+                Flavour::Cpu => quantize_groups::<T, MODE, false>(w, packed, scales, &table),
             }
-        });
-    Ok(())
+        }
+    })
 }
 
 /// Quantizes the groups of one task, 16 at a time; the marked groups and a last partial batch
@@ -537,34 +561,52 @@ fn dequantize_kernel(out: DType, mode: QuantMode) -> Option<DequantizeFn> {
     ]), _ => None)
 }
 
-/// The dequantize kernel: tasks of [`DEQ_TASK_GROUPS`] groups in parallel.
-fn dequantize<O: Float, const MODE: u8>(a: DequantizeArgs<'_>) -> Result<()> {
-    const OP: &str = "dequantize";
-    let mode = fp_mode(MODE);
-    let (bits, g) = entry(OP, mode, a.w.group_size)?;
-    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
-    let (packed, scales) = (a.w.packed, a.w.scales);
-    let groups = scales.len();
-    let gb = g * bits / 8;
-    check_len(OP, "out", groups * g, out.len())?;
-    check_len(OP, "packed", groups * gb, packed.len())?;
-    // Each scale code's value as the flavour multiplies by it.
-    let flavour = a.flavour;
-    let table: [f32; 256] = std::array::from_fn(|c| {
+/// Each scale code's value as `flavour` multiplies an element by it when dequantizing to
+/// `O` in `mode`: [`fp::scale_value`], rounded to `O` first on the CPU flavour.
+pub(crate) fn scale_table<O: Float>(mode: QuantMode, flavour: Flavour) -> [f32; 256] {
+    std::array::from_fn(|c| {
         let v = fp::scale_value(c as u8, mode, flavour);
         match flavour {
             Flavour::Cpu => O::from_f32(v).to_f32(),
             Flavour::Gpu => v,
         }
-    });
-    out.par_chunks_mut(DEQ_TASK_GROUPS * g)
-        .zip(packed.par_chunks(DEQ_TASK_GROUPS * gb))
-        .zip(scales.par_chunks(DEQ_TASK_GROUPS))
-        .for_each(|((out, packed), scales)| {
-            // SAFETY: `available()` holds (checked above); `dequantize_groups` checks lengths.
-            unsafe { dequantize_groups::<O, MODE>(packed, scales, &table, out) };
-        });
+    })
+}
+
+/// An FP dequantize call's driver: checks that `a`'s output (of `O`) and packed codes hold as
+/// many groups of `shape` (element bits, group size) as there are scale codes, then runs
+/// `task` on every run of `task_groups` groups (the last may be shorter) in parallel, with
+/// that run's packed codes, scale codes and output.
+pub(crate) fn dequantize_tasks<O: Float>(
+    op: &'static str,
+    a: DequantizeArgs<'_>,
+    (bits, g): (usize, usize),
+    task_groups: usize,
+    task: impl Fn(&[u8], &[u8], &mut [O]) + Sync + Send,
+) -> Result<()> {
+    let out: &mut [O] = cast_mut(op, "out", a.out)?;
+    let (packed, scales) = (a.w.packed, a.w.scales);
+    let groups = scales.len();
+    let gb = g * bits / 8;
+    check_len(op, "out", groups * g, out.len())?;
+    check_len(op, "packed", groups * gb, packed.len())?;
+    out.par_chunks_mut(task_groups * g)
+        .zip(packed.par_chunks(task_groups * gb))
+        .zip(scales.par_chunks(task_groups))
+        .for_each(|((out, packed), scales)| task(packed, scales, out));
     Ok(())
+}
+
+/// The dequantize kernel: tasks of [`DEQ_TASK_GROUPS`] groups in parallel.
+fn dequantize<O: Float, const MODE: u8>(a: DequantizeArgs<'_>) -> Result<()> {
+    const OP: &str = "dequantize";
+    let mode = fp_mode(MODE);
+    let shape = entry(OP, mode, a.w.group_size)?;
+    let table = scale_table::<O>(mode, a.flavour);
+    dequantize_tasks::<O>(OP, a, shape, DEQ_TASK_GROUPS, |packed, scales, out| {
+        // SAFETY: `available()` holds (checked above); `dequantize_groups` checks lengths.
+        unsafe { dequantize_groups::<O, MODE>(packed, scales, &table, out) };
+    })
 }
 
 /// Dequantizes whole groups, 16 elements at a time. Does nothing if the lengths disagree.
