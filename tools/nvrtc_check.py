@@ -15,7 +15,7 @@ import argparse, ctypes, os, re, sys
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "mlxq", "src", "backend", "cuda", "kernels")
 QMM = ["batch.cuh", "smem.cuh", "qmv.cu", "qmm_tc.cu", "qmv_dec.cu", "qmv_decb.cu", "qmm_tile.cu", "qmm_wg.cu"]
 # The FP modes' tensor-core module (backend/cuda/mod.rs FP_TILES).
-FP_TILES = ["batch.cuh", "smem.cuh", "qmm_tc.cu", "qmm_tile.cu", "qmm_wg.cu"]
+FP_TILES = ["batch.cuh", "smem.cuh", "qmm_tc.cu", "qmv_dec.cu", "qmv_decb.cu", "qmm_tile.cu", "qmm_wg.cu"]
 CTYPE = {"f32": "float", "f16": "f16_t", "bf16": "bf16_t"}
 TC_X = {"bf16": 2, "f16": 1, "f32": 0}
 # MODE define, element bits, group size (backend/cuda/mod.rs fp_defines).
@@ -53,7 +53,7 @@ def main():
             # As backend/cuda/mod.rs: the tensor-core tiles with FP dequantisation.
             src = read("common.cuh") + "\n" + "\n".join(read(f) for f in FP_TILES)
             opts = [o.replace("-DMODE=", "-DFPM=") for o in opts]
-            opts += [f"-DXT={t}", "-DST=u8", f"-DOT={t}", f"-DTC_X={TC_X[a.dtype]}"]
+            opts += [f"-DXT={t}", "-DST=u8", f"-DOT={t}", f"-DTC_X={TC_X[a.dtype]}", "-DDEC_SU=2"]
         elif a.module == "fp-matmul":
             opts += [f"-DXT={t}"]
         else:

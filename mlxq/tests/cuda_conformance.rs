@@ -1283,71 +1283,19 @@ fn fp_tiled_prefill_and_gather_match_the_f64_reference() {
                 ));
             }
         }
-        // Random codes and scales (E8M0 2^-6..2^5, mxfp8 2^-10..2^1 so that its elements of up
-        // to 448 keep the f16 outputs finite; nvfp4's E4M3 2^-8..1.875, subnormal scales
-        // included), M = 40 on the 64-token tile; mxfp8 without its NaN codes first.
-        let (bits, g) = (spec.bits() as usize, spec.group_size() as usize);
+        // Random codes and scales, M = 40 on the 64-token tile; mxfp8's NaN codes.
         let (m, rows, cols) = (40, 13000, 384);
-        let mut bytes: Vec<u8> = (0..rows * cols * bits / 8).map(|_| rng.gen()).collect();
-        if bits == 8 {
-            for b in &mut bytes {
-                if *b & 0x7f == 0x7f {
-                    *b -= 1;
-                }
-            }
-        }
-        let sc: Vec<u8> = (0..rows * cols / g)
-            .map(|_| match mode {
-                QuantMode::Nvfp4 => rng.gen_range(0x02..0x3f),
-                QuantMode::Mxfp8 => rng.gen_range(117..129),
-                _ => rng.gen_range(121..133),
-            })
-            .collect();
-        let make = |bytes: &[u8]| {
-            QuantizedWeight::new(
-                Buffer::from_bytes(bytes, DType::U32, &[rows, cols * bits / 32]).unwrap(),
-                Buffer::from_bytes(&sc, DType::U8, &[rows, cols / g]).unwrap(),
-                None,
-                spec,
-            )
-            .unwrap()
-        };
         for xdt in [DType::BF16, DType::F16] {
             let ctx = format!("{mode} x {xdt} random codes M={m} W {rows}x{cols}");
+            let qw = fp_random_weight(&mut rng, mode, rows, cols, false, None);
             checked += 1;
             failures.extend(check_fp_tiled(
-                &dev,
-                &mut enc,
-                &mut rng,
-                &ctx,
-                &make(&bytes),
-                xdt,
-                m,
-                tiles,
+                &dev, &mut enc, &mut rng, &ctx, &qw, xdt, m, tiles,
             ));
         }
-        if bits == 8 {
-            // NaN codes in W row 5 (0x7f) and row 9 (0xff): exactly output columns 5 and 9 NaN.
-            let mut nan = bytes.clone();
-            nan[5 * cols + 20] = 0x7f;
-            nan[9 * cols + 3] = 0xff;
-            let x = Buffer::from_f32(&randn(&mut rng, m * cols), DType::BF16, &[m, cols]).unwrap();
-            let out =
-                ops::quantized_matmul(&mut enc, &up(&x, &dev), &weight_to(&make(&nan), &dev), true)
-                    .unwrap();
-            enc.commit_and_wait().unwrap();
+        if mode == QuantMode::Mxfp8 {
             checked += 1;
-            let v = down(&out).to_f32_vec().unwrap();
-            let wrong: Vec<usize> = (0..v.len())
-                .filter(|&i| v[i].is_nan() != matches!(i % rows, 5 | 9))
-                .collect();
-            if !wrong.is_empty() {
-                failures.push(format!(
-                    "{mode} NaN codes: {} outputs wrong, first {}",
-                    wrong.len(),
-                    wrong[0]
-                ));
-            }
+            failures.extend(check_nan_codes(&dev, &mut enc, &mut rng, rows, cols, m));
         }
     }
     // gather_qmm: 256 tokens x top-4 of 16 experts [512, 256], one pair out of range.
@@ -1583,4 +1531,215 @@ fn without_the_feature_cuda_is_unavailable() {
         Device::cuda(0),
         Err(Error::BackendUnavailable { .. })
     ));
+}
+
+/// W of random FP codes and scales (E8M0 2^-6..2^5, mxfp8 2^-10..2^1 so that its elements of
+/// up to 448 keep f16 outputs finite; nvfp4's E4M3 2^-8..1.875, subnormal scales included):
+/// every E2M1 and E4M3 code, mxfp8 without its NaN codes unless `nan`, which puts one in W row
+/// 5 (0x7f, element 20) and one in row 9 (0xff, element 3). `codes` replaces the scale codes'
+/// range.
+fn fp_random_weight(
+    rng: &mut StdRng,
+    mode: QuantMode,
+    rows: usize,
+    cols: usize,
+    nan: bool,
+    codes: Option<std::ops::Range<u8>>,
+) -> QuantizedWeight {
+    let spec = fp_spec(mode);
+    let (bits, g) = (spec.bits() as usize, spec.group_size() as usize);
+    let mut bytes: Vec<u8> = (0..rows * cols * bits / 8).map(|_| rng.gen()).collect();
+    if bits == 8 {
+        for b in &mut bytes {
+            if *b & 0x7f == 0x7f {
+                *b -= 1;
+            }
+        }
+        if nan {
+            bytes[5 * cols + 20] = 0x7f;
+            bytes[9 * cols + 3] = 0xff;
+        }
+    }
+    let range = codes.unwrap_or(match mode {
+        QuantMode::Nvfp4 => 0x02..0x3f,
+        QuantMode::Mxfp8 => 117..129,
+        _ => 121..133,
+    });
+    let sc: Vec<u8> = (0..rows * cols / g)
+        .map(|_| rng.gen_range(range.clone()))
+        .collect();
+    QuantizedWeight::new(
+        Buffer::from_bytes(&bytes, DType::U32, &[rows, cols * bits / 32]).unwrap(),
+        Buffer::from_bytes(&sc, DType::U8, &[rows, cols / g]).unwrap(),
+        None,
+        spec,
+    )
+    .unwrap()
+}
+
+/// mxfp8 W with NaN codes in rows 5 and 9 (`fp_random_weight`) against M rows of bf16 x:
+/// exactly output columns 5 and 9 must be NaN.
+fn check_nan_codes(
+    dev: &Device,
+    enc: &mut CommandEncoder,
+    rng: &mut StdRng,
+    rows: usize,
+    cols: usize,
+    m: usize,
+) -> Option<String> {
+    let qw = fp_random_weight(rng, QuantMode::Mxfp8, rows, cols, true, None);
+    let x = Buffer::from_f32(&randn(rng, m * cols), DType::BF16, &[m, cols]).unwrap();
+    let out = ops::quantized_matmul(enc, &up(&x, dev), &weight_to(&qw, dev), true)
+        .and_then(|o| enc.commit_and_wait().map(|()| o));
+    let v = match out {
+        Ok(o) => down(&o).to_f32_vec().unwrap(),
+        Err(e) => return Some(format!("mxfp8 NaN codes M={m}: {e}")),
+    };
+    let wrong: Vec<usize> = (0..v.len())
+        .filter(|&i| v[i].is_nan() != matches!(i % rows, 5 | 9))
+        .collect();
+    (!wrong.is_empty()).then(|| {
+        format!(
+            "mxfp8 NaN codes M={m} W {rows}x{cols}: {} outputs wrong, first {}",
+            wrong.len(),
+            wrong[0]
+        )
+    })
+}
+
+/// MLX's FP modes in decode (M <= 16, on sm_90a the FP module's bulk-copy decode kernel,
+/// `fp_tiles`): M = 1, 3, 8, 9 and 16 over shapes that take its 4- and 8-consumer forms
+/// (N >= 8192 at M <= 4; K not a multiple of 8 batches) and one and two n-tiles, N not a
+/// multiple of 16; every mode with bf16 and f16 x; weights quantized from random data and of random
+/// codes and scales; mxfp8's NaN codes; and a one-token gather_qmm (top-8 of 16 experts, one
+/// out of range). Against the f64 reference, outputs poisoned. Without sm_90a the same calls
+/// run fp.cu's kernels and are checked the same way.
+#[test]
+fn fp_decode_matches_the_f64_reference() {
+    let Some(dev) = gpu() else { return };
+    let tiles = has_wgmma(&dev);
+    let mut enc = dev.encoder();
+    let mut cenc = Device::cpu().encoder();
+    let mut rng = StdRng::seed_from_u64(59);
+    let (mut checked, mut failures) = (0, Vec::new());
+    let shapes = [
+        (1, 8320, 2048),
+        (3, 1000, 4096),
+        (8, 2050, 3072),
+        (9, 700, 2048),
+        (16, 4100, 2048),
+    ];
+    for mode in FP_MODES {
+        let spec = fp_spec(mode);
+        for xdt in [DType::BF16, DType::F16] {
+            for (m, rows, cols) in shapes {
+                let ctx = format!("{mode} x {xdt} M={m} W {rows}x{cols}");
+                let w =
+                    Buffer::from_f32(&randn(&mut rng, rows * cols), xdt, &[rows, cols]).unwrap();
+                let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
+                checked += 1;
+                failures.extend(check_fp_tiled(
+                    &dev, &mut enc, &mut rng, &ctx, &qw, xdt, m, tiles,
+                ));
+            }
+            for (m, rows, cols) in [(1, 8320, 2048), (9, 700, 2048)] {
+                let ctx = format!("{mode} x {xdt} random codes M={m} W {rows}x{cols}");
+                let qw = fp_random_weight(&mut rng, mode, rows, cols, false, None);
+                checked += 1;
+                failures.extend(check_fp_tiled(
+                    &dev, &mut enc, &mut rng, &ctx, &qw, xdt, m, tiles,
+                ));
+            }
+        }
+    }
+    // Scales past the decode kernel's one-multiplication bound (E2M1: 2, E4M3: 2^7), so that
+    // its batches take the two-multiplication form, with bf16 x (whose range holds the outputs).
+    for (mode, codes) in [
+        (QuantMode::Mxfp4, 118..131),
+        (QuantMode::Mxfp8, 120..140),
+        (QuantMode::Nvfp4, 0x30..0x48),
+    ] {
+        let (m, rows, cols) = (2, 3000, 4096);
+        let ctx = format!("{mode} large scales M={m} W {rows}x{cols}");
+        let qw = fp_random_weight(&mut rng, mode, rows, cols, false, Some(codes));
+        checked += 1;
+        failures.extend(check_fp_tiled(
+            &dev,
+            &mut enc,
+            &mut rng,
+            &ctx,
+            &qw,
+            DType::BF16,
+            m,
+            tiles,
+        ));
+    }
+    for m in [1, 3] {
+        checked += 1;
+        failures.extend(check_nan_codes(&dev, &mut enc, &mut rng, 1000, 2048, m));
+    }
+    // One token, top-8 of 16 experts [1000, 2048], one expert out of range.
+    let (experts, rows, cols, top) = (16, 1000, 2048, 8);
+    for (mode, xdt) in [
+        (QuantMode::Mxfp4, DType::BF16),
+        (QuantMode::Mxfp8, DType::F16),
+        (QuantMode::Nvfp4, DType::BF16),
+    ] {
+        let spec = fp_spec(mode);
+        let w = Buffer::from_f32(
+            &randn(&mut rng, experts * rows * cols),
+            xdt,
+            &[experts, rows, cols],
+        )
+        .unwrap();
+        let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
+        let wd = dequantize_f64(&qw).unwrap();
+        let x = Buffer::from_f32(&randn(&mut rng, cols), xdt, &[1, 1, 1, cols]).unwrap();
+        let mut idx: Vec<u32> = (0..top).map(|_| rng.gen_range(0..experts as u32)).collect();
+        let bad_at = 5;
+        idx[bad_at] = experts as u32 + 3;
+        let rhs = Buffer::from_slice(&idx, &[1, top]).unwrap();
+        let got = ops::gather_qmm(
+            &mut enc,
+            &up(&x, &dev),
+            &weight_to(&qw, &dev),
+            None,
+            Some(&up(&rhs, &dev)),
+            true,
+            false,
+        )
+        .unwrap();
+        let ran = enc.last_kernel().unwrap_or("").to_string();
+        let result = enc.commit_and_wait();
+        checked += 1;
+        let ctx = format!("{mode} x {xdt} gather 1x{top} of {experts} x {rows}x{cols}");
+        if tiles && !ran.contains("fp_tiles") {
+            failures.push(format!("{ctx}: ran {ran}, not the FP decode kernel"));
+        }
+        match result {
+            Err(Error::IndexOutOfRange {
+                position, bound, ..
+            }) if (position, bound) == (bad_at, experts) => {}
+            r => failures.push(format!(
+                "{ctx}: expected IndexOutOfRange at {bad_at}, got {r:?}"
+            )),
+        }
+        enc.commit_and_wait()
+            .expect("the fault is cleared once reported");
+        let v = down(&got).to_f32_vec().unwrap();
+        let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+        let (got_ok, want_ok) =
+            match pairs_and_reference(&v, &xf, &wd, &idx, top, (rows, cols), true, bad_at) {
+                Ok(p) => p,
+                Err(e) => {
+                    failures.push(format!("{ctx}: {e}"));
+                    continue;
+                }
+            };
+        let err = max_rel_err(&got_ok, &want_ok);
+        if err.is_nan() || err > tolerance(xdt) {
+            failures.push(format!("{ctx}: error {err:e}"));
+        }
+    }
+    assert_none("FP modes in decode", checked, failures);
 }

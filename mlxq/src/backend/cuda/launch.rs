@@ -339,9 +339,10 @@ pub(crate) fn qmm(
     let prev_dec = dev.swap_last_dec(None);
     let after_dec = prev_dec.is_some();
     let spec = w.spec();
-    // MLX's FP modes take the wgmma tiles below (prefill, and the sorted gather) from their
-    // own module where those serve the call (sm_90a, f16/bf16 x and output, W [N, K]), and
-    // fp.cu's CUDA-core kernels otherwise. MLXQ_FP_TILES=off keeps them on fp.cu.
+    // MLX's FP modes take the wgmma tiles below (prefill, and the sorted gather) and the
+    // bulk-copy decode (M <= 16) from their own module where those serve the call (sm_90a,
+    // f16/bf16 x and output, W [N, K]), and fp.cu's CUDA-core kernels otherwise.
+    // MLXQ_FP_TILES=off keeps them on fp.cu.
     let fp = spec.mode() != QuantMode::Affine;
     let (bt, entries) = batch_of(enc, &dev, op, w, job, prev_dec)?;
     let w_count = w.batch_size() as u64;
@@ -353,6 +354,7 @@ pub(crate) fn qmm(
         && w_count <= 1024;
     let prefill_shape =
         job.transpose && job.m > 16 && entries == 1 && job.lhs.is_none() && job.rhs.is_none();
+    let decode_shape = job.transpose && job.m <= 16;
     let key = KernelKey {
         op: OpKind::QuantizedMatmul,
         mode: spec.mode(),
@@ -366,7 +368,7 @@ pub(crate) fn qmm(
     };
     // (`ops` made the output x's dtype; the tensor-core keys are W [N, K], f16/bf16 x.)
     if fp
-        && !((gather_shape || prefill_shape)
+        && !((gather_shape || prefill_shape || decode_shape)
             && super::nvrtc::wgmma(dev.arch())
             && super::tensor_core_path(&key, dev.arch())
             && knob("MLXQ_FP_TILES") != Some("off"))
@@ -579,7 +581,7 @@ pub(crate) fn qmm(
         finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
         return Ok(());
     }
-    if !fp
+    if (!fp || decode_shape)
         && job.transpose
         && super::tensor_core_path(&key, dev.arch())
         && knob("MLXQ_DEC_OFF").is_none()
@@ -627,6 +629,7 @@ pub(crate) fn qmm(
             group,
             ssize,
             gather,
+            fp,
             [pw, ps, pb],
             [words_per_matrix * 4, s_stride * ssize],
         ) {
@@ -658,6 +661,10 @@ pub(crate) fn qmm(
             dev.swap_last_dec(Some(out_range));
             finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
             return Ok(());
+        }
+        if fp {
+            // The FP module has no other decode kernel.
+            return super::fp::qmm(enc, &dev, op, x, w, out, job, bt, entries);
         }
         if let Some((fi, nw, kc, smem_m)) = decm_pick(
             &dev,
@@ -1534,6 +1541,10 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 /// against 17.8). MLXQ_DECB=1 takes it wherever it can serve (gathers and M up to 8 / slots
 /// included), =0 never; MLXQ_DECB_NC=4|8 and MLXQ_DECB_NS set its consumer warps and ring
 /// stages (experiments).
+///
+/// FP weights (`fp`: the FP module's `qmv_decb`, one token per mma column) take it for every
+/// M and gather it can serve, on the affine 4-bit rule's consumers and stages (4 x 3 at M <= 4
+/// where N >= 8192, and where 8 consumers do not divide K; 8 x 2 otherwise).
 #[allow(clippy::too_many_arguments)]
 fn decb_pick(
     dev: &CudaDevice,
@@ -1544,6 +1555,7 @@ fn decb_pick(
     group: u64,
     ssize: u64,
     gather: bool,
+    fp: bool,
     ptrs: [u64; 3],
     strides: [u64; 2],
 ) -> Option<(&'static str, u64, u64)> {
@@ -1554,7 +1566,8 @@ fn decb_pick(
     };
     let ck = 128 / bits;
     let qc = 4 * ck;
-    let slots = if group < qc { qc / group } else { 1 };
+    // FP weights: every mma column a token (the scale is in the A fragment).
+    let slots = if group < qc && !fp { qc / group } else { 1 };
     let batch_codes = super::dec_steps() * qc;
     let dsb = batch_codes / group.max(1) * ssize;
     let few_tiles = ndim.div_ceil(16) <= u64::from(dev.multiprocessors());
@@ -1572,8 +1585,13 @@ fn decb_pick(
     }
     // 8 consumers take a 2-stage ring, 4 consumers 3 stages (run 21, with the proxy fence that
     // ended run 20's wrong results on 2 stages: 2 beat 3 and 4 at every shape measured).
+    // FP weights have no other decode kernel here: every M and gather, 4 consumers where 8
+    // do not divide K.
     let (nc, ns) = match bits {
         _ if everywhere => (8, 2),
+        4 if fp && nt == 1 && m <= 4 && ndim >= 8192 => (4, 3),
+        _ if fp && !kdim.is_multiple_of(8 * batch_codes) => (4, 3),
+        _ if fp => (8, 2),
         _ if nt > 1 && slots != 2 => return None,
         8 if !gather && nt == 1 => (8, 2),
         4 if !gather && m <= 4 && ndim >= 8192 => (4, 3),

@@ -189,14 +189,19 @@ const QMM: &str = concat!(
     "\n",
     include_str!("kernels/qmm_wg.cu")
 );
-/// The FP modes' tensor-core module: the wgmma tiles (and the gather's sort) of the matmul
-/// module, dequantising E2M1 / E4M3 elements with their scale codes (`FPM` in qmm_tc.cu).
+/// The FP modes' tensor-core module: the wgmma tiles (and the gather's sort) and the
+/// bulk-copy decode kernel (`qmv_decb`) of the matmul module, dequantising E2M1 / E4M3
+/// elements with their scale codes (`FPM` in qmm_tc.cu).
 const FP_TILES: &str = concat!(
     include_str!("kernels/batch.cuh"),
     "\n",
     include_str!("kernels/smem.cuh"),
     "\n",
     include_str!("kernels/qmm_tc.cu"),
+    "\n",
+    include_str!("kernels/qmv_dec.cu"),
+    "\n",
+    include_str!("kernels/qmv_decb.cu"),
     "\n",
     include_str!("kernels/qmm_tile.cu"),
     "\n",
@@ -330,7 +335,15 @@ const TABLE: &[Variant] = &[
                 && k.output == k.input
         },
         source: FP_TILES,
-        entries: with_wg_tiles!["gather_count", "gather_place"],
+        entries: with_wg_tiles![
+            "gather_count",
+            "gather_place",
+            "qmv_decb_4_3",
+            "qmv_decb_8_2",
+            "qmv_decb_8_3",
+            "qmv_decb_8_4",
+            "qmv_decb_8_2_t2",
+        ],
         fmad: true,
         defines: |k| {
             let mut d: Vec<String> = fp::fp_defines(k)
@@ -341,6 +354,7 @@ const TABLE: &[Variant] = &[
             d.push("-DST=u8".into());
             d.push(format!("-DOT={}", ctype(k.output)));
             d.push(format!("-DTC_X={}", tc_x(k.input)));
+            d.push(format!("-DDEC_SU={}", dec_steps()));
             d.extend(experiment_defines());
             d
         },

@@ -94,6 +94,93 @@ __device__ __forceinline__ void mma(float* d, const u32* a, u32 b0, u32 b1) {
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+#if FPM
+// MLX's FP elements as the mma operand type, exactly: a nibble's E2M1 magnitude bits (e1 e0 m)
+// placed at bits 8..6 (bf16) or 11..9 (f16) and its sign at bit 15 make v 2^-126 (bf16) or
+// v 2^-14 (f16), the code 0.5 becoming the subnormal it is in E2M1 (as fp.cu's fp4_word);
+// an E4M3 byte's 7 magnitude bits at bits 10..4 (bf16) or 13..7 (f16) make v 2^-120 or v 2^-8,
+// subnormals alike, and its NaN codes (0x7f, 0xff) get the all-ones exponent. One exact
+// multiplication by the power of two (bf16 and f16 FMAs keep subnormal inputs) gives v, and a
+// second one the weight v s with the group's scale s as MLX's matmul reads it (rounded to x's
+// dtype). v s has at most 6 significant bits: exact in either type within its range.
+#if TC_X == 2
+#define FP_E2M1_SHL 6
+#define FP_E2M1_MASK 0x01C001C0u
+#define FP_E4M3_SHL 4
+#define FP_E4M3_MASK 0x07F007F0u
+#define FP_EXP2 0x7F807F80u
+#define FP_UNIT4 0x7E807E80u  // 2^126
+#define FP_UNIT8 0x7B807B80u  // 2^120
+#else
+#define FP_E2M1_SHL 9
+#define FP_E2M1_MASK 0x0E000E00u
+#define FP_E4M3_SHL 7
+#define FP_E4M3_MASK 0x3F803F80u
+#define FP_EXP2 0x7C007C00u
+#define FP_UNIT4 0x74007400u  // 2^14
+#define FP_UNIT8 0x5C005C00u  // 2^8
+#endif
+#define FP_NEG0 0x80008000u  // -0 + p = p: the FMAs below are exact products
+
+// A group's scale code as MLX's matmul reads it (fp.cu matmul_scale), in f32: E4M3 (nvfp4;
+// 0x7f, 0xff NaN) or E8M0 2^(c - 127) (0xff infinity).
+__device__ __forceinline__ float fp_scale_value(u32 c) {
+#if FPM == 3
+    const u32 mag = c & 0x7f, e = mag >> 3, m = mag & 7;
+    float v = e == 0 ? (float)m * (1.0f / 512.0f) : __int_as_float(((e + 120) << 23) | (m << 20));
+    if (mag == 0x7f) v = __int_as_float(0x7fc00000);
+    if (c & 0x80) v = -v;
+    return v;
+#else
+    const int e = (int)c - 127;
+    return e > 127     ? __int_as_float(0x7f800000)
+           : e >= -126 ? __int_as_float((e + 127) << 23)
+                       : __int_as_float(1u << (e + 149));
+#endif
+}
+
+// That scale rounded to x's dtype, as a pair of x's type.
+__device__ __forceinline__ u32 fp_scale_pair(u32 c) {
+    const float v = fp_scale_value(c);
+    return pack2(v, v);
+}
+
+// The power of two the placed elements below are short of their value: 2^126 (E2M1 in bf16),
+// 2^14 (in f16), 2^120 (E4M3 in bf16), 2^8 (in f16).
+#define FP_UNITF (BITS == 4 ? (TC_X == 2 ? 0x1p126f : 0x1p14f) : (TC_X == 2 ? 0x1p120f : 0x1p8f))
+// The largest scale (as f32) whose product with FP_UNITF x's type still holds (and scale codes
+// up to it): 2 (E2M1: 2^127 in bf16, 2^15 in f16) or 2^7 (E4M3: 2^127, 2^15).
+#define FP_ONE_MAX (BITS == 4 ? 2.0f : 128.0f)
+
+// The scale as fp_scale_pair gives it, times FP_UNITF (exact where the scale is at most
+// FP_ONE_MAX): the one multiplication that takes a placed pair to v * s (`ONE` below).
+__device__ __forceinline__ u32 fp_scale_pair_unit(u32 c) {
+    const float v = to_f32(from_f32<XT>(fp_scale_value(c))) * FP_UNITF;
+    return pack2(v, v);
+}
+
+// A pair of E2M1 codes (at bits 0..3 and 16..19 of `p`; its other bits are not read) as the
+// pair v * s: two exact multiplications (by 2^126 or 2^14, then by the scale pair s2), or with
+// ONE one, by s2 from fp_scale_pair_unit (the same product, rounded once as well).
+template <bool ONE = false> __device__ __forceinline__ u32 fp_e2m1_pair(u32 p, u32 s2) {
+    const u32 v = ((p << FP_E2M1_SHL) & FP_E2M1_MASK) | ((p << 12) & 0x80008000u);
+    return ONE ? fma2(v, s2, FP_NEG0) : fma2(fma2(v, FP_UNIT4, FP_NEG0), s2, FP_NEG0);
+}
+
+// A pair of E4M3 codes (bytes 0 and 2 of `q`; its bytes 1 and 3 are not read) with their NaN
+// masks (0xff or 0, in bytes 0 and 2 of `n`, whose other bytes are zero) as the pair v * s.
+// ONE: as fp_e2m1_pair, for codes that are not NaN (`n` is not read).
+template <bool ONE = false> __device__ __forceinline__ u32 fp_e4m3_pair(u32 q, u32 n, u32 s2) {
+    const u32 v = ((q << FP_E4M3_SHL) & FP_E4M3_MASK) | ((q << 8) & 0x80008000u);
+    if constexpr (ONE) return fma2(v, s2, FP_NEG0);
+    return fma2(fma2(v | (((n << 8) | n) & FP_EXP2), FP_UNIT8, FP_NEG0), s2, FP_NEG0);
+}
+
+// 0xff in each byte of `w` that is an E4M3 NaN code (0x7f, 0xff), 0 elsewhere.
+__device__ __forceinline__ u32 fp_e4m3_nan(u32 w) { return __vcmpeq4(w & 0x7f7f7f7fu, 0x7f7f7f7fu); }
+
+#endif  // FPM
+
 // Per lane and step: one 16-byte chunk of row g and of row g + 8 in each row tile, with the
 // scale and bias of its group.
 struct Step {

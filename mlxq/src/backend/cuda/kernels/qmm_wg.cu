@@ -138,76 +138,13 @@ __device__ __forceinline__ u32 wg_sel8(u32 p) {
 // Scale and bias units per row and step: scales, then biases (affine); scale codes (FP).
 #define WG_NU (FPM ? 1 : 2)
 
-#if FPM
-// MLX's FP elements as the mma operand type, exactly: a nibble's E2M1 magnitude bits (e1 e0 m)
-// placed at bits 8..6 (bf16) or 11..9 (f16) and its sign at bit 15 make v 2^-126 (bf16) or
-// v 2^-14 (f16), the code 0.5 becoming the subnormal it is in E2M1 (as fp.cu's fp4_word);
-// an E4M3 byte's 7 magnitude bits at bits 10..4 (bf16) or 13..7 (f16) make v 2^-120 or v 2^-8,
-// subnormals alike, and its NaN codes (0x7f, 0xff) get the all-ones exponent. One exact
-// multiplication by the power of two (bf16 and f16 FMAs keep subnormal inputs) gives v, and a
-// second one the weight v s with the group's scale s as MLX's matmul reads it (rounded to x's
-// dtype). v s has at most 6 significant bits: exact in either type within its range.
-#if TC_X == 2
-#define FP_E2M1_SHL 6
-#define FP_E2M1_MASK 0x01C001C0u
-#define FP_E4M3_SHL 4
-#define FP_E4M3_MASK 0x07F007F0u
-#define FP_EXP2 0x7F807F80u
-#define FP_UNIT4 0x7E807E80u  // 2^126
-#define FP_UNIT8 0x7B807B80u  // 2^120
-#else
-#define FP_E2M1_SHL 9
-#define FP_E2M1_MASK 0x0E000E00u
-#define FP_E4M3_SHL 7
-#define FP_E4M3_MASK 0x3F803F80u
-#define FP_EXP2 0x7C007C00u
-#define FP_UNIT4 0x74007400u  // 2^14
-#define FP_UNIT8 0x5C005C00u  // 2^8
-#endif
-#define FP_NEG0 0x80008000u  // -0 + p = p: the FMAs below are exact products
-
-// A group's scale code as MLX's matmul reads it (fp.cu matmul_scale), as a pair of x's type:
-// E4M3 (nvfp4; 0x7f, 0xff NaN) or E8M0 2^(c - 127) (0xff infinity), rounded to x's dtype.
-__device__ __forceinline__ u32 wg_fp_scale(u32 c) {
-#if FPM == 3
-    const u32 mag = c & 0x7f, e = mag >> 3, m = mag & 7;
-    float v = e == 0 ? (float)m * (1.0f / 512.0f) : __int_as_float(((e + 120) << 23) | (m << 20));
-    if (mag == 0x7f) v = __int_as_float(0x7fc00000);
-    if (c & 0x80) v = -v;
-#else
-    const int e = (int)c - 127;
-    const float v = e > 127     ? __int_as_float(0x7f800000)
-                    : e >= -126 ? __int_as_float((e + 127) << 23)
-                                : __int_as_float(1u << (e + 149));
-#endif
-    return pack2(v, v);
-}
-
-// E2M1 codes 2t, 2t + 1 (byte t of a word; `sel` = t | (t + 4) << 8) as the pair v * s.
-__device__ __forceinline__ u32 wg_pair_e2m1(u32 wd, u32 sel, u32 s2) {
-    const u32 p = prmt(wd, wd >> 4, sel) & 0x000F000Fu;
-    const u32 v = ((p << FP_E2M1_SHL) & FP_E2M1_MASK) | ((p << 12) & 0x80008000u);
-    return fma2(fma2(v, FP_UNIT4, FP_NEG0), s2, FP_NEG0);
-}
-
-// E4M3 bytes p, p + 1 of a word (`sel` = p | 4 << 4 | (p + 1) << 8 | 4 << 12, their NaN
-// masks' bytes from `nan`) as the pair v * s.
-__device__ __forceinline__ u32 wg_pair_e4m3(u32 wd, u32 nan, u32 sel, u32 s2) {
-    const u32 q = prmt(wd, 0, sel), n = prmt(nan, 0, sel);
-    const u32 v = ((q << FP_E4M3_SHL) & FP_E4M3_MASK) | ((q << 8) & 0x80008000u) |
-                  (((n << 8) | n) & FP_EXP2);
-    return fma2(fma2(v, FP_UNIT8, FP_NEG0), s2, FP_NEG0);
-}
-
-#endif  // FPM
-
 // A row's step unit read for one group: its scale (and bias) as pairs of x's type.
 struct WgGroup {
     u32 s2, b2;  // b2: affine only
 };
 __device__ __forceinline__ WgGroup wg_group(const u8* su, u32 ei) {
 #if FPM
-    return {wg_fp_scale(su[ei]), 0u};
+    return {fp_scale_pair(su[ei]), 0u};
 #else
     constexpr int BW = 128, SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
     constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4;
@@ -219,14 +156,14 @@ __device__ __forceinline__ WgGroup wg_group(const u8* su, u32 ei) {
 // The A-fragment pair of 4-bit word `wd` (byte t: `sel`) and of 8-bit word `wd` (bytes p, p + 1).
 __device__ __forceinline__ u32 wg_pair_4(u32 wd, u32 sel, WgGroup c) {
 #if FPM
-    return wg_pair_e2m1(wd, sel, c.s2);
+    return fp_e2m1_pair(prmt(wd, wd >> 4, sel), c.s2);
 #else
     return wg_pair4(wd, sel, c.s2, c.b2);
 #endif
 }
 __device__ __forceinline__ u32 wg_pair_8(u32 wd, u32 sel, WgGroup c) {
 #if FPM
-    return wg_pair_e4m3(wd, __vcmpeq4(wd & 0x7f7f7f7fu, 0x7f7f7f7fu), sel, c.s2);
+    return fp_e4m3_pair(prmt(wd, 0, sel), prmt(fp_e4m3_nan(wd), 0, sel), c.s2);
 #else
     return wg_pair8(wd, sel, c.s2, c.b2);
 #endif

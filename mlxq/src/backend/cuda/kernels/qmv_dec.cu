@@ -32,7 +32,9 @@
 #define DEC_ILV_FOR(RING) (RING)
 #endif
 constexpr int DQC = 4 * CK;                             // codes per step and row
-constexpr int DSLOTS = GROUP < DQC ? DQC / GROUP : 1;   // groups per step
+// Groups per step, each its own mma column; FP weights carry their scale in the A fragment
+// (dec_batch_fp), so all groups share one.
+constexpr int DSLOTS = !FPM && GROUP < DQC ? DQC / GROUP : 1;
 constexpr int DLPS = 4 / DSLOTS;                        // lanes per slot
 constexpr int DSU = DEC_SU;                             // steps per batch
 constexpr int DBQ = DSU * DQC;                          // codes per batch
@@ -244,6 +246,67 @@ __device__ __forceinline__ void dec_stage_x(const XT* __restrict__ xrow, u32 M, 
     }
 }
 
+// This lane's B column (of the n-tile whose tokens start at m0): token m0 + g / DSLOTS of slot
+// g % DSLOTS, from the lanes of that slot, x
+// of its first batch b0 at bbase (bstep bytes per step: 4 chunks of 64); the other lanes read
+// the zero block (stride 0). Its accumulator columns 2t, 2t + 1 are (token, slot) = (c /
+// DSLOTS, c % DSLOTS): tokens tok, the sum of x of that slot's group at step u of batch b0 at
+// sxa[ci] + 4 * u * (groups per step). Shared addresses are 32-bit.
+__device__ __forceinline__ void dec_lane(u32 g, u32 t, u32 M, u32 C, u32 G, u32 b0, const uint4* xs,
+                                         const float* sx, const uint4* zero, u32& bstep, u32& bbase,
+                                         u32 (&tok)[2], u32 (&sxa)[2], u32 m0 = 0) {
+    const u32 bm = m0 + g / DSLOTS;
+    const bool bact = g % DSLOTS == t / DLPS && bm < M;
+    bstep = bact ? 256 : 0;
+    bbase = bact ? smem_addr(xs) + (bm * C + t) * 64 + b0 * DSU * 256 : smem_addr(zero);
+#pragma unroll
+    for (int ci = 0; ci < 2; ci++) {
+        tok[ci] = m0 + (2 * t + ci) / DSLOTS;
+        const u32 slot = (2 * t + ci) % DSLOTS;
+        sxa[ci] = smem_addr(sx) + 4 * (min(tok[ci], M - 1) * G + b0 * DNSB + slot);
+    }
+}
+
+// The WK warps' partial sums of one 16-row tile (this warp's in y) added and written to o
+// (M x N, NaN where !ok): each warp's into red (WK x 16 rows x 8 tokens), then `sync`, then
+// threads tid of nthreads (those taking part) sum them, then `sync` again before red is reused.
+template <int WK, typename Sync>
+__device__ __forceinline__ void dec_tile_sums(const float (&y)[2][2], float* red, u32 warp, u32 g,
+                                              u32 t, const u32 (&tok)[2], u32 M, u64 N, u64 n0,
+                                              bool ok, OT* __restrict__ o, u32 tid, u32 nthreads,
+                                              Sync sync) {
+    // Columns of one token: DSLOTS = 1: each its own; 2: this lane's pair; 4: with lane t ^ 1.
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        float v0 = y[h][0], v1 = y[h][1];
+        if constexpr (DSLOTS >= 2) {
+            v0 += v1;
+            if constexpr (DSLOTS == 4) v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
+        }
+        float* rr = red + (warp * 16 + g + 8 * h) * 8;
+        if constexpr (DSLOTS == 1) {
+            rr[tok[0]] = v0;
+            rr[tok[1]] = v1;
+        } else if ((2 * t) % DSLOTS == 0) {
+            rr[tok[0]] = v0;
+        }
+    }
+    sync();
+    for (u32 idx = tid; idx < 128; idx += nthreads) {
+        const u32 row = idx >> 3, m = idx & 7;
+        const u64 n = n0 + row;
+        if (m < M && n < N) {
+            float v = 0.0f;
+#pragma unroll
+            for (int k = 0; k < WK; k++) v += red[(k * 16 + row) * 8 + m];
+            if (!ok) v = __int_as_float(0x7fc00000);
+            o[(u64)m * N + n] = from_f32<OT>(v);
+        }
+    }
+    sync();  // every warp read red before the next tile writes it
+}
+
+#if !FPM
 // Scale and bias of accumulator column 2t + ci, row g + 8h, at step u of batch L: the group of
 // that column's slot (DSLOTS == 4: lanes t and t ^ 1 share a column pair over 4 groups).
 __device__ __forceinline__ void dec_scale(const DecBatch& L, int h, int u, int ci, u32 t, float& sc,
@@ -357,66 +420,128 @@ __device__ __forceinline__ void dec_batch_n(const DecBatch& L, const u32 (&ba)[N
     }
 }
 
-// This lane's B column (of the n-tile whose tokens start at m0): token m0 + g / DSLOTS of slot
-// g % DSLOTS, from the lanes of that slot, x
-// of its first batch b0 at bbase (bstep bytes per step: 4 chunks of 64); the other lanes read
-// the zero block (stride 0). Its accumulator columns 2t, 2t + 1 are (token, slot) = (c /
-// DSLOTS, c % DSLOTS): tokens tok, the sum of x of that slot's group at step u of batch b0 at
-// sxa[ci] + 4 * u * (groups per step). Shared addresses are 32-bit.
-__device__ __forceinline__ void dec_lane(u32 g, u32 t, u32 M, u32 C, u32 G, u32 b0, const uint4* xs,
-                                         const float* sx, const uint4* zero, u32& bstep, u32& bbase,
-                                         u32 (&tok)[2], u32 (&sxa)[2], u32 m0 = 0) {
-    const u32 bm = m0 + g / DSLOTS;
-    const bool bact = g % DSLOTS == t / DLPS && bm < M;
-    bstep = bact ? 256 : 0;
-    bbase = bact ? smem_addr(xs) + (bm * C + t) * 64 + b0 * DSU * 256 : smem_addr(zero);
+#else  // FPM
+// The scale code (in the low byte) of row g + 8h's group for word wd of chunk 4u + t of a batch
+// (mxfp4: one group per chunk; nvfp4: two, words 0-1 and 2-3; mxfp8: one per two chunks).
+__device__ __forceinline__ u32 dec_fp_code(const DecBatch& L, int h, int u, int wd, u32 t) {
+#if BITS == 8 && GROUP == 32
+    return L.s[h][u >> 1] >> (8 * (2 * (u & 1) + (t >> 1)));
+#elif BITS == 4 && GROUP == 16
+    return ((t & 2) ? L.s[h][2 * u + 1] : L.s[h][2 * u]) >> (8 * (2 * (t & 1) + (wd >> 1)));
+#elif BITS == 4 && GROUP == 32
+    return L.s[h][u] >> (8 * t);
+#else
+#error "FP decode: mxfp4, nvfp4 or mxfp8"
+#endif
+}
+
+// Whether every scale code of batch L's rows is at most FP_ONE_MAX (|scale| for nvfp4's E4M3;
+// E8M0 code 128 is 2, 134 is 2^7) and, for E4M3 elements, no code is NaN: then dec_batch_fp
+// can take each weight to v * s in one multiplication, without the NaN masks.
+__device__ __forceinline__ bool dec_fp_one(const DecBatch& L) {
+#if FPM == 3
+    constexpr u32 MASK = 0x7f7f7f7fu, MAXC = 0x40404040u;  // E4M3 2.0
+#elif BITS == 4
+    constexpr u32 MASK = 0xffffffffu, MAXC = 0x80808080u;
+#else
+    constexpr u32 MASK = 0xffffffffu, MAXC = 0x86868686u;
+#endif
+    u32 over = 0;
 #pragma unroll
-    for (int ci = 0; ci < 2; ci++) {
-        tok[ci] = m0 + (2 * t + ci) / DSLOTS;
-        const u32 slot = (2 * t + ci) % DSLOTS;
-        sxa[ci] = smem_addr(sx) + 4 * (min(tok[ci], M - 1) * G + b0 * DNSB + slot);
+    for (int h = 0; h < 2; h++)
+#pragma unroll
+        for (int i = 0; i < DSW; i++) over |= __vcmpgtu4(L.s[h][i] & MASK, MAXC);
+#if BITS == 8
+    // A byte's 7 low bits plus one carry into its bit 7 only where they are 0x7f (NaN).
+    u32 nan = 0;
+#pragma unroll
+    for (int u = 0; u < DSU; u++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int wd = 0; wd < 4; wd++) nan |= (dec_word_of(L.q[u][h], wd) & 0x7f7f7f7fu) + 0x01010101u;
+    over |= nan & 0x80808080u;
+#endif
+    return over == 0;
+}
+
+// One batch L of FP weights (rows g, g + 8 of a 16-row tile, DSU steps) against NT n-tiles of
+// x into y[j][row][column]: n-tile j's B fragments of step u at ba[j] + u * bstep[j]. Each
+// weight becomes v * s in x's type exactly (fp_e2m1_pair / fp_e4m3_pair, as the wgmma tiles'),
+// so every column is a token and the mma accumulates y itself. ONE: in one multiplication
+// (the warp's scales all at most FP_ONE_MAX). A 4-bit word's A registers p hold codes
+// (p, p + 4) as dec_word's; an 8-bit word's two hold codes (0, 2) and (1, 3), against x's B
+// registers 0 and 2 of the word (dec_x_item).
+template <int NT, bool ONE>
+__device__ __forceinline__ void dec_batch_fp_as(const DecBatch& L, const u32 (&ba)[NT],
+                                                const u32 (&bstep)[NT], u32 t,
+                                                float (&y)[NT][2][2]) {
+#pragma unroll
+    for (int u = 0; u < DSU; u++) {
+        uint4 bv[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) bv[j][i] = lds128(ba[j] + u * bstep[j] + 16 * i);
+        u32 s2[2][2];  // [row][group half]
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                if (hf == 1 && GROUP != 16) {
+                    s2[h][1] = s2[h][0];
+                    continue;
+                }
+                const u32 c = dec_fp_code(L, h, u, 2 * hf, t) & 0xffu;
+                s2[h][hf] = ONE ? fp_scale_pair_unit(c) : fp_scale_pair(c);
+            }
+#pragma unroll
+        for (int wd = 0; wd < 4; wd++) {
+            const u32 w0 = dec_word_of(L.q[u][0], wd), w1 = dec_word_of(L.q[u][1], wd);
+            const u32 sa = s2[0][wd >> 1], sb = s2[1][wd >> 1];
+#if BITS == 4
+            u32 a0[4], a1[4];
+#pragma unroll
+            for (int p = 0; p < 4; p++) {
+                a0[p] = fp_e2m1_pair<ONE>(w0 >> (4 * p), sa);
+                a1[p] = fp_e2m1_pair<ONE>(w1 >> (4 * p), sb);
+            }
+            const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
+            const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                mma(&y[j][0][0], f0, bv[j][wd].x, bv[j][wd].y);
+                mma(&y[j][0][0], f1, bv[j][wd].z, bv[j][wd].w);
+            }
+#else
+            const u32 n0 = ONE ? 0u : fp_e4m3_nan(w0), n1 = ONE ? 0u : fp_e4m3_nan(w1);
+            const u32 f[4] = {fp_e4m3_pair<ONE>(w0, n0 & 0x00FF00FFu, sa),
+                              fp_e4m3_pair<ONE>(w1, n1 & 0x00FF00FFu, sb),
+                              fp_e4m3_pair<ONE>(w0 >> 8, (n0 >> 8) & 0x00FF00FFu, sa),
+                              fp_e4m3_pair<ONE>(w1 >> 8, (n1 >> 8) & 0x00FF00FFu, sb)};
+#pragma unroll
+            for (int j = 0; j < NT; j++) mma(&y[j][0][0], f, bv[j][wd].x, bv[j][wd].z);
+#endif
+        }
     }
 }
 
-// The WK warps' partial sums of one 16-row tile (this warp's in y) added and written to o
-// (M x N, NaN where !ok): each warp's into red (WK x 16 rows x 8 tokens), then `sync`, then
-// threads tid of nthreads (those taking part) sum them, then `sync` again before red is reused.
-template <int WK, typename Sync>
-__device__ __forceinline__ void dec_tile_sums(const float (&y)[2][2], float* red, u32 warp, u32 g,
-                                              u32 t, const u32 (&tok)[2], u32 M, u64 N, u64 n0,
-                                              bool ok, OT* __restrict__ o, u32 tid, u32 nthreads,
-                                              Sync sync) {
-    // Columns of one token: DSLOTS = 1: each its own; 2: this lane's pair; 4: with lane t ^ 1.
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        float v0 = y[h][0], v1 = y[h][1];
-        if constexpr (DSLOTS >= 2) {
-            v0 += v1;
-            if constexpr (DSLOTS == 4) v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
-        }
-        float* rr = red + (warp * 16 + g + 8 * h) * 8;
-        if constexpr (DSLOTS == 1) {
-            rr[tok[0]] = v0;
-            rr[tok[1]] = v1;
-        } else if ((2 * t) % DSLOTS == 0) {
-            rr[tok[0]] = v0;
-        }
-    }
-    sync();
-    for (u32 idx = tid; idx < 128; idx += nthreads) {
-        const u32 row = idx >> 3, m = idx & 7;
-        const u64 n = n0 + row;
-        if (m < M && n < N) {
-            float v = 0.0f;
-#pragma unroll
-            for (int k = 0; k < WK; k++) v += red[(k * 16 + row) * 8 + m];
-            if (!ok) v = __int_as_float(0x7fc00000);
-            o[(u64)m * N + n] = from_f32<OT>(v);
-        }
-    }
-    sync();  // every warp read red before the next tile writes it
+// dec_batch_fp_as in one multiplication per weight where the whole warp's batch allows it
+// (DEC_FP_ONE=0: never, for experiments), else in two.
+#ifndef DEC_FP_ONE
+#define DEC_FP_ONE 1
+#endif
+template <int NT>
+__device__ __forceinline__ void dec_batch_fp(const DecBatch& L, const u32 (&ba)[NT],
+                                             const u32 (&bstep)[NT], u32 t, float (&y)[NT][2][2]) {
+    if (DEC_FP_ONE && __all_sync(0xffffffffu, dec_fp_one(L)))
+        dec_batch_fp_as<NT, true>(L, ba, bstep, t, y);
+    else
+        dec_batch_fp_as<NT, false>(L, ba, bstep, t, y);
 }
+#endif  // FPM
 
+#if !FPM
 template <int WK, bool RING, int RS>
 __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                              const ST* __restrict__ scales,
@@ -572,9 +697,11 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
         if (RING) cp_wait<0>();
     }
 }
+#endif  // !FPM
 #endif
 
-#if TC_OK
+// The FP module (FPM) compiles this file for qmv_decb's helpers only: its entries here are stubs.
+#if TC_OK && !FPM
 #define QMV_DEC(NAME, WK, MINB, RING, RS)                                                     \
     extern "C" __global__ void __launch_bounds__(WK * 32, MINB) NAME(                         \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
@@ -609,7 +736,7 @@ QMV_DEC(qmv_decr6_4, 4, 1, true, 6)
 // rows (qmv_dec: once per 16) and takes M x KC values of shared memory, not M x K. The NT
 // n-tiles share each decoded A fragment: tile j's column n is token j * 8 / DSLOTS + n / DSLOTS
 // of slot n % DSLOTS, so M <= NT * 8 / DSLOTS tokens read each weight once.
-#if TC_OK
+#if TC_OK && !FPM
 constexpr int XR = 8;  // x items per thread and chunk, at most
 constexpr int GPS_M = DSLOTS > 1 ? DSLOTS : 0;  // groups per step (0: DQC / GROUP below)
 
@@ -809,7 +936,7 @@ __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u3
 }
 #endif
 
-#if TC_OK
+#if TC_OK && !FPM
 #define QMV_DECM(NAME, NW, NT, RS)                                                            \
     extern "C" __global__ void __launch_bounds__(NW * 32, 1) NAME(                            \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \

@@ -15,6 +15,9 @@
 // overwrote stages still being read (run 20-21: wrong outputs on 2-stage rings). NT
 // n-tiles (of 8 / DSLOTS tokens each) share every decoded A fragment (as qmv_decm's).
 //
+// FP weights (the FP module, FPM): scale codes and no biases in each stage, and each weight
+// made v * s in x's type by dec_batch_fp, every mma column a token (8 per n-tile).
+//
 // Bytes in flight cost no registers and no instructions here: up to NS stages per block,
 // against qmv_decr's RS - 1 batches per warp. Rows of a stage lie RSR = codes + 64 bytes
 // apart, so lanes g, g + 1 of a quarter-warp read disjoint banks.
@@ -111,8 +114,9 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                 const u64 r = min(N - 1, t0 + lane);
                 bulk_copy(dst + lane * RSR, wb + r * row_bytes + (u64)ks * SBW, SBW, full(slot));
             }
-            // Scales then biases: 16 rows x SSB bytes each, 16 bytes per copy.
-            constexpr u32 PER_ROW = SSB / 16, COPIES = 2 * 16 * PER_ROW;
+            // Scales then biases (FP: scale codes only): 16 rows x SSB bytes each, 16 bytes
+            // per copy.
+            constexpr u32 PER_ROW = SSB / 16, COPIES = (FPM ? 1 : 2) * 16 * PER_ROW;
 #pragma unroll
             for (u32 c = lane; c < COPIES; c += 32) {
                 const u32 part = c / (16 * PER_ROW), row = (c / PER_ROW) % 16, piece = c % PER_ROW;
@@ -164,7 +168,7 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
 #pragma unroll
                         for (int i = 0; i < DSW; i++) {
                             L.s[h][i] = ((const u32*)sp)[i];
-                            L.b[h][i] = ((const u32*)(sp + 16 * SSB))[i];
+                            if constexpr (!FPM) L.b[h][i] = ((const u32*)(sp + 16 * SSB))[i];
                         }
                     }
                     // The stage was read through the generic proxy and the producer's next bulk
@@ -180,10 +184,14 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                         }
                     };
                     if constexpr (DECB_FENCE != 2) release();
+#if FPM
+                    dec_batch_fp<NT>(L, ba, bstep, t, y);
+#else
                     if constexpr (NT == 1)
                         dec_batch(L, ba[0], bstep[0], sa[0][0], sa[0][1], t, y[0]);
                     else
                         dec_batch_n<NT>(L, ba, bstep, sa, t, y);
+#endif
                     if constexpr (DECB_FENCE == 2) release();
 #pragma unroll
                     for (int j = 0; j < NT; j++) {
