@@ -1543,8 +1543,10 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 /// stages (experiments).
 ///
 /// FP weights (`fp`: the FP module's `qmv_decb`, one token per mma column) take it for every
-/// M and gather it can serve, on the affine 4-bit rule's consumers and stages (4 x 3 at M <= 4
-/// where N >= 8192, and where 8 consumers do not divide K; 8 x 2 otherwise).
+/// M and gather it can serve: 4 consumers x 3 stages at 4 bits where M <= 4 and N >= 8192 or
+/// M = 1 and K < 8192, and where 8 consumers do not divide K; 8 x 2 otherwise (session 35,
+/// mxfp4 M = 1: 4096x4096 7.4 µs against 7.8 on 8 x 2, 14336x4096 16.3 against 19.1,
+/// 4096x14336 22.0 against 18.6).
 #[allow(clippy::too_many_arguments)]
 fn decb_pick(
     dev: &CudaDevice,
@@ -1589,7 +1591,7 @@ fn decb_pick(
     // do not divide K.
     let (nc, ns) = match bits {
         _ if everywhere => (8, 2),
-        4 if fp && nt == 1 && m <= 4 && ndim >= 8192 => (4, 3),
+        4 if fp && nt == 1 && ((m <= 4 && ndim >= 8192) || (m == 1 && kdim < 8192)) => (4, 3),
         _ if fp && !kdim.is_multiple_of(8 * batch_codes) => (4, 3),
         _ if fp => (8, 2),
         _ if nt > 1 && slots != 2 => return None,

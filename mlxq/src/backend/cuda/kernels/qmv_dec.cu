@@ -527,9 +527,11 @@ __device__ __forceinline__ void dec_batch_fp_as(const DecBatch& L, const u32 (&b
 }
 
 // dec_batch_fp_as in one multiplication per weight where the whole warp's batch allows it
-// (DEC_FP_ONE=0: never, for experiments), else in two.
+// (DEC_FP_ONE=0: never, for experiments), else in two. Not for nvfp4: its four E4M3 scales per
+// lane and step cost more to bring to s * 2^k than the HFMA2s saved (H200, session 35: M = 1
+// 14336x4096 18.5 against 17.9 µs, the one-token gather 15.3 against 14.0).
 #ifndef DEC_FP_ONE
-#define DEC_FP_ONE 1
+#define DEC_FP_ONE (FPM != 3)
 #endif
 template <int NT>
 __device__ __forceinline__ void dec_batch_fp(const DecBatch& L, const u32 (&ba)[NT],
