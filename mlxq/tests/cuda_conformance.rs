@@ -1299,70 +1299,21 @@ fn fp_tiled_prefill_and_gather_match_the_f64_reference() {
         }
     }
     // gather_qmm: 256 tokens x top-4 of 16 experts [512, 256], one pair out of range.
-    let (experts, rows, cols, tokens, top) = (16, 512, 256, 256, 4);
     for (mode, xdt) in [
         (QuantMode::Mxfp4, DType::BF16),
         (QuantMode::Mxfp8, DType::F16),
         (QuantMode::Nvfp4, DType::BF16),
     ] {
-        let spec = fp_spec(mode);
-        let w = Buffer::from_f32(
-            &randn(&mut rng, experts * rows * cols),
-            xdt,
-            &[experts, rows, cols],
-        )
-        .unwrap();
-        let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
-        let wd = dequantize_f64(&qw).unwrap();
-        let x =
-            Buffer::from_f32(&randn(&mut rng, tokens * cols), xdt, &[tokens, 1, 1, cols]).unwrap();
-        let mut idx: Vec<u32> = (0..tokens * top)
-            .map(|_| rng.gen_range(0..experts as u32))
-            .collect();
-        let bad_at = 301;
-        idx[bad_at] = experts as u32;
-        let rhs = Buffer::from_slice(&idx, &[tokens, top]).unwrap();
-        let got = ops::gather_qmm(
-            &mut enc,
-            &up(&x, &dev),
-            &weight_to(&qw, &dev),
-            None,
-            Some(&up(&rhs, &dev)),
-            true,
-            false,
-        )
-        .unwrap();
-        let ran = enc.last_kernel().unwrap_or("").to_string();
-        let result = enc.commit_and_wait();
         checked += 1;
-        let ctx = format!("{mode} x {xdt} gather {tokens}x{top} of {experts} x {rows}x{cols}");
-        if tiles && !ran.contains("fp_tiles") {
-            failures.push(format!("{ctx}: ran {ran}, not the FP wgmma tiles"));
-        }
-        match result {
-            Err(Error::IndexOutOfRange {
-                position, bound, ..
-            }) if (position, bound) == (bad_at, experts) => {}
-            r => failures.push(format!(
-                "{ctx}: expected IndexOutOfRange at {bad_at}, got {r:?}"
-            )),
-        }
-        enc.commit_and_wait()
-            .expect("the fault is cleared once reported");
-        let v = down(&got).to_f32_vec().unwrap();
-        let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
-        let (got_ok, want_ok) =
-            match pairs_and_reference(&v, &xf, &wd, &idx, top, (rows, cols), true, bad_at) {
-                Ok(p) => p,
-                Err(e) => {
-                    failures.push(format!("{ctx}: {e}"));
-                    continue;
-                }
-            };
-        let err = max_rel_err(&got_ok, &want_ok);
-        if err.is_nan() || err > tolerance(xdt) {
-            failures.push(format!("{ctx}: error {err:e}"));
-        }
+        failures.extend(check_fp_gather(
+            &dev,
+            &mut enc,
+            &mut rng,
+            (mode, xdt),
+            (16, 512, 256),
+            (256, 4, 301),
+            tiles,
+        ));
     }
     assert_none("FP modes on the tensor-core tiles", checked, failures);
 }
@@ -1679,67 +1630,90 @@ fn fp_decode_matches_the_f64_reference() {
         failures.extend(check_nan_codes(&dev, &mut enc, &mut rng, 1000, 2048, m));
     }
     // One token, top-8 of 16 experts [1000, 2048], one expert out of range.
-    let (experts, rows, cols, top) = (16, 1000, 2048, 8);
     for (mode, xdt) in [
         (QuantMode::Mxfp4, DType::BF16),
         (QuantMode::Mxfp8, DType::F16),
         (QuantMode::Nvfp4, DType::BF16),
     ] {
-        let spec = fp_spec(mode);
-        let w = Buffer::from_f32(
-            &randn(&mut rng, experts * rows * cols),
-            xdt,
-            &[experts, rows, cols],
-        )
-        .unwrap();
-        let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
-        let wd = dequantize_f64(&qw).unwrap();
-        let x = Buffer::from_f32(&randn(&mut rng, cols), xdt, &[1, 1, 1, cols]).unwrap();
-        let mut idx: Vec<u32> = (0..top).map(|_| rng.gen_range(0..experts as u32)).collect();
-        let bad_at = 5;
-        idx[bad_at] = experts as u32 + 3;
-        let rhs = Buffer::from_slice(&idx, &[1, top]).unwrap();
-        let got = ops::gather_qmm(
-            &mut enc,
-            &up(&x, &dev),
-            &weight_to(&qw, &dev),
-            None,
-            Some(&up(&rhs, &dev)),
-            true,
-            false,
-        )
-        .unwrap();
-        let ran = enc.last_kernel().unwrap_or("").to_string();
-        let result = enc.commit_and_wait();
         checked += 1;
-        let ctx = format!("{mode} x {xdt} gather 1x{top} of {experts} x {rows}x{cols}");
-        if tiles && !ran.contains("fp_tiles") {
-            failures.push(format!("{ctx}: ran {ran}, not the FP decode kernel"));
-        }
-        match result {
-            Err(Error::IndexOutOfRange {
-                position, bound, ..
-            }) if (position, bound) == (bad_at, experts) => {}
-            r => failures.push(format!(
-                "{ctx}: expected IndexOutOfRange at {bad_at}, got {r:?}"
-            )),
-        }
-        enc.commit_and_wait()
-            .expect("the fault is cleared once reported");
-        let v = down(&got).to_f32_vec().unwrap();
-        let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
-        let (got_ok, want_ok) =
-            match pairs_and_reference(&v, &xf, &wd, &idx, top, (rows, cols), true, bad_at) {
-                Ok(p) => p,
-                Err(e) => {
-                    failures.push(format!("{ctx}: {e}"));
-                    continue;
-                }
-            };
-        let err = max_rel_err(&got_ok, &want_ok);
-        if err.is_nan() || err > tolerance(xdt) {
-            failures.push(format!("{ctx}: error {err:e}"));
-        }
+        failures.extend(check_fp_gather(
+            &dev,
+            &mut enc,
+            &mut rng,
+            (mode, xdt),
+            (16, 1000, 2048),
+            (1, 8, 5),
+            tiles,
+        ));
     }
     assert_none("FP modes in decode", checked, failures);
+}
+
+/// gather_qmm of `tokens` x top-`top` over `experts` FP experts [rows, cols] (W quantized from
+/// random data), expert indices on the device with pair `bad_at` out of range, against the f64
+/// reference per pair: that pair's row must be NaN and the commit report `IndexOutOfRange`;
+/// where `tiles`, the FP module (`fp_tiles`) must have run it. The failures found.
+fn check_fp_gather(
+    dev: &Device,
+    enc: &mut CommandEncoder,
+    rng: &mut StdRng,
+    (mode, xdt): (QuantMode, DType),
+    (experts, rows, cols): (usize, usize, usize),
+    (tokens, top, bad_at): (usize, usize, usize),
+    tiles: bool,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut cenc = Device::cpu().encoder();
+    let w = Buffer::from_f32(
+        &randn(rng, experts * rows * cols),
+        xdt,
+        &[experts, rows, cols],
+    )
+    .unwrap();
+    let qw = ops::quantize(&mut cenc, &w, fp_spec(mode), Flavour::Gpu).unwrap();
+    let wd = dequantize_f64(&qw).unwrap();
+    let x = Buffer::from_f32(&randn(rng, tokens * cols), xdt, &[tokens, 1, 1, cols]).unwrap();
+    let mut idx: Vec<u32> = (0..tokens * top)
+        .map(|_| rng.gen_range(0..experts as u32))
+        .collect();
+    idx[bad_at] = experts as u32 + 1;
+    let rhs = Buffer::from_slice(&idx, &[tokens, top]).unwrap();
+    let got = ops::gather_qmm(
+        enc,
+        &up(&x, dev),
+        &weight_to(&qw, dev),
+        None,
+        Some(&up(&rhs, dev)),
+        true,
+        false,
+    )
+    .unwrap();
+    let ran = enc.last_kernel().unwrap_or("").to_string();
+    let result = enc.commit_and_wait();
+    let ctx = format!("{mode} x {xdt} gather {tokens}x{top} of {experts} x {rows}x{cols}");
+    if tiles && !ran.contains("fp_tiles") {
+        failures.push(format!("{ctx}: ran {ran}, not the FP module's kernels"));
+    }
+    match result {
+        Err(Error::IndexOutOfRange {
+            position, bound, ..
+        }) if (position, bound) == (bad_at, experts) => {}
+        r => failures.push(format!(
+            "{ctx}: expected IndexOutOfRange at {bad_at}, got {r:?}"
+        )),
+    }
+    enc.commit_and_wait()
+        .expect("the fault is cleared once reported");
+    let v = down(&got).to_f32_vec().unwrap();
+    let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+    match pairs_and_reference(&v, &xf, &wd, &idx, top, (rows, cols), true, bad_at) {
+        Ok((got_ok, want_ok)) => {
+            let err = max_rel_err(&got_ok, &want_ok);
+            if err.is_nan() || err > tolerance(xdt) {
+                failures.push(format!("{ctx}: error {err:e}"));
+            }
+        }
+        Err(e) => failures.push(format!("{ctx}: {e}")),
+    }
+    failures
 }
