@@ -1299,11 +1299,7 @@ fn fp_tiled_prefill_and_gather_match_the_f64_reference() {
         }
     }
     // gather_qmm: 256 tokens x top-4 of 16 experts [512, 256], one pair out of range.
-    for (mode, xdt) in [
-        (QuantMode::Mxfp4, DType::BF16),
-        (QuantMode::Mxfp8, DType::F16),
-        (QuantMode::Nvfp4, DType::BF16),
-    ] {
+    for (mode, xdt) in FP_GATHER_CASES {
         checked += 1;
         failures.extend(check_fp_gather(
             &dev,
@@ -1630,11 +1626,7 @@ fn fp_decode_matches_the_f64_reference() {
         failures.extend(check_nan_codes(&dev, &mut enc, &mut rng, 1000, 2048, m));
     }
     // One token, top-8 of 16 experts [1000, 2048], one expert out of range.
-    for (mode, xdt) in [
-        (QuantMode::Mxfp4, DType::BF16),
-        (QuantMode::Mxfp8, DType::F16),
-        (QuantMode::Nvfp4, DType::BF16),
-    ] {
+    for (mode, xdt) in FP_GATHER_CASES {
         checked += 1;
         failures.extend(check_fp_gather(
             &dev,
@@ -1648,6 +1640,13 @@ fn fp_decode_matches_the_f64_reference() {
     }
     assert_none("FP modes in decode", checked, failures);
 }
+
+/// The modes and x dtypes the FP gather checks run.
+const FP_GATHER_CASES: [(QuantMode, DType); 3] = [
+    (QuantMode::Mxfp4, DType::BF16),
+    (QuantMode::Mxfp8, DType::F16),
+    (QuantMode::Nvfp4, DType::BF16),
+];
 
 /// gather_qmm of `tokens` x top-`top` over `experts` FP experts [rows, cols] (W quantized from
 /// random data), expert indices on the device with pair `bad_at` out of range, against the f64
