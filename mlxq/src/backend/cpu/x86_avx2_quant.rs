@@ -1,38 +1,51 @@
 //! Affine quantize on AVX2 and FMA (the `avx2` variant), bit-identical to
-//! [`quantize_group`](crate::quant::affine::quantize_group) and so to MLX, in both flavours.
+//! [`quantize_group`] and so to MLX, in both flavours: the AVX-512 kernel's method
+//! ([`x86_quant`](super::x86_quant), whose module docs derive the bound used here) on 8 lanes.
 //!
-//! Per group of 32, 64 or 128 values, 8 lanes at a time:
-//! 1. Widen to f32 into an L1 scratch array, keeping lane-wise minima and maxima.
-//!    `vminps v, mn` is `v < mn ? v : mn`, the scalar loop's strict comparison lane by lane
-//!    (NaN never replaces), so the group's extremes are the scalar loop's values whatever
-//!    the lane order, except for the sign of a zero extreme (of +0 and −0, the scalar loop
-//!    keeps the first): groups whose minimum or maximum is zero, or not finite, are redone
-//!    by `quantize_group` itself.
-//! 2. Scale and bias by [`group_params`], the definition's own scalar code.
-//! 3. Codes with MLX's true division, `round((w − b) / s)` (`vdivps` is exact IEEE, as the
-//!    scalar `/`), rounded the flavour's way (ties to even by `vroundps`; away from zero as
-//!    `trunc` plus one step where the dropped fraction is at least ½, exact), clamped to
-//!    `[0, n]` (`vmaxps` against 0 first, so NaN becomes 0 as `NaN as u8` does), then
-//!    narrowed to bytes and packed by [`pack8`].
+//! The tensor is one flat sequence of groups; batches of 8 consecutive groups run each
+//! group's scalar work once per lane of one vector:
+//! 1. Widen a batch to f32, keeping per-group min/max vectors (`vminps x, acc` keeps `acc`
+//!    where `x` is NaN: NaN is skipped, as the definition's strict comparisons skip it), and
+//!    reduce them by a transposing tree of shuffles to one vector of 8 group minima (maxima).
+//! 2. Scale and bias for the 8 groups with the definition's own IEEE operations lane by lane
+//!    ([`group_params`](crate::quant::affine::group_params)), and the fast pass's constants
+//!    `r = RN(1/s)`, `c = RN(−b·r)` and near-tie threshold `0.5 − 2⁻²¹·M − 2⁻²⁴`.
+//! 3. Codes by one FMA, `q̃ = RN(w·r + c)`, rounded to the nearest integer; each 32 codes keep
+//!    `max |q̃ − rint(q̃)|`, and where it reaches the threshold those 32 are redone with MLX's
+//!    true division `(w − b)/s` and the flavour's tie rule. The codes pass reads the batch's
+//!    input again (from L1 or L2).
+//! 4. Pack 32 codes at a time: two saturating packs and one dword permute put them in order as
+//!    bytes (`vpminuw` clamps above at `n` first); 8-bit stores them, 4-bit merges byte pairs
+//!    with `vpmaddubsw`, other widths merge 4 codes into a dword (`vpmaddubsw`, `vpmaddwd`;
+//!    odd widths then dword pairs into a qword) and gather the bytes with `vpshufb`.
 //!
-//! Division bounds the throughput (one `vdivps` per 8 values), which is still above this
-//! class of machine's memory bandwidth per core: see docs/perf.md.
+//! Steps 1–2 of batch `i` run before step 3 of batch `i − 1`, so that the chain of dependent
+//! divisions of one batch's scales overlaps the independent codes of the one before.
+//!
+//! Groups whose scale or bias is not finite (inputs with ±∞, huge ranges), and 1-bit groups
+//! whose minimum is a zero (the bias is the minimum, and of +0 and −0 the definition keeps the
+//! first), are redone with [`quantize_group`] itself.
 
 use super::quantize::{QuantizeArgs, QuantizeFn};
 use super::x86_avx2::widen8;
+use super::x86_quant::check_len;
 use super::{cast, cast_mut};
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
-use crate::quant::affine::{group_params, quantize_group};
+use crate::quant::affine::{quantize_group, EPS};
 use crate::quant::pack::{dispatch_bits, pack8};
 use crate::quant::Flavour;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 
+/// Groups per batch: one per lane of an f32 vector.
+const BATCH: usize = 8;
+/// Groups per parallel task (a multiple of [`BATCH`]).
+const TASK_GROUPS: usize = 64 * BATCH;
+/// Bytes ahead of a batch's input that its first pass prefetches.
+const AHEAD: usize = 4096;
 /// Largest group size.
 const MAX_G: usize = 128;
-/// Groups per parallel task.
-const TASK_GROUPS: usize = 512;
 
 /// Whether this kernel takes groups of `g` values.
 pub(crate) fn supports_group(g: usize) -> bool {
@@ -67,150 +80,425 @@ fn quantize<T: Float, const BITS: usize>(a: QuantizeArgs<'_>) -> Result<()> {
     let w: &[T] = cast(OP, "w", a.w)?;
     let scales: &mut [T] = cast_mut(OP, "scales", a.scales)?;
     let biases: &mut [T] = cast_mut(OP, "biases", a.biases)?;
-    let group_bytes = g / 8 * BITS;
+    let groups = scales.len();
+    let gb = g / 8 * BITS;
+    check_len(OP, "w", groups * g, w.len())?;
+    check_len(OP, "biases", groups, biases.len())?;
+    check_len(OP, "packed", groups * gb, a.packed.len())?;
     let flavour = a.flavour;
-    let groups = scales.len().min(biases.len()).min(w.len() / g);
-    let per_task = TASK_GROUPS * g;
-    w[..groups * g]
-        .par_chunks(per_task)
-        .zip(a.packed.par_chunks_mut(TASK_GROUPS * group_bytes))
+    w.par_chunks(TASK_GROUPS * g)
+        .zip(a.packed.par_chunks_mut(TASK_GROUPS * gb))
         .zip(
-            scales[..groups]
+            scales
                 .par_chunks_mut(TASK_GROUPS)
-                .zip(biases[..groups].par_chunks_mut(TASK_GROUPS)),
+                .zip(biases.par_chunks_mut(TASK_GROUPS)),
         )
-        .for_each(|((w, packed), (s, b))| {
-            // SAFETY: `available()` holds (checked above).
-            unsafe { groups_avx2::<T, BITS>(w, g, flavour, packed, s, b) }
+        .for_each(|((w, packed), (scales, biases))| {
+            let task = Groups {
+                w,
+                packed,
+                scales,
+                biases,
+            };
+            // SAFETY: `available()` holds (checked above); `quantize_groups` checks the slice
+            // lengths, which agree by construction (equal numbers of groups per chunk).
+            unsafe {
+                match g {
+                    32 => quantize_groups::<T, BITS, 4>(task, flavour),
+                    64 => quantize_groups::<T, BITS, 8>(task, flavour),
+                    _ => quantize_groups::<T, BITS, 16>(task, flavour),
+                }
+            }
         });
     Ok(())
 }
 
-/// Quantizes the groups of `w` (`g` values each) into `packed`, `scales` and `biases`; stops
-/// at the shortest of them.
+/// A run of whole groups: their inputs and every output.
+struct Groups<'a, T> {
+    w: &'a [T],
+    packed: &'a mut [u8],
+    scales: &'a mut [T],
+    biases: &'a mut [T],
+}
+
+/// A batch after [`batch_params`]: scale, bias and the fast pass's constants of its groups,
+/// lane `j` for group `j`.
+struct Params {
+    /// Groups in the batch (≤ 8).
+    count: usize,
+    s: [f32; BATCH],
+    b: [f32; BATCH],
+    r: [f32; BATCH],
+    /// `RN(−b·r)`: the fast pass computes `RN(w·r + c)` in one FMA.
+    c: [f32; BATCH],
+    /// The group's near-tie threshold; −1 where the fast pass's bound is too loose (every code
+    /// of the group by division).
+    thr: [f32; BATCH],
+    /// Groups for [`quantize_group`] itself (bit `j`).
+    fix: u32,
+}
+
+/// Quantizes every group of `t` (groups of `8·VPG` elements), 8 at a time. Does nothing if
+/// the slice lengths disagree (they never do; the check keeps the raw accesses in bounds).
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn groups_avx2<T: Float, const BITS: usize>(
-    w: &[T],
-    g: usize,
+unsafe fn quantize_groups<T: Float, const BITS: usize, const VPG: usize>(
+    t: Groups<'_, T>,
     flavour: Flavour,
-    packed: &mut [u8],
+) {
+    let g = 8 * VPG;
+    let gb = g / 8 * BITS;
+    let groups = t.scales.len();
+    if g > MAX_G
+        || t.w.len() != groups * g
+        || t.packed.len() != groups * gb
+        || t.biases.len() != groups
+    {
+        return;
+    }
+    let batches = groups.div_ceil(BATCH);
+    let span = |i: usize| (i * BATCH, (groups - i * BATCH).min(BATCH));
+    let mut pending: Option<Params> = None;
+    for i in 0..=batches {
+        let prepared = (i < batches).then(|| {
+            let (b0, count) = span(i);
+            // SAFETY: the CPU features are this function's contract; the slices hold `count`
+            // whole groups from `b0` on (lengths checked above).
+            unsafe {
+                batch_params::<T, BITS, VPG>(
+                    &t.w[b0 * g..(b0 + count) * g],
+                    flavour,
+                    &mut t.scales[b0..b0 + count],
+                    &mut t.biases[b0..b0 + count],
+                )
+            }
+        });
+        if let Some(p) = pending.take() {
+            let (b0, count) = span(i - 1);
+            let batch = Groups {
+                w: &t.w[b0 * g..(b0 + count) * g],
+                packed: &mut t.packed[b0 * gb..(b0 + count) * gb],
+                scales: &mut t.scales[b0..b0 + count],
+                biases: &mut t.biases[b0..b0 + count],
+            };
+            // SAFETY: as above.
+            unsafe { finish_batch::<T, BITS, VPG>(&p, batch, flavour) };
+        }
+        pending = prepared;
+    }
+}
+
+/// Steps 1–2 of a batch of `count = scales.len() ≤ 8` groups of `8·VPG` elements `w`: stores
+/// the scales and biases (rounded to `T`) and returns the codes pass's constants.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `w` holds `count·8·VPG` elements and `biases` `count`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn batch_params<T: Float, const BITS: usize, const VPG: usize>(
+    w: &[T],
+    flavour: Flavour,
     scales: &mut [T],
     biases: &mut [T],
-) {
+) -> Params {
+    let count = scales.len().min(biases.len()).min(w.len() / (8 * VPG));
     let init_max = match flavour {
         Flavour::Cpu => f32::NEG_INFINITY,
         Flavour::Gpu => 0.0,
     };
-    let mut vals = [0f32; MAX_G];
-    let mut codes = [0u8; MAX_G];
-    let group_bytes = g / 8 * BITS;
-    let items = w
-        .chunks_exact(g)
-        .zip(packed.chunks_exact_mut(group_bytes))
-        .zip(scales.iter_mut().zip(biases.iter_mut()));
-    for ((src, out), (s, b)) in items {
-        if g > MAX_G {
-            return;
+    // Per-group min and max vectors. Absent groups stay at 0.
+    let mut lo = [_mm256_setzero_ps(); BATCH];
+    let mut hi = [_mm256_setzero_ps(); BATCH];
+    let p = w.as_ptr();
+    let group_bytes = 8 * VPG * std::mem::size_of::<T>();
+    for j in 0..count {
+        for line in (0..group_bytes).step_by(64) {
+            let ahead = (p as *const u8).wrapping_add(AHEAD + j * group_bytes + line);
+            // A prefetch does not fault, whatever the address.
+            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
         }
-        let (mut vmn, mut vmx) = (_mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(init_max));
-        for (c, v8) in vals[..g].chunks_exact_mut(8).enumerate() {
-            // SAFETY: 8c + 8 ≤ g = src.len(), and v8 holds 8 floats.
-            unsafe {
-                let v = widen8(src.as_ptr().add(8 * c));
-                _mm256_storeu_ps(v8.as_mut_ptr(), v);
-                vmn = _mm256_min_ps(v, vmn);
-                vmx = _mm256_max_ps(v, vmx);
-            }
+        let (mut l, mut h) = (_mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(init_max));
+        for v in 0..VPG {
+            // SAFETY: (j·VPG + v)·8 + 8 ≤ count·8·VPG ≤ w.len().
+            let x = unsafe { widen8(p.add((j * VPG + v) * 8)) };
+            // `x` first: where it is NaN, the instructions return the accumulator.
+            l = _mm256_min_ps(x, l);
+            h = _mm256_max_ps(x, h);
         }
-        let (mn, mx) = (hmin(vmn), hmax(vmx));
-        let (scale, bias) = if mn == 0.0 || mx == 0.0 || !mn.is_finite() || !mx.is_finite() {
-            let r = quantize_group(&vals[..g], BITS as u32, flavour, &mut codes[..g]);
-            for (c, o) in codes[..g].chunks_exact(8).zip(out.chunks_exact_mut(BITS)) {
-                let c: &[u8; 8] = c.try_into().unwrap_or(&[0; 8]);
-                pack8::<BITS>(c, o);
-            }
-            r
-        } else {
-            let (scale, bias) = group_params(mn, mx, BITS as u32, flavour);
-            // SAFETY: `available()` holds (the caller's contract).
-            unsafe {
-                match flavour {
-                    Flavour::Cpu => codes_avx2::<BITS, true>(&vals[..g], scale, bias, out),
-                    Flavour::Gpu => codes_avx2::<BITS, false>(&vals[..g], scale, bias, out),
-                }
-            }
-            (scale, bias)
-        };
-        *s = T::from_f32(scale);
-        *b = T::from_f32(bias);
+        lo[j] = l;
+        hi[j] = h;
     }
+    let (mn, mx) = (reduce8::<false>(&lo), reduce8::<true>(&hi));
+    let (s, bias) = group_params::<BITS>(mn, mx, flavour);
+    // Lanes the vector passes cannot do exactly: redone by the scalar definition.
+    let mut bad = !finite_mask(s) | !finite_mask(bias);
+    if BITS == 1 {
+        bad |= _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(mn, _mm256_setzero_ps())) as u32;
+    }
+    let valid = (1u32 << count) - 1;
+    let r = _mm256_div_ps(_mm256_set1_ps(1.0), s);
+    let c = neg(_mm256_mul_ps(bias, r));
+    // M ≥ |(w − b)/s|·(1 − 3u) + |b/s|·(1 − 2u) for every element: |w − b| peaks at the min
+    // or the max, and RN is monotone.
+    let reach = _mm256_max_ps(abs(_mm256_sub_ps(mx, bias)), abs(_mm256_sub_ps(mn, bias)));
+    let m = _mm256_add_ps(_mm256_mul_ps(reach, abs(r)), abs(c));
+    let thr = _mm256_sub_ps(
+        _mm256_set1_ps(0.5),
+        _mm256_add_ps(
+            _mm256_mul_ps(m, _mm256_set1_ps(1.0 / (1u64 << 21) as f32)),
+            _mm256_set1_ps(1.0 / (1u64 << 24) as f32),
+        ),
+    );
+    // A scale above 10³⁰ has a subnormal-prone reciprocal; a bound ≥ 2¹⁹ (or NaN) leaves no
+    // margin: threshold −1, so every code of such a group is divided.
+    let loose = _mm256_or_ps(
+        _mm256_cmp_ps::<_CMP_GT_OQ>(abs(s), _mm256_set1_ps(1e30)),
+        _mm256_cmp_ps::<_CMP_NLT_UQ>(m, _mm256_set1_ps((1u32 << 19) as f32)),
+    );
+    let thr = _mm256_blendv_ps(thr, _mm256_set1_ps(-1.0), loose);
+    let lanes = |v: __m256| -> [f32; BATCH] {
+        // SAFETY: `__m256` and `[f32; 8]` have the same size, and every bit pattern is valid.
+        unsafe { std::mem::transmute(v) }
+    };
+    let p = Params {
+        count,
+        s: lanes(s),
+        b: lanes(bias),
+        r: lanes(r),
+        c: lanes(c),
+        thr: lanes(thr),
+        fix: bad & valid,
+    };
+    for j in 0..count {
+        scales[j] = T::from_f32(p.s[j]);
+        biases[j] = T::from_f32(p.b[j]);
+    }
+    p
 }
 
-/// The codes of one group (`vals`, a multiple of 32 values) with scale `scale` and bias
-/// `bias`, rounded ties-to-even (`EVEN`, the CPU flavour) or away from zero, packed into `out`
-/// (`BITS` bytes per 8 codes; writes what fits).
-///
-/// 32 codes at a time: four vectors of 8 dwords narrowed by two saturating packs and one
-/// dword permute into 32 bytes in order; 8-bit stores them, 4-bit merges byte pairs with
-/// `vpmaddubsw` (`c₀ + 16·c₁`) and packs again, every other width goes through [`pack8`].
+/// Step 3 of a prepared batch: its codes, packed, then the groups [`quantize_group`] must
+/// redo.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn finish_batch<T: Float, const BITS: usize, const VPG: usize>(
+    p: &Params,
+    b: Groups<'_, T>,
+    flavour: Flavour,
+) {
+    let g = 8 * VPG;
+    let gb = g / 8 * BITS;
+    let count = p.count;
+    if b.w.len() < count * g || b.packed.len() < count * gb || b.scales.len() < count {
+        return;
+    }
+    let sign = _mm256_set1_ps(-0.0);
+    for j in 0..count {
+        if p.fix & (1 << j) != 0 {
+            continue;
+        }
+        let (r, c, thr) = (
+            _mm256_set1_ps(p.r[j]),
+            _mm256_set1_ps(p.c[j]),
+            _mm256_set1_ps(p.thr[j]),
+        );
+        for q in 0..g / 32 {
+            let at = j * g + 32 * q;
+            // SAFETY: at + 32 ≤ count·g ≤ b.w.len() (checked above).
+            let xs: [__m256; 4] =
+                std::array::from_fn(|t| unsafe { widen8(b.w.as_ptr().add(at + 8 * t)) });
+            let mut worst = _mm256_setzero_ps();
+            let mut ks = [_mm256_setzero_si256(); 4];
+            for (k, &x) in ks.iter_mut().zip(&xs) {
+                let q = _mm256_fmadd_ps(x, r, c);
+                let frac = _mm256_sub_ps(q, _mm256_round_ps::<ROUND_NEAREST>(q));
+                // `frac` first: a NaN (from a NaN input) keeps `worst`; its code converts to
+                // i32::MIN, which packs to 0, as the definition's `NaN as u8`.
+                worst = _mm256_max_ps(_mm256_andnot_ps(sign, frac), worst);
+                *k = _mm256_cvtps_epi32(q);
+            }
+            if _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NLT_UQ>(worst, thr)) != 0 {
+                let (s, bias) = (_mm256_set1_ps(p.s[j]), _mm256_set1_ps(p.b[j]));
+                for (k, &x) in ks.iter_mut().zip(&xs) {
+                    let q = _mm256_div_ps(_mm256_sub_ps(x, bias), s);
+                    *k = _mm256_cvttps_epi32(round(q, flavour));
+                }
+            }
+            // SAFETY: the 32 codes' 4·BITS bytes lie within the batch's `count·gb` bytes.
+            unsafe { pack32::<BITS>(&ks, b.packed.as_mut_ptr().add(at / 8 * BITS)) };
+        }
+    }
+    let mut fix = p.fix;
+    while fix != 0 {
+        let j = fix.trailing_zeros() as usize;
+        fix &= fix - 1;
+        let mut vals = [0f32; MAX_G];
+        for (v, x) in vals[..g].iter_mut().zip(&b.w[j * g..(j + 1) * g]) {
+            *v = x.to_f32();
+        }
+        let mut codes = [0u8; MAX_G];
+        let (s, bias) = quantize_group(&vals[..g], BITS as u32, flavour, &mut codes[..g]);
+        for (c, o) in codes[..g]
+            .chunks_exact(8)
+            .zip(b.packed[j * gb..(j + 1) * gb].chunks_exact_mut(BITS))
+        {
+            pack8::<BITS>(c.try_into().unwrap_or(&[0; 8]), o);
+        }
+        b.scales[j] = T::from_f32(s);
+        b.biases[j] = T::from_f32(bias);
+    }
+}
+
+const ROUND_NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+/// The byte shuffle that gathers, in each 128-bit lane, the first `per` bytes of each of the
+/// lane's `16 / stride` units of `stride` bytes into the lane's first bytes (the rest zero).
+const fn gather_bytes(stride: usize, per: usize) -> [u8; 32] {
+    let mut idx = [0x80u8; 32];
+    let mut l = 0;
+    while l < 2 {
+        let mut o = 0;
+        while o < 16 / stride * per {
+            idx[16 * l + o] = (stride * (o / per) + o % per) as u8;
+            o += 1;
+        }
+        l += 1;
+    }
+    idx
+}
+
+/// Packs 32 codes (`k[v]` lane `i` = code `8v + i` as i32; negative and NaN's `i32::MIN`
+/// clamp to 0, large ones to `n`) into the `4·BITS` bytes at `out`.
+///
+/// # Safety
+/// The CPU has AVX2; `out` is valid for `4·BITS` bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn codes_avx2<const BITS: usize, const EVEN: bool>(
-    vals: &[f32],
-    scale: f32,
-    bias: f32,
-    out: &mut [u8],
-) {
-    let n = ((1u32 << BITS) - 1) as f32;
-    let (vs, vb, vn) = (
-        _mm256_set1_ps(scale),
-        _mm256_set1_ps(bias),
-        _mm256_set1_ps(n),
-    );
-    let flavour = if EVEN { Flavour::Cpu } else { Flavour::Gpu };
+unsafe fn pack32<const BITS: usize>(k: &[__m256i; 4], out: *mut u8) {
+    let n = _mm256_set1_epi16(((1u32 << BITS) - 1) as i16);
+    // Per 128-bit lane: [k0 k1] words, then [k0 k1 k2 k3] bytes of that lane's half of each.
+    let w0 = _mm256_min_epu16(_mm256_packus_epi32(k[0], k[1]), n);
+    let w1 = _mm256_min_epu16(_mm256_packus_epi32(k[2], k[3]), n);
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (v32, o) in vals.chunks_exact(32).zip(out.chunks_exact_mut(4 * BITS)) {
-        let code = |i: usize| {
-            // SAFETY: 8i + 8 ≤ 32 = v32.len().
-            let v = unsafe { _mm256_loadu_ps(v32.as_ptr().add(8 * i)) };
-            let q = _mm256_div_ps(_mm256_sub_ps(v, vb), vs);
-            let q = _mm256_min_ps(_mm256_max_ps(round(q, flavour), _mm256_setzero_ps()), vn);
-            _mm256_cvttps_epi32(q)
-        };
-        let (c0, c1, c2, c3) = (code(0), code(1), code(2), code(3));
-        let words = (_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
-        let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words.0, words.1), order);
+    let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(w0, w1), order);
+    // SAFETY (every store): within the 4·BITS bytes at `out`.
+    unsafe {
         match BITS {
-            // SAFETY (both stores): o holds 4·BITS bytes.
-            8 => unsafe { _mm256_storeu_si256(o.as_mut_ptr() as *mut __m256i, bytes) },
+            8 => _mm256_storeu_si256(out as *mut __m256i, bytes),
             4 => {
                 let pairs = _mm256_maddubs_epi16(bytes, _mm256_set1_epi16(0x1001));
-                let packed = _mm256_packus_epi16(pairs, pairs);
-                let packed = _mm256_permute4x64_epi64::<0b1000>(packed);
-                unsafe {
-                    _mm_storeu_si128(
-                        o.as_mut_ptr() as *mut __m128i,
-                        _mm256_castsi256_si128(packed),
-                    )
-                };
+                let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi16(pairs, pairs));
+                _mm_storeu_si128(out as *mut __m128i, _mm256_castsi256_si128(packed));
             }
             _ => {
-                let mut c = [0u8; 32];
-                // SAFETY: c holds 32 bytes.
-                unsafe { _mm256_storeu_si256(c.as_mut_ptr() as *mut __m256i, bytes) };
-                for (c, o) in c.chunks_exact(8).zip(o.chunks_exact_mut(BITS)) {
-                    let c: &[u8; 8] = c.try_into().unwrap_or(&[0; 8]);
-                    pack8::<BITS>(c, o);
-                }
+                // Dword d = codes 4d..4d + 4 in its low 4·BITS bits.
+                let pair = _mm256_set1_epi16((1 | (1 << (8 + BITS))) as i16);
+                let quad = _mm256_set1_epi32(1 | (1 << (16 + 2 * BITS)));
+                let d = _mm256_madd_epi16(_mm256_maddubs_epi16(bytes, pair), quad);
+                let (v, idx) = if BITS.is_multiple_of(2) {
+                    (d, const { gather_bytes(4, BITS / 2) })
+                } else {
+                    // Qword = codes 8q..8q + 8 in its low 8·BITS bits: BITS bytes.
+                    let low = _mm256_and_si256(d, _mm256_set1_epi64x(0xffff_ffff));
+                    let high = _mm256_sll_epi64(
+                        _mm256_srli_epi64::<32>(d),
+                        _mm_cvtsi32_si128(4 * BITS as i32),
+                    );
+                    (_mm256_or_si256(low, high), const { gather_bytes(8, BITS) })
+                };
+                let v = _mm256_shuffle_epi8(v, _mm256_loadu_si256(idx.as_ptr() as *const __m256i));
+                // Each lane's 2·BITS bytes, lane 0's first.
+                let mut tmp = [0u8; 32];
+                _mm256_storeu_si256(tmp.as_mut_ptr() as *mut __m256i, v);
+                let half = 2 * BITS;
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), out, half);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr().add(16), out.add(half), half);
             }
         }
     }
+}
+
+/// Bit `j` set where lane `j` is finite.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn finite_mask(v: __m256) -> u32 {
+    _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(
+        abs(v),
+        _mm256_set1_ps(f32::INFINITY),
+    )) as u32
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn abs(v: __m256) -> __m256 {
+    _mm256_andnot_ps(_mm256_set1_ps(-0.0), v)
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn neg(v: __m256) -> __m256 {
+    _mm256_xor_ps(v, _mm256_set1_ps(-0.0))
+}
+
+/// Lane `j` = min (or max, with `MAX`) of the 8 lanes of `p[j]`: a tree of shuffles that
+/// halves the lanes per group and doubles the groups per vector at each level. Exact for
+/// values that are not NaN (order only matters for the sign of a zero).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn reduce8<const MAX: bool>(p: &[__m256; 8]) -> __m256 {
+    let op = |a: __m256, b: __m256| {
+        if MAX {
+            _mm256_max_ps(a, b)
+        } else {
+            _mm256_min_ps(a, b)
+        }
+    };
+    // Level 1, per 128-bit lane: [a02 a13 b02 b13] of the pair (a, b) = (p[2m], p[2m + 1]).
+    let t: [__m256; 4] = std::array::from_fn(|m| {
+        let (a, b) = (p[2 * m], p[2 * m + 1]);
+        op(
+            _mm256_shuffle_ps::<0x44>(a, b),
+            _mm256_shuffle_ps::<0xEE>(a, b),
+        )
+    });
+    // Level 2, per 128-bit lane: groups 4h..4h + 4 reduced over that lane's 4 elements.
+    let u: [__m256; 2] = std::array::from_fn(|h| {
+        let (a, b) = (t[2 * h], t[2 * h + 1]);
+        op(
+            _mm256_shuffle_ps::<0x88>(a, b),
+            _mm256_shuffle_ps::<0xDD>(a, b),
+        )
+    });
+    // Level 3: the two 128-bit lanes of each.
+    op(
+        _mm256_permute2f128_ps::<0x20>(u[0], u[1]),
+        _mm256_permute2f128_ps::<0x31>(u[0], u[1]),
+    )
+}
+
+/// Scale and bias of 8 groups from their minima and maxima: the definition's steps
+/// ([`group_params`](crate::quant::affine::group_params)), lane by lane, with the same IEEE
+/// operations (so the same results).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn group_params<const BITS: usize>(mn: __m256, mx: __m256, flavour: Flavour) -> (__m256, __m256) {
+    let eps = _mm256_set1_ps(EPS);
+    if BITS == 1 {
+        return (_mm256_max_ps(_mm256_sub_ps(mx, mn), eps), mn);
+    }
+    let n = _mm256_set1_ps(((1u32 << BITS) - 1) as f32);
+    let s = _mm256_max_ps(_mm256_div_ps(_mm256_sub_ps(mx, mn), n), eps);
+    let low_edge = _mm256_cmp_ps::<_CMP_GT_OQ>(abs(mn), abs(mx));
+    let edge = _mm256_blendv_ps(mx, mn, low_edge);
+    let s = _mm256_blendv_ps(neg(s), s, low_edge);
+    let q0 = round(_mm256_div_ps(edge, s), flavour);
+    let nonzero = _mm256_cmp_ps::<_CMP_NEQ_UQ>(q0, _mm256_setzero_ps());
+    let s = _mm256_blendv_ps(s, _mm256_div_ps(edge, q0), nonzero);
+    let bias = _mm256_and_ps(edge, nonzero);
+    (s, bias)
 }
 
 /// Rounds each lane to an integer as `flavour` does ([`round`](crate::quant::affine::round)):
@@ -220,7 +508,7 @@ unsafe fn codes_avx2<const BITS: usize, const EVEN: bool>(
 #[target_feature(enable = "avx2,fma")]
 fn round(q: __m256, flavour: Flavour) -> __m256 {
     match flavour {
-        Flavour::Cpu => _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q),
+        Flavour::Cpu => _mm256_round_ps::<ROUND_NEAREST>(q),
         Flavour::Gpu => {
             let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(q);
             let sign = _mm256_set1_ps(-0.0);
@@ -234,22 +522,4 @@ fn round(q: __m256, flavour: Flavour) -> __m256 {
             _mm256_add_ps(t, step)
         }
     }
-}
-
-/// The least of the 8 lanes (none is NaN).
-#[inline]
-#[target_feature(enable = "avx2")]
-fn hmin(v: __m256) -> f32 {
-    let h = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let h = _mm_min_ps(h, _mm_movehl_ps(h, h));
-    _mm_cvtss_f32(_mm_min_ss(h, _mm_shuffle_ps::<0b01>(h, h)))
-}
-
-/// The greatest of the 8 lanes (none is NaN).
-#[inline]
-#[target_feature(enable = "avx2")]
-fn hmax(v: __m256) -> f32 {
-    let h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps::<0b01>(h, h)))
 }
