@@ -19,8 +19,10 @@
 //!    with `vpmaddubsw`, other widths merge 4 codes into a dword (`vpmaddubsw`, `vpmaddwd`;
 //!    odd widths then dword pairs into a qword) and gather the bytes with `vpshufb`.
 //!
-//! Steps 1–2 of batch `i` run before step 3 of batch `i − 1`, so that the chain of dependent
-//! divisions of one batch's scales overlaps the independent codes of the one before.
+//! Software-pipelined in three stages: each iteration `i` runs, in program order, step 2 of
+//! batch `i − 1` (a chain of dependent divisions and shuffles whose inputs are ready), step 3
+//! of batch `i − 2` (independent work that the out-of-order core runs while the chain
+//! retires), then step 1 of batch `i`.
 //!
 //! Groups whose scale or bias is not finite (inputs with ±∞, huge ranges), and 1-bit groups
 //! whose minimum is a zero (the bias is the minimum, and of +0 and −0 the definition keeps the
@@ -160,15 +162,15 @@ unsafe fn quantize_groups<T: Float, const BITS: usize, const VPG: usize>(
     }
     let batches = groups.div_ceil(BATCH);
     let span = |i: usize| (i * BATCH, (groups - i * BATCH).min(BATCH));
+    let mut loaded: Option<(__m256, __m256)> = None;
     let mut pending: Option<Params> = None;
-    for i in 0..=batches {
-        let prepared = (i < batches).then(|| {
-            let (b0, count) = span(i);
-            // SAFETY: the CPU features are this function's contract; the slices hold `count`
-            // whole groups from `b0` on (lengths checked above).
+    for i in 0..batches + 2 {
+        let prepared = loaded.take().map(|minmax| {
+            let (b0, count) = span(i - 1);
+            // SAFETY: the CPU features are this function's contract.
             unsafe {
-                batch_params::<T, BITS, VPG>(
-                    &t.w[b0 * g..(b0 + count) * g],
+                batch_params::<T, BITS>(
+                    minmax,
                     flavour,
                     &mut t.scales[b0..b0 + count],
                     &mut t.biases[b0..b0 + count],
@@ -176,34 +178,35 @@ unsafe fn quantize_groups<T: Float, const BITS: usize, const VPG: usize>(
             }
         });
         if let Some(p) = pending.take() {
-            let (b0, count) = span(i - 1);
+            let (b0, count) = span(i - 2);
             let batch = Groups {
                 w: &t.w[b0 * g..(b0 + count) * g],
                 packed: &mut t.packed[b0 * gb..(b0 + count) * gb],
                 scales: &mut t.scales[b0..b0 + count],
                 biases: &mut t.biases[b0..b0 + count],
             };
-            // SAFETY: as above.
+            // SAFETY: as above; the slices hold the batch's `count` whole groups (lengths
+            // checked above).
             unsafe { finish_batch::<T, BITS, VPG>(&p, batch, flavour) };
+        }
+        if i < batches {
+            let (b0, count) = span(i);
+            // SAFETY: as above.
+            loaded = Some(unsafe { load_batch::<T, VPG>(&t.w[b0 * g..(b0 + count) * g], flavour) });
         }
         pending = prepared;
     }
 }
 
-/// Steps 1–2 of a batch of `count = scales.len() ≤ 8` groups of `8·VPG` elements `w`: stores
-/// the scales and biases (rounded to `T`) and returns the codes pass's constants.
+/// Step 1 of a batch of `w.len() / (8·VPG) ≤ 8` groups of `8·VPG` elements `w`: returns the
+/// groups' minima and maxima, lane `j` for group `j` (0 for absent groups).
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; `w` holds `count·8·VPG` elements and `biases` `count`.
+/// The CPU has AVX2, FMA and F16C.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn batch_params<T: Float, const BITS: usize, const VPG: usize>(
-    w: &[T],
-    flavour: Flavour,
-    scales: &mut [T],
-    biases: &mut [T],
-) -> Params {
-    let count = scales.len().min(biases.len()).min(w.len() / (8 * VPG));
+unsafe fn load_batch<T: Float, const VPG: usize>(w: &[T], flavour: Flavour) -> (__m256, __m256) {
+    let count = (w.len() / (8 * VPG)).min(BATCH);
     let init_max = match flavour {
         Flavour::Cpu => f32::NEG_INFINITY,
         Flavour::Gpu => 0.0,
@@ -230,7 +233,23 @@ unsafe fn batch_params<T: Float, const BITS: usize, const VPG: usize>(
         lo[j] = l;
         hi[j] = h;
     }
-    let (mn, mx) = (reduce8::<false>(&lo), reduce8::<true>(&hi));
+    (reduce8::<false>(&lo), reduce8::<true>(&hi))
+}
+
+/// Step 2 of a batch of `count = scales.len() ≤ 8` groups, from their minima and maxima:
+/// stores the scales and biases (rounded to `T`) and returns the codes pass's constants.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `biases` holds `count` elements.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn batch_params<T: Float, const BITS: usize>(
+    (mn, mx): (__m256, __m256),
+    flavour: Flavour,
+    scales: &mut [T],
+    biases: &mut [T],
+) -> Params {
+    let count = scales.len().min(biases.len()).min(BATCH);
     let (s, bias) = group_params::<BITS>(mn, mx, flavour);
     // Lanes the vector passes cannot do exactly: redone by the scalar definition.
     let mut bad = !finite_mask(s) | !finite_mask(bias);
