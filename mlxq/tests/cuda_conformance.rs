@@ -6,7 +6,8 @@
 //!
 //! - quantize and dequantize: bit for bit against MLX 0.32.4 (its CUDA kernels for the GPU
 //!   flavour, its CPU for the CPU flavour), and against the CPU backend on random data for
-//!   every width (1-bit too), group size, dtype, flavour and output dtype.
+//!   every width (1-bit too), group size, dtype, flavour and output dtype; `dequantize_into`
+//!   a poisoned device buffer against the CPU backend.
 //! - quantized_matmul (both transposes, M from 1 to 37, odd N), batched W, gather_qmm with
 //!   indices on the device: against the f64 reference, outputs poisoned with NaN first
 //!   (tolerance: 1e-5 normwise for f32 outputs, 1e-2 for f16/bf16).
@@ -228,6 +229,54 @@ fn quantize_and_dequantize_match_the_cpu_backend_everywhere() {
     }
     genc.commit_and_wait().unwrap();
     assert_none("CUDA vs CPU quantize/dequantize", checked, failures);
+}
+
+/// `dequantize_into` a device buffer poisoned with NaN gives the CPU backend's bytes (affine
+/// 4- and 3-bit, mxfp4; f32 and bf16 outputs), and an `out` in host memory is an error
+/// naming `out`.
+#[test]
+fn dequantize_into_a_poisoned_device_buffer_matches_the_cpu_backend() {
+    let Some(dev) = gpu() else { return };
+    let (mut genc, mut cenc) = (dev.encoder(), Device::cpu().encoder());
+    let mut rng = StdRng::seed_from_u64(11);
+    let shape = [2, 9, 256];
+    let w = Buffer::from_f32(&randn(&mut rng, 2 * 9 * 256), DType::BF16, &shape).unwrap();
+    let specs = [
+        QuantSpec::affine(4, 64).unwrap(),
+        QuantSpec::affine(3, 64).unwrap(),
+        QuantSpec::new(QuantMode::Mxfp4, 4, 32).unwrap(),
+    ];
+    let (mut checked, mut failures) = (0, Vec::new());
+    for spec in specs {
+        let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
+        let wd = weight_to(&qw, &dev);
+        for out_dtype in [DType::F32, DType::BF16] {
+            checked += 1;
+            let opts = DequantizeOptions {
+                dtype: Some(out_dtype),
+                flavour: Flavour::Gpu,
+            };
+            let want = ops::dequantize(&mut cenc, &qw, opts).unwrap();
+            let mut out = up(&common::poisoned(out_dtype, &shape), &dev);
+            match ops::dequantize_into(&mut genc, &wd, opts, &mut out) {
+                Ok(()) => {
+                    genc.commit_and_wait().unwrap();
+                    if let Some(f) = same_bytes("dequantize_into", &want, &down(&out)) {
+                        failures.push(format!("{spec} -> {out_dtype}: {f}"));
+                    }
+                }
+                Err(e) => failures.push(format!("{spec} -> {out_dtype}: dequantize_into: {e}")),
+            }
+        }
+        let mut host = common::poisoned(DType::BF16, &shape);
+        let opts = DequantizeOptions {
+            dtype: Some(DType::BF16),
+            flavour: Flavour::Gpu,
+        };
+        let e = ops::dequantize_into(&mut genc, &wd, opts, &mut host).unwrap_err();
+        assert!(e.to_string().contains("out"), "{spec}: {e}");
+    }
+    assert_none("CUDA dequantize_into vs CPU", checked, failures);
 }
 
 /// `quantize_into` on CUDA writes every byte of a caller-owned, poisoned output, equal to the

@@ -1,5 +1,8 @@
 //! `dequantize`: [`QuantizedWeight`] → floats, rounding as either MLX flavour does (affine,
 //! and on the CPU mxfp4, mxfp8 and nvfp4).
+//!
+//! [`dequantize_into`] writes into a caller-owned buffer (no allocation per call);
+//! [`dequantize`] allocates one and runs the same path.
 
 use crate::backend::cpu::{self, dequantize::DequantizeArgs, KernelFn, MatrixRef};
 use crate::error::{Error, Result};
@@ -69,18 +72,55 @@ pub(crate) fn dequantize_kernel(
 }
 
 /// Dequantizes the whole of `w` into a new buffer of `w.shape()`.
+///
+/// Allocates the result, then runs [`dequantize_into`]; to dequantize repeatedly without
+/// allocating (and faulting in fresh output pages) per call, use [`dequantize_into`].
 pub fn dequantize(
     enc: &mut CommandEncoder,
     w: &QuantizedWeight,
     opts: DequantizeOptions,
 ) -> Result<Buffer> {
     enc.check_location(OP, "w", w.packed())?;
+    let out_dtype = output_dtype(w, opts)?;
+    let mut out = Buffer::uninit_on(enc.device(), out_dtype, w.shape())?;
+    dequantize_into(enc, w, opts, &mut out)?;
+    Ok(out)
+}
+
+/// Dequantizes the whole of `w` as [`dequantize`] does, writing every element of the
+/// caller-owned `out` (bit-identical to [`dequantize`]'s result); nothing is allocated, so
+/// the call can be timed on its own or captured in a CUDA graph.
+///
+/// `out` must have the dtype [`dequantize`] would give (`opts.dtype`, else the scales' dtype
+/// for affine or bfloat16 for the FP modes), `w`'s logical shape, live on the encoder's
+/// device, and on the host own its storage alone (not a memory-mapped file, nor shared with
+/// a clone); otherwise this returns an error naming `out`, what was expected and what came,
+/// and writes nothing.
+pub fn dequantize_into(
+    enc: &mut CommandEncoder,
+    w: &QuantizedWeight,
+    opts: DequantizeOptions,
+    out: &mut Buffer,
+) -> Result<()> {
+    enc.check_location(OP, "w", w.packed())?;
+    let out_dtype = output_dtype(w, opts)?;
+    if out.dtype() != out_dtype {
+        return Err(Error::dtype(OP, "out", out_dtype.name(), out.dtype()));
+    }
+    if out.shape() != w.shape() {
+        return Err(Error::shape(
+            OP,
+            "out",
+            format!("{:?} (as w)", w.shape()),
+            out.shape(),
+        ));
+    }
+    enc.check_location(OP, "out", out)?;
     #[cfg(feature = "cuda")]
     if enc.device().cuda_state().is_ok() {
-        return crate::backend::cuda::launch::dequantize(enc, w, opts);
+        return crate::backend::cuda::launch::dequantize_into(enc, w, opts, out);
     }
-    let (kernel, f, out_dtype) = dequantize_kernel(enc, w, opts)?;
-    let mut out = Buffer::zeros(out_dtype, w.shape())?;
+    let (kernel, f, _) = dequantize_kernel(enc, w, opts)?;
     let spec = w.spec();
     // The batch matrices are contiguous, so the whole stack is one tall matrix.
     let all = MatrixRef {
@@ -92,11 +132,19 @@ pub fn dequantize(
         group_size: spec.group_size() as usize,
         bits: spec.bits(),
     };
+    let bytes = out.bytes_mut().map_err(|e| match e {
+        Error::ReadOnly { reason, .. } => Error::ReadOnly {
+            op: OP,
+            param: "out",
+            reason,
+        },
+        e => e,
+    })?;
     f(DequantizeArgs {
         w: all,
         flavour: opts.flavour,
-        out: out.bytes_mut()?,
+        out: bytes,
     })?;
     enc.record(&kernel.name);
-    Ok(out)
+    Ok(())
 }

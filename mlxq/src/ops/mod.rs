@@ -10,7 +10,7 @@ mod quantize;
 
 #[cfg(feature = "cuda")]
 pub(crate) use dequantize::output_dtype as dequantize_dtype;
-pub use dequantize::{dequantize, DequantizeOptions};
+pub use dequantize::{dequantize, dequantize_into, DequantizeOptions};
 pub use embedding::embedding;
 pub use gather_qmm::{gather_qmm, gather_qmm_into};
 pub use matmul::{quantized_matmul, quantized_matmul_into};

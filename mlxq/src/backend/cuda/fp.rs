@@ -129,15 +129,17 @@ unsafe fn per_group(
     Ok(())
 }
 
-/// Dequantizes all of `w` into a new buffer of the float `out_dtype` (`ops` resolved it) in
-/// `flavour`, with fp.cu's `fp_dequantize`, one thread per group.
-pub(super) fn dequantize(
+/// Dequantizes all of `w` into the caller's `out` of the float `out_dtype` (`ops` resolved
+/// it and checked `out`'s dtype, shape and device) in `flavour`, with fp.cu's
+/// `fp_dequantize`, one thread per group.
+pub(super) fn dequantize_into(
     enc: &mut CommandEncoder,
     dev: &CudaDevice,
     w: &QuantizedWeight,
     flavour: Flavour,
     out_dtype: DType,
-) -> Result<Buffer> {
+    out: &mut Buffer,
+) -> Result<()> {
     const OP: &str = "dequantize";
     let spec = w.spec();
     let key = KernelKey {
@@ -153,14 +155,15 @@ pub(super) fn dequantize(
     };
     let k = dev.kernel(key)?;
     enc.check_location(OP, "scales", w.scales())?;
-    let out = Buffer::uninit_on(enc.device(), out_dtype, w.shape())?;
+    enc.check_location(OP, "out", out)?;
+    let out: &Buffer = out;
     let groups = (out.numel() / spec.group_size() as usize) as u64;
     let (pp, ps, po) = (
         aligned(OP, "packed", w.packed(), ptr(OP, "packed", w.packed())?, 16)?,
         ptr(OP, "scales", w.scales())?,
-        ptr(OP, "out", &out)?,
+        ptr(OP, "out", out)?,
     );
-    let bufs = [w.packed(), w.scales(), &out];
+    let bufs = [w.packed(), w.scales(), out];
     // SAFETY: thread g < groups reads packed bytes g·GB.. and scale g (w was validated with
     // these sizes) and writes outputs g·GROUP.. of `out` (groups·GROUP elements).
     unsafe {
@@ -175,7 +178,7 @@ pub(super) fn dequantize(
             bufs,
         )?
     };
-    Ok(out)
+    Ok(())
 }
 
 /// `out = x · W(ᵀ)` over the job's batch `bt` (`entries` of them) for an FP-mode `w`, with

@@ -152,18 +152,20 @@ pub(crate) fn quantize(
     Ok(())
 }
 
-/// Dequantizes all of `w` into a new buffer on its CUDA device.
-pub(crate) fn dequantize(
+/// Dequantizes all of `w` into the caller's `out` on its CUDA device (`ops` checked that
+/// `out` has the output dtype, `w`'s shape and this device).
+pub(crate) fn dequantize_into(
     enc: &mut CommandEncoder,
     w: &QuantizedWeight,
     opts: DequantizeOptions,
-) -> Result<Buffer> {
+    out: &mut Buffer,
+) -> Result<()> {
     const OP: &str = "dequantize";
     let dev = cuda(enc)?;
     dev.swap_last_dec(None);
     let out_dtype = crate::ops::dequantize_dtype(w, opts)?;
     if w.spec().mode() != QuantMode::Affine {
-        return super::fp::dequantize(enc, &dev, w, opts.flavour, out_dtype);
+        return super::fp::dequantize_into(enc, &dev, w, opts.flavour, out_dtype, out);
     }
     let spec = w.spec();
     let biases = w
@@ -183,15 +185,17 @@ pub(crate) fn dequantize(
     let k = dev.kernel(key)?;
     enc.check_location(OP, "scales", w.scales())?;
     enc.check_location(OP, "biases", biases)?;
-    let out = Buffer::uninit_on(enc.device(), out_dtype, w.shape())?;
+    enc.check_location(OP, "out", out)?;
+    let out: &Buffer = out;
     let chunks = (out.numel() / 8) as u64;
     let (pp, ps, pb, po) = (
         ptr(OP, "packed", w.packed())?,
         ptr(OP, "scales", w.scales())?,
         ptr(OP, "biases", biases)?,
-        ptr(OP, "out", &out)?,
+        ptr(OP, "out", out)?,
     );
-    // SAFETY: as in `quantize`: every index is below the sizes `w` was validated with.
+    // SAFETY: as in `quantize`: every index is below the sizes `w` was validated with, and
+    // `out` holds `w.shape()` elements (`ops` checked).
     unsafe {
         dev.stream()
             .launch_builder(k.func_named(OP)?)
@@ -203,11 +207,11 @@ pub(crate) fn dequantize(
             .launch(cfg((grid_x(OP, chunks.div_ceil(256))?, 1, 1), 256, OP)?)
     }
     .map_err(driver(OP))?;
-    for b in [w.packed(), w.scales(), biases, &out] {
+    for b in [w.packed(), w.scales(), biases, out] {
         enc.retain(b);
     }
     enc.record(&k.name);
-    Ok(out)
+    Ok(())
 }
 
 /// Row-major strides of `shape` placed into the broadcast shape `full` (0 where broadcast).
