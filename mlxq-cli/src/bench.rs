@@ -1,6 +1,6 @@
-//! `mlxq bench`: times `quantized_matmul`, `gather_qmm` and `quantize` on random weights,
-//! checks every result against the f64 oracle, and sets the times against the machine's
-//! memory bandwidth, measured in the same run.
+//! `mlxq bench`: times `quantized_matmul`, `gather_qmm`, `quantize` and `dequantize` on random
+//! weights, checks every result against the f64 oracle, and sets the times against the
+//! machine's memory bandwidth, measured in the same run.
 //!
 //! What is measured, and how:
 //! - Each case quantizes random weights once (scales in x's dtype), then replicates them into
@@ -12,7 +12,8 @@
 //!   time is the median of the timed calls after `--warmup` calls.
 //! - GB/s counts the bytes of quantized weights a call must read ([`QuantizedWeight::nbytes`],
 //!   for `gather` only the experts it selected; for `quantize` the floats read plus the
-//!   quantized bytes written). The roofline is a multi-threaded streaming read of a
+//!   quantized bytes written; for `dequantize` the quantized bytes read plus the floats
+//!   written). The roofline is a multi-threaded streaming read of a
 //!   `--bandwidth-mib` buffer, best of a few runs, read at the start and again after every
 //!   case; each result's ratio is to the highest reading up to and including its own (the
 //!   bandwidth of a shared machine moves with its neighbours, and a low first reading would
@@ -20,11 +21,13 @@
 //! - Checking computes only a sample of outputs in f64 (`--check-rows` rows of x ×
 //!   `--check-cols` output columns, from the dequantized rows of W that feed them), so it costs
 //!   a small fraction of the run; each result says what it checked. `quantize` is checked bit
-//!   for bit against [`mlxq::quant::affine::quantize_group`] on sampled rows.
+//!   for bit against [`mlxq::quant::affine::quantize_group`] on sampled rows, `dequantize`
+//!   bit for bit against [`mlxq::quant::affine::dequantize_value`] (the FP modes'
+//!   [`mlxq::quant::fp::dequantize_value`]) on sampled rows.
 //!
 //! Progress goes to stderr, the table (or `--json` lines) to stdout. Exits non-zero when any
 //! result exceeds its tolerance (normwise relative: 1e-5 for f32 x, 1e-2 for bf16/f16;
-//! 0, i.e. bit-exact, for `quantize`).
+//! 0, i.e. bit-exact, for `quantize` and `dequantize`).
 //!
 //! [`QuantizedWeight::nbytes`]: mlxq::QuantizedWeight::nbytes
 
@@ -50,13 +53,15 @@ pub enum Op {
     Gather,
     /// `quantize`: float weights of shape N×K → packed codes, scales and biases.
     Quantize,
+    /// `dequantize`: packed codes, scales and biases of shape N×K → floats of `--dtype`.
+    Dequantize,
 }
 
 /// Arguments of `mlxq bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Problem shape M,N,K: y[M,N] = x[M,K] · W[N,K]ᵀ (repeatable). Default: Llama-3-8B-like
-    /// layers N×K = 4096×4096, 14336×4096, 4096×14336 at M = 1, 8, 128. `quantize` uses N×K.
+    /// layers N×K = 4096×4096, 14336×4096, 4096×14336 at M = 1, 8, 128. `quantize` and `dequantize` use N×K.
     #[arg(long = "shape", value_name = "M,N,K", value_parser = parse_shape)]
     pub shapes: Vec<[usize; 3]>,
     /// Operations to time (repeatable or comma-separated).
@@ -70,7 +75,7 @@ pub struct BenchArgs {
     pub group_size: u32,
     /// Quantization mode: affine (with `--bits` and `--group-size`), or one of MLX's FP modes
     /// mxfp4, mxfp8, nvfp4, which have their own element width and group size (`--bits` and
-    /// `--group-size` are then not used). The FP modes time `matmul`, `gather` and `quantize`.
+    /// `--group-size` are then not used). The FP modes time every op.
     #[arg(long, default_value = "affine", value_parser = parse_mode)]
     pub mode: QuantMode,
     /// dtype of x (and of the weights' scales and biases): bf16, f16 or f32.
@@ -137,7 +142,7 @@ pub struct Tuning {
     /// Output columns checked against the f64 reference per result.
     #[arg(long, default_value_t = 32)]
     pub check_cols: usize,
-    /// Rows of x (tokens × experts for gather, weight rows for quantize) checked per result.
+    /// Rows of x (tokens × experts for gather, weight rows for (de)quantize) checked per result.
     #[arg(long, default_value_t = 128)]
     pub check_rows: usize,
     /// A compute ceiling, GFLOP/s, to draw on the chart (not measured).
@@ -287,6 +292,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 cases::gather(&setup, moe, &tokens, &specs, &args.transpose, &mut out)?
             }
             Op::Quantize => cases::quantize(&setup, &shapes, &specs, &mut out)?,
+            Op::Dequantize => cases::dequantize(&setup, &shapes, &specs, &mut out)?,
         }
     }
     let records = out.finish();
@@ -342,8 +348,10 @@ fn validate(args: &BenchArgs, shapes: &[[usize; 3]], g: usize) -> anyhow::Result
             args.tune.bandwidth_mib
         );
     }
-    // Groups run along K for quantize and x · Wᵀ (W [N, K]), along N for x · W (W [K, N]).
-    let along_k = runs(Op::Quantize) || (runs(Op::Matmul) && args.transpose.contains(&true));
+    // Groups run along K for (de)quantize and x · Wᵀ (W [N, K]), along N for x · W (W [K, N]).
+    let along_k = runs(Op::Quantize)
+        || runs(Op::Dequantize)
+        || (runs(Op::Matmul) && args.transpose.contains(&true));
     let along_n = runs(Op::Matmul) && args.transpose.contains(&false);
     for &[m, n, k] in shapes {
         if along_k && k % g != 0 {

@@ -380,3 +380,89 @@ pub fn quantize(
     }
     Ok(())
 }
+
+/// Times `dequantize_into` of N×K quantized weights for every distinct N×K × bits, into
+/// preallocated float outputs of `--dtype`: the weight is quantized once and replicated, one
+/// output per copy, rotated with the copies (so neither comes from the cache), allocated and
+/// written once before timing, so the timed calls neither allocate nor fault in fresh pages.
+/// Sampled rows of the last call's output are checked bit for bit against MLX's definition.
+pub fn dequantize(
+    s: &Setup,
+    shapes: &[[usize; 3]],
+    specs: &[QuantSpec],
+    out: &mut Reporter,
+) -> anyhow::Result<()> {
+    let weights = dedup(shapes.iter().map(|&[_, n, k]| (n, k)));
+    let mut p = Progress::new("dequantize", weights.len() * specs.len());
+    let opts = ops::DequantizeOptions {
+        dtype: Some(s.dtype),
+        flavour: s.flavour,
+    };
+    for &(n, k) in &weights {
+        for &spec in specs {
+            let wf = data::random(s.dtype, &[n, k], seed(s.seed, &[7, n, k]))?;
+            let mut enc = s.device.encoder();
+            let qw = ops::quantize(&mut enc, &wf, spec, s.flavour)?;
+            drop(wf);
+            let float_bytes = n * k * s.dtype.size();
+            let count = copies_for(qw.nbytes() + float_bytes, s.rotate_bytes, s.max_copies);
+            let copies = replicate(&qw, count)?;
+            let label = if spec.mode() == mlxq::QuantMode::Affine {
+                format!("{}-bit", spec.bits())
+            } else {
+                spec.mode().to_string()
+            };
+            p.start(&format!(
+                "dequantize_into {n}×{k} {label} to {} ({count} weight copies, {count} preallocated outputs)",
+                s.dtype,
+            ));
+            let mut outs = copies
+                .iter()
+                .map(|w| ops::dequantize(&mut enc, w, opts))
+                .collect::<mlxq::Result<Vec<_>>>()?;
+            enc.commit_and_wait()?;
+            let timing = s.timing.run(|i| {
+                ops::dequantize_into(&mut enc, &copies[i % count], opts, &mut outs[i % count])?;
+                enc.commit_and_wait()?;
+                Ok(())
+            })?;
+            let rows = spread(n, s.check_rows);
+            let last = (timing.calls - 1) % count;
+            let (err, mismatches) =
+                check::dequantize(&copies[last], &outs[last], s.flavour, &rows)?;
+            if mismatches > 0 {
+                eprintln!(
+                    "dequantize {n}×{k} {label}: {mismatches} values differ from MLX's definition"
+                );
+            }
+            out.push(Record {
+                op: "dequantize",
+                device: s.device.location().to_string(),
+                m: None,
+                n,
+                k,
+                bits: spec.bits(),
+                group_size: spec.group_size(),
+                mode: spec.mode(),
+                dtype: s.dtype,
+                transpose: true,
+                moe: None,
+                seconds: timing.median.max(1e-12),
+                weight_bytes: qw.nbytes() + outs[last].nbytes(),
+                flops: None,
+                roofline_gbps: s.roofline.read(ROOFLINE_RUNS),
+                max_rel_err: err,
+                tolerance: 0.0,
+                pass: mismatches == 0 && err == 0.0,
+                kernel: format!(
+                    "{} (dequantize_into, outputs preallocated)",
+                    enc.last_kernel().unwrap_or("?")
+                ),
+                copies: count.min(timing.calls),
+                iters: timing.iters,
+                checked: [rows.len(), n, k, k],
+            });
+        }
+    }
+    Ok(())
+}

@@ -5,7 +5,7 @@
 use super::data::{round_to, select};
 use mlxq::quant::{affine::quantize_group, fp, pack::read_code, Flavour};
 use mlxq::reference::{dequantize_f64, matmul_f64, max_rel_err};
-use mlxq::{Buffer, QuantMode, QuantizedWeight};
+use mlxq::{Buffer, Float, QuantMode, QuantizedWeight};
 use std::collections::hash_map::{Entry, HashMap};
 
 /// The dequantized (f64) weights that feed output columns `cols` of a matmul with the 2-D
@@ -147,6 +147,79 @@ pub fn quantize(
             + usize::from(b.to_bits() != biases[gi].to_bits());
         (wrong, f64::from(s), f64::from(b))
     })
+}
+
+/// Checks rows `rows` of `got`, the dequantization of the 2-D `qw` into `got`'s float dtype
+/// in `flavour`, bit for bit against MLX's definition, one element at a time: affine
+/// [`dequantize_value`](mlxq::quant::affine::dequantize_value)'s rounding in the scales'
+/// dtype (CPU `S(S(q·s) + b)`, GPU one f32 FMA), then converted to the output dtype; the FP
+/// modes' [`fp::dequantize_value`].
+/// Returns the normwise relative error between the sampled outputs and the definition's (0
+/// when identical) and the number of elements whose bits differ.
+pub fn dequantize(
+    qw: &QuantizedWeight,
+    got: &Buffer,
+    flavour: Flavour,
+    rows: &[usize],
+) -> anyhow::Result<(f64, usize)> {
+    let dtype = got.dtype();
+    mlxq::with_float_type!(dtype, O => dequantize_rows::<O>(qw, got, flavour, rows),
+        _ => anyhow::bail!("dequantize output of dtype {dtype}"))
+}
+
+fn dequantize_rows<O: Float>(
+    qw: &QuantizedWeight,
+    got: &Buffer,
+    flavour: Flavour,
+    rows: &[usize],
+) -> anyhow::Result<(f64, usize)> {
+    let spec = qw.spec();
+    let (k, g, bits, mode) = (
+        qw.cols(),
+        spec.group_size() as usize,
+        spec.bits(),
+        spec.mode(),
+    );
+    let groups = qw.groups_per_row();
+    let sub = select(qw, rows, 0..groups)?;
+    let packed = sub.packed().bytes();
+    let row_bytes = groups * spec.group_bytes();
+    let sdtype = qw.scales_dtype();
+    let (scales, codes, biases) = if mode == QuantMode::Affine {
+        let biases = match sub.biases() {
+            Some(b) => b.to_f32_vec()?,
+            None => anyhow::bail!("an affine weight without biases"),
+        };
+        (sub.scales().to_f32_vec()?, Vec::new(), biases)
+    } else {
+        (Vec::new(), sub.scales().to_vec::<u8>()?, Vec::new())
+    };
+    let (mut g64, mut w64, mut mismatches) = (Vec::new(), Vec::new(), 0);
+    for (i, &r) in rows.iter().enumerate() {
+        let row = got
+            .view(r * k * O::DTYPE.size(), O::DTYPE, &[k])?
+            .to_vec::<O>()?;
+        let prow = &packed[i * row_bytes..(i + 1) * row_bytes];
+        for (e, &o) in row.iter().enumerate() {
+            let gi = i * groups + e / g;
+            let q = read_code(bits, prow, e)
+                .ok_or_else(|| anyhow::anyhow!("code {e} of row {r} out of range"))?;
+            let want: O = if mode == QuantMode::Affine {
+                let (q, s, b) = (f32::from(q), scales[gi], biases[gi]);
+                O::from_f32(match flavour {
+                    Flavour::Cpu => round_to(sdtype, round_to(sdtype, q * s) + b),
+                    Flavour::Gpu => q.mul_add(s, b),
+                })
+            } else {
+                fp::dequantize_value::<O>(q, codes[gi], mode, flavour)
+            };
+            // f16 and bf16 widen to f32 exactly, so equal f32 bits are equal bits.
+            mismatches += usize::from(o.to_f32().to_bits() != want.to_f32().to_bits());
+            g64.push(f64::from(o.to_f32()));
+            w64.push(f64::from(want.to_f32()));
+        }
+    }
+    Ok((max_rel_err(&g64, &w64), mismatches))
 }
 
 /// The walk of [`quantize`]: `group(i, values, codes)` quantizes group `i` (numbered across

@@ -1,5 +1,6 @@
 //! `mlxq bench --device cuda`: device time of `quantized_matmul` and `gather_qmm` on a CUDA
-//! GPU, and of `quantize`, set against the GPU's read bandwidth measured in the same run.
+//! GPU, and of `quantize` and `dequantize`, set against the GPU's read bandwidth measured in
+//! the same run.
 //!
 //! - Weights are quantized on the device from random floats, in enough identical copies that
 //!   cycling through them streams at least four times the L2 (and `--rotate-mib`) between two
@@ -300,8 +301,107 @@ fn quantize(
     Ok(usize::from(!ok))
 }
 
+/// `--op dequantize`: `dequantize_into` of an N×K quantized weight on the device into
+/// preallocated float outputs of `--dtype`, one per weight copy, the copies rotated past the L2
+/// as the matmul's weights are. Prints the quantized bytes read plus the floats written per
+/// call over the device time against the read bandwidth; `check_rows` rows of the last
+/// call's output are compared bit for bit with the CPU backend's dequantization of the same
+/// rows. Returns 1 if any differ, else 0.
+#[allow(clippy::too_many_arguments)]
+fn dequantize(
+    args: &BenchArgs,
+    device: &Device,
+    spec: QuantSpec,
+    [n, k]: [usize; 2],
+    bw: f64,
+    iters: usize,
+    rotate: usize,
+    rng: &mut StdRng,
+) -> anyhow::Result<usize> {
+    let dtype = args.dtype;
+    let flavour = args.tune.flavour;
+    let opts = ops::DequantizeOptions {
+        dtype: Some(dtype),
+        flavour,
+    };
+    let wh = Buffer::from_f32(&randn(rng, n * k), dtype, &[n, k])?;
+    let mut enc = device.encoder();
+    let q0 = ops::quantize(&mut enc, &wh.to_device(device)?, spec, flavour)?;
+    let o0 = ops::dequantize(&mut enc, &q0, opts)?;
+    let (in_bytes, out_bytes) = (q0.nbytes(), o0.nbytes());
+    let copies = rotate
+        .div_ceil(in_bytes + out_bytes)
+        .clamp(2, args.tune.max_copies.max(2));
+    let mut weights = vec![q0];
+    let mut outs = vec![o0];
+    for _ in 1..copies {
+        let q = ops::quantize(&mut enc, &wh.to_device(device)?, spec, flavour)?;
+        outs.push(ops::dequantize(&mut enc, &q, opts)?);
+        weights.push(q);
+    }
+    enc.commit_and_wait()?;
+    let t = time_calls(device, iters, copies, true, |e, i| {
+        ops::dequantize_into(e, &weights[i], opts, &mut outs[i])
+    })
+    .context("dequantize")?;
+    let kernel = enc.last_kernel().unwrap_or("?").to_string();
+    // The CPU backend's dequantization of the sampled rows, against the same rows of the
+    // last call's output.
+    let rows = spread(n, args.tune.check_rows);
+    let hw = host_weight(&weights[copies - 1])?;
+    let sub = super::data::select(&hw, &rows, 0..hw.groups_per_row())?;
+    let want = ops::dequantize(&mut Device::cpu().encoder(), &sub, opts)?;
+    let got = outs[copies - 1].to_host()?;
+    let (size, row_bytes) = (dtype.size(), k * dtype.size());
+    let (gb, wb) = (got.bytes(), want.bytes());
+    let mut mismatches = 0;
+    let mut got_rows = Vec::with_capacity(rows.len() * k);
+    for (i, &r) in rows.iter().enumerate() {
+        let (g, w) = (
+            &gb[r * row_bytes..(r + 1) * row_bytes],
+            &wb[i * row_bytes..(i + 1) * row_bytes],
+        );
+        mismatches += g
+            .chunks_exact(size)
+            .zip(w.chunks_exact(size))
+            .filter(|(a, b)| a != b)
+            .count();
+        got_rows.extend_from_slice(g);
+    }
+    let to_f64 = |b: Buffer| -> anyhow::Result<Vec<f64>> {
+        Ok(b.to_f32_vec()?.into_iter().map(f64::from).collect())
+    };
+    let err = check::error(
+        &to_f64(Buffer::from_bytes(&got_rows, dtype, &[rows.len(), k])?)?,
+        &to_f64(want)?,
+    );
+    let ok = mismatches == 0 && err == 0.0;
+    if !ok {
+        eprintln!(
+            "dequantize {n}x{k} {}-bit {}: {mismatches} values differ from the CPU backend's",
+            spec.bits(),
+            spec.mode()
+        );
+    }
+    let bytes = (in_bytes + out_bytes) as f64;
+    let best = t.stream_us.min(t.graph_us);
+    println!(
+        "{{\"kind\":\"dequantize\",\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"mode\":\"{}\",\"dtype\":\"{dtype}\",\"flavour\":\"{flavour:?}\",\"input_bytes\":{in_bytes},\"output_bytes\":{out_bytes},\"copies\":{copies},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"gbps\":{:.1},\"ratio\":{:.3},\"checked_rows\":{},\"mismatches\":{mismatches},\"ok\":{ok},\"kernel\":\"{kernel}\"}}",
+        spec.bits(),
+        spec.group_size(),
+        spec.mode(),
+        bytes / (bw * 1e3),
+        t.stream_us,
+        t.graph_us,
+        bytes / (best * 1e3),
+        bytes / (best * 1e3) / bw,
+        rows.len(),
+    );
+    Ok(usize::from(!ok))
+}
+
 /// Runs the CUDA benchmark: `--op matmul` over the shapes, `--op gather` over the tokens,
-/// `--op quantize` over the shapes' distinct N×K.
+/// `--op quantize` and `--op dequantize` over the shapes' distinct N×K.
 pub fn run(
     args: &BenchArgs,
     device: &Device,
@@ -464,6 +564,23 @@ pub fn run(
                         if seen.insert([n, k]) {
                             failed +=
                                 quantize(args, device, spec, [n, k], bw, iters, rotate, &mut rng)?;
+                        }
+                    }
+                }
+                Op::Dequantize => {
+                    let mut seen = std::collections::HashSet::new();
+                    for &[_, n, k] in shapes {
+                        if seen.insert([n, k]) {
+                            failed += dequantize(
+                                args,
+                                device,
+                                spec,
+                                [n, k],
+                                bw,
+                                iters,
+                                rotate,
+                                &mut rng,
+                            )?;
                         }
                     }
                 }

@@ -219,7 +219,7 @@ pub fn roofline_svg(records: &[Record], gbps: f64, peak_gflops: Option<f64>) -> 
     if skipped > 0 {
         let _ = writeln!(
             s,
-            r#"<text x="{LEFT}" y="{ly:.1}" font-size="11">{skipped} quantize result(s) not shown (no FLOP count).</text>"#
+            r#"<text x="{LEFT}" y="{ly:.1}" font-size="11">{skipped} (de)quantize result(s) not shown (no FLOP count).</text>"#
         );
     }
     s.push_str("</svg>\n");

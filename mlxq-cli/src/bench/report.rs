@@ -9,7 +9,7 @@ use std::io::Write;
 pub struct Record {
     pub op: &'static str,
     pub device: String,
-    /// Rows of x (tokens for `gather`); `None` for `quantize`.
+    /// Rows of x (tokens for `gather`); `None` for `quantize` and `dequantize`.
     pub m: Option<usize>,
     pub n: usize,
     pub k: usize,
@@ -23,9 +23,9 @@ pub struct Record {
     pub moe: Option<(usize, usize)>,
     pub seconds: f64,
     /// Bytes a call must move: quantized weights read (for `quantize`, floats read plus
-    /// quantized bytes written).
+    /// quantized bytes written; for `dequantize`, quantized bytes read plus floats written).
     pub weight_bytes: usize,
-    /// Floating-point operations per call (`None` for `quantize`).
+    /// Floating-point operations per call (`None` for `quantize` and `dequantize`).
     pub flops: Option<f64>,
     pub roofline_gbps: f64,
     pub max_rel_err: f64,
@@ -50,7 +50,7 @@ impl Record {
         self.flops.map(|f| f / self.seconds / 1e9)
     }
 
-    /// `M×N×K` (matmul), `tokens×top-k/experts N×K` (gather) or `N×K` (quantize).
+    /// `M×N×K` (matmul), `tokens×top-k/experts N×K` (gather) or `N×K` (quantize, dequantize).
     pub fn shape_label(&self) -> String {
         let layout = if self.transpose { "" } else { " x·W" };
         match (self.op, self.m, self.moe) {
@@ -67,10 +67,11 @@ impl Record {
         let [r, rn, c, cn] = self.checked;
         let what = match self.op {
             "quantize" => "weight rows (bit-exact codes, scales, biases)",
+            "dequantize" => "weight rows (bit-exact floats)",
             "gather" => "(token, expert) rows",
             _ => "rows",
         };
-        if self.op == "quantize" {
+        if matches!(self.op, "quantize" | "dequantize") {
             format!("{r} of {rn} {what}")
         } else {
             format!("{r} of {rn} {what} x {c} of {cn} columns")
@@ -186,7 +187,7 @@ impl Reporter {
                 format!("{:.1}", 100.0 * r.ratio()),
                 r.gflops().map_or("-".into(), |g| format!("{g:.2}")),
                 format!("{:.2e}{}", r.max_rel_err, if r.pass { "" } else { "!" }),
-                if r.op == "quantize" {
+                if matches!(r.op, "quantize" | "dequantize") {
                     format!("{cr}")
                 } else {
                     format!("{cr}×{cc}")
@@ -208,9 +209,10 @@ impl Reporter {
                     "\nroofline: {:.1} GB/s measured memory read bandwidth (the highest reading of the \
                      run; the probe runs at the start and after every case, and each roof% is to the \
                      highest reading up to its case). GB/s = bytes of quantized \
-                     weights read per call / median time (quantize: floats read + quantized written); \
+                     weights read per call / median time (quantize: floats read + quantized written; \
+                     dequantize: quantized read + floats written); \
                      roof% = that / roofline.\nchecked = sampled rows × output columns computed in f64 \
-                     from the dequantized weights (quantize: weight rows compared bit for bit); \
+                     from the dequantized weights ((de)quantize: weight rows compared bit for bit); \
                      '!' marks a result over tolerance. copies = weight copies rotated through.",
                     r.roofline_gbps
                 );
