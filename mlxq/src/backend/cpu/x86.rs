@@ -55,7 +55,7 @@ pub(crate) const QMV_T: super::Variant = super::Variant {
 /// `quantized_matmul` with transpose, every width, and the FP modes' (`x86_fp`; their
 /// `transpose = false` the portable kernel compiled for AVX2); `quantized_matmul` without transpose
 /// ([`x86_avx2_qvm`](super::x86_avx2_qvm)); quantize in groups of 32, 64 and 128
-/// ([`x86_avx2_quant`](super::x86_avx2_quant)); the portable kernels of every other affine op
+/// and dequantize ([`x86_avx2_quant`](super::x86_avx2_quant)); the portable kernels of every other affine op
 /// compiled for AVX2 and FMA ([`Avx2Fma`](super::Avx2Fma)). The FP modes' quantize and
 /// dequantize are another variant of the same name,
 /// [`x86_avx2_fp_quant`](super::x86_avx2_fp_quant).
@@ -82,6 +82,11 @@ pub(crate) const QMV_T_AVX2: super::Variant = super::Variant {
             && super::x86_avx2_quant::supports_group(k.group_size as usize)
         {
             super::x86_avx2_quant::kernel(k.input, k.bits).map(super::KernelFn::Quantize)
+        } else if k.op == crate::registry::OpKind::Dequantize
+            && super::x86_avx2_quant::supports_group(k.group_size as usize)
+        {
+            super::x86_avx2_quant::dequantize_kernel(k.scales, k.output, k.bits)
+                .map(super::KernelFn::Dequantize)
         } else {
             super::portable::<super::Avx2Fma>(k)
         }

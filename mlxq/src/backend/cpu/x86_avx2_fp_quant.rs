@@ -531,7 +531,7 @@ fn bf16_round(v: __m256) -> __m256i {
 /// `v` rounded to `T` and widened back (exact for f32).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn to_dtype<T: Float>(v: __m256) -> __m256 {
+pub(super) fn to_dtype<T: Float>(v: __m256) -> __m256 {
     match T::DTYPE {
         DType::F16 => _mm256_cvtph_ps(_mm256_cvtps_ph::<RNE>(v)),
         DType::BF16 => _mm256_castsi256_ps(_mm256_and_si256(
@@ -784,7 +784,7 @@ fn e2m1_decode(c: __m256i, lut: __m256) -> __m256 {
 /// 16 elements of `O` must be writable at `p`; the CPU must support [`available`]'s features.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn store16<O: Float>(p: *mut O, lo: __m256, hi: __m256) {
+pub(super) unsafe fn store16<O: Float>(p: *mut O, lo: __m256, hi: __m256) {
     // SAFETY: 16 elements writable at `p` (contract).
     unsafe {
         match O::DTYPE {

@@ -1,6 +1,9 @@
-//! Affine quantize on AVX2 and FMA (the `avx2` variant), bit-identical to
-//! [`quantize_group`] and so to MLX, in both flavours: the AVX-512 kernel's method
-//! ([`x86_quant`](super::x86_quant), whose module docs derive the bound used here) on 8 lanes.
+//! Affine quantize and dequantize on AVX2 and FMA (the `avx2` variant), bit-identical to the
+//! definition ([`quantize_group`], [`dequantize_value`](crate::quant::affine::dequantize_value))
+//! and so to MLX, in both flavours.
+//!
+//! **Quantize** is the AVX-512 kernel's method ([`x86_quant`](super::x86_quant), whose module
+//! docs derive the bound used here) on 8 lanes.
 //!
 //! The tensor is one flat sequence of groups; batches of 8 consecutive groups run each
 //! group's scalar work once per lane of one vector:
@@ -27,9 +30,17 @@
 //! Groups whose scale or bias is not finite (inputs with ±∞, huge ranges), and 1-bit groups
 //! whose minimum is a zero (the bias is the minimum, and of +0 and −0 the definition keeps the
 //! first), are redone with [`quantize_group`] itself.
+//!
+//! **Dequantize** decodes 16 codes at a time into f32 lanes (8-bit: two byte widenings; 4-bit:
+//! nibbles split and interleaved; other widths: each 8 codes' bytes as one u64, shifted per
+//! code in qword lanes) and rounds as the flavour does, GPU `O(fma(q, s, b))`, CPU
+//! `O(S(S(q·s) + b))` with `S` the scales' dtype; the conversions to bf16 and f16 are the
+//! FP kernels' (`half`'s nearest-even, NaN kept).
 
+use super::dequantize::{DequantizeArgs, DequantizeFn};
 use super::quantize::{QuantizeArgs, QuantizeFn};
 use super::x86_avx2::widen8;
+use super::x86_avx2_fp_quant::{store16, to_dtype};
 use super::x86_quant::check_len;
 use super::{cast, cast_mut};
 use crate::dtype::{DType, Float};
@@ -541,4 +552,166 @@ fn round(q: __m256, flavour: Flavour) -> __m256 {
             _mm256_add_ps(t, step)
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantize.
+
+/// The dequantize kernel for scales of dtype `scales`, output `out` and `bits`.
+pub(crate) fn dequantize_kernel(scales: DType, out: DType, bits: u32) -> Option<DequantizeFn> {
+    crate::with_float_type!(scales, S => crate::with_float_type!(out, O => {
+        Some(dispatch_bits!(bits, B => dequantize::<S, O, B> as DequantizeFn, _ => return None))
+    }, _ => None), _ => None)
+}
+
+/// The dequantize kernel: runs of [`TASK_GROUPS`] groups in parallel, 16 values at a time,
+/// each rounded as the definition ([`dequantize_value`](crate::quant::affine::dequantize_value))
+/// and the portable kernel round: GPU `O(fma(q, s, b))`, CPU `O(S(S(q·s) + b))`.
+fn dequantize<S: Float, O: Float, const BITS: usize>(a: DequantizeArgs<'_>) -> Result<()> {
+    const OP: &str = "dequantize";
+    let g = a.w.group_size;
+    if !supports_group(g) {
+        return Err(Error::invalid(
+            OP,
+            "group_size",
+            "32, 64 or 128 (the avx2 dequantize kernel)",
+            g,
+        ));
+    }
+    if !super::x86_avx2::available() {
+        return Err(Error::unsupported(
+            OP,
+            "the avx2 kernels on a CPU without AVX2, FMA and F16C",
+        ));
+    }
+    let scales: &[S] = cast(OP, "scales", a.w.scales)?;
+    let biases: &[S] = cast(OP, "biases", a.w.biases)?;
+    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
+    let groups = scales.len();
+    let gb = g / 8 * BITS;
+    check_len(OP, "biases", groups, biases.len())?;
+    check_len(OP, "packed", groups * gb, a.w.packed.len())?;
+    check_len(OP, "out", groups * g, out.len())?;
+    let cpu = a.flavour == Flavour::Cpu;
+    out.par_chunks_mut(TASK_GROUPS * g)
+        .zip(a.w.packed.par_chunks(TASK_GROUPS * gb))
+        .zip(
+            scales
+                .par_chunks(TASK_GROUPS)
+                .zip(biases.par_chunks(TASK_GROUPS)),
+        )
+        .for_each(|((out, packed), (scales, biases))| {
+            // SAFETY: `available()` holds (checked above); the callee checks the lengths.
+            unsafe {
+                if cpu {
+                    dequantize_groups::<S, O, BITS, true>(packed, scales, biases, g, out)
+                } else {
+                    dequantize_groups::<S, O, BITS, false>(packed, scales, biases, g, out)
+                }
+            }
+        });
+    Ok(())
+}
+
+/// Dequantizes whole groups of `g` (a multiple of 16) values. Does nothing if the lengths
+/// disagree (they never do; the check keeps the raw accesses in bounds).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequantize_groups<S: Float, O: Float, const BITS: usize, const CPU: bool>(
+    packed: &[u8],
+    scales: &[S],
+    biases: &[S],
+    g: usize,
+    out: &mut [O],
+) {
+    let groups = scales.len();
+    let gb = g / 8 * BITS;
+    if !g.is_multiple_of(16)
+        || biases.len() != groups
+        || packed.len() != groups * gb
+        || out.len() != groups * g
+    {
+        return;
+    }
+    for (j, (&s, &b)) in scales.iter().zip(biases).enumerate() {
+        let (s, b) = (_mm256_set1_ps(s.to_f32()), _mm256_set1_ps(b.to_f32()));
+        for i in (0..g).step_by(16) {
+            let at = j * g + i;
+            // SAFETY: these 16 codes' 2·BITS bytes and 16 outputs lie within the slices
+            // (lengths checked above).
+            unsafe {
+                let q = codes16::<BITS>(packed.as_ptr().add(at / 8 * BITS));
+                let v = q.map(|q| {
+                    if CPU {
+                        to_dtype::<S>(_mm256_add_ps(to_dtype::<S>(_mm256_mul_ps(q, s)), b))
+                    } else {
+                        _mm256_fmadd_ps(q, s, b)
+                    }
+                });
+                store16::<O>(out.as_mut_ptr().add(at), v[0], v[1]);
+            }
+        }
+    }
+}
+
+/// The 16 codes packed in the `2·BITS` bytes at `p`, as f32: codes 0–7, then 8–15.
+///
+/// # Safety
+/// The CPU has AVX2; `2·BITS` bytes are readable at `p`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn codes16<const BITS: usize>(p: *const u8) -> [__m256; 2] {
+    // SAFETY (every load): within the 2·BITS bytes at `p`.
+    let (lo, hi) = unsafe {
+        match BITS {
+            8 => {
+                let b = _mm_loadu_si128(p as *const __m128i);
+                (
+                    _mm256_cvtepu8_epi32(b),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(b)),
+                )
+            }
+            4 => {
+                let b = _mm_loadl_epi64(p as *const __m128i);
+                let low = _mm_set1_epi8(0x0f);
+                let nibbles = _mm_unpacklo_epi8(
+                    _mm_and_si128(b, low),
+                    _mm_and_si128(_mm_srli_epi16::<4>(b), low),
+                );
+                (
+                    _mm256_cvtepu8_epi32(nibbles),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(nibbles)),
+                )
+            }
+            _ => (codes8::<BITS>(p), codes8::<BITS>(p.add(BITS))),
+        }
+    };
+    [_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi)]
+}
+
+/// The 8 codes packed in the `BITS` bytes at `p` (LSB first, as
+/// [`pack8`]), one per dword: the bytes as one u64 shifted by each code's offset in two
+/// vectors of qwords, their low dwords gathered in order.
+///
+/// # Safety
+/// The CPU has AVX2; `BITS` bytes are readable at `p`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn codes8<const BITS: usize>(p: *const u8) -> __m256i {
+    let mut word = [0u8; 8];
+    // SAFETY: BITS ≤ 8 bytes readable at `p` (contract) into an 8-byte array.
+    unsafe { std::ptr::copy_nonoverlapping(p, word.as_mut_ptr(), BITS) };
+    let v = _mm256_set1_epi64x(i64::from_le_bytes(word));
+    let b = BITS as i64;
+    let a = _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, b, 2 * b, 3 * b));
+    let c = _mm256_srlv_epi64(v, _mm256_setr_epi64x(4 * b, 5 * b, 6 * b, 7 * b));
+    // [a0 a1 c0 c1 | a2 a3 c2 c3] (codes 0, 1, 4, 5 | 2, 3, 6, 7), then in order.
+    let d = _mm256_castps_si256(_mm256_shuffle_ps::<0x88>(
+        _mm256_castsi256_ps(a),
+        _mm256_castsi256_ps(c),
+    ));
+    let d = _mm256_permute4x64_epi64::<0xD8>(d);
+    _mm256_and_si256(d, _mm256_set1_epi32(((1u32 << BITS) - 1) as i32))
 }
