@@ -349,33 +349,16 @@ pub fn quantize(
             if mismatches > 0 {
                 eprintln!("quantize {n}×{k} {}-bit: {mismatches} codes, scales or biases differ from MLX's definition", spec.bits());
             }
-            out.push(Record {
-                op: "quantize",
-                device: s.device.location().to_string(),
-                m: None,
-                n,
-                k,
-                bits: spec.bits(),
-                group_size: spec.group_size(),
-                mode: spec.mode(),
-                dtype: s.dtype,
-                transpose: true,
-                moe: None,
-                seconds: timing.median.max(1e-12),
-                weight_bytes: input.nbytes() + qw.nbytes(),
-                flops: None,
-                roofline_gbps: s.roofline.read(ROOFLINE_RUNS),
-                max_rel_err: err,
-                tolerance: 0.0,
-                pass: mismatches == 0 && err == 0.0,
-                kernel: format!(
-                    "{} (quantize_into, outputs preallocated)",
-                    enc.last_kernel().unwrap_or("?")
-                ),
-                copies: count.min(timing.calls),
-                iters: timing.iters,
-                checked: [rows.len(), n, k, k],
-            });
+            out.push(conversion_record(
+                s,
+                "quantize",
+                (n, k, spec),
+                &timing,
+                count,
+                input.nbytes() + qw.nbytes(),
+                (err, mismatches, rows.len()),
+                enc.last_kernel(),
+            ));
         }
     }
     Ok(())
@@ -435,34 +418,60 @@ pub fn dequantize(
                     "dequantize {n}×{k} {label}: {mismatches} values differ from MLX's definition"
                 );
             }
-            out.push(Record {
-                op: "dequantize",
-                device: s.device.location().to_string(),
-                m: None,
-                n,
-                k,
-                bits: spec.bits(),
-                group_size: spec.group_size(),
-                mode: spec.mode(),
-                dtype: s.dtype,
-                transpose: true,
-                moe: None,
-                seconds: timing.median.max(1e-12),
-                weight_bytes: qw.nbytes() + outs[last].nbytes(),
-                flops: None,
-                roofline_gbps: s.roofline.read(ROOFLINE_RUNS),
-                max_rel_err: err,
-                tolerance: 0.0,
-                pass: mismatches == 0 && err == 0.0,
-                kernel: format!(
-                    "{} (dequantize_into, outputs preallocated)",
-                    enc.last_kernel().unwrap_or("?")
-                ),
-                copies: count.min(timing.calls),
-                iters: timing.iters,
-                checked: [rows.len(), n, k, k],
-            });
+            out.push(conversion_record(
+                s,
+                "dequantize",
+                (n, k, spec),
+                &timing,
+                count,
+                qw.nbytes() + outs[last].nbytes(),
+                (err, mismatches, rows.len()),
+                enc.last_kernel(),
+            ));
         }
     }
     Ok(())
+}
+
+/// The record of a timed `quantize_into` or `dequantize_into` (`op`) of an N×K weight of
+/// `spec`: `bytes` read and written per call, `count` copies rotated, the check's error,
+/// mismatches and rows, and the kernel that ran (into preallocated outputs).
+#[allow(clippy::too_many_arguments)]
+fn conversion_record(
+    s: &Setup,
+    op: &'static str,
+    (n, k, spec): (usize, usize, QuantSpec),
+    timing: &super::timing::Timing,
+    count: usize,
+    bytes: usize,
+    (err, mismatches, rows): (f64, usize, usize),
+    kernel: Option<&str>,
+) -> Record {
+    Record {
+        op,
+        device: s.device.location().to_string(),
+        m: None,
+        n,
+        k,
+        bits: spec.bits(),
+        group_size: spec.group_size(),
+        mode: spec.mode(),
+        dtype: s.dtype,
+        transpose: true,
+        moe: None,
+        seconds: timing.median.max(1e-12),
+        weight_bytes: bytes,
+        flops: None,
+        roofline_gbps: s.roofline.read(ROOFLINE_RUNS),
+        max_rel_err: err,
+        tolerance: 0.0,
+        pass: mismatches == 0 && err == 0.0,
+        kernel: format!(
+            "{} ({op}_into, outputs preallocated)",
+            kernel.unwrap_or("?")
+        ),
+        copies: count.min(timing.calls),
+        iters: timing.iters,
+        checked: [rows, n, k, k],
+    }
 }

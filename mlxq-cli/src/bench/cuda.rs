@@ -285,18 +285,16 @@ fn quantize(
             spec.bits()
         );
     }
-    let bytes = (in_bytes + out_bytes) as f64;
-    let best = t.stream_us.min(t.graph_us);
-    println!(
-        "{{\"kind\":\"quantize\",\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"dtype\":\"{dtype}\",\"flavour\":\"{flavour:?}\",\"input_bytes\":{in_bytes},\"output_bytes\":{out_bytes},\"copies\":{copies},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"gbps\":{:.1},\"ratio\":{:.3},\"checked_rows\":{},\"mismatches\":{mismatches},\"ok\":{ok},\"kernel\":\"{kernel}\"}}",
-        spec.bits(),
-        spec.group_size(),
-        bytes / (bw * 1e3),
-        t.stream_us,
-        t.graph_us,
-        bytes / (best * 1e3),
-        bytes / (best * 1e3) / bw,
-        rows.len(),
+    print_conversion(
+        "quantize",
+        [n, k],
+        spec,
+        (dtype, flavour),
+        [in_bytes, out_bytes, copies],
+        bw,
+        &t,
+        (rows.len(), mismatches, ok),
+        &kernel,
     );
     Ok(usize::from(!ok))
 }
@@ -383,10 +381,38 @@ fn dequantize(
             spec.mode()
         );
     }
+    print_conversion(
+        "dequantize",
+        [n, k],
+        spec,
+        (dtype, flavour),
+        [in_bytes, out_bytes, copies],
+        bw,
+        &t,
+        (rows.len(), mismatches, ok),
+        &kernel,
+    );
+    Ok(usize::from(!ok))
+}
+
+/// The JSON line of a timed `quantize_into` or `dequantize_into` (`kind`): the bytes read and
+/// written per call over the device time against the read bandwidth `bw`, and the check.
+#[allow(clippy::too_many_arguments)]
+fn print_conversion(
+    kind: &str,
+    [n, k]: [usize; 2],
+    spec: QuantSpec,
+    (dtype, flavour): (DType, mlxq::Flavour),
+    [in_bytes, out_bytes, copies]: [usize; 3],
+    bw: f64,
+    t: &Timed,
+    (rows, mismatches, ok): (usize, usize, bool),
+    kernel: &str,
+) {
     let bytes = (in_bytes + out_bytes) as f64;
     let best = t.stream_us.min(t.graph_us);
     println!(
-        "{{\"kind\":\"dequantize\",\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"mode\":\"{}\",\"dtype\":\"{dtype}\",\"flavour\":\"{flavour:?}\",\"input_bytes\":{in_bytes},\"output_bytes\":{out_bytes},\"copies\":{copies},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"gbps\":{:.1},\"ratio\":{:.3},\"checked_rows\":{},\"mismatches\":{mismatches},\"ok\":{ok},\"kernel\":\"{kernel}\"}}",
+        "{{\"kind\":\"{kind}\",\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"mode\":\"{}\",\"dtype\":\"{dtype}\",\"flavour\":\"{flavour:?}\",\"input_bytes\":{in_bytes},\"output_bytes\":{out_bytes},\"copies\":{copies},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"gbps\":{:.1},\"ratio\":{:.3},\"checked_rows\":{rows},\"mismatches\":{mismatches},\"ok\":{ok},\"kernel\":\"{kernel}\"}}",
         spec.bits(),
         spec.group_size(),
         spec.mode(),
@@ -395,9 +421,7 @@ fn dequantize(
         t.graph_us,
         bytes / (best * 1e3),
         bytes / (best * 1e3) / bw,
-        rows.len(),
     );
-    Ok(usize::from(!ok))
 }
 
 /// Runs the CUDA benchmark: `--op matmul` over the shapes, `--op gather` over the tokens,

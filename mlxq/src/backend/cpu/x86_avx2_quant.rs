@@ -74,22 +74,28 @@ pub(crate) fn kernel(dtype: DType, bits: u32) -> Option<QuantizeFn> {
 
 const OP: &str = "quantize";
 
-fn quantize<T: Float, const BITS: usize>(a: QuantizeArgs<'_>) -> Result<()> {
-    let g = a.group_size;
+/// What both kernels check on entry: a group size they take, and the CPU features.
+fn entry(op: &'static str, g: usize) -> Result<()> {
     if !supports_group(g) {
         return Err(Error::invalid(
-            OP,
+            op,
             "group_size",
-            "32, 64 or 128 (the avx2 quantize kernel)",
+            "32, 64 or 128 (the avx2 kernels)",
             g,
         ));
     }
     if !super::x86_avx2::available() {
         return Err(Error::unsupported(
-            OP,
+            op,
             "the avx2 kernels on a CPU without AVX2, FMA and F16C",
         ));
     }
+    Ok(())
+}
+
+fn quantize<T: Float, const BITS: usize>(a: QuantizeArgs<'_>) -> Result<()> {
+    let g = a.group_size;
+    entry(OP, g)?;
     let w: &[T] = cast(OP, "w", a.w)?;
     let scales: &mut [T] = cast_mut(OP, "scales", a.scales)?;
     let biases: &mut [T] = cast_mut(OP, "biases", a.biases)?;
@@ -570,20 +576,7 @@ pub(crate) fn dequantize_kernel(scales: DType, out: DType, bits: u32) -> Option<
 fn dequantize<S: Float, O: Float, const BITS: usize>(a: DequantizeArgs<'_>) -> Result<()> {
     const OP: &str = "dequantize";
     let g = a.w.group_size;
-    if !supports_group(g) {
-        return Err(Error::invalid(
-            OP,
-            "group_size",
-            "32, 64 or 128 (the avx2 dequantize kernel)",
-            g,
-        ));
-    }
-    if !super::x86_avx2::available() {
-        return Err(Error::unsupported(
-            OP,
-            "the avx2 kernels on a CPU without AVX2, FMA and F16C",
-        ));
-    }
+    entry(OP, g)?;
     let scales: &[S] = cast(OP, "scales", a.w.scales)?;
     let biases: &[S] = cast(OP, "biases", a.w.biases)?;
     let out: &mut [O] = cast_mut(OP, "out", a.out)?;
