@@ -10,13 +10,16 @@
 //! 1. Widen a batch to f32, keeping per-group min/max vectors (`vminps x, acc` keeps `acc`
 //!    where `x` is NaN: NaN is skipped, as the definition's strict comparisons skip it), and
 //!    reduce them by a transposing tree of shuffles to one vector of 8 group minima (maxima).
+//!    bf16 widens 16 values in two instructions, in whatever order: the even elements shifted
+//!    into the high halves of the dwords, the odd ones masked in place.
 //! 2. Scale and bias for the 8 groups with the definition's own IEEE operations lane by lane
 //!    ([`group_params`](crate::quant::affine::group_params)), and the fast pass's constants
 //!    `r = RN(1/s)`, `c = RN(−b·r)` and near-tie threshold `0.5 − 2⁻²¹·M − 2⁻²⁴`.
 //! 3. Codes by one FMA, `q̃ = RN(w·r + c)`, rounded to the nearest integer; each 32 codes keep
 //!    `max |q̃ − rint(q̃)|`, and where it reaches the threshold those 32 are redone with MLX's
 //!    true division `(w − b)/s` and the flavour's tie rule. The codes pass reads the batch's
-//!    input again (from L1 or L2).
+//!    input again (from L1 or L2); bf16 widens it by two unpacks per 16 values, in their
+//!    lane-interleaved order, which the pack's final permute puts right.
 //! 4. Pack 32 codes at a time: two saturating packs and one dword permute put them in order as
 //!    bytes (`vpminuw` clamps above at `n` first); 8-bit stores them, 4-bit merges byte pairs
 //!    with `vpmaddubsw`, other widths merge 4 codes into a dword (`vpmaddubsw`, `vpmaddwd`;
@@ -240,12 +243,14 @@ unsafe fn load_batch<T: Float, const VPG: usize>(w: &[T], flavour: Flavour) -> (
             _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
         }
         let (mut l, mut h) = (_mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(init_max));
-        for v in 0..VPG {
-            // SAFETY: (j·VPG + v)·8 + 8 ≤ count·8·VPG ≤ w.len().
-            let x = unsafe { widen8(p.add((j * VPG + v) * 8)) };
-            // `x` first: where it is NaN, the instructions return the accumulator.
-            l = _mm256_min_ps(x, l);
-            h = _mm256_max_ps(x, h);
+        for v in (0..VPG).step_by(2) {
+            // SAFETY: (j·VPG + v)·8 + 16 ≤ count·8·VPG ≤ w.len() (VPG is even).
+            let xs = unsafe { widen16_any_order(p.add((j * VPG + v) * 8)) };
+            for x in xs {
+                // `x` first: where it is NaN, the instructions return the accumulator.
+                l = _mm256_min_ps(x, l);
+                h = _mm256_max_ps(x, h);
+            }
         }
         lo[j] = l;
         hi[j] = h;
@@ -344,8 +349,7 @@ unsafe fn finish_batch<T: Float, const BITS: usize, const VPG: usize>(
         for q in 0..g / 32 {
             let at = j * g + 32 * q;
             // SAFETY: at + 32 ≤ count·g ≤ b.w.len() (checked above).
-            let xs: [__m256; 4] =
-                std::array::from_fn(|t| unsafe { widen8(b.w.as_ptr().add(at + 8 * t)) });
+            let xs = unsafe { widen32(b.w.as_ptr().add(at)) };
             let mut worst = _mm256_setzero_ps();
             let mut ks = [_mm256_setzero_si256(); 4];
             for (k, &x) in ks.iter_mut().zip(&xs) {
@@ -364,7 +368,13 @@ unsafe fn finish_batch<T: Float, const BITS: usize, const VPG: usize>(
                 }
             }
             // SAFETY: the 32 codes' 4·BITS bytes lie within the batch's `count·gb` bytes.
-            unsafe { pack32::<BITS>(&ks, b.packed.as_mut_ptr().add(at / 8 * BITS)) };
+            unsafe {
+                pack32::<BITS>(
+                    &ks,
+                    interleaved::<T>(),
+                    b.packed.as_mut_ptr().add(at / 8 * BITS),
+                )
+            };
         }
     }
     let mut fix = p.fix;
@@ -390,6 +400,64 @@ unsafe fn finish_batch<T: Float, const BITS: usize, const VPG: usize>(
 
 const ROUND_NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
+/// Whether [`widen32`] returns `T`'s values in the lane-interleaved order of bf16's unpacks.
+const fn interleaved<T: Float>() -> bool {
+    matches!(T::DTYPE, DType::BF16)
+}
+
+/// The 16 elements at `p` as f32, in no particular order (for minima and maxima). bf16 takes
+/// one load and two instructions: the even elements shifted into the high halves, the odd ones
+/// masked in place.
+///
+/// # Safety
+/// The CPU has AVX2 and F16C; `p` is valid for 16 elements.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen16_any_order<T: Float>(p: *const T) -> [__m256; 2] {
+    // SAFETY: the loads read the 16 elements the caller vouches for.
+    unsafe {
+        if interleaved::<T>() {
+            let v = _mm256_loadu_si256(p as *const __m256i);
+            [
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
+                _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(-0x1_0000))),
+            ]
+        } else {
+            [widen8(p), widen8(p.add(8))]
+        }
+    }
+}
+
+/// The 32 elements at `p` as f32 in four vectors: in order (`v[t]` = elements `8t..8t + 8`),
+/// or for bf16 ([`interleaved`]) as its unpacks leave them, per 16 elements `[0..4, 8..12]`
+/// then `[4..8, 12..16]`: two instructions per 16 values instead of four.
+///
+/// # Safety
+/// The CPU has AVX2 and F16C; `p` is valid for 32 elements.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen32<T: Float>(p: *const T) -> [__m256; 4] {
+    // SAFETY: the loads read the 32 elements the caller vouches for.
+    unsafe {
+        if interleaved::<T>() {
+            let z = _mm256_setzero_si256();
+            let (a, b) = (
+                _mm256_loadu_si256(p as *const __m256i),
+                _mm256_loadu_si256(p.add(16) as *const __m256i),
+            );
+            [
+                _mm256_unpacklo_epi16(z, a),
+                _mm256_unpackhi_epi16(z, a),
+                _mm256_unpacklo_epi16(z, b),
+                _mm256_unpackhi_epi16(z, b),
+            ]
+            .map(|v| _mm256_castsi256_ps(v))
+        } else {
+            std::array::from_fn(|t| widen8(p.add(8 * t)))
+        }
+    }
+}
+
 /// The byte shuffle that gathers, in each 128-bit lane, the first `per` bytes of each of the
 /// lane's `16 / stride` units of `stride` bytes into the lane's first bytes (the rest zero).
 const fn gather_bytes(stride: usize, per: usize) -> [u8; 32] {
@@ -406,19 +474,26 @@ const fn gather_bytes(stride: usize, per: usize) -> [u8; 32] {
     idx
 }
 
-/// Packs 32 codes (`k[v]` lane `i` = code `8v + i` as i32; negative and NaN's `i32::MIN`
-/// clamp to 0, large ones to `n`) into the `4·BITS` bytes at `out`.
+/// Packs 32 codes (as i32; negative and NaN's `i32::MIN` clamp to 0, large ones to `n`) into
+/// the `4·BITS` bytes at `out`. The codes lie in `k` as [`widen32`] leaves the values: in
+/// order (`k[v]` lane `i` = code `8v + i`), or `interleaved` as bf16's unpacks.
 ///
 /// # Safety
 /// The CPU has AVX2; `out` is valid for `4·BITS` bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pack32<const BITS: usize>(k: &[__m256i; 4], out: *mut u8) {
+unsafe fn pack32<const BITS: usize>(k: &[__m256i; 4], interleaved: bool, out: *mut u8) {
     let n = _mm256_set1_epi16(((1u32 << BITS) - 1) as i16);
     // Per 128-bit lane: [k0 k1] words, then [k0 k1 k2 k3] bytes of that lane's half of each.
+    // In order, lane 0 then holds the dwords of codes 0, 8, 16, 24 (each 4 codes) and lane 1
+    // those of 4, 12, 20, 28; interleaved, lane 0 holds 0, 4, 16, 20 and lane 1 8, 12, 24, 28.
     let w0 = _mm256_min_epu16(_mm256_packus_epi32(k[0], k[1]), n);
     let w1 = _mm256_min_epu16(_mm256_packus_epi32(k[2], k[3]), n);
-    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let order = if interleaved {
+        _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7)
+    } else {
+        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)
+    };
     let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(w0, w1), order);
     // SAFETY (every store): within the 4·BITS bytes at `out`.
     unsafe {
