@@ -232,7 +232,9 @@ fn quantize_and_dequantize_match_the_cpu_backend_everywhere() {
 }
 
 /// `dequantize_into` a device buffer poisoned with NaN gives the CPU backend's bytes (affine
-/// 4- and 3-bit, mxfp4; f32 and bf16 outputs), and an `out` in host memory is an error
+/// 2-, 3-, 4- and 8-bit, every FP mode; f32, f16 and bf16 outputs), also into a view one
+/// element into a larger poisoned buffer (not 16-byte aligned: the kernels' element-by-element
+/// stores), whose bytes outside the view stay poisoned; an `out` in host memory is an error
 /// naming `out`.
 #[test]
 fn dequantize_into_a_poisoned_device_buffer_matches_the_cpu_backend() {
@@ -240,34 +242,57 @@ fn dequantize_into_a_poisoned_device_buffer_matches_the_cpu_backend() {
     let (mut genc, mut cenc) = (dev.encoder(), Device::cpu().encoder());
     let mut rng = StdRng::seed_from_u64(11);
     let shape = [2, 9, 256];
-    let w = Buffer::from_f32(&randn(&mut rng, 2 * 9 * 256), DType::BF16, &shape).unwrap();
+    let n: usize = shape.iter().product();
+    let w = Buffer::from_f32(&randn(&mut rng, n), DType::BF16, &shape).unwrap();
     let specs = [
-        QuantSpec::affine(4, 64).unwrap(),
+        QuantSpec::affine(2, 32).unwrap(),
         QuantSpec::affine(3, 64).unwrap(),
+        QuantSpec::affine(4, 64).unwrap(),
+        QuantSpec::affine(8, 128).unwrap(),
         QuantSpec::new(QuantMode::Mxfp4, 4, 32).unwrap(),
+        QuantSpec::new(QuantMode::Mxfp8, 8, 32).unwrap(),
+        QuantSpec::new(QuantMode::Nvfp4, 4, 16).unwrap(),
     ];
     let (mut checked, mut failures) = (0, Vec::new());
     for spec in specs {
-        let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
-        let wd = weight_to(&qw, &dev);
-        for out_dtype in [DType::F32, DType::BF16] {
-            checked += 1;
-            let opts = DequantizeOptions {
-                dtype: Some(out_dtype),
-                flavour: Flavour::Gpu,
-            };
-            let want = ops::dequantize(&mut cenc, &qw, opts).unwrap();
-            let mut out = up(&common::poisoned(out_dtype, &shape), &dev);
-            match ops::dequantize_into(&mut genc, &wd, opts, &mut out) {
-                Ok(()) => {
+        for flavour in FLAVOURS {
+            let qw = ops::quantize(&mut cenc, &w, spec, flavour).unwrap();
+            let wd = weight_to(&qw, &dev);
+            for out_dtype in FLOATS {
+                for misaligned in [false, true] {
+                    checked += 1;
+                    let ctx = format!("{spec} {flavour:?} -> {out_dtype} misaligned {misaligned}");
+                    let opts = DequantizeOptions {
+                        dtype: Some(out_dtype),
+                        flavour,
+                    };
+                    let want = ops::dequantize(&mut cenc, &qw, opts).unwrap();
+                    // The view starts one element into its storage (and ends 7 before its end).
+                    let pad = if misaligned { 8 } else { 0 };
+                    let whole = up(&common::poisoned(out_dtype, &[n + pad]), &dev);
+                    let at = if misaligned { out_dtype.size() } else { 0 };
+                    let mut out = whole.view(at, out_dtype, &shape).unwrap();
+                    if let Err(e) = ops::dequantize_into(&mut genc, &wd, opts, &mut out) {
+                        failures.push(format!("{ctx}: dequantize_into: {e}"));
+                        continue;
+                    }
                     genc.commit_and_wait().unwrap();
                     if let Some(f) = same_bytes("dequantize_into", &want, &down(&out)) {
-                        failures.push(format!("{spec} -> {out_dtype}: {f}"));
+                        failures.push(format!("{ctx}: {f}"));
+                    }
+                    let (got, poison) = (down(&whole), common::poisoned(out_dtype, &[n + pad]));
+                    let end = at + n * out_dtype.size();
+                    let (g, p) = (got.bytes(), poison.bytes());
+                    if g[..at] != p[..at] || g[end..] != p[end..] {
+                        failures.push(format!("{ctx}: bytes outside the view were written"));
                     }
                 }
-                Err(e) => failures.push(format!("{spec} -> {out_dtype}: dequantize_into: {e}")),
             }
         }
+        let wd = weight_to(
+            &ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap(),
+            &dev,
+        );
         let mut host = common::poisoned(DType::BF16, &shape);
         let opts = DequantizeOptions {
             dtype: Some(DType::BF16),

@@ -77,7 +77,7 @@ pub(super) fn quantize(
     // packed bytes g·GB.. (groups·GB = packed's bytes: `out` has w's shape and the spec) and
     // scale g.
     unsafe {
-        per_group(
+        per_item(
             enc,
             dev,
             &k,
@@ -90,21 +90,22 @@ pub(super) fn quantize(
     }
 }
 
-/// Launches fp.cu's one-thread-per-group `entry` of `k` with the pointers `args` and the group
-/// count, keeps `bufs` alive until the encoder's work completes and records the kernel.
+/// Launches fp.cu's `entry` of `k`, one thread per item (a group for quantize, 8 elements for
+/// dequantize), with the pointers `args` and the item count, keeps `bufs` alive until the
+/// encoder's work completes and records the kernel.
 ///
 /// # Safety
 /// `entry` takes three pointers and a `u64` count, and for that count reads and writes only
 /// inside the buffers `args` point into, which are `bufs`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn per_group(
+unsafe fn per_item(
     enc: &mut CommandEncoder,
     dev: &CudaDevice,
     k: &super::CudaKernel,
     op: &'static str,
     entry: &str,
     args: [u64; 3],
-    groups: u64,
+    items: u64,
     bufs: [&Buffer; 3],
 ) -> Result<()> {
     // SAFETY: the caller's contract.
@@ -114,9 +115,9 @@ unsafe fn per_group(
             .arg(&args[0])
             .arg(&args[1])
             .arg(&args[2])
-            .arg(&groups)
+            .arg(&items)
             .launch(cfg(
-                (grid_x(op, groups.div_ceil(u64::from(GROUP_THREADS)))?, 1, 1),
+                (grid_x(op, items.div_ceil(u64::from(GROUP_THREADS)))?, 1, 1),
                 GROUP_THREADS,
                 op,
             )?)
@@ -131,7 +132,7 @@ unsafe fn per_group(
 
 /// Dequantizes all of `w` into the caller's `out` of the float `out_dtype` (`ops` resolved
 /// it and checked `out`'s dtype, shape and device) in `flavour`, with fp.cu's
-/// `fp_dequantize`, one thread per group.
+/// `fp_dequantize`, one thread per 8 elements.
 pub(super) fn dequantize_into(
     enc: &mut CommandEncoder,
     dev: &CudaDevice,
@@ -157,24 +158,26 @@ pub(super) fn dequantize_into(
     enc.check_location(OP, "scales", w.scales())?;
     enc.check_location(OP, "out", out)?;
     let out: &Buffer = out;
-    let groups = (out.numel() / spec.group_size() as usize) as u64;
+    // Groups are 16 or 32 elements: whole chunks of 8.
+    let chunks = (out.numel() / 8) as u64;
     let (pp, ps, po) = (
         aligned(OP, "packed", w.packed(), ptr(OP, "packed", w.packed())?, 16)?,
         ptr(OP, "scales", w.scales())?,
         ptr(OP, "out", out)?,
     );
     let bufs = [w.packed(), w.scales(), out];
-    // SAFETY: thread g < groups reads packed bytes g·GB.. and scale g (w was validated with
-    // these sizes) and writes outputs g·GROUP.. of `out` (groups·GROUP elements).
+    // SAFETY: thread c < chunks reads packed bytes c·BITS.. (BITS of them) and the scale of
+    // its group c·8/GROUP (w was validated with these sizes) and writes outputs c·8..c·8 + 8
+    // of `out` (chunks·8 elements).
     unsafe {
-        per_group(
+        per_item(
             enc,
             dev,
             &k,
             OP,
             "fp_dequantize",
             [pp, ps, po],
-            groups,
+            chunks,
             bufs,
         )?
     };

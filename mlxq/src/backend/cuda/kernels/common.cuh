@@ -29,6 +29,32 @@ template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float f) {
     return h;
 }
 
+// Eight f32 values stored to o as the output type: whole 16-byte stores (one for 2-byte types,
+// two for f32) where o is 16-byte aligned, so that a warp's stores cover whole sectors; element
+// by element otherwise.
+__device__ __forceinline__ void store8(float* o, const float* v) {
+    if (((u64)o & 15) == 0) {
+        float4* q = (float4*)o;
+        q[0] = float4{v[0], v[1], v[2], v[3]};
+        q[1] = float4{v[4], v[5], v[6], v[7]};
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; j++) o[j] = v[j];
+    }
+}
+template <typename T> __device__ __forceinline__ void store8(T* o, const float* v) {
+    if (((u64)o & 15) == 0) {
+        u32 w[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            w[i] = (u32)from_f32<T>(v[2 * i]).v | ((u32)from_f32<T>(v[2 * i + 1]).v << 16);
+        *(uint4*)o = uint4{w[0], w[1], w[2], w[3]};
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; j++) o[j] = from_f32<T>(v[j]);
+    }
+}
+
 // Eight 2-byte values (or four floats) from one 16-byte load, widened to f32.
 __device__ __forceinline__ void widen16(uint4 v, float* out, float*) {
     out[0] = __uint_as_float(v.x); out[1] = __uint_as_float(v.y);

@@ -119,25 +119,36 @@ extern "C" __global__ void quantize(const WT* __restrict__ w, u8* __restrict__ p
 #endif
 
 #ifdef ST
+// One thread per 8 elements (BITS packed bytes): one load of the chunk's bytes where their
+// width allows (4 bytes at 4 bits, 8 at 8, 2 at 2) and the base is aligned to it, and
+// store8's 16-byte stores.
 extern "C" __global__ void dequantize(const u8* __restrict__ packed, const ST* __restrict__ scales,
                                       const ST* __restrict__ biases, OT* __restrict__ out,
                                       u64 chunks) {
     const u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= chunks) return;
+    const u8* p = packed + c * BITS;
     u64 bits = 0;
+    if ((BITS == 2 || BITS == 4 || BITS == 8) && ((u64)packed % BITS) == 0) {
+        if (BITS == 8) bits = __ldg((const u64*)p);
+        if (BITS == 4) bits = __ldg((const u32*)p);
+        if (BITS == 2) bits = __ldg((const u16*)p);
+    } else {
 #pragma unroll
-    for (int b = 0; b < BITS; b++) bits |= (u64)packed[c * BITS + b] << (8 * b);
-    const ST s = scales[c / CPG], b = biases[c / CPG];
-    const float sf = to_f32(s), bf = to_f32(b);
+        for (int b = 0; b < BITS; b++) bits |= (u64)__ldg(p + b) << (8 * b);
+    }
+    const float sf = to_f32(scales[c / CPG]), bf = to_f32(biases[c / CPG]);
+    float v[8];
 #pragma unroll
     for (int j = 0; j < 8; j++) {
         const float q = (float)(u32)((bits >> (j * BITS)) & ((1u << BITS) - 1u));
 #if GPU_FLAVOUR
-        out[c * 8 + j] = from_f32<OT>(fmaf(q, sf, bf));
+        v[j] = fmaf(q, sf, bf);
 #else
         const float prod = to_f32(from_f32<ST>(q * sf));
-        out[c * 8 + j] = from_f32<OT>(to_f32(from_f32<ST>(prod + bf)));
+        v[j] = to_f32(from_f32<ST>(prod + bf));
 #endif
     }
+    store8(out + c * 8, v);
 }
 #endif
