@@ -90,8 +90,8 @@ pub(super) fn quantize(
     }
 }
 
-/// Launches fp.cu's `entry` of `k`, one thread per item (a group for quantize, 8 elements for
-/// dequantize), with the pointers `args` and the item count, keeps `bufs` alive until the
+/// Launches fp.cu's `entry` of `k`, one thread per item (a group for quantize, 16 bytes of
+/// output for dequantize), with the pointers `args` and the item count, keeps `bufs` alive until the
 /// encoder's work completes and records the kernel.
 ///
 /// # Safety
@@ -132,7 +132,7 @@ unsafe fn per_item(
 
 /// Dequantizes all of `w` into the caller's `out` of the float `out_dtype` (`ops` resolved
 /// it and checked `out`'s dtype, shape and device) in `flavour`, with fp.cu's
-/// `fp_dequantize`, one thread per 8 elements.
+/// `fp_dequantize`, one thread per 16 bytes of output.
 pub(super) fn dequantize_into(
     enc: &mut CommandEncoder,
     dev: &CudaDevice,
@@ -158,29 +158,18 @@ pub(super) fn dequantize_into(
     enc.check_location(OP, "scales", w.scales())?;
     enc.check_location(OP, "out", out)?;
     let out: &Buffer = out;
-    // Groups are 16 or 32 elements: whole chunks of 8.
-    let chunks = (out.numel() / 8) as u64;
+    // One thread per 16 bytes of output: groups are 16 or 32 elements, whole 8s.
+    let items = (out.numel() / (16 / out_dtype.size())) as u64;
     let (pp, ps, po) = (
         aligned(OP, "packed", w.packed(), ptr(OP, "packed", w.packed())?, 16)?,
         ptr(OP, "scales", w.scales())?,
         ptr(OP, "out", out)?,
     );
     let bufs = [w.packed(), w.scales(), out];
-    // SAFETY: thread c < chunks reads packed bytes c·BITS.. (BITS of them) and the scale of
-    // its group c·8/GROUP (w was validated with these sizes) and writes outputs c·8..c·8 + 8
-    // of `out` (chunks·8 elements).
-    unsafe {
-        per_item(
-            enc,
-            dev,
-            &k,
-            OP,
-            "fp_dequantize",
-            [pp, ps, po],
-            chunks,
-            bufs,
-        )?
-    };
+    // SAFETY: thread t < items writes the n = 16 / size outputs t·n..t·n + n of `out`
+    // (items·n elements) and reads the BITS packed bytes of their chunk of 8 and its group's
+    // scale (w was validated with these sizes).
+    unsafe { per_item(enc, dev, &k, OP, "fp_dequantize", [pp, ps, po], items, bufs)? };
     Ok(())
 }
 

@@ -187,7 +187,8 @@ pub(crate) fn dequantize_into(
     enc.check_location(OP, "biases", biases)?;
     enc.check_location(OP, "out", out)?;
     let out: &Buffer = out;
-    let chunks = (out.numel() / 8) as u64;
+    // One thread per 16 bytes of output (groups are whole 8s of elements).
+    let items = (out.numel() / (16 / out_dtype.size())) as u64;
     let (pp, ps, pb, po) = (
         ptr(OP, "packed", w.packed())?,
         ptr(OP, "scales", w.scales())?,
@@ -195,7 +196,7 @@ pub(crate) fn dequantize_into(
         ptr(OP, "out", out)?,
     );
     // SAFETY: as in `quantize`: every index is below the sizes `w` was validated with, and
-    // `out` holds `w.shape()` elements (`ops` checked).
+    // `out` holds `w.shape()` elements (`ops` checked), items·16 bytes.
     unsafe {
         dev.stream()
             .launch_builder(k.func_named(OP)?)
@@ -203,8 +204,8 @@ pub(crate) fn dequantize_into(
             .arg(&ps)
             .arg(&pb)
             .arg(&po)
-            .arg(&chunks)
-            .launch(cfg((grid_x(OP, chunks.div_ceil(256))?, 1, 1), 256, OP)?)
+            .arg(&items)
+            .launch(cfg((grid_x(OP, items.div_ceil(256))?, 1, 1), 256, OP)?)
     }
     .map_err(driver(OP))?;
     for b in [w.packed(), w.scales(), biases, out] {

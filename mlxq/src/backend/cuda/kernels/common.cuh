@@ -29,20 +29,21 @@ template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float f) {
     return h;
 }
 
-// Eight f32 values stored to o as the output type: whole 16-byte stores (one for 2-byte types,
-// two for f32) where o is 16-byte aligned, so that a warp's stores cover whole sectors; element
-// by element otherwise.
-__device__ __forceinline__ void store8(float* o, const float* v) {
+// The 16 bytes of outputs one thread of an elementwise kernel writes: 4 f32 or 8 two-byte
+// values, so that a warp's stores cover 512 contiguous bytes.
+template <typename T> struct Out16 { static constexpr int N = 16 / sizeof(T); };
+
+// Out16<T>::N f32 values stored to o as T: one 16-byte store where o is 16-byte aligned,
+// element by element otherwise.
+__device__ __forceinline__ void store16b(float* o, const float* v) {
     if (((u64)o & 15) == 0) {
-        float4* q = (float4*)o;
-        q[0] = float4{v[0], v[1], v[2], v[3]};
-        q[1] = float4{v[4], v[5], v[6], v[7]};
+        *(float4*)o = float4{v[0], v[1], v[2], v[3]};
     } else {
 #pragma unroll
-        for (int j = 0; j < 8; j++) o[j] = v[j];
+        for (int j = 0; j < 4; j++) o[j] = v[j];
     }
 }
-template <typename T> __device__ __forceinline__ void store8(T* o, const float* v) {
+template <typename T> __device__ __forceinline__ void store16b(T* o, const float* v) {
     if (((u64)o & 15) == 0) {
         u32 w[4];
 #pragma unroll

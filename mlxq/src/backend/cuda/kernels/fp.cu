@@ -227,13 +227,17 @@ __device__ __forceinline__ void load_group(const u8* __restrict__ base, u64 gi, 
 }
 
 #ifdef OT
-// One thread per 8 elements (fp.rs dequantize_value): GPU O(value * scale) in f32 rounded once;
-// CPU O(O(value) * O(scale)). The 8 elements' BITS bytes in one load (the base is 16-byte
-// aligned, checked by the host), and store8's 16-byte stores.
+// One thread per 16 bytes of output (Out16: 8 elements of a 2-byte type, 4 of f32; fp.rs
+// dequantize_value): GPU O(value * scale) in f32 rounded once; CPU O(O(value) * O(scale)).
+// The thread's 8-element chunk (BITS bytes) in one load (the base is 16-byte aligned, checked
+// by the host); an f32 thread takes half of it.
 extern "C" __global__ void fp_dequantize(const u8* __restrict__ packed, const u8* __restrict__ scales,
-                                         OT* __restrict__ out, u64 chunks) {
-    const u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= chunks) return;
+                                         OT* __restrict__ out, u64 items) {
+    constexpr int N = Out16<OT>::N;
+    const u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= items) return;
+    const u64 e0 = t * N, c = e0 / 8;
+    const int h = (int)(e0 % 8);
     u32 p[2];
 #if BITS == 8
     const uint2 w = __ldg((const uint2*)packed + c);
@@ -243,17 +247,17 @@ extern "C" __global__ void fp_dequantize(const u8* __restrict__ packed, const u8
     p[0] = __ldg((const u32*)packed + c);
 #endif
     const float sv = scale_value(scales[c / (GROUP / 8)], GPU_FLAVOUR);
-    float v[8];
+    float v[N];
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-        const float e = element(p, j);
+    for (int j = 0; j < N; j++) {
+        const float e = element(p, h + j);
 #if GPU_FLAVOUR
         v[j] = __fmul_rn(e, sv);
 #else
         v[j] = __fmul_rn(rt<OT>(e), rt<OT>(sv));
 #endif
     }
-    store8(out + c * 8, v);
+    store16b(out + e0, v);
 }
 #endif  // OT
 

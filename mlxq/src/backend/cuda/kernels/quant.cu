@@ -119,14 +119,18 @@ extern "C" __global__ void quantize(const WT* __restrict__ w, u8* __restrict__ p
 #endif
 
 #ifdef ST
-// One thread per 8 elements (BITS packed bytes): one load of the chunk's bytes where their
-// width allows (4 bytes at 4 bits, 8 at 8, 2 at 2) and the base is aligned to it, and
-// store8's 16-byte stores.
+// One thread per 16 bytes of output (Out16: 8 elements of a 2-byte type, 4 of f32), so that
+// a warp's stores are 512 contiguous bytes. The thread loads its 8-code chunk (BITS bytes) in
+// one load where the width allows (4 bytes at 4 bits, 8 at 8, 2 at 2) and the base is aligned
+// to it; an f32 thread takes half of it.
 extern "C" __global__ void dequantize(const u8* __restrict__ packed, const ST* __restrict__ scales,
                                       const ST* __restrict__ biases, OT* __restrict__ out,
-                                      u64 chunks) {
-    const u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= chunks) return;
+                                      u64 items) {
+    constexpr int N = Out16<OT>::N;
+    const u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= items) return;
+    const u64 e0 = t * N, c = e0 / 8;
+    const int h = (int)(e0 % 8);
     const u8* p = packed + c * BITS;
     u64 bits = 0;
     if ((BITS == 2 || BITS == 4 || BITS == 8) && ((u64)packed % BITS) == 0) {
@@ -138,10 +142,10 @@ extern "C" __global__ void dequantize(const u8* __restrict__ packed, const ST* _
         for (int b = 0; b < BITS; b++) bits |= (u64)__ldg(p + b) << (8 * b);
     }
     const float sf = to_f32(scales[c / CPG]), bf = to_f32(biases[c / CPG]);
-    float v[8];
+    float v[N];
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-        const float q = (float)(u32)((bits >> (j * BITS)) & ((1u << BITS) - 1u));
+    for (int j = 0; j < N; j++) {
+        const float q = (float)(u32)((bits >> ((h + j) * BITS)) & ((1u << BITS) - 1u));
 #if GPU_FLAVOUR
         v[j] = fmaf(q, sf, bf);
 #else
@@ -149,6 +153,6 @@ extern "C" __global__ void dequantize(const u8* __restrict__ packed, const ST* _
         v[j] = to_f32(from_f32<ST>(prod + bf));
 #endif
     }
-    store8(out + c * 8, v);
+    store16b(out + e0, v);
 }
 #endif
