@@ -257,7 +257,7 @@ unsafe fn batch<T: Float, const MODE: u8, const GPU: bool>(
                 if GPU || mode != QuantMode::Nvfp4 {
                     _mm256_mul_ps(v[i], fv[i])
                 } else {
-                    to_dtype::<T>(_mm256_div_ps(v[i], fv[i]))
+                    to_dtype::<T, true>(_mm256_div_ps(v[i], fv[i]))
                 }
             });
             let out = packed.add(4 * bits * ch);
@@ -378,7 +378,7 @@ fn scales8<T: Float, const MODE: u8, const GPU: bool>(amax: __m256) -> (__m256i,
         };
         return (c, _mm256_div_ps(one, value), not_finite);
     }
-    let s = to_dtype::<T>(s);
+    let s = to_dtype::<T, true>(s);
     if mode == QuantMode::Nvfp4 {
         let c = e4m3(s);
         // A saturated scale (s ≥ 464, 448 after rounding) leaves |x| unbounded, where the
@@ -517,25 +517,31 @@ fn e4m3_decode(c: __m256i) -> __m256 {
 }
 
 /// `v` rounded to bf16 (`half`'s nearest-even: `+ 0x7fff + lsb`, then the high half; NaN kept
-/// NaN with the quiet bit set), as f32 bits whose low half is to be dropped.
+/// NaN with the quiet bit set), as f32 bits whose low half is to be dropped. Without `NAN` the
+/// caller vouches that no lane is NaN (±∞ round to themselves either way) and the NaN blend is
+/// skipped.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn bf16_round(v: __m256) -> __m256i {
+fn bf16_round<const NAN: bool>(v: __m256) -> __m256i {
     let x = _mm256_castps_si256(v);
     let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
     let r = _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    if !NAN {
+        return r;
+    }
     let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
     _mm256_blendv_epi8(r, _mm256_or_si256(x, _mm256_set1_epi32(0x0040_0000)), nan)
 }
 
-/// `v` rounded to `T` and widened back (exact for f32).
+/// `v` rounded to `T` and widened back (exact for f32). Without `NAN`, no lane may be NaN
+/// ([`bf16_round`]).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn to_dtype<T: Float>(v: __m256) -> __m256 {
+pub(super) fn to_dtype<T: Float, const NAN: bool>(v: __m256) -> __m256 {
     match T::DTYPE {
         DType::F16 => _mm256_cvtph_ps(_mm256_cvtps_ph::<RNE>(v)),
         DType::BF16 => _mm256_castsi256_ps(_mm256_and_si256(
-            bf16_round(v),
+            bf16_round::<NAN>(v),
             _mm256_set1_epi32(0xffff_0000u32 as i32),
         )),
         _ => v,
@@ -764,7 +770,7 @@ unsafe fn dequantize_groups<O: Float, const MODE: u8>(
                     e4m3_decode(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(b))),
                 )
             };
-            store16::<O>(po.add(16 * i), _mm256_mul_ps(lo, s), _mm256_mul_ps(hi, s));
+            store16::<O, true>(po.add(16 * i), _mm256_mul_ps(lo, s), _mm256_mul_ps(hi, s));
         }
     }
 }
@@ -779,12 +785,13 @@ fn e2m1_decode(c: __m256i, lut: __m256) -> __m256 {
 }
 
 /// Stores 16 values (`lo` then `hi`) rounded to `O` (nearest-even, as `O::from_f32`) at `p`.
+/// Without `NAN` the caller vouches that no value is NaN ([`bf16_round`]).
 ///
 /// # Safety
 /// 16 elements of `O` must be writable at `p`; the CPU must support [`available`]'s features.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn store16<O: Float>(p: *mut O, lo: __m256, hi: __m256) {
+pub(super) unsafe fn store16<O: Float, const NAN: bool>(p: *mut O, lo: __m256, hi: __m256) {
     // SAFETY: 16 elements writable at `p` (contract).
     unsafe {
         match O::DTYPE {
@@ -794,8 +801,8 @@ pub(super) unsafe fn store16<O: Float>(p: *mut O, lo: __m256, hi: __m256) {
             }
             DType::BF16 => {
                 let (a, b) = (
-                    _mm256_srli_epi32::<16>(bf16_round(lo)),
-                    _mm256_srli_epi32::<16>(bf16_round(hi)),
+                    _mm256_srli_epi32::<16>(bf16_round::<NAN>(lo)),
+                    _mm256_srli_epi32::<16>(bf16_round::<NAN>(hi)),
                 );
                 _mm256_storeu_si256(
                     p as *mut __m256i,

@@ -704,22 +704,58 @@ unsafe fn dequantize_groups<S: Float, O: Float, const BITS: usize, const CPU: bo
         return;
     }
     for (j, (&s, &b)) in scales.iter().zip(biases).enumerate() {
-        let (s, b) = (_mm256_set1_ps(s.to_f32()), _mm256_set1_ps(b.to_f32()));
-        for i in (0..g).step_by(16) {
-            let at = j * g + i;
-            // SAFETY: these 16 codes' 2·BITS bytes and 16 outputs lie within the slices
-            // (lengths checked above).
-            unsafe {
-                let q = codes16::<BITS>(packed.as_ptr().add(at / 8 * BITS));
-                let v = q.map(|q| {
-                    if CPU {
-                        to_dtype::<S>(_mm256_add_ps(to_dtype::<S>(_mm256_mul_ps(q, s)), b))
-                    } else {
-                        _mm256_fmadd_ps(q, s, b)
-                    }
-                });
-                store16::<O>(out.as_mut_ptr().add(at), v[0], v[1]);
+        let (s, b) = (s.to_f32(), b.to_f32());
+        // SAFETY: group j's g·BITS/8 bytes and g outputs lie within the slices (lengths
+        // checked above).
+        unsafe {
+            let (p, o) = (packed.as_ptr().add(j * gb), out.as_mut_ptr().add(j * g));
+            // A finite scale and bias give no NaN (codes are finite; an overflow is ±∞): the
+            // bf16 roundings skip their NaN blend.
+            if s.is_finite() && b.is_finite() {
+                dequantize_group::<S, O, BITS, CPU, false>(p, s, b, g, o)
+            } else {
+                dequantize_group::<S, O, BITS, CPU, true>(p, s, b, g, o)
             }
+        }
+    }
+}
+
+/// One group of `g` (a multiple of 16) codes at `p` dequantized with scale `s` and bias `b`
+/// to the `g` outputs at `o`. Without `NAN` no result may be NaN.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `g·BITS/8` bytes are readable at `p` and `g` outputs
+/// writable at `o`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequantize_group<
+    S: Float,
+    O: Float,
+    const BITS: usize,
+    const CPU: bool,
+    const NAN: bool,
+>(
+    p: *const u8,
+    s: f32,
+    b: f32,
+    g: usize,
+    o: *mut O,
+) {
+    let (s, b) = (_mm256_set1_ps(s), _mm256_set1_ps(b));
+    for i in (0..g).step_by(16) {
+        // SAFETY: these 16 codes' 2·BITS bytes and 16 outputs lie within the group (the
+        // caller's).
+        unsafe {
+            let q = codes16::<BITS>(p.add(i / 8 * BITS));
+            let v = q.map(|q| {
+                if CPU {
+                    let prod = to_dtype::<S, NAN>(_mm256_mul_ps(q, s));
+                    to_dtype::<S, NAN>(_mm256_add_ps(prod, b))
+                } else {
+                    _mm256_fmadd_ps(q, s, b)
+                }
+            });
+            store16::<O, NAN>(o.add(i), v[0], v[1]);
         }
     }
 }
