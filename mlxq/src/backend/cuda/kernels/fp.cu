@@ -202,15 +202,6 @@ extern "C" __global__ void fp_quantize(const WT* __restrict__ w, u8* __restrict_
 }
 #endif  // WT
 
-// The element value of code j of a group's packed bytes p (E2M1 or E4M3).
-__device__ __forceinline__ float element(const u32* p, int j) {
-#if BITS == 8
-    return e4m3_value((p[j >> 2] >> (8 * (j & 3))) & 0xff);
-#else
-    return fp4_value((p[j >> 3] >> (4 * (j & 7))) & 15);
-#endif
-}
-
 // The GB packed bytes of group gi, as words (GB is a multiple of 8 bytes, the base 16-byte
 // aligned).
 __device__ __forceinline__ void load_group(const u8* __restrict__ base, u64 gi, u32* p) {
@@ -225,54 +216,6 @@ __device__ __forceinline__ void load_group(const u8* __restrict__ base, u64 gi, 
     p[0] = v.x; p[1] = v.y;
 #endif
 }
-
-#ifdef OT
-// One thread per 16 bytes of output (Out16: 8 elements of a 2-byte type, 4 of f32; fp.rs
-// dequantize_value): GPU O(value * scale) in f32 rounded once; CPU O(O(value) * O(scale)).
-// The thread's 8-element chunk (BITS bytes) in one load (the base is 16-byte aligned, checked
-// by the host); an f32 thread takes half of it.
-extern "C" __global__ void fp_dequantize(const u8* __restrict__ packed, const u8* __restrict__ scales,
-                                         OT* __restrict__ out, u64 items) {
-    constexpr int N = Out16<OT>::N;
-    const u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= items) return;
-    const u64 e0 = t * N, c = e0 / 8;
-    const int h = (int)(e0 % 8);
-    u32 p[2];
-#if BITS == 8
-    const uint2 w = __ldg((const uint2*)packed + c);
-    p[0] = w.x;
-    p[1] = w.y;
-#else
-    p[0] = __ldg((const u32*)packed + c);
-#endif
-    const float sv = scale_value(scales[c / (GROUP / 8)], GPU_FLAVOUR);
-    float v[N];
-#pragma unroll
-    for (int j = 0; j < N; j++) {
-        const float e = element(p, h + j);
-#if GPU_FLAVOUR
-        v[j] = __fmul_rn(e, sv);
-#else
-        v[j] = __fmul_rn(rt<OT>(e), rt<OT>(sv));
-#endif
-    }
-    store16b(out + e0, v);
-}
-#endif  // OT
-
-#ifdef XT
-// A group's scale as MLX's CPU quantized matmul reads it (fp.rs matmul_scale): E4M3 (0x7f NaN)
-// or 2^(s - 127), rounded to x's dtype.
-__device__ __forceinline__ float matmul_scale(u32 s) {
-#if NV
-    return to_f32(from_f32<XT>(e4m3_value(s)));
-#else
-    return to_f32(from_f32<XT>(pow2i((int)s - 127)));
-#endif
-}
-
-#define FP_WARPS 4
 
 #if BITS == 4
 // The 8 E2M1 elements of a word, each times 2^-14, in element order: the magnitude bits (e1 e0
@@ -310,6 +253,64 @@ __device__ __forceinline__ void fp8_word(u32 w, float* v) {
 }
 #define FP_VSCALE 256.0f
 #endif
+
+#ifdef OT
+// One thread per 16 bytes of output (Out16: 8 elements of a 2-byte type, 4 of f32; fp.rs
+// dequantize_value): GPU O(value * scale) in f32 rounded once; CPU O(O(value) * O(scale)).
+// The thread's 8-element chunk (BITS bytes) in one load (the base is 16-byte aligned, checked
+// by the host); an f32 thread takes half of it.
+extern "C" __global__ void fp_dequantize(const u8* __restrict__ packed, const u8* __restrict__ scales,
+                                         OT* __restrict__ out, u64 items) {
+    constexpr int N = Out16<OT>::N;
+    const u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= items) return;
+    const u64 e0 = t * N, c = e0 / 8;
+    const int h = (int)(e0 % 8);
+    u32 p[2];
+#if BITS == 8
+    const uint2 w = __ldg((const uint2*)packed + c);
+    p[0] = w.x;
+    p[1] = w.y;
+#else
+    p[0] = __ldg((const u32*)packed + c);
+#endif
+    const float sv = scale_value(scales[c / (GROUP / 8)], GPU_FLAVOUR);
+    // The chunk's 8 elements, exact (the matmul's decode: shifts and masks into f16 bits, one
+    // conversion each, times FP_VSCALE).
+    float d[8];
+#if BITS == 4
+    fp4_word(p[0], d);
+#else
+    fp8_word(p[0], d);
+    fp8_word(p[1], d + 4);
+#endif
+    float v[N];
+#pragma unroll
+    for (int j = 0; j < N; j++) {
+        const float e = d[h + j] * FP_VSCALE;
+#if GPU_FLAVOUR
+        v[j] = __fmul_rn(e, sv);
+#else
+        v[j] = __fmul_rn(rt<OT>(e), rt<OT>(sv));
+#endif
+    }
+    store16b(out + e0, v);
+}
+#endif  // OT
+
+#ifdef XT
+// A group's scale as MLX's CPU quantized matmul reads it (fp.rs matmul_scale): E4M3 (0x7f NaN)
+// or 2^(s - 127), rounded to x's dtype.
+__device__ __forceinline__ float matmul_scale(u32 s) {
+#if NV
+    return to_f32(from_f32<XT>(e4m3_value(s)));
+#else
+    return to_f32(from_f32<XT>(pow2i((int)s - 127)));
+#endif
+}
+
+#define FP_WARPS 4
+
 
 // y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * v[n, k]: W [N, K] quantized along K
 // (transpose = true). A warp per row of W, its lanes over the row's groups; rows m0.. of x in
