@@ -254,6 +254,17 @@ __device__ __forceinline__ void fp8_word(u32 w, float* v) {
 #define FP_VSCALE 256.0f
 #endif
 
+// The 8 elements of a chunk's BITS packed bytes (one word, or two at 8 bits), exact, each to
+// be multiplied by FP_VSCALE.
+__device__ __forceinline__ void chunk8(const u32* p, float* v) {
+#if BITS == 4
+    fp4_word(p[0], v);
+#else
+    fp8_word(p[0], v);
+    fp8_word(p[1], v + 4);
+#endif
+}
+
 #ifdef OT
 // One thread per 16 bytes of output (Out16: 8 elements of a 2-byte type, 4 of f32; fp.rs
 // dequantize_value): GPU O(value * scale) in f32 rounded once; CPU O(O(value) * O(scale)).
@@ -278,12 +289,7 @@ extern "C" __global__ void fp_dequantize(const u8* __restrict__ packed, const u8
     // The chunk's 8 elements, exact (the matmul's decode: shifts and masks into f16 bits, one
     // conversion each, times FP_VSCALE).
     float d[8];
-#if BITS == 4
-    fp4_word(p[0], d);
-#else
-    fp8_word(p[0], d);
-    fp8_word(p[1], d + 4);
-#endif
+    chunk8(p, d);
     float v[N];
 #pragma unroll
     for (int j = 0; j < N; j++) {
@@ -346,13 +352,7 @@ __device__ __forceinline__ void fp_qmv_t_impl(const XT* __restrict__ x, const u8
                 const float s = matmul_scale(srow[g]);
                 float v[GROUP];
 #pragma unroll
-                for (int wd = 0; wd < GB / 4; wd++) {
-#if BITS == 4
-                    fp4_word(p[wd], v + 8 * wd);
-#else
-                    fp8_word(p[wd], v + 4 * wd);
-#endif
-                }
+                for (int c = 0; c < GROUP / 8; c++) chunk8(p + c * (BITS / 4), v + 8 * c);
 #pragma unroll
                 for (int m = 0; m < MT; m++) {
                     if (m0 + m >= M) break;
@@ -424,12 +424,7 @@ __device__ __forceinline__ void fp_qmv_n_impl(const XT* __restrict__ x, const u8
                 p[1] = BITS == 8 ? __ldg((const u32*)row + 1) : 0;
                 const float s = matmul_scale(sm[k * G + n0 / GROUP]);
                 float v[8];
-#if BITS == 4
-                fp4_word(p[0], v);
-#else
-                fp8_word(p[0], v);
-                fp8_word(p[1], v + 4);
-#endif
+                chunk8(p, v);
 #pragma unroll
                 for (int j = 0; j < 8; j++) v[j] = s * (v[j] * FP_VSCALE);
 #pragma unroll
