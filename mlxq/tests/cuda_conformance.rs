@@ -411,8 +411,37 @@ fn check_matmul(
     cols: usize,
     transpose: bool,
 ) -> Option<String> {
+    check_matmul_x(
+        dev,
+        enc,
+        rng,
+        spec,
+        (xdt, 0.0),
+        sdt,
+        m,
+        rows,
+        cols,
+        transpose,
+    )
+}
+
+/// [`check_matmul`] with x of normal elements plus `x.1` (an offset makes the two parts of MLX's
+/// form `Σ(x·s)·q + Σx·b` large and of opposite signs).
+#[allow(clippy::too_many_arguments)]
+fn check_matmul_x(
+    dev: &Device,
+    enc: &mut CommandEncoder,
+    rng: &mut StdRng,
+    spec: QuantSpec,
+    (xdt, offset): (DType, f32),
+    sdt: DType,
+    m: usize,
+    rows: usize,
+    cols: usize,
+    transpose: bool,
+) -> Option<String> {
     let ctx = format!(
-        "b{} g{} x {xdt} scales {sdt} M={m} W {rows}x{cols} transpose={transpose}",
+        "b{} g{} x {xdt} (+{offset}) scales {sdt} M={m} W {rows}x{cols} transpose={transpose}",
         spec.bits(),
         spec.group_size()
     );
@@ -421,7 +450,8 @@ fn check_matmul(
     let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
     let k = if transpose { cols } else { rows };
     let n = if transpose { rows } else { cols };
-    let x = Buffer::from_f32(&randn(rng, m * k), xdt, &[m, k]).unwrap();
+    let xv: Vec<f32> = randn(rng, m * k).into_iter().map(|v| v + offset).collect();
+    let x = Buffer::from_f32(&xv, xdt, &[m, k]).unwrap();
     let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
     let want = matmul_f64(&xf, m, &dequantize_f64(&qw).unwrap(), rows, cols, transpose);
     let out_dtype = if xdt == DType::F32 || sdt == DType::F32 {
@@ -514,6 +544,46 @@ fn quantized_matmul_matches_the_f64_reference() {
         }
     }
     assert_none("quantized_matmul on CUDA", checked, failures);
+}
+
+/// `transpose = false` (W `[K, N]` quantized along N, `qmv_n`): every width, row tiles of 1, 2,
+/// 4 and 16 rows of x, K split over several blocks (a partial last segment and pass), N past
+/// one block's 256 columns with a partial last block, and f32 x offset from zero (MLX's form
+/// `Σ(x·s)·q + Σx·b`, whose parts then nearly cancel) at f32's 1e-5.
+#[test]
+fn transpose_false_decode_matches_the_f64_reference() {
+    let Some(dev) = gpu() else { return };
+    let mut enc = dev.encoder();
+    let mut rng = StdRng::seed_from_u64(31);
+    let (mut checked, mut failures) = (0, Vec::new());
+    for (bits, g) in BITS.map(|b| (b, 64)).into_iter().chain([(4, 32), (4, 128)]) {
+        let spec = QuantSpec::affine(bits, g).unwrap();
+        let g = g as usize;
+        for (xdt, offset) in [(DType::BF16, 0.0), (DType::F32, 3.0)] {
+            for m in [1, 3, 16] {
+                for k in [70, 1000] {
+                    for n in [3 * g, 2048 + g] {
+                        checked += 1;
+                        if let Some(f) = check_matmul_x(
+                            &dev,
+                            &mut enc,
+                            &mut rng,
+                            spec,
+                            (xdt, offset),
+                            xdt,
+                            m,
+                            k,
+                            n,
+                            false,
+                        ) {
+                            failures.push(f);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_none("transpose = false on CUDA", checked, failures);
 }
 
 /// The tensor-core kernels (4- and 8-bit W `[N, K]`, f16/bf16 x, half outputs): on Hopper

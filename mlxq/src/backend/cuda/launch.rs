@@ -1058,11 +1058,27 @@ pub(crate) fn qmm(
         } else {
             let f = k.func_named(["qmv_n_1", "qmv_n_2", "qmv_n_4", "qmv_n_8", "qmv_n_16"][tile])?;
             let w_stride = words_per_matrix * 4; // bytes
-            let gx = grid_x(op, ndim.div_ceil(256))?;
+            let (cpt, uk) = qmvn_shape(mt.next_power_of_two(), u64::from(spec.bits()));
+            let gx = grid_x(op, ndim.div_ceil(32 * cpt))?;
             let blocks = u64::from(gx) * u64::from(gy);
-            let want = (2 * u64::from(dev.multiprocessors())).div_ceil(blocks);
-            let segments = want.clamp(1, kdim.div_ceil(64).max(1)).min(64);
-            let k_per_segment = kdim.div_ceil(segments);
+            // K is split over blockIdx.z segments until the blocks fill the machine's resident
+            // slots (as many blocks per multiprocessor as the registers allow, at most
+            // QMVN_BLOCKS_PER_SM or MLXQ_QMVN_PER_SM); a segment is whole passes of the block's
+            // 8 warps over their UK rows each.
+            let pass = 8 * uk;
+            let cap = knob("MLXQ_QMVN_PER_SM")
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|v| (1..=8).contains(v))
+                .unwrap_or(QMVN_BLOCKS_PER_SM);
+            let per_sm = f
+                .occupancy_max_active_blocks_per_multiprocessor(256, 0, None)
+                .map_err(driver(op))?;
+            let per_sm = u64::from(per_sm).clamp(1, cap);
+            let want = (per_sm * u64::from(dev.multiprocessors())).div_ceil(blocks);
+            let fit =
+                (super::SCRATCH_BYTES as u64 / (entries * u64::from(mt) * ndim * 4).max(1)).max(1);
+            let segments = want.clamp(1, kdim.div_ceil(pass).max(1)).min(64).min(fit);
+            let k_per_segment = kdim.div_ceil(segments).div_ceil(pass) * pass;
             let segments = kdim.div_ceil(k_per_segment) as u32;
             let mut partial = 0u64;
             let mut scratch = None;
@@ -1648,8 +1664,21 @@ fn decb_pick(
     (smem <= dev.smem_optin as u64).then_some((entry, nc, smem))
 }
 
+/// Blocks of `qmv_n` (transpose = false) per multiprocessor that its K split aims at.
+const QMVN_BLOCKS_PER_SM: u64 = 4;
+
+/// `qmv_n`'s columns per thread and rows per warp in flight for row tile `mt` and `bits`
+/// (`QMV_N_CPT` and `QMV_N_UK` in qmv.cu).
+fn qmvn_shape(mt: u32, bits: u64) -> (u64, u64) {
+    match (mt, bits) {
+        (1, 0..=2) => (32, 4),
+        (1, _) => (32, 2),
+        _ => (8, 1),
+    }
+}
+
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 18] = [
+const KNOBS: [&str; 19] = [
     "MLXQ_GATHER_SORT_OFF",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
@@ -1668,6 +1697,7 @@ const KNOBS: [&str; 18] = [
     "MLXQ_DECB_T4",
     "MLXQ_WS",
     "MLXQ_FP_TILES",
+    "MLXQ_QMVN_PER_SM",
 ];
 
 /// The value of the experiment switch `name` (an `MLXQ_*` environment variable), read once per

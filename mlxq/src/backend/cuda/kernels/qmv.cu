@@ -154,65 +154,134 @@ QMV_T(8, 3)
 QMV_T(16, 3)
 
 // y[m, n] = sum_k x[m, k] * (s * q[k, n] + b): W [K, N] quantized along N (transpose = false).
-// A thread owns 8 columns (one BITS-byte chunk) and a warp 256; the block's 8 warps split the
-// k rows of its segment (blockIdx.z) and add up in shared memory. With several segments each
-// writes f32 partial sums [segment][m][n] that qmv_n_reduce adds; with one, it writes out.
+// A thread owns CPT columns of each row (32: one 32-code chunk, 16 bytes at 4 bits, as
+// load_chunk reads it; 8: one BITS-byte unit), a warp 32 * CPT contiguous columns; the block's
+// NWARPS warps split the k rows of its segment (blockIdx.z) in runs of UK rows, whose codes,
+// scales and biases are all loaded before any is used, and add up in shared memory. Each code
+// is converted once (PRMT into 2^23 + q at 4 and 8 bits, shift and mask otherwise, minus 2^23).
+// At CPT = 32 (one row of x) the sum is MLX's form, sum_k (x s) q + sum_k x b: per row one
+// product x s and one FMA x b, then one FMA per code; at CPT = 8 each weight is s q + b once,
+// then one FMA per row of x. With several segments each block writes f32 partial sums
+// [segment][m][n] that qmv_n_reduce adds; with one, it writes out.
 #define NWARPS 8
-template <int MT>
+template <int MT, int CPT, int UK>
 __device__ __forceinline__ void qmv_n_impl(const XT* __restrict__ x, const u8* __restrict__ w,
                                            const ST* __restrict__ scales,
                                            const ST* __restrict__ biases, OT* __restrict__ out,
                                            float* __restrict__ partial, u32 M, u64 N, u64 K,
                                            u64 k_per_segment, u64 x_stride, u64 w_stride,
                                            u64 s_stride, u64 out_stride, const Batch& bt) {
-    __shared__ float red[NWARPS][256];
+    constexpr int WPT = CPT == 32 ? BITS : 2;  // words of codes per thread and row
+    constexpr u32 BC = 32 * CPT;               // columns of a block
+    __shared__ float red[NWARPS][BC];
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const u64 col = ((u64)blockIdx.x * 32 + lane) * 8;
+    const u64 col = ((u64)blockIdx.x * 32 + lane) * CPT;
     const bool col_ok = col < N;
     const u64 G = N / GROUP;
     const u64 kb = (u64)blockIdx.z * k_per_segment;
     const u64 ke = min(K, kb + k_per_segment);
+    const u64 row_bytes = N / 8 * BITS;
     u64 entries = 1;
     for (u32 d = 0; d < bt.ndim; d++) entries *= bt.dims[d];
     for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
         u64 xi, wi;
         const bool ok = resolve(bt, e, xi, wi);
         const XT* xb = x + xi * x_stride;
-        const u8* wb = w + wi * w_stride;
-        const ST* sb = scales + wi * s_stride;
-        const ST* bb = biases + wi * s_stride;
-        float acc[MT][8];
+        const u8* wb = w + wi * w_stride + col / 8 * BITS;
+        const ST* sb = scales + wi * s_stride + col / GROUP;
+        const ST* bb = biases + wi * s_stride + col / GROUP;
+        float acc[MT][CPT], xb_sum[MT];
 #pragma unroll
-        for (int m = 0; m < MT; m++)
+        for (int m = 0; m < MT; m++) {
+            xb_sum[m] = 0.0f;
 #pragma unroll
-            for (int j = 0; j < 8; j++) acc[m][j] = 0.0f;
+            for (int j = 0; j < CPT; j++) acc[m][j] = 0.0f;
+        }
         if (ok && col_ok) {
-            for (u64 k = kb + warp; k < ke; k += NWARPS) {
-                const u8* p = wb + (k * N + col) / 8 * BITS;
-                u64 bits;
-#if BITS == 4
-                bits = __ldg((const u32*)p);
-#elif BITS == 8
-                { uint2 v = __ldg((const uint2*)p); bits = (u64)v.x | ((u64)v.y << 32); }
-#elif BITS == 2
-                bits = __ldg((const u16*)p);
+            for (u64 k0 = kb + (u64)warp * UK; k0 < ke; k0 += (u64)NWARPS * UK) {
+                // Every load of the UK rows first (rows past the segment read nothing and
+                // count as zero codes with zero scale and bias).
+                u32 wv[UK][WPT];
+                float s[UK], b[UK];
+#pragma unroll
+                for (int u = 0; u < UK; u++) {
+                    const u64 k = k0 + u;
+#pragma unroll
+                    for (int i = 0; i < WPT; i++) wv[u][i] = 0;
+                    s[u] = b[u] = 0.0f;
+                    if (k < ke) {
+                        const u8* p = wb + k * row_bytes;
+                        if constexpr (CPT == 32) {
+                            load_chunk((const u32*)p, wv[u]);
+                        } else if constexpr (BITS == 8) {
+                            const uint2 v = __ldg((const uint2*)p);
+                            wv[u][0] = v.x;
+                            wv[u][1] = v.y;
+                        } else if constexpr (BITS == 4) {
+                            wv[u][0] = __ldg((const u32*)p);
+                        } else if constexpr (BITS == 2) {
+                            wv[u][0] = __ldg((const u16*)p);
+                        } else {
+                            u64 v = 0;
+#pragma unroll
+                            for (int i = 0; i < BITS; i++) v |= (u64)__ldg(p + i) << (8 * i);
+                            wv[u][0] = (u32)v;
+                            wv[u][1] = (u32)(v >> 32);
+                        }
+                        s[u] = to_f32(sb[k * G]);
+                        b[u] = to_f32(bb[k * G]);
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < UK; u++) {
+                    const u64 k = k0 + u;
+                    // The CPT codes as 2^23 + q (exact), then q.
+                    float q[CPT];
+#if BITS == 8
+#pragma unroll
+                    for (int i = 0; i < CPT / 4; i++)
+#pragma unroll
+                        for (int j = 0; j < 4; j++)
+                            q[4 * i + j] = __uint_as_float(__byte_perm(wv[u][i], 0x4B000000u, 0x7650 + j)) - 8388608.0f;
+#elif BITS == 4
+#pragma unroll
+                    for (int i = 0; i < CPT / 8; i++) {
+                        // Even codes in the low nibbles, odd ones in the high nibbles.
+                        const u32 ev = wv[u][i] & 0x0F0F0F0Fu, od = (wv[u][i] >> 4) & 0x0F0F0F0Fu;
+#pragma unroll
+                        for (int j = 0; j < 4; j++) {
+                            q[8 * i + 2 * j] = __uint_as_float(__byte_perm(ev, 0x4B000000u, 0x7650 + j)) - 8388608.0f;
+                            q[8 * i + 2 * j + 1] = __uint_as_float(__byte_perm(od, 0x4B000000u, 0x7650 + j)) - 8388608.0f;
+                        }
+                    }
 #else
-                bits = 0;
 #pragma unroll
-                for (int b = 0; b < BITS; b++) bits |= (u64)__ldg(p + b) << (8 * b);
+                    for (int j = 0; j < CPT; j++) q[j] = small_to_f32(code_of<BITS>(wv[u], j));
 #endif
-                const u64 g = k * G + col / GROUP;
-                const float s = to_f32(sb[g]), b = to_f32(bb[g]);
-                float wv[8];
+                    if constexpr (CPT == 32) {
+                        // One row of x: MLX's form.
 #pragma unroll
-                for (int j = 0; j < 8; j++)
-                    wv[j] = fmaf(small_to_f32((u32)(bits >> (j * BITS)) & ((1u << BITS) - 1u)), s, b);
+                        for (int m = 0; m < MT; m++) {
+                            if (m < (int)M) {
+                                const float xv = k < ke ? to_f32(xb[(u64)m * K + k]) : 0.0f;
+                                const float c = xv * s[u];
+                                xb_sum[m] = fmaf(xv, b[u], xb_sum[m]);
 #pragma unroll
-                for (int m = 0; m < MT; m++) {
-                    if (m < (int)M) {
-                        const float xv = to_f32(xb[(u64)m * K + k]);
+                                for (int j = 0; j < CPT; j++) acc[m][j] = fmaf(c, q[j], acc[m][j]);
+                            }
+                        }
+                    } else {
+                        // Several rows of x: each weight s q + b once, then one FMA per row.
 #pragma unroll
-                        for (int j = 0; j < 8; j++) acc[m][j] = fmaf(xv, wv[j], acc[m][j]);
+                        for (int j = 0; j < CPT; j++) q[j] = fmaf(q[j], s[u], b[u]);
+#pragma unroll
+                        for (int m = 0; m < MT; m++) {
+                            if (m < (int)M) {
+                                const float xv = k < ke ? to_f32(xb[(u64)m * K + k]) : 0.0f;
+#pragma unroll
+                                for (int j = 0; j < CPT; j++) acc[m][j] = fmaf(xv, q[j], acc[m][j]);
+                            }
+                        }
                     }
                 }
             }
@@ -222,32 +291,47 @@ __device__ __forceinline__ void qmv_n_impl(const XT* __restrict__ x, const u8* _
             if (m >= (int)M) break;
             __syncthreads();
 #pragma unroll
-            for (int j = 0; j < 8; j++) red[warp][lane * 8 + j] = acc[m][j];
+            for (int j = 0; j < CPT; j++) red[warp][lane * CPT + j] = acc[m][j] + xb_sum[m];
             __syncthreads();
-            // 256 threads, 256 columns: thread t adds column t over the warps.
-            const u64 c = (u64)blockIdx.x * 256 + threadIdx.x;
-            if (c < N) {
-                float v = 0.0f;
+            // 256 threads over the block's BC columns: each adds its columns over the warps.
 #pragma unroll
-                for (int ww = 0; ww < NWARPS; ww++) v += red[ww][threadIdx.x];
-                if (!ok) v = __int_as_float(0x7fc00000);
-                if (gridDim.z == 1)
-                    out[e * out_stride + (u64)m * N + c] = from_f32<OT>(v);
-                else
-                    partial[(((u64)blockIdx.z * entries + e) * M + m) * N + c] = v;
+            for (u32 cc = threadIdx.x; cc < BC; cc += NWARPS * 32) {
+                const u64 c = (u64)blockIdx.x * BC + cc;
+                if (c < N) {
+                    float v = 0.0f;
+#pragma unroll
+                    for (int ww = 0; ww < NWARPS; ww++) v += red[ww][cc];
+                    if (!ok) v = __int_as_float(0x7fc00000);
+                    if (gridDim.z == 1)
+                        out[e * out_stride + (u64)m * N + c] = from_f32<OT>(v);
+                    else
+                        partial[(((u64)blockIdx.z * entries + e) * M + m) * N + c] = v;
+                }
             }
         }
     }
 }
 
+// Per row tile MT: columns per thread (32 at one row of x, in MLX's form; 8 beyond, weights
+// dequantised once for all rows: measured faster there, docs/perf-cuda.md session 38) and rows
+// per warp in flight. The host mirrors these (launch.rs, qmvn_shape).
+#define QMV_N_CPT(MT) ((MT) == 1 ? 32 : 8)
+// QMVN_UK1 (an experiment define) sets the rows in flight at one row of x.
+#ifdef QMVN_UK1
+#define QMV_N_UK1 QMVN_UK1
+#else
+#define QMV_N_UK1 (BITS <= 2 ? 4 : 2)
+#endif
+#define QMV_N_UK(MT) ((MT) == 1 ? QMV_N_UK1 : 1)
 #define QMV_N(MT)                                                                               \
     extern "C" __global__ void __launch_bounds__(NWARPS * 32) qmv_n_##MT(                       \
         const XT* __restrict__ x, const u8* __restrict__ w, const ST* __restrict__ scales,      \
         const ST* __restrict__ biases, OT* __restrict__ out, float* __restrict__ partial, u32 M, \
         u64 N, u64 K, u64 k_per_segment, u64 x_stride, u64 w_stride, u64 s_stride,              \
         u64 out_stride, Batch bt) {                                                             \
-        qmv_n_impl<MT>(x, w, scales, biases, out, partial, M, N, K, k_per_segment, x_stride,    \
-                       w_stride, s_stride, out_stride, bt);                                     \
+        qmv_n_impl<MT, QMV_N_CPT(MT), QMV_N_UK(MT)>(x, w, scales, biases, out, partial, M, N, K, \
+                                                    k_per_segment, x_stride, w_stride, s_stride, \
+                                                    out_stride, bt);                            \
     }
 QMV_N(1)
 QMV_N(2)
