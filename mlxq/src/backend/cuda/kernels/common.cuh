@@ -91,6 +91,25 @@ __device__ __forceinline__ float small_to_f32(u32 q) {
     return __uint_as_float(0x4B000000u | q) - 8388608.0f;
 }
 
+// Byte j (0..3) of w as f32, the same way: one PRMT puts it under 2^23's exponent.
+__device__ __forceinline__ float byte_to_f32(u32 w, int j) {
+    return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7650 + j)) - 8388608.0f;
+}
+
+// The 8 codes of one B-byte unit at p (the MLX bit stream, code 0 in the low bits): in one
+// load at 2, 4 and 8 bits where `wide` (p aligned to B bytes), else byte by byte.
+template <int B> __device__ __forceinline__ u64 load_unit8(const u8* p, bool wide) {
+    if ((B == 2 || B == 4 || B == 8) && wide) {
+        if (B == 8) return __ldg((const u64*)p);
+        if (B == 4) return __ldg((const u32*)p);
+        return __ldg((const u16*)p);
+    }
+    u64 v = 0;
+#pragma unroll
+    for (int b = 0; b < B; b++) v |= (u64)__ldg(p + b) << (8 * b);
+    return v;
+}
+
 // Programmatic dependent launch (sm_90; no-ops before): let the next kernel on the stream,
 // launched with the PDL attribute, start now; and wait until the previous kernel has finished
 // and its writes are visible (returns at once where this kernel was launched without PDL).

@@ -213,18 +213,9 @@ __device__ __forceinline__ void qmv_n_impl(const XT* __restrict__ x, const u8* _
                         const u8* p = wb + k * row_bytes;
                         if constexpr (CPT == 32) {
                             load_chunk((const u32*)p, wv[u]);
-                        } else if constexpr (BITS == 8) {
-                            const uint2 v = __ldg((const uint2*)p);
-                            wv[u][0] = v.x;
-                            wv[u][1] = v.y;
-                        } else if constexpr (BITS == 4) {
-                            wv[u][0] = __ldg((const u32*)p);
-                        } else if constexpr (BITS == 2) {
-                            wv[u][0] = __ldg((const u16*)p);
                         } else {
-                            u64 v = 0;
-#pragma unroll
-                            for (int i = 0; i < BITS; i++) v |= (u64)__ldg(p + i) << (8 * i);
+                            // Units lie BITS bytes apart from an aligned base: aligned.
+                            const u64 v = load_unit8<BITS>(p, true);
                             wv[u][0] = (u32)v;
                             wv[u][1] = (u32)(v >> 32);
                         }
@@ -242,7 +233,7 @@ __device__ __forceinline__ void qmv_n_impl(const XT* __restrict__ x, const u8* _
                     for (int i = 0; i < CPT / 4; i++)
 #pragma unroll
                         for (int j = 0; j < 4; j++)
-                            q[4 * i + j] = __uint_as_float(__byte_perm(wv[u][i], 0x4B000000u, 0x7650 + j)) - 8388608.0f;
+                            q[4 * i + j] = byte_to_f32(wv[u][i], j);
 #elif BITS == 4
 #pragma unroll
                     for (int i = 0; i < CPT / 8; i++) {
@@ -250,8 +241,8 @@ __device__ __forceinline__ void qmv_n_impl(const XT* __restrict__ x, const u8* _
                         const u32 ev = wv[u][i] & 0x0F0F0F0Fu, od = (wv[u][i] >> 4) & 0x0F0F0F0Fu;
 #pragma unroll
                         for (int j = 0; j < 4; j++) {
-                            q[8 * i + 2 * j] = __uint_as_float(__byte_perm(ev, 0x4B000000u, 0x7650 + j)) - 8388608.0f;
-                            q[8 * i + 2 * j + 1] = __uint_as_float(__byte_perm(od, 0x4B000000u, 0x7650 + j)) - 8388608.0f;
+                            q[8 * i + 2 * j] = byte_to_f32(ev, j);
+                            q[8 * i + 2 * j + 1] = byte_to_f32(od, j);
                         }
                     }
 #else

@@ -132,15 +132,7 @@ extern "C" __global__ void dequantize(const u8* __restrict__ packed, const ST* _
     const u64 e0 = t * N, c = e0 / 8;
     const int h = (int)(e0 % 8);
     const u8* p = packed + c * BITS;
-    u64 bits = 0;
-    if ((BITS == 2 || BITS == 4 || BITS == 8) && ((u64)packed % BITS) == 0) {
-        if (BITS == 8) bits = __ldg((const u64*)p);
-        if (BITS == 4) bits = __ldg((const u32*)p);
-        if (BITS == 2) bits = __ldg((const u16*)p);
-    } else {
-#pragma unroll
-        for (int b = 0; b < BITS; b++) bits |= (u64)__ldg(p + b) << (8 * b);
-    }
+    const u64 bits = load_unit8<BITS>(p, ((u64)packed % BITS) == 0);
     const float sf = to_f32(scales[c / CPG]), bf = to_f32(biases[c / CPG]);
     float v[N];
 #pragma unroll
