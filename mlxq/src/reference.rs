@@ -117,17 +117,22 @@ pub fn matmul_f64(
     };
     let mut y = vec![0f64; m * n];
     for r in 0..m {
-        for j in 0..n {
-            let mut acc = 0f64;
-            for i in 0..k {
-                let wv = if transpose {
-                    wd[j * cols + i]
-                } else {
-                    wd[i * cols + j]
-                };
-                acc += x[r * k + i] * wv;
+        let xr = &x[r * k..(r + 1) * k];
+        let yr = &mut y[r * n..(r + 1) * n];
+        if transpose {
+            for (j, yv) in yr.iter_mut().enumerate() {
+                let wr = &wd[j * cols..(j + 1) * cols];
+                *yv = xr.iter().zip(wr).fold(0f64, |acc, (a, b)| acc + a * b);
             }
-            y[r * n + j] = acc;
+        } else {
+            // Row by row of W [K, N], so that W is read in order: each output element still
+            // adds its K products in order of i, as the dot product above.
+            for (i, &xv) in xr.iter().enumerate() {
+                let wr = &wd[i * cols..(i + 1) * cols];
+                for (yv, &wv) in yr.iter_mut().zip(wr) {
+                    *yv += xv * wv;
+                }
+            }
         }
     }
     y
