@@ -26,6 +26,10 @@ __device__ __forceinline__ void ldsm4(u32 addr, u32* r) {
 __device__ __forceinline__ void cpa16(u32 sa, const void* g) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(g));
 }
+// cpa16 reading n bytes of g (16, or 0: zero-fills the 16 bytes and reads nothing).
+__device__ __forceinline__ void cpa16n(u32 sa, const void* g, u32 n) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(sa), "l"(g), "r"(n));
+}
 __device__ __forceinline__ uint2 lds64(u32 sa) {
     uint2 v;
     asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(sa));
@@ -113,12 +117,15 @@ __device__ __forceinline__ bool tile_tokens(u32 bm, u32 M, const u32* __restrict
     }
     return true;
 }
-// The x rows a thread copies per step: chunk tid % 8 of tile rows tid / 8 + j * T / 8 (tokens
-// past the tile's last clamped to it), and where each lands in a stage: 128-byte rows, 16-byte
-// chunk c of row r at c ^ (r & 7) (the 128-byte swizzle).
+// The x rows a thread copies per step: chunk tid % 8 of tile rows tid / 8 + j * T / 8, and
+// where each lands in a stage: 128-byte rows, 16-byte chunk c of row r at c ^ (r & 7) (the
+// 128-byte swizzle). Rows past the tile's last token are zero-filled (xn = 0 bytes read, their
+// address clamped to the last token): session 39, every block reading the last token's line
+// once per missing row made one L2 line a hot spot (M = 8 x 14336 x 4096, transpose = false:
+// slower than M = 64).
 template <int XI, int T, bool GRP>
 __device__ __forceinline__ void tile_x_rows(const XT* __restrict__ x, const TileTok& tk, u32 K,
-                                            u32 tid, const u8** xr, u32* xd) {
+                                            u32 tid, const u8** xr, u32* xd, u32* xn) {
 #pragma unroll
     for (int j = 0; j < XI; j++) {
         const u32 r = (tid >> 3) + j * (T / 8), c = tid & 7;
@@ -126,6 +133,7 @@ __device__ __forceinline__ void tile_x_rows(const XT* __restrict__ x, const Tile
         const XT* row = GRP ? x + tk.pairs[2 * (u64)(tk.first + m)] : x + (u64)m * K;
         xr[j] = (const u8*)row + c * 16;
         xd[j] = r * 128 + ((c ^ (r & 7)) << 4);
+        xn[j] = tk.m0 + r < tk.mcount ? 16 : 0;
     }
 }
 
@@ -172,8 +180,8 @@ __device__ __forceinline__ void qmm_tile_impl(const XT* __restrict__ x, const u3
     const u64 row_bytes = (u64)K * BITS / 8;
 
     const u8* xr[XI];
-    u32 xd[XI];
-    tile_x_rows<XI, T, GRP>(x, tk, K, tid, xr, xd);
+    u32 xd[XI], xn[XI];
+    tile_x_rows<XI, T, GRP>(x, tk, K, tid, xr, xd, xn);
     const u8* cr[CI];
     u32 cd[CI];
 #pragma unroll
@@ -196,7 +204,7 @@ __device__ __forceinline__ void qmm_tile_impl(const XT* __restrict__ x, const u3
         if (kt < KT) {
             const u32 st = kt % S;
 #pragma unroll
-            for (int j = 0; j < XI; j++) cpa16(xs + st * XS + xd[j], xr[j] + (u64)kt * 128);
+            for (int j = 0; j < XI; j++) cpa16n(xs + st * XS + xd[j], xr[j] + (u64)kt * 128, xn[j]);
 #pragma unroll
             for (int j = 0; j < CI; j++)
                 if (CI * T == CN || tid + j * T < CN) cpa16(cs + st * CS + cd[j], cr[j] + (u64)kt * CB);

@@ -334,8 +334,8 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     wg_out_offsets<GRP>(ooff, pairs, first, mv, tid);
 
     const u8* xr[XI];
-    u32 xd[XI];
-    tile_x_rows<XI, T, GRP>(x, tk, K, tid, xr, xd);
+    u32 xd[XI], xn[XI];
+    tile_x_rows<XI, T, GRP>(x, tk, K, tid, xr, xd, xn);
     const u8* cr[CI];
     u32 cd[CI];
 #pragma unroll
@@ -357,7 +357,7 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
 #pragma unroll
             for (int j = 0; j < XI; j++)
                 if (XC % T == 0 || j + 1 < XI || tid + j * T < XC)
-                    cpa16(xs + st * XS + xd[j], xr[j] + (u64)kt * 128);
+                    cpa16n(xs + st * XS + xd[j], xr[j] + (u64)kt * 128, xn[j]);
 #pragma unroll
             for (int j = 0; j < CI; j++) cpa16(cs + st * CS + cd[j], cr[j] + (u64)kt * CB);
             if (su_copy) cpa_small<U>(ss + st * SB + sd, sr + kt * 64 / GROUP / EU * EU);
@@ -495,14 +495,16 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
         // row u's scale codes.
         const u32 ex = GRP ? grp[4 + 4 * blockIdx.y] : 0;  // the tile's expert (W matrix)
         const u8* xr[GRP ? XI : 1];
-        u32 xd[GRP ? XI : 1];
+        u32 xd[GRP ? XI : 1], xn[GRP ? XI : 1];
         if constexpr (GRP) {
 #pragma unroll
             for (int j = 0; j < XI; j++) {
+                // Rows past the tile's last pair zero-filled, as tile_x_rows.
                 const u32 r = (lane >> 3) + j * 4, c = lane & 7;
                 const u32 m = min(m0 + r, tk.mcount - 1);
                 xr[j] = (const u8*)(x + pairs[2 * (u64)(first + m)]) + c * 16;
                 xd[j] = r * 128 + ((c ^ (r & 7)) << 4);
+                xn[j] = m0 + r < tk.mcount ? 16 : 0;
             }
         }
         if (lane == 0) {
@@ -528,7 +530,7 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
             }
             if constexpr (GRP) {
 #pragma unroll
-                for (int j = 0; j < XI; j++) cpa16(xs + st * XS + xd[j], xr[j] + (u64)kt * 128);
+                for (int j = 0; j < XI; j++) cpa16n(xs + st * XS + xd[j], xr[j] + (u64)kt * 128, xn[j]);
             }
             cp_arrive(full(st));
         }
