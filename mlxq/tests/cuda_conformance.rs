@@ -666,6 +666,64 @@ fn tiled_prefill_matches_the_f64_reference() {
     assert_none("tiled prefill on CUDA", cases.len(), failures);
 }
 
+/// `transpose = false` from 8 rows of x (4 where N >= 8192): on Hopper the wgmma tiles of W `[K, N]`
+/// (`qmm_wgn_64`, `_128`, `_256`: 64 rows of W per step, movmatrix into the A fragments), for
+/// both widths, every group, f16 and bf16, M off the token tiles, and grids of a few blocks
+/// to a full machine; and the shapes they leave to `qmv_n`, checked here too: N not a
+/// multiple of 128, K not a multiple of 128, and group 128 with an odd count of 128-column
+/// blocks (its 4-byte scale unit would cross the row's end). On sm_90 each case must also
+/// have run the kernel named.
+#[test]
+fn transpose_false_prefill_matches_the_f64_reference() {
+    let Some(dev) = gpu() else { return };
+    let wg = has_wgmma(&dev);
+    let mut enc = dev.encoder();
+    let mut rng = StdRng::seed_from_u64(37);
+    let (bf, f16) = (DType::BF16, DType::F16);
+    // "": not a qmm_wgn tile (qmv_n).
+    let (t64, t128, t256, qmvn) = ("qmm_wgn_64", "qmm_wgn_128", "qmm_wgn_256", "");
+    // (bits, group, x and scales dtype, M, K, N, the kernel on sm_90)
+    let cases = [
+        (4, 64, bf, 8, 256, 384, t64),
+        (4, 64, bf, 4, 256, 8192, t64),
+        (4, 64, bf, 4, 256, 4096, qmvn),
+        (4, 64, bf, 16, 512, 256, t64),
+        (4, 64, bf, 300, 1024, 640, t64),
+        (4, 64, bf, 600, 2048, 2048, t64),
+        (4, 64, bf, 1024, 256, 4096, t256),
+        (8, 64, f16, 128, 128, 12800, t128),
+        (8, 64, bf, 100, 512, 1024, t64),
+        (8, 64, f16, 1000, 1024, 1024, t64),
+        (4, 32, f16, 65, 768, 256, t64),
+        (8, 32, f16, 17, 384, 512, t64),
+        (8, 32, bf, 129, 256, 128, t64),
+        (4, 128, bf, 200, 640, 512, t64),
+        (8, 128, f16, 33, 256, 768, t64),
+        (4, 128, bf, 40, 256, 640, qmvn),
+        (4, 64, bf, 64, 256, 192, qmvn),
+        (8, 64, bf, 64, 192, 256, qmvn),
+    ];
+    let mut failures = Vec::new();
+    for (bits, g, dt, m, k, n, kernel) in cases {
+        let spec = QuantSpec::affine(bits, g).unwrap();
+        if let Some(f) = check_matmul(&dev, &mut enc, &mut rng, spec, dt, dt, m, k, n, false) {
+            failures.push(f);
+        }
+        let ran = enc.last_kernel().unwrap_or("");
+        let right = if kernel.is_empty() {
+            !ran.starts_with("qmm_wgn")
+        } else {
+            ran == kernel
+        };
+        if wg && !right {
+            failures.push(format!(
+                "b{bits} g{g} M={m} K={k} N={n}: ran {ran}, not {kernel:?}"
+            ));
+        }
+    }
+    assert_none("transpose = false prefill on CUDA", cases.len(), failures);
+}
+
 #[test]
 fn long_rows_and_many_rows() {
     let Some(dev) = gpu() else { return };

@@ -905,6 +905,72 @@ pub(crate) fn qmm(
             return Ok(());
         }
     }
+    // transpose = false (W [K, N]) from wgn_min_m rows of x: the wgmma tile of W [K, N]
+    // (`qmm_wgn_*`), of the narrowest token width that holds M, or a narrower one where that
+    // leaves under 3/4 of the SMs a block, else the 64-token tile even so (qmv_n re-reads W
+    // for every 16 rows of x). MLXQ_TILE=off keeps qmv_n.
+    if !fp
+        && !job.transpose
+        && m >= wgn_min_m(ndim)
+        && entries == 1
+        && job.lhs.is_none()
+        && job.rhs.is_none()
+        && super::wgmma_n_path(&key, dev.arch())
+        && knob("MLXQ_TILE") != Some("off")
+    {
+        let sms = u64::from(dev.multiprocessors());
+        let fits = |t: &&Tile| {
+            wgn_fits(&dev, t, [kdim, ndim], spec, w.scales_dtype(), [ps, pb, po])
+                && m.div_ceil(t.bm) <= 65535
+        };
+        let full = |t: &&Tile| 4 * m.div_ceil(t.bm) * ndim.div_ceil(t.bn) >= 3 * sms;
+        let first = match m {
+            0..=64 => 2,
+            65..=128 => 1,
+            _ => 0,
+        };
+        let narrowest = &TILES[WGN_TILES[2]];
+        let pick = WGN_TILES[first..]
+            .iter()
+            .map(|&j| &TILES[j])
+            .find(|t| fits(t) && full(t))
+            .or(Some(narrowest).filter(fits));
+        if let Some(t) = pick {
+            let f = k.func_named(t.entry)?;
+            let args = TileArgs {
+                ptrs: [px, pw, ps, pb, po],
+                m: u32_of(op, m)?,
+                n: u32_of(op, ndim)?,
+                k: u32_of(op, kdim)?,
+                w_stride: words_per_matrix,
+                s_stride,
+                grp: 0,
+                w_count,
+            };
+            let grid = (grid_x(op, ndim.div_ceil(t.bn))?, m.div_ceil(t.bm) as u32, 1);
+            // SAFETY: the kernel reads rows < M (clamped) of x, the K rows of W [K, N] at the
+            // block's 128 columns (N % 128 == 0: all inside each row) with the scale and bias
+            // units that hold their groups (whole units inside each row: wgn_fits), and writes
+            // the M x N output: all inside buffers kept alive by `retain`.
+            unsafe {
+                launch_tile(
+                    &dev,
+                    f,
+                    t,
+                    grid,
+                    spec,
+                    w.scales_dtype(),
+                    &args,
+                    Some(x.dtype()),
+                    false,
+                    op,
+                )?
+            };
+            // Recorded by entry name: the tests check which path ran.
+            finish(enc, [x, w.packed(), w.scales(), biases, out], job, t.entry);
+            return Ok(());
+        }
+    }
     if fp {
         // No wgmma tile fits this call (its shared memory, or too few blocks to fill the SMs).
         return super::fp::qmm(enc, &dev, op, x, w, out, job, bt, entries);
@@ -1169,7 +1235,7 @@ struct Tile {
 /// grouped _g64 as in `qmm_wg.cu` (BT tokens x 128 rows per block, 256 threads); then the
 /// warp-specialised qmm_ws_256, _256s5, _128, _64 and _g64 (384 threads); then the grouped
 /// wgmma tiles of 128 and 80 pairs (`gather_tile` picks among _g64, _g80 and _g128).
-const TILES: [Tile; 17] = [
+const TILES: [Tile; 20] = [
     tile("qmm_tile_l", 256, 128, 256, 4),
     tile("qmm_tile_m", 128, 128, 512, 4),
     tile("qmm_tile_g", 64, 128, 256, 4),
@@ -1187,7 +1253,24 @@ const TILES: [Tile; 17] = [
     ws_tile("qmm_ws_g64", 64, 6),
     wg_tile("qmm_wg_g128", 128, 6),
     wg_tile("qmm_wg_g80", 80, 4),
+    wg_tile("qmm_wgn_256", 256, 4),
+    wg_tile("qmm_wgn_128", 128, 6),
+    wg_tile("qmm_wgn_64", 64, 6),
 ];
+
+/// The wgmma tiles of [`TILES`] for W `[K, N]` (transpose = false, `qmm_wgn_*`), widest first.
+const WGN_TILES: [usize; 3] = [17, 18, 19];
+
+/// Fewest rows of x for which transpose = false takes the wgmma tiles (`qmm_wgn_*`) rather
+/// than `qmv_n`: 8, or 4 where N >= 8192 (`MLXQ_WGN_MIN_M` sets one for every N:
+/// experiments). Session 39 on the H200, 4-bit: the 64-token tile takes ~40 µs at K = 4096
+/// for any N up to one wave of blocks; `qmv_n` 84 µs at 4×14336×4096 and 252 at 8×, but 51 at
+/// 8×4096×4096 (docs/perf-cuda.md session 39).
+fn wgn_min_m(ndim: u64) -> u64 {
+    knob("MLXQ_WGN_MIN_M")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(if ndim >= 8192 { 4 } else { 8 })
+}
 
 /// The wgmma tiles of [`TILES`] for one W matrix, widest token tile first.
 const WG_TILES: [usize; 3] = [6, 7, 8];
@@ -1275,6 +1358,31 @@ fn tile_fits(
         && po.is_multiple_of(4)
         && t.smem(kdim, spec, sdt) <= dev.smem_optin as u64
         && (!t.wg || (super::nvrtc::wgmma(dev.arch()) && kdim.is_multiple_of(128)))
+}
+
+/// Whether a `qmm_wgn_*` tile serves W `[K, N]` (transpose = false): whole 128-column blocks,
+/// K in pairs of steps, each of W's rows holding whole scale units of the block's groups
+/// (`WGN_U` in qmm_wg.cu: 128 / group scales, at least 4 bytes) with the scale and bias
+/// pointers aligned to them, and the rings within the device's shared memory (no more than
+/// the `[N, K]` tile's: [`Tile::smem`]).
+fn wgn_fits(
+    dev: &CudaDevice,
+    t: &Tile,
+    [kdim, ndim]: [u64; 2],
+    spec: QuantSpec,
+    sdt: DType,
+    [ps, pb, po]: [u64; 3],
+) -> bool {
+    let g = u64::from(spec.group_size());
+    let unit = (128 / g * sdt.size() as u64).max(4);
+    t.wg && ndim.is_multiple_of(128)
+        && kdim.is_multiple_of(128)
+        && (ndim / g * sdt.size() as u64).is_multiple_of(unit)
+        && ps.is_multiple_of(unit)
+        && pb.is_multiple_of(unit)
+        && po.is_multiple_of(4)
+        && t.smem(kdim, spec, sdt) <= dev.smem_optin as u64
+        && super::nvrtc::wgmma(dev.arch())
 }
 
 /// The parameters of a tiled prefill GEMM (`qmm_tile_*`, `qmm_wg_*`, `qmm_ws_*`), in the
@@ -1678,7 +1786,7 @@ fn qmvn_shape(mt: u32, bits: u64) -> (u64, u64) {
 }
 
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 19] = [
+const KNOBS: [&str; 20] = [
     "MLXQ_GATHER_SORT_OFF",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
@@ -1698,6 +1806,7 @@ const KNOBS: [&str; 19] = [
     "MLXQ_WS",
     "MLXQ_FP_TILES",
     "MLXQ_QMVN_PER_SM",
+    "MLXQ_WGN_MIN_M",
 ];
 
 /// The value of the experiment switch `name` (an `MLXQ_*` environment variable), read once per

@@ -439,6 +439,9 @@ const TABLE: &[Variant] = &[
             "qmm_tile_l5",
             "qmm_tile_m6",
             "qmm_tile_g6",
+            "qmm_wgn_256",
+            "qmm_wgn_128",
+            "qmm_wgn_64",
         ],
         fmad: true,
         defines: |k| {
@@ -460,6 +463,18 @@ fn tc_x(d: DType) -> u32 {
         DType::F16 => 1,
         _ => 0,
     }
+}
+
+/// Whether the wgmma tiles of W `[K, N]` (`qmm_wgn_*`, transpose = false) serve a matmul key
+/// on a device of compute capability `arch`: affine 4- or 8-bit codes, f16/bf16 x and output,
+/// sm_90a (their shapes: `launch::wgn_fits`).
+pub(crate) fn wgmma_n_path(k: &KernelKey, arch: u32) -> bool {
+    nvrtc::wgmma(arch)
+        && !k.flag
+        && k.mode == QuantMode::Affine
+        && matches!(k.bits, 4 | 8)
+        && tc_x(k.input) != 0
+        && matches!(k.output, DType::BF16 | DType::F16)
 }
 
 /// Whether `qmm_tc` serves a matmul key on a device of compute capability `arch`.

@@ -27,6 +27,15 @@
 //
 // Requires K % 128 == 0 (the host checks); rows >= N and tokens >= M are clamped on load and
 // never written.
+//
+// WN (transpose = false, MLX's x @ W with W [K, N] quantized along N; the `qmm_wgn_*`
+// entries): the same product, the same x ring and epilogue. A step is then 64 rows of W [K, N],
+// of which the block reads its 128 columns (16 BITS bytes per row, stored with their 16-byte
+// chunks swizzled by wgn_swz against bank conflicts) and, per row, one unit of the scales (and
+// one of the biases) that holds the block's groups. A lane dequantises pairs of columns of one
+// row of W (as W [N, K]'s kernel pairs codes of a row, with one scale and bias per row), which
+// is the transposed A fragment: movmatrix.trans turns each 8x8 of them into A's layout. The
+// host requires N % 128 == 0 and whole scale units per row (wgn_fits in launch.rs).
 
 // A TMA tensor map (CUtensorMap: 128 opaque bytes, 64-byte aligned), passed by value as a
 // __grid_constant__ kernel parameter.
@@ -220,6 +229,54 @@ __device__ __forceinline__ u32 wg_sel(u32 t) {
 #endif
 }
 
+// Transposes an 8x8 matrix of 16-bit pairs across the warp: lane (g, t) gives row g, columns
+// 2t and 2t + 1, and gets back row g of the transpose.
+__device__ __forceinline__ u32 movtrans(u32 v) {
+    u32 d;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(v));
+    return d;
+}
+
+// WN: scale (or bias) unit bytes per row of W [K, N] and step, for the block's 128 columns: its
+// 128 / GROUP groups, at least 4 bytes (launch.rs `Tile::unit_n` mirrors it).
+#define WGN_U ((128 / GROUP) * (int)sizeof(ST) > 4 ? (128 / GROUP) * (int)sizeof(ST) : 4)
+// WN: the swizzle of a stage's code rows (16 BITS bytes each): 16-byte chunk c of row r at
+// c ^ wgn_swz(r), so that the 8 rows a warp's lanes read at once fall on different banks.
+__device__ __forceinline__ u32 wgn_swz(u32 r) { return BITS == 4 ? (r >> 1) & 3 : r & 7; }
+
+// WN: step kt's A fragments (as wg_dequant's) from W [K, N]: row k = 16 j + 8 hk + g of the
+// stage holds, at warp `warp`'s 16 columns, the codes of columns 2t, 2t + 1 (and 8 more) for
+// lane (g, t), which dequantised with row k's scale and bias are element (k, n) of the 8x8
+// blocks of A^T; movtrans makes them A's (n, k). `e`: the warp's group in its row's unit
+// (scales at `sst`, WGN_U bytes per row, then the biases). A template on the scale type
+// (ST): instantiated only by the affine WN entries.
+template <typename SC>
+__device__ __forceinline__ void wg_dequant_n(const u8* sst, u32 cst, u32 e, u32 warp, u32 t,
+                                             u32 g, u32 sel, u32 (&a)[4][4]) {
+    constexpr int RB = 16 * BITS, SSZ = sizeof(SC);
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int hk = 0; hk < 2; hk++) {
+            const u32 k = 16 * j + 8 * hk + g;
+            const float s = to_f32(*(const SC*)(sst + k * WGN_U + e * SSZ));
+            const float b = to_f32(*(const SC*)(sst + 64 * WGN_U + k * WGN_U + e * SSZ));
+            const WgGroup c = {pack2(s, s), pack2(b, b)};
+#if BITS == 4
+            // The warp's 8 bytes: chunk warp / 2, half warp & 1.
+            const u32 src = cst + k * RB + (((warp >> 1) ^ wgn_swz(k)) << 4) + 8 * (warp & 1);
+            const uint2 q = lds64(src);
+            a[j][2 * hk] = movtrans(wg_pair_4(q.x, sel, c));
+            a[j][2 * hk + 1] = movtrans(wg_pair_4(q.y, sel, c));
+#else
+            // The warp's 16 bytes: chunk warp; lane t's pair in word t / 2, and 8 bytes on.
+            const u32 src = cst + k * RB + ((warp ^ wgn_swz(k)) << 4) + 4 * (t >> 1);
+            a[j][2 * hk] = movtrans(wg_pair_8(lds32(src), sel, c));
+            a[j][2 * hk + 1] = movtrans(wg_pair_8(lds32(src + 8), sel, c));
+#endif
+        }
+}
+
 // Zeroes the accumulators and the second A register set (the first step's wg_step_mma reads
 // it for its keep-alive use before any dequantisation has written it).
 template <int BT> __device__ __forceinline__ void wg_zero(float* acc, u32 (&a1)[4][4]) {
@@ -296,7 +353,7 @@ __device__ __forceinline__ void wg_out_offsets(u64* ooff, const u64* pairs, u32 
     if (GRP && tid < mv) ooff[tid] = pairs[2 * (u64)(first + tid) + 1];
 }
 
-template <int BT, int S, bool GRP>
+template <int BT, int S, bool GRP, bool WN = false>
 __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                             const ST* __restrict__ scales,
                                             const ST* __restrict__ biases, OT* __restrict__ out,
@@ -329,7 +386,10 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     const u64* pairs = tk.pairs;
     const u32 mv = min((u32)BT, tk.mcount - m0);  // valid tokens of this tile
     const u32 G = K / GROUP, KT = K / 64;
-    const u64 row_bytes = (u64)K * BITS / 8;
+    // W's row (bytes) and the step's stride in W: W [N, K] 64 codes of each row; W [K, N] (WN)
+    // 64 rows.
+    const u64 row_bytes = (u64)(WN ? N : K) * BITS / 8;
+    const u64 wstep = WN ? 64 * row_bytes : CB;
     u64* ooff = (u64*)(wsm + (ss - raw) + S * SB);  // after the rings: BT u64
     wg_out_offsets<GRP>(ooff, pairs, first, mv, tid);
 
@@ -340,16 +400,30 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     u32 cd[CI];
 #pragma unroll
     for (int j = 0; j < CI; j++) {
-        const u32 i = tid + j * T, r = i / CPR, c = i % CPR;
-        cr[j] = (const u8*)w + (u64)min(n0 + r, N - 1) * row_bytes + c * 16;
-        cd[j] = r * CB + c * 16;
+        const u32 i = tid + j * T;
+        if constexpr (WN) {
+            // Row r of the step (BITS chunks of the block's columns each), chunk c.
+            const u32 r = i / BITS, c = i % BITS;
+            cr[j] = (const u8*)w + (u64)r * row_bytes + (u64)n0 * BITS / 8 + c * 16;
+            cd[j] = r * 16 * BITS + ((c ^ wgn_swz(r)) << 4);
+        } else {
+            const u32 r = i / CPR, c = i % CPR;
+            cr[j] = (const u8*)w + (u64)min(n0 + r, N - 1) * row_bytes + c * 16;
+            cd[j] = r * CB + c * 16;
+        }
     }
     // The scale unit this thread copies: row tid / 2, scales (tid even) or biases; FP: row
-    // tid's scale codes (threads < 128).
+    // tid's scale codes (threads < 128). WN: row tid / 2 of the step (threads < 128), the unit
+    // of WGN_U bytes that holds the block's groups, from group ugn of the row.
+    constexpr int UC = WN ? WGN_U : U;
+    const u32 GN = N / GROUP, ugn = n0 / GROUP / (WGN_U / SSZ) * (WGN_U / SSZ);
+    static_assert(!WN || 2 * 64 * WGN_U <= SB, "WN scale units fit the stage");
     const u32 su_row = WG_NU == 2 ? tid >> 1 : tid;
-    const bool su_copy = WG_NU == 2 || tid < BW;
-    const ST* sr = ((WG_NU == 2 && (tid & 1)) ? biases : scales) + (u64)min(n0 + su_row, N - 1) * G;
-    const u32 sd = (WG_NU == 2 ? (tid & 1) * BW * U : 0) + su_row * U;
+    const bool su_copy = WN ? tid < 128 : WG_NU == 2 || tid < BW;
+    const ST* sr = ((WG_NU == 2 && (tid & 1)) ? biases : scales) +
+                   (WN ? (u64)su_row * GN + ugn : (u64)min(n0 + su_row, N - 1) * G);
+    const u32 sd = WN ? (tid & 1) * 64 * WGN_U + su_row * WGN_U
+                      : (WG_NU == 2 ? (tid & 1) * BW * U : 0) + su_row * U;
 
     auto issue = [&](u32 kt) {
         if (kt < KT) {
@@ -359,8 +433,10 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
                 if (XC % T == 0 || j + 1 < XI || tid + j * T < XC)
                     cpa16n(xs + st * XS + xd[j], xr[j] + (u64)kt * 128, xn[j]);
 #pragma unroll
-            for (int j = 0; j < CI; j++) cpa16(cs + st * CS + cd[j], cr[j] + (u64)kt * CB);
-            if (su_copy) cpa_small<U>(ss + st * SB + sd, sr + kt * 64 / GROUP / EU * EU);
+            for (int j = 0; j < CI; j++) cpa16(cs + st * CS + cd[j], cr[j] + (u64)kt * wstep);
+            if (su_copy)
+                cpa_small<UC>(ss + st * SB + sd,
+                              sr + (WN ? (u64)kt * 64 * GN : kt * 64 / GROUP / EU * EU));
         }
         cp_commit();
     };
@@ -368,9 +444,13 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     // Step kt's A fragments: a[j] for k16 block j, registers (g, lo k), (g + 8, lo k),
     // (g, hi k), (g + 8, hi k).
     const u32 sel = wg_sel(t);
+    const u32 e_n = (n0 + 16 * warp) / GROUP - ugn;  // WN: the warp's group in a row's unit
     auto load_a = [&](u32 kt, u32(&a)[4][4]) {
         const u32 st = kt % S;
-        wg_dequant(kt, wsm + (ss - raw) + st * SB, cs + st * CS, warp, g, t, sel, a);
+        if constexpr (WN)
+            wg_dequant_n<ST>(wsm + (ss - raw) + st * SB, cs + st * CS, e_n, warp, t, g, sel, a);
+        else
+            wg_dequant(kt, wsm + (ss - raw) + st * SB, cs + st * CS, warp, g, t, sel, a);
     };
 
     float acc[BT / 2];
@@ -590,17 +670,25 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
 
 // Entry points: (BT tokens, stages, grouped). The host's table (launch.rs) mirrors these.
 #if WG_OK
-#define QMM_WG(NAME, BT, S, GRP)                                                               \
+#define QMM_WGX(NAME, BT, S, GRP, WN)                                                          \
     extern "C" __global__ void __launch_bounds__(256, 1) NAME(                                 \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
         const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u32 N, u32 K,             \
         u64 w_stride, u64 s_stride, const u32* __restrict__ grp) {                             \
-        qmm_wg_impl<BT, S, GRP>(x, w, scales, biases, out, M, N, K, w_stride, s_stride, grp);  \
+        qmm_wg_impl<BT, S, GRP, WN>(x, w, scales, biases, out, M, N, K, w_stride, s_stride,   \
+                                    grp);                                                      \
     }
 #else
-#define QMM_WG(NAME, BT, S, GRP)                                                               \
+#define QMM_WGX(NAME, BT, S, GRP, WN)                                                          \
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32, u32, \
                                     u32, u64, u64, const u32*) {}
+#endif
+#define QMM_WG(NAME, BT, S, GRP) QMM_WGX(NAME, BT, S, GRP, false)
+// transpose = false (W [K, N]), affine only: the `qmv` module's entries (mod.rs).
+#if !FPM && !defined(QMM_WG_CONFIGS)
+QMM_WGX(qmm_wgn_256, 256, 4, false, true)
+QMM_WGX(qmm_wgn_128, 128, 6, false, true)
+QMM_WGX(qmm_wgn_64, 64, 6, false, true)
 #endif
 #ifndef QMM_WG_CONFIGS
 QMM_WG(qmm_wg_256, 256, 4, false)
