@@ -633,7 +633,8 @@ fn tensor_core_matmul_matches_the_f64_reference() {
 
 /// The tiled prefill GEMMs, chosen where their tiles cover 3/4 of the SMs: on Hopper the
 /// warp-specialised wgmma kernels (`qmm_ws_256` for the cases with K a multiple of 128 and >=
-/// 102 tiles of 256 tokens, `qmm_ws_128` and `qmm_ws_64` for the last three; TMA and
+/// 102 tiles of 256 tokens, `qmm_ws_128` and `qmm_ws_64` for the last five, M = 17 and 20 among
+/// them, 64-token tiles with rows past M zero-filled by TMA; TMA and
 /// mbarriers), elsewhere and for K = 64 or 192 `qmm_tile_l`: both bit widths, every group, f16
 /// and bf16, M and N off the tile sizes (odd N takes the scalar stores), NaN-poisoned outputs.
 /// Run with MLXQ_WS=0 for the plain `qmm_wg_*` tiles in their place.
@@ -653,6 +654,8 @@ fn tiled_prefill_matches_the_f64_reference() {
         (8, 32, DType::BF16, DType::BF16, 700, 3000, 384),
         (4, 64, DType::BF16, DType::BF16, 600, 2000, 512),
         (4, 128, DType::F16, DType::F16, 1000, 1003, 768),
+        (4, 64, DType::BF16, DType::BF16, 20, 12800, 256),
+        (8, 32, DType::F16, DType::F16, 17, 13000, 128),
     ];
     let mut failures = Vec::new();
     for (bits, g, xdt, sdt, m, rows, cols) in cases {

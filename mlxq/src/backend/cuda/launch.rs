@@ -843,11 +843,12 @@ pub(crate) fn qmm(
             _ => {
                 // The first wgmma tile to try: 64 tokens for M <= 64, 128 up to 128, else 256;
                 // warp-specialised first (unless MLXQ_WS=0), then the plain wgmma tiles.
-                // FP weights: the 64-token tile from M = 17 (fp.cu's kernels decode each
-                // weight once per 8 tokens).
+                // From M = 17 where the tiles fill the SMs (session 39, H200: 17 and 32 x
+                // 14336x4096 4-bit 44.9 / 48.7 µs on qmm_tc_8, 36.0 / 33.3 on qmm_ws_64; 8-bit
+                // 66.4 / 70.6 against 49.1 / 49.0; 24x28672x8192 163 -> 134 and 251 -> 189;
+                // at 4096x4096, 32 blocks, qmm_tc_8 stays: 16.6 against 30.6).
                 let first = match m {
                     0..=16 => None,
-                    17..=32 if !fp => None,
                     17..=64 => Some(2),
                     65..=128 => Some(1),
                     _ => Some(0),
