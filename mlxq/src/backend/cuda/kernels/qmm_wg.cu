@@ -238,7 +238,7 @@ __device__ __forceinline__ u32 movtrans(u32 v) {
 }
 
 // WN: scale (or bias) unit bytes per row of W [K, N] and step, for the block's 128 columns: its
-// 128 / GROUP groups, at least 4 bytes (launch.rs `Tile::unit_n` mirrors it).
+// 128 / GROUP groups, at least 4 bytes (launch.rs `wgn_fits` mirrors it).
 #define WGN_U ((128 / GROUP) * (int)sizeof(ST) > 4 ? (128 / GROUP) * (int)sizeof(ST) : 4)
 // WN: the swizzle of a stage's code rows (16 BITS bytes each): 16-byte chunk c of row r at
 // c ^ wgn_swz(r), so that the 8 rows a warp's lanes read at once fall on different banks.
