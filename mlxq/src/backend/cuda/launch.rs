@@ -819,6 +819,39 @@ pub(crate) fn qmm(
     // qmm_tc_8; M = 256: 141 against 203). Otherwise the split-K qmm_tc_8.
     // MLXQ_TILE=off|l|m|l5|m6|wg256|wg128|wg64|ws256|ws256s5|ws128|ws64 overrides and
     // MLXQ_WS=0 routes to the `qmm_wg_*` tiles (experiments).
+    // Launches a dense (one W matrix, no gather) tiled GEMM `t` over M x N on the stream;
+    // only for a tile that tile_fits (W [N, K]) or wgn_fits (W [K, N]) accepted for this shape.
+    let dense_tile = |t: &Tile| -> Result<()> {
+        let f = k.func_named(t.entry)?;
+        let args = TileArgs {
+            ptrs: [px, pw, ps, pb, po],
+            m: u32_of(op, m)?,
+            n: u32_of(op, ndim)?,
+            k: u32_of(op, kdim)?,
+            w_stride: words_per_matrix,
+            s_stride,
+            grp: 0,
+            w_count,
+        };
+        let grid = (grid_x(op, ndim.div_ceil(t.bn))?, m.div_ceil(t.bm) as u32, 1);
+        let sdt = w.scales_dtype();
+        // SAFETY: both callers pass a tile checked for this shape (see them for what it reads
+        // and writes); the buffers stay alive through `finish`'s `retain`.
+        unsafe {
+            launch_tile(
+                &dev,
+                f,
+                t,
+                grid,
+                spec,
+                sdt,
+                &args,
+                Some(x.dtype()),
+                false,
+                op,
+            )
+        }
+    };
     if prefill_shape && super::tensor_core_path(&key, dev.arch()) {
         let sms = u64::from(dev.multiprocessors());
         let blocks = |t: &Tile| m.div_ceil(t.bm) * ndim.div_ceil(t.bn);
@@ -873,35 +906,10 @@ pub(crate) fn qmm(
         .filter(fits)
         .filter(|t| !fp || t.wg);
         if let Some(t) = pick {
-            let f = k.func_named(t.entry)?;
-            let args = TileArgs {
-                ptrs: [px, pw, ps, pb, po],
-                m: u32_of(op, m)?,
-                n: u32_of(op, ndim)?,
-                k: u32_of(op, kdim)?,
-                w_stride: words_per_matrix,
-                s_stride,
-                grp: 0,
-                w_count,
-            };
-            let grid = (grid_x(op, ndim.div_ceil(t.bn))?, m.div_ceil(t.bm) as u32, 1);
-            // SAFETY: the kernel reads rows < M (clamped, or zero-filled by the tensor map) of
-            // x, rows < N (clamped) of W with their scales and biases (K / group per row), and
-            // writes the M x N output: all inside buffers kept alive by `retain`.
-            unsafe {
-                launch_tile(
-                    &dev,
-                    f,
-                    t,
-                    grid,
-                    spec,
-                    w.scales_dtype(),
-                    &args,
-                    Some(x.dtype()),
-                    false,
-                    op,
-                )?
-            };
+            // The kernel reads rows < M (clamped, or zero-filled by the tensor map) of x, rows
+            // < N (clamped) of W with their scales and biases (K / group per row), and writes
+            // the M x N output: all inside buffers kept alive by `retain`.
+            dense_tile(t)?;
             finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
             return Ok(());
         }
@@ -937,36 +945,11 @@ pub(crate) fn qmm(
             .find(|t| fits(t) && full(t))
             .or(Some(narrowest).filter(fits));
         if let Some(t) = pick {
-            let f = k.func_named(t.entry)?;
-            let args = TileArgs {
-                ptrs: [px, pw, ps, pb, po],
-                m: u32_of(op, m)?,
-                n: u32_of(op, ndim)?,
-                k: u32_of(op, kdim)?,
-                w_stride: words_per_matrix,
-                s_stride,
-                grp: 0,
-                w_count,
-            };
-            let grid = (grid_x(op, ndim.div_ceil(t.bn))?, m.div_ceil(t.bm) as u32, 1);
-            // SAFETY: the kernel reads rows < M (clamped) of x, the K rows of W [K, N] at the
-            // block's 128 columns (N % 128 == 0: all inside each row) with the scale and bias
-            // units that hold their groups (whole units inside each row: wgn_fits), and writes
-            // the M x N output: all inside buffers kept alive by `retain`.
-            unsafe {
-                launch_tile(
-                    &dev,
-                    f,
-                    t,
-                    grid,
-                    spec,
-                    w.scales_dtype(),
-                    &args,
-                    Some(x.dtype()),
-                    false,
-                    op,
-                )?
-            };
+            // The kernel reads rows < M (clamped) of x, the K rows of W [K, N] at the block's
+            // 128 columns (N % 128 == 0: all inside each row) with the scale and bias units
+            // that hold their groups (whole units inside each row: wgn_fits), and writes the
+            // M x N output: all inside buffers kept alive by `retain`.
+            dense_tile(t)?;
             // Recorded by entry name: the tests check which path ran.
             finish(enc, [x, w.packed(), w.scales(), biases, out], job, t.entry);
             return Ok(());
