@@ -357,9 +357,18 @@ pub(crate) fn qmm(
         && job.m == 1
         && entries >= 2 * w_count.max(32)
         && w_count <= 1024;
-    let prefill_shape =
-        job.transpose && job.m > 16 && entries == 1 && job.lhs.is_none() && job.rhs.is_none();
-    let decode_shape = job.transpose && job.m <= 16;
+    // MLXQ_TILE_MIN_M (experiments): the first M of the prefill tiles (17 by default; below
+    // it, the decode kernels).
+    let tile_min_m = knob("MLXQ_TILE_MIN_M")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(17)
+        .max(1);
+    let prefill_shape = job.transpose
+        && job.m >= tile_min_m
+        && entries == 1
+        && job.lhs.is_none()
+        && job.rhs.is_none();
+    let decode_shape = job.transpose && job.m < tile_min_m;
     let key = KernelKey {
         op: OpKind::QuantizedMatmul,
         mode: spec.mode(),
@@ -531,6 +540,8 @@ pub(crate) fn qmm(
                 s_stride,
                 grp: pg,
                 w_count,
+                partial: 0,
+                kseg: 0,
             };
             let grid = (grid_x(op, ndim.div_ceil(t.bn))?, t32, 1);
             // SAFETY: each block reads its tile's pairs (x rows inside x, expert < w_count:
@@ -809,7 +820,8 @@ pub(crate) fn qmm(
         }
     }
     // Prefill: a block-tiled GEMM where its grid covers at least 3/4 of the SMs (one block
-    // per SM). On Hopper, M > 32: the wgmma kernel whose token tile (256, 128 or 64 tokens x
+    // per SM; up to M = 64, the wgmma tiles' blocks counted with their K segments, session
+    // 40). On Hopper, from M = 17: the wgmma kernel whose token tile (256, 128 or 64 tokens x
     // 128 rows) is the narrowest holding M, or a narrower one where that leaves too few blocks
     // (run 8, 4-bit: 4096^3 317 µs against 553 for qmm_tile_l; 14336x4096 at M = 256: 81 µs
     // on 256-token tiles, 109 on 128; at M = 64: 44 on 64-token tiles, 171 on 256, 61 for
@@ -818,11 +830,28 @@ pub(crate) fn qmm(
     // `qmm_tile_l` (256 tokens x 128 rows) from M = 256 (M = 64: 209 µs against 61 for
     // qmm_tc_8; M = 256: 141 against 203). Otherwise the split-K qmm_tc_8.
     // MLXQ_TILE=off|l|m|l5|m6|wg256|wg128|wg64|ws256|ws256s5|ws128|ws64 overrides and
-    // MLXQ_WS=0 routes to the `qmm_wg_*` tiles (experiments).
+    // MLXQ_WS=0 routes to the `qmm_wg_*` tiles, MLXQ_KSPLIT / MLXQ_KSPLIT_STEPS set their K
+    // segments (tile_split) and MLXQ_TILE_MIN_M the first M of this route (experiments).
     // Launches a dense (one W matrix, no gather) tiled GEMM `t` over M x N on the stream;
     // only for a tile that tile_fits (W [N, K]) or wgn_fits (W [K, N]) accepted for this shape.
-    let dense_tile = |t: &Tile| -> Result<()> {
+    // The affine wgmma tiles split K over blockIdx.z where the grid leaves SMs idle
+    // (tile_split), into f32 partial sums in the scratch that qmv_n_reduce adds.
+    // Returns the name it records: the entry, with "/k" and the segments where K is split.
+    let dense_tile = |enc: &mut CommandEncoder, t: &Tile| -> Result<String> {
         let f = k.func_named(t.entry)?;
+        let sdt = w.scales_dtype();
+        let (gx, gy) = (ndim.div_ceil(t.bn), m.div_ceil(t.bm));
+        let (kseg, segments) = if t.wg && !fp {
+            tile_split(kdim, gx * gy, u64::from(dev.multiprocessors()), m * ndim)
+        } else {
+            (0, 1)
+        };
+        let (mut partial, mut scratch) = (0u64, None);
+        if segments > 1 {
+            let s = dev.scratch((u64::from(segments) * m * ndim * 4) as usize)?;
+            partial = ptr(op, "scratch", &s)?;
+            scratch = Some(s);
+        }
         let args = TileArgs {
             ptrs: [px, pw, ps, pb, po],
             m: u32_of(op, m)?,
@@ -832,11 +861,14 @@ pub(crate) fn qmm(
             s_stride,
             grp: 0,
             w_count,
+            partial,
+            kseg,
         };
-        let grid = (grid_x(op, ndim.div_ceil(t.bn))?, m.div_ceil(t.bm) as u32, 1);
-        let sdt = w.scales_dtype();
+        let grid = (grid_x(op, gx)?, u32_of(op, gy)?, segments);
         // SAFETY: both callers pass a tile checked for this shape (see them for what it reads
-        // and writes); the buffers stay alive through `finish`'s `retain`.
+        // and writes); with K split, each block writes its tokens < M and rows < N of its
+        // segment's M x N partial sums, inside the segments·M·N floats of scratch. The buffers
+        // stay alive through `finish`'s `retain` (the scratch through its own).
         unsafe {
             launch_tile(
                 &dev,
@@ -850,7 +882,24 @@ pub(crate) fn qmm(
                 false,
                 op,
             )
+        }?;
+        if let Some(s) = scratch {
+            reduce_partials(
+                &stream,
+                &k,
+                op,
+                partial,
+                po,
+                m,
+                ndim,
+                segments,
+                m * ndim,
+                u32_of(op, m)?,
+            )?;
+            enc.retain(&s);
+            return Ok(format!("{}/k{segments}", t.entry));
         }
+        Ok(t.entry.to_string())
     };
     if prefill_shape && super::tensor_core_path(&key, dev.arch()) {
         let sms = u64::from(dev.multiprocessors());
@@ -859,7 +908,20 @@ pub(crate) fn qmm(
             tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po])
                 && m.div_ceil(t.bm) <= 65535
         };
-        let full = |t: &&Tile| 4 * blocks(t) >= 3 * sms;
+        // Up to M = 64, an affine wgmma tile counts its blocks times its K segments
+        // (tile_split), so that a small grid takes the tile in segments rather than qmm_tc_8:
+        // session 40, H200, 4-bit, 17 / 32 / 64 x 4096 x 4096 16.7 / 17.6 / 21.2 µs on
+        // qmm_tc_8, 14.6 / 14.5 / 15.3 on qmm_ws_64 in 4 segments; 32 x 4096 x 14336 43.2
+        // against 35.6; 8-bit, 32 x 4096 x 4096 22.5 against 18.4, 32 x 4096 x 14336 60.2
+        // against 46.7. Larger M: not measured.
+        let segs = |t: &Tile| {
+            if t.wg && !fp && m <= 64 {
+                u64::from(tile_split(kdim, blocks(t), sms, m * ndim).1)
+            } else {
+                1
+            }
+        };
+        let full = |t: &&Tile| 4 * blocks(t) * segs(t) >= 3 * sms;
         let pick = match knob("MLXQ_TILE") {
             Some("off") => None,
             Some("l") => Some(&TILES[0]),
@@ -909,15 +971,17 @@ pub(crate) fn qmm(
             // The kernel reads rows < M (clamped, or zero-filled by the tensor map) of x, rows
             // < N (clamped) of W with their scales and biases (K / group per row), and writes
             // the M x N output: all inside buffers kept alive by `retain`.
-            dense_tile(t)?;
-            finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
+            let ran = dense_tile(enc, t)?;
+            let name = format!("{} {ran}", k.name);
+            finish(enc, [x, w.packed(), w.scales(), biases, out], job, &name);
             return Ok(());
         }
     }
     // transpose = false (W [K, N]) from wgn_min_m rows of x: the wgmma tile of W [K, N]
     // (`qmm_wgn_*`), of the narrowest token width that holds M, or a narrower one where that
     // leaves under 3/4 of the SMs a block, else the 64-token tile even so (qmv_n re-reads W
-    // for every 16 rows of x). MLXQ_TILE=off keeps qmv_n.
+    // for every 16 rows of x), with K split where its grid leaves SMs idle (tile_split;
+    // session 40, 8 x 4096 x 4096 4-bit 39.3 -> 14.2 µs). MLXQ_TILE=off keeps qmv_n.
     if !fp
         && !job.transpose
         && m >= wgn_min_m(ndim)
@@ -949,9 +1013,9 @@ pub(crate) fn qmm(
             // 128 columns (N % 128 == 0: all inside each row) with the scale and bias units
             // that hold their groups (whole units inside each row: wgn_fits), and writes the
             // M x N output: all inside buffers kept alive by `retain`.
-            dense_tile(t)?;
+            let ran = dense_tile(enc, t)?;
             // Recorded by entry name: the tests check which path ran.
-            finish(enc, [x, w.packed(), w.scales(), biases, out], job, t.entry);
+            finish(enc, [x, w.packed(), w.scales(), biases, out], job, &ran);
             return Ok(());
         }
     }
@@ -1256,6 +1320,39 @@ fn wgn_min_m(ndim: u64) -> u64 {
         .unwrap_or(if ndim >= 8192 { 4 } else { 8 })
 }
 
+/// How a dense wgmma tile of `blocks` blocks over K = `kdim` splits K: (steps of 64 per
+/// segment, segments), (0, 1) for no split. Where the grid leaves over half of the `sms`
+/// multiprocessors idle, K is split into as many segments as give each SM one block, each an
+/// even count of steps (at least MLXQ_KSPLIT_STEPS, 8 by default), as far as the segments'
+/// `out` = M·N f32 partial sums fit the scratch. Session 40 (H200, 4-bit, 32 blocks): 4
+/// segments (128 blocks) 14.2 µs, 8 (256 blocks, two per SM) 14.5, 3 17.7, 2 23.1, none 39.3;
+/// 112 blocks: none 39.6, 2 or 3 segments 40.6-42.0. MLXQ_KSPLIT sets the number of segments
+/// (experiments; 1: no split).
+fn tile_split(kdim: u64, blocks: u64, sms: u64, out: u64) -> (u32, u32) {
+    let steps = kdim / 64;
+    let min_steps = knob("MLXQ_KSPLIT_STEPS")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(8)
+        .max(2);
+    let fit = super::SCRATCH_BYTES as u64 / (out * 4).max(1);
+    let most = (steps / min_steps).min(fit).clamp(1, 64);
+    let want = match knob("MLXQ_KSPLIT").and_then(|v| v.parse::<u64>().ok()) {
+        Some(v) => v,
+        None => sms / blocks.max(1),
+    };
+    let segs = want.clamp(1, most);
+    if segs <= 1 {
+        return (0, 1);
+    }
+    let kseg = steps.div_ceil(segs).next_multiple_of(2);
+    let segments = steps.div_ceil(kseg);
+    if segments <= 1 {
+        return (0, 1);
+    }
+    // Both fit u32: kseg <= steps <= K / 64, segments <= 64.
+    (kseg as u32, segments as u32)
+}
+
 /// The wgmma tiles of [`TILES`] for one W matrix, widest token tile first.
 const WG_TILES: [usize; 3] = [6, 7, 8];
 /// The warp-specialised wgmma tiles of [`TILES`] for one W matrix, widest first: the default
@@ -1382,6 +1479,10 @@ struct TileArgs {
     grp: u64,
     /// W matrices in the W buffer (the tensor map of the codes spans them all).
     w_count: u64,
+    /// The wgmma tiles' split K: f32 partial sums (segments·M·N, segment blockIdx.z), used
+    /// where `kseg` (steps of 64 per segment) is not 0.
+    partial: u64,
+    kseg: u32,
 }
 
 /// A TMA tensor map (`CUtensorMap`), passed by value as the `qmm_ws` kernels' last parameter.
@@ -1510,8 +1611,10 @@ unsafe fn launch_tile(
     let [mut px, mut pw, mut ps, mut pb, mut po] = [*px, *pw, *ps, *pb, *po];
     let (mut m, mut n, mut k) = (args.m, args.n, args.k);
     let (mut ws, mut ss, mut grp) = (args.w_stride, args.s_stride, args.grp);
-    // The parameters' addresses (no allocation per launch): 11 scalars, then the two maps.
-    let mut list: [*mut std::ffi::c_void; 13] = [
+    let (mut partial, mut kseg) = (args.partial, args.kseg);
+    // The parameters' addresses (no allocation per launch): 11 scalars, the wgmma tiles' split
+    // K (2), then the `qmm_ws` entries' two maps.
+    let mut list: [*mut std::ffi::c_void; 15] = [
         (&raw mut px).cast(),
         (&raw mut pw).cast(),
         (&raw mut ps).cast(),
@@ -1523,14 +1626,16 @@ unsafe fn launch_tile(
         (&raw mut ws).cast(),
         (&raw mut ss).cast(),
         (&raw mut grp).cast(),
+        (&raw mut partial).cast(),
+        (&raw mut kseg).cast(),
         std::ptr::null_mut(),
         std::ptr::null_mut(),
     ];
-    let mut len = 11;
+    let mut len = if t.wg { 13 } else { 11 };
     if let (Some(xm), Some(wm)) = (&mut x_map, &mut w_map) {
-        list[11] = (xm as *mut TensorMap).cast();
-        list[12] = (wm as *mut TensorMap).cast();
-        len = 13;
+        list[13] = (xm as *mut TensorMap).cast();
+        list[14] = (wm as *mut TensorMap).cast();
+        len = 15;
     }
     let smem = t.smem(u64::from(args.k), spec, sdt) as u32;
     // SAFETY: the caller's contract; the list matches the entry's signature in order and type
@@ -1770,7 +1875,7 @@ fn qmvn_shape(mt: u32, bits: u64) -> (u64, u64) {
 }
 
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 20] = [
+const KNOBS: [&str; 23] = [
     "MLXQ_GATHER_SORT_OFF",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
@@ -1791,6 +1896,9 @@ const KNOBS: [&str; 20] = [
     "MLXQ_FP_TILES",
     "MLXQ_QMVN_PER_SM",
     "MLXQ_WGN_MIN_M",
+    "MLXQ_TILE_MIN_M",
+    "MLXQ_KSPLIT",
+    "MLXQ_KSPLIT_STEPS",
 ];
 
 /// The value of the experiment switch `name` (an `MLXQ_*` environment variable), read once per

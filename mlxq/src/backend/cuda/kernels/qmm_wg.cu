@@ -353,12 +353,43 @@ __device__ __forceinline__ void wg_out_offsets(u64* ooff, const u64* pairs, u32 
     if (GRP && tid < mv) ooff[tid] = pairs[2 * (u64)(first + tid) + 1];
 }
 
+// Split K (`kseg` > 0, dense tiles only): block z of the grid's third dimension takes steps
+// [kb, kb + kt) of K / 64, kseg of them (the last segment the rest); the host makes kseg even
+// and every segment non-empty. kseg = 0: the whole of K.
+struct WgSeg {
+    u32 kb, kt;
+};
+__device__ __forceinline__ WgSeg wg_segment(u32 K, u32 kseg) {
+    const u32 all = K / 64;
+    if (kseg == 0) return {0u, all};
+    const u32 kb = blockIdx.z * kseg;
+    return {kb, min(kseg, all - kb)};
+}
+
+// Split K: the block's f32 sums over its segment (acc as wg_store's) written straight to its
+// segment's M x N slice of partial sums `part` (tokens < mv, rows < N), which qmv_n_reduce
+// adds up into the output.
+template <int BT>
+__device__ __forceinline__ void wg_store_partial(const float* acc, u32 warp, u32 g, u32 t, u32 mv,
+                                                 float* __restrict__ part, u32 m0, u32 n0, u32 N) {
+#pragma unroll
+    for (int j = 0; j < BT / 8; j++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const u32 c = 8 * j + 2 * t + e, n = n0 + 16 * warp + g + 8 * h;
+                if (c < mv && n < N) part[(u64)(m0 + c) * N + n] = acc[4 * j + 2 * h + e];
+            }
+}
+
 template <int BT, int S, bool GRP, bool WN = false>
 __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                             const ST* __restrict__ scales,
                                             const ST* __restrict__ biases, OT* __restrict__ out,
                                             u32 M, u32 N, u32 K, u64 w_stride, u64 s_stride,
-                                            const u32* __restrict__ grp) {
+                                            const u32* __restrict__ grp,
+                                            float* __restrict__ partial, u32 kseg) {
     constexpr int T = 256, BW = 128;   // threads; rows of W per block (2 warpgroups x m64)
     constexpr int CB = 64 * BITS / 8;  // code bytes per row and step
     constexpr int CPR = CB / 16;       // 16-byte chunks per row and step
@@ -385,7 +416,9 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     const u32 m0 = tk.m0, first = tk.first;
     const u64* pairs = tk.pairs;
     const u32 mv = min((u32)BT, tk.mcount - m0);  // valid tokens of this tile
-    const u32 G = K / GROUP, KT = K / 64;
+    const u32 G = K / GROUP;
+    const WgSeg sg = wg_segment(K, kseg);
+    const u32 KT = sg.kt, kb = sg.kb;
     // W's row (bytes) and the step's stride in W: W [N, K] 64 codes of each row; W [K, N] (WN)
     // 64 rows.
     const u64 row_bytes = (u64)(WN ? N : K) * BITS / 8;
@@ -431,12 +464,13 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
 #pragma unroll
             for (int j = 0; j < XI; j++)
                 if (XC % T == 0 || j + 1 < XI || tid + j * T < XC)
-                    cpa16n(xs + st * XS + xd[j], xr[j] + (u64)kt * 128, xn[j]);
+                    cpa16n(xs + st * XS + xd[j], xr[j] + (u64)(kb + kt) * 128, xn[j]);
 #pragma unroll
-            for (int j = 0; j < CI; j++) cpa16(cs + st * CS + cd[j], cr[j] + (u64)kt * wstep);
+            for (int j = 0; j < CI; j++)
+                cpa16(cs + st * CS + cd[j], cr[j] + (u64)(kb + kt) * wstep);
             if (su_copy)
-                cpa_small<UC>(ss + st * SB + sd,
-                              sr + (WN ? (u64)kt * 64 * GN : kt * 64 / GROUP / EU * EU));
+                cpa_small<UC>(ss + st * SB + sd, sr + (WN ? (u64)(kb + kt) * 64 * GN
+                                                          : (kb + kt) * 64 / GROUP / EU * EU));
         }
         cp_commit();
     };
@@ -450,7 +484,7 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
         if constexpr (WN)
             wg_dequant_n<ST>(wsm + (ss - raw) + st * SB, cs + st * CS, e_n, warp, t, g, sel, a);
         else
-            wg_dequant(kt, wsm + (ss - raw) + st * SB, cs + st * CS, warp, g, t, sel, a);
+            wg_dequant(kb + kt, wsm + (ss - raw) + st * SB, cs + st * CS, warp, g, t, sel, a);
     };
 
     float acc[BT / 2];
@@ -484,6 +518,10 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     for (int i = 0; i < BT / 2; i++) wg_pin(acc[i]);
     cp_wait<0>();
     if (sink == 0x5A5A5A5Au && K == 1u) out[0] = from_f32<OT>(0.0f);  // never (K >= 128)
+    if (kseg) {
+        wg_store_partial<BT>(acc, warp, g, t, mv, partial + (u64)blockIdx.z * M * N, m0, n0, N);
+        return;
+    }
     __syncthreads();  // every stage is read: the ring becomes the output tile
 
     static_assert(BT * (BW * sizeof(OT) + 16) + 1024 <= S * (XS + CS + SB), "output tile fits the ring");
@@ -528,8 +566,9 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
                                             const ST* __restrict__ scales,
                                             const ST* __restrict__ biases, OT* __restrict__ out,
                                             u32 M, u32 N, u32 K, u64 w_stride, u64 s_stride,
-                                            const u32* __restrict__ grp, const TensorMap* tmx,
-                                            const TensorMap* tmw) {
+                                            const u32* __restrict__ grp,
+                                            float* __restrict__ partial, u32 kseg,
+                                            const TensorMap* tmx, const TensorMap* tmw) {
     constexpr int BW = 128;            // rows of W per block
     constexpr int CB = 64 * BITS / 8;  // code bytes per row and step
     constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
@@ -554,7 +593,9 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     const u32 m0 = tk.m0, first = tk.first;
     const u64* pairs = tk.pairs;
     const u32 mv = min((u32)BT, tk.mcount - m0);  // valid tokens of this tile
-    const u32 G = K / GROUP, KT = K / 64;
+    const u32 G = K / GROUP;
+    const WgSeg sg = wg_segment(K, kseg);
+    const u32 KT = sg.kt, kb = sg.kb;
     u64* ooff = (u64*)(wsm + (bars - raw) + 16 * S);  // after the mbarriers: BT u64
     wg_out_offsets<GRP>(ooff, pairs, first, mv, tid);  // consumer threads (mv <= 256)
     if (tid < S) {
@@ -596,11 +637,11 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
             if (kt >= S) mbar_wait(empty(st), (kt / S - 1) & 1);
             if (lane == 0) {
                 mbar_expect_tx(full(st), CS + (GRP ? 0 : XS));
-                if (!GRP) tma_x(xs + st * XS, tmx, kt * 64, m0, full(st));
-                tma_w(cs + st * CS, tmw, kt * CB, n0, ex, full(st));
+                if (!GRP) tma_x(xs + st * XS, tmx, (kb + kt) * 64, m0, full(st));
+                tma_w(cs + st * CS, tmw, (kb + kt) * CB, n0, ex, full(st));
             }
             __syncwarp();
-            const u32 ub = kt * 64 / GROUP / EU * EU;
+            const u32 ub = (kb + kt) * 64 / GROUP / EU * EU;
 #pragma unroll
             for (int j = 0; j < 4 * WG_NU; j++) {
                 const u32 u = lane + 32 * j, r = WG_NU == 2 ? u >> 1 : u;
@@ -610,7 +651,8 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
             }
             if constexpr (GRP) {
 #pragma unroll
-                for (int j = 0; j < XI; j++) cpa16n(xs + st * XS + xd[j], xr[j] + (u64)kt * 128, xn[j]);
+                for (int j = 0; j < XI; j++)
+                    cpa16n(xs + st * XS + xd[j], xr[j] + (u64)(kb + kt) * 128, xn[j]);
             }
             cp_arrive(full(st));
         }
@@ -623,7 +665,7 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
         const u32 st = kt % S;
         mbar_wait(full(st), (kt / S) & 1);
         if (GRP) fence_async_smem();  // x came through the generic proxy (cp.async)
-        wg_dequant(kt, wsm + (ss - raw) + st * SB, cs + st * CS, warp, g, t, sel, a);
+        wg_dequant(kb + kt, wsm + (ss - raw) + st * SB, cs + st * CS, warp, g, t, sel, a);
     };
 
     float acc[BT / 2];
@@ -658,6 +700,10 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
 #pragma unroll
     for (int i = 0; i < BT / 2; i++) wg_pin(acc[i]);
     if (sink == 0x5A5A5A5Au && K == 1u) out[0] = from_f32<OT>(0.0f);  // never (K >= 128)
+    if (kseg) {
+        wg_store_partial<BT>(acc, warp, g, t, mv, partial + (u64)blockIdx.z * M * N, m0, n0, N);
+        return;
+    }
     // Every stage has landed and been read (the consumers waited for all KT): the ring
     // becomes the output tile once both warpgroups are past their last wgmma.
     auto sync = [] { asm volatile("bar.sync 1, 256;" ::: "memory"); };
@@ -674,14 +720,15 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     extern "C" __global__ void __launch_bounds__(256, 1) NAME(                                 \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
         const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u32 N, u32 K,             \
-        u64 w_stride, u64 s_stride, const u32* __restrict__ grp) {                             \
+        u64 w_stride, u64 s_stride, const u32* __restrict__ grp, float* __restrict__ partial,  \
+        u32 kseg) {                                                                            \
         qmm_wg_impl<BT, S, GRP, WN>(x, w, scales, biases, out, M, N, K, w_stride, s_stride,   \
-                                    grp);                                                      \
+                                    grp, partial, kseg);                                       \
     }
 #else
 #define QMM_WGX(NAME, BT, S, GRP, WN)                                                          \
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32, u32, \
-                                    u32, u64, u64, const u32*) {}
+                                    u32, u64, u64, const u32*, float*, u32) {}
 #endif
 #define QMM_WG(NAME, BT, S, GRP) QMM_WGX(NAME, BT, S, GRP, false)
 // transpose = false (W [K, N]), affine only: the `qmv` module's entries (mod.rs).
@@ -707,15 +754,16 @@ QMM_WG(qmm_wg_g80, 80, 4, true)
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                 \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
         const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u32 N, u32 K,             \
-        u64 w_stride, u64 s_stride, const u32* __restrict__ grp,                              \
-        const __grid_constant__ TensorMap tmx, const __grid_constant__ TensorMap tmw) {        \
+        u64 w_stride, u64 s_stride, const u32* __restrict__ grp, float* __restrict__ partial,  \
+        u32 kseg, const __grid_constant__ TensorMap tmx, const __grid_constant__ TensorMap tmw) { \
         qmm_ws_impl<BT, S, GRP>(x, w, scales, biases, out, M, N, K, w_stride, s_stride, grp,   \
-                                &tmx, &tmw);                                                   \
+                                partial, kseg, &tmx, &tmw);                                    \
     }
 #else
 #define QMM_WS(NAME, BT, S, GRP)                                                               \
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32, u32, \
-                                    u32, u64, u64, const u32*, const __grid_constant__ TensorMap, \
+                                    u32, u64, u64, const u32*, float*, u32,                  \
+                                    const __grid_constant__ TensorMap,                         \
                                     const __grid_constant__ TensorMap) {}
 #endif
 #ifndef QMM_WS_CONFIGS
