@@ -846,12 +846,7 @@ pub(crate) fn qmm(
         } else {
             (0, 1)
         };
-        let (mut partial, mut scratch) = (0u64, None);
-        if segments > 1 {
-            let s = dev.scratch((u64::from(segments) * m * ndim * 4) as usize)?;
-            partial = ptr(op, "scratch", &s)?;
-            scratch = Some(s);
-        }
+        let (partial, scratch) = partial_scratch(&dev, op, segments, m * ndim)?;
         let args = TileArgs {
             ptrs: [px, pw, ps, pb, po],
             m: u32_of(op, m)?,
@@ -884,19 +879,20 @@ pub(crate) fn qmm(
             )
         }?;
         if let Some(s) = scratch {
+            let m32 = u32_of(op, m)?;
             reduce_partials(
+                enc,
                 &stream,
                 &k,
                 op,
-                partial,
+                &s,
                 po,
                 m,
                 ndim,
                 segments,
                 m * ndim,
-                u32_of(op, m)?,
+                m32,
             )?;
-            enc.retain(&s);
             return Ok(format!("{}/k{segments}", t.entry));
         }
         Ok(t.entry.to_string())
@@ -1080,14 +1076,7 @@ pub(crate) fn qmm(
         if gz > 65535 {
             return Err(Error::SizeOverflow { op, what: "grid" });
         }
-        let mut partial = 0u64;
-        let mut scratch = None;
-        if segments > 1 {
-            let len = (u64::from(segments) * entries * m * ndim * 4) as usize;
-            let s = dev.scratch(len)?;
-            partial = ptr(op, "scratch", &s)?;
-            scratch = Some(s);
-        }
+        let (partial, scratch) = partial_scratch(&dev, op, segments, entries * m * ndim)?;
         let m32 = u32::try_from(m).map_err(|_| Error::SizeOverflow { op, what: "rows" })?;
         let w_stride = words_per_matrix;
         // SAFETY: the kernel reads rows < M of each x matrix (x_count of them, lhs values
@@ -1120,19 +1109,10 @@ pub(crate) fn qmm(
         }
         .map_err(driver(op))?;
         if let Some(s) = scratch {
+            let rows = entries * m;
             reduce_partials(
-                &stream,
-                &k,
-                op,
-                partial,
-                po,
-                entries * m,
-                ndim,
-                segments,
-                out_stride,
-                m32,
+                enc, &stream, &k, op, &s, po, rows, ndim, segments, out_stride, m32,
             )?;
-            enc.retain(&s);
         }
         finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
         return Ok(());
@@ -1194,14 +1174,8 @@ pub(crate) fn qmm(
             let segments = want.clamp(1, kdim.div_ceil(pass).max(1)).min(64).min(fit);
             let k_per_segment = kdim.div_ceil(segments).div_ceil(pass) * pass;
             let segments = kdim.div_ceil(k_per_segment) as u32;
-            let mut partial = 0u64;
-            let mut scratch = None;
-            if segments > 1 {
-                let len = (u64::from(segments) * entries * u64::from(mt) * ndim * 4) as usize;
-                let s = dev.scratch(len)?;
-                partial = ptr(op, "scratch", &s)?;
-                scratch = Some(s);
-            }
+            let rows_total = entries * u64::from(mt);
+            let (partial, scratch) = partial_scratch(&dev, op, segments, rows_total * ndim)?;
             // SAFETY: as above; partial sums go to scratch of segments·entries·mt·N floats.
             unsafe {
                 stream
@@ -1225,11 +1199,9 @@ pub(crate) fn qmm(
             }
             .map_err(driver(op))?;
             if let Some(s) = scratch {
-                let rows_total = entries * u64::from(mt);
                 reduce_partials(
-                    &stream, &k, op, partial, ot, rows_total, ndim, segments, out_stride, mt,
+                    enc, &stream, &k, op, &s, ot, rows_total, ndim, segments, out_stride, mt,
                 )?;
-                enc.retain(&s);
             }
         }
     }
@@ -2074,14 +2046,32 @@ fn decm_pick(
 /// Most dynamic shared memory `qmv_tc` takes for x (its limit is raised to this at load).
 const TC_SMEM_MAX: u64 = super::TC_SMEM_MAX as u64;
 
+/// The scratch for `segments` segments of `floats` f32 partial sums each (split-K kernels):
+/// its device address and the buffer, or (0, None) for one segment, whose kernel writes the
+/// output itself.
+fn partial_scratch(
+    dev: &CudaDevice,
+    op: &'static str,
+    segments: u32,
+    floats: u64,
+) -> Result<(u64, Option<Buffer>)> {
+    if segments <= 1 {
+        return Ok((0, None));
+    }
+    let s = dev.scratch((u64::from(segments) * floats * 4) as usize)?;
+    Ok((ptr(op, "scratch", &s)?, Some(s)))
+}
+
 /// Enqueues `qmv_n_reduce`: `out[e][m][n]` = the sum over `segments` of the f32 partial sums
-/// `partial[segment][row][n]` for `rows` = entries·M rows.
+/// `partial[segment][row][n]` (in `scratch`, from [`partial_scratch`]) for `rows` = entries·M
+/// rows, and keeps the scratch alive until the encoder's work completes.
 #[allow(clippy::too_many_arguments)]
 fn reduce_partials(
+    enc: &mut CommandEncoder,
     stream: &Arc<cudarc::driver::CudaStream>,
     k: &super::CudaKernel,
     op: &'static str,
-    partial: u64,
+    scratch: &Buffer,
     out: u64,
     rows: u64,
     ndim: u64,
@@ -2090,6 +2080,8 @@ fn reduce_partials(
     m: u32,
 ) -> Result<()> {
     let total = rows * ndim;
+    let partial = ptr(op, "scratch", scratch)?;
+    enc.retain(scratch);
     // SAFETY: reads the rows·N·segments partial sums just written, writes each output once
     // (entry e = row / m at out + e·out_stride, as the matmul kernels would have).
     unsafe {
