@@ -231,3 +231,35 @@ fn offset_x_f32() {
         .collect();
     check(&cases, 5);
 }
+
+/// Up to 8 rows of x, K is split between the threads (each walks bands of rows of W across
+/// every column into its own partial sums of y, added at the end); from 9 rows, or on one
+/// thread, the columns are. Every thread count from 1 to 5 (uneven splits of the bands, more
+/// threads than some K has bands), K neither a multiple of a band nor of 64, partial sums
+/// reused across calls of different sizes, every width.
+#[test]
+fn k_split_across_thread_counts() {
+    let mut cases = Vec::new();
+    for (i, bits) in [1u32, 2, 3, 4, 5, 6, 8].into_iter().enumerate() {
+        let (g, n) = ([32u32, 64, 128][i % 3], [384, 1088, 256][i % 3]);
+        for k in [1000, 70, 24] {
+            cases.push(Case {
+                bits,
+                g,
+                k,
+                n,
+                ms: vec![1, 3, 8, 9],
+                sdt: FLOATS[i % 3],
+                xdt: FLOATS[(i + 1) % 3],
+                x_offset: 0.5,
+            });
+        }
+    }
+    for threads in 1..=5 {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| check(&cases, 6 + threads as u64));
+    }
+}

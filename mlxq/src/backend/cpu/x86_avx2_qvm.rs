@@ -1,11 +1,12 @@
 //! AVX2 + FMA kernel for `y = x·W` (`transpose = false`) on CPUs without the AVX-512 one:
 //! W `[K, N]` quantized along N, `y[r,n] = Σ_k x[r,k]·(s[k,n/g]·q[k,n] + b[k,n/g])`.
 //!
-//! The work is [`x86_qvm`](super::x86_qvm)'s: its driver (tasks over group-aligned column
-//! ranges, column blocks of at most 512 columns, k-blocks of 64 rows of W) calls this
-//! module's [`QvmIsa::columns`]. Per k-block the block's scales and biases are widened to f32
-//! once per group (8 at a time); each register tile (up to [`ROWS`] rows of x × `CH` chunks of
-//! 32 columns, in 4 f32 vectors each) then streams down those rows of W, prefetching ahead.
+//! The work is [`x86_qvm`](super::x86_qvm)'s: its driver (K split between the threads for
+//! a few rows of x, column ranges otherwise; bands of rows of W, column blocks of at most 512
+//! columns) calls this module's [`QvmIsa::columns`]. Per band and column block the block's
+//! scales and biases are widened to f32 once per group (8 at a time); each register tile (up
+//! to [`ROWS`] rows of x × `CH` chunks of 32 columns, in 4 f32 vectors each) then streams down
+//! the band's rows of W, prefetching ahead.
 //!
 //! A chunk's 32 codes become four vectors of dword codes, by width:
 //! - 8-bit: `vpmovzxbd` from memory, 8 bytes at a time;
@@ -16,15 +17,15 @@
 //! - 1, 3, 5, 6-bit: [`decode32`](super::x86_avx2::decode32) into 32 bytes in column order,
 //!   then four `vpmovzxbd`.
 //!
-//! The sum is taken in the form MLX's kernels use, `Σ_k (x·s)·q + Σ_k x·b`: per k-block,
+//! The sum is taken in the form MLX's kernels use, `Σ_k (x·s)·q + Σ_k x·b`: per band,
 //! `x·s` is formed for every row of W, row of x and group (8 groups at a time) and the bias
-//! part `Σ x·b` per row of x and group; each vector of codes is then converted once and used
-//! by every row of the tile with one FMA, and the bias part is added to the block's sums.
+//! part `Σ x·b` per row of x and group; each tile's sums start from the bias part, and each
+//! vector of codes is then converted once and used by every row of the tile with one FMA.
 //! Lane permutations are undone by the driver when it writes the output. Accumulation is f32;
 //! results equal the generic kernel's up to summation order and the rounding of `x·s`.
 
 use super::qmm::QmmFn;
-use super::x86_qvm::{Columns, QvmIsa, K_BLOCK, PREFETCH_ROWS};
+use super::x86_qvm::{Columns, QvmIsa, BLOCK_COLS, K_BLOCK};
 use crate::dtype::Float;
 use crate::quant::pack::dispatch_bits;
 use std::arch::x86_64::*;
@@ -123,17 +124,17 @@ unsafe fn codes<const BITS: usize>(p: *const u8) -> [__m256i; 4] {
     }
 }
 
-/// One register tile's inputs: `rows` rows of W from the tile's first chunk, the k-block's
+/// One register tile's inputs: `rows` rows of W from the tile's first chunk, the band's
 /// `x·s` per group and row of x, and where its sums go.
 #[derive(Clone, Copy)]
 struct Tile {
-    /// Packed W at the first row of the k-block and the tile's first chunk.
+    /// Packed W at the first row of the band and the tile's first chunk.
     w: *const u8,
     /// Bytes per row of W.
     row_bytes: usize,
-    /// Bytes from a row to the row [`PREFETCH_ROWS`] ahead (0: no prefetch).
+    /// Bytes from a row to the row the tile prefetches (0: no prefetch).
     prefetch: usize,
-    /// Rows of W in the k-block.
+    /// Rows of W in the band.
     rows: usize,
     /// `x·s` per row of W, row of x and group of the block: `[(kk·ROWS + r)·16 + j]`.
     xs: *const f32,
@@ -141,17 +142,20 @@ struct Tile {
     /// `c >> gshift`).
     chunk0: usize,
     gshift: u32,
+    /// The band's `Σ x·b` per row of x and group of the block (`[r][j]`), the part of the
+    /// sum that does not depend on the codes: the tile's sums start from it.
+    bias: *const [f32; 16],
     /// Accumulators: `[r·acc_stride + 32·c + lane]`.
     acc: *mut f32,
     acc_stride: usize,
 }
 
-/// `R` rows of x times `CH` chunks of W over one k-block, added into the accumulators.
+/// `R` rows of x times `CH` chunks of W over one band, added into the accumulators.
 ///
 /// # Safety
 /// Every pointer of `t` must be valid for the extent its field describes: `w` for `rows` rows
 /// of `row_bytes` bytes, of which the tile reads `CH·4·BITS` from the start; `xs` for
-/// `16·ROWS·rows` floats with the tile's groups below 16; `acc` for `R`
+/// `16·ROWS·rows` floats with the tile's groups below 16; `bias` for `R` rows; `acc` for `R`
 /// rows of `32·CH` floats at `acc_stride`, used by no other thread. The CPU must have AVX2
 /// and FMA.
 #[target_feature(enable = "avx2,fma")]
@@ -159,6 +163,12 @@ unsafe fn tile<const BITS: usize, const R: usize, const CH: usize>(t: &Tile) {
     let seg = CH * 4 * BITS;
     let group: [usize; CH] = std::array::from_fn(|c| (t.chunk0 + c) >> t.gshift);
     let mut a = [[[_mm256_setzero_ps(); 4]; CH]; R];
+    for (r, ar) in a.iter_mut().enumerate() {
+        for (acc, &j) in ar.iter_mut().zip(&group) {
+            // SAFETY: row r < R of the caller's `bias`; j < 16 (the caller's guarantee).
+            *acc = [_mm256_set1_ps(unsafe { (*t.bias.add(r))[j] }); 4];
+        }
+    }
     for kk in 0..t.rows {
         // SAFETY: row kk < rows of the block: within the extents the caller guarantees. The
         // prefetch address may lie past W; prefetches never fault, and `wrapping_add` keeps
@@ -258,7 +268,7 @@ unsafe fn widen_n<S: Float>(src: *const S, n: usize, dst: *mut f32) {
     }
 }
 
-/// For one k-block of `rows` rows of W and `r ≤ ROWS` rows of x (`x[kk·r + rr]`): writes
+/// For one band of `rows` rows of W and `r ≤ ROWS` rows of x (`x[kk·r + rr]`): writes
 /// `xs[(kk·ROWS + rr)·16 + j] = x·s[kk][j]` and returns `Σ_kk x·b[kk][j]` per row of x and
 /// group `j` (the part of `Σ x·(s·q + b)` that does not depend on the codes).
 ///
@@ -322,74 +332,61 @@ unsafe fn columns<S: Float, const BITS: usize>(
     acc: &mut [f32],
 ) {
     let (kdim, cols, m, g) = (cx.kdim, cx.cols, cx.m, cx.g);
-    let chunks = cols / 32;
-    let ng = cols / g;
-    let j0 = cx.c0 / g;
-    if !g.is_power_of_two()
-        || g < 32
-        || chunks > 16
-        || ng > 16
-        || j0 + ng > cx.groups
-        || cx.w.len() < kdim * cx.row_bytes
-        || (cx.c0 + cols) / 8 * BITS > cx.row_bytes
-        || cx.xt.len() < m * kdim
-        || acc.len() < m * cols
+    if !cx.fits(BITS, acc.len(), sb.len())
         || scales.len() < kdim * cx.groups
         || biases.len() < kdim * cx.groups
-        || sb.len() < K_BLOCK * 32
     {
         return;
     }
     let gshift = (g / 32).trailing_zeros();
-    let seg0 = cx.c0 / 8 * BITS;
     let mut xs = [0f32; K_BLOCK * ROWS * 16];
-    for k0 in (0..kdim).step_by(K_BLOCK) {
-        let rows = K_BLOCK.min(kdim - k0);
-        for kk in 0..rows {
-            let off = (k0 + kk) * cx.groups + j0;
-            // SAFETY: `ng` elements from `off` lie in row k0 + kk of the scales and biases
-            // (checked above); the row of `sb` holds 32 floats, ng ≤ 16 in each half.
-            unsafe {
-                let row = sb.as_mut_ptr().add(kk * 32);
-                widen_n(scales.as_ptr().add(off), ng, row);
-                widen_n(biases.as_ptr().add(off), ng, row.add(16));
-            }
-        }
-        for r0 in (0..m).step_by(ROWS) {
-            let r = ROWS.min(m - r0);
-            let x = &cx.xt[r0 * kdim + k0 * r..][..rows * r];
-            // SAFETY: `sb` holds `rows` rows of 32 floats; `xs` K_BLOCK·ROWS rows of 16.
-            let bias = unsafe { scale_x(sb, x, r, rows, &mut xs) };
-            let t = Tile {
-                // Row k0, the block's first chunk.
-                w: cx.w[k0 * cx.row_bytes + seg0..].as_ptr(),
-                row_bytes: cx.row_bytes,
-                prefetch: PREFETCH_ROWS * cx.row_bytes,
-                rows,
-                xs: xs.as_ptr(),
-                chunk0: 0,
-                gshift,
-                acc: acc[r0 * cols..].as_mut_ptr(),
-                acc_stride: cols,
-            };
-            // SAFETY: rows k0..k0 + rows of W, the block's chunks of each (checked against
-            // row_bytes above), xs's `rows` rows, x rows r0..r0 + r from k0 and accumulator
-            // rows r0..r0 + r are all in bounds and this task's alone.
-            unsafe {
-                match r {
-                    1 => block::<BITS, 1, 2>(&t, chunks),
-                    2 => block::<BITS, 2, 1>(&t, chunks),
-                    _ => block::<BITS, 3, 1>(&t, chunks),
+    for k0 in (cx.k_lo..cx.k_hi).step_by(cx.band) {
+        let rows = cx.band.min(cx.k_hi - k0);
+        let mut b0 = 0;
+        while b0 < cols {
+            let bcols = BLOCK_COLS.min(cols - b0);
+            let (chunks, ng, j0) = (bcols / 32, bcols / g, (cx.c0 + b0) / g);
+            for kk in 0..rows {
+                let off = (k0 + kk) * cx.groups + j0;
+                // SAFETY: `ng ≤ 16` elements from `off` lie in row k0 + kk of the scales and
+                // biases (`fits` and the check above); the row of `sb` holds 32 floats.
+                unsafe {
+                    let row = sb.as_mut_ptr().add(kk * 32);
+                    widen_n(scales.as_ptr().add(off), ng, row);
+                    widen_n(biases.as_ptr().add(off), ng, row.add(16));
                 }
             }
-            // The k-block's Σ x·b of each row and group, into every column of the group.
-            for (rr, bs) in bias.iter().take(r).enumerate() {
-                let row = &mut acc[(r0 + rr) * cols..][..cols];
-                for (c, lanes) in row.chunks_exact_mut(32).enumerate() {
-                    let b = bs[c >> gshift];
-                    lanes.iter_mut().for_each(|v| *v += b);
+            for r0 in (0..m).step_by(ROWS) {
+                let r = ROWS.min(m - r0);
+                let x = &cx.xt[r0 * kdim + k0 * r..][..rows * r];
+                // SAFETY: `sb` holds `rows` rows of 32 floats; `xs` K_BLOCK·ROWS rows of 16.
+                let bias = unsafe { scale_x(sb, x, r, rows, &mut xs) };
+                let t = Tile {
+                    // Row k0, the block's first chunk.
+                    w: cx.w[k0 * cx.row_bytes + (cx.c0 + b0) / 8 * BITS..].as_ptr(),
+                    row_bytes: cx.row_bytes,
+                    prefetch: cx.prefetch_rows * cx.row_bytes,
+                    rows,
+                    xs: xs.as_ptr(),
+                    chunk0: 0,
+                    gshift,
+                    bias: bias.as_ptr(),
+                    acc: acc[r0 * cols + b0..].as_mut_ptr(),
+                    acc_stride: cols,
+                };
+                // SAFETY: rows k0..k0 + rows of W, the block's chunks of each (`fits` checked
+                // them against row_bytes), xs's `rows` rows, `bias`'s `r` rows, x rows
+                // r0..r0 + r from k0 and accumulator rows r0..r0 + r, columns b0..b0 + bcols,
+                // are all in bounds and this task's alone.
+                unsafe {
+                    match r {
+                        1 => block::<BITS, 1, 2>(&t, chunks),
+                        2 => block::<BITS, 2, 1>(&t, chunks),
+                        _ => block::<BITS, 3, 1>(&t, chunks),
+                    }
                 }
             }
+            b0 += bcols;
         }
     }
 }

@@ -23,18 +23,25 @@
 //! Lane permutations are free: a chunk never straddles a group (`g ≥ 32`), so accumulators
 //! stay permuted until the output is written, which undoes the permutation once per element.
 //!
-//! Work: tasks own disjoint, group-aligned column ranges (several per thread, so cores finish
-//! together). A task walks its range in column blocks of at most [`BLOCK_COLS`], and each
-//! block in blocks of [`K_BLOCK`] rows of W: the block's scales and biases are widened to f32
-//! once (for all rows of x), then each register tile (rows of x × chunks, as many chunks as
-//! the 32 vector registers allow) streams down those rows of W, prefetching ahead, and adds
-//! its sums into the block's f32 accumulators (summing per k-block keeps error growth low).
+//! Work, in one of two forms (both walk W in bands of rows, each band across a range of
+//! columns in blocks of at most [`BLOCK_COLS`]: the band's scales and biases are widened to f32
+//! once per block for all rows of x, then each register tile (rows of x × chunks, as many
+//! chunks as the 32 vector registers allow) streams down the band's rows, prefetching ahead,
+//! and adds its sums into f32 accumulators; summing per band keeps error growth low):
+//! - up to [`SPLIT_MAX_M`] rows of x, K is split between the threads: each walks its rows of
+//!   W in bands of [`band_rows`] rows across every column, into its own partial sums of all of
+//!   y, and the partial sums are added at the end. W is then read as a few row-wise streams
+//!   per thread, the order that reaches the memory's stream rate (docs/perf.md, sessions 40
+//!   and 41);
+//! - more rows of x (or one thread): tasks own disjoint, group-aligned column ranges (several
+//!   per thread, so cores finish together) and walk each column block in bands of
+//!   [`K_BLOCK`] rows, the block's sums L2-resident.
 //!
 //! Accumulation is f32 throughout; results equal the generic kernel's up to summation order
 //! and the single rounding of `s·q + b`.
 //!
-//! The driver ([`qmv_n`]: checks, x's transposition, the tasks, the column blocks and the
-//! output's un-permutation) is shared with the AVX2 kernel
+//! The driver ([`qmv_n`]: checks, x's transposition, the two forms' tasks, the partial sums
+//! and the output's un-permutation) is shared with the AVX2 kernel
 //! ([`x86_avx2_qvm`](super::x86_avx2_qvm)) through [`QvmIsa`].
 
 use super::qmm::QmmArgs;
@@ -74,9 +81,10 @@ pub(crate) trait QvmIsa {
     fn available() -> bool;
     /// Column (within its 32-column chunk) of accumulator lane `lane` (0..32) for `bits`.
     fn lane_column(bits: usize, lane: usize) -> usize;
-    /// Accumulates `acc[r·cols + lane]` (lanes permuted per chunk as
-    /// [`QvmIsa::lane_column`] says) for every row of x over all of K, using `sb`
-    /// (`K_BLOCK × 32` floats) as scratch for one k-block's f32 scales and biases.
+    /// Adds to `acc[r·cols + lane]` (lanes permuted per chunk as [`QvmIsa::lane_column`]
+    /// says) the sums of every row of x over rows `cx.k_lo..cx.k_hi` of W, band by band,
+    /// using `sb` (`K_BLOCK × 32` floats) as scratch for one band's f32 scales and biases.
+    /// Does nothing where [`Columns::fits`] is false.
     ///
     /// # Safety
     /// The CPU must support the kernel's features ([`QvmIsa::available`]).
@@ -117,21 +125,59 @@ impl QvmIsa for Avx512Qvm {
 const ROWS: usize = 8;
 /// Most columns in one column block: 16 chunks, so a row's chunk scales fit one vector.
 pub(crate) const BLOCK_COLS: usize = 512;
-/// Rows of W per block: the block's f32 scales and biases (`K_BLOCK × 32` floats) and the
-/// rows of W a tile revisits stay in L1.
+/// Rows of W per band in the column-split form, and the most in any band: a band's f32 scales
+/// and biases for one column block (`K_BLOCK × 32` floats) and the rows of W a tile revisits
+/// stay in L1.
 pub(crate) const K_BLOCK: usize = 64;
-/// How many rows of W ahead a tile prefetches.
+/// How many rows of W ahead a tile prefetches (the column-split form).
 pub(crate) const PREFETCH_ROWS: usize = 16;
+/// Rows of W per band in the K-split form (small M) for `bits`: a band's rows are read side
+/// by side across the whole width while the next band is prefetched. Fewer rows keep fewer
+/// streams open (8-bit, which waits on memory); more amortise the accumulators' round trip
+/// per band (the narrower codes, which wait on arithmetic). docs/perf.md, session 41.
+const fn band_rows(bits: usize) -> usize {
+    match bits {
+        8 => 8,
+        5 | 6 => 16,
+        _ => 32,
+    }
+}
+/// Most rows of x for which K is split between the threads.
+const SPLIT_MAX_M: usize = 8;
 /// Floats of accumulators one task may keep per column block (512 KiB: L2-resident).
 const ACC_FLOATS: usize = 1 << 17;
 
 const OP: &str = "quantized_matmul";
 
 thread_local! {
-    /// The calling thread's scratch: x transposed per block of rows.
-    static XT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// A task's scratch: its column block's accumulators and one k-block's f32 scales/biases.
-    static TILE: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// The calling thread's scratch: x transposed per block of rows, and the K-split form's
+    /// partial sums (one `m × n` slice per task).
+    static XT: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// A task's scratch: one band's f32 scales and biases.
+    static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A task's scratch: its column block's accumulators (the column-split form).
+    static ACC: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The K-split form's parameters: the environment may override them for experiments
+/// (`MLXQ_QVM_BAND`, `MLXQ_QVM_PF`: rows per band and rows prefetched ahead, by default
+/// [`band_rows`]; `MLXQ_QVM_SPLIT_M`: most rows of x, by default [`SPLIT_MAX_M`]).
+struct Tune {
+    band: Option<usize>,
+    split_m: usize,
+    prefetch: Option<usize>,
+}
+
+fn tune() -> &'static Tune {
+    static T: std::sync::OnceLock<Tune> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let opt = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+        Tune {
+            band: opt("MLXQ_QVM_BAND").map(|b| b.clamp(1, K_BLOCK)),
+            split_m: opt("MLXQ_QVM_SPLIT_M").unwrap_or(SPLIT_MAX_M),
+            prefetch: opt("MLXQ_QVM_PF"),
+        }
+    })
 }
 
 /// Runs `f` on a thread-local scratch vector, or on a fresh one if this thread is already
@@ -286,13 +332,13 @@ unsafe fn dequant32<const BITS: usize>(
 /// per-chunk scales and biases, the tile's rows of x, and where its sums go.
 #[derive(Clone, Copy)]
 struct Tile {
-    /// Packed W at the first row of the k-block and the tile's first chunk.
+    /// Packed W at the first row of the band and the tile's first chunk.
     w: *const u8,
     /// Bytes per row of W.
     row_bytes: usize,
-    /// Rows of W in the k-block.
+    /// Rows of W in the band.
     rows: usize,
-    /// Bytes from a row to the row [`PREFETCH_ROWS`] ahead (0: no prefetch).
+    /// Bytes from a row to the row the tile prefetches (0: no prefetch).
     prefetch: usize,
     /// f32 scales (`[kk·32 + c]`) and biases (`[kk·32 + 16 + c]`) of the tile's chunks `c`.
     sb: *const f32,
@@ -303,7 +349,7 @@ struct Tile {
     acc_stride: usize,
 }
 
-/// `R` rows of x times `CH` chunks of W over one k-block, added into the accumulators.
+/// `R` rows of x times `CH` chunks of W over one band, added into the accumulators.
 ///
 /// # Safety
 /// Every pointer of `t` must be valid for the extent its field describes: `w` for
@@ -494,9 +540,8 @@ pub(crate) fn qmv_n<I: QvmIsa, S: Float, O: Float, const BITS: usize>(
         return Ok(());
     }
     let writer = DisjointOut::new(out);
-    // Columns per block: a multiple of g, at most BLOCK_COLS, accumulators L2-sized.
-    let block_cols = (ACC_FLOATS / m / g * g).clamp(g, BLOCK_COLS);
-    with_scratch(&XT, |xt| {
+    let threads = rayon::current_num_threads();
+    with_scratch(&XT, |(xt, part)| {
         // x transposed per block of I::ROWS rows: block at r0 holds [kk·R + r] from r0·K.
         xt.clear();
         xt.resize(m * kdim, 0.0);
@@ -511,52 +556,111 @@ pub(crate) fn qmv_n<I: QvmIsa, S: Float, O: Float, const BITS: usize>(
             }
         }
         let xt = &xt[..];
-        let tasks = (rayon::current_num_threads() * 4).clamp(1, groups);
+        let cx = |k_lo, k_hi, band, prefetch_rows, c0, cols| Columns {
+            w: w.packed,
+            row_bytes,
+            kdim,
+            k_lo,
+            k_hi,
+            band,
+            prefetch_rows,
+            c0,
+            cols,
+            g,
+            groups,
+            xt,
+            m,
+        };
+        // Writes rows of sums for columns c0.. (lanes permuted per chunk) to the output.
+        let emit = |r: usize, c0: usize, sums: &mut dyn Iterator<Item = (usize, f32)>| {
+            for (i, v) in sums {
+                let col = c0 + i / 32 * 32 + I::lane_column(BITS, i % 32);
+                // SAFETY: the caller's task alone owns these columns of row r.
+                unsafe { writer.write(r * n + col, O::from_f32(v)) };
+            }
+        };
+        let band = tune().band.unwrap_or(band_rows(BITS));
+        let bands = kdim.div_ceil(band);
+        if m <= tune().split_m && threads > 1 && bands >= 2 {
+            // Small M: K split between the threads, each band of W read across every column
+            // (row by row streams, see docs/perf.md session 40), into per-task partial sums
+            // of all of y that are added at the end.
+            let tasks = threads.min(bands);
+            let len = m * n;
+            if part.len() < tasks * len {
+                part.resize(tasks * len, 0.0);
+            }
+            part[..tasks * len]
+                .par_chunks_mut(len)
+                .enumerate()
+                .for_each(|(t, acc)| {
+                    acc.fill(0.0);
+                    let k_lo = (t * bands / tasks * band).min(kdim);
+                    let k_hi = ((t + 1) * bands / tasks * band).min(kdim);
+                    with_scratch(&TILE, |sb| {
+                        sb.resize(K_BLOCK * 32, 0.0);
+                        let c = cx(k_lo, k_hi, band, tune().prefetch.unwrap_or(band), 0, n);
+                        // SAFETY: features checked above; `c` was sized against the slices.
+                        unsafe { I::columns::<S, BITS>(&c, scales, biases, sb, acc) };
+                    });
+                });
+            let part = &part[..tasks * len];
+            let chunks = n / 32;
+            let pieces = (threads * 4).clamp(1, chunks.max(1));
+            (0..pieces).into_par_iter().for_each(|p| {
+                let (c0, c1) = (p * chunks / pieces * 32, (p + 1) * chunks / pieces * 32);
+                for r in 0..m {
+                    let at = r * n;
+                    let sum =
+                        |i: usize| -> f32 { part.chunks_exact(len).map(|acc| acc[at + i]).sum() };
+                    emit(r, 0, &mut (c0..c1).map(|i| (i, sum(i))));
+                }
+            });
+            return;
+        }
+        // Columns per block: a multiple of g, at most BLOCK_COLS, accumulators L2-sized.
+        let block_cols = (ACC_FLOATS / m / g * g).clamp(g, BLOCK_COLS);
+        let tasks = (threads * 4).clamp(1, groups);
         (0..tasks).into_par_iter().for_each(|t| {
             let (j0, j1) = (t * groups / tasks, (t + 1) * groups / tasks);
-            with_scratch(&TILE, |(acc, sb)| {
-                sb.clear();
+            with_scratch(&TILE, |sb| {
                 sb.resize(K_BLOCK * 32, 0.0);
-                let mut c0 = j0 * g;
-                while c0 < j1 * g {
-                    let cols = block_cols.min(j1 * g - c0);
-                    acc.clear();
-                    acc.resize(m * cols, 0.0);
-                    let cx = Columns {
-                        w: w.packed,
-                        row_bytes,
-                        kdim,
-                        c0,
-                        cols,
-                        g,
-                        groups,
-                        xt,
-                        m,
-                    };
-                    // SAFETY: features checked above; `cx` was sized against the slices.
-                    unsafe { I::columns::<S, BITS>(&cx, scales, biases, sb, acc) };
-                    for r in 0..m {
-                        for (i, &v) in acc[r * cols..(r + 1) * cols].iter().enumerate() {
-                            let col = c0 + i / 32 * 32 + I::lane_column(BITS, i % 32);
-                            // SAFETY: task `t` alone owns columns j0·g..j1·g of every row.
-                            unsafe { writer.write(r * n + col, O::from_f32(v)) };
+                with_scratch(&ACC, |acc| {
+                    let mut c0 = j0 * g;
+                    while c0 < j1 * g {
+                        let cols = block_cols.min(j1 * g - c0);
+                        acc.clear();
+                        acc.resize(m * cols, 0.0);
+                        let c = cx(0, kdim, K_BLOCK, PREFETCH_ROWS, c0, cols);
+                        // SAFETY: features checked above; `c` was sized against the slices.
+                        unsafe { I::columns::<S, BITS>(&c, scales, biases, sb, acc) };
+                        for r in 0..m {
+                            let row = &acc[r * cols..(r + 1) * cols];
+                            emit(r, c0, &mut row.iter().copied().enumerate());
                         }
+                        c0 += cols;
                     }
-                    c0 += cols;
-                }
+                });
             });
         });
     });
     Ok(())
 }
 
-/// One column block of one task.
+/// One call's share of W: a range of rows, walked in bands, and a range of columns.
 pub(crate) struct Columns<'a> {
     /// Packed W, `kdim` rows of `row_bytes` bytes.
     pub w: &'a [u8],
     pub row_bytes: usize,
     pub kdim: usize,
-    /// First column and column count (multiples of g, `cols ≤ BLOCK_COLS`).
+    /// Rows `k_lo..k_hi` of W, walked in bands of `band ≤ K_BLOCK` rows: each band is read
+    /// across all the call's columns before the next.
+    pub k_lo: usize,
+    pub k_hi: usize,
+    pub band: usize,
+    /// How many rows ahead the tiles prefetch (0: none).
+    pub prefetch_rows: usize,
+    /// First column and column count (multiples of g).
     pub c0: usize,
     pub cols: usize,
     /// Group size and groups per row of W.
@@ -567,7 +671,31 @@ pub(crate) struct Columns<'a> {
     pub m: usize,
 }
 
-/// Accumulates `acc[r·cols + lane]` (permuted per chunk) for every row of x over all of K.
+impl Columns<'_> {
+    /// Whether every access the kernels make for this call lies inside its slices: W's rows
+    /// and columns, x, `acc` (`acc_len` floats, `m` rows of `cols`) and the band's scratch
+    /// (`sb_len` floats, `K_BLOCK` rows of 32).
+    pub(crate) fn fits(&self, bits: usize, acc_len: usize, sb_len: usize) -> bool {
+        let end = self.c0.checked_add(self.cols);
+        self.band > 0
+            && self.band <= K_BLOCK
+            && self.k_lo <= self.k_hi
+            && self.k_hi <= self.kdim
+            && self.g >= 32
+            && self.g.is_power_of_two()
+            && self.c0.is_multiple_of(self.g)
+            && self.cols.is_multiple_of(self.g)
+            && end.is_some_and(|e| e / 8 * bits <= self.row_bytes && e / self.g <= self.groups)
+            && self.w.len() >= self.kdim.saturating_mul(self.row_bytes)
+            && self.xt.len() >= self.m.saturating_mul(self.kdim)
+            && acc_len >= self.m.saturating_mul(self.cols)
+            && sb_len >= K_BLOCK * 32
+    }
+}
+
+/// Accumulates `acc[r·cols + lane]` (lanes permuted per chunk) for every row of x over rows
+/// `k_lo..k_hi` of W: band by band, each band across all of the call's columns in blocks of
+/// at most [`BLOCK_COLS`].
 ///
 /// # Safety
 /// The CPU must support the features of [`available`](super::x86::available).
@@ -580,50 +708,51 @@ unsafe fn columns<S: Element, const BITS: usize>(
     acc: &mut [f32],
 ) {
     let (kdim, cols, m) = (cx.kdim, cx.cols, cx.m);
-    let chunks = cols / 32;
-    if chunks > 16
-        || cx.w.len() < kdim * cx.row_bytes
-        || (cx.c0 + cols) / 8 * BITS > cx.row_bytes
-        || cx.xt.len() < m * kdim
-        || acc.len() < m * cols
-        || sb.len() < K_BLOCK * 32
-    {
+    if !cx.fits(BITS, acc.len(), sb.len()) {
         return;
     }
     let consts = Consts::new::<BITS>();
-    let prefetch = PREFETCH_ROWS * cx.row_bytes;
-    for k0 in (0..kdim).step_by(K_BLOCK) {
-        let rows = K_BLOCK.min(kdim - k0);
-        // SAFETY: scales and biases hold kdim·groups elements; the group range lies in a row.
-        unsafe {
-            widen_block(
-                scales,
-                biases,
-                cx.groups,
-                cx.g,
-                cx.c0 / cx.g,
-                chunks,
-                k0,
-                &mut sb[..rows * 32],
-            )
-        };
-        for r0 in (0..m).step_by(ROWS) {
-            let r = ROWS.min(m - r0);
-            let t = Tile {
-                // Row k0, the block's first chunk: c0/32 chunks of 4·BITS bytes in.
-                w: cx.w[k0 * cx.row_bytes + cx.c0 / 8 * BITS..].as_ptr(),
-                row_bytes: cx.row_bytes,
-                rows,
-                prefetch,
-                sb: sb.as_ptr(),
-                xt: cx.xt[r0 * kdim + k0 * r..].as_ptr(),
-                acc: acc[r0 * cols..].as_mut_ptr(),
-                acc_stride: cols,
+    let prefetch = cx.prefetch_rows * cx.row_bytes;
+    for k0 in (cx.k_lo..cx.k_hi).step_by(cx.band) {
+        let rows = cx.band.min(cx.k_hi - k0);
+        let mut b0 = 0;
+        while b0 < cols {
+            let bcols = BLOCK_COLS.min(cols - b0);
+            let chunks = bcols / 32;
+            // SAFETY: scales and biases hold kdim·groups elements; the group range lies in a
+            // row (`fits`).
+            unsafe {
+                widen_block(
+                    scales,
+                    biases,
+                    cx.groups,
+                    cx.g,
+                    (cx.c0 + b0) / cx.g,
+                    chunks,
+                    k0,
+                    &mut sb[..rows * 32],
+                )
             };
-            // SAFETY: rows k0..k0 + rows of W, the block's chunks of each (checked against
-            // row_bytes above), sb's `rows` rows, x rows r0..r0 + r from k0 and accumulator
-            // rows r0..r0 + r are all in bounds and this task's alone.
-            unsafe { block_rows::<BITS>(r, &t, chunks, &consts) };
+            for r0 in (0..m).step_by(ROWS) {
+                let r = ROWS.min(m - r0);
+                let t = Tile {
+                    // Row k0, the block's first chunk: (c0 + b0)/32 chunks of 4·BITS bytes in.
+                    w: cx.w[k0 * cx.row_bytes + (cx.c0 + b0) / 8 * BITS..].as_ptr(),
+                    row_bytes: cx.row_bytes,
+                    rows,
+                    prefetch,
+                    sb: sb.as_ptr(),
+                    xt: cx.xt[r0 * kdim + k0 * r..].as_ptr(),
+                    acc: acc[r0 * cols + b0..].as_mut_ptr(),
+                    acc_stride: cols,
+                };
+                // SAFETY: rows k0..k0 + rows of W, the block's chunks of each (`fits` checked
+                // them against row_bytes), sb's `rows` rows, x rows r0..r0 + r from k0 and
+                // accumulator rows r0..r0 + r, columns b0..b0 + bcols, are all in bounds and
+                // this task's alone.
+                unsafe { block_rows::<BITS>(r, &t, chunks, &consts) };
+            }
+            b0 += bcols;
         }
     }
 }
