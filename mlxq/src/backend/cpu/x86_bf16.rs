@@ -226,7 +226,7 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
         // SAFETY: this variant is only chosen where `available` holds.
         tables: unsafe { tables::<BITS, G>() },
         prefetch: if stream {
-            PrefetchTo::stream()
+            PrefetchTo::stream(m)
         } else {
             PrefetchTo::L1
         },

@@ -104,12 +104,16 @@ pub(crate) fn prefetch_groups<S>(
 
 impl PrefetchTo {
     /// Where a kernel that streams W at the memory's pace (a decode call of one block of
-    /// rows) prefetches on this CPU: [`PrefetchTo::L2`] on AMD family 19h (Zen 3 and Zen 4),
-    /// where it read W 10–27% faster than L1 (docs/perf.md, session 24), [`PrefetchTo::L1`]
-    /// elsewhere: on Zen 5 (family 1Ah) L1 was 5–10% faster at M = 1 and up to 34% at
-    /// M = 4 (session 28), and the Intel CPUs measured before session 24 ran with L1.
-    pub(crate) fn stream() -> PrefetchTo {
-        if zen3_or_4() {
+    /// rows, `m` rows of x) prefetches on this CPU:
+    /// - AMD family 19h (Zen 3, Zen 4): [`PrefetchTo::L2`], which read W 10–27% faster than
+    ///   L1 there (docs/perf.md, session 24);
+    /// - AMD family 1Ah (Zen 5): [`PrefetchTo::L1`], 5–10% faster at M = 1 and up to 34% at
+    ///   M = 4 (session 28);
+    /// - elsewhere (Intel): [`PrefetchTo::L2`] for one row of x, L1 for more. On a Xeon with
+    ///   AVX-512 and AMX (session 41) L2 made M = 1 3–30% faster (most at 8 bits), and M = 4
+    ///   and 8 0–6% slower; the Intel CPUs measured before session 24 ran with L1.
+    pub(crate) fn stream(m: usize) -> PrefetchTo {
+        if zen3_or_4() || (m == 1 && !zen5()) {
             PrefetchTo::L2
         } else {
             PrefetchTo::L1
@@ -330,6 +334,12 @@ pub(crate) unsafe fn run<C: Columns, O: Float>(kernel: &C, walk: Walk, out: &mut
 pub(crate) fn zen3_or_4() -> bool {
     static ZEN34: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ZEN34.get_or_init(|| amd_family() == Some(0x19))
+}
+
+/// Whether this is an AMD CPU of family 1Ah (Zen 5).
+fn zen5() -> bool {
+    static ZEN5: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ZEN5.get_or_init(|| amd_family() == Some(0x1a))
 }
 
 /// The size of a core's L1 data cache in bytes, from CPUID: AMD's leaf 8000_0005h, else the

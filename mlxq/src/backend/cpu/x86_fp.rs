@@ -167,7 +167,7 @@ fn qmm_t<I: Isa, X: Float, const MODE: u8>(a: QmmArgs<'_>) -> Result<()> {
         kp,
         scale_lut: &scale_lut,
         prefetch: if m <= I::ROWS {
-            PrefetchTo::stream()
+            PrefetchTo::stream(m)
         } else {
             PrefetchTo::L1
         },

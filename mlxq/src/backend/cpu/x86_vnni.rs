@@ -885,7 +885,7 @@ fn qmm_t_g<P: Groups, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_
         tables: unsafe { tables::<BITS, G>() },
         // One block of rows: W streams at the memory's pace (see `PrefetchTo`).
         prefetch: if m <= ROWS {
-            PrefetchTo::stream()
+            PrefetchTo::stream(m)
         } else {
             PrefetchTo::L1
         },
