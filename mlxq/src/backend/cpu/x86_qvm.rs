@@ -275,18 +275,7 @@ unsafe fn dequant32<const BITS: usize>(
     // guarantee); the CPU features are the caller's guarantee too.
     unsafe {
         match BITS {
-            1 | 2 | 4 => {
-                let raw = match BITS {
-                    1 => _mm512_set1_epi32((p as *const i32).read_unaligned()),
-                    2 => _mm512_set1_epi64((p as *const i64).read_unaligned()),
-                    _ => _mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i)),
-                };
-                let lut = _mm512_fmadd_ps(c.iota_lo, s, b);
-                (
-                    _mm512_permutexvar_ps(_mm512_srlv_epi32(raw, c.shift0), lut),
-                    _mm512_permutexvar_ps(_mm512_srlv_epi32(raw, c.shift1), lut),
-                )
-            }
+            1..=4 => dequant_lut::<BITS>(p, _mm512_fmadd_ps(c.iota_lo, s, b), c),
             8 => {
                 let lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
                 let hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
@@ -301,13 +290,6 @@ unsafe fn dequant32<const BITS: usize>(
                 let v0 = _mm512_srlv_epi32(_mm512_permutexvar_epi8(c.gather0, raw), c.shift0);
                 let v1 = _mm512_srlv_epi32(_mm512_permutexvar_epi8(c.gather1, raw), c.shift1);
                 match BITS {
-                    3 => {
-                        let lut = _mm512_fmadd_ps(c.iota_lo, s, b);
-                        (
-                            _mm512_permutexvar_ps(v0, lut),
-                            _mm512_permutexvar_ps(v1, lut),
-                        )
-                    }
                     5 => {
                         let lo = _mm512_fmadd_ps(c.iota_lo, s, b);
                         let hi = _mm512_fmadd_ps(c.iota_hi, s, b);
@@ -328,6 +310,54 @@ unsafe fn dequant32<const BITS: usize>(
     }
 }
 
+/// Whether `BITS` dequantizes through a 16-entry table of `s·i + b` (see [`dequant32`]).
+const fn table_width(bits: usize) -> bool {
+    bits <= 4
+}
+
+/// [`dequant32`] for the widths of [`table_width`], with the chunk's table `lut` (entry `i`:
+/// `s·(i mod 2^BITS) + b`) built by the caller, so chunks of one group can share it.
+///
+/// # Safety
+/// As for [`dequant32`], with `BITS ≤ 4`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn dequant_lut<const BITS: usize>(
+    p: *const u8,
+    lut: __m512,
+    c: &Consts,
+) -> (__m512, __m512) {
+    // SAFETY: every load below reads within the `4·BITS` bytes at `p` (the caller's
+    // guarantee); the CPU features are the caller's guarantee too.
+    unsafe {
+        let (v0, v1) = match BITS {
+            1 | 2 | 4 => {
+                let raw = match BITS {
+                    1 => _mm512_set1_epi32((p as *const i32).read_unaligned()),
+                    2 => _mm512_set1_epi64((p as *const i64).read_unaligned()),
+                    _ => _mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i)),
+                };
+                (
+                    _mm512_srlv_epi32(raw, c.shift0),
+                    _mm512_srlv_epi32(raw, c.shift1),
+                )
+            }
+            _ => {
+                let mask: __mmask64 = (1u64 << (4 * BITS)) - 1;
+                let raw = _mm512_maskz_loadu_epi8(mask, p as *const i8);
+                (
+                    _mm512_srlv_epi32(_mm512_permutexvar_epi8(c.gather0, raw), c.shift0),
+                    _mm512_srlv_epi32(_mm512_permutexvar_epi8(c.gather1, raw), c.shift1),
+                )
+            }
+        };
+        (
+            _mm512_permutexvar_ps(v0, lut),
+            _mm512_permutexvar_ps(v1, lut),
+        )
+    }
+}
+
 /// One register tile's inputs: `rows` rows of W starting at the tile's first chunk, their
 /// per-chunk scales and biases, the tile's rows of x, and where its sums go.
 #[derive(Clone, Copy)]
@@ -344,6 +374,8 @@ struct Tile {
     sb: *const f32,
     /// x transposed: `[kk·R + r]`.
     xt: *const f32,
+    /// Whether chunks `2i` and `2i + 1` of the tile are in one group (g ≥ 64).
+    pairs: bool,
     /// Accumulators: `[r·acc_stride + 32·c + lane]`.
     acc: *mut f32,
     acc_stride: usize,
@@ -378,10 +410,22 @@ unsafe fn tile<const BITS: usize, const R: usize, const CH: usize>(t: &Tile, c: 
             }
             let sb = t.sb.add(kk * 32);
             let x = t.xt.add(kk * R);
+            let mut lut = _mm512_setzero_ps();
             for ci in 0..CH {
-                let s = _mm512_set1_ps(*sb.add(ci));
-                let b = _mm512_set1_ps(*sb.add(16 + ci));
-                let (w0, w1) = dequant32::<BITS>(p.add(ci * 4 * BITS), s, b, c);
+                let (w0, w1) = if table_width(BITS) {
+                    // Chunks 2i and 2i + 1 of a tile share a group where g ≥ 64 (tiles start
+                    // at an even chunk of a group-aligned block): one table for both.
+                    if ci % 2 == 0 || !t.pairs {
+                        let s = _mm512_set1_ps(*sb.add(ci));
+                        let b = _mm512_set1_ps(*sb.add(16 + ci));
+                        lut = _mm512_fmadd_ps(c.iota_lo, s, b);
+                    }
+                    dequant_lut::<BITS>(p.add(ci * 4 * BITS), lut, c)
+                } else {
+                    let s = _mm512_set1_ps(*sb.add(ci));
+                    let b = _mm512_set1_ps(*sb.add(16 + ci));
+                    dequant32::<BITS>(p.add(ci * 4 * BITS), s, b, c)
+                };
                 for (r, ar) in a.iter_mut().enumerate() {
                     let xv = _mm512_set1_ps(*x.add(r));
                     let acc = &mut ar[ci];
@@ -743,6 +787,7 @@ unsafe fn columns<S: Element, const BITS: usize>(
                     prefetch,
                     sb: sb.as_ptr(),
                     xt: cx.xt[r0 * kdim + k0 * r..].as_ptr(),
+                    pairs: cx.g >= 64,
                     acc: acc[r0 * cols + b0..].as_mut_ptr(),
                     acc_stride: cols,
                 };
