@@ -259,7 +259,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         args.tune.bandwidth_mib,
         rayon::current_num_threads()
     );
-    let roofline = timing::Roofline::new(args.tune.bandwidth_mib << 20, 5);
+    let roofline = timing::Roofline::new(args.tune.bandwidth_mib << 20, 5)?;
     eprintln!("memory read bandwidth: {:.1} GB/s", roofline.best());
 
     let setup = Setup {

@@ -85,36 +85,51 @@ const CHUNK: usize = 1 << 15;
 /// between cases: on a shared machine the bandwidth moves with the neighbours (43–72 GB/s
 /// within one hour on the VM of docs/perf.md, session 28), and a single reading at the start
 /// can fall below what a later case then reads (ratios over 100%).
+///
+/// Its buffer asks Linux for transparent huge pages (`MADV_HUGEPAGE`, before any page is
+/// touched; where the kernel has none the advice changes nothing): the probe is the limit
+/// the kernels are held to, so it reads memory the fastest way the machine allows. On the
+/// Xeon VM of session 42 a stream over 4 KiB pages read 26 GB/s and over huge pages 36, the
+/// 4 KiB pages' walks and the prefetchers' stop at every page edge costing the rest; on the
+/// Zen VMs of sessions 23–28 the two were level (docs/perf.md).
 pub struct Roofline {
-    buf: Vec<u64>,
+    buf: memmap2::MmapMut,
     /// The highest reading so far, GB/s (`f64` bits).
     best: std::sync::atomic::AtomicU64,
 }
 
 impl Roofline {
-    /// A probe of `bytes`, read `runs` times at each prefetch distance now.
-    pub fn new(bytes: usize, runs: usize) -> Roofline {
-        let mut buf = vec![0u64; bytes / 8];
-        // Write every page first: untouched pages of a fresh allocation all map the one zero
+    /// A probe of `bytes` (whole u64 words, at least one), read `runs` times at each prefetch
+    /// distance now; the error is the operating system's, where it maps no such buffer.
+    pub fn new(bytes: usize, runs: usize) -> anyhow::Result<Roofline> {
+        let mut buf = memmap2::MmapMut::map_anon((bytes / 8).max(1) * 8)?;
+        // Advice only: a kernel without transparent huge pages refuses it, and the probe then
+        // reads 4 KiB pages, as every buffer there is.
+        #[cfg(target_os = "linux")]
+        let _ = buf.advise(memmap2::Advice::HugePage);
+        // Write every page first: untouched pages of a fresh mapping all map the one zero
         // page, and reading that would measure the cache, not memory.
-        buf.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
-            for (j, v) in c.iter_mut().enumerate() {
-                *v = (i * CHUNK + j) as u64;
-            }
-        });
+        bytemuck::cast_slice_mut::<u8, u64>(&mut buf)
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(i, c)| {
+                for (j, v) in c.iter_mut().enumerate() {
+                    *v = (i * CHUNK + j) as u64;
+                }
+            });
         let r = Roofline {
             buf,
             best: std::sync::atomic::AtomicU64::new(0f64.to_bits()),
         };
         r.read(runs);
-        r
+        Ok(r)
     }
 
     /// Reads the bandwidth again (`runs` times at each prefetch distance) and returns the
     /// highest reading of the run so far: the limit every ratio is taken against, so that a
     /// quiet moment after the start is not held against the kernels.
     pub fn read(&self, runs: usize) -> f64 {
-        let now = memory_bandwidth(&self.buf, runs);
+        let now = memory_bandwidth(bytemuck::cast_slice(&self.buf), runs);
         let best = f64::from_bits(self.best.load(std::sync::atomic::Ordering::Relaxed)).max(now);
         self.best
             .store(best.to_bits(), std::sync::atomic::Ordering::Relaxed);
