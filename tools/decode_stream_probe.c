@@ -1,5 +1,5 @@
-// decode_stream_probe.c (docs/perf.md, session 28): the M = 1, 4-bit, group-64 loop of the
-// `avx512vnni` decode kernel (mlxq/src/backend/cpu/x86_vnni.rs: one weight row at a time, two
+// decode_stream_probe.c (docs/perf.md, sessions 28 and 42): the M = 1, 4-bit, group-64 loop of
+// the `avx512vnni` decode kernel (mlxq/src/backend/cpu/x86_vnni.rs: one weight row at a time, two
 // superblocks of four groups interleaved, x split into hi/lo bytes), streaming MLX-layout
 // weights from memory on T threads, to find what keeps it from overlapping its arithmetic with
 // the memory stream. Variants (MODE bits):
@@ -10,12 +10,19 @@
 //   16 prefetch the next row's start instead of a distance along the stream (AHEAD ignored)
 //   32 interleaved layout: each row's scales and biases stored right after its codes
 //   64 no rotation: every call reads copy 0 (cache-resident when it fits)
+//   128 no loads of scales and biases (constants instead)
+//   256 no loads of x (constants instead)
+// Environment: HUGE=1 asks for transparent huge pages for the weights (madvise, before they are
+// touched); PFORD=1 issues each step's four code prefetches in the order +128, +0, +64, +192
+// (the order gcc gave an unrolled loop of `_mm_prefetch` in session 42) instead of ascending
+// (both through `asm volatile`, which the compiler keeps in place).
 // The results are not checked (the data are arbitrary); it is a timing probe, not a kernel.
 //
 //   gcc -O3 -march=icelake-server -pthread tools/decode_stream_probe.c -o /tmp/dsp
 // (-O3: at -O2 gcc keeps the superblock arrays on the stack and the loop runs 2-4x slower.)
-//   /tmp/dsp THREADS MODE AHEAD [K] [N]       e.g. /tmp/dsp 2 1 4096 4096 4096
-// Prints the median of 15 calls over rotated copies (> 512 MiB in all), as GB/s of weight.
+//   HUGE=1 /tmp/dsp THREADS MODE AHEAD [K] [N]       e.g. /tmp/dsp 2 1 4096 4096 14336
+// Prints the median of 15 calls over rotated copies (> 2 GiB in all, past a 480 MiB L3), as
+// GB/s of weight.
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -23,7 +30,19 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/mman.h>
 
+static int HUGE_ = 0;
+
+// n bytes aligned to 2 MiB, with huge pages asked for (HUGE=1) before anything touches them.
+static void *halloc(size_t n) {
+    const size_t a = 2 << 20, len = (n + a - 1) / a * a;
+    char *p = aligned_alloc(a, len);
+    if (HUGE_) madvise(p, len, MADV_HUGEPAGE);
+    return p;
+}
+
+static int PFORD = 0;
 static int MODE, AHEAD, K, N, T, COPIES;
 static uint8_t **PACKED;
 static uint16_t **SC, **BI;
@@ -82,7 +101,7 @@ static void *work(void *arg) {
         }
         __m512 vacc = _mm512_setzero_ps(), v2[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int j0 = 0; j0 < groups; j0 += 16) {
-            __m512 s16 = widen16(sp + j0), b16 = widen16(bp + j0);
+            __m512 s16, b16; if (MODE & 128) { s16 = _mm512_set1_ps(1.0f + j0); b16 = s16; } else { s16 = widen16(sp + j0); b16 = widen16(bp + j0); }
             vacc = _mm512_fmadd_ps(b16, _mm512_loadu_ps(XSUM + j0), vacc);
             if ((MODE & 2) && j0 == 0) {
                 const uint8_t *ps = (const uint8_t *)sp + (inter ? 0 : (size_t)2 * groups * (AHEAD / rb + 1));
@@ -91,8 +110,14 @@ static void *work(void *arg) {
             }
             for (int q = 0; q < 4; q += 2) {
                 const int jb = j0 + 4 * q, off = jb * 32;
-                if (MODE & 1)
-                    for (int l = 0; l < 256; l += 64) pf(pp + off + l + AHEAD);
+                if (MODE & 1) {
+                    static const int ord[2][4] = {{0, 64, 128, 192}, {128, 0, 64, 192}};
+                    const char *b = (const char *)pp + off + AHEAD;
+                    for (int z = 0; z < 4; z++) {
+                        if (MODE & 8) __asm__ volatile("prefetcht0 (%0)" ::"r"(b + ord[PFORD][z]) : "memory");
+                        else __asm__ volatile("prefetcht1 (%0)" ::"r"(b + ord[PFORD][z]) : "memory");
+                    }
+                }
                 __m512i code[2][4];
                 for (int u = 0; u < 2; u++) {
                     __m512i r0 = _mm512_loadu_si512(pp + off + 128 * u), r1 = _mm512_loadu_si512(pp + off + 128 * u + 64);
@@ -107,7 +132,7 @@ static void *work(void *arg) {
                 for (int u = 0; u < 2; u++) dh[u] = dl[u] = dh2[u] = dl2[u] = _mm512_setzero_si512();
                 for (int i = 0; i < 4; i++)
                     for (int u = 0; u < 2; u++) {
-                        __m512i xh = _mm512_load_si512(px + 2 * (u * 4 + i)), xl = _mm512_load_si512(px + 2 * (u * 4 + i) + 1);
+                        __m512i xh, xl; if (MODE & 256) { xh = _mm512_set1_epi32(i*3+u); xl = _mm512_set1_epi32(i*5+u+1);} else { xh = _mm512_load_si512(px + 2 * (u * 4 + i)); xl = _mm512_load_si512(px + 2 * (u * 4 + i) + 1); }
                         if (i % 2 == 0) {
                             dh[u] = _mm512_dpbusd_epi32(dh[u], code[u][i], xh);
                             dl[u] = _mm512_dpbusd_epi32(dl[u], code[u][i], xl);
@@ -151,17 +176,20 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s THREADS MODE AHEAD [K] [N]\n", argv[0]);
         return 2;
     }
+    HUGE_ = getenv("HUGE") != 0;
+    if (getenv("PFORD")) PFORD = atoi(getenv("PFORD"));
     T = atoi(argv[1]), MODE = atoi(argv[2]), AHEAD = atoi(argv[3]);
     K = argc > 4 ? atoi(argv[4]) : 4096, N = argc > 5 ? atoi(argv[5]) : 4096;
     const int groups = K / 64;
     const size_t pb = (size_t)N * (K / 2 + 4 * groups), bytes = (size_t)N * K / 2 + (size_t)N * groups * 4;
-    COPIES = (int)((600u << 20) / bytes) + 1;
+    COPIES = (int)((2048ul << 20) / bytes) + 1;
     PACKED = malloc(sizeof(void *) * COPIES), SC = malloc(sizeof(void *) * COPIES), BI = malloc(sizeof(void *) * COPIES);
     for (int c = 0; c < COPIES; c++) {
-        PACKED[c] = aligned_alloc(64, pb + 8192);
-        SC[c] = aligned_alloc(64, (size_t)N * groups * 2 + 8192);
-        BI[c] = aligned_alloc(64, (size_t)N * groups * 2 + 8192);
-        memset(PACKED[c], 0x35 + c, pb + 8192);
+        PACKED[c] = halloc( pb + 8192);
+        SC[c] = halloc( (size_t)N * groups * 2 + 8192);
+        BI[c] = halloc( (size_t)N * groups * 2 + 8192);
+        // Bytes that differ from page to page (no two pages alike for anything to merge).
+        for (size_t i = 0; i < pb + 8192; i++) PACKED[c][i] = (uint8_t)((i * 2654435761u) >> 13) ^ (uint8_t)c;
         for (size_t i = 0; i < (size_t)N * groups + 4096; i++) SC[c][i] = 0x3c00, BI[c][i] = 0x3800;
     }
     SPLIT = aligned_alloc(64, (size_t)groups / 4 * 512 + 64);
