@@ -195,6 +195,52 @@ pub(crate) trait Columns: Sync {
         row0: usize,
         acc: &mut [[f32; MAX_ROWS]; MAX_COLS],
     );
+
+    /// Adds to `acc[i]`, for every column `cols.start + i` of `cols`, the dot product of row
+    /// `row0` of x with groups `g0..g1` of that weight row: one row of x over a task's
+    /// columns. The default is [`columns_one_row`]; a kernel whose per-call setup is a large
+    /// part of a column's work (the M = 1 decode) overrides it with one call for all of them.
+    ///
+    /// # Safety
+    /// As for [`Columns::columns`]; `acc` holds `cols.len()` sums.
+    unsafe fn row_run(
+        &self,
+        cols: std::ops::Range<usize>,
+        g0: usize,
+        g1: usize,
+        row0: usize,
+        acc: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { columns_one_row(self, cols, g0, g1, row0, acc) }
+    }
+}
+
+/// [`Columns::row_run`] through [`Columns::columns`], [`Columns::cols`] columns a call.
+///
+/// # Safety
+/// As for [`Columns::row_run`].
+pub(crate) unsafe fn columns_one_row<C: Columns + ?Sized>(
+    kernel: &C,
+    cols: std::ops::Range<usize>,
+    g0: usize,
+    g1: usize,
+    row0: usize,
+    acc: &mut [f32],
+) {
+    let per_call = kernel.cols().clamp(1, C::COLS);
+    for c0 in cols.clone().step_by(per_call) {
+        let count = per_call.min(cols.end - c0);
+        let mut part = [[0f32; MAX_ROWS]; MAX_COLS];
+        // SAFETY: the caller's contract.
+        unsafe { kernel.columns::<1>(c0, count, g0, g1, row0, &mut part) };
+        let ci = c0 - cols.start;
+        for (c, part) in part.iter().enumerate().take(count) {
+            if let Some(a) = acc.get_mut(ci + c) {
+                *a += part[0];
+            }
+        }
+    }
 }
 
 /// A decode kernel's weight, typed, with the slice of one row over a range of groups.
@@ -319,6 +365,12 @@ pub(crate) unsafe fn run<C: Columns, O: Float>(kernel: &C, walk: Walk, out: &mut
                 let g1 = (g0 + block_groups).min(groups);
                 for r0 in (0..m).step_by(C::ROWS) {
                     let rows = C::ROWS.min(m - r0);
+                    if rows == 1 {
+                        let row = &mut acc[r0 * width..(r0 + 1) * width];
+                        // SAFETY: as below.
+                        unsafe { kernel.row_run(cols.clone(), g0, g1, r0, row) };
+                        continue;
+                    }
                     for c0 in cols.clone().step_by(per_call) {
                         let count = per_call.min(cols.end - c0);
                         let mut part = [[0f32; MAX_ROWS]; MAX_COLS];

@@ -963,6 +963,90 @@ impl<P: Groups, const BITS: usize, const G: usize> Columns for Kernel<'_, P, BIT
             }
         }
     }
+
+    /// One column at a time with groups of 32 or 64 (M = 1, K up to [`one_column_k`]): one
+    /// call for the task's columns, which checks the slices once and runs [`one_column`] per
+    /// column (a call per column cost ~20% of a 4096-long row's time; docs/perf.md, session
+    /// 42); otherwise the default.
+    unsafe fn row_run(
+        &self,
+        cols: std::ops::Range<usize>,
+        g0: usize,
+        g1: usize,
+        row0: usize,
+        acc: &mut [f32],
+    ) {
+        if self.cols == 1 && G <= 64 {
+            // SAFETY: the caller guarantees the CPU features.
+            unsafe {
+                if BITS == 8 && !zen3_or_4() {
+                    one_column_run::<P, BITS, G, 1>(self, cols, g0, g1, row0, acc)
+                } else {
+                    one_column_run::<P, BITS, G, 2>(self, cols, g0, g1, row0, acc)
+                }
+            }
+        } else {
+            // SAFETY: the caller's contract.
+            unsafe { super::x86_columns::columns_one_row(self, cols, g0, g1, row0, acc) }
+        }
+    }
+}
+
+/// [`Columns::row_run`] by [`one_column`]: `acc[i] +=` row `row0` of x · groups `g0..g1` of
+/// weight row `cols.start + i`, every slice checked once for the run (nothing is read, and
+/// `acc` is left as it is, where any is out of range).
+///
+/// # Safety
+/// The CPU must support [`available`]'s features; `G / 16 ≤ 4`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+unsafe fn one_column_run<P: Groups, const BITS: usize, const G: usize, const U: usize>(
+    k: &Kernel<'_, P, BITS, G>,
+    cols: std::ops::Range<usize>,
+    g0: usize,
+    g1: usize,
+    row0: usize,
+    acc: &mut [f32],
+) {
+    let (nr, nsb) = (G / 16, k.nsb);
+    let groups = g1.saturating_sub(g0);
+    let rows_end = row0 + 1;
+    // The checks of `columns` for R = 1, once: the last column's slices are in range, and so
+    // every earlier column's (rows lie at increasing offsets).
+    if cols.is_empty()
+        || acc.len() < cols.len()
+        || groups == 0
+        || !g0.is_multiple_of(SB)
+        || g0 + groups > nsb * SB
+        || k.prep.split().len() < rows_end * nsb * nr * 128
+        || k.prep.step.len() < rows_end * nsb * 16
+        || k.prep.xsum.len() < rows_end * nsb * SB
+        || !(2..=4).contains(&nr)
+        || k.w.row(cols.end - 1, g0, g1, BITS).is_none()
+    {
+        return;
+    }
+    let mut args = Column {
+        packed: [&[]; MAX_COLS],
+        scales: [&[]; MAX_COLS],
+        biases: [&[]; MAX_COLS],
+        prep: k.prep,
+        row0,
+        g0,
+        nsb,
+        tables: &k.tables,
+        row_bytes: k.w.row_bytes,
+        prefetch: k.prefetch,
+        stream: k.stream,
+    };
+    for (a, col) in acc.iter_mut().zip(cols) {
+        let Some((packed, scales, biases)) = k.w.row(col, g0, g1, BITS) else {
+            return;
+        };
+        (args.packed[0], args.scales[0], args.biases[0]) = (packed, scales, biases);
+        // SAFETY: this column's slices are those `columns` checks, in range as checked above;
+        // the caller guarantees the CPU features.
+        *a += unsafe { one_column::<P, BITS, G, U>(&args) };
+    }
 }
 
 /// Up to [`MAX_COLS`] columns' slices of K (groups `g0..g0 + scales.len()`) for rows
