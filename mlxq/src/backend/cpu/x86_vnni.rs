@@ -917,6 +917,25 @@ struct Kernel<'a, P: Groups, const BITS: usize, const G: usize> {
     stream: bool,
 }
 
+impl<P: Groups, const BITS: usize, const G: usize> Kernel<'_, P, BITS, G> {
+    /// A [`Column`] for rows `row0..` of x from group `g0`, with no columns' slices yet.
+    fn args(&self, row0: usize, g0: usize) -> Column<'_, P::E> {
+        Column {
+            packed: [&[]; MAX_COLS],
+            scales: [&[]; MAX_COLS],
+            biases: [&[]; MAX_COLS],
+            prep: self.prep,
+            row0,
+            g0,
+            nsb: self.nsb,
+            tables: &self.tables,
+            row_bytes: self.w.row_bytes,
+            prefetch: self.prefetch,
+            stream: self.stream,
+        }
+    }
+}
+
 impl<P: Groups, const BITS: usize, const G: usize> Columns for Kernel<'_, P, BITS, G> {
     const ROWS: usize = ROWS;
     /// Two columns share each load of x, except with groups of 128, whose eight code
@@ -936,19 +955,7 @@ impl<P: Groups, const BITS: usize, const G: usize> Columns for Kernel<'_, P, BIT
         row0: usize,
         acc: &mut [[f32; MAX_ROWS]; MAX_COLS],
     ) {
-        let mut args = Column {
-            packed: [&[]; MAX_COLS],
-            scales: [&[]; MAX_COLS],
-            biases: [&[]; MAX_COLS],
-            prep: self.prep,
-            row0,
-            g0,
-            nsb: self.nsb,
-            tables: &self.tables,
-            row_bytes: self.w.row_bytes,
-            prefetch: self.prefetch,
-            stream: self.stream,
-        };
+        let mut args = self.args(row0, g0);
         for c in 0..count.min(Self::COLS) {
             let Some((packed, scales, biases)) = self.w.row(col + c, g0, g1, BITS) else {
                 return;
@@ -1025,19 +1032,7 @@ unsafe fn one_column_run<P: Groups, const BITS: usize, const G: usize, const U: 
     {
         return;
     }
-    let mut args = Column {
-        packed: [&[]; MAX_COLS],
-        scales: [&[]; MAX_COLS],
-        biases: [&[]; MAX_COLS],
-        prep: k.prep,
-        row0,
-        g0,
-        nsb,
-        tables: &k.tables,
-        row_bytes: k.w.row_bytes,
-        prefetch: k.prefetch,
-        stream: k.stream,
-    };
+    let mut args = k.args(row0, g0);
     for (a, col) in acc.iter_mut().zip(cols) {
         let Some((packed, scales, biases)) = k.w.row(col, g0, g1, BITS) else {
             return;
