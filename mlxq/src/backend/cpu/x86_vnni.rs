@@ -241,6 +241,18 @@ impl Prepared {
     fn split(&self) -> &[i8] {
         self.split.elems()
     }
+
+    /// Whether this holds groups `g0..g0 + groups` (from a superblock's start, within `nsb`
+    /// superblocks a row) of rows `..rows_end`, for codes of `nr` registers a superblock
+    /// (2..=8: groups of 32 to 128): the checks every kernel loop makes before it reads x.
+    fn covers(&self, rows_end: usize, nsb: usize, g0: usize, groups: usize, nr: usize) -> bool {
+        g0.is_multiple_of(SB)
+            && g0 + groups <= nsb * SB
+            && self.split().len() >= rows_end * nsb * nr * 128
+            && self.step.len() >= rows_end * nsb * 16
+            && self.xsum.len() >= rows_end * nsb * SB
+            && (2..=8).contains(&nr)
+    }
 }
 
 thread_local! {
@@ -1022,12 +1034,8 @@ unsafe fn one_column_run<P: Groups, const BITS: usize, const G: usize, const U: 
     if cols.is_empty()
         || acc.len() < cols.len()
         || groups == 0
-        || !g0.is_multiple_of(SB)
-        || g0 + groups > nsb * SB
-        || k.prep.split().len() < rows_end * nsb * nr * 128
-        || k.prep.step.len() < rows_end * nsb * 16
-        || k.prep.xsum.len() < rows_end * nsb * SB
-        || !(2..=4).contains(&nr)
+        || !k.prep.covers(rows_end, nsb, g0, groups, nr)
+        || nr > 4
         || k.w.row(cols.end - 1, g0, g1, BITS).is_none()
     {
         return;
@@ -1085,14 +1093,9 @@ unsafe fn columns<P: Groups, const BITS: usize, const G: usize, const R: usize, 
         a.scales[c].len() != groups
             || a.biases[c].len() < groups
             || a.packed[c].len() < groups * bpg
-    }) || !g0.is_multiple_of(SB)
-        || g0 + groups > nsb * SB
-        || a.prep.split().len() < rows_end * nsb * nr * 128
-        || a.prep.step.len() < rows_end * nsb * 16
-        || a.prep.xsum.len() < rows_end * nsb * SB
+    }) || !a.prep.covers(rows_end, nsb, g0, groups, nr)
         || C > MAX_COLS
         || acc.len() < C
-        || !(2..=8).contains(&nr)
     {
         return;
     }
