@@ -11,6 +11,7 @@ pub(crate) mod arm_neon;
 pub(crate) mod dequantize;
 pub(crate) mod qmm;
 pub(crate) mod quantize;
+pub(crate) mod tasks;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 #[cfg(target_arch = "x86_64")]

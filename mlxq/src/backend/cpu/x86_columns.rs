@@ -14,7 +14,6 @@
 
 use super::DisjointOut;
 use crate::dtype::Float;
-use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// Most rows of x one [`Columns::columns`] call covers.
@@ -347,7 +346,7 @@ pub(crate) unsafe fn run<C: Columns, O: Float>(kernel: &C, walk: Walk, out: &mut
     let per_call = kernel.cols().clamp(1, C::COLS);
     let tasks = (rayon::current_num_threads() * 8).max(1);
     let per_task = n.div_ceil(tasks).max(8);
-    (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
+    super::tasks::for_each(n.div_ceil(per_task), |t| {
         let cols = t * per_task..((t + 1) * per_task).min(n);
         let width = cols.len();
         ACC.with(|acc| {

@@ -49,7 +49,6 @@ use super::x86::{mask16, widen16};
 use super::{cast, cast_mut, DisjointOut, KernelFn, Variant};
 use crate::dtype::{Element, Float};
 use crate::error::{Error, Result};
-use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
@@ -634,24 +633,21 @@ pub(crate) fn qmv_n<I: QvmIsa, S: Float, O: Float, const BITS: usize>(
             if part.len() < tasks * len {
                 part.resize(tasks * len, 0.0);
             }
-            part[..tasks * len]
-                .par_chunks_mut(len)
-                .enumerate()
-                .for_each(|(t, acc)| {
-                    acc.fill(0.0);
-                    let k_lo = (t * bands / tasks * band).min(kdim);
-                    let k_hi = ((t + 1) * bands / tasks * band).min(kdim);
-                    with_scratch(&TILE, |sb| {
-                        sb.resize(K_BLOCK * 32, 0.0);
-                        let c = cx(k_lo, k_hi, band, tune().prefetch.unwrap_or(band), 0, n);
-                        // SAFETY: features checked above; `c` was sized against the slices.
-                        unsafe { I::columns::<S, BITS>(&c, scales, biases, sb, acc) };
-                    });
+            super::tasks::for_each_chunk_mut(&mut part[..tasks * len], len, |t, acc| {
+                acc.fill(0.0);
+                let k_lo = (t * bands / tasks * band).min(kdim);
+                let k_hi = ((t + 1) * bands / tasks * band).min(kdim);
+                with_scratch(&TILE, |sb| {
+                    sb.resize(K_BLOCK * 32, 0.0);
+                    let c = cx(k_lo, k_hi, band, tune().prefetch.unwrap_or(band), 0, n);
+                    // SAFETY: features checked above; `c` was sized against the slices.
+                    unsafe { I::columns::<S, BITS>(&c, scales, biases, sb, acc) };
                 });
+            });
             let part = &part[..tasks * len];
             let chunks = n / 32;
             let pieces = (threads * 4).clamp(1, chunks.max(1));
-            (0..pieces).into_par_iter().for_each(|p| {
+            super::tasks::for_each(pieces, |p| {
                 let (c0, c1) = (p * chunks / pieces * 32, (p + 1) * chunks / pieces * 32);
                 for r in 0..m {
                     let at = r * n;
@@ -665,7 +661,7 @@ pub(crate) fn qmv_n<I: QvmIsa, S: Float, O: Float, const BITS: usize>(
         // Columns per block: a multiple of g, at most BLOCK_COLS, accumulators L2-sized.
         let block_cols = (ACC_FLOATS / m / g * g).clamp(g, BLOCK_COLS);
         let tasks = (threads * 4).clamp(1, groups);
-        (0..tasks).into_par_iter().for_each(|t| {
+        super::tasks::for_each(tasks, |t| {
             let (j0, j1) = (t * groups / tasks, (t + 1) * groups / tasks);
             with_scratch(&TILE, |sb| {
                 sb.resize(K_BLOCK * 32, 0.0);
