@@ -27,7 +27,8 @@
 use super::qmm::QmmArgs;
 use super::x86_avx2::{available, widen8};
 use super::x86_columns::{
-    prefetch_groups, prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS,
+    groups_ahead, prefetch_groups_at, prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS,
+    MAX_ROWS, PREFETCH_AHEAD,
 };
 use super::x86_vnni::{grid_exponent, grid_key, pow2, round};
 use super::{cast, cast_mut, Variant};
@@ -376,31 +377,87 @@ impl<S: Float, const BITS: usize, const G: usize> Columns for Kernel<'_, S, BITS
         row0: usize,
         acc: &mut [[f32; MAX_ROWS]; MAX_COLS],
     ) {
-        let groups = self.w.groups;
         if count == 0 {
             return;
         }
-        let (Some((packed, scales, biases)), Some(x), Some(step), Some(xsum)) = (
-            self.w.row(col, g0, g1, BITS),
-            self.x.get(row0 * self.kp + g0 * G..),
-            self.step.get(row0 * groups + g0..),
-            self.xsum.get(row0 * groups + g0..),
-        ) else {
+        let len = (g1.saturating_sub(g0)) * (G / 8 * BITS);
+        let ahead = groups_ahead(g1.saturating_sub(g0), len, self.w.row_bytes, 1);
+        let Some(c) = self.column_at(col, g0, g1, row0, ahead) else {
             return;
         };
-        let c = Column {
+        // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
+        if let Some(v) = unsafe { column::<S, BITS, G, R>(&c) } {
+            acc[0][..R].copy_from_slice(&v);
+        }
+    }
+
+    /// One call for the task's columns (M = 1): a call per column, with its setup and
+    /// checks, cost as much as a fifth of a 4096-long row's dot product.
+    unsafe fn row_run(
+        &self,
+        cols: std::ops::Range<usize>,
+        g0: usize,
+        g1: usize,
+        row0: usize,
+        acc: &mut [f32],
+    ) {
+        // SAFETY: the caller guarantees the CPU features.
+        unsafe { row_run::<S, BITS, G>(self, cols, g0, g1, row0, acc) }
+    }
+}
+
+impl<'a, S: Float, const BITS: usize, const G: usize> Kernel<'a, S, BITS, G> {
+    /// Weight row `col`'s groups `g0..g1` against rows `row0..` of x (`None` where a slice
+    /// is out of range); `ahead` is [`groups_ahead`] for the slice.
+    fn column_at(
+        &self,
+        col: usize,
+        g0: usize,
+        g1: usize,
+        row0: usize,
+        ahead: usize,
+    ) -> Option<Column<'a, S>> {
+        let groups = self.w.groups;
+        let (packed, scales, biases) = self.w.row(col, g0, g1, BITS)?;
+        Some(Column {
             packed,
             scales,
             biases,
-            x,
-            step,
-            xsum,
+            x: self.x.get(row0 * self.kp + g0 * G..)?,
+            step: self.step.get(row0 * groups + g0..)?,
+            xsum: self.xsum.get(row0 * groups + g0..)?,
             kp: self.kp,
             groups,
             row_bytes: self.w.row_bytes,
+            groups_ahead: ahead,
+        })
+    }
+}
+
+/// [`Columns::row_run`]: `acc[i] +=` row `row0` of x · groups `g0..g1` of weight row
+/// `cols.start + i`, in one call (the loop over columns inside the kernel's features).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_run<S: Float, const BITS: usize, const G: usize>(
+    k: &Kernel<'_, S, BITS, G>,
+    cols: std::ops::Range<usize>,
+    g0: usize,
+    g1: usize,
+    row0: usize,
+    acc: &mut [f32],
+) {
+    let len = (g1.saturating_sub(g0)) * (G / 8 * BITS);
+    let ahead = groups_ahead(g1.saturating_sub(g0), len, k.w.row_bytes, 1);
+    for (a, col) in acc.iter_mut().zip(cols) {
+        let Some(c) = k.column_at(col, g0, g1, row0, ahead) else {
+            return;
         };
         // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
-        unsafe { column::<S, BITS, G, R>(&c, &mut acc[0]) }
+        if let Some([v]) = unsafe { column::<S, BITS, G, 1>(&c) } {
+            *a += v;
+        }
     }
 }
 
@@ -418,6 +475,8 @@ struct Column<'a, S> {
     groups: usize,
     /// Bytes from one weight row to the next.
     row_bytes: usize,
+    /// [`groups_ahead`] for the slice.
+    groups_ahead: usize,
 }
 
 /// The chunk of codes at `p` as the vectors its planes are taken from ([`plane`]): the 32
@@ -543,17 +602,17 @@ unsafe fn dots<const BITS: usize, const R: usize>(
     }
 }
 
-/// `acc[r]` = the slice's dot product with row `r` of x, for `R` rows. Writes nothing if the
-/// slices are shorter than [`Column`] promises (they never are; the check keeps the raw loads
-/// in bounds).
+/// The slice's dot products with rows `0..R` of x; `None` if the slices are shorter than
+/// [`Column`] promises (they never are; the check keeps the raw loads in bounds). Inlined
+/// into [`row_run`]'s loop over columns (same features).
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn column<S: Float, const BITS: usize, const G: usize, const R: usize>(
     a: &Column<'_, S>,
-    acc: &mut [f32; MAX_ROWS],
-) {
+) -> Option<[f32; R]> {
     let ch = chunk(BITS);
     let groups = a.scales.len();
     let gb = G / 8 * BITS;
@@ -565,7 +624,7 @@ unsafe fn column<S: Float, const BITS: usize, const G: usize, const R: usize>(
         || a.step.len() < (R - 1) * a.groups + groups
         || a.xsum.len() < (R - 1) * a.groups + groups
     {
-        return;
+        return None;
     }
     // Independent f32 sums per row: 2 for one row (groups alternate), else 1.
     let ways = if R == 1 { 2 } else { 1 };
@@ -579,14 +638,23 @@ unsafe fn column<S: Float, const BITS: usize, const G: usize, const R: usize>(
     let lane_group: [i32; 8] = std::array::from_fn(|l| (l * gpc / 8) as i32);
     // SAFETY: 8 elements.
     let lane_group = unsafe { _mm256_loadu_si256(lane_group.as_ptr() as *const __m256i) };
+    // Where the stream continues past this slice: right after it where the slice is its
+    // whole row (the prefetch address is then a fixed distance along the stream), else
+    // `prefetch_w`'s rule.
+    let linear = len == a.row_bytes;
+    let to = PrefetchTo::L1;
     for j0 in (0..groups).step_by(8) {
         let nb = (groups - j0).min(8);
-        for o in (0..nb * gb).step_by(64) {
-            prefetch_w(pp, j0 * gb + o, len, a.row_bytes, 1, PrefetchTo::L1);
+        if linear && nb == 8 {
+            to.prefetch_lines(pp.wrapping_add(j0 * gb + PREFETCH_AHEAD), 8 * gb);
+        } else {
+            for o in (0..nb * gb).step_by(64) {
+                prefetch_w(pp, j0 * gb + o, len, a.row_bytes, 1, to);
+            }
         }
-        if R <= 4 {
-            let (s, b) = (a.scales, a.biases);
-            prefetch_groups(s, b, j0, len, a.row_bytes, 1, PrefetchTo::L1);
+        // A line holds 32 bf16 or f16 factors: one prefetch per 32 groups covers each.
+        if R <= 4 && j0 % 32 == 0 {
+            prefetch_groups_at(a.scales, a.biases, j0 + a.groups_ahead, to);
         }
         let (sv, bv) = if nb == 8 {
             // SAFETY: j0 + 8 ≤ groups ≤ scales.len(), biases.len() (checked above).
@@ -640,27 +708,35 @@ unsafe fn column<S: Float, const BITS: usize, const G: usize, const R: usize>(
             }
             continue;
         }
-        for jj in 0..nb {
-            let j = j0 + jj;
-            let mut d = [_mm256_setzero_si256(); R];
-            for c in 0..G / ch {
-                // SAFETY: as above (j < groups); a chunk of at most a group is whole.
-                unsafe { dots::<BITS, R>(pp, usize::MAX, xp, kp, j * (G / ch) + c, &mut d) };
-            }
-            let pick = _mm256_set1_epi32(jj as i32);
+        {
+            // Each group's factor broadcast from memory (a load, not a lane shuffle on the
+            // vector pipes the dot products need).
+            let mut fa = [[0f32; 8]; R];
             for r in 0..R {
-                let s = _mm256_permutevar8x32_ps(f[r], pick);
-                let w = &mut vacc[r][jj % ways];
-                *w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[r]), s, *w);
+                // SAFETY: 8 elements.
+                unsafe { _mm256_storeu_ps(fa[r].as_mut_ptr(), f[r]) };
+            }
+            for jj in 0..nb {
+                let j = j0 + jj;
+                let mut d = [_mm256_setzero_si256(); R];
+                for c in 0..G / ch {
+                    // SAFETY: as above (j < groups); a chunk of at most a group is whole.
+                    unsafe { dots::<BITS, R>(pp, usize::MAX, xp, kp, j * (G / ch) + c, &mut d) };
+                }
+                for r in 0..R {
+                    let s = _mm256_broadcast_ss(&fa[r][jj]);
+                    let w = &mut vacc[r][jj % ways];
+                    *w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[r]), s, *w);
+                }
             }
         }
     }
-    for (o, v) in acc.iter_mut().zip(&vacc) {
-        let v = _mm256_add_ps(v[0], v[1]);
+    Some(std::array::from_fn(|r| {
+        let v = _mm256_add_ps(vacc[r][0], vacc[r][1]);
         let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        *o = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h)));
-    }
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h)))
+    }))
 }
 
 #[cfg(test)]

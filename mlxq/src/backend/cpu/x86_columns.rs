@@ -92,11 +92,27 @@ pub(crate) fn prefetch_groups<S>(
     share: usize,
     into: PrefetchTo,
 ) {
+    let ahead = groups_ahead(scales.len(), len, row_bytes, share);
+    prefetch_groups_at(scales, biases, j.saturating_add(ahead), into);
+}
+
+/// How many groups ahead of the one being read [`prefetch_groups`] prefetches: whole rows
+/// (`row_bytes` apart; the slice of `groups` groups is `len` bytes of codes), as many as the
+/// codes' prefetch distance spans, `share` rows on. Loop-invariant: kernels whose inner loop
+/// would pay its divisions per call compute it once per slice.
+#[inline(always)]
+pub(crate) fn groups_ahead(groups: usize, len: usize, row_bytes: usize, share: usize) -> usize {
     let len = len.max(1);
     // Groups per whole row: the slice's groups scaled by the row's bytes over the slice's.
-    let row_groups = row_bytes.saturating_mul(scales.len()) / len;
+    let row_groups = row_bytes.saturating_mul(groups) / len;
     let rows = (PREFETCH_AHEAD / share.max(1) / len + 1) * share;
-    let at = j.saturating_add(rows.saturating_mul(row_groups));
+    rows.saturating_mul(row_groups)
+}
+
+/// Prefetches the line of the scales and the line of the biases holding group `at` (indices
+/// past the slices are fine: nothing is read).
+#[inline(always)]
+pub(crate) fn prefetch_groups_at<S>(scales: &[S], biases: &[S], at: usize, into: PrefetchTo) {
     into.prefetch(scales.as_ptr().wrapping_add(at) as *const u8);
     into.prefetch(biases.as_ptr().wrapping_add(at) as *const u8);
 }
