@@ -101,8 +101,10 @@ const fn chunk_bytes(bits: usize) -> usize {
 ///   plane `v`, code `4v + d + 8h` of the lane's 16; for 6 bits, in plane `v` (the chunk's
 ///   codes `16v..16v + 16`), code `d + 4h` of the lane's 8.
 #[inline(always)]
-fn permuted(bits: usize, i: usize) -> usize {
-    let word = |l: usize, d: usize, h: usize| 8 * l + 2 * d + h;
+const fn permuted(bits: usize, i: usize) -> usize {
+    const fn word(l: usize, d: usize, h: usize) -> usize {
+        8 * l + 2 * d + h
+    }
     match bits {
         3 => {
             let (l, v, r) = (i / 32, i / 16 % 2, i % 16);
@@ -209,7 +211,6 @@ thread_local! {
 /// Rounds x (`m × k`, groups of `g`) onto its groups' grids into `p`.
 fn prepare<const BITS: usize>(x: &[f32], m: usize, k: usize, g: usize, p: &mut Prepared) {
     let (groups, kp) = (k / g, padded(k, BITS));
-    let ch = const { chunk(BITS) };
     p.step.clear();
     p.step.resize(m * groups, 0.0);
     p.xsum.clear();
@@ -235,12 +236,35 @@ fn prepare<const BITS: usize>(x: &[f32], m: usize, k: usize, g: usize, p: &mut P
                 } else {
                     grid_group(xg, t)
                 };
-                for (i, &v) in t.iter().enumerate() {
-                    let at = j * g + i;
-                    out[at / ch * ch + permuted(BITS, at % ch)] = v;
-                }
+                scatter::<BITS>(t, j * g, out);
             }
         });
+}
+
+/// [`permuted`] for every position of a chunk of `bits`-bit codes (at most 256).
+const fn permutation(bits: usize) -> [u8; 256] {
+    let mut p = [0u8; 256];
+    let mut i = 0;
+    while i < chunk(bits) {
+        p[i] = permuted(bits, i) as u8;
+        i += 1;
+    }
+    p
+}
+
+/// Writes one group's X, `t` (elements `at0..at0 + t.len()` of the row), into the row's
+/// chunks `out` in [`permuted`] order. The chunk size and the permutation are constants here:
+/// computed per element at run time (a division by the captured chunk size, and the
+/// permutation's arithmetic), this loop took ~10 µs of a 4096-long row on a Zen 3 core,
+/// as long as 500 columns' dot products.
+#[inline(always)]
+fn scatter<const BITS: usize>(t: &[i16], at0: usize, out: &mut [i16]) {
+    let ch = const { chunk(BITS) };
+    let perm = const { &permutation(BITS) };
+    for (i, &v) in t.iter().enumerate() {
+        let at = at0 + i;
+        out[at / ch * ch + perm[at % ch] as usize] = v;
+    }
 }
 
 /// One group's X (in element order), step `2^(e−8)` and Σx: the definition of the grid.
