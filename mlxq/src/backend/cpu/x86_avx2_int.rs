@@ -255,8 +255,8 @@ const fn permutation(bits: usize) -> [u8; 256] {
 /// Writes one group's X, `t` (elements `at0..at0 + t.len()` of the row), into the row's
 /// chunks `out` in [`permuted`] order. The chunk size and the permutation are constants here:
 /// computed per element at run time (a division by the captured chunk size, and the
-/// permutation's arithmetic), this loop took ~10 µs of a 4096-long row on a Zen 3 core,
-/// as long as 500 columns' dot products.
+/// permutation's arithmetic), this loop took ~5 µs of a 4096-long row on a Zen 3 core, as
+/// long as ~300 columns' dot products (docs/perf.md, session 44).
 #[inline(always)]
 fn scatter<const BITS: usize>(t: &[i16], at0: usize, out: &mut [i16]) {
     let ch = const { chunk(BITS) };
@@ -404,9 +404,7 @@ impl<S: Float, const BITS: usize, const G: usize> Columns for Kernel<'_, S, BITS
         if count == 0 {
             return;
         }
-        let len = (g1.saturating_sub(g0)) * (G / 8 * BITS);
-        let ahead = groups_ahead(g1.saturating_sub(g0), len, self.w.row_bytes, 1);
-        let Some(c) = self.column_at(col, g0, g1, row0, ahead) else {
+        let Some(c) = self.column_at(col, g0, g1, row0, self.ahead(g0, g1)) else {
             return;
         };
         // SAFETY: the caller guarantees the CPU features; `column` checks the slices.
@@ -431,6 +429,13 @@ impl<S: Float, const BITS: usize, const G: usize> Columns for Kernel<'_, S, BITS
 }
 
 impl<'a, S: Float, const BITS: usize, const G: usize> Kernel<'a, S, BITS, G> {
+    /// [`groups_ahead`] for the slices of groups `g0..g1` (two divisions: once per slice
+    /// or per run of columns, not per block of groups).
+    fn ahead(&self, g0: usize, g1: usize) -> usize {
+        let groups = g1.saturating_sub(g0);
+        groups_ahead(groups, groups * (G / 8 * BITS), self.w.row_bytes, 1)
+    }
+
     /// Weight row `col`'s groups `g0..g1` against rows `row0..` of x (`None` where a slice
     /// is out of range); `ahead` is [`groups_ahead`] for the slice.
     fn column_at(
@@ -472,8 +477,7 @@ unsafe fn row_run<S: Float, const BITS: usize, const G: usize>(
     row0: usize,
     acc: &mut [f32],
 ) {
-    let len = (g1.saturating_sub(g0)) * (G / 8 * BITS);
-    let ahead = groups_ahead(g1.saturating_sub(g0), len, k.w.row_bytes, 1);
+    let ahead = k.ahead(g0, g1);
     for (a, col) in acc.iter_mut().zip(cols) {
         let Some(c) = k.column_at(col, g0, g1, row0, ahead) else {
             return;
@@ -732,26 +736,24 @@ unsafe fn column<S: Float, const BITS: usize, const G: usize, const R: usize>(
             }
             continue;
         }
-        {
-            // Each group's factor broadcast from memory (a load, not a lane shuffle on the
-            // vector pipes the dot products need).
-            let mut fa = [[0f32; 8]; R];
-            for r in 0..R {
-                // SAFETY: 8 elements.
-                unsafe { _mm256_storeu_ps(fa[r].as_mut_ptr(), f[r]) };
+        // Each group's factor broadcast from a copy of the block's on the stack (a load where
+        // the compiler keeps it one: it turns some into lane shuffles; docs/perf.md, session 44).
+        let mut fa = [[0f32; 8]; R];
+        for r in 0..R {
+            // SAFETY: 8 elements.
+            unsafe { _mm256_storeu_ps(fa[r].as_mut_ptr(), f[r]) };
+        }
+        for jj in 0..nb {
+            let j = j0 + jj;
+            let mut d = [_mm256_setzero_si256(); R];
+            for c in 0..G / ch {
+                // SAFETY: as above (j < groups); a chunk of at most a group is whole.
+                unsafe { dots::<BITS, R>(pp, usize::MAX, xp, kp, j * (G / ch) + c, &mut d) };
             }
-            for jj in 0..nb {
-                let j = j0 + jj;
-                let mut d = [_mm256_setzero_si256(); R];
-                for c in 0..G / ch {
-                    // SAFETY: as above (j < groups); a chunk of at most a group is whole.
-                    unsafe { dots::<BITS, R>(pp, usize::MAX, xp, kp, j * (G / ch) + c, &mut d) };
-                }
-                for r in 0..R {
-                    let s = _mm256_broadcast_ss(&fa[r][jj]);
-                    let w = &mut vacc[r][jj % ways];
-                    *w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[r]), s, *w);
-                }
+            for r in 0..R {
+                let s = _mm256_broadcast_ss(&fa[r][jj]);
+                let w = &mut vacc[r][jj % ways];
+                *w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[r]), s, *w);
             }
         }
     }
