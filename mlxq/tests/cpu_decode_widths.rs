@@ -145,3 +145,74 @@ fn key(bits: u32, g: u32, variant: &'static str) -> mlxq::registry::KernelKey {
         variant,
     }
 }
+
+/// Rows long enough that the integer-grid decode kernels cut K into blocks at 4 rows and
+/// more (`avx2i16` keeps 256 KiB of x per block: K past 32768 at four rows), exact as above:
+/// a block's partial sums, the later blocks' offsets into x, and a last block shorter than
+/// the others, at 1, 4, 5 (a block of four rows and one of one) and 8 rows.
+#[test]
+fn decode_kernels_exact_on_rows_cut_into_k_blocks() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for variant in ["avx2i16", "avx512vnni"] {
+        let device = Device::cpu_with_variant(variant).unwrap();
+        let mut enc = device.encoder();
+        for bits in [2u32, 4] {
+            let g = 64usize;
+            if !mlxq::backend::cpu::supports(variant, &key(bits, g as u32, variant)) {
+                println!("{variant}: {bits} bits skipped (generic here)");
+                continue;
+            }
+            let spec = QuantSpec::affine(bits, g as u32).unwrap();
+            let (n, k) = (3usize, 34 * 1024);
+            let groups = k / g;
+            let codes: Vec<u8> = (0..n * k)
+                .map(|_| rng.gen_range(0..1u32 << bits) as u8)
+                .collect();
+            let row_bytes = k / 8 * bits as usize;
+            let mut bytes = vec![0u8; n * row_bytes];
+            for (c, b) in codes.chunks(k).zip(bytes.chunks_mut(row_bytes)) {
+                assert!(pack_row(bits, c, b));
+            }
+            let packed = Buffer::from_bytes(&bytes, DType::U32, &[n, row_bytes / 4]).unwrap();
+            let factors = |v: f32| Buffer::from_f32(&vec![v; n * groups], DType::F16, &[n, groups]);
+            let w = QuantizedWeight::new(
+                packed,
+                factors(1.0).unwrap(),
+                Some(factors(-1.0).unwrap()),
+                spec,
+            )
+            .unwrap();
+            for m in [1usize, 4, 5, 8] {
+                // Sparser than above: the rows are ~100× longer.
+                let x: Vec<f32> = (0..m * k)
+                    .map(|_| {
+                        if rng.gen_range(0..64) == 0 {
+                            rng.gen_range(-2i32..=2) as f32
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let xb = Buffer::from_f32(&x, DType::F16, &[m, k]).unwrap();
+                let mut y = Buffer::from_f32(&vec![f32::NAN; m * n], DType::F16, &[m, n]).unwrap();
+                ops::quantized_matmul_into(&mut enc, &xb, &w, true, &mut y).unwrap();
+                let got = y.to_f32_vec().unwrap();
+                for r in 0..m {
+                    for c in 0..n {
+                        let want: i64 = (0..k)
+                            .map(|i| x[r * k + i] as i64 * (codes[c * k + i] as i64 - 1))
+                            .sum();
+                        assert!(want.abs() < 2048, "test data too large: {want}");
+                        assert_eq!(
+                            got[r * n + c],
+                            want as f32,
+                            "{} bits {bits} k {k} m {m}: row {r} column {c}",
+                            enc.last_kernel().unwrap_or("?")
+                        );
+                    }
+                }
+            }
+        }
+        enc.commit_and_wait().unwrap();
+    }
+}

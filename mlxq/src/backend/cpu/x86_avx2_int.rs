@@ -58,11 +58,11 @@ pub(crate) const QMM_T_AVX2_INT: Variant = Variant {
 /// Rows of x sharing one decoded chunk: 16 ymm registers hold a chunk's code words, and per
 /// row a group sum and an accumulator.
 const ROWS: usize = 4;
-/// Bytes of x one row block may touch per K block (L1-resident beside the weights).
-const X_BLOCK_BYTES: usize = 24 << 10;
-/// The same with a single block of rows (decode): every column reads x once per call, from
-/// L2 if need be; blocking K would only cut each weight row's stream into pieces.
-const X_BLOCK_BYTES_DECODE: usize = 256 << 10;
+/// Bytes of x one row block may touch per K block: half of a Zen 3 core's L2, so K is cut
+/// only past 32768 elements at four rows. Every column reads its block of x from L2 if need
+/// be; blocking K at 24 KiB to keep x in L1 (as before session 45) cut each weight row's
+/// stream into pieces and cost 5–17% at M = 8..16 on a Zen 3 VM (docs/perf.md, session 45).
+const X_BLOCK_BYTES: usize = 256 << 10;
 /// Elements of x up to which [`prepare`] runs on the calling thread alone.
 const SEQUENTIAL: usize = 1 << 14;
 
@@ -354,12 +354,7 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
     let biases: &[S] = cast(OP, "biases", w.biases)?;
     let out: &mut [O] = cast_mut(OP, "out", a.out)?;
     let (m, n, k) = (a.m, w.rows, w.cols);
-    let x_block = if m <= ROWS {
-        X_BLOCK_BYTES_DECODE
-    } else {
-        X_BLOCK_BYTES
-    };
-    let mut walk = Walk::new(m, n, k, G, ROWS, 2, x_block);
+    let mut walk = Walk::new(m, n, k, G, ROWS, 2, X_BLOCK_BYTES);
     // K blocks of whole chunks (a chunk of 4-bit codes holds two groups of 32).
     let per = (chunk(BITS) / G).max(1);
     walk.block_groups = walk.block_groups.div_ceil(per) * per;
