@@ -817,6 +817,28 @@ pub(super) unsafe fn store16<O: Float, const NAN: bool>(p: *mut O, lo: __m256, h
     }
 }
 
+/// Stores the 8 values of `v` rounded to `O` (nearest-even, as `O::from_f32`) at `p`.
+/// Without `NAN` the caller vouches that no value is NaN ([`bf16_round`]).
+///
+/// # Safety
+/// 8 elements of `O` must be writable at `p`; the CPU must support [`available`]'s features.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn store8<O: Float, const NAN: bool>(p: *mut O, v: __m256) {
+    // SAFETY: 8 elements writable at `p` (contract).
+    unsafe {
+        match O::DTYPE {
+            DType::F16 => _mm_storeu_si128(p as *mut __m128i, _mm256_cvtps_ph::<RNE>(v)),
+            DType::BF16 => {
+                let a = _mm256_srli_epi32::<16>(bf16_round::<NAN>(v));
+                let w = _mm256_permute4x64_epi64::<0xD8>(_mm256_packus_epi32(a, a));
+                _mm_storeu_si128(p as *mut __m128i, _mm256_castsi256_si128(w));
+            }
+            _ => _mm256_storeu_ps(p as *mut f32, v),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

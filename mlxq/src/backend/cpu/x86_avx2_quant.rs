@@ -43,7 +43,7 @@
 use super::dequantize::{DequantizeArgs, DequantizeFn};
 use super::quantize::{QuantizeArgs, QuantizeFn};
 use super::x86_avx2::widen8;
-use super::x86_avx2_fp_quant::{store16, to_dtype};
+use super::x86_avx2_fp_quant::{store16, store8, to_dtype};
 use super::x86_quant::check_len;
 use super::{cast, cast_mut};
 use crate::dtype::{DType, Float};
@@ -312,9 +312,17 @@ unsafe fn batch_params<T: Float, const BITS: usize>(
         thr: lanes(thr),
         fix: bad & valid,
     };
-    for j in 0..count {
-        scales[j] = T::from_f32(p.s[j]);
-        biases[j] = T::from_f32(p.b[j]);
+    // Rounded to `T` 8 lanes at a time (16 scalar conversions cost ~10% of the kernel).
+    for (dst, v) in [(scales, s), (biases, bias)] {
+        if dst.len() >= BATCH {
+            // SAFETY: 8 elements of `dst`; the features are this function's.
+            unsafe { store8::<T, true>(dst.as_mut_ptr(), v) };
+        } else {
+            let mut tmp = [T::from_f32(0.0); BATCH];
+            // SAFETY: as above, into `tmp`.
+            unsafe { store8::<T, true>(tmp.as_mut_ptr(), v) };
+            dst[..count].copy_from_slice(&tmp[..count]);
+        }
     }
     p
 }
