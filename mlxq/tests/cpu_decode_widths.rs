@@ -59,64 +59,12 @@ fn decode_kernels_exact_on_integer_data_every_width_and_superblock_path() {
                 for groups in [8usize, 9, 11, 3, 1, 29] {
                     let k = groups * g;
                     for n in [1usize, 7, 34] {
-                        let codes: Vec<u8> = (0..n * k)
-                            .map(|_| rng.gen_range(0..1u32 << bits) as u8)
-                            .collect();
-                        let row_bytes = k / 8 * bits as usize;
-                        let mut bytes = vec![0u8; n * row_bytes];
-                        for (c, b) in codes.chunks(k).zip(bytes.chunks_mut(row_bytes)) {
-                            assert!(pack_row(bits, c, b));
-                        }
-                        let packed =
-                            Buffer::from_bytes(&bytes, DType::U32, &[n, row_bytes / 4]).unwrap();
-                        let ones = vec![1f32; n * groups];
-                        let w = QuantizedWeight::new(
-                            packed,
-                            Buffer::from_f32(&ones, DType::F16, &[n, groups]).unwrap(),
-                            Some(
-                                Buffer::from_f32(
-                                    &vec![-1f32; n * groups],
-                                    DType::F16,
-                                    &[n, groups],
-                                )
-                                .unwrap(),
-                            ),
-                            spec,
-                        )
-                        .unwrap();
+                        let (codes, w) = integer_weight(&mut rng, spec, n, k);
                         for m in MS {
                             // Sparse, so that every output stays well inside f16's integers.
-                            let x: Vec<f32> = (0..m * k)
-                                .map(|_| {
-                                    if rng.gen_range(0..8) == 0 {
-                                        rng.gen_range(-2i32..=2) as f32
-                                    } else {
-                                        0.0
-                                    }
-                                })
-                                .collect();
-                            let xb = Buffer::from_f32(&x, DType::F16, &[m, k]).unwrap();
-                            let mut y =
-                                Buffer::from_f32(&vec![f32::NAN; m * n], DType::F16, &[m, n])
-                                    .unwrap();
-                            ops::quantized_matmul_into(&mut enc, &xb, &w, true, &mut y).unwrap();
-                            let got = y.to_f32_vec().unwrap();
-                            for r in 0..m {
-                                for c in 0..n {
-                                    let want: i64 = (0..k)
-                                        .map(|i| {
-                                            x[r * k + i] as i64 * (codes[c * k + i] as i64 - 1)
-                                        })
-                                        .sum();
-                                    assert!(want.abs() < 2048, "test data too large: {want}");
-                                    assert_eq!(
-                                        got[r * n + c],
-                                        want as f32,
-                                        "{} bits {bits} g {g} k {k} n {n} m {m}: row {r} column {c}",
-                                        enc.last_kernel().unwrap_or("?")
-                                    );
-                                }
-                            }
+                            let x = sparse_x(&mut rng, m * k, 8);
+                            let ctx = format!("bits {bits} g {g} k {k} n {n} m {m}");
+                            assert_exact(&mut enc, &w, &codes, &x, m, &ctx);
                             cases += 1;
                         }
                     }
@@ -157,62 +105,96 @@ fn decode_kernels_exact_on_rows_cut_into_k_blocks() {
         let device = Device::cpu_with_variant(variant).unwrap();
         let mut enc = device.encoder();
         for bits in [2u32, 4] {
-            let g = 64usize;
-            if !mlxq::backend::cpu::supports(variant, &key(bits, g as u32, variant)) {
+            if !mlxq::backend::cpu::supports(variant, &key(bits, 64, variant)) {
                 println!("{variant}: {bits} bits skipped (generic here)");
                 continue;
             }
-            let spec = QuantSpec::affine(bits, g as u32).unwrap();
+            let spec = QuantSpec::affine(bits, 64).unwrap();
             let (n, k) = (3usize, 34 * 1024);
-            let groups = k / g;
-            let codes: Vec<u8> = (0..n * k)
-                .map(|_| rng.gen_range(0..1u32 << bits) as u8)
-                .collect();
-            let row_bytes = k / 8 * bits as usize;
-            let mut bytes = vec![0u8; n * row_bytes];
-            for (c, b) in codes.chunks(k).zip(bytes.chunks_mut(row_bytes)) {
-                assert!(pack_row(bits, c, b));
-            }
-            let packed = Buffer::from_bytes(&bytes, DType::U32, &[n, row_bytes / 4]).unwrap();
-            let factors = |v: f32| Buffer::from_f32(&vec![v; n * groups], DType::F16, &[n, groups]);
-            let w = QuantizedWeight::new(
-                packed,
-                factors(1.0).unwrap(),
-                Some(factors(-1.0).unwrap()),
-                spec,
-            )
-            .unwrap();
+            let (codes, w) = integer_weight(&mut rng, spec, n, k);
             for m in [1usize, 4, 5, 8] {
                 // Sparser than above: the rows are ~100× longer.
-                let x: Vec<f32> = (0..m * k)
-                    .map(|_| {
-                        if rng.gen_range(0..64) == 0 {
-                            rng.gen_range(-2i32..=2) as f32
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                let xb = Buffer::from_f32(&x, DType::F16, &[m, k]).unwrap();
-                let mut y = Buffer::from_f32(&vec![f32::NAN; m * n], DType::F16, &[m, n]).unwrap();
-                ops::quantized_matmul_into(&mut enc, &xb, &w, true, &mut y).unwrap();
-                let got = y.to_f32_vec().unwrap();
-                for r in 0..m {
-                    for c in 0..n {
-                        let want: i64 = (0..k)
-                            .map(|i| x[r * k + i] as i64 * (codes[c * k + i] as i64 - 1))
-                            .sum();
-                        assert!(want.abs() < 2048, "test data too large: {want}");
-                        assert_eq!(
-                            got[r * n + c],
-                            want as f32,
-                            "{} bits {bits} k {k} m {m}: row {r} column {c}",
-                            enc.last_kernel().unwrap_or("?")
-                        );
-                    }
-                }
+                let x = sparse_x(&mut rng, m * k, 64);
+                assert_exact(
+                    &mut enc,
+                    &w,
+                    &codes,
+                    &x,
+                    m,
+                    &format!("bits {bits} k {k} m {m}"),
+                );
             }
         }
         enc.commit_and_wait().unwrap();
+    }
+}
+
+/// Random codes for an `n × k` weight of `spec` (affine), and the weight: every scale 1,
+/// every bias −1 (f16).
+fn integer_weight(
+    rng: &mut StdRng,
+    spec: QuantSpec,
+    n: usize,
+    k: usize,
+) -> (Vec<u8>, QuantizedWeight) {
+    let (bits, g) = (spec.bits(), spec.group_size() as usize);
+    let groups = k / g;
+    let codes: Vec<u8> = (0..n * k)
+        .map(|_| rng.gen_range(0..1u32 << bits) as u8)
+        .collect();
+    let row_bytes = k / 8 * bits as usize;
+    let mut bytes = vec![0u8; n * row_bytes];
+    for (c, b) in codes.chunks(k).zip(bytes.chunks_mut(row_bytes)) {
+        assert!(pack_row(bits, c, b));
+    }
+    let packed = Buffer::from_bytes(&bytes, DType::U32, &[n, row_bytes / 4]).unwrap();
+    let factors =
+        |v: f32| Buffer::from_f32(&vec![v; n * groups], DType::F16, &[n, groups]).unwrap();
+    let w = QuantizedWeight::new(packed, factors(1.0), Some(factors(-1.0)), spec).unwrap();
+    (codes, w)
+}
+
+/// `len` values of x, one in `one_in` a random integer in −2..=2, the rest 0.
+fn sparse_x(rng: &mut StdRng, len: usize, one_in: u32) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            if rng.gen_range(0..one_in) == 0 {
+                rng.gen_range(-2i32..=2) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// `x` (`m` rows, f16) times the weight of [`integer_weight`] on `enc`'s device, into an
+/// output poisoned with NaN, against the exact integer sums `Σ x·(code − 1)`.
+fn assert_exact(
+    enc: &mut mlxq::CommandEncoder,
+    w: &QuantizedWeight,
+    codes: &[u8],
+    x: &[f32],
+    m: usize,
+    ctx: &str,
+) {
+    let k = x.len() / m;
+    let n = codes.len() / k;
+    let xb = Buffer::from_f32(x, DType::F16, &[m, k]).unwrap();
+    let mut y = Buffer::from_f32(&vec![f32::NAN; m * n], DType::F16, &[m, n]).unwrap();
+    ops::quantized_matmul_into(enc, &xb, w, true, &mut y).unwrap();
+    let got = y.to_f32_vec().unwrap();
+    for r in 0..m {
+        for c in 0..n {
+            let want: i64 = (0..k)
+                .map(|i| x[r * k + i] as i64 * (codes[c * k + i] as i64 - 1))
+                .sum();
+            assert!(want.abs() < 2048, "test data too large: {want}");
+            assert_eq!(
+                got[r * n + c],
+                want as f32,
+                "{} {ctx}: row {r} column {c}",
+                enc.last_kernel().unwrap_or("?")
+            );
+        }
     }
 }
