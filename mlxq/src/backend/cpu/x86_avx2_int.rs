@@ -218,6 +218,9 @@ fn prepare<const BITS: usize>(x: &[f32], m: usize, k: usize, g: usize, p: &mut P
     let xq = p.x.clear_to_zeroed_elems::<i16>(m * kp);
     let min_len = if m * k <= SEQUENTIAL { usize::MAX } else { 1 };
     let fast = available() && g <= 128;
+    // 4 and 8 bits: each row in element order, then its chunks permuted in place by
+    // shuffles; other widths: each group scattered through the permutation table.
+    let in_place = fast && (BITS == 4 || BITS == 8);
     xq.par_chunks_mut(kp)
         .zip(x.par_chunks(k))
         .zip(
@@ -227,9 +230,6 @@ fn prepare<const BITS: usize>(x: &[f32], m: usize, k: usize, g: usize, p: &mut P
         )
         .with_min_len(min_len)
         .for_each(|((out, xr), (step, xsum))| {
-            // 4 and 8 bits: the row in element order, then each chunk permuted in place by
-            // shuffles; other widths: each group scattered through the permutation table.
-            let in_place = fast && (BITS == 4 || BITS == 8);
             let mut tmp = [0i16; 128];
             for (j, xg) in xr.chunks_exact(g).enumerate() {
                 if in_place {
