@@ -1,41 +1,60 @@
-// Zen 3 (AVX2) arithmetic rates: 256-bit vfmadd231ps against vpmaddwd + vpaddd (16 i16 products
-// summed in pairs into i32, then accumulated), 12 independent accumulators, T threads.
-// Prints groups of 12 instructions per ns per thread and the MAC rate of all threads.
-//   gcc -O2 -mavx2 -mfma -pthread tools/avx2_madd_probe.c -o /tmp/madd && /tmp/madd 1 && /tmp/madd 2
-// Session 44 (docs/perf.md): FMA 50 GMAC/s per thread, 2 threads 2x; vpmaddwd + vpaddd 62-68.
-#include <immintrin.h>
-#include <pthread.h>
+// AVX2 arithmetic rates of the instructions the `avx2i16` and `avx2` decode loops are made of,
+// in cycles per instruction at one thread: each loop is inline assembly on registers only (12
+// independent accumulators, no stores), and the clock is read from a chain of dependent
+// `vpaddd` (one cycle each).
+//   gcc -O2 -mavx2 -mfma tools/avx2_madd_probe.c -o /tmp/madd && /tmp/madd
+// Session 46 (docs/perf.md), Zen 3 VM at 2.9 GHz: vpmaddwd 0.49 cycles (two per cycle, also
+// with its x operand from L1), vpmaddwd + vpaddd 0.61 cycles per pair (26 MACs per cycle),
+// vfmadd231ps 0.46. Session 44/45's version of this probe read "one vpmaddwd per cycle": its C
+// loops kept every accumulator in memory (12 stores per iteration), and the compiler hoisted
+// the product out of its madd + add loop.
 #include <stdio.h>
-#include <stdlib.h>
 #include <time.h>
-#define ITERS 20000000L
-static double now(void){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec+t.tv_nsec*1e-9;}
-static volatile int sinki; static volatile float sinkf;
-#define REP(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-static void* fma_f32(void*a_){ __m256 a=_mm256_set1_ps(1.0001f),b=_mm256_set1_ps(0.999f);
-#define D(i) __m256 c##i=_mm256_set1_ps(i);
-REP(D)
-for(long it=0;it<ITERS;it++){
-#define F(i) c##i=_mm256_fmadd_ps(a,b,c##i); __asm__ volatile(""::"x"(c##i));
-REP(F)}
-#define S(i) +_mm256_cvtss_f32(c##i)
-sinkf = 0 REP(S); return 0;}
-static void* madd(void*a_){ __m256i a=_mm256_set1_epi16(3),b=_mm256_set1_epi16(5);
-#define DI(i) __m256i c##i=_mm256_set1_epi32(i);
-REP(DI)
-for(long it=0;it<ITERS;it++){
-#define G(i) c##i=_mm256_add_epi32(c##i,_mm256_madd_epi16(a,b)); __asm__ volatile(""::"x"(c##i));
-REP(G)}
-#define SI(i) +_mm256_cvtsi256_si32(c##i)
-sinki = 0 REP(SI); return 0;}
-static void* maddonly(void*a_){ __m256i a=_mm256_set1_epi16(3);
-REP(DI)
-for(long it=0;it<ITERS;it++){
-#define H(i) c##i=_mm256_madd_epi16(a,c##i); __asm__ volatile(""::"x"(c##i));
-REP(H)}
-sinki = 0 REP(SI); return 0;}
-static void run(const char*name, void*(*f)(void*), int th, int macs){
-  pthread_t t[8]; double t0=now(); for(int i=0;i<th;i++) pthread_create(&t[i],0,f,0); for(int i=0;i<th;i++) pthread_join(t[i],0);
-  double dt=now()-t0; double ipn=ITERS*12.0/dt/1e9; printf("%-28s %d thr: %.2f instr-groups/ns/thread, %.1f GMAC/s total\n",name,th,ipn,ipn*macs*th);}
-int main(int c,char**v){int th=c>1?atoi(v[1]):1;
-run("fma ymm",fma_f32,th,8); run("vpmaddwd+vpaddd (dep chain ok)",madd,th,16); run("vpmaddwd alone (chained 12)",maddonly,th,16);}
+#define ITERS 100000000L
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+static char x[4096] __attribute__((aligned(64)));
+#define CLOBBER                                                                                    \
+    "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", \
+        "xmm12", "xmm13"
+// One instruction into accumulator n (12 of them per iteration).
+#define ONE(I, n) I " %%ymm15, %%ymm" #n ", %%ymm" #n "\n\t"
+#define TWELVE(I)                                                                                  \
+    ONE(I, 0) ONE(I, 1) ONE(I, 2) ONE(I, 3) ONE(I, 4) ONE(I, 5) ONE(I, 6) ONE(I, 7) ONE(I, 8)         \
+        ONE(I, 9) ONE(I, 10) ONE(I, 11)
+// vpmaddwd into a temporary (from a register or from x in L1), then vpaddd into an accumulator.
+#define PAIR_R(t, a) "vpmaddwd %%ymm14, %%ymm15, %%ymm" #t "\n\tvpaddd %%ymm" #t ", %%ymm" #a ", %%ymm" #a "\n\t"
+#define PAIR_M(t, a, o)                                                                            \
+    "vpmaddwd " #o "(%0), %%ymm15, %%ymm" #t "\n\tvpaddd %%ymm" #t ", %%ymm" #a ", %%ymm" #a "\n\t"
+#define SIX_R PAIR_R(0, 8) PAIR_R(1, 9) PAIR_R(2, 10) PAIR_R(3, 11) PAIR_R(4, 12) PAIR_R(5, 13)
+#define SIX_M                                                                                      \
+    PAIR_M(0, 8, 0) PAIR_M(1, 9, 32) PAIR_M(2, 10, 64) PAIR_M(3, 11, 96) PAIR_M(4, 12, 128)          \
+        PAIR_M(5, 13, 160)
+#define TIME(name, per, body)                                                                      \
+    do {                                                                                           \
+        double t0 = now();                                                                         \
+        for (long i = 0; i < ITERS; i++) __asm__ volatile(body ::"r"(x) : CLOBBER);               \
+        printf("%-26s %.3f cycles\n", name, (now() - t0) * ghz * 1e9 / (per * (double)ITERS));  \
+    } while (0)
+
+int main(void) {
+    double t0 = now();
+    for (long i = 0; i < ITERS; i++)
+        __asm__ volatile("vpaddd %%ymm15, %%ymm0, %%ymm0\n\tvpaddd %%ymm15, %%ymm0, %%ymm0\n\t"
+                         "vpaddd %%ymm15, %%ymm0, %%ymm0\n\tvpaddd %%ymm15, %%ymm0, %%ymm0" ::
+                             : "xmm0");
+    double ghz = 4.0 * ITERS / (now() - t0) / 1e9;
+    printf("clock (dependent vpaddd)  %.2f GHz\n", ghz);
+    TIME("vpmaddwd", 12, TWELVE("vpmaddwd"));
+    TIME("vpmaddubsw", 12, TWELVE("vpmaddubsw"));
+    TIME("vfmadd231ps", 12, TWELVE("vfmadd231ps"));
+    TIME("vpsrlvd", 12, TWELVE("vpsrlvd"));
+    TIME("vpshufb", 12, TWELVE("vpshufb"));
+    TIME("vpaddd", 12, TWELVE("vpaddd"));
+    TIME("vpmaddwd + vpaddd (reg)", 6, SIX_R);
+    TIME("vpmaddwd + vpaddd (L1 x)", 6, SIX_M);
+    return 0;
+}
