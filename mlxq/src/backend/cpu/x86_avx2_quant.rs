@@ -16,8 +16,9 @@
 //!    ([`group_params`](crate::quant::affine::group_params)), and the fast pass's constants
 //!    `r = RN(1/s)`, `c = RN(−b·r)` and near-tie threshold `0.5 − 2⁻²¹·M − 2⁻²⁴`.
 //! 3. Codes by one FMA, `q̃ = RN(w·r + c)`, rounded to the nearest integer; each 32 codes keep
-//!    `max |q̃ − rint(q̃)|`, and where it reaches the threshold those 32 are redone with MLX's
-//!    true division `(w − b)/s` and the flavour's tie rule. The codes pass reads the batch's
+//!    `max |q̃ − rint(q̃)|`, and where it reaches the threshold those 32 are listed (without a
+//!    branch) and redone after the batch's fast pass with MLX's true division `(w − b)/s` and
+//!    the flavour's tie rule. The codes pass reads the batch's
 //!    input again (from L1 or L2); bf16 widens it by two unpacks per 16 values, in their
 //!    lane-interleaved order, which the pack's final permute puts right.
 //! 4. Pack 32 codes at a time: two saturating packs and one dword permute put them in order as
@@ -341,6 +342,12 @@ unsafe fn finish_batch<T: Float, const BITS: usize, const VPG: usize>(
         return;
     }
     let sign = _mm256_set1_ps(-0.0);
+    // Runs of 32 codes with a near tie, as (group, run): appended without a branch and redone
+    // after the batch's fast pass. A branch per run mispredicted on most of the runs it took
+    // (7.5% of them with bf16 input), each flushing the fast pass's work in flight: 25% of the
+    // kernel's time at one thread (docs/perf.md, session 46).
+    let mut ties = [(0u8, 0u8); BATCH * MAX_G / 32];
+    let mut n = 0;
     for j in 0..count {
         if p.fix & (1 << j) != 0 {
             continue;
@@ -364,13 +371,13 @@ unsafe fn finish_batch<T: Float, const BITS: usize, const VPG: usize>(
                 worst = _mm256_max_ps(_mm256_andnot_ps(sign, frac), worst);
                 *k = _mm256_cvtps_epi32(q);
             }
-            if _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NLT_UQ>(worst, thr)) != 0 {
-                let (s, bias) = (_mm256_set1_ps(p.s[j]), _mm256_set1_ps(p.b[j]));
-                for (k, &x) in ks.iter_mut().zip(&xs) {
-                    let q = _mm256_div_ps(_mm256_sub_ps(x, bias), s);
-                    *k = _mm256_cvttps_epi32(round(q, flavour));
-                }
+            let near = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NLT_UQ>(worst, thr)) != 0;
+            // j < 8 and q < 4 fit a byte; `n` counts earlier runs only, so it is below the
+            // array's length (one entry per run of the batch).
+            if let Some(t) = ties.get_mut(n) {
+                *t = (j as u8, q as u8);
             }
+            n += usize::from(near);
             // SAFETY: the 32 codes' 4·BITS bytes lie within the batch's `count·gb` bytes.
             unsafe {
                 pack32::<BITS>(
@@ -380,6 +387,27 @@ unsafe fn finish_batch<T: Float, const BITS: usize, const VPG: usize>(
                 )
             };
         }
+    }
+    // The near ties' runs again with MLX's true division `(w − b)/s` and the flavour's tie
+    // rule, over the fast pass's codes.
+    for &(j, q) in &ties[..n.min(ties.len())] {
+        let (j, q) = (usize::from(j), usize::from(q));
+        let at = j * g + 32 * q;
+        // SAFETY: as in the fast pass (the same run).
+        let xs = unsafe { widen32(b.w.as_ptr().add(at)) };
+        let (s, bias) = (_mm256_set1_ps(p.s[j]), _mm256_set1_ps(p.b[j]));
+        let ks = xs.map(|x| {
+            let q = _mm256_div_ps(_mm256_sub_ps(x, bias), s);
+            _mm256_cvttps_epi32(round(q, flavour))
+        });
+        // SAFETY: as in the fast pass.
+        unsafe {
+            pack32::<BITS>(
+                &ks,
+                interleaved::<T>(),
+                b.packed.as_mut_ptr().add(at / 8 * BITS),
+            )
+        };
     }
     let mut fix = p.fix;
     while fix != 0 {
