@@ -1,8 +1,10 @@
 #!/bin/bash
 set -u
 # cuda_batch.sh: the CUDA conformance jobs of one device call (docs/perf-cuda.md), each test in its own
-# process so that the cold NVRTC compiles use every core, the cubin cache under $OUT (it comes back
-# with the results and can be carried into the next call). Build here, then run there:
+# process so that the cold NVRTC compiles use every core, sharing one cubin cache (MLXQ_CUDA_CACHE,
+# /tmp/mlxq-cache unless set). Each test's log is written to $L (/tmp/mlxq-logs unless set) and
+# all of them end up in one file, $OUT/tests.log (a call brings back at most 8 files). Build here,
+# then run there:
 #   cargo test --release -p mlxq --features cuda --test cuda_conformance --no-run
 #   mkdir -p .devrun && cp target/release/deps/cuda_conformance-<hash> .devrun/cuda_conformance
 #   strip .devrun/cuda_conformance && gzip -f .devrun/cuda_conformance
@@ -13,15 +15,16 @@ chmod +x .devrun/cuda_conformance
 B=$PWD/.devrun/cuda_conformance
 cd mlxq
 export MLXQ_FIXTURES=$PWD/tests/fixtures
-mkdir -p $OUT/cache
-export MLXQ_CUDA_CACHE=$OUT/cache
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > $OUT/gpu.txt 2>&1
+export MLXQ_CUDA_CACHE=${MLXQ_CUDA_CACHE:-/tmp/mlxq-cache}
+L=${L:-/tmp/mlxq-logs}
+mkdir -p $MLXQ_CUDA_CACHE $L
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>&1
 T=${T:-540}
 job() { # name, env..., -- test names
   local name=$1; shift
   local envs=()
   while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
-  ( start=$(date +%s); env "${envs[@]}" timeout $T $B --exact --nocapture "$@" > $OUT/$name.log 2>&1; rc=$?; echo "rc=$rc secs=$(( $(date +%s) - start ))" >> $OUT/$name.log ) &
+  ( start=$(date +%s); env "${envs[@]}" timeout $T $B --exact --nocapture "$@" > $L/$name.log 2>&1; rc=$?; echo "rc=$rc secs=$(( $(date +%s) - start ))" >> $L/$name.log ) &
 }
 P=""
 job splitk X=1 -- split_k_tiles_match_the_f64_reference
@@ -37,7 +40,8 @@ job ws64_qmm MLXQ_TILE=ws64 MLXQ_TILE_MIN_M=2 -- quantized_matmul_matches_the_f6
 job wg64_tiled MLXQ_WS=0 MLXQ_TILE=wg64 MLXQ_TILE_MIN_M=2 -- tiled_prefill_matches_the_f64_reference
 job wg64_qmm MLXQ_WS=0 MLXQ_TILE=wg64 MLXQ_TILE_MIN_M=2 -- quantized_matmul_matches_the_f64_reference
 # Everything else in the suite, in one process.
-( start=$(date +%s); timeout $T $B --exact --nocapture --skip split_k_tiles_match_the_f64_reference --skip quantized_matmul_matches_the_f64_reference --skip tensor_core_matmul_matches_the_f64_reference --skip tiled_prefill_matches_the_f64_reference --skip transpose_false_prefill_matches_the_f64_reference --skip gather_qmm_with_device_indices --skip long_rows_and_many_rows --skip batched_weights_broadcast_with_x > $OUT/rest.log 2>&1; echo "rc=$? secs=$(( $(date +%s) - start ))" >> $OUT/rest.log ) &
+( start=$(date +%s); timeout $T $B --exact --nocapture --skip split_k_tiles_match_the_f64_reference --skip quantized_matmul_matches_the_f64_reference --skip tensor_core_matmul_matches_the_f64_reference --skip tiled_prefill_matches_the_f64_reference --skip transpose_false_prefill_matches_the_f64_reference --skip gather_qmm_with_device_indices --skip long_rows_and_many_rows --skip batched_weights_broadcast_with_x > $L/rest.log 2>&1; echo "rc=$? secs=$(( $(date +%s) - start ))" >> $L/rest.log ) &
 wait
-du -sh $OUT/cache; ls $OUT/cache | wc -l
-for f in $OUT/*.log; do echo "== $f"; grep -E "^test |test result|rc=" $f | tail -6; done
+du -sh $MLXQ_CUDA_CACHE; ls $MLXQ_CUDA_CACHE | wc -l
+for f in $L/*.log; do echo "== $f"; cat $f; done > $OUT/tests.log
+for f in $L/*.log; do echo "== $f"; grep -E "^test |test result|rc=" $f | tail -6; done
