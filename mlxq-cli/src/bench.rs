@@ -27,7 +27,8 @@
 //!
 //! Progress goes to stderr, the table (or `--json` lines) to stdout. Exits non-zero when any
 //! result exceeds its tolerance (normwise relative: 1e-5 for f32 x, 1e-2 for bf16/f16;
-//! 0, i.e. bit-exact, for `quantize` and `dequantize`).
+//! 3/L for the opt-in int8 variants, L the levels of their x grid,
+//! [`mlxq::backend::cpu::int8_levels`]; 0, i.e. bit-exact, for `quantize` and `dequantize`).
 //!
 //! [`QuantizedWeight::nbytes`]: mlxq::QuantizedWeight::nbytes
 

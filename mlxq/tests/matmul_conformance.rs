@@ -700,27 +700,57 @@ fn long_rows_many_rows_every_variant() {
     }
 }
 
-/// The int8-activation mode (`avx512gemm-i8`, opt-in): every width, group and dtype, M from 1
-/// to 130, odd N, a K-block tail, against the f64 oracle within the bound its documentation
-/// states: per output, `Σ_blocks max|x_blk|/254 · Σ_{k∈blk} |w_k − b_group|` (half an int8
-/// step of each 32-value block of x against the weights without their bias), plus the output
-/// dtype's rounding and f32 accumulation.
+/// The int8-activation variants (opt-in, [`mlxq::backend::cpu::APPROXIMATE`]).
+const INT8_VARIANTS: [&str; 2] = ["avx512gemm-i8", "avx2gemm-i8"];
+
+/// The largest |x̂| of `variant` for `bits`-bit codes, as its documentation states: 127, but
+/// 63 for 8-bit codes on `avx2gemm-i8` (`vpmaddubsw` would saturate at 127).
+fn int8_levels(variant: &str, bits: u32) -> i32 {
+    if variant == "avx2gemm-i8" && bits == 8 {
+        63
+    } else {
+        127
+    }
+}
+
+/// Whether `variant` runs on this CPU (else prints why the test skips it).
+fn int8_runs(variant: &'static str) -> bool {
+    let bf16 = (DType::BF16, DType::BF16, DType::BF16);
+    let ok = mlxq::backend::cpu::supports(variant, &qmm_key(4, 64, bf16, true, variant));
+    if !ok {
+        eprintln!("skipped {variant}: this CPU lacks its instructions");
+    }
+    ok
+}
+
+/// The int8-activation modes (opt-in): every width, group and dtype, M from 1 to 130, odd
+/// N, a K-block tail, against the f64 oracle within the bound their documentation states:
+/// per output, `Σ_blocks max|x_blk|/2L · Σ_{k∈blk} |w_k − b_group|` (half an int8 step of
+/// each 32-value block of x, `L` = [`int8_levels`], against the weights without their
+/// bias), plus the output dtype's rounding and f32 accumulation.
 #[test]
 fn int8_mode_within_its_stated_bound() {
-    let device = Device::cpu_with_variant("avx512gemm-i8").unwrap();
-    let bf16 = (DType::BF16, DType::BF16, DType::BF16);
-    if !mlxq::backend::cpu::supports(
-        "avx512gemm-i8",
-        &qmm_key(4, 64, bf16, true, "avx512gemm-i8"),
-    ) {
-        eprintln!("skipped: this CPU lacks AVX-512 VNNI");
-        return;
+    for variant in INT8_VARIANTS {
+        if int8_runs(variant) {
+            int8_within_bound(variant);
+        }
     }
+}
+
+fn int8_within_bound(variant: &'static str) {
+    let device = Device::cpu_with_variant(variant).unwrap();
     let mut enc = device.encoder();
     let mut rng = StdRng::seed_from_u64(808);
     let mut worst = 0f64;
     let mut inexact = 0;
     for bits in BITS {
+        let levels = int8_levels(variant, bits);
+        assert_eq!(
+            mlxq::backend::cpu::int8_levels(variant, bits),
+            Some(levels as u32),
+            "{variant} {bits}-bit: the levels the library reports"
+        );
+        let step = 2.0 * f64::from(levels);
         for g in GROUPS {
             let spec = QuantSpec::affine(bits, g).unwrap();
             for (i, &dt) in FLOATS.iter().enumerate() {
@@ -739,12 +769,12 @@ fn int8_mode_within_its_stated_bound() {
                     .map(f64::from)
                     .collect();
                 let groups = k / g as usize;
-                for m in [1usize, 5, 8, 9, 15, 33, 130] {
+                for m in [1usize, 5, 7, 8, 9, 15, 33, 130] {
                     let x = Buffer::from_f32(&randn(&mut rng, m * k), dt, &[m, k]).unwrap();
                     let mut y = poisoned(dt, &[m, n]);
                     ops::quantized_matmul_into(&mut enc, &x, &w, true, &mut y).unwrap();
                     let ran = enc.last_kernel().unwrap().to_owned();
-                    assert!(ran.ends_with("avx512gemm-i8"), "{ran} ran");
+                    assert!(ran.ends_with(variant), "{ran} ran");
                     let xs = x_f64(&x);
                     let want = matmul_f64(&xs, m, &wd, n, k, true);
                     let got = got_f64(&y);
@@ -764,14 +794,14 @@ fn int8_mode_within_its_stated_bound() {
                                 let wsum: f64 = (blk * 32..blk * 32 + 32)
                                     .map(|kk| (wd[c * k + kk] - b[c * groups + j]).abs())
                                     .sum();
-                                bound += amax / 254.0 * wsum;
+                                bound += amax / step * wsum;
                             }
                             let (gv, wv) = (got[r * n + c], want[r * n + c]);
                             let err = (gv - wv).abs();
                             let allowed = bound * 1.001 + wv.abs() * u_out + 1e-5 * norm;
                             assert!(
                                 err <= allowed,
-                                "bits {bits} g {g} {dt} m {m} [{r},{c}]: |{gv} - {wv}| = {err:e} > {allowed:e}"
+                                "{variant} bits {bits} g {g} {dt} m {m} [{r},{c}]: |{gv} - {wv}| = {err:e} > {allowed:e}"
                             );
                             if bound > 0.0 {
                                 worst = worst.max((err - wv.abs() * u_out).max(0.0) / bound);
@@ -785,42 +815,74 @@ fn int8_mode_within_its_stated_bound() {
             }
         }
     }
-    eprintln!("int8 mode: worst error / stated bound = {worst:.3}");
+    eprintln!("{variant}: worst error / stated bound = {worst:.3}");
     // It is the approximate path: some results are off by more than the f32 tolerance.
     assert!(inexact > 0);
 }
 
-/// The int8 mode is exact up to f32 rounding when every block of x is already on its int8
-/// grid (integers with a ±127 in each block of 32), and never runs unless named.
+/// The int8 modes are exact up to f32 rounding when every block of x is already on their
+/// int8 grid (integers in ±L with a ±L in each block of 32), and never run unless named.
+/// The x rows include whole blocks at +L and at −L against codes at their maximum in most
+/// places, the largest dot products the integer path must hold without saturating.
 #[test]
 fn int8_mode_exact_on_its_grid_and_opt_in_only() {
     let mut rng = StdRng::seed_from_u64(809);
-    let spec = QuantSpec::affine(8, 32).unwrap();
     let default = Device::cpu();
-    let mut enc = default.encoder();
-    let (m, n, k) = (33, 21, 384);
-    let w = random_weight(&mut enc, &mut rng, &[n, k], spec, DType::F32);
-    let xv: Vec<f32> = (0..m * k)
-        .map(|i| {
-            if i % 32 == 5 {
-                127.0
+    let (m, n, k) = (33, 21, 1152);
+    for bits in BITS {
+        let spec = QuantSpec::affine(bits, 32).unwrap();
+        let top = (1u32 << bits) - 1;
+        // Codes: the maximum but for a random one in eight; f32 scales and biases.
+        let codes: Vec<u8> = (0..n * k)
+            .map(|_| {
+                if rng.gen_range(0..8) == 0 {
+                    rng.gen_range(0..=top) as u8
+                } else {
+                    top as u8
+                }
+            })
+            .collect();
+        let groups = k / 32;
+        let sc: Vec<f32> = (0..n * groups)
+            .map(|_| rng.gen_range(0.5f32..2.0))
+            .collect();
+        let bi: Vec<f32> = (0..n * groups).map(|_| rng.gen_range(-1f32..1.0)).collect();
+        let w = QuantizedWeight::new(
+            packed(&codes, n, k, bits),
+            Buffer::from_f32(&sc, DType::F32, &[n, groups]).unwrap(),
+            Some(Buffer::from_f32(&bi, DType::F32, &[n, groups]).unwrap()),
+            spec,
+        )
+        .unwrap();
+        let wd = dequantize_f64(&w).unwrap();
+        for variant in INT8_VARIANTS {
+            let l = int8_levels(variant, bits);
+            let xv: Vec<f32> = (0..m * k)
+                .map(|i| match (i / k % 3, (i % k) / 32 % 4) {
+                    // Row classes 0 and 1: whole blocks at +L or −L every fourth block.
+                    (0, 1) => l as f32,
+                    (1, 2) => -l as f32,
+                    _ if i % 32 == 5 => l as f32,
+                    _ => rng.gen_range(-l..=l) as f32,
+                })
+                .collect();
+            let x = Buffer::from_f32(&xv, DType::F32, &[m, k]).unwrap();
+            let want = matmul_f64(&x_f64(&x), m, &wd, n, k, true);
+            let mut enc = default.encoder();
+            let y = ops::quantized_matmul(&mut enc, &x, &w, true).unwrap();
+            assert!(!enc.last_kernel().unwrap().ends_with("-i8"));
+            assert!(max_rel_err(&got_f64(&y), &want) < 1e-5);
+            let Ok(i8dev) = Device::cpu_with_variant(variant) else {
+                panic!("{variant} is a known variant")
+            };
+            let mut enc = i8dev.encoder();
+            let y = ops::quantized_matmul(&mut enc, &x, &w, true).unwrap();
+            if enc.last_kernel().unwrap().ends_with(variant) {
+                let err = max_rel_err(&got_f64(&y), &want);
+                assert!(err < 1e-5, "{variant} bits {bits}: {err:e}");
             } else {
-                rng.gen_range(-127i32..=127) as f32
+                assert!(!int8_runs(variant), "{variant} did not run");
             }
-        })
-        .collect();
-    let x = Buffer::from_f32(&xv, DType::F32, &[m, k]).unwrap();
-    let want = matmul_f64(&x_f64(&x), m, &dequantize_f64(&w).unwrap(), n, k, true);
-    let y = ops::quantized_matmul(&mut enc, &x, &w, true).unwrap();
-    assert!(!enc.last_kernel().unwrap().ends_with("-i8"));
-    assert!(max_rel_err(&got_f64(&y), &want) < 1e-5);
-    let Ok(i8dev) = Device::cpu_with_variant("avx512gemm-i8") else {
-        panic!("avx512gemm-i8 is a known variant")
-    };
-    let mut enc = i8dev.encoder();
-    let y = ops::quantized_matmul(&mut enc, &x, &w, true).unwrap();
-    if enc.last_kernel().unwrap().ends_with("avx512gemm-i8") {
-        let err = max_rel_err(&got_f64(&y), &want);
-        assert!(err < 1e-5, "{err:e}");
+        }
     }
 }

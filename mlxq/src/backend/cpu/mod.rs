@@ -23,6 +23,8 @@ pub(crate) mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx2_fp_quant;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_avx2_i8;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx2_int;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx2_quant;
@@ -290,17 +292,39 @@ pub const VARIANTS: &[&str] = &[
     "neon",
     "generic",
     "avx512gemm-i8",
+    "avx2gemm-i8",
 ];
 
 /// The variants of [`VARIANTS`] whose results may differ from the f32 path by more than the
 /// conformance tolerance: never chosen unless forced by name, each documented with its error
-/// bound (`avx512gemm-i8`: x quantized to int8 per block of 32).
-pub const APPROXIMATE: &[&str] = &["avx512gemm-i8"];
+/// bound (`avx512gemm-i8` and `avx2gemm-i8`: x quantized to int8 per block of 32).
+pub const APPROXIMATE: &[&str] = &["avx512gemm-i8", "avx2gemm-i8"];
+
+/// For an [`APPROXIMATE`] variant, the largest |x̂| `L` of the int8 grid that x is rounded to
+/// for codes of `bits` bits: per block of 32 values, steps of `max|x|/L`, so each output errs
+/// by at most half a step of each block times that block's `Σ|s·q|`. 127, but 63 for 8-bit
+/// codes on `avx2gemm-i8` (whose `vpmaddubsw` would saturate). `None` for any other name.
+pub fn int8_levels(variant: &str, bits: u32) -> Option<u32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use x86_gemm::I8Isa;
+        let b = bits as usize;
+        match variant {
+            "avx512gemm-i8" => return Some(x86_gemm::Avx512I8::levels(b) as u32),
+            "avx2gemm-i8" => return Some(x86_avx2_i8::Avx2I8::levels(b) as u32),
+            _ => {}
+        }
+    }
+    let _ = (variant, bits);
+    None
+}
 
 /// Opt-in variants ([`APPROXIMATE`]): considered only when a device prefers one by name.
 const OPT_IN: &[Variant] = &[
     #[cfg(target_arch = "x86_64")]
     x86_gemm::QMM_T_GEMM_I8,
+    #[cfg(target_arch = "x86_64")]
+    x86_avx2_i8::QMM_T_GEMM_I8_AVX2,
 ];
 
 /// Every variant a key may run on: the opt-in ones first, so a device that names one gets it.

@@ -190,7 +190,7 @@ pub(crate) unsafe fn decode32<const BITS: usize>(p: *const u8) -> __m256i {
 /// Transposes an 8×8 matrix of dwords in place (`r[i]` lane `j` ↔ `r[j]` lane `i`).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn transpose8(r: &mut [__m256i; 8]) {
+pub(crate) fn transpose8(r: &mut [__m256i; 8]) {
     let mut t = [_mm256_setzero_si256(); 8];
     for i in 0..4 {
         t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
@@ -232,7 +232,7 @@ impl GemmIsa for Avx2Gemm {
         cols: usize,
         out: &mut [f32],
     ) {
-        super::x86_gemm::widen_tile_scalar::<Self, S>(src, groups, c0, cols, out);
+        super::x86_gemm::widen_tile_scalar(Self::NC, src, groups, c0, cols, out);
     }
 
     unsafe fn decode_panel<const BITS: usize>(src: &Panel<'_>, sv: &[f32], panel: &mut [f32]) {

@@ -133,7 +133,7 @@ fn steps(len: usize, g: usize, chunk: usize) -> usize {
 
 /// Position `p` of a decoded chunk holds element `perm(p)` of that chunk.
 #[inline(always)]
-fn perm(bits: usize, p: usize) -> usize {
+pub(crate) fn perm(bits: usize, p: usize) -> usize {
     if bits == 4 {
         // Each 32-code half: 16 low nibbles (even elements), then 16 high nibbles (odd).
         let (half, i) = (p / 32, p % 32);
@@ -257,22 +257,23 @@ impl GemmIsa for Avx512Gemm {
     }
 }
 
-/// `out[j·NC + c] = src[(c0 + c)·groups + j]` as f32, one element at a time (a tile's
-/// groups × NC factors, against its K × NC codes: not worth vectorising where the
+/// `out[j·nc + c] = src[(c0 + c)·groups + j]` as f32, one element at a time (a tile's
+/// groups × nc factors, against its K × nc codes: not worth vectorising where the
 /// instruction set has no masked loads); zero past `cols`. Does nothing if a slice is short.
-pub(crate) fn widen_tile_scalar<G: GemmIsa, S: Float>(
+pub(crate) fn widen_tile_scalar<S: Float>(
+    nc: usize,
     src: &[S],
     groups: usize,
     c0: usize,
     cols: usize,
     out: &mut [f32],
 ) {
-    if cols > G::NC || out.len() < groups * G::NC || src.len() < (c0 + cols) * groups {
+    if cols > nc || out.len() < groups * nc || src.len() < (c0 + cols) * groups {
         return;
     }
     for j in 0..groups {
-        for c in 0..G::NC {
-            out[j * G::NC + c] = if c < cols {
+        for c in 0..nc {
+            out[j * nc + c] = if c < cols {
                 src[(c0 + c) * groups + j].to_f32()
             } else {
                 0.0
@@ -660,7 +661,7 @@ unsafe fn micro<const RR: usize, const C: usize>(
 
 /// The opt-in int8-activation variant (never chosen unless forced by name): x is quantized
 /// to int8 per block of 32 values, so its results differ from the f32 path by up to the
-/// bound in [`qmm_t_i8`]'s documentation, beyond the conformance tolerance.
+/// bound in [`gemm_i8`]'s documentation, beyond the conformance tolerance.
 pub(crate) const QMM_T_GEMM_I8: Variant = Variant {
     name: "avx512gemm-i8",
     supports: |k| {
@@ -679,12 +680,18 @@ pub(crate) const QMM_T_GEMM_I8: Variant = Variant {
     },
 };
 
+/// The AVX-512 int8 GEMM: [`gemm_i8`] on [`Avx512I8`].
+fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+    // SAFETY: this variant is only chosen where its `supports` (AVX-512 with VNNI) holds.
+    unsafe { gemm_i8::<Avx512I8, S, O, BITS>(a) }
+}
+
 /// Rows of x per int8 micro-kernel tile: 8 rows × 3 column vectors are 24 i32 accumulators,
 /// which leaves registers for the three panel vectors and one broadcast of x (the f32 sums
 /// live in the L1-resident output tile, touched once per block of 32).
 const RI: usize = 8;
 /// Values of x sharing one int8 scale.
-const XBLOCK: usize = 32;
+pub(crate) const XBLOCK: usize = 32;
 
 thread_local! {
     /// Quantized x (int8), its block scales and its group sums, taken out per call.
@@ -692,20 +699,126 @@ thread_local! {
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
-/// The int8-activation GEMM (every M; an explicit mode, see [`QMM_T_GEMM_I8`]).
+/// What the int8-activation GEMM ([`gemm_i8`]) needs from an instruction set: its tile sizes,
+/// the largest |x̂| its integer dot allows per code width, and its three kernels (a tile's
+/// scales widened, the u8 panel decode, the micro-kernel). AVX-512 VNNI here ([`Avx512I8`]),
+/// AVX2 `vpmaddubsw` in [`x86_avx2_i8`](super::x86_avx2_i8).
+pub(crate) trait I8Isa: 'static {
+    /// The variant's name, for errors.
+    const NAME: &'static str;
+    /// Columns per vector (a vector holds 4 codes of each).
+    const LANES: usize;
+    /// Columns per panel (and per task): a multiple of `LANES`, at most 64.
+    const NC: usize;
+    /// Rows of x per micro-kernel tile.
+    const R: usize;
+    /// Values of K per panel: a multiple of every group size (and of [`XBLOCK`]).
+    const KC: usize;
+    /// Largest |x̂| for codes of `bits` bits (127, or less where the dot product of
+    /// `2^bits − 1` with it would saturate).
+    fn levels(bits: usize) -> f32;
+
+    /// As [`GemmIsa::widen_tile`].
+    ///
+    /// # Safety
+    /// The CPU has the instruction set.
+    unsafe fn widen_tile<S: Float>(
+        src: &[S],
+        groups: usize,
+        c0: usize,
+        cols: usize,
+        out: &mut [f32],
+    );
+
+    /// Decodes `src`'s codes into `panel` as u8, `[K/4][NC/LANES]` vectors of `LANES` columns
+    /// × 4 codes (the bytes of K step `4s..4s + 4` of column `c` are dword `c` of vector
+    /// `s·NC/LANES + c/LANES`), in [`perm`] order; columns past `cols` are zero. Does nothing
+    /// if a slice is too short.
+    ///
+    /// # Safety
+    /// The CPU has the instruction set.
+    unsafe fn decode_panel<const BITS: usize>(src: &Panel<'_>, panel: &mut [Line]);
+
+    /// `c[rows][NC] += Σ_blocks s·d·Σ(q·x̂) + Σ_groups b·Σx` over one K block, for the first
+    /// `cbs` column vectors of each row. Does nothing if a slice is shorter than that needs.
+    ///
+    /// # Safety
+    /// The CPU has the instruction set.
+    unsafe fn micro<const BITS: usize>(
+        rows: usize,
+        cbs: usize,
+        x: &XTile<'_>,
+        panel: &[Line],
+        sv: &[f32],
+        bv: &[f32],
+        c: &mut [f32],
+    );
+}
+
+/// AVX-512 VNNI: 8 rows × 48 columns, `vpdpbusd` (no saturation: every width takes ±127).
+pub(crate) struct Avx512I8;
+
+impl I8Isa for Avx512I8 {
+    const NAME: &'static str = "avx512gemm-i8";
+    const LANES: usize = 16;
+    const NC: usize = NC;
+    const R: usize = RI;
+    const KC: usize = KC;
+    fn levels(_bits: usize) -> f32 {
+        127.0
+    }
+
+    unsafe fn widen_tile<S: Float>(
+        src: &[S],
+        groups: usize,
+        c0: usize,
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { widen_tile(src, groups, c0, cols, out) }
+    }
+
+    unsafe fn decode_panel<const BITS: usize>(src: &Panel<'_>, panel: &mut [Line]) {
+        // SAFETY: the caller's contract.
+        unsafe { decode_panel_u8::<BITS>(src, panel) }
+    }
+
+    unsafe fn micro<const BITS: usize>(
+        rows: usize,
+        cbs: usize,
+        x: &XTile<'_>,
+        panel: &[Line],
+        sv: &[f32],
+        bv: &[f32],
+        c: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { micro_i8_dispatch(rows, cbs, x, panel, sv, bv, c) }
+    }
+}
+
+/// The int8-activation GEMM on instruction set `I` (every M; an explicit mode, see
+/// [`QMM_T_GEMM_I8`]).
 ///
-/// Each block of 32 values of a row of x becomes `d·x̂` with `d = max|x|/127` and
-/// `x̂ = round(x/d) ∈ [-127, 127]`; the codes (u8, ≤ 255) meet x̂ in `vpdpbusd`, which sums
-/// four u8×s8 products into i32 lanes without saturating (|sum| ≤ 32·255·127 < 2^21 per
-/// block, so 8-bit codes are safe, unlike `vpmaddubsw`'s i16). Per block the i32 sum is
-/// converted and scaled by `s·d`; the bias term uses the exact f32 `Σx` of each group, so
-/// only `s·q` meets rounded x. Error against the exact product, per output:
+/// Each block of 32 values of a row of x becomes `d·x̂` with `d = max|x|/L` and
+/// `x̂ = round(x/d) ∈ [-L, L]`, `L = I::levels(BITS)` (127 unless the instruction set's dot
+/// would saturate: see the implementations); the codes (u8) meet x̂ in integer dot products
+/// into i32 sums. Per block the i32 sum is converted and scaled by `s·d`; the bias term uses
+/// the exact f32 `Σx` of each group, so only `s·q` meets rounded x. Error against the exact
+/// product, per output:
 ///
-/// `|y − y_exact| ≤ Σ_blocks (max|x_blk| / 254) · Σ_{k∈blk} |s·q_k|`  (plus f32 rounding),
+/// `|y − y_exact| ≤ Σ_blocks (max|x_blk| / 2L) · Σ_{k∈blk} |s·q_k|`  (plus f32 rounding),
 ///
 /// i.e. at most half an int8 step of each block times the weights' magnitude without bias.
-fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+///
+/// # Safety
+/// The CPU has `I`'s instruction set.
+pub(crate) unsafe fn gemm_i8<I: I8Isa, S: Float, O: Float, const BITS: usize>(
+    a: QmmArgs<'_>,
+) -> Result<()> {
     const OP: &str = "quantized_matmul";
+    let (nc, kc) = (I::NC, I::KC);
     let w = a.w;
     let scales: &[S] = cast(OP, "scales", w.scales)?;
     let biases: &[S] = cast(OP, "biases", w.biases)?;
@@ -719,37 +832,41 @@ fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()>
         || scales.len() < n * groups
         || biases.len() < n * groups
         || !g.is_multiple_of(XBLOCK)
-        || !KC.is_multiple_of(g)
+        || !kc.is_multiple_of(g)
     {
         return Err(crate::Error::unsupported(
             OP,
-            format!("avx512gemm-i8 on inconsistent sizes (m {m}, n {n}, k {k}, group {g})"),
+            format!(
+                "{} on inconsistent sizes (m {m}, n {n}, k {k}, group {g})",
+                I::NAME
+            ),
         ));
     }
-    let blocks = k.div_ceil(KC);
+    let levels = I::levels(BITS);
+    let blocks = k.div_ceil(kc);
     let (mut xq, mut xd, mut xs) = XPACK_I8.with(|s| std::mem::take(&mut *s.borrow_mut()));
     xq.clear();
-    xq.resize(blocks * m * KC, 0);
+    xq.resize(blocks * m * kc, 0);
     xd.clear();
-    xd.resize(blocks * m * (KC / XBLOCK), 0.0);
+    xd.resize(blocks * m * (kc / XBLOCK), 0.0);
     xs.clear();
-    xs.resize(blocks * m * (KC / XBLOCK), 0.0);
+    xs.resize(blocks * m * (kc / XBLOCK), 0.0);
     // Row `r` of block `b` at (b·m + r)·KC bytes (K order of the panel), its block scales
     // and group sums at (b·m + r)·KC/32.
-    xq.par_chunks_mut(KC)
-        .zip(xd.par_chunks_mut(KC / XBLOCK))
-        .zip(xs.par_chunks_mut(KC / XBLOCK))
+    xq.par_chunks_mut(kc)
+        .zip(xd.par_chunks_mut(kc / XBLOCK))
+        .zip(xs.par_chunks_mut(kc / XBLOCK))
         .enumerate()
         .for_each(|(i, ((q, d), s))| {
             let (b, r) = (i / m, i % m);
-            let k0 = b * KC;
-            let len = KC.min(k - k0);
+            let k0 = b * kc;
+            let len = kc.min(k - k0);
             let src = &a.x[r * k + k0..r * k + k0 + len];
             for (blk, (q, d)) in q.chunks_exact_mut(XBLOCK).zip(d.iter_mut()).enumerate() {
                 let Some(v) = src.get(blk * XBLOCK..(blk + 1) * XBLOCK) else {
                     break;
                 };
-                *d = quantize_block(v, q, BITS);
+                *d = quantize_block(v, q, BITS, levels);
             }
             for (s, grp) in s.iter_mut().zip(src.chunks_exact(g)) {
                 *s = grp.iter().sum();
@@ -757,26 +874,26 @@ fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()>
         });
     let writer = DisjointOut::new(out);
     let (xq_ref, xd_ref, xs_ref) = (&xq[..], &xd[..], &xs[..]);
-    (0..n.div_ceil(NC)).into_par_iter().for_each(|t| {
+    (0..n.div_ceil(nc)).into_par_iter().for_each(|t| {
         TILE.with(|tile| {
             let mut tile = tile.borrow_mut();
             let (panel, acc, sv, bv) = &mut *tile;
-            panel.resize(KC / 4 * CB, Line::ZERO);
-            acc.resize(m * CB, Line::ZERO);
+            panel.resize(kc * nc / 64, Line::ZERO);
+            acc.resize((m * nc).div_ceil(16), Line::ZERO);
             let acc: &mut [f32] = bytemuck::cast_slice_mut(&mut acc[..]);
-            sv.resize(groups * NC, 0.0);
-            bv.resize(groups * NC, 0.0);
-            let c0 = t * NC;
-            let cols = NC.min(n - c0);
-            acc[..m * NC].fill(0.0);
-            // SAFETY: features checked by `supports`; `widen_tile` checks its slices.
+            sv.resize(groups * nc, 0.0);
+            bv.resize(groups * nc, 0.0);
+            let c0 = t * nc;
+            let cols = nc.min(n - c0);
+            acc[..m * nc].fill(0.0);
+            // SAFETY: the caller guarantees the features; `widen_tile` checks its slices.
             unsafe {
-                widen_tile(scales, groups, c0, cols, sv);
-                widen_tile(biases, groups, c0, cols, bv);
+                I::widen_tile(scales, groups, c0, cols, sv);
+                I::widen_tile(biases, groups, c0, cols, bv);
             }
             for b in 0..blocks {
-                let k0 = b * KC;
-                let len = KC.min(k - k0);
+                let k0 = b * kc;
+                let len = kc.min(k - k0);
                 let g0 = k0 / g;
                 let src = Panel {
                     packed: w.packed,
@@ -787,29 +904,29 @@ fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()>
                     len,
                     g,
                 };
-                // SAFETY: features checked by `supports`; `decode_panel_u8` checks its slices.
-                unsafe { decode_panel_u8::<BITS>(&src, panel) };
-                let cbs = cols.div_ceil(16);
-                let (sv, bv) = (&sv[g0 * NC..], &bv[g0 * NC..]);
-                for r0 in (0..m).step_by(RI) {
-                    let rows = RI.min(m - r0);
+                // SAFETY: the caller guarantees the features; `decode_panel` checks its slices.
+                unsafe { I::decode_panel::<BITS>(&src, panel) };
+                let cbs = cols.div_ceil(I::LANES);
+                let (sv, bv) = (&sv[g0 * nc..], &bv[g0 * nc..]);
+                for r0 in (0..m).step_by(I::R) {
+                    let rows = I::R.min(m - r0);
                     let at = b * m + r0;
                     let x = XTile {
-                        q: &xq_ref[at * KC..],
-                        d: &xd_ref[at * (KC / XBLOCK)..],
-                        sums: &xs_ref[at * (KC / XBLOCK)..],
+                        q: &xq_ref[at * kc..],
+                        d: &xd_ref[at * (kc / XBLOCK)..],
+                        sums: &xs_ref[at * (kc / XBLOCK)..],
                         len,
                         g,
                     };
-                    let c = &mut acc[r0 * NC..(r0 + rows) * NC];
-                    // SAFETY: features checked by `supports`; `micro_i8` checks its slices.
-                    unsafe { micro_i8_dispatch(rows, cbs, &x, panel, sv, bv, c) };
+                    let c = &mut acc[r0 * nc..(r0 + rows) * nc];
+                    // SAFETY: the caller guarantees the features; `micro` checks its slices.
+                    unsafe { I::micro::<BITS>(rows, cbs, &x, panel, sv, bv, c) };
                 }
             }
             for r in 0..m {
                 for cc in 0..cols {
                     // SAFETY: task `t` alone owns columns c0..c0 + cols of every row.
-                    unsafe { writer.write(r * n + c0 + cc, O::from_f32(acc[r * NC + cc])) };
+                    unsafe { writer.write(r * n + c0 + cc, O::from_f32(acc[r * nc + cc])) };
                 }
             }
         })
@@ -858,18 +975,18 @@ unsafe fn decode_panel_u8<const BITS: usize>(src: &Panel<'_>, panel: &mut [Line]
 
 /// Rows of quantized x for one K block: int8 values (row stride `KC`), block scales and
 /// group sums (row stride `KC/32`), `len` values of K, groups of `g`.
-struct XTile<'a> {
-    q: &'a [i8],
-    d: &'a [f32],
-    sums: &'a [f32],
-    len: usize,
-    g: usize,
+pub(crate) struct XTile<'a> {
+    pub q: &'a [i8],
+    pub d: &'a [f32],
+    pub sums: &'a [f32],
+    pub len: usize,
+    pub g: usize,
 }
 
 /// Quantizes one block of x (`XBLOCK` values) to int8 in the panel's K order:
-/// `x̂ = round(x/d)` with `d = max|x|/127`, ties to even; returns `d` (0 for a zero block).
-/// NaN values become 0 here (the exact group sums still carry them into the output).
-fn quantize_block<S: Float>(v: &[S], q: &mut [i8], bits: usize) -> f32 {
+/// `x̂ = round(x/d)` with `d = max|x|/levels`, ties to even; returns `d` (0 for a zero
+/// block). NaN values become 0 here (the exact group sums still carry them into the output).
+fn quantize_block<S: Float>(v: &[S], q: &mut [i8], bits: usize, levels: f32) -> f32 {
     let mut f = [0f32; XBLOCK];
     for (f, v) in f.iter_mut().zip(v) {
         *f = v.to_f32();
@@ -880,17 +997,17 @@ fn quantize_block<S: Float>(v: &[S], q: &mut [i8], bits: usize) -> f32 {
         q.iter_mut().take(XBLOCK).for_each(|q| *q = 0);
         return 0.0;
     }
-    let inv = 127.0 / amax;
-    // Round to nearest even through the f32 significand: |x·inv| ≤ 127 < 2^22.
+    let inv = levels / amax;
+    // Round to nearest even through the f32 significand: |x·inv| ≤ levels < 2^22.
     const MAGIC: f32 = 12_582_912.0;
     let mut r = [0i8; XBLOCK];
     for (r, &f) in r.iter_mut().zip(&f) {
-        *r = (((f * inv) + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8;
+        *r = (((f * inv) + MAGIC) - MAGIC).clamp(-levels, levels) as i8;
     }
     for (p, q) in q.iter_mut().take(XBLOCK).enumerate() {
         *q = r[perm(bits, p)];
     }
-    amax / 127.0
+    amax / levels
 }
 
 /// Runs [`micro_i8`] for `rows` (1..=RI) rows and `cbs` (1..=CB) column vectors.
