@@ -590,7 +590,8 @@ fn transpose_false_decode_matches_the_f64_reference() {
 /// `qmv_decb` (W by bulk copies) for M <= 4 at K = 4096 (8-bit; 4-bit where the row tiles do
 /// not fill the SMs, as at 200 rows, or M >= 3), `qmv_dec` for the other M * slots <= 8 where
 /// K is a multiple of its load batch (1536, 4096), `qmv_tc` for
-/// the other M <= 16 (one and two n-tiles of 8 tokens; M = 1, 2 at K = 5 groups go to the
+/// the other M <= 16 (here the 64-token wgmma tile that would otherwise take M >= 4 leaves
+/// SMs idle; one and two n-tiles of 8 tokens; M = 1, 2 at K = 5 groups go to the
 /// CUDA-core kernel and are checked here too), `qmm_tc_8` for M = 17, 100, 300 (tiles of 64 tokens, a partial last one), every group size, f16 and bf16 x and scales, rows not a multiple of the 128 a block
 /// owns, and long K (split over blocks into f32 partial sums, then added). bf16 x with f32
 /// scales has f32 outputs, which stay on the exact CUDA-core kernels (checked at 1e-5).
@@ -732,7 +733,8 @@ fn transpose_false_prefill_matches_the_f64_reference() {
 /// `qmv_n_reduce`), where their grid leaves SMs idle: W `[K, N]` from M = 8 at 4096 x 4096
 /// (32 blocks), a few blocks over K = 1152 (18 steps: segments of 10 and 8) with group 128
 /// and f16 scales, group 32, M off the token tile and over two token tiles; W `[N, K]` on the
-/// warp-specialised 64-token tile at both widths, K = 4352 in uneven segments. Against the
+/// warp-specialised 64-token tile at both widths, K = 4352 in uneven segments, and at
+/// M = 4..16 where no decode kernel takes the call. Against the
 /// f64 reference, outputs poisoned. On sm_90 each case must also have run the tile it names
 /// with K split ("/k" and the segments in the recorded name).
 #[test]
@@ -756,6 +758,13 @@ fn split_k_tiles_match_the_f64_reference() {
         (4, 128, f16, 40, 4352, 2048, "qmm_ws_64"),
         (4, 32, f16, 64, 2048, 4096, "qmm_ws_64"),
         (8, 64, f16, 24, 4096, 4096, "qmm_ws_64"),
+        // M = 4..16 that no decode kernel takes (8-bit from M = 9, or x past the bulk-copy
+        // kernel's shared memory; 4-bit where `qmv_decb`'s four n-tiles need N >= 8192): the
+        // same tile before `qmv_tc`, 16 blocks in 8 segments.
+        (8, 64, bf, 9, 4096, 2048, "qmm_ws_64"),
+        (4, 64, bf, 12, 4096, 2048, "qmm_ws_64"),
+        (8, 32, f16, 4, 14336, 2048, "qmm_ws_64"),
+        (4, 128, bf, 16, 4096, 2048, "qmm_ws_64"),
     ];
     let mut failures = Vec::new();
     for (bits, g, dt, m, k, n, tile) in cases {
@@ -855,7 +864,8 @@ fn many_token_decode_matches_the_f64_reference() {
                 (77, 512),
                 (8500, 512),
                 // N >= 8192 and K a multiple of 8 consumers' batches: `qmv_decb`'s 4-consumer
-                // tiles at 4-bit M <= 4 and its 8-consumer two and four n-tiles at M = 5..16,
+                // tiles at 4-bit M <= 4 and its 8-consumer two and four n-tiles at M = 5..13
+                // (M = 16: the 64-token wgmma tile on Hopper),
                 // with a partial last row tile.
                 (8200, 2048),
             ] {

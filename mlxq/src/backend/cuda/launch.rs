@@ -369,6 +369,20 @@ pub(crate) fn qmm(
         && job.lhs.is_none()
         && job.rhs.is_none();
     let decode_shape = job.transpose && job.m < tile_min_m;
+    // M = 4..16 that no decode kernel below takes (8-bit from M = 9, or where x outgrows the
+    // bulk-copy kernel's shared memory; 4-bit where `decb_pick` declines) also try the
+    // 64-token wgmma tiles, K split, before `qmv_tc` (session 47, H100, graph µs, qmv_tc
+    // against qmm_ws_64: 8-bit 16 x 14336x4096 84.9 -> 49.1, 16 x 4096x4096 21.7 -> 18.6,
+    // 4 x 4096x14336 54.8 -> 46.9, 9 x 28672x8192 239.6 -> 185.7; 4-bit 9..16 x 4096x14336
+    // 43.3..49.4 -> 36.4..36.7, 16 x 28672x8192 208.8 -> 145.3; 4-bit 9..16 x 4096x4096
+    // 15.8..16.4 either way). MLXQ_TILE_SMALL=0 keeps qmv_tc (experiments).
+    let small_tile = !fp
+        && job.transpose
+        && job.m >= 4
+        && entries == 1
+        && job.lhs.is_none()
+        && job.rhs.is_none()
+        && knob("MLXQ_TILE_SMALL") != Some("0");
     let key = KernelKey {
         op: OpKind::QuantizedMatmul,
         mode: spec.mode(),
@@ -897,7 +911,7 @@ pub(crate) fn qmm(
         }
         Ok(t.entry.to_string())
     };
-    if prefill_shape && super::tensor_core_path(&key, dev.arch()) {
+    if (prefill_shape || small_tile) && super::tensor_core_path(&key, dev.arch()) {
         let sms = u64::from(dev.multiprocessors());
         let blocks = |t: &Tile| m.div_ceil(t.bm) * ndim.div_ceil(t.bn);
         let fits = |t: &&Tile| {
@@ -937,10 +951,10 @@ pub(crate) fn qmm(
                 // From M = 17 where the tiles fill the SMs (session 39, H200: 17 and 32 x
                 // 14336x4096 4-bit 44.9 / 48.7 µs on qmm_tc_8, 36.0 / 33.3 on qmm_ws_64; 8-bit
                 // 66.4 / 70.6 against 49.1 / 49.0; 24x28672x8192 163 -> 134 and 251 -> 189;
-                // at 4096x4096, 32 blocks, qmm_tc_8 stays: 16.6 against 30.6).
+                // at 4096x4096, 32 blocks, qmm_tc_8 stays: 16.6 against 30.6). Below M = 17
+                // only where no decode kernel took the call (`small_tile`).
                 let first = match m {
-                    0..=16 => None,
-                    17..=64 => Some(2),
+                    0..=64 => Some(2),
                     65..=128 => Some(1),
                     _ => Some(0),
                 };
@@ -1721,8 +1735,9 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 ///   against 14.9 on qmv_decr), and where the row tiles do not fill the SMs or M >= 3
 ///   (4x4096x4096: 8.3 µs against 22.4 on qmv_decm);
 /// - 4-bit group 64 on two n-tiles at M = 5..8 (8x14336x4096 26.6 µs against 37.8) and on
-///   four at M = 9..16 where N >= 8192 (16x14336x4096 46.6 against 60.9; at 4096x4096 four
-///   n-tiles lose, 18.4 against 16.0).
+///   four at M = 9..13 where N >= 8192 (16x14336x4096 46.6 against 60.9 on qmv_tc; at
+///   4096x4096 four n-tiles lose, 18.4 against 16.0); from M = 14 the 64-token wgmma tile
+///   where the device has wgmma (session 47).
 ///
 /// Every route but the 4-consumer one takes 8 consumer warps and a 2-stage ring (run 21: 2
 /// stages beat 3 and 4 at each shape measured, 8-bit 4096x14336 24.0 µs against 31.8).
@@ -1763,6 +1778,8 @@ fn decb_pick(
     let batch_codes = super::dec_steps() * qc;
     let dsb = batch_codes / group.max(1) * ssize;
     let few_tiles = ndim.div_ceil(16) <= u64::from(dev.multiprocessors());
+    // Whether qmm's 64-token wgmma tile route takes 4..16 rows that no decode kernel takes.
+    let small_tile = super::nvrtc::wgmma(dev.arch()) && knob("MLXQ_TILE_SMALL") != Some("0");
     // n-tiles of 8 columns (token, slot): two serve 4-bit M = 5..8 at group 64, four M =
     // 9..16 (and, forced by MLXQ_DECB=1, up to 32 columns of any width and group), each
     // decoded weight fragment feeding all of them.
@@ -1788,6 +1805,11 @@ fn decb_pick(
         8 if !gather && nt == 1 => (8, 2),
         4 if !gather && m <= 4 && ndim >= 8192 => (4, 3),
         4 if !gather && m <= 4 && (few_tiles || m >= 3) => (8, 2),
+        // From M = 14 the 64-token wgmma tile (`small_tile` in qmm) beats the four n-tiles
+        // (session 47, H100, graph µs: 16 x 14336x4096 46.3 -> 38.7, 16 x 8192x4096 29.4 ->
+        // 25.5, 14 x 8192x4096 27.2 -> 26.6; M = 13 within 4% either way; M = 9 / 12 the
+        // n-tiles by 8-24%: 33.6 / 38.4 against 41.7 / 41.5 at 14336x4096).
+        4 if !gather && nt == 4 && m >= 14 && small_tile => return None,
         4 if !gather && (nt == 2 || ndim >= 8192) => (8, 2),
         _ => return None,
     };
@@ -1847,7 +1869,7 @@ fn qmvn_shape(mt: u32, bits: u64) -> (u64, u64) {
 }
 
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 23] = [
+const KNOBS: [&str; 24] = [
     "MLXQ_GATHER_SORT_OFF",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
@@ -1869,6 +1891,7 @@ const KNOBS: [&str; 23] = [
     "MLXQ_QMVN_PER_SM",
     "MLXQ_WGN_MIN_M",
     "MLXQ_TILE_MIN_M",
+    "MLXQ_TILE_SMALL",
     "MLXQ_KSPLIT",
     "MLXQ_KSPLIT_STEPS",
 ];
