@@ -18,14 +18,11 @@
 //!
 //! [`x86_gemm::gemm_i8`]: super::x86_gemm::gemm_i8
 
-use super::qmm::QmmArgs;
 use super::x86_avx2::{decode32, transpose8};
-use super::x86_gemm::{gemm_i8, I8Isa, Panel, XTile, XBLOCK};
-use super::{KernelFn, Variant};
+use super::x86_gemm::{build_i8, I8Isa, Panel, XTile, XBLOCK};
+use super::Variant;
 use crate::aligned::Line;
 use crate::dtype::Float;
-use crate::error::Result;
-use crate::quant::pack::dispatch_bits;
 use std::arch::x86_64::*;
 
 /// The opt-in variant (never chosen unless forced by name): results differ from the f32
@@ -40,19 +37,8 @@ pub(crate) const QMM_T_GEMM_I8_AVX2: Variant = Variant {
             && super::x86_avx2::available()
     },
     decode: None,
-    build: |k| {
-        crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
-            Some(KernelFn::Qmm(dispatch_bits!(k.bits, B =>
-                qmm_t::<S, O, B> as super::qmm::QmmFn, _ => return None)))
-        }, _ => None), _ => None)
-    },
+    build: build_i8::<Avx2I8>,
 };
-
-/// [`gemm_i8`] on [`Avx2I8`].
-fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
-    // SAFETY: this variant is only chosen where its `supports` (AVX2, FMA, F16C) holds.
-    unsafe { gemm_i8::<Avx2I8, S, O, BITS>(a) }
-}
 
 /// Columns per vector.
 const LANES: usize = 8;

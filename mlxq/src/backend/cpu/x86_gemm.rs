@@ -672,18 +672,23 @@ pub(crate) const QMM_T_GEMM_I8: Variant = Variant {
             && is_x86_feature_detected!("avx512vnni")
     },
     decode: None,
-    build: |k| {
-        crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
-            Some(KernelFn::Qmm(dispatch_bits!(k.bits, B =>
-                qmm_t_i8::<S, O, B> as super::qmm::QmmFn, _ => return None)))
-        }, _ => None), _ => None)
-    },
+    build: build_i8::<Avx512I8>,
 };
 
-/// The AVX-512 int8 GEMM: [`gemm_i8`] on [`Avx512I8`].
-fn qmm_t_i8<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
-    // SAFETY: this variant is only chosen where its `supports` (AVX-512 with VNNI) holds.
-    unsafe { gemm_i8::<Avx512I8, S, O, BITS>(a) }
+/// The `build` of an int8 variant on instruction set `I`: [`gemm_i8`] for the key's scale and
+/// output dtypes and width. Only for a variant whose `supports` checks `I`'s features.
+pub(crate) fn build_i8<I: I8Isa>(k: &crate::registry::KernelKey) -> Option<KernelFn> {
+    crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
+        Some(KernelFn::Qmm(dispatch_bits!(k.bits, B =>
+            qmm_i8::<I, S, O, B> as super::qmm::QmmFn, _ => return None)))
+    }, _ => None), _ => None)
+}
+
+/// [`gemm_i8`] on `I` as a kernel entry (built only by [`build_i8`]).
+fn qmm_i8<I: I8Isa, S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+    // SAFETY: `build_i8` serves only variants whose `supports` checked `I`'s features, and
+    // the dispatcher builds a variant only for keys it supports on this CPU.
+    unsafe { gemm_i8::<I, S, O, BITS>(a) }
 }
 
 /// Rows of x per int8 micro-kernel tile: 8 rows × 3 column vectors are 24 i32 accumulators,
