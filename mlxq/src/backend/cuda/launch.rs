@@ -660,6 +660,7 @@ pub(crate) fn qmm(
             ssize,
             gather,
             fp,
+            small_tile && super::nvrtc::wgmma(dev.arch()),
             [pw, ps, pb],
             [words_per_matrix * 4, s_stride * ssize],
         ) {
@@ -1747,6 +1748,9 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 /// included), =0 never; MLXQ_DECB_NC=4|8 and MLXQ_DECB_NS set its consumer warps and ring
 /// stages (experiments).
 ///
+/// `tile_after`: the call would next try qmm's 64-token wgmma tile (its `small_tile` route on
+/// a device with wgmma), which takes 4-bit M >= 14 from the four n-tiles.
+///
 /// FP weights (`fp`: the FP module's `qmv_decb`, one token per mma column) take it for every
 /// M and gather it can serve: 4 consumers x 3 stages at 4 bits where M <= 4 and N >= 8192 or
 /// M = 1 and K < 8192, and where 8 consumers do not divide K; 8 x 2 otherwise (session 35,
@@ -1763,6 +1767,7 @@ fn decb_pick(
     ssize: u64,
     gather: bool,
     fp: bool,
+    tile_after: bool,
     ptrs: [u64; 3],
     strides: [u64; 2],
 ) -> Option<(&'static str, u64, u64)> {
@@ -1778,8 +1783,6 @@ fn decb_pick(
     let batch_codes = super::dec_steps() * qc;
     let dsb = batch_codes / group.max(1) * ssize;
     let few_tiles = ndim.div_ceil(16) <= u64::from(dev.multiprocessors());
-    // Whether qmm's 64-token wgmma tile route takes 4..16 rows that no decode kernel takes.
-    let small_tile = super::nvrtc::wgmma(dev.arch()) && knob("MLXQ_TILE_SMALL") != Some("0");
     // n-tiles of 8 columns (token, slot): two serve 4-bit M = 5..8 at group 64, four M =
     // 9..16 (and, forced by MLXQ_DECB=1, up to 32 columns of any width and group), each
     // decoded weight fragment feeding all of them.
@@ -1809,7 +1812,7 @@ fn decb_pick(
         // (session 47, H100, graph µs: 16 x 14336x4096 46.3 -> 38.7, 16 x 8192x4096 29.4 ->
         // 25.5, 14 x 8192x4096 27.2 -> 26.6; M = 13 within 4% either way; M = 9 / 12 the
         // n-tiles by 8-24%: 33.6 / 38.4 against 41.7 / 41.5 at 14336x4096).
-        4 if !gather && nt == 4 && m >= 14 && small_tile => return None,
+        4 if !gather && nt == 4 && m >= 14 && tile_after => return None,
         4 if !gather && (nt == 2 || ndim >= 8192) => (8, 2),
         _ => return None,
     };
