@@ -309,10 +309,11 @@ pub fn int8_levels(variant: &str, bits: u32) -> Option<u32> {
     {
         use x86_gemm::I8Isa;
         let b = bits as usize;
-        match variant {
-            "avx512gemm-i8" => return Some(x86_gemm::Avx512I8::levels(b) as u32),
-            "avx2gemm-i8" => return Some(x86_avx2_i8::Avx2I8::levels(b) as u32),
-            _ => {}
+        if variant == x86_gemm::Avx512I8::NAME {
+            return Some(x86_gemm::Avx512I8::levels(b) as u32);
+        }
+        if variant == x86_avx2_i8::Avx2I8::NAME {
+            return Some(x86_avx2_i8::Avx2I8::levels(b) as u32);
         }
     }
     let _ = (variant, bits);

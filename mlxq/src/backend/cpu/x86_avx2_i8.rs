@@ -29,7 +29,7 @@ use std::arch::x86_64::*;
 /// path by up to the bound of [`x86_gemm::gemm_i8`](super::x86_gemm::gemm_i8), beyond the
 /// conformance tolerance.
 pub(crate) const QMM_T_GEMM_I8_AVX2: Variant = Variant {
-    name: "avx2gemm-i8",
+    name: Avx2I8::NAME,
     supports: |k| {
         k.mode == crate::QuantMode::Affine
             && k.op == crate::registry::OpKind::QuantizedMatmul

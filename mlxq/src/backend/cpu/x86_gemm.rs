@@ -663,7 +663,7 @@ unsafe fn micro<const RR: usize, const C: usize>(
 /// to int8 per block of 32 values, so its results differ from the f32 path by up to the
 /// bound in [`gemm_i8`]'s documentation, beyond the conformance tolerance.
 pub(crate) const QMM_T_GEMM_I8: Variant = Variant {
-    name: "avx512gemm-i8",
+    name: Avx512I8::NAME,
     supports: |k| {
         k.mode == crate::QuantMode::Affine
             && k.op == crate::registry::OpKind::QuantizedMatmul
