@@ -31,6 +31,9 @@ job splitk X=1 -- split_k_tiles_match_the_f64_reference
 job qmm X=1 -- quantized_matmul_matches_the_f64_reference
 job tc X=1 -- tensor_core_matmul_matches_the_f64_reference
 job tiled X=1 -- tiled_prefill_matches_the_f64_reference
+job tiled_nodq MLXQ_DQ=0 -- tiled_prefill_matches_the_f64_reference
+job dq X=1 -- dequant_cublas_prefill_matches_the_f64_reference
+job dq_slabs MLXQ_DQ_SLAB_MB=1 -- dequant_cublas_prefill_matches_the_f64_reference tiled_prefill_matches_the_f64_reference
 job tfprefill X=1 -- transpose_false_prefill_matches_the_f64_reference
 job gather X=1 -- gather_qmm_with_device_indices
 job longrows X=1 -- long_rows_and_many_rows
@@ -40,7 +43,7 @@ job ws64_qmm MLXQ_TILE=ws64 MLXQ_TILE_MIN_M=2 -- quantized_matmul_matches_the_f6
 job wg64_tiled MLXQ_WS=0 MLXQ_TILE=wg64 MLXQ_TILE_MIN_M=2 -- tiled_prefill_matches_the_f64_reference
 job wg64_qmm MLXQ_WS=0 MLXQ_TILE=wg64 MLXQ_TILE_MIN_M=2 -- quantized_matmul_matches_the_f64_reference
 # Everything else in the suite, in one process.
-( start=$(date +%s); timeout $T $B --exact --nocapture --skip split_k_tiles_match_the_f64_reference --skip quantized_matmul_matches_the_f64_reference --skip tensor_core_matmul_matches_the_f64_reference --skip tiled_prefill_matches_the_f64_reference --skip transpose_false_prefill_matches_the_f64_reference --skip gather_qmm_with_device_indices --skip long_rows_and_many_rows --skip batched_weights_broadcast_with_x > $L/rest.log 2>&1; echo "rc=$? secs=$(( $(date +%s) - start ))" >> $L/rest.log ) &
+( start=$(date +%s); timeout $T $B --exact --nocapture --skip split_k_tiles_match_the_f64_reference --skip quantized_matmul_matches_the_f64_reference --skip tensor_core_matmul_matches_the_f64_reference --skip tiled_prefill_matches_the_f64_reference --skip dequant_cublas_prefill_matches_the_f64_reference --skip transpose_false_prefill_matches_the_f64_reference --skip gather_qmm_with_device_indices --skip long_rows_and_many_rows --skip batched_weights_broadcast_with_x > $L/rest.log 2>&1; echo "rc=$? secs=$(( $(date +%s) - start ))" >> $L/rest.log ) &
 wait
 du -sh $MLXQ_CUDA_CACHE; ls $MLXQ_CUDA_CACHE | wc -l
 for f in $L/*.log; do echo "== $f"; cat $f; done > $OUT/tests.log

@@ -58,6 +58,15 @@ pub enum Op {
     Dequantize,
 }
 
+/// The values of the cuBLAS reference's inputs (`--cublas-data`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CublasData {
+    /// Random x and W, drawn as the quantized cases' are.
+    Random,
+    /// Every element 0x3c3c (≈ 0.0115), the reference before session 48.
+    Const,
+}
+
 /// Arguments of `mlxq bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -157,6 +166,11 @@ pub struct Tuning {
     /// reports hazards inside cuBLAS's own kernels).
     #[arg(long)]
     pub no_cublas: bool,
+    /// CUDA: the values of the cuBLAS reference's x and W: `random` (as the quantized
+    /// cases'), or `const` (every element ≈ 0.0115: fewer bits toggle, the tensor cores draw
+    /// less power and clock higher, a flattering reference kept for comparison).
+    #[arg(long, value_enum, default_value_t = CublasData::Random)]
+    pub cublas_data: CublasData,
     /// Seed of the random weights and inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

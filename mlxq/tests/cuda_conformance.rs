@@ -792,6 +792,95 @@ fn split_k_tiles_match_the_f64_reference() {
     assert_none("split-K wgmma tiles on CUDA", cases.len(), failures);
 }
 
+/// Large-M prefill by cuBLAS (`dq_gemm`: W dequantized into slabs, one GEMM each): every
+/// affine width, group and half dtype from the route's first M, N off the 128-row slab
+/// alignment; then the same route captured in a graph and replayed with new x. Where cuBLAS
+/// loads, each call must have taken the route; run again with `MLXQ_DQ_SLAB_MB=1`
+/// (`tools/cuda_batch.sh`) W is cut into several slabs with a shorter last one.
+#[test]
+#[cfg(feature = "cuda")]
+fn dequant_cublas_prefill_matches_the_f64_reference() {
+    let Some(dev) = gpu() else { return };
+    let cublas = mlxq::backend::cuda::cublas_available(&dev);
+    if !cublas {
+        eprintln!("cuBLAS not found: checking the tile route these shapes fall back to");
+    }
+    let mut enc = dev.encoder();
+    let mut rng = StdRng::seed_from_u64(48);
+    let (bf, f16) = (DType::BF16, DType::F16);
+    // (bits, group, x and scales dtype, M, N, K): 4- and 8-bit from the route's first M on
+    // Hopper (3072 / 2048), the other widths from the prefill's first (17).
+    let cases = [
+        (4, 64, bf, 4100, 1000, 256),
+        (4, 32, f16, 3072, 1500, 512),
+        (8, 128, bf, 2050, 999, 640),
+        (8, 64, f16, 4097, 384, 1024),
+        (1, 64, bf, 600, 256, 512),
+        (2, 64, bf, 520, 700, 512),
+        (3, 32, f16, 530, 300, 768),
+        (5, 64, bf, 1024, 520, 512),
+        (6, 128, f16, 17, 260, 1024),
+    ];
+    let mut failures = Vec::new();
+    let check_route = |failures: &mut Vec<String>, enc: &CommandEncoder, ctx: &str| {
+        let ran = enc.last_kernel().unwrap_or("");
+        if cublas && !ran.contains("dq_cublas") {
+            failures.push(format!("{ctx}: ran {ran}, not dq_cublas"));
+        }
+    };
+    for (bits, g, dt, m, n, k) in cases {
+        let spec = QuantSpec::affine(bits, g).unwrap();
+        if let Some(f) = check_matmul(&dev, &mut enc, &mut rng, spec, dt, dt, m, n, k, true) {
+            failures.push(f);
+        }
+        check_route(
+            &mut failures,
+            &enc,
+            &format!("b{bits} g{g} M={m} N={n} K={k}"),
+        );
+    }
+    // Captured: two prefill matmuls in one graph, replayed with new x.
+    let mut cenc = Device::cpu().encoder();
+    let (m, n, k) = (600, 1100, 1024);
+    let spec = QuantSpec::affine(3, 64).unwrap();
+    let w = Buffer::from_f32(&randn(&mut rng, n * k), bf, &[n, k]).unwrap();
+    let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
+    let wd = dequantize_f64(&qw).unwrap();
+    let qg = weight_to(&qw, &dev);
+    let new_x = |rng: &mut StdRng| Buffer::from_f32(&randn(rng, m * k), bf, &[m, k]).unwrap();
+    let mut x = up(&new_x(&mut rng), &dev);
+    let mut y = poisoned_on(&dev, bf, &[m, n]);
+    let mut y2 = poisoned_on(&dev, bf, &[m, n]);
+    let graph = {
+        let (xr, yr, y2r) = (&x, &mut y, &mut y2);
+        enc.capture(|e| {
+            ops::quantized_matmul_into(e, xr, &qg, true, yr)?;
+            ops::quantized_matmul_into(e, xr, &qg, true, y2r)
+        })
+        .unwrap()
+    };
+    check_route(&mut failures, &enc, "captured");
+    for step in 0..2 {
+        let xh = new_x(&mut rng);
+        x.copy_from(&xh).unwrap();
+        graph.replay().unwrap();
+        enc.commit_and_wait().unwrap();
+        let xf: Vec<f64> = xh
+            .to_f32_vec()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let want = matmul_f64(&xf, m, &wd, n, k, true);
+        for out in [&y, &y2] {
+            if let Some(f) = verdict(&format!("replay {step}"), out, &want, n, bf) {
+                failures.push(f);
+            }
+        }
+    }
+    assert_none("dequantized cuBLAS prefill", cases.len() + 4, failures);
+}
+
 #[test]
 fn long_rows_and_many_rows() {
     let Some(dev) = gpu() else { return };

@@ -14,7 +14,7 @@
 //!   false), normwise: 1e-5 for f32 x, 1e-2 for bf16/f16. Non-zero exit if any fails.
 
 use super::data::spread;
-use super::{check, BenchArgs, Op};
+use super::{check, BenchArgs, CublasData, Op};
 use anyhow::Context;
 use mlxq::backend::cuda::{cublas_bf16_gemm_us, read_bandwidth_probe, EventTimer};
 use mlxq::{ops, Buffer, DType, Device, QuantSpec, QuantizedWeight};
@@ -22,6 +22,32 @@ use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
+
+/// cuBLAS's bf16 GEMM on `[m, n, k]` (µs): x and W of the same random values as the
+/// quantized cases' x and (unquantized) W, or every element 0x3c3c (≈ 0.0115) with
+/// `--cublas-data const`, the reference of sessions before 48, which clocks higher.
+fn cublas_reference(
+    args: &BenchArgs,
+    rng: &mut StdRng,
+    device: &Device,
+    [m, n, k]: [usize; 3],
+    iters: usize,
+    rotate: usize,
+) -> mlxq::Result<f64> {
+    let (x, w) = if args.tune.cublas_data == CublasData::Const {
+        let c = half::bf16::from_bits(0x3c3c).to_f32();
+        (
+            Buffer::from_f32(&vec![c; m * k], DType::BF16, &[m, k])?,
+            Buffer::from_f32(&vec![c; n * k], DType::BF16, &[n, k])?,
+        )
+    } else {
+        (
+            Buffer::from_f32(&randn(rng, m * k), DType::BF16, &[m, k])?,
+            Buffer::from_f32(&randn(rng, n * k), DType::BF16, &[n, k])?,
+        )
+    };
+    cublas_bf16_gemm_us(device, &x, &w, iters, rotate)
+}
 
 fn randn(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n)
@@ -500,13 +526,13 @@ pub fn run(
                                 if args.tune.no_cublas {
                                     return None;
                                 }
-                                cublas_bf16_gemm_us(device, m, n, k, iters, rotate)
+                                cublas_reference(args, &mut rng, device, [m, n, k], iters, rotate)
                                     .map_err(|e| eprintln!("cuBLAS column skipped: {e}"))
                                     .ok()
                             });
                             let blas = blas.map_or("null".to_string(), |u| format!("{u:.2}"));
                             println!(
-                                "{{\"kind\":\"matmul\",\"m\":{m},\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"mode\":\"{}\",\"dtype\":\"{dtype}\",\"transpose\":{transpose},\"weight_bytes\":{bytes},\"copies\":{copies},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"gbps\":{:.1},\"ratio\":{:.3},\"cublas_bf16_us\":{blas},\"err\":{err:.2e},\"ok\":{ok},\"kernel\":\"{}\"}}",
+                                "{{\"kind\":\"matmul\",\"m\":{m},\"n\":{n},\"k\":{k},\"bits\":{},\"group\":{},\"mode\":\"{}\",\"dtype\":\"{dtype}\",\"transpose\":{transpose},\"weight_bytes\":{bytes},\"copies\":{copies},\"floor_us\":{:.2},\"stream_us\":{:.2},\"graph_us\":{:.2},\"gbps\":{:.1},\"ratio\":{:.3},\"cublas_bf16_us\":{blas},\"cublas_data\":\"{:?}\",\"err\":{err:.2e},\"ok\":{ok},\"kernel\":\"{}\"}}",
                                 spec.bits(),
                                 spec.group_size(),
                                 spec.mode(),
@@ -515,6 +541,7 @@ pub fn run(
                                 t.graph_us,
                                 bytes / (best * 1e3),
                                 bytes / (best * 1e3) / bw,
+                                args.tune.cublas_data,
                                 enc.last_kernel().unwrap_or("?"),
                             );
                         }

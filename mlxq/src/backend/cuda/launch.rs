@@ -187,31 +187,60 @@ pub(crate) fn dequantize_into(
     enc.check_location(OP, "biases", biases)?;
     enc.check_location(OP, "out", out)?;
     let out: &Buffer = out;
-    // One thread per 16 bytes of output (groups are whole 8s of elements).
-    let items = (out.numel() / (16 / out_dtype.size())) as u64;
-    let (pp, ps, pb, po) = (
+    let ptrs = [
         ptr(OP, "packed", w.packed())?,
         ptr(OP, "scales", w.scales())?,
         ptr(OP, "biases", biases)?,
         ptr(OP, "out", out)?,
-    );
+    ];
     // SAFETY: as in `quantize`: every index is below the sizes `w` was validated with, and
-    // `out` holds `w.shape()` elements (`ops` checked), items·16 bytes.
+    // `out` holds `w.shape()` elements (`ops` checked).
+    unsafe {
+        enqueue_dequantize(
+            &dev,
+            &k,
+            OP,
+            ptrs,
+            out.numel() as u64,
+            out_dtype.size() as u64,
+        )
+    }?;
+    for b in [w.packed(), w.scales(), biases, out] {
+        enc.retain(b);
+    }
+    enc.record(&k.name);
+    Ok(())
+}
+
+/// Enqueues the affine `dequantize` kernel `k` over `elements` weights (whole groups, from a
+/// group's start): `ptrs` are its codes, scales, biases and output, `osize` the output's bytes
+/// per element. One thread per 16 bytes of output.
+///
+/// # Safety
+/// The codes, scales and biases of `elements` weights must be readable at `ptrs[..3]` and
+/// `elements · osize` bytes writable at `ptrs[3]`, until the kernel completes.
+pub(super) unsafe fn enqueue_dequantize(
+    dev: &CudaDevice,
+    k: &super::CudaKernel,
+    op: &'static str,
+    [pp, ps, pb, po]: [u64; 4],
+    elements: u64,
+    osize: u64,
+) -> Result<()> {
+    let items = elements / (16 / osize);
+    // SAFETY: the caller's contract; the kernel touches items·16 bytes of output and the
+    // codes, scales and biases of those elements.
     unsafe {
         dev.stream()
-            .launch_builder(k.func_named(OP)?)
+            .launch_builder(k.func_named("dequantize")?)
             .arg(&pp)
             .arg(&ps)
             .arg(&pb)
             .arg(&po)
             .arg(&items)
-            .launch(cfg((grid_x(OP, items.div_ceil(256))?, 1, 1), 256, OP)?)
+            .launch(cfg((grid_x(op, items.div_ceil(256))?, 1, 1), 256, op)?)
     }
-    .map_err(driver(OP))?;
-    for b in [w.packed(), w.scales(), biases, out] {
-        enc.retain(b);
-    }
-    enc.record(&k.name);
+    .map_err(driver(op))?;
     Ok(())
 }
 
@@ -414,11 +443,6 @@ pub(crate) fn qmm(
             ))
         }
     };
-    let k = if fp {
-        dev.kernel_variant(key, "fp_tiles")?
-    } else {
-        dev.kernel(key)?
-    };
     for (param, b) in [("scales", w.scales()), ("biases", biases)] {
         enc.check_location(op, param, b)?;
     }
@@ -428,10 +452,26 @@ pub(crate) fn qmm(
     } else {
         (rows, cols)
     };
+    let m = job.m as u64;
+    // Large M (`dq_gemm`): W dequantized by slabs into the scratch, each slab one cuBLAS
+    // GEMM, for every affine width (before the matmul module is compiled: the route needs
+    // only the dequantize kernel). Forced tiles (MLXQ_TILE) keep the tiles.
+    if prefill_shape
+        && !fp
+        && knob("MLXQ_TILE").is_none()
+        && super::dq_gemm::min_m(&key, dev.arch(), tile_min_m as u64).is_some_and(|f| m >= f)
+        && super::dq_gemm::try_run(enc, &dev, op, x, w, biases, out, [m, ndim, kdim])?
+    {
+        return Ok(());
+    }
+    let k = if fp {
+        dev.kernel_variant(key, "fp_tiles")?
+    } else {
+        dev.kernel(key)?
+    };
     let gy = entries.clamp(1, 65535) as u32;
     let xsize = x.dtype().size() as u64;
     let osize = out.dtype().size() as u64;
-    let m = job.m as u64;
     let px = aligned(op, "x", x, ptr(op, "x", x)?, 16)?;
     let pw = aligned(op, "w", w.packed(), ptr(op, "w", w.packed())?, 16)?;
     let (ps, pb, po) = (
@@ -1872,7 +1912,7 @@ fn qmvn_shape(mt: u32, bits: u64) -> (u64, u64) {
 }
 
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 24] = [
+const KNOBS: [&str; 27] = [
     "MLXQ_GATHER_SORT_OFF",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
@@ -1897,12 +1937,15 @@ const KNOBS: [&str; 24] = [
     "MLXQ_TILE_SMALL",
     "MLXQ_KSPLIT",
     "MLXQ_KSPLIT_STEPS",
+    "MLXQ_DQ",
+    "MLXQ_DQ_MIN_M",
+    "MLXQ_DQ_SLAB_MB",
 ];
 
 /// The value of the experiment switch `name` (an `MLXQ_*` environment variable), read once per
 /// process: launches consult these on every call, and reading the environment each time takes
 /// its lock and allocates.
-fn knob(name: &'static str) -> Option<&'static str> {
+pub(super) fn knob(name: &'static str) -> Option<&'static str> {
     static VALUES: std::sync::OnceLock<Vec<Option<String>>> = std::sync::OnceLock::new();
     let values = VALUES.get_or_init(|| KNOBS.iter().map(|k| std::env::var(k).ok()).collect());
     let i = KNOBS.iter().position(|k| *k == name)?;
@@ -2211,90 +2254,59 @@ pub fn read_bandwidth_probe(device: &Device, bytes: usize, reps: usize) -> Resul
 }
 
 /// Device time (µs, median of `iters` calls after a warm-up) of cuBLAS's bf16 GEMM
-/// `y[M, N] = x[M, K] · W[N, K]ᵀ` (f32 accumulation, bf16 output) on `device`, cycling through
-/// enough copies of W to total at least `rotate` bytes (so W comes from HBM as in the
-/// quantized benchmarks). cuBLAS is loaded at run time: an error says why it is unavailable.
+/// `y[M, N] = x[M, K] · W[N, K]ᵀ` (f32 accumulation, bf16 output) on `device` for the caller's
+/// `x` and `w` (bf16, any location), cycling through enough device copies of `w` to total at
+/// least `rotate` bytes (so W comes from HBM as in the quantized benchmarks). The values
+/// matter: on random data the tensor cores draw more power and clock lower than on constant
+/// data (docs/perf-cuda.md, session 48). cuBLAS is loaded at run time: an error says why it
+/// is unavailable.
 pub fn cublas_bf16_gemm_us(
     device: &Device,
-    m: usize,
-    n: usize,
-    k: usize,
+    x: &Buffer,
+    w: &Buffer,
     iters: usize,
     rotate: usize,
 ) -> Result<f64> {
-    use cudarc::cublas::{result as blas, sys as bsys, CudaBlas};
     const OP: &str = "cublas_bf16_gemm";
+    let (m, k, n) = match (x.dtype(), x.shape(), w.dtype(), w.shape()) {
+        (DType::BF16, &[m, k], DType::BF16, &[n, kw]) if kw == k => (m, k, n),
+        _ => {
+            return Err(Error::invalid(
+                OP,
+                "x, w",
+                "bf16 x [M, K] and w [N, K]",
+                format!(
+                    "{} x {:?}, {} w {:?}",
+                    x.dtype(),
+                    x.shape(),
+                    w.dtype(),
+                    w.shape()
+                ),
+            ))
+        }
+    };
     let dev = Arc::clone(device.cuda_state()?);
     dev.swap_last_dec(None);
-    // SAFETY: probing for the library has no preconditions.
-    if !unsafe { bsys::is_culib_present() } {
-        return Err(Error::BackendUnavailable {
-            device: "cublas".into(),
-            reason: "libcublas was not found on this machine".into(),
-        });
-    }
-    let blas = CudaBlas::new(Arc::clone(&dev.stream)).map_err(|e| Error::Cuda {
-        op: OP,
-        cause: format!("{e:?}"),
+    let blas = dev.blas().ok_or_else(|| Error::BackendUnavailable {
+        device: "cublas".into(),
+        reason: "libcublas was not found on this machine (or its handle failed)".into(),
     })?;
-    let dim = |v: usize| {
-        i32::try_from(v).map_err(|_| Error::SizeOverflow {
-            op: OP,
-            what: "GEMM size",
-        })
+    let copies = rotate.div_ceil(w.nbytes().max(1)).clamp(1, 64);
+    let upload = |src: &Buffer| -> Result<Buffer> {
+        let mut b = Buffer::uninit_on(device, DType::BF16, src.shape())?;
+        b.copy_from(src)?;
+        Ok(b)
     };
-    let (mi, ni, ki) = (dim(m)?, dim(n)?, dim(k)?);
-    let wbytes = n * k * 2;
-    let copies = rotate.div_ceil(wbytes.max(1)).clamp(1, 64);
-    let fill = |b: &Buffer| -> Result<u64> {
-        let p = ptr(OP, "buffer", b)?;
-        // 0x3c3c: bf16 ≈ 0.0115 everywhere, never zeros (zeros time faster).
-        // SAFETY: the whole allocation.
-        unsafe {
-            cudarc::driver::result::memset_d8_async(p, 0x3c, b.nbytes(), dev.stream.cu_stream())
-        }
-        .map_err(driver(OP))?;
-        Ok(p)
-    };
-    let x = Buffer::uninit_on(device, DType::BF16, &[m, k])?;
+    let xd = upload(x)?;
     let y = Buffer::uninit_on(device, DType::BF16, &[m, n])?;
-    let ws: Vec<Buffer> = (0..copies)
-        .map(|_| Buffer::uninit_on(device, DType::BF16, &[n, k]))
-        .collect::<Result<_>>()?;
-    let (px, py) = (fill(&x)?, fill(&y)?);
-    let pws: Vec<u64> = ws.iter().map(&fill).collect::<Result<_>>()?;
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    let call = |pw: u64| -> Result<()> {
-        // Column-major view: yᵀ [N, M] = W [K, N]ᵀ · xᵀ [K, M].
-        // SAFETY: the pointers address the allocations above, of the sizes the GEMM reads and
-        // writes (W N×K, x M×K, y M×N bf16), alive until the stream is synchronised below.
-        unsafe {
-            blas::gemm_ex(
-                *blas.handle(),
-                bsys::cublasOperation_t::CUBLAS_OP_T,
-                bsys::cublasOperation_t::CUBLAS_OP_N,
-                ni,
-                mi,
-                ki,
-                (&alpha as *const f32).cast(),
-                pw as *const std::ffi::c_void,
-                bsys::cudaDataType::CUDA_R_16BF,
-                ki,
-                px as *const std::ffi::c_void,
-                bsys::cudaDataType::CUDA_R_16BF,
-                ki,
-                (&beta as *const f32).cast(),
-                py as *mut std::ffi::c_void,
-                bsys::cudaDataType::CUDA_R_16BF,
-                ni,
-                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
-            )
-        }
-        .map_err(|e| Error::Cuda {
-            op: OP,
-            cause: format!("{e:?}"),
-        })
+    let ws: Vec<Buffer> = (0..copies).map(|_| upload(w)).collect::<Result<_>>()?;
+    let (px, py) = (ptr(OP, "x", &xd)?, ptr(OP, "y", &y)?);
+    let pws: Vec<u64> = ws.iter().map(|b| ptr(OP, "w", b)).collect::<Result<_>>()?;
+    let size = [m as u64, n as u64, k as u64];
+    // SAFETY: the pointers address the allocations above, of the sizes the GEMM reads and
+    // writes (W N×K, x M×K, y M×N bf16), alive until the stream is synchronised below.
+    let call = |pw: u64| unsafe {
+        super::dq_gemm::gemm_xwt(&blas, OP, DType::BF16, size, px, pw, py, size[1])
     };
     for &pw in &pws {
         call(pw)?;
@@ -2336,7 +2348,7 @@ mod tests {
 
     #[test]
     fn every_knob_read_is_listed() {
-        let src = include_str!("launch.rs");
+        let src = [include_str!("launch.rs"), include_str!("dq_gemm.rs")].concat();
         let mut seen = 0;
         for part in src.split("knob(\"").skip(1) {
             let name = &part[..part.find('"').unwrap_or(0)];

@@ -11,6 +11,7 @@
 //! the device's own architecture on first use of a [`KernelKey`] (the key's fields become
 //! `-D` defines), cached in memory by the registry and on disk by [`nvrtc`].
 
+mod dq_gemm;
 mod fp;
 pub(crate) mod launch;
 mod nvrtc;
@@ -23,6 +24,13 @@ use cudarc::driver::{result as cu, sys, CudaContext, CudaFunction, CudaStream, D
 use std::sync::{Arc, Mutex};
 
 pub use launch::{cublas_bf16_gemm_us, read_bandwidth_probe, EventTimer};
+
+/// Whether cuBLAS is loaded, or can be, for `device` (a CUDA device): the large-M prefill
+/// route (dequantized slabs of W, one cuBLAS GEMM each) needs it. Loads it on first call
+/// outside a graph capture; false for other devices.
+pub fn cublas_available(device: &crate::Device) -> bool {
+    device.cuda_state().is_ok_and(|d| d.blas().is_some())
+}
 
 /// Maps a driver error to [`Error::Cuda`] naming `op`.
 pub(crate) fn driver(op: &'static str) -> impl Fn(DriverError) -> Error {
@@ -533,6 +541,8 @@ pub struct CudaDevice {
     /// stream if it was a `qmv_dec` (the next one may then be launched as its programmatic
     /// dependent, and needs to wait for it only to read what it wrote), else `None`.
     last_dec: Mutex<Option<(u64, u64)>>,
+    /// cuBLAS (large-M prefill, `dq_gemm`), loaded on first use.
+    blas: Mutex<dq_gemm::BlasState>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -604,6 +614,7 @@ impl CudaDevice {
             scratch: Mutex::new(Some(scratch)),
             probe: Mutex::new(None),
             last_dec: Mutex::new(None),
+            blas: Mutex::new(dq_gemm::BlasState::default()),
         }))
     }
 
