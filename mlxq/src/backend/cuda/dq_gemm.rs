@@ -288,6 +288,12 @@ pub(super) fn try_run(
     let bits = u64::from(spec.bits());
     let groups = k / u64::from(spec.group_size());
     let ssize = w.scales_dtype().size() as u64;
+    // Kept alive until the encoder's work completes, from before the first launch (an error
+    // after it leaves work in flight that reads them).
+    dev.swap_last_dec(None);
+    for b in [x, w.packed(), w.scales(), biases, out, &scratch] {
+        enc.retain(b);
+    }
     let mut r0 = 0;
     let mut slabs = 0;
     while r0 < n {
@@ -312,16 +318,12 @@ pub(super) fn try_run(
             )?;
         }
         // SAFETY: x [m, k], the slab's W rows [r, k] and the output's columns r0..r0 + r of
-        // its m rows of n (all inside `out`, m·n elements), alive through `retain` below.
+        // its m rows of n (all inside `out`, m·n elements), alive through `retain` above.
         unsafe {
             gemm_xwt(&blas, op, dtype, [m, r, k], px, slab, po + r0 * esize, n)?;
         }
         r0 += r;
         slabs += 1;
-    }
-    dev.swap_last_dec(None);
-    for b in [x, w.packed(), w.scales(), biases, out, &scratch] {
-        enc.retain(b);
     }
     enc.record(&format!("{} dq_cublas/s{slabs}", kern.name));
     Ok(true)
@@ -334,14 +336,15 @@ mod tests {
     #[test]
     fn slabs_cover_w_in_equal_aligned_parts_within_the_budget() {
         const MIB: u64 = 1 << 20;
-        // All of W where it fits.
+        // All of W where it fits (any row count).
         assert_eq!(slab_rows(4096, 4096, 2, 32 * MIB), Some(4096));
         assert_eq!(slab_rows(999, 64, 2, 32 * MIB), Some(999));
+        assert_eq!(slab_rows(5000, 3000, 2, 32 * MIB), Some(5000));
         for (n, k) in [
             (14336, 4096),
             (4096, 14336),
             (28672, 8192),
-            (5000, 3000),
+            (20000, 3000),
             (129, 131072),
         ] {
             let rows = slab_rows(n, k, 2, 32 * MIB).unwrap();
