@@ -793,7 +793,7 @@ fn split_k_tiles_match_the_f64_reference() {
 }
 
 /// Large-M prefill by cuBLAS (`dq_gemm`: W dequantized into slabs, one GEMM each): every
-/// affine width, group and half dtype from the route's first M, N off the 128-row slab
+/// affine width, group and half dtype and MLX's three FP modes from the route's first M, N off the 128-row slab
 /// alignment; then the same route captured in a graph and replayed with new x. Where cuBLAS
 /// loads, each call must have taken the route; run again with `MLXQ_DQ_SLAB_MB=1`
 /// (`tools/cuda_batch.sh`) W is cut into several slabs with a shorter last one.
@@ -839,8 +839,23 @@ fn dequant_cublas_prefill_matches_the_f64_reference() {
             &format!("b{bits} g{g} M={m} N={n} K={k}"),
         );
     }
-    // Captured: two prefill matmuls in one graph, replayed with new x.
+    // MLX's FP modes, from their width's first M.
     let mut cenc = Device::cpu().encoder();
+    let fp_cases = [
+        (QuantMode::Mxfp4, bf, 3072, 600, 512),
+        (QuantMode::Nvfp4, f16, 3100, 300, 256),
+        (QuantMode::Mxfp8, bf, 2048, 500, 256),
+    ];
+    for (mode, dt, m, n, k) in fp_cases {
+        let ctx = format!("{mode} x {dt} M={m} N={n} K={k}");
+        let w = Buffer::from_f32(&randn(&mut rng, n * k), dt, &[n, k]).unwrap();
+        let qw = ops::quantize(&mut cenc, &w, fp_spec(mode), Flavour::Gpu).unwrap();
+        if let Some(f) = check_fp_tiled(&dev, &mut enc, &mut rng, &ctx, &qw, dt, m, false) {
+            failures.push(f);
+        }
+        check_route(&mut failures, &enc, &ctx);
+    }
+    // Captured: two prefill matmuls in one graph, replayed with new x.
     let (m, n, k) = (600, 1100, 1024);
     let spec = QuantSpec::affine(3, 64).unwrap();
     let w = Buffer::from_f32(&randn(&mut rng, n * k), bf, &[n, k]).unwrap();
@@ -878,7 +893,11 @@ fn dequant_cublas_prefill_matches_the_f64_reference() {
             }
         }
     }
-    assert_none("dequantized cuBLAS prefill", cases.len() + 4, failures);
+    assert_none(
+        "dequantized cuBLAS prefill",
+        cases.len() + fp_cases.len() + 4,
+        failures,
+    );
 }
 
 #[test]

@@ -5,11 +5,12 @@
 //!
 //! Why: from a few hundred tokens a prefill matmul is compute-bound, and cuBLAS's bf16 GEMM
 //! runs near the tensor cores' peak where mlxq's own wgmma tiles, which dequantize in
-//! registers on every block, reach 55–68% of it (docs/perf-cuda.md). Dequantizing costs one
+//! registers on every block, reach 62–78% of it (docs/perf-cuda.md). Dequantizing costs one
 //! pass over W (its codes read, 2 bytes per weight written into a slab that the GEMM then
 //! reads, mostly from L2): ~10 µs for 4096×4096 on an H200, against ~160 µs of GEMM at
 //! M = 4096. The same practice as exllama's and vLLM's AWQ prefill ("reconstruct, then
-//! cuBLAS"). It serves every affine width (1..8 bits), where the tiles serve 4 and 8 only.
+//! cuBLAS"). It serves every affine width (1..8 bits), where the tiles serve 4 and 8 only,
+//! and MLX's FP modes (mxfp4, nvfp4, mxfp8).
 //!
 //! Memory: the slab is the device's split-K scratch (32 MiB, made when the device opens), so
 //! the route allocates nothing per call and can be captured in a graph; cuBLAS is loaded on
@@ -23,6 +24,7 @@
 use super::launch::{knob, ptr};
 use super::CudaDevice;
 use crate::error::{Error, Result};
+use crate::quant::QuantMode;
 use crate::registry::{KernelKey, OpKind, AUTO};
 use crate::{Buffer, CommandEncoder, DType, QuantizedWeight};
 use cudarc::cublas::{result as blas, sys as bsys, CudaBlas};
@@ -186,6 +188,8 @@ pub(crate) unsafe fn gemm_xwt(
 /// from 2048, 4-bit from 3072; at 2048 the tiles won two of three), else from `tile_min_m` (every other width: the CUDA-core kernels are
 /// 50-100x slower at M = 1024). On tensor-core devices without wgmma, from M = 1024 (not
 /// measured: their mma.sync tiles ran 1.7x slower than the wgmma tiles at 4096^3, run 8).
+/// MLX's FP modes from M = 2048 on Hopper (measured faster than their wgmma tiles at every
+/// shape tried, 2048x4096x4096 included: mxfp4 108 against 123 µs, mxfp8 110 against 142).
 pub(super) fn min_m(key: &KernelKey, arch: u32, tile_min_m: u64) -> Option<u64> {
     match knob("MLXQ_DQ") {
         Some("0") => return None,
@@ -195,12 +199,14 @@ pub(super) fn min_m(key: &KernelKey, arch: u32, tile_min_m: u64) -> Option<u64> 
     if let Some(v) = knob("MLXQ_DQ_MIN_M").and_then(|v| v.parse::<u64>().ok()) {
         return Some(v.max(1));
     }
+    let fp = key.mode != QuantMode::Affine;
     let first = if !super::tensor_core_path(key, arch) {
         tile_min_m
     } else if super::nvrtc::wgmma(arch) {
-        match key.bits {
-            8 => 2048,
-            _ => 3072,
+        if fp || key.bits == 8 {
+            2048
+        } else {
+            3072
         }
     } else {
         1024
@@ -229,18 +235,25 @@ pub(super) fn slab_rows(n: u64, k: u64, esize: u64, budget: u64) -> Option<u64> 
 /// true, or returns false having enqueued nothing where the route cannot serve the call: no
 /// cuBLAS, a capture before cuBLAS was loaded, a size past cuBLAS's `int`, or `x` and `out`
 /// not of one f16/bf16 dtype. `ops` validated the shapes; the caller checked that W is one
-/// affine matrix `[n, k]` (transpose = true, no gather or batch).
-#[allow(clippy::too_many_arguments)]
+/// matrix `[n, k]` (transpose = true, no gather or batch), affine or an FP mode.
 pub(super) fn try_run(
     enc: &mut CommandEncoder,
     dev: &CudaDevice,
     op: &'static str,
     x: &Buffer,
     w: &QuantizedWeight,
-    biases: &Buffer,
     out: &Buffer,
-    [m, n, k]: [u64; 3],
+    m: u64,
 ) -> Result<bool> {
+    let (n, k) = (w.rows() as u64, w.cols() as u64);
+    let spec = w.spec();
+    let fp = spec.mode() != QuantMode::Affine;
+    // FP weights have no biases (their kernel takes none: the scales stand in, unread).
+    let biases = match w.biases() {
+        Some(b) => b,
+        None if fp => w.scales(),
+        None => return Ok(false),
+    };
     let dtype = x.dtype();
     if dtype != out.dtype()
         || !matches!(dtype, DType::BF16 | DType::F16)
@@ -261,10 +274,17 @@ pub(super) fn try_run(
     if slab_bytes > super::SCRATCH_BYTES as u64 && dev.capturing() {
         return Ok(false);
     }
+    // fp_dequantize loads whole 4- or 8-byte words of codes (16-byte aligned base, as
+    // `dequantize_into` requires).
+    if fp && !ptr(op, "w", w.packed())?.is_multiple_of(16) {
+        return Ok(false);
+    }
     let Some(blas) = dev.blas() else {
         return Ok(false);
     };
-    let spec = w.spec();
+    for (param, b) in [("scales", w.scales()), ("biases", biases)] {
+        enc.check_location(op, param, b)?;
+    }
     let kern = dev.kernel(KernelKey {
         op: OpKind::Dequantize,
         mode: spec.mode(),
@@ -307,10 +327,11 @@ pub(super) fn try_run(
                 dev,
                 &kern,
                 op,
+                fp,
                 [
                     pw + r0 * k * bits / 8,
                     ps + r0 * groups * ssize,
-                    pb + r0 * groups * ssize,
+                    if fp { slab } else { pb + r0 * groups * ssize },
                     slab,
                 ],
                 r * k,

@@ -200,6 +200,7 @@ pub(crate) fn dequantize_into(
             &dev,
             &k,
             OP,
+            false,
             ptrs,
             out.numel() as u64,
             out_dtype.size() as u64,
@@ -212,33 +213,46 @@ pub(crate) fn dequantize_into(
     Ok(())
 }
 
-/// Enqueues the affine `dequantize` kernel `k` over `elements` weights (whole groups, from a
-/// group's start): `ptrs` are its codes, scales, biases and output, `osize` the output's bytes
-/// per element. One thread per 16 bytes of output.
+/// Enqueues a dequantize kernel `k` over `elements` weights (whole groups, from a group's
+/// start), one thread per 16 bytes of output in blocks of 256: the affine `dequantize`
+/// (`ptrs`: codes, scales, biases, output) or, with `fp`, the FP modes' `fp_dequantize`
+/// (codes, scale codes, output; `ptrs[3]` unused). `osize` is the output's bytes per element.
 ///
 /// # Safety
-/// The codes, scales and biases of `elements` weights must be readable at `ptrs[..3]` and
-/// `elements · osize` bytes writable at `ptrs[3]`, until the kernel completes.
+/// The codes, scales (and biases) of `elements` weights must be readable at those pointers
+/// and `elements · osize` bytes writable at the output, until the kernel completes.
 pub(super) unsafe fn enqueue_dequantize(
     dev: &CudaDevice,
     k: &super::CudaKernel,
     op: &'static str,
+    fp: bool,
     [pp, ps, pb, po]: [u64; 4],
     elements: u64,
     osize: u64,
 ) -> Result<()> {
     let items = elements / (16 / osize);
+    let cfg = cfg((grid_x(op, items.div_ceil(256))?, 1, 1), 256, op)?;
     // SAFETY: the caller's contract; the kernel touches items·16 bytes of output and the
     // codes, scales and biases of those elements.
     unsafe {
-        dev.stream()
-            .launch_builder(k.func_named("dequantize")?)
-            .arg(&pp)
-            .arg(&ps)
-            .arg(&pb)
-            .arg(&po)
-            .arg(&items)
-            .launch(cfg((grid_x(op, items.div_ceil(256))?, 1, 1), 256, op)?)
+        if fp {
+            dev.stream()
+                .launch_builder(k.func_named("fp_dequantize")?)
+                .arg(&pp)
+                .arg(&ps)
+                .arg(&pb)
+                .arg(&items)
+                .launch(cfg)
+        } else {
+            dev.stream()
+                .launch_builder(k.func_named("dequantize")?)
+                .arg(&pp)
+                .arg(&ps)
+                .arg(&pb)
+                .arg(&po)
+                .arg(&items)
+                .launch(cfg)
+        }
     }
     .map_err(driver(op))?;
     Ok(())
@@ -423,6 +437,17 @@ pub(crate) fn qmm(
         flag: job.transpose,
         variant: AUTO,
     };
+    // Large M (`dq_gemm`): W dequantized by slabs into the scratch, each slab one cuBLAS
+    // GEMM, for every affine width and the FP modes (before any matmul module is compiled:
+    // the route needs only a dequantize kernel). Forced tiles (MLXQ_TILE) keep the tiles.
+    if prefill_shape
+        && knob("MLXQ_TILE").is_none()
+        && super::dq_gemm::min_m(&key, dev.arch(), tile_min_m as u64)
+            .is_some_and(|f| job.m as u64 >= f)
+        && super::dq_gemm::try_run(enc, &dev, op, x, w, out, job.m as u64)?
+    {
+        return Ok(());
+    }
     // (`ops` made the output x's dtype; the tensor-core keys are W [N, K], f16/bf16 x.)
     if fp
         && !((gather_shape || prefill_shape || decode_shape)
@@ -453,17 +478,6 @@ pub(crate) fn qmm(
         (rows, cols)
     };
     let m = job.m as u64;
-    // Large M (`dq_gemm`): W dequantized by slabs into the scratch, each slab one cuBLAS
-    // GEMM, for every affine width (before the matmul module is compiled: the route needs
-    // only the dequantize kernel). Forced tiles (MLXQ_TILE) keep the tiles.
-    if prefill_shape
-        && !fp
-        && knob("MLXQ_TILE").is_none()
-        && super::dq_gemm::min_m(&key, dev.arch(), tile_min_m as u64).is_some_and(|f| m >= f)
-        && super::dq_gemm::try_run(enc, &dev, op, x, w, biases, out, [m, ndim, kdim])?
-    {
-        return Ok(());
-    }
     let k = if fp {
         dev.kernel_variant(key, "fp_tiles")?
     } else {
