@@ -49,6 +49,29 @@ pub struct KernelKey {
     pub variant: &'static str,
 }
 
+impl KernelKey {
+    /// The key of the dequantize kernel for `w` into `output` in `flavour` (variant chosen by
+    /// the registry).
+    pub(crate) fn dequantize(
+        w: &crate::QuantizedWeight,
+        output: DType,
+        flavour: crate::Flavour,
+    ) -> Self {
+        let spec = w.spec();
+        KernelKey {
+            op: OpKind::Dequantize,
+            mode: spec.mode(),
+            bits: spec.bits(),
+            group_size: spec.group_size(),
+            input: DType::U32,
+            scales: w.scales_dtype(),
+            output,
+            flag: flavour == crate::Flavour::Gpu,
+            variant: AUTO,
+        }
+    }
+}
+
 impl fmt::Display for KernelKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

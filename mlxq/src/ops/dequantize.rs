@@ -7,7 +7,7 @@
 use crate::backend::cpu::{self, dequantize::DequantizeArgs, KernelFn, MatrixRef};
 use crate::error::{Error, Result};
 use crate::quant::Flavour;
-use crate::registry::{KernelKey, OpKind};
+use crate::registry::KernelKey;
 use crate::{Buffer, CommandEncoder, DType, QuantizedWeight};
 
 const OP: &str = "dequantize";
@@ -52,18 +52,7 @@ pub(crate) fn dequantize_kernel(
     DType,
 )> {
     let out = output_dtype(w, opts)?;
-    let spec = w.spec();
-    let key = KernelKey {
-        op: OpKind::Dequantize,
-        mode: spec.mode(),
-        bits: spec.bits(),
-        group_size: spec.group_size(),
-        input: DType::U32,
-        scales: w.scales_dtype(),
-        output: out,
-        flag: opts.flavour == Flavour::Gpu,
-        variant: crate::registry::AUTO,
-    };
+    let key = KernelKey::dequantize(w, out, opts.flavour);
     let kernel = cpu::kernel(enc.device(), key)?;
     let KernelFn::Dequantize(f) = kernel.func else {
         return Err(Error::unsupported(OP, format!("kernel {}", kernel.name)));

@@ -25,7 +25,7 @@ use super::launch::{knob, ptr};
 use super::CudaDevice;
 use crate::error::{Error, Result};
 use crate::quant::QuantMode;
-use crate::registry::{KernelKey, OpKind, AUTO};
+use crate::registry::KernelKey;
 use crate::{Buffer, CommandEncoder, DType, QuantizedWeight};
 use cudarc::cublas::{result as blas, sys as bsys, CudaBlas};
 use cudarc::driver::sys;
@@ -285,17 +285,7 @@ pub(super) fn try_run(
     for (param, b) in [("scales", w.scales()), ("biases", biases)] {
         enc.check_location(op, param, b)?;
     }
-    let kern = dev.kernel(KernelKey {
-        op: OpKind::Dequantize,
-        mode: spec.mode(),
-        bits: spec.bits(),
-        group_size: spec.group_size(),
-        input: DType::U32,
-        scales: w.scales_dtype(),
-        output: dtype,
-        flag: true,
-        variant: AUTO,
-    })?;
+    let kern = dev.kernel(KernelKey::dequantize(w, dtype, crate::Flavour::Gpu))?;
     let scratch = dev.scratch(slab_bytes as usize)?;
     let slab = ptr(op, "scratch", &scratch)?;
     let (px, pw, ps, pb, po) = (

@@ -142,19 +142,7 @@ pub(super) fn dequantize_into(
     out: &mut Buffer,
 ) -> Result<()> {
     const OP: &str = "dequantize";
-    let spec = w.spec();
-    let key = KernelKey {
-        op: OpKind::Dequantize,
-        mode: spec.mode(),
-        bits: spec.bits(),
-        group_size: spec.group_size(),
-        input: DType::U32,
-        scales: w.scales_dtype(),
-        output: out_dtype,
-        flag: flavour == Flavour::Gpu,
-        variant: AUTO,
-    };
-    let k = dev.kernel(key)?;
+    let k = dev.kernel(KernelKey::dequantize(w, out_dtype, flavour))?;
     enc.check_location(OP, "scales", w.scales())?;
     enc.check_location(OP, "out", out)?;
     let out: &Buffer = out;

@@ -171,18 +171,7 @@ pub(crate) fn dequantize_into(
     let biases = w
         .biases()
         .ok_or_else(|| Error::unsupported(OP, format!("mode {} on CUDA", spec.mode())))?;
-    let key = KernelKey {
-        op: OpKind::Dequantize,
-        mode: spec.mode(),
-        bits: spec.bits(),
-        group_size: spec.group_size(),
-        input: DType::U32,
-        scales: w.scales_dtype(),
-        output: out_dtype,
-        flag: opts.flavour == Flavour::Gpu,
-        variant: AUTO,
-    };
-    let k = dev.kernel(key)?;
+    let k = dev.kernel(KernelKey::dequantize(w, out_dtype, opts.flavour))?;
     enc.check_location(OP, "scales", w.scales())?;
     enc.check_location(OP, "biases", biases)?;
     enc.check_location(OP, "out", out)?;
