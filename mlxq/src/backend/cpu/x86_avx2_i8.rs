@@ -112,6 +112,114 @@ impl I8Isa for Avx2I8 {
     }
 }
 
+/// Quantizes one row's K block of x for the int8 GEMM (shared by every [`I8Isa`]): block `b`
+/// of 32 values becomes `q[32b..32b + 32]`, `x̂ = round(x/d)` (ties to even) clamped to
+/// `±levels` in [`perm`] order for `bits`, with `d[b] = max|x|/levels` (0 and zero codes for
+/// a block of zeros; NaN values skipped by the maximum and quantized to 0, as the exact group
+/// sums still carry them); `sums[j]` is the f32 sum of group `j` (`g` values). Blocks past
+/// `src.len()/32` are left alone. Does nothing if a slice is too short or `g` is not a
+/// multiple of 32.
+///
+/// [`perm`]: super::x86_gemm::perm
+///
+/// # Safety
+/// The CPU has AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn quantize_x(
+    src: &[f32],
+    q: &mut [i8],
+    d: &mut [f32],
+    sums: &mut [f32],
+    g: usize,
+    bits: usize,
+    levels: f32,
+) {
+    let nblk = src.len() / XBLOCK;
+    if g == 0
+        || !g.is_multiple_of(XBLOCK)
+        || q.len() < nblk * XBLOCK
+        || d.len() < nblk
+        || sums.len() < src.len() / g
+    {
+        return;
+    }
+    let per_group = g / XBLOCK;
+    let sign = _mm256_set1_ps(-0.0);
+    let (hi, lo) = (_mm256_set1_ps(levels), _mm256_set1_ps(-levels));
+    // After the two packs, dword `4h + j` holds elements `8j + 4h..8j + 4h + 4`.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    // 4-bit: each lane's even bytes, then its odd ones (the qword permute joins the lanes).
+    let split = _mm256_setr_epi8(
+        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5,
+        7, 9, 11, 13, 15,
+    );
+    let mut gsum = _mm256_setzero_ps();
+    for b in 0..nblk {
+        let mut v = [_mm256_setzero_ps(); 4];
+        for (i, v) in v.iter_mut().enumerate() {
+            // SAFETY: block b < nblk lies within `src`.
+            *v = unsafe { _mm256_loadu_ps(src.as_ptr().add(b * XBLOCK + 8 * i)) };
+        }
+        gsum = _mm256_add_ps(
+            gsum,
+            _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])),
+        );
+        if (b + 1) % per_group == 0 {
+            sums[b / per_group] = hsum(gsum);
+            gsum = _mm256_setzero_ps();
+        }
+        // `vmaxps` returns its second operand where either is NaN: NaN is skipped.
+        let mut m = _mm256_setzero_ps();
+        for &v in &v {
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, v), m);
+        }
+        let amax = hmax(m);
+        let out = &mut q[b * XBLOCK..(b + 1) * XBLOCK];
+        if amax <= 0.0 {
+            out.fill(0);
+            d[b] = 0.0;
+            continue;
+        }
+        let inv = _mm256_set1_ps(levels / amax);
+        let mut i = [_mm256_setzero_si256(); 4];
+        for (i, &v) in i.iter_mut().zip(&v) {
+            let t = _mm256_mul_ps(v, inv);
+            // NaN (also ∞·0 when the block holds an infinity) to 0, then clamp and round.
+            let t = _mm256_and_ps(t, _mm256_cmp_ps::<_CMP_ORD_Q>(t, t));
+            *i = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(t, lo), hi));
+        }
+        let packed = _mm256_packs_epi16(
+            _mm256_packs_epi32(i[0], i[1]),
+            _mm256_packs_epi32(i[2], i[3]),
+        );
+        let mut r = _mm256_permutevar8x32_epi32(packed, order);
+        if bits == 4 {
+            r = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(r, split));
+        }
+        // SAFETY: `out` is 32 writable bytes.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, r) };
+        d[b] = amax / levels;
+    }
+}
+
+/// The sum of `v`'s lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// The largest of `v`'s lanes (none NaN).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hmax(v: __m256) -> f32 {
+    let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)))
+}
+
 /// Decodes the codes of `src` into `panel` as u8: K step `s` (codes `4s..4s + 4`, [`perm`]
 /// order) of column `8v + c` is dword `c` of the 32-byte vector `s·CB + v`; columns past
 /// `cols` are zero. Does nothing if a slice is too short.
@@ -237,6 +345,103 @@ unsafe fn micro<const RR: usize, const C: usize, const W16: bool>(
                     }
                     _mm256_storeu_ps(at, a);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::x86_gemm::perm;
+
+    /// The definition `quantize_x` vectorises, one block at a time: `x̂ = round(x·(L/amax))`
+    /// (ties to even) clamped to ±L in [`perm`] order, NaN to 0; returns `d = amax/L`.
+    fn quantize_block(v: &[f32], q: &mut [i8], bits: usize, levels: f32) -> f32 {
+        let amax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        if amax <= 0.0 {
+            q.fill(0);
+            return 0.0;
+        }
+        let inv = levels / amax;
+        let r: Vec<i8> = v
+            .iter()
+            .map(|&f| (f * inv).round_ties_even().clamp(-levels, levels) as i8)
+            .collect();
+        for (p, q) in q.iter_mut().enumerate() {
+            *q = r[perm(bits, p)];
+        }
+        amax / levels
+    }
+
+    /// `quantize_x` against the scalar definition: codes and block scales bit for bit, group
+    /// sums to f32 rounding, on random rows with zero blocks, NaN, ±∞, subnormals and exact
+    /// ties (`x·L/amax` at k + ½), every width's order, groups 32/64/128, L 127 and 63.
+    #[test]
+    fn quantize_x_matches_the_scalar_definition() {
+        if !is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU lacks AVX2");
+            return;
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for case in 0..200 {
+            let g = [32, 64, 128][case % 3];
+            let bits = [1, 2, 3, 4, 5, 6, 8][case % 7];
+            let levels = if case % 5 == 0 { 63.0 } else { 127.0 };
+            let len = g * (1 + case % 4);
+            let mut x: Vec<f32> = (0..len)
+                .map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0)
+                .collect();
+            for blk in x.chunks_exact_mut(XBLOCK) {
+                match next() % 8 {
+                    0 => blk.fill(0.0),
+                    1 => blk[(next() % 32) as usize] = f32::NAN,
+                    2 => blk[(next() % 32) as usize] = f32::INFINITY,
+                    3 => blk.iter_mut().for_each(|v| *v *= 1e-41),
+                    4 => {
+                        // amax = L, so x·L/amax = x: halves tie.
+                        blk[0] = -levels;
+                        for v in &mut blk[1..] {
+                            *v = (next() % 255) as f32 / 2.0 - 63.5;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let nblk = len / XBLOCK;
+            let (mut q, mut d, mut s) = (
+                vec![7i8; nblk * XBLOCK],
+                vec![7f32; nblk],
+                vec![7f32; len / g],
+            );
+            // SAFETY: AVX2 checked above.
+            unsafe { quantize_x(&x, &mut q, &mut d, &mut s, g, bits, levels) };
+            for b in 0..nblk {
+                let mut want = [0i8; XBLOCK];
+                let dw = quantize_block(&x[b * XBLOCK..(b + 1) * XBLOCK], &mut want, bits, levels);
+                assert_eq!(
+                    &q[b * XBLOCK..(b + 1) * XBLOCK],
+                    &want,
+                    "case {case} block {b}"
+                );
+                assert_eq!(d[b].to_bits(), dw.to_bits(), "case {case} block {b}");
+            }
+            for (j, grp) in x.chunks_exact(g).enumerate() {
+                let want: f64 = grp.iter().map(|&v| v as f64).sum();
+                let mag: f64 = grp.iter().map(|&v| (v as f64).abs()).sum();
+                let got = s[j] as f64;
+                assert!(
+                    got == want
+                        || (got - want).abs() <= 1e-6 * mag
+                        || (got.is_nan() && want.is_nan()),
+                    "case {case} group {j}: {got} against {want}"
+                );
             }
         }
     }

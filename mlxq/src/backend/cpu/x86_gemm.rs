@@ -707,7 +707,9 @@ thread_local! {
 /// What the int8-activation GEMM ([`gemm_i8`]) needs from an instruction set: its tile sizes,
 /// the largest |x̂| its integer dot allows per code width, and its three kernels (a tile's
 /// scales widened, the u8 panel decode, the micro-kernel). AVX-512 VNNI here ([`Avx512I8`]),
-/// AVX2 `vpmaddubsw` in [`x86_avx2_i8`](super::x86_avx2_i8).
+/// AVX2 `vpmaddubsw` in [`x86_avx2_i8`](super::x86_avx2_i8). Every implementation's
+/// instruction set includes AVX2: the driver quantizes x with
+/// [`quantize_x`](super::x86_avx2_i8::quantize_x).
 pub(crate) trait I8Isa: 'static {
     /// The variant's name, for errors.
     const NAME: &'static str;
@@ -867,15 +869,9 @@ pub(crate) unsafe fn gemm_i8<I: I8Isa, S: Float, O: Float, const BITS: usize>(
             let k0 = b * kc;
             let len = kc.min(k - k0);
             let src = &a.x[r * k + k0..r * k + k0 + len];
-            for (blk, (q, d)) in q.chunks_exact_mut(XBLOCK).zip(d.iter_mut()).enumerate() {
-                let Some(v) = src.get(blk * XBLOCK..(blk + 1) * XBLOCK) else {
-                    break;
-                };
-                *d = quantize_block(v, q, BITS, levels);
-            }
-            for (s, grp) in s.iter_mut().zip(src.chunks_exact(g)) {
-                *s = grp.iter().sum();
-            }
+            // SAFETY: every `I8Isa`'s instruction set includes AVX2 (its contract), which the
+            // caller guarantees; `quantize_x` checks its slices.
+            unsafe { super::x86_avx2_i8::quantize_x(src, q, d, s, g, BITS, levels) };
         });
     let writer = DisjointOut::new(out);
     let (xq_ref, xd_ref, xs_ref) = (&xq[..], &xd[..], &xs[..]);
@@ -986,33 +982,6 @@ pub(crate) struct XTile<'a> {
     pub sums: &'a [f32],
     pub len: usize,
     pub g: usize,
-}
-
-/// Quantizes one block of x (`XBLOCK` values) to int8 in the panel's K order:
-/// `x̂ = round(x/d)` with `d = max|x|/levels`, ties to even; returns `d` (0 for a zero
-/// block). NaN values become 0 here (the exact group sums still carry them into the output).
-fn quantize_block<S: Float>(v: &[S], q: &mut [i8], bits: usize, levels: f32) -> f32 {
-    let mut f = [0f32; XBLOCK];
-    for (f, v) in f.iter_mut().zip(v) {
-        *f = v.to_f32();
-    }
-    // `f32::max` skips NaN, so amax is a number ≥ 0 (+∞ makes every x̂ 0 and d = +∞).
-    let amax = f.iter().fold(0f32, |m, x| m.max(x.abs()));
-    if amax <= 0.0 || q.len() < XBLOCK {
-        q.iter_mut().take(XBLOCK).for_each(|q| *q = 0);
-        return 0.0;
-    }
-    let inv = levels / amax;
-    // Round to nearest even through the f32 significand: |x·inv| ≤ levels < 2^22.
-    const MAGIC: f32 = 12_582_912.0;
-    let mut r = [0i8; XBLOCK];
-    for (r, &f) in r.iter_mut().zip(&f) {
-        *r = (((f * inv) + MAGIC) - MAGIC).clamp(-levels, levels) as i8;
-    }
-    for (p, q) in q.iter_mut().take(XBLOCK).enumerate() {
-        *q = r[perm(bits, p)];
-    }
-    amax / levels
 }
 
 /// Runs [`micro_i8`] for `rows` (1..=RI) rows and `cbs` (1..=CB) column vectors.
