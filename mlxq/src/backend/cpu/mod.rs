@@ -176,6 +176,19 @@ impl<T> DisjointOut<T> {
         }
     }
 
+    /// The pointer to elements `i..i + len`, or `None` where the range passes the end.
+    ///
+    /// # Safety
+    /// As [`DisjointOut::write`], for every index written through the pointer; nothing may
+    /// be read through it.
+    #[cfg(target_arch = "x86_64")] // only the x86 kernels write whole runs
+    #[inline(always)]
+    pub unsafe fn range_ptr(&self, i: usize, len: usize) -> Option<*mut T> {
+        let end = i.checked_add(len)?;
+        // SAFETY: i ≤ end ≤ len of the allocation (checked).
+        (end <= self.len).then(|| unsafe { self.ptr.add(i) })
+    }
+
     /// Writes `v` at `i..i + v.len()`; a range past the end is ignored (and caught by debug
     /// assertions).
     ///

@@ -16,7 +16,7 @@
 
 use super::qmm::QmmArgs;
 use super::x86_gemm::{GemmIsa, Panel};
-use super::{KernelFn, Variant};
+use super::{DisjointOut, KernelFn, Variant};
 use crate::dtype::Float;
 use crate::error::Result;
 use crate::quant::pack::dispatch_bits;
@@ -211,6 +211,111 @@ pub(crate) fn transpose8(r: &mut [__m256i; 8]) {
     }
 }
 
+/// `out[j·nc + c] = src[(c0 + c)·groups + j]` widened to f32 for every group `j` and the
+/// tile's `cols` columns, zero past them (`nc` a multiple of 8): a tile's scales or biases,
+/// 8 columns × 8 groups per transpose (the groups past the last whole 8 one at a time). The
+/// AVX2 GEMMs' `widen_tile`. Does nothing if a slice is too short.
+///
+/// # Safety
+/// The CPU has [`available`]'s features.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn widen_tile<S: Float>(
+    nc: usize,
+    src: &[S],
+    groups: usize,
+    c0: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    if !nc.is_multiple_of(8)
+        || cols > nc
+        || out.len() < groups * nc
+        || src.len() < (c0 + cols) * groups
+    {
+        return;
+    }
+    let whole = groups / 8 * 8;
+    for cb in (0..nc).step_by(8) {
+        for j0 in (0..whole).step_by(8) {
+            let mut rows = [_mm256_setzero_si256(); 8];
+            for (c, row) in rows.iter_mut().enumerate() {
+                let col = cb + c;
+                if col < cols {
+                    // SAFETY: groups j0..j0 + 8 ≤ groups of column c0 + col lie inside `src`
+                    // (checked above).
+                    *row = _mm256_castps_si256(unsafe {
+                        widen8(src.as_ptr().add((c0 + col) * groups + j0))
+                    });
+                }
+            }
+            transpose8(&mut rows);
+            for (j, v) in rows.iter().enumerate() {
+                // SAFETY: (j0 + j)·nc + cb + 8 ≤ groups·nc (checked above).
+                unsafe {
+                    _mm256_storeu_si256(
+                        out.as_mut_ptr().add((j0 + j) * nc + cb) as *mut __m256i,
+                        *v,
+                    )
+                };
+            }
+        }
+    }
+    for j in whole..groups {
+        for c in 0..nc {
+            out[j * nc + c] = if c < cols {
+                src[(c0 + c) * groups + j].to_f32()
+            } else {
+                0.0
+            };
+        }
+    }
+}
+
+/// `out[r·n + c0 + c] = O(acc[r·nc + c])` for `r < m`, `c < cols`: a GEMM tile's rows
+/// rounded to the output dtype 8 at a time ([`store8`]: `half`'s nearest-even, NaN kept),
+/// the rest one at a time. Rows that `acc` or `out` do not hold are skipped.
+///
+/// [`store8`]: super::x86_avx2_fp_quant::store8
+///
+/// # Safety
+/// The CPU has [`available`]'s features; as [`DisjointOut::write`] for every index written.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn write_tile<O: Float>(
+    acc: &[f32],
+    nc: usize,
+    m: usize,
+    cols: usize,
+    out: &DisjointOut<O>,
+    n: usize,
+    c0: usize,
+) {
+    for r in 0..m {
+        let Some(row) = acc.get(r * nc..r * nc + cols) else {
+            return;
+        };
+        // SAFETY: the caller's contract.
+        let Some(p) = (unsafe { out.range_ptr(r * n + c0, cols) }) else {
+            continue;
+        };
+        let mut c = 0;
+        while c + 8 <= cols {
+            // SAFETY: elements c..c + 8 of `row` and of the run at `p` (`cols` long).
+            unsafe {
+                super::x86_avx2_fp_quant::store8::<O, true>(
+                    p.add(c),
+                    _mm256_loadu_ps(row.as_ptr().add(c)),
+                )
+            };
+            c += 8;
+        }
+        for (i, &v) in row.iter().enumerate().skip(c) {
+            // SAFETY: i < cols, inside the run at `p`.
+            unsafe { p.add(i).write(O::from_f32(v)) };
+        }
+    }
+}
+
 /// The AVX2 instruction set for [`x86_gemm`](super::x86_gemm)'s blocked GEMM.
 pub(crate) struct Avx2Gemm;
 
@@ -232,7 +337,8 @@ impl GemmIsa for Avx2Gemm {
         cols: usize,
         out: &mut [f32],
     ) {
-        super::x86_gemm::widen_tile_scalar(Self::NC, src, groups, c0, cols, out);
+        // SAFETY: the caller guarantees AVX2, FMA and F16C; `widen_tile` checks its slices.
+        unsafe { widen_tile(Self::NC, src, groups, c0, cols, out) }
     }
 
     unsafe fn decode_panel<const BITS: usize>(src: &Panel<'_>, sv: &[f32], panel: &mut [f32]) {
@@ -378,6 +484,91 @@ unsafe fn micro<const RR: usize, const C: usize>(
 mod tests {
     use super::*;
     use crate::quant::pack::{dispatch_bits, pack8};
+
+    /// `widen_tile` against its definition (bit for bit) and `write_tile` against
+    /// `Float::from_f32` (bit for bit, NaN as NaN), bf16/f16/f32, group counts off the 8 ×
+    /// 8 transpose, partial tiles, ties to even, ±∞ and NaN; the output around the tile
+    /// stays untouched.
+    #[test]
+    fn tile_widen_and_write_match_the_scalar_definitions() {
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX2, FMA or F16C");
+            return;
+        }
+        fn check<T: Float>() {
+            let mut state = 0x853c_49e6_748f_ea9bu64;
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            let value = |next: &mut dyn FnMut() -> u64| match next() % 16 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => -f32::INFINITY,
+                // A bf16 tie: the low half exactly 0x8000.
+                3 => f32::from_bits(((next() as u32) & 0xffff_0000) | 0x8000),
+                _ => ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 1e3,
+            };
+            for (groups, cols, n) in [
+                (64, 16, 40),
+                (3, 16, 16),
+                (9, 5, 21),
+                (66, 11, 11),
+                (1, 16, 33),
+            ] {
+                const NC: usize = 16;
+                let c0 = n - cols;
+                let src: Vec<T> = (0..n * groups)
+                    .map(|_| T::from_f32(value(&mut next)))
+                    .collect();
+                let mut out = vec![7f32; groups * NC];
+                // SAFETY: features checked above.
+                unsafe { widen_tile(NC, &src, groups, c0, cols, &mut out) };
+                for j in 0..groups {
+                    for c in 0..NC {
+                        let want = if c < cols {
+                            src[(c0 + c) * groups + j].to_f32()
+                        } else {
+                            0.0
+                        };
+                        assert_eq!(
+                            out[j * NC + c].to_bits(),
+                            want.to_bits(),
+                            "widen {groups} {cols} {j} {c}"
+                        );
+                    }
+                }
+                let m = 7;
+                let acc: Vec<f32> = (0..m * NC).map(|_| value(&mut next)).collect();
+                let mut y = vec![T::from_f32(-2.0); m * n];
+                let writer = DisjointOut::new(&mut y);
+                // SAFETY: features checked above; one thread writes.
+                unsafe { write_tile(&acc, NC, m, cols, &writer, n, c0) };
+                for r in 0..m {
+                    for c in 0..n {
+                        let got = y[r * n + c].to_f32();
+                        if c < c0 {
+                            assert_eq!(got, -2.0, "write touched {r} {c}");
+                            continue;
+                        }
+                        let want = T::from_f32(acc[r * NC + c - c0]);
+                        let same = bytemuck::bytes_of(&y[r * n + c]) == bytemuck::bytes_of(&want)
+                            || (got.is_nan() && want.to_f32().is_nan());
+                        assert!(
+                            same,
+                            "write {groups} {cols} row {r} col {c}: {got} against {}",
+                            want.to_f32()
+                        );
+                    }
+                }
+            }
+        }
+        check::<half::bf16>();
+        check::<half::f16>();
+        check::<f32>();
+    }
 
     /// `decode32` against the packing definition, every width, random codes.
     #[test]

@@ -76,7 +76,9 @@ impl I8Isa for Avx2I8 {
         cols: usize,
         out: &mut [f32],
     ) {
-        super::x86_gemm::widen_tile_scalar(NC, src, groups, c0, cols, out);
+        // SAFETY: the caller guarantees AVX2 (with FMA and F16C, `available`); `widen_tile`
+        // checks its slices.
+        unsafe { super::x86_avx2::widen_tile(NC, src, groups, c0, cols, out) }
     }
 
     unsafe fn decode_panel<const BITS: usize>(src: &Panel<'_>, panel: &mut [Line]) {

@@ -257,31 +257,6 @@ impl GemmIsa for Avx512Gemm {
     }
 }
 
-/// `out[j·nc + c] = src[(c0 + c)·groups + j]` as f32, one element at a time (a tile's
-/// groups × nc factors, against its K × nc codes: not worth vectorising where the
-/// instruction set has no masked loads); zero past `cols`. Does nothing if a slice is short.
-pub(crate) fn widen_tile_scalar<S: Float>(
-    nc: usize,
-    src: &[S],
-    groups: usize,
-    c0: usize,
-    cols: usize,
-    out: &mut [f32],
-) {
-    if cols > nc || out.len() < groups * nc || src.len() < (c0 + cols) * groups {
-        return;
-    }
-    for j in 0..groups {
-        for c in 0..nc {
-            out[j * nc + c] = if c < cols {
-                src[(c0 + c) * groups + j].to_f32()
-            } else {
-                0.0
-            };
-        }
-    }
-}
-
 /// The blocked GEMM on instruction set `G` (every M; callers hand few rows to decode
 /// kernels first).
 ///
@@ -383,16 +358,39 @@ pub(crate) unsafe fn gemm_t<G: GemmIsa, S: Float, O: Float, const BITS: usize>(
                     unsafe { G::micro(rows, cbs, kp, x, stride, panel, c, b == 0) };
                 }
             }
-            for r in 0..m {
-                for cc in 0..cols {
-                    // SAFETY: task `t` alone owns columns c0..c0 + cols of every row.
-                    unsafe { writer.write(r * n + c0 + cc, O::from_f32(acc[r * nc + cc])) };
-                }
-            }
+            // SAFETY: task `t` alone owns columns c0..c0 + cols of every row.
+            unsafe { write_tile(acc, nc, m, cols, &writer, n, c0) };
         })
     });
     XPACK.with(|s| *s.borrow_mut() = xp);
     Ok(())
+}
+
+/// Writes a finished tile (`m` rows of `cols` outputs, `nc` apart in `acc`) to columns
+/// `c0..c0 + cols` of `out` (`n` columns), vectorised where the CPU has AVX2, FMA and F16C.
+///
+/// # Safety
+/// The calling task alone writes columns `c0..c0 + cols` of every row of `out`.
+unsafe fn write_tile<O: Float>(
+    acc: &[f32],
+    nc: usize,
+    m: usize,
+    cols: usize,
+    out: &DisjointOut<O>,
+    n: usize,
+    c0: usize,
+) {
+    if super::x86_avx2::available() {
+        // SAFETY: the features are checked; the caller's contract.
+        unsafe { super::x86_avx2::write_tile(acc, nc, m, cols, out, n, c0) };
+        return;
+    }
+    for r in 0..m {
+        for cc in 0..cols {
+            // SAFETY: the caller's contract.
+            unsafe { out.write(r * n + c0 + cc, O::from_f32(acc[r * nc + cc])) };
+        }
+    }
 }
 
 /// Where one panel's codes come from: columns `col0..col0 + cols` of W, K values starting at
@@ -924,12 +922,8 @@ pub(crate) unsafe fn gemm_i8<I: I8Isa, S: Float, O: Float, const BITS: usize>(
                     unsafe { I::micro::<BITS>(rows, cbs, &x, panel, sv, bv, c) };
                 }
             }
-            for r in 0..m {
-                for cc in 0..cols {
-                    // SAFETY: task `t` alone owns columns c0..c0 + cols of every row.
-                    unsafe { writer.write(r * n + c0 + cc, O::from_f32(acc[r * nc + cc])) };
-                }
-            }
+            // SAFETY: task `t` alone owns columns c0..c0 + cols of every row.
+            unsafe { write_tile(acc, nc, m, cols, &writer, n, c0) };
         })
     });
     XPACK_I8.with(|s| *s.borrow_mut() = (xq, xd, xs));
