@@ -279,7 +279,6 @@ pub(crate) unsafe fn widen_tile<S: Float>(
 ///
 /// # Safety
 /// The CPU has [`available`]'s features; as [`DisjointOut::write`] for every index written.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn write_tile<O: Float>(
     acc: &[f32],
