@@ -349,6 +349,18 @@ pub(crate) unsafe fn gemm_t<G: GemmIsa, S: Float, O: Float, const BITS: usize>(
                 };
                 // SAFETY: the caller guarantees the features; `decode_panel` checks its slices.
                 unsafe { G::decode_panel::<BITS>(&src, &sv[g0 * nc..], panel) };
+                prefetch_next(
+                    &src,
+                    b + 1 < blocks,
+                    G::KC,
+                    k,
+                    n,
+                    nc,
+                    BITS,
+                    scales,
+                    biases,
+                    groups,
+                );
                 let cbs = cols.div_ceil(G::LANES);
                 for r0 in (0..m).step_by(G::R) {
                     let rows = G::R.min(m - r0);
@@ -390,6 +402,45 @@ unsafe fn write_tile<O: Float>(
             // SAFETY: the caller's contract.
             unsafe { out.write(r * n + c0 + cc, O::from_f32(acc[r * nc + cc])) };
         }
+    }
+}
+
+/// Prefetches into L2, while the tiles of panel `cur` run, what the task decodes next: the
+/// codes of the next K block of the same columns, or after the last block (`more` false) the
+/// first block of the next column tile (`nc` columns on) with its scales and biases. Each is
+/// `cols` rows of W a row apart (`row_bytes`), a few hundred bytes each: a pattern the
+/// hardware prefetchers do not follow, so without this the decode waits on memory.
+#[allow(clippy::too_many_arguments)]
+fn prefetch_next<S>(
+    cur: &Panel<'_>,
+    more: bool,
+    kc: usize,
+    k: usize,
+    n: usize,
+    nc: usize,
+    bits: usize,
+    scales: &[S],
+    biases: &[S],
+    groups: usize,
+) {
+    use super::x86_columns::PrefetchTo;
+    let k0 = cur.byte0 / bits * 8;
+    let (col0, cols, k0) = if more {
+        (cur.col0, cur.cols, k0 + kc)
+    } else if cur.col0 + nc < n {
+        let col0 = cur.col0 + nc;
+        let cols = nc.min(n - col0);
+        let (at, len) = (col0 * groups, cols * groups * std::mem::size_of::<S>());
+        PrefetchTo::L2.prefetch_lines(scales.as_ptr().wrapping_add(at) as *const u8, len);
+        PrefetchTo::L2.prefetch_lines(biases.as_ptr().wrapping_add(at) as *const u8, len);
+        (col0, cols, 0)
+    } else {
+        return;
+    };
+    let bytes = kc.min(k.saturating_sub(k0)) / 8 * bits;
+    for c in col0..col0 + cols {
+        let at = c * cur.row_bytes + k0 / 8 * bits;
+        PrefetchTo::L2.prefetch_lines(cur.packed.as_ptr().wrapping_add(at), bytes);
     }
 }
 
@@ -905,6 +956,18 @@ pub(crate) unsafe fn gemm_i8<I: I8Isa, S: Float, O: Float, const BITS: usize>(
                 };
                 // SAFETY: the caller guarantees the features; `decode_panel` checks its slices.
                 unsafe { I::decode_panel::<BITS>(&src, panel) };
+                prefetch_next(
+                    &src,
+                    b + 1 < blocks,
+                    kc,
+                    k,
+                    n,
+                    nc,
+                    BITS,
+                    scales,
+                    biases,
+                    groups,
+                );
                 let cbs = cols.div_ceil(I::LANES);
                 let (sv, bv) = (&sv[g0 * nc..], &bv[g0 * nc..]);
                 for r0 in (0..m).step_by(I::R) {
