@@ -620,9 +620,7 @@ unsafe fn column_avx2<S: Float, const BITS: usize, const R: usize, const C: usiz
     }
     for (acc, vacc) in acc.iter_mut().zip(&vacc) {
         for (o, &v) in acc.iter_mut().zip(vacc) {
-            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            *o = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h)));
+            *o = super::x86_avx2::hsum8(v);
         }
     }
 }

@@ -187,6 +187,15 @@ pub(crate) unsafe fn decode32<const BITS: usize>(p: *const u8) -> __m256i {
     }
 }
 
+/// The sum of `v`'s 8 lanes, `((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7))`.
+#[inline]
+#[target_feature(enable = "avx")]
+pub(crate) fn hsum8(v: __m256) -> f32 {
+    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h)))
+}
+
 /// Transposes an 8×8 matrix of dwords in place (`r[i]` lane `j` ↔ `r[j]` lane `i`).
 #[inline]
 #[target_feature(enable = "avx2")]

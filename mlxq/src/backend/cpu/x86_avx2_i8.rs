@@ -18,7 +18,7 @@
 //!
 //! [`x86_gemm::gemm_i8`]: super::x86_gemm::gemm_i8
 
-use super::x86_avx2::{decode32, transpose8};
+use super::x86_avx2::{decode32, hsum8, transpose8};
 use super::x86_gemm::{build_i8, I8Isa, Panel, XTile, XBLOCK};
 use super::Variant;
 use crate::aligned::Line;
@@ -167,7 +167,7 @@ pub(crate) unsafe fn quantize_x(
             _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])),
         );
         if (b + 1) % per_group == 0 {
-            sums[b / per_group] = hsum(gsum);
+            sums[b / per_group] = hsum8(gsum);
             gsum = _mm256_setzero_ps();
         }
         // `vmaxps` returns its second operand where either is NaN: NaN is skipped.
@@ -202,15 +202,6 @@ pub(crate) unsafe fn quantize_x(
         unsafe { _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, r) };
         d[b] = amax / levels;
     }
-}
-
-/// The sum of `v`'s lanes.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
 /// The largest of `v`'s lanes (none NaN).

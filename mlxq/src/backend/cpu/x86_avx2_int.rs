@@ -25,7 +25,7 @@
 //! instructions per 16 weights at 4 bits, and no conversion per weight.
 
 use super::qmm::QmmArgs;
-use super::x86_avx2::{available, widen8};
+use super::x86_avx2::{available, hsum8, widen8};
 use super::x86_columns::{
     groups_ahead, prefetch_groups_at, prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS,
     MAX_ROWS, PREFETCH_AHEAD,
@@ -831,12 +831,11 @@ unsafe fn column<S: Float, const BITS: usize, const G: usize, const R: usize>(
             }
         }
     }
-    Some(std::array::from_fn(|r| {
-        let v = _mm256_add_ps(vacc[r][0], vacc[r][1]);
-        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h)))
-    }))
+    let mut out = [0f32; R];
+    for (o, v) in out.iter_mut().zip(&vacc) {
+        *o = hsum8(_mm256_add_ps(v[0], v[1]));
+    }
+    Some(out)
 }
 
 #[cfg(test)]

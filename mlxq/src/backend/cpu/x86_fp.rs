@@ -594,8 +594,6 @@ unsafe fn column_avx2<const MODE: u8, const R: usize>(a: &Column<'_>, acc: &mut 
             _mm256_add_ps(s0[r][0], s0[r][1]),
             _mm256_add_ps(s1[r][0], s1[r][1]),
         );
-        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        acc[r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h)));
+        acc[r] = super::x86_avx2::hsum8(v);
     }
 }
