@@ -8,7 +8,8 @@ register, spill and shared-memory report (`--ptxas-options=-v`); exits 1 if it f
 NVRTC comes from PyPI: `pip download nvidia-cuda-nvrtc==13.0.88 --no-deps -d D` and unzip the
 wheel; pass its lib folder as --lib. Usage:
   tools/nvrtc_check.py --lib D/x/nvidia/cu13/lib [--bits 4] [--group 64] [--dtype bf16]
-                       [-D NAME=VALUE]... [--grep qmm_wg_g80]
+                       [-D NAME=VALUE]... [--grep qmm_wg_g80] [--cubin F]
+cuobjdump (pip: nvidia-cuda-cuobjdump) prints a kernel's SASS from F: cuobjdump -sass -fun NAME F
 """
 import argparse, ctypes, os, re, sys
 
@@ -30,6 +31,8 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=CTYPE)
     ap.add_argument("-D", action="append", default=[])
     ap.add_argument("--grep", default=None, help="only report kernels whose name contains this")
+    ap.add_argument("--cubin", default=None,
+                    help="write the compiled cubin here (then: cuobjdump -sass -fun NAME FILE)")
     ap.add_argument("--module", default="qmm",
                     choices=["qmm", "quantize", "dequantize", "fp-quantize", "fp-dequantize", "fp-matmul",
                              "fp-tiles"],
@@ -86,6 +89,11 @@ def main():
             if keep or "error" in line or "warning" in line:
                 out.append(line)
         log = "\n".join(out)
+    if rc == 0 and a.cubin:
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(n))
+        cub = ctypes.create_string_buffer(n.value)
+        lib.nvrtcGetCUBIN(prog, cub)
+        open(a.cubin, "wb").write(cub.raw)
     print(log)
     print("compile:", "ok" if rc == 0 else f"FAILED ({rc})")
     sys.exit(0 if rc == 0 else 1)
