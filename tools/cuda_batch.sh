@@ -42,6 +42,10 @@ job ws64_tiled MLXQ_TILE=ws64 MLXQ_TILE_MIN_M=2 -- tiled_prefill_matches_the_f64
 job ws64_qmm MLXQ_TILE=ws64 MLXQ_TILE_MIN_M=2 -- quantized_matmul_matches_the_f64_reference
 job wg64_tiled MLXQ_WS=0 MLXQ_TILE=wg64 MLXQ_TILE_MIN_M=2 -- tiled_prefill_matches_the_f64_reference
 job wg64_qmm MLXQ_WS=0 MLXQ_TILE=wg64 MLXQ_TILE_MIN_M=2 -- quantized_matmul_matches_the_f64_reference
+# qmv_decb's step columns and five-block forms (MLXQ_DECB_SC) on the decode tests.
+for f in s s5 5; do
+  job decb_$f MLXQ_DECB_SC=$f -- long_rows_and_many_rows repeated_decode_matches_the_f64_reference_every_time many_token_decode_matches_the_f64_reference
+done
 # Everything else in the suite, in one process.
 ( start=$(date +%s); timeout $T $B --exact --nocapture --skip split_k_tiles_match_the_f64_reference --skip quantized_matmul_matches_the_f64_reference --skip tensor_core_matmul_matches_the_f64_reference --skip tiled_prefill_matches_the_f64_reference --skip dequant_cublas_prefill_matches_the_f64_reference --skip transpose_false_prefill_matches_the_f64_reference --skip gather_qmm_with_device_indices --skip long_rows_and_many_rows --skip batched_weights_broadcast_with_x > $L/rest.log 2>&1; echo "rc=$? secs=$(( $(date +%s) - start ))" >> $L/rest.log ) &
 wait

@@ -927,6 +927,12 @@ fn long_rows_and_many_rows() {
         (4, 64, 3, 8200, 4096, true),
         (4, 32, 2, 8195, 2048, true),
         (4, 128, 4, 1003, 16384, true),
+        // `qmv_decb`'s step columns (M x groups per batch <= 8): 4-bit group 32 at M = 1 (the
+        // 8 columns of one token summed across four lanes), 4-bit group 64 at M = 1 with K
+        // = 4096 (five blocks per SM fit), 8-bit group 32 at M = 2.
+        (4, 32, 1, 8195, 2048, true),
+        (4, 64, 1, 9000, 4096, true),
+        (8, 32, 2, 4100, 4096, true),
     ];
     for (bits, g, m, rows, cols, t) in cases {
         let spec = QuantSpec::affine(bits, g).unwrap();

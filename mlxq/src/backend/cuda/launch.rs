@@ -1879,13 +1879,29 @@ fn decb_pick(
     let ns = knob("MLXQ_DECB_NS")
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(ns);
-    let entry = match (nc, ns, nt) {
-        (4, 3, 1) => "qmv_decb_4_3",
-        (8, 2, 1) => "qmv_decb_8_2",
-        (8, 3, 1) => "qmv_decb_8_3",
-        (8, 4, 1) => "qmv_decb_8_4",
-        (8, 2, 2) => "qmv_decb_8_2_t2",
-        (8, 2, 4) => "qmv_decb_8_2_t4",
+    // The step-column form (qmv_dec.cu `dec_lane_sc`): one n-tile whose columns are the
+    // batch's groups of each token (M x groups per batch <= 8), so each batch's scales are
+    // applied once, not once per step. MLXQ_DECB_SC: 0 the plain form; s, s5 (five blocks per
+    // SM) the step columns; 5 the plain form at five blocks per SM (4 consumers, 3 stages).
+    let dnsb = batch_codes / group.max(1);
+    let sc_fits =
+        !fp && nt == 1 && ssize == 2 && group <= qc && (2..=8).contains(&dnsb) && m * dnsb <= 8;
+    let form = match knob("MLXQ_DECB_SC") {
+        Some(f @ ("s" | "s5")) if sc_fits => f,
+        Some("5") if !fp => "5",
+        _ => "",
+    };
+    let entry = match (nc, ns, nt, form) {
+        (4, 3, 1, "s") => "qmv_decb_4_3_s",
+        (4, 3, 1, "s5") => "qmv_decb_4_3_s5",
+        (4, 3, 1, "5") => "qmv_decb_4_3_5",
+        (8, 2, 1, "s" | "s5") => "qmv_decb_8_2_s",
+        (4, 3, 1, _) => "qmv_decb_4_3",
+        (8, 2, 1, _) => "qmv_decb_8_2",
+        (8, 3, 1, _) => "qmv_decb_8_3",
+        (8, 4, 1, _) => "qmv_decb_8_4",
+        (8, 2, 2, _) => "qmv_decb_8_2_t2",
+        (8, 2, 4, _) => "qmv_decb_8_2_t4",
         _ => return None,
     };
     // Shared memory: the mbarriers (128 bytes), NS stages of 16 rows of codes (+ 64 bytes of
@@ -1915,7 +1931,7 @@ fn qmvn_shape(mt: u32, bits: u64) -> (u64, u64) {
 }
 
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 27] = [
+const KNOBS: [&str; 28] = [
     "MLXQ_GATHER_SORT_OFF",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
@@ -1932,6 +1948,7 @@ const KNOBS: [&str; 27] = [
     "MLXQ_DECB_NS",
     "MLXQ_DECB_T2",
     "MLXQ_DECB_T4",
+    "MLXQ_DECB_SC",
     "MLXQ_WS",
     "MLXQ_FP_TILES",
     "MLXQ_QMVN_PER_SM",

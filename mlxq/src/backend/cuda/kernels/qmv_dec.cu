@@ -270,24 +270,28 @@ __device__ __forceinline__ void dec_lane(u32 g, u32 t, u32 M, u32 C, u32 G, u32 
 // The WK warps' partial sums of one 16-row tile (this warp's in y) added and written to o
 // (M x N, NaN where !ok): each warp's into red (WK x 16 rows x 8 tokens), then `sync`, then
 // threads tid of nthreads (those taking part) sum them, then `sync` again before red is reused.
-template <int WK, typename Sync>
+// CPT: accumulator columns per token (DSLOTS; step columns: DNSB), adjacent.
+template <int WK, int CPT = DSLOTS, typename Sync>
 __device__ __forceinline__ void dec_tile_sums(const float (&y)[2][2], float* red, u32 warp, u32 g,
                                               u32 t, const u32 (&tok)[2], u32 M, u64 N, u64 n0,
                                               bool ok, OT* __restrict__ o, u32 tid, u32 nthreads,
                                               Sync sync) {
-    // Columns of one token: DSLOTS = 1: each its own; 2: this lane's pair; 4: with lane t ^ 1.
+    // Columns of one token: CPT = 1: each its own; 2: this lane's pair; 4: with lane t ^ 1;
+    // 8: with lanes t ^ 1, t ^ 2.
+    static_assert(CPT == 1 || CPT == 2 || CPT == 4 || CPT == 8, "columns per token");
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         float v0 = y[h][0], v1 = y[h][1];
-        if constexpr (DSLOTS >= 2) {
+        if constexpr (CPT >= 2) {
             v0 += v1;
-            if constexpr (DSLOTS == 4) v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
+            if constexpr (CPT >= 4) v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
+            if constexpr (CPT == 8) v0 += __shfl_xor_sync(0xffffffffu, v0, 2);
         }
         float* rr = red + (warp * 16 + g + 8 * h) * 8;
-        if constexpr (DSLOTS == 1) {
+        if constexpr (CPT == 1) {
             rr[tok[0]] = v0;
             rr[tok[1]] = v1;
-        } else if ((2 * t) % DSLOTS == 0) {
+        } else if ((2 * t) % CPT == 0) {
             rr[tok[0]] = v0;
         }
     }
@@ -416,6 +420,77 @@ __device__ __forceinline__ void dec_batch_n(const DecBatch& L, const u32 (&ba)[N
                 for (int j = 0; j < NT; j++)
                     y[j][h][ci] = fmaf(sc, acc[j][2 * h + ci], fmaf(off, sxv[j][ci], y[j][h][ci]));
             }
+        }
+    }
+}
+
+// Step columns (qmv_decb's SC form, M * DNSB <= 8 tokens x groups, GROUP <= DQC, 16-bit
+// scales): accumulator column c of a batch is token c / DNSB, group c % DNSB of the batch (step
+// u = group / (DQC / GROUP), slot group % DSLOTS), so the DSU steps of a batch share one
+// accumulator tile and its scales are applied once per batch instead of once per step; the
+// columns of one token are adjacent (dec_tile_sums<.., DNSB>). At M = 1 the lanes of steps the
+// plain form leaves empty take the other steps' columns.
+constexpr bool SC_OK = GROUP <= DQC && DNSB >= 2 && DNSB <= 8 && sizeof(ST) == 2;
+
+// This lane's B column g (token g / DNSB, step ug = (g % DNSB) / (DQC / GROUP), slot g %
+// DSLOTS) at bbase (active lanes: x of its step in its first batch b0; others the zero block,
+// bstep 0) and its accumulator columns 2t, 2t + 1: token tok, groups 2t % DNSB and the next of
+// each batch, whose scales and biases are word swd (bytes 4 * swd) of the batch's 16-bit values
+// of a row and whose sums of x are at sxa[ci] (+ 4 * DNSB per batch of b0's stride).
+__device__ __forceinline__ void dec_lane_sc(u32 g, u32 t, u32 M, u32 C, u32 G, u32 b0, const uint4* xs,
+                                            const float* sx, const uint4* zero, u32& bstep, u32& bbase,
+                                            u32& ug, u32 (&tok)[2], u32 (&sxa)[2], u32& swd) {
+    constexpr u32 GPS = DQC / GROUP;  // groups per step
+    const u32 bm = g / DNSB, gc = g % DNSB;
+    ug = gc / GPS;
+    const bool bact = gc % DSLOTS == t / DLPS && bm < M;
+    bstep = bact ? 256 : 0;
+    bbase = bact ? smem_addr(xs) + (bm * C + t) * 64 + (b0 * DSU + ug) * 256 : smem_addr(zero);
+    const u32 c0 = 2 * t, tk = c0 / DNSB, gl = c0 % DNSB;
+    tok[0] = tok[1] = tk;
+    swd = gl / 2;
+#pragma unroll
+    for (int ci = 0; ci < 2; ci++) sxa[ci] = smem_addr(sx) + 4 * (min(tk, M - 1) * G + b0 * DNSB + gl + ci);
+}
+
+// One batch in the step-column form: codes L.q (rows g, g + 8), this lane's scale and bias pair
+// L.s[h][0], L.b[h][0] (groups 2t % DNSB and the next, low half first), B of step u at ba where
+// u == ug (the zero block at za otherwise), the sums of x of its two columns at sa0, sa1.
+__device__ __forceinline__ void dec_batch_sc(const DecBatch& L, u32 ba, u32 za, u32 ug, u32 sa0,
+                                             u32 sa1, float (&y)[2][2]) {
+    uint4 bv[DSU][4];
+#pragma unroll
+    for (int u = 0; u < DSU; u++) {
+        const u32 a = (u32)u == ug ? ba : za;
+#pragma unroll
+        for (int i = 0; i < 4; i++) bv[u][i] = lds128(a + 16 * i);
+    }
+    const float sx0 = lds32f(sa0), sx1 = lds32f(sa1);
+    float acc[DSU][4];
+#pragma unroll
+    for (int u = 0; u < DSU; u++) {
+        acc[u][0] = acc[u][1] = acc[u][2] = acc[u][3] = 0.0f;
+#pragma unroll
+        for (int wd = 0; wd < 4; wd++) {
+            u32 a0[4], a1[4];
+            dec_word(dec_word_of(L.q[u][0], wd), a0);
+            dec_word(dec_word_of(L.q[u][1], wd), a1);
+            const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
+            const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
+            mma(acc[u], f0, bv[u][wd].x, bv[u][wd].y);
+            mma(acc[u], f1, bv[u][wd].z, bv[u][wd].w);
+        }
+    }
+#pragma unroll
+    for (int u = 1; u < DSU; u++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[0][i] += acc[u][i];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+#pragma unroll
+        for (int ci = 0; ci < 2; ci++) {
+            const float sc = dec_at<ST>(L.s[h], ci), bi = dec_at<ST>(L.b[h], ci);
+            y[h][ci] = fmaf(sc, acc[0][2 * h + ci], fmaf(fmaf(-DOFF, sc, bi), ci ? sx1 : sx0, y[h][ci]));
         }
     }
 }

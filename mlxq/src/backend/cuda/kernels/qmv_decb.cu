@@ -41,7 +41,8 @@
 #endif
 
 #if DECB_OK
-template <int NC, int NS, int NT>
+// SC: the step-column form (qmv_dec.cu, dec_lane_sc): one n-tile, M * DNSB <= 8.
+template <int NC, int NS, int NT, bool SC = false>
 __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                               const ST* __restrict__ scales,
                                               const ST* __restrict__ biases, OT* __restrict__ out,
@@ -83,8 +84,15 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
     // Consumer lane: its B column and group sums of x in each n-tile (as qmv_dec with ILV:
     // its batch of stage s is batch NC * s + warp of the row); n-tile j holds tokens from
     // j * TPT.
-    constexpr u32 TPT = 8 / DSLOTS;
+    constexpr u32 TPT = SC ? 8 / DNSB : 8 / DSLOTS;
     u32 bstep[NT], bbase[NT], tok[NT][2], sxa[NT][2];
+    u32 ug = 0, swd = 0;  // SC: the lane's step of B and word of a row's batch scales
+#if !FPM
+    if constexpr (SC) {
+        static_assert(NT == 1 && SC_OK, "step columns: one n-tile");
+        dec_lane_sc(g, t, M, C, G, warp, xs, sx, zero, bstep[0], bbase[0], ug, tok[0], sxa[0], swd);
+    } else
+#endif
 #pragma unroll
     for (int j = 0; j < NT; j++)
         dec_lane(g, t, M, C, G, warp, xs, sx, zero, bstep[j], bbase[j], tok[j], sxa[j], j * TPT);
@@ -165,6 +173,11 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
 #pragma unroll
                     for (int h = 0; h < 2; h++) {
                         const u8* sp = dsmb + (src - bars) + 16 * RSR + (g + 8 * h) * SSB + warp * DSB;
+                        if constexpr (SC) {
+                            L.s[h][0] = ((const u32*)sp)[swd];
+                            L.b[h][0] = ((const u32*)(sp + 16 * SSB))[swd];
+                            continue;
+                        }
 #pragma unroll
                         for (int i = 0; i < DSW; i++) {
                             L.s[h][i] = ((const u32*)sp)[i];
@@ -187,7 +200,9 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
 #if FPM
                     dec_batch_fp<NT>(L, ba, bstep, t, y);
 #else
-                    if constexpr (NT == 1)
+                    if constexpr (SC)
+                        dec_batch_sc(L, ba[0], smem_addr(zero), ug, sa[0][0], sa[0][1], y[0]);
+                    else if constexpr (NT == 1)
                         dec_batch(L, ba[0], bstep[0], sa[0][0], sa[0][1], t, y[0]);
                     else
                         dec_batch_n<NT>(L, ba, bstep, sa, t, y);
@@ -207,7 +222,7 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                     const u32 m0 = j * TPT;
                     if (m0 >= M) break;  // uniform
                     const u32 rel[2] = {tok[j][0] - m0, tok[j][1] - m0};
-                    dec_tile_sums<NC>(y[j], red, warp, g, t, rel, min(M - m0, TPT), N, n0, ok,
+                    dec_tile_sums<NC, SC ? DNSB : DSLOTS>(y[j], red, warp, g, t, rel, min(M - m0, TPT), N, n0, ok,
                                       out + e * out_stride + (u64)m0 * N, threadIdx.x, NC * 32,
                                       [] { asm volatile("bar.sync 1, %0;" ::"n"(NC * 32) : "memory"); });
                 }
@@ -219,21 +234,29 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
 #endif
 
 #if DECB_OK
-// Four blocks per SM for 4 consumers (96 registers at most; 101 unbounded, 3 blocks per SM).
-#define QMV_DECB(NAME, NC, NS, NT)                                                            \
-    extern "C" __global__ void __launch_bounds__((NC + 1) * 32, NC == 4 ? 4 : 1) NAME(       \
+// MINB blocks per SM at least (four for 4 consumers: 96 registers at most; 101 unbounded, 3
+// blocks per SM); SC the step-column form (M * DNSB <= 8; not for FP weights).
+#define QMV_DECB_X(NAME, NC, NS, NT, MINB, SC)                                                \
+    extern "C" __global__ void __launch_bounds__((NC + 1) * 32, MINB) NAME(                  \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
         const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u64 N, u64 K,             \
         u64 x_stride, u64 w_stride, u64 s_stride, u64 out_stride, Batch bt) {                 \
-        if constexpr (RING_OK && (NC * DSB) % 16 == 0)                                        \
-            qmv_decb_impl<NC, NS, NT>(x, w, scales, biases, out, M, N, K, x_stride, w_stride,  \
-                                      s_stride, out_stride, bt);                              \
+        if constexpr (RING_OK && (NC * DSB) % 16 == 0 && (!(SC) || DECB_SC_OK))               \
+            qmv_decb_impl<NC, NS, NT, (SC) && DECB_SC_OK>(x, w, scales, biases, out, M, N, K,  \
+                                                          x_stride, w_stride, s_stride,       \
+                                                          out_stride, bt);                    \
     }
+#if FPM
+#define DECB_SC_OK false
 #else
-#define QMV_DECB(NAME, NC, NS, NT)                                                            \
+#define DECB_SC_OK SC_OK
+#endif
+#else
+#define QMV_DECB_X(NAME, NC, NS, NT, MINB, SC)                                                \
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32,    \
                                     u64, u64, u64, u64, u64, u64, Batch) {}
 #endif
+#define QMV_DECB(NAME, NC, NS, NT) QMV_DECB_X(NAME, NC, NS, NT, NC == 4 ? 4 : 1, false)
 // Routed: 4 x 3 (4-bit M <= 4, N >= 8192) and 8 x 2 on one, two and four n-tiles; 8 x 3 and
 // 8 x 4 for MLXQ_DECB_NS (experiments).
 QMV_DECB(qmv_decb_4_3, 4, 3, 1)
@@ -244,3 +267,8 @@ QMV_DECB(qmv_decb_8_4, 8, 4, 1)
 QMV_DECB(qmv_decb_8_2_t2, 8, 2, 2)
 // Four n-tiles: up to 32 / DSLOTS tokens (4-bit group 64: 9-16).
 QMV_DECB(qmv_decb_8_2_t4, 8, 2, 4)
+// Step columns: M * DNSB <= 8 (4-bit group 64: M <= 2); 5: five blocks per SM (80 registers).
+QMV_DECB_X(qmv_decb_4_3_s, 4, 3, 1, 4, true)
+QMV_DECB_X(qmv_decb_4_3_s5, 4, 3, 1, 5, true)
+QMV_DECB_X(qmv_decb_4_3_5, 4, 3, 1, 5, false)
+QMV_DECB_X(qmv_decb_8_2_s, 8, 2, 1, 1, true)
