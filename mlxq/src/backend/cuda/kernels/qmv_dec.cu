@@ -327,6 +327,21 @@ __device__ __forceinline__ void dec_scale(const DecBatch& L, int h, int u, int c
     }
 }
 
+// Step u of batch L (rows g, g + 8 of a 16-row tile) against that step's B fragments bv into
+// the accumulator tile acc: each word of codes as the A registers of its two mmas.
+__device__ __forceinline__ void dec_step(const DecBatch& L, int u, const uint4 (&bv)[4], float (&acc)[4]) {
+#pragma unroll
+    for (int wd = 0; wd < 4; wd++) {
+        u32 a0[4], a1[4];
+        dec_word(dec_word_of(L.q[u][0], wd), a0);
+        dec_word(dec_word_of(L.q[u][1], wd), a1);
+        const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
+        const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
+        mma(acc, f0, bv[wd].x, bv[wd].y);
+        mma(acc, f1, bv[wd].z, bv[wd].w);
+    }
+}
+
 // One batch L (rows g, g + 8 of a 16-row tile, DSU steps) against x into y[row][column]: the B
 // fragments of step u at ba + u * bstep (16 bytes per word), the group sums of x of the lane's
 // two columns at sa0, sa1 (+ 4 per group); the scale and bias of each group are applied on
@@ -349,16 +364,7 @@ __device__ __forceinline__ void dec_batch(const DecBatch& L, u32 ba, u32 bstep, 
 #pragma unroll
     for (int u = 0; u < DSU; u++) {
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int wd = 0; wd < 4; wd++) {
-            u32 a0[4], a1[4];
-            dec_word(dec_word_of(L.q[u][0], wd), a0);
-            dec_word(dec_word_of(L.q[u][1], wd), a1);
-            const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
-            const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
-            mma(acc, f0, bv[u][wd].x, bv[u][wd].y);
-            mma(acc, f1, bv[u][wd].z, bv[u][wd].w);
-        }
+        dec_step(L, u, bv[u], acc);
 #pragma unroll
         for (int ci = 0; ci < 2; ci++) {
 #pragma unroll
@@ -470,16 +476,7 @@ __device__ __forceinline__ void dec_batch_sc(const DecBatch& L, u32 ba, u32 za, 
 #pragma unroll
     for (int u = 0; u < DSU; u++) {
         acc[u][0] = acc[u][1] = acc[u][2] = acc[u][3] = 0.0f;
-#pragma unroll
-        for (int wd = 0; wd < 4; wd++) {
-            u32 a0[4], a1[4];
-            dec_word(dec_word_of(L.q[u][0], wd), a0);
-            dec_word(dec_word_of(L.q[u][1], wd), a1);
-            const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
-            const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
-            mma(acc[u], f0, bv[u][wd].x, bv[u][wd].y);
-            mma(acc[u], f1, bv[u][wd].z, bv[u][wd].w);
-        }
+        dec_step(L, u, bv[u], acc[u]);
     }
 #pragma unroll
     for (int u = 1; u < DSU; u++)
