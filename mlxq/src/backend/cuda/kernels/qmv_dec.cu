@@ -327,9 +327,12 @@ __device__ __forceinline__ void dec_scale(const DecBatch& L, int h, int u, int c
     }
 }
 
-// Step u of batch L (rows g, g + 8 of a 16-row tile) against that step's B fragments bv into
-// the accumulator tile acc: each word of codes as the A registers of its two mmas.
-__device__ __forceinline__ void dec_step(const DecBatch& L, int u, const uint4 (&bv)[4], float (&acc)[4]) {
+// Step u of batch L (rows g, g + 8 of a 16-row tile) against that step's B fragments of NT
+// n-tiles, bv[j], into their accumulator tiles acc[j]: each word of codes decoded once as the A
+// registers of its two mmas per n-tile.
+template <int NT>
+__device__ __forceinline__ void dec_step_n(const DecBatch& L, int u, const uint4 (&bv)[NT][4],
+                                           float (&acc)[NT][4]) {
 #pragma unroll
     for (int wd = 0; wd < 4; wd++) {
         u32 a0[4], a1[4];
@@ -337,9 +340,16 @@ __device__ __forceinline__ void dec_step(const DecBatch& L, int u, const uint4 (
         dec_word(dec_word_of(L.q[u][1], wd), a1);
         const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
         const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
-        mma(acc, f0, bv[wd].x, bv[wd].y);
-        mma(acc, f1, bv[wd].z, bv[wd].w);
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            mma(acc[j], f0, bv[j][wd].x, bv[j][wd].y);
+            mma(acc[j], f1, bv[j][wd].z, bv[j][wd].w);
+        }
     }
+}
+// dec_step_n for one n-tile.
+__device__ __forceinline__ void dec_step(const DecBatch& L, int u, const uint4 (&bv)[4], float (&acc)[4]) {
+    dec_step_n<1>(L, u, reinterpret_cast<const uint4(&)[1][4]>(bv), reinterpret_cast<float(&)[1][4]>(acc));
 }
 
 // One batch L (rows g, g + 8 of a 16-row tile, DSU steps) against x into y[row][column]: the B
@@ -402,19 +412,7 @@ __device__ __forceinline__ void dec_batch_n(const DecBatch& L, const u32 (&ba)[N
             sxv[j][1] = lds32f(sa[j][1] + goff);
             acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
         }
-#pragma unroll
-        for (int wd = 0; wd < 4; wd++) {
-            u32 a0[4], a1[4];
-            dec_word(dec_word_of(L.q[u][0], wd), a0);
-            dec_word(dec_word_of(L.q[u][1], wd), a1);
-            const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
-            const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
-#pragma unroll
-            for (int j = 0; j < NT; j++) {
-                mma(acc[j], f0, bv[j][wd].x, bv[j][wd].y);
-                mma(acc[j], f1, bv[j][wd].z, bv[j][wd].w);
-            }
-        }
+        dec_step_n<NT>(L, u, bv, acc);
 #pragma unroll
         for (int ci = 0; ci < 2; ci++) {
 #pragma unroll
