@@ -43,7 +43,7 @@ job ws64_qmm MLXQ_TILE=ws64 MLXQ_TILE_MIN_M=2 -- quantized_matmul_matches_the_f6
 job wg64_tiled MLXQ_WS=0 MLXQ_TILE=wg64 MLXQ_TILE_MIN_M=2 -- tiled_prefill_matches_the_f64_reference
 job wg64_qmm MLXQ_WS=0 MLXQ_TILE=wg64 MLXQ_TILE_MIN_M=2 -- quantized_matmul_matches_the_f64_reference
 # qmv_decb's step columns and five-block forms (MLXQ_DECB_SC) on the decode tests.
-for f in s s5 5; do
+for f in auto s s5 5; do
   job decb_$f MLXQ_DECB_SC=$f -- long_rows_and_many_rows repeated_decode_matches_the_f64_reference_every_time many_token_decode_matches_the_f64_reference
 done
 # Everything else in the suite, in one process.

@@ -1,5 +1,5 @@
 #!/bin/bash
-# cuda_decb_forms.sh (session 50): qmv_decb's step-column and five-block forms (MLXQ_DECB_SC=s, s5, 5)
+# cuda_decb_forms.sh (session 50): qmv_decb's step-column and five-block forms (MLXQ_DECB_SC=auto, s, s5, 5)
 # against the plain one: an A/B round, the three decode tests under each form side by side, a
 # second round. Build here, carry .devrun (mlxq and cuda_conformance, gzipped, as in
 # cuda_batch.sh), run there: OUT=... LEFT=seconds bash tools/cuda_decb_forms.sh
@@ -14,7 +14,7 @@ tag() { sed -u "s/^{/{\"set\":\"$1\",/"; }
 J=$OUT/decb-forms.jsonl
 S="--shape 1,14336,4096 --shape 1,28672,8192 --shape 2,14336,4096"
 ab() {
-  for f in def s5 s 5; do
+  for f in def auto s5 s 5; do
     [ $(left) -lt 20 ] && return
     ( MLXQ_DECB_SC=$f timeout 40 $M bench --device cuda --json --iters 20 --bits 4,8 $S --no-cublas | tag $f ) >> $J 2>>$OUT/err.txt
   done
@@ -29,11 +29,11 @@ ab
 echo "round 1 done at $(( $(date +%s) - T1 )) s"
 # The decode tests in each form, side by side (the whole suite waits for a later call).
 B=$PWD/.devrun/cuda_conformance
-for f in def s s5 5; do
+for f in def auto s s5 5; do
   ( cd mlxq; MLXQ_FIXTURES=$PWD/tests/fixtures MLXQ_DECB_SC=$f timeout 200 $B --exact --nocapture long_rows_and_many_rows repeated_decode_matches_the_f64_reference_every_time many_token_decode_matches_the_f64_reference > $OUT/t_$f.log 2>&1; echo "rc=$?" >> $OUT/t_$f.log ) &
 done
 wait
-for f in def s s5 5; do echo "== $f"; grep -E "^test |test result|rc=|panicked|FAIL" $OUT/t_$f.log | tail -6; done
+for f in def auto s s5 5; do echo "== $f"; grep -E "^test |test result|rc=|panicked|FAIL" $OUT/t_$f.log | tail -6; done
 echo "tests done at $(( $(date +%s) - T1 )) s"
 ab
 python3 - $J <<'P'

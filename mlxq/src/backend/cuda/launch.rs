@@ -693,7 +693,12 @@ pub(crate) fn qmm(
             Some("0") => false,
             _ => ndim.max(kdim) >= 8192,
         } && matches!(dsb, 4 | 8 | 16);
-        if let Some((fi, nc, smem_b)) = decb_pick(
+        if let Some(DecbPick {
+            entry,
+            fallback,
+            nc,
+            smem: smem_b,
+        }) = decb_pick(
             &dev,
             m,
             ndim,
@@ -707,11 +712,19 @@ pub(crate) fn qmm(
             [pw, ps, pb],
             [words_per_matrix * 4, s_stride * ssize],
         ) {
-            let f = k.func_named(fi)?;
             let threads = ((nc + 1) * 32) as u32;
-            let per_sm = f
-                .occupancy_max_active_blocks_per_multiprocessor(threads, smem_b as usize, None)
-                .map_err(driver(op))?;
+            let occupancy = |f: &cudarc::driver::CudaFunction| {
+                f.occupancy_max_active_blocks_per_multiprocessor(threads, smem_b as usize, None)
+                    .map_err(driver(op))
+            };
+            let mut f = k.func_named(entry)?;
+            let mut per_sm = occupancy(f)?;
+            if let Some((other, need)) = fallback {
+                if per_sm < need {
+                    f = k.func_named(other)?;
+                    per_sm = occupancy(f)?;
+                }
+            }
             let slots = (u64::from(per_sm) * u64::from(dev.multiprocessors())).max(1);
             // Persistent over row tiles: one wave of resident blocks, each with the same
             // number of tiles.
@@ -1813,7 +1826,7 @@ fn decb_pick(
     tile_after: bool,
     ptrs: [u64; 3],
     strides: [u64; 2],
-) -> Option<(&'static str, u64, u64)> {
+) -> Option<DecbPick> {
     let everywhere = match knob("MLXQ_DECB") {
         Some("0") => return None,
         Some("1") => true,
@@ -1882,20 +1895,22 @@ fn decb_pick(
     // The step-column form (qmv_dec.cu `dec_lane_sc`): one n-tile whose columns are the
     // batch's groups of each token (M x groups per batch <= 8), so each batch's scales are
     // applied once, not once per step. MLXQ_DECB_SC: 0 the plain form; s, s5 (five blocks per
-    // SM) the step columns; 5 the plain form at five blocks per SM (4 consumers, 3 stages).
+    // SM) the step columns; auto (the default where DECB_SC_DEFAULT) s5 where five blocks fit
+    // an SM, else s; 5 the plain form at five blocks per SM (4 consumers, 3 stages).
     let dnsb = batch_codes / group.max(1);
     let sc_fits =
         !fp && nt == 1 && ssize == 2 && group <= qc && (2..=8).contains(&dnsb) && m * dnsb <= 8;
     let form = match knob("MLXQ_DECB_SC") {
-        Some(f @ ("s" | "s5")) if sc_fits => f,
+        Some(f @ ("s" | "s5" | "auto")) if sc_fits => f,
         Some("5") if !fp => "5",
+        None if DECB_SC_DEFAULT && sc_fits => "auto",
         _ => "",
     };
     let entry = match (nc, ns, nt, form) {
         (4, 3, 1, "s") => "qmv_decb_4_3_s",
-        (4, 3, 1, "s5") => "qmv_decb_4_3_s5",
+        (4, 3, 1, "s5" | "auto") => "qmv_decb_4_3_s5",
         (4, 3, 1, "5") => "qmv_decb_4_3_5",
-        (8, 2, 1, "s" | "s5") => "qmv_decb_8_2_s",
+        (8, 2, 1, "s" | "s5" | "auto") => "qmv_decb_8_2_s",
         (4, 3, 1, _) => "qmv_decb_4_3",
         (8, 2, 1, _) => "qmv_decb_8_2",
         (8, 3, 1, _) => "qmv_decb_8_3",
@@ -1914,7 +1929,27 @@ fn decb_pick(
         + m * (kdim / ck) * 64
         + (m * (kdim / group) * 4).div_ceil(16) * 16
         + nc * 512;
-    (smem <= dev.smem_optin as u64).then_some((entry, nc, smem))
+    // auto: the five-block entry only where five blocks fit an SM (its 72 registers spill a
+    // little); its four-block twin otherwise.
+    let fallback = (form == "auto" && entry == "qmv_decb_4_3_s5").then_some(("qmv_decb_4_3_s", 5));
+    (smem <= dev.smem_optin as u64).then_some(DecbPick {
+        entry,
+        fallback,
+        nc,
+        smem,
+    })
+}
+
+/// `qmv_decb`'s step-column form by default (MLXQ_DECB_SC unset: `auto`).
+const DECB_SC_DEFAULT: bool = false;
+
+/// [`decb_pick`]'s choice: the entry, its consumer warps and shared memory per block, and
+/// the entry to take instead (with the blocks per SM the first needs) where fewer fit.
+struct DecbPick {
+    entry: &'static str,
+    fallback: Option<(&'static str, u32)>,
+    nc: u64,
+    smem: u64,
 }
 
 /// Blocks of `qmv_n` (transpose = false) per multiprocessor that its K split aims at.
