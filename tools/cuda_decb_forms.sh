@@ -2,7 +2,7 @@
 # cuda_decb_forms.sh (session 50): qmv_decb's step-column and five-block forms (MLXQ_DECB_SC=auto, s, s5, 5)
 # against the plain one: an A/B round, the three decode tests under each form side by side, a
 # second round. Build here, carry .devrun (mlxq and cuda_conformance, gzipped, as in
-# cuda_batch.sh), run there: OUT=... LEFT=seconds bash tools/cuda_decb_forms.sh
+# cuda_batch.sh), run there: OUT=... LEFT=seconds [TT=seconds per test process] bash tools/cuda_decb_forms.sh
 cd "$(dirname "$0")/.."
 gunzip -f .devrun/*.gz 2>/dev/null; chmod +x .devrun/mlxq .devrun/cuda_conformance
 export MLXQ_CUDA_CACHE=/tmp/mlxq-cache; mkdir -p $MLXQ_CUDA_CACHE
@@ -30,7 +30,7 @@ echo "round 1 done at $(( $(date +%s) - T1 )) s"
 # The decode tests in each form, side by side (the whole suite waits for a later call).
 B=$PWD/.devrun/cuda_conformance
 for f in def auto s s5 5; do
-  ( cd mlxq; MLXQ_FIXTURES=$PWD/tests/fixtures MLXQ_DECB_SC=$f timeout 200 $B --exact --nocapture long_rows_and_many_rows repeated_decode_matches_the_f64_reference_every_time many_token_decode_matches_the_f64_reference > $OUT/t_$f.log 2>&1; echo "rc=$?" >> $OUT/t_$f.log ) &
+  ( cd mlxq; MLXQ_FIXTURES=$PWD/tests/fixtures MLXQ_DECB_SC=$f timeout ${TT:-200} $B --exact --nocapture long_rows_and_many_rows repeated_decode_matches_the_f64_reference_every_time many_token_decode_matches_the_f64_reference > $OUT/t_$f.log 2>&1; echo "rc=$?" >> $OUT/t_$f.log ) &
 done
 wait
 for f in def auto s s5 5; do echo "== $f"; grep -E "^test |test result|rc=|panicked|FAIL" $OUT/t_$f.log | tail -6; done
