@@ -45,14 +45,12 @@ use super::dequantize::{DequantizeArgs, DequantizeFn};
 use super::quantize::{QuantizeArgs, QuantizeFn};
 use super::x86_avx2::widen8;
 use super::x86_avx2_fp_quant::{store16, store8, to_dtype};
-use super::x86_quant::check_len;
-use super::{cast, cast_mut};
+use super::x86_quant::{dequantize_tasks, quantize_tasks, Groups};
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::quant::affine::{quantize_group, EPS};
 use crate::quant::pack::{dispatch_bits, pack8};
 use crate::quant::Flavour;
-use rayon::prelude::*;
 use std::arch::x86_64::*;
 
 /// Groups per batch: one per lane of an f32 vector.
@@ -100,48 +98,18 @@ fn entry(op: &'static str, g: usize) -> Result<()> {
 fn quantize<T: Float, const BITS: usize>(a: QuantizeArgs<'_>) -> Result<()> {
     let g = a.group_size;
     entry(OP, g)?;
-    let w: &[T] = cast(OP, "w", a.w)?;
-    let scales: &mut [T] = cast_mut(OP, "scales", a.scales)?;
-    let biases: &mut [T] = cast_mut(OP, "biases", a.biases)?;
-    let groups = scales.len();
-    let gb = g / 8 * BITS;
-    check_len(OP, "w", groups * g, w.len())?;
-    check_len(OP, "biases", groups, biases.len())?;
-    check_len(OP, "packed", groups * gb, a.packed.len())?;
     let flavour = a.flavour;
-    w.par_chunks(TASK_GROUPS * g)
-        .zip(a.packed.par_chunks_mut(TASK_GROUPS * gb))
-        .zip(
-            scales
-                .par_chunks_mut(TASK_GROUPS)
-                .zip(biases.par_chunks_mut(TASK_GROUPS)),
-        )
-        .for_each(|((w, packed), (scales, biases))| {
-            let task = Groups {
-                w,
-                packed,
-                scales,
-                biases,
-            };
-            // SAFETY: `available()` holds (checked above); `quantize_groups` checks the slice
-            // lengths, which agree by construction (equal numbers of groups per chunk).
-            unsafe {
-                match g {
-                    32 => quantize_groups::<T, BITS, 4>(task, flavour),
-                    64 => quantize_groups::<T, BITS, 8>(task, flavour),
-                    _ => quantize_groups::<T, BITS, 16>(task, flavour),
-                }
+    quantize_tasks::<T>(OP, a, BITS, TASK_GROUPS, |task| {
+        // SAFETY: `available()` holds (checked above); `quantize_groups` checks the slice
+        // lengths, which agree by construction (equal numbers of groups per chunk).
+        unsafe {
+            match g {
+                32 => quantize_groups::<T, BITS, 4>(task, flavour),
+                64 => quantize_groups::<T, BITS, 8>(task, flavour),
+                _ => quantize_groups::<T, BITS, 16>(task, flavour),
             }
-        });
-    Ok(())
-}
-
-/// A run of whole groups: their inputs and every output.
-struct Groups<'a, T> {
-    w: &'a [T],
-    packed: &'a mut [u8],
-    scales: &'a mut [T],
-    biases: &'a mut [T],
+        }
+    })
 }
 
 /// A batch after [`batch_params`]: scale, bias and the fast pass's constants of its groups,
@@ -684,33 +652,17 @@ fn dequantize<S: Float, O: Float, const BITS: usize>(a: DequantizeArgs<'_>) -> R
     const OP: &str = "dequantize";
     let g = a.w.group_size;
     entry(OP, g)?;
-    let scales: &[S] = cast(OP, "scales", a.w.scales)?;
-    let biases: &[S] = cast(OP, "biases", a.w.biases)?;
-    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
-    let groups = scales.len();
-    let gb = g / 8 * BITS;
-    check_len(OP, "biases", groups, biases.len())?;
-    check_len(OP, "packed", groups * gb, a.w.packed.len())?;
-    check_len(OP, "out", groups * g, out.len())?;
     let cpu = a.flavour == Flavour::Cpu;
-    out.par_chunks_mut(TASK_GROUPS * g)
-        .zip(a.w.packed.par_chunks(TASK_GROUPS * gb))
-        .zip(
-            scales
-                .par_chunks(TASK_GROUPS)
-                .zip(biases.par_chunks(TASK_GROUPS)),
-        )
-        .for_each(|((out, packed), (scales, biases))| {
-            // SAFETY: `available()` holds (checked above); the callee checks the lengths.
-            unsafe {
-                if cpu {
-                    dequantize_groups::<S, O, BITS, true>(packed, scales, biases, g, out)
-                } else {
-                    dequantize_groups::<S, O, BITS, false>(packed, scales, biases, g, out)
-                }
+    dequantize_tasks::<S, O>(OP, a, BITS, TASK_GROUPS, |packed, scales, biases, out| {
+        // SAFETY: `available()` holds (checked above); the callee checks the lengths.
+        unsafe {
+            if cpu {
+                dequantize_groups::<S, O, BITS, true>(packed, scales, biases, g, out)
+            } else {
+                dequantize_groups::<S, O, BITS, false>(packed, scales, biases, g, out)
             }
-        });
-    Ok(())
+        }
+    })
 }
 
 /// Dequantizes whole groups of `g` (a multiple of 16) values. Does nothing if the lengths

@@ -140,52 +140,66 @@ fn quantize<T: Float, const BITS: usize>(a: QuantizeArgs<'_>) -> Result<()> {
     if !available() {
         return Err(missing_features(OP));
     }
-    let w: &[T] = cast(OP, "w", a.w)?;
-    let scales: &mut [T] = cast_mut(OP, "scales", a.scales)?;
-    let biases: &mut [T] = cast_mut(OP, "biases", a.biases)?;
     let g = a.group_size;
     if !matches!(g, 32 | 64 | 128) {
         return Err(bad_group_size(OP, g));
     }
-    let groups = scales.len();
-    let gb = g / 8 * BITS;
-    check_len(OP, "w", groups * g, w.len())?;
-    check_len(OP, "biases", groups, biases.len())?;
-    check_len(OP, "packed", groups * gb, a.packed.len())?;
     let flavour = a.flavour;
-    w.par_chunks(TASK_GROUPS * g)
-        .zip(a.packed.par_chunks_mut(TASK_GROUPS * gb))
+    quantize_tasks::<T>(OP, a, BITS, TASK_GROUPS, |task| {
+        // SAFETY: `available()` holds (checked above); `quantize_groups` checks the slice
+        // lengths, which agree by construction (equal numbers of groups per chunk).
+        unsafe {
+            match g {
+                32 => quantize_groups::<T, BITS, 2>(task, flavour),
+                64 => quantize_groups::<T, BITS, 4>(task, flavour),
+                _ => quantize_groups::<T, BITS, 8>(task, flavour),
+            }
+        }
+    })
+}
+
+/// A run of whole groups of a quantize call: their inputs and every output.
+pub(super) struct Groups<'a, T> {
+    pub(super) w: &'a [T],
+    pub(super) packed: &'a mut [u8],
+    pub(super) scales: &'a mut [T],
+    pub(super) biases: &'a mut [T],
+}
+
+/// The affine quantize driver of the x86 kernels: `a`'s buffers as `T`, checked against its
+/// groups of `a.group_size` values and `bits`-bit codes, then split into runs of `task_groups`
+/// whole groups that `task` quantizes on the thread pool.
+pub(super) fn quantize_tasks<T: Float>(
+    op: &'static str,
+    a: QuantizeArgs<'_>,
+    bits: usize,
+    task_groups: usize,
+    task: impl Fn(Groups<'_, T>) + Sync + Send,
+) -> Result<()> {
+    let w: &[T] = cast(op, "w", a.w)?;
+    let scales: &mut [T] = cast_mut(op, "scales", a.scales)?;
+    let biases: &mut [T] = cast_mut(op, "biases", a.biases)?;
+    let (g, groups) = (a.group_size, scales.len());
+    let gb = g / 8 * bits;
+    check_len(op, "w", groups * g, w.len())?;
+    check_len(op, "biases", groups, biases.len())?;
+    check_len(op, "packed", groups * gb, a.packed.len())?;
+    w.par_chunks(task_groups * g)
+        .zip(a.packed.par_chunks_mut(task_groups * gb))
         .zip(
             scales
-                .par_chunks_mut(TASK_GROUPS)
-                .zip(biases.par_chunks_mut(TASK_GROUPS)),
+                .par_chunks_mut(task_groups)
+                .zip(biases.par_chunks_mut(task_groups)),
         )
         .for_each(|((w, packed), (scales, biases))| {
-            let task = Groups {
+            task(Groups {
                 w,
                 packed,
                 scales,
                 biases,
-            };
-            // SAFETY: `available()` holds (checked above); `quantize_groups` checks the slice
-            // lengths, which agree by construction (equal numbers of groups per chunk).
-            unsafe {
-                match g {
-                    32 => quantize_groups::<T, BITS, 2>(task, flavour),
-                    64 => quantize_groups::<T, BITS, 4>(task, flavour),
-                    _ => quantize_groups::<T, BITS, 8>(task, flavour),
-                }
-            }
+            })
         });
     Ok(())
-}
-
-/// A run of whole groups: their inputs and every output.
-struct Groups<'a, T> {
-    w: &'a [T],
-    packed: &'a mut [u8],
-    scales: &'a mut [T],
-    biases: &'a mut [T],
 }
 
 /// Quantizes every group of `t` (groups of `16·VPG` elements), 16 at a time. Does nothing if
@@ -903,30 +917,49 @@ fn dequantize<S: Float, O: Float, const BITS: usize>(a: DequantizeArgs<'_>) -> R
     if !available() {
         return Err(missing_features(OP));
     }
-    let scales: &[S] = cast(OP, "scales", a.w.scales)?;
-    let biases: &[S] = cast(OP, "biases", a.w.biases)?;
-    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
     let g = a.w.group_size;
     if !matches!(g, 32 | 64 | 128) {
         return Err(bad_group_size(OP, g));
     }
-    let groups = scales.len();
-    let gb = g / 8 * BITS;
-    check_len(OP, "biases", groups, biases.len())?;
-    check_len(OP, "out", groups * g, out.len())?;
-    check_len(OP, "packed", groups * gb, a.w.packed.len())?;
     let flavour = a.flavour;
-    out.par_chunks_mut(DEQ_TASK_GROUPS * g)
-        .zip(a.w.packed.par_chunks(DEQ_TASK_GROUPS * gb))
-        .zip(
-            scales
-                .par_chunks(DEQ_TASK_GROUPS)
-                .zip(biases.par_chunks(DEQ_TASK_GROUPS)),
-        )
-        .for_each(|((out, packed), (scales, biases))| {
+    dequantize_tasks::<S, O>(
+        OP,
+        a,
+        BITS,
+        DEQ_TASK_GROUPS,
+        |packed, scales, biases, out| {
             // SAFETY: `available()` holds (checked above); `dequantize_groups` checks lengths.
             unsafe { dequantize_groups::<S, O, BITS>(packed, scales, biases, g, flavour, out) };
-        });
+        },
+    )
+}
+
+/// The affine dequantize driver of the x86 kernels: `a`'s scales and biases as `S` and its
+/// output as `O`, checked against its groups and `bits`-bit codes, then split into runs of
+/// `task_groups` whole groups that `task` dequantizes on the thread pool.
+pub(super) fn dequantize_tasks<S: Float, O: Float>(
+    op: &'static str,
+    a: DequantizeArgs<'_>,
+    bits: usize,
+    task_groups: usize,
+    task: impl Fn(&[u8], &[S], &[S], &mut [O]) + Sync + Send,
+) -> Result<()> {
+    let scales: &[S] = cast(op, "scales", a.w.scales)?;
+    let biases: &[S] = cast(op, "biases", a.w.biases)?;
+    let out: &mut [O] = cast_mut(op, "out", a.out)?;
+    let (g, groups) = (a.w.group_size, scales.len());
+    let gb = g / 8 * bits;
+    check_len(op, "biases", groups, biases.len())?;
+    check_len(op, "out", groups * g, out.len())?;
+    check_len(op, "packed", groups * gb, a.w.packed.len())?;
+    out.par_chunks_mut(task_groups * g)
+        .zip(a.w.packed.par_chunks(task_groups * gb))
+        .zip(
+            scales
+                .par_chunks(task_groups)
+                .zip(biases.par_chunks(task_groups)),
+        )
+        .for_each(|((out, packed), (scales, biases))| task(packed, scales, biases, out));
     Ok(())
 }
 
