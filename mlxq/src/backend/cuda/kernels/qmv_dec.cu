@@ -919,22 +919,12 @@ __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u3
                 float acc[NT][4];
 #pragma unroll
                 for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+                uint4 bv[NT][4];
 #pragma unroll
-                for (int wd = 0; wd < 4; wd++) {
-                    uint4 bv[NT];
+                for (int j = 0; j < NT; j++)
 #pragma unroll
-                    for (int j = 0; j < NT; j++) bv[j] = lds128(bbase[j] + s * bstep[j] + 16 * wd);
-                    u32 a0[4], a1[4];
-                    dec_word(dec_word_of(L.q[u][0], wd), a0);
-                    dec_word(dec_word_of(L.q[u][1], wd), a1);
-                    const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
-                    const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
-#pragma unroll
-                    for (int j = 0; j < NT; j++) {
-                        mma(acc[j], f0, bv[j].x, bv[j].y);
-                        mma(acc[j], f1, bv[j].z, bv[j].w);
-                    }
-                }
+                    for (int wd = 0; wd < 4; wd++) bv[j][wd] = lds128(bbase[j] + s * bstep[j] + 16 * wd);
+                dec_step_n<NT>(L, u, bv, acc);
 #pragma unroll
                 for (int ci = 0; ci < 2; ci++) {
 #pragma unroll
