@@ -25,7 +25,7 @@
 //! Accumulation is f32; results equal the generic kernel's up to f32 summation order.
 
 use super::qmm::{QmmArgs, QmmFn};
-use super::{cast, cast_mut, DisjointOut};
+use super::DisjointOut;
 use crate::dtype::Float;
 use crate::error::{Error, Result};
 use crate::quant::pack::dispatch_bits;
@@ -98,28 +98,14 @@ fn permuted(bits: usize, i: usize) -> usize {
     }
 }
 
-/// `BufferTooSmall` for a buffer of `have` elements of `size` bytes where `need` are read.
-fn too_small(param: &'static str, need: usize, have: usize, size: usize) -> Error {
-    Error::BufferTooSmall {
-        op: OP,
-        param,
-        needed: need.saturating_mul(size) as u64,
-        offset: 0,
-        available: have.saturating_mul(size) as u64,
-    }
-}
-
 /// The decode kernel, `transpose = true`: tasks own disjoint ranges of N, and within a task,
 /// each block of up to [`ROWS`] rows of x runs over every column of the range.
 fn qmv_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
     let w = a.w;
-    let scales: &[S] = cast(OP, "scales", w.scales)?;
-    let biases: &[S] = cast(OP, "biases", w.biases)?;
-    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
-    let (m, n, k, g) = (a.m, w.rows, w.cols, w.group_size);
     if w.bits as usize != BITS {
         return Err(Error::invalid(OP, "bits", format!("{BITS}"), w.bits));
     }
+    let (k, g) = (w.cols, w.group_size);
     if g == 0 || !g.is_multiple_of(32) || !k.is_multiple_of(g) {
         return Err(Error::invalid(
             OP,
@@ -128,20 +114,11 @@ fn qmv_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
             g,
         ));
     }
-    let groups = k / g;
-    let row_bytes = w.row_bytes();
     // Everything the raw loads below may touch, checked once.
-    let size = |dims: [usize; 2]| crate::error::checked_product(OP, "size", dims);
-    let need = [
-        ("w", size([n, row_bytes])?, w.packed.len(), 1),
-        ("scales", size([n, groups])?, scales.len(), size_of::<S>()),
-        ("biases", size([n, groups])?, biases.len(), size_of::<S>()),
-        ("x", size([m, k])?, a.x.len(), 4),
-        ("out", size([m, n])?, out.len(), size_of::<O>()),
-    ];
-    if let Some(&(param, need, have, s)) = need.iter().find(|(_, need, have, _)| have < need) {
-        return Err(too_small(param, need, have, s));
-    }
+    let a = a.operands::<S, O>(OP, true, true)?;
+    let (m, n) = (a.m, a.rows);
+    let (groups, row_bytes) = (a.w.groups, a.w.row_bytes);
+    let (scales, biases, out) = (a.w.scales, a.w.biases, a.out);
     if m == 0 || n == 0 {
         return Ok(());
     }

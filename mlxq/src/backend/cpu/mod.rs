@@ -110,6 +110,41 @@ impl MatrixRef<'_> {
     }
 }
 
+/// A matmul kernel's weight, typed (made by [`qmm::QmmArgs::operands`], which checks every
+/// length), with the slice of one row over a range of groups.
+pub(crate) struct Rows<'a, S> {
+    pub packed: &'a [u8],
+    pub scales: &'a [S],
+    pub biases: &'a [S],
+    /// Bytes from one packed row to the next.
+    pub row_bytes: usize,
+    /// Groups per row, and elements per group.
+    pub groups: usize,
+    pub g: usize,
+}
+
+// The x86 decode kernels' accessor (the other kernels index the slices themselves).
+#[cfg(target_arch = "x86_64")]
+impl<'a, S> Rows<'a, S> {
+    /// Groups `g0..g1` of row `row` (codes `bits` wide): its packed codes, scales and
+    /// biases, or `None` where any of them is out of range.
+    #[inline]
+    pub fn row(
+        &self,
+        row: usize,
+        g0: usize,
+        g1: usize,
+        bits: usize,
+    ) -> Option<(&'a [u8], &'a [S], &'a [S])> {
+        let (p0, s0, per) = (row * self.row_bytes, row * self.groups, self.g / 8 * bits);
+        Some((
+            self.packed.get(p0 + g0 * per..p0 + g1 * per)?,
+            self.scales.get(s0 + g0..s0 + g1)?,
+            self.biases.get(s0 + g0..s0 + g1)?,
+        ))
+    }
+}
+
 /// Views raw bytes as `T`, failing with a clear error if misaligned or of the wrong length.
 pub(crate) fn cast<'a, T: bytemuck::Pod>(
     op: &'static str,

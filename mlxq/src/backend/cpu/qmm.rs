@@ -17,8 +17,9 @@
 //! Accumulation is f32 throughout, whatever the input and output dtypes.
 
 use super::quantize::fp_mode;
-use super::{cast, cast_mut, DisjointOut, MatrixRef, Tier};
+use super::{cast, cast_mut, DisjointOut, MatrixRef, Rows, Tier};
 use crate::dtype::Float;
+use crate::error::checked_product;
 use crate::error::Result;
 use crate::quant::fp;
 use crate::quant::pack::{dispatch_bits, unpack8};
@@ -36,6 +37,107 @@ pub(crate) struct QmmArgs<'a> {
 }
 
 pub(crate) type QmmFn = fn(QmmArgs<'_>) -> Result<()>;
+
+/// A matmul kernel's operands as their element types: scales and biases `S`, output `O`.
+/// Made by [`QmmArgs::operands`], which checks every buffer against the shapes once, so the
+/// kernels' raw loads rely on these lengths and check nothing of their own.
+pub(crate) struct Operands<'a, S, O> {
+    /// x: `m` rows of the input dimension (`cols` for transpose, `rows` otherwise), f32.
+    pub x: &'a [f32],
+    /// Rows of x.
+    pub m: usize,
+    /// W's packed rows with their scales and biases (where W has none: the scales again).
+    pub w: Rows<'a, S>,
+    /// W's rows and columns (W is quantized along its columns).
+    pub rows: usize,
+    pub cols: usize,
+    /// y: `m` rows of the output dimension (`rows` for transpose, `cols` otherwise).
+    pub out: &'a mut [O],
+}
+
+impl<'a> QmmArgs<'a> {
+    /// The operands typed (scales and biases as `S`, the output as `O`), each buffer checked
+    /// to hold what `transpose`'s shapes read: W's `rows` packed rows and their
+    /// `rows × groups` scales and, where `biased`, biases; x `m × in_dim`; y `m × out_dim`.
+    /// Without biases (the FP modes) [`Operands::w`]'s biases are the scales. Errors name the
+    /// buffer, the bytes it needs and the bytes it has.
+    pub(crate) fn operands<S: bytemuck::Pod, O: bytemuck::Pod>(
+        self,
+        op: &'static str,
+        transpose: bool,
+        biased: bool,
+    ) -> Result<Operands<'a, S, O>> {
+        let w = self.w;
+        let (rows, cols, g) = (w.rows, w.cols, w.group_size);
+        if g == 0 || !cols.is_multiple_of(g) {
+            return Err(crate::Error::invalid(
+                op,
+                "group_size",
+                format!("a group size dividing the {cols} columns"),
+                g,
+            ));
+        }
+        let scales: &[S] = cast(op, "scales", w.scales)?;
+        let biases: &[S] = if biased {
+            cast(op, "biases", w.biases)?
+        } else {
+            scales
+        };
+        let out: &mut [O] = cast_mut(op, "out", self.out)?;
+        let (in_dim, out_dim) = if transpose {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        let bytes = |param, dims: [usize; 2], elem: usize| {
+            checked_product(op, param, dims.into_iter().chain([elem]))
+        };
+        let (s_size, o_size) = (std::mem::size_of::<S>(), std::mem::size_of::<O>());
+        let need = [
+            ("w", bytes("w", [rows, w.row_bytes()], 1)?, w.packed.len()),
+            (
+                "scales",
+                bytes("scales", [rows, w.groups()], s_size)?,
+                w.scales.len(),
+            ),
+            (
+                "biases",
+                bytes("biases", [rows, w.groups()], s_size)?,
+                size_of_val(biases),
+            ),
+            ("x", bytes("x", [self.m, in_dim], 4)?, size_of_val(self.x)),
+            (
+                "out",
+                bytes("out", [self.m, out_dim], o_size)?,
+                size_of_val(out),
+            ),
+        ];
+        if let Some(&(param, needed, have)) = need.iter().find(|(_, n, have)| have < n) {
+            return Err(crate::Error::BufferTooSmall {
+                op,
+                param,
+                needed: needed as u64,
+                offset: 0,
+                available: have as u64,
+            });
+        }
+        Ok(Operands {
+            x: self.x,
+            m: self.m,
+            w: Rows {
+                packed: w.packed,
+                scales,
+                biases,
+                row_bytes: w.row_bytes(),
+                groups: w.groups(),
+                g,
+            },
+            rows,
+            cols,
+            out,
+        })
+    }
+}
 
 const OP: &str = "quantized_matmul";
 /// Rows of x that share one decoded group.
@@ -109,20 +211,6 @@ impl<X: Float + Sync, const MODE: u8> Groups for Fp<X, MODE> {
     }
 }
 
-/// Stored scales (or biases) of groups `C`.
-type Stored<'a, C> = &'a [<C as Groups>::Scale];
-
-/// The scales and (when `C` has them) biases of `w`, typed.
-fn scales_biases<'a, C: Groups>(w: &MatrixRef<'a>) -> Result<(Stored<'a, C>, Stored<'a, C>)> {
-    let scales = cast(OP, "scales", w.scales)?;
-    let biases = if C::BIASED {
-        cast(OP, "biases", w.biases)?
-    } else {
-        &[]
-    };
-    Ok((scales, biases))
-}
-
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent partial sums: vectorisable and a shallower error tree than a chain.
@@ -143,12 +231,10 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn qmm_t_generic<C: Groups, O: Float>(a: QmmArgs<'_>) -> Result<()> {
-    let w = a.w;
-    let (scales, biases) = scales_biases::<C>(&w)?;
-    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
-    let (m, n, k, g) = (a.m, w.rows, w.cols, w.group_size);
-    let groups = w.groups();
-    let row_bytes = w.row_bytes();
+    let a = a.operands::<C::Scale, O>(OP, true, C::BIASED)?;
+    let (m, n, k, g) = (a.m, a.rows, a.cols, a.w.g);
+    let (w, groups, row_bytes) = (&a.w, a.w.groups, a.w.row_bytes);
+    let (scales, biases) = (w.scales, w.biases);
     let gbytes = g / 8 * C::BITS;
     // Σx per (row of x, group), shared by every output column (biased groups only).
     let xsum: Vec<f32> = if C::BIASED {
@@ -157,7 +243,7 @@ fn qmm_t_generic<C: Groups, O: Float>(a: QmmArgs<'_>) -> Result<()> {
         Vec::new()
     };
     let x = a.x;
-    let writer = DisjointOut::new(out);
+    let writer = DisjointOut::new(a.out);
     let tasks = (rayon::current_num_threads() * 8).max(1);
     let cols_per_task = n.div_ceil(tasks).max(4);
     (0..n.div_ceil(cols_per_task))
@@ -200,15 +286,13 @@ fn qmm_t_generic<C: Groups, O: Float>(a: QmmArgs<'_>) -> Result<()> {
 }
 
 fn qmm_n_generic<T: Tier, C: Groups, O: Float>(a: QmmArgs<'_>) -> Result<()> {
-    let w = a.w;
-    let (scales, biases) = scales_biases::<C>(&w)?;
-    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
-    let (m, kdim, n, g) = (a.m, w.rows, w.cols, w.group_size);
-    let groups = w.groups();
-    let row_bytes = w.row_bytes();
+    let a = a.operands::<C::Scale, O>(OP, false, C::BIASED)?;
+    let (m, kdim, n, g) = (a.m, a.rows, a.cols, a.w.g);
+    let (w, groups, row_bytes) = (&a.w, a.w.groups, a.w.row_bytes);
+    let (scales, biases) = (w.scales, w.biases);
     let gbytes = g / 8 * C::BITS;
     let x = a.x;
-    let writer = DisjointOut::new(out);
+    let writer = DisjointOut::new(a.out);
     // Tasks own whole groups of output columns.
     let tasks = (rayon::current_num_threads() * 4).max(1);
     let groups_per_task = groups.div_ceil(tasks).max(1);
@@ -330,4 +414,94 @@ pub(crate) fn avx512(scales: crate::DType, out: crate::DType, bits: u32) -> Opti
     crate::with_float_type!(scales, S => crate::with_float_type!(out, O => {
         Some(dispatch_bits!(bits, B => qmv_t::<S, O, B> as QmmFn, _ => return None))
     }, _ => None), _ => None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 4-bit 8×64 weight (group 32) with bf16 scales and biases, x of `m` rows.
+    fn args<'a>(
+        x: &'a [f32],
+        packed: &'a [u8],
+        scales: &'a [u8],
+        biases: &'a [u8],
+        out: &'a mut [u8],
+    ) -> QmmArgs<'a> {
+        QmmArgs {
+            x,
+            m: 2,
+            w: MatrixRef {
+                packed,
+                scales,
+                biases,
+                rows: 8,
+                cols: 64,
+                group_size: 32,
+                bits: 4,
+            },
+            out,
+        }
+    }
+
+    fn too_small(r: Result<Operands<'_, half::bf16, f32>>) -> Option<(&'static str, u64, u64)> {
+        match r {
+            Err(crate::Error::BufferTooSmall {
+                param,
+                needed,
+                available,
+                ..
+            }) => Some((param, needed, available)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn operands_check_every_buffer_against_the_shapes() {
+        // Whole buffers: 8 rows of 32 bytes, 8×2 bf16 scales and biases, x 2×64 (transpose)
+        // or 2×8, y 2×8 or 2×64 f32.
+        let (packed, ss) = (vec![0u8; 256], vec![0u16; 16]);
+        let sb: &[u8] = bytemuck::cast_slice(&ss);
+        let (x, mut y) = (vec![0f32; 128], vec![0f32; 128]);
+        let yb: &mut [u8] = bytemuck::cast_slice_mut(&mut y);
+        let ok = args(&x, &packed, sb, sb, yb).operands::<half::bf16, f32>("t", true, true);
+        let ok = ok.map(|o| (o.m, o.rows, o.cols, o.w.groups, o.w.row_bytes));
+        assert_eq!(ok.ok(), Some((2, 8, 64, 2, 32)));
+        // One buffer short at a time: the error names it with the bytes needed and held.
+        let yb: &mut [u8] = bytemuck::cast_slice_mut(&mut y);
+        let r = args(&x, &packed[..255], sb, sb, yb).operands("t", true, true);
+        assert_eq!(too_small(r), Some(("w", 256, 255)));
+        let yb: &mut [u8] = bytemuck::cast_slice_mut(&mut y);
+        let r = args(&x, &packed, &sb[..30], sb, yb).operands("t", true, true);
+        assert_eq!(too_small(r), Some(("scales", 32, 30)));
+        let yb: &mut [u8] = bytemuck::cast_slice_mut(&mut y);
+        let r = args(&x, &packed, sb, &sb[..2], yb).operands("t", true, true);
+        assert_eq!(too_small(r), Some(("biases", 32, 2)));
+        // Without biases their buffer is not read (the scales stand in).
+        let yb: &mut [u8] = bytemuck::cast_slice_mut(&mut y);
+        let r = args(&x, &packed, sb, &[], yb).operands::<half::bf16, f32>("t", true, false);
+        assert!(r.is_ok());
+        let yb: &mut [u8] = bytemuck::cast_slice_mut(&mut y);
+        let r = args(&x[..127], &packed, sb, sb, yb).operands("t", true, true);
+        assert_eq!(too_small(r), Some(("x", 512, 508)));
+        let yb: &mut [u8] = bytemuck::cast_slice_mut(&mut y[..15]);
+        let r = args(&x, &packed, sb, sb, yb).operands("t", true, true);
+        assert_eq!(too_small(r), Some(("out", 64, 60)));
+        // transpose = false: x is m × rows and y m × cols.
+        let yb: &mut [u8] = bytemuck::cast_slice_mut(&mut y[..127]);
+        let r = args(&x[..16], &packed, sb, sb, yb).operands("t", false, true);
+        assert_eq!(too_small(r), Some(("out", 512, 508)));
+        // A group size that does not divide the columns.
+        let yb: &mut [u8] = bytemuck::cast_slice_mut(&mut y);
+        let mut a = args(&x, &packed, sb, sb, yb);
+        a.w.group_size = 48;
+        let r = a.operands::<half::bf16, f32>("t", true, true);
+        assert!(matches!(
+            r,
+            Err(crate::Error::InvalidParameter {
+                param: "group_size",
+                ..
+            })
+        ));
+    }
 }

@@ -23,9 +23,9 @@
 
 use super::qmm::QmmArgs;
 use super::x86_columns::{
-    prefetch_groups, prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS,
+    prefetch_groups, prefetch_w, run, Columns, PrefetchTo, Walk, MAX_COLS, MAX_ROWS,
 };
-use super::{cast, cast_mut};
+use super::Rows;
 use crate::aligned::AlignedBytes;
 use crate::dtype::Float;
 use crate::error::Result;
@@ -283,11 +283,8 @@ impl Isa for Avx2 {
 
 fn qmv_t_on<I: Isa, S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
     const OP: &str = "quantized_matmul";
-    let w = a.w;
-    let scales: &[S] = cast(OP, "scales", w.scales)?;
-    let biases: &[S] = cast(OP, "biases", w.biases)?;
-    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
-    let (m, n, k, g) = (a.m, w.rows, w.cols, w.group_size);
+    let a = a.operands::<S, O>(OP, true, true)?;
+    let (m, n, k, g) = (a.m, a.rows, a.cols, a.w.g);
     let walk = Walk::new(m, n, k, g, I::ROWS, 4, X_BLOCK_BYTES);
     // Taken out of the thread-local rather than borrowed across the parallel loop: a nested
     // call on this thread (gather_qmm runs experts concurrently) finds it empty and allocates
@@ -303,7 +300,7 @@ fn qmv_t_on<I: Isa, S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
     xsum.clear();
     xsum.extend(a.x.chunks_exact(g).map(|c| c.iter().sum::<f32>()));
     let kernel = Kernel::<I, S, BITS> {
-        w: Rows::new(&w, scales, biases),
+        w: a.w,
         xp: xp.elems(),
         xsum: &xsum,
         k,
@@ -311,7 +308,7 @@ fn qmv_t_on<I: Isa, S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
     };
     // SAFETY: this kernel is only chosen where its instruction set is available (`available`
     // for AVX-512, AVX2 and FMA for `avx2`).
-    unsafe { run(&kernel, walk, out) };
+    unsafe { run(&kernel, walk, a.out) };
     SCRATCH.with(|s| *s.borrow_mut() = (xp, xsum));
     Ok(())
 }

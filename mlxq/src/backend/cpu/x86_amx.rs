@@ -33,7 +33,7 @@
 
 use super::qmm::QmmArgs;
 use super::x86_gemm::{decode64, transpose16};
-use super::{cast, cast_mut, DisjointOut, KernelFn, MatrixRef, Variant};
+use super::{DisjointOut, KernelFn, MatrixRef, Variant};
 use crate::dtype::Float;
 use crate::error::Result;
 use crate::quant::pack::dispatch_bits;
@@ -247,24 +247,13 @@ fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>)
     }
     const OP: &str = "quantized_matmul";
     let w = a.w;
-    let scales: &[S] = cast(OP, "scales", w.scales)?;
-    let biases: &[S] = cast(OP, "biases", w.biases)?;
-    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
-    let (m, n, k, groups) = (a.m, w.rows, w.cols, w.groups());
-    if a.x.len() < m * k
-        || out.len() < m * n
-        || w.packed.len() < n * w.row_bytes()
-        || scales.len() < n * groups
-        || biases.len() < n * groups
-        || !w.group_size.is_multiple_of(STEP)
-        || !KC.is_multiple_of(w.group_size)
-    {
+    let a = a.operands::<S, O>(OP, true, true)?;
+    let (m, n, k, groups) = (a.m, a.rows, a.cols, a.w.groups);
+    let (scales, biases) = (a.w.scales, a.w.biases);
+    if !w.group_size.is_multiple_of(STEP) || !KC.is_multiple_of(w.group_size) {
         return Err(crate::Error::unsupported(
             OP,
-            format!(
-                "amx on inconsistent sizes (m {m}, n {n}, k {k}, group {})",
-                w.group_size
-            ),
+            format!("amx on group size {} (m {m}, n {n}, k {k})", w.group_size),
         ));
     }
     // Columns c0.. of the scales and biases as f32, [column][group].
@@ -279,7 +268,7 @@ fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>)
             }
         }
     };
-    let writer = DisjointOut::new(out);
+    let writer = DisjointOut::new(a.out);
     let write = |c0: usize, cols: usize, acc: &[f32]| {
         for mt in 0..m.div_ceil(16) {
             for ct in 0..cols.div_ceil(16) {

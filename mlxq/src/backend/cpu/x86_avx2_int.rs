@@ -27,11 +27,11 @@
 use super::qmm::QmmArgs;
 use super::x86_avx2::{available, hsum8, widen8};
 use super::x86_columns::{
-    groups_ahead, prefetch_groups_at, prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS,
+    groups_ahead, prefetch_groups_at, prefetch_w, run, Columns, PrefetchTo, Walk, MAX_COLS,
     MAX_ROWS, PREFETCH_AHEAD,
 };
 use super::x86_vnni::{grid_exponent, grid_key, pow2, round};
-use super::{cast, cast_mut, Variant};
+use super::{Rows, Variant};
 use crate::aligned::AlignedBytes;
 use crate::dtype::Float;
 use crate::error::{Error, Result};
@@ -428,11 +428,8 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
             "the avx2i16 kernel on a CPU without AVX2, FMA and F16C",
         ));
     }
-    let w = a.w;
-    let scales: &[S] = cast(OP, "scales", w.scales)?;
-    let biases: &[S] = cast(OP, "biases", w.biases)?;
-    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
-    let (m, n, k) = (a.m, w.rows, w.cols);
+    let a = a.operands::<S, O>(OP, true, true)?;
+    let (m, n, k) = (a.m, a.rows, a.cols);
     let mut walk = Walk::new(m, n, k, G, ROWS, 2, X_BLOCK_BYTES);
     // K blocks of whole chunks (a chunk of 4-bit codes holds two groups of 32).
     let per = (chunk(BITS) / G).max(1);
@@ -440,14 +437,14 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
     let mut prep = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     prepare::<BITS>(a.x, m, k, G, &mut prep);
     let kernel = Kernel::<S, BITS, G> {
-        w: Rows::new(&w, scales, biases),
+        w: a.w,
         x: prep.x.elems(),
         step: &prep.step,
         xsum: &prep.xsum,
         kp: padded(k, BITS),
     };
     // SAFETY: `available()` holds (checked above).
-    unsafe { run(&kernel, walk, out) };
+    unsafe { run(&kernel, walk, a.out) };
     SCRATCH.with(|s| *s.borrow_mut() = prep);
     Ok(())
 }

@@ -29,10 +29,10 @@
 use super::qmm::QmmArgs;
 use super::x86::widen16;
 use super::x86_columns::{
-    prefetch_groups, prefetch_w, run, Columns, PrefetchTo, Rows, Walk, MAX_COLS, MAX_ROWS,
+    prefetch_groups, prefetch_w, run, Columns, PrefetchTo, Walk, MAX_COLS, MAX_ROWS,
 };
 use super::x86_vnni::{decode_sb, slot, tables as code_tables, Tables as CodeTables, SB};
-use super::{cast, cast_mut, Variant};
+use super::{Rows, Variant};
 use crate::aligned::AlignedBytes;
 use crate::dtype::Float;
 use crate::error::Result;
@@ -205,11 +205,8 @@ pub(crate) fn qmm_t<S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Re
 
 fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>) -> Result<()> {
     const OP: &str = "quantized_matmul";
-    let w = a.w;
-    let scales: &[S] = cast(OP, "scales", w.scales)?;
-    let biases: &[S] = cast(OP, "biases", w.biases)?;
-    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
-    let (m, n, k) = (a.m, w.rows, w.cols);
+    let a = a.operands::<S, O>(OP, true, true)?;
+    let (m, n, k) = (a.m, a.rows, a.cols);
     let x_block = if m == 1 {
         X_BLOCK_BYTES_DECODE
     } else {
@@ -220,7 +217,7 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
     prepare(a.x, m, k, G, BITS, &mut prep);
     let stream = m <= 4;
     let kernel = Kernel::<S, BITS, G> {
-        w: Rows::new(&w, scales, biases),
+        w: a.w,
         prep: &prep,
         nsb: (k / G).div_ceil(SB),
         // SAFETY: this variant is only chosen where `available` holds.
@@ -233,7 +230,7 @@ fn qmm_t_g<S: Float, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>
         stream,
     };
     // SAFETY: as for `tables`.
-    unsafe { run(&kernel, walk, out) };
+    unsafe { run(&kernel, walk, a.out) };
     SCRATCH.with(|s| *s.borrow_mut() = prep);
     Ok(())
 }

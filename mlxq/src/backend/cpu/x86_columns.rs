@@ -258,50 +258,6 @@ pub(crate) unsafe fn columns_one_row<C: Columns + ?Sized>(
     }
 }
 
-/// A decode kernel's weight, typed, with the slice of one row over a range of groups.
-pub(crate) struct Rows<'a, S> {
-    pub packed: &'a [u8],
-    pub scales: &'a [S],
-    pub biases: &'a [S],
-    /// Bytes from one packed row to the next.
-    pub row_bytes: usize,
-    /// Groups per row, and elements per group.
-    pub groups: usize,
-    pub g: usize,
-}
-
-impl<'a, S> Rows<'a, S> {
-    /// `w` with its scales and biases cast to `S`.
-    pub fn new(w: &super::MatrixRef<'a>, scales: &'a [S], biases: &'a [S]) -> Self {
-        Rows {
-            packed: w.packed,
-            scales,
-            biases,
-            row_bytes: w.row_bytes(),
-            groups: w.groups(),
-            g: w.group_size,
-        }
-    }
-
-    /// Groups `g0..g1` of row `row` (codes `bits` wide): its packed codes, scales and
-    /// biases, or `None` where any of them is out of range.
-    #[inline]
-    pub fn row(
-        &self,
-        row: usize,
-        g0: usize,
-        g1: usize,
-        bits: usize,
-    ) -> Option<(&'a [u8], &'a [S], &'a [S])> {
-        let (p0, s0, per) = (row * self.row_bytes, row * self.groups, self.g / 8 * bits);
-        Some((
-            self.packed.get(p0 + g0 * per..p0 + g1 * per)?,
-            self.scales.get(s0 + g0..s0 + g1)?,
-            self.biases.get(s0 + g0..s0 + g1)?,
-        ))
-    }
-}
-
 /// The sizes the driver walks: `m` rows of x, `n` output columns of `groups` groups each,
 /// K blocks of `block_groups` groups.
 #[derive(Clone, Copy)]

@@ -31,7 +31,6 @@
 use super::qmm::{QmmArgs, QmmFn};
 use super::quantize::fp_mode;
 use super::x86_columns::{run, Columns, PrefetchTo, Walk, MAX_COLS, MAX_ROWS, PREFETCH_AHEAD};
-use super::{cast, cast_mut};
 use crate::aligned::AlignedBytes;
 use crate::dtype::Float;
 use crate::error::{Error, Result};
@@ -119,10 +118,8 @@ const fn bits(mode: u8) -> usize {
 
 fn qmm_t<I: Isa, X: Float, const MODE: u8>(a: QmmArgs<'_>) -> Result<()> {
     let mode = fp_mode(MODE);
-    let w = a.w;
-    let scales: &[u8] = cast(OP, "scales", w.scales)?;
-    let out: &mut [X] = cast_mut(OP, "out", a.out)?;
-    let (m, n, k, g) = (a.m, w.rows, w.cols, w.group_size);
+    let a = a.operands::<u8, X>(OP, true, false)?;
+    let (m, n, k, g) = (a.m, a.rows, a.cols, a.w.g);
     // The mode's only group size (`QuantizedWeight` holds no other): the chunk walk and its
     // unchecked scale reads rely on it.
     let (_, want_g) = crate::QuantSpec::fp_defaults(mode);
@@ -158,10 +155,10 @@ fn qmm_t<I: Isa, X: Float, const MODE: u8>(a: QmmArgs<'_>) -> Result<()> {
     }
     let scale_lut: [f32; 256] = std::array::from_fn(|c| fp::matmul_scale::<X>(c as u8, mode));
     let kernel = Kernel::<I, MODE> {
-        packed: w.packed,
-        scales,
-        row_bytes: w.row_bytes(),
-        groups: w.groups(),
+        packed: a.w.packed,
+        scales: a.w.scales,
+        row_bytes: a.w.row_bytes,
+        groups: a.w.groups,
         g,
         xp: xp.elems(),
         kp,
@@ -175,7 +172,7 @@ fn qmm_t<I: Isa, X: Float, const MODE: u8>(a: QmmArgs<'_>) -> Result<()> {
     };
     // SAFETY: the variant that builds this kernel (`avx512`, `avx2`) is chosen only where its
     // instruction set is available.
-    unsafe { run(&kernel, walk, out) };
+    unsafe { run(&kernel, walk, a.out) };
     SCRATCH.with(|s| *s.borrow_mut() = xp);
     Ok(())
 }

@@ -32,7 +32,7 @@
 //! runs it with 6 × 16 tiles and panels of 512 values of K on CPUs without AVX-512.
 
 use super::qmm::QmmArgs;
-use super::{cast, cast_mut, DisjointOut, KernelFn, Variant};
+use super::{DisjointOut, KernelFn, Variant};
 use crate::dtype::Float;
 use crate::error::Result;
 use crate::quant::pack::dispatch_bits;
@@ -268,26 +268,14 @@ pub(crate) unsafe fn gemm_t<G: GemmIsa, S: Float, O: Float, const BITS: usize>(
     const OP: &str = "quantized_matmul";
     let (nc, chunk) = (G::NC, G::CHUNK);
     let w = a.w;
-    let scales: &[S] = cast(OP, "scales", w.scales)?;
-    let biases: &[S] = cast(OP, "biases", w.biases)?;
-    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
-    let (m, n, k, g) = (a.m, w.rows, w.cols, w.group_size);
-    let groups = w.groups();
-    let row_bytes = w.row_bytes();
-    if a.x.len() < m * k
-        || out.len() < m * n
-        || w.packed.len() < n * row_bytes
-        || scales.len() < n * groups
-        || biases.len() < n * groups
-        || !g.is_multiple_of(32)
-        || !G::KC.is_multiple_of(g)
-    {
+    let a = a.operands::<S, O>(OP, true, true)?;
+    let (m, n, k, g) = (a.m, a.rows, a.cols, a.w.g);
+    let (groups, row_bytes) = (a.w.groups, a.w.row_bytes);
+    let (scales, biases, out) = (a.w.scales, a.w.biases, a.out);
+    if !g.is_multiple_of(32) || !G::KC.is_multiple_of(g) {
         return Err(crate::Error::unsupported(
             OP,
-            format!(
-                "{} on inconsistent sizes (m {m}, n {n}, k {k}, group {g})",
-                G::NAME
-            ),
+            format!("{} on group size {g} (m {m}, n {n}, k {k})", G::NAME),
         ));
     }
     let blocks = k.div_ceil(G::KC);
@@ -876,26 +864,14 @@ pub(crate) unsafe fn gemm_i8<I: I8Isa, S: Float, O: Float, const BITS: usize>(
     const OP: &str = "quantized_matmul";
     let (nc, kc) = (I::NC, I::KC);
     let w = a.w;
-    let scales: &[S] = cast(OP, "scales", w.scales)?;
-    let biases: &[S] = cast(OP, "biases", w.biases)?;
-    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
-    let (m, n, k, g) = (a.m, w.rows, w.cols, w.group_size);
-    let groups = w.groups();
-    let row_bytes = w.row_bytes();
-    if a.x.len() < m * k
-        || out.len() < m * n
-        || w.packed.len() < n * row_bytes
-        || scales.len() < n * groups
-        || biases.len() < n * groups
-        || !g.is_multiple_of(XBLOCK)
-        || !kc.is_multiple_of(g)
-    {
+    let a = a.operands::<S, O>(OP, true, true)?;
+    let (m, n, k, g) = (a.m, a.rows, a.cols, a.w.g);
+    let (groups, row_bytes) = (a.w.groups, a.w.row_bytes);
+    let (scales, biases, out) = (a.w.scales, a.w.biases, a.out);
+    if !g.is_multiple_of(XBLOCK) || !kc.is_multiple_of(g) {
         return Err(crate::Error::unsupported(
             OP,
-            format!(
-                "{} on inconsistent sizes (m {m}, n {n}, k {k}, group {g})",
-                I::NAME
-            ),
+            format!("{} on group size {g} (m {m}, n {n}, k {k})", I::NAME),
         ));
     }
     let levels = I::levels(BITS);

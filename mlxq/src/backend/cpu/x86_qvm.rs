@@ -46,7 +46,7 @@
 
 use super::qmm::QmmArgs;
 use super::x86::{mask16, widen16};
-use super::{cast, cast_mut, DisjointOut, KernelFn, Variant};
+use super::{DisjointOut, KernelFn, Variant};
 use crate::dtype::{Element, Float};
 use crate::error::{Error, Result};
 use std::arch::x86_64::*;
@@ -544,10 +544,7 @@ pub(crate) fn qmv_n<I: QvmIsa, S: Float, O: Float, const BITS: usize>(
     a: QmmArgs<'_>,
 ) -> Result<()> {
     let w = a.w;
-    let scales: &[S] = cast(OP, "scales", w.scales)?;
-    let biases: &[S] = cast(OP, "biases", w.biases)?;
-    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
-    let (m, kdim, n, g) = (a.m, w.rows, w.cols, w.group_size);
+    let (g, n) = (w.group_size, w.cols);
     if !I::available() {
         return Err(Error::unsupported(OP, I::NEEDS));
     }
@@ -559,26 +556,10 @@ pub(crate) fn qmv_n<I: QvmIsa, S: Float, O: Float, const BITS: usize>(
             format!("{}-bit, group {g}", w.bits),
         ));
     }
-    let groups = n / g;
-    let row_bytes = w.row_bytes();
-    let need = |what: &'static str, len: usize, want: usize| {
-        if len < want {
-            Err(Error::BufferTooSmall {
-                op: OP,
-                param: what,
-                needed: want as u64,
-                offset: 0,
-                available: len as u64,
-            })
-        } else {
-            Ok(())
-        }
-    };
-    need("w", w.packed.len(), kdim * row_bytes)?;
-    need("scales", scales.len(), kdim * groups)?;
-    need("biases", biases.len(), kdim * groups)?;
-    need("x", a.x.len(), m * kdim)?;
-    need("out", out.len(), m * n)?;
+    let a = a.operands::<S, O>(OP, false, true)?;
+    let (m, kdim) = (a.m, a.rows);
+    let (groups, row_bytes) = (a.w.groups, a.w.row_bytes);
+    let (scales, biases, out) = (a.w.scales, a.w.biases, a.out);
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -600,7 +581,7 @@ pub(crate) fn qmv_n<I: QvmIsa, S: Float, O: Float, const BITS: usize>(
         }
         let xt = &xt[..];
         let cx = |k_lo, k_hi, band, prefetch_rows, c0, cols| Columns {
-            w: w.packed,
+            w: a.w.packed,
             row_bytes,
             kdim,
             k_lo,

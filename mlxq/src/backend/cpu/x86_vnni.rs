@@ -40,10 +40,10 @@
 use super::qmm::QmmArgs;
 use super::x86::widen16;
 use super::x86_columns::{
-    l1d_bytes, prefetch_groups, prefetch_w, run, zen3_or_4, Columns, PrefetchTo, Rows, Walk,
-    MAX_COLS, MAX_ROWS,
+    l1d_bytes, prefetch_groups, prefetch_w, run, zen3_or_4, Columns, PrefetchTo, Walk, MAX_COLS,
+    MAX_ROWS,
 };
-use super::{cast, cast_mut, Variant};
+use super::{Rows, Variant};
 use crate::aligned::AlignedBytes;
 use crate::dtype::{DType, Element, Float};
 use crate::error::Result;
@@ -870,16 +870,9 @@ pub(crate) fn qmm_t<P: Groups, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> R
 
 fn qmm_t_g<P: Groups, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_>) -> Result<()> {
     const OP: &str = "quantized_matmul";
-    let w = a.w;
-    let scales: &[P::E] = cast(OP, "scales", w.scales)?;
     // mxfp4 has no biases: its bias factors come from the scales (`Groups::factors16`).
-    let biases: &[P::E] = if P::FP4 {
-        scales
-    } else {
-        cast(OP, "biases", w.biases)?
-    };
-    let out: &mut [O] = cast_mut(OP, "out", a.out)?;
-    let (m, n, k) = (a.m, w.rows, w.cols);
+    let a = a.operands::<P::E, O>(OP, true, !P::FP4)?;
+    let (m, n, k) = (a.m, a.rows, a.cols);
     // K blocks such that the split rows of x a column visits stay in L1, whole superblocks.
     let x_block = if m <= ROWS {
         X_BLOCK_BYTES_DECODE
@@ -890,7 +883,7 @@ fn qmm_t_g<P: Groups, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_
     let mut prep = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     prepare(a.x, m, k, G, BITS, &mut prep);
     let kernel = Kernel::<P, BITS, G> {
-        w: Rows::new(&w, scales, biases),
+        w: a.w,
         prep: &prep,
         nsb: (k / G).div_ceil(SB),
         // SAFETY: this variant is only chosen where `available` holds.
@@ -909,7 +902,7 @@ fn qmm_t_g<P: Groups, O: Float, const BITS: usize, const G: usize>(a: QmmArgs<'_
         },
     };
     // SAFETY: as for `tables`.
-    unsafe { run(&kernel, walk, out) };
+    unsafe { run(&kernel, walk, a.out) };
     SCRATCH.with(|s| *s.borrow_mut() = prep);
     Ok(())
 }
