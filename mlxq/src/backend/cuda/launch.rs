@@ -1940,7 +1940,9 @@ fn decb_pick(
     })
 }
 
-/// `qmv_decb`'s step-column form by default (MLXQ_DECB_SC unset: `auto`).
+/// `qmv_decb`'s step-column form by default (MLXQ_DECB_SC unset: `auto`). Off: on an H100
+/// (docs/perf-cuda.md, session 52) the step columns measured within 1% of the plain form and
+/// five blocks per SM 4–27% slower; the H200 has not run them.
 const DECB_SC_DEFAULT: bool = false;
 
 /// [`decb_pick`]'s choice: the entry, its consumer warps and shared memory per block, and
