@@ -28,6 +28,7 @@ fn decode_kernels_exact_on_integer_data_every_width_and_superblock_path() {
     let mut rng = StdRng::seed_from_u64(7);
     for variant in [
         "amx",
+        "amx-dec",
         "avx512vnni",
         "avx512gemm",
         "avx512bf16",

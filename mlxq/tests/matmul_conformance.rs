@@ -66,7 +66,7 @@ fn matmul_sweep_bits_groups_dtypes_transposes_and_odd_shapes() {
         // runs): rows around their 8- (6-) row tiles, around the hand-over and past whole
         // tiles; fewer rows run the kernels handed to, under their name.
         let ms: &[usize] = if *variant == "avx512gemm" || *variant == "amx" {
-            &[1, 8, 9, 16, 17, 33, 128, 130]
+            &[1, 2, 8, 9, 16, 17, 33, 128, 130]
         } else if *variant == "avx2gemm" {
             &[1, 5, 6, 7, 16, 17, 33, 130]
         } else {
@@ -131,9 +131,15 @@ fn sweep(variant: &'static str, ms: &[usize]) {
                                     .any(|v| ran.ends_with(&format!("_{v}"))))
                                 || (expect == "amx"
                                     && m < 32
-                                    && ["avx512vnni", "avx512bf16", "avx512", "avx512gemm"]
-                                        .iter()
-                                        .any(|v| ran.ends_with(&format!("_{v}"))))
+                                    && [
+                                        "avx512vnni",
+                                        "amx-dec",
+                                        "avx512bf16",
+                                        "avx512",
+                                        "avx512gemm",
+                                    ]
+                                    .iter()
+                                    .any(|v| ran.ends_with(&format!("_{v}"))))
                                 || (expect == "avx2gemm" && m < 6 && ran.ends_with("_avx2"))
                                 || (expect == "avx2gemm" && m < 17 && ran.ends_with("_avx2i16"));
                             assert!(

@@ -19,6 +19,8 @@ pub(crate) mod x86;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_amx;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_amx_dec;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx2_fp_quant;
@@ -300,6 +302,10 @@ pub(crate) struct Variant {
 const TABLE: &[Variant] = &[
     #[cfg(target_arch = "x86_64")]
     x86_amx::QMM_T_AMX,
+    // Never first for a key (`amx` takes all of its keys and hands it 2..16 rows): listed so
+    // that it can be named.
+    #[cfg(target_arch = "x86_64")]
+    x86_amx_dec::QMM_T_AMX_DEC,
     #[cfg(target_arch = "x86_64")]
     x86_gemm::QMM_T_GEMM,
     #[cfg(target_arch = "x86_64")]
@@ -330,6 +336,7 @@ const TABLE: &[Variant] = &[
 /// Names of the CPU kernel variants (see [`Device::cpu_with_variant`](crate::Device::cpu_with_variant)).
 pub const VARIANTS: &[&str] = &[
     "amx",
+    "amx-dec",
     "avx512gemm",
     "avx512vnni",
     "avx512bf16",

@@ -29,7 +29,9 @@
 //! past M zero.
 //!
 //! Fewer than [`min_m`] rows (16 or 32) take `avx512gemm`, which hands the fewest to its
-//! decode kernels.
+//! decode kernels; where `avx512vnni` would take them and the CPU has AMX-INT8, calls of
+//! [`ROWS`](super::x86_amx_dec::ROWS) rows (6..=16, past `min_m` for narrow codes) go to
+//! `amx-dec` instead.
 
 use super::qmm::QmmArgs;
 use super::x86_gemm::{decode64, transpose16};
@@ -51,9 +53,18 @@ pub(crate) const QMM_T_AMX: Variant = Variant {
         // As the calls go: fewer than `min_m` rows to `avx512gemm`, which hands its fewest on
         // (so its decode kernels' range ends at `min_m` at the latest).
         let top = min_m(k.bits as usize);
+        let dec = (super::x86_amx_dec::QMM_T_AMX_DEC.supports)(k);
         let mut below: Vec<_> = super::x86_gemm::handoffs(k)
             .into_iter()
-            .map(|(rows, name)| (rows.min(top), name))
+            .flat_map(|(rows, name)| {
+                // `amx-dec` takes `avx512vnni`'s keys' calls of `ROWS` rows (up to 16, from
+                // the top of `avx512vnni`'s range, where it may pass `top`).
+                let dec = dec && name == super::x86_vnni::QMM_T_VNNI.name;
+                let r = &super::x86_amx_dec::ROWS;
+                let first = (if dec { r.start } else { rows.min(top) }, name);
+                let second = dec.then_some((r.end, super::x86_amx_dec::QMM_T_AMX_DEC.name));
+                std::iter::once(first).chain(second)
+            })
             .collect();
         if below.last().is_none_or(|&(rows, _)| rows < top) {
             below.push((top, super::x86_gemm::QMM_T_GEMM.name));
@@ -102,6 +113,15 @@ pub(crate) fn available() -> bool {
 }
 
 /// CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
+/// Whether the CPU has AMX-INT8 (CPUID leaf 7, EDX bit 25) besides what [`available`]
+/// checks.
+pub(crate) fn has_amx_int8() -> bool {
+    // SAFETY: as in `cpu_has_amx_bf16` (callers check AVX-512 first).
+    #[allow(unused_unsafe)]
+    let r = unsafe { __cpuid_count(7, 0) };
+    r.edx & (1 << 25) != 0
+}
+
 fn cpu_has_amx_bf16() -> bool {
     // SAFETY: CPUID leaf 7 exists on every CPU with AVX-512 (checked first by the caller).
     #[allow(unused_unsafe)]
@@ -132,36 +152,56 @@ fn request_tile_state() -> bool {
     false
 }
 
-/// The tile palette: all eight tiles 16 rows × 64 bytes (0–3 accumulate f32, 4–5 hold W's
-/// codes, 6–7 x's planes).
+/// A tile palette (palette 1): each tile's bytes per row and rows.
 #[repr(C, align(64))]
-struct TileConfig([u8; 64]);
+pub(crate) struct TileConfig([u8; 64]);
 
-static CONFIG: TileConfig = {
-    let mut c = [0u8; 64];
-    c[0] = 1;
-    let mut t = 0;
-    while t < 8 {
-        c[16 + 2 * t] = 64;
-        c[48 + t] = 16;
-        t += 1;
+impl TileConfig {
+    /// Tiles `0..8` of `colsb[t]` bytes × `rows[t]` rows (0 × 0: unused).
+    pub(crate) const fn new(colsb: [u16; 8], rows: [u8; 8]) -> TileConfig {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            let b = colsb[t].to_le_bytes();
+            c[16 + 2 * t] = b[0];
+            c[17 + 2 * t] = b[1];
+            c[48 + t] = rows[t];
+            t += 1;
+        }
+        TileConfig(c)
     }
-    TileConfig(c)
-};
+}
+
+/// This kernel's palette: all eight tiles 16 rows × 64 bytes (0–3 accumulate f32, 4–5 hold
+/// W's codes, 6–7 x's planes).
+static CONFIG: TileConfig = TileConfig::new([64; 8], [16; 8]);
 
 /// Tile instructions. Inline assembly blocks that are not `pure` keep their order, so the
 /// tile state (which the compiler never touches) flows from one to the next.
-mod tile {
-    use super::CONFIG;
+pub(crate) mod tile {
+    use super::{TileConfig, CONFIG};
     use std::arch::asm;
 
+    /// Loads `amx`'s palette.
+    ///
     /// # Safety
     /// [`available`](super::available) holds.
     #[inline(always)]
     pub unsafe fn configure() {
-        // SAFETY: the caller's contract; CONFIG is a valid 64-byte palette-1 configuration.
+        // SAFETY: the caller's contract.
+        unsafe { configure_with(&CONFIG) }
+    }
+
+    /// Loads the palette `c`.
+    ///
+    /// # Safety
+    /// [`available`](super::available) holds.
+    #[inline(always)]
+    pub unsafe fn configure_with(c: &TileConfig) {
+        // SAFETY: the caller's contract; a TileConfig is a valid 64-byte palette-1 configuration.
         unsafe {
-            asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly, preserves_flags))
+            asm!("ldtilecfg [{0}]", in(reg) c.0.as_ptr(), options(nostack, readonly, preserves_flags))
         }
     }
 
@@ -184,12 +224,23 @@ mod tile {
     /// Loads tile `T` from 16 rows of 64 bytes at `p`.
     ///
     /// # Safety
-    /// The tiles are configured; 1 KiB at `p` is readable.
+    /// The tiles are configured as 16 rows of 64 bytes; 1 KiB at `p` is readable.
     #[inline(always)]
     pub unsafe fn load<const T: u8>(p: *const u8) {
         // SAFETY: the caller's contract.
+        unsafe { load_strided::<T>(p, 64) }
+    }
+
+    /// Loads tile `T`'s rows from `p`, `stride` bytes apart.
+    ///
+    /// # Safety
+    /// The tiles are configured; each of tile `T`'s rows (its configured bytes) at `p`,
+    /// `p + stride`, … is readable.
+    #[inline(always)]
+    pub unsafe fn load_strided<const T: u8>(p: *const u8, stride: usize) {
+        // SAFETY: the caller's contract.
         unsafe {
-            asm!("tileloadd tmm{t}, [{p} + {s}*1]", t = const T, p = in(reg) p, s = in(reg) 64usize,
+            asm!("tileloadd tmm{t}, [{p} + {s}*1]", t = const T, p = in(reg) p, s = in(reg) stride,
                  options(nostack, readonly, preserves_flags))
         }
     }
@@ -197,7 +248,7 @@ mod tile {
     /// Stores tile `T` to 16 rows of 64 bytes at `p`.
     ///
     /// # Safety
-    /// The tiles are configured; 1 KiB at `p` is writable.
+    /// The tiles are configured as 16 rows of 64 bytes; 1 KiB at `p` is writable.
     #[inline(always)]
     pub unsafe fn store<const T: u8>(p: *mut u8) {
         // SAFETY: the caller's contract.
@@ -216,6 +267,20 @@ mod tile {
         // SAFETY: the caller's contract.
         unsafe {
             asm!("tdpbf16ps tmm{c}, tmm{a}, tmm{b}", c = const C, a = const A, b = const B,
+                 options(nostack, nomem, preserves_flags))
+        }
+    }
+
+    /// `tmm C += tmm A · tmm B` with A's bytes unsigned and B's signed (four products a
+    /// dword, i32 sums).
+    ///
+    /// # Safety
+    /// The tiles are configured; the CPU has AMX-INT8.
+    #[inline(always)]
+    pub unsafe fn dpbusd<const C: u8, const A: u8, const B: u8>() {
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!("tdpbusd tmm{c}, tmm{a}, tmm{b}", c = const C, a = const A, b = const B,
                  options(nostack, nomem, preserves_flags))
         }
     }
@@ -242,6 +307,12 @@ thread_local! {
 /// The kernel: fewer than [`min_m`] rows go to `avx512gemm` (which hands the fewest to its
 /// decode kernel `SMALL`).
 fn qmm_t<S: Float, O: Float, const BITS: usize, const SMALL: u8>(a: QmmArgs<'_>) -> Result<()> {
+    if SMALL == super::x86_gemm::SMALL_VNNI
+        && super::x86_amx_dec::ROWS.contains(&a.m)
+        && super::x86_amx_dec::available()
+    {
+        return super::x86_amx_dec::qmm_t::<S, O, BITS>(a);
+    }
     if a.m < min_m(BITS) {
         return super::x86_gemm::qmm_t::<S, O, BITS, SMALL>(a);
     }
@@ -326,7 +397,7 @@ unsafe fn write_tile<O: Float>(
 /// 16 floats narrowed to `O` as `O::from_f32` does (round to nearest even; NaN stays NaN).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn narrow16<O: Float>(v: __m512) -> [O; 16] {
+pub(crate) fn narrow16<O: Float>(v: __m512) -> [O; 16] {
     let mut out = [O::from_f32(0.0); 16];
     let p = out.as_mut_ptr();
     // SAFETY: `out` holds 16 elements of O's size (4 or 2 bytes), as each store writes.

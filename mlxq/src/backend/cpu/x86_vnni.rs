@@ -442,7 +442,7 @@ unsafe fn place_avx512(
 /// # Safety
 /// The CPU supports [`available`]'s features.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512dq")]
-unsafe fn split_group_avx512(
+pub(crate) unsafe fn split_group_avx512(
     xg: &[f32],
     step: &mut f32,
     xsum: &mut f32,
