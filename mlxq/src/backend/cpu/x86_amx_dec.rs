@@ -307,12 +307,12 @@ unsafe fn block<S: Float, O: Float, const BITS: usize, const G: usize, const NBT
     let groups = k / G;
     let gpad = groups.next_multiple_of(16);
     let wr = 16.min(n - row0);
-    let mut rows = [(&[][..], &[][..]); 16];
+    let mut rows: [&[u8]; 16] = [&[]; 16];
     for (r, row) in rows.iter_mut().enumerate().take(wr) {
         let Some((codes, s, bias)) = w.row(row0 + r, 0, groups, BITS) else {
             return;
         };
-        *row = (codes, s);
+        *row = codes;
         for j0 in (0..groups).step_by(16) {
             let m = mask16(groups - j0);
             // SAFETY: the masked groups j0.. of the row's scales and biases; 16 floats from
@@ -350,7 +350,7 @@ unsafe fn block<S: Float, O: Float, const BITS: usize, const G: usize, const NBT
         let len = SLICE.min(k - k0);
         // The slice's codes, row by row (from L2, where the block before prefetched them),
         // into `buf`'s L1-resident tile rows.
-        for (r, &(codes, _)) in rows.iter().enumerate().take(wr) {
+        for (r, &codes) in rows.iter().enumerate().take(wr) {
             let cp = codes.as_ptr().wrapping_add(k0 / 8 * BITS);
             for ch in 0..len / 64 {
                 // SAFETY: chunk ch's 8·BITS bytes lie in the row; line ch·16 + r of `buf`.
