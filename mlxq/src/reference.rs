@@ -140,15 +140,79 @@ pub fn matmul_f64(
 
 /// The normwise relative error `max|got − want| / max|want|` (0 when both are all zero).
 /// Normwise, because elementwise relative error is meaningless where a sum cancels to ~0.
+///
+/// An error that cannot be measured is infinite, so that no comparison passes by accident:
+/// slices of different lengths, a NaN against a number, an infinity against anything but the
+/// same infinity. Pairs that agree exactly (the same infinity, or NaN against NaN) add
+/// nothing; `max|want|` is taken over the finite references.
 pub fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
-    let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
-    let err = got
-        .iter()
-        .zip(want)
-        .fold(0f64, |a, (g, w)| a.max((g - w).abs()));
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let (mut scale, mut err) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if w.is_finite() {
+            scale = scale.max(w.abs());
+        }
+        if g == w || (g.is_nan() && w.is_nan()) {
+            continue;
+        }
+        let d = (g - w).abs();
+        if !d.is_finite() {
+            return f64::INFINITY;
+        }
+        err = err.max(d);
+    }
     if scale == 0.0 {
         err
     } else {
         err / scale
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_rel_err;
+
+    #[test]
+    fn max_rel_err_is_normwise() {
+        let want = [2.0, -4.0, 0.0];
+        assert_eq!(max_rel_err(&want, &want), 0.0);
+        assert_eq!(max_rel_err(&[2.0, -4.0, 0.5], &want), 0.5 / 4.0);
+        assert_eq!(max_rel_err(&[0.0, 1e-3], &[0.0, 0.0]), 1e-3);
+        assert_eq!(max_rel_err(&[], &[]), 0.0);
+    }
+
+    #[test]
+    fn max_rel_err_counts_what_it_cannot_measure_as_infinite() {
+        let want = [1.0, 2.0, 3.0];
+        // An unwritten (NaN) output, wherever it is.
+        for i in 0..3 {
+            let mut got = want;
+            got[i] = f64::NAN;
+            assert_eq!(max_rel_err(&got, &want), f64::INFINITY, "NaN at {i}");
+        }
+        // An infinity against a number, and a number against an infinity.
+        assert_eq!(
+            max_rel_err(&[1.0, f64::INFINITY, 3.0], &want),
+            f64::INFINITY
+        );
+        assert_eq!(
+            max_rel_err(&want, &[1.0, f64::NEG_INFINITY, 3.0]),
+            f64::INFINITY
+        );
+        assert_eq!(
+            max_rel_err(&[1.0, f64::INFINITY], &[1.0, f64::NEG_INFINITY]),
+            f64::INFINITY
+        );
+        // A short or long output.
+        assert_eq!(max_rel_err(&want[..2], &want), f64::INFINITY);
+        assert_eq!(max_rel_err(&[1.0, 2.0, 3.0, 4.0], &want), f64::INFINITY);
+        // Exact agreement on non-finite values adds nothing; the scale is the finite part's.
+        let special = [f64::NAN, f64::INFINITY, -8.0];
+        assert_eq!(
+            max_rel_err(&[f64::NAN, f64::INFINITY, -7.0], &special),
+            1.0 / 8.0
+        );
     }
 }
