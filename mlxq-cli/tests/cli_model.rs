@@ -292,16 +292,12 @@ fn mlx_lm_generates_the_same_tokens_from_mlxq_output() {
     }
 }
 
-/// max |got − want| / max |want|.
+/// max |got − want| / max |want| ([`mlxq::reference::max_rel_err`]: infinite where an output
+/// is NaN against a number).
 fn relative_error(got: &Buffer, want: &Buffer) -> f64 {
-    let (g, w) = (got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
-    assert_eq!(g.len(), w.len());
-    let scale = w.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    let err = g
-        .iter()
-        .zip(&w)
-        .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
-    err / scale.max(f64::MIN_POSITIVE)
+    let f64s =
+        |b: &Buffer| -> Vec<f64> { b.to_f32_vec().unwrap().into_iter().map(f64::from).collect() };
+    mlxq::reference::max_rel_err(&f64s(got), &f64s(want))
 }
 
 #[test]

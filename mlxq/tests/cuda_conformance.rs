@@ -491,7 +491,11 @@ fn where_wrong(got: &Buffer, want: &[f64], n: usize, tol: f64) -> String {
         .iter()
         .zip(want)
         .enumerate()
-        .filter(|(_, (g, w))| (f64::from(**g) - **w).abs() > tol * scale)
+        // A NaN (an unwritten element) is wrong too.
+        .filter(|(_, (g, w))| {
+            let d = (f64::from(**g) - **w).abs();
+            d.is_nan() || d > tol * scale
+        })
         .map(|(i, _)| i)
         .collect();
     let first: Vec<String> = bad

@@ -35,13 +35,21 @@ fn key(bits: u32, g: u32, x: DType, s: DType, o: DType) -> mlxq::registry::Kerne
     }
 }
 
-/// `max |got − want|` over the largest conditioning bound (see the module docs).
+/// `max |got − want|` over the largest conditioning bound (see the module docs); infinite
+/// where an output is NaN (not written) or the lengths differ.
 fn rel_err(got: &[f64], want: &[f64], bound: &[f64]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
     let scale = bound.iter().fold(0f64, |a, v| a.max(v.abs()));
-    let err = got
-        .iter()
-        .zip(want)
-        .fold(0f64, |a, (g, w)| a.max((g - w).abs()));
+    let err = got.iter().zip(want).fold(0f64, |a, (g, w)| {
+        let d = (g - w).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            a.max(d)
+        }
+    });
     err / scale.max(f64::MIN_POSITIVE)
 }
 
