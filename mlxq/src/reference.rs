@@ -138,22 +138,16 @@ pub fn matmul_f64(
     y
 }
 
-/// The normwise relative error `max|got − want| / max|want|` (0 when both are all zero).
-/// Normwise, because elementwise relative error is meaningless where a sum cancels to ~0.
-///
-/// An error that cannot be measured is infinite, so that no comparison passes by accident:
-/// slices of different lengths, a NaN against a number, an infinity against anything but the
-/// same infinity. Pairs that agree exactly (the same infinity, or NaN against NaN) add
-/// nothing; `max|want|` is taken over the finite references.
-pub fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
+/// The largest absolute difference `max|got − want|`, or infinity where it cannot be
+/// measured, so that no comparison passes by accident: slices of different lengths, a NaN
+/// against a number, an infinity against anything but the same infinity. Pairs that agree
+/// exactly (the same infinity, or NaN against NaN) add nothing.
+pub fn max_abs_err(got: &[f64], want: &[f64]) -> f64 {
     if got.len() != want.len() {
         return f64::INFINITY;
     }
-    let (mut scale, mut err) = (0f64, 0f64);
+    let mut err = 0f64;
     for (&g, &w) in got.iter().zip(want) {
-        if w.is_finite() {
-            scale = scale.max(w.abs());
-        }
         if g == w || (g.is_nan() && w.is_nan()) {
             continue;
         }
@@ -163,6 +157,18 @@ pub fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
         }
         err = err.max(d);
     }
+    err
+}
+
+/// The normwise relative error `max|got − want| / max|want|` (0 when both are all zero).
+/// Normwise, because elementwise relative error is meaningless where a sum cancels to ~0.
+/// Infinite where [`max_abs_err`] is; `max|want|` is taken over the finite references.
+pub fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
+    let err = max_abs_err(got, want);
+    let scale = want
+        .iter()
+        .filter(|w| w.is_finite())
+        .fold(0f64, |a, w| a.max(w.abs()));
     if scale == 0.0 {
         err
     } else {
