@@ -138,26 +138,30 @@ pub fn matmul_f64(
     y
 }
 
-/// The largest absolute difference `max|got − want|`, or infinity where it cannot be
-/// measured, so that no comparison passes by accident: slices of different lengths, a NaN
-/// against a number, an infinity against anything but the same infinity. Pairs that agree
-/// exactly (the same infinity, or NaN against NaN) add nothing.
+/// The absolute difference `|got − want|` of one element, or infinity where it cannot be
+/// measured (a NaN against a number, an infinity against anything but the same infinity);
+/// 0 where the two agree exactly (the same infinity, or NaN against NaN). Never NaN.
+pub fn abs_err(got: f64, want: f64) -> f64 {
+    if got == want || (got.is_nan() && want.is_nan()) {
+        return 0.0;
+    }
+    let d = (got - want).abs();
+    if d.is_finite() {
+        d
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// The largest [`abs_err`] of the pairs, or infinity where the slices' lengths differ, so
+/// that no comparison passes by accident.
 pub fn max_abs_err(got: &[f64], want: &[f64]) -> f64 {
     if got.len() != want.len() {
         return f64::INFINITY;
     }
-    let mut err = 0f64;
-    for (&g, &w) in got.iter().zip(want) {
-        if g == w || (g.is_nan() && w.is_nan()) {
-            continue;
-        }
-        let d = (g - w).abs();
-        if !d.is_finite() {
-            return f64::INFINITY;
-        }
-        err = err.max(d);
-    }
-    err
+    got.iter()
+        .zip(want)
+        .fold(0f64, |err, (&g, &w)| err.max(abs_err(g, w)))
 }
 
 /// The normwise relative error `max|got − want| / max|want|` (0 when both are all zero).

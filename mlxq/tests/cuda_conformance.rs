@@ -491,11 +491,8 @@ fn where_wrong(got: &Buffer, want: &[f64], n: usize, tol: f64) -> String {
         .iter()
         .zip(want)
         .enumerate()
-        // A NaN (an unwritten element) is wrong too.
-        .filter(|(_, (g, w))| {
-            let d = (f64::from(**g) - **w).abs();
-            d.is_nan() || d > tol * scale
-        })
+        // A NaN (an unwritten element) is wrong too: its error is infinite.
+        .filter(|(_, (g, w))| mlxq::reference::abs_err(f64::from(**g), **w) > tol * scale)
         .map(|(i, _)| i)
         .collect();
     let first: Vec<String> = bad
