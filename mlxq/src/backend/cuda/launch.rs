@@ -1919,16 +1919,17 @@ fn decb_pick(
         (8, 2, 4, _) => "qmv_decb_8_2_t4",
         _ => return None,
     };
-    // Shared memory: the mbarriers (128 bytes), NS stages of 16 rows of codes (+ 64 bytes of
-    // padding each) and their scales and biases, 64 zero bytes, x (64 bytes per chunk and
-    // token), its group sums, the consumers' partial sums.
+    // Shared memory: the mbarriers (the ring's and x's, 128 bytes), NS stages of 16 rows of
+    // codes (+ 64 bytes of padding each) and their scales and biases, 64 zero bytes, x (64
+    // bytes per chunk and token), its group sums, the consumers' partial sums (each n-tile
+    // its own).
     let stage = 16 * (nc * super::dec_steps() * 64 + 64) + 32 * nc * dsb;
     let smem = 128
         + ns * stage
         + 64
         + m * (kdim / ck) * 64
         + (m * (kdim / group) * 4).div_ceil(16) * 16
-        + nc * 512;
+        + nt * nc * 512;
     // auto: the five-block entry only where five blocks fit an SM (its 72 registers spill a
     // little); its four-block twin otherwise.
     let fallback = (form == "auto" && entry == "qmv_decb_4_3_s5").then_some(("qmv_decb_4_3_s", 5));

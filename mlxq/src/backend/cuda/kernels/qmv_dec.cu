@@ -207,28 +207,26 @@ __device__ __forceinline__ float dec_x_item(XItem xv, u32* v) {
     return sum;
 }
 
-// x of one batch entry (M rows of K, contiguous, from xrow) into shared memory in the mma's
-// B order (xs: one 16-byte item per word of codes, C chunks per row) with the group sums
-// of each token (sx: M x G floats). Every thread of the block takes part.
-__device__ __forceinline__ void dec_stage_x(const XT* __restrict__ xrow, u32 M, u32 C, uint4* xs,
-                                            float* sx) {
-    // x of this entry (M rows of K, contiguous) from global memory into registers,
-    // XRD items per thread per round trip, and rearranged from there into shared
-    // memory (no copy of x as loaded: that would take M x K more bytes of shared
-    // memory per block). Item i is word wd of chunk c of token m (DCPW codes);
-    // consecutive items are consecutive codes, so a group's items are GROUP / DCPW
-    // neighbouring lanes.
+// x of one batch entry (M rows of K, item i of x from `load(i)`) into shared memory in the
+// mma's B order (xs: one 16-byte item per word of codes, C chunks per row) with the group
+// sums of each token (sx: M x G floats). Every thread of the block takes part. Item i is word
+// wd of chunk c of token m (DCPW codes); consecutive items are consecutive codes, so a
+// group's items are GROUP / DCPW neighbouring lanes. Each thread writes xs only at the items
+// it loaded, so `load` may read xs itself (4-bit: an item of x is the size of its xs entry).
+template <typename Load>
+__device__ __forceinline__ void dec_stage_x_from(Load load, u32 M, u32 C, uint4* xs, float* sx) {
+    // XRD items per thread per round trip (no copy of x as loaded: that would take M x K
+    // more bytes of shared memory per block).
     const u32 per_row = C * 4, total = M * per_row;
     constexpr int IPG = GROUP / DCPW;
     constexpr u32 XRD = 4;
-    const XItem* xg = (const XItem*)(xrow);
     XItem xr[XRD];
     for (u32 base0 = 0; base0 < total; base0 += XRD * blockDim.x) {
 #pragma unroll
     for (u32 r = 0; r < XRD; r++) {
         if (base0 + r * blockDim.x >= total) break;  // uniform: no warp is all past the end
         const u32 i = base0 + r * blockDim.x + threadIdx.x;
-        xr[r] = i < total ? __ldg(xg + i) : XItem{};
+        xr[r] = i < total ? load(i) : XItem{};
     }
 #pragma unroll
     for (u32 r = 0; r < XRD; r++) {
@@ -244,6 +242,13 @@ __device__ __forceinline__ void dec_stage_x(const XT* __restrict__ xrow, u32 M, 
         if (valid && i % IPG == 0) sx[i / IPG] = sum;
     }
     }
+}
+
+// dec_stage_x_from global memory: x of this entry (M rows of K, contiguous) from xrow.
+__device__ __forceinline__ void dec_stage_x(const XT* __restrict__ xrow, u32 M, u32 C, uint4* xs,
+                                            float* sx) {
+    const XItem* xg = (const XItem*)(xrow);
+    dec_stage_x_from([&](u32 i) { return __ldg(xg + i); }, M, C, xs, sx);
 }
 
 // This lane's B column (of the n-tile whose tokens start at m0): token m0 + g / DSLOTS of slot
@@ -267,17 +272,13 @@ __device__ __forceinline__ void dec_lane(u32 g, u32 t, u32 M, u32 C, u32 G, u32 
     }
 }
 
-// The WK warps' partial sums of one 16-row tile (this warp's in y) added and written to o
-// (M x N, NaN where !ok): each warp's into red (WK x 16 rows x 8 tokens), then `sync`, then
-// threads tid of nthreads (those taking part) sum them, then `sync` again before red is reused.
-// CPT: accumulator columns per token (DSLOTS; step columns: DNSB), adjacent.
-template <int WK, int CPT = DSLOTS, typename Sync>
-__device__ __forceinline__ void dec_tile_sums(const float (&y)[2][2], float* red, u32 warp, u32 g,
-                                              u32 t, const u32 (&tok)[2], u32 M, u64 N, u64 n0,
-                                              bool ok, OT* __restrict__ o, u32 tid, u32 nthreads,
-                                              Sync sync) {
-    // Columns of one token: CPT = 1: each its own; 2: this lane's pair; 4: with lane t ^ 1;
-    // 8: with lanes t ^ 1, t ^ 2.
+// This warp's partial sums of one 16-row tile (y) into rr (16 rows x 8 tokens: red + warp *
+// 128), at its tokens tok (relative to the n-tile's first). CPT: accumulator columns per token
+// (DSLOTS; step columns: DNSB), adjacent: 1 each its own; 2 this lane's pair; 4 with lane
+// t ^ 1; 8 with lanes t ^ 1, t ^ 2.
+template <int CPT>
+__device__ __forceinline__ void dec_tile_put(const float (&y)[2][2], float* rr, u32 g, u32 t,
+                                             const u32 (&tok)[2]) {
     static_assert(CPT == 1 || CPT == 2 || CPT == 4 || CPT == 8, "columns per token");
 #pragma unroll
     for (int h = 0; h < 2; h++) {
@@ -287,26 +288,43 @@ __device__ __forceinline__ void dec_tile_sums(const float (&y)[2][2], float* red
             if constexpr (CPT >= 4) v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
             if constexpr (CPT == 8) v0 += __shfl_xor_sync(0xffffffffu, v0, 2);
         }
-        float* rr = red + (warp * 16 + g + 8 * h) * 8;
+        float* r = rr + (g + 8 * h) * 8;
         if constexpr (CPT == 1) {
-            rr[tok[0]] = v0;
-            rr[tok[1]] = v1;
+            r[tok[0]] = v0;
+            r[tok[1]] = v1;
         } else if ((2 * t) % CPT == 0) {
-            rr[tok[0]] = v0;
+            r[tok[0]] = v0;
         }
     }
-    sync();
-    for (u32 idx = tid; idx < 128; idx += nthreads) {
-        const u32 row = idx >> 3, m = idx & 7;
-        const u64 n = n0 + row;
-        if (m < M && n < N) {
-            float v = 0.0f;
+}
+
+// Element idx (< 128: row idx / 8, token idx % 8) of one tile's sums: the WK warps' partials
+// in red (WK x 16 rows x 8 tokens) added and written to o (M x N from row n0; NaN where !ok).
+template <int WK>
+__device__ __forceinline__ void dec_tile_add(const float* red, u32 idx, u32 M, u64 N, u64 n0,
+                                             bool ok, OT* __restrict__ o) {
+    const u32 row = idx >> 3, m = idx & 7;
+    const u64 n = n0 + row;
+    if (m < M && n < N) {
+        float v = 0.0f;
 #pragma unroll
-            for (int k = 0; k < WK; k++) v += red[(k * 16 + row) * 8 + m];
-            if (!ok) v = __int_as_float(0x7fc00000);
-            o[(u64)m * N + n] = from_f32<OT>(v);
-        }
+        for (int k = 0; k < WK; k++) v += red[(k * 16 + row) * 8 + m];
+        if (!ok) v = __int_as_float(0x7fc00000);
+        o[(u64)m * N + n] = from_f32<OT>(v);
     }
+}
+
+// The WK warps' partial sums of one 16-row tile (this warp's in y) added and written to o
+// (M x N, NaN where !ok): each warp's into red (WK x 16 rows x 8 tokens), then `sync`, then
+// threads tid of nthreads (those taking part) sum them, then `sync` again before red is reused.
+template <int WK, int CPT = DSLOTS, typename Sync>
+__device__ __forceinline__ void dec_tile_sums(const float (&y)[2][2], float* red, u32 warp, u32 g,
+                                              u32 t, const u32 (&tok)[2], u32 M, u64 N, u64 n0,
+                                              bool ok, OT* __restrict__ o, u32 tid, u32 nthreads,
+                                              Sync sync) {
+    dec_tile_put<CPT>(y, red + warp * 128, g, t, tok);
+    sync();
+    for (u32 idx = tid; idx < 128; idx += nthreads) dec_tile_add<WK>(red, idx, M, N, n0, ok, o);
     sync();  // every warp read red before the next tile writes it
 }
 

@@ -36,6 +36,13 @@
 // DECB_LANES: 1 (default) every consumer lane arrives on a stage's `empty` barrier (its own
 // reads released by its own arrival); 0 lane 0 after __syncwarp (racecheck reported the refill
 // racing the other lanes' reads then, run 21).
+// DECB_XBULK: 1 (default) at 4 bits and more than one n-tile (M >= 5: 40+ KB of x per block at
+// K = 4096), x of each entry comes in by bulk copies (one round trip) and is rearranged in place
+// in shared memory; 0, and elsewhere, every thread loads it into registers, 4 items per round
+// trip (dec_stage_x). A misaligned x row takes the second way.
+#ifndef DECB_XBULK
+#define DECB_XBULK 1
+#endif
 #ifndef DECB_LANES
 #define DECB_LANES 1
 #endif
@@ -64,7 +71,7 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
     const u64 row_bytes = K * BITS / 8;
     // Shared memory: NS full and NS empty mbarriers (padded to 128 bytes), the stages, 64 zero
     // bytes, x as M x C chunks of 64 bytes in mma order, the group sums of x (M x G floats,
-    // padded), the consumers' partial sums (NC x 16 rows x 8 tokens).
+    // padded), the consumers' partial sums (NT x NC x 16 rows x 8 tokens).
     const u32 bars = smem_addr(dsmb);
     const u32 ring = bars + 128 * ((16 * NS + 127) / 128);
     uint4* zero = (uint4*)(dsmb + (ring - bars) + NS * STAGE);
@@ -73,10 +80,13 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
     float* red = sx + ((u64)M * G + 3) / 4 * 4;
     auto full = [&](u32 s) { return bars + 8 * s; };
     auto empty = [&](u32 s) { return bars + 8 * (NS + s); };
+    const u32 xbar = bars + 16 * NS;  // x's bulk copies
+    static_assert(16 * NS + 8 <= 128, "mbarriers in 128 bytes");
     if (threadIdx.x < NS) {
         mbar_init(full(threadIdx.x), 32);   // the producer's lanes (cp.async arrivals)
         mbar_init(empty(threadIdx.x), NC * (DECB_LANES ? 32 : 1));  // per consumer lane (warp)
     }
+    if (threadIdx.x == 0) mbar_init(xbar, 1);
     if (threadIdx.x < 4) zero[threadIdx.x] = make_uint4(0, 0, 0, 0);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncthreads();
@@ -101,6 +111,8 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
     for (u32 d = 0; d < bt.ndim; d++) entries *= bt.dims[d];
     pdl_trigger();
     u32 done = 0;  // stages of this block so far (producer: issued; consumers: taken)
+    u32 xphase = 0;  // xbar's phase
+    constexpr bool XBULK = DECB_XBULK && BITS == 4 && NT > 1;
     for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
         u64 xi, wi;
         if ((bt.lhs || bt.rhs) && !(bt.flags & 1)) pdl_wait();  // index tensors may come from the previous kernel
@@ -135,6 +147,9 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
             cp_arrive(full(slot));
         };
 
+        // The previous entry's reads of xs (generic proxy) before this entry's bulk copies
+        // into it (async proxy).
+        if constexpr (XBULK) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         __syncthreads();  // the previous entry no longer reads xs, sx, red
         if (producer) {
             // The first stages load while x is read and rearranged (W does not depend on the
@@ -142,7 +157,27 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
             for (u32 q = 0; q < min(total, (u32)NS); q++) issue(q);
         }
         pdl_wait();
-        if (ok) dec_stage_x(x + xi * x_stride, M, C, xs, sx);
+        if (ok) {
+            const XT* xrow = x + xi * x_stride;
+            if (XBULK && ((u64)xrow & 15) == 0) {
+                // M x K values in 32 pieces (K is a multiple of 256) by warp 0, then each
+                // item rearranged where it landed.
+                const u32 bytes = M * (u32)K * (u32)sizeof(XT), piece = bytes / 32;
+                if (warp == 0) {
+                    if (lane == 0) mbar_expect_tx(xbar, bytes);
+                    __syncwarp();
+                    bulk_copy(smem_addr(xs) + lane * piece, (const u8*)xrow + (u64)lane * piece, piece, xbar);
+                    __syncwarp();
+                    if (lane == 0) mbar_arrive(xbar);
+                }
+                mbar_wait(xbar, xphase);
+                xphase ^= 1;
+                const XItem* xl = (const XItem*)xs;
+                dec_stage_x_from([&](u32 i) { return xl[i]; }, M, C, xs, sx);
+            } else {
+                dec_stage_x(xrow, M, C, xs, sx);
+            }
+        }
         __syncthreads();
 
         if (producer) {
@@ -200,7 +235,10 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
 #if FPM
                     dec_batch_fp<NT>(L, ba, bstep, t, y);
 #else
-                    if constexpr (SC)
+                    if constexpr (DEC_PROBE) {
+                        // Experiments (wrong results): the stage's loads and nothing else.
+                        y[0][0][0] += __uint_as_float((L.q[0][0].x ^ L.q[DSU - 1][1].w ^ L.s[0][0] ^ L.b[1][0]) & 1u);
+                    } else if constexpr (SC)
                         dec_batch_sc(L, ba[0], smem_addr(zero), ug, sa[0][0], sa[0][1], y[0]);
                     else if constexpr (NT == 1)
                         dec_batch(L, ba[0], bstep[0], sa[0][0], sa[0][1], t, y[0]);
@@ -216,16 +254,26 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                     }
                 }
                 // The consumers' partial sums of this tile (the producer is not waited for),
-                // one n-tile at a time: its tokens m0.. as rows 0.. of the output from row m0.
+                // every n-tile's in its own part of red, then one barrier, the sums (n-tile j's
+                // tokens m0.. as rows m0.. of the output), and one barrier before red is reused.
+                constexpr int CPT = SC ? DNSB : DSLOTS;
+                auto sync = [] { asm volatile("bar.sync 1, %0;" ::"n"(NC * 32) : "memory"); };
 #pragma unroll
                 for (int j = 0; j < NT; j++) {
                     const u32 m0 = j * TPT;
                     if (m0 >= M) break;  // uniform
                     const u32 rel[2] = {tok[j][0] - m0, tok[j][1] - m0};
-                    dec_tile_sums<NC, SC ? DNSB : DSLOTS>(y[j], red, warp, g, t, rel, min(M - m0, TPT), N, n0, ok,
-                                      out + e * out_stride + (u64)m0 * N, threadIdx.x, NC * 32,
-                                      [] { asm volatile("bar.sync 1, %0;" ::"n"(NC * 32) : "memory"); });
+                    dec_tile_put<CPT>(y[j], red + (j * NC + warp) * 128, g, t, rel);
                 }
+                sync();
+                OT* const o = out + e * out_stride;
+                for (u32 idx = threadIdx.x; idx < NT * 128; idx += NC * 32) {
+                    const u32 j = idx >> 7, m0 = j * TPT;
+                    if (m0 < M)
+                        dec_tile_add<NC>(red + j * NC * 128, idx & 127, min(M - m0, TPT), N, n0, ok,
+                                         o + (u64)m0 * N);
+                }
+                sync();
             }
         }
         done += total;
