@@ -1906,7 +1906,22 @@ fn decb_pick(
         None if DECB_SC_DEFAULT && sc_fits => "auto",
         _ => "",
     };
+    // The group-pure form (qmv_decb.cu `GP`): 4-bit group 64 where the slotted form would take
+    // two or four n-tiles (M = 5..16), every mma column a token: one n-tile up to M = 8, two
+    // up to 16. MLXQ_DECB_GP=0 keeps the slotted n-tiles.
+    let gp = !fp
+        && bits == 4
+        && group == 64
+        && ssize == 2
+        && slots == 2
+        && nt > 1
+        && (nc, ns) == (8, 2)
+        && form.is_empty()
+        && knob("MLXQ_DECB_GP") != Some("0");
+    let (nt, form) = if gp { (m.div_ceil(8), "g") } else { (nt, form) };
     let entry = match (nc, ns, nt, form) {
+        (8, 2, 1, "g") => "qmv_decb_8_2_g1",
+        (8, 2, 2, "g") => "qmv_decb_8_2_g2",
         (4, 3, 1, "s") => "qmv_decb_4_3_s",
         (4, 3, 1, "s5" | "auto") => "qmv_decb_4_3_s5",
         (4, 3, 1, "5") => "qmv_decb_4_3_5",
@@ -1923,11 +1938,13 @@ fn decb_pick(
     // codes (+ 64 bytes of padding each) and their scales and biases, 64 zero bytes, x (64
     // bytes per chunk and token), its group sums, the consumers' partial sums (each n-tile
     // its own).
-    let stage = 16 * (nc * super::dec_steps() * 64 + 64) + 32 * nc * dsb;
+    // GP: rows of a stage 32 bytes apart past their codes (not 64), 192 zero bytes, 16 bytes
+    // after each token's row of x.
+    let stage = 16 * (nc * super::dec_steps() * 64 + if gp { 32 } else { 64 }) + 32 * nc * dsb;
     let smem = 128
         + ns * stage
-        + 64
-        + m * (kdim / ck) * 64
+        + if gp { 192 } else { 64 }
+        + m * (kdim / ck * 64 + if gp { 16 } else { 0 })
         + (m * (kdim / group) * 4).div_ceil(16) * 16
         + nt * nc * 512;
     // auto: the five-block entry only where five blocks fit an SM (its 72 registers spill a
@@ -1969,7 +1986,7 @@ fn qmvn_shape(mt: u32, bits: u64) -> (u64, u64) {
 }
 
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 28] = [
+const KNOBS: [&str; 29] = [
     "MLXQ_GATHER_SORT_OFF",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
@@ -1987,6 +2004,7 @@ const KNOBS: [&str; 28] = [
     "MLXQ_DECB_T2",
     "MLXQ_DECB_T4",
     "MLXQ_DECB_SC",
+    "MLXQ_DECB_GP",
     "MLXQ_WS",
     "MLXQ_FP_TILES",
     "MLXQ_QMVN_PER_SM",

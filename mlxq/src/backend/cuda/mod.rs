@@ -445,6 +445,8 @@ const TABLE: &[Variant] = &[
             "qmv_decb_4_3_s5",
             "qmv_decb_4_3_5",
             "qmv_decb_8_2_s",
+            "qmv_decb_8_2_g1",
+            "qmv_decb_8_2_g2",
             "qmm_tile_l",
             "qmm_tile_m",
             "qmm_tile_g",

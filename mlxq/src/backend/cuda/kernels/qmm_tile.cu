@@ -30,11 +30,6 @@ __device__ __forceinline__ void cpa16(u32 sa, const void* g) {
 __device__ __forceinline__ void cpa16n(u32 sa, const void* g, u32 n) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(sa), "l"(g), "r"(n));
 }
-__device__ __forceinline__ uint2 lds64(u32 sa) {
-    uint2 v;
-    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(sa));
-    return v;
-}
 // 4- or 8-byte copy (scales and biases of one step).
 template <int U> __device__ __forceinline__ void cpa_small(u32 sa, const void* g) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(sa), "l"(g), "n"(U));

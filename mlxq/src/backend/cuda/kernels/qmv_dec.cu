@@ -213,7 +213,9 @@ __device__ __forceinline__ float dec_x_item(XItem xv, u32* v) {
 // wd of chunk c of token m (DCPW codes); consecutive items are consecutive codes, so a
 // group's items are GROUP / DCPW neighbouring lanes. Each thread writes xs only at the items
 // it loaded, so `load` may read xs itself (4-bit: an item of x is the size of its xs entry).
-template <typename Load>
+// PAD: each token's row of xs is followed by 16 bytes (item i at i + i / (4 C)); qmv_decb's
+// group-pure form, whose B loads would otherwise meet two tokens on the same banks.
+template <int PAD = 0, typename Load>
 __device__ __forceinline__ void dec_stage_x_from(Load load, u32 M, u32 C, uint4* xs, float* sx) {
     // XRD items per thread per round trip (no copy of x as loaded: that would take M x K
     // more bytes of shared memory per block).
@@ -235,7 +237,7 @@ __device__ __forceinline__ void dec_stage_x_from(Load load, u32 M, u32 C, uint4*
         const bool valid = i < total;
         u32 v[4];
         float sum = dec_x_item(xr[r], v);
-        if (valid) xs[i] = make_uint4(v[0], v[1], v[2], v[3]);
+        if (valid) xs[i + (PAD ? i / per_row : 0)] = make_uint4(v[0], v[1], v[2], v[3]);
 #pragma unroll
         for (int off = IPG / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
         // Token i / per_row, group (i % per_row) / IPG of its row: group i / IPG of x.
@@ -245,10 +247,11 @@ __device__ __forceinline__ void dec_stage_x_from(Load load, u32 M, u32 C, uint4*
 }
 
 // dec_stage_x_from global memory: x of this entry (M rows of K, contiguous) from xrow.
+template <int PAD = 0>
 __device__ __forceinline__ void dec_stage_x(const XT* __restrict__ xrow, u32 M, u32 C, uint4* xs,
                                             float* sx) {
     const XItem* xg = (const XItem*)(xrow);
-    dec_stage_x_from([&](u32 i) { return __ldg(xg + i); }, M, C, xs, sx);
+    dec_stage_x_from<PAD>([&](u32 i) { return __ldg(xg + i); }, M, C, xs, sx);
 }
 
 // This lane's B column (of the n-tile whose tokens start at m0): token m0 + g / DSLOTS of slot

@@ -48,8 +48,93 @@
 #endif
 
 #if DECB_OK
-// SC: the step-column form (qmv_dec.cu, dec_lane_sc): one n-tile, M * DNSB <= 8.
-template <int NC, int NS, int NT, bool SC = false>
+// The group-pure form (GP; 4-bit, groups of 64, two steps per batch, 16-bit scales): lane t
+// takes bytes 8t..8t + 7 of each of a step's two groups (two 8-byte shared loads per row), so
+// the four lanes of every mma read one group: each mma column is a token (8 per n-tile: one
+// n-tile up to M = 8, two up to 16) instead of a (token, slot) pair, and each group gets its
+// own accumulator tile, scaled when its four mmas are done. Half the mmas and B loads of the
+// slotted form at the same M. x keeps its items in place (item j: codes 8j..8j + 7 of a
+// token) with 16 bytes after each token's row, so a lane's B items are j = 16 s + 2 t + {0,
+// 1, 8, 9} at step s and the 8 lanes of a quarter-warp (two tokens) meet all 32 banks once.
+constexpr bool GP_OK = !FPM && BITS == 4 && GROUP == 64 && DSU == 2 && sizeof(ST) == 2;
+constexpr u32 GP_ZERO = 192;  // zero bytes before x (a zero lane's B loads reach byte 160)
+
+#if !FPM
+// This lane's B column (token m0 + g) at bbase (bstep 256 per step; lanes past M the zero
+// block, stride 0) for its first batch b0, and its accumulator columns 2t, 2t + 1: tokens tok,
+// their sums of x of b0's first group at sxa[ci] (+ 4 per group).
+__device__ __forceinline__ void dec_lane_gp(u32 g, u32 t, u32 M, u32 C, u32 G, u32 b0,
+                                            const uint4* xs, const float* sx, const uint4* zero,
+                                            u32& bstep, u32& bbase, u32 (&tok)[2], u32 (&sxa)[2],
+                                            u32 m0) {
+    const u32 bm = m0 + g;
+    const bool bact = bm < M;
+    bstep = bact ? 256 : 0;
+    bbase = bact ? smem_addr(xs) + bm * (C * 64 + 16) + b0 * DSU * 256 + 32 * t : smem_addr(zero);
+#pragma unroll
+    for (int ci = 0; ci < 2; ci++) {
+        tok[ci] = m0 + 2 * t + ci;
+        sxa[ci] = smem_addr(sx) + 4 * (min(tok[ci], M - 1) * G + b0 * DNSB);
+    }
+}
+
+// One batch L of the group-pure form against NT n-tiles: n-tile j's B items of step u at
+// ba[j] + u * bstep[j] + {0, 16, 128, 144}, the sums of x of its columns' groups at sa[j][ci]
+// (+ 4 per group); y += s * acc + (b - off * s) * sum_group(x) per group.
+template <int NT>
+__device__ __forceinline__ void dec_batch_gp(const DecBatch& L, const u32 (&ba)[NT],
+                                             const u32 (&bstep)[NT], const u32 (&sa)[NT][2],
+                                             float (&y)[NT][2][2]) {
+#pragma unroll
+    for (int u = 0; u < DSU; u++) {
+        uint4 bv[NT][4];
+        float sxv[NT][2][2];
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) bv[j][i] = lds128(ba[j] + u * bstep[j] + (i & 1) * 16 + (i >> 1) * 128);
+#pragma unroll
+            for (int ci = 0; ci < 2; ci++) {
+                sxv[j][ci][0] = lds32f(sa[j][ci] + 4 * (2 * u));
+                sxv[j][ci][1] = lds32f(sa[j][ci] + 4 * (2 * u + 1));
+            }
+        }
+#pragma unroll
+        for (int grp = 0; grp < 2; grp++) {
+            float acc[NT][4];
+#pragma unroll
+            for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#pragma unroll
+            for (int wd = 2 * grp; wd < 2 * grp + 2; wd++) {
+                u32 a0[4], a1[4];
+                dec_word(dec_word_of(L.q[u][0], wd), a0);
+                dec_word(dec_word_of(L.q[u][1], wd), a1);
+                const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
+                const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    mma(acc[j], f0, bv[j][wd].x, bv[j][wd].y);
+                    mma(acc[j], f1, bv[j][wd].z, bv[j][wd].w);
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const float sc = dec_at<ST>(L.s[h], 2 * u + grp), bi = dec_at<ST>(L.b[h], 2 * u + grp);
+                const float off = fmaf(-DOFF, sc, bi);
+#pragma unroll
+                for (int ci = 0; ci < 2; ci++)
+#pragma unroll
+                    for (int j = 0; j < NT; j++)
+                        y[j][h][ci] = fmaf(sc, acc[j][2 * h + ci], fmaf(off, sxv[j][ci][grp], y[j][h][ci]));
+            }
+        }
+    }
+}
+#endif
+
+// SC: the step-column form (qmv_dec.cu, dec_lane_sc): one n-tile, M * DNSB <= 8. GP: the
+// group-pure form (above), not with SC.
+template <int NC, int NS, int NT, bool SC = false, bool GP = false>
 __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                               const ST* __restrict__ scales,
                                               const ST* __restrict__ biases, OT* __restrict__ out,
@@ -57,7 +142,10 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                                               u64 s_stride, u64 out_stride, const Batch& bt) {
     extern __shared__ __align__(128) u8 dsmb[];
     constexpr u32 SBW = NC * DSU * 64;      // W bytes per row and stage
-    constexpr u32 RSR = SBW + 64;           // ... and their stride in the stage
+    // ... and their stride in the stage: 64 mod 128 (the slotted form's 16-byte loads of rows
+    // g, g + 1), or 32 mod 128 (GP's 8-byte loads of rows g..g + 3)
+    constexpr u32 RSR = SBW + (GP ? 32 : 64);
+    static_assert(!GP || (GP_OK && !SC), "group-pure form");
     constexpr u32 SSB = NC * DSB;           // scale (and bias) bytes per row and stage
     constexpr u32 STAGE = 16 * RSR + 32 * SSB;
     static_assert(SBW % 128 == 0 && SSB % 16 == 0, "stage layout");
@@ -75,8 +163,9 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
     const u32 bars = smem_addr(dsmb);
     const u32 ring = bars + 128 * ((16 * NS + 127) / 128);
     uint4* zero = (uint4*)(dsmb + (ring - bars) + NS * STAGE);
-    uint4* xs = zero + 4;
-    float* sx = (float*)(xs + (u64)M * C * 4);
+    constexpr u32 ZB = GP ? GP_ZERO : 64;  // zero bytes
+    uint4* xs = zero + ZB / 16;
+    float* sx = (float*)(xs + (u64)M * C * 4 + (GP ? M : 0));
     float* red = sx + ((u64)M * G + 3) / 4 * 4;
     auto full = [&](u32 s) { return bars + 8 * s; };
     auto empty = [&](u32 s) { return bars + 8 * (NS + s); };
@@ -87,20 +176,24 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
         mbar_init(empty(threadIdx.x), NC * (DECB_LANES ? 32 : 1));  // per consumer lane (warp)
     }
     if (threadIdx.x == 0) mbar_init(xbar, 1);
-    if (threadIdx.x < 4) zero[threadIdx.x] = make_uint4(0, 0, 0, 0);
+    if (threadIdx.x < ZB / 16) zero[threadIdx.x] = make_uint4(0, 0, 0, 0);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncthreads();
 
     // Consumer lane: its B column and group sums of x in each n-tile (as qmv_dec with ILV:
     // its batch of stage s is batch NC * s + warp of the row); n-tile j holds tokens from
     // j * TPT.
-    constexpr u32 TPT = SC ? 8 / DNSB : 8 / DSLOTS;
+    constexpr u32 TPT = GP ? 8 : SC ? 8 / DNSB : 8 / DSLOTS;
     u32 bstep[NT], bbase[NT], tok[NT][2], sxa[NT][2];
     u32 ug = 0, swd = 0;  // SC: the lane's step of B and word of a row's batch scales
 #if !FPM
     if constexpr (SC) {
         static_assert(NT == 1 && SC_OK, "step columns: one n-tile");
         dec_lane_sc(g, t, M, C, G, warp, xs, sx, zero, bstep[0], bbase[0], ug, tok[0], sxa[0], swd);
+    } else if constexpr (GP) {
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+            dec_lane_gp(g, t, M, C, G, warp, xs, sx, zero, bstep[j], bbase[j], tok[j], sxa[j], j * TPT);
     } else
 #endif
 #pragma unroll
@@ -112,7 +205,7 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
     pdl_trigger();
     u32 done = 0;  // stages of this block so far (producer: issued; consumers: taken)
     u32 xphase = 0;  // xbar's phase
-    constexpr bool XBULK = DECB_XBULK && BITS == 4 && NT > 1;
+    constexpr bool XBULK = DECB_XBULK && BITS == 4 && (NT > 1 || GP);
     for (u64 e = blockIdx.y; e < entries; e += gridDim.y) {
         u64 xi, wi;
         if ((bt.lhs || bt.rhs) && !(bt.flags & 1)) pdl_wait();  // index tensors may come from the previous kernel
@@ -160,22 +253,28 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
         if (ok) {
             const XT* xrow = x + xi * x_stride;
             if (XBULK && ((u64)xrow & 15) == 0) {
-                // M x K values in 32 pieces (K is a multiple of 256) by warp 0, then each
-                // item rearranged where it landed.
-                const u32 bytes = M * (u32)K * (u32)sizeof(XT), piece = bytes / 32;
+                // M x K values by warp 0 (32 pieces, K a multiple of 256; GP: a row per lane,
+                // each to its padded place), then each item rearranged where it landed.
+                const u32 row = (u32)K * (u32)sizeof(XT), bytes = M * row, piece = bytes / 32;
                 if (warp == 0) {
                     if (lane == 0) mbar_expect_tx(xbar, bytes);
                     __syncwarp();
-                    bulk_copy(smem_addr(xs) + lane * piece, (const u8*)xrow + (u64)lane * piece, piece, xbar);
+                    if constexpr (GP) {
+                        if (lane < M)
+                            bulk_copy(smem_addr(xs) + lane * (row + 16), (const u8*)xrow + (u64)lane * row, row, xbar);
+                    } else {
+                        bulk_copy(smem_addr(xs) + lane * piece, (const u8*)xrow + (u64)lane * piece, piece, xbar);
+                    }
                     __syncwarp();
                     if (lane == 0) mbar_arrive(xbar);
                 }
                 mbar_wait(xbar, xphase);
                 xphase ^= 1;
                 const XItem* xl = (const XItem*)xs;
-                dec_stage_x_from([&](u32 i) { return xl[i]; }, M, C, xs, sx);
+                const u32 per_row = C * 4;
+                dec_stage_x_from<GP>([&](u32 i) { return xl[i + (GP ? i / per_row : 0)]; }, M, C, xs, sx);
             } else {
-                dec_stage_x(xrow, M, C, xs, sx);
+                dec_stage_x<GP>(xrow, M, C, xs, sx);
             }
         }
         __syncthreads();
@@ -202,8 +301,18 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                     DecBatch L;
 #pragma unroll
                     for (int u = 0; u < DSU; u++) {
-                        L.q[u][0] = lds128(src + g * RSR + warp * DSU * 64 + (4 * u + t) * 16);
-                        L.q[u][1] = lds128(src + (g + 8) * RSR + warp * DSU * 64 + (4 * u + t) * 16);
+                        if constexpr (GP) {
+                            // Bytes 8t.. of the step's two groups, rows g and g + 8.
+#pragma unroll
+                            for (int r = 0; r < 2; r++) {
+                                const u32 a = src + (g + 8 * r) * RSR + warp * DSU * 64 + u * 64 + 8 * t;
+                                const uint2 lo = lds64(a), hi = lds64(a + 32);
+                                L.q[u][r] = make_uint4(lo.x, lo.y, hi.x, hi.y);
+                            }
+                        } else {
+                            L.q[u][0] = lds128(src + g * RSR + warp * DSU * 64 + (4 * u + t) * 16);
+                            L.q[u][1] = lds128(src + (g + 8) * RSR + warp * DSU * 64 + (4 * u + t) * 16);
+                        }
                     }
 #pragma unroll
                     for (int h = 0; h < 2; h++) {
@@ -238,7 +347,9 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                     if constexpr (DEC_PROBE) {
                         // Experiments (wrong results): the stage's loads and nothing else.
                         y[0][0][0] += __uint_as_float((L.q[0][0].x ^ L.q[DSU - 1][1].w ^ L.s[0][0] ^ L.b[1][0]) & 1u);
-                    } else if constexpr (SC)
+                    } else if constexpr (GP)
+                        dec_batch_gp<NT>(L, ba, bstep, sa, y);
+                    else if constexpr (SC)
                         dec_batch_sc(L, ba[0], smem_addr(zero), ug, sa[0][0], sa[0][1], y[0]);
                     else if constexpr (NT == 1)
                         dec_batch(L, ba[0], bstep[0], sa[0][0], sa[0][1], t, y[0]);
@@ -256,7 +367,7 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                 // The consumers' partial sums of this tile (the producer is not waited for),
                 // every n-tile's in its own part of red, then one barrier, the sums (n-tile j's
                 // tokens m0.. as rows m0.. of the output), and one barrier before red is reused.
-                constexpr int CPT = SC ? DNSB : DSLOTS;
+                constexpr int CPT = GP ? 1 : SC ? DNSB : DSLOTS;
                 auto sync = [] { asm volatile("bar.sync 1, %0;" ::"n"(NC * 32) : "memory"); };
 #pragma unroll
                 for (int j = 0; j < NT; j++) {
@@ -283,16 +394,18 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
 
 #if DECB_OK
 // MINB blocks per SM at least (four for 4 consumers: 96 registers at most; 101 unbounded, 3
-// blocks per SM); SC the step-column form (M * DNSB <= 8; not for FP weights).
-#define QMV_DECB_X(NAME, NC, NS, NT, MINB, SC)                                                \
+// blocks per SM); SC the step-column form (M * DNSB <= 8; not for FP weights); GP the
+// group-pure form (GP_OK: affine 4-bit, groups of 64).
+#define QMV_DECB_F(NAME, NC, NS, NT, MINB, SC, GP)                                            \
     extern "C" __global__ void __launch_bounds__((NC + 1) * 32, MINB) NAME(                  \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
         const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u64 N, u64 K,             \
         u64 x_stride, u64 w_stride, u64 s_stride, u64 out_stride, Batch bt) {                 \
-        if constexpr (RING_OK && (NC * DSB) % 16 == 0 && (!(SC) || DECB_SC_OK))               \
-            qmv_decb_impl<NC, NS, NT, (SC) && DECB_SC_OK>(x, w, scales, biases, out, M, N, K,  \
-                                                          x_stride, w_stride, s_stride,       \
-                                                          out_stride, bt);                    \
+        if constexpr (RING_OK && (NC * DSB) % 16 == 0 && (!(SC) || DECB_SC_OK) &&             \
+                      (!(GP) || GP_OK))                                                       \
+            qmv_decb_impl<NC, NS, NT, (SC) && DECB_SC_OK, (GP) && GP_OK>(                     \
+                x, w, scales, biases, out, M, N, K, x_stride, w_stride, s_stride, out_stride,  \
+                bt);                                                                          \
     }
 #if FPM
 #define DECB_SC_OK false
@@ -300,10 +413,11 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
 #define DECB_SC_OK SC_OK
 #endif
 #else
-#define QMV_DECB_X(NAME, NC, NS, NT, MINB, SC)                                                \
+#define QMV_DECB_F(NAME, NC, NS, NT, MINB, SC, GP)                                            \
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32,    \
                                     u64, u64, u64, u64, u64, u64, Batch) {}
 #endif
+#define QMV_DECB_X(NAME, NC, NS, NT, MINB, SC) QMV_DECB_F(NAME, NC, NS, NT, MINB, SC, false)
 #define QMV_DECB(NAME, NC, NS, NT) QMV_DECB_X(NAME, NC, NS, NT, NC == 4 ? 4 : 1, false)
 // Routed: 4 x 3 (4-bit M <= 4, N >= 8192) and 8 x 2 on one, two and four n-tiles; 8 x 3 and
 // 8 x 4 for MLXQ_DECB_NS (experiments).
@@ -320,3 +434,6 @@ QMV_DECB_X(qmv_decb_4_3_s, 4, 3, 1, 4, true)
 QMV_DECB_X(qmv_decb_4_3_s5, 4, 3, 1, 5, true)
 QMV_DECB_X(qmv_decb_4_3_5, 4, 3, 1, 5, false)
 QMV_DECB_X(qmv_decb_8_2_s, 8, 2, 1, 1, true)
+// Group-pure: one n-tile up to 8 tokens, two up to 16 (4-bit group 64).
+QMV_DECB_F(qmv_decb_8_2_g1, 8, 2, 1, 1, false, true)
+QMV_DECB_F(qmv_decb_8_2_g2, 8, 2, 2, 1, false, true)
