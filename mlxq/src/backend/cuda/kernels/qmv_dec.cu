@@ -350,12 +350,13 @@ __device__ __forceinline__ void dec_scale(const DecBatch& L, int h, int u, int c
 
 // Step u of batch L (rows g, g + 8 of a 16-row tile) against that step's B fragments of NT
 // n-tiles, bv[j], into their accumulator tiles acc[j]: each word of codes decoded once as the A
-// registers of its two mmas per n-tile.
+// registers of its two mmas per n-tile. Words w0..w1 - 1 of the step only (qmv_decb's
+// group-pure form: one group's words; constants where it is called).
 template <int NT>
 __device__ __forceinline__ void dec_step_n(const DecBatch& L, int u, const uint4 (&bv)[NT][4],
-                                           float (&acc)[NT][4]) {
+                                           float (&acc)[NT][4], int w0 = 0, int w1 = 4) {
 #pragma unroll
-    for (int wd = 0; wd < 4; wd++) {
+    for (int wd = w0; wd < w1; wd++) {
         u32 a0[4], a1[4];
         dec_word(dec_word_of(L.q[u][0], wd), a0);
         dec_word(dec_word_of(L.q[u][1], wd), a1);

@@ -104,19 +104,7 @@ __device__ __forceinline__ void dec_batch_gp(const DecBatch& L, const u32 (&ba)[
             float acc[NT][4];
 #pragma unroll
             for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-#pragma unroll
-            for (int wd = 2 * grp; wd < 2 * grp + 2; wd++) {
-                u32 a0[4], a1[4];
-                dec_word(dec_word_of(L.q[u][0], wd), a0);
-                dec_word(dec_word_of(L.q[u][1], wd), a1);
-                const u32 f0[4] = {a0[0], a1[0], a0[1], a1[1]};
-                const u32 f1[4] = {a0[2], a1[2], a0[3], a1[3]};
-#pragma unroll
-                for (int j = 0; j < NT; j++) {
-                    mma(acc[j], f0, bv[j][wd].x, bv[j][wd].y);
-                    mma(acc[j], f1, bv[j][wd].z, bv[j][wd].w);
-                }
-            }
+            dec_step_n<NT>(L, u, bv, acc, 2 * grp, 2 * grp + 2);
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 const float sc = dec_at<ST>(L.s[h], 2 * u + grp), bi = dec_at<ST>(L.b[h], 2 * u + grp);
