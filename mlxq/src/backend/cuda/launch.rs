@@ -1791,10 +1791,13 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 /// - 4-bit M <= 4 where N >= 8192, with 4 consumer warps and 3 stages (14336x4096: 12.8 µs
 ///   against 14.9 on qmv_decr), and where the row tiles do not fill the SMs or M >= 3
 ///   (4x4096x4096: 8.3 µs against 22.4 on qmv_decm);
-/// - 4-bit group 64 on two n-tiles at M = 5..8 (8x14336x4096 26.6 µs against 37.8) and on
-///   four at M = 9..13 where N >= 8192 (16x14336x4096 46.6 against 60.9 on qmv_tc; at
-///   4096x4096 four n-tiles lose, 18.4 against 16.0); from M = 14 the 64-token wgmma tile
-///   where the device has wgmma (session 47).
+/// - 4-bit group 64 at M = 5..8 on one group-pure n-tile (`_g1`; the slotted form's two
+///   n-tiles before session 56), and at M = 9..16 where N >= 8192 on two (`_g2`; H100, graph
+///   µs, session 56: 8x14336x4096 20.4 against 26.9 on two slotted n-tiles, 16x14336x4096
+///   26.0 against 46.4 on four and 39.0 on the 64-token wgmma tile; at 4096x4096 four
+///   slotted n-tiles lost, 18.4 against 16.0, and the group-pure ones are unmeasured there).
+///   With MLXQ_DECB_GP=0 (the slotted n-tiles), M >= 14 goes to the wgmma tile where the
+///   device has wgmma (session 47).
 ///
 /// Every route but the 4-consumer one takes 8 consumer warps and a 2-stage ring (run 21: 2
 /// stages beat 3 and 4 at each shape measured, 8-bit 4096x14336 24.0 µs against 31.8).
@@ -1805,7 +1808,7 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 /// stages (experiments).
 ///
 /// `tile_after`: the call would next try qmm's 64-token wgmma tile (its `small_tile` route on
-/// a device with wgmma), which takes 4-bit M >= 14 from the four n-tiles.
+/// a device with wgmma), which takes 4-bit M >= 14 from the slotted four n-tiles.
 ///
 /// FP weights (`fp`: the FP module's `qmv_decb`, one token per mma column) take it for every
 /// M and gather it can serve: 4 consumers x 3 stages at 4 bits where M <= 4 and N >= 8192 or
@@ -1855,6 +1858,8 @@ fn decb_pick(
     // ended run 20's wrong results on 2 stages: 2 beat 3 and 4 at every shape measured).
     // FP weights have no other decode kernel here: every M and gather, 4 consumers where 8
     // do not divide K.
+    // The group-pure form (below) where its shape allows and it is not switched off.
+    let gp_wanted = group == 64 && ssize == 2 && knob("MLXQ_DECB_GP") != Some("0");
     let (nc, ns) = match bits {
         _ if everywhere => (8, 2),
         4 if fp && nt == 1 && ((m <= 4 && ndim >= 8192) || (m == 1 && kdim < 8192)) => (4, 3),
@@ -1864,11 +1869,11 @@ fn decb_pick(
         8 if !gather && nt == 1 => (8, 2),
         4 if !gather && m <= 4 && ndim >= 8192 => (4, 3),
         4 if !gather && m <= 4 && (few_tiles || m >= 3) => (8, 2),
-        // From M = 14 the 64-token wgmma tile (`small_tile` in qmm) beats the four n-tiles
-        // (session 47, H100, graph µs: 16 x 14336x4096 46.3 -> 38.7, 16 x 8192x4096 29.4 ->
-        // 25.5, 14 x 8192x4096 27.2 -> 26.6; M = 13 within 4% either way; M = 9 / 12 the
-        // n-tiles by 8-24%: 33.6 / 38.4 against 41.7 / 41.5 at 14336x4096).
-        4 if !gather && nt == 4 && m >= 14 && tile_after => return None,
+        // From M = 14 the 64-token wgmma tile (`small_tile` in qmm) beats the slotted four
+        // n-tiles (session 47, H100, graph µs: 16 x 14336x4096 46.3 -> 38.7, 16 x 8192x4096
+        // 29.4 -> 25.5, 14 x 8192x4096 27.2 -> 26.6), but not the group-pure form (session 56,
+        // H100: 16 x 14336x4096 26.0, 16 x 8192x4096 19.0).
+        4 if !gather && nt == 4 && m >= 14 && tile_after && !gp_wanted => return None,
         4 if !gather && (nt == 2 || ndim >= 8192) => (8, 2),
         _ => return None,
     };
@@ -1909,15 +1914,13 @@ fn decb_pick(
     // The group-pure form (qmv_decb.cu `GP`): 4-bit group 64 where the slotted form would take
     // two or four n-tiles (M = 5..16), every mma column a token: one n-tile up to M = 8, two
     // up to 16. MLXQ_DECB_GP=0 keeps the slotted n-tiles.
-    let gp = !fp
+    let gp = gp_wanted
+        && !fp
         && bits == 4
-        && group == 64
-        && ssize == 2
         && slots == 2
         && nt > 1
         && (nc, ns) == (8, 2)
-        && form.is_empty()
-        && knob("MLXQ_DECB_GP") != Some("0");
+        && form.is_empty();
     let (nt, form) = if gp { (m.div_ceil(8), "g") } else { (nt, form) };
     let entry = match (nc, ns, nt, form) {
         (8, 2, 1, "g") => "qmv_decb_8_2_g1",
