@@ -1792,12 +1792,13 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 ///   against 14.9 on qmv_decr), and where the row tiles do not fill the SMs or M >= 3
 ///   (4x4096x4096: 8.3 µs against 22.4 on qmv_decm);
 /// - 4-bit group 64 at M = 5..8 on one group-pure n-tile (`_g1`; the slotted form's two
-///   n-tiles before session 56), and at M = 9..16 where N >= 8192 on two (`_g2`; H100, graph
+///   n-tiles before session 56), and at M = 9..16 where N >= 4096 on two (`_g2`; H100, graph
 ///   µs, session 56: 8x14336x4096 20.4 against 26.9 on two slotted n-tiles, 16x14336x4096
-///   26.0 against 46.4 on four and 39.0 on the 64-token wgmma tile; at 4096x4096 four
-///   slotted n-tiles lost, 18.4 against 16.0, and the group-pure ones are unmeasured there).
-///   With MLXQ_DECB_GP=0 (the slotted n-tiles), M >= 14 goes to the wgmma tile where the
-///   device has wgmma (session 47).
+///   26.0 against 46.4 on four and 39.0 on the 64-token wgmma tile, 16x4096x4096 14.6
+///   against the tile's 15.6, where four slotted n-tiles lost, 18.4 against 16.0). x's
+///   M x K x 2 bytes of shared memory bound K: 16x4096x14336 and 16x28672x8192 stay on the
+///   tile. With MLXQ_DECB_GP=0 (the slotted n-tiles), M >= 14 goes to the wgmma tile where
+///   the device has wgmma (session 47), and M = 9..13 takes four n-tiles only where N >= 8192.
 ///
 /// Every route but the 4-consumer one takes 8 consumer warps and a 2-stage ring (run 21: 2
 /// stages beat 3 and 4 at each shape measured, 8-bit 4096x14336 24.0 µs against 31.8).
@@ -1874,7 +1875,10 @@ fn decb_pick(
         // 29.4 -> 25.5, 14 x 8192x4096 27.2 -> 26.6), but not the group-pure form (session 56,
         // H100: 16 x 14336x4096 26.0, 16 x 8192x4096 19.0).
         4 if !gather && nt == 4 && m >= 14 && tile_after && !gp_wanted => return None,
-        4 if !gather && (nt == 2 || ndim >= 8192) => (8, 2),
+        // The group-pure n-tiles also at N = 4096 (session 56, H100, graph µs, forced against
+        // the default wgmma tile: 12 x 4096x4096 12.4 against 15.8, 16 x 4096x4096 14.6
+        // against 15.6); the slotted four n-tiles lost there (18.4 against 16.0).
+        4 if !gather && (nt == 2 || ndim >= 8192 || (gp_wanted && ndim >= 4096)) => (8, 2),
         _ => return None,
     };
     let nc = match knob("MLXQ_DECB_NC").and_then(|v| v.parse::<u64>().ok()) {
