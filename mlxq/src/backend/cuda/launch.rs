@@ -1917,18 +1917,17 @@ fn decb_pick(
     };
     // The group-pure form (qmv_decb.cu `GP`): 4-bit group 64 where the slotted form would take
     // two or four n-tiles (M = 5..16), every mma column a token: one n-tile up to M = 8, two
-    // up to 16. MLXQ_DECB_GP=0 keeps the slotted n-tiles.
-    let gp = gp_wanted
-        && !fp
-        && bits == 4
-        && slots == 2
-        && nt > 1
-        && (nc, ns) == (8, 2)
-        && form.is_empty();
+    // up to 16. MLXQ_DECB_GP=0 keeps the slotted n-tiles; MLXQ_DECB_NS=3|4 takes 3 or 4
+    // stages (experiments).
+    let gp = gp_wanted && !fp && bits == 4 && slots == 2 && nt > 1 && nc == 8 && form.is_empty();
     let (nt, form) = if gp { (m.div_ceil(8), "g") } else { (nt, form) };
     let entry = match (nc, ns, nt, form) {
         (8, 2, 1, "g") => "qmv_decb_8_2_g1",
         (8, 2, 2, "g") => "qmv_decb_8_2_g2",
+        (8, 3, 1, "g") => "qmv_decb_8_3_g1",
+        (8, 3, 2, "g") => "qmv_decb_8_3_g2",
+        (8, 4, 1, "g") => "qmv_decb_8_4_g1",
+        (8, 4, 2, "g") => "qmv_decb_8_4_g2",
         (4, 3, 1, "s") => "qmv_decb_4_3_s",
         (4, 3, 1, "s5" | "auto") => "qmv_decb_4_3_s5",
         (4, 3, 1, "5") => "qmv_decb_4_3_5",

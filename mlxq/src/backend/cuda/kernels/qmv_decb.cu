@@ -422,6 +422,11 @@ QMV_DECB_X(qmv_decb_4_3_s, 4, 3, 1, 4, true)
 QMV_DECB_X(qmv_decb_4_3_s5, 4, 3, 1, 5, true)
 QMV_DECB_X(qmv_decb_4_3_5, 4, 3, 1, 5, false)
 QMV_DECB_X(qmv_decb_8_2_s, 8, 2, 1, 1, true)
-// Group-pure: one n-tile up to 8 tokens, two up to 16 (4-bit group 64).
+// Group-pure: one n-tile up to 8 tokens, two up to 16 (4-bit group 64); 3 and 4 stages for
+// MLXQ_DECB_NS (experiments).
 QMV_DECB_F(qmv_decb_8_2_g1, 8, 2, 1, 1, false, true)
 QMV_DECB_F(qmv_decb_8_2_g2, 8, 2, 2, 1, false, true)
+QMV_DECB_F(qmv_decb_8_3_g1, 8, 3, 1, 1, false, true)
+QMV_DECB_F(qmv_decb_8_3_g2, 8, 3, 2, 1, false, true)
+QMV_DECB_F(qmv_decb_8_4_g1, 8, 4, 1, 1, false, true)
+QMV_DECB_F(qmv_decb_8_4_g2, 8, 4, 2, 1, false, true)
