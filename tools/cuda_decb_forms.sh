@@ -36,15 +36,5 @@ wait
 for f in def auto s s5 5; do echo "== $f"; grep -E "^test |test result|rc=|panicked|FAIL" $OUT/t_$f.log | tail -6; done
 echo "tests done at $(( $(date +%s) - T1 )) s"
 ab
-python3 - $J <<'P'
-import json,sys
-rows={}
-for l in open(sys.argv[1]):
-    try: d=json.loads(l)
-    except Exception: continue
-    if 'bits' not in d: continue
-    key=(d['bits'],d['m'],d['n'],d['k']); r=rows.setdefault(key,{})
-    r.setdefault(d['set'],[]).append((d.get('graph_us'),d.get('ok'),str(d.get('kernel',''))[-16:]))
-for k in sorted(rows): print(k, rows[k])
-P
+python3 tools/ab_table.py $J
 tail -n 3 $OUT/err.txt

@@ -23,18 +23,7 @@ run new-nt mlxq MLXQ_TILE_SMALL=0
 run old-nt mlxq_old MLXQ_TILE_SMALL=0
 ( timeout 60 .devrun/mlxq bench --device cuda --json --iters 20 --bits 4 --op gather --tokens 1,512 --no-cublas 2>>$OUT/err.txt | tag gather-new ) >> $J
 echo "ab done at $(( $(date +%s) - T1 )) s"
-python3 - $J <<'P'
-import json,sys
-rows={}
-for l in open(sys.argv[1]):
-    try: d=json.loads(l)
-    except Exception: continue
-    if d.get('kind') not in ('matmul','gather'): continue
-    key=(d['kind'],d.get('m',d.get('tokens')),d.get('n'),d.get('k'))
-    rows.setdefault(key,{}).setdefault(d['set'],[]).append(round(d.get('graph_us') or 0,2))
-    if not d.get('ok'): print("NOT OK", d['set'], key)
-for k in sorted(rows, key=str): print(k, rows[k])
-P
+python3 tools/ab_table.py $J
 grep -h roofline $J | head -2
 # The tests on the new code.
 B=$PWD/.devrun/cuda_conformance

@@ -11,6 +11,7 @@
 #   mkdir -p .devrun && cp target/release/mlxq .devrun/ && cp target/release/deps/cuda_conformance-<hash> .devrun/cuda_conformance
 #   (strip and gzip both to fit a call's 64 MiB; this script gunzips them)
 # and run `bash tools/s56/decb_stages_call.sh` from the repository root on the GPU machine.
+cd "$(dirname "$0")/../.."  # the repository root
 gunzip -f .devrun/*.gz 2>/dev/null; chmod +x .devrun/mlxq .devrun/cuda_conformance
 export MLXQ_CUDA_CACHE=/tmp/mlxq-cache; mkdir -p $MLXQ_CUDA_CACHE
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -27,18 +28,7 @@ for r in 1 2; do
 done
 run probe2 4 "$X4" MLXQ_CUDA_DEFINES=DEC_PROBE=1; run probe4 4 "$X4" MLXQ_DECB_NS=4 MLXQ_CUDA_DEFINES=DEC_PROBE=1
 echo "bench done at $(( $(date +%s) - T0 )) s"
-python3 - $J <<'P'
-import json,sys
-rows={}
-for l in open(sys.argv[1]):
-    try: d=json.loads(l)
-    except Exception: continue
-    if d.get('kind')!='matmul': continue
-    key=(d['bits'],d['m'],d['n'],d['k'])
-    rows.setdefault(key,{}).setdefault(d['set'],[]).append(round(d.get('graph_us') or 0,2))
-    if not d.get('ok') and not d['set'].startswith('probe'): print("NOT OK", d['set'], key)
-for k in sorted(rows): print(k, rows[k])
-P
+python3 tools/ab_table.py $J
 B=$PWD/.devrun/cuda_conformance
 cd mlxq; export MLXQ_FIXTURES=$PWD/tests/fixtures
 D="many_token_decode_matches_the_f64_reference repeated_decode_matches_the_f64_reference_every_time long_rows_and_many_rows"
