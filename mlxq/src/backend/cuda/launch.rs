@@ -1919,7 +1919,7 @@ fn decb_pick(
     // two or four n-tiles (M = 5..16), every mma column a token: one n-tile up to M = 8, two
     // up to 16. MLXQ_DECB_GP=0 keeps the slotted n-tiles; MLXQ_DECB_NS=3|4 takes 3 or 4
     // stages (experiments).
-    let gp = gp_wanted && !fp && bits == 4 && slots == 2 && nt > 1 && nc == 8 && form.is_empty();
+    let gp = gp_wanted && !fp && bits == 4 && nt > 1 && nc == 8 && form.is_empty();
     let (nt, form) = if gp { (m.div_ceil(8), "g") } else { (nt, form) };
     let entry = match (nc, ns, nt, form) {
         (8, 2, 1, "g") => "qmv_decb_8_2_g1",

@@ -215,6 +215,12 @@ __device__ __forceinline__ float dec_x_item(XItem xv, u32* v) {
 // it loaded, so `load` may read xs itself (4-bit: an item of x is the size of its xs entry).
 // PAD: each token's row of xs is followed by 16 bytes (item i at i + i / (4 C)); qmv_decb's
 // group-pure form, whose B loads would otherwise meet two tokens on the same banks.
+// Where item i of x lies in xs (per_row = 4 C items a token; PAD: 16 bytes after each row).
+template <int PAD>
+__device__ __forceinline__ u32 dec_x_slot(u32 i, u32 per_row) {
+    return i + (PAD ? i / per_row : 0);
+}
+
 template <int PAD = 0, typename Load>
 __device__ __forceinline__ void dec_stage_x_from(Load load, u32 M, u32 C, uint4* xs, float* sx) {
     // XRD items per thread per round trip (no copy of x as loaded: that would take M x K
@@ -237,7 +243,7 @@ __device__ __forceinline__ void dec_stage_x_from(Load load, u32 M, u32 C, uint4*
         const bool valid = i < total;
         u32 v[4];
         float sum = dec_x_item(xr[r], v);
-        if (valid) xs[i + (PAD ? i / per_row : 0)] = make_uint4(v[0], v[1], v[2], v[3]);
+        if (valid) xs[dec_x_slot<PAD>(i, per_row)] = make_uint4(v[0], v[1], v[2], v[3]);
 #pragma unroll
         for (int off = IPG / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
         // Token i / per_row, group (i % per_row) / IPG of its row: group i / IPG of x.

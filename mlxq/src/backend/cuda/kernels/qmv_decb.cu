@@ -259,8 +259,7 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                 mbar_wait(xbar, xphase);
                 xphase ^= 1;
                 const XItem* xl = (const XItem*)xs;
-                const u32 per_row = C * 4;
-                dec_stage_x_from<GP>([&](u32 i) { return xl[i + (GP ? i / per_row : 0)]; }, M, C, xs, sx);
+                dec_stage_x_from<GP>([&](u32 i) { return xl[dec_x_slot<GP>(i, C * 4)]; }, M, C, xs, sx);
             } else {
                 dec_stage_x<GP>(xrow, M, C, xs, sx);
             }
