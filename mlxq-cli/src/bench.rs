@@ -162,6 +162,12 @@ pub struct Tuning {
     /// (32 layers × q, k, v, o, gate, up, down at M = 1, each layer its own weights).
     #[arg(long)]
     pub chain: bool,
+    /// CUDA, with `--chain`: run the decode step with each layer's q, k, v fused into one
+    /// 6144×4096 weight and gate, up into one 28672×4096 weight (stacked with
+    /// `QuantizedWeight::concat_rows` from separately quantized parts: the same bytes), 4
+    /// matmuls a layer (qkv, o, gate_up, down) instead of 7.
+    #[arg(long, requires = "chain")]
+    pub fuse: bool,
     /// CUDA: leave out the cuBLAS bf16 column (e.g. under compute-sanitizer, whose racecheck
     /// reports hazards inside cuBLAS's own kernels).
     #[arg(long)]

@@ -175,4 +175,6 @@ fn bad_devices_and_shapes_are_clean_errors() {
         "multiple of the nvfp4 group size 16",
     );
     fails_cleanly(&["bench", "--mode", "fp4"], "mxfp4");
+    // --fuse changes what --chain runs; alone it is an error, not a no-op.
+    fails_cleanly(&["bench", "--fuse"], "--chain");
 }

@@ -8,6 +8,7 @@
 //! `validate_quantized_input` does, so ops never re-check.
 
 use crate::buffer::Buffer;
+use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{checked_product, Error, Result};
 use crate::quant::{QuantMode, QuantSpec};
@@ -210,6 +211,156 @@ impl QuantizedWeight {
             biases: self.biases.as_ref().map(slice).transpose()?,
             spec: self.spec,
             shape: self.shape[self.shape.len() - 2..].to_vec(),
+        })
+    }
+
+    /// Stacks 2-D weights along their rows (N for `transpose = true`) into one weight on
+    /// `device`: how q, k and v (or gate and up) projections become one weight that a single
+    /// matmul launch serves, whose output columns are the parts' outputs side by side.
+    ///
+    /// Every part must be 2-D with the same [`QuantSpec`], the same column count, the same
+    /// scales dtype, and biases present (affine) or absent (FP modes) alike. The parts may live
+    /// anywhere: their bytes are copied to the host ([`Buffer::to_host`]), concatenated (for
+    /// row-major 2-D tensors the parts' blocks simply follow each other), and the result is
+    /// moved to `device` and validated as [`QuantizedWeight::new`] does. Row `r` of part `i`
+    /// becomes row `r + (rows of parts 0..i)`; [`QuantizedWeight::row_range`] gives each part
+    /// back as a view.
+    ///
+    /// Errors (naming the parameter `parts` and the index of the part at fault): an empty
+    /// list, a batched part, or a part whose spec, columns, scales dtype or biases disagree
+    /// with part 0's; a total size that overflows `usize`.
+    ///
+    /// ```
+    /// use mlxq::{ops, Buffer, DType, Device, Flavour, QuantSpec, QuantizedWeight};
+    /// # fn main() -> mlxq::Result<()> {
+    /// let device = Device::cpu();
+    /// let mut enc = device.encoder();
+    /// let spec = QuantSpec::affine(4, 64)?;
+    /// let quant = |rows: usize, enc: &mut mlxq::CommandEncoder| {
+    ///     let w = Buffer::from_f32(&vec![0.25; rows * 256], DType::BF16, &[rows, 256])?;
+    ///     ops::quantize(enc, &w, spec, Flavour::Gpu)
+    /// };
+    /// let (q, k, v) = (quant(96, &mut enc)?, quant(32, &mut enc)?, quant(32, &mut enc)?);
+    /// let qkv = QuantizedWeight::concat_rows(&[&q, &k, &v], &device)?;
+    /// assert_eq!(qkv.shape(), &[160, 256]);
+    /// assert_eq!(qkv.row_range(96, 32)?.packed().bytes(), k.packed().bytes());
+    /// # Ok(()) }
+    /// ```
+    pub fn concat_rows(parts: &[&QuantizedWeight], device: &Device) -> Result<QuantizedWeight> {
+        const OP: &str = "QuantizedWeight::concat_rows";
+        let first = *parts
+            .first()
+            .ok_or_else(|| Error::invalid(OP, "parts", "at least one weight", "an empty list"))?;
+        let cols = first.cols();
+        let mut rows = 0usize;
+        for (i, p) in parts.iter().enumerate() {
+            if p.shape.len() != 2 {
+                return Err(Error::shape(
+                    OP,
+                    "parts",
+                    format!("[rows, cols] at part {i} (a 2-D weight)"),
+                    &p.shape,
+                ));
+            }
+            if p.spec != first.spec {
+                return Err(Error::invalid(
+                    OP,
+                    "parts",
+                    format!("{} at part {i} (part 0's spec)", first.spec),
+                    p.spec,
+                ));
+            }
+            if p.cols() != cols {
+                return Err(Error::shape(
+                    OP,
+                    "parts",
+                    format!("[rows, {cols}] at part {i} (part 0's columns)"),
+                    &p.shape,
+                ));
+            }
+            if p.scales_dtype() != first.scales_dtype() {
+                return Err(Error::dtype(
+                    OP,
+                    "parts",
+                    format!("{} at part {i} (part 0's scales)", first.scales_dtype()),
+                    p.scales_dtype(),
+                ));
+            }
+            if p.biases.is_some() != first.biases.is_some() {
+                let has = |b: bool| if b { "biases" } else { "no biases" };
+                return Err(Error::invalid(
+                    OP,
+                    "parts",
+                    format!("{} at part {i} (as part 0)", has(first.biases.is_some())),
+                    has(p.biases.is_some()),
+                ));
+            }
+            rows = rows.checked_add(p.rows()).ok_or(Error::SizeOverflow {
+                op: OP,
+                what: "rows of the parts",
+            })?;
+        }
+        // Row-major 2-D tensors of equal row length: the parts' bytes simply follow each other.
+        let stack = |bufs: Vec<&Buffer>| -> Result<Buffer> {
+            let (dtype, width) = (bufs[0].dtype(), bufs[0].shape()[1]);
+            let len = checked_product(OP, "stacked bytes", [rows, width, dtype.size()])?;
+            let mut bytes = Vec::with_capacity(len);
+            for b in bufs {
+                bytes.extend_from_slice(b.to_host()?.bytes());
+            }
+            Buffer::from_bytes(&bytes, dtype, &[rows, width])?.to_device(device)
+        };
+        let packed = stack(parts.iter().map(|p| &p.packed).collect())?;
+        let scales = stack(parts.iter().map(|p| &p.scales).collect())?;
+        let biases = match first.biases {
+            Some(_) => Some(stack(
+                parts.iter().filter_map(|p| p.biases.as_ref()).collect(),
+            )?),
+            None => None,
+        };
+        QuantizedWeight::new(packed, scales, biases, first.spec)
+    }
+
+    /// A zero-copy view of rows `start..start + count` of a 2-D weight (for
+    /// `quantized_matmul(transpose = true)`, output columns `start..start + count`): e.g. the
+    /// k projection of a q/k/v weight made by [`QuantizedWeight::concat_rows`]. The view
+    /// shares storage with this weight, wherever it lives.
+    ///
+    /// Errors: a batched weight (take one matrix with [`QuantizedWeight::expert`] first),
+    /// `count == 0`, or `start + count` past the last row.
+    pub fn row_range(&self, start: usize, count: usize) -> Result<QuantizedWeight> {
+        const OP: &str = "QuantizedWeight::row_range";
+        if self.shape.len() != 2 {
+            return Err(Error::shape(
+                OP,
+                "self",
+                "[rows, cols] (a 2-D weight: take a matrix of a batch with `expert`)",
+                &self.shape,
+            ));
+        }
+        if count == 0 {
+            return Err(Error::invalid(OP, "count", "at least 1 row", count));
+        }
+        let rows = self.rows();
+        if start.checked_add(count).is_none_or(|end| end > rows) {
+            return Err(Error::invalid(
+                OP,
+                "start + count",
+                format!("at most {rows} (the weight's rows)"),
+                format!("{start} + {count}"),
+            ));
+        }
+        // No overflow: start < rows, and rows × row bytes was checked when the buffer was made.
+        let slice = |b: &Buffer| -> Result<Buffer> {
+            let width = b.shape()[1];
+            b.view(start * width * b.dtype().size(), b.dtype(), &[count, width])
+        };
+        Ok(QuantizedWeight {
+            packed: slice(&self.packed)?,
+            scales: slice(&self.scales)?,
+            biases: self.biases.as_ref().map(slice).transpose()?,
+            spec: self.spec,
+            shape: vec![count, self.cols()],
         })
     }
 }

@@ -184,7 +184,10 @@ fn check_gather(
 /// `--chain`: the matmuls of one Llama-3-8B decode step (32 layers × q, k, v, o 4096×4096 /
 /// 1024×4096, gate and up 14336×4096, down 4096×14336; M = 1, each layer its own copy of the
 /// weights) captured as one CUDA graph; prints total weight bytes / replay time against the
-/// read bandwidth. Returns the number of failed output checks (one per shape, last layer).
+/// read bandwidth. With `--fuse`, each layer's q, k, v are one 6144×4096 weight and gate, up
+/// one 28672×4096 weight, stacked by [`QuantizedWeight::concat_rows`] from separately
+/// quantized parts (the same bytes as unfused): 4 matmuls a layer. Returns the number of
+/// failed output checks (one per distinct weight shape, last layer).
 fn chain(
     args: &BenchArgs,
     device: &Device,
@@ -195,20 +198,62 @@ fn chain(
     rng: &mut StdRng,
 ) -> anyhow::Result<usize> {
     const LAYERS: usize = 32;
-    // (N, K) per matmul of a layer, in execution order; shape index into `shapes`.
-    let shapes = [[4096, 4096], [1024, 4096], [14336, 4096], [4096, 14336]];
-    let layer = [0usize, 1, 1, 0, 2, 2, 3];
+    // Per distinct weight: the rows (N) of the projections stacked in it (one unless fused)
+    // and K. `layer`: a layer's matmuls in execution order, as indices into `shapes`.
+    type Shape = (&'static [usize], usize);
+    let fuse = args.tune.fuse;
+    let (shapes, layer): (&[Shape], &[usize]) = if fuse {
+        (
+            &[
+                (&[4096, 1024, 1024], 4096), // q, k, v
+                (&[4096], 4096),             // o
+                (&[14336, 14336], 4096),     // gate, up
+                (&[4096], 14336),            // down
+            ],
+            &[0, 1, 2, 3],
+        )
+    } else {
+        (
+            &[
+                (&[4096], 4096),
+                (&[1024], 4096),
+                (&[14336], 4096),
+                (&[4096], 14336),
+            ],
+            &[0, 1, 1, 0, 2, 2, 3],
+        )
+    };
     let dtype = args.dtype;
+    let flavour = args.tune.flavour;
     let mut enc = device.encoder();
     let mut weights: Vec<Vec<QuantizedWeight>> = Vec::new();
     let mut xs = Vec::new();
     let mut outs = Vec::new();
-    for &[n, k] in &shapes {
-        let wf = Buffer::from_f32(&randn(rng, n * k), dtype, &[n, k])?.to_device(device)?;
-        let copies = LAYERS * layer.iter().filter(|&&s| shapes[s] == [n, k]).count();
-        let ws = (0..copies)
-            .map(|_| ops::quantize(&mut enc, &wf, spec, args.tune.flavour))
-            .collect::<mlxq::Result<Vec<_>>>()?;
+    for (s, &(parts, k)) in shapes.iter().enumerate() {
+        let copies = LAYERS * layer.iter().filter(|&&l| l == s).count();
+        let ws = if let [n] = *parts {
+            let wf = Buffer::from_f32(&randn(rng, n * k), dtype, &[n, k])?.to_device(device)?;
+            (0..copies)
+                .map(|_| ops::quantize(&mut enc, &wf, spec, flavour))
+                .collect::<mlxq::Result<Vec<_>>>()?
+        } else {
+            // Each projection quantized on its own (as an unfused model's), then stacked into
+            // one device weight per layer.
+            let quantized = parts
+                .iter()
+                .map(|&n| {
+                    let wf =
+                        Buffer::from_f32(&randn(rng, n * k), dtype, &[n, k])?.to_device(device)?;
+                    let q = ops::quantize(&mut enc, &wf, spec, flavour)?;
+                    enc.commit_and_wait()?;
+                    host_weight(&q)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let refs: Vec<&QuantizedWeight> = quantized.iter().collect();
+            (0..copies)
+                .map(|_| QuantizedWeight::concat_rows(&refs, device))
+                .collect::<mlxq::Result<Vec<_>>>()?
+        };
         enc.commit_and_wait()?;
         let xh = Buffer::from_f32(&randn(rng, k), dtype, &[1, k])?;
         let x = xh.to_device(device)?;
@@ -218,9 +263,10 @@ fn chain(
         xs.push((xh, x));
         outs.push(out);
     }
-    // Call i: layer i / 7, matmul i % 7; the j-th use of a shape takes its j-th copy.
+    // Call i: layer i / layer.len(), matmul i % layer.len(); the j-th use of a shape takes
+    // its j-th copy.
     let calls: Vec<(usize, usize)> = {
-        let mut used = [0usize; 4];
+        let mut used = vec![0usize; shapes.len()];
         (0..LAYERS * layer.len())
             .map(|i| {
                 let s = layer[i % layer.len()];
@@ -251,7 +297,9 @@ fn chain(
     );
     let best = stream_us.min(graph_us);
     println!(
-        "{{\"kind\":\"chain\",\"model\":\"llama-3-8b decode step, 32 layers x 7 matmuls, M=1\",\"bits\":{},\"group\":{},\"dtype\":\"{dtype}\",\"launches\":{},\"weight_bytes\":{bytes},\"floor_us\":{:.1},\"stream_us\":{stream_us:.1},\"graph_us\":{graph_us:.1},\"gbps\":{:.1},\"ratio\":{:.3},\"err\":{worst:.2e},\"ok\":{}}}",
+        "{{\"kind\":\"chain\",\"model\":\"llama-3-8b decode step, {LAYERS} layers x {} matmuls{}, M=1\",\"bits\":{},\"group\":{},\"dtype\":\"{dtype}\",\"launches\":{},\"weight_bytes\":{bytes},\"floor_us\":{:.1},\"stream_us\":{stream_us:.1},\"graph_us\":{graph_us:.1},\"gbps\":{:.1},\"ratio\":{:.3},\"err\":{worst:.2e},\"ok\":{}}}",
+        layer.len(),
+        if fuse { " (q,k,v and gate,up fused)" } else { "" },
         spec.bits(),
         spec.group_size(),
         calls.len(),
