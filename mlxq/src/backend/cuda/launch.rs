@@ -1801,7 +1801,9 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 ///   the device has wgmma (session 47), and M = 9..13 takes four n-tiles only where N >= 8192.
 ///
 /// Every route but the 4-consumer one takes 8 consumer warps and a 2-stage ring (run 21: 2
-/// stages beat 3 and 4 at each shape measured, 8-bit 4096x14336 24.0 µs against 31.8).
+/// stages beat 3 and 4 at each shape measured, 8-bit 4096x14336 24.0 µs against 31.8), but
+/// the group-pure one n-tile (4-bit M = 5..8), which takes 4 stages at N >= 8192 where they
+/// fit (session 57, H100: 8x14336x4096 18.9 µs against 20.1 on 2 stages).
 /// MLXQ_DECB_T2=0 / MLXQ_DECB_T4=0 leave the n-tiles to the older kernels.
 /// Elsewhere (4-bit, 2048 < N < 8192, M <= 2) qmv_decr stays faster (4096x14336: 15.5 µs
 /// against 17.8). MLXQ_DECB=1 takes it wherever it can serve (gathers and M up to 8 / slots
@@ -1917,17 +1919,21 @@ fn decb_pick(
     };
     // The group-pure form (qmv_decb.cu `GP`): 4-bit group 64 where the slotted form would take
     // two or four n-tiles (M = 5..16), every mma column a token: one n-tile up to M = 8, two
-    // up to 16. MLXQ_DECB_GP=0 keeps the slotted n-tiles; MLXQ_DECB_NS=3|4 takes 3 or 4
-    // stages (experiments).
+    // up to 16. MLXQ_DECB_GP=0 keeps the slotted n-tiles. One n-tile takes a 4-stage ring
+    // at N >= 8192 where it fits (session 57, H100, graph µs, x in pieces: 5x14336x4096 17.8
+    // against 19.1 on 2 stages, 8x 18.9 against 20.1, 8x28672x8192 65.6 against 67.2; not
+    // measured at N = 4096); two n-tiles keep 2 (4 stages: 16x8192x4096 18.2 against 18.0,
+    // 16x4096x4096 13.7 against 13.4, no gain at 12-16x14336x4096). MLXQ_DECB_NS=2|4 forces.
     let gp = gp_wanted && !fp && bits == 4 && nt > 1 && nc == 8 && form.is_empty();
     let (nt, form) = if gp { (m.div_ceil(8), "g") } else { (nt, form) };
+    let ns = match knob("MLXQ_DECB_NS") {
+        None if gp && nt == 1 && ndim >= 8192 => 4,
+        _ => ns,
+    };
     let entry = match (nc, ns, nt, form) {
         (8, 2, 1, "g") => "qmv_decb_8_2_g1",
-        (8, 2, 2, "g") => "qmv_decb_8_2_g2",
-        (8, 3, 1, "g") => "qmv_decb_8_3_g1",
-        (8, 3, 2, "g") => "qmv_decb_8_3_g2",
         (8, 4, 1, "g") => "qmv_decb_8_4_g1",
-        (8, 4, 2, "g") => "qmv_decb_8_4_g2",
+        (8, 2, 2, "g") => "qmv_decb_8_2_g2",
         (4, 3, 1, "s") => "qmv_decb_4_3_s",
         (4, 3, 1, "s5" | "auto") => "qmv_decb_4_3_s5",
         (4, 3, 1, "5") => "qmv_decb_4_3_5",
@@ -1947,12 +1953,20 @@ fn decb_pick(
     // GP: rows of a stage 32 bytes apart past their codes (not 64), 192 zero bytes, 16 bytes
     // after each token's row of x.
     let stage = 16 * (nc * super::dec_steps() * 64 + if gp { 32 } else { 64 }) + 32 * nc * dsb;
-    let smem = 128
-        + ns * stage
-        + if gp { 192 } else { 64 }
-        + m * (kdim / ck * 64 + if gp { 16 } else { 0 })
-        + (m * (kdim / group) * 4).div_ceil(16) * 16
-        + nt * nc * 512;
+    let smem_at = |ns: u64| {
+        128 + ns * stage
+            + if gp { 192 } else { 64 }
+            + m * (kdim / ck * 64 + if gp { 16 } else { 0 })
+            + (m * (kdim / group) * 4).div_ceil(16) * 16
+            + nt * nc * 512
+    };
+    // The group-pure one n-tile on 2 stages where 4 do not fit.
+    let (entry, smem) = match smem_at(ns) {
+        s if s > dev.smem_optin as u64 && entry == "qmv_decb_8_4_g1" => {
+            ("qmv_decb_8_2_g1", smem_at(2))
+        }
+        s => (entry, s),
+    };
     // auto: the five-block entry only where five blocks fit an SM (its 72 registers spill a
     // little); its four-block twin otherwise.
     let fallback = (form == "auto" && entry == "qmv_decb_4_3_s5").then_some(("qmv_decb_4_3_s", 5));

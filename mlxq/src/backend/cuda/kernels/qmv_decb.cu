@@ -46,6 +46,16 @@
 #ifndef DECB_LANES
 #define DECB_LANES 1
 #endif
+// DECB_XPIECE: 1 (default) in the group-pure form, x comes in pieces by stage of K (stage p
+// on mbarrier p, the eighth taking the rest), each consumer warp waits for a piece at its
+// first use and rearranges only its own batches of it: no block barrier between x and the
+// first tile, so consumers start once the first piece (not all of x) has landed and the
+// producer goes on issuing stages (session 57, H100: -0.9 to -1.0 us at M = 16, -0.3 to
+// -0.6 at M = 8..12). 0: the whole of x on one mbarrier, rearranged by the block, then a
+// block barrier.
+#ifndef DECB_XPIECE
+#define DECB_XPIECE 1
+#endif
 
 #if DECB_OK
 // The group-pure form (GP; 4-bit, groups of 64, two steps per batch, 16-bit scales): lane t
@@ -120,6 +130,34 @@ __device__ __forceinline__ void dec_batch_gp(const DecBatch& L, const u32 (&ba)[
 }
 #endif
 
+// DECB_XPIECE: this warp's batch b of x (its item `lane` of each token, in place, as the bulk
+// copies left it) into mma order, with the batch's group sums of x (dec_stage_x_from, one batch
+// of one warp).
+template <int PAD>
+__device__ __forceinline__ void dec_x_batch_gp(u32 b, u32 lane, u32 M, u32 C, uint4* xs, float* sx) {
+    constexpr u32 IPB = DBQ / DCPW, IPG = GROUP / DCPW, U = 4;
+    static_assert(PAD == 1 && IPB == 32, "one item of a batch per lane, rows padded");
+    const u32 per_row = C * 4;
+    const XItem* xl = (const XItem*)xs;
+    for (u32 m0 = 0; m0 < M; m0 += U) {
+        XItem xv[U];
+#pragma unroll
+        for (u32 r = 0; r < U; r++)
+            if (m0 + r < M) xv[r] = xl[dec_x_slot<PAD>((m0 + r) * per_row + b * IPB + lane, per_row)];
+#pragma unroll
+        for (u32 r = 0; r < U; r++) {
+            if (m0 + r >= M) break;  // uniform
+            const u32 i = (m0 + r) * per_row + b * IPB + lane;
+            u32 v[4];
+            float sum = dec_x_item(xv[r], v);
+            xs[dec_x_slot<PAD>(i, per_row)] = make_uint4(v[0], v[1], v[2], v[3]);
+#pragma unroll
+            for (u32 off = IPG / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            if (lane % IPG == 0) sx[i / IPG] = sum;
+        }
+    }
+}
+
 // SC: the step-column form (qmv_dec.cu, dec_lane_sc): one n-tile, M * DNSB <= 8. GP: the
 // group-pure form (above), not with SC.
 template <int NC, int NS, int NT, bool SC = false, bool GP = false>
@@ -157,13 +195,15 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
     float* red = sx + ((u64)M * G + 3) / 4 * 4;
     auto full = [&](u32 s) { return bars + 8 * s; };
     auto empty = [&](u32 s) { return bars + 8 * (NS + s); };
-    const u32 xbar = bars + 16 * NS;  // x's bulk copies
-    static_assert(16 * NS + 8 <= 128, "mbarriers in 128 bytes");
+    const u32 xbar = bars + 16 * NS;  // x's bulk copies (XP: piece p's at xbar + 8 p)
+    constexpr bool XP = DECB_XPIECE && DECB_XBULK && GP;
+    constexpr u32 XPN = XP ? 8 : 1;  // x's mbarriers
+    static_assert(16 * NS + 8 * XPN <= 128, "mbarriers in 128 bytes");
     if (threadIdx.x < NS) {
         mbar_init(full(threadIdx.x), 32);   // the producer's lanes (cp.async arrivals)
         mbar_init(empty(threadIdx.x), NC * (DECB_LANES ? 32 : 1));  // per consumer lane (warp)
     }
-    if (threadIdx.x == 0) mbar_init(xbar, 1);
+    if (threadIdx.x < XPN) mbar_init(xbar + 8 * threadIdx.x, 1);
     if (threadIdx.x < ZB / 16) zero[threadIdx.x] = make_uint4(0, 0, 0, 0);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncthreads();
@@ -238,8 +278,28 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
             for (u32 q = 0; q < min(total, (u32)NS); q++) issue(q);
         }
         pdl_wait();
-        if (ok) {
-            const XT* xrow = x + xi * x_stride;
+        const XT* xrow = x + xi * x_stride;
+        // XP: x in pieces by stage, each waited for and rearranged by each consumer warp at its
+        // first use (tile 0); a block without tiles copies nothing (no copy outlives it).
+        const bool xpiece = XP && ok && my_tiles > 0 && ((u64)xrow & 15) == 0;  // uniform
+        const u32 xpn = min(SPT, XPN);  // pieces: stage p, the last one the rest
+        if (xpiece) {
+            if (warp == 0) {
+                const u32 row = (u32)K * (u32)sizeof(XT), sb = NC * DBQ * (u32)sizeof(XT);
+                auto len = [&](u32 p) { return p + 1 < xpn ? sb : (SPT - p) * sb; };
+                if (lane == 0)
+                    for (u32 p = 0; p < xpn; p++) mbar_expect_tx(xbar + 8 * p, M * len(p));
+                __syncwarp();
+                for (u32 c = lane; c < xpn * M; c += 32) {
+                    const u32 p = c / M, m = c % M;
+                    bulk_copy(smem_addr(xs) + m * (row + 16) + p * sb, (const u8*)xrow + (u64)m * row + p * sb,
+                              len(p), xbar + 8 * p);
+                }
+                __syncwarp();
+                if (lane == 0)
+                    for (u32 p = 0; p < xpn; p++) mbar_arrive(xbar + 8 * p);
+            }
+        } else if (ok) {
             if (XBULK && ((u64)xrow & 15) == 0) {
                 // M x K values by warp 0 (32 pieces, K a multiple of 256; GP: a row per lane,
                 // each to its padded place), then each item rearranged where it landed.
@@ -264,7 +324,7 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                 dec_stage_x<GP>(xrow, M, C, xs, sx);
             }
         }
-        __syncthreads();
+        if (!xpiece) __syncthreads();
 
         if (producer) {
             for (u32 q = NS; q < total; q++) issue(q);
@@ -283,6 +343,14 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                 }
                 for (u32 ks = 0; ok && ks < SPT; ks++, q++) {
                     const u32 jj = done + q, slot = jj % NS;
+                    if constexpr (XP) {
+                        if (xpiece && tile == 0) {
+                            // This stage's piece of x, then this warp's batch of it.
+                            mbar_wait(xbar + 8 * min(ks, xpn - 1), xphase);
+                            dec_x_batch_gp<GP>(NC * ks + warp, lane, M, C, xs, sx);
+                            __syncwarp();
+                        }
+                    }
                     mbar_wait(full(slot), (jj / NS) & 1);
                     const u32 src = ring + slot * STAGE;
                     DecBatch L;
@@ -374,6 +442,7 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                 sync();
             }
         }
+        if (xpiece) xphase ^= 1;
         done += total;
     }
 }
@@ -421,11 +490,8 @@ QMV_DECB_X(qmv_decb_4_3_s, 4, 3, 1, 4, true)
 QMV_DECB_X(qmv_decb_4_3_s5, 4, 3, 1, 5, true)
 QMV_DECB_X(qmv_decb_4_3_5, 4, 3, 1, 5, false)
 QMV_DECB_X(qmv_decb_8_2_s, 8, 2, 1, 1, true)
-// Group-pure: one n-tile up to 8 tokens, two up to 16 (4-bit group 64); 3 and 4 stages for
-// MLXQ_DECB_NS (experiments).
+// Group-pure: one n-tile up to 8 tokens (4 stages where decb_pick finds room, else 2), two
+// up to 16 (2 stages: 3 and 4 measured no faster, session 57).
 QMV_DECB_F(qmv_decb_8_2_g1, 8, 2, 1, 1, false, true)
-QMV_DECB_F(qmv_decb_8_2_g2, 8, 2, 2, 1, false, true)
-QMV_DECB_F(qmv_decb_8_3_g1, 8, 3, 1, 1, false, true)
-QMV_DECB_F(qmv_decb_8_3_g2, 8, 3, 2, 1, false, true)
 QMV_DECB_F(qmv_decb_8_4_g1, 8, 4, 1, 1, false, true)
-QMV_DECB_F(qmv_decb_8_4_g2, 8, 4, 2, 1, false, true)
+QMV_DECB_F(qmv_decb_8_2_g2, 8, 2, 2, 1, false, true)
