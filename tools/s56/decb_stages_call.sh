@@ -1,4 +1,5 @@
 #!/bin/bash
+# (Superseded by tools/s57/xpiece_call.sh, which ran its sets; the 3-stage group-pure entries are gone.)
 # Session 56's unrun device job (for the next session with a GPU): the group-pure n-tiles at 2,
 # 3 and 4 ring stages (MLXQ_DECB_NS), with and without arithmetic (DEC_PROBE), 4-bit; and 8-bit
 # M = 9..16 on qmv_decb's two one-slot n-tiles (MLXQ_DECB=1 forces them; the route declines

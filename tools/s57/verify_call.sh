@@ -10,12 +10,12 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 T0=$(date +%s)
 B=$PWD/.devrun/cuda_conformance
 D="many_token_decode_matches_the_f64_reference repeated_decode_matches_the_f64_reference_every_time long_rows_and_many_rows"
-( cd mlxq && MLXQ_FIXTURES=$PWD/tests/fixtures timeout 120 $B --exact $D > $OUT/tests.log 2>&1; echo "rc=$?" >> $OUT/tests.log ) &
+( cd mlxq && MLXQ_FIXTURES=$PWD/tests/fixtures timeout 70 $B --exact $D > $OUT/tests.log 2>&1; echo "rc=$?" >> $OUT/tests.log ) &
 wait
 grep -hE "test result|rc=|FAIL|panick" $OUT/tests.log
 S="--shape 1,14336,4096 --shape 5,14336,4096 --shape 8,14336,4096 --shape 12,14336,4096 --shape 16,14336,4096 --shape 8,4096,4096 --shape 16,4096,4096 --shape 8,28672,8192"
-timeout 100 .devrun/mlxq bench --device cuda --json --iters 20 --bits 4 $S --no-cublas --chain 2>>$OUT/err.txt > $OUT/sweep.jsonl
-timeout 60 .devrun/mlxq bench --device cuda --json --iters 20 --bits 4 --shape 1,4096,4096 --no-cublas --chain --fuse 2>>$OUT/err.txt > $OUT/chain-fuse.jsonl
+timeout 70 .devrun/mlxq bench --device cuda --json --iters 20 --bits 4 $S --no-cublas --chain 2>>$OUT/err.txt > $OUT/sweep.jsonl
+timeout 45 .devrun/mlxq bench --device cuda --json --iters 20 --bits 4 --shape 1,4096,4096 --no-cublas --chain --fuse 2>>$OUT/err.txt > $OUT/chain-fuse.jsonl
 python3 tools/ab_table.py $OUT/sweep.jsonl $OUT/chain-fuse.jsonl
 grep -h '"kind":"chain"' $OUT/sweep.jsonl $OUT/chain-fuse.jsonl | cut -c1-400
 grep -h "read bandwidth" $OUT/err.txt | head -2

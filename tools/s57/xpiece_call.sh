@@ -1,4 +1,5 @@
 #!/bin/bash
+# (Ran once, session 57; MLXQ_DECB_MINB, qmv_decb_8_2_g1m2 and the two n-tiles at 4 stages were removed after it.)
 # Session 57's device job: the group-pure n-tiles (4-bit g64, M = 5..16) at 2, 3 and 4 ring
 # stages (MLXQ_DECB_NS), with x in pieces by stage (DECB_XPIECE=1), and one n-tile at two
 # blocks per SM (MLXQ_DECB_MINB=2, M = 5..8); probes without arithmetic (DEC_PROBE) at 2 and
