@@ -199,18 +199,24 @@ impl QuantizedWeight {
                 bound: count,
             });
         }
+        let rows = self.rows();
+        self.rows_view(index * rows, rows)
+    }
+
+    /// Rows `start..start + count` of the three tensors, their batch dims flattened into
+    /// rows (matrix i of a batch is rows i·R..(i + 1)·R), as a 2-D weight sharing storage.
+    /// The caller has checked the range; `Buffer::view` checks it again against the storage.
+    fn rows_view(&self, start: usize, count: usize) -> Result<QuantizedWeight> {
         let slice = |b: &Buffer| -> Result<Buffer> {
-            let nd = b.ndim();
-            let mat = &b.shape()[nd - 2..];
-            let bytes = mat[0] * mat[1] * b.dtype().size();
-            b.view(index * bytes, b.dtype(), mat)
+            let width = b.shape()[b.ndim() - 1];
+            b.view(start * width * b.dtype().size(), b.dtype(), &[count, width])
         };
         Ok(QuantizedWeight {
             packed: slice(&self.packed)?,
             scales: slice(&self.scales)?,
             biases: self.biases.as_ref().map(slice).transpose()?,
             spec: self.spec,
-            shape: self.shape[self.shape.len() - 2..].to_vec(),
+            shape: vec![count, self.cols()],
         })
     }
 
@@ -351,16 +357,6 @@ impl QuantizedWeight {
             ));
         }
         // No overflow: start < rows, and rows × row bytes was checked when the buffer was made.
-        let slice = |b: &Buffer| -> Result<Buffer> {
-            let width = b.shape()[1];
-            b.view(start * width * b.dtype().size(), b.dtype(), &[count, width])
-        };
-        Ok(QuantizedWeight {
-            packed: slice(&self.packed)?,
-            scales: slice(&self.scales)?,
-            biases: self.biases.as_ref().map(slice).transpose()?,
-            spec: self.spec,
-            shape: vec![count, self.cols()],
-        })
+        self.rows_view(start, count)
     }
 }

@@ -1,6 +1,9 @@
 //! Every bad input gets its own clear error, naming the op, the parameter, what was expected
 //! and what came; nothing panics.
 
+mod common;
+
+use common::says;
 use mlxq::ops::{self, DequantizeOptions};
 use mlxq::{
     Buffer, CommandEncoder, DType, Device, Error, Flavour, QuantMode, QuantSpec, QuantizedWeight,
@@ -22,14 +25,6 @@ fn weight(shape: &[usize]) -> QuantizedWeight {
         Flavour::Gpu,
     )
     .unwrap()
-}
-
-/// Asserts the message names every fragment.
-fn says(e: Error, fragments: &[&str]) {
-    let msg = e.to_string();
-    for f in fragments {
-        assert!(msg.contains(f), "error {msg:?} does not mention {f:?}");
-    }
 }
 
 #[test]

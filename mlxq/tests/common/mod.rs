@@ -9,7 +9,7 @@
 
 #![allow(dead_code)] // Each test binary uses its own subset of these helpers.
 
-use mlxq::{Buffer, DType, Flavour, QuantSpec, QuantizedWeight};
+use mlxq::{Buffer, DType, Error, Flavour, QuantSpec, QuantizedWeight};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -313,4 +313,13 @@ pub fn got_f64(y: &Buffer) -> Vec<f64> {
         "output has unwritten (NaN) or non-finite elements"
     );
     v
+}
+
+/// Asserts the error's message names every fragment (the op, the parameter, the expected and
+/// the actual value).
+pub fn says(e: Error, fragments: &[&str]) {
+    let msg = e.to_string();
+    for f in fragments {
+        assert!(msg.contains(f), "error {msg:?} does not mention {f:?}");
+    }
 }

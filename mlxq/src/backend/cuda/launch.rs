@@ -1926,8 +1926,21 @@ fn decb_pick(
     // 16x4096x4096 13.7 against 13.4, no gain at 12-16x14336x4096). MLXQ_DECB_NS=2|4 forces.
     let gp = gp_wanted && !fp && bits == 4 && nt > 1 && nc == 8 && form.is_empty();
     let (nt, form) = if gp { (m.div_ceil(8), "g") } else { (nt, form) };
+    // Shared memory at ns stages: the mbarriers (the ring's and x's, 128 bytes), NS stages of
+    // 16 rows of codes (+ 64 bytes of padding each) and their scales and biases, 64 zero
+    // bytes, x (64 bytes per chunk and token), its group sums, the consumers' partial sums
+    // (each n-tile its own). GP: rows of a stage 32 bytes apart past their codes (not 64), 192
+    // zero bytes, 16 bytes after each token's row of x.
+    let stage = 16 * (nc * super::dec_steps() * 64 + if gp { 32 } else { 64 }) + 32 * nc * dsb;
+    let smem_at = |ns: u64| {
+        128 + ns * stage
+            + if gp { 192 } else { 64 }
+            + m * (kdim / ck * 64 + if gp { 16 } else { 0 })
+            + (m * (kdim / group) * 4).div_ceil(16) * 16
+            + nt * nc * 512
+    };
     let ns = match knob("MLXQ_DECB_NS") {
-        None if gp && nt == 1 && ndim >= 8192 => 4,
+        None if gp && nt == 1 && ndim >= 8192 && smem_at(4) <= dev.smem_optin as u64 => 4,
         _ => ns,
     };
     let entry = match (nc, ns, nt, form) {
@@ -1946,27 +1959,7 @@ fn decb_pick(
         (8, 2, 4, _) => "qmv_decb_8_2_t4",
         _ => return None,
     };
-    // Shared memory: the mbarriers (the ring's and x's, 128 bytes), NS stages of 16 rows of
-    // codes (+ 64 bytes of padding each) and their scales and biases, 64 zero bytes, x (64
-    // bytes per chunk and token), its group sums, the consumers' partial sums (each n-tile
-    // its own).
-    // GP: rows of a stage 32 bytes apart past their codes (not 64), 192 zero bytes, 16 bytes
-    // after each token's row of x.
-    let stage = 16 * (nc * super::dec_steps() * 64 + if gp { 32 } else { 64 }) + 32 * nc * dsb;
-    let smem_at = |ns: u64| {
-        128 + ns * stage
-            + if gp { 192 } else { 64 }
-            + m * (kdim / ck * 64 + if gp { 16 } else { 0 })
-            + (m * (kdim / group) * 4).div_ceil(16) * 16
-            + nt * nc * 512
-    };
-    // The group-pure one n-tile on 2 stages where 4 do not fit.
-    let (entry, smem) = match smem_at(ns) {
-        s if s > dev.smem_optin as u64 && entry == "qmv_decb_8_4_g1" => {
-            ("qmv_decb_8_2_g1", smem_at(2))
-        }
-        s => (entry, s),
-    };
+    let smem = smem_at(ns);
     // auto: the five-block entry only where five blocks fit an SM (its 72 registers spill a
     // little); its four-block twin otherwise.
     let fallback = (form == "auto" && entry == "qmv_decb_4_3_s5").then_some(("qmv_decb_4_3_s", 5));

@@ -221,12 +221,28 @@ __device__ __forceinline__ u32 dec_x_slot(u32 i, u32 per_row) {
     return i + (PAD ? i / per_row : 0);
 }
 
+// One item i of x (xv, as loaded) into its slot of xs in mma order, and its group's sum of x
+// into sx by the group's first lane (the IPG lanes of a group are neighbours; `pos` is i, or
+// anything equal to it modulo IPG). Every lane of the warp takes part (the shuffles); `valid`
+// false stores nothing.
+template <int PAD>
+__device__ __forceinline__ void dec_x_put(XItem xv, u32 i, u32 pos, u32 per_row, bool valid,
+                                          uint4* xs, float* sx) {
+    constexpr int IPG = GROUP / DCPW;
+    u32 v[4];
+    float sum = dec_x_item(xv, v);
+    if (valid) xs[dec_x_slot<PAD>(i, per_row)] = make_uint4(v[0], v[1], v[2], v[3]);
+#pragma unroll
+    for (int off = IPG / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    // Token i / per_row, group (i % per_row) / IPG of its row: group i / IPG of x.
+    if (valid && pos % IPG == 0) sx[i / IPG] = sum;
+}
+
 template <int PAD = 0, typename Load>
 __device__ __forceinline__ void dec_stage_x_from(Load load, u32 M, u32 C, uint4* xs, float* sx) {
     // XRD items per thread per round trip (no copy of x as loaded: that would take M x K
     // more bytes of shared memory per block).
     const u32 per_row = C * 4, total = M * per_row;
-    constexpr int IPG = GROUP / DCPW;
     constexpr u32 XRD = 4;
     XItem xr[XRD];
     for (u32 base0 = 0; base0 < total; base0 += XRD * blockDim.x) {
@@ -240,14 +256,7 @@ __device__ __forceinline__ void dec_stage_x_from(Load load, u32 M, u32 C, uint4*
     for (u32 r = 0; r < XRD; r++) {
         if (base0 + r * blockDim.x >= total) break;
         const u32 i = base0 + r * blockDim.x + threadIdx.x;
-        const bool valid = i < total;
-        u32 v[4];
-        float sum = dec_x_item(xr[r], v);
-        if (valid) xs[dec_x_slot<PAD>(i, per_row)] = make_uint4(v[0], v[1], v[2], v[3]);
-#pragma unroll
-        for (int off = IPG / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        // Token i / per_row, group (i % per_row) / IPG of its row: group i / IPG of x.
-        if (valid && i % IPG == 0) sx[i / IPG] = sum;
+        dec_x_put<PAD>(xr[r], i, i, per_row, i < total, xs, sx);
     }
     }
 }

@@ -135,7 +135,7 @@ __device__ __forceinline__ void dec_batch_gp(const DecBatch& L, const u32 (&ba)[
 // of one warp).
 template <int PAD>
 __device__ __forceinline__ void dec_x_batch_gp(u32 b, u32 lane, u32 M, u32 C, uint4* xs, float* sx) {
-    constexpr u32 IPB = DBQ / DCPW, IPG = GROUP / DCPW, U = 4;
+    constexpr u32 IPB = DBQ / DCPW, U = 4;
     static_assert(PAD == 1 && IPB == 32, "one item of a batch per lane, rows padded");
     const u32 per_row = C * 4;
     const XItem* xl = (const XItem*)xs;
@@ -147,13 +147,7 @@ __device__ __forceinline__ void dec_x_batch_gp(u32 b, u32 lane, u32 M, u32 C, ui
 #pragma unroll
         for (u32 r = 0; r < U; r++) {
             if (m0 + r >= M) break;  // uniform
-            const u32 i = (m0 + r) * per_row + b * IPB + lane;
-            u32 v[4];
-            float sum = dec_x_item(xv[r], v);
-            xs[dec_x_slot<PAD>(i, per_row)] = make_uint4(v[0], v[1], v[2], v[3]);
-#pragma unroll
-            for (u32 off = IPG / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-            if (lane % IPG == 0) sx[i / IPG] = sum;
+            dec_x_put<PAD>(xv[r], (m0 + r) * per_row + b * IPB + lane, lane, per_row, true, xs, sx);
         }
     }
 }
