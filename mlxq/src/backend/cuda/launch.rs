@@ -699,7 +699,7 @@ pub(crate) fn qmm(
             nc,
             smem: smem_b,
         }) = decb_pick(
-            &dev,
+            DevCaps::of(&dev),
             m,
             ndim,
             kdim,
@@ -1820,7 +1820,7 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 /// 4096x14336 22.0 against 18.6).
 #[allow(clippy::too_many_arguments)]
 fn decb_pick(
-    dev: &CudaDevice,
+    dev: DevCaps,
     m: u64,
     ndim: u64,
     kdim: u64,
@@ -1844,7 +1844,7 @@ fn decb_pick(
     let slots = if group < qc && !fp { qc / group } else { 1 };
     let batch_codes = super::dec_steps() * qc;
     let dsb = batch_codes / group.max(1) * ssize;
-    let few_tiles = ndim.div_ceil(16) <= u64::from(dev.multiprocessors());
+    let few_tiles = ndim.div_ceil(16) <= u64::from(dev.sms);
     // n-tiles of 8 columns (token, slot): two serve 4-bit M = 5..8 at group 64, four M =
     // 9..16 (and, forced by MLXQ_DECB=1, up to 32 columns of any width and group), each
     // decoded weight fragment feeding all of them.
@@ -1880,14 +1880,18 @@ fn decb_pick(
         // The group-pure n-tiles also at N = 4096 (session 56, H100, graph µs, forced against
         // the default wgmma tile: 12 x 4096x4096 12.4 against 15.8, 16 x 4096x4096 14.6
         // against 15.6); the slotted four n-tiles lost there (18.4 against 16.0).
-        4 if !gather && (nt == 2 || ndim >= 8192 || (gp_wanted && ndim >= 4096)) => (8, 2),
+        // (n-tiles only: one n-tile at 2048 < N < 8192 and M <= 2 keeps qmv_dec / qmv_decr,
+        // below; session 58, H100: 1x4096x4096 7.31 µs here against 5.50 there.)
+        4 if !gather && (nt == 2 || ndim >= 8192 || (gp_wanted && nt > 1 && ndim >= 4096)) => {
+            (8, 2)
+        }
         _ => return None,
     };
     let nc = match knob("MLXQ_DECB_NC").and_then(|v| v.parse::<u64>().ok()) {
         Some(v @ (4 | 8)) => v,
         _ => nc,
     };
-    if dev.arch() < 90
+    if dev.arch < 90
         || !matches!(bits, 4 | 8)
         || !matches!(nt, 1 | 2 | 4)
         || group > batch_codes
@@ -1940,7 +1944,7 @@ fn decb_pick(
             + nt * nc * 512
     };
     let ns = match knob("MLXQ_DECB_NS") {
-        None if gp && nt == 1 && ndim >= 8192 && smem_at(4) <= dev.smem_optin as u64 => 4,
+        None if gp && nt == 1 && ndim >= 8192 && smem_at(4) <= dev.smem_optin => 4,
         _ => ns,
     };
     let entry = match (nc, ns, nt, form) {
@@ -1963,7 +1967,7 @@ fn decb_pick(
     // auto: the five-block entry only where five blocks fit an SM (its 72 registers spill a
     // little); its four-block twin otherwise.
     let fallback = (form == "auto" && entry == "qmv_decb_4_3_s5").then_some(("qmv_decb_4_3_s", 5));
-    (smem <= dev.smem_optin as u64).then_some(DecbPick {
+    (smem <= dev.smem_optin).then_some(DecbPick {
         entry,
         fallback,
         nc,
@@ -1975,6 +1979,25 @@ fn decb_pick(
 /// (docs/perf-cuda.md, session 52) the step columns measured within 1% of the plain form and
 /// five blocks per SM 4–27% slower; the H200 has not run them.
 const DECB_SC_DEFAULT: bool = false;
+
+/// What [`decb_pick`] needs of the device: compute capability (`major * 10 + minor`),
+/// multiprocessors and the most dynamic shared memory a block may opt in to (bytes).
+#[derive(Clone, Copy)]
+struct DevCaps {
+    arch: u32,
+    sms: u32,
+    smem_optin: u64,
+}
+
+impl DevCaps {
+    fn of(dev: &CudaDevice) -> Self {
+        DevCaps {
+            arch: dev.arch(),
+            sms: dev.multiprocessors(),
+            smem_optin: dev.smem_optin as u64,
+        }
+    }
+}
 
 /// [`decb_pick`]'s choice: the entry, its consumer warps and shared memory per block, and
 /// the entry to take instead (with the blocks per SM the first needs) where fewer fit.
@@ -2478,6 +2501,52 @@ mod tests {
             indices_ready(Some((0, 1 << 40)), &[None, None]),
             "no index tensors"
         );
+    }
+
+    #[test]
+    fn decode_routes_follow_the_measured_rule() {
+        // An H100's limits; 4-bit (or 8-bit) group 64, bf16 scales, dense, aligned operands.
+        let h100 = super::DevCaps {
+            arch: 90,
+            sms: 132,
+            smem_optin: 227 * 1024,
+        };
+        let pick = |m: u64, n: u64, k: u64, bits: u64| {
+            super::decb_pick(
+                h100, m, n, k, bits, 64, 2, false, false, true, [0; 3], [0; 2],
+            )
+            .map(|p| p.entry)
+        };
+        // M <= 2 at 2048 < N < 8192 keeps qmv_dec / qmv_decr (session 58: the N = 4096 rule
+        // of the n-tiles had taken them to the 8 x 2 ring, 1.3x slower).
+        for (m, n, k) in [
+            (1, 4096, 4096),
+            (2, 4096, 4096),
+            (1, 4096, 14336),
+            (1, 6144, 4096),
+        ] {
+            assert_eq!(pick(m, n, k, 4), None, "{m}x{n}x{k}");
+        }
+        assert_eq!(pick(1, 14336, 4096, 4), Some("qmv_decb_4_3"));
+        assert_eq!(pick(2, 28672, 8192, 4), Some("qmv_decb_4_3"));
+        assert_eq!(pick(3, 4096, 4096, 4), Some("qmv_decb_8_2"));
+        assert_eq!(pick(8, 4096, 4096, 4), Some("qmv_decb_8_2_g1"));
+        assert_eq!(pick(8, 14336, 4096, 4), Some("qmv_decb_8_4_g1"));
+        assert_eq!(pick(12, 4096, 4096, 4), Some("qmv_decb_8_2_g2"));
+        assert_eq!(pick(16, 14336, 4096, 4), Some("qmv_decb_8_2_g2"));
+        // x (M x K x 2 bytes) outgrows shared memory: the wgmma tile.
+        assert_eq!(pick(16, 4096, 14336, 4), None);
+        assert_eq!(pick(1, 4096, 4096, 8), Some("qmv_decb_8_2"));
+        assert_eq!(pick(16, 14336, 4096, 8), None);
+        // Before Hopper, or with misaligned operands: never.
+        let old = super::DevCaps { arch: 80, ..h100 };
+        let at = |dev, ptrs| {
+            super::decb_pick(
+                dev, 1, 14336, 4096, 4, 64, 2, false, false, true, ptrs, [0; 2],
+            )
+        };
+        assert!(at(old, [0; 3]).is_none());
+        assert!(at(h100, [8, 0, 0]).is_none());
     }
 
     #[test]
