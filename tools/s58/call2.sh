@@ -1,0 +1,39 @@
+#!/bin/bash
+# Session 58's second device job, on the route fix (decb_pick: the N = 4096 rule of the
+# n-tiles no longer takes M <= 2, which call 1 found on the 8 x 2 ring, 1.3x slower):
+# M = 1..2 at N = 4096..8191 on the fixed default against qmv_decb_4_3 (two rounds), the
+# decode-step chain unfused and fused at 4 and 8 bits, M = 1..16 rows of the issue's table,
+# then the decode tests (default route) and the route's own unit test.
+# Carry .devrun (mlxq.gz, cuda_conformance.gz built from this commit); run from the repo root.
+cd "$(dirname "$0")/../.."
+gunzip -f .devrun/*.gz 2>/dev/null; chmod +x .devrun/mlxq .devrun/cuda_conformance 2>/dev/null
+export MLXQ_CUDA_CACHE=/tmp/mlxq-cache; mkdir -p $MLXQ_CUDA_CACHE
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+T0=$(date +%s)
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1
+tag() { sed -u "s/^{/{\"set\":\"$1\",/"; }
+J=$OUT/s58-call2.jsonl
+run() { local name=$1 bits=$2 shapes=$3; shift 3; ( env "$@" timeout 100 .devrun/mlxq bench --device cuda --json --iters 20 --bits $bits $shapes --no-cublas 2>>$OUT/err.txt | tag $name ) >> $J; }
+M1="--shape 1,4096,4096 --shape 2,4096,4096 --shape 1,4096,14336 --shape 1,6144,4096 --shape 2,6144,4096 --shape 1,2048,4096"
+run m1-def 4 "$M1" X=1
+run m1-b43 4 "$M1" MLXQ_DECB=1 MLXQ_DECB_NC=4 MLXQ_DECB_NS=3
+run m1-def 4 "$M1" X=1
+run m1-b43 4 "$M1" MLXQ_DECB=1 MLXQ_DECB_NC=4 MLXQ_DECB_NS=3
+echo "m1 done at $(( $(date +%s) - T0 )) s"
+run chain 4 "--shape 1,4096,4096 --chain" X=1
+run fuse 4 "--shape 1,4096,4096 --chain --fuse" X=1
+run chain 8 "--shape 1,4096,4096 --chain" X=1
+run fuse 8 "--shape 1,4096,4096 --chain --fuse" X=1
+echo "chains done at $(( $(date +%s) - T0 )) s"
+T="--shape 1,4096,4096 --shape 1,14336,4096 --shape 1,28672,8192 --shape 1,4096,14336 --shape 2,14336,4096 --shape 4,14336,4096 --shape 8,14336,4096 --shape 16,14336,4096"
+run table 4,8 "$T" X=1
+echo "bench done at $(( $(date +%s) - T0 )) s"
+python3 tools/ab_table.py $J
+grep -h '"kind":"chain"' $J | cut -c1-330
+grep -h "read bandwidth" $OUT/err.txt | sort | uniq -c
+grep -hiE "error|panic" $OUT/err.txt | head -5
+B=$PWD/.devrun/cuda_conformance
+D="many_token_decode_matches_the_f64_reference repeated_decode_matches_the_f64_reference_every_time long_rows_and_many_rows"
+[ -x $B ] && ( cd mlxq && MLXQ_FIXTURES=$PWD/tests/fixtures timeout ${TESTS_S:-200} $B --exact $D > $OUT/tests.log 2>&1; echo "rc=$?" >> $OUT/tests.log )
+[ -x $B ] && grep -hE "test result|rc=|FAIL|panick" $OUT/tests.log
+echo "all done at $(( $(date +%s) - T0 )) s"
