@@ -1863,6 +1863,14 @@ fn decb_pick(
     // do not divide K.
     // The group-pure form (below) where its shape allows and it is not switched off.
     let gp_wanted = group == 64 && ssize == 2 && knob("MLXQ_DECB_GP") != Some("0");
+    // ... and for M = 3..4 on one n-tile where GP34_DEFAULT or MLXQ_DECB_GP34=1 says so (=0:
+    // the slotted forms, 4 consumers x 3 stages at N >= 6144, 8 x 2 below).
+    let gp34 = match knob("MLXQ_DECB_GP34") {
+        Some("1") => true,
+        Some("0") => false,
+        _ => GP34_DEFAULT,
+    };
+    let gp_small = gp34 && gp_wanted && !fp && !gather && bits == 4 && (3..=4).contains(&m);
     let (nc, ns) = match bits {
         _ if everywhere => (8, 2),
         4 if fp && nt == 1 && ((m <= 4 && ndim >= 8192) || (m == 1 && kdim < 8192)) => (4, 3),
@@ -1870,7 +1878,11 @@ fn decb_pick(
         _ if fp => (8, 2),
         _ if nt > 1 && slots != 2 => return None,
         8 if !gather && nt == 1 => (8, 2),
-        4 if !gather && m <= 4 && ndim >= 8192 => (4, 3),
+        4 if gp_small => (8, 2),
+        // One slotted n-tile on 4 consumers from N = 6144 (session 58, H100, graph µs:
+        // 1x6144x4096 7.36 against 9.71 on qmv_dec, 2x 8.48 against 10.57; at N = 4096
+        // qmv_dec stays ahead, 5.50 against 6.3).
+        4 if !gather && m <= 4 && ndim >= 6144 => (4, 3),
         4 if !gather && m <= 4 && (few_tiles || m >= 3) => (8, 2),
         // From M = 14 the 64-token wgmma tile (`small_tile` in qmm) beats the slotted four
         // n-tiles (session 47, H100, graph µs: 16 x 14336x4096 46.3 -> 38.7, 16 x 8192x4096
@@ -1880,7 +1892,7 @@ fn decb_pick(
         // The group-pure n-tiles also at N = 4096 (session 56, H100, graph µs, forced against
         // the default wgmma tile: 12 x 4096x4096 12.4 against 15.8, 16 x 4096x4096 14.6
         // against 15.6); the slotted four n-tiles lost there (18.4 against 16.0).
-        // (n-tiles only: one n-tile at 2048 < N < 8192 and M <= 2 keeps qmv_dec / qmv_decr,
+        // (n-tiles only: one n-tile at 2048 < N < 6144 and M <= 2 keeps qmv_dec / qmv_decr,
         // below; session 58, H100: 1x4096x4096 7.31 µs here against 5.50 there.)
         4 if !gather && (nt == 2 || ndim >= 8192 || (gp_wanted && nt > 1 && ndim >= 4096)) => {
             (8, 2)
@@ -1928,7 +1940,7 @@ fn decb_pick(
     // against 19.1 on 2 stages, 8x 18.9 against 20.1, 8x28672x8192 65.6 against 67.2; not
     // measured at N = 4096); two n-tiles keep 2 (4 stages: 16x8192x4096 18.2 against 18.0,
     // 16x4096x4096 13.7 against 13.4, no gain at 12-16x14336x4096). MLXQ_DECB_NS=2|4 forces.
-    let gp = gp_wanted && !fp && bits == 4 && nt > 1 && nc == 8 && form.is_empty();
+    let gp = gp_wanted && !fp && bits == 4 && (nt > 1 || gp_small) && nc == 8 && form.is_empty();
     let (nt, form) = if gp { (m.div_ceil(8), "g") } else { (nt, form) };
     // Shared memory at ns stages: the mbarriers (the ring's and x's, 128 bytes), NS stages of
     // 16 rows of codes (+ 64 bytes of padding each) and their scales and biases, 64 zero
@@ -1980,6 +1992,11 @@ fn decb_pick(
 /// five blocks per SM 4–27% slower; the H200 has not run them.
 const DECB_SC_DEFAULT: bool = false;
 
+/// Whether 4-bit group-64 M = 3..4 takes `qmv_decb`'s group-pure one n-tile by default (as M =
+/// 5..8 does) instead of the slotted one n-tile. Off until measured (session 58 built it: at
+/// 14336x4096 the slotted M = 4 took 18.8 µs, the group-pure M = 5 17.9 on an H100).
+const GP34_DEFAULT: bool = false;
+
 /// What [`decb_pick`] needs of the device: compute capability (`major * 10 + minor`),
 /// multiprocessors and the most dynamic shared memory a block may opt in to (bytes).
 #[derive(Clone, Copy)]
@@ -2022,7 +2039,7 @@ fn qmvn_shape(mt: u32, bits: u64) -> (u64, u64) {
 }
 
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 29] = [
+const KNOBS: [&str; 30] = [
     "MLXQ_GATHER_SORT_OFF",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
@@ -2041,6 +2058,7 @@ const KNOBS: [&str; 29] = [
     "MLXQ_DECB_T4",
     "MLXQ_DECB_SC",
     "MLXQ_DECB_GP",
+    "MLXQ_DECB_GP34",
     "MLXQ_WS",
     "MLXQ_FP_TILES",
     "MLXQ_QMVN_PER_SM",
@@ -2517,19 +2535,26 @@ mod tests {
             )
             .map(|p| p.entry)
         };
-        // M <= 2 at 2048 < N < 8192 keeps qmv_dec / qmv_decr (session 58: the N = 4096 rule
-        // of the n-tiles had taken them to the 8 x 2 ring, 1.3x slower).
-        for (m, n, k) in [
-            (1, 4096, 4096),
-            (2, 4096, 4096),
-            (1, 4096, 14336),
-            (1, 6144, 4096),
-        ] {
+        // M <= 2 below N = 6144 keeps qmv_dec / qmv_decr (session 58: the N = 4096 rule of
+        // the n-tiles had taken them to the 8 x 2 ring, 1.3x slower).
+        for (m, n, k) in [(1, 4096, 4096), (2, 4096, 4096), (1, 4096, 14336)] {
             assert_eq!(pick(m, n, k, 4), None, "{m}x{n}x{k}");
         }
+        // Row tiles that do not fill the SMs: 8 x 2 (session 47).
+        assert_eq!(pick(1, 2048, 4096, 4), Some("qmv_decb_8_2"));
+        assert_eq!(pick(1, 6144, 4096, 4), Some("qmv_decb_4_3"));
         assert_eq!(pick(1, 14336, 4096, 4), Some("qmv_decb_4_3"));
         assert_eq!(pick(2, 28672, 8192, 4), Some("qmv_decb_4_3"));
-        assert_eq!(pick(3, 4096, 4096, 4), Some("qmv_decb_8_2"));
+        // M = 3..4: the group-pure one n-tile (4 stages from N = 8192) where GP34_DEFAULT,
+        // else the slotted one (8 x 2 below N = 6144, 4 x 3 from there).
+        let gp34 = super::GP34_DEFAULT;
+        let (a, b) = if gp34 {
+            ("qmv_decb_8_2_g1", "qmv_decb_8_4_g1")
+        } else {
+            ("qmv_decb_8_2", "qmv_decb_4_3")
+        };
+        assert_eq!(pick(3, 4096, 4096, 4), Some(a));
+        assert_eq!(pick(4, 14336, 4096, 4), Some(b));
         assert_eq!(pick(8, 4096, 4096, 4), Some("qmv_decb_8_2_g1"));
         assert_eq!(pick(8, 14336, 4096, 4), Some("qmv_decb_8_4_g1"));
         assert_eq!(pick(12, 4096, 4096, 4), Some("qmv_decb_8_2_g2"));

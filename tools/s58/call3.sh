@@ -1,0 +1,37 @@
+#!/bin/bash
+# Session 58's third device job (binaries with M = 3..4 on the group-pure one n-tile by default): 4-bit g64 M = 3..4 on the
+# group-pure one n-tile (against the slotted forms, MLXQ_DECB_GP34=0), M <= 2 at N = 6144 on
+# qmv_decb_4_3, the decode-step chain unfused and fused, the issue's small-M rows; then the
+# decode tests and compute-sanitizer (racecheck, memcheck) over the new M = 3..4 route.
+# Carry .devrun (mlxq.gz, cuda_conformance.gz built from this commit); run from the repo root.
+cd "$(dirname "$0")/../.."
+gunzip -f .devrun/*.gz 2>/dev/null; chmod +x .devrun/mlxq .devrun/cuda_conformance 2>/dev/null
+export MLXQ_CUDA_CACHE=/tmp/mlxq-cache; mkdir -p $MLXQ_CUDA_CACHE
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+T0=$(date +%s)
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1
+tag() { sed -u "s/^{/{\"set\":\"$1\",/"; }
+J=$OUT/s58-call3.jsonl
+run() { local name=$1 bits=$2 shapes=$3; shift 3; ( env "$@" timeout 100 .devrun/mlxq bench --device cuda --json --iters 20 --bits $bits $shapes --no-cublas 2>>$OUT/err.txt | tag $name ) >> $J; }
+G="--shape 3,14336,4096 --shape 4,14336,4096 --shape 3,4096,4096 --shape 4,4096,4096 --shape 4,8192,4096 --shape 4,28672,8192 --shape 1,6144,4096 --shape 2,6144,4096"
+run def 4 "$G" X=1
+run gp34off 4 "$G" MLXQ_DECB_GP34=0
+echo "A/B done at $(( $(date +%s) - T0 )) s"
+run fuse 4 "--shape 1,4096,4096 --chain --fuse" X=1
+T="--shape 1,14336,4096 --shape 2,14336,4096 --shape 3,14336,4096 --shape 4,14336,4096 --shape 5,14336,4096 --shape 8,14336,4096 --shape 12,14336,4096 --shape 16,14336,4096"
+run table 4 "$T" X=1
+echo "bench done at $(( $(date +%s) - T0 )) s"
+python3 tools/ab_table.py $J
+grep -h '"kind":"chain"' $J | cut -c1-330
+grep -h "read bandwidth" $OUT/err.txt | sort | uniq -c
+grep -hiE "error|panic" $OUT/err.txt | head -5
+B=$PWD/.devrun/cuda_conformance
+CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+S="bench --device cuda --iters 1 --warmup 0 --rotate-mib 1 --max-copies 1 --no-cublas --bits 4 --shape 3,9000,2048 --shape 4,8200,4096 --shape 3,5000,6144 --shape 4,4100,4096"
+( timeout 90 $CS --tool racecheck .devrun/mlxq $S > $OUT/racecheck.txt 2>&1; echo "rc=$?" >> $OUT/racecheck.txt; timeout 60 $CS --tool memcheck .devrun/mlxq $S > $OUT/memcheck.txt 2>&1; echo "rc=$?" >> $OUT/memcheck.txt ) &
+D="many_token_decode_matches_the_f64_reference repeated_decode_matches_the_f64_reference_every_time long_rows_and_many_rows"
+( cd mlxq && MLXQ_FIXTURES=$PWD/tests/fixtures timeout 150 $B --exact $D > $OUT/tests.log 2>&1; echo "rc=$?" >> $OUT/tests.log )
+wait
+grep -hE "test result|rc=|FAIL|panick" $OUT/tests.log
+grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|hazard|rc=|\"ok\":false" $OUT/racecheck.txt $OUT/memcheck.txt | sort | uniq -c | head
+echo "all done at $(( $(date +%s) - T0 )) s"
