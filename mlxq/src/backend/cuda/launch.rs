@@ -1788,8 +1788,9 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 /// The measured rule (H200, `docs/perf-cuda.md` runs 11, 14, 17, 20, 21), dense calls:
 /// - 8-bit, every M it serves in one n-tile (M * slots <= 8: up to 8 tokens at groups of 64;
 ///   8x14336x4096 36 µs against 56 on qmv_tc);
-/// - 4-bit M <= 4 where N >= 8192, with 4 consumer warps and 3 stages (14336x4096: 12.8 µs
-///   against 14.9 on qmv_decr), and where the row tiles do not fill the SMs or M >= 3
+/// - 4-bit M <= 4 where N >= 8192 (M <= 2: N >= 6144), with 4 consumer warps and 3 stages
+///   (14336x4096: 12.8 µs against 14.9 on qmv_decr; H100, session 58: 6144x4096 7.4 against
+///   9.7 on qmv_dec), and where the row tiles do not fill the SMs or M >= 3
 ///   (4x4096x4096: 8.3 µs against 22.4 on qmv_decm);
 /// - 4-bit group 64 at M = 5..8 on one group-pure n-tile (`_g1`; the slotted form's two
 ///   n-tiles before session 56), and at M = 9..16 where N >= 4096 on two (`_g2`; H100, graph
@@ -1799,13 +1800,15 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 ///   M x K x 2 bytes of shared memory bound K: 16x4096x14336 and 16x28672x8192 stay on the
 ///   tile. With MLXQ_DECB_GP=0 (the slotted n-tiles), M >= 14 goes to the wgmma tile where
 ///   the device has wgmma (session 47), and M = 9..13 takes four n-tiles only where N >= 8192.
+///   M = 3..4 takes the group-pure one n-tile too where [`GP34_DEFAULT`] (off: built in
+///   session 58, not measured) or MLXQ_DECB_GP34=1.
 ///
 /// Every route but the 4-consumer one takes 8 consumer warps and a 2-stage ring (run 21: 2
 /// stages beat 3 and 4 at each shape measured, 8-bit 4096x14336 24.0 µs against 31.8), but
 /// the group-pure one n-tile (4-bit M = 5..8), which takes 4 stages at N >= 8192 where they
 /// fit (session 57, H100: 8x14336x4096 18.9 µs against 20.1 on 2 stages).
 /// MLXQ_DECB_T2=0 / MLXQ_DECB_T4=0 leave the n-tiles to the older kernels.
-/// Elsewhere (4-bit, 2048 < N < 8192, M <= 2) qmv_decr stays faster (4096x14336: 15.5 µs
+/// Elsewhere (4-bit, 2048 < N < 6144, M <= 2) qmv_dec / qmv_decr stay faster (4096x14336: 15.5 µs
 /// against 17.8). MLXQ_DECB=1 takes it wherever it can serve (gathers and M up to 8 / slots
 /// included), =0 never; MLXQ_DECB_NC=4|8 and MLXQ_DECB_NS set its consumer warps and ring
 /// stages (experiments).
@@ -1879,10 +1882,10 @@ fn decb_pick(
         _ if nt > 1 && slots != 2 => return None,
         8 if !gather && nt == 1 => (8, 2),
         4 if gp_small => (8, 2),
-        // One slotted n-tile on 4 consumers from N = 6144 (session 58, H100, graph µs:
-        // 1x6144x4096 7.36 against 9.71 on qmv_dec, 2x 8.48 against 10.57; at N = 4096
-        // qmv_dec stays ahead, 5.50 against 6.3).
-        4 if !gather && m <= 4 && ndim >= 6144 => (4, 3),
+        // One slotted n-tile on 4 consumers from N = 8192, and at M <= 2 from N = 6144
+        // (session 58, H100, graph µs: 1x6144x4096 7.36 against 9.71 on qmv_dec, 2x 8.48
+        // against 10.57; at N = 4096 qmv_dec stays ahead, 5.50 against 6.3).
+        4 if !gather && ((m <= 4 && ndim >= 8192) || (m <= 2 && ndim >= 6144)) => (4, 3),
         4 if !gather && m <= 4 && (few_tiles || m >= 3) => (8, 2),
         // From M = 14 the 64-token wgmma tile (`small_tile` in qmm) beats the slotted four
         // n-tiles (session 47, H100, graph µs: 16 x 14336x4096 46.3 -> 38.7, 16 x 8192x4096
@@ -2545,6 +2548,10 @@ mod tests {
         assert_eq!(pick(1, 6144, 4096, 4), Some("qmv_decb_4_3"));
         assert_eq!(pick(1, 14336, 4096, 4), Some("qmv_decb_4_3"));
         assert_eq!(pick(2, 28672, 8192, 4), Some("qmv_decb_4_3"));
+        // M = 3..4 at N = 6144 keeps 8 x 2 (not measured on 4 consumers there).
+        if !super::GP34_DEFAULT {
+            assert_eq!(pick(3, 6144, 4096, 4), Some("qmv_decb_8_2"));
+        }
         // M = 3..4: the group-pure one n-tile (4 stages from N = 8192) where GP34_DEFAULT,
         // else the slotted one (8 x 2 below N = 6144, 4 x 3 from there).
         let gp34 = super::GP34_DEFAULT;
