@@ -4,15 +4,9 @@
 # (`--chain --fuse`, first timing), and M = 1 at N = 4096..28672 on qmv_decb's forms against
 # the default route (data for the N = 4096 shapes, 54% and 63% of the bandwidth).
 # Carry .devrun (mlxq.gz, cuda_conformance.gz built from this commit); run from the repo root.
-cd "$(dirname "$0")/../.."
-gunzip -f .devrun/*.gz 2>/dev/null; chmod +x .devrun/mlxq .devrun/cuda_conformance
-export MLXQ_CUDA_CACHE=/tmp/mlxq-cache; mkdir -p $MLXQ_CUDA_CACHE
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-T0=$(date +%s)
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1
-tag() { sed -u "s/^{/{\"set\":\"$1\",/"; }
+RUN_S=80
+source "$(dirname "$0")/job.sh"
 J=$OUT/s58-call1.jsonl
-run() { local name=$1 bits=$2 shapes=$3; shift 3; ( env "$@" timeout 80 .devrun/mlxq bench --device cuda --json --iters 20 --bits $bits $shapes --no-cublas 2>>$OUT/err.txt | tag $name ) >> $J; }
 B=$PWD/.devrun/cuda_conformance
 D="many_token_decode_matches_the_f64_reference repeated_decode_matches_the_f64_reference_every_time long_rows_and_many_rows"
 ( cd mlxq && MLXQ_FIXTURES=$PWD/tests/fixtures timeout 90 $B --exact $D > $OUT/tests.log 2>&1; echo "rc=$?" >> $OUT/tests.log )

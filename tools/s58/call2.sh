@@ -5,15 +5,9 @@
 # decode-step chain unfused and fused at 4 and 8 bits, M = 1..16 rows of the issue's table,
 # then the decode tests (default route) and the route's own unit test.
 # Carry .devrun (mlxq.gz, cuda_conformance.gz built from this commit); run from the repo root.
-cd "$(dirname "$0")/../.."
-gunzip -f .devrun/*.gz 2>/dev/null; chmod +x .devrun/mlxq .devrun/cuda_conformance 2>/dev/null
-export MLXQ_CUDA_CACHE=/tmp/mlxq-cache; mkdir -p $MLXQ_CUDA_CACHE
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-T0=$(date +%s)
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1
-tag() { sed -u "s/^{/{\"set\":\"$1\",/"; }
+RUN_S=100
+source "$(dirname "$0")/job.sh"
 J=$OUT/s58-call2.jsonl
-run() { local name=$1 bits=$2 shapes=$3; shift 3; ( env "$@" timeout 100 .devrun/mlxq bench --device cuda --json --iters 20 --bits $bits $shapes --no-cublas 2>>$OUT/err.txt | tag $name ) >> $J; }
 M1="--shape 1,4096,4096 --shape 2,4096,4096 --shape 1,4096,14336 --shape 1,6144,4096 --shape 2,6144,4096 --shape 1,2048,4096"
 run m1-def 4 "$M1" X=1
 run m1-b43 4 "$M1" MLXQ_DECB=1 MLXQ_DECB_NC=4 MLXQ_DECB_NS=3

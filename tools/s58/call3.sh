@@ -4,15 +4,9 @@
 # qmv_decb_4_3, the decode-step chain unfused and fused, the issue's small-M rows; then the
 # decode tests and compute-sanitizer (racecheck, memcheck) over the new M = 3..4 route.
 # Carry .devrun (mlxq.gz, cuda_conformance.gz built from this commit); run from the repo root.
-cd "$(dirname "$0")/../.."
-gunzip -f .devrun/*.gz 2>/dev/null; chmod +x .devrun/mlxq .devrun/cuda_conformance 2>/dev/null
-export MLXQ_CUDA_CACHE=/tmp/mlxq-cache; mkdir -p $MLXQ_CUDA_CACHE
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-T0=$(date +%s)
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1
-tag() { sed -u "s/^{/{\"set\":\"$1\",/"; }
+RUN_S=100
+source "$(dirname "$0")/job.sh"
 J=$OUT/s58-call3.jsonl
-run() { local name=$1 bits=$2 shapes=$3; shift 3; ( env "$@" timeout 100 .devrun/mlxq bench --device cuda --json --iters 20 --bits $bits $shapes --no-cublas 2>>$OUT/err.txt | tag $name ) >> $J; }
 G="--shape 3,14336,4096 --shape 4,14336,4096 --shape 3,4096,4096 --shape 4,4096,4096 --shape 4,8192,4096 --shape 4,28672,8192 --shape 1,6144,4096 --shape 2,6144,4096"
 run def 4 "$G" X=1
 run gp34off 4 "$G" MLXQ_DECB_GP34=0
