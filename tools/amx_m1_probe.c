@@ -16,8 +16,8 @@
 // sb, tiles of sb - 1, scaling of sb - 2.
 //
 // Session 59, 2 vCPUs of a Xeon reporting model 207 (AMX-INT8), per 1024 weights on one thread
-// with W in L2 (N = 256): this loop 36-38 ns, the decode and scaling alone 24-26, the tile
-// steps alone 26-28 (one group a C tile, stored every group: 29; B tile load alone 6.8, dot
+// with W in L2 (N = 256): this loop 35-39 ns, the decode and scaling alone 22-26, the tile
+// steps alone 27-30 (one group a C tile, stored every group: 29-30; B tile load alone 6.8, dot
 // alone 5.9); avx512vnni's whole loop ~33 (mlxq bench 1x256 and 1x512 x4096). From memory
 // (14336x4096, two threads): 1.90-2.47 ms against the stream's 1.43-1.58 and avx512vnni's
 // 1.35-1.55. The tile unit's loads and a dot's fixed ~16 cycles (whatever the rows of A) cost
