@@ -64,7 +64,7 @@ impl Device {
 
     /// The CPU, preferring kernel `variant` (one of [`backend::cpu::VARIANTS`]) wherever it
     /// applies and falling back to `generic` elsewhere: how tests run every path and
-    /// benchmarks compare them. The encoder's [`kernels_run`](CommandEncoder::kernels_run)
+    /// benchmarks compare them. The encoder's [`last_kernel`](CommandEncoder::last_kernel)
     /// says which ran.
     ///
     /// [`backend::cpu::VARIANTS`]: crate::backend::cpu::VARIANTS

@@ -6,8 +6,11 @@
 //! `commit_and_wait` synchronises the stream (and reports an out-of-range index a kernel saw).
 //! A sequence of ops can also be captured into a CUDA graph and replayed
 //! (`CommandEncoder::capture`, with the `cuda` feature).
-//! The encoder also keeps the name of every kernel it ran, which benchmarks and tests use to
-//! report (and check) which variant the dispatcher chose.
+//! The encoder also keeps the name of the last kernel it ran, which benchmarks and tests use to
+//! report (and check) which variant the dispatcher chose, and how many it ran: in a buffer it
+//! reuses, so that a decode loop on one encoder neither allocates per op nor grows (until
+//! session 59 it kept every name as a new `String`, one allocation per op and ~100 bytes per
+//! op for as long as the encoder lived).
 
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -16,7 +19,10 @@ use crate::error::{Error, Result};
 #[derive(Debug)]
 pub struct CommandEncoder {
     device: Device,
-    kernels: Vec<String>,
+    /// The last kernel's name (its capacity reused from op to op).
+    last: String,
+    /// Kernels run through this encoder, and how many of them before the last commit.
+    count: usize,
     committed: usize,
     /// Buffers used by work that may still be running on the device.
     retained: Vec<crate::Buffer>,
@@ -26,7 +32,8 @@ impl CommandEncoder {
     pub(crate) fn new(device: Device) -> CommandEncoder {
         CommandEncoder {
             device,
-            kernels: Vec::new(),
+            last: String::new(),
+            count: 0,
             committed: 0,
             retained: Vec::new(),
         }
@@ -39,7 +46,9 @@ impl CommandEncoder {
 
     /// Notes that `kernel` ran as part of the current batch.
     pub(crate) fn record(&mut self, kernel: &str) {
-        self.kernels.push(kernel.to_owned());
+        self.last.clear();
+        self.last.push_str(kernel);
+        self.count += 1;
     }
 
     /// Keeps `buffer`'s memory alive until the work recorded so far has completed.
@@ -74,12 +83,12 @@ impl CommandEncoder {
             if synced.is_ok() {
                 self.retained.clear();
             }
-            self.committed = self.kernels.len();
+            self.committed = self.count;
             synced?;
             return cuda.take_fault();
         }
         self.retained.clear();
-        self.committed = self.kernels.len();
+        self.committed = self.count;
         Ok(())
     }
 
@@ -97,23 +106,23 @@ impl CommandEncoder {
         let recorded = record(self);
         let graph = cuda.end_capture(std::mem::take(&mut self.retained));
         recorded?;
-        self.committed = self.kernels.len();
+        self.committed = self.count;
         graph
     }
 
-    /// Names of the kernels run through this encoder, oldest first.
-    pub fn kernels_run(&self) -> &[String] {
-        &self.kernels
+    /// Number of kernels run through this encoder.
+    pub fn kernels_run(&self) -> usize {
+        self.count
     }
 
     /// Name of the most recent kernel run, if any.
     pub fn last_kernel(&self) -> Option<&str> {
-        self.kernels.last().map(String::as_str)
+        (self.count > 0).then_some(self.last.as_str())
     }
 
     /// Number of kernels encoded since the last `commit_and_wait`.
     pub fn pending(&self) -> usize {
-        self.kernels.len() - self.committed
+        self.count - self.committed
     }
 }
 
