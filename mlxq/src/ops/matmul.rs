@@ -22,10 +22,42 @@ pub(crate) struct Plan {
     pub batch: Vec<usize>,
     /// x's batch shape.
     pub x_batch: Vec<usize>,
-    /// The output shape.
-    pub out_shape: Vec<usize>,
     /// The output dtype.
     pub out_dtype: DType,
+}
+
+impl Plan {
+    /// The output's dimensions before its last (N), for x of shape `xs`: x's leading ones
+    /// against a 2-D W, the broadcast batch and M against a batched W.
+    fn out_lead<'a>(&'a self, xs: &'a [usize]) -> (&'a [usize], Option<usize>) {
+        if self.batch.is_empty() {
+            (&xs[..xs.len().saturating_sub(1)], None)
+        } else {
+            (&self.batch, Some(self.m))
+        }
+    }
+
+    /// The output shape for x of shape `xs`.
+    pub fn out_shape(&self, xs: &[usize]) -> Vec<usize> {
+        let (lead, m) = self.out_lead(xs);
+        lead.iter()
+            .copied()
+            .chain(m)
+            .chain([self.out_dim])
+            .collect()
+    }
+
+    /// Whether `shape` is [`Plan::out_shape`], compared without building it (a decode
+    /// loop's `quantized_matmul_into` allocates nothing).
+    pub fn is_out_shape(&self, xs: &[usize], shape: &[usize]) -> bool {
+        let (lead, m) = self.out_lead(xs);
+        shape.len() == lead.len() + usize::from(m.is_some()) + 1
+            && shape.starts_with(lead)
+            && shape[lead.len()..]
+                .iter()
+                .copied()
+                .eq(m.into_iter().chain([self.out_dim]))
+    }
 }
 
 pub(crate) fn plan(
@@ -57,15 +89,12 @@ pub(crate) fn plan(
     require_nonzero(op, "x", xs)?;
     let nd = xs.len();
     if w.batch_shape().is_empty() {
-        let mut out_shape = xs.to_vec();
-        out_shape[nd - 1] = out_dim;
         return Ok(Plan {
             in_dim,
             out_dim,
             m: x.numel() / in_dim,
             batch: vec![],
             x_batch: vec![],
-            out_shape,
             out_dtype,
         });
     }
@@ -84,15 +113,12 @@ pub(crate) fn plan(
     let x_batch = xs[..nd - 2].to_vec();
     let batch = broadcast_shapes(op, "x", w.batch_shape(), &x_batch)?;
     let m = xs[nd - 2];
-    let mut out_shape = batch.clone();
-    out_shape.extend([m, out_dim]);
     Ok(Plan {
         in_dim,
         out_dim,
         m,
         batch,
         x_batch,
-        out_shape,
         out_dtype,
     })
 }
@@ -132,7 +158,7 @@ pub fn quantized_matmul(
     transpose: bool,
 ) -> Result<Buffer> {
     let p = plan(OP, x, w, transpose)?;
-    let mut out = Buffer::uninit_on(enc.device(), p.out_dtype, &p.out_shape)?;
+    let mut out = Buffer::uninit_on(enc.device(), p.out_dtype, &p.out_shape(x.shape()))?;
     execute(enc, x, w, transpose, &p, &mut out)?;
     Ok(out)
 }
@@ -147,7 +173,10 @@ pub fn quantized_matmul_into(
     out: &mut Buffer,
 ) -> Result<()> {
     let p = plan(OP, x, w, transpose)?;
-    super::require_out(OP, out, p.out_dtype, &p.out_shape)?;
+    if out.dtype() != p.out_dtype || !p.is_out_shape(x.shape(), out.shape()) {
+        // The error path builds the expected shape to name it.
+        super::require_out(OP, out, p.out_dtype, &p.out_shape(x.shape()))?;
+    }
     execute(enc, x, w, transpose, &p, out)
 }
 

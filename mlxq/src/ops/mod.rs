@@ -111,8 +111,12 @@ pub(crate) fn widen<'a>(
     b: &'a Buffer,
 ) -> Result<Widened<'a>> {
     require_float(op, param, b)?;
-    if let Ok(s) = b.as_slice::<f32>() {
-        return Ok(Widened::Borrowed(s));
+    // The dtype first: `as_slice`'s error for another dtype is built (allocated) to be
+    // dropped, once per call of a decode loop.
+    if b.dtype() == DType::F32 {
+        if let Ok(s) = b.as_slice::<f32>() {
+            return Ok(Widened::Borrowed(s));
+        }
     }
     let mut v = WIDE.with(|w| {
         w.try_borrow_mut()

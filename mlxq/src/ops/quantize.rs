@@ -20,6 +20,16 @@ fn output_shapes(
     w: &Buffer,
     spec: QuantSpec,
 ) -> Result<(Vec<usize>, Vec<usize>)> {
+    let (words, groups) = check_input(enc, w, spec)?;
+    let lead = &w.shape()[..w.ndim() - 1];
+    let with_last = |d: usize| lead.iter().copied().chain([d]).collect::<Vec<_>>();
+    Ok((with_last(words), with_last(groups)))
+}
+
+/// Checks `w` for quantizing as `spec` on `enc`'s device: the last dimensions of the packed
+/// codes (u32 words) and of the scales, without building the shapes (`quantize_into`
+/// allocates nothing).
+fn check_input(enc: &CommandEncoder, w: &Buffer, spec: QuantSpec) -> Result<(usize, usize)> {
     enc.check_location(OP, "w", w)?;
     require_float(OP, "w", w)?;
     if w.ndim() < 2 {
@@ -36,9 +46,7 @@ fn output_shapes(
             w.shape(),
         )
     })?;
-    let lead = &w.shape()[..w.ndim() - 1];
-    let with_last = |d: usize| lead.iter().copied().chain([d]).collect::<Vec<_>>();
-    Ok((with_last(words), with_last(cols / g)))
+    Ok((words, cols / g))
 }
 
 /// Quantizes `w` (`[..., rows, cols]`, f32/f16/bf16, `cols` a multiple of the group size)
@@ -81,7 +89,7 @@ pub fn quantize_into(
     flavour: Flavour,
     out: &mut QuantizedWeight,
 ) -> Result<()> {
-    output_shapes(enc, w, spec)?;
+    check_input(enc, w, spec)?;
     if out.spec() != spec {
         return Err(Error::invalid(
             OP,

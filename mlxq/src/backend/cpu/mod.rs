@@ -60,7 +60,8 @@ pub struct CpuKernel {
     pub name: Arc<str>,
     /// Calls of fewer rows than the first count that exceeds theirs run the kernel named
     /// with it instead (ascending; see [`CpuKernel::name_for_rows`]).
-    decode: Vec<(usize, Arc<str>)>,
+    /// Shared, so that the registry's copy of a cached kernel allocates nothing.
+    decode: Arc<[(usize, Arc<str>)]>,
     pub(crate) func: KernelFn,
 }
 
@@ -462,17 +463,20 @@ fn build(k: &KernelKey) -> Result<CpuKernel> {
         .find(|v| v.name == k.variant && (v.supports)(k))
         .ok_or_else(|| unsupported(k))?;
     let func = (variant.build)(k).ok_or_else(|| unsupported(k))?;
-    let decode = variant.decode.map_or_else(Vec::new, |d| {
-        d(k).into_iter()
-            .map(|(below, name)| {
-                let key = KernelKey {
-                    variant: name,
-                    ..*k
-                };
-                (below, Arc::from(format!("cpu_{key}")))
-            })
-            .collect()
-    });
+    let decode: Arc<[(usize, Arc<str>)]> = variant.decode.map_or_else(
+        || Arc::from(Vec::new()),
+        |d| {
+            d(k).into_iter()
+                .map(|(below, name)| {
+                    let key = KernelKey {
+                        variant: name,
+                        ..*k
+                    };
+                    (below, Arc::from(format!("cpu_{key}")))
+                })
+                .collect()
+        },
+    );
     Ok(CpuKernel {
         name: format!("cpu_{k}").into(),
         decode,

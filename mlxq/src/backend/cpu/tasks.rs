@@ -104,18 +104,40 @@ pub(crate) fn for_each<F: Fn(usize) + Sync>(tasks: usize, f: F) {
     let f: *const (dyn Fn(usize) + Sync + 'static) = unsafe {
         std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync)>(f)
     };
-    let shared = Arc::new(Shared {
-        next: AtomicUsize::new(0),
-        busy: AtomicUsize::new(0),
-        tasks,
-        f,
-    });
+    let shared = shared_for(tasks, f);
     let _join = Join(&shared);
     for _ in 1..threads.min(tasks) {
         let s = Arc::clone(&shared);
         rayon::spawn(move || work(&s));
     }
     work(&shared);
+}
+
+thread_local! {
+    /// The calling thread's counters from its last call, reused where no helper of that call
+    /// still holds them (a decode loop then allocates nothing here; rayon's job for each
+    /// helper is the one allocation per call left).
+    static LAST: std::cell::RefCell<Option<Arc<Shared>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Counters for a call of `tasks` tasks running `f`: the thread's last ones, reset, where
+/// nothing else holds them, else new ones.
+fn shared_for(tasks: usize, f: *const (dyn Fn(usize) + Sync + 'static)) -> Arc<Shared> {
+    let fresh = || Shared {
+        next: AtomicUsize::new(0),
+        busy: AtomicUsize::new(0),
+        tasks,
+        f,
+    };
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match last.as_mut().and_then(Arc::get_mut) {
+            Some(s) => *s = fresh(),
+            None => *last = Some(Arc::new(fresh())),
+        }
+        // The slot was just filled: either branch leaves `Some`.
+        last.clone().unwrap_or_else(|| Arc::new(fresh()))
+    })
 }
 
 /// [`for_each`] over the chunks of `data` of `len` elements (the last may be shorter):
