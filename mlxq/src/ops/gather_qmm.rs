@@ -47,8 +47,10 @@ pub fn gather_qmm(
 }
 
 /// [`gather_qmm`] into a caller-owned output of the right shape (`I + [M, N]`) and dtype, so
-/// a Mixture-of-Experts decode step allocates nothing per call and, on CUDA (indices on the
-/// device), can be captured into a graph. Every element of `out` is written.
+/// a Mixture-of-Experts decode step allocates no output per call and, on CUDA (indices on the
+/// device), can be captured into a graph. (On the CPU it still makes a few small vectors a
+/// call: the index values read, their order by expert, each expert's rows.) Every element of
+/// `out` is written.
 #[allow(clippy::too_many_arguments)]
 pub fn gather_qmm_into(
     enc: &mut CommandEncoder,
