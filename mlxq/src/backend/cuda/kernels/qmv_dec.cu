@@ -43,12 +43,13 @@ constexpr int DSB = DNSB * (int)sizeof(ST);             // scale bytes per batch
 constexpr int DSW = DSB >= 4 ? DSB / 4 : 1;             // ... in words
 constexpr int DCPW = CK / 4;                            // codes per 32-bit word of W
 
+// (Unused by the FP modes' module, which has its own offsets.)
 #if BITS == 4
-constexpr float DOFF = OFF4;
+[[maybe_unused]] constexpr float DOFF = OFF4;
 #elif TC_X == 2
-constexpr float DOFF = 2176.0f;  // (128 + l) x + (128 + h) 16x
+[[maybe_unused]] constexpr float DOFF = 2176.0f;  // (128 + l) x + (128 + h) 16x
 #else
-constexpr float DOFF = 2048.0f;  // (1024 + l) x + (1024 + 16h) x
+[[maybe_unused]] constexpr float DOFF = 2048.0f;  // (1024 + l) x + (1024 + 16h) x
 #endif
 
 // Scales and biases of one batch and row: DSB bytes in the widest loads the size allows.
@@ -114,7 +115,7 @@ struct DecBatch {
 // A row's chunks are stored unpadded, swizzled: chunk ch of row r at ch ^ 4 for odd r (DSU >= 2),
 // so the 8 lanes of a quarter-warp (rows g, g + 1, chunks 4u..4u + 3) read all 32 banks once.
 constexpr u32 RROW = DSU * 64;              // ring bytes per row and batch
-constexpr u32 RSTAGE = 16 * RROW + 2 * 16 * 16;  // + scales and biases, 16 bytes per row
+[[maybe_unused]] constexpr u32 RSTAGE = 16 * RROW + 2 * 16 * 16;  // + scales and biases, 16 bytes per row
 __device__ __forceinline__ u32 ring_pos(u32 row, u32 ch) {
     return row * RROW + (DSU >= 2 ? ch ^ ((row & 1) << 2) : ch) * 16;
 }

@@ -207,7 +207,9 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
     // j * TPT.
     constexpr u32 TPT = GP ? 8 : SC ? 8 / DNSB : 8 / DSLOTS;
     u32 bstep[NT], bbase[NT], tok[NT][2], sxa[NT][2];
-    u32 ug = 0, swd = 0;  // SC: the lane's step of B and word of a row's batch scales
+    // SC: the lane's step of B and word of a row's batch scales (the FP modes use neither).
+    [[maybe_unused]] u32 ug = 0;
+    u32 swd = 0;
 #if !FPM
     if constexpr (SC) {
         static_assert(NT == 1 && SC_OK, "step columns: one n-tile");
@@ -369,12 +371,12 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
                         if constexpr (SC) {
                             L.s[h][0] = ((const u32*)sp)[swd];
                             L.b[h][0] = ((const u32*)(sp + 16 * SSB))[swd];
-                            continue;
-                        }
+                        } else {
 #pragma unroll
-                        for (int i = 0; i < DSW; i++) {
-                            L.s[h][i] = ((const u32*)sp)[i];
-                            if constexpr (!FPM) L.b[h][i] = ((const u32*)(sp + 16 * SSB))[i];
+                            for (int i = 0; i < DSW; i++) {
+                                L.s[h][i] = ((const u32*)sp)[i];
+                                if constexpr (!FPM) L.b[h][i] = ((const u32*)(sp + 16 * SSB))[i];
+                            }
                         }
                     }
                     // The stage was read through the generic proxy and the producer's next bulk
