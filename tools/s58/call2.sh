@@ -22,12 +22,6 @@ echo "chains done at $(( $(date +%s) - T0 )) s"
 T="--shape 1,4096,4096 --shape 1,14336,4096 --shape 1,28672,8192 --shape 1,4096,14336 --shape 2,14336,4096 --shape 4,14336,4096 --shape 8,14336,4096 --shape 16,14336,4096"
 run table 4,8 "$T" X=1
 echo "bench done at $(( $(date +%s) - T0 )) s"
-python3 tools/ab_table.py $J
-grep -h '"kind":"chain"' $J | cut -c1-330
-grep -h "read bandwidth" $OUT/err.txt | sort | uniq -c
-grep -hiE "error|panic" $OUT/err.txt | head -5
-B=$PWD/.devrun/cuda_conformance
-D="many_token_decode_matches_the_f64_reference repeated_decode_matches_the_f64_reference_every_time long_rows_and_many_rows"
-[ -x $B ] && ( cd mlxq && MLXQ_FIXTURES=$PWD/tests/fixtures timeout ${TESTS_S:-200} $B --exact $D > $OUT/tests.log 2>&1; echo "rc=$?" >> $OUT/tests.log )
-[ -x $B ] && grep -hE "test result|rc=|FAIL|panick" $OUT/tests.log
+summary
+decode_tests
 echo "all done at $(( $(date +%s) - T0 )) s"

@@ -8,3 +8,19 @@ T0=$(date +%s)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1
 tag() { sed -u "s/^{/{\"set\":\"$1\",/"; }
 run() { local name=$1 bits=$2 shapes=$3; shift 3; ( env "$@" timeout ${RUN_S:-100} .devrun/mlxq bench --device cuda --json --iters 20 --bits $bits $shapes --no-cublas 2>>$OUT/err.txt | tag $name ) >> $J; }
+# The job's summary: the A/B table, the chains, the bandwidth readings, the first errors.
+summary() {
+    python3 tools/ab_table.py $J
+    grep -h '"kind":"chain"' $J | cut -c1-330
+    grep -h "read bandwidth" $OUT/err.txt | sort | uniq -c
+    grep -hiE "error|panic" $OUT/err.txt | head -5
+}
+# The conformance suite's decode tests (ENV... set for them, TESTS_S seconds at most) into
+# $OUT/tests.log, and their result lines.
+decode_tests() {
+    local B=$PWD/.devrun/cuda_conformance
+    local D="many_token_decode_matches_the_f64_reference repeated_decode_matches_the_f64_reference_every_time long_rows_and_many_rows"
+    [ -x $B ] || return 0
+    ( cd mlxq && env "$@" MLXQ_FIXTURES=$PWD/tests/fixtures timeout ${TESTS_S:-200} $B --exact $D > $OUT/tests.log 2>&1; echo "rc=$?" >> $OUT/tests.log )
+    grep -hE "test result|rc=|FAIL|panick" $OUT/tests.log
+}

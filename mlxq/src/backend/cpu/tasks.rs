@@ -131,12 +131,12 @@ fn shared_for(tasks: usize, f: *const (dyn Fn(usize) + Sync + 'static)) -> Arc<S
     };
     LAST.with(|last| {
         let mut last = last.borrow_mut();
-        match last.as_mut().and_then(Arc::get_mut) {
+        let shared = last.get_or_insert_with(|| Arc::new(fresh()));
+        match Arc::get_mut(shared) {
             Some(s) => *s = fresh(),
-            None => *last = Some(Arc::new(fresh())),
+            None => *shared = Arc::new(fresh()),
         }
-        // The slot was just filled: either branch leaves `Some`.
-        last.clone().unwrap_or_else(|| Arc::new(fresh()))
+        Arc::clone(shared)
     })
 }
 
