@@ -264,7 +264,7 @@ impl Buffer {
     }
 
     /// Fails with [`Error::DeviceMismatch`] unless this buffer is in host memory.
-    fn require_host(&self, op: &'static str) -> Result<()> {
+    pub(crate) fn require_host(&self, op: &'static str) -> Result<()> {
         if self.location != Location::Cpu {
             return Err(Error::DeviceMismatch {
                 op,

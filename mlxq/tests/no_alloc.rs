@@ -1,13 +1,15 @@
 //! The `_into` ops allocate nothing of their own once warm: a decode loop calling
-//! `quantized_matmul_into` (M = 1 to 16, 4- and 8-bit, bf16 and f32 x), `dequantize_into` and
-//! `quantize_into` on one encoder makes no heap allocation on any thread after the first calls
+//! `quantized_matmul_into` (M = 1 to 16, 4- and 8-bit, bf16 and f32 x), `dequantize_into`,
+//! `quantize_into` and `gather_qmm_into` (one and four tokens, top-2 of 8 experts) on one
+//! encoder makes no heap allocation on any thread after the first calls
 //! (which grow the kernels' thread-local scratch and fill the kernel cache) but rayon's own
 //! (its job for each helper thread, its queues' blocks), and the encoder does not grow. A
 //! counting global allocator sees every thread's allocations, so this file is its own test
 //! binary with one test. Until session 59 a warm M = 1 call made 6 allocations (the kernel
 //! name kept by the encoder, the output shape, a copy of the kernel's routing table, an error
 //! built and dropped when x was not f32, the task counters, rayon's job) and `quantize_into`
-//! 2 (the output shapes).
+//! 2 (the output shapes); until session 60 a warm `gather_qmm_into` made ~15 (its index
+//! values, shapes, the pairs' order by expert, each expert's list of output rows).
 
 use mlxq::{ops, Buffer, CommandEncoder, DType, Device, Flavour, QuantSpec};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -122,6 +124,32 @@ fn warm_into_ops_allocate_nothing() {
             format!("quantize_into {n}x{k} {bits}-bit {dtype}"),
             Box::new(move |enc: &mut CommandEncoder| {
                 ops::quantize_into(enc, w, spec, Flavour::Gpu, into).unwrap();
+                enc.commit_and_wait().unwrap();
+            }),
+        ));
+    }
+    // A Mixture-of-Experts step: 8 experts of 256×1024 4-bit, top-2 of them for 1 and 4 tokens
+    // (x [T, 1, 1, K], rhs_indices [T, 2], out [T, 2, 1, N]), bf16.
+    let (experts, en, top) = (8usize, 256usize, 2usize);
+    let spec = QuantSpec::affine(4, 64).unwrap();
+    let ew = Buffer::from_f32(&values(experts * en * k, 3), DType::BF16, &[experts, en, k]);
+    let eqw = ops::quantize(&mut enc, &ew.unwrap(), spec, Flavour::Gpu).unwrap();
+    let mut moe: Vec<(Buffer, Buffer, Buffer)> = [1usize, 4]
+        .iter()
+        .map(|&t| {
+            let x = Buffer::from_f32(&values(t * k, 11 + t as u32), DType::BF16, &[t, 1, 1, k]);
+            let ids: Vec<u32> = (0..t * top).map(|i| ((i * 5 + 3) % experts) as u32).collect();
+            let ids = Buffer::from_slice(&ids, &[t, top]).unwrap();
+            let out = Buffer::zeros(DType::BF16, &[t, top, 1, en]).unwrap();
+            (x.unwrap(), ids, out)
+        })
+        .collect();
+    for (x, ids, out) in moe.iter_mut() {
+        let (eqw, ids, t) = (&eqw, &*ids, x.shape()[0]);
+        others.push((
+            format!("gather_qmm_into {t} tokens, top-{top} of {experts}x{en}x{k} 4-bit"),
+            Box::new(move |enc: &mut CommandEncoder| {
+                ops::gather_qmm_into(enc, x, eqw, None, Some(ids), true, false, out).unwrap();
                 enc.commit_and_wait().unwrap();
             }),
         ));

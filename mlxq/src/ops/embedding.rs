@@ -16,26 +16,46 @@ pub(crate) fn read_indices(
     ids: &Buffer,
     bound: usize,
 ) -> Result<Vec<usize>> {
-    let raw: Vec<i64> = match ids.dtype() {
-        crate::DType::U32 => ids.to_vec::<u32>()?.into_iter().map(i64::from).collect(),
-        crate::DType::I32 => ids.to_vec::<i32>()?.into_iter().map(i64::from).collect(),
+    let mut out = Vec::with_capacity(ids.numel());
+    read_indices_into(op, param, ids, bound, &mut out)?;
+    Ok(out)
+}
+
+/// [`read_indices`] into `out` (cleared first), so a caller that keeps `out` allocates nothing.
+pub(crate) fn read_indices_into(
+    op: &'static str,
+    param: &'static str,
+    ids: &Buffer,
+    bound: usize,
+    out: &mut Vec<usize>,
+) -> Result<()> {
+    ids.require_host(op)?;
+    let signed = match ids.dtype() {
+        crate::DType::U32 => false,
+        crate::DType::I32 => true,
         d => return Err(Error::dtype(op, param, "uint32 or int32", d)),
     };
-    raw.into_iter()
-        .enumerate()
-        .map(|(position, index)| {
-            usize::try_from(index)
-                .ok()
-                .filter(|&i| i < bound)
-                .ok_or(Error::IndexOutOfRange {
-                    op,
-                    param,
-                    position,
-                    index,
-                    bound,
-                })
-        })
-        .collect()
+    out.clear();
+    // Read unaligned: a mapped view need not be aligned for 32-bit values.
+    for (position, raw) in ids.bytes().chunks_exact(4).enumerate() {
+        let index = if signed {
+            i64::from(bytemuck::pod_read_unaligned::<i32>(raw))
+        } else {
+            i64::from(bytemuck::pod_read_unaligned::<u32>(raw))
+        };
+        let i = usize::try_from(index)
+            .ok()
+            .filter(|&i| i < bound)
+            .ok_or(Error::IndexOutOfRange {
+                op,
+                param,
+                position,
+                index,
+                bound,
+            })?;
+        out.push(i);
+    }
+    Ok(())
 }
 
 /// Looks up rows `ids` (uint32/int32, any shape) of the 2-D quantized table `w` (`[vocab, dim]`)

@@ -4,10 +4,10 @@
 //! and costs one pass): each selected expert's weights are read once per call, with all rows
 //! routed to it gathered into one matmul.
 
-use super::embedding::read_indices;
+use super::embedding::read_indices_into;
 use super::matmul::qmm_kernel;
 use super::{
-    broadcast_index, broadcast_shapes, matmul_out_dtype, matrix, require_nonzero, require_out,
+    broadcast_index, broadcast_shapes_into, matmul_out_dtype, matrix, require_nonzero, require_out,
     run_qmm, widen,
 };
 use crate::error::{checked_product, Error, Result};
@@ -20,6 +20,52 @@ thread_local! {
     /// An expert's gathered x rows and its output rows (f32 storage), per thread.
     static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// The calling thread's shapes and index lists, kept from call to call.
+    static LISTS: std::cell::RefCell<Lists> = std::cell::RefCell::new(Lists::default());
+}
+
+/// A call's shapes and index lists. Kept per calling thread (taken for the length of a call)
+/// so that a warm call allocates none of them.
+#[derive(Default)]
+struct Lists {
+    shapes: Shapes,
+    sort: Sort,
+}
+
+/// The broadcast shapes of a call, and the index values read on the host (CPU devices).
+#[derive(Default)]
+struct Shapes {
+    index: Vec<usize>,
+    lhs: Vec<usize>,
+    rhs: Vec<usize>,
+    out: Vec<usize>,
+    lhs_values: Vec<usize>,
+    rhs_values: Vec<usize>,
+}
+
+/// The pairs grouped by expert (CPU devices): `order[starts[e]..starts[e + 1]]` are expert
+/// `e`'s pairs in their original order, `used` the experts with at least one.
+#[derive(Default)]
+struct Sort {
+    starts: Vec<usize>,
+    order: Vec<usize>,
+    used: Vec<usize>,
+}
+
+/// Runs `f` with the calling thread's lists (taken out of the thread-local for the call).
+fn with_lists<R>(f: impl FnOnce(&mut Lists) -> R) -> R {
+    let mut lists = LISTS.with(|l| {
+        l.try_borrow_mut()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default()
+    });
+    let r = f(&mut lists);
+    LISTS.with(|l| {
+        if let Ok(mut l) = l.try_borrow_mut() {
+            *l = lists;
+        }
+    });
+    r
 }
 
 /// Batched matmul with index gathers on both sides.
@@ -40,17 +86,18 @@ pub fn gather_qmm(
     sorted: bool,
 ) -> Result<Buffer> {
     let _ = sorted; // grouping is stable, so sorted input needs no special path
-    let p = plan(enc, x, w, lhs_indices, rhs_indices, transpose)?;
-    let mut out = Buffer::uninit_on(enc.device(), p.out_dtype, &p.out_shape)?;
-    run(enc, x, w, &p, &mut out)?;
-    Ok(out)
+    with_lists(|l| {
+        let p = plan(enc, x, w, lhs_indices, rhs_indices, transpose, &mut l.shapes)?;
+        let mut out = Buffer::uninit_on(enc.device(), p.out_dtype, &l.shapes.out)?;
+        run(enc, x, w, &p, l, &mut out)?;
+        Ok(out)
+    })
 }
 
 /// [`gather_qmm`] into a caller-owned output of the right shape (`I + [M, N]`) and dtype, so
-/// a Mixture-of-Experts decode step allocates no output per call and, on CUDA (indices on the
-/// device), can be captured into a graph. (On the CPU it still makes a few small vectors a
-/// call: the index values read, their order by expert, each expert's rows.) Every element of
-/// `out` is written.
+/// a Mixture-of-Experts decode step allocates nothing per call once warm: the index lists and
+/// shapes are kept per calling thread, and on CUDA (indices on the device) the step can be
+/// captured into a graph. Every element of `out` is written.
 #[allow(clippy::too_many_arguments)]
 pub fn gather_qmm_into(
     enc: &mut CommandEncoder,
@@ -63,13 +110,16 @@ pub fn gather_qmm_into(
     out: &mut Buffer,
 ) -> Result<()> {
     let _ = sorted; // grouping is stable, so sorted input needs no special path
-    let p = plan(enc, x, w, lhs_indices, rhs_indices, transpose)?;
-    require_out(OP, out, p.out_dtype, &p.out_shape)?;
-    enc.check_location(OP, "out", out)?;
-    run(enc, x, w, &p, out)
+    with_lists(|l| {
+        let p = plan(enc, x, w, lhs_indices, rhs_indices, transpose, &mut l.shapes)?;
+        require_out(OP, out, p.out_dtype, &l.shapes.out)?;
+        enc.check_location(OP, "out", out)?;
+        run(enc, x, w, &p, l, out)
+    })
 }
 
-/// What [`gather_qmm`] makes of its arguments (on the host, the index values read).
+/// What [`gather_qmm`] makes of its arguments (the shapes and host index values are in
+/// [`Shapes`]).
 struct Plan<'a> {
     /// The index tensors (the CUDA kernels read them on the device).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -78,18 +128,14 @@ struct Plan<'a> {
     rhs_indices: Option<&'a Buffer>,
     transpose: bool,
     out_dtype: crate::DType,
-    out_shape: Vec<usize>,
-    index_shape: Vec<usize>,
-    lhs_shape: Vec<usize>,
-    rhs_shape: Vec<usize>,
     in_dim: usize,
     out_dim: usize,
     m: usize,
     /// Number of x matrices (bound of lhs values; the CUDA kernels check them).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     x_count: usize,
-    /// The lhs and rhs index values, read on the host (CPU devices).
-    host_indices: Option<(Vec<usize>, Vec<usize>)>,
+    /// Whether the index values were read on the host (CPU devices).
+    host: bool,
 }
 
 fn plan<'a>(
@@ -99,6 +145,7 @@ fn plan<'a>(
     lhs_indices: Option<&'a Buffer>,
     rhs_indices: Option<&'a Buffer>,
     transpose: bool,
+    s: &mut Shapes,
 ) -> Result<Plan<'a>> {
     let out_dtype = matmul_out_dtype(OP, x.dtype(), w)?;
     let (in_dim, out_dim) = if transpose {
@@ -129,45 +176,48 @@ fn plan<'a>(
     let x_count = checked_product(OP, "x batch", x_batch.iter().copied())?;
     // On the host the index values are read (and checked) here, before the shapes are
     // broadcast; on CUDA the kernels read them.
-    let host_indices = if on_cuda(enc) {
-        None
-    } else {
+    let host = !on_cuda(enc);
+    if host {
         let w_count = w.batch_size();
-        let lhs = match lhs_indices {
+        match lhs_indices {
             Some(b) => {
                 enc.check_location(OP, "lhs_indices", b)?;
-                read_indices(OP, "lhs_indices", b, x_count)?
+                read_indices_into(OP, "lhs_indices", b, x_count, &mut s.lhs_values)?;
             }
-            None => (0..x_count).collect(),
-        };
-        let rhs = match rhs_indices {
+            None => {
+                s.lhs_values.clear();
+                s.lhs_values.extend(0..x_count);
+            }
+        }
+        match rhs_indices {
             Some(b) => {
                 enc.check_location(OP, "rhs_indices", b)?;
-                read_indices(OP, "rhs_indices", b, w_count)?
+                read_indices_into(OP, "rhs_indices", b, w_count, &mut s.rhs_values)?;
             }
-            None => (0..w_count).collect(),
-        };
-        Some((lhs, rhs))
-    };
-    let lhs_shape = lhs_indices.map_or(x_batch, Buffer::shape).to_vec();
-    let rhs_shape = rhs_indices.map_or(w.batch_shape(), Buffer::shape).to_vec();
-    let index_shape = broadcast_shapes(OP, "rhs_indices", &lhs_shape, &rhs_shape)?;
-    let mut out_shape = index_shape.clone();
-    out_shape.extend([m, out_dim]);
+            None => {
+                s.rhs_values.clear();
+                s.rhs_values.extend(0..w_count);
+            }
+        }
+    }
+    s.lhs.clear();
+    s.lhs.extend_from_slice(lhs_indices.map_or(x_batch, Buffer::shape));
+    s.rhs.clear();
+    s.rhs.extend_from_slice(rhs_indices.map_or(w.batch_shape(), Buffer::shape));
+    broadcast_shapes_into(OP, "rhs_indices", &s.lhs, &s.rhs, &mut s.index)?;
+    s.out.clear();
+    s.out.extend_from_slice(&s.index);
+    s.out.extend([m, out_dim]);
     Ok(Plan {
         lhs_indices,
         rhs_indices,
         transpose,
         out_dtype,
-        out_shape,
-        index_shape,
-        lhs_shape,
-        rhs_shape,
         in_dim,
         out_dim,
         m,
         x_count,
-        host_indices,
+        host,
     })
 }
 
@@ -184,11 +234,39 @@ fn on_cuda(enc: &CommandEncoder) -> bool {
     }
 }
 
+/// The output's rows, shared by the experts' jobs: each row belongs to one pair and each pair
+/// to one expert, so no two jobs write the same row.
+struct OutRows {
+    ptr: *mut u8,
+    row_bytes: usize,
+    rows: usize,
+}
+
+// SAFETY: the rows are plain bytes; `row`'s contract keeps each written by one thread.
+unsafe impl Sync for OutRows {}
+
+impl OutRows {
+    /// Row `i` of the output (`None` past the last).
+    ///
+    /// # Safety
+    /// No other reference to row `i` may be alive while the returned one is.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, i: usize) -> Option<&mut [u8]> {
+        // SAFETY: `i < rows`, so the row lies within the output's `rows * row_bytes` bytes,
+        // which outlive `self`; exclusive by the caller's contract.
+        (i < self.rows)
+            .then(|| unsafe {
+                std::slice::from_raw_parts_mut(self.ptr.add(i * self.row_bytes), self.row_bytes)
+            })
+    }
+}
+
 fn run(
     enc: &mut CommandEncoder,
     x: &Buffer,
     w: &QuantizedWeight,
     p: &Plan<'_>,
+    lists: &mut Lists,
     out: &mut Buffer,
 ) -> Result<()> {
     enc.check_location(OP, "x", x)?;
@@ -199,14 +277,15 @@ fn run(
     if out.numel() == 0 {
         return Ok(());
     }
+    let s = &lists.shapes;
     #[cfg(feature = "cuda")]
     if on_cuda(enc) {
         // Indices stay on the device: the kernel resolves them (an out-of-range one is
         // reported by the next `commit_and_wait`).
         let job = crate::backend::cuda::launch::MatmulJob {
-            batch: &p.index_shape,
-            lhs_shape: &p.lhs_shape,
-            rhs_shape: &p.rhs_shape,
+            batch: &s.index,
+            lhs_shape: &s.lhs,
+            rhs_shape: &s.rhs,
             lhs: p.lhs_indices,
             rhs: p.rhs_indices,
             x_count: p.x_count,
@@ -216,29 +295,43 @@ fn run(
         return crate::backend::cuda::launch::qmm(enc, OP, x, w, out, &job);
     }
 
-    let (lhs, rhs) = p.host_indices.as_ref().ok_or_else(|| {
-        Error::unsupported(OP, "index values not read on this device".to_string())
-    })?;
-    let (index_shape, lhs_shape, rhs_shape) = (&p.index_shape, &p.lhs_shape, &p.rhs_shape);
-    let pairs = checked_product(OP, "index count", index_shape.iter().copied())?;
+    if !p.host {
+        return Err(Error::unsupported(
+            OP,
+            "index values not read on this device".to_string(),
+        ));
+    }
+    let (lhs, rhs) = (&s.lhs_values, &s.rhs_values);
+    let pairs = checked_product(OP, "index count", s.index.iter().copied())?;
 
-    // Counting sort of output positions by expert.
-    let expert_of: Vec<usize> = (0..pairs)
-        .map(|i| rhs[broadcast_index(index_shape, rhs_shape, i)])
-        .collect();
-    let mut starts = vec![0usize; w_count + 1];
-    for &e in &expert_of {
-        starts[e + 1] += 1;
+    // Counting sort of the pairs by expert: count, prefix sums, then place each pair at its
+    // expert's cursor (which leaves starts[e] at expert e's end; shifted back after).
+    let Sort {
+        starts,
+        order,
+        used,
+    } = &mut lists.sort;
+    let expert = |i: usize| rhs[broadcast_index(&s.index, &s.rhs, i)];
+    starts.clear();
+    starts.resize(w_count + 1, 0);
+    for i in 0..pairs {
+        starts[expert(i) + 1] += 1;
     }
     for e in 0..w_count {
         starts[e + 1] += starts[e];
     }
-    let mut order = vec![0usize; pairs];
-    let mut fill = starts.clone();
-    for (i, &e) in expert_of.iter().enumerate() {
-        order[fill[e]] = i;
-        fill[e] += 1;
+    order.clear();
+    order.resize(pairs, 0);
+    for i in 0..pairs {
+        let e = expert(i);
+        order[starts[e]] = i;
+        starts[e] += 1;
     }
+    starts.copy_within(0..w_count, 1);
+    starts[0] = 0;
+    used.clear();
+    used.extend((0..w_count).filter(|&e| starts[e + 1] > starts[e]));
+    let (starts, order) = (&*starts, &*order);
 
     // The kernel writes the output dtype directly (a bf16 output takes the integer-dot
     // kernel, an f32 one would not), into per-expert rows that are then copied into place.
@@ -246,35 +339,24 @@ fn run(
     let xf = widen(OP, "x", x)?;
     let xm = m * in_dim;
     let row_bytes = m * out_dim * out_dtype.size();
+    let out_bytes = out.bytes_mut()?;
+    let rows = OutRows {
+        ptr: out_bytes.as_mut_ptr(),
+        row_bytes,
+        rows: out_bytes.len() / row_bytes,
+    };
     // Experts run concurrently (each kernel is itself parallel over its columns), so a
     // decode step's k small matmuls share the cores instead of queueing one after another.
-    // Each expert's job owns its pairs' output rows (every pair belongs to one expert) and
-    // writes them from the kernel's contiguous rows.
-    let used: Vec<usize> = (0..w_count)
-        .filter(|&e| starts[e + 1] > starts[e])
-        .collect();
-    let out_bytes = out.bytes_mut()?;
-    let mut rows: Vec<Option<&mut [u8]>> =
-        out_bytes.chunks_exact_mut(row_bytes).map(Some).collect();
-    let jobs: Vec<(usize, Vec<&mut [u8]>)> = used
-        .iter()
+    // Each expert's job writes its pairs' output rows from the kernel's contiguous rows.
+    used.par_iter()
         .map(|&e| {
-            let own = order[starts[e]..starts[e + 1]]
-                .iter()
-                .filter_map(|&i| rows[i].take())
-                .collect();
-            (e, own)
-        })
-        .collect();
-    jobs.into_par_iter()
-        .map(|(e, own)| {
             // Per-thread scratch, reused from call to call (taken for the length of this job;
             // a job that runs nested on the same thread meanwhile makes its own).
             let (mut xs, mut ys) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
             let members = &order[starts[e]..starts[e + 1]];
             xs.clear();
             for &i in members {
-                let xi = lhs[broadcast_index(index_shape, lhs_shape, i)];
+                let xi = lhs[broadcast_index(&s.index, &s.lhs, i)];
                 xs.extend_from_slice(&xf[xi * xm..(xi + 1) * xm]);
             }
             // f32 storage keeps the bytes aligned for any output dtype.
@@ -290,8 +372,12 @@ fn run(
             );
             if done.is_ok() {
                 let ys: &[u8] = bytemuck::cast_slice(&ys);
-                for (dst, y) in own.into_iter().zip(ys.chunks_exact(row_bytes)) {
-                    dst.copy_from_slice(y);
+                for (&i, y) in members.iter().zip(ys.chunks_exact(row_bytes)) {
+                    // SAFETY: pair i is one of this expert's members, and `order` lists each
+                    // pair once, so no other job holds row i.
+                    if let Some(dst) = unsafe { rows.row(i) } {
+                        dst.copy_from_slice(y);
+                    }
                 }
             }
             SCRATCH.with(|s| *s.borrow_mut() = (xs, ys));

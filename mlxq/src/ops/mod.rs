@@ -173,8 +173,22 @@ pub(crate) fn broadcast_shapes(
     a: &[usize],
     b: &[usize],
 ) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    broadcast_shapes_into(op, param, a, b, &mut out)?;
+    Ok(out)
+}
+
+/// [`broadcast_shapes`] into `out` (its contents replaced), so a caller that keeps `out`
+/// allocates nothing.
+pub(crate) fn broadcast_shapes_into(
+    op: &'static str,
+    param: &'static str,
+    a: &[usize],
+    b: &[usize],
+    out: &mut Vec<usize>,
+) -> Result<()> {
     let n = a.len().max(b.len());
-    let mut out = vec![0; n];
+    out.clear();
     for i in 0..n {
         let da = if i + a.len() >= n {
             a[i + a.len() - n]
@@ -186,7 +200,7 @@ pub(crate) fn broadcast_shapes(
         } else {
             1
         };
-        out[i] = match (da, db) {
+        out.push(match (da, db) {
             (x, y) if x == y => x,
             (1, y) => y,
             (x, 1) => x,
@@ -198,9 +212,9 @@ pub(crate) fn broadcast_shapes(
                     b,
                 ))
             }
-        };
+        });
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Flat index into a tensor of `shape` for the multi-index of flat position `i` in the
