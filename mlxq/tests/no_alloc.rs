@@ -97,6 +97,22 @@ fn warm_into_ops_allocate_nothing() {
             bufs.push((dtype, bits, spec, w, qw, into, deq, xy));
         }
     }
+    // A Mixture-of-Experts step: 8 experts of 256×1024 4-bit, top-2 of them for 1 and 4 tokens
+    // (x [T, 1, 1, K], rhs_indices [T, 2], out [T, 2, 1, N]), bf16.
+    let (experts, en, top) = (8usize, 256usize, 2usize);
+    let spec = QuantSpec::affine(4, 64).unwrap();
+    let ew = Buffer::from_f32(&values(experts * en * k, 3), DType::BF16, &[experts, en, k]);
+    let eqw = ops::quantize(&mut enc, &ew.unwrap(), spec, Flavour::Gpu).unwrap();
+    let mut moe: Vec<(Buffer, Buffer, Buffer)> = [1usize, 4]
+        .iter()
+        .map(|&t| {
+            let x = Buffer::from_f32(&values(t * k, 11 + t as u32), DType::BF16, &[t, 1, 1, k]);
+            let ids: Vec<u32> = (0..t * top).map(|i| ((i * 5 + 3) % experts) as u32).collect();
+            let ids = Buffer::from_slice(&ids, &[t, top]).unwrap();
+            let out = Buffer::zeros(DType::BF16, &[t, top, 1, en]).unwrap();
+            (x.unwrap(), ids, out)
+        })
+        .collect();
     let mut matmuls: Vec<(String, Call<'_>)> = Vec::new();
     let mut others: Vec<(String, Call<'_>)> = Vec::new();
     for (dtype, bits, spec, w, qw, into, deq, xy) in bufs.iter_mut() {
@@ -128,22 +144,6 @@ fn warm_into_ops_allocate_nothing() {
             }),
         ));
     }
-    // A Mixture-of-Experts step: 8 experts of 256×1024 4-bit, top-2 of them for 1 and 4 tokens
-    // (x [T, 1, 1, K], rhs_indices [T, 2], out [T, 2, 1, N]), bf16.
-    let (experts, en, top) = (8usize, 256usize, 2usize);
-    let spec = QuantSpec::affine(4, 64).unwrap();
-    let ew = Buffer::from_f32(&values(experts * en * k, 3), DType::BF16, &[experts, en, k]);
-    let eqw = ops::quantize(&mut enc, &ew.unwrap(), spec, Flavour::Gpu).unwrap();
-    let mut moe: Vec<(Buffer, Buffer, Buffer)> = [1usize, 4]
-        .iter()
-        .map(|&t| {
-            let x = Buffer::from_f32(&values(t * k, 11 + t as u32), DType::BF16, &[t, 1, 1, k]);
-            let ids: Vec<u32> = (0..t * top).map(|i| ((i * 5 + 3) % experts) as u32).collect();
-            let ids = Buffer::from_slice(&ids, &[t, top]).unwrap();
-            let out = Buffer::zeros(DType::BF16, &[t, top, 1, en]).unwrap();
-            (x.unwrap(), ids, out)
-        })
-        .collect();
     for (x, ids, out) in moe.iter_mut() {
         let (eqw, ids, t) = (&eqw, &*ids, x.shape()[0]);
         others.push((
