@@ -107,7 +107,9 @@ fn warm_into_ops_allocate_nothing() {
         .iter()
         .map(|&t| {
             let x = Buffer::from_f32(&values(t * k, 11 + t as u32), DType::BF16, &[t, 1, 1, k]);
-            let ids: Vec<u32> = (0..t * top).map(|i| ((i * 5 + 3) % experts) as u32).collect();
+            let ids: Vec<u32> = (0..t * top)
+                .map(|i| ((i * 5 + 3) % experts) as u32)
+                .collect();
             let ids = Buffer::from_slice(&ids, &[t, top]).unwrap();
             let out = Buffer::zeros(DType::BF16, &[t, top, 1, en]).unwrap();
             (x.unwrap(), ids, out)

@@ -43,16 +43,17 @@ pub(crate) fn read_indices_into(
         } else {
             i64::from(bytemuck::pod_read_unaligned::<u32>(raw))
         };
-        let i = usize::try_from(index)
-            .ok()
-            .filter(|&i| i < bound)
-            .ok_or(Error::IndexOutOfRange {
-                op,
-                param,
-                position,
-                index,
-                bound,
-            })?;
+        let i =
+            usize::try_from(index)
+                .ok()
+                .filter(|&i| i < bound)
+                .ok_or(Error::IndexOutOfRange {
+                    op,
+                    param,
+                    position,
+                    index,
+                    bound,
+                })?;
         out.push(i);
     }
     Ok(())

@@ -87,7 +87,15 @@ pub fn gather_qmm(
 ) -> Result<Buffer> {
     let _ = sorted; // grouping is stable, so sorted input needs no special path
     with_lists(|l| {
-        let p = plan(enc, x, w, lhs_indices, rhs_indices, transpose, &mut l.shapes)?;
+        let p = plan(
+            enc,
+            x,
+            w,
+            lhs_indices,
+            rhs_indices,
+            transpose,
+            &mut l.shapes,
+        )?;
         let mut out = Buffer::uninit_on(enc.device(), p.out_dtype, &l.shapes.out)?;
         run(enc, x, w, &p, l, &mut out)?;
         Ok(out)
@@ -111,7 +119,15 @@ pub fn gather_qmm_into(
 ) -> Result<()> {
     let _ = sorted; // grouping is stable, so sorted input needs no special path
     with_lists(|l| {
-        let p = plan(enc, x, w, lhs_indices, rhs_indices, transpose, &mut l.shapes)?;
+        let p = plan(
+            enc,
+            x,
+            w,
+            lhs_indices,
+            rhs_indices,
+            transpose,
+            &mut l.shapes,
+        )?;
         require_out(OP, out, p.out_dtype, &l.shapes.out)?;
         enc.check_location(OP, "out", out)?;
         run(enc, x, w, &p, l, out)
@@ -201,9 +217,11 @@ fn plan<'a>(
         }
     }
     s.lhs.clear();
-    s.lhs.extend_from_slice(lhs_indices.map_or(x_batch, Buffer::shape));
+    s.lhs
+        .extend_from_slice(lhs_indices.map_or(x_batch, Buffer::shape));
     s.rhs.clear();
-    s.rhs.extend_from_slice(rhs_indices.map_or(w.batch_shape(), Buffer::shape));
+    s.rhs
+        .extend_from_slice(rhs_indices.map_or(w.batch_shape(), Buffer::shape));
     broadcast_shapes_into(OP, "rhs_indices", &s.lhs, &s.rhs, &mut s.index)?;
     s.out.clear();
     s.out.extend_from_slice(&s.index);
@@ -254,10 +272,9 @@ impl OutRows {
     unsafe fn row(&self, i: usize) -> Option<&mut [u8]> {
         // SAFETY: `i < rows`, so the row lies within the output's `rows * row_bytes` bytes,
         // which outlive `self`; exclusive by the caller's contract.
-        (i < self.rows)
-            .then(|| unsafe {
-                std::slice::from_raw_parts_mut(self.ptr.add(i * self.row_bytes), self.row_bytes)
-            })
+        (i < self.rows).then(|| unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.add(i * self.row_bytes), self.row_bytes)
+        })
     }
 }
 
