@@ -1,4 +1,7 @@
 #!/bin/bash
+# Ran once (05:41 UTC, an H100; docs/perf-cuda.md session 60, JSON docs/perf/cuda-h100-s60-call1.jsonl).
+# DEC_L2PF lost on every shape and was removed from the kernels afterwards (4c44386 had it):
+# rerunning this job needs that commit's build.
 # Session 60's device job: (1) the L2 prefetch trial (DEC_L2PF, common.cuh: the decode
 # kernels prefetch up to this many bytes of each row of their first tile into L2 before
 # pdl_wait, so that W streams while the previous kernel drains), the same binary with the

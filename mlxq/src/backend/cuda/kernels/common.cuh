@@ -118,21 +118,6 @@ __device__ __forceinline__ void pdl_trigger() {
     asm volatile("griddepcontrol.launch_dependents;");
 #endif
 }
-// DEC_L2PF (bytes, default 0: off): the decode kernels prefetch up to this many bytes of each
-// row of their block's first tile into L2 (past what their ring already loads) before
-// pdl_wait, so that W streams while the previous kernel drains (an experiment; session 60).
-#ifndef DEC_L2PF
-#define DEC_L2PF 0
-#endif
-// An L2 prefetch of [p, p + bytes) rounded down to 16 bytes (sm_90's bulk prefetch; nothing
-// before sm_90, or where p is not 16-byte aligned). A prefetch never faults nor changes results.
-__device__ __forceinline__ void l2_prefetch(const void* p, u64 bytes) {
-#if __CUDA_ARCH__ >= 900
-    if (bytes >= 16 && ((u64)p & 15) == 0)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"((u32)min(bytes, (u64)1 << 30) & ~15u)
-                     : "memory");
-#endif
-}
 __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");

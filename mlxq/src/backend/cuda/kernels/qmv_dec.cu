@@ -739,13 +739,6 @@ __device__ __forceinline__ void qmv_dec_impl(const XT* __restrict__ x, const u32
         DecBatch A, B;
         const bool run = ok && NBW > 0;
         if (!RING && run) load(A);  // in flight while x is staged
-        if (DEC_L2PF > 0 && run && warp == 0 && lane < 16 && n0 < N) {
-            // The first tile's rows into L2 while the previous kernel drains (DEC_L2PF).
-            const u64 r = min(N - 1, n0 + lane);
-            l2_prefetch(wrow + r * row_words, min((u64)DEC_L2PF, row_words * 4));
-            l2_prefetch(srow + r * G, (u64)G * sizeof(ST));
-            l2_prefetch(brow + r * G, (u64)G * sizeof(ST));
-        }
         pdl_wait();
 
         __syncthreads();  // the previous entry no longer reads xs, sx, red
@@ -925,13 +918,6 @@ __device__ __forceinline__ void qmv_decm_impl(const XT* __restrict__ x, const u3
             for (int p = 0; p < RS - 1; p++) {
                 if (p < NB) issue(p, p);
                 cp_commit();
-            }
-            if (DEC_L2PF > 0 && lane < 16 && n0 < N) {
-                // This warp's rows into L2 while the previous kernel drains (DEC_L2PF).
-                const u64 r = min(N - 1, n0 + lane);
-                l2_prefetch(wrow + r * row_words, min((u64)DEC_L2PF, row_words * 4));
-                l2_prefetch(srow + r * G, (u64)G * sizeof(ST));
-                l2_prefetch(brow + r * G, (u64)G * sizeof(ST));
             }
         }
         pdl_wait();

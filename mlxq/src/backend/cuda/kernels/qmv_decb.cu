@@ -272,16 +272,6 @@ __device__ __forceinline__ void qmv_decb_impl(const XT* __restrict__ x, const u3
             // The first stages load while x is read and rearranged (W does not depend on the
             // previous kernel).
             for (u32 q = 0; q < min(total, (u32)NS); q++) issue(q);
-            // The first tile's next stages (one range of each row) into L2 while the previous
-            // kernel drains (DEC_L2PF).
-            if (DEC_L2PF > 0 && NS < SPT && total > NS && lane < 16) {
-                const u64 r = min(N - 1, (u64)blockIdx.x * 16 + lane), from = (u64)NS * SBW;
-                l2_prefetch(wb + r * row_bytes + from, min((u64)DEC_L2PF, row_bytes - from));
-                if (!FPM) {
-                    l2_prefetch(sb + r * G, (u64)G * sizeof(ST));
-                    l2_prefetch(bb + r * G, (u64)G * sizeof(ST));
-                }
-            }
         }
         pdl_wait();
         const XT* xrow = x + xi * x_stride;
