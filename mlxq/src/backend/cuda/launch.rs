@@ -1800,8 +1800,8 @@ fn dec_ring_bytes(su: u64, rs: u64) -> u64 {
 ///   M x K x 2 bytes of shared memory bound K: 16x4096x14336 and 16x28672x8192 stay on the
 ///   tile. With MLXQ_DECB_GP=0 (the slotted n-tiles), M >= 14 goes to the wgmma tile where
 ///   the device has wgmma (session 47), and M = 9..13 takes four n-tiles only where N >= 8192.
-///   M = 3..4 takes the group-pure one n-tile too where [`GP34_DEFAULT`] (off: built in
-///   session 58, not measured) or MLXQ_DECB_GP34=1.
+///   M = 3..4 takes the group-pure one n-tile too ([`GP34_DEFAULT`]; MLXQ_DECB_GP34=0 keeps
+///   the slotted one: session 60, H100, 4x14336x4096 18.75 against 17.42 µs).
 ///
 /// Every route but the 4-consumer one takes 8 consumer warps and a 2-stage ring (run 21: 2
 /// stages beat 3 and 4 at each shape measured, 8-bit 4096x14336 24.0 µs against 31.8), but
@@ -1996,9 +1996,10 @@ fn decb_pick(
 const DECB_SC_DEFAULT: bool = false;
 
 /// Whether 4-bit group-64 M = 3..4 takes `qmv_decb`'s group-pure one n-tile by default (as M =
-/// 5..8 does) instead of the slotted one n-tile. Off until measured (session 58 built it: at
-/// 14336x4096 the slotted M = 4 took 18.8 µs, the group-pure M = 5 17.9 on an H100).
-const GP34_DEFAULT: bool = false;
+/// 5..8 does) instead of the slotted one n-tile. On since session 60 (H100, graph µs, slotted
+/// against group-pure: 4x14336x4096 18.75 / 17.42, 4x4096x4096 8.31 / 7.74, 3x4096x4096 7.90 /
+/// 7.50, 3x14336x4096 17.19 / 17.31; docs/perf-cuda.md, session 60).
+const GP34_DEFAULT: bool = true;
 
 /// What [`decb_pick`] needs of the device: compute capability (`major * 10 + minor`),
 /// multiprocessors and the most dynamic shared memory a block may opt in to (bytes).
@@ -2548,20 +2549,11 @@ mod tests {
         assert_eq!(pick(1, 6144, 4096, 4), Some("qmv_decb_4_3"));
         assert_eq!(pick(1, 14336, 4096, 4), Some("qmv_decb_4_3"));
         assert_eq!(pick(2, 28672, 8192, 4), Some("qmv_decb_4_3"));
-        // M = 3..4 at N = 6144 keeps 8 x 2 (not measured on 4 consumers there).
-        if !super::GP34_DEFAULT {
-            assert_eq!(pick(3, 6144, 4096, 4), Some("qmv_decb_8_2"));
-        }
-        // M = 3..4: the group-pure one n-tile (4 stages from N = 8192) where GP34_DEFAULT,
-        // else the slotted one (8 x 2 below N = 6144, 4 x 3 from there).
-        let gp34 = super::GP34_DEFAULT;
-        let (a, b) = if gp34 {
-            ("qmv_decb_8_2_g1", "qmv_decb_8_4_g1")
-        } else {
-            ("qmv_decb_8_2", "qmv_decb_4_3")
-        };
-        assert_eq!(pick(3, 4096, 4096, 4), Some(a));
-        assert_eq!(pick(4, 14336, 4096, 4), Some(b));
+        // M = 3..4: the group-pure one n-tile (GP34_DEFAULT, session 60), 4 stages from N =
+        // 8192, 2 below.
+        assert_eq!(pick(3, 4096, 4096, 4), Some("qmv_decb_8_2_g1"));
+        assert_eq!(pick(3, 6144, 4096, 4), Some("qmv_decb_8_2_g1"));
+        assert_eq!(pick(4, 14336, 4096, 4), Some("qmv_decb_8_4_g1"));
         assert_eq!(pick(8, 4096, 4096, 4), Some("qmv_decb_8_2_g1"));
         assert_eq!(pick(8, 14336, 4096, 4), Some("qmv_decb_8_4_g1"));
         assert_eq!(pick(12, 4096, 4096, 4), Some("qmv_decb_8_2_g2"));
