@@ -150,8 +150,6 @@ struct Plan<'a> {
     /// Number of x matrices (bound of lhs values; the CUDA kernels check them).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     x_count: usize,
-    /// Whether the index values were read on the host (CPU devices).
-    host: bool,
 }
 
 fn plan<'a>(
@@ -192,8 +190,7 @@ fn plan<'a>(
     let x_count = checked_product(OP, "x batch", x_batch.iter().copied())?;
     // On the host the index values are read (and checked) here, before the shapes are
     // broadcast; on CUDA the kernels read them.
-    let host = !on_cuda(enc);
-    if host {
+    if !on_cuda(enc) {
         let w_count = w.batch_size();
         match lhs_indices {
             Some(b) => {
@@ -235,7 +232,6 @@ fn plan<'a>(
         out_dim,
         m,
         x_count,
-        host,
     })
 }
 
@@ -312,12 +308,7 @@ fn run(
         return crate::backend::cuda::launch::qmm(enc, OP, x, w, out, &job);
     }
 
-    if !p.host {
-        return Err(Error::unsupported(
-            OP,
-            "index values not read on this device".to_string(),
-        ));
-    }
+    // Not on CUDA (returned above), so `plan` read the index values.
     let (lhs, rhs) = (&s.lhs_values, &s.rhs_values);
     let pairs = checked_product(OP, "index count", s.index.iter().copied())?;
 
