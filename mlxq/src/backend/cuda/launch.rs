@@ -498,12 +498,12 @@ pub(crate) fn qmm(
     // On Hopper the wgmma tile (qmm_wg_g64), elsewhere (or K not a multiple of 128) the
     // 4-stage mma.sync tile (run 5, 512 tokens of 64 x 2048x2048 4-bit, sort included:
     // 332 µs against 406 for qmm_tc_g8 in run 4). MLXQ_TILE_G=g|g6 forces the mma.sync tile
-    // (4 or 6 stages), =wg the wgmma tile, =off restores qmm_tc_g8, =ws the warp-specialised
-    // qmm_ws_g64 (runs 12 and 13: 309-312 µs against 218 at 512 tokens, 4-bit: its
-    // producer copies the pairs' x rows by cp.async, 16 per lane and step), =wg128 and
-    // =wg80 the wgmma tiles of 128 and 80 pairs. By default `gather_tile` picks the width
-    // from the pairs per expert (session 18, 512 tokens of top-8 of 64: the 80-pair tile,
-    // 4-bit 204 -> 149 µs, 8-bit 261 -> 219 µs: docs/perf-cuda.md run 18).
+    // (4 or 6 stages), =wg the wgmma tile, =off restores qmm_tc_g8, =wg128 and =wg80 the
+    // wgmma tiles of 128 and 80 pairs, =ws and =ws128 their persistent warp-specialised forms.
+    // By default `gather_tile` picks the width from the pairs per expert (session 18, 512
+    // tokens of top-8 of 64: the 80-pair tile, 4-bit 204 -> 149 µs, 8-bit 261 -> 219 µs:
+    // docs/perf-cuda.md run 18), and `gather_ws` its persistent form where that fits
+    // (session 61; MLXQ_GATHER_WS=0 keeps the wgmma tile).
     let fits = |t: &&Tile| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]);
     let tile = match knob("MLXQ_TILE_G") {
         _ if !tile_gather => None,
@@ -512,11 +512,18 @@ pub(crate) fn qmm(
         Some("g") => Some(&TILES[2]),
         Some("wg") => Some(&TILES[9]),
         Some("ws") => Some(&TILES[14]),
+        Some("ws128") => Some(&TILES[20]),
         Some("wg128") => Some(&TILES[15]),
         Some("wg80") => Some(&TILES[16]),
-        _ => Some(&TILES[gather_tile(entries, w_count, spec.bits())])
-            .filter(fits)
-            .or(Some(&TILES[2])),
+        _ => {
+            let i = gather_tile(entries, w_count, spec.bits());
+            gather_ws(i)
+                .filter(|_| knob("MLXQ_GATHER_WS") != Some("0"))
+                .map(|j| &TILES[j])
+                .filter(fits)
+                .or(Some(&TILES[i]).filter(fits))
+                .or(Some(&TILES[2]))
+        }
     }
     .filter(fits)
     .filter(|t| !fp || t.wg);
@@ -600,11 +607,19 @@ pub(crate) fn qmm(
                 partial: 0,
                 kseg: 0,
             };
-            let grid = (grid_x(op, ndim.div_ceil(t.bn))?, t32, 1);
-            // SAFETY: each block reads its tile's pairs (x rows inside x, expert < w_count:
-            // the sort left out-of-range pairs out) and rows < N (clamped) of that expert's W,
-            // scales and biases, and writes its pairs' output rows; blocks beyond the tile
-            // count exit.
+            // The persistent form: at most one block per SM, each looping over the (tile, 128
+            // rows) items of the tiles gather_place made (no more than the worst case).
+            let nbx = ndim.div_ceil(t.bn);
+            let grid = if t.pers {
+                let blocks = (nbx * tiles).min(u64::from(dev.multiprocessors()).max(1));
+                (grid_x(op, blocks)?, 1, 1)
+            } else {
+                (grid_x(op, nbx)?, t32, 1)
+            };
+            // SAFETY: each block (each item of a persistent block) reads its tile's pairs (x
+            // rows inside x, expert < w_count: the sort left out-of-range pairs out) and rows
+            // < N (clamped) of that expert's W, scales and biases, and writes its pairs'
+            // output rows; blocks (items) beyond the tile count exit.
             // The wgmma tiles (sm_90) wait for gather_place with griddepcontrol.wait: launched
             // as its programmatic dependent; the others plainly.
             unsafe {
@@ -1320,13 +1335,17 @@ struct Tile {
     /// A warp-specialised wgmma kernel (`qmm_ws_*`): a producer warpgroup, mbarriers after the
     /// rings, and TMA tensor maps of x (dense) and of the codes as the last two parameters.
     ws: bool,
+    /// The gather's persistent grouped form (`qmm_ws_g*`, `qmm_wsg_impl`): at most one block
+    /// per SM, each looping over (pair tile, 128 rows) items, its output tile beside the ring.
+    pers: bool,
 }
 
 /// qmm_tile_l, _m, _g, _l5, _m6, _g6, as in `qmm_tile.cu`; then qmm_wg_256, _128, _64 and the
 /// grouped _g64 as in `qmm_wg.cu` (BT tokens x 128 rows per block, 256 threads); then the
-/// warp-specialised qmm_ws_256, _256s5, _128, _64 and _g64 (384 threads); then the grouped
-/// wgmma tiles of 128 and 80 pairs (`gather_tile` picks among _g64, _g80 and _g128).
-const TILES: [Tile; 20] = [
+/// warp-specialised qmm_ws_256, _256s5, _128, _64 and the persistent grouped _g80 (384
+/// threads); then the grouped wgmma tiles of 128 and 80 pairs (`gather_tile` picks among _g64,
+/// _g80 and _g128), the transposed `qmm_wgn_*`, and the persistent grouped qmm_ws_g128.
+const TILES: [Tile; 21] = [
     tile("qmm_tile_l", 256, 128, 256, 4),
     tile("qmm_tile_m", 128, 128, 512, 4),
     tile("qmm_tile_g", 64, 128, 256, 4),
@@ -1341,13 +1360,25 @@ const TILES: [Tile; 20] = [
     ws_tile("qmm_ws_256s5", 256, 5),
     ws_tile("qmm_ws_128", 128, 6),
     ws_tile("qmm_ws_64", 64, 6),
-    ws_tile("qmm_ws_g64", 64, 6),
+    wsg_tile("qmm_ws_g80", 80, 10),
     wg_tile("qmm_wg_g128", 128, 6),
     wg_tile("qmm_wg_g80", 80, 4),
     wg_tile("qmm_wgn_256", 256, 4),
     wg_tile("qmm_wgn_128", 128, 6),
     wg_tile("qmm_wgn_64", 64, 6),
+    wsg_tile("qmm_ws_g128", 128, 6),
 ];
+
+/// The persistent grouped form ([`Tile::pers`]) of the grouped wgmma tile `i` of
+/// [`TILES`] (`gather_tile`'s pick): `qmm_ws_g80` for `qmm_wg_g80`, `qmm_ws_g128` for
+/// `qmm_wg_g128`; none for the 64-pair tile.
+fn gather_ws(i: usize) -> Option<usize> {
+    match i {
+        16 => Some(14),
+        15 => Some(20),
+        _ => None,
+    }
+}
 
 /// The wgmma tiles of [`TILES`] for W `[K, N]` (transpose = false, `qmm_wgn_*`), widest first.
 const WGN_TILES: [usize; 3] = [17, 18, 19];
@@ -1411,6 +1442,13 @@ const fn ws_tile(entry: &'static str, bm: u64, stages: u64) -> Tile {
     }
 }
 
+const fn wsg_tile(entry: &'static str, bm: u64, stages: u64) -> Tile {
+    Tile {
+        pers: true,
+        ..ws_tile(entry, bm, stages)
+    }
+}
+
 const fn wg_tile(entry: &'static str, bm: u64, stages: u64) -> Tile {
     Tile {
         wg: true,
@@ -1427,6 +1465,7 @@ const fn tile(entry: &'static str, bm: u64, bn: u64, threads: u32, stages: u64) 
         stages,
         wg: false,
         ws: false,
+        pers: false,
     }
 }
 
@@ -1438,7 +1477,8 @@ impl Tile {
     }
     /// Dynamic shared memory: the x, code and scale rings, and two dequantised W tiles
     /// (`qmm_tile`) or 1 KiB to align the x ring to the 128-byte swizzle's period (`qmm_wg`),
-    /// plus two mbarriers per stage (`qmm_ws`).
+    /// plus two mbarriers per stage (`qmm_ws`) and the output tile (BT rows of 128 16-bit
+    /// outputs, padded by 16 bytes) where persistent.
     fn smem(&self, _k: u64, spec: QuantSpec, sdt: DType) -> u64 {
         let cb = 64 * u64::from(spec.bits()) / 8;
         // Scale and bias units per row (affine), scale codes only (FP: `WG_NU` in qmm_wg.cu).
@@ -1450,9 +1490,15 @@ impl Tile {
         let rings =
             self.stages * (self.bm * 128 + self.bn * cb + self.bn * Tile::unit(spec, sdt) * units);
         let bars = if self.ws { 16 * self.stages } else { 0 };
+        let out_tile = if self.pers {
+            self.bm * (self.bn * 2 + 16)
+        } else {
+            0
+        };
         // wgmma tiles: 1 KiB to align the x ring, then the output offsets of BM pairs.
         rings
             + bars
+            + out_tile
             + if self.wg {
                 1024 + 8 * self.bm
             } else {
@@ -2043,8 +2089,9 @@ fn qmvn_shape(mt: u32, bits: u64) -> (u64, u64) {
 }
 
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 30] = [
+const KNOBS: [&str; 31] = [
     "MLXQ_GATHER_SORT_OFF",
+    "MLXQ_GATHER_WS",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
     "MLXQ_DEC_RING",
@@ -2477,6 +2524,37 @@ mod tests {
         for (pairs, experts) in [(0, 0), (1, 1), (10, 1000), (1 << 40, 1), (4096, 64)] {
             let t = &TILES[gather_tile(pairs, experts, 4)];
             assert!(t.entry.starts_with("qmm_wg_g"), "{}", t.entry);
+        }
+    }
+
+    #[test]
+    fn the_persistent_gather_tiles_have_their_wgmma_tiles_widths_and_fit() {
+        use super::gather_ws;
+        use crate::{DType, QuantSpec};
+        assert_eq!(gather_ws(16).map(|j| TILES[j].entry), Some("qmm_ws_g80"));
+        assert_eq!(gather_ws(15).map(|j| TILES[j].entry), Some("qmm_ws_g128"));
+        assert_eq!(gather_ws(9), None);
+        for i in [9, 15, 16] {
+            let Some(j) = gather_ws(i) else { continue };
+            let (wg, ws) = (&TILES[i], &TILES[j]);
+            assert!(ws.pers && ws.ws && ws.wg, "{}", ws.entry);
+            assert_eq!((wg.bm, wg.bn), (ws.bm, ws.bn), "{}", ws.entry);
+            // Within an sm_90 block's 227 KiB at every width and group they serve.
+            for bits in [4, 8] {
+                for group in [32, 64, 128] {
+                    let spec = QuantSpec::affine(bits, group).expect("a valid spec");
+                    let smem = ws.smem(4096, spec, DType::BF16);
+                    assert!(
+                        smem <= 227 << 10,
+                        "{} {bits}-bit g{group}: {smem}",
+                        ws.entry
+                    );
+                }
+            }
+        }
+        // Only the grouped persistent entries are persistent.
+        for t in &TILES {
+            assert_eq!(t.pers, t.entry.starts_with("qmm_ws_g"), "{}", t.entry);
         }
     }
 

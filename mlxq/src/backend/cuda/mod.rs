@@ -270,9 +270,10 @@ macro_rules! with_wg_tiles {
             "qmm_ws_256s5",
             "qmm_ws_128",
             "qmm_ws_64",
-            "qmm_ws_g64",
+            "qmm_ws_g80",
             "qmm_wg_g128",
             "qmm_wg_g80",
+            "qmm_ws_g128",
         ]
     };
 }

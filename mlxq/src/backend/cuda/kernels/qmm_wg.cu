@@ -533,9 +533,9 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
 // Warp 8 of the block (the first of a third warpgroup) is the producer: it streams every step
 // of the block's K into an S-stage ring and never touches the tensor cores. Per step and
 // stage: the x tile by one TMA copy (`cp.async.bulk.tensor`, the tensor map made by the host
-// with the 128-byte swizzle; tokens >= M come back as zeros) or, gathered (GRP), by cp.async
-// of the pairs' rows; the codes of the 128 rows by one TMA copy (a 3-D map over the W
-// matrices; rows >= N come back as zeros); their scale and bias units by cp.async. A stage
+// with the 128-byte swizzle; tokens >= M come back as zeros); the codes of the 128 rows by one
+// TMA copy (a 3-D map over the W matrices; rows >= N come back as zeros); their scale and bias
+// units by cp.async. (The gather's grouped form is qmm_wsg_impl below.) A stage
 // completes on its `full` mbarrier (transaction bytes, plus one cp.async arrival per lane).
 // The 8 consumer warps (two warpgroups) wait on `full`, dequantise into the A fragments, issue
 // the wgmmas, and once wgmma.wait_group has retired a step, release its stage on the `empty`
@@ -561,7 +561,7 @@ __device__ __forceinline__ void tma_w(u32 dst, const TensorMap* tm, u32 k0, u32 
 #define WS_LANES 1
 #endif
 
-template <int BT, int S, bool GRP>
+template <int BT, int S>
 __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32* __restrict__ w,
                                             const ST* __restrict__ scales,
                                             const ST* __restrict__ biases, OT* __restrict__ out,
@@ -574,11 +574,10 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
     constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4, EU = U / SSZ;
     constexpr u32 XS = BT * 128, CS = BW * CB, SB = BW * U * WG_NU;
-    constexpr int XI = BT * 8 / 32;  // GRP: x chunks per producer lane and step
     extern __shared__ __align__(16) u8 wsm[];
     const u32 raw = (u32)__cvta_generic_to_shared(wsm);
     // The x tiles first, 1024-byte aligned (the swizzle's period; the host adds 1 KiB), then
-    // the codes, the scale units, the 2 S mbarriers and (grouped) the BT output offsets.
+    // the codes, the scale units and the 2 S mbarriers.
     const u32 xs = (raw + 1023u) & ~1023u, cs = xs + S * XS, ss = cs + S * CS, bars = ss + S * SB;
     auto full = [&](u32 s) { return bars + 8 * s; };
     auto empty = [&](u32 s) { return bars + 8 * (S + s); };
@@ -586,18 +585,14 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 g = lane >> 2, t = lane & 3;
     const u32 n0 = blockIdx.x * BW;
-    if (GRP) pdl_wait();  // launched as gather_place's programmatic dependent (qmm_tc.cu)
     TileTok tk;
-    if (!tile_tokens<GRP>(BT, M, grp, w_stride, s_stride, w, scales, biases, tk)) return;
+    tile_tokens<false>(BT, M, grp, w_stride, s_stride, w, scales, biases, tk);
     if (n0 >= N || tk.m0 >= tk.mcount) return;  // whole block
-    const u32 m0 = tk.m0, first = tk.first;
-    const u64* pairs = tk.pairs;
+    const u32 m0 = tk.m0;
     const u32 mv = min((u32)BT, tk.mcount - m0);  // valid tokens of this tile
     const u32 G = K / GROUP;
     const WgSeg sg = wg_segment(K, kseg);
     const u32 KT = sg.kt, kb = sg.kb;
-    u64* ooff = (u64*)(wsm + (bars - raw) + 16 * S);  // after the mbarriers: BT u64
-    wg_out_offsets<GRP>(ooff, pairs, first, mv, tid);  // consumer threads (mv <= 256)
     if (tid < S) {
         mbar_init(full(tid), 32);  // the producer's lanes (cp.async arrivals)
         mbar_init(empty(tid), WS_LANES ? 256 : 8);  // per consumer thread (warp)
@@ -614,31 +609,17 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
         if (warp != 8) return;
         // Producer. Scale units: u = lane + 32 j, row u / 2, scales (u even) or biases; FP:
         // row u's scale codes.
-        const u32 ex = GRP ? grp[4 + 4 * blockIdx.y] : 0;  // the tile's expert (W matrix)
-        const u8* xr[GRP ? XI : 1];
-        u32 xd[GRP ? XI : 1], xn[GRP ? XI : 1];
-        if constexpr (GRP) {
-#pragma unroll
-            for (int j = 0; j < XI; j++) {
-                // Rows past the tile's last pair zero-filled, as tile_x_rows.
-                const u32 r = (lane >> 3) + j * 4, c = lane & 7;
-                const u32 m = min(m0 + r, tk.mcount - 1);
-                xr[j] = (const u8*)(x + pairs[2 * (u64)(first + m)]) + c * 16;
-                xd[j] = r * 128 + ((c ^ (r & 7)) << 4);
-                xn[j] = m0 + r < tk.mcount ? 16 : 0;
-            }
-        }
         if (lane == 0) {
-            if (!GRP) asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmx) : "memory");
+            asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmx) : "memory");
             asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmw) : "memory");
         }
         for (u32 kt = 0; kt < KT; kt++) {
             const u32 st = kt % S;
             if (kt >= S) mbar_wait(empty(st), (kt / S - 1) & 1);
             if (lane == 0) {
-                mbar_expect_tx(full(st), CS + (GRP ? 0 : XS));
-                if (!GRP) tma_x(xs + st * XS, tmx, (kb + kt) * 64, m0, full(st));
-                tma_w(cs + st * CS, tmw, (kb + kt) * CB, n0, ex, full(st));
+                mbar_expect_tx(full(st), CS + XS);
+                tma_x(xs + st * XS, tmx, (kb + kt) * 64, m0, full(st));
+                tma_w(cs + st * CS, tmw, (kb + kt) * CB, n0, 0, full(st));
             }
             __syncwarp();
             const u32 ub = (kb + kt) * 64 / GROUP / EU * EU;
@@ -648,11 +629,6 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
                 const bool b = WG_NU == 2 && (u & 1);
                 const ST* src = (b ? biases : scales) + (u64)min(n0 + r, N - 1) * G + ub;
                 cpa_small<U>(ss + st * SB + (b ? BW * U : 0) + r * U, src);
-            }
-            if constexpr (GRP) {
-#pragma unroll
-                for (int j = 0; j < XI; j++)
-                    cpa16n(xs + st * XS + xd[j], xr[j] + (u64)(kb + kt) * 128, xn[j]);
             }
             cp_arrive(full(st));
         }
@@ -664,7 +640,6 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     auto load_a = [&](u32 kt, u32(&a)[4][4]) {
         const u32 st = kt % S;
         mbar_wait(full(st), (kt / S) & 1);
-        if (GRP) fence_async_smem();  // x came through the generic proxy (cp.async)
         wg_dequant(kb + kt, wsm + (ss - raw) + st * SB, cs + st * CS, warp, g, t, sel, a);
     };
 
@@ -710,7 +685,165 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     sync();
 
     static_assert(BT * (BW * sizeof(OT) + 16) + 1024 <= S * (XS + CS + SB), "output tile fits the ring");
-    wg_store<BT, GRP>(acc, wsm + (xs - raw), tid, warp, g, t, mv, out, ooff, m0, n0, N, sync);
+    wg_store<BT, false>(acc, wsm + (xs - raw), tid, warp, g, t, mv, out, nullptr, m0, n0, N, sync);
+}
+// --- qmm_wsg: gather_qmm's grouped product, warp-specialised and persistent ---
+//
+// The sorted gather (gather_count, gather_place in qmm_tc.cu) leaves grp[0] tiles of up to
+// BT pairs of one expert. With nb = ceil(N / 128) row blocks, item i is tile i / nb, rows
+// (i % nb) * 128; block b (the host launches at most one per SM) takes items b, b +
+// gridDim.x, ..., and its ring runs on from one item into the next, so the producer streams
+// the next item's first stages while the consumers store the last one's outputs (from a tile
+// of their own, past the ring) instead of each block starting from an empty ring.
+// The producer is the whole third warpgroup (128 threads): the pairs' x rows by cp.async (a
+// gathered x has no tensor map), BT x 8 chunks of 16 bytes per step; the codes by one TMA
+// copy of thread 0 (the 3-D map over the experts' W); the scale and bias units by cp.async. A
+// stage completes on its `full` mbarrier (the codes' bytes, one cp.async arrival per producer
+// thread). Run 13's grouped qmm_ws_g64 had one producer warp issue all of a step's copies (16
+// x chunks and 8 units per lane), which cost more than the overlap gained. The consumers are
+// qmm_ws_impl's, with every stage released once (the last of an item after its wgmmas).
+template <int BT, int S>
+__device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
+                                             const ST* __restrict__ scales,
+                                             const ST* __restrict__ biases, OT* __restrict__ out,
+                                             u32 N, u32 K, u64 s_stride,
+                                             const u32* __restrict__ grp, const TensorMap* tmw) {
+    constexpr int BW = 128;            // rows of W per item
+    constexpr int CB = 64 * BITS / 8;  // code bytes per row and step
+    constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
+    constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4, EU = U / SSZ;
+    constexpr u32 XS = BT * 128, CS = BW * CB, SB = BW * U * WG_NU;
+    constexpr u32 PT = 128;               // producer threads
+    constexpr int XI = BT * 8 / PT;       // x chunks per producer thread and step
+    constexpr int UI = BW * WG_NU / PT;   // scale units per producer thread and step
+    static_assert(XI * PT == BT * 8 && UI * PT == BW * WG_NU, "copies split over the producer");
+    extern __shared__ __align__(16) u8 wsm[];
+    const u32 raw = (u32)__cvta_generic_to_shared(wsm);
+    // The x tiles first, 1024-byte aligned (the swizzle's period), then the codes, the scale
+    // units, the 2 S mbarriers, the item's BT output offsets and the output tile (launch.rs
+    // `Tile::smem` mirrors this).
+    const u32 xs = (raw + 1023u) & ~1023u, cs = xs + S * XS, ss = cs + S * CS, bars = ss + S * SB;
+    const u32 oo = bars + 16 * S, ot = oo + 8 * BT;
+    auto full = [&](u32 s) { return bars + 8 * s; };
+    auto empty = [&](u32 s) { return bars + 8 * (S + s); };
+
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const u32 g = lane >> 2, t = lane & 3;
+    pdl_wait();  // launched as gather_place's programmatic dependent (qmm_tc.cu)
+    const u32 nb = (N + BW - 1) / BW, items = grp[0] * nb;
+    if (blockIdx.x >= items) return;  // whole block
+    const u64* pairs = (const u64*)(grp + 4 + 4 * (u64)grp[1]);
+    const u32 G = K / GROUP, KT = K / 64;
+    if (tid < S) {
+        mbar_init(full(tid), PT);                   // one cp.async arrival per producer thread
+        mbar_init(empty(tid), WS_LANES ? 256 : 8);  // per consumer thread (warp)
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncthreads();
+
+    if (warp >= 8) {
+        // Registers to the consumers, as qmm_ws_impl's producer.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 88;" ::: "memory");
+        const u32 pt = tid - 256;
+        if (pt == 0) asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmw) : "memory");
+        u32 q = 0;  // the block's step count over its items: stage q % S, round q / S
+        for (u32 it = blockIdx.x; it < items; it += gridDim.x) {
+            const u32* tl = grp + 4 + 4 * (it / nb);  // expert, first pair, pairs
+            const u32 ex = tl[0], first = tl[1], mc = tl[2];
+            const u32 n0 = it % nb * BW;
+            const u8* xr[XI];
+            u32 xd[XI], xn[XI];
+#pragma unroll
+            for (int j = 0; j < XI; j++) {
+                // Chunk c of tile row r; rows past the tile's last pair zero-filled (their
+                // address clamped to it), as tile_x_rows.
+                const u32 r = (pt >> 3) + j * (PT / 8), c = pt & 7;
+                const u32 m = min(r, mc - 1);
+                xr[j] = (const u8*)(x + pairs[2 * (u64)(first + m)]) + c * 16;
+                xd[j] = r * 128 + ((c ^ (r & 7)) << 4);
+                xn[j] = r < mc ? 16 : 0;
+            }
+            // Unit u = pt + PT j: row u / 2, scales (u even) or biases; FP: row u's codes.
+            const ST* sr[UI];
+            u32 sd[UI];
+#pragma unroll
+            for (int j = 0; j < UI; j++) {
+                const u32 u = pt + PT * j, r = WG_NU == 2 ? u >> 1 : u;
+                const bool b = WG_NU == 2 && (u & 1);
+                sr[j] = (b ? biases : scales) + ex * s_stride + (u64)min(n0 + r, N - 1) * G;
+                sd[j] = (b ? BW * U : 0) + r * U;
+            }
+            for (u32 kt = 0; kt < KT; kt++, q++) {
+                const u32 st = q % S;
+                if (q >= S) mbar_wait(empty(st), (q / S - 1) & 1);
+                if (pt == 0) {
+                    mbar_expect_tx(full(st), CS);
+                    tma_w(cs + st * CS, tmw, kt * CB, n0, ex, full(st));
+                }
+                const u32 ub = kt * 64 / GROUP / EU * EU;
+#pragma unroll
+                for (int j = 0; j < UI; j++) cpa_small<U>(ss + st * SB + sd[j], sr[j] + ub);
+#pragma unroll
+                for (int j = 0; j < XI; j++)
+                    cpa16n(xs + st * XS + xd[j], xr[j] + (u64)kt * 128, xn[j]);
+                cp_arrive(full(st));
+            }
+        }
+        return;
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 208;" ::: "memory");
+    const u32 sel = wg_sel(t);
+    u64* ooff = (u64*)(wsm + (oo - raw));
+    auto sync = [] { asm volatile("bar.sync 1, 256;" ::: "memory"); };
+    u32 q0 = 0, sink = 0;  // q0: the block's steps before this item
+    for (u32 it = blockIdx.x; it < items; it += gridDim.x) {
+        const u32* tl = grp + 4 + 4 * (it / nb);
+        const u32 first = tl[1], mv = min((u32)BT, tl[2]);
+        const u32 n0 = it % nb * BW;
+        // The previous item's epilogue has read the offsets (its last sync).
+        wg_out_offsets<true>(ooff, pairs, first, mv, tid);
+        auto load_a = [&](u32 kt, u32(&a)[4][4]) {
+            const u32 q = q0 + kt, st = q % S;
+            mbar_wait(full(st), (q / S) & 1);
+            fence_async_smem();  // x came through the generic proxy (cp.async)
+            wg_dequant(kt, wsm + (ss - raw) + st * SB, cs + st * CS, warp, g, t, sel, a);
+        };
+        // Each thread's reads of a stage (the codes and scales through the generic proxy)
+        // before the producer's next copies into it: a proxy fence and the thread's own
+        // release, as qmm_ws_impl.
+        auto release = [&](u32 q) {
+            if constexpr (WS_LANES) {
+                fence_async_smem();
+                mbar_arrive(empty(q % S));
+            } else {
+                __syncwarp();
+                if (lane == 0) mbar_arrive(empty(q % S));
+            }
+        };
+        float acc[BT / 2];
+        u32 a0[4][4], a1[4][4];
+        wg_zero<BT>(acc, a1);
+        auto step = [&](u32 kt, u32(&ac)[4][4], u32(&an)[4][4]) {
+            wg_step_mma<BT>(acc, ac, an, xs + (q0 + kt) % S * XS, sink);  // kt - 1 is done
+            if (kt > 0) release(q0 + kt - 1);
+            if (kt + 1 < KT) load_a(kt + 1, an);
+        };
+        load_a(0, a0);
+        // KT is even (the host checks K % 128 == 0): see qmm_wg_impl.
+        for (u32 kt = 0; kt < KT; kt += 2) {
+            step(kt, a0, a1);
+            step(kt + 1, a1, a0);
+        }
+        wg_wait<0>();
+#pragma unroll
+        for (int i = 0; i < BT / 2; i++) wg_pin(acc[i]);
+        release(q0 + KT - 1);
+        q0 += KT;
+        wg_store<BT, true>(acc, wsm + (ot - raw), tid, warp, g, t, mv, out, ooff, 0, n0, N, sync);
+        sync();  // the tile and the offsets are read before the next item writes them
+    }
+    if (sink == 0x5A5A5A5Au && K == 1u) out[0] = from_f32<OT>(0.0f);  // never (K >= 128)
 }
 #endif
 
@@ -750,26 +883,37 @@ QMM_WG(qmm_wg_g80, 80, 4, true)
 #endif
 
 #if WG_OK
-#define QMM_WS(NAME, BT, S, GRP)                                                               \
+#define QMM_WSX(NAME, BT, S, BODY)                                                             \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                 \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
         const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u32 N, u32 K,             \
         u64 w_stride, u64 s_stride, const u32* __restrict__ grp, float* __restrict__ partial,  \
         u32 kseg, const __grid_constant__ TensorMap tmx, const __grid_constant__ TensorMap tmw) { \
-        qmm_ws_impl<BT, S, GRP>(x, w, scales, biases, out, M, N, K, w_stride, s_stride, grp,   \
-                                partial, kseg, &tmx, &tmw);                                    \
+        BODY;                                                                                  \
     }
+#define QMM_WS(NAME, BT, S)                                                                    \
+    QMM_WSX(NAME, BT, S, (qmm_ws_impl<BT, S>(x, w, scales, biases, out, M, N, K, w_stride,    \
+                                             s_stride, grp, partial, kseg, &tmx, &tmw)))
+// The grouped entries read neither w (the codes' map spans the experts), M, the W stride,
+// partial, kseg nor x's map: the signature is the dense entries', so that one launcher serves.
+#define QMM_WSG(NAME, BT, S)                                                                   \
+    QMM_WSX(NAME, BT, S, (qmm_wsg_impl<BT, S>(x, scales, biases, out, N, K, s_stride, grp, &tmw)))
 #else
-#define QMM_WS(NAME, BT, S, GRP)                                                               \
+#define QMM_WSX(NAME, BT, S, BODY)                                                             \
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32, u32, \
                                     u32, u64, u64, const u32*, float*, u32,                  \
                                     const __grid_constant__ TensorMap,                         \
                                     const __grid_constant__ TensorMap) {}
+#define QMM_WS(NAME, BT, S) QMM_WSX(NAME, BT, S, )
+#define QMM_WSG(NAME, BT, S) QMM_WSX(NAME, BT, S, )
 #endif
 #ifndef QMM_WS_CONFIGS
-QMM_WS(qmm_ws_256, 256, 4, false)
-QMM_WS(qmm_ws_256s5, 256, 5, false)
-QMM_WS(qmm_ws_128, 128, 6, false)
-QMM_WS(qmm_ws_64, 64, 6, false)
-QMM_WS(qmm_ws_g64, 64, 6, true)
+QMM_WS(qmm_ws_256, 256, 4)
+QMM_WS(qmm_ws_256s5, 256, 5)
+QMM_WS(qmm_ws_128, 128, 6)
+QMM_WS(qmm_ws_64, 64, 6)
+// The grouped gather: 80 pairs on 10 stages (4-bit: 15 KB each), 128 pairs on 6 (8-bit: 25 KB
+// each), the output tile beside the ring.
+QMM_WSG(qmm_ws_g80, 80, 10)
+QMM_WSG(qmm_ws_g128, 128, 6)
 #endif
