@@ -499,7 +499,8 @@ pub(crate) fn qmm(
     // 4-stage mma.sync tile (run 5, 512 tokens of 64 x 2048x2048 4-bit, sort included:
     // 332 µs against 406 for qmm_tc_g8 in run 4). MLXQ_TILE_G=g|g6 forces the mma.sync tile
     // (4 or 6 stages), =wg the wgmma tile, =off restores qmm_tc_g8, =wg128 and =wg80 the
-    // wgmma tiles of 128 and 80 pairs, =ws and =ws128 their persistent warp-specialised forms.
+    // wgmma tiles of 128 and 80 pairs, =ws and =ws80w the persistent warp-specialised forms of
+    // the 80-pair tile (128 and 256 rows an item).
     // By default `gather_tile` picks the width from the pairs per expert (session 18, 512
     // tokens of top-8 of 64: the 80-pair tile, 4-bit 204 -> 149 µs, 8-bit 261 -> 219 µs:
     // docs/perf-cuda.md run 18), and `gather_ws` its persistent form where that fits
@@ -512,7 +513,7 @@ pub(crate) fn qmm(
         Some("g") => Some(&TILES[2]),
         Some("wg") => Some(&TILES[9]),
         Some("ws") => Some(&TILES[14]),
-        Some("ws128") => Some(&TILES[20]),
+        Some("ws80w") => Some(&TILES[20]),
         Some("wg128") => Some(&TILES[15]),
         Some("wg80") => Some(&TILES[16]),
         _ => {
@@ -1344,7 +1345,8 @@ struct Tile {
 /// grouped _g64 as in `qmm_wg.cu` (BT tokens x 128 rows per block, 256 threads); then the
 /// warp-specialised qmm_ws_256, _256s5, _128, _64 and the persistent grouped _g80 (384
 /// threads); then the grouped wgmma tiles of 128 and 80 pairs (`gather_tile` picks among _g64,
-/// _g80 and _g128), the transposed `qmm_wgn_*`, and the persistent grouped qmm_ws_g128.
+/// _g80 and _g128), the transposed `qmm_wgn_*`, and the persistent grouped qmm_ws_g80w (256
+/// rows an item).
 const TILES: [Tile; 21] = [
     tile("qmm_tile_l", 256, 128, 256, 4),
     tile("qmm_tile_m", 128, 128, 512, 4),
@@ -1360,22 +1362,21 @@ const TILES: [Tile; 21] = [
     ws_tile("qmm_ws_256s5", 256, 5),
     ws_tile("qmm_ws_128", 128, 6),
     ws_tile("qmm_ws_64", 64, 6),
-    wsg_tile("qmm_ws_g80", 80, 10),
+    wsg_tile("qmm_ws_g80", 80, 128, 10),
     wg_tile("qmm_wg_g128", 128, 6),
     wg_tile("qmm_wg_g80", 80, 4),
     wg_tile("qmm_wgn_256", 256, 4),
     wg_tile("qmm_wgn_128", 128, 6),
     wg_tile("qmm_wgn_64", 64, 6),
-    wsg_tile("qmm_ws_g128", 128, 6),
+    wsg_tile("qmm_ws_g80w", 80, 256, 6),
 ];
 
 /// The persistent grouped form ([`Tile::pers`]) of the grouped wgmma tile `i` of
-/// [`TILES`] (`gather_tile`'s pick): `qmm_ws_g80` for `qmm_wg_g80`, `qmm_ws_g128` for
-/// `qmm_wg_g128`; none for the 64-pair tile.
+/// [`TILES`] (`gather_tile`'s pick): `qmm_ws_g80w` (256 rows an item) for `qmm_wg_g80`; none
+/// for the 64- and 128-pair tiles.
 fn gather_ws(i: usize) -> Option<usize> {
     match i {
-        16 => Some(14),
-        15 => Some(20),
+        16 => Some(20),
         _ => None,
     }
 }
@@ -1442,9 +1443,10 @@ const fn ws_tile(entry: &'static str, bm: u64, stages: u64) -> Tile {
     }
 }
 
-const fn wsg_tile(entry: &'static str, bm: u64, stages: u64) -> Tile {
+const fn wsg_tile(entry: &'static str, bm: u64, bn: u64, stages: u64) -> Tile {
     Tile {
         pers: true,
+        bn,
         ..ws_tile(entry, bm, stages)
     }
 }
@@ -2531,14 +2533,16 @@ mod tests {
     fn the_persistent_gather_tiles_have_their_wgmma_tiles_widths_and_fit() {
         use super::gather_ws;
         use crate::{DType, QuantSpec};
-        assert_eq!(gather_ws(16).map(|j| TILES[j].entry), Some("qmm_ws_g80"));
-        assert_eq!(gather_ws(15).map(|j| TILES[j].entry), Some("qmm_ws_g128"));
+        assert_eq!(gather_ws(16).map(|j| TILES[j].entry), Some("qmm_ws_g80w"));
+        assert_eq!(gather_ws(15), None);
         assert_eq!(gather_ws(9), None);
-        for i in [9, 15, 16] {
-            let Some(j) = gather_ws(i) else { continue };
+        for (i, j) in [(16, 14), (16, 20)] {
             let (wg, ws) = (&TILES[i], &TILES[j]);
             assert!(ws.pers && ws.ws && ws.wg, "{}", ws.entry);
-            assert_eq!((wg.bm, wg.bn), (ws.bm, ws.bn), "{}", ws.entry);
+            assert_eq!(wg.bm, ws.bm, "{}", ws.entry);
+            // 128 rows an item, or 256 (two m64 sub-tiles per warpgroup: `qmm_wsg_impl`'s SUB).
+            let wide = ws.entry.ends_with('w');
+            assert_eq!(ws.bn, if wide { 256 } else { 128 }, "{}", ws.entry);
             // Within an sm_90 block's 227 KiB at every width and group they serve.
             for bits in [4, 8] {
                 for group in [32, 64, 128] {
