@@ -722,24 +722,9 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
 // SUB = 2 (the wide form): an item is 256 rows, each warpgroup two m64 sub-tiles on the same
 // x stage, so that each item's x tile (BT x K x 2 bytes from L2, twice W's 4-bit bytes at 80
 // pairs) serves twice the rows.
-// WSG_PF (default 1; 0 for experiments): at the start of each item the producer asks L2 for
-// all of the item's codes, scales and biases (contiguous: its rows of W [N, K]) by bulk
-// prefetches, so that DRAM streams them in order; the per-step TMA copies read 32 bytes of
-// each of 128 or 256 rows 1 KB apart (K = 2048, 4-bit), which left to themselves open each
-// DRAM page once per 256 bytes (the map's L2 promotion).
-#ifndef WSG_PF
-#define WSG_PF 1
-#endif
-// The whole 16-byte units of [p, p + bytes) into L2 (a hint: no copy, no completion).
-__device__ __forceinline__ void prefetch_l2(const void* p, u64 bytes) {
-    const u64 a = ((u64)p + 15) & ~(u64)15, e = ((u64)p + bytes) & ~(u64)15;
-    if (e > a)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"((u32)(e - a)) : "memory");
-}
-
 template <int BT, int S, int SUB>
-__device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x, const u32* __restrict__ w,
-                                             u64 w_stride, const ST* __restrict__ scales,
+__device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
+                                             const ST* __restrict__ scales,
                                              const ST* __restrict__ biases, OT* __restrict__ out,
                                              u32 N, u32 K, u64 s_stride,
                                              const u32* __restrict__ grp, const TensorMap* tmw) {
@@ -786,13 +771,6 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x, const u32
             const u32* tl = grp + 4 + 4 * (it / nb);  // expert, first pair, pairs
             const u32 ex = tl[0], first = tl[1], mc = tl[2];
             const u32 n0 = it % nb * BW;
-            if (WSG_PF && pt == 0) {
-                const u64 rows = min((u32)BW, N - n0), rb = (u64)K * BITS / 8;
-                const u64 su = ex * s_stride + (u64)n0 * G;
-                prefetch_l2((const u8*)w + ex * w_stride * 4 + n0 * rb, rows * rb);
-                prefetch_l2(scales + su, rows * G * SSZ);
-                if (WG_NU == 2) prefetch_l2(biases + su, rows * G * SSZ);
-            }
             const u8* xr[XI];
             u32 xd[XI], xn[XI];
 #pragma unroll
@@ -939,12 +917,10 @@ QMM_WG(qmm_wg_g80, 80, 4, true)
 #define QMM_WS(NAME, BT, S)                                                                    \
     QMM_WSX(NAME, BT, S, (qmm_ws_impl<BT, S>(x, w, scales, biases, out, M, N, K, w_stride,    \
                                              s_stride, grp, partial, kseg, &tmx, &tmw)))
-// The grouped entries read neither M, partial, kseg nor x's map (w only for L2 prefetches: the
-// codes' map spans the experts): the signature is the dense entries', so that one launcher
-// serves.
+// The grouped entries read neither w (the codes' map spans the experts), M, the W stride,
+// partial, kseg nor x's map: the signature is the dense entries', so that one launcher serves.
 #define QMM_WSG(NAME, BT, S, SUB)                                                              \
-    QMM_WSX(NAME, BT, S, (qmm_wsg_impl<BT, S, SUB>(x, w, w_stride, scales, biases, out, N, K,  \
-                                                   s_stride, grp, &tmw)))
+    QMM_WSX(NAME, BT, S, (qmm_wsg_impl<BT, S, SUB>(x, scales, biases, out, N, K, s_stride, grp, &tmw)))
 #else
 #define QMM_WSX(NAME, BT, S, BODY)                                                             \
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32, u32, \
