@@ -499,8 +499,7 @@ pub(crate) fn qmm(
     // 4-stage mma.sync tile (run 5, 512 tokens of 64 x 2048x2048 4-bit, sort included:
     // 332 µs against 406 for qmm_tc_g8 in run 4). MLXQ_TILE_G=g|g6 forces the mma.sync tile
     // (4 or 6 stages), =wg the wgmma tile, =off restores qmm_tc_g8, =wg128 and =wg80 the
-    // wgmma tiles of 128 and 80 pairs, =ws and =ws80w the persistent warp-specialised forms of
-    // the 80-pair tile (128 and 256 rows an item).
+    // wgmma tiles of 128 and 80 pairs, =ws the 80-pair tile's persistent warp-specialised form.
     // By default `gather_tile` picks the width from the pairs per expert (session 18, 512
     // tokens of top-8 of 64: the 80-pair tile, 4-bit 204 -> 149 µs, 8-bit 261 -> 219 µs:
     // docs/perf-cuda.md run 18), and `gather_ws` its persistent form where that fits
@@ -513,12 +512,11 @@ pub(crate) fn qmm(
         Some("g") => Some(&TILES[2]),
         Some("wg") => Some(&TILES[9]),
         Some("ws") => Some(&TILES[14]),
-        Some("ws80w") => Some(&TILES[20]),
         Some("wg128") => Some(&TILES[15]),
         Some("wg80") => Some(&TILES[16]),
         _ => {
             let i = gather_tile(entries, w_count, spec.bits());
-            gather_ws(i)
+            gather_ws(i, spec.bits(), !fp)
                 .filter(|_| knob("MLXQ_GATHER_WS") != Some("0"))
                 .map(|j| &TILES[j])
                 .filter(fits)
@@ -1345,9 +1343,8 @@ struct Tile {
 /// grouped _g64 as in `qmm_wg.cu` (BT tokens x 128 rows per block, 256 threads); then the
 /// warp-specialised qmm_ws_256, _256s5, _128, _64 and the persistent grouped _g80 (384
 /// threads); then the grouped wgmma tiles of 128 and 80 pairs (`gather_tile` picks among _g64,
-/// _g80 and _g128), the transposed `qmm_wgn_*`, and the persistent grouped qmm_ws_g80w (256
-/// rows an item).
-const TILES: [Tile; 21] = [
+/// _g80 and _g128), and the transposed `qmm_wgn_*`.
+const TILES: [Tile; 20] = [
     tile("qmm_tile_l", 256, 128, 256, 4),
     tile("qmm_tile_m", 128, 128, 512, 4),
     tile("qmm_tile_g", 64, 128, 256, 4),
@@ -1362,23 +1359,22 @@ const TILES: [Tile; 21] = [
     ws_tile("qmm_ws_256s5", 256, 5),
     ws_tile("qmm_ws_128", 128, 6),
     ws_tile("qmm_ws_64", 64, 6),
-    wsg_tile("qmm_ws_g80", 80, 128, 10),
+    wsg_tile("qmm_ws_g80", 80, 10),
     wg_tile("qmm_wg_g128", 128, 6),
     wg_tile("qmm_wg_g80", 80, 4),
     wg_tile("qmm_wgn_256", 256, 4),
     wg_tile("qmm_wgn_128", 128, 6),
     wg_tile("qmm_wgn_64", 64, 6),
-    wsg_tile("qmm_ws_g80w", 80, 256, 6),
 ];
 
-/// The persistent grouped form ([`Tile::pers`]) of the grouped wgmma tile `i` of
-/// [`TILES`] (`gather_tile`'s pick): `qmm_ws_g80w` (256 rows an item) for `qmm_wg_g80`; none
-/// for the 64- and 128-pair tiles.
-fn gather_ws(i: usize) -> Option<usize> {
-    match i {
-        16 => Some(20),
-        _ => None,
-    }
+/// The persistent grouped form ([`Tile::pers`]) of the grouped wgmma tile `i` of [`TILES`]
+/// (`gather_tile`'s pick) for `bits`-wide affine codes: `qmm_ws_g80` for `qmm_wg_g80` at 4
+/// bits, the one case where it was measured faster (session 61, H100, 512 / 1024 tokens of
+/// top-8 of 64 × 2048²: 134.9 → 125.3, 248.4 → 235.8 µs); 8-bit gathers lose on it (189.6 →
+/// 193.3, 353.7 → 371.6: two blocks of the wgmma tile's 16 consumer warps per SM dequantise
+/// 8-bit codes faster than one block's 8), and the FP modes were not timed on it.
+fn gather_ws(i: usize, bits: u32, affine: bool) -> Option<usize> {
+    (i == 16 && bits == 4 && affine).then_some(14)
 }
 
 /// The wgmma tiles of [`TILES`] for W `[K, N]` (transpose = false, `qmm_wgn_*`), widest first.
@@ -1443,10 +1439,9 @@ const fn ws_tile(entry: &'static str, bm: u64, stages: u64) -> Tile {
     }
 }
 
-const fn wsg_tile(entry: &'static str, bm: u64, bn: u64, stages: u64) -> Tile {
+const fn wsg_tile(entry: &'static str, bm: u64, stages: u64) -> Tile {
     Tile {
         pers: true,
-        bn,
         ..ws_tile(entry, bm, stages)
     }
 }
@@ -2533,16 +2528,22 @@ mod tests {
     fn the_persistent_gather_tiles_have_their_wgmma_tiles_widths_and_fit() {
         use super::gather_ws;
         use crate::{DType, QuantSpec};
-        assert_eq!(gather_ws(16).map(|j| TILES[j].entry), Some("qmm_ws_g80w"));
-        assert_eq!(gather_ws(15), None);
-        assert_eq!(gather_ws(9), None);
-        for (i, j) in [(16, 14), (16, 20)] {
+        assert_eq!(
+            gather_ws(16, 4, true).map(|j| TILES[j].entry),
+            Some("qmm_ws_g80")
+        );
+        // Where measured slower (8-bit) or not measured (the FP modes, the other widths).
+        assert_eq!(gather_ws(16, 8, true), None);
+        assert_eq!(gather_ws(16, 4, false), None);
+        assert_eq!(gather_ws(15, 4, true), None);
+        assert_eq!(gather_ws(9, 4, true), None);
+        for i in [9, 15, 16] {
+            let Some(j) = gather_ws(i, 4, true) else {
+                continue;
+            };
             let (wg, ws) = (&TILES[i], &TILES[j]);
             assert!(ws.pers && ws.ws && ws.wg, "{}", ws.entry);
-            assert_eq!(wg.bm, ws.bm, "{}", ws.entry);
-            // 128 rows an item, or 256 (two m64 sub-tiles per warpgroup: `qmm_wsg_impl`'s SUB).
-            let wide = ws.entry.ends_with('w');
-            assert_eq!(ws.bn, if wide { 256 } else { 128 }, "{}", ws.entry);
+            assert_eq!((wg.bm, wg.bn), (ws.bm, ws.bn), "{}", ws.entry);
             // Within an sm_90 block's 227 KiB at every width and group they serve.
             for bits in [4, 8] {
                 for group in [32, 64, 128] {

@@ -273,7 +273,6 @@ macro_rules! with_wg_tiles {
             "qmm_ws_g80",
             "qmm_wg_g128",
             "qmm_wg_g80",
-            "qmm_ws_g80w",
         ]
     };
 }

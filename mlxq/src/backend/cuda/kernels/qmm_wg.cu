@@ -147,17 +147,15 @@ __device__ __forceinline__ u32 wg_sel8(u32 p) {
 // Scale and bias units per row and step: scales, then biases (affine); scale codes (FP).
 #define WG_NU (FPM ? 1 : 2)
 
-// A row's step unit read for one group: its scale (and bias) as pairs of x's type. BW: the
-// stage's rows (the biases' units follow the scales' of all of them).
+// A row's step unit read for one group: its scale (and bias) as pairs of x's type.
 struct WgGroup {
     u32 s2, b2;  // b2: affine only
 };
-template <int BW = 128>
 __device__ __forceinline__ WgGroup wg_group(const u8* su, u32 ei) {
 #if FPM
     return {fp_scale_pair(su[ei]), 0u};
 #else
-    constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
+    constexpr int BW = 128, SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
     constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4;
     const float s = to_f32(*(const ST*)(su + ei * SSZ));
     const float b = to_f32(*(const ST*)(su + BW * U + ei * SSZ));
@@ -180,11 +178,10 @@ __device__ __forceinline__ u32 wg_pair_8(u32 wd, u32 sel, WgGroup c) {
 #endif
 }
 
-// Step kt's A fragments from its stage (units at `sst`, U bytes per row: the scales of the BW
+// Step kt's A fragments from its stage (units at `sst`, U bytes per row: the scales of the 128
 // rows, then their biases, or the FP scale codes; codes at shared address `cst`, CB bytes per
 // row): a[j] for k16 block j, registers (g, lo k), (g + 8, lo k), (g, hi k), (g + 8, hi k) of
-// warp `warp`'s 16 rows from row R0 (the 128 rows of a sub-tile: 8 warps x 16).
-template <int BW = 128, int R0 = 0>
+// warp `warp`'s 16 rows.
 __device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 warp, u32 g,
                                            u32 t, u32 sel, u32 (&a)[4][4]) {
     constexpr int CB = 64 * BITS / 8;
@@ -193,11 +190,11 @@ __device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 w
     const u32 ub = kt * 64 / GROUP / EU * EU;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        const u32 r = R0 + 16 * warp + g + 8 * h;
+        const u32 r = 16 * warp + g + 8 * h;
         const u8* su = sst + r * U;
         WgGroup c[NEED];
 #pragma unroll
-        for (int e = 0; e < NEED; e++) c[e] = wg_group<BW>(su, (kt * 64 + 64 / NEED * e) / GROUP - ub);
+        for (int e = 0; e < NEED; e++) c[e] = wg_group(su, (kt * 64 + 64 / NEED * e) / GROUP - ub);
 #if BITS == 4
         const u32 src = cst + r * CB;
         const uint4 q0 = lds128(src), q1 = lds128(src + 16);
@@ -296,54 +293,40 @@ template <int BT> __device__ __forceinline__ void wg_zero(float* acc, u32 (&a1)[
 // not keep an A register reserved while an issued wgmma may still read it: a real use of the
 // previous step's A registers `an` after the wait that retires them (folded into `sink`)
 // keeps them live, so the dequantisation that follows cannot take them for its temporaries.
-// SUB sub-tiles of 64 rows per warpgroup (acc + s BT / 2, A registers ac[s]) on the same x.
-template <int BT, int SUB>
-__device__ __forceinline__ void wg_step_mma_sub(float* acc, const u32 (&ac)[SUB][4][4],
-                                                const u32 (&an)[SUB][4][4], u32 xb, u32& sink) {
-    wg_fence();
-#pragma unroll
-    for (int s = 0; s < SUB; s++)
-#pragma unroll
-        for (int j = 0; j < 4; j++) wg_mma(WgN<BT>(), acc + s * (BT / 2), ac[s][j], wg_desc(xb + 32 * j));
-    wg_commit();
-    wg_wait<1>();
-#pragma unroll
-    for (int s = 0; s < SUB; s++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) sink ^= an[s][j][i];
-}
 template <int BT>
 __device__ __forceinline__ void wg_step_mma(float* acc, const u32 (&ac)[4][4],
                                             const u32 (&an)[4][4], u32 xb, u32& sink) {
-    using A1 = const u32(&)[1][4][4];
-    wg_step_mma_sub<BT, 1>(acc, reinterpret_cast<A1>(ac), reinterpret_cast<A1>(an), xb, sink);
+    wg_fence();
+#pragma unroll
+    for (int j = 0; j < 4; j++) wg_mma(WgN<BT>(), acc, ac[j], wg_desc(xb + 32 * j));
+    wg_commit();
+    wg_wait<1>();
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) sink ^= an[j][i];
 }
 
-// The epilogue of the wgmma kernels: warp `warp`'s accumulators (acc[s BT / 2 + 4j + 2h + e]:
-// row 128 s + 16 warp + g + 8h of the block's BW = 128 SUB, token 8j + 2t + e) rounded to the
-// output type into the shared tile at `ot` ([token][row], rows padded by 16 bytes: no bank
-// conflicts), then `sync` (the 256 consumer threads), then the tile's mv valid tokens written
-// out as 16-byte rows (scalar where N or the row is not 16-byte aligned). With GRP, token c's
-// output row is at out + ooff[c] (shared memory, filled by wg_out_offsets).
-template <int BT, bool GRP, int SUB, typename Sync>
+// The epilogue of both wgmma kernels: warp `warp`'s accumulators (acc[4j + 2h + e]: row
+// 16 warp + g + 8h, token 8j + 2t + e) rounded to the output type into the shared tile at
+// `ot` ([token][row], rows padded by 16 bytes: no bank conflicts), then `sync` (the 256
+// consumer threads), then the tile's mv valid tokens written out as 16-byte rows (scalar
+// where N or the row is not 16-byte aligned). With GRP, token c's output row is at out +
+// ooff[c] (shared memory, filled by wg_out_offsets before the main loop).
+template <int BT, bool GRP, typename Sync>
 __device__ __forceinline__ void wg_store(const float* acc, u8* ot, u32 tid, u32 warp, u32 g,
                                          u32 t, u32 mv, OT* __restrict__ out, const u64* ooff,
                                          u32 m0, u32 n0, u32 N, Sync sync) {
-    constexpr u32 T = 256, BW = 128 * SUB;
+    constexpr u32 T = 256, BW = 128;
     constexpr u32 OP = BW * sizeof(OT) + 16;  // padded tile row (one token) in bytes
 #pragma unroll
-    for (int s = 0; s < SUB; s++)
+    for (int j = 0; j < BT / 8; j++)
 #pragma unroll
-        for (int j = 0; j < BT / 8; j++)
+        for (int h = 0; h < 2; h++)
 #pragma unroll
-            for (int h = 0; h < 2; h++)
-#pragma unroll
-                for (int e = 0; e < 2; e++)
-                    *(OT*)(ot + (8 * j + 2 * t + e) * OP +
-                           (128 * s + 16 * warp + g + 8 * h) * sizeof(OT)) =
-                        from_f32<OT>(acc[s * (BT / 2) + 4 * j + 2 * h + e]);
+            for (int e = 0; e < 2; e++)
+                *(OT*)(ot + (8 * j + 2 * t + e) * OP + (16 * warp + g + 8 * h) * sizeof(OT)) =
+                    from_f32<OT>(acc[4 * j + 2 * h + e]);
     sync();
     constexpr u32 EPC = 16 / sizeof(OT), CPT = BW / EPC;  // elements per chunk, chunks per token
     for (u32 i = tid; i < BT * CPT; i += T) {
@@ -542,7 +525,7 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     __syncthreads();  // every stage is read: the ring becomes the output tile
 
     static_assert(BT * (BW * sizeof(OT) + 16) + 1024 <= S * (XS + CS + SB), "output tile fits the ring");
-    wg_store<BT, GRP, 1>(acc, wsm + (xs - raw), tid, warp, g, t, mv, out, ooff, m0, n0, N, [] { __syncthreads(); });
+    wg_store<BT, GRP>(acc, wsm + (xs - raw), tid, warp, g, t, mv, out, ooff, m0, n0, N, [] { __syncthreads(); });
 }
 
 // --- qmm_ws: the same product with a producer warp (warp specialisation) ---
@@ -702,7 +685,7 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     sync();
 
     static_assert(BT * (BW * sizeof(OT) + 16) + 1024 <= S * (XS + CS + SB), "output tile fits the ring");
-    wg_store<BT, false, 1>(acc, wsm + (xs - raw), tid, warp, g, t, mv, out, nullptr, m0, n0, N, sync);
+    wg_store<BT, false>(acc, wsm + (xs - raw), tid, warp, g, t, mv, out, nullptr, m0, n0, N, sync);
 }
 // --- qmm_wsg: gather_qmm's grouped product, warp-specialised and persistent ---
 //
@@ -719,16 +702,13 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
 // thread). Run 13's grouped qmm_ws_g64 had one producer warp issue all of a step's copies (16
 // x chunks and 8 units per lane), which cost more than the overlap gained. The consumers are
 // qmm_ws_impl's, with every stage released once (the last of an item after its wgmmas).
-// SUB = 2 (the wide form): an item is 256 rows, each warpgroup two m64 sub-tiles on the same
-// x stage, so that each item's x tile (BT x K x 2 bytes from L2, twice W's 4-bit bytes at 80
-// pairs) serves twice the rows.
-template <int BT, int S, int SUB>
+template <int BT, int S>
 __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
                                              const ST* __restrict__ scales,
                                              const ST* __restrict__ biases, OT* __restrict__ out,
                                              u32 N, u32 K, u64 s_stride,
                                              const u32* __restrict__ grp, const TensorMap* tmw) {
-    constexpr int BW = 128 * SUB;      // rows of W per item
+    constexpr int BW = 128;            // rows of W per item
     constexpr int CB = 64 * BITS / 8;  // code bytes per row and step
     constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
     constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4, EU = U / SSZ;
@@ -823,13 +803,11 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         const u32 n0 = it % nb * BW;
         // The previous item's epilogue has read the offsets (its last sync).
         wg_out_offsets<true>(ooff, pairs, first, mv, tid);
-        auto load_a = [&](u32 kt, u32(&a)[SUB][4][4]) {
+        auto load_a = [&](u32 kt, u32(&a)[4][4]) {
             const u32 q = q0 + kt, st = q % S;
             mbar_wait(full(st), (q / S) & 1);
             fence_async_smem();  // x came through the generic proxy (cp.async)
-            const u8* sst = wsm + (ss - raw) + st * SB;
-            wg_dequant<BW, 0>(kt, sst, cs + st * CS, warp, g, t, sel, a[0]);
-            if constexpr (SUB == 2) wg_dequant<BW, 128>(kt, sst, cs + st * CS, warp, g, t, sel, a[SUB - 1]);
+            wg_dequant(kt, wsm + (ss - raw) + st * SB, cs + st * CS, warp, g, t, sel, a);
         };
         // Each thread's reads of a stage (the codes and scales through the generic proxy)
         // before the producer's next copies into it: a proxy fence and the thread's own
@@ -843,12 +821,11 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
                 if (lane == 0) mbar_arrive(empty(q % S));
             }
         };
-        float acc[SUB * BT / 2];
-        u32 a0[SUB][4][4], a1[SUB][4][4];
-#pragma unroll
-        for (int s = 0; s < SUB; s++) wg_zero<BT>(acc + s * (BT / 2), a1[s]);
-        auto step = [&](u32 kt, u32(&ac)[SUB][4][4], u32(&an)[SUB][4][4]) {
-            wg_step_mma_sub<BT, SUB>(acc, ac, an, xs + (q0 + kt) % S * XS, sink);  // kt - 1 done
+        float acc[BT / 2];
+        u32 a0[4][4], a1[4][4];
+        wg_zero<BT>(acc, a1);
+        auto step = [&](u32 kt, u32(&ac)[4][4], u32(&an)[4][4]) {
+            wg_step_mma<BT>(acc, ac, an, xs + (q0 + kt) % S * XS, sink);  // kt - 1 is done
             if (kt > 0) release(q0 + kt - 1);
             if (kt + 1 < KT) load_a(kt + 1, an);
         };
@@ -860,10 +837,10 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         }
         wg_wait<0>();
 #pragma unroll
-        for (int i = 0; i < SUB * BT / 2; i++) wg_pin(acc[i]);
+        for (int i = 0; i < BT / 2; i++) wg_pin(acc[i]);
         release(q0 + KT - 1);
         q0 += KT;
-        wg_store<BT, true, SUB>(acc, wsm + (ot - raw), tid, warp, g, t, mv, out, ooff, 0, n0, N, sync);
+        wg_store<BT, true>(acc, wsm + (ot - raw), tid, warp, g, t, mv, out, ooff, 0, n0, N, sync);
         sync();  // the tile and the offsets are read before the next item writes them
     }
     if (sink == 0x5A5A5A5Au && K == 1u) out[0] = from_f32<OT>(0.0f);  // never (K >= 128)
@@ -919,8 +896,8 @@ QMM_WG(qmm_wg_g80, 80, 4, true)
                                              s_stride, grp, partial, kseg, &tmx, &tmw)))
 // The grouped entries read neither w (the codes' map spans the experts), M, the W stride,
 // partial, kseg nor x's map: the signature is the dense entries', so that one launcher serves.
-#define QMM_WSG(NAME, BT, S, SUB)                                                              \
-    QMM_WSX(NAME, BT, S, (qmm_wsg_impl<BT, S, SUB>(x, scales, biases, out, N, K, s_stride, grp, &tmw)))
+#define QMM_WSG(NAME, BT, S)                                                                   \
+    QMM_WSX(NAME, BT, S, (qmm_wsg_impl<BT, S>(x, scales, biases, out, N, K, s_stride, grp, &tmw)))
 #else
 #define QMM_WSX(NAME, BT, S, BODY)                                                             \
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32, u32, \
@@ -928,15 +905,14 @@ QMM_WG(qmm_wg_g80, 80, 4, true)
                                     const __grid_constant__ TensorMap,                         \
                                     const __grid_constant__ TensorMap) {}
 #define QMM_WS(NAME, BT, S) QMM_WSX(NAME, BT, S, )
-#define QMM_WSG(NAME, BT, S, SUB) QMM_WSX(NAME, BT, S, )
+#define QMM_WSG(NAME, BT, S) QMM_WSX(NAME, BT, S, )
 #endif
 #ifndef QMM_WS_CONFIGS
 QMM_WS(qmm_ws_256, 256, 4)
 QMM_WS(qmm_ws_256s5, 256, 5)
 QMM_WS(qmm_ws_128, 128, 6)
 QMM_WS(qmm_ws_64, 64, 6)
-// The grouped gather: 80 pairs x 128 rows on 10 stages (4-bit: 15 KB each), and x 256 rows
-// (the wide form) on 6 (8-bit: 28 KB each), the output tile beside the ring.
-QMM_WSG(qmm_ws_g80, 80, 10, 1)
-QMM_WSG(qmm_ws_g80w, 80, 6, 2)
+// The grouped gather: 80 pairs on 10 stages (4-bit: 15 KB each), the output tile beside the
+// ring.
+QMM_WSG(qmm_ws_g80, 80, 10)
 #endif
