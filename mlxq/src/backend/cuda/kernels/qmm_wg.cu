@@ -307,6 +307,22 @@ __device__ __forceinline__ void wg_step_mma(float* acc, const u32 (&ac)[4][4],
         for (int i = 0; i < 4; i++) sink ^= an[j][i];
 }
 
+// The consumers' main loop over KT steps (even: the host checks K % 128 == 0; an odd tail step
+// after the loop makes ptxas serialise every wgmma of the kernel, C7514), the A registers
+// alternating between a0 and a1, then the wait for the last wgmmas and the accumulators
+// pinned after it.
+template <int BT, typename Step>
+__device__ __forceinline__ void wg_steps(u32 KT, u32 (&a0)[4][4], u32 (&a1)[4][4], float* acc,
+                                         Step step) {
+    for (u32 kt = 0; kt < KT; kt += 2) {
+        step(kt, a0, a1);
+        step(kt + 1, a1, a0);
+    }
+    wg_wait<0>();
+#pragma unroll
+    for (int i = 0; i < BT / 2; i++) wg_pin(acc[i]);
+}
+
 // The epilogue of both wgmma kernels: warp `warp`'s accumulators (acc[4j + 2h + e]: row
 // 16 warp + g + 8h, token 8j + 2t + e) rounded to the output type into the shared tile at
 // `ot` ([token][row], rows padded by 16 bytes: no bank conflicts), then `sync` (the 256
@@ -507,15 +523,7 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     fence_async_smem();
     __syncthreads();
     load_a(0, a0);
-    // KT is even (the host checks K % 128 == 0): an odd tail step after the loop makes ptxas
-    // serialise every wgmma of the kernel (C7514).
-    for (u32 kt = 0; kt < KT; kt += 2) {
-        step(kt, a0, a1);
-        step(kt + 1, a1, a0);
-    }
-    wg_wait<0>();
-#pragma unroll
-    for (int i = 0; i < BT / 2; i++) wg_pin(acc[i]);
+    wg_steps<BT>(KT, a0, a1, acc, step);
     cp_wait<0>();
     if (sink == 0x5A5A5A5Au && K == 1u) out[0] = from_f32<OT>(0.0f);  // never (K >= 128)
     if (kseg) {
@@ -560,6 +568,20 @@ __device__ __forceinline__ void tma_w(u32 dst, const TensorMap* tm, u32 k0, u32 
 #ifndef WS_LANES
 #define WS_LANES 1
 #endif
+
+// A consumer's release of a stage (its `empty` mbarrier at bar): this thread's reads of it
+// (the codes and scales, through the generic proxy) ordered before the producer's next TMA and
+// cp.async into it by a proxy fence and the thread's own arrival (run 21: lane 0 releasing for
+// its warp left racecheck hazards).
+__device__ __forceinline__ void ws_release(u32 bar, u32 lane) {
+    if constexpr (WS_LANES) {
+        fence_async_smem();
+        mbar_arrive(bar);
+    } else {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar);
+    }
+}
 
 template <int BT, int S>
 __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32* __restrict__ w,
@@ -650,30 +672,12 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     auto step = [&](u32 kt, u32(&ac)[4][4], u32(&an)[4][4]) {
         const u32 xb = xs + (kt % S) * XS;
         wg_step_mma<BT>(acc, ac, an, xb, sink);  // step kt - 1 is done on return
-        if (kt > 0) {
-            // Each thread's reads of stage kt - 1 (generic proxy: the codes and scales) before
-            // the producer's next TMA and cp.async into it: a proxy fence, and the thread's own
-            // release (run 21: lane 0 releasing for its warp left racecheck hazards).
-            if constexpr (WS_LANES) {
-                fence_async_smem();
-                mbar_arrive(empty((kt - 1) % S));
-            } else {
-                __syncwarp();
-                if (lane == 0) mbar_arrive(empty((kt - 1) % S));
-            }
-        }
+        if (kt > 0) ws_release(empty((kt - 1) % S), lane);
         if (kt + 1 < KT) load_a(kt + 1, an);
     };
 
     load_a(0, a0);
-    // KT is even (the host checks K % 128 == 0): see qmm_wg_impl.
-    for (u32 kt = 0; kt < KT; kt += 2) {
-        step(kt, a0, a1);
-        step(kt + 1, a1, a0);
-    }
-    wg_wait<0>();
-#pragma unroll
-    for (int i = 0; i < BT / 2; i++) wg_pin(acc[i]);
+    wg_steps<BT>(KT, a0, a1, acc, step);
     if (sink == 0x5A5A5A5Au && K == 1u) out[0] = from_f32<OT>(0.0f);  // never (K >= 128)
     if (kseg) {
         wg_store_partial<BT>(acc, warp, g, t, mv, partial + (u64)blockIdx.z * M * N, m0, n0, N);
@@ -809,36 +813,17 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
             fence_async_smem();  // x came through the generic proxy (cp.async)
             wg_dequant(kt, wsm + (ss - raw) + st * SB, cs + st * CS, warp, g, t, sel, a);
         };
-        // Each thread's reads of a stage (the codes and scales through the generic proxy)
-        // before the producer's next copies into it: a proxy fence and the thread's own
-        // release, as qmm_ws_impl.
-        auto release = [&](u32 q) {
-            if constexpr (WS_LANES) {
-                fence_async_smem();
-                mbar_arrive(empty(q % S));
-            } else {
-                __syncwarp();
-                if (lane == 0) mbar_arrive(empty(q % S));
-            }
-        };
         float acc[BT / 2];
         u32 a0[4][4], a1[4][4];
         wg_zero<BT>(acc, a1);
         auto step = [&](u32 kt, u32(&ac)[4][4], u32(&an)[4][4]) {
             wg_step_mma<BT>(acc, ac, an, xs + (q0 + kt) % S * XS, sink);  // kt - 1 is done
-            if (kt > 0) release(q0 + kt - 1);
+            if (kt > 0) ws_release(empty((q0 + kt - 1) % S), lane);
             if (kt + 1 < KT) load_a(kt + 1, an);
         };
         load_a(0, a0);
-        // KT is even (the host checks K % 128 == 0): see qmm_wg_impl.
-        for (u32 kt = 0; kt < KT; kt += 2) {
-            step(kt, a0, a1);
-            step(kt + 1, a1, a0);
-        }
-        wg_wait<0>();
-#pragma unroll
-        for (int i = 0; i < BT / 2; i++) wg_pin(acc[i]);
-        release(q0 + KT - 1);
+        wg_steps<BT>(KT, a0, a1, acc, step);
+        ws_release(empty((q0 + KT - 1) % S), lane);
         q0 += KT;
         wg_store<BT, true>(acc, wsm + (ot - raw), tid, warp, g, t, mv, out, ooff, 0, n0, N, sync);
         sync();  // the tile and the offsets are read before the next item writes them
