@@ -1370,10 +1370,10 @@ const TILES: [Tile; 20] = [
 /// The persistent grouped form ([`Tile::pers`]) of the grouped wgmma tile `i` of [`TILES`]
 /// (`gather_tile`'s pick) for `bits`-wide affine codes: `qmm_ws_g80` for `qmm_wg_g80` at 4
 /// bits, the one case where it was measured faster (session 61, H100, 512 / 1024 tokens of
-/// top-8 of 64 × 2048²: 134.9 → 125.3, 248.4 → 235.8 µs); 8-bit gathers lose on it (189.6 →
-/// 193.3, 353.7 → 371.6: two blocks of the wgmma tile's 16 consumer warps per SM dequantise
-/// 8-bit codes faster than one block's 8), and the FP modes do not gain (512 tokens: mxfp4
-/// 146.3 → 159.6, nvfp4 176.3 → 173.6).
+/// top-8 of 64 × 2048², means of the call's rounds: 134.9 → 125.3, 248.4 → 235.8 µs); 8-bit
+/// gathers lose on it (189.7 → 193.4, 353.7 → 371.6; likely because the wgmma tile runs 16
+/// warps per SM in two blocks against this form's 8 consumer warps, not measured), and the FP
+/// modes do not gain (512 tokens: mxfp4 146.3 → 159.6, nvfp4 176.3 → 173.6).
 fn gather_ws(i: usize, bits: u32, affine: bool) -> Option<usize> {
     (i == 16 && bits == 4 && affine).then_some(14)
 }
