@@ -1345,6 +1345,60 @@ fn gather_qmm_with_device_indices() {
 
 const FP_MODES: [QuantMode; 3] = [QuantMode::Mxfp4, QuantMode::Mxfp8, QuantMode::Nvfp4];
 
+/// The affine 4-bit gather's persistent GEMM on permuted x (`qmm_wsp_g80` on sm_90a: the
+/// sort's first kernel copies x with each 64 values of K permuted, the GEMM dequantises codes
+/// in that order): 128 tokens x top-4 of 8 experts (64 pairs per expert on average, the
+/// 80-pair tile, some experts over 80), every group size, bf16 and f16 x and scales, N not a
+/// multiple of the 128-row item, K of 4 to 12 steps of 64 (each row's scales whole 4-byte
+/// units, as the tiles need); against the f64 reference, outputs poisoned. Elsewhere the same
+/// calls run the other kernels and are checked the same way.
+#[test]
+fn persistent_gather_on_permuted_x_matches_the_f64_reference() {
+    let Some(dev) = gpu() else { return };
+    let wg = has_wgmma(&dev);
+    let mut enc = dev.encoder();
+    let mut cenc = Device::cpu().encoder();
+    let mut rng = StdRng::seed_from_u64(62);
+    let (experts, tokens, top) = (8, 128, 4);
+    let mut failures = Vec::new();
+    let cases = [
+        (64, DType::BF16, 200, 256),
+        (32, DType::F16, 136, 384),
+        (128, DType::BF16, 72, 768),
+        (64, DType::F16, 256, 512),
+    ];
+    for (g, dt, n, k) in cases {
+        let spec = QuantSpec::affine(4, g).unwrap();
+        let w = Buffer::from_f32(&randn(&mut rng, experts * n * k), dt, &[experts, n, k]).unwrap();
+        let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
+        let wd = dequantize_f64(&qw).unwrap();
+        let x = Buffer::from_f32(&randn(&mut rng, tokens * k), dt, &[tokens, 1, 1, k]).unwrap();
+        let idx: Vec<u32> = (0..tokens * top)
+            .map(|_| rng.gen_range(0..experts as u32))
+            .collect();
+        let rhs = Buffer::from_slice(&idx, &[tokens, top]).unwrap();
+        let mut y = poisoned_on(&dev, dt, &[tokens, top, 1, n]);
+        let qg = weight_to(&qw, &dev);
+        let (xd, rd) = (up(&x, &dev), up(&rhs, &dev));
+        ops::gather_qmm_into(&mut enc, &xd, &qg, None, Some(&rd), true, false, &mut y).unwrap();
+        enc.commit_and_wait().unwrap();
+        let ran = enc.last_kernel().unwrap_or("").to_string();
+        let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+        let v = down(&y).to_f32_vec().unwrap();
+        let (got, want) =
+            pairs_and_reference(&v, &xf, &wd, &idx, top, (n, k), true, usize::MAX).unwrap();
+        let ctx = format!("g{g} {dt} N={n} K={k} ({ran})");
+        let err = max_rel_err(&got, &want);
+        if got.iter().any(|y| !y.is_finite()) || err > tolerance(dt) {
+            failures.push(format!("{ctx}: error {err:e}"));
+        }
+        if wg && ran != "qmm_wsp_g80" {
+            failures.push(format!("{ctx}: ran {ran}, not qmm_wsp_g80"));
+        }
+    }
+    assert_none("the persistent gather on permuted x", cases.len(), failures);
+}
+
 fn fp_spec(mode: QuantMode) -> QuantSpec {
     let (bits, g) = QuantSpec::fp_defaults(mode);
     QuantSpec::new(mode, bits, g).unwrap()
@@ -1766,7 +1820,9 @@ fn gather_into_captured_in_a_graph_replays_with_new_indices() {
     let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
     let wd = dequantize_f64(&qw).unwrap();
     let qg = weight_to(&qw, &dev);
-    for tokens in [1, 150] {
+    // 256 tokens x top-2 of 8: 64 pairs per expert, the affine 4-bit persistent GEMM on x
+    // permuted by the sort (qmm_wsp_g80 on sm_90a), the permutation replayed with new x.
+    for tokens in [1, 150, 256] {
         let new_x = |rng: &mut StdRng| {
             Buffer::from_f32(&randn(rng, tokens * k), DType::BF16, &[tokens, 1, 1, k]).unwrap()
         };

@@ -512,11 +512,12 @@ pub(crate) fn qmm(
         Some("g") => Some(&TILES[2]),
         Some("wg") => Some(&TILES[9]),
         Some("ws") => Some(&TILES[14]),
+        Some("wsp") => Some(&TILES[20]),
         Some("wg128") => Some(&TILES[15]),
         Some("wg80") => Some(&TILES[16]),
         _ => {
             let i = gather_tile(entries, w_count, spec.bits());
-            gather_ws(i, spec.bits(), !fp)
+            gather_ws(i, spec.bits(), !fp, knob("MLXQ_GATHER_XP") != Some("0"))
                 .filter(|_| knob("MLXQ_GATHER_WS") != Some("0"))
                 .map(|j| &TILES[j])
                 .filter(fits)
@@ -525,7 +526,16 @@ pub(crate) fn qmm(
         }
     }
     .filter(fits)
-    .filter(|t| !fp || t.wg);
+    .filter(|t| !fp || t.wg)
+    // The permuted copy of x is made of whole 128-byte chunks (64 values of 16 bits).
+    .map(|t| {
+        let affine4 = spec.bits() == 4 && !fp;
+        if t.xperm && (!affine4 || !x.nbytes().is_multiple_of(128) || x.dtype().size() != 2) {
+            &TILES[14]
+        } else {
+            t
+        }
+    });
     if tile_gather && (!fp || tile.is_some()) {
         // Tiles of the GEMM's token width: its pairs share each dequantised weight.
         let tm = tile.map_or(64, |t| t.bm);
@@ -535,7 +545,18 @@ pub(crate) fn qmm(
         let blocks = entries.div_ceil(1024).clamp(1, 32);
         let per = entries.div_ceil(blocks);
         let table = 16 + 16 * tiles + 16 * entries; // what the GEMM reads (see gather_count)
-        let bytes = table + 16 * entries + 4 * blocks * w_count;
+        let sort_bytes = table + 16 * entries + 4 * blocks * w_count;
+        // `qmm_wsp_g80`'s permuted x after the sort's records, in XPB (256) chunks of 128
+        // bytes per extra block of gather_count.
+        let xchunks = if tile.is_some_and(|t| t.xperm) {
+            x.nbytes() as u64 / 128
+        } else {
+            0
+        };
+        let xoff = sort_bytes.next_multiple_of(128);
+        let bytes = xoff + 128 * xchunks;
+        let count_blocks = u32::try_from(blocks + xchunks.div_ceil(256))
+            .map_err(|_| Error::SizeOverflow { op, what: "grid" })?;
         let (t32, tm32, e32, b32) = (
             u32::try_from(tiles).map_err(|_| Error::SizeOverflow { op, what: "grid" })?,
             tm as u32,
@@ -548,11 +569,15 @@ pub(crate) fn qmm(
         let s = dev.scratch(bytes as usize)?;
         let pg = ptr(op, "scratch", &s)?;
         let (prec, phist) = (pg + table, pg + table + 16 * entries);
-        // SAFETY: block b of gather_count reads the index tensors at positions [b per, (b + 1)
-        // per) < entries (checked bounds) and writes their records (16 bytes each, inside
-        // `bytes` of scratch), its histogram row (w_count u32) and, for an out-of-range index,
-        // that pair's output row; gather_place reads the records and all rows and writes the
-        // tile table (at most `tiles` entries) and the pairs' offsets, all inside the scratch.
+        let pxp = if xchunks > 0 { pg + xoff } else { 0 };
+        // SAFETY: block b < blocks of gather_count reads the index tensors at positions [b per,
+        // (b + 1) per) < entries (checked bounds) and writes their records (16 bytes each,
+        // inside `bytes` of scratch), its histogram row (w_count u32) and, for an out-of-range
+        // index, that pair's output row; a block from `blocks` on reads 128-byte chunks c <
+        // xchunks of x (inside it: xchunks = x.nbytes() / 128) and writes them at c in the
+        // scratch's last 128 xchunks bytes; gather_place reads the records and all rows and
+        // writes the tile table (at most `tiles` entries) and the pairs' offsets, all inside
+        // the scratch.
         unsafe {
             stream
                 .launch_builder(k.func_named("gather_count")?)
@@ -565,7 +590,11 @@ pub(crate) fn qmm(
                 .arg(&po)
                 .arg(&ndim)
                 .arg(&out_stride)
-                .launch(cfg((b32, 1, 1), 1024, op)?)
+                .arg(&b32)
+                .arg(&px)
+                .arg(&pxp)
+                .arg(&xchunks)
+                .launch(cfg((count_blocks, 1, 1), 1024, op)?)
         }
         .map_err(driver(op))?;
         // gather_place as gather_count's programmatic dependent (run 19): it launches while
@@ -595,7 +624,7 @@ pub(crate) fn qmm(
             // The tiled GEMM over the same tiles of `tm` pairs (its BM).
             let f = k.func_named(t.entry)?;
             let args = TileArgs {
-                ptrs: [px, pw, ps, pb, po],
+                ptrs: [if t.xperm { pxp } else { px }, pw, ps, pb, po],
                 m: 0,
                 n: u32_of(op, ndim)?,
                 k: u32_of(op, kdim)?,
@@ -636,7 +665,8 @@ pub(crate) fn qmm(
                 )?
             };
             enc.retain(&s);
-            finish(enc, [x, w.packed(), w.scales(), biases, out], job, &k.name);
+            // Recorded by entry name: the tests check which GEMM ran.
+            finish(enc, [x, w.packed(), w.scales(), biases, out], job, t.entry);
             return Ok(());
         }
         let (one, seg1, partial) = (1u32, 1u32, 0u64);
@@ -1337,6 +1367,9 @@ struct Tile {
     /// The gather's persistent grouped form (`qmm_ws_g*`, `qmm_wsg_impl`): at most one block
     /// per SM, each looping over (pair tile, 128 rows) items, its output tile beside the ring.
     pers: bool,
+    /// Reads x with each step's 64 values of K permuted (`qmm_wsp_g80`, affine 4-bit): the
+    /// sort's `gather_count` writes that copy of x into the scratch.
+    xperm: bool,
 }
 
 /// qmm_tile_l, _m, _g, _l5, _m6, _g6, as in `qmm_tile.cu`; then qmm_wg_256, _128, _64 and the
@@ -1344,7 +1377,7 @@ struct Tile {
 /// warp-specialised qmm_ws_256, _256s5, _128, _64 and the persistent grouped _g80 (384
 /// threads); then the grouped wgmma tiles of 128 and 80 pairs (`gather_tile` picks among _g64,
 /// _g80 and _g128), and the transposed `qmm_wgn_*`.
-const TILES: [Tile; 20] = [
+const TILES: [Tile; 21] = [
     tile("qmm_tile_l", 256, 128, 256, 4),
     tile("qmm_tile_m", 128, 128, 512, 4),
     tile("qmm_tile_g", 64, 128, 256, 4),
@@ -1365,6 +1398,10 @@ const TILES: [Tile; 20] = [
     wg_tile("qmm_wgn_256", 256, 4),
     wg_tile("qmm_wgn_128", 128, 6),
     wg_tile("qmm_wgn_64", 64, 6),
+    Tile {
+        xperm: true,
+        ..wsg_tile("qmm_wsp_g80", 80, 10)
+    },
 ];
 
 /// The persistent grouped form ([`Tile::pers`]) of the grouped wgmma tile `i` of [`TILES`]
@@ -1373,9 +1410,10 @@ const TILES: [Tile; 20] = [
 /// top-8 of 64 × 2048², means of the call's rounds: 134.9 → 125.3, 248.4 → 235.8 µs); 8-bit
 /// gathers lose on it (189.7 → 193.4, 353.7 → 371.6; likely because the wgmma tile runs 16
 /// warps per SM in two blocks against this form's 8 consumer warps, not measured), and the FP
-/// modes do not gain (512 tokens: mxfp4 146.3 → 159.6, nvfp4 176.3 → 173.6).
-fn gather_ws(i: usize, bits: u32, affine: bool) -> Option<usize> {
-    (i == 16 && bits == 4 && affine).then_some(14)
+/// modes do not gain (512 tokens: mxfp4 146.3 → 159.6, nvfp4 176.3 → 173.6). At 4 bits the
+/// form on permuted x (`qmm_wsp_g80`, session 62) unless `xperm` is false.
+fn gather_ws(i: usize, bits: u32, affine: bool, xperm: bool) -> Option<usize> {
+    (i == 16 && bits == 4 && affine).then_some(if xperm { 20 } else { 14 })
 }
 
 /// The wgmma tiles of [`TILES`] for W `[K, N]` (transpose = false, `qmm_wgn_*`), widest first.
@@ -1464,6 +1502,7 @@ const fn tile(entry: &'static str, bm: u64, bn: u64, threads: u32, stages: u64) 
         wg: false,
         ws: false,
         pers: false,
+        xperm: false,
     }
 }
 
@@ -1488,8 +1527,9 @@ impl Tile {
         let rings =
             self.stages * (self.bm * 128 + self.bn * cb + self.bn * Tile::unit(spec, sdt) * units);
         let bars = if self.ws { 16 * self.stages } else { 0 };
+        // The persistent form's output tile and its zero word (`zs` in `qmm_wsg_impl`).
         let out_tile = if self.pers {
-            self.bm * (self.bn * 2 + 16)
+            self.bm * (self.bn * 2 + 16) + 16
         } else {
             0
         };
@@ -2087,9 +2127,10 @@ fn qmvn_shape(mt: u32, bits: u64) -> (u64, u64) {
 }
 
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 31] = [
+const KNOBS: [&str; 32] = [
     "MLXQ_GATHER_SORT_OFF",
     "MLXQ_GATHER_WS",
+    "MLXQ_GATHER_XP",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
     "MLXQ_DEC_RING",
@@ -2530,16 +2571,25 @@ mod tests {
         use super::gather_ws;
         use crate::{DType, QuantSpec};
         assert_eq!(
-            gather_ws(16, 4, true).map(|j| TILES[j].entry),
+            gather_ws(16, 4, true, false).map(|j| TILES[j].entry),
             Some("qmm_ws_g80")
         );
+        assert_eq!(
+            gather_ws(16, 4, true, true).map(|j| (TILES[j].entry, TILES[j].xperm)),
+            Some(("qmm_wsp_g80", true))
+        );
         // Where measured slower (8-bit) or not measured (the FP modes, the other widths).
-        assert_eq!(gather_ws(16, 8, true), None);
-        assert_eq!(gather_ws(16, 4, false), None);
-        assert_eq!(gather_ws(15, 4, true), None);
-        assert_eq!(gather_ws(9, 4, true), None);
-        for i in [9, 15, 16] {
-            let Some(j) = gather_ws(i, 4, true) else {
+        for xp in [false, true] {
+            assert_eq!(gather_ws(16, 8, true, xp), None);
+            assert_eq!(gather_ws(16, 4, false, xp), None);
+            assert_eq!(gather_ws(15, 4, true, xp), None);
+            assert_eq!(gather_ws(9, 4, true, xp), None);
+        }
+        for (i, xp) in [9, 15, 16]
+            .into_iter()
+            .flat_map(|i| [(i, false), (i, true)])
+        {
+            let Some(j) = gather_ws(i, 4, true, xp) else {
                 continue;
             };
             let (wg, ws) = (&TILES[i], &TILES[j]);
@@ -2558,9 +2608,15 @@ mod tests {
                 }
             }
         }
-        // Only the grouped persistent entries are persistent.
+        // Only the grouped persistent entries are persistent, and only `qmm_wsp_*` reads
+        // permuted x.
         for t in &TILES {
-            assert_eq!(t.pers, t.entry.starts_with("qmm_ws_g"), "{}", t.entry);
+            let (ws, wsp) = (
+                t.entry.starts_with("qmm_ws_g"),
+                t.entry.starts_with("qmm_wsp_g"),
+            );
+            assert_eq!(t.pers, ws || wsp, "{}", t.entry);
+            assert_eq!(t.xperm, wsp, "{}", t.entry);
         }
     }
 

@@ -705,12 +705,43 @@ QMV_TC(2)
 // launches them with PDL): each triggers its dependent at its start (pdl_trigger) and waits
 // for its predecessor (pdl_wait) before reading what it wrote, so that their launches and
 // block starts overlap the previous kernel's tail.
+//
+// With xchunks > 0 (the affine 4-bit persistent GEMM, qmm_wsp_g80), the blocks from `nb` on
+// copy x (16-bit values) to xd with each 64 values of K permuted as wg_dequant_xp (qmm_wg.cu)
+// takes them, XPB chunks of 128 bytes per block, one per thread; gather_place waits for
+// every block of this grid, and the GEMM for gather_place.
+#define XPB 256u
+__device__ __forceinline__ void xperm_chunk(const uint4* __restrict__ src, uint4* __restrict__ dst) {
+    u32 in[32];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const uint4 v = src[i];
+        in[4 * i] = v.x, in[4 * i + 1] = v.y, in[4 * i + 2] = v.z, in[4 * i + 3] = v.w;
+    }
+    u32 o[32];
+#pragma unroll
+    for (int w = 0; w < 32; w++) {
+        // Slots 2w and 2w + 1: k and k + 4 (the same half of words k / 2 and k / 2 + 2).
+        const int j = w >> 3, s = (2 * w) & 15;
+        const int k = 16 * ((s & 7) >> 1) + 8 * (s >> 3) + j;
+        o[w] = __byte_perm(in[k >> 1], in[(k >> 1) + 2], (k & 1) ? 0x7632 : 0x5410);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) dst[i] = make_uint4(o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]);
+}
+
 extern "C" __global__ void __launch_bounds__(1024)
     gather_count(Batch bt, u64 P, u64 per, u32 E, uint4* __restrict__ rec,
-                 u32* __restrict__ hist, OT* __restrict__ out, u64 N, u64 out_stride) {
+                 u32* __restrict__ hist, OT* __restrict__ out, u64 N, u64 out_stride, u32 nb,
+                 const uint4* __restrict__ xs, uint4* __restrict__ xd, u64 xchunks) {
     __shared__ u32 cnt[1024];
     const u32 tid = threadIdx.x;
     pdl_trigger();  // gather_place may launch; it waits for this grid before reading
+    if (blockIdx.x >= nb) {
+        const u64 c = (u64)(blockIdx.x - nb) * XPB + tid;
+        if (tid < XPB && c < xchunks) xperm_chunk(xs + 8 * c, xd + 8 * c);
+        return;
+    }
     cnt[tid] = 0;
     __syncthreads();
     const u64 lo = blockIdx.x * per, hi = min(P, lo + per);

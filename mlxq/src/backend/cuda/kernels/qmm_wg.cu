@@ -147,6 +147,18 @@ __device__ __forceinline__ u32 wg_sel8(u32 p) {
 // Scale and bias units per row and step: scales, then biases (affine); scale codes (FP).
 #define WG_NU (FPM ? 1 : 2)
 
+// A scale or bias as a pair of x's type: a 16-bit value of x's own type by one PRMT (its
+// bits twice), any other through f32 and one rounding.
+template <typename T> __device__ __forceinline__ u32 wg_dup2(T v) {
+    const float f = to_f32(v);
+    return pack2(f, f);
+}
+#if TC_X == 2
+__device__ __forceinline__ u32 wg_dup2(bf16_t v) { return prmt(v.v, 0u, 0x1010u); }
+#elif TC_X == 1
+__device__ __forceinline__ u32 wg_dup2(f16_t v) { return prmt(v.v, 0u, 0x1010u); }
+#endif
+
 // A row's step unit read for one group: its scale (and bias) as pairs of x's type.
 struct WgGroup {
     u32 s2, b2;  // b2: affine only
@@ -157,9 +169,7 @@ __device__ __forceinline__ WgGroup wg_group(const u8* su, u32 ei) {
 #else
     constexpr int BW = 128, SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
     constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4;
-    const float s = to_f32(*(const ST*)(su + ei * SSZ));
-    const float b = to_f32(*(const ST*)(su + BW * U + ei * SSZ));
-    return {pack2(s, s), pack2(b, b)};
+    return {wg_dup2(*(const ST*)(su + ei * SSZ)), wg_dup2(*(const ST*)(su + BW * U + ei * SSZ))};
 #endif
 }
 // The A-fragment pair of 4-bit word `wd` (byte t: `sel`) and of 8-bit word `wd` (bytes p, p + 1).
@@ -216,6 +226,36 @@ __device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 w
 #endif
     }
 }
+
+#if BITS == 4 && !FPM
+// XP (the gather's persistent form, affine 4-bit): x comes with each step's 64 values of K
+// permuted (gather_count's xperm_chunk) so that lane t's A-fragment pairs are nibbles (i,
+// i + 4) of words 2t and 2t + 1 of the row's step codes, at one LOP3 each (after a shift by
+// 4 i) instead of a shift, a PRMT and a LOP3: slot s of k16 block j holds k = 16 (s & 7) / 2
+// + 8 (s / 8) + j + 4 (s & 1). Lane t's codes are k in [16 t, 16 t + 16): of one group.
+__device__ __forceinline__ u32 wg_pair4_xp(u32 v, WgGroup c) {
+    const u32 q = fma2(lop_or(v, 0x000F000Fu, MAGIC2), ONE2, MAGIC2 ^ 0x80008000u);
+    return fma2(q, c.s2, c.b2);
+}
+__device__ __forceinline__ void wg_dequant_xp(u32 kt, const u8* sst, u32 cst, u32 warp, u32 g,
+                                              u32 t, u32 (&a)[4][4]) {
+    constexpr int CB = 32;  // code bytes per row and step
+    constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
+    constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4, EU = U / SSZ;
+    const u32 ei = (kt * 64 + 16 * t) / GROUP - kt * 64 / GROUP / EU * EU;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const u32 r = 16 * warp + g + 8 * h;
+        const WgGroup c = wg_group(sst + r * U, ei);
+        const uint2 w = lds64(cst + r * CB + 8 * t);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            a[j][h] = wg_pair4_xp(w.x >> (4 * j), c);
+            a[j][2 + h] = wg_pair4_xp(w.y >> (4 * j), c);
+        }
+    }
+}
+#endif
 
 // The selector of a lane's pair of codes for wg_dequant.
 __device__ __forceinline__ u32 wg_sel(u32 t) {
@@ -293,12 +333,14 @@ template <int BT> __device__ __forceinline__ void wg_zero(float* acc, u32 (&a1)[
 // not keep an A register reserved while an issued wgmma may still read it: a real use of the
 // previous step's A registers `an` after the wait that retires them (folded into `sink`)
 // keeps them live, so the dequantisation that follows cannot take them for its temporaries.
+// `d`: the descriptor of the x stage (wg_desc); k16 block j's is 32 bytes on, d + 2 j (the
+// address field is the shared address / 16, and a stage is 1024-byte aligned: no carry).
 template <int BT>
 __device__ __forceinline__ void wg_step_mma(float* acc, const u32 (&ac)[4][4],
-                                            const u32 (&an)[4][4], u32 xb, u32& sink) {
+                                            const u32 (&an)[4][4], u64 d, u32& sink) {
     wg_fence();
 #pragma unroll
-    for (int j = 0; j < 4; j++) wg_mma(WgN<BT>(), acc, ac[j], wg_desc(xb + 32 * j));
+    for (int j = 0; j < 4; j++) wg_mma(WgN<BT>(), acc, ac[j], d + 2 * j);
     wg_commit();
     wg_wait<1>();
 #pragma unroll
@@ -508,8 +550,7 @@ __device__ __forceinline__ void qmm_wg_impl(const XT* __restrict__ x, const u32*
     wg_zero<BT>(acc, a1);
 
     auto step = [&](u32 kt, u32(&ac)[4][4], u32(&an)[4][4]) {
-        const u32 xb = xs + (kt % S) * XS;
-        wg_step_mma<BT>(acc, ac, an, xb, sink);  // step kt - 1 is done on return
+        wg_step_mma<BT>(acc, ac, an, wg_desc(xs + (kt % S) * XS), sink);  // kt - 1 is done
         cp_wait<S - 3>();  // this thread's copies of step kt + 1 have landed
         fence_async_smem();
         __syncthreads();
@@ -670,8 +711,7 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
     wg_zero<BT>(acc, a1);
 
     auto step = [&](u32 kt, u32(&ac)[4][4], u32(&an)[4][4]) {
-        const u32 xb = xs + (kt % S) * XS;
-        wg_step_mma<BT>(acc, ac, an, xb, sink);  // step kt - 1 is done on return
+        wg_step_mma<BT>(acc, ac, an, wg_desc(xs + (kt % S) * XS), sink);  // kt - 1 is done
         if (kt > 0) ws_release(empty((kt - 1) % S), lane);
         if (kt + 1 < KT) load_a(kt + 1, an);
     };
@@ -706,7 +746,7 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
 // thread). Run 13's grouped qmm_ws_g64 had one producer warp issue all of a step's copies (16
 // x chunks and 8 units per lane), which cost more than the overlap gained. The consumers are
 // qmm_ws_impl's, with every stage released once (the last of an item after its wgmmas).
-template <int BT, int S>
+template <int BT, int S, bool XP>
 __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
                                              const ST* __restrict__ scales,
                                              const ST* __restrict__ biases, OT* __restrict__ out,
@@ -728,6 +768,7 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     // `Tile::smem` mirrors this).
     const u32 xs = (raw + 1023u) & ~1023u, cs = xs + S * XS, ss = cs + S * CS, bars = ss + S * SB;
     const u32 oo = bars + 16 * S, ot = oo + 8 * BT;
+    const u32 zs = ot + BT * (BW * sizeof(OT) + 16);  // a zero word (the accumulators' guard)
     auto full = [&](u32 s) { return bars + 8 * s; };
     auto empty = [&](u32 s) { return bars + 8 * (S + s); };
 
@@ -742,6 +783,7 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         mbar_init(full(tid), PT);                   // one cp.async arrival per producer thread
         mbar_init(empty(tid), WS_LANES ? 256 : 8);  // per consumer thread (warp)
     }
+    if (tid == 0) *(u32*)(wsm + (zs - raw)) = 0u;
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncthreads();
 
@@ -800,31 +842,54 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     const u32 sel = wg_sel(t);
     u64* ooff = (u64*)(wsm + (oo - raw));
     auto sync = [] { asm volatile("bar.sync 1, 256;" ::: "memory"); };
-    u32 q0 = 0, sink = 0;  // q0: the block's steps before this item
+    // The ring's position, carried from item to item: the stage of the next step to wait for
+    // and its round's parity; the stage of the step to issue next (ms) and of the one before
+    // it (mp), whose release follows that issue.
+    u32 ls = 0, lp = 0, ms = 0, mp = 0, sink = 0;
+    const u64 d0 = wg_desc(xs);  // stage s's x descriptor: d0 + s XS / 16
+    auto load_a = [&](u32 kt, u32(&a)[4][4]) {
+#if BITS == 4 && !FPM
+        if constexpr (XP) {
+            wg_dequant_xp(kt, wsm + (ss - raw) + ls * SB, cs + ls * CS, warp, g, t, a);
+        } else
+#endif
+            wg_dequant(kt, wsm + (ss - raw) + ls * SB, cs + ls * CS, warp, g, t, sel, a);
+        ms = ls;
+        if (++ls == S) ls = 0, lp ^= 1;
+    };
     for (u32 it = blockIdx.x; it < items; it += gridDim.x) {
         const u32* tl = grp + 4 + 4 * (it / nb);
         const u32 first = tl[1], mv = min((u32)BT, tl[2]);
         const u32 n0 = it % nb * BW;
         // The previous item's epilogue has read the offsets (its last sync).
         wg_out_offsets<true>(ooff, pairs, first, mv, tid);
-        auto load_a = [&](u32 kt, u32(&a)[4][4]) {
-            const u32 q = q0 + kt, st = q % S;
-            mbar_wait(full(st), (q / S) & 1);
-            fence_async_smem();  // x came through the generic proxy (cp.async)
-            wg_dequant(kt, wsm + (ss - raw) + st * SB, cs + st * CS, warp, g, t, sel, a);
-        };
         float acc[BT / 2];
         u32 a0[4][4], a1[4][4];
         wg_zero<BT>(acc, a1);
+        // Step kt: its wgmmas, then (after step kt - 1's have retired) step kt + 1's stage
+        // awaited and one proxy fence for both directions: x, written by cp.async (the generic
+        // proxy), before the wgmmas read it; this thread's reads of step kt - 1's stage before
+        // the producer's next TMA and cp.async into it, released on its `empty` barrier.
         auto step = [&](u32 kt, u32(&ac)[4][4], u32(&an)[4][4]) {
-            wg_step_mma<BT>(acc, ac, an, xs + (q0 + kt) % S * XS, sink);  // kt - 1 is done
-            if (kt > 0) ws_release(empty((q0 + kt - 1) % S), lane);
-            if (kt + 1 < KT) load_a(kt + 1, an);
+            wg_step_mma<BT>(acc, ac, an, d0 + ms * (XS / 16), sink);  // kt - 1 is done
+            const bool more = kt + 1 < KT;
+            if (more) mbar_wait(full(ls), lp);
+            fence_async_smem();
+            if (kt > 0) mbar_arrive(empty(mp));
+            mp = ms;
+            if (more) load_a(kt + 1, an);
         };
+        mbar_wait(full(ls), lp);
+        fence_async_smem();
         load_a(0, a0);
         wg_steps<BT>(KT, a0, a1, acc, step);
-        ws_release(empty((q0 + KT - 1) % S), lane);
-        q0 += KT;
+        ws_release(empty(mp), lane);  // step KT - 1's stage, its wgmmas retired
+        // ptxas (CUDA 13.0) scheduled the epilogue's reads of the accumulators above the
+        // final wgmma.wait_group of this loop (wrong results, session 62): every read now
+        // follows a load of zero ordered after the release's fence, itself after the wait.
+        const u32 z = lds32(zs);
+#pragma unroll
+        for (int i = 0; i < BT / 2; i++) acc[i] = __uint_as_float(__float_as_uint(acc[i]) | z);
         wg_store<BT, true>(acc, wsm + (ot - raw), tid, warp, g, t, mv, out, ooff, 0, n0, N, sync);
         sync();  // the tile and the offsets are read before the next item writes them
     }
@@ -881,8 +946,8 @@ QMM_WG(qmm_wg_g80, 80, 4, true)
                                              s_stride, grp, partial, kseg, &tmx, &tmw)))
 // The grouped entries read neither w (the codes' map spans the experts), M, the W stride,
 // partial, kseg nor x's map: the signature is the dense entries', so that one launcher serves.
-#define QMM_WSG(NAME, BT, S)                                                                   \
-    QMM_WSX(NAME, BT, S, (qmm_wsg_impl<BT, S>(x, scales, biases, out, N, K, s_stride, grp, &tmw)))
+#define QMM_WSG(NAME, BT, S, XP)                                                               \
+    QMM_WSX(NAME, BT, S, (qmm_wsg_impl<BT, S, XP>(x, scales, biases, out, N, K, s_stride, grp, &tmw)))
 #else
 #define QMM_WSX(NAME, BT, S, BODY)                                                             \
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32, u32, \
@@ -890,7 +955,7 @@ QMM_WG(qmm_wg_g80, 80, 4, true)
                                     const __grid_constant__ TensorMap,                         \
                                     const __grid_constant__ TensorMap) {}
 #define QMM_WS(NAME, BT, S) QMM_WSX(NAME, BT, S, )
-#define QMM_WSG(NAME, BT, S) QMM_WSX(NAME, BT, S, )
+#define QMM_WSG(NAME, BT, S, XP) QMM_WSX(NAME, BT, S, )
 #endif
 #ifndef QMM_WS_CONFIGS
 QMM_WS(qmm_ws_256, 256, 4)
@@ -898,6 +963,11 @@ QMM_WS(qmm_ws_256s5, 256, 5)
 QMM_WS(qmm_ws_128, 128, 6)
 QMM_WS(qmm_ws_64, 64, 6)
 // The grouped gather: 80 pairs on 10 stages (4-bit: 15 KB each), the output tile beside the
-// ring.
-QMM_WSG(qmm_ws_g80, 80, 10)
+// ring; and (affine 4-bit) its form on x permuted by gather_count (XP: wg_dequant_xp).
+QMM_WSG(qmm_ws_g80, 80, 10, false)
+#if BITS == 4 && !FPM
+QMM_WSG(qmm_wsp_g80, 80, 10, true)
+#else
+QMM_WSX(qmm_wsp_g80, 80, 10, )
+#endif
 #endif
