@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--grep", default=None, help="only report kernels whose name contains this")
     ap.add_argument("--cubin", default=None,
                     help="write the compiled cubin here (then: cuobjdump -sass -fun NAME FILE)")
+    ap.add_argument("--ptx", default=None, help="write the PTX here too (ptxas's input)")
     ap.add_argument("--module", default="qmm",
                     choices=["qmm", "quantize", "dequantize", "fp-quantize", "fp-dequantize", "fp-matmul",
                              "fp-tiles"],
@@ -94,6 +95,11 @@ def main():
         cub = ctypes.create_string_buffer(n.value)
         lib.nvrtcGetCUBIN(prog, cub)
         open(a.cubin, "wb").write(cub.raw)
+    if rc == 0 and a.ptx:
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
+        ptx = ctypes.create_string_buffer(n.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        open(a.ptx, "wb").write(ptx.value)
     print(log)
     print("compile:", "ok" if rc == 0 else f"FAILED ({rc})")
     sys.exit(0 if rc == 0 else 1)
