@@ -115,11 +115,15 @@ __device__ __forceinline__ u32 lds32(u32 a) {
     return v;
 }
 
+// The 4-bit codes in the low nibble of each half of v (other bits ignored) as the pair
+// q * s + b: q exactly (magic OR, then the magic off), then one rounding.
+__device__ __forceinline__ u32 wg_nib2(u32 v, u32 s2, u32 b2) {
+    const u32 q = fma2(lop_or(v, 0x000F000Fu, MAGIC2), ONE2, MAGIC2 ^ 0x80008000u);
+    return fma2(q, s2, b2);
+}
 // Codes 2t, 2t + 1 (byte t of a 4-bit word; `sel` = t | (t + 4) << 8) as the pair q * s + b.
 __device__ __forceinline__ u32 wg_pair4(u32 wd, u32 sel, u32 s2, u32 b2) {
-    u32 v = lop_or(prmt(wd, wd >> 4, sel), 0x000F000Fu, MAGIC2);
-    v = fma2(v, ONE2, MAGIC2 ^ 0x80008000u);
-    return fma2(v, s2, b2);
+    return wg_nib2(prmt(wd, wd >> 4, sel), s2, b2);
 }
 // Bytes p, p + 1 of an 8-bit word as the pair q * s + b (`sel` as wg_sel8 made it).
 __device__ __forceinline__ u32 wg_pair8(u32 wd, u32 sel, u32 s2, u32 b2) {
@@ -233,10 +237,6 @@ __device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 w
 // i + 4) of words 2t and 2t + 1 of the row's step codes, at one LOP3 each (after a shift by
 // 4 i) instead of a shift, a PRMT and a LOP3: slot s of k16 block j holds k = 16 (s & 7) / 2
 // + 8 (s / 8) + j + 4 (s & 1). Lane t's codes are k in [16 t, 16 t + 16): of one group.
-__device__ __forceinline__ u32 wg_pair4_xp(u32 v, WgGroup c) {
-    const u32 q = fma2(lop_or(v, 0x000F000Fu, MAGIC2), ONE2, MAGIC2 ^ 0x80008000u);
-    return fma2(q, c.s2, c.b2);
-}
 __device__ __forceinline__ void wg_dequant_xp(u32 kt, const u8* sst, u32 cst, u32 warp, u32 g,
                                               u32 t, u32 (&a)[4][4]) {
     constexpr int CB = 32;  // code bytes per row and step
@@ -250,8 +250,8 @@ __device__ __forceinline__ void wg_dequant_xp(u32 kt, const u8* sst, u32 cst, u3
         const uint2 w = lds64(cst + r * CB + 8 * t);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            a[j][h] = wg_pair4_xp(w.x >> (4 * j), c);
-            a[j][2 + h] = wg_pair4_xp(w.y >> (4 * j), c);
+            a[j][h] = wg_nib2(w.x >> (4 * j), c.s2, c.b2);
+            a[j][2 + h] = wg_nib2(w.y >> (4 * j), c.s2, c.b2);
         }
     }
 }
