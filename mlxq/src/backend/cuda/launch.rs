@@ -546,8 +546,8 @@ pub(crate) fn qmm(
         let per = entries.div_ceil(blocks);
         let table = 16 + 16 * tiles + 16 * entries; // what the GEMM reads (see gather_count)
         let sort_bytes = table + 16 * entries + 4 * blocks * w_count;
-        // `qmm_wsp_g80`'s permuted x after the sort's records, in XPB (256) chunks of 128
-        // bytes per extra block of gather_count.
+        // `qmm_wsp_g80`'s permuted x after the sort's records, in XPB chunks of 128 bytes
+        // per extra block of gather_count.
         let xchunks = if tile.is_some_and(|t| t.xperm) {
             x.nbytes() as u64 / 128
         } else {
@@ -555,7 +555,7 @@ pub(crate) fn qmm(
         };
         let xoff = sort_bytes.next_multiple_of(128);
         let bytes = xoff + 128 * xchunks;
-        let count_blocks = u32::try_from(blocks + xchunks.div_ceil(256))
+        let count_blocks = u32::try_from(blocks + xchunks.div_ceil(XPB))
             .map_err(|_| Error::SizeOverflow { op, what: "grid" })?;
         let (t32, tm32, e32, b32) = (
             u32::try_from(tiles).map_err(|_| Error::SizeOverflow { op, what: "grid" })?,
@@ -1376,7 +1376,8 @@ struct Tile {
 /// grouped _g64 as in `qmm_wg.cu` (BT tokens x 128 rows per block, 256 threads); then the
 /// warp-specialised qmm_ws_256, _256s5, _128, _64 and the persistent grouped _g80 (384
 /// threads); then the grouped wgmma tiles of 128 and 80 pairs (`gather_tile` picks among _g64,
-/// _g80 and _g128), and the transposed `qmm_wgn_*`.
+/// _g80 and _g128), the transposed `qmm_wgn_*`, and the persistent grouped qmm_wsp_g80 on x
+/// permuted by the sort (affine 4-bit).
 const TILES: [Tile; 21] = [
     tile("qmm_tile_l", 256, 128, 256, 4),
     tile("qmm_tile_m", 128, 128, 512, 4),
@@ -1415,6 +1416,10 @@ const TILES: [Tile; 21] = [
 fn gather_ws(i: usize, bits: u32, affine: bool, xperm: bool) -> Option<usize> {
     (i == 16 && bits == 4 && affine).then_some(if xperm { 20 } else { 14 })
 }
+
+/// 128-byte chunks of x that each extra block of `gather_count` permutes for `qmm_wsp_g80`
+/// (`XPB` in qmm_tc.cu, one per thread of the first 256).
+const XPB: u64 = 256;
 
 /// The wgmma tiles of [`TILES`] for W `[K, N]` (transpose = false, `qmm_wgn_*`), widest first.
 const WGN_TILES: [usize; 3] = [17, 18, 19];
@@ -2618,6 +2623,19 @@ mod tests {
             assert_eq!(t.pers, ws || wsp, "{}", t.entry);
             assert_eq!(t.xperm, wsp, "{}", t.entry);
         }
+    }
+
+    #[test]
+    fn the_copy_of_x_takes_the_kernels_chunks_per_block() {
+        let src = include_str!("kernels/qmm_tc.cu");
+        let def = src
+            .lines()
+            .find_map(|l| l.strip_prefix("#define XPB "))
+            .expect("qmm_tc.cu defines XPB");
+        assert_eq!(
+            def.trim().trim_end_matches('u').parse::<u64>(),
+            Ok(super::XPB)
+        );
     }
 
     #[test]
