@@ -1418,8 +1418,9 @@ fn gather_ws(i: usize, bits: u32, affine: bool, xperm: bool) -> Option<usize> {
 }
 
 /// 128-byte chunks of x that each extra block of `gather_count` permutes for `qmm_wsp_g80`
-/// (`XPB` in qmm_tc.cu, one per thread of the first 256).
-const XPB: u64 = 256;
+/// (`XPB` in qmm_tc.cu): 64 of its 1024 threads, so that 2 MB of x (512 tokens, K = 2048)
+/// spread over 256 blocks, two per SM.
+const XPB: u64 = 64;
 
 /// The wgmma tiles of [`TILES`] for W `[K, N]` (transpose = false, `qmm_wgn_*`), widest first.
 const WGN_TILES: [usize; 3] = [17, 18, 19];
