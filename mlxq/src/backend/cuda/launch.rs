@@ -499,7 +499,8 @@ pub(crate) fn qmm(
     // 4-stage mma.sync tile (run 5, 512 tokens of 64 x 2048x2048 4-bit, sort included:
     // 332 µs against 406 for qmm_tc_g8 in run 4). MLXQ_TILE_G=g|g6 forces the mma.sync tile
     // (4 or 6 stages), =wg the wgmma tile, =off restores qmm_tc_g8, =wg128 and =wg80 the
-    // wgmma tiles of 128 and 80 pairs, =ws the 80-pair tile's persistent warp-specialised form.
+    // wgmma tiles of 128 and 80 pairs, =ws the 80-pair tile's persistent warp-specialised form,
+    // =wsp that form on permuted x and =wsp3 the latter with three consumer warpgroups.
     // By default `gather_tile` picks the width from the pairs per expert (session 18, 512
     // tokens of top-8 of 64: the 80-pair tile, 4-bit 204 -> 149 µs, 8-bit 261 -> 219 µs:
     // docs/perf-cuda.md run 18), and `gather_ws` its persistent form where that fits
@@ -513,6 +514,7 @@ pub(crate) fn qmm(
         Some("wg") => Some(&TILES[9]),
         Some("ws") => Some(&TILES[14]),
         Some("wsp") => Some(&TILES[20]),
+        Some("wsp3") => Some(&TILES[21]),
         Some("wg128") => Some(&TILES[15]),
         Some("wg80") => Some(&TILES[16]),
         _ => {
@@ -1377,8 +1379,9 @@ struct Tile {
 /// warp-specialised qmm_ws_256, _256s5, _128, _64 and the persistent grouped _g80 (384
 /// threads); then the grouped wgmma tiles of 128 and 80 pairs (`gather_tile` picks among _g64,
 /// _g80 and _g128), the transposed `qmm_wgn_*`, and the persistent grouped qmm_wsp_g80 on x
-/// permuted by the sort (affine 4-bit).
-const TILES: [Tile; 21] = [
+/// permuted by the sort (affine 4-bit), and its form with three consumer warpgroups (192 rows
+/// an item, 512 threads: `qmm_wsp3_g80`).
+const TILES: [Tile; 22] = [
     tile("qmm_tile_l", 256, 128, 256, 4),
     tile("qmm_tile_m", 128, 128, 512, 4),
     tile("qmm_tile_g", 64, 128, 256, 4),
@@ -1402,6 +1405,12 @@ const TILES: [Tile; 21] = [
     Tile {
         xperm: true,
         ..wsg_tile("qmm_wsp_g80", 80, 10)
+    },
+    Tile {
+        xperm: true,
+        bn: 192,
+        threads: 512,
+        ..wsg_tile("qmm_wsp3_g80", 80, 10)
     },
 ];
 
@@ -2619,10 +2628,21 @@ mod tests {
         for t in &TILES {
             let (ws, wsp) = (
                 t.entry.starts_with("qmm_ws_g"),
-                t.entry.starts_with("qmm_wsp_g"),
+                t.entry.starts_with("qmm_wsp"),
             );
             assert_eq!(t.pers, ws || wsp, "{}", t.entry);
             assert_eq!(t.xperm, wsp, "{}", t.entry);
+        }
+        // The three-warpgroup form (4-bit only): 64 rows and 128 threads per consumer
+        // warpgroup plus the producer's, within the 227 KiB at every group.
+        let t3 = &TILES[21];
+        assert_eq!((t3.entry, t3.bn, t3.threads), ("qmm_wsp3_g80", 192, 512));
+        for group in [32, 64, 128] {
+            let spec = QuantSpec::affine(4, group).expect("a valid spec");
+            for sdt in [DType::BF16, DType::F32] {
+                let smem = t3.smem(4096, spec, sdt);
+                assert!(smem <= 227 << 10, "g{group} {sdt}: {smem}");
+            }
         }
     }
 

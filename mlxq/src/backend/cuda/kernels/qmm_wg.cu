@@ -210,15 +210,16 @@ __device__ __forceinline__ u32 wg_dup2(bf16_t v) { return prmt(v.v, 0u, 0x1010u)
 __device__ __forceinline__ u32 wg_dup2(f16_t v) { return prmt(v.v, 0u, 0x1010u); }
 #endif
 
-// A row's step unit read for one group: its scale (and bias) as pairs of x's type.
+// A row's step unit read for one group: its scale (and bias) as pairs of x's type (the
+// biases BW rows after the scales: the stage's rows of W).
 struct WgGroup {
     u32 s2, b2;  // b2: affine only
 };
-__device__ __forceinline__ WgGroup wg_group(const u8* su, u32 ei) {
+template <int BW = 128> __device__ __forceinline__ WgGroup wg_group(const u8* su, u32 ei) {
 #if FPM
     return {fp_scale_pair(su[ei]), 0u};
 #else
-    constexpr int BW = 128, SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
+    constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
     constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4;
     return {wg_dup2(*(const ST*)(su + ei * SSZ)), wg_dup2(*(const ST*)(su + BW * U + ei * SSZ))};
 #endif
@@ -243,6 +244,7 @@ __device__ __forceinline__ u32 wg_pair_8(u32 wd, u32 sel, WgGroup c) {
 // rows, then their biases, or the FP scale codes; codes at shared address `cst`, CB bytes per
 // row): a[j] for k16 block j, registers (g, lo k), (g + 8, lo k), (g, hi k), (g + 8, hi k) of
 // warp `warp`'s 16 rows.
+template <int BW = 128>
 __device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 warp, u32 g,
                                            u32 t, u32 sel, u32 (&a)[4][4]) {
     constexpr int CB = 64 * BITS / 8;
@@ -255,7 +257,7 @@ __device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 w
         const u8* su = sst + r * U;
         WgGroup c[NEED];
 #pragma unroll
-        for (int e = 0; e < NEED; e++) c[e] = wg_group(su, (kt * 64 + 64 / NEED * e) / GROUP - ub);
+        for (int e = 0; e < NEED; e++) c[e] = wg_group<BW>(su, (kt * 64 + 64 / NEED * e) / GROUP - ub);
 #if BITS == 4
         const u32 src = cst + r * CB;
         const uint4 q0 = lds128(src), q1 = lds128(src + 16);
@@ -284,6 +286,7 @@ __device__ __forceinline__ void wg_dequant(u32 kt, const u8* sst, u32 cst, u32 w
 // i + 4) of words 2t and 2t + 1 of the row's step codes, at one LOP3 each (after a shift by
 // 4 i) instead of a shift, a PRMT and a LOP3: slot s of k16 block j holds k = 16 (s & 7) / 2
 // + 8 (s / 8) + j + 4 (s & 1). Lane t's codes are k in [16 t, 16 t + 16): of one group.
+template <int BW = 128>
 __device__ __forceinline__ void wg_dequant_xp(u32 kt, const u8* sst, u32 cst, u32 warp, u32 g,
                                               u32 t, u32 (&a)[4][4]) {
     constexpr int CB = 32;  // code bytes per row and step
@@ -293,7 +296,7 @@ __device__ __forceinline__ void wg_dequant_xp(u32 kt, const u8* sst, u32 cst, u3
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const u32 r = 16 * warp + g + 8 * h;
-        const WgGroup c = wg_group(sst + r * U, ei);
+        const WgGroup c = wg_group<BW>(sst + r * U, ei);
         const uint2 w = lds64(cst + r * CB + 8 * t);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
@@ -433,15 +436,15 @@ __device__ __forceinline__ void wg_steps_n(u32 KT, u32 (&a0)[4][4], u32 (&a1)[4]
 
 // The epilogue of both wgmma kernels: warp `warp`'s accumulators (acc[4j + 2h + e]: row
 // 16 warp + g + 8h, token 8j + 2t + e) rounded to the output type into the shared tile at
-// `ot` ([token][row], rows padded by 16 bytes: no bank conflicts), then `sync` (the 256
-// consumer threads), then the tile's mv valid tokens written out as 16-byte rows (scalar
+// `ot` ([token][row], BW rows padded by 16 bytes: no bank conflicts), then `sync` (the 2 BW
+// consumer threads: a warpgroup per 64 rows), then the tile's mv valid tokens written out as 16-byte rows (scalar
 // where N or the row is not 16-byte aligned). With GRP, token c's output row is at out +
 // ooff[c] (shared memory, filled by wg_out_offsets before the main loop).
-template <int BT, bool GRP, typename Sync>
+template <int BT, bool GRP, int BW = 128, typename Sync>
 __device__ __forceinline__ void wg_store(const float* acc, u8* ot, u32 tid, u32 warp, u32 g,
                                          u32 t, u32 mv, OT* __restrict__ out, const u64* ooff,
                                          u32 m0, u32 n0, u32 N, Sync sync) {
-    constexpr u32 T = 256, BW = 128;
+    constexpr u32 T = 2 * BW;
     constexpr u32 OP = BW * sizeof(OT) + 16;  // padded tile row (one token) in bytes
 #pragma unroll
     for (int j = 0; j < BT / 8; j++)
@@ -818,18 +821,29 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
 // thread). Run 13's grouped qmm_ws_g64 had one producer warp issue all of a step's copies (16
 // x chunks and 8 units per lane), which cost more than the overlap gained. The consumers are
 // qmm_ws_impl's, with every stage released once (the last of an item after its wgmmas).
-template <int BT, int S, bool XP>
+//
+// CW consumer warpgroups (2 or 3), 64 rows of W each: an item is 64 CW rows, and the block
+// 128 (CW + 1) threads. Three (`qmm_wsp3_g80`) put three consumer warps on each scheduler
+// instead of two, to hide the dequantisation's latencies, and read x once per 192 rows.
+template <int BT, int S, bool XP, int CW = 2>
 __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
                                              const ST* __restrict__ scales,
                                              const ST* __restrict__ biases, OT* __restrict__ out,
                                              u32 N, u32 K, u64 s_stride,
                                              const u32* __restrict__ grp, const TensorMap* tmw) {
-    constexpr int BW = 128;            // rows of W per item
+    static_assert(CW == 2 || CW == 3, "two or three consumer warpgroups");
+    constexpr int BW = 64 * CW;        // rows of W per item
     constexpr int CB = 64 * BITS / 8;  // code bytes per row and step
     constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
     constexpr int U = NEED * SSZ > 4 ? NEED * SSZ : 4, EU = U / SSZ;
     constexpr u32 XS = BT * 128, CS = BW * CB, SB = BW * U * WG_NU;
+    constexpr u32 CT = 128 * CW;          // consumer threads
     constexpr u32 PT = 128;               // producer threads
+    // Registers per thread after setmaxnreg: the launch bound gives every thread 65536 /
+    // (CT + PT), rounded down to 8 (168, 128); setmaxnreg.inc waits until the producers'
+    // setmaxnreg.dec has released what the consumers take (asking more hangs):
+    // 128 (168 - 88) >= 256 (208 - 168), 128 (128 - 48) >= 384 (152 - 128).
+    constexpr int PREG = CW == 2 ? 88 : 48, CREG = CW == 2 ? 208 : 152;
     constexpr int XI = BT * 8 / PT;       // x chunks per producer thread and step
     constexpr int UI = BW * WG_NU / PT;   // scale units per producer thread and step
     static_assert(XI * PT == BT * 8 && UI * PT == BW * WG_NU, "copies split over the producer");
@@ -853,16 +867,16 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     const u32 G = K / GROUP, KT = K / 64;
     if (tid < S) {
         mbar_init(full(tid), PT);                   // one cp.async arrival per producer thread
-        mbar_init(empty(tid), WS_LANES ? 256 : 8);  // per consumer thread (warp)
+        mbar_init(empty(tid), WS_LANES ? CT : CT / 32);  // per consumer thread (warp)
     }
     if (tid == 0) *(u32*)(wsm + (zs - raw)) = 0u;
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncthreads();
 
-    if (warp >= 8) {
+    if (tid >= CT) {
         // Registers to the consumers, as qmm_ws_impl's producer.
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 88;" ::: "memory");
-        const u32 pt = tid - 256;
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PREG) : "memory");
+        const u32 pt = tid - CT;
         if (pt == 0) asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmw) : "memory");
         u32 q = 0;  // the block's step count over its items: stage q % S, round q / S
         for (u32 it = blockIdx.x; it < items; it += gridDim.x) {
@@ -910,10 +924,10 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         return;
     }
 
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 208;" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CREG) : "memory");
     const u32 sel = wg_sel(t);
     u64* ooff = (u64*)(wsm + (oo - raw));
-    auto sync = [] { asm volatile("bar.sync 1, 256;" ::: "memory"); };
+    auto sync = [] { asm volatile("bar.sync 1, %0;" ::"n"(CT) : "memory"); };
     // The ring's position, carried from item to item: the stage of the next step to wait for
     // and its round's parity; the stage of the step to issue next (ms) and of the one before
     // it (mp), whose release follows that issue.
@@ -922,10 +936,10 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     auto load_a = [&](u32 kt, u32(&a)[4][4]) {
 #if BITS == 4 && !FPM
         if constexpr (XP) {
-            wg_dequant_xp(kt, wsm + (ss - raw) + ls * SB, cs + ls * CS, warp, g, t, a);
+            wg_dequant_xp<BW>(kt, wsm + (ss - raw) + ls * SB, cs + ls * CS, warp, g, t, a);
         } else
 #endif
-            wg_dequant(kt, wsm + (ss - raw) + ls * SB, cs + ls * CS, warp, g, t, sel, a);
+            wg_dequant<BW>(kt, wsm + (ss - raw) + ls * SB, cs + ls * CS, warp, g, t, sel, a);
         ms = ls;
         if (++ls == S) ls = 0, lp ^= 1;
     };
@@ -994,7 +1008,7 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         for (int i = 0; i < BT / 2; i++) acc[i] = __uint_as_float(__float_as_uint(acc[i]) | z);
         if (nit < items) off = offset_of(nfirst, nmc);
         mc = nmc;
-        wg_store<BT, true>(acc, wsm + (ot - raw), tid, warp, g, t, mv, out, ooff, 0, n0, N, sync);
+        wg_store<BT, true, BW>(acc, wsm + (ot - raw), tid, warp, g, t, mv, out, ooff, 0, n0, N, sync);
         sync();  // the tile and the offsets are read before the next item writes them
     }
     if (sink == 0x5A5A5A5Au && K == 1u) out[0] = from_f32<OT>(0.0f);  // never (K >= 128)
@@ -1037,8 +1051,8 @@ QMM_WG(qmm_wg_g80, 80, 4, true)
 #endif
 
 #if WG_OK
-#define QMM_WSX(NAME, BT, S, BODY)                                                             \
-    extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                 \
+#define QMM_WSX(NAME, THREADS, BODY)                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(                             \
         const XT* __restrict__ x, const u32* __restrict__ w, const ST* __restrict__ scales,    \
         const ST* __restrict__ biases, OT* __restrict__ out, u32 M, u32 N, u32 K,             \
         u64 w_stride, u64 s_stride, const u32* __restrict__ grp, float* __restrict__ partial,  \
@@ -1046,20 +1060,21 @@ QMM_WG(qmm_wg_g80, 80, 4, true)
         BODY;                                                                                  \
     }
 #define QMM_WS(NAME, BT, S)                                                                    \
-    QMM_WSX(NAME, BT, S, (qmm_ws_impl<BT, S>(x, w, scales, biases, out, M, N, K, w_stride,    \
-                                             s_stride, grp, partial, kseg, &tmx, &tmw)))
+    QMM_WSX(NAME, 384, (qmm_ws_impl<BT, S>(x, w, scales, biases, out, M, N, K, w_stride,      \
+                                           s_stride, grp, partial, kseg, &tmx, &tmw)))
 // The grouped entries read neither w (the codes' map spans the experts), M, the W stride,
 // partial, kseg nor x's map: the signature is the dense entries', so that one launcher serves.
-#define QMM_WSG(NAME, BT, S, XP)                                                               \
-    QMM_WSX(NAME, BT, S, (qmm_wsg_impl<BT, S, XP>(x, scales, biases, out, N, K, s_stride, grp, &tmw)))
+#define QMM_WSG(NAME, BT, S, XP, CW)                                                           \
+    QMM_WSX(NAME, 128 * (CW + 1),                                                              \
+            (qmm_wsg_impl<BT, S, XP, CW>(x, scales, biases, out, N, K, s_stride, grp, &tmw)))
 #else
-#define QMM_WSX(NAME, BT, S, BODY)                                                             \
+#define QMM_WSX(NAME, THREADS, BODY)                                                           \
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32, u32, \
                                     u32, u64, u64, const u32*, float*, u32,                  \
                                     const __grid_constant__ TensorMap,                         \
                                     const __grid_constant__ TensorMap) {}
-#define QMM_WS(NAME, BT, S) QMM_WSX(NAME, BT, S, )
-#define QMM_WSG(NAME, BT, S, XP) QMM_WSX(NAME, BT, S, )
+#define QMM_WS(NAME, BT, S) QMM_WSX(NAME, 384, )
+#define QMM_WSG(NAME, BT, S, XP, CW) QMM_WSX(NAME, 128 * (CW + 1), )
 #endif
 #ifndef QMM_WS_CONFIGS
 QMM_WS(qmm_ws_256, 256, 4)
@@ -1067,11 +1082,14 @@ QMM_WS(qmm_ws_256s5, 256, 5)
 QMM_WS(qmm_ws_128, 128, 6)
 QMM_WS(qmm_ws_64, 64, 6)
 // The grouped gather: 80 pairs on 10 stages (4-bit: 15 KB each), the output tile beside the
-// ring; and (affine 4-bit) its form on x permuted by gather_count (XP: wg_dequant_xp).
-QMM_WSG(qmm_ws_g80, 80, 10, false)
+// ring; and (affine 4-bit) its forms on x permuted by gather_count (XP: wg_dequant_xp), with
+// two consumer warpgroups (128 rows an item) or three (192 rows).
+QMM_WSG(qmm_ws_g80, 80, 10, false, 2)
 #if BITS == 4 && !FPM
-QMM_WSG(qmm_wsp_g80, 80, 10, true)
+QMM_WSG(qmm_wsp_g80, 80, 10, true, 2)
+QMM_WSG(qmm_wsp3_g80, 80, 10, true, 3)
 #else
-QMM_WSX(qmm_wsp_g80, 80, 10, )
+QMM_WSX(qmm_wsp_g80, 384, )
+QMM_WSX(qmm_wsp3_g80, 512, )
 #endif
 #endif
