@@ -4,8 +4,8 @@
 # of top-8 of 64 x 2048², the sets alternated: p3 (MLXQ_TILE_G=wsp3), vn (the default route:
 # qmm_wsp_g80 with WSG_VN), n80 (WSG_VN=0: the item-ahead build alone) and prev (main's
 # binary, .devrun/mlxq-prev); the persistent form forced at 128 and 256 tokens with and
-# without WSG_VN; the gather tests on wsp3 and on the default route; a second round of the
-# four sets if the call's time allows.
+# without WSG_VN; the gather tests on wsp3 and on the default route; memcheck and racecheck
+# on both permuted-x forms; a second round of the four sets if the call's time allows.
 RUN_S=60
 source "$(dirname "$0")/../s58/job.sh"
 J=$OUT/s63-call1.jsonl
@@ -28,6 +28,15 @@ for f in wsp3 default; do
     grep -hE "^test |test result|rc=|panicked" $OUT/gtests-$f.log | sed "s/^/$f: /"
 done
 echo "tests done at $(( $(date +%s) - T0 )) s"
+# The sanitizers over the new forms (the device budget may not allow a second call).
+CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+S="bench --device cuda --op gather --iters 1 --warmup 0 --rotate-mib 1 --max-copies 1 --no-cublas --bits 4 --moe 6,200,1024 --top-k 4 --tokens 100"
+for f in wsp3 wsp; do
+    MLXQ_TILE_G=$f timeout 60 $CS --tool memcheck .devrun/mlxq $S > $OUT/memcheck-$f.txt 2>&1; echo "rc=$?" >> $OUT/memcheck-$f.txt
+    MLXQ_TILE_G=$f timeout 75 $CS --tool racecheck --kernel-name regex:qmm_wsp .devrun/mlxq $S > $OUT/racecheck-$f.txt 2>&1; echo "rc=$?" >> $OUT/racecheck-$f.txt
+    grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|rc=" $OUT/memcheck-$f.txt $OUT/racecheck-$f.txt | sed "s/^/$f: /"
+done
+echo "sanitizers done at $(( $(date +%s) - T0 )) s"
 # A second round while the job's time allows (the call's limit is 560 s).
-[ $(( $(date +%s) - T0 )) -lt 330 ] && ab && summary
+[ $(( $(date +%s) - T0 )) -lt 380 ] && ab && summary
 echo "all done at $(( $(date +%s) - T0 )) s"
