@@ -6,7 +6,7 @@
 # binary, .devrun/mlxq-prev); the persistent form forced at 128 and 256 tokens with and
 # without WSG_VN; the gather tests on wsp3 and on the default route; memcheck and racecheck
 # on both permuted-x forms; a second round of the four sets if the call's time allows.
-RUN_S=60
+RUN_S=45
 source "$(dirname "$0")/../s58/job.sh"
 J=$OUT/s63-call1.jsonl
 G="--op gather --tokens 128,256,512,1024"
@@ -38,5 +38,5 @@ for f in wsp3 wsp; do
 done
 echo "sanitizers done at $(( $(date +%s) - T0 )) s"
 # A second round while the job's time allows (the call's limit is 560 s).
-[ $(( $(date +%s) - T0 )) -lt 380 ] && ab && summary
+[ $(( $(date +%s) - T0 )) -lt 200 ] && ab && summary
 echo "all done at $(( $(date +%s) - T0 )) s"
