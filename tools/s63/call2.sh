@@ -1,7 +1,8 @@
 #!/bin/bash
 # Session 63's second device job (call 1's binaries; call 1 runs the sanitizers): ncu of the
-# GEMMs of both permuted-x forms (qmm_wsp_g80 with WSG_VN, qmm_wsp3_g80) at 512 tokens (throughputs, instructions, stalls), and the stalls per SASS
-# instruction of the faster one (FORM, default wsp3).
+# GEMMs of both permuted-x forms (qmm_wsp_g80 with WSG_VN, qmm_wsp3_g80) at 512 tokens
+# (throughputs, instructions, stalls), and the stalls per SASS instruction of the faster one
+# (FORM, default wsp3).
 source "$(dirname "$0")/../s58/job.sh"
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 P="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --metrics smsp__inst_executed.sum,lts__t_bytes.sum,dram__bytes_read.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
