@@ -423,15 +423,10 @@ __device__ __forceinline__ void wg_steps(u32 KT, u32 (&a0)[4][4], u32 (&a1)[4][4
 template <int BT, int NN, typename Desc, typename Next>
 __device__ __forceinline__ void wg_steps_n(u32 KT, u32 (&a0)[4][4], u32 (&a1)[4][4], float* acc,
                                            u32& sink, Desc desc, Next next) {
-    for (u32 kt = 0; kt < KT; kt += 2) {
-        wg_step_mma<BT, NN>(acc, a0, a1, desc(), sink);
-        next(kt, a1);
-        wg_step_mma<BT, NN>(acc, a1, a0, desc(), sink);
-        next(kt + 1, a0);
-    }
-    wg_wait<0>();
-#pragma unroll
-    for (int i = 0; i < BT / 2; i++) wg_pin(acc[i]);
+    wg_steps<BT>(KT, a0, a1, acc, [&](u32 kt, u32(&ac)[4][4], u32(&an)[4][4]) {
+        wg_step_mma<BT, NN>(acc, ac, an, desc(), sink);
+        next(kt, an);
+    });
 }
 
 // The epilogue of both wgmma kernels: warp `warp`'s accumulators (acc[4j + 2h + e]: row
@@ -987,17 +982,13 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         // from there (a tile of 512 tokens' top-8 of 64 holds 64 +- 8 pairs: ~15% of the
         // tensor work of n = 80); 0: always BT.
 #define WSG_ITEM(NN) wg_steps_n<BT, NN>(KT, a0, a1, acc, sink, desc, next)
-        if (WSG_VN && BT == 80 && mv <= 64) {
-            if (mv <= 16) WSG_ITEM(16);
-            else if (mv <= 32) WSG_ITEM(32);
-            else if (mv <= 48) WSG_ITEM(48);
-            else if (mv <= 56) WSG_ITEM(56);
-            else WSG_ITEM(64);
-        } else if (WSG_VN && BT == 80 && mv <= 72) {
-            WSG_ITEM(72);
-        } else {
-            WSG_ITEM(BT);
-        }
+        if (!WSG_VN || BT != 80 || mv > 72) WSG_ITEM(BT);
+        else if (mv > 64) WSG_ITEM(72);
+        else if (mv > 56) WSG_ITEM(64);
+        else if (mv > 48) WSG_ITEM(56);
+        else if (mv > 32) WSG_ITEM(48);
+        else if (mv > 16) WSG_ITEM(32);
+        else WSG_ITEM(16);
 #undef WSG_ITEM
         ws_release(empty(mp), lane);  // step KT - 1's stage, its wgmmas retired
         // ptxas (CUDA 13.0) scheduled the epilogue's reads of the accumulators above the
