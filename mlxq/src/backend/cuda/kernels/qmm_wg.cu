@@ -674,15 +674,18 @@ __device__ __forceinline__ void tma_w(u32 dst, const TensorMap* tm, u32 k0, u32 
 #define WSG_VN 1
 #endif
 
-// WSG_PF: in the persistent gather (qmm_wsg_impl), the producer threads order their cp.async
-// writes of a stage (x, read by the wgmmas through the async proxy) themselves, WSG_PF steps
-// after issuing them: cp.async.wait_group WSG_PF, a proxy fence, then a plain arrival on the
-// stage's `full` barrier; the consumers then wait on `full` without a fence of their own (the
-// fence, MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S in SASS, held 16% of the consumers' stall samples
-// at 512 tokens, session 64's ncu). 0: the cp.async arrival, and a fence by every consumer
-// thread after each wait.
+// WSG_PF (experiments): in the persistent gather (qmm_wsg_impl), WSG_PF > 0 has the producer
+// threads order their cp.async writes of a stage (x, read by the wgmmas through the async
+// proxy) themselves, WSG_PF steps after issuing them: cp.async.wait_group WSG_PF, a proxy
+// fence, then a plain arrival on the stage's `full` barrier; the consumers then wait on `full`
+// without a fence of their own (the fence, MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S in SASS, held 16%
+// of the consumers' stall samples at 512 tokens, session 64's ncu). 0 (default): the cp.async
+// arrival, and a fence by every consumer thread after each wait. Session 64 (H100, 4-bit, top-8
+// of 64 x 2048²): WSG_PF=2 is slower (512 tokens 114.3 -> 120.6 µs, 1024 217.1 -> 229.3: the
+// producer waits on its own copies), 4 not timed; correct at 4 (the gather tests, memcheck,
+// racecheck).
 #ifndef WSG_PF
-#define WSG_PF 4
+#define WSG_PF 0
 #endif
 
 // WS_LANES (experiments): 1 (default) every consumer thread fences its reads of a stage and
