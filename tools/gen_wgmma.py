@@ -4,7 +4,7 @@ its GENERATED markers): one per token-tile width N, each a `wgmma.mma_async` m64
 (the dequantised W rows) from registers and B (the x tile) from shared memory through a
 descriptor, f32 accumulators that are always accumulated into (scale-d = 1)."""
 
-for n in (64, 80, 128, 256):
+for n in (16, 32, 48, 56, 64, 72, 80, 128, 256):
     r = n // 2  # f32 accumulators per thread
     regs = ", ".join(f"%{i}" for i in range(r))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(r))

@@ -23,6 +23,7 @@ use mlxq::{
 };
 use ops::DequantizeOptions;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 const BITS: [u32; 7] = [1, 2, 3, 4, 5, 6, 8];
@@ -1345,13 +1346,15 @@ fn gather_qmm_with_device_indices() {
 
 const FP_MODES: [QuantMode; 3] = [QuantMode::Mxfp4, QuantMode::Mxfp8, QuantMode::Nvfp4];
 
-/// The affine 4-bit gather's persistent GEMM on permuted x (`qmm_wsp_g80` on sm_90a: the
-/// sort's first kernel copies x with each 64 values of K permuted, the GEMM dequantises codes
-/// in that order): 128 tokens x top-4 of 8 experts (64 pairs per expert on average, the
-/// 80-pair tile, some experts over 80), every group size, bf16 and f16 x and scales, N not a
-/// multiple of the 128-row item, K of 4 to 12 steps of 64 (each row's scales whole 4-byte
-/// units, as the tiles need); against the f64 reference, outputs poisoned. Elsewhere the same
-/// calls run the other kernels and are checked the same way.
+/// The affine 4-bit gather's persistent GEMM on permuted x (`qmm_wsp_g80` on sm_90a, or
+/// `qmm_wsp3_g80` with `MLXQ_TILE_G=wsp3`: the sort's first kernel copies x with each 64 values
+/// of K permuted, the GEMM dequantises codes in that order): 128 tokens x top-4 of 8 experts,
+/// routed uniformly (64 pairs per expert on average, the 80-pair tile, some experts over 80)
+/// or with pair counts from 5 to 185, so that the items' wgmmas take every width (16 to 80
+/// tokens, `WSG_VN`); every group size, bf16 and f16 x and scales, N not a multiple of the
+/// 128- or 192-row item, K of 4 to 12 steps of 64 (each row's scales whole 4-byte units, as
+/// the tiles need); against the f64 reference, outputs poisoned. Elsewhere the same calls run
+/// the other kernels and are checked the same way.
 #[test]
 fn persistent_gather_on_permuted_x_matches_the_f64_reference() {
     let Some(dev) = gpu() else { return };
@@ -1360,6 +1363,12 @@ fn persistent_gather_on_permuted_x_matches_the_f64_reference() {
     let mut cenc = Device::cpu().encoder();
     let mut rng = StdRng::seed_from_u64(62);
     let (experts, tokens, top) = (8, 128, 4);
+    // `MLXQ_TILE_G=wsp3` runs the form with three consumer warpgroups instead.
+    let form = if std::env::var("MLXQ_TILE_G").as_deref() == Ok("wsp3") {
+        "qmm_wsp3_g80"
+    } else {
+        "qmm_wsp_g80"
+    };
     let mut failures = Vec::new();
     let cases = [
         (64, DType::BF16, 200, 256),
@@ -1373,9 +1382,20 @@ fn persistent_gather_on_permuted_x_matches_the_f64_reference() {
         let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
         let wd = dequantize_f64(&qw).unwrap();
         let x = Buffer::from_f32(&randn(&mut rng, tokens * k), dt, &[tokens, 1, 1, k]).unwrap();
-        let idx: Vec<u32> = (0..tokens * top)
-            .map(|_| rng.gen_range(0..experts as u32))
-            .collect();
+        // Uniform routing for groups 64 (experts of 64 +- 8 pairs), or pair counts that give
+        // the persistent form's items every wgmma width (16 to 80 tokens, and 185: 80 + 80 + 25).
+        let idx: Vec<u32> = if g == 64 {
+            (0..tokens * top)
+                .map(|_| rng.gen_range(0..experts as u32))
+                .collect()
+        } else {
+            let counts = [5, 20, 40, 52, 60, 70, 80, 185];
+            let mut v: Vec<u32> = (0..experts as u32)
+                .flat_map(|e| std::iter::repeat_n(e, counts[e as usize]))
+                .collect();
+            v.shuffle(&mut rng);
+            v
+        };
         let rhs = Buffer::from_slice(&idx, &[tokens, top]).unwrap();
         let mut y = poisoned_on(&dev, dt, &[tokens, top, 1, n]);
         let qg = weight_to(&qw, &dev);
@@ -1392,8 +1412,8 @@ fn persistent_gather_on_permuted_x_matches_the_f64_reference() {
         if got.iter().any(|y| !y.is_finite()) || err > tolerance(dt) {
             failures.push(format!("{ctx}: error {err:e}"));
         }
-        if wg && ran != "qmm_wsp_g80" {
-            failures.push(format!("{ctx}: ran {ran}, not qmm_wsp_g80"));
+        if wg && ran != form {
+            failures.push(format!("{ctx}: ran {ran}, not {form}"));
         }
     }
     assert_none("the persistent gather on permuted x", cases.len(), failures);

@@ -499,11 +499,13 @@ pub(crate) fn qmm(
     // 4-stage mma.sync tile (run 5, 512 tokens of 64 x 2048x2048 4-bit, sort included:
     // 332 µs against 406 for qmm_tc_g8 in run 4). MLXQ_TILE_G=g|g6 forces the mma.sync tile
     // (4 or 6 stages), =wg the wgmma tile, =off restores qmm_tc_g8, =wg128 and =wg80 the
-    // wgmma tiles of 128 and 80 pairs, =ws the 80-pair tile's persistent warp-specialised form.
+    // wgmma tiles of 128 and 80 pairs, =ws the 80-pair tile's persistent warp-specialised form,
+    // =wsp that form on permuted x and =wsp3 the latter with three consumer warpgroups.
     // By default `gather_tile` picks the width from the pairs per expert (session 18, 512
     // tokens of top-8 of 64: the 80-pair tile, 4-bit 204 -> 149 µs, 8-bit 261 -> 219 µs:
     // docs/perf-cuda.md run 18), and `gather_ws` its persistent form where that fits
-    // (session 61; MLXQ_GATHER_WS=0 keeps the wgmma tile).
+    // (session 61; MLXQ_GATHER_WS=0 keeps the wgmma tile, =3 takes the three-warpgroup form
+    // on permuted x).
     let fits = |t: &&Tile| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]);
     let tile = match knob("MLXQ_TILE_G") {
         _ if !tile_gather => None,
@@ -513,12 +515,15 @@ pub(crate) fn qmm(
         Some("wg") => Some(&TILES[9]),
         Some("ws") => Some(&TILES[14]),
         Some("wsp") => Some(&TILES[20]),
+        Some("wsp3") => Some(&TILES[21]),
         Some("wg128") => Some(&TILES[15]),
         Some("wg80") => Some(&TILES[16]),
         _ => {
             let i = gather_tile(entries, w_count, spec.bits());
+            let ws = knob("MLXQ_GATHER_WS");
             gather_ws(i, spec.bits(), !fp, knob("MLXQ_GATHER_XP") != Some("0"))
-                .filter(|_| knob("MLXQ_GATHER_WS") != Some("0"))
+                .filter(|_| ws != Some("0"))
+                .map(|j| if ws == Some("3") && j == 20 { 21 } else { j })
                 .map(|j| &TILES[j])
                 .filter(fits)
                 .or(Some(&TILES[i]).filter(fits))
@@ -1377,8 +1382,9 @@ struct Tile {
 /// warp-specialised qmm_ws_256, _256s5, _128, _64 and the persistent grouped _g80 (384
 /// threads); then the grouped wgmma tiles of 128 and 80 pairs (`gather_tile` picks among _g64,
 /// _g80 and _g128), the transposed `qmm_wgn_*`, and the persistent grouped qmm_wsp_g80 on x
-/// permuted by the sort (affine 4-bit).
-const TILES: [Tile; 21] = [
+/// permuted by the sort (affine 4-bit), and its form with three consumer warpgroups (192 rows
+/// an item, 512 threads: `qmm_wsp3_g80`).
+const TILES: [Tile; 22] = [
     tile("qmm_tile_l", 256, 128, 256, 4),
     tile("qmm_tile_m", 128, 128, 512, 4),
     tile("qmm_tile_g", 64, 128, 256, 4),
@@ -1403,23 +1409,33 @@ const TILES: [Tile; 21] = [
         xperm: true,
         ..wsg_tile("qmm_wsp_g80", 80, 10)
     },
+    Tile {
+        xperm: true,
+        bn: 192,
+        threads: 512,
+        ..wsg_tile("qmm_wsp3_g80", 80, 10)
+    },
 ];
 
-/// The persistent grouped form ([`Tile::pers`]) of the grouped wgmma tile `i` of [`TILES`]
-/// (`gather_tile`'s pick) for `bits`-wide affine codes: `qmm_ws_g80` for `qmm_wg_g80` at 4
-/// bits, the one case where it was measured faster (session 61, H100, 512 / 1024 tokens of
-/// top-8 of 64 × 2048², means of the call's rounds: 134.9 → 125.3, 248.4 → 235.8 µs); 8-bit
-/// gathers lose on it (189.7 → 193.4, 353.7 → 371.6; likely because the wgmma tile runs 16
-/// warps per SM in two blocks against this form's 8 consumer warps, not measured), and the FP
-/// modes do not gain (512 tokens: mxfp4 146.3 → 159.6, nvfp4 176.3 → 173.6). At 4 bits the
-/// form on permuted x (`qmm_wsp_g80`, session 62) unless `xperm` is false.
+/// The persistent grouped form ([`Tile::pers`]) that serves a gather whose grouped wgmma tile
+/// (`gather_tile`'s pick) is `i`, for `bits`-wide affine codes: at 4 bits `qmm_wsp_g80` on x
+/// permuted by the sort, or `qmm_ws_g80` where `xperm` is false, whatever `i` (their items
+/// run wgmmas as wide as their pairs, so the 80-pair tiles serve every count). Measured at 4
+/// bits (H100, top-8 of 64 × 2048², graph µs): 512 / 1024 tokens 134.9 → 125.3, 248.4 →
+/// 235.8 over `qmm_wg_g80` (session 61), and 128 / 256 tokens 130.7 → 108.5, 131.6 → 111.4
+/// over `qmm_wg_g64` (session 64). 8-bit gathers lose on it (189.7 → 193.4, 353.7 → 371.6;
+/// likely because the wgmma tile runs 16 warps per SM in two blocks against this form's 8
+/// consumer warps, not measured), and the FP modes do not gain (512 tokens: mxfp4 146.3 →
+/// 159.6, nvfp4 176.3 → 173.6).
 fn gather_ws(i: usize, bits: u32, affine: bool, xperm: bool) -> Option<usize> {
-    (i == 16 && bits == 4 && affine).then_some(if xperm { 20 } else { 14 })
+    let grouped = matches!(i, 9 | 15 | 16);
+    (grouped && bits == 4 && affine).then_some(if xperm { 20 } else { 14 })
 }
 
 /// 128-byte chunks of x that each extra block of `gather_count` permutes for `qmm_wsp_g80`
-/// (`XPB` in qmm_tc.cu, one per thread of the first 256).
-const XPB: u64 = 256;
+/// (`XPB` in qmm_tc.cu): 64 of its 1024 threads, so that 2 MB of x (512 tokens, K = 2048)
+/// spread over 256 blocks, two per SM.
+const XPB: u64 = 64;
 
 /// The wgmma tiles of [`TILES`] for W `[K, N]` (transpose = false, `qmm_wgn_*`), widest first.
 const WGN_TILES: [usize; 3] = [17, 18, 19];
@@ -2583,12 +2599,15 @@ mod tests {
             gather_ws(16, 4, true, true).map(|j| (TILES[j].entry, TILES[j].xperm)),
             Some(("qmm_wsp_g80", true))
         );
-        // Where measured slower (8-bit) or not measured (the FP modes, the other widths).
+        // Where measured slower (8-bit) or not measured (the FP modes); not for tiles that
+        // are not grouped.
         for xp in [false, true] {
-            assert_eq!(gather_ws(16, 8, true, xp), None);
-            assert_eq!(gather_ws(16, 4, false, xp), None);
-            assert_eq!(gather_ws(15, 4, true, xp), None);
-            assert_eq!(gather_ws(9, 4, true, xp), None);
+            for i in [9, 15, 16] {
+                assert_eq!(gather_ws(i, 8, true, xp), None);
+                assert_eq!(gather_ws(i, 4, false, xp), None);
+                assert_eq!(gather_ws(i, 4, true, xp), gather_ws(16, 4, true, xp));
+            }
+            assert_eq!(gather_ws(2, 4, true, xp), None);
         }
         for (i, xp) in [9, 15, 16]
             .into_iter()
@@ -2597,7 +2616,7 @@ mod tests {
             let Some(j) = gather_ws(i, 4, true, xp) else {
                 continue;
             };
-            let (wg, ws) = (&TILES[i], &TILES[j]);
+            let (wg, ws) = (&TILES[16], &TILES[j]);
             assert!(ws.pers && ws.ws && ws.wg, "{}", ws.entry);
             assert_eq!((wg.bm, wg.bn), (ws.bm, ws.bn), "{}", ws.entry);
             // Within an sm_90 block's 227 KiB at every width and group they serve.
@@ -2618,10 +2637,48 @@ mod tests {
         for t in &TILES {
             let (ws, wsp) = (
                 t.entry.starts_with("qmm_ws_g"),
-                t.entry.starts_with("qmm_wsp_g"),
+                t.entry.starts_with("qmm_wsp"),
             );
             assert_eq!(t.pers, ws || wsp, "{}", t.entry);
             assert_eq!(t.xperm, wsp, "{}", t.entry);
+        }
+        // The three-warpgroup form (4-bit only): 64 rows and 128 threads per consumer
+        // warpgroup plus the producer's, within the 227 KiB at every group.
+        let t3 = &TILES[21];
+        assert_eq!((t3.entry, t3.bn, t3.threads), ("qmm_wsp3_g80", 192, 512));
+        for group in [32, 64, 128] {
+            let spec = QuantSpec::affine(4, group).expect("a valid spec");
+            for sdt in [DType::BF16, DType::F32] {
+                let smem = t3.smem(4096, spec, sdt);
+                assert!(smem <= 227 << 10, "g{group} {sdt}: {smem}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_tile_is_an_entry_of_the_modules_that_serve_it() {
+        // A tile missing from a module's entry list fails at its first launch ("entry ... is
+        // not supported"), as `qmm_wsp3_g80` did on the device in session 64.
+        let listed = |name: &str| {
+            super::super::TABLE
+                .iter()
+                .filter(|v| v.entries.contains(&name))
+                .count()
+        };
+        for t in &TILES {
+            // The wgmma tiles of qmm_wg.cu in both matmul modules (affine and FP), the others
+            // (qmm_tile.cu, the transposed qmm_wgn_*) in the affine one.
+            let want = if t.wg && !t.entry.starts_with("qmm_wgn") {
+                2
+            } else {
+                1
+            };
+            assert!(
+                listed(t.entry) >= want,
+                "{} in {} modules",
+                t.entry,
+                listed(t.entry)
+            );
         }
     }
 

@@ -272,6 +272,7 @@ macro_rules! with_wg_tiles {
             "qmm_ws_64",
             "qmm_ws_g80",
             "qmm_wsp_g80",
+            "qmm_wsp3_g80",
             "qmm_wg_g128",
             "qmm_wg_g80",
         ]

@@ -708,9 +708,10 @@ QMV_TC(2)
 //
 // With xchunks > 0 (the affine 4-bit persistent GEMM, qmm_wsp_g80), the blocks from `nb` on
 // copy x (16-bit values) to xd with each 64 values of K permuted as wg_dequant_xp (qmm_wg.cu)
-// takes them, XPB chunks of 128 bytes per block, one per thread (launch.rs `XPB` mirrors
-// it); gather_place waits for every block of this grid, and the GEMM for gather_place.
-#define XPB 256u
+// takes them, XPB chunks of 128 bytes per block, one per thread (launch.rs `XPB` mirrors it:
+// 64, so that the copy spreads over the SMs); gather_place waits for every block of this
+// grid, and the GEMM for gather_place.
+#define XPB 64u
 __device__ __forceinline__ void xperm_chunk(const uint4* __restrict__ src, uint4* __restrict__ dst) {
     u32 in[32];
 #pragma unroll
