@@ -504,8 +504,7 @@ pub(crate) fn qmm(
     // By default `gather_tile` picks the width from the pairs per expert (session 18, 512
     // tokens of top-8 of 64: the 80-pair tile, 4-bit 204 -> 149 µs, 8-bit 261 -> 219 µs:
     // docs/perf-cuda.md run 18), and `gather_ws` its persistent form where that fits
-    // (session 61; MLXQ_GATHER_WS=0 keeps the wgmma tile, =3 takes the three-warpgroup form
-    // on permuted x).
+    // (session 61; MLXQ_GATHER_WS=0 keeps the wgmma tile).
     let fits = |t: &&Tile| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]);
     let tile = match knob("MLXQ_TILE_G") {
         _ if !tile_gather => None,
@@ -520,10 +519,8 @@ pub(crate) fn qmm(
         Some("wg80") => Some(&TILES[16]),
         _ => {
             let i = gather_tile(entries, w_count, spec.bits());
-            let ws = knob("MLXQ_GATHER_WS");
-            gather_ws(i, spec.bits(), !fp, knob("MLXQ_GATHER_XP") != Some("0"))
-                .filter(|_| ws != Some("0"))
-                .map(|j| if ws == Some("3") && j == 20 { 21 } else { j })
+            gather_ws(spec.bits(), !fp, knob("MLXQ_GATHER_XP") != Some("0"))
+                .filter(|_| knob("MLXQ_GATHER_WS") != Some("0"))
                 .map(|j| &TILES[j])
                 .filter(fits)
                 .or(Some(&TILES[i]).filter(fits))
@@ -1417,19 +1414,18 @@ const TILES: [Tile; 22] = [
     },
 ];
 
-/// The persistent grouped form ([`Tile::pers`]) that serves a gather whose grouped wgmma tile
-/// (`gather_tile`'s pick) is `i`, for `bits`-wide affine codes: at 4 bits `qmm_wsp_g80` on x
-/// permuted by the sort, or `qmm_ws_g80` where `xperm` is false, whatever `i` (their items
-/// run wgmmas as wide as their pairs, so the 80-pair tiles serve every count). Measured at 4
+/// The persistent grouped form ([`Tile::pers`]) that serves a sorted gather of `bits`-wide
+/// affine codes in place of `gather_tile`'s grouped wgmma tile: at 4 bits `qmm_wsp_g80` on x
+/// permuted by the sort, or `qmm_ws_g80` where `xperm` is false, whatever that tile's width
+/// (their items run wgmmas as wide as their pairs, so the 80-pair tiles serve every count). Measured at 4
 /// bits (H100, top-8 of 64 × 2048², graph µs): 512 / 1024 tokens 134.9 → 125.3, 248.4 →
 /// 235.8 over `qmm_wg_g80` (session 61), and 128 / 256 tokens 130.7 → 108.5, 131.6 → 111.4
 /// over `qmm_wg_g64` (session 64). 8-bit gathers lose on it (189.7 → 193.4, 353.7 → 371.6;
 /// likely because the wgmma tile runs 16 warps per SM in two blocks against this form's 8
 /// consumer warps, not measured), and the FP modes do not gain (512 tokens: mxfp4 146.3 →
 /// 159.6, nvfp4 176.3 → 173.6).
-fn gather_ws(i: usize, bits: u32, affine: bool, xperm: bool) -> Option<usize> {
-    let grouped = matches!(i, 9 | 15 | 16);
-    (grouped && bits == 4 && affine).then_some(if xperm { 20 } else { 14 })
+fn gather_ws(bits: u32, affine: bool, xperm: bool) -> Option<usize> {
+    (bits == 4 && affine).then_some(if xperm { 20 } else { 14 })
 }
 
 /// 128-byte chunks of x that each extra block of `gather_count` permutes for `qmm_wsp_g80`
@@ -2588,41 +2584,34 @@ mod tests {
     }
 
     #[test]
-    fn the_persistent_gather_tiles_have_their_wgmma_tiles_widths_and_fit() {
+    fn the_persistent_gather_tiles_have_their_wgmma_tiles_widths_and_fit() -> crate::Result<()> {
         use super::gather_ws;
         use crate::{DType, QuantSpec};
         assert_eq!(
-            gather_ws(16, 4, true, false).map(|j| TILES[j].entry),
+            gather_ws(4, true, false).map(|j| TILES[j].entry),
             Some("qmm_ws_g80")
         );
         assert_eq!(
-            gather_ws(16, 4, true, true).map(|j| (TILES[j].entry, TILES[j].xperm)),
+            gather_ws(4, true, true).map(|j| (TILES[j].entry, TILES[j].xperm)),
             Some(("qmm_wsp_g80", true))
         );
-        // Where measured slower (8-bit) or not measured (the FP modes); not for tiles that
-        // are not grouped.
+        // Where measured slower (8-bit) or not measured (the FP modes).
         for xp in [false, true] {
-            for i in [9, 15, 16] {
-                assert_eq!(gather_ws(i, 8, true, xp), None);
-                assert_eq!(gather_ws(i, 4, false, xp), None);
-                assert_eq!(gather_ws(i, 4, true, xp), gather_ws(16, 4, true, xp));
-            }
-            assert_eq!(gather_ws(2, 4, true, xp), None);
+            assert_eq!(gather_ws(8, true, xp), None);
+            assert_eq!(gather_ws(4, false, xp), None);
         }
-        for (i, xp) in [9, 15, 16]
+        for j in [false, true]
             .into_iter()
-            .flat_map(|i| [(i, false), (i, true)])
+            .filter_map(|xp| gather_ws(4, true, xp))
         {
-            let Some(j) = gather_ws(i, 4, true, xp) else {
-                continue;
-            };
+            // The 80-pair wgmma tile's shape, whichever grouped tile `gather_tile` picked.
             let (wg, ws) = (&TILES[16], &TILES[j]);
             assert!(ws.pers && ws.ws && ws.wg, "{}", ws.entry);
             assert_eq!((wg.bm, wg.bn), (ws.bm, ws.bn), "{}", ws.entry);
             // Within an sm_90 block's 227 KiB at every width and group they serve.
             for bits in [4, 8] {
                 for group in [32, 64, 128] {
-                    let spec = QuantSpec::affine(bits, group).expect("a valid spec");
+                    let spec = QuantSpec::affine(bits, group)?;
                     let smem = ws.smem(4096, spec, DType::BF16);
                     assert!(
                         smem <= 227 << 10,
@@ -2647,12 +2636,13 @@ mod tests {
         let t3 = &TILES[21];
         assert_eq!((t3.entry, t3.bn, t3.threads), ("qmm_wsp3_g80", 192, 512));
         for group in [32, 64, 128] {
-            let spec = QuantSpec::affine(4, group).expect("a valid spec");
+            let spec = QuantSpec::affine(4, group)?;
             for sdt in [DType::BF16, DType::F32] {
                 let smem = t3.smem(4096, spec, sdt);
                 assert!(smem <= 227 << 10, "g{group} {sdt}: {smem}");
             }
         }
+        Ok(())
     }
 
     #[test]
