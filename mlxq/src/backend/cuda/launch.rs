@@ -625,9 +625,17 @@ pub(crate) fn qmm(
         if let Some(t) = tile {
             // The tiled GEMM over the same tiles of `tm` pairs (its BM).
             let f = k.func_named(t.entry)?;
+            // The persistent form's x map spans x's rows (the permuted copy has x's rows), as
+            // TMA's signed 32-bit coordinates; the other grouped tiles read no M.
+            let x_rows = x.nbytes() as u64 / (xsize * kdim);
+            let m = match i32::try_from(x_rows) {
+                _ if !t.pers => 0,
+                Ok(r) => r as u32,
+                Err(_) => return Err(Error::SizeOverflow { op, what: "x rows" }),
+            };
             let args = TileArgs {
                 ptrs: [if t.xperm { pxp } else { px }, pw, ps, pb, po],
-                m: 0,
+                m,
                 n: u32_of(op, ndim)?,
                 k: u32_of(op, kdim)?,
                 w_stride,
@@ -661,7 +669,7 @@ pub(crate) fn qmm(
                     spec,
                     w.scales_dtype(),
                     &args,
-                    None,
+                    x.dtype(),
                     t.wg,
                     op,
                 )?
@@ -981,20 +989,7 @@ pub(crate) fn qmm(
         // and writes); with K split, each block writes its tokens < M and rows < N of its
         // segment's M x N partial sums, inside the segments·M·N floats of scratch. The buffers
         // stay alive through `finish`'s `retain` (the scratch through its own).
-        unsafe {
-            launch_tile(
-                &dev,
-                f,
-                t,
-                grid,
-                spec,
-                sdt,
-                &args,
-                Some(x.dtype()),
-                false,
-                op,
-            )
-        }?;
+        unsafe { launch_tile(&dev, f, t, grid, spec, sdt, &args, x.dtype(), false, op) }?;
         if let Some(s) = scratch {
             let m32 = u32_of(op, m)?;
             reduce_partials(
@@ -1690,10 +1685,10 @@ fn tensor_map<const R: usize>(
 /// Launches tile `t` with `args` over `grid` on the device's stream (as the previous
 /// kernel's programmatic dependent where `pdl`: only for entries that wait for it with
 /// griddepcontrol.wait before reading, the grouped wgmma tiles). A warp-specialised tile also
-/// gets two tensor maps: x's, of x [M, K] in `x_dtype` in boxes of 64 columns x BT rows in the
-/// 128-byte swizzle that its wgmma descriptors expect, where dense (`Some`; zeros where
-/// gathered: its producer copies the pairs' rows itself); and the codes', bytes x rows x
-/// matrices in boxes of one step's bytes (64 codes) x 128 rows.
+/// gets two tensor maps: x's, of x [M, K] in `x_dtype` in boxes of 64 columns x BT rows (the
+/// persistent gather's: 1 row, a pair's, M being x's rows) in the 128-byte swizzle that its
+/// wgmma descriptors expect; and the codes', bytes x rows x matrices in boxes of one step's
+/// bytes (64 codes) x 128 rows.
 ///
 /// # Safety
 /// The pointers and sizes of `args` must describe live device buffers that the kernel may
@@ -1707,33 +1702,31 @@ unsafe fn launch_tile(
     spec: QuantSpec,
     sdt: DType,
     args: &TileArgs,
-    x_dtype: Option<DType>,
+    x_dtype: DType,
     pdl: bool,
     op: &'static str,
 ) -> Result<()> {
     use sys::CUtensorMapDataType as D;
     let [px, pw, ps, pb, po] = &args.ptrs;
     let (m, k) = (u64::from(args.m), u64::from(args.k));
-    let mut x_map = match (t.ws, x_dtype) {
-        (false, _) => None,
-        (true, Some(dt)) => {
-            let ty = match dt {
-                DType::BF16 => D::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                DType::F16 => D::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                other => return Err(Error::dtype(op, "x", "float16 or bfloat16", other)),
-            };
-            Some(tensor_map(
-                op,
-                *px,
-                ty,
-                [k, m],
-                &[k * 2],
-                [64, t.bm as u32],
-                true,
-            )?)
-        }
-        // SAFETY: zeros, a map the gathering kernel never reads.
-        (true, None) => Some(TensorMap(unsafe { std::mem::zeroed() })),
+    let mut x_map = if t.ws {
+        let ty = match x_dtype {
+            DType::BF16 => D::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            DType::F16 => D::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+            other => return Err(Error::dtype(op, "x", "float16 or bfloat16", other)),
+        };
+        let rows = if t.pers { 1 } else { t.bm as u32 };
+        Some(tensor_map(
+            op,
+            *px,
+            ty,
+            [k, m.max(1)],
+            &[k * 2],
+            [64, rows],
+            true,
+        )?)
+    } else {
+        None
     };
     let mut w_map = if t.ws {
         let row = k * u64::from(spec.bits()) / 8;

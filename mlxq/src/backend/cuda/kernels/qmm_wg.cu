@@ -688,6 +688,17 @@ __device__ __forceinline__ void tma_w(u32 dst, const TensorMap* tm, u32 k0, u32 
 #define WSG_PF 0
 #endif
 
+// WSG_XT (experiments): 1 (default) the persistent gather's x rows by TMA, one copy of a row's
+// 128 bytes of a step per pair (a 2-D map over x's rows in boxes of 64 values x 1 row, 128-byte
+// swizzled: the swizzle follows the destination's address, so a row lands in its tile row's
+// pattern). The copies go through the async proxy, as the wgmmas read them, and complete on
+// the stage's `full` barrier: the consumers wait without a proxy fence (session 64's ncu:
+// 11-16% of their stall samples). 0: every producer thread copies 16-byte chunks of the rows
+// by cp.async (the generic proxy) and the consumers fence after each wait.
+#ifndef WSG_XT
+#define WSG_XT 1
+#endif
+
 // WS_LANES (experiments): 1 (default) every consumer thread fences its reads of a stage and
 // arrives on its `empty` barrier; 0 lane 0 of each warp after __syncwarp, without the fence.
 #ifndef WS_LANES
@@ -823,11 +834,11 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
 // gridDim.x, ..., and its ring runs on from one item into the next, so the producer streams
 // the next item's first stages while the consumers store the last one's outputs (from a tile
 // of their own, past the ring) instead of each block starting from an empty ring.
-// The producer is the whole third warpgroup (128 threads): the pairs' x rows by cp.async (a
-// gathered x has no tensor map), BT x 8 chunks of 16 bytes per step; the codes by one TMA
-// copy of thread 0 (the 3-D map over the experts' W); the scale and bias units by cp.async. A
-// stage completes on its `full` mbarrier (the codes' bytes, one cp.async arrival per producer
-// thread). Run 13's grouped qmm_ws_g64 had one producer warp issue all of a step's copies (16
+// The producer is the whole third warpgroup (128 threads): the pairs' x rows, one TMA copy
+// of a row's step per pair (WSG_XT; or by cp.async, BT x 8 chunks of 16 bytes per step); the
+// codes by one TMA copy of thread 0 (the 3-D map over the experts' W); the scale and bias
+// units by cp.async. A stage completes on its `full` mbarrier (the TMA copies' bytes, one
+// cp.async arrival per producer thread). Run 13's grouped qmm_ws_g64 had one producer warp issue all of a step's copies (16
 // x chunks and 8 units per lane), which cost more than the overlap gained. The consumers are
 // qmm_ws_impl's, with every stage released once (the last of an item after its wgmmas).
 //
@@ -839,9 +850,12 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
                                              const ST* __restrict__ scales,
                                              const ST* __restrict__ biases, OT* __restrict__ out,
                                              u32 N, u32 K, u64 s_stride,
-                                             const u32* __restrict__ grp, const TensorMap* tmw) {
+                                             const u32* __restrict__ grp, const TensorMap* tmx,
+                                             const TensorMap* tmw) {
     static_assert(CW == 2 || CW == 3, "two or three consumer warpgroups");
     static_assert(WSG_PF >= 0 && WSG_PF < S, "the producer's arrivals lag less than the ring");
+    static_assert(!(WSG_XT && WSG_PF), "x by TMA needs no producer fence");
+    static_assert(!WSG_XT || BT <= 128, "one producer thread per pair of a tile");
     constexpr int BW = 64 * CW;        // rows of W per item
     constexpr int CB = 64 * BITS / 8;  // code bytes per row and step
     constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
@@ -887,16 +901,24 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         // Registers to the consumers, as qmm_ws_impl's producer.
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PREG) : "memory");
         const u32 pt = tid - CT;
-        if (pt == 0) asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmw) : "memory");
+        if (pt == 0) {
+            asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmw) : "memory");
+            if constexpr (WSG_XT) asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmx) : "memory");
+        }
         u32 q = 0;  // the block's step count over its items: stage q % S, round q / S
         for (u32 it = blockIdx.x; it < items; it += gridDim.x) {
             const u32* tl = grp + 4 + 4 * (it / nb);  // expert, first pair, pairs
             const u32 ex = tl[0], first = tl[1], mc = tl[2];
             const u32 n0 = it % nb * BW;
+            // WSG_XT: thread pt < the tile's pairs copies pair pt's row of x (its offset is
+            // the row times K: gather_place); rows past the last pair are not copied, and
+            // their stale values reach only the accumulators of outputs never stored.
+            const u32 nx = min((u32)BT, mc);
+            const u32 xrow = WSG_XT && pt < nx ? (u32)(pairs[2 * (u64)(first + pt)] / K) : 0;
             const u8* xr[XI];
             u32 xd[XI], xn[XI];
 #pragma unroll
-            for (int j = 0; j < XI; j++) {
+            for (int j = 0; j < XI && !WSG_XT; j++) {
                 // Chunk c of tile row r; rows past the tile's last pair zero-filled (their
                 // address clamped to it), as tile_x_rows.
                 const u32 r = (pt >> 3) + j * (PT / 8), c = pt & 7;
@@ -919,14 +941,17 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
                 const u32 st = q % S;
                 if (q >= S) mbar_wait(empty(st), (q / S - 1) & 1);
                 if (pt == 0) {
-                    mbar_expect_tx(full(st), CS);
+                    // (x's copies may complete before this: the phase also waits for thread
+                    // 0's cp.async arrival below, issued after it.)
+                    mbar_expect_tx(full(st), CS + (WSG_XT ? nx * 128 : 0));
                     tma_w(cs + st * CS, tmw, kt * CB, n0, ex, full(st));
                 }
+                if (WSG_XT && pt < nx) tma_x(xs + st * XS + pt * 128, tmx, kt * 64, xrow, full(st));
                 const u32 ub = kt * 64 / GROUP / EU * EU;
 #pragma unroll
                 for (int j = 0; j < UI; j++) cpa_small<U>(ss + st * SB + sd[j], sr[j] + ub);
 #pragma unroll
-                for (int j = 0; j < XI; j++)
+                for (int j = 0; j < XI && !WSG_XT; j++)
                     cpa16n(xs + st * XS + xd[j], xr[j] + (u64)kt * 128, xn[j]);
                 if constexpr (WSG_PF > 0) {
                     // Step q - WSG_PF's copies done, fenced, and its stage released to the
@@ -991,22 +1016,23 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         u32 a0[4][4], a1[4][4];
         wg_zero<BT>(acc, a1);
         // Step kt's wgmmas are issued by wg_steps_n, which then (after step kt - 1's have
-        // retired) calls `next`: step kt + 1's stage awaited (x, written by cp.async through
-        // the generic proxy, fenced by the producer before its arrival: WSG_PF) and step
-        // kt - 1's released on its `empty` barrier, the arrival's release semantics ordering
-        // this thread's reads of it before the producer's next copies into it. (WSG_PF = 0:
-        // one consumer fence after the wait serves both directions.)
+        // retired) calls `next`: step kt + 1's stage awaited (x written by TMA, the async
+        // proxy that the wgmmas read through: WSG_XT; or by cp.async through the generic
+        // proxy, fenced by the producer before its arrival: WSG_PF) and step kt - 1's
+        // released on its `empty` barrier, the arrival's release semantics ordering this
+        // thread's reads of it before the producer's next copies into it. (x by cp.async and
+        // WSG_PF = 0: one consumer fence after the wait serves both directions.)
         auto desc = [&] { return d0 + ms * (XS / 16); };
         auto next = [&](u32 kt, u32(&an)[4][4]) {
             const bool more = kt + 1 < KT;
             if (more) mbar_wait(full(ls), lp);
-            if constexpr (WSG_PF == 0) fence_async_smem();
+            if constexpr (WSG_PF == 0 && !WSG_XT) fence_async_smem();
             if (kt > 0) mbar_arrive(empty(mp));
             mp = ms;
             if (more) load_a(kt + 1, an);
         };
         mbar_wait(full(ls), lp);
-        if constexpr (WSG_PF == 0) fence_async_smem();
+        if constexpr (WSG_PF == 0 && !WSG_XT) fence_async_smem();
         load_a(0, a0);
         // WSG_VN: the wgmmas as wide as the item's pairs, rounded up to 16 below 48 and to 8
         // from there (a tile of 512 tokens' top-8 of 64 holds 64 +- 8 pairs: ~15% of the
@@ -1084,10 +1110,12 @@ QMM_WG(qmm_wg_g80, 80, 4, true)
     QMM_WSX(NAME, 384, (qmm_ws_impl<BT, S>(x, w, scales, biases, out, M, N, K, w_stride,      \
                                            s_stride, grp, partial, kseg, &tmx, &tmw)))
 // The grouped entries read neither w (the codes' map spans the experts), M, the W stride,
-// partial, kseg nor x's map: the signature is the dense entries', so that one launcher serves.
+// partial nor kseg, and x's map is over x's rows in boxes of one row (WSG_XT): the signature
+// is the dense entries', so that one launcher serves.
 #define QMM_WSG(NAME, BT, S, XP, CW)                                                           \
     QMM_WSX(NAME, 128 * (CW + 1),                                                              \
-            (qmm_wsg_impl<BT, S, XP, CW>(x, scales, biases, out, N, K, s_stride, grp, &tmw)))
+            (qmm_wsg_impl<BT, S, XP, CW>(x, scales, biases, out, N, K, s_stride, grp, &tmx,   \
+                                         &tmw)))
 #else
 #define QMM_WSX(NAME, THREADS, BODY)                                                           \
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32, u32, \
