@@ -9,7 +9,9 @@
 //!
 //! Kernels live in `kernels/*.cu`, embedded with `include_str!`, and are compiled by NVRTC for
 //! the device's own architecture on first use of a [`KernelKey`] (the key's fields become
-//! `-D` defines), cached in memory by the registry and on disk by [`nvrtc`].
+//! `-D` defines), cached in memory by the registry and on disk by [`nvrtc`]. For experiments,
+//! `MLXQ_CUDA_KERNELS=DIR` compiles DIR's copy of any kernel file it holds instead of the
+//! embedded one (`kernel_file`), so a kernel change needs no rebuild of the library.
 
 mod dq_gemm;
 mod fp;
@@ -157,64 +159,97 @@ impl CudaKernel {
 struct Variant {
     name: &'static str,
     supports: fn(&KernelKey) -> bool,
-    source: &'static str,
+    /// Its files after `common.cuh` (see [`module_source`]).
+    source: &'static [&'static str],
     entries: &'static [&'static str],
     /// Allow fusing a product and a sum (off where rounding must match MLX bit for bit).
     fmad: bool,
     defines: fn(&KernelKey) -> Vec<String>,
 }
 
-const COMMON: &str = include_str!("kernels/common.cuh");
-const QUANT: &str = include_str!("kernels/quant.cu");
+/// The kernel files of `kernels/`, by name, as embedded in the library.
+const FILES: [(&str, &str); 11] = [
+    ("common.cuh", include_str!("kernels/common.cuh")),
+    ("batch.cuh", include_str!("kernels/batch.cuh")),
+    ("smem.cuh", include_str!("kernels/smem.cuh")),
+    ("quant.cu", include_str!("kernels/quant.cu")),
+    ("qmv.cu", include_str!("kernels/qmv.cu")),
+    ("fp.cu", include_str!("kernels/fp.cu")),
+    ("qmm_tc.cu", include_str!("kernels/qmm_tc.cu")),
+    ("qmv_dec.cu", include_str!("kernels/qmv_dec.cu")),
+    ("qmv_decb.cu", include_str!("kernels/qmv_decb.cu")),
+    ("qmm_tile.cu", include_str!("kernels/qmm_tile.cu")),
+    ("qmm_wg.cu", include_str!("kernels/qmm_wg.cu")),
+];
+/// A module is `common.cuh` then its files in order (`module_source`).
+const QUANT: &[&str] = &["quant.cu"];
 /// The bandwidth probe's module (`Batch` and its resolution come first, as in every module that
 /// uses them: batch.cuh).
-const QMV: &str = concat!(
-    include_str!("kernels/batch.cuh"),
-    "\n",
-    include_str!("kernels/qmv.cu")
-);
+const QMV: &[&str] = &["batch.cuh", "qmv.cu"];
 /// The FP modes' kernels (quantize, dequantize, matmul).
-const FP: &str = concat!(
-    include_str!("kernels/batch.cuh"),
-    "\n",
-    include_str!("kernels/fp.cu")
-);
+const FP: &[&str] = &["batch.cuh", "fp.cu"];
 /// The matmul module: the CUDA-core kernels, then the tensor-core ones (which use `Batch`).
-const QMM: &str = concat!(
-    include_str!("kernels/batch.cuh"),
-    "\n",
-    include_str!("kernels/smem.cuh"),
-    "\n",
-    include_str!("kernels/qmv.cu"),
-    "\n",
-    include_str!("kernels/qmm_tc.cu"),
-    "\n",
-    include_str!("kernels/qmv_dec.cu"),
-    "\n",
-    include_str!("kernels/qmv_decb.cu"),
-    "\n",
-    include_str!("kernels/qmm_tile.cu"),
-    "\n",
-    include_str!("kernels/qmm_wg.cu")
-);
+const QMM: &[&str] = &[
+    "batch.cuh",
+    "smem.cuh",
+    "qmv.cu",
+    "qmm_tc.cu",
+    "qmv_dec.cu",
+    "qmv_decb.cu",
+    "qmm_tile.cu",
+    "qmm_wg.cu",
+];
 /// The FP modes' tensor-core module: the wgmma tiles (and the gather's sort) and the
 /// bulk-copy decode kernel (`qmv_decb`) of the matmul module, dequantising E2M1 / E4M3
 /// elements with their scale codes (`FPM` in qmm_tc.cu).
-const FP_TILES: &str = concat!(
-    include_str!("kernels/batch.cuh"),
-    "\n",
-    include_str!("kernels/smem.cuh"),
-    "\n",
-    include_str!("kernels/qmm_tc.cu"),
-    "\n",
-    include_str!("kernels/qmv_dec.cu"),
-    "\n",
-    include_str!("kernels/qmv_decb.cu"),
-    "\n",
-    include_str!("kernels/qmm_tile.cu"),
-    "\n",
-    include_str!("kernels/qmm_wg.cu")
-);
+const FP_TILES: &[&str] = &[
+    "batch.cuh",
+    "smem.cuh",
+    "qmm_tc.cu",
+    "qmv_dec.cu",
+    "qmv_decb.cu",
+    "qmm_tile.cu",
+    "qmm_wg.cu",
+];
+
+/// The text of kernel file `name` (one of [`FILES`]): as embedded, or, where
+/// `MLXQ_CUDA_KERNELS` names a folder that holds a file of that name, that file (experiments:
+/// a kernel changed without rebuilding the library; the disk cache is keyed by the text).
+fn kernel_file(name: &str) -> Result<std::borrow::Cow<'static, str>> {
+    kernel_file_in(std::env::var_os("MLXQ_CUDA_KERNELS").as_deref(), name)
+}
+
+/// [`kernel_file`] with the override folder given.
+fn kernel_file_in(
+    dir: Option<&std::ffi::OsStr>,
+    name: &str,
+) -> Result<std::borrow::Cow<'static, str>> {
+    if let Some(dir) = dir {
+        let path = std::path::Path::new(dir).join(name);
+        if path.is_file() {
+            return std::fs::read_to_string(&path)
+                .map(Into::into)
+                .map_err(|cause| Error::Io {
+                    path: path.display().to_string(),
+                    cause,
+                });
+        }
+    }
+    FILES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, text)| (*text).into())
+        .ok_or_else(|| Error::unsupported("KernelRegistry", format!("no kernel file {name}")))
+}
+
+/// A module's source after the common header: its files, newline-joined.
+fn module_source(files: &[&str]) -> Result<String> {
+    let texts = files
+        .iter()
+        .map(|f| kernel_file(f))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(texts.join("\n"))
+}
 
 fn ctype(d: DType) -> &'static str {
     match d {
@@ -754,7 +789,7 @@ impl CudaDevice {
             opts.push("--fmad=false".into());
         }
         opts.extend((v.defines)(key));
-        let funcs = self.load(&name, v.source, &opts, v.entries)?;
+        let funcs = self.load(&name, &module_source(v.source)?, &opts, v.entries)?;
         Ok(CudaKernel {
             name: name.into(),
             funcs: funcs.into(),
@@ -769,7 +804,7 @@ impl CudaDevice {
         opts: &[String],
         entries: &[&str],
     ) -> Result<Vec<CudaFunction>> {
-        let src = format!("{COMMON}\n{source}");
+        let src = format!("{}\n{source}", kernel_file("common.cuh")?);
         let cubin = nvrtc::compile(name, &src, opts, self.arch, self.driver_version)?;
         let module = self
             .ctx
@@ -836,7 +871,7 @@ impl CudaDevice {
             "-DST=float".into(),
             "-DOT=float".into(),
         ];
-        let f = self.load("cuda_read_probe", QMV, &opts, &["read_probe"])?;
+        let f = self.load("cuda_read_probe", &module_source(QMV)?, &opts, &["read_probe"])?;
         let f = f
             .into_iter()
             .next()
@@ -935,7 +970,7 @@ pub fn compile_all_kernels(arch: u32) -> Result<usize> {
             opts.extend((v.defines)(&key));
             nvrtc::compile(
                 &format!("cuda_{key}"),
-                &format!("{COMMON}\n{}", v.source),
+                &format!("{}\n{}", kernel_file("common.cuh")?, module_source(v.source)?),
                 &opts,
                 arch,
                 0,
@@ -982,5 +1017,31 @@ impl Graph {
     /// Enqueues one replay on the device's stream (wait with the encoder's `commit_and_wait`).
     pub fn replay(&self) -> Result<()> {
         self.graph.launch().map_err(driver("Graph::replay"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_module_file_is_embedded_and_a_folder_overrides_it() {
+        for v in TABLE {
+            let src = module_source(v.source).unwrap();
+            for f in v.source {
+                let (_, text) = FILES.iter().find(|(n, _)| n == f).unwrap();
+                assert!(src.contains(text), "{} lacks {f}", v.name);
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("mlxq-kernels-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("qmv.cu"), "// replaced").unwrap();
+        let d = Some(dir.as_os_str());
+        assert_eq!(kernel_file_in(d, "qmv.cu").unwrap(), "// replaced");
+        // Files the folder does not hold stay as embedded; unknown names are errors.
+        assert_eq!(kernel_file_in(d, "quant.cu").unwrap(), FILES[3].1);
+        let err = kernel_file_in(None, "nope.cu").unwrap_err().to_string();
+        assert!(err.contains("nope.cu"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
