@@ -2,8 +2,7 @@
 # Session 65's device job: the persistent gather's x rows by TMA (WSG_XT=1, the new default;
 # the consumers drop their per-step proxy fence) against cp.async (WSG_XT=0, main's form),
 # 4-bit gather, top-8 of 64 x 2048², graph µs, 16 to 1024 tokens, two rounds alternated (the
-# bench checks every result against its reference); then WSG_PF=4 (x by cp.async, the producer
-# fencing) once at 512 tokens; then the gather tests on the default route, on qmm_ws_g80
+# bench checks every result against its reference); then the gather tests on the default route, on qmm_ws_g80
 # (MLXQ_GATHER_XP=0) and on wsp3; then memcheck and racecheck on the default form.
 RUN_S=60
 source "$(dirname "$0")/../s58/job.sh"
@@ -14,7 +13,6 @@ for r in 1 2; do
     run xt 4 "$G" X=1
     run xt0 4 "$G" MLXQ_CUDA_DEFINES=WSG_XT=0
 done
-run pf4 4 "--op gather --tokens 512" MLXQ_CUDA_DEFINES=WSG_XT=0,WSG_PF=4
 summary
 echo "timing done at $(( $(date +%s) - T0 )) s"
 B=$PWD/.devrun/cuda_conformance

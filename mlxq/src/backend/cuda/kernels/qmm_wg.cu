@@ -688,15 +688,18 @@ __device__ __forceinline__ void tma_w(u32 dst, const TensorMap* tm, u32 k0, u32 
 #define WSG_PF 0
 #endif
 
-// WSG_XT (experiments): 1 (default) the persistent gather's x rows by TMA, one copy of a row's
-// 128 bytes of a step per pair (a 2-D map over x's rows in boxes of 64 values x 1 row, 128-byte
-// swizzled: the swizzle follows the destination's address, so a row lands in its tile row's
-// pattern). The copies go through the async proxy, as the wgmmas read them, and complete on
-// the stage's `full` barrier: the consumers wait without a proxy fence (session 64's ncu:
-// 11-16% of their stall samples). 0: every producer thread copies 16-byte chunks of the rows
-// by cp.async (the generic proxy) and the consumers fence after each wait.
+// WSG_XT (experiments): the persistent gather's items of at most WSG_XT pairs take their x
+// rows by TMA, one copy of a row's 128 bytes of a step per pair (a 2-D map over x's rows in
+// boxes of 64 values x 1 row, 128-byte swizzled: the swizzle follows the destination's
+// address, so a row lands in its tile row's pattern). Those copies go through the async proxy,
+// as the wgmmas read them, and complete on the stage's `full` barrier, so the consumers wait
+// without the per-step proxy fence (session 64's ncu: 11-16% of their stall samples). Larger
+// items keep x by cp.async (every producer thread 16-byte chunks of the rows, the generic
+// proxy) and the fence: TMA takes ~20 ns a one-row box per SM, so at 80 pairs a step's copies
+// take longer than its wgmmas (session 65, H100, 4-bit top-8 of 64 x 2048², TMA for every item:
+// 16 tokens 95.4 -> 84.9 µs, 128 tokens 107.8 -> 202.5, 512 127.3 -> 336.6).
 #ifndef WSG_XT
-#define WSG_XT 1
+#define WSG_XT 8
 #endif
 
 // WS_LANES (experiments): 1 (default) every consumer thread fences its reads of a stage and
@@ -834,8 +837,9 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
 // gridDim.x, ..., and its ring runs on from one item into the next, so the producer streams
 // the next item's first stages while the consumers store the last one's outputs (from a tile
 // of their own, past the ring) instead of each block starting from an empty ring.
-// The producer is the whole third warpgroup (128 threads): the pairs' x rows, one TMA copy
-// of a row's step per pair (WSG_XT; or by cp.async, BT x 8 chunks of 16 bytes per step); the
+// The producer is the whole third warpgroup (128 threads): the pairs' x rows by cp.async, BT
+// x 8 chunks of 16 bytes per step (items of at most WSG_XT pairs: one TMA copy of a row's step
+// per pair); the
 // codes by one TMA copy of thread 0 (the 3-D map over the experts' W); the scale and bias
 // units by cp.async. A stage completes on its `full` mbarrier (the TMA copies' bytes, one
 // cp.async arrival per producer thread). Run 13's grouped qmm_ws_g64 had one producer warp issue all of a step's copies (16
@@ -855,7 +859,7 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     static_assert(CW == 2 || CW == 3, "two or three consumer warpgroups");
     static_assert(WSG_PF >= 0 && WSG_PF < S, "the producer's arrivals lag less than the ring");
     static_assert(!(WSG_XT && WSG_PF), "x by TMA needs no producer fence");
-    static_assert(!WSG_XT || BT <= 128, "one producer thread per pair of a tile");
+    static_assert(WSG_XT >= 0 && WSG_XT <= 128, "one producer thread per pair of a TMA item");
     constexpr int BW = 64 * CW;        // rows of W per item
     constexpr int CB = 64 * BITS / 8;  // code bytes per row and step
     constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
@@ -903,22 +907,24 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         const u32 pt = tid - CT;
         if (pt == 0) {
             asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmw) : "memory");
-            if constexpr (WSG_XT) asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmx) : "memory");
+            if constexpr (WSG_XT > 0) asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmx) : "memory");
         }
         u32 q = 0;  // the block's step count over its items: stage q % S, round q / S
         for (u32 it = blockIdx.x; it < items; it += gridDim.x) {
             const u32* tl = grp + 4 + 4 * (it / nb);  // expert, first pair, pairs
             const u32 ex = tl[0], first = tl[1], mc = tl[2];
             const u32 n0 = it % nb * BW;
-            // WSG_XT: thread pt < the tile's pairs copies pair pt's row of x (its offset is
-            // the row times K: gather_place); rows past the last pair are not copied, and
-            // their stale values reach only the accumulators of outputs never stored.
+            // An item of at most WSG_XT pairs (xt): thread pt < its pairs copies pair pt's
+            // row of x by TMA (the pair's offset is the row times K: gather_place); rows past
+            // the last pair are not copied, and their stale values reach only the
+            // accumulators of outputs never stored.
             const u32 nx = min((u32)BT, mc);
-            const u32 xrow = WSG_XT && pt < nx ? (u32)(pairs[2 * (u64)(first + pt)] / K) : 0;
+            const bool xt = nx <= (u32)WSG_XT;
+            const u32 xrow = xt && pt < nx ? (u32)(pairs[2 * (u64)(first + pt)] / K) : 0;
             const u8* xr[XI];
             u32 xd[XI], xn[XI];
 #pragma unroll
-            for (int j = 0; j < XI && !WSG_XT; j++) {
+            for (int j = 0; j < XI; j++) {
                 // Chunk c of tile row r; rows past the tile's last pair zero-filled (their
                 // address clamped to it), as tile_x_rows.
                 const u32 r = (pt >> 3) + j * (PT / 8), c = pt & 7;
@@ -943,16 +949,18 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
                 if (pt == 0) {
                     // (x's copies may complete before this: the phase also waits for thread
                     // 0's cp.async arrival below, issued after it.)
-                    mbar_expect_tx(full(st), CS + (WSG_XT ? nx * 128 : 0));
+                    mbar_expect_tx(full(st), CS + (xt ? nx * 128 : 0));
                     tma_w(cs + st * CS, tmw, kt * CB, n0, ex, full(st));
                 }
-                if (WSG_XT && pt < nx) tma_x(xs + st * XS + pt * 128, tmx, kt * 64, xrow, full(st));
+                if (xt && pt < nx) tma_x(xs + st * XS + pt * 128, tmx, kt * 64, xrow, full(st));
                 const u32 ub = kt * 64 / GROUP / EU * EU;
 #pragma unroll
                 for (int j = 0; j < UI; j++) cpa_small<U>(ss + st * SB + sd[j], sr[j] + ub);
+                if (!xt) {
 #pragma unroll
-                for (int j = 0; j < XI && !WSG_XT; j++)
-                    cpa16n(xs + st * XS + xd[j], xr[j] + (u64)kt * 128, xn[j]);
+                    for (int j = 0; j < XI; j++)
+                        cpa16n(xs + st * XS + xd[j], xr[j] + (u64)kt * 128, xn[j]);
+                }
                 if constexpr (WSG_PF > 0) {
                     // Step q - WSG_PF's copies done, fenced, and its stage released to the
                     // consumers (the last WSG_PF after the loop).
@@ -1006,6 +1014,7 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     u64 off = offset_of(first0, mc);
     for (u32 it = blockIdx.x; it < items; it += gridDim.x) {
         const u32 mv = min((u32)BT, mc);
+        const bool xt = mv <= (u32)WSG_XT;  // x by TMA (the producer's choice too)
         const u32 n0 = it % nb * BW;
         // The previous item's epilogue has read the offsets (its last sync).
         if (tid < mv) ooff[tid] = off;
@@ -1017,7 +1026,7 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         wg_zero<BT>(acc, a1);
         // Step kt's wgmmas are issued by wg_steps_n, which then (after step kt - 1's have
         // retired) calls `next`: step kt + 1's stage awaited (x written by TMA, the async
-        // proxy that the wgmmas read through: WSG_XT; or by cp.async through the generic
+        // proxy that the wgmmas read through: xt; or by cp.async through the generic
         // proxy, fenced by the producer before its arrival: WSG_PF) and step kt - 1's
         // released on its `empty` barrier, the arrival's release semantics ordering this
         // thread's reads of it before the producer's next copies into it. (x by cp.async and
@@ -1026,13 +1035,13 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         auto next = [&](u32 kt, u32(&an)[4][4]) {
             const bool more = kt + 1 < KT;
             if (more) mbar_wait(full(ls), lp);
-            if constexpr (WSG_PF == 0 && !WSG_XT) fence_async_smem();
+            if (WSG_PF == 0 && !xt) fence_async_smem();
             if (kt > 0) mbar_arrive(empty(mp));
             mp = ms;
             if (more) load_a(kt + 1, an);
         };
         mbar_wait(full(ls), lp);
-        if constexpr (WSG_PF == 0 && !WSG_XT) fence_async_smem();
+        if (WSG_PF == 0 && !xt) fence_async_smem();
         load_a(0, a0);
         // WSG_VN: the wgmmas as wide as the item's pairs, rounded up to 16 below 48 and to 8
         // from there (a tile of 512 tokens' top-8 of 64 holds 64 +- 8 pairs: ~15% of the
