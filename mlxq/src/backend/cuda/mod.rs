@@ -871,7 +871,12 @@ impl CudaDevice {
             "-DST=float".into(),
             "-DOT=float".into(),
         ];
-        let f = self.load("cuda_read_probe", &module_source(QMV)?, &opts, &["read_probe"])?;
+        let f = self.load(
+            "cuda_read_probe",
+            &module_source(QMV)?,
+            &opts,
+            &["read_probe"],
+        )?;
         let f = f
             .into_iter()
             .next()
@@ -970,7 +975,11 @@ pub fn compile_all_kernels(arch: u32) -> Result<usize> {
             opts.extend((v.defines)(&key));
             nvrtc::compile(
                 &format!("cuda_{key}"),
-                &format!("{}\n{}", kernel_file("common.cuh")?, module_source(v.source)?),
+                &format!(
+                    "{}\n{}",
+                    kernel_file("common.cuh")?,
+                    module_source(v.source)?
+                ),
                 &opts,
                 arch,
                 0,
