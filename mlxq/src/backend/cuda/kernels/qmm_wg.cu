@@ -674,20 +674,6 @@ __device__ __forceinline__ void tma_w(u32 dst, const TensorMap* tm, u32 k0, u32 
 #define WSG_VN 1
 #endif
 
-// WSG_PF (experiments): in the persistent gather (qmm_wsg_impl), WSG_PF > 0 has the producer
-// threads order their cp.async writes of a stage (x, read by the wgmmas through the async
-// proxy) themselves, WSG_PF steps after issuing them: cp.async.wait_group WSG_PF, a proxy
-// fence, then a plain arrival on the stage's `full` barrier; the consumers then wait on `full`
-// without a fence of their own (the fence, MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S in SASS, held 16%
-// of the consumers' stall samples at 512 tokens, session 64's ncu). 0 (default): the cp.async
-// arrival, and a fence by every consumer thread after each wait. Session 64 (H100, 4-bit, top-8
-// of 64 x 2048²): WSG_PF=2 is slower (512 tokens 114.3 -> 120.6 µs, 1024 217.1 -> 229.3: the
-// producer waits on its own copies), 4 not timed; correct at 4 (the gather tests, memcheck,
-// racecheck).
-#ifndef WSG_PF
-#define WSG_PF 0
-#endif
-
 // WSG_XT (experiments): the persistent gather's items of at most WSG_XT pairs take their x
 // rows by TMA, one copy of a row's 128 bytes of a step per pair (a 2-D map over x's rows in
 // boxes of 64 values x 1 row, 128-byte swizzled: the swizzle follows the destination's
@@ -857,8 +843,6 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
                                              const u32* __restrict__ grp, const TensorMap* tmx,
                                              const TensorMap* tmw) {
     static_assert(CW == 2 || CW == 3, "two or three consumer warpgroups");
-    static_assert(WSG_PF >= 0 && WSG_PF < S, "the producer's arrivals lag less than the ring");
-    static_assert(!(WSG_XT && WSG_PF), "x by TMA needs no producer fence");
     static_assert(WSG_XT >= 0 && WSG_XT <= 128, "one producer thread per pair of a TMA item");
     constexpr int BW = 64 * CW;        // rows of W per item
     constexpr int CB = 64 * BITS / 8;  // code bytes per row and step
@@ -961,22 +945,8 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
                     for (int j = 0; j < XI; j++)
                         cpa16n(xs + st * XS + xd[j], xr[j] + (u64)kt * 128, xn[j]);
                 }
-                if constexpr (WSG_PF > 0) {
-                    // Step q - WSG_PF's copies done, fenced, and its stage released to the
-                    // consumers (the last WSG_PF after the loop).
-                    cp_commit();
-                    cp_wait<WSG_PF>();
-                    fence_async_smem();
-                    if (q >= WSG_PF) mbar_arrive(full((q - WSG_PF) % S));
-                } else {
-                    cp_arrive(full(st));
-                }
+                cp_arrive(full(st));
             }
-        }
-        if constexpr (WSG_PF > 0) {
-            cp_wait<0>();
-            fence_async_smem();
-            for (u32 d = min(q, (u32)WSG_PF); d > 0; d--) mbar_arrive(full((q - d) % S));
         }
         return;
     }
@@ -1026,22 +996,24 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         wg_zero<BT>(acc, a1);
         // Step kt's wgmmas are issued by wg_steps_n, which then (after step kt - 1's have
         // retired) calls `next`: step kt + 1's stage awaited (x written by TMA, the async
-        // proxy that the wgmmas read through: xt; or by cp.async through the generic
-        // proxy, fenced by the producer before its arrival: WSG_PF) and step kt - 1's
-        // released on its `empty` barrier, the arrival's release semantics ordering this
-        // thread's reads of it before the producer's next copies into it. (x by cp.async and
-        // WSG_PF = 0: one consumer fence after the wait serves both directions.)
+        // proxy that the wgmmas read through: xt; or by cp.async through the generic proxy,
+        // then fenced by this thread) and step kt - 1's released on its `empty` barrier, the
+        // arrival's release semantics ordering this thread's reads of it before the
+        // producer's next copies into it. (x by cp.async: the one fence after the wait serves
+        // both directions. Session 64 moved it to the producer, after a cp.async.wait_group
+        // 2 steps back, WSG_PF: slower, 512 tokens 114.3 -> 120.6 µs, 1024 217.1 -> 229.3,
+        // since the producer then waits on its own copies; removed.)
         auto desc = [&] { return d0 + ms * (XS / 16); };
         auto next = [&](u32 kt, u32(&an)[4][4]) {
             const bool more = kt + 1 < KT;
             if (more) mbar_wait(full(ls), lp);
-            if (WSG_PF == 0 && !xt) fence_async_smem();
+            if (!xt) fence_async_smem();
             if (kt > 0) mbar_arrive(empty(mp));
             mp = ms;
             if (more) load_a(kt + 1, an);
         };
         mbar_wait(full(ls), lp);
-        if (WSG_PF == 0 && !xt) fence_async_smem();
+        if (!xt) fence_async_smem();
         load_a(0, a0);
         // WSG_VN: the wgmmas as wide as the item's pairs, rounded up to 16 below 48 and to 8
         // from there (a tile of 512 tokens' top-8 of 64 holds 64 +- 8 pairs: ~15% of the
