@@ -688,6 +688,16 @@ __device__ __forceinline__ void tma_w(u32 dst, const TensorMap* tm, u32 k0, u32 
 #define WSG_XT 8
 #endif
 
+// WSG_FW (experiments): 1 has the persistent gather's x chunks copied by the producer's first
+// two warps only (twice the copies a thread) and lane 0 of its last warp fence them for the
+// consumers: it waits on the stage's `xfull` barrier (the copying threads' cp.async arrivals),
+// runs fence.proxy.async, and arrives on `full`; the consumers then wait without a fence. The
+// fencing thread has no copies of its own in flight (session 64's WSG_PF made the copying
+// threads fence, which waited on their own copies: slower). 0 (default): the consumers fence.
+#ifndef WSG_FW
+#define WSG_FW 0
+#endif
+
 // WS_LANES (experiments): 1 (default) every consumer thread fences its reads of a stage and
 // arrives on its `empty` barrier; 0 lane 0 of each warp after __syncwarp, without the fence.
 #ifndef WS_LANES
@@ -843,7 +853,6 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
                                              const u32* __restrict__ grp, const TensorMap* tmx,
                                              const TensorMap* tmw) {
     static_assert(CW == 2 || CW == 3, "two or three consumer warpgroups");
-    static_assert(WSG_XT >= 0 && WSG_XT <= 128, "one producer thread per pair of a TMA item");
     constexpr int BW = 64 * CW;        // rows of W per item
     constexpr int CB = 64 * BITS / 8;  // code bytes per row and step
     constexpr int SSZ = sizeof(ST), NEED = GROUP < 64 ? 64 / GROUP : 1;
@@ -851,14 +860,16 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     constexpr u32 XS = BT * 128, CS = BW * CB, SB = BW * U * WG_NU;
     constexpr u32 CT = 128 * CW;          // consumer threads
     constexpr u32 PT = 128;               // producer threads
+    constexpr u32 PC = WSG_FW ? 64 : PT;  // of which copy (WSG_FW: the others fence or idle)
     // Registers per thread after setmaxnreg: the launch bound gives every thread 65536 /
     // (CT + PT), rounded down to 8 (168, 128); setmaxnreg.inc waits until the producers'
     // setmaxnreg.dec has released what the consumers take (asking more hangs):
     // 128 (168 - 88) >= 256 (208 - 168), 128 (128 - 48) >= 384 (152 - 128).
     constexpr int PREG = CW == 2 ? 88 : 48, CREG = CW == 2 ? 208 : 152;
-    constexpr int XI = BT * 8 / PT;       // x chunks per producer thread and step
-    constexpr int UI = BW * WG_NU / PT;   // scale units per producer thread and step
-    static_assert(XI * PT == BT * 8 && UI * PT == BW * WG_NU, "copies split over the producer");
+    constexpr int XI = BT * 8 / PC;       // x chunks per copying thread and step
+    constexpr int UI = BW * WG_NU / PC;   // scale units per copying thread and step
+    static_assert(XI * PC == BT * 8 && UI * PC == BW * WG_NU, "copies split over the producer");
+    static_assert(WSG_XT >= 0 && WSG_XT <= PC, "one copying thread per pair of a TMA item");
     extern __shared__ __align__(16) u8 wsm[];
     const u32 raw = (u32)__cvta_generic_to_shared(wsm);
     // The x tiles first, 1024-byte aligned (the swizzle's period), then the codes, the scale
@@ -869,6 +880,14 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     const u32 zs = ot + BT * (BW * sizeof(OT) + 16);  // a zero word (the accumulators' guard)
     auto full = [&](u32 s) { return bars + 8 * s; };
     auto empty = [&](u32 s) { return bars + 8 * (S + s); };
+    // WSG_FW's S `xfull` barriers after the zero word, in the 1 KiB the host adds for the
+    // ring's alignment (an experiment: the block traps where they do not fit).
+    auto xfull = [&](u32 s) { return zs + 16 + 8 * s; };
+    if constexpr (WSG_FW) {
+        u32 dyn;
+        asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+        if (xfull(S) - raw > dyn) __trap();
+    }
 
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 g = lane >> 2, t = lane & 3;
@@ -878,8 +897,10 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     const u64* pairs = (const u64*)(grp + 4 + 4 * (u64)grp[1]);
     const u32 G = K / GROUP, KT = K / 64;
     if (tid < S) {
-        mbar_init(full(tid), PT);                   // one cp.async arrival per producer thread
+        // One cp.async arrival per copying thread (WSG_FW: on xfull; the fencer's on full).
+        mbar_init(full(tid), WSG_FW ? 1 : PC);
         mbar_init(empty(tid), WS_LANES ? CT : CT / 32);  // per consumer thread (warp)
+        if constexpr (WSG_FW) mbar_init(xfull(tid), PC);
     }
     if (tid == 0) *(u32*)(wsm + (zs - raw)) = 0u;
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -892,6 +913,17 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         if (pt == 0) {
             asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmw) : "memory");
             if constexpr (WSG_XT > 0) asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmx) : "memory");
+        }
+        if (WSG_FW && pt >= PC) {
+            // The fencer (lane 0 of the last warp; the warp before it idles): each stage's
+            // cp.async writes, complete on xfull, ordered before the consumers' wgmmas.
+            if (pt != PT - 32) return;
+            for (u32 q = 0, n = (items - blockIdx.x + gridDim.x - 1) / gridDim.x * KT; q < n; q++) {
+                mbar_wait(xfull(q % S), (q / S) & 1);
+                fence_async_smem();
+                mbar_arrive(full(q % S));
+            }
+            return;
         }
         u32 q = 0;  // the block's step count over its items: stage q % S, round q / S
         for (u32 it = blockIdx.x; it < items; it += gridDim.x) {
@@ -911,18 +943,18 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
             for (int j = 0; j < XI; j++) {
                 // Chunk c of tile row r; rows past the tile's last pair zero-filled (their
                 // address clamped to it), as tile_x_rows.
-                const u32 r = (pt >> 3) + j * (PT / 8), c = pt & 7;
+                const u32 r = (pt >> 3) + j * (PC / 8), c = pt & 7;
                 const u32 m = min(r, mc - 1);
                 xr[j] = (const u8*)(x + pairs[2 * (u64)(first + m)]) + c * 16;
                 xd[j] = r * 128 + ((c ^ (r & 7)) << 4);
                 xn[j] = r < mc ? 16 : 0;
             }
-            // Unit u = pt + PT j: row u / 2, scales (u even) or biases; FP: row u's codes.
+            // Unit u = pt + PC j: row u / 2, scales (u even) or biases; FP: row u's codes.
             const ST* sr[UI];
             u32 sd[UI];
 #pragma unroll
             for (int j = 0; j < UI; j++) {
-                const u32 u = pt + PT * j, r = WG_NU == 2 ? u >> 1 : u;
+                const u32 u = pt + PC * j, r = WG_NU == 2 ? u >> 1 : u;
                 const bool b = WG_NU == 2 && (u & 1);
                 sr[j] = (b ? biases : scales) + ex * s_stride + (u64)min(n0 + r, N - 1) * G;
                 sd[j] = (b ? BW * U : 0) + r * U;
@@ -945,7 +977,7 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
                     for (int j = 0; j < XI; j++)
                         cpa16n(xs + st * XS + xd[j], xr[j] + (u64)kt * 128, xn[j]);
                 }
-                cp_arrive(full(st));
+                cp_arrive(WSG_FW ? xfull(st) : full(st));
             }
         }
         return;
@@ -1007,13 +1039,13 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         auto next = [&](u32 kt, u32(&an)[4][4]) {
             const bool more = kt + 1 < KT;
             if (more) mbar_wait(full(ls), lp);
-            if (!xt) fence_async_smem();
+            if (!WSG_FW && !xt) fence_async_smem();
             if (kt > 0) mbar_arrive(empty(mp));
             mp = ms;
             if (more) load_a(kt + 1, an);
         };
         mbar_wait(full(ls), lp);
-        if (!xt) fence_async_smem();
+        if (!WSG_FW && !xt) fence_async_smem();
         load_a(0, a0);
         // WSG_VN: the wgmmas as wide as the item's pairs, rounded up to 16 below 48 and to 8
         // from there (a tile of 512 tokens' top-8 of 64 holds 64 +- 8 pairs: ~15% of the
