@@ -1,10 +1,10 @@
 #!/bin/bash
 # Session 65's third job (after call2.sh, on the warm machine): the gather tests on the tree's
-# kernel (WSG_XT = 8, through MLXQ_CUDA_KERNELS), then memcheck and racecheck where items hold
+# kernel with WSG_XT = 4 (through MLXQ_CUDA_KERNELS), then memcheck and racecheck where items hold
 # ~2 pairs (16 tokens of top-8 of 64: the TMA items) and ~67 (cp.async items).
 source "$(dirname "$0")/../s58/job.sh"
-export MLXQ_CUDA_KERNELS=$PWD/mlxq/src/backend/cuda/kernels
-# The gather tests on the tree's kernel (WSG_XT = 8), then memcheck and racecheck where items
+export MLXQ_CUDA_KERNELS=$PWD/mlxq/src/backend/cuda/kernels MLXQ_CUDA_DEFINES=WSG_XT=4
+# The gather tests, then memcheck and racecheck where items
 # hold ~2 pairs (16 tokens of top-8 of 64: the TMA items) and ~67 (cp.async items).
 B=$PWD/.devrun/cuda_conformance
 P="persistent_gather_on_permuted_x_matches_the_f64_reference gather_qmm_with_device_indices gather_into_captured_in_a_graph_replays_with_new_indices fp_gather_qmm_with_device_indices"

@@ -679,13 +679,14 @@ __device__ __forceinline__ void tma_w(u32 dst, const TensorMap* tm, u32 k0, u32 
 // boxes of 64 values x 1 row, 128-byte swizzled: the swizzle follows the destination's
 // address, so a row lands in its tile row's pattern). Those copies go through the async proxy,
 // as the wgmmas read them, and complete on the stage's `full` barrier, so the consumers wait
-// without the per-step proxy fence (session 64's ncu: 11-16% of their stall samples). Larger
-// items keep x by cp.async (every producer thread 16-byte chunks of the rows, the generic
-// proxy) and the fence: TMA takes ~20 ns a one-row box per SM, so at 80 pairs a step's copies
-// take longer than its wgmmas (session 65, H100, 4-bit top-8 of 64 x 2048², TMA for every item:
-// 16 tokens 95.4 -> 84.9 µs, 128 tokens 107.8 -> 202.5, 512 127.3 -> 336.6).
+// without the per-step proxy fence (session 64's ncu: 11-16% of their stall samples). Other
+// items take x by cp.async (every producer thread 16-byte chunks of the rows, the generic
+// proxy) and the fence. Session 65 (H100, 4-bit top-8 of 64 x 2048², every item by TMA): 16
+// tokens 95.4 -> 84.9 µs, 128 tokens 107.8 -> 202.5, 512 127.3 -> 336.6: a one-row box costs
+// ~20-45 ns per SM, so a step's copies outlast its wgmmas past ~3-4 pairs. 0 (default): never;
+// thresholds not measured yet (tools/s65/call2.sh).
 #ifndef WSG_XT
-#define WSG_XT 8
+#define WSG_XT 0
 #endif
 
 // WSG_FW (experiments): 1 has the persistent gather's x chunks copied by the producer's first
@@ -935,7 +936,7 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
             // the last pair are not copied, and their stale values reach only the
             // accumulators of outputs never stored.
             const u32 nx = min((u32)BT, mc);
-            const bool xt = nx <= (u32)WSG_XT;
+            const bool xt = WSG_XT > 0 && nx <= (u32)WSG_XT;
             const u32 xrow = xt && pt < nx ? (u32)(pairs[2 * (u64)(first + pt)] / K) : 0;
             const u8* xr[XI];
             u32 xd[XI], xn[XI];
@@ -1016,7 +1017,7 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     u64 off = offset_of(first0, mc);
     for (u32 it = blockIdx.x; it < items; it += gridDim.x) {
         const u32 mv = min((u32)BT, mc);
-        const bool xt = mv <= (u32)WSG_XT;  // x by TMA (the producer's choice too)
+        const bool xt = WSG_XT > 0 && mv <= (u32)WSG_XT;  // x by TMA (the producer's choice too)
         const u32 n0 = it % nb * BW;
         // The previous item's epilogue has read the offsets (its last sync).
         if (tid < mv) ooff[tid] = off;
