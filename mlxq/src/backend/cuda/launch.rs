@@ -1716,15 +1716,7 @@ unsafe fn launch_tile(
             other => return Err(Error::dtype(op, "x", "float16 or bfloat16", other)),
         };
         let rows = if t.pers { 1 } else { t.bm as u32 };
-        Some(tensor_map(
-            op,
-            *px,
-            ty,
-            [k, m.max(1)],
-            &[k * 2],
-            [64, rows],
-            true,
-        )?)
+        Some(tensor_map(op, *px, ty, [k, m], &[k * 2], [64, rows], true)?)
     } else {
         None
     };

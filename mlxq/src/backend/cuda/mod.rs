@@ -242,10 +242,10 @@ fn kernel_file_in(
         .ok_or_else(|| Error::unsupported("KernelRegistry", format!("no kernel file {name}")))
 }
 
-/// A module's source after the common header: its files, newline-joined.
+/// A module's whole source: `common.cuh`, then its files, newline-joined.
 fn module_source(files: &[&str]) -> Result<String> {
-    let texts = files
-        .iter()
+    let texts = std::iter::once(&"common.cuh")
+        .chain(files)
         .map(|f| kernel_file(f))
         .collect::<Result<Vec<_>>>()?;
     Ok(texts.join("\n"))
@@ -804,8 +804,7 @@ impl CudaDevice {
         opts: &[String],
         entries: &[&str],
     ) -> Result<Vec<CudaFunction>> {
-        let src = format!("{}\n{source}", kernel_file("common.cuh")?);
-        let cubin = nvrtc::compile(name, &src, opts, self.arch, self.driver_version)?;
+        let cubin = nvrtc::compile(name, source, opts, self.arch, self.driver_version)?;
         let module = self
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
@@ -853,7 +852,8 @@ impl CudaDevice {
     /// disk cache, and loads `entries` from it: a check that kernels build, and that a broken
     /// one reports NVRTC's log.
     pub fn compile_source(&self, name: &str, source: &str, entries: &[&str]) -> Result<()> {
-        self.load(name, source, &["-std=c++17".to_string()], entries)
+        let src = format!("{}\n{source}", kernel_file("common.cuh")?);
+        self.load(name, &src, &["-std=c++17".to_string()], entries)
             .map(drop)
     }
 
@@ -975,11 +975,7 @@ pub fn compile_all_kernels(arch: u32) -> Result<usize> {
             opts.extend((v.defines)(&key));
             nvrtc::compile(
                 &format!("cuda_{key}"),
-                &format!(
-                    "{}\n{}",
-                    kernel_file("common.cuh")?,
-                    module_source(v.source)?
-                ),
+                &module_source(v.source)?,
                 &opts,
                 arch,
                 0,
@@ -1034,23 +1030,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_module_file_is_embedded_and_a_folder_overrides_it() {
+    fn every_module_file_is_embedded_and_a_folder_overrides_it() -> std::io::Result<()> {
         for v in TABLE {
-            let src = module_source(v.source).unwrap();
-            for f in v.source {
-                let (_, text) = FILES.iter().find(|(n, _)| n == f).unwrap();
-                assert!(src.contains(text), "{} lacks {f}", v.name);
+            let src = module_source(v.source);
+            for f in std::iter::once(&"common.cuh").chain(v.source) {
+                let text = FILES.iter().find(|(n, _)| n == f).map(|(_, t)| *t);
+                assert!(
+                    matches!((&src, text), (Ok(s), Some(t)) if s.contains(t)),
+                    "{} lacks {f}",
+                    v.name
+                );
             }
         }
         let dir = std::env::temp_dir().join(format!("mlxq-kernels-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("qmv.cu"), "// replaced").unwrap();
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("qmv.cu"), "// replaced")?;
         let d = Some(dir.as_os_str());
-        assert_eq!(kernel_file_in(d, "qmv.cu").unwrap(), "// replaced");
+        let text = |name| kernel_file_in(d, name).map(|t| t.into_owned()).ok();
+        assert_eq!(text("qmv.cu").as_deref(), Some("// replaced"));
         // Files the folder does not hold stay as embedded; unknown names are errors.
-        assert_eq!(kernel_file_in(d, "quant.cu").unwrap(), FILES[3].1);
-        let err = kernel_file_in(None, "nope.cu").unwrap_err().to_string();
-        assert!(err.contains("nope.cu"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(text("quant.cu").as_deref(), Some(FILES[3].1));
+        let err = kernel_file_in(None, "nope.cu").map(drop);
+        assert!(
+            matches!(&err, Err(e) if e.to_string().contains("nope.cu")),
+            "{err:?}"
+        );
+        std::fs::remove_dir_all(&dir)
     }
 }

@@ -836,11 +836,11 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
 // of their own, past the ring) instead of each block starting from an empty ring.
 // The producer is the whole third warpgroup (128 threads): the pairs' x rows by cp.async, BT
 // x 8 chunks of 16 bytes per step (items of at most WSG_XT pairs: one TMA copy of a row's step
-// per pair); the
-// codes by one TMA copy of thread 0 (the 3-D map over the experts' W); the scale and bias
-// units by cp.async. A stage completes on its `full` mbarrier (the TMA copies' bytes, one
-// cp.async arrival per producer thread). Run 13's grouped qmm_ws_g64 had one producer warp issue all of a step's copies (16
-// x chunks and 8 units per lane), which cost more than the overlap gained. The consumers are
+// per pair); the codes by one TMA copy of thread 0 (the 3-D map over the experts' W); the
+// scale and bias units by cp.async. A stage completes on its `full` mbarrier (the TMA copies'
+// bytes, one cp.async arrival per producer thread). Run 13's grouped qmm_ws_g64 had one
+// producer warp issue all of a step's copies (16 x chunks and 8 units per lane), which cost
+// more than the overlap gained. The consumers are
 // qmm_ws_impl's, with every stage released once (the last of an item after its wgmmas).
 //
 // CW consumer warpgroups (2 or 3), 64 rows of W each: an item is 64 CW rows, and the block
