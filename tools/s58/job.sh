@@ -25,3 +25,21 @@ decode_tests() {
     ( cd mlxq && env "$@" MLXQ_FIXTURES=$PWD/tests/fixtures timeout ${TESTS_S:-200} $B --exact $D > $OUT/tests.log 2>&1; echo "rc=$?" >> $OUT/tests.log )
     grep -hE "test result|rc=|FAIL|panick" $OUT/tests.log
 }
+# The conformance suite's four gather tests (ENV... set for them, TESTS_S seconds at most) into
+# $OUT/gtests-NAME.log, and their result lines tagged NAME.
+gather_tests() {
+    local name=$1; shift
+    local B=$PWD/.devrun/cuda_conformance
+    local P="persistent_gather_on_permuted_x_matches_the_f64_reference gather_qmm_with_device_indices gather_into_captured_in_a_graph_replays_with_new_indices fp_gather_qmm_with_device_indices"
+    ( cd mlxq && env "$@" MLXQ_FIXTURES=$PWD/tests/fixtures timeout ${TESTS_S:-200} $B --exact $P --test-threads=4 > $OUT/gtests-$name.log 2>&1; echo "rc=$?" >> $OUT/gtests-$name.log )
+    grep -hE "^test |test result|rc=|panicked" $OUT/gtests-$name.log | sed "s/^/$name: /"
+}
+# memcheck and racecheck (on the persistent gather's kernels) over one 4-bit gather of the bench
+# with the shape CASE... (`--moe E,N,K --top-k T --tokens M`), and their summary lines.
+sanitize() {
+    local CS; CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    local S="bench --device cuda --op gather --iters 1 --warmup 0 --rotate-mib 1 --max-copies 1 --no-cublas --bits 4"
+    timeout 60 $CS --tool memcheck .devrun/mlxq $S "$@" > $OUT/memcheck.txt 2>&1; echo "rc=$?" >> $OUT/memcheck.txt
+    timeout 75 $CS --tool racecheck --kernel-name kns=qmm_wsp .devrun/mlxq $S "$@" > $OUT/racecheck.txt 2>&1; echo "rc=$?" >> $OUT/racecheck.txt
+    grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|\"ok\":false|rc=" $OUT/memcheck.txt $OUT/racecheck.txt | sed "s/^/$*: /"
+}

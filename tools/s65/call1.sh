@@ -15,18 +15,11 @@ for r in 1 2; do
 done
 summary
 echo "timing done at $(( $(date +%s) - T0 )) s"
-B=$PWD/.devrun/cuda_conformance
-P="persistent_gather_on_permuted_x_matches_the_f64_reference gather_qmm_with_device_indices gather_into_captured_in_a_graph_replays_with_new_indices fp_gather_qmm_with_device_indices"
-for f in default xp0 wsp3; do
-    case $f in default) E=X=1;; xp0) E=MLXQ_GATHER_XP=0;; wsp3) E=MLXQ_TILE_G=wsp3;; esac
-    ( cd mlxq && env $E MLXQ_FIXTURES=$PWD/tests/fixtures timeout 220 $B --exact $P --test-threads=4 > $OUT/gtests-$f.log 2>&1; echo "rc=$?" >> $OUT/gtests-$f.log ) &
-done
+TESTS_S=220
+gather_tests default X=1 &
+gather_tests xp0 MLXQ_GATHER_XP=0 &
+gather_tests wsp3 MLXQ_TILE_G=wsp3 &
 wait
-for f in default xp0 wsp3; do grep -hE "^test |test result|rc=|panicked" $OUT/gtests-$f.log | sed "s/^/$f: /"; done
 echo "tests done at $(( $(date +%s) - T0 )) s"
-CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-S="bench --device cuda --op gather --iters 1 --warmup 0 --rotate-mib 1 --max-copies 1 --no-cublas --bits 4 --moe 6,200,1024 --top-k 4 --tokens 100"
-timeout 60 $CS --tool memcheck .devrun/mlxq $S > $OUT/memcheck.txt 2>&1; echo "rc=$?" >> $OUT/memcheck.txt
-timeout 75 $CS --tool racecheck --kernel-name kns=qmm_wsp .devrun/mlxq $S > $OUT/racecheck.txt 2>&1; echo "rc=$?" >> $OUT/racecheck.txt
-grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|\"ok\":false|rc=" $OUT/memcheck.txt $OUT/racecheck.txt
+sanitize --moe 6,200,1024 --top-k 4 --tokens 100
 echo "all done at $(( $(date +%s) - T0 )) s"

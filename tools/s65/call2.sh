@@ -19,8 +19,5 @@ for r in 1 2; do
     summary
     echo "round $r done at $(( $(date +%s) - T0 )) s"
 done
-B=$PWD/.devrun/cuda_conformance
-P="persistent_gather_on_permuted_x_matches_the_f64_reference gather_qmm_with_device_indices gather_into_captured_in_a_graph_replays_with_new_indices fp_gather_qmm_with_device_indices"
-( cd mlxq && MLXQ_CUDA_DEFINES=WSG_XT=4 MLXQ_FIXTURES=$PWD/tests/fixtures timeout 200 $B --exact $P --test-threads=4 > $OUT/gtests.log 2>&1; echo "rc=$?" >> $OUT/gtests.log )
-grep -hE "^test |test result|rc=|panicked" $OUT/gtests.log
+gather_tests xt4 MLXQ_CUDA_DEFINES=WSG_XT=4
 echo "all done at $(( $(date +%s) - T0 )) s"
