@@ -1351,10 +1351,12 @@ const FP_MODES: [QuantMode; 3] = [QuantMode::Mxfp4, QuantMode::Mxfp8, QuantMode:
 /// of K permuted, the GEMM dequantises codes in that order): 128 tokens x top-4 of 8 experts,
 /// routed uniformly (64 pairs per expert on average, the 80-pair tile, some experts over 80)
 /// or with pair counts from 5 to 185, so that the items' wgmmas take every width (16 to 80
-/// tokens, `WSG_VN`); every group size, bf16 and f16 x and scales, N not a multiple of the
-/// 128- or 192-row item, K of 4 to 12 steps of 64 (each row's scales whole 4-byte units, as
-/// the tiles need); against the f64 reference, outputs poisoned. Elsewhere the same calls run
-/// the other kernels and are checked the same way.
+/// tokens, `WSG_VN`); and 16 tokens x top-4 with 1 to 24 pairs per expert (8 on average:
+/// `qmm_wspt_g80`, whose items of at most 4 pairs take x by TMA, the others by cp.async).
+/// Every group size, bf16 and f16 x and scales, N not a multiple of the 128- or 192-row item,
+/// K of 4 to 12 steps of 64 (each row's scales whole 4-byte units, as the tiles need); against
+/// the f64 reference, outputs poisoned. Elsewhere the same calls run the other kernels and are
+/// checked the same way.
 #[test]
 fn persistent_gather_on_permuted_x_matches_the_f64_reference() {
     let Some(dev) = gpu() else { return };
@@ -1362,12 +1364,12 @@ fn persistent_gather_on_permuted_x_matches_the_f64_reference() {
     let mut enc = dev.encoder();
     let mut cenc = Device::cpu().encoder();
     let mut rng = StdRng::seed_from_u64(62);
-    let (experts, tokens, top) = (8, 128, 4);
-    // `MLXQ_TILE_G=wsp3` runs the form with three consumer warpgroups instead.
-    let form = if std::env::var("MLXQ_TILE_G").as_deref() == Ok("wsp3") {
-        "qmm_wsp3_g80"
-    } else {
-        "qmm_wsp_g80"
+    let (experts, top) = (8, 4);
+    // `MLXQ_TILE_G=wsp3` (or `wspt`) runs that form for every routing instead.
+    let forced = match std::env::var("MLXQ_TILE_G").as_deref() {
+        Ok("wsp3") => Some("qmm_wsp3_g80"),
+        Ok("wspt") => Some("qmm_wspt_g80"),
+        _ => None,
     };
     let mut failures = Vec::new();
     let cases = [
@@ -1376,47 +1378,57 @@ fn persistent_gather_on_permuted_x_matches_the_f64_reference() {
         (128, DType::BF16, 72, 768),
         (64, DType::F16, 256, 512),
     ];
+    let mut checked = 0;
     for (g, dt, n, k) in cases {
         let spec = QuantSpec::affine(4, g).unwrap();
         let w = Buffer::from_f32(&randn(&mut rng, experts * n * k), dt, &[experts, n, k]).unwrap();
         let qw = ops::quantize(&mut cenc, &w, spec, Flavour::Gpu).unwrap();
         let wd = dequantize_f64(&qw).unwrap();
-        let x = Buffer::from_f32(&randn(&mut rng, tokens * k), dt, &[tokens, 1, 1, k]).unwrap();
-        // Uniform routing for groups 64 (experts of 64 +- 8 pairs), or pair counts that give
-        // the persistent form's items every wgmma width (16 to 80 tokens, and 185: 80 + 80 + 25).
-        let idx: Vec<u32> = if g == 64 {
-            (0..tokens * top)
-                .map(|_| rng.gen_range(0..experts as u32))
-                .collect()
-        } else {
-            let counts = [5, 20, 40, 52, 60, 70, 80, 185];
-            let mut v: Vec<u32> = (0..experts as u32)
-                .flat_map(|e| std::iter::repeat_n(e, counts[e as usize]))
-                .collect();
-            v.shuffle(&mut rng);
-            v
-        };
-        let rhs = Buffer::from_slice(&idx, &[tokens, top]).unwrap();
-        let mut y = poisoned_on(&dev, dt, &[tokens, top, 1, n]);
         let qg = weight_to(&qw, &dev);
-        let (xd, rd) = (up(&x, &dev), up(&rhs, &dev));
-        ops::gather_qmm_into(&mut enc, &xd, &qg, None, Some(&rd), true, false, &mut y).unwrap();
-        enc.commit_and_wait().unwrap();
-        let ran = enc.last_kernel().unwrap_or("").to_string();
-        let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
-        let v = down(&y).to_f32_vec().unwrap();
-        let (got, want) =
-            pairs_and_reference(&v, &xf, &wd, &idx, top, (n, k), true, usize::MAX).unwrap();
-        let ctx = format!("g{g} {dt} N={n} K={k} ({ran})");
-        let err = max_rel_err(&got, &want);
-        if got.iter().any(|y| !y.is_finite()) || err > tolerance(dt) {
-            failures.push(format!("{ctx}: error {err:e}"));
-        }
-        if wg && ran != form {
-            failures.push(format!("{ctx}: ran {ran}, not {form}"));
+        // Uniform routing for groups 64 (experts of 64 +- 8 pairs), or pair counts that give
+        // the persistent form's items every wgmma width (16 to 80 tokens, and 185: 80 + 80 +
+        // 25); then few pairs per expert, items of 1 to 4 pairs among them.
+        let counts: [&[usize]; 2] = [
+            &[5, 20, 40, 52, 60, 70, 80, 185],
+            &[1, 2, 3, 4, 5, 9, 16, 24],
+        ];
+        for (few, counts) in [(false, counts[0]), (true, counts[1])] {
+            let tokens = counts.iter().sum::<usize>() / top;
+            let idx: Vec<u32> = if g == 64 && !few {
+                (0..tokens * top)
+                    .map(|_| rng.gen_range(0..experts as u32))
+                    .collect()
+            } else {
+                let mut v: Vec<u32> = (0..experts as u32)
+                    .flat_map(|e| std::iter::repeat_n(e, counts[e as usize]))
+                    .collect();
+                v.shuffle(&mut rng);
+                v
+            };
+            let x = Buffer::from_f32(&randn(&mut rng, tokens * k), dt, &[tokens, 1, 1, k]).unwrap();
+            let rhs = Buffer::from_slice(&idx, &[tokens, top]).unwrap();
+            let mut y = poisoned_on(&dev, dt, &[tokens, top, 1, n]);
+            let (xd, rd) = (up(&x, &dev), up(&rhs, &dev));
+            ops::gather_qmm_into(&mut enc, &xd, &qg, None, Some(&rd), true, false, &mut y).unwrap();
+            enc.commit_and_wait().unwrap();
+            let ran = enc.last_kernel().unwrap_or("").to_string();
+            let xf: Vec<f64> = x.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
+            let v = down(&y).to_f32_vec().unwrap();
+            let (got, want) =
+                pairs_and_reference(&v, &xf, &wd, &idx, top, (n, k), true, usize::MAX).unwrap();
+            let ctx = format!("g{g} {dt} N={n} K={k} {tokens} tokens ({ran})");
+            checked += 1;
+            let err = max_rel_err(&got, &want);
+            if got.iter().any(|y| !y.is_finite()) || err > tolerance(dt) {
+                failures.push(format!("{ctx}: error {err:e}"));
+            }
+            let form = forced.unwrap_or(if few { "qmm_wspt_g80" } else { "qmm_wsp_g80" });
+            if wg && ran != form {
+                failures.push(format!("{ctx}: ran {ran}, not {form}"));
+            }
         }
     }
-    assert_none("the persistent gather on permuted x", cases.len(), failures);
+    assert_none("the persistent gather on permuted x", checked, failures);
 }
 
 fn fp_spec(mode: QuantMode) -> QuantSpec {

@@ -500,11 +500,13 @@ pub(crate) fn qmm(
     // 332 µs against 406 for qmm_tc_g8 in run 4). MLXQ_TILE_G=g|g6 forces the mma.sync tile
     // (4 or 6 stages), =wg the wgmma tile, =off restores qmm_tc_g8, =wg128 and =wg80 the
     // wgmma tiles of 128 and 80 pairs, =ws the 80-pair tile's persistent warp-specialised form,
-    // =wsp that form on permuted x and =wsp3 the latter with three consumer warpgroups.
+    // =wsp that form on permuted x, =wspt the latter taking x by TMA for items of few pairs
+    // and =wsp3 it with three consumer warpgroups.
     // By default `gather_tile` picks the width from the pairs per expert (session 18, 512
     // tokens of top-8 of 64: the 80-pair tile, 4-bit 204 -> 149 µs, 8-bit 261 -> 219 µs:
     // docs/perf-cuda.md run 18), and `gather_ws` its persistent form where that fits
-    // (session 61; MLXQ_GATHER_WS=0 keeps the wgmma tile).
+    // (session 61; MLXQ_GATHER_WS=0 keeps the wgmma tile; MLXQ_GATHER_TX=0 keeps the
+    // permuted form's cp.async of x at few pairs per expert).
     let fits = |t: &&Tile| tile_fits(&dev, t, kdim, spec, w.scales_dtype(), [ps, pb, po]);
     let tile = match knob("MLXQ_TILE_G") {
         _ if !tile_gather => None,
@@ -515,11 +517,14 @@ pub(crate) fn qmm(
         Some("ws") => Some(&TILES[14]),
         Some("wsp") => Some(&TILES[20]),
         Some("wsp3") => Some(&TILES[21]),
+        Some("wspt") => Some(&TILES[22]),
         Some("wg128") => Some(&TILES[15]),
         Some("wg80") => Some(&TILES[16]),
         _ => {
             let i = gather_tile(entries, w_count, spec.bits());
-            gather_ws(spec.bits(), !fp, knob("MLXQ_GATHER_XP") != Some("0"))
+            let xp = knob("MLXQ_GATHER_XP") != Some("0");
+            let tx = (knob("MLXQ_GATHER_TX") != Some("0")).then_some(entries);
+            gather_ws(spec.bits(), !fp, xp, tx, w_count)
                 .filter(|_| knob("MLXQ_GATHER_WS") != Some("0"))
                 .map(|j| &TILES[j])
                 .filter(fits)
@@ -1375,8 +1380,9 @@ struct Tile {
 /// threads); then the grouped wgmma tiles of 128 and 80 pairs (`gather_tile` picks among _g64,
 /// _g80 and _g128), the transposed `qmm_wgn_*`, and the persistent grouped qmm_wsp_g80 on x
 /// permuted by the sort (affine 4-bit), and its form with three consumer warpgroups (192 rows
-/// an item, 512 threads: `qmm_wsp3_g80`).
-const TILES: [Tile; 22] = [
+/// an item, 512 threads: `qmm_wsp3_g80`), and `qmm_wsp_g80`'s form that takes x by TMA for
+/// items of at most 4 pairs (`qmm_wspt_g80`).
+const TILES: [Tile; 23] = [
     tile("qmm_tile_l", 256, 128, 256, 4),
     tile("qmm_tile_m", 128, 128, 512, 4),
     tile("qmm_tile_g", 64, 128, 256, 4),
@@ -1407,6 +1413,10 @@ const TILES: [Tile; 22] = [
         threads: 512,
         ..wsg_tile("qmm_wsp3_g80", 80, 10)
     },
+    Tile {
+        xperm: true,
+        ..wsg_tile("qmm_wspt_g80", 80, 10)
+    },
 ];
 
 /// The persistent grouped form ([`Tile::pers`]) that serves a sorted gather of `bits`-wide
@@ -1419,9 +1429,25 @@ const TILES: [Tile; 22] = [
 /// likely because the wgmma tile runs 16 warps per SM in two blocks against this form's 8
 /// consumer warps, not measured), and the FP modes do not gain (512 tokens: mxfp4 146.3 →
 /// 159.6, nvfp4 176.3 → 173.6).
-fn gather_ws(bits: u32, affine: bool, xperm: bool) -> Option<usize> {
-    (bits == 4 && affine).then_some(if xperm { 20 } else { 14 })
+///
+/// With `tx` = Some(pairs) over `experts`, at most [`TX_PAIRS`] pairs per expert on average
+/// take `qmm_wspt_g80`, which copies x by TMA for items of at most 4 pairs and skips the
+/// consumers' proxy fence there. Session 66 (same shapes, graph µs, against `qmm_wsp_g80`): 16
+/// tokens (2 pairs per expert) 95.0 → 84.7, 32 106.1 → 97.4, 64 104.9 → 102.1, 128 (16 per
+/// expert) 107.5 → 105.8, but 512 (64 per expert) 113.8 → 116.1, where almost no item is that
+/// small and the second path costs.
+fn gather_ws(bits: u32, affine: bool, xperm: bool, tx: Option<u64>, experts: u64) -> Option<usize> {
+    let few = tx.is_some_and(|pairs| pairs <= TX_PAIRS.saturating_mul(experts));
+    (bits == 4 && affine).then_some(match (xperm, few) {
+        (false, _) => 14,
+        (true, false) => 20,
+        (true, true) => 22,
+    })
 }
+
+/// The most pairs per expert on average for which [`gather_ws`] takes `qmm_wspt_g80`
+/// (measured: it gains at 2 to 16, loses at 64; 32 not measured).
+const TX_PAIRS: u64 = 16;
 
 /// 128-byte chunks of x that each extra block of `gather_count` permutes for `qmm_wsp_g80`
 /// (`XPB` in qmm_tc.cu): 64 of its 1024 threads, so that 2 MB of x (512 tokens, K = 2048)
@@ -2129,10 +2155,11 @@ fn qmvn_shape(mt: u32, bits: u64) -> (u64, u64) {
 }
 
 /// The experiment switches [`knob`] reads.
-const KNOBS: [&str; 32] = [
+const KNOBS: [&str; 33] = [
     "MLXQ_GATHER_SORT_OFF",
     "MLXQ_GATHER_WS",
     "MLXQ_GATHER_XP",
+    "MLXQ_GATHER_TX",
     "MLXQ_TILE_G",
     "MLXQ_DEC_OFF",
     "MLXQ_DEC_RING",
@@ -2572,22 +2599,33 @@ mod tests {
     fn the_persistent_gather_tiles_have_their_wgmma_tiles_widths_and_fit() -> crate::Result<()> {
         use super::gather_ws;
         use crate::{DType, QuantSpec};
-        assert_eq!(
-            gather_ws(4, true, false).map(|j| TILES[j].entry),
-            Some("qmm_ws_g80")
-        );
-        assert_eq!(
-            gather_ws(4, true, true).map(|j| (TILES[j].entry, TILES[j].xperm)),
-            Some(("qmm_wsp_g80", true))
-        );
+        let entry = |xp, tx, experts| gather_ws(4, true, xp, tx, experts).map(|j| TILES[j].entry);
+        // Top-8 of 64 experts: x by TMA for small items up to 128 tokens (16 pairs per expert).
+        for (xp, tx, want) in [
+            (false, None, "qmm_ws_g80"),
+            (false, Some(16), "qmm_ws_g80"),
+            (true, None, "qmm_wsp_g80"),
+            (true, Some(16), "qmm_wspt_g80"),
+            (true, Some(1024), "qmm_wspt_g80"),
+            (true, Some(1025), "qmm_wsp_g80"),
+            (true, Some(4096), "qmm_wsp_g80"),
+            (true, Some(u64::MAX), "qmm_wsp_g80"),
+        ] {
+            assert_eq!(entry(xp, tx, 64), Some(want), "xp {xp} pairs {tx:?}");
+        }
+        // No experts: no average, no TMA form (and no overflow).
+        assert_eq!(entry(true, Some(1), 0), Some("qmm_wsp_g80"));
+        assert_eq!(entry(true, Some(1), u64::MAX), Some("qmm_wspt_g80"));
         // Where measured slower (8-bit) or not measured (the FP modes).
         for xp in [false, true] {
-            assert_eq!(gather_ws(8, true, xp), None);
-            assert_eq!(gather_ws(4, false, xp), None);
+            for tx in [None, Some(1)] {
+                assert_eq!(gather_ws(8, true, xp, tx, 64), None);
+                assert_eq!(gather_ws(4, false, xp, tx, 64), None);
+            }
         }
-        for j in [false, true]
+        for j in [(false, None), (true, None), (true, Some(1))]
             .into_iter()
-            .filter_map(|xp| gather_ws(4, true, xp))
+            .filter_map(|(xp, tx)| gather_ws(4, true, xp, tx, 64))
         {
             // The 80-pair wgmma tile's shape, whichever grouped tile `gather_tile` picked.
             let (wg, ws) = (&TILES[16], &TILES[j]);

@@ -308,6 +308,7 @@ macro_rules! with_wg_tiles {
             "qmm_ws_g80",
             "qmm_wsp_g80",
             "qmm_wsp3_g80",
+            "qmm_wspt_g80",
             "qmm_wg_g128",
             "qmm_wg_g80",
         ]

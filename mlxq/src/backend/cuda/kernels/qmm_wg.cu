@@ -674,31 +674,6 @@ __device__ __forceinline__ void tma_w(u32 dst, const TensorMap* tm, u32 k0, u32 
 #define WSG_VN 1
 #endif
 
-// WSG_XT (experiments): the persistent gather's items of at most WSG_XT pairs take their x
-// rows by TMA, one copy of a row's 128 bytes of a step per pair (a 2-D map over x's rows in
-// boxes of 64 values x 1 row, 128-byte swizzled: the swizzle follows the destination's
-// address, so a row lands in its tile row's pattern). Those copies go through the async proxy,
-// as the wgmmas read them, and complete on the stage's `full` barrier, so the consumers wait
-// without the per-step proxy fence (session 64's ncu: 11-16% of their stall samples). Other
-// items take x by cp.async (every producer thread 16-byte chunks of the rows, the generic
-// proxy) and the fence. Session 65 (H100, 4-bit top-8 of 64 x 2048², every item by TMA): 16
-// tokens 95.4 -> 84.9 µs, 128 tokens 107.8 -> 202.5, 512 127.3 -> 336.6: a one-row box costs
-// ~20-45 ns per SM, so a step's copies outlast its wgmmas past ~3-4 pairs. 0 (default): never;
-// thresholds not measured yet (tools/s65/call2.sh).
-#ifndef WSG_XT
-#define WSG_XT 0
-#endif
-
-// WSG_FW (experiments): 1 has the persistent gather's x chunks copied by the producer's first
-// two warps only (twice the copies a thread) and lane 0 of its last warp fence them for the
-// consumers: it waits on the stage's `xfull` barrier (the copying threads' cp.async arrivals),
-// runs fence.proxy.async, and arrives on `full`; the consumers then wait without a fence. The
-// fencing thread has no copies of its own in flight (session 64's WSG_PF made the copying
-// threads fence, which waited on their own copies: slower). 0 (default): the consumers fence.
-#ifndef WSG_FW
-#define WSG_FW 0
-#endif
-
 // WS_LANES (experiments): 1 (default) every consumer thread fences its reads of a stage and
 // arrives on its `empty` barrier; 0 lane 0 of each warp after __syncwarp, without the fence.
 #ifndef WS_LANES
@@ -835,8 +810,8 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
 // the next item's first stages while the consumers store the last one's outputs (from a tile
 // of their own, past the ring) instead of each block starting from an empty ring.
 // The producer is the whole third warpgroup (128 threads): the pairs' x rows by cp.async, BT
-// x 8 chunks of 16 bytes per step (items of at most WSG_XT pairs: one TMA copy of a row's step
-// per pair); the codes by one TMA copy of thread 0 (the 3-D map over the experts' W); the
+// x 8 chunks of 16 bytes per step (items of at most TX pairs: one TMA copy of a row's step
+// per pair, below); the codes by one TMA copy of thread 0 (the 3-D map over the experts' W); the
 // scale and bias units by cp.async. A stage completes on its `full` mbarrier (the TMA copies'
 // bytes, one cp.async arrival per producer thread). Run 13's grouped qmm_ws_g64 had one
 // producer warp issue all of a step's copies (16 x chunks and 8 units per lane), which cost
@@ -846,7 +821,22 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
 // CW consumer warpgroups (2 or 3), 64 rows of W each: an item is 64 CW rows, and the block
 // 128 (CW + 1) threads. Three (`qmm_wsp3_g80`) put three consumer warps on each scheduler
 // instead of two, to hide the dequantisation's latencies, and read x once per 192 rows.
-template <int BT, int S, bool XP, int CW = 2>
+//
+// TX: items of at most TX pairs take their x rows by TMA, one copy of a row's 128 bytes of a
+// step per pair (a 2-D map over x's rows in boxes of 64 values x 1 row, 128-byte swizzled: the
+// swizzle follows the destination's address, so a row lands in its tile row's pattern). Those
+// copies go through the async proxy, as the wgmmas read them, and complete on the stage's
+// `full` barrier, so the consumers wait without the per-step proxy fence (session 64's ncu:
+// 11-16% of their stall samples at 512 tokens). Other items take x by cp.async (the generic
+// proxy) and the fence. A one-row box costs ~20-45 ns per SM, so a step's copies outlast its
+// wgmmas past ~3-4 pairs (session 65, every item by TMA: 16 tokens 95.4 -> 84.9 µs, 512 127.3
+// -> 336.6). Session 66 (H100, 4-bit top-8 of 64 x 2048², graph µs), TX = 0 / 2 / 4 / 8: 16
+// tokens 95.0 / 86.3 / 84.7 / 86.6, 32 106.1 / 100.9 / 97.4 / 106.7, 64 104.9 / 102.4 / 102.1
+// / 116.5, 128 107.5 / 105.7 / 105.8 / 107.5, 512 113.8 / 115.8 / 116.1 / 116.2: launch.rs
+// takes `qmm_wspt_g80` (TX = 4) up to 16 pairs per expert on average, TX = 0 above.
+// (Session 65's WSG_FW, a producer lane that waited on the cp.async arrivals, fenced once and
+// arrived on `full` for the consumers: 512 tokens 113.8 -> 123.7 µs, 16-128 level; removed.)
+template <int BT, int S, bool XP, int CW = 2, int TX = 0>
 __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
                                              const ST* __restrict__ scales,
                                              const ST* __restrict__ biases, OT* __restrict__ out,
@@ -861,16 +851,15 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     constexpr u32 XS = BT * 128, CS = BW * CB, SB = BW * U * WG_NU;
     constexpr u32 CT = 128 * CW;          // consumer threads
     constexpr u32 PT = 128;               // producer threads
-    constexpr u32 PC = WSG_FW ? 64 : PT;  // of which copy (WSG_FW: the others fence or idle)
     // Registers per thread after setmaxnreg: the launch bound gives every thread 65536 /
     // (CT + PT), rounded down to 8 (168, 128); setmaxnreg.inc waits until the producers'
     // setmaxnreg.dec has released what the consumers take (asking more hangs):
     // 128 (168 - 88) >= 256 (208 - 168), 128 (128 - 48) >= 384 (152 - 128).
     constexpr int PREG = CW == 2 ? 88 : 48, CREG = CW == 2 ? 208 : 152;
-    constexpr int XI = BT * 8 / PC;       // x chunks per copying thread and step
-    constexpr int UI = BW * WG_NU / PC;   // scale units per copying thread and step
-    static_assert(XI * PC == BT * 8 && UI * PC == BW * WG_NU, "copies split over the producer");
-    static_assert(WSG_XT >= 0 && WSG_XT <= PC, "one copying thread per pair of a TMA item");
+    constexpr int XI = BT * 8 / PT;       // x chunks per producer thread and step
+    constexpr int UI = BW * WG_NU / PT;   // scale units per producer thread and step
+    static_assert(XI * PT == BT * 8 && UI * PT == BW * WG_NU, "copies split over the producer");
+    static_assert(TX >= 0 && TX <= (int)PT, "one producer thread per pair of a TMA item");
     extern __shared__ __align__(16) u8 wsm[];
     const u32 raw = (u32)__cvta_generic_to_shared(wsm);
     // The x tiles first, 1024-byte aligned (the swizzle's period), then the codes, the scale
@@ -881,14 +870,6 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     const u32 zs = ot + BT * (BW * sizeof(OT) + 16);  // a zero word (the accumulators' guard)
     auto full = [&](u32 s) { return bars + 8 * s; };
     auto empty = [&](u32 s) { return bars + 8 * (S + s); };
-    // WSG_FW's S `xfull` barriers after the zero word, in the 1 KiB the host adds for the
-    // ring's alignment (an experiment: the block traps where they do not fit).
-    auto xfull = [&](u32 s) { return zs + 16 + 8 * s; };
-    if constexpr (WSG_FW) {
-        u32 dyn;
-        asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-        if (xfull(S) - raw > dyn) __trap();
-    }
 
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 g = lane >> 2, t = lane & 3;
@@ -898,10 +879,9 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     const u64* pairs = (const u64*)(grp + 4 + 4 * (u64)grp[1]);
     const u32 G = K / GROUP, KT = K / 64;
     if (tid < S) {
-        // One cp.async arrival per copying thread (WSG_FW: on xfull; the fencer's on full).
-        mbar_init(full(tid), WSG_FW ? 1 : PC);
+        // One cp.async arrival per producer thread.
+        mbar_init(full(tid), PT);
         mbar_init(empty(tid), WS_LANES ? CT : CT / 32);  // per consumer thread (warp)
-        if constexpr (WSG_FW) mbar_init(xfull(tid), PC);
     }
     if (tid == 0) *(u32*)(wsm + (zs - raw)) = 0u;
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -913,30 +893,19 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         const u32 pt = tid - CT;
         if (pt == 0) {
             asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmw) : "memory");
-            if constexpr (WSG_XT > 0) asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmx) : "memory");
-        }
-        if (WSG_FW && pt >= PC) {
-            // The fencer (lane 0 of the last warp; the warp before it idles): each stage's
-            // cp.async writes, complete on xfull, ordered before the consumers' wgmmas.
-            if (pt != PT - 32) return;
-            for (u32 q = 0, n = (items - blockIdx.x + gridDim.x - 1) / gridDim.x * KT; q < n; q++) {
-                mbar_wait(xfull(q % S), (q / S) & 1);
-                fence_async_smem();
-                mbar_arrive(full(q % S));
-            }
-            return;
+            if constexpr (TX > 0) asm volatile("prefetch.tensormap [%0];" ::"l"((u64)tmx) : "memory");
         }
         u32 q = 0;  // the block's step count over its items: stage q % S, round q / S
         for (u32 it = blockIdx.x; it < items; it += gridDim.x) {
             const u32* tl = grp + 4 + 4 * (it / nb);  // expert, first pair, pairs
             const u32 ex = tl[0], first = tl[1], mc = tl[2];
             const u32 n0 = it % nb * BW;
-            // An item of at most WSG_XT pairs (xt): thread pt < its pairs copies pair pt's
+            // An item of at most TX pairs (xt): thread pt < its pairs copies pair pt's
             // row of x by TMA (the pair's offset is the row times K: gather_place); rows past
             // the last pair are not copied, and their stale values reach only the
             // accumulators of outputs never stored.
             const u32 nx = min((u32)BT, mc);
-            const bool xt = WSG_XT > 0 && nx <= (u32)WSG_XT;
+            const bool xt = TX > 0 && nx <= (u32)TX;
             const u32 xrow = xt && pt < nx ? (u32)(pairs[2 * (u64)(first + pt)] / K) : 0;
             const u8* xr[XI];
             u32 xd[XI], xn[XI];
@@ -944,18 +913,18 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
             for (int j = 0; j < XI; j++) {
                 // Chunk c of tile row r; rows past the tile's last pair zero-filled (their
                 // address clamped to it), as tile_x_rows.
-                const u32 r = (pt >> 3) + j * (PC / 8), c = pt & 7;
+                const u32 r = (pt >> 3) + j * (PT / 8), c = pt & 7;
                 const u32 m = min(r, mc - 1);
                 xr[j] = (const u8*)(x + pairs[2 * (u64)(first + m)]) + c * 16;
                 xd[j] = r * 128 + ((c ^ (r & 7)) << 4);
                 xn[j] = r < mc ? 16 : 0;
             }
-            // Unit u = pt + PC j: row u / 2, scales (u even) or biases; FP: row u's codes.
+            // Unit u = pt + PT j: row u / 2, scales (u even) or biases; FP: row u's codes.
             const ST* sr[UI];
             u32 sd[UI];
 #pragma unroll
             for (int j = 0; j < UI; j++) {
-                const u32 u = pt + PC * j, r = WG_NU == 2 ? u >> 1 : u;
+                const u32 u = pt + PT * j, r = WG_NU == 2 ? u >> 1 : u;
                 const bool b = WG_NU == 2 && (u & 1);
                 sr[j] = (b ? biases : scales) + ex * s_stride + (u64)min(n0 + r, N - 1) * G;
                 sd[j] = (b ? BW * U : 0) + r * U;
@@ -978,7 +947,7 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
                     for (int j = 0; j < XI; j++)
                         cpa16n(xs + st * XS + xd[j], xr[j] + (u64)kt * 128, xn[j]);
                 }
-                cp_arrive(WSG_FW ? xfull(st) : full(st));
+                cp_arrive(full(st));
             }
         }
         return;
@@ -1017,7 +986,7 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     u64 off = offset_of(first0, mc);
     for (u32 it = blockIdx.x; it < items; it += gridDim.x) {
         const u32 mv = min((u32)BT, mc);
-        const bool xt = WSG_XT > 0 && mv <= (u32)WSG_XT;  // x by TMA (the producer's choice too)
+        const bool xt = TX > 0 && mv <= (u32)TX;  // x by TMA (the producer's choice too)
         const u32 n0 = it % nb * BW;
         // The previous item's epilogue has read the offsets (its last sync).
         if (tid < mv) ooff[tid] = off;
@@ -1040,13 +1009,13 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         auto next = [&](u32 kt, u32(&an)[4][4]) {
             const bool more = kt + 1 < KT;
             if (more) mbar_wait(full(ls), lp);
-            if (!WSG_FW && !xt) fence_async_smem();
+            if (!xt) fence_async_smem();
             if (kt > 0) mbar_arrive(empty(mp));
             mp = ms;
             if (more) load_a(kt + 1, an);
         };
         mbar_wait(full(ls), lp);
-        if (!WSG_FW && !xt) fence_async_smem();
+        if (!xt) fence_async_smem();
         load_a(0, a0);
         // WSG_VN: the wgmmas as wide as the item's pairs, rounded up to 16 below 48 and to 8
         // from there (a tile of 512 tokens' top-8 of 64 holds 64 +- 8 pairs: ~15% of the
@@ -1124,12 +1093,12 @@ QMM_WG(qmm_wg_g80, 80, 4, true)
     QMM_WSX(NAME, 384, (qmm_ws_impl<BT, S>(x, w, scales, biases, out, M, N, K, w_stride,      \
                                            s_stride, grp, partial, kseg, &tmx, &tmw)))
 // The grouped entries read neither w (the codes' map spans the experts), M, the W stride,
-// partial nor kseg, and x's map is over x's rows in boxes of one row (WSG_XT): the signature
+// partial nor kseg, and x's map is over x's rows in boxes of one row (TX): the signature
 // is the dense entries', so that one launcher serves.
-#define QMM_WSG(NAME, BT, S, XP, CW)                                                           \
+#define QMM_WSG(NAME, BT, S, XP, CW, TX)                                                       \
     QMM_WSX(NAME, 128 * (CW + 1),                                                              \
-            (qmm_wsg_impl<BT, S, XP, CW>(x, scales, biases, out, N, K, s_stride, grp, &tmx,   \
-                                         &tmw)))
+            (qmm_wsg_impl<BT, S, XP, CW, TX>(x, scales, biases, out, N, K, s_stride, grp,     \
+                                             &tmx, &tmw)))
 #else
 #define QMM_WSX(NAME, THREADS, BODY)                                                           \
     extern "C" __global__ void NAME(const XT*, const u32*, const ST*, const ST*, OT*, u32, u32, \
@@ -1137,7 +1106,7 @@ QMM_WG(qmm_wg_g80, 80, 4, true)
                                     const __grid_constant__ TensorMap,                         \
                                     const __grid_constant__ TensorMap) {}
 #define QMM_WS(NAME, BT, S) QMM_WSX(NAME, 384, )
-#define QMM_WSG(NAME, BT, S, XP, CW) QMM_WSX(NAME, 128 * (CW + 1), )
+#define QMM_WSG(NAME, BT, S, XP, CW, TX) QMM_WSX(NAME, 128 * (CW + 1), )
 #endif
 #ifndef QMM_WS_CONFIGS
 QMM_WS(qmm_ws_256, 256, 4)
@@ -1146,13 +1115,16 @@ QMM_WS(qmm_ws_128, 128, 6)
 QMM_WS(qmm_ws_64, 64, 6)
 // The grouped gather: 80 pairs on 10 stages (4-bit: 15 KB each), the output tile beside the
 // ring; and (affine 4-bit) its forms on x permuted by gather_count (XP: wg_dequant_xp), with
-// two consumer warpgroups (128 rows an item) or three (192 rows).
-QMM_WSG(qmm_ws_g80, 80, 10, false, 2)
+// two consumer warpgroups (128 rows an item) or three (192 rows); `qmm_wspt_g80` takes x by
+// TMA for items of at most 4 pairs (TX, for few pairs per expert).
+QMM_WSG(qmm_ws_g80, 80, 10, false, 2, 0)
 #if BITS == 4 && !FPM
-QMM_WSG(qmm_wsp_g80, 80, 10, true, 2)
-QMM_WSG(qmm_wsp3_g80, 80, 10, true, 3)
+QMM_WSG(qmm_wsp_g80, 80, 10, true, 2, 0)
+QMM_WSG(qmm_wspt_g80, 80, 10, true, 2, 4)
+QMM_WSG(qmm_wsp3_g80, 80, 10, true, 3, 0)
 #else
 QMM_WSX(qmm_wsp_g80, 384, )
+QMM_WSX(qmm_wspt_g80, 384, )
 QMM_WSX(qmm_wsp3_g80, 512, )
 #endif
 #endif
