@@ -1,16 +1,20 @@
 #!/bin/bash
 # Session 66's first job, on main's build with `qmm_wspt_g80` (the persistent gather on
 # permuted x taking x by TMA for items of at most 4 pairs), which launch.rs picks up to 16
-# pairs per expert on average: 4-bit top-8 of 64 x 2048², graph µs, two rounds, at 16 to 512
-# tokens, the default route (`auto`) against MLXQ_GATHER_TX=0 (`tx0`: `qmm_wsp_g80`) and the
-# new form forced at every count (`wspt`: 256 tokens, 32 pairs per expert, not measured
-# before). Then the four gather tests on the default route and memcheck and racecheck where
-# it runs (16 tokens; 100 tokens of top-4 of 6, ~67 pairs an expert: `qmm_wsp_g80`).
+# pairs per expert on average. First the four gather tests on the default route and memcheck
+# and racecheck where the new form runs (16 tokens of top-8 of 64: ~2 pairs an item;
+# `qmm_wsp_g80`'s SASS is unchanged). Then 4-bit top-8 of 64 x 2048², graph µs, two rounds, at
+# 16 to 512 tokens: the default route (`auto`) against MLXQ_GATHER_TX=0 (`tx0`: `qmm_wsp_g80`)
+# and the new form forced at every count (`wspt`: 256 tokens, 32 pairs per expert, not
+# measured before).
 RUN_S=70
 source "$(dirname "$0")/../s58/job.sh"
 J=$OUT/s66-call1.jsonl
+gather_tests auto X=1
+echo "tests done at $(( $(date +%s) - T0 )) s"
+sanitize --moe 64,200,512 --top-k 8 --tokens 16
+echo "sanitizers done at $(( $(date +%s) - T0 )) s"
 G="--op gather --tokens 16,32,64,128,256,512"
-run warm 4 "--op gather --tokens 512" X=1
 for r in 1 2; do
     run auto 4 "$G" X=1
     run tx0 4 "$G" MLXQ_GATHER_TX=0
@@ -18,8 +22,3 @@ for r in 1 2; do
     summary
     echo "round $r done at $(( $(date +%s) - T0 )) s"
 done
-gather_tests auto X=1
-echo "tests done at $(( $(date +%s) - T0 )) s"
-sanitize --moe 64,200,512 --top-k 8 --tokens 16
-sanitize --moe 6,200,1024 --top-k 4 --tokens 100
-echo "all done at $(( $(date +%s) - T0 )) s"
