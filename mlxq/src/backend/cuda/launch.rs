@@ -1446,7 +1446,8 @@ fn gather_ws(bits: u32, affine: bool, xperm: bool, tx: Option<u64>, experts: u64
 }
 
 /// The most pairs per expert on average for which [`gather_ws`] takes `qmm_wspt_g80`
-/// (measured: it gains at 2 to 16, loses at 64; 32 not measured).
+/// (session 66, top-8 of 64 × 2048²: it gains at 2 to 16, and at 32 (256 tokens) is level or
+/// slower, 110.7–111.3 µs against 110.2–110.5).
 const TX_PAIRS: u64 = 16;
 
 /// 128-byte chunks of x that each extra block of `gather_count` permutes for `qmm_wsp_g80`
