@@ -1,9 +1,11 @@
 #!/bin/bash
-# Session 66's probe of the 512-token gather's limits (timing only: the probes' results are
-# wrong, and the bench's check says so). Copies of the tree's kernels, edited here, compiled
-# through MLXQ_CUDA_KERNELS on main's build: `nf` the persistent consumers without their
-# per-step proxy fence (what a fence-free x path, e.g. one 2-D TMA box of a gathered copy of x,
-# could gain at most); `bf` the permuted-x dequantisation at one bf16x2 FMA per pair of codes
+# Session 66's probe of the 512-token gather's limits. `lf`: the tree's kernels with WSG_LF=1
+# (the consumers' proxy fence after the dequantisation of the next step instead of before it:
+# a real candidate, correct, so the gather tests run on it after the times). The others are
+# timing only (their results are wrong, and the bench's check says so): copies of the tree's
+# kernels, edited here, compiled through MLXQ_CUDA_KERNELS on main's build: `nf` the
+# persistent consumers without their per-step proxy fence (what a fence-free x path, e.g. one
+# 2-D TMA box of a gathered copy of x, could gain at most); `bf` the permuted-x dequantisation at one bf16x2 FMA per pair of codes
 # instead of two (the instruction stream of the biases folded into the GEMM, without its extra
 # k step); `nfbf` both. 4-bit top-8 of 64 x 2048², `qmm_wsp_g80` (MLXQ_GATHER_TX=0), graph µs,
 # ROUNDS rounds (1 by default: a short device budget).
@@ -14,7 +16,7 @@ K=$PWD/mlxq/src/backend/cuda/kernels
 python3 - "$K" <<'PY'
 import os, shutil, sys
 src = sys.argv[1]
-NF = ("if (!xt) fence_async_smem();", "if (false) fence_async_smem();", 2)
+NF = ("if (!xt) fence_async_smem();", "if (false) fence_async_smem();", 3)
 BF = ("    const u32 q = fma2(lop_or(v, 0x000F000Fu, MAGIC2), ONE2, MAGIC2 ^ 0x80008000u);\n"
       "    return fma2(q, s2, b2);",
       "    return fma2(lop_or(v, 0x000F000Fu, MAGIC2), s2, b2);", 1)
@@ -33,7 +35,10 @@ PY
 G="--op gather --tokens ${TOKENS:-512,128}"
 for r in $(seq ${ROUNDS:-1}); do
     run base 4 "$G" MLXQ_GATHER_TX=0 MLXQ_CUDA_KERNELS=$K
+    run lf 4 "$G" MLXQ_GATHER_TX=0 MLXQ_CUDA_KERNELS=$K MLXQ_CUDA_DEFINES=WSG_LF=1
     for p in nf bf nfbf; do run $p 4 "$G" MLXQ_GATHER_TX=0 MLXQ_CUDA_KERNELS=/tmp/pk_$p; done
     summary
     echo "round $r done at $(( $(date +%s) - T0 )) s"
 done
+TESTS_S=150 gather_tests lf MLXQ_CUDA_KERNELS=$K MLXQ_CUDA_DEFINES=WSG_LF=1
+echo "all done at $(( $(date +%s) - T0 )) s"

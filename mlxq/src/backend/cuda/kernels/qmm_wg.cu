@@ -674,6 +674,17 @@ __device__ __forceinline__ void tma_w(u32 dst, const TensorMap* tm, u32 k0, u32 
 #define WSG_VN 1
 #endif
 
+// WSG_LF (experiments): 1 moves the persistent gather consumers' per-step proxy fence (and
+// their release of step kt - 1's stage) from before the dequantisation of step kt + 1 to after
+// it, just before that step's wgmmas. In the SASS the fence is a MEMBAR.ALL.CTA issued right
+// after step kt's wgmmas; if it waits for them (their shared-memory reads), the dequantisation
+// of step kt + 1 cannot overlap step kt's tensor work, which would explain ~720 cycles a step
+// against ~300 for either alone (512 tokens). Not measured: tools/s66/probe.sh's `lf` set.
+// 0 (default): the fence first.
+#ifndef WSG_LF
+#define WSG_LF 0
+#endif
+
 // WS_LANES (experiments): 1 (default) every consumer thread fences its reads of a stage and
 // arrives on its `empty` barrier; 0 lane 0 of each warp after __syncwarp, without the fence.
 #ifndef WS_LANES
@@ -1009,10 +1020,21 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
         auto next = [&](u32 kt, u32(&an)[4][4]) {
             const bool more = kt + 1 < KT;
             if (more) mbar_wait(full(ls), lp);
-            if (!xt) fence_async_smem();
-            if (kt > 0) mbar_arrive(empty(mp));
-            mp = ms;
-            if (more) load_a(kt + 1, an);
+            if constexpr (WSG_LF) {
+                // The fence after the dequantisation, just before step kt + 1's wgmmas: still
+                // after the wait (x of step kt + 1) and after this thread's reads of step kt -
+                // 1's stage, which it then releases.
+                const u32 rel = mp;
+                mp = ms;
+                if (more) load_a(kt + 1, an);
+                if (!xt) fence_async_smem();
+                if (kt > 0) mbar_arrive(empty(rel));
+            } else {
+                if (!xt) fence_async_smem();
+                if (kt > 0) mbar_arrive(empty(mp));
+                mp = ms;
+                if (more) load_a(kt + 1, an);
+            }
         };
         mbar_wait(full(ls), lp);
         if (!xt) fence_async_smem();
