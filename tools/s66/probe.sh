@@ -40,5 +40,11 @@ for r in $(seq ${ROUNDS:-1}); do
     summary
     echo "round $r done at $(( $(date +%s) - T0 )) s"
 done
+# The dense warp-specialised tiles with the same order (WS_LF=1: `dlf`) against the tree's
+# kernels (`dbase`): 4-bit, M = 512 and 4096 at 4096², where the default route runs them.
+D="--shape 512,4096,4096 --shape 4096,4096,4096"
+run dbase 4 "$D" MLXQ_CUDA_KERNELS=$K
+run dlf 4 "$D" MLXQ_CUDA_KERNELS=$K MLXQ_CUDA_DEFINES=WS_LF=1
+summary
 TESTS_S=150 gather_tests lf MLXQ_CUDA_KERNELS=$K MLXQ_CUDA_DEFINES=WSG_LF=1
 echo "all done at $(( $(date +%s) - T0 )) s"

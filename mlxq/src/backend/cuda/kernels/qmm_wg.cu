@@ -684,6 +684,13 @@ __device__ __forceinline__ void tma_w(u32 dst, const TensorMap* tm, u32 k0, u32 
 #ifndef WSG_LF
 #define WSG_LF 0
 #endif
+// WS_LF (experiments): the same for the dense warp-specialised consumers (qmm_ws_impl), whose
+// release of step kt - 1's stage (a proxy fence and the arrival, ws_release) also sits between
+// step kt's wgmmas and the dequantisation of step kt + 1: 1 releases after the dequantisation.
+// Not measured (tools/s66/probe.sh, `dlf`). 0 (default): release first.
+#ifndef WS_LF
+#define WS_LF 0
+#endif
 
 // WS_LANES (experiments): 1 (default) every consumer thread fences its reads of a stage and
 // arrives on its `empty` barrier; 0 lane 0 of each warp after __syncwarp, without the fence.
@@ -793,8 +800,14 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
 
     auto step = [&](u32 kt, u32(&ac)[4][4], u32(&an)[4][4]) {
         wg_step_mma<BT>(acc, ac, an, wg_desc(xs + (kt % S) * XS), sink);  // kt - 1 is done
-        if (kt > 0) ws_release(empty((kt - 1) % S), lane);
-        if (kt + 1 < KT) load_a(kt + 1, an);
+        if constexpr (WS_LF) {
+            // WSG_LF's order: the release (its fence) after the next step's dequantisation.
+            if (kt + 1 < KT) load_a(kt + 1, an);
+            if (kt > 0) ws_release(empty((kt - 1) % S), lane);
+        } else {
+            if (kt > 0) ws_release(empty((kt - 1) % S), lane);
+            if (kt + 1 < KT) load_a(kt + 1, an);
+        }
     };
 
     load_a(0, a0);
