@@ -1,7 +1,8 @@
 #!/bin/bash
 # Session 66's probe of the 512-token gather's limits. `lf`: the tree's kernels with WSG_LF=1
 # (the consumers' proxy fence after the dequantisation of the next step instead of before it:
-# a real candidate, correct, so the gather tests run on it after the times). The others are
+# a real candidate, correct, so the gather tests run on it after the times; WS_LF=1, the same
+# for the dense tiles, with the prefill tests that run them). The others are
 # timing only (their results are wrong, and the bench's check says so): copies of the tree's
 # kernels, edited here, compiled through MLXQ_CUDA_KERNELS on main's build: `nf` the
 # persistent consumers without their per-step proxy fence (what a fence-free x path, e.g. one
@@ -47,4 +48,9 @@ run dbase 4 "$D" MLXQ_CUDA_KERNELS=$K
 run dlf 4 "$D" MLXQ_CUDA_KERNELS=$K MLXQ_CUDA_DEFINES=WS_LF=1
 summary
 TESTS_S=150 gather_tests lf MLXQ_CUDA_KERNELS=$K MLXQ_CUDA_DEFINES=WSG_LF=1
+# The dense prefill tests that run the warp-specialised tiles, with WS_LF=1.
+( cd mlxq && MLXQ_CUDA_KERNELS=$K MLXQ_CUDA_DEFINES=WS_LF=1 MLXQ_FIXTURES=$PWD/tests/fixtures \
+    timeout 150 ../.devrun/cuda_conformance --exact tiled_prefill_matches_the_f64_reference \
+    split_k_tiles_match_the_f64_reference > $OUT/ptests-dlf.log 2>&1; echo "rc=$?" >> $OUT/ptests-dlf.log )
+grep -hE "^test |test result|rc=|panicked" $OUT/ptests-dlf.log | sed "s/^/dlf: /"
 echo "all done at $(( $(date +%s) - T0 )) s"
