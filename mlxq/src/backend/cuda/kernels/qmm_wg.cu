@@ -800,14 +800,10 @@ __device__ __forceinline__ void qmm_ws_impl(const XT* __restrict__ x, const u32*
 
     auto step = [&](u32 kt, u32(&ac)[4][4], u32(&an)[4][4]) {
         wg_step_mma<BT>(acc, ac, an, wg_desc(xs + (kt % S) * XS), sink);  // kt - 1 is done
-        if constexpr (WS_LF) {
-            // WSG_LF's order: the release (its fence) after the next step's dequantisation.
-            if (kt + 1 < KT) load_a(kt + 1, an);
-            if (kt > 0) ws_release(empty((kt - 1) % S), lane);
-        } else {
-            if (kt > 0) ws_release(empty((kt - 1) % S), lane);
-            if (kt + 1 < KT) load_a(kt + 1, an);
-        }
+        // (WS_LF: the release, its fence, after the next step's dequantisation.)
+        if (WS_LF && kt + 1 < KT) load_a(kt + 1, an);
+        if (kt > 0) ws_release(empty((kt - 1) % S), lane);
+        if (!WS_LF && kt + 1 < KT) load_a(kt + 1, an);
     };
 
     load_a(0, a0);
@@ -894,6 +890,9 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     const u32 zs = ot + BT * (BW * sizeof(OT) + 16);  // a zero word (the accumulators' guard)
     auto full = [&](u32 s) { return bars + 8 * s; };
     auto empty = [&](u32 s) { return bars + 8 * (S + s); };
+    // Whether an item of n pairs (at most BT) takes x by TMA: the producer's and the
+    // consumers' choice, which must agree.
+    auto by_tma = [](u32 n) { return TX > 0 && n <= (u32)TX; };
 
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 g = lane >> 2, t = lane & 3;
@@ -903,8 +902,7 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     const u64* pairs = (const u64*)(grp + 4 + 4 * (u64)grp[1]);
     const u32 G = K / GROUP, KT = K / 64;
     if (tid < S) {
-        // One cp.async arrival per producer thread.
-        mbar_init(full(tid), PT);
+        mbar_init(full(tid), PT);                   // one cp.async arrival per producer thread
         mbar_init(empty(tid), WS_LANES ? CT : CT / 32);  // per consumer thread (warp)
     }
     if (tid == 0) *(u32*)(wsm + (zs - raw)) = 0u;
@@ -929,7 +927,7 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
             // the last pair are not copied, and their stale values reach only the
             // accumulators of outputs never stored.
             const u32 nx = min((u32)BT, mc);
-            const bool xt = TX > 0 && nx <= (u32)TX;
+            const bool xt = by_tma(nx);
             const u32 xrow = xt && pt < nx ? (u32)(pairs[2 * (u64)(first + pt)] / K) : 0;
             const u8* xr[XI];
             u32 xd[XI], xn[XI];
@@ -1010,7 +1008,7 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
     u64 off = offset_of(first0, mc);
     for (u32 it = blockIdx.x; it < items; it += gridDim.x) {
         const u32 mv = min((u32)BT, mc);
-        const bool xt = TX > 0 && mv <= (u32)TX;  // x by TMA (the producer's choice too)
+        const bool xt = by_tma(mv);
         const u32 n0 = it % nb * BW;
         // The previous item's epilogue has read the offsets (its last sync).
         if (tid < mv) ooff[tid] = off;
@@ -1043,6 +1041,8 @@ __device__ __forceinline__ void qmm_wsg_impl(const XT* __restrict__ x,
                 if (!xt) fence_async_smem();
                 if (kt > 0) mbar_arrive(empty(rel));
             } else {
+                // (Kept apart from the branch above: a shared form changes ptxas's schedule
+                // of this, the measured default.)
                 if (!xt) fence_async_smem();
                 if (kt > 0) mbar_arrive(empty(mp));
                 mp = ms;
