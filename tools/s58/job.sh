@@ -34,6 +34,15 @@ gather_tests() {
     ( cd mlxq && env "$@" MLXQ_FIXTURES=$PWD/tests/fixtures timeout ${TESTS_S:-200} $B --exact $P --test-threads=4 > $OUT/gtests-$name.log 2>&1; echo "rc=$?" >> $OUT/gtests-$name.log )
     grep -hE "^test |test result|rc=|panicked" $OUT/gtests-$name.log | sed "s/^/$name: /"
 }
+# The conformance suite's dense prefill tests that run the warp-specialised tiles (ENV... set for
+# them, TESTS_S seconds at most) into $OUT/ptests-NAME.log, and their result lines tagged NAME.
+prefill_tests() {
+    local name=$1; shift
+    local B=$PWD/.devrun/cuda_conformance
+    local P="tiled_prefill_matches_the_f64_reference split_k_tiles_match_the_f64_reference"
+    ( cd mlxq && env "$@" MLXQ_FIXTURES=$PWD/tests/fixtures timeout ${TESTS_S:-200} $B --exact $P > $OUT/ptests-$name.log 2>&1; echo "rc=$?" >> $OUT/ptests-$name.log )
+    grep -hE "^test |test result|rc=|panicked" $OUT/ptests-$name.log | sed "s/^/$name: /"
+}
 # memcheck and racecheck (on the persistent gather's kernels) over one 4-bit gather of the bench
 # with the shape CASE... (`--moe E,N,K --top-k T --tokens M`), and their summary lines.
 sanitize() {

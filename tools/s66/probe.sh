@@ -48,10 +48,7 @@ run dbase 4 "$D" MLXQ_CUDA_KERNELS=$K
 run dlf 4 "$D" MLXQ_CUDA_KERNELS=$K MLXQ_CUDA_DEFINES=WS_LF=1
 summary
 # The dense prefill tests that run the warp-specialised tiles, with WS_LF=1.
-( cd mlxq && MLXQ_CUDA_KERNELS=$K MLXQ_CUDA_DEFINES=WS_LF=1 MLXQ_FIXTURES=$PWD/tests/fixtures \
-    timeout 150 ../.devrun/cuda_conformance --exact tiled_prefill_matches_the_f64_reference \
-    split_k_tiles_match_the_f64_reference > $OUT/ptests-dlf.log 2>&1; echo "rc=$?" >> $OUT/ptests-dlf.log )
-grep -hE "^test |test result|rc=|panicked" $OUT/ptests-dlf.log | sed "s/^/dlf: /"
+TESTS_S=150 prefill_tests dlf MLXQ_CUDA_KERNELS=$K MLXQ_CUDA_DEFINES=WS_LF=1
 # The bounds (timing only; wrong results), last: a short call still brings the decisions.
 for p in nf bf nfbf; do run $p 4 "$G" MLXQ_GATHER_TX=0 MLXQ_CUDA_KERNELS=/tmp/pk_$p; done
 summary

@@ -10,7 +10,8 @@
 #     qmm_wsp route, not the TMA one), and the gather at 256 and 1024 tokens both ways;
 #  4. the dense tiles, `dbase` against `dlf` (WS_LF=1), M = 512 and 4096 at 4096², and the
 #     prefill tests on WS_LF=1.
-# About 7-9 minutes; what is done comes back if the call is cut short.
+# About 7-9 minutes; what is done comes back if the call is cut short. For a call with little
+# device time: ROUNDS=1 TOKENS=512 TESTS_S=80 (the 512-token decision and its tests come first).
 RUN_S=${RUN_S:-70}
 source "$(dirname "$0")/../s58/job.sh"
 J=$OUT/s67-lf.jsonl
@@ -50,8 +51,5 @@ D="--shape 512,4096,4096 --shape 4096,4096,4096"
 run dbase 4 "$D" MLXQ_CUDA_KERNELS=$K
 run dlf 4 "$D" MLXQ_CUDA_KERNELS=$K MLXQ_CUDA_DEFINES=WS_LF=1
 summary
-( cd mlxq && MLXQ_CUDA_KERNELS=$K MLXQ_CUDA_DEFINES=WS_LF=1 MLXQ_FIXTURES=$PWD/tests/fixtures \
-    timeout 150 ../.devrun/cuda_conformance --exact tiled_prefill_matches_the_f64_reference \
-    split_k_tiles_match_the_f64_reference > $OUT/ptests-dlf.log 2>&1; echo "rc=$?" >> $OUT/ptests-dlf.log )
-grep -hE "^test |test result|rc=|panicked" $OUT/ptests-dlf.log | sed "s/^/dlf: /"
+TESTS_S=150 prefill_tests dlf MLXQ_CUDA_KERNELS=$K MLXQ_CUDA_DEFINES=WS_LF=1
 echo "all done at $(( $(date +%s) - T0 )) s"
