@@ -61,12 +61,15 @@ fn exact_variants() -> impl Iterator<Item = &'static &'static str> {
 #[test]
 fn matmul_sweep_bits_groups_dtypes_transposes_and_odd_shapes() {
     for variant in exact_variants() {
-        // The blocked GEMMs take over from 8 rows (17 where `avx512vnni` applies; on AVX2, 17
+        // The blocked GEMMs take over from 8 rows (17 where `avx512vnni` applies, except for
+        // `avx512bf16gemm`, which takes bf16 x from 8 rows; on AVX2, 17
         // where `avx2i16` applies, else 6; `amx` from 16 or 32, below which `avx512gemm`
         // runs): rows around their 8- (6-) row tiles, around the hand-over and past whole
         // tiles; fewer rows run the kernels handed to, under their name.
         let ms: &[usize] = if *variant == "avx512gemm" || *variant == "amx" {
             &[1, 2, 8, 9, 16, 17, 33, 128, 130]
+        } else if *variant == "avx512bf16gemm" {
+            &[1, 7, 8, 9, 17, 33, 130]
         } else if *variant == "avx2gemm" {
             &[1, 5, 6, 7, 16, 17, 33, 130]
         } else {
@@ -123,7 +126,8 @@ fn sweep(variant: &'static str, ms: &[usize]) {
                             let ran = enc.last_kernel().unwrap().to_owned();
                             // The GEMMs hand calls of fewer than 8 (17 with VNNI; on AVX2, 17
                             // to `avx2i16`, else 6) rows to a decode kernel, and the encoder
-                            // records the kernel that ran.
+                            // records the kernel that ran (`avx512bf16gemm`: to `avx512vnni`
+                            // below 17 rows, else to `avx512bf16` below 8).
                             let handed_down = (expect == "avx512gemm"
                                 && m < 17
                                 && ["avx512vnni", "avx512bf16", "avx512"]
@@ -140,6 +144,9 @@ fn sweep(variant: &'static str, ms: &[usize]) {
                                     ]
                                     .iter()
                                     .any(|v| ran.ends_with(&format!("_{v}"))))
+                                || (expect == "avx512bf16gemm"
+                                    && ((m < 17 && ran.ends_with("_avx512vnni"))
+                                        || (m < 8 && ran.ends_with("_avx512bf16"))))
                                 || (expect == "avx2gemm" && m < 6 && ran.ends_with("_avx2"))
                                 || (expect == "avx2gemm" && m < 17 && ran.ends_with("_avx2i16"));
                             assert!(

@@ -43,6 +43,8 @@ pub(crate) mod x86_fp_quant;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_gemm;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_gemm_bf16;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_quant;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_qvm;
@@ -307,6 +309,9 @@ const TABLE: &[Variant] = &[
     // that it can be named.
     #[cfg(target_arch = "x86_64")]
     x86_amx_dec::QMM_T_AMX_DEC,
+    // bf16 x on AMD's full-rate `vdpbf16ps` (Zen 4/5); other keys and CPUs go on.
+    #[cfg(target_arch = "x86_64")]
+    x86_gemm_bf16::QMM_T_GEMM_BF16,
     #[cfg(target_arch = "x86_64")]
     x86_gemm::QMM_T_GEMM,
     #[cfg(target_arch = "x86_64")]
@@ -338,6 +343,7 @@ const TABLE: &[Variant] = &[
 pub const VARIANTS: &[&str] = &[
     "amx",
     "amx-dec",
+    "avx512bf16gemm",
     "avx512gemm",
     "avx512vnni",
     "avx512bf16",
@@ -363,7 +369,7 @@ pub const APPROXIMATE: &[&str] = &["avx512gemm-i8", "avx2gemm-i8"];
 pub fn int8_levels(variant: &str, bits: u32) -> Option<u32> {
     #[cfg(target_arch = "x86_64")]
     {
-        use x86_gemm::I8Isa;
+        use x86_gemm::CodesIsa;
         let b = bits as usize;
         if variant == x86_gemm::Avx512I8::NAME {
             return Some(x86_gemm::Avx512I8::levels(b) as u32);

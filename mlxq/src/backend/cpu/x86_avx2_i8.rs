@@ -1,6 +1,6 @@
 //! The int8-activation GEMM on AVX2 (`avx2gemm-i8`, opt-in): x quantized to int8 per block
 //! of 32 values, the codes as u8, and `vpmaddubsw` integer dots, for CPUs without AVX-512
-//! VNNI (Zen 2/3, Intel client cores). The driver is [`x86_gemm::gemm_i8`], shared with
+//! VNNI (Zen 2/3, Intel client cores). The driver is [`x86_gemm::gemm_codes`], shared with
 //! `avx512gemm-i8`; this file is its instruction set ([`Avx2I8`]).
 //!
 //! **The dot.** `vpmaddubsw` multiplies 32 u8 codes by 32 s8 values of x and adds adjacent
@@ -9,24 +9,24 @@
 //! `vpmaddwd` by ones adds them into one i32 per column. With |x̂| ≤ 127 a pair sums to at
 //! most `2·127·(2^bits − 1)`: 16 002 at 6 bits, below i16's 32 767, but 64 770 at 8 bits,
 //! so 8-bit codes take x on ±63 (`2·63·255` = 32 130), half the steps of the other widths
-//! (the error bound of [`x86_gemm::gemm_i8`] with `L` = 63). Up to 4 bits the i16 lanes
+//! (the error bound of [`x86_gemm::gemm_codes`] with `L` = 63). Up to 4 bits the i16 lanes
 //! hold a whole block of 32 values (`8·2·127·15` = 30 480) and are widened once per block;
 //! wider codes widen every step.
 //!
 //! **Tile.** 6 rows × 16 columns: 12 accumulators, two panel vectors, one broadcast of x and
 //! one product in the 16 ymm registers. Panels of 512 values of K (8 KiB of codes, L1).
 //!
-//! [`x86_gemm::gemm_i8`]: super::x86_gemm::gemm_i8
+//! [`x86_gemm::gemm_codes`]: super::x86_gemm::gemm_codes
 
 use super::x86_avx2::{decode32, hsum8, transpose8};
-use super::x86_gemm::{build_i8, I8Isa, Panel, XTile, XBLOCK};
+use super::x86_gemm::{build_codes, CodesIsa, Panel, XTile, XBLOCK};
 use super::Variant;
 use crate::aligned::Line;
 use crate::dtype::Float;
 use std::arch::x86_64::*;
 
 /// The opt-in variant (never chosen unless forced by name): results differ from the f32
-/// path by up to the bound of [`x86_gemm::gemm_i8`](super::x86_gemm::gemm_i8), beyond the
+/// path by up to the bound of [`x86_gemm::gemm_codes`](super::x86_gemm::gemm_codes), beyond the
 /// conformance tolerance.
 pub(crate) const QMM_T_GEMM_I8_AVX2: Variant = Variant {
     name: Avx2I8::NAME,
@@ -37,7 +37,7 @@ pub(crate) const QMM_T_GEMM_I8_AVX2: Variant = Variant {
             && super::x86_avx2::available()
     },
     decode: None,
-    build: build_i8::<Avx2I8>,
+    build: build_codes::<Avx2I8>,
 };
 
 /// Columns per vector.
@@ -54,19 +54,36 @@ const KC: usize = 512;
 /// AVX2 `vpmaddubsw`: 6 rows × 16 columns.
 pub(crate) struct Avx2I8;
 
-impl I8Isa for Avx2I8 {
-    const NAME: &'static str = "avx2gemm-i8";
-    const LANES: usize = LANES;
-    const NC: usize = NC;
-    const R: usize = R;
-    const KC: usize = KC;
-
-    fn levels(bits: usize) -> f32 {
+impl Avx2I8 {
+    /// The largest |x̂| of the int8 grid for codes of `bits` bits: 63 for 8-bit codes, whose
+    /// `vpmaddubsw` pairs would saturate at 127, else 127.
+    pub(crate) fn levels(bits: usize) -> f32 {
         if bits == 8 {
             63.0
         } else {
             127.0
         }
+    }
+}
+
+impl CodesIsa for Avx2I8 {
+    const NAME: &'static str = "avx2gemm-i8";
+    const LANES: usize = LANES;
+    const NC: usize = NC;
+    const R: usize = R;
+    const KC: usize = KC;
+    const PANEL_BYTES: usize = 1;
+    type X = i8;
+
+    unsafe fn prepare_x<const BITS: usize>(
+        src: &[f32],
+        q: &mut [i8],
+        d: &mut [f32],
+        sums: &mut [f32],
+        g: usize,
+    ) {
+        // SAFETY: the caller guarantees AVX2; `quantize_x` checks its slices.
+        unsafe { quantize_x(src, q, d, sums, g, BITS, Self::levels(BITS)) }
     }
 
     unsafe fn widen_tile<S: Float>(
@@ -89,7 +106,7 @@ impl I8Isa for Avx2I8 {
     unsafe fn micro<const BITS: usize>(
         rows: usize,
         cbs: usize,
-        x: &XTile<'_>,
+        x: &XTile<'_, i8>,
         panel: &[Line],
         sv: &[f32],
         bv: &[f32],
@@ -114,7 +131,7 @@ impl I8Isa for Avx2I8 {
     }
 }
 
-/// Quantizes one row's K block of x for the int8 GEMM (shared by every [`I8Isa`]): block `b`
+/// Quantizes one row's K block of x for the int8 GEMM (shared by the int8 [`CodesIsa`] variants): block `b`
 /// of 32 values becomes `q[32b..32b + 32]`, `x̂ = round(x/d)` (ties to even) clamped to
 /// `±levels` in [`perm`] order for `bits`, with `d[b] = max|x|/levels` (0 and zero codes for
 /// a block of zeros; NaN values skipped by the maximum and quantized to 0, as the exact group
@@ -266,7 +283,7 @@ unsafe fn decode_panel<const BITS: usize>(src: &Panel<'_>, panel: &mut [Line]) {
 /// The CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn micro<const RR: usize, const C: usize, const W16: bool>(
-    x: &XTile<'_>,
+    x: &XTile<'_, i8>,
     panel: &[Line],
     sv: &[f32],
     bv: &[f32],

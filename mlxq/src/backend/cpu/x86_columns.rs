@@ -445,7 +445,7 @@ fn is_amd() -> bool {
 }
 
 /// The CPU's family (base plus extended, as AMD numbers them) if it is an AMD CPU.
-fn amd_family() -> Option<u32> {
+pub(crate) fn amd_family() -> Option<u32> {
     use std::arch::x86_64::__cpuid;
     // Leaf 1 (signature) exists on every x86-64 CPU.
     let sig = __cpuid(1);

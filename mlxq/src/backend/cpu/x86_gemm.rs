@@ -100,13 +100,13 @@ pub(crate) const MIN_M_VNNI: usize = 17;
 /// Rows of x per micro-kernel tile.
 const R: usize = 8;
 /// 16-column vectors per micro-kernel tile.
-const CB: usize = 3;
+pub(crate) const CB: usize = 3;
 /// Columns per panel (and per task).
-const NC: usize = 16 * CB;
+pub(crate) const NC: usize = 16 * CB;
 /// Values of K per panel: a multiple of every group size and of the 64-code decode chunk.
-const KC: usize = 128;
+pub(crate) const KC: usize = 128;
 /// Codes decoded per column at a time.
-const CHUNK: usize = 64;
+pub(crate) const CHUNK: usize = 64;
 
 // Panels and output tiles are made of cache lines so that no vector load of the
 // micro-kernels splits a line.
@@ -495,7 +495,13 @@ pub(crate) unsafe fn decode64<const BITS: usize>(p: *const u8, half: bool) -> __
 /// # Safety
 /// The CPU has AVX-512 F, BW and VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn widen_tile<S: Float>(src: &[S], groups: usize, c0: usize, cols: usize, out: &mut [f32]) {
+pub(crate) unsafe fn widen_tile<S: Float>(
+    src: &[S],
+    groups: usize,
+    c0: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
     if cols > NC || out.len() < groups * NC || src.len() < (c0 + cols) * groups {
         return;
     }
@@ -698,7 +704,7 @@ unsafe fn micro<const RR: usize, const C: usize>(
 
 /// The opt-in int8-activation variant (never chosen unless forced by name): x is quantized
 /// to int8 per block of 32 values, so its results differ from the f32 path by up to the
-/// bound in [`gemm_i8`]'s documentation, beyond the conformance tolerance.
+/// bound in [`Avx512I8`]'s documentation, beyond the conformance tolerance.
 pub(crate) const QMM_T_GEMM_I8: Variant = Variant {
     name: Avx512I8::NAME,
     supports: |k| {
@@ -709,23 +715,24 @@ pub(crate) const QMM_T_GEMM_I8: Variant = Variant {
             && is_x86_feature_detected!("avx512vnni")
     },
     decode: None,
-    build: build_i8::<Avx512I8>,
+    build: build_codes::<Avx512I8>,
 };
 
-/// The `build` of an int8 variant on instruction set `I`: [`gemm_i8`] for the key's scale and
-/// output dtypes and width. Only for a variant whose `supports` checks `I`'s features.
-pub(crate) fn build_i8<I: I8Isa>(k: &crate::registry::KernelKey) -> Option<KernelFn> {
+/// The `build` of a [`CodesIsa`] variant on instruction set `I`: [`gemm_codes`] for the
+/// key's scale and output dtypes and width. Only for a variant whose `supports` checks `I`'s
+/// features.
+pub(crate) fn build_codes<I: CodesIsa>(k: &crate::registry::KernelKey) -> Option<KernelFn> {
     crate::with_float_type!(k.scales, S => crate::with_float_type!(k.output, O => {
         Some(KernelFn::Qmm(dispatch_bits!(k.bits, B =>
-            qmm_i8::<I, S, O, B> as super::qmm::QmmFn, _ => return None)))
+            qmm_codes::<I, S, O, B> as super::qmm::QmmFn, _ => return None)))
     }, _ => None), _ => None)
 }
 
-/// [`gemm_i8`] on `I` as a kernel entry (built only by [`build_i8`]).
-fn qmm_i8<I: I8Isa, S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
-    // SAFETY: `build_i8` serves only variants whose `supports` checked `I`'s features, and
+/// [`gemm_codes`] on `I` as a kernel entry (built only by [`build_codes`]).
+fn qmm_codes<I: CodesIsa, S: Float, O: Float, const BITS: usize>(a: QmmArgs<'_>) -> Result<()> {
+    // SAFETY: `build_codes` serves only variants whose `supports` checked `I`'s features, and
     // the dispatcher builds a variant only for keys it supports on this CPU.
-    unsafe { gemm_i8::<I, S, O, BITS>(a) }
+    unsafe { gemm_codes::<I, S, O, BITS>(a) }
 }
 
 /// Rows of x per int8 micro-kernel tile: 8 rows × 3 column vectors are 24 i32 accumulators,
@@ -736,21 +743,22 @@ const RI: usize = 8;
 pub(crate) const XBLOCK: usize = 32;
 
 thread_local! {
-    /// Quantized x (int8), its block scales and its group sums, taken out per call.
-    static XPACK_I8: RefCell<(Vec<i8>, Vec<f32>, Vec<f32>)> =
+    /// Packed x (as lines, cast to the variant's [`CodesIsa::X`]), its block factors and its
+    /// group sums, taken out per call.
+    static XPACK_CODES: RefCell<(Vec<Line>, Vec<f32>, Vec<f32>)> =
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
-/// What the int8-activation GEMM ([`gemm_i8`]) needs from an instruction set: its tile sizes,
-/// the largest |x̂| its integer dot allows per code width, and its three kernels (a tile's
-/// scales widened, the u8 panel decode, the micro-kernel). AVX-512 VNNI here ([`Avx512I8`]),
-/// AVX2 `vpmaddubsw` in [`x86_avx2_i8`](super::x86_avx2_i8). Every implementation's
-/// instruction set includes AVX2: the driver quantizes x with
-/// [`quantize_x`](super::x86_avx2_i8::quantize_x).
-pub(crate) trait I8Isa: 'static {
+/// What the GEMM over a panel of raw codes ([`gemm_codes`]) needs from an instruction set:
+/// its tile sizes, its packed x (one element of [`CodesIsa::X`] per value of K, with per-block
+/// factors and exact f32 group sums), and its three kernels (a tile's scales widened, the
+/// panel decode, the micro-kernel with its per-block epilogue). The int8-activation variants
+/// ([`Avx512I8`]; AVX2 `vpmaddubsw` in [`x86_avx2_i8`](super::x86_avx2_i8)) quantize x;
+/// `avx512bf16gemm` ([`x86_gemm_bf16`](super::x86_gemm_bf16)) keeps bf16 x exact.
+pub(crate) trait CodesIsa: 'static {
     /// The variant's name, for errors.
     const NAME: &'static str;
-    /// Columns per vector (a vector holds 4 codes of each).
+    /// Columns per vector.
     const LANES: usize;
     /// Columns per panel (and per task): a multiple of `LANES`, at most 64.
     const NC: usize;
@@ -758,9 +766,25 @@ pub(crate) trait I8Isa: 'static {
     const R: usize;
     /// Values of K per panel: a multiple of every group size (and of [`XBLOCK`]).
     const KC: usize;
-    /// Largest |x̂| for codes of `bits` bits (127, or less where the dot product of
-    /// `2^bits − 1` with it would saturate).
-    fn levels(bits: usize) -> f32;
+    /// Bytes of panel per code (1: u8 codes; 2: bf16).
+    const PANEL_BYTES: usize;
+    /// One value of packed x.
+    type X: bytemuck::Pod + Send + Sync;
+
+    /// Packs one row's K block of x (`src`, f32, a multiple of 32 values) for the
+    /// micro-kernel: `q` (`src.len()` values, in the panel's K order), `d` (a factor per block
+    /// of [`XBLOCK`] values, where the variant has one) and `sums` (the f32 sum of each group
+    /// of `g`). Does nothing if a slice is too short.
+    ///
+    /// # Safety
+    /// The CPU has the instruction set.
+    unsafe fn prepare_x<const BITS: usize>(
+        src: &[f32],
+        q: &mut [Self::X],
+        d: &mut [f32],
+        sums: &mut [f32],
+        g: usize,
+    );
 
     /// As [`GemmIsa::widen_tile`].
     ///
@@ -774,24 +798,24 @@ pub(crate) trait I8Isa: 'static {
         out: &mut [f32],
     );
 
-    /// Decodes `src`'s codes into `panel` as u8, `[K/4][NC/LANES]` vectors of `LANES` columns
-    /// × 4 codes (the bytes of K step `4s..4s + 4` of column `c` are dword `c` of vector
-    /// `s·NC/LANES + c/LANES`), in [`perm`] order; columns past `cols` are zero. Does nothing
-    /// if a slice is too short.
+    /// Decodes `src`'s codes into `panel` in the micro-kernel's layout and [`perm`] order;
+    /// columns past `cols` are zero. Does nothing if a slice is too short.
     ///
     /// # Safety
     /// The CPU has the instruction set.
     unsafe fn decode_panel<const BITS: usize>(src: &Panel<'_>, panel: &mut [Line]);
 
-    /// `c[rows][NC] += Σ_blocks s·d·Σ(q·x̂) + Σ_groups b·Σx` over one K block, for the first
-    /// `cbs` column vectors of each row. Does nothing if a slice is shorter than that needs.
+    /// `c[rows][NC] += Σ_groups (s·Σ(q·x) + b·Σx)` over one K block (x as packed by
+    /// [`CodesIsa::prepare_x`]), for the first `cbs` column vectors of each row. Does nothing
+    /// if a slice is shorter than that needs.
     ///
     /// # Safety
     /// The CPU has the instruction set.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn micro<const BITS: usize>(
         rows: usize,
         cbs: usize,
-        x: &XTile<'_>,
+        x: &XTile<'_, Self::X>,
         panel: &[Line],
         sv: &[f32],
         bv: &[f32],
@@ -799,17 +823,46 @@ pub(crate) trait I8Isa: 'static {
     );
 }
 
-/// AVX-512 VNNI: 8 rows × 48 columns, `vpdpbusd` (no saturation: every width takes ±127).
+/// AVX-512 VNNI int8 activations: 8 rows × 48 columns, `vpdpbusd` (no saturation: every
+/// width takes ±127).
+///
+/// Each block of 32 values of a row of x becomes `d·x̂` with `d = max|x|/L` and
+/// `x̂ = round(x/d) ∈ [-L, L]`, `L = levels(BITS)` (127 here; 63 for 8-bit codes on
+/// `avx2gemm-i8`, whose dot would saturate); the codes (u8) meet x̂ in integer dot products
+/// into i32 sums. Per block the i32 sum is converted and scaled by `s·d`; the bias term uses
+/// the exact f32 `Σx` of each group, so only `s·q` meets rounded x. Error against the exact
+/// product, per output:
+///
+/// `|y − y_exact| ≤ Σ_blocks (max|x_blk| / 2L) · Σ_{k∈blk} |s·q_k|`  (plus f32 rounding),
+///
+/// i.e. at most half an int8 step of each block times the weights' magnitude without bias.
 pub(crate) struct Avx512I8;
 
-impl I8Isa for Avx512I8 {
+impl Avx512I8 {
+    /// The largest |x̂| of the int8 grid for codes of `bits` bits.
+    pub(crate) fn levels(_bits: usize) -> f32 {
+        127.0
+    }
+}
+
+impl CodesIsa for Avx512I8 {
     const NAME: &'static str = "avx512gemm-i8";
     const LANES: usize = 16;
     const NC: usize = NC;
     const R: usize = RI;
     const KC: usize = KC;
-    fn levels(_bits: usize) -> f32 {
-        127.0
+    const PANEL_BYTES: usize = 1;
+    type X = i8;
+
+    unsafe fn prepare_x<const BITS: usize>(
+        src: &[f32],
+        q: &mut [i8],
+        d: &mut [f32],
+        sums: &mut [f32],
+        g: usize,
+    ) {
+        // SAFETY: AVX-512 includes AVX2; `quantize_x` checks its slices.
+        unsafe { super::x86_avx2_i8::quantize_x(src, q, d, sums, g, BITS, Self::levels(BITS)) }
     }
 
     unsafe fn widen_tile<S: Float>(
@@ -831,7 +884,7 @@ impl I8Isa for Avx512I8 {
     unsafe fn micro<const BITS: usize>(
         rows: usize,
         cbs: usize,
-        x: &XTile<'_>,
+        x: &XTile<'_, i8>,
         panel: &[Line],
         sv: &[f32],
         bv: &[f32],
@@ -842,23 +895,14 @@ impl I8Isa for Avx512I8 {
     }
 }
 
-/// The int8-activation GEMM on instruction set `I` (every M; an explicit mode, see
-/// [`QMM_T_GEMM_I8`]).
-///
-/// Each block of 32 values of a row of x becomes `d·x̂` with `d = max|x|/L` and
-/// `x̂ = round(x/d) ∈ [-L, L]`, `L = I::levels(BITS)` (127 unless the instruction set's dot
-/// would saturate: see the implementations); the codes (u8) meet x̂ in integer dot products
-/// into i32 sums. Per block the i32 sum is converted and scaled by `s·d`; the bias term uses
-/// the exact f32 `Σx` of each group, so only `s·q` meets rounded x. Error against the exact
-/// product, per output:
-///
-/// `|y − y_exact| ≤ Σ_blocks (max|x_blk| / 2L) · Σ_{k∈blk} |s·q_k|`  (plus f32 rounding),
-///
-/// i.e. at most half an int8 step of each block times the weights' magnitude without bias.
+/// The GEMM over a panel of raw codes on instruction set `I` (every M): per column tile and
+/// K block the codes are decoded once into `I`'s panel, and `I`'s micro-kernel runs every
+/// tile of rows of x (packed once per call by [`CodesIsa::prepare_x`]) over it, applying
+/// scales and biases per block into an f32 output tile.
 ///
 /// # Safety
 /// The CPU has `I`'s instruction set.
-pub(crate) unsafe fn gemm_i8<I: I8Isa, S: Float, O: Float, const BITS: usize>(
+pub(crate) unsafe fn gemm_codes<I: CodesIsa, S: Float, O: Float, const BITS: usize>(
     a: QmmArgs<'_>,
 ) -> Result<()> {
     const OP: &str = "quantized_matmul";
@@ -874,16 +918,17 @@ pub(crate) unsafe fn gemm_i8<I: I8Isa, S: Float, O: Float, const BITS: usize>(
             format!("{} on group size {g} (m {m}, n {n}, k {k})", I::NAME),
         ));
     }
-    let levels = I::levels(BITS);
     let blocks = k.div_ceil(kc);
-    let (mut xq, mut xd, mut xs) = XPACK_I8.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    xq.clear();
-    xq.resize(blocks * m * kc, 0);
+    let xsize = std::mem::size_of::<I::X>();
+    let (mut xlines, mut xd, mut xs) = XPACK_CODES.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    xlines.clear();
+    xlines.resize((blocks * m * kc * xsize).div_ceil(64), Line::ZERO);
+    let xq: &mut [I::X] = &mut bytemuck::cast_slice_mut(&mut xlines[..])[..blocks * m * kc];
     xd.clear();
     xd.resize(blocks * m * (kc / XBLOCK), 0.0);
     xs.clear();
     xs.resize(blocks * m * (kc / XBLOCK), 0.0);
-    // Row `r` of block `b` at (b·m + r)·KC bytes (K order of the panel), its block scales
+    // Row `r` of block `b` at (b·m + r)·KC values (K order of the panel), its block factors
     // and group sums at (b·m + r)·KC/32.
     xq.par_chunks_mut(kc)
         .zip(xd.par_chunks_mut(kc / XBLOCK))
@@ -894,9 +939,8 @@ pub(crate) unsafe fn gemm_i8<I: I8Isa, S: Float, O: Float, const BITS: usize>(
             let k0 = b * kc;
             let len = kc.min(k - k0);
             let src = &a.x[r * k + k0..r * k + k0 + len];
-            // SAFETY: every `I8Isa`'s instruction set includes AVX2 (its contract), which the
-            // caller guarantees; `quantize_x` checks its slices.
-            unsafe { super::x86_avx2_i8::quantize_x(src, q, d, s, g, BITS, levels) };
+            // SAFETY: the caller guarantees the features; `prepare_x` checks its slices.
+            unsafe { I::prepare_x::<BITS>(src, q, d, s, g) };
         });
     let writer = DisjointOut::new(out);
     let (xq_ref, xd_ref, xs_ref) = (&xq[..], &xd[..], &xs[..]);
@@ -904,7 +948,7 @@ pub(crate) unsafe fn gemm_i8<I: I8Isa, S: Float, O: Float, const BITS: usize>(
         TILE.with(|tile| {
             let mut tile = tile.borrow_mut();
             let (panel, acc, sv, bv) = &mut *tile;
-            panel.resize(kc * nc / 64, Line::ZERO);
+            panel.resize((kc * nc * I::PANEL_BYTES).div_ceil(64), Line::ZERO);
             acc.resize((m * nc).div_ceil(16), Line::ZERO);
             let acc: &mut [f32] = bytemuck::cast_slice_mut(&mut acc[..]);
             sv.resize(groups * nc, 0.0);
@@ -965,7 +1009,7 @@ pub(crate) unsafe fn gemm_i8<I: I8Isa, S: Float, O: Float, const BITS: usize>(
             unsafe { write_tile(acc, nc, m, cols, &writer, n, c0) };
         })
     });
-    XPACK_I8.with(|s| *s.borrow_mut() = (xq, xd, xs));
+    XPACK_CODES.with(|s| *s.borrow_mut() = (xlines, xd, xs));
     Ok(())
 }
 
@@ -1007,10 +1051,10 @@ unsafe fn decode_panel_u8<const BITS: usize>(src: &Panel<'_>, panel: &mut [Line]
     }
 }
 
-/// Rows of quantized x for one K block: int8 values (row stride `KC`), block scales and
-/// group sums (row stride `KC/32`), `len` values of K, groups of `g`.
-pub(crate) struct XTile<'a> {
-    pub q: &'a [i8],
+/// Rows of packed x for one K block: values `X` (row stride `KC`), block factors and group
+/// sums (row stride `KC/32`), `len` values of K, groups of `g`.
+pub(crate) struct XTile<'a, X> {
+    pub q: &'a [X],
     pub d: &'a [f32],
     pub sums: &'a [f32],
     pub len: usize,
@@ -1024,7 +1068,7 @@ pub(crate) struct XTile<'a> {
 unsafe fn micro_i8_dispatch(
     rows: usize,
     cbs: usize,
-    x: &XTile<'_>,
+    x: &XTile<'_, i8>,
     panel: &[Line],
     sv: &[f32],
     bv: &[f32],
@@ -1052,7 +1096,7 @@ unsafe fn micro_i8_dispatch(
 /// The CPU has AVX-512 F and VNNI.
 #[target_feature(enable = "avx512f,avx512vnni")]
 unsafe fn micro_i8<const RR: usize, const C: usize>(
-    x: &XTile<'_>,
+    x: &XTile<'_, i8>,
     panel: &[Line],
     sv: &[f32],
     bv: &[f32],
