@@ -444,6 +444,52 @@ pub(crate) struct Panel<'a> {
     pub g: usize,
 }
 
+impl Panel<'_> {
+    /// Whether [`chunk16`] may read every chunk of the panel: `len` a multiple of 32, and the
+    /// block's bytes inside each of the columns' rows.
+    pub(crate) fn readable(&self, bits: usize) -> bool {
+        self.len.is_multiple_of(32)
+            && self.packed.len() >= (self.col0 + self.cols) * self.row_bytes
+            && self.byte0 + self.len / 8 * bits <= self.row_bytes
+    }
+
+    /// Values of K of the panel padded to whole [`CHUNK`]s.
+    pub(crate) fn pad(&self) -> usize {
+        self.len.div_ceil(CHUNK) * CHUNK
+    }
+}
+
+/// Chunk `ch` (64 codes; the last may be 32) of the 16 columns `col0 + 16·cb..` of `src`,
+/// one code per byte in [`perm`] order, transposed: `rows[q]` lane `c` holds positions
+/// `4q..4q + 4` of column `c`, one byte each (zero past the panel's columns and, in a half
+/// chunk, past 32 codes).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL/VBMI; `src.readable(BITS)` holds and `ch < src.pad()/CHUNK`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+pub(crate) unsafe fn chunk16<const BITS: usize>(
+    src: &Panel<'_>,
+    cb: usize,
+    ch: usize,
+) -> [__m512i; 16] {
+    let last_col = src.col0 + src.cols;
+    let half = src.len - ch * CHUNK == 32;
+    let mut rows = [_mm512_setzero_si512(); 16];
+    for (c, row) in rows.iter_mut().enumerate() {
+        let col = src.col0 + cb * 16 + c;
+        if col < last_col {
+            let at = col * src.row_bytes + src.byte0 + ch * CHUNK / 8 * BITS;
+            // SAFETY: the chunk's bytes lie within column `col`'s row of the block (the
+            // caller's `readable`: `byte0 + len/8·BITS ≤ row_bytes`, `col < packed.len() /
+            // row_bytes`).
+            *row = unsafe { decode64::<BITS>(src.packed.as_ptr().add(at), half) };
+        }
+    }
+    transpose16(&mut rows);
+    rows
+}
+
 /// 64 codes (or the first 32, the rest zero, when `half`) of one row at `p`, one per byte,
 /// in [`perm`] order.
 ///
@@ -573,31 +619,15 @@ pub(crate) fn transpose16(r: &mut [__m512i; 16]) {
 /// The CPU has AVX-512 F/BW/VL/VBMI. (Slices are checked here.)
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
 unsafe fn decode_panel<const BITS: usize>(src: &Panel<'_>, sv: &[f32], panel: &mut [f32]) {
-    let pad = src.len.div_ceil(CHUNK) * CHUNK;
-    let last_col = src.col0 + src.cols;
-    if !src.len.is_multiple_of(32)
-        || src.packed.len() < last_col * src.row_bytes
-        || src.byte0 + src.len / 8 * BITS > src.row_bytes
-        || sv.len() < src.len / src.g * NC
-        || panel.len() < pad * NC
-    {
+    let pad = src.pad();
+    if !src.readable(BITS) || sv.len() < src.len / src.g * NC || panel.len() < pad * NC {
         return;
     }
     let ff = _mm512_set1_epi32(0xff);
     for cb in 0..src.cols.div_ceil(16) {
         for ch in 0..pad / CHUNK {
-            let half = src.len - ch * CHUNK == 32;
-            let mut rows = [_mm512_setzero_si512(); 16];
-            for (c, row) in rows.iter_mut().enumerate() {
-                let col = src.col0 + cb * 16 + c;
-                if col < last_col {
-                    let at = col * src.row_bytes + src.byte0 + ch * CHUNK / 8 * BITS;
-                    // SAFETY: the chunk's bytes lie within column `col`'s row of the block
-                    // (`byte0 + len/8·BITS ≤ row_bytes`, `col < packed.len()/row_bytes`).
-                    *row = unsafe { decode64::<BITS>(src.packed.as_ptr().add(at), half) };
-                }
-            }
-            transpose16(&mut rows);
+            // SAFETY: `readable` holds and ch < pad/CHUNK.
+            let rows = unsafe { chunk16::<BITS>(src, cb, ch) };
             // rows[q] lane c = positions 4q..4q+4 of column c, one byte each.
             for (q, &d) in rows.iter().enumerate() {
                 let p0 = ch * CHUNK + 4 * q;
@@ -1020,28 +1050,14 @@ pub(crate) unsafe fn gemm_codes<I: CodesIsa, S: Float, O: Float, const BITS: usi
 /// The CPU has AVX-512 F/BW/VL/VBMI. (Slices are checked here.)
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
 unsafe fn decode_panel_u8<const BITS: usize>(src: &Panel<'_>, panel: &mut [Line]) {
-    let pad = src.len.div_ceil(CHUNK) * CHUNK;
-    let last_col = src.col0 + src.cols;
-    if !src.len.is_multiple_of(32)
-        || src.packed.len() < last_col * src.row_bytes
-        || src.byte0 + src.len / 8 * BITS > src.row_bytes
-        || panel.len() < pad / 4 * CB
-    {
+    let pad = src.pad();
+    if !src.readable(BITS) || panel.len() < pad / 4 * CB {
         return;
     }
     for cb in 0..src.cols.div_ceil(16) {
         for ch in 0..pad / CHUNK {
-            let half = src.len - ch * CHUNK == 32;
-            let mut rows = [_mm512_setzero_si512(); 16];
-            for (c, row) in rows.iter_mut().enumerate() {
-                let col = src.col0 + cb * 16 + c;
-                if col < last_col {
-                    let at = col * src.row_bytes + src.byte0 + ch * CHUNK / 8 * BITS;
-                    // SAFETY: as in `decode_panel`.
-                    *row = unsafe { decode64::<BITS>(src.packed.as_ptr().add(at), half) };
-                }
-            }
-            transpose16(&mut rows);
+            // SAFETY: `readable` holds and ch < pad/CHUNK.
+            let rows = unsafe { chunk16::<BITS>(src, cb, ch) };
             for (q, &d) in rows.iter().enumerate() {
                 let dst = &mut panel[(ch * CHUNK / 4 + q) * CB + cb];
                 // SAFETY: `dst` is 64 writable bytes.

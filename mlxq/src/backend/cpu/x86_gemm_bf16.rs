@@ -29,7 +29,7 @@
 
 use super::qmm::QmmArgs;
 use super::x86_gemm::{
-    decode64, gemm_codes, perm, transpose16, CodesIsa, Panel, XTile, CB, CHUNK, KC, NC, XBLOCK,
+    chunk16, gemm_codes, perm, CodesIsa, Panel, XTile, CB, CHUNK, KC, NC, XBLOCK,
 };
 use super::{KernelFn, Variant};
 use crate::aligned::Line;
@@ -279,13 +279,8 @@ fn words_to_bf16<const BITS: usize>(w: __m512i, lo: __m512i, hi: __m512i) -> __m
 /// The CPU has AVX-512 F/BW/VL/VBMI. (Slices are checked here.)
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
 unsafe fn decode_panel_bf16<const BITS: usize>(src: &Panel<'_>, panel: &mut [Line]) {
-    let pad = src.len.div_ceil(CHUNK) * CHUNK;
-    let last_col = src.col0 + src.cols;
-    if !src.len.is_multiple_of(32)
-        || src.packed.len() < last_col * src.row_bytes
-        || src.byte0 + src.len / 8 * BITS > src.row_bytes
-        || panel.len() < pad / 2 * CB
-    {
+    let pad = src.pad();
+    if !src.readable(BITS) || panel.len() < pad / 2 * CB {
         return;
     }
     // bf16(i) for i < 64: words 0..32 in `lo`, 32..64 in `hi`.
@@ -299,18 +294,8 @@ unsafe fn decode_panel_bf16<const BITS: usize>(src: &Panel<'_>, panel: &mut [Lin
     let low_bytes = _mm512_set1_epi16(0xff);
     for cb in 0..src.cols.div_ceil(16) {
         for ch in 0..pad / CHUNK {
-            let half = src.len - ch * CHUNK == 32;
-            let mut rows = [_mm512_setzero_si512(); 16];
-            for (c, row) in rows.iter_mut().enumerate() {
-                let col = src.col0 + cb * 16 + c;
-                if col < last_col {
-                    let at = col * src.row_bytes + src.byte0 + ch * CHUNK / 8 * BITS;
-                    // SAFETY: the chunk's bytes lie within column `col`'s row of the block
-                    // (`byte0 + len/8·BITS ≤ row_bytes`, `col < packed.len()/row_bytes`).
-                    *row = unsafe { decode64::<BITS>(src.packed.as_ptr().add(at), half) };
-                }
-            }
-            transpose16(&mut rows);
+            // SAFETY: `readable` holds and ch < pad/CHUNK.
+            let rows = unsafe { chunk16::<BITS>(src, cb, ch) };
             // rows[q] lane c = positions 4q..4q+4 of column c, one byte each: the even bytes
             // (positions 4q, 4q+2) are pair 2q, the odd ones pair 2q+1.
             for (q, &d) in rows.iter().enumerate() {
