@@ -669,18 +669,27 @@ unsafe fn micro_dispatch(
     c: &mut [f32],
     first: bool,
 ) {
-    macro_rules! go {
-        ($($r:literal)*) => {
-            match (rows, cbs) {
-                $( ($r, 1) => unsafe { micro::<$r, 1>(kp, x, xs, panel, c, first) },
-                   ($r, 2) => unsafe { micro::<$r, 2>(kp, x, xs, panel, c, first) },
-                   ($r, _) => unsafe { micro::<$r, 3>(kp, x, xs, panel, c, first) }, )*
-                _ => {}
-            }
-        };
-    }
-    go!(1 2 3 4 5 6 7 8);
+    // SAFETY: the caller's contract; `micro` checks its slices.
+    unsafe { tile_dispatch!(rows, cbs, micro(kp, x, xs, panel, c, first)) }
 }
+
+/// Calls `$f::<RR, C>(args)` for `RR = rows` (1..=8) and `C = cbs` (1, 2, or 3 for any
+/// larger count): the AVX-512 GEMMs' micro-kernels are monomorphised per tile shape so their
+/// accumulators stay in registers. Nothing runs for 0 or more than 8 rows.
+macro_rules! tile_dispatch {
+    ($rows:expr, $cbs:expr, $f:ident $args:tt) => {
+        $crate::backend::cpu::x86_gemm::tile_dispatch!(@rows $rows, $cbs, $f $args; 1 2 3 4 5 6 7 8)
+    };
+    (@rows $rows:expr, $cbs:expr, $f:ident $args:tt; $($r:literal)*) => {
+        match ($rows, $cbs) {
+            $( ($r, 1) => $f::<$r, 1> $args,
+               ($r, 2) => $f::<$r, 2> $args,
+               ($r, _) => $f::<$r, 3> $args, )*
+            _ => {}
+        }
+    };
+}
+pub(crate) use tile_dispatch;
 
 /// `c[RR][NC] (+)= x[RR][..kp] · panel[kp][NC]` for the first `C` column vectors; `c` starts
 /// from zero when `first`. Does nothing if a slice is shorter than that needs.
@@ -1090,17 +1099,8 @@ unsafe fn micro_i8_dispatch(
     bv: &[f32],
     c: &mut [f32],
 ) {
-    macro_rules! go {
-        ($($r:literal)*) => {
-            match (rows, cbs) {
-                $( ($r, 1) => unsafe { micro_i8::<$r, 1>(x, panel, sv, bv, c) },
-                   ($r, 2) => unsafe { micro_i8::<$r, 2>(x, panel, sv, bv, c) },
-                   ($r, _) => unsafe { micro_i8::<$r, 3>(x, panel, sv, bv, c) }, )*
-                _ => {}
-            }
-        };
-    }
-    go!(1 2 3 4 5 6 7 8);
+    // SAFETY: the caller's contract; `micro_i8` checks its slices.
+    unsafe { tile_dispatch!(rows, cbs, micro_i8(x, panel, sv, bv, c)) }
 }
 
 /// `c[RR][NC] += Σ_blocks s·d·Σ(q·x̂) + Σ_groups b·Σx` over one K block, for the first `C`

@@ -158,18 +158,8 @@ impl CodesIsa for Avx512Bf16Gemm {
         bv: &[f32],
         c: &mut [f32],
     ) {
-        macro_rules! go {
-            ($($r:literal)*) => {
-                match (rows, cbs) {
-                    // SAFETY (every arm): the caller's contract; `micro` checks its slices.
-                    $( ($r, 1) => unsafe { micro::<$r, 1>(x, panel, sv, bv, c) },
-                       ($r, 2) => unsafe { micro::<$r, 2>(x, panel, sv, bv, c) },
-                       ($r, _) => unsafe { micro::<$r, 3>(x, panel, sv, bv, c) }, )*
-                    _ => {}
-                }
-            };
-        }
-        go!(1 2 3 4 5 6 7 8)
+        // SAFETY: the caller's contract; `micro` checks its slices.
+        unsafe { super::x86_gemm::tile_dispatch!(rows, cbs, micro(x, panel, sv, bv, c)) }
     }
 }
 
